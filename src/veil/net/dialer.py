@@ -1,0 +1,53 @@
+"""What the client's inbounds (SOCKS5, HTTP proxy, port forwards) need from a tunnel.
+
+An inbound accepts a local connection, works out where it wants to go, then hands the local
+transport to a :class:`Dialer`, which relays it from then on. Inbounds never see frames,
+sessions or TLS; the tunnel never sees SOCKS or HTTP. Two implementations exist: the veil
+session client (``veil.net.client_session``) and :class:`veil.net.direct.DirectDialer`, which
+connects straight out (used for split tunnelling and to test inbounds without a server).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable
+
+from veil.protocol.address import Address
+
+DatagramHandler = Callable[[Address, bytes], None]
+
+
+class UdpFlow(abc.ABC):
+    """A UDP association: datagrams to any destination, replies tagged with their source."""
+
+    @abc.abstractmethod
+    def send(self, dest: Address, payload: bytes) -> None:
+        """Send one datagram. Never blocks; datagrams may be dropped under pressure, as UDP."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """End the association. Idempotent."""
+
+
+class Dialer(abc.ABC):
+    """Opens relayed TCP streams and UDP associations on behalf of local clients."""
+
+    @abc.abstractmethod
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait until new streams can be opened; False if that did not happen in ``timeout``."""
+
+    @abc.abstractmethod
+    def open_tcp(self, dest: Address, local: asyncio.Transport, early_data: bytes = b"") -> None:
+        """Relay ``local`` to ``dest`` from now on, starting with ``early_data``.
+
+        Takes ownership of ``local``: it sets the transport's protocol to its own relay, so the
+        caller must not read from or write to it afterwards. When the remote side cannot be
+        reached, ``local`` is closed (aborted if it has unsent data); when the remote side
+        finishes, ``local`` gets ``write_eof()``; flow control is applied with
+        ``pause_reading``/``resume_reading``. Must be called from the event loop's thread.
+        """
+
+    @abc.abstractmethod
+    def open_udp(self, on_datagram: DatagramHandler, on_close: Callable[[], None]) -> UdpFlow:
+        """Start a UDP association; ``on_datagram(source, payload)`` gets each reply."""

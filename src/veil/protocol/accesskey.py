@@ -1,0 +1,91 @@
+"""Access keys: one ``veil://`` URI holding everything a client needs.
+
+::
+
+    veil://SECRET@HOST:PORT?pin=PIN[&sni=NAME]#LABEL
+
+- SECRET: the user's 32-byte secret, base64url without padding (the credential).
+- HOST:PORT: where the server listens (IPv6 in brackets).
+- pin: SHA-256 of the server certificate's SubjectPublicKeyInfo, base64url (RFC 7469 style).
+  The client trusts the server only if its TLS key matches: never the web PKI.
+- sni: the TLS server name to present; omitted when the server is reached by IP, as a
+  browser would (no SNI for IP literals).
+- LABEL: a human name (the user's), percent-encoded; informational only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+from dataclasses import dataclass
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from veil.errors import ConfigError
+from veil.protocol.address import Address
+from veil.protocol.auth import SECRET_SIZE
+
+SCHEME = "veil"
+PIN_SIZE = 32
+
+
+def b64e(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64d(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True, slots=True)
+class AccessKey:
+    server: Address
+    secret: bytes
+    pin: bytes
+    sni: str | None = None
+    label: str = ""
+
+    def to_uri(self) -> str:
+        query = f"pin={b64e(self.pin)}"
+        if self.sni:
+            query += f"&sni={quote(self.sni, safe='')}"
+        fragment = f"#{quote(self.label, safe='')}" if self.label else ""
+        return f"{SCHEME}://{b64e(self.secret)}@{self.server}?{query}{fragment}"
+
+    @classmethod
+    def parse(cls, uri: str) -> AccessKey:
+        """Parse a key; ConfigError with a one-line reason when it is not a valid one."""
+        uri = uri.strip()
+        try:
+            parts = urlsplit(uri)
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"invalid access key: {exc}") from exc
+        if parts.scheme != SCHEME:
+            raise ConfigError(f"an access key starts with {SCHEME}://")
+        if not parts.username or not parts.hostname or port is None:
+            raise ConfigError("invalid access key: needs SECRET@HOST:PORT")
+        try:
+            secret = b64d(parts.username)
+        except (binascii.Error, ValueError) as exc:
+            raise ConfigError("invalid access key: the secret is not base64url") from exc
+        if len(secret) != SECRET_SIZE:
+            raise ConfigError("invalid access key: wrong secret length (truncated copy?)")
+        query = parse_qs(parts.query)
+        try:
+            pin = b64d(query["pin"][0])
+        except (KeyError, binascii.Error, ValueError) as exc:
+            raise ConfigError("invalid access key: missing or bad pin") from exc
+        if len(pin) != PIN_SIZE:
+            raise ConfigError("invalid access key: wrong pin length")
+        sni = query.get("sni", [None])[0]
+        return cls(Address(parts.hostname, port), secret, pin, sni, unquote(parts.fragment))
+
+
+def default_sni(host: str) -> str | None:
+    """The SNI a browser would send for ``host``: the name itself, nothing for IP literals."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return None

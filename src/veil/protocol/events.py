@@ -1,0 +1,78 @@
+"""Events a :class:`veil.protocol.session.Session` reports; one frozen class per happening."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from veil.protocol.address import Address
+from veil.protocol.frames import CloseCode, ResetCode, StreamKind
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    """The peer opened a stream (server side): connect ``kind`` to ``destination``."""
+
+    stream_id: int
+    kind: StreamKind
+    destination: Address
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """Stream bytes arrived. Call ``Session.consume`` once they have been delivered onward."""
+
+    stream_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """The peer will send no more data on this stream (half-close)."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The stream is gone (reset by the peer, or by us for a protocol or flow-control fault)."""
+
+    stream_id: int
+    code: ResetCode
+    remote: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StreamWritable:
+    """A stream that ``send_data`` reported as blocked may take data again."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class DatagramReceived:
+    """One UDP datagram on a UDP stream; ``address`` is its destination (to the server) or
+    its source (to the client)."""
+
+    stream_id: int
+    address: Address
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PongReceived:
+    """Our keepalive ping came back after ``rtt`` seconds."""
+
+    rtt: float
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClosed:
+    """The session is over; no further events follow. ``remote`` tells who closed it."""
+
+    code: CloseCode
+    reason: str
+    remote: bool
+
+
+Event = (StreamOpened | DataReceived | StreamEnded | StreamReset | StreamWritable
+         | DatagramReceived | PongReceived | SessionClosed)

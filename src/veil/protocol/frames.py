@@ -1,0 +1,119 @@
+"""Session frame layout: constants and the header codec.
+
+Every frame is an 8-byte header followed by its payload::
+
+    0        1                 4                 8
+    +--------+-----------------+-----------------+=============+
+    |  type  | length (u24 BE) | stream id (u32) |  payload    |
+    +--------+-----------------+-----------------+=============+
+
+See docs/protocol.md for the meaning of each type. Only this module knows the layout.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+HEADER = struct.Struct("!II")
+HEADER_SIZE = HEADER.size
+_U32 = struct.Struct("!I")
+
+
+class FrameType(enum.IntEnum):
+    PADDING = 0
+    OPEN = 1
+    DATA = 2
+    FIN = 3
+    RESET = 4
+    WINDOW = 5
+    DATAGRAM = 6
+    PING = 7
+    PONG = 8
+    CLOSE = 9
+
+
+class StreamKind(enum.IntEnum):
+    """What an OPEN frame asks the server to connect to."""
+
+    TCP = 1
+    UDP = 2
+
+
+class ResetCode(enum.IntEnum):
+    """Why a stream was reset; carried in RESET frames, mapped to SOCKS/HTTP errors by inbounds."""
+
+    CANCELLED = 0
+    REFUSED_DESTINATION = 1
+    CONNECT_FAILED = 2
+    RESOLVE_FAILED = 3
+    UNREACHABLE = 4
+    TIMEOUT = 5
+    PROTOCOL_ERROR = 6
+    TOO_MANY_STREAMS = 7
+    INTERNAL_ERROR = 8
+    FLOW_CONTROL_ERROR = 9
+
+
+class CloseCode(enum.IntEnum):
+    """Why a whole session ended; carried in CLOSE frames."""
+
+    NORMAL = 0
+    PROTOCOL_ERROR = 1
+    FLOW_CONTROL_ERROR = 2
+    KEEPALIVE_TIMEOUT = 3
+    REVOKED = 4
+    SHUTDOWN = 5
+    INTERNAL_ERROR = 6
+
+
+# Limits. DATA payloads are streamed to the application as they arrive, so a large DATA frame
+# costs no buffering; the cap only bounds how long one stream can hold the line before others
+# get a turn. Every other frame is buffered whole before it is parsed, so their cap bounds
+# parser memory per session.
+MAX_DATA_PAYLOAD = 256 * 1024
+MAX_CONTROL_PAYLOAD = 4096
+# A datagram carries an address (at most 1+1+255+2 bytes) and one UDP payload (at most 65,535).
+MAX_DATAGRAM_PAYLOAD = 65_535 + 259
+MAX_PADDING_PAYLOAD = 16 * 1024
+
+MAX_PAYLOAD = {
+    FrameType.PADDING: MAX_PADDING_PAYLOAD,
+    FrameType.OPEN: MAX_CONTROL_PAYLOAD,
+    FrameType.DATA: MAX_DATA_PAYLOAD,
+    FrameType.FIN: 0,
+    FrameType.RESET: 1,
+    FrameType.WINDOW: 4,
+    FrameType.DATAGRAM: MAX_DATAGRAM_PAYLOAD,
+    FrameType.PING: 8,
+    FrameType.PONG: 8,
+    FrameType.CLOSE: MAX_CONTROL_PAYLOAD,
+}
+# Frames whose payload must have exactly the maximum length.
+EXACT_LENGTH = frozenset({FrameType.FIN, FrameType.RESET, FrameType.WINDOW, FrameType.PING,
+                          FrameType.PONG})
+# Frames that concern the whole session and must carry stream id 0.
+SESSION_FRAMES = frozenset({FrameType.PADDING, FrameType.PING, FrameType.PONG, FrameType.CLOSE})
+
+
+def pack_header(frame_type: int, stream_id: int, length: int) -> bytes:
+    return HEADER.pack((frame_type << 24) | length, stream_id)
+
+
+def unpack_header(buf: bytes | bytearray | memoryview, offset: int = 0) -> tuple[int, int, int]:
+    """Return (type, stream id, payload length) of the header at ``offset``."""
+    word, stream_id = HEADER.unpack_from(buf, offset)
+    return word >> 24, stream_id, word & 0xFFFFFF
+
+
+def frame(frame_type: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack((frame_type << 24) | len(payload), stream_id) + payload
+
+
+def pack_u32(value: int) -> bytes:
+    return _U32.pack(value)
+
+
+def unpack_u32(buf: bytes | bytearray | memoryview) -> int:
+    value: int = _U32.unpack(buf)[0]
+    return value

@@ -1,0 +1,541 @@
+"""The session protocol: many streams and UDP flows multiplexed over one byte stream.
+
+Sans-IO: feed received bytes to :meth:`Session.receive_data` and get events back; call the
+``send_*``/``open_stream``/``reset`` methods to act, then send what :meth:`Session.data_to_send`
+returns. Time is an argument: :meth:`Session.get_timer` says when to call
+:meth:`Session.handle_timer` next. There is no socket, clock or logging in here.
+
+Flow control is credit based, per stream and per session, like HTTP/2: a sender may have at
+most ``window`` unacknowledged bytes in flight; the receiver grants more with WINDOW frames
+once the application has *consumed* data (delivered it onward), see :meth:`Session.consume`.
+A slow reader therefore stops only its own stream, and a session's buffered bytes are bounded
+by its session window.
+
+Frame layout and limits are in :mod:`veil.protocol.frames`; docs/protocol.md is the spec.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from veil.errors import LocalProtocolError, RemoteProtocolError
+from veil.protocol.address import Address, NeedMoreData
+from veil.protocol.events import (
+    DatagramReceived,
+    DataReceived,
+    Event,
+    PongReceived,
+    SessionClosed,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    StreamWritable,
+)
+from veil.protocol.frames import (
+    EXACT_LENGTH,
+    HEADER_SIZE,
+    MAX_DATA_PAYLOAD,
+    MAX_PAYLOAD,
+    SESSION_FRAMES,
+    CloseCode,
+    FrameType,
+    ResetCode,
+    StreamKind,
+    frame,
+    pack_header,
+    pack_u32,
+    unpack_header,
+    unpack_u32,
+)
+
+# Windows. 1 MiB per stream covers the bandwidth-delay product of ~80 Mbit/s at 100 ms RTT
+# and of many Gbit/s on a LAN; the session window lets 15 streams stall at once before the
+# 16th notices. Both bound receive-side memory: stream window per stream, session window in all.
+INITIAL_STREAM_WINDOW = 1024 * 1024
+INITIAL_SESSION_WINDOW = 16 * 1024 * 1024
+# Grant credit back once a quarter of a window is consumed: few WINDOW frames, no stalls.
+_GRANT_FRACTION = 4
+# A window above 2**31 - 1 can only come from a broken or hostile peer.
+MAX_WINDOW = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """Tunables of one session; the defaults are what veil ships."""
+
+    #: Streams the peer may have open at once (the server's limit on a client).
+    max_streams: int = 1024
+    #: Send a PING after this long without receiving anything (seconds); None disables.
+    keepalive_interval: float | None = 15.0
+    #: Declare the peer dead when nothing arrives this long after a PING (seconds).
+    keepalive_timeout: float = 10.0
+
+
+class StreamState(enum.Enum):
+    OPEN = "open"
+    LOCAL_CLOSED = "local_closed"  # we sent FIN, the peer may still send
+    REMOTE_CLOSED = "remote_closed"  # the peer sent FIN, we may still send
+    CLOSED = "closed"
+
+
+# The stream state machine as tables: an event not in its table is a protocol error.
+_AFTER_SEND_FIN = {StreamState.OPEN: StreamState.LOCAL_CLOSED,
+                   StreamState.REMOTE_CLOSED: StreamState.CLOSED}
+_AFTER_RECV_FIN = {StreamState.OPEN: StreamState.REMOTE_CLOSED,
+                   StreamState.LOCAL_CLOSED: StreamState.CLOSED}
+_MAY_SEND = frozenset({StreamState.OPEN, StreamState.REMOTE_CLOSED})
+_MAY_RECEIVE = frozenset({StreamState.OPEN, StreamState.LOCAL_CLOSED})
+
+
+@dataclass(slots=True)
+class _Stream:
+    stream_id: int
+    kind: StreamKind
+    state: StreamState = StreamState.OPEN
+    send_window: int = INITIAL_STREAM_WINDOW
+    recv_credit: int = INITIAL_STREAM_WINDOW
+    unacked: int = 0
+    pending: bytearray = field(default_factory=bytearray)
+    fin_pending: bool = False
+
+
+class Session:
+    """One end of a veil session. ``client`` opens streams; the server accepts them."""
+
+    def __init__(self, *, client: bool, now: float, config: SessionConfig | None = None) -> None:
+        self.config = config or SessionConfig()
+        self.client = client
+        self._streams: dict[int, _Stream] = {}
+        self._next_stream_id = 1  # client-initiated ids are odd
+        self._last_peer_stream_id = 0
+        self._send_window = INITIAL_SESSION_WINDOW
+        self._recv_credit = INITIAL_SESSION_WINDOW
+        self._session_unacked = 0
+        self._blocked: dict[int, _Stream] = {}  # streams with pending data, in arrival order
+        self._out: list[bytes] = []
+        self._closed = False
+        # Parser state: a partial header or control frame, or the rest of a DATA payload.
+        self._partial = bytearray()
+        self._need = HEADER_SIZE
+        self._data_left = 0
+        self._data_stream: _Stream | None = None
+        # Keepalive.
+        self._last_received = now
+        self._ping_sent_at: float | None = None
+        self._ping_counter = 0
+        self._ping_payload = b""
+
+    # ------------------------------------------------------------------ state
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    def stream_state(self, stream_id: int) -> StreamState:
+        stream = self._streams.get(stream_id)
+        return stream.state if stream else StreamState.CLOSED
+
+    # ------------------------------------------------------------------ sending
+    def open_stream(self, kind: StreamKind, destination: Address) -> int:
+        """Open a stream (client only). Data may be sent on it at once: no round trip."""
+        if not self.client:
+            raise LocalProtocolError("only the client opens streams")
+        self._check_open()
+        stream_id = self._next_stream_id
+        if stream_id > 0xFFFFFFFF:
+            raise LocalProtocolError("stream ids exhausted; start a new session",
+                                     code="stream_ids_exhausted")
+        self._next_stream_id += 2
+        self._streams[stream_id] = _Stream(stream_id, kind)
+        self._out.append(frame(FrameType.OPEN, stream_id, bytes((kind,)) + destination.encode()))
+        return stream_id
+
+    def send_data(self, stream_id: int, data: bytes) -> bool:
+        """Queue ``data`` on a stream. Returns False when the stream is now blocked by flow
+        control: the data is kept, but the caller should stop reading its source until a
+        :class:`StreamWritable` event."""
+        stream = self._sendable(stream_id)
+        if stream.pending:
+            stream.pending += data
+            return False
+        allowed = min(stream.send_window, self._send_window)
+        if len(data) <= allowed:
+            self._emit_data(stream, data)
+            return True
+        if allowed > 0:
+            self._emit_data(stream, data[:allowed])
+        stream.pending += data[allowed:]
+        self._blocked[stream_id] = stream
+        return False
+
+    def send_eof(self, stream_id: int) -> None:
+        """Half-close: we send no more data on this stream (after any pending data)."""
+        stream = self._sendable(stream_id)
+        if stream.pending:
+            stream.fin_pending = True
+        else:
+            self._emit_fin(stream)
+
+    def reset(self, stream_id: int, code: ResetCode = ResetCode.CANCELLED) -> None:
+        """Abort a stream in both directions. Resetting an unknown stream does nothing."""
+        stream = self._streams.pop(stream_id, None)
+        if stream is None or self._closed:
+            return
+        self._blocked.pop(stream_id, None)
+        self._out.append(frame(FrameType.RESET, stream_id, bytes((code,))))
+
+    def consume(self, stream_id: int, amount: int) -> None:
+        """Say that ``amount`` received bytes were delivered onward; grants the peer credit."""
+        self._session_unacked += amount
+        if self._session_unacked >= INITIAL_SESSION_WINDOW // _GRANT_FRACTION:
+            self._grant(0, self._session_unacked)
+            self._recv_credit += self._session_unacked
+            self._session_unacked = 0
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        stream.unacked += amount
+        if (stream.unacked >= INITIAL_STREAM_WINDOW // _GRANT_FRACTION
+                and stream.state in _MAY_RECEIVE):
+            self._grant(stream_id, stream.unacked)
+            stream.recv_credit += stream.unacked
+            stream.unacked = 0
+
+    def send_datagram(self, stream_id: int, address: Address, payload: bytes) -> None:
+        """Send one datagram on a UDP stream. Datagrams are not flow controlled: like UDP,
+        the caller drops them when the connection is congested."""
+        stream = self._sendable(stream_id)
+        if stream.kind is not StreamKind.UDP:
+            raise LocalProtocolError("datagrams need a UDP stream")
+        body = address.encode() + payload
+        if len(body) > MAX_PAYLOAD[FrameType.DATAGRAM]:
+            raise LocalProtocolError("datagram too large", code="datagram_too_large")
+        self._out.append(pack_header(FrameType.DATAGRAM, stream_id, len(body)))
+        self._out.append(body)
+
+    def send_padding(self, length: int) -> None:
+        """Queue a PADDING frame whose payload is ``length`` bytes (for traffic shaping)."""
+        self._check_open()
+        length = min(length, MAX_PAYLOAD[FrameType.PADDING])
+        self._out.append(frame(FrameType.PADDING, 0, bytes(length)))
+
+    def close(self, code: CloseCode = CloseCode.NORMAL, reason: str = "") -> None:
+        """End the session: a CLOSE frame is queued and nothing more is accepted."""
+        if self._closed:
+            return
+        payload = bytes((code,)) + reason.encode()[: MAX_PAYLOAD[FrameType.CLOSE] - 1]
+        self._out.append(frame(FrameType.CLOSE, 0, payload))
+        self._shut()
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the wire since the last call, as one buffer."""
+        out = self._out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        return data
+
+    # ------------------------------------------------------------------ timers
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` must next be called, or None."""
+        if self._closed:
+            return None
+        if self._ping_sent_at is not None:
+            return self._ping_sent_at + self.config.keepalive_timeout
+        if self.config.keepalive_interval is None:
+            return None
+        return self._last_received + self.config.keepalive_interval
+
+    def handle_timer(self, now: float) -> list[Event]:
+        """Send a keepalive PING when idle; declare the peer dead when it stays silent."""
+        if self._closed:
+            return []
+        if self._ping_sent_at is not None:
+            if self._last_received > self._ping_sent_at:
+                self._ping_sent_at = None  # anything received proves the peer alive
+            elif now >= self._ping_sent_at + self.config.keepalive_timeout:
+                self.close(CloseCode.KEEPALIVE_TIMEOUT, "keepalive timeout")
+                return [SessionClosed(CloseCode.KEEPALIVE_TIMEOUT, "keepalive timeout", False)]
+            else:
+                return []
+        interval = self.config.keepalive_interval
+        if interval is not None and now >= self._last_received + interval:
+            self._ping_counter += 1
+            self._ping_sent_at = now
+            self._ping_payload = self._ping_counter.to_bytes(8, "big")
+            self._out.append(frame(FrameType.PING, 0, self._ping_payload))
+        return []
+
+    # ------------------------------------------------------------------ receiving
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
+        """Parse received bytes; return what happened. A protocol violation by the peer
+        closes the session (a CLOSE frame is queued) and ends the list with SessionClosed."""
+        events: list[Event] = []
+        if self._closed or not data:
+            return events
+        self._last_received = now
+        try:
+            self._parse(data, events, now)
+        except RemoteProtocolError as exc:
+            code = (CloseCode.FLOW_CONTROL_ERROR if exc.code == "flow_control"
+                    else CloseCode.PROTOCOL_ERROR)
+            self.close(code, str(exc))
+            events.append(SessionClosed(code, str(exc), False))
+        return events
+
+    def _parse(self, data: bytes, events: list[Event], now: float) -> None:
+        pos, end = 0, len(data)
+        while pos < end and not self._closed:
+            if self._data_left:
+                take = min(self._data_left, end - pos)
+                self._data_left -= take
+                stream = self._data_stream
+                if stream is not None:
+                    # bytes slicing of the whole buffer returns the buffer itself: no copy.
+                    events.append(DataReceived(stream.stream_id, data[pos : pos + take]))
+                else:
+                    self.consume(0, take)  # stale stream: nobody will consume it
+                pos += take
+                continue
+            if self._partial:
+                take = min(self._need - len(self._partial), end - pos)
+                self._partial += data[pos : pos + take]
+                pos += take
+                if len(self._partial) < self._need:
+                    return
+                unit = bytes(self._partial)
+                self._partial.clear()
+                if len(unit) == HEADER_SIZE:
+                    ftype, stream_id, length = self._check_header(unit, 0)
+                    if ftype == FrameType.DATA or length == 0:
+                        self._on_frame(ftype, stream_id, length, b"", events, now)
+                    else:
+                        self._partial += unit
+                        self._need = HEADER_SIZE + length
+                else:
+                    ftype, stream_id, length = unpack_header(unit)
+                    self._need = HEADER_SIZE
+                    self._on_frame(ftype, stream_id, length, unit[HEADER_SIZE:], events, now)
+                continue
+            if end - pos < HEADER_SIZE:
+                self._partial += data[pos:]
+                self._need = HEADER_SIZE
+                return
+            ftype, stream_id, length = self._check_header(data, pos)
+            pos += HEADER_SIZE
+            if ftype == FrameType.DATA:
+                self._on_frame(ftype, stream_id, length, b"", events, now)
+            elif end - pos >= length:
+                self._on_frame(ftype, stream_id, length, data[pos : pos + length], events, now)
+                pos += length
+            else:
+                self._partial += data[pos - HEADER_SIZE :]
+                self._need = HEADER_SIZE + length
+                return
+
+    def _check_header(self, buf: bytes, offset: int) -> tuple[FrameType, int, int]:
+        ftype_raw, stream_id, length = unpack_header(buf, offset)
+        try:
+            ftype = FrameType(ftype_raw)
+        except ValueError:
+            raise RemoteProtocolError(f"unknown frame type {ftype_raw}") from None
+        limit = MAX_PAYLOAD[ftype]
+        if length > limit or (ftype in EXACT_LENGTH and length != limit):
+            raise RemoteProtocolError(f"bad length {length} for {ftype.name}")
+        if (ftype in SESSION_FRAMES) != (stream_id == 0) and ftype != FrameType.WINDOW:
+            raise RemoteProtocolError(f"bad stream id {stream_id} for {ftype.name}")
+        return ftype, stream_id, length
+
+    def _on_frame(self, ftype: FrameType, stream_id: int, length: int, payload: bytes,
+                  events: list[Event], now: float) -> None:
+        if ftype == FrameType.DATA:
+            self._on_data_header(stream_id, length)
+        elif ftype == FrameType.OPEN:
+            self._on_open(stream_id, payload, events)
+        elif ftype == FrameType.FIN:
+            self._on_fin(stream_id, events)
+        elif ftype == FrameType.RESET:
+            stream = self._streams.pop(stream_id, None)
+            if stream is not None:
+                self._blocked.pop(stream_id, None)
+                events.append(StreamReset(stream_id, _reset_code(payload[0]), True))
+        elif ftype == FrameType.WINDOW:
+            self._on_window(stream_id, unpack_u32(payload), events)
+        elif ftype == FrameType.DATAGRAM:
+            self._on_datagram(stream_id, payload, events)
+        elif ftype == FrameType.PING:
+            self._out.append(frame(FrameType.PONG, 0, payload))
+        elif ftype == FrameType.PONG:
+            if self._ping_sent_at is not None and payload == self._ping_payload:
+                events.append(PongReceived(now - self._ping_sent_at))
+                self._ping_sent_at = None
+        elif ftype == FrameType.CLOSE:
+            code = _close_code(payload[0]) if payload else CloseCode.NORMAL
+            reason = payload[1:].decode("utf-8", "replace")
+            self._shut()
+            events.append(SessionClosed(code, reason, True))
+        # PADDING: nothing to do, by design.
+
+    def _known(self, stream_id: int) -> _Stream | None:
+        """The stream, None for a stream that existed and is gone; error for one that never did."""
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            return stream
+        peer_initiated = (stream_id % 2 == 1) != self.client
+        limit = self._last_peer_stream_id if peer_initiated else self._next_stream_id - 2
+        if stream_id > limit:
+            raise RemoteProtocolError(f"frame for stream {stream_id}, which was never opened")
+        return None
+
+    def _on_data_header(self, stream_id: int, length: int) -> None:
+        if length > self._recv_credit:
+            raise RemoteProtocolError("session flow-control window exceeded", code="flow_control")
+        self._recv_credit -= length
+        stream = self._known(stream_id)
+        if stream is not None:
+            if stream.state not in _MAY_RECEIVE:
+                raise RemoteProtocolError(f"DATA after FIN on stream {stream_id}")
+            if length > stream.recv_credit:
+                raise RemoteProtocolError("stream flow-control window exceeded",
+                                          code="flow_control")
+            stream.recv_credit -= length
+        self._data_stream = stream
+        self._data_left = length
+
+    def _on_open(self, stream_id: int, payload: bytes, events: list[Event]) -> None:
+        if self.client or stream_id % 2 == 0 or stream_id <= self._last_peer_stream_id:
+            raise RemoteProtocolError(f"unexpected OPEN for stream {stream_id}")
+        self._last_peer_stream_id = stream_id
+        try:
+            kind = StreamKind(payload[0])
+            destination, used = Address.decode(payload, 1)
+        except (IndexError, ValueError, NeedMoreData) as exc:
+            raise RemoteProtocolError("malformed OPEN") from exc
+        if used != len(payload):
+            raise RemoteProtocolError("trailing bytes in OPEN")
+        if len(self._streams) >= self.config.max_streams:
+            self._out.append(frame(FrameType.RESET, stream_id,
+                                   bytes((ResetCode.TOO_MANY_STREAMS,))))
+            return
+        self._streams[stream_id] = _Stream(stream_id, kind)
+        events.append(StreamOpened(stream_id, kind, destination))
+
+    def _on_fin(self, stream_id: int, events: list[Event]) -> None:
+        stream = self._known(stream_id)
+        if stream is None:
+            return
+        try:
+            stream.state = _AFTER_RECV_FIN[stream.state]
+        except KeyError:
+            raise RemoteProtocolError(f"second FIN on stream {stream_id}") from None
+        if stream.state is StreamState.CLOSED:
+            del self._streams[stream_id]
+        events.append(StreamEnded(stream_id))
+
+    def _on_window(self, stream_id: int, increment: int, events: list[Event]) -> None:
+        if increment == 0:
+            raise RemoteProtocolError("zero WINDOW increment")
+        if stream_id == 0:
+            self._send_window += increment
+            if self._send_window > MAX_WINDOW:
+                raise RemoteProtocolError("session window overflow", code="flow_control")
+            for stream in list(self._blocked.values()):
+                self._flush(stream, events)
+            return
+        stream = self._known(stream_id)
+        if stream is None:
+            return
+        stream.send_window += increment
+        if stream.send_window > MAX_WINDOW:
+            raise RemoteProtocolError("stream window overflow", code="flow_control")
+        if stream.pending:
+            self._flush(stream, events)
+
+    def _on_datagram(self, stream_id: int, payload: bytes, events: list[Event]) -> None:
+        stream = self._known(stream_id)
+        if stream is None:
+            return
+        if stream.kind is not StreamKind.UDP:
+            raise RemoteProtocolError(f"DATAGRAM on TCP stream {stream_id}")
+        try:
+            address, used = Address.decode(payload)
+        except (ValueError, NeedMoreData) as exc:
+            raise RemoteProtocolError("malformed DATAGRAM address") from exc
+        events.append(DatagramReceived(stream_id, address, payload[used:]))
+
+    # ------------------------------------------------------------------ internals
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LocalProtocolError("session is closed", code="session_closed")
+
+    def _sendable(self, stream_id: int) -> _Stream:
+        self._check_open()
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state not in _MAY_SEND or stream.fin_pending:
+            raise LocalProtocolError(f"stream {stream_id} cannot send", code="stream_closed")
+        return stream
+
+    def _emit_data(self, stream: _Stream, data: bytes | bytearray) -> None:
+        size = len(data)
+        stream.send_window -= size
+        self._send_window -= size
+        out = self._out
+        stream_id = stream.stream_id
+        if size <= MAX_DATA_PAYLOAD:
+            out.append(pack_header(FrameType.DATA, stream_id, size))
+            out.append(bytes(data) if isinstance(data, bytearray) else data)
+            return
+        view = memoryview(data)
+        for start in range(0, size, MAX_DATA_PAYLOAD):
+            chunk = view[start : start + MAX_DATA_PAYLOAD]
+            out.append(pack_header(FrameType.DATA, stream_id, len(chunk)))
+            out.append(bytes(chunk))
+
+    def _emit_fin(self, stream: _Stream) -> None:
+        stream.state = _AFTER_SEND_FIN[stream.state]
+        self._out.append(frame(FrameType.FIN, stream.stream_id))
+        if stream.state is StreamState.CLOSED:
+            del self._streams[stream.stream_id]
+
+    def _flush(self, stream: _Stream, events: list[Event]) -> None:
+        allowed = min(stream.send_window, self._send_window, len(stream.pending))
+        if allowed <= 0:
+            return
+        self._emit_data(stream, stream.pending[:allowed])
+        del stream.pending[:allowed]
+        if stream.pending:
+            return
+        self._blocked.pop(stream.stream_id, None)
+        if stream.fin_pending:
+            stream.fin_pending = False
+            self._emit_fin(stream)
+        else:
+            events.append(StreamWritable(stream.stream_id))
+
+    def _grant(self, stream_id: int, amount: int) -> None:
+        if not self._closed:
+            self._out.append(frame(FrameType.WINDOW, stream_id, pack_u32(amount)))
+
+    def _shut(self) -> None:
+        self._closed = True
+        self._streams.clear()
+        self._blocked.clear()
+
+
+def _reset_code(value: int) -> ResetCode:
+    try:
+        return ResetCode(value)
+    except ValueError:
+        return ResetCode.INTERNAL_ERROR
+
+
+def _close_code(value: int) -> CloseCode:
+    try:
+        return CloseCode(value)
+    except ValueError:
+        return CloseCode.INTERNAL_ERROR

@@ -1,0 +1,226 @@
+"""The session protocol, driven on both ends over an in-memory link."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from veil.protocol.address import Address
+from veil.protocol.events import (
+    DatagramReceived,
+    DataReceived,
+    PongReceived,
+    SessionClosed,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    StreamWritable,
+)
+from veil.protocol.frames import CloseCode, FrameType, ResetCode, StreamKind, frame, pack_u32
+from veil.protocol.session import (
+    INITIAL_SESSION_WINDOW,
+    INITIAL_STREAM_WINDOW,
+    Session,
+    SessionConfig,
+    StreamState,
+)
+
+DEST = Address("example.com", 443)
+
+
+def pair() -> tuple[Session, Session]:
+    return Session(client=True, now=0.0), Session(client=False, now=0.0)
+
+
+def transfer(src: Session, dst: Session, now: float = 0.0) -> list:
+    return dst.receive_data(src.data_to_send(), now)
+
+
+def data_of(events: list, stream_id: int) -> bytes:
+    return b"".join(e.data for e in events if isinstance(e, DataReceived) and e.stream_id == stream_id)
+
+
+def test_open_with_early_data_arrives_in_one_flight() -> None:
+    client, server = pair()
+    sid = client.open_stream(StreamKind.TCP, DEST)
+    assert client.send_data(sid, b"GET / HTTP/1.1\r\n\r\n")
+    events = transfer(client, server)
+    assert events[0] == StreamOpened(sid, StreamKind.TCP, DEST)
+    assert data_of(events, sid) == b"GET / HTTP/1.1\r\n\r\n"
+
+
+def test_exact_wire_bytes_of_open_and_data() -> None:
+    client, _ = pair()
+    sid = client.open_stream(StreamKind.TCP, Address("1.2.3.4", 80))
+    client.send_data(sid, b"hi")
+    assert client.data_to_send() == (
+        bytes([FrameType.OPEN, 0, 0, 8, 0, 0, 0, 1, 1, 1, 1, 2, 3, 4, 0, 80])
+        + bytes([FrameType.DATA, 0, 0, 2, 0, 0, 0, 1]) + b"hi"
+    )
+
+
+def test_half_close_keeps_the_other_direction() -> None:
+    client, server = pair()
+    sid = client.open_stream(StreamKind.TCP, DEST)
+    client.send_eof(sid)
+    events = transfer(client, server)
+    assert StreamEnded(sid) in events
+    assert client.stream_state(sid) is StreamState.LOCAL_CLOSED
+    server.send_data(sid, b"reply")
+    server.send_eof(sid)
+    events = transfer(server, client)
+    assert data_of(events, sid) == b"reply"
+    assert StreamEnded(sid) in events
+    assert client.stream_state(sid) is StreamState.CLOSED
+    assert server.stream_state(sid) is StreamState.CLOSED
+
+
+def test_reset_carries_its_reason() -> None:
+    client, server = pair()
+    sid = client.open_stream(StreamKind.TCP, DEST)
+    transfer(client, server)
+    server.reset(sid, ResetCode.REFUSED_DESTINATION)
+    assert transfer(server, client) == [StreamReset(sid, ResetCode.REFUSED_DESTINATION, True)]
+
+
+def test_flow_control_blocks_then_resumes_without_loss() -> None:
+    client, server = pair()
+    sid = client.open_stream(StreamKind.TCP, DEST)
+    payload = os.urandom(INITIAL_STREAM_WINDOW + 5000)
+    assert client.send_data(sid, payload) is False  # blocked: the rest is pending
+    events = transfer(client, server)
+    got = data_of(events, sid)
+    assert len(got) == INITIAL_STREAM_WINDOW
+    server.consume(sid, len(got))
+    events = transfer(server, client)
+    assert StreamWritable(sid) in events
+    got += data_of(transfer(client, server), sid)
+    assert got == payload
+
+
+def test_slow_stream_does_not_stall_another() -> None:
+    client, server = pair()
+    slow = client.open_stream(StreamKind.TCP, DEST)
+    fast = client.open_stream(StreamKind.TCP, DEST)
+    client.send_data(slow, bytes(INITIAL_STREAM_WINDOW * 2))  # never consumed by the server
+    transfer(client, server)
+    total = 0
+    for _ in range(20):
+        assert client.send_data(fast, bytes(256 * 1024))
+        events = transfer(client, server)
+        n = len(data_of(events, fast))
+        total += n
+        server.consume(fast, n)
+        client.receive_data(server.data_to_send(), 0)
+    assert total == 20 * 256 * 1024
+
+
+def test_session_window_bounds_total_unconsumed_bytes() -> None:
+    client, server = pair()
+    received = 0
+    for _ in range(40):
+        sid = client.open_stream(StreamKind.TCP, DEST)
+        client.send_data(sid, bytes(INITIAL_STREAM_WINDOW))
+        received += len(data_of(transfer(client, server), sid))
+    assert received == INITIAL_SESSION_WINDOW
+
+
+def test_peer_exceeding_window_is_a_protocol_error() -> None:
+    _, server = pair()
+    opening = frame(FrameType.OPEN, 1, bytes([StreamKind.TCP]) + DEST.encode())
+    too_much = frame(FrameType.DATA, 1, bytes(64 * 1024)) * (INITIAL_STREAM_WINDOW // 65536 + 1)
+    events = server.receive_data(opening + too_much, 0)
+    assert isinstance(events[-1], SessionClosed)
+    assert events[-1].code is CloseCode.FLOW_CONTROL_ERROR
+    assert server.closed
+
+
+@pytest.mark.parametrize("bad", [
+    bytes([0xEE, 0, 0, 0, 0, 0, 0, 0]),  # unknown type
+    frame(FrameType.DATA, 3, b"x"),  # stream never opened
+    frame(FrameType.PING, 1, bytes(8)),  # session frame on a stream
+    bytes([FrameType.WINDOW, 0, 0, 3, 0, 0, 0, 0, 0, 0, 1]),  # wrong length
+    frame(FrameType.WINDOW, 0, pack_u32(0)),  # zero increment
+    frame(FrameType.OPEN, 2, bytes([1]) + DEST.encode()),  # even id from the client
+    frame(FrameType.OPEN, 1, bytes([1, 9])),  # bad address type
+    bytes([FrameType.DATA, 0x10, 0, 0, 0, 0, 0, 1]),  # oversized DATA
+])
+def test_malformed_input_closes_the_session_cleanly(bad: bytes) -> None:
+    _, server = pair()
+    events = server.receive_data(bad, 0)
+    assert isinstance(events[-1], SessionClosed) and not events[-1].remote
+    assert server.data_to_send()[0] == FrameType.CLOSE
+    assert server.receive_data(b"more", 0) == []
+
+
+def test_too_many_streams_are_reset_not_fatal() -> None:
+    client = Session(client=True, now=0)
+    server = Session(client=False, now=0, config=SessionConfig(max_streams=2))
+    ids = [client.open_stream(StreamKind.TCP, DEST) for _ in range(3)]
+    events = transfer(client, server)
+    assert [e.stream_id for e in events if isinstance(e, StreamOpened)] == ids[:2]
+    assert transfer(server, client) == [StreamReset(ids[2], ResetCode.TOO_MANY_STREAMS, True)]
+
+
+def test_datagrams_carry_addresses_both_ways() -> None:
+    client, server = pair()
+    sid = client.open_stream(StreamKind.UDP, Address("0.0.0.0", 0))
+    client.send_datagram(sid, Address("9.9.9.9", 53), b"query")
+    events = transfer(client, server)
+    assert events[-1] == DatagramReceived(sid, Address("9.9.9.9", 53), b"query")
+    server.send_datagram(sid, Address("9.9.9.9", 53), b"answer")
+    assert transfer(server, client) == [DatagramReceived(sid, Address("9.9.9.9", 53), b"answer")]
+
+
+def test_keepalive_pings_and_detects_a_dead_peer() -> None:
+    client, server = pair()
+    assert client.get_timer() == 15.0
+    client.handle_timer(15.0)
+    server.receive_data(client.data_to_send(), 15.0)
+    events = client.receive_data(server.data_to_send(), 15.5)
+    assert events == [PongReceived(0.5)]
+    client.handle_timer(31.0)  # idle again: ping, and this time nobody answers
+    client.data_to_send()
+    assert client.get_timer() == 41.0
+    events = client.handle_timer(41.0)
+    assert events == [SessionClosed(CloseCode.KEEPALIVE_TIMEOUT, "keepalive timeout", False)]
+
+
+def test_close_is_reported_to_the_peer() -> None:
+    client, server = pair()
+    client.close(CloseCode.SHUTDOWN, "bye")
+    assert transfer(client, server) == [SessionClosed(CloseCode.SHUTDOWN, "bye", True)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=70_000), min_size=1, max_size=6),
+       st.lists(st.integers(min_value=1, max_value=9000), min_size=1, max_size=40))
+def test_any_fragmentation_delivers_the_same_bytes(chunks: list[bytes], cuts: list[int]) -> None:
+    client, server = pair()
+    sid = client.open_stream(StreamKind.TCP, DEST)
+    client.send_padding(100)
+    for chunk in chunks:
+        client.send_data(sid, chunk)
+    client.send_eof(sid)
+    wire = client.data_to_send()
+    events = []
+    pos, i = 0, 0
+    while pos < len(wire):
+        step = cuts[i % len(cuts)]
+        events += server.receive_data(wire[pos : pos + step], 0)
+        pos += step
+        i += 1
+    assert data_of(events, sid) == b"".join(chunks)
+    assert events[0] == StreamOpened(sid, StreamKind.TCP, DEST)
+    assert events[-1] == StreamEnded(sid)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=3000))
+def test_random_bytes_never_raise(garbage: bytes) -> None:
+    _, server = pair()
+    for event in server.receive_data(garbage, 0):
+        assert not isinstance(event, DataReceived) or event.data
