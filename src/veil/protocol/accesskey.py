@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import ipaddress
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from veil.errors import ConfigError
 from veil.protocol.address import Address
@@ -89,3 +93,14 @@ def default_sni(host: str) -> str | None:
     except ValueError:
         return host
     return None
+
+
+def spki_pin(cert: x509.Certificate) -> bytes:
+    """SHA-256 of the certificate's SubjectPublicKeyInfo: what access keys pin."""
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).digest()
+
+
+def pin_of_der(der: bytes) -> bytes:
+    return spki_pin(x509.load_der_x509_certificate(der))

@@ -1,0 +1,3 @@
+from veil.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,445 @@
+"""Port forwarding inbounds: a local TCP or UDP port that always goes to one destination.
+
+``veil client -L 8053:1.1.1.1:53/udp`` style specs are parsed by :func:`parse_forward_spec`
+(``[LHOST:]LPORT:RHOST:RPORT[/udp|/tcp]``, IPv6 in brackets, LHOST 127.0.0.1 by default).
+
+* :class:`TcpForward` hands every accepted connection to ``Dialer.open_tcp(dest, ...)``.
+* :class:`UdpForward` gives every distinct local client address its own ``Dialer.open_udp``
+  flow to the fixed destination, so replies find their way back to the right client; flows
+  idle for :data:`UDP_IDLE_TIMEOUT` are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections import OrderedDict
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, cast
+
+from veil.errors import ConfigError, LocalProtocolError, VeilError
+from veil.net.dialer import Dialer, UdpFlow
+from veil.protocol.address import Address
+
+__all__ = [
+    "DEFAULT_LISTEN_HOST",
+    "MAX_EARLY_DATA",
+    "MAX_UDP_FLOWS",
+    "READY_TIMEOUT",
+    "UDP_IDLE_TIMEOUT",
+    "ForwardSpec",
+    "TcpForward",
+    "UdpForward",
+    "parse_forward_spec",
+    "start_forward",
+]
+
+log = logging.getLogger(__name__)
+
+#: Where a forward listens when the spec gives no LHOST: never the LAN unless asked.
+DEFAULT_LISTEN_HOST = "127.0.0.1"
+
+#: How long an accepted TCP connection waits for the tunnel before it is closed.
+READY_TIMEOUT = 15.0
+
+#: A UDP flow with no datagram in either direction for this long is closed. 60 s outlives
+#: typical DNS/QUIC/game keepalive gaps (15-30 s) and matches common NAT UDP timeouts.
+UDP_IDLE_TIMEOUT = 60.0
+
+#: Concurrent UDP flows per forward (one per local client address). Each holds a tunnel
+#: association; a local process spraying source ports must not grow this without bound, so
+#: past it the least recently used flow is closed.
+MAX_UDP_FLOWS = 1024
+
+#: Bytes an accepted TCP connection may deliver before it is handed over. Reading is paused on
+#: accept so normally none arrive; this bounds the buffer if a transport delivers one read
+#: anyway (256 KiB in asyncio and uvloop).
+MAX_EARLY_DATA = 512 * 1024
+
+_USAGE = "expected [LHOST:]LPORT:RHOST:RPORT[/udp]"
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardSpec:
+    """One port forward: connections/datagrams to ``listen`` go to ``dest``."""
+
+    listen: Address
+    dest: Address
+    udp: bool = False
+
+    def __str__(self) -> str:
+        """The spec in CLI form, e.g. ``127.0.0.1:8053:[2606:4700::1111]:53/udp``."""
+        return f"{self.listen}:{self.dest}/{'udp' if self.udp else 'tcp'}"
+
+
+def parse_forward_spec(text: str) -> ForwardSpec:
+    """Parse ``[LHOST:]LPORT:RHOST:RPORT[/udp|/tcp]``; raise ConfigError (one line) if bad.
+
+    Hosts are IP literals (IPv6 in brackets) or names; ports are 1-65535.
+    """
+    shown = text if len(text) <= 100 else text[:100] + "..."
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"bad forward {shown!r}: {why}; {_USAGE}", code="bad_forward")
+
+    body = text.strip()
+    udp = False
+    base, slash, proto = body.rpartition("/")
+    if slash:
+        if proto.lower() not in ("tcp", "udp"):
+            raise bad(f"unknown protocol {proto!r}")
+        udp = proto.lower() == "udp"
+        body = base
+    parts = _split_fields(body)
+    if parts is None:
+        raise bad("unbalanced brackets")
+    if len(parts) == 3:
+        parts.insert(0, DEFAULT_LISTEN_HOST)
+    elif len(parts) != 4:
+        raise bad("wrong number of fields (IPv6 addresses need [brackets])")
+    lhost, lport, rhost, rport = parts
+    try:
+        listen = Address(_host(lhost, "LHOST"), _port(lport, "LPORT"))
+        dest = Address(_host(rhost, "RHOST"), _port(rport, "RPORT"))
+        dest.encode()  # a name must fit the wire format (<= 255 bytes in IDNA)
+    except (ValueError, UnicodeError) as exc:
+        raise bad(str(exc).splitlines()[0] if str(exc) else "invalid host") from exc
+    return ForwardSpec(listen, dest, udp)
+
+
+def _split_fields(text: str) -> list[str] | None:
+    """Split on colons outside brackets; None if brackets do not pair up."""
+    fields: list[str] = []
+    current: list[str] = []
+    in_brackets = False
+    for char in text:
+        if char == "[":
+            if in_brackets:
+                return None
+            in_brackets = True
+        elif char == "]":
+            if not in_brackets:
+                return None
+            in_brackets = False
+        elif char == ":" and not in_brackets:
+            fields.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    if in_brackets:
+        return None
+    fields.append("".join(current))
+    return fields
+
+
+def _host(text: str, what: str) -> str:
+    if text.startswith("[") and text.endswith("]"):
+        inner = text[1:-1]
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise ValueError(f"{what} {text!r} is not an IPv6 address") from None
+        return inner
+    if not text:
+        raise ValueError(f"missing {what}")
+    if "[" in text or "]" in text or not text.isprintable() or any(c.isspace() for c in text):
+        raise ValueError(f"bad {what} {text!r}")
+    return text
+
+
+def _port(text: str, what: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= 0xFFFF:
+        raise ValueError(f"{what} must be a number from 1 to 65535, got {text!r}")
+    return int(text)
+
+
+async def start_forward(dialer: Dialer, spec: ForwardSpec) -> TcpForward | UdpForward:
+    """Build the forward ``spec`` describes (default options) and start it."""
+    forward: TcpForward | UdpForward
+    if spec.udp:
+        forward = UdpForward(dialer, spec.listen, spec.dest)
+    else:
+        forward = TcpForward(dialer, spec.listen, spec.dest)
+    await forward.start()
+    return forward
+
+
+# -- TCP -----------------------------------------------------------------------------------------
+
+
+class TcpForward:
+    """Listens on ``listen`` and relays every accepted connection to ``dest``.
+
+    Each connection waits (paused) for ``dialer.wait_ready``; if the tunnel is not ready in
+    ``ready_timeout`` it is closed, else it is handed to ``dialer.open_tcp``. ``close()`` stops
+    accepting and aborts connections not yet handed over.
+    """
+
+    def __init__(
+        self,
+        dialer: Dialer,
+        listen: Address,
+        dest: Address,
+        *,
+        ready_timeout: float = READY_TIMEOUT,
+    ) -> None:
+        self.dialer = dialer
+        self.listen = listen
+        self.dest = dest
+        self.ready_timeout = ready_timeout
+        self._server: asyncio.Server | None = None
+        self._live: set[_TcpForwardProtocol] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Bind and start accepting. Raises OSError if the address cannot be bound."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _TcpForwardProtocol(self), self.listen.host, self.listen.port
+        )
+
+    @property
+    def address(self) -> Address:
+        """The address actually bound (the first socket, if the host had several)."""
+        if self._server is None or not self._server.sockets:
+            raise LocalProtocolError("TCP forward is not started", code="state")
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return Address(host, port)
+
+    async def close(self) -> None:
+        """Stop accepting, abort connections still waiting for the tunnel, wait for tasks."""
+        if self._server is not None:
+            self._server.close()
+        for proto in list(self._live):
+            proto.abort()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("tcp forward task failed", exc_info=exc)
+
+
+class _TcpForwardProtocol(asyncio.Protocol):
+    """One accepted connection until it is handed to the dialer."""
+
+    def __init__(self, forward: TcpForward) -> None:
+        self._forward = forward
+        self._transport: asyncio.Transport | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._early = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.pause_reading()
+        self._forward._live.add(self)
+        self._task = self._forward._spawn(self._handover())
+
+    def data_received(self, data: bytes) -> None:
+        self._early += data
+        if len(self._early) > MAX_EARLY_DATA:
+            self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._forward._live.discard(self)
+        if self._task is not None:
+            self._task.cancel()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def _handover(self) -> None:
+        forward = self._forward
+        transport = cast(asyncio.Transport, self._transport)
+        try:
+            ready = await forward.dialer.wait_ready(forward.ready_timeout)
+        except VeilError as exc:
+            log.debug("tcp forward: dialer not ready: %s", exc.code)
+            ready = False
+        if transport.is_closing():
+            return
+        if not ready:
+            transport.close()
+            return
+        forward._live.discard(self)
+        self._task = None
+        transport.resume_reading()  # hand over in the normal state; the dialer may pause it
+        try:
+            forward.dialer.open_tcp(forward.dest, transport, bytes(self._early))
+        except BaseException:
+            transport.abort()
+            raise
+
+
+# -- UDP -----------------------------------------------------------------------------------------
+
+
+class _UdpClient:
+    """One local client address and its tunnel flow."""
+
+    __slots__ = ("flow", "last_seen")
+
+    def __init__(self, now: float) -> None:
+        self.flow: UdpFlow | None = None
+        self.last_seen = now
+
+    def close(self) -> None:
+        if self.flow is not None:
+            self.flow.close()
+            self.flow = None
+
+
+class UdpForward:
+    """Listens on UDP ``listen`` and relays each local client's datagrams to ``dest``.
+
+    Every distinct client address gets its own ``dialer.open_udp`` flow, closed after
+    ``idle_timeout`` seconds without traffic in either direction; at ``max_flows`` the least
+    recently used flow is closed to make room. Replies are dropped (as UDP may) while the
+    local socket's send buffer is full.
+    """
+
+    def __init__(
+        self,
+        dialer: Dialer,
+        listen: Address,
+        dest: Address,
+        *,
+        idle_timeout: float = UDP_IDLE_TIMEOUT,
+        max_flows: int = MAX_UDP_FLOWS,
+    ) -> None:
+        self.dialer = dialer
+        self.listen = listen
+        self.dest = dest
+        self.idle_timeout = idle_timeout
+        self.max_flows = max_flows
+        # Least recently active first, so expiry and eviction look only at the front.
+        self._clients: OrderedDict[tuple[str, int], _UdpClient] = OrderedDict()
+        self._transport: asyncio.DatagramTransport | None = None
+        self._writable = True
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        """Bind the local UDP socket. Raises OSError if the address cannot be bound."""
+        self._loop = asyncio.get_running_loop()
+        transport, _ = await self._loop.create_datagram_endpoint(
+            lambda: _UdpForwardProtocol(self), local_addr=(self.listen.host, self.listen.port)
+        )
+        self._transport = transport
+
+    @property
+    def address(self) -> Address:
+        """The address actually bound."""
+        if self._transport is None:
+            raise LocalProtocolError("UDP forward is not started", code="state")
+        host, port = self._transport.get_extra_info("sockname")[:2]
+        return Address(host, port)
+
+    @property
+    def flow_count(self) -> int:
+        """Local clients with a live flow (for metrics and tests)."""
+        return len(self._clients)
+
+    async def close(self) -> None:
+        """Close every flow and the local socket. Idempotent."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._clients:
+            _, client = self._clients.popitem(last=False)
+            client.close()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        loop = cast(asyncio.AbstractEventLoop, self._loop)
+        client = self._clients.get(addr)
+        if client is None:
+            client = self._open(addr, loop.time())
+            if client is None:
+                return
+        else:
+            client.last_seen = loop.time()
+            self._clients.move_to_end(addr)
+        cast(UdpFlow, client.flow).send(self.dest, data)
+
+    def _open(self, addr: tuple[str, int], now: float) -> _UdpClient | None:
+        if len(self._clients) >= self.max_flows:
+            _, evicted = self._clients.popitem(last=False)
+            evicted.close()
+        client = _UdpClient(now)
+        try:
+            client.flow = self.dialer.open_udp(
+                lambda _source, payload: self._on_reply(addr, client, payload),
+                lambda: self._on_flow_closed(addr, client),
+            )
+        except VeilError as exc:
+            log.debug("udp forward: cannot open flow: %s", exc.code)
+            return None
+        self._clients[addr] = client
+        if self._timer is None:
+            self._arm(now)
+        return client
+
+    def _on_reply(self, addr: tuple[str, int], client: _UdpClient, payload: bytes) -> None:
+        # Identity check: a flow closed by expiry or eviction must not feed a newer client
+        # that happens to reuse the same address.
+        if self._clients.get(addr) is not client or self._transport is None:
+            return
+        client.last_seen = cast(asyncio.AbstractEventLoop, self._loop).time()
+        self._clients.move_to_end(addr)
+        if self._writable:
+            self._transport.sendto(payload, addr)
+
+    def _on_flow_closed(self, addr: tuple[str, int], client: _UdpClient) -> None:
+        if self._clients.get(addr) is client:
+            del self._clients[addr]
+
+    def _arm(self, now: float) -> None:
+        """Arm the one expiry timer for the least recently active flow, if any."""
+        if not self._clients:
+            return
+        oldest = next(iter(self._clients.values()))
+        loop = cast(asyncio.AbstractEventLoop, self._loop)
+        self._timer = loop.call_at(max(now, oldest.last_seen + self.idle_timeout), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = cast(asyncio.AbstractEventLoop, self._loop).time()
+        while self._clients:
+            addr, client = next(iter(self._clients.items()))
+            if client.last_seen + self.idle_timeout > now:
+                break
+            del self._clients[addr]
+            client.close()
+        self._arm(now)
+
+
+class _UdpForwardProtocol(asyncio.DatagramProtocol):
+    def __init__(self, forward: UdpForward) -> None:
+        self._forward = forward
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self._forward._on_datagram(data, (addr[0], addr[1]))
+
+    def pause_writing(self) -> None:
+        self._forward._writable = False
+
+    def resume_writing(self) -> None:
+        self._forward._writable = True
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP errors from local clients that went away: nothing to do

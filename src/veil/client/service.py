@@ -1,0 +1,87 @@
+"""The veil client: one tunnel, the local inbounds that use it, and their lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from veil.client.forward import ForwardSpec, parse_forward_spec, start_forward
+from veil.client.http_proxy import HttpProxyInbound
+from veil.client.socks5 import Credentials, Socks5Inbound
+from veil.errors import ConfigError, VeilError
+from veil.net.client_session import ClientTunnel
+from veil.protocol.accesskey import AccessKey
+from veil.protocol.address import Address
+
+log = logging.getLogger("veil.client")
+
+# How long to wait for the first session before saying the server cannot be reached (the
+# client keeps trying afterwards; this only decides when to tell the user).
+FIRST_CONNECT_REPORT_S = 10.0
+
+
+class Inbound(Protocol):
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClientOptions:
+    key: AccessKey
+    socks: Address | None = None
+    socks_credentials: Credentials | None = None
+    http: Address | None = None
+    forwards: tuple[ForwardSpec, ...] = field(default_factory=tuple)
+    pool: int = 1
+
+    @classmethod
+    def from_args(cls, key: AccessKey, *, socks: Address | None, http: Address | None,
+                  forwards: list[str], socks_auth: str | None, pool: int,
+                  default_socks: Address) -> ClientOptions:
+        specs = tuple(parse_forward_spec(text) for text in forwards)
+        credentials = None
+        if socks_auth is not None:
+            user, sep, password = socks_auth.partition(":")
+            if not sep or not user:
+                raise ConfigError("--socks-auth takes USER:PASSWORD")
+            credentials = Credentials(user.encode(), password.encode())
+        if socks is None and http is None and not specs:
+            socks = default_socks
+        return cls(key, socks, credentials, http, specs, pool)
+
+
+async def run_client(options: ClientOptions, stop: asyncio.Event) -> None:
+    tunnel = ClientTunnel(options.key, pool_size=options.pool)
+    inbounds: list[Inbound] = []
+    if options.socks is not None:
+        inbounds.append(Socks5Inbound(tunnel, options.socks,
+                                      credentials=options.socks_credentials))
+    if options.http is not None:
+        inbounds.append(HttpProxyInbound(tunnel, options.http))
+    started: list[Inbound] = []
+    try:
+        for inbound in inbounds:
+            try:
+                await inbound.start()
+            except OSError as exc:
+                raise VeilError(f"cannot listen: {exc.strerror or exc}") from exc
+            started.append(inbound)
+        for spec in options.forwards:
+            try:
+                started.append(await start_forward(tunnel, spec))
+            except OSError as exc:
+                raise VeilError(f"cannot listen for --forward {spec}: "
+                                f"{exc.strerror or exc}") from exc
+        tunnel.start()
+        for what, address in (("SOCKS5", options.socks), ("HTTP proxy", options.http)):
+            if address is not None:
+                log.warning("%s proxy on %s", what, address)
+        if not await tunnel.wait_ready(FIRST_CONNECT_REPORT_S):
+            log.error("not connected yet: %s; still trying", tunnel.last_error or "no answer")
+        await stop.wait()
+    finally:
+        for inbound in started:
+            await inbound.close()
+        await tunnel.close()

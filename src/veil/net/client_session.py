@@ -1,0 +1,270 @@
+"""The client's tunnel: long-lived sessions to the server, used by every inbound.
+
+:class:`ClientTunnel` keeps ``pool_size`` sessions up (reconnecting with exponential backoff
+after a drop), authenticates the server by the key pinned in the access key — never by the web
+PKI — and opens streams on the least busy session. Streams open with no round trip: the OPEN
+frame and the first data leave together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable
+
+from veil.errors import AuthError
+from veil.net.dialer import DatagramHandler, Dialer, UdpFlow
+from veil.net.driver import SessionDriver, TcpRelay
+from veil.protocol.accesskey import AccessKey, pin_of_der
+from veil.protocol.address import Address
+from veil.protocol.auth import Credential, build_auth
+from veil.protocol.frames import FrameType, ResetCode, StreamKind
+from veil.protocol.session import Session
+
+log = logging.getLogger("veil.client")
+
+# Reconnect backoff: quick first retries (a blip), capped so a long outage is not hammered.
+BACKOFF_INITIAL_S = 0.25
+BACKOFF_MAX_S = 30.0
+# A server that rejected our key will most likely reject it again; retry slowly.
+BACKOFF_REJECTED_S = 60.0
+# A TLS handshake slower than this means the path is broken; try again.
+HANDSHAKE_TIMEOUT_S = 15.0
+# The client's first flight carries a PADDING frame of random length, so the first record is
+# not one fixed size (shaping proper is the traffic-shaping policy's job).
+FIRST_PADDING_RANGE = (32, 256)
+UDP_ANY = Address("0.0.0.0", 0)
+
+
+class ServerRejected(AuthError):
+    """The server answered like a website: our key is unknown, revoked, or our clock is off."""
+
+    code = "rejected"
+
+
+def client_ssl_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # The server is authenticated by its pinned key after the handshake, not by the web PKI.
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    return context
+
+
+class _ClientDriver(SessionDriver):
+    """A session driver that checks the server's first bytes: frames, or a website."""
+
+    def __init__(self, session: Session, **kwargs: object) -> None:
+        super().__init__(session, **kwargs)  # type: ignore[arg-type]
+        self.accepted: asyncio.Future[bool] = self._loop.create_future()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.accepted.done():
+            # An accepted session always starts with PADDING; a cover site's answer never
+            # does ("HTTP/1.1 ..."): then our key was refused.
+            ok = data[0] == FrameType.PADDING
+            self.accepted.set_result(ok)
+            if not ok:
+                self.close()
+                return
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.accepted.done():
+            self.accepted.set_result(False)
+        super().connection_lost(exc)
+
+
+class ClientTunnel(Dialer):
+    def __init__(self, key: AccessKey, *, pool_size: int = 1) -> None:
+        self.key = key
+        self.credential = Credential.from_secret(key.secret)
+        self.pool_size = pool_size
+        self._drivers: list[SessionDriver] = []
+        self._ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ssl = client_ssl_context()
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._maintain(i)) for i in range(self.pool_size)]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for driver in list(self._drivers):
+            driver.close()
+
+    # ------------------------------------------------------------------ connecting
+    async def connect_once(self) -> SessionDriver:
+        """Open one authenticated session; raise TransportError/AuthError on failure."""
+        loop = asyncio.get_running_loop()
+        session = Session(client=True, now=loop.time())
+        driver = _ClientDriver(session)
+        server = self.key.server
+        try:
+            transport, _ = await loop.create_connection(
+                lambda: driver, server.host, server.port, ssl=self._ssl,
+                server_hostname=self.key.sni or "",
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+        except ssl.SSLError as exc:
+            raise ConnectionError(f"TLS handshake with {server} failed: {exc.reason}") from exc
+        sslobj = transport.get_extra_info("ssl_object")
+        der = sslobj.getpeercert(binary_form=True) if sslobj else None
+        if not der or pin_of_der(der) != self.key.pin:
+            # Someone else's certificate: an interception proxy, or the wrong server. Send
+            # nothing (the credential must not reach it) and say so.
+            transport.abort()
+            raise AuthError(f"the server at {server} did not present the pinned key "
+                            "(TLS interception or wrong server); refusing to send anything",
+                            code="pin_mismatch")
+        binding = sslobj.get_channel_binding("tls-unique")
+        auth = build_auth(self.credential, binding, time.time())
+        low, high = FIRST_PADDING_RANGE
+        session.send_padding(random.randint(low, high))
+        # The authenticator and the first frames go out in one write: one TLS record.
+        transport.write(auth + session.data_to_send())
+        return driver
+
+    async def _maintain(self, slot: int) -> None:
+        backoff = BACKOFF_INITIAL_S
+        while True:
+            started = time.monotonic()
+            try:
+                driver = await asyncio.wait_for(self.connect_once(), HANDSHAKE_TIMEOUT_S + 5)
+            except AuthError as exc:
+                self.last_error = str(exc)
+                log.error("%s", exc)
+                await asyncio.sleep(BACKOFF_REJECTED_S)
+                continue
+            except (OSError, TimeoutError, ConnectionError) as exc:
+                self.last_error = f"cannot reach {self.key.server}: {exc or type(exc).__name__}"
+                log.warning("%s; retrying in %.1f s", self.last_error, backoff)
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                continue
+            self._drivers.append(driver)
+            self._ready.set()
+            assert isinstance(driver, _ClientDriver)
+            accepted = await driver.accepted
+            if accepted:
+                log.info("connected to %s (session %d)", self.key.server, slot)
+            why = await driver.closed
+            self._drivers.remove(driver)
+            if not self._drivers:
+                self._ready.clear()
+            if not accepted:
+                self.last_error = (f"the server at {self.key.server} refused the key (revoked "
+                                   "or wrong key, or this clock is off by minutes)")
+                log.error("%s", self.last_error)
+                await asyncio.sleep(BACKOFF_REJECTED_S)
+                continue
+            log.warning("session %d to %s ended (%s); reconnecting", slot, self.key.server, why)
+            if time.monotonic() - started > BACKOFF_MAX_S:
+                backoff = BACKOFF_INITIAL_S
+            await asyncio.sleep(backoff * random.random())
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    # ------------------------------------------------------------------ Dialer
+    async def wait_ready(self, timeout: float) -> bool:
+        if self._drivers:
+            return True
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _pick(self) -> SessionDriver | None:
+        live = [d for d in self._drivers if not d.session.closed]
+        if not live:
+            return None
+        return min(live, key=lambda d: len(d.handlers))
+
+    def open_tcp(self, dest: Address, local: asyncio.Transport, early_data: bytes = b"") -> None:
+        driver = self._pick()
+        if driver is None:
+            local.abort()
+            return
+        stream_id = driver.session.open_stream(StreamKind.TCP, dest)
+        relay = TcpRelay(driver, stream_id, local)
+        local.set_protocol(relay)
+        driver.attach(stream_id, relay)
+        if early_data:
+            relay.data_received(early_data)
+        else:
+            driver.flush()
+
+    def open_udp(self, on_datagram: DatagramHandler, on_close: Callable[[], None]) -> UdpFlow:
+        driver = self._pick()
+        flow = ClientUdpFlow(driver, on_datagram, on_close)
+        return flow
+
+
+class ClientUdpFlow(UdpFlow):
+    """A UDP association carried as DATAGRAM frames on one stream."""
+
+    def __init__(self, driver: SessionDriver | None, on_datagram: DatagramHandler,
+                 on_close: Callable[[], None]) -> None:
+        self.driver = driver
+        self._on_datagram = on_datagram
+        self._on_close = on_close
+        self._closed = False
+        if driver is None:
+            self.stream_id = 0
+            self._closed = True
+            asyncio.get_running_loop().call_soon(on_close)
+            return
+        self.stream_id = driver.session.open_stream(StreamKind.UDP, UDP_ANY)
+        driver.attach(self.stream_id, self)
+        driver.flush()
+
+    def send(self, dest: Address, payload: bytes) -> None:
+        driver = self.driver
+        if self._closed or driver is None or driver.writing_paused:
+            return  # congested or gone: drop, as UDP does
+        try:
+            driver.session.send_datagram(self.stream_id, dest, payload)
+        except Exception:  # a datagram that cannot be sent is dropped, as UDP does
+            return
+        driver.flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.driver is not None:
+            self.driver.detach(self.stream_id)
+            self.driver.session.reset(self.stream_id, ResetCode.CANCELLED)
+            self.driver.flush()
+
+    # StreamHandler
+    def on_datagram(self, address: Address, payload: bytes) -> None:
+        self._on_datagram(address, payload)
+
+    def on_reset(self, code: ResetCode) -> None:
+        if not self._closed:
+            self._closed = True
+            self._on_close()
+
+    def on_data(self, data: bytes) -> None:
+        if self.driver is not None:
+            self.driver.session.consume(self.stream_id, len(data))
+
+    def on_eof(self) -> None:
+        self.on_reset(ResetCode.CANCELLED)
+
+    def on_writable(self) -> None:
+        pass
+
+    def pause_source(self) -> None:
+        pass
+
+    def resume_source(self) -> None:
+        pass

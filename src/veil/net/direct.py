@@ -1,0 +1,399 @@
+"""A :class:`~veil.net.dialer.Dialer` that connects straight to the destination.
+
+It is the outbound for split tunnelling (destinations that must not go through the tunnel)
+and the way to run the client inbounds without a veil server in tests. It has no protocol of
+its own: TCP is a pair of relay protocols glued back to back, UDP is one unconnected socket per
+address family.
+
+TCP relay contract (the same one the tunnel dialer keeps, see ``Dialer.open_tcp``):
+
+* the local transport is paused until the remote connection is up, then ``early_data`` goes
+  first and reading resumes;
+* backpressure: when one side's write buffer passes its high-water mark, reading on the other
+  side pauses until it drains (``pause_writing``/``resume_writing``);
+* half-close: an EOF on one side becomes ``write_eof()`` on the other; once both directions
+  have ended both transports are closed after flushing;
+* a clean close on one side closes the other after flushing; a connection error (reset,
+  broken pipe) aborts the other side so the error is visible to the peer.
+
+The hot path (``_Half.data_received``) is one ``write`` with no logging or bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
+
+from veil.net.dialer import DatagramHandler, Dialer, UdpFlow
+from veil.protocol.address import Address
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "DNS_CACHE_SECONDS",
+    "HAPPY_EYEBALLS_DELAY",
+    "MAX_DNS_CACHE_ENTRIES",
+    "MAX_QUEUED_DATAGRAMS",
+    "RESOLVE_TIMEOUT",
+    "DirectDialer",
+]
+
+log = logging.getLogger(__name__)
+
+#: Give up on a TCP connect after this long. The local client was already told "connected"
+#: (inbounds reply optimistically), so a long hang only ties up its socket; 10 s covers slow
+#: links and a few SYN retransmits without keeping dead connections around.
+CONNECT_TIMEOUT = 10.0
+
+#: RFC 8305 connection-attempt delay for names with several addresses (v6 and v4).
+HAPPY_EYEBALLS_DELAY = 0.25
+
+#: Give up resolving a UDP destination name after this long; its queued datagrams are dropped.
+RESOLVE_TIMEOUT = 10.0
+
+#: How long a UDP flow reuses a resolved name. getaddrinfo() does not expose the DNS TTL, and
+#: re-resolving per datagram would put a DNS query in front of every packet (DNS, QUIC, games).
+DNS_CACHE_SECONDS = 60.0
+
+#: Names one UDP flow keeps resolved. A client spraying datagrams at random names must not grow
+#: the cache without bound; the oldest entry is evicted first.
+MAX_DNS_CACHE_ENTRIES = 256
+
+#: Datagrams one UDP flow holds while its socket opens or a name resolves. UDP may drop, so
+#: past this we drop instead of buffering; 64 covers a burst such as a QUIC handshake.
+MAX_QUEUED_DATAGRAMS = 64
+
+
+
+class _Half(asyncio.Protocol):
+    """One side of a relayed TCP connection; forwards what it reads to ``peer``."""
+
+    __slots__ = ("_connect_task", "_eof", "_relays", "peer", "transport")
+
+    def __init__(self, relays: set[_Half]) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Half = self  # replaced right after construction by _link()
+        self._eof = False
+        self._relays = relays
+        self._connect_task: asyncio.Task[None] | None = None
+
+    # -- hot path ------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        # The peer's transport exists: the local side only reads after the remote connected,
+        # and the remote side only reads once connected.
+        cast(asyncio.Transport, self.peer.transport).write(data)
+
+    # -- flow control --------------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        peer = self.peer.transport
+        if peer is not None:
+            peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.peer.transport
+        if peer is not None:
+            peer.resume_reading()
+
+    # -- end of stream -------------------------------------------------------------------------
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        peer = cast(asyncio.Transport, self.peer.transport)
+        if self.peer._eof or not peer.can_write_eof():
+            # Both directions are finished (or the peer cannot half-close): close both after
+            # flushing. Returning False makes this transport close itself.
+            peer.close()
+            return False
+        peer.write_eof()
+        return True  # keep this transport open: the other direction is still flowing
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._relays.discard(self)
+        peer = self.peer.transport
+        if peer is None:
+            # The local side went away while the remote connect was still in progress.
+            if self._connect_task is not None:
+                self._connect_task.cancel()
+            return
+        if exc is None:
+            peer.close()
+        else:
+            peer.abort()
+
+
+class _RemoteHalf(_Half):
+    """The outbound side: on connect it sends the early data and lets the local side read."""
+
+    __slots__ = ("_early_data",)
+
+    def __init__(self, relays: set[_Half], early_data: bytes) -> None:
+        super().__init__(relays)
+        self._early_data = early_data
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        local = cast(asyncio.Transport, self.peer.transport)
+        if local.is_closing():
+            self.transport.close()
+            return
+        self._relays.add(self)
+        if self._early_data:
+            self.transport.write(self._early_data)
+            self._early_data = b""
+        local.resume_reading()
+
+
+def _link(a: _Half, b: _Half) -> None:
+    a.peer = b
+    b.peer = a
+
+
+def _spawn(tasks: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """Run ``coro`` as a task held in ``tasks`` until done; an unexpected failure is logged."""
+    task = asyncio.get_running_loop().create_task(coro)
+    tasks.add(task)
+    task.add_done_callback(lambda t: _reap(tasks, t))
+    return task
+
+
+def _reap(tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+    tasks.discard(task)
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("direct dialer task failed", exc_info=exc)
+
+
+class DirectDialer(Dialer):
+    """Connects to destinations directly from this host, with no tunnel.
+
+    ``wait_ready`` is always true. ``close()`` aborts every relay and UDP flow this dialer
+    started; relays otherwise end on their own when their connections do.
+    """
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        happy_eyeballs_delay: float | None = HAPPY_EYEBALLS_DELAY,
+    ) -> None:
+        self._connect_timeout = connect_timeout
+        self._happy_eyeballs_delay = happy_eyeballs_delay
+        self._relays: set[_Half] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._flows: set[_DirectUdpFlow] = set()
+
+    async def wait_ready(self, timeout: float) -> bool:
+        return True
+
+    def open_tcp(self, dest: Address, local: asyncio.Transport, early_data: bytes = b"") -> None:
+        local.pause_reading()
+        local_half = _Half(self._relays)
+        remote_half = _RemoteHalf(self._relays, early_data)
+        _link(local_half, remote_half)
+        local_half.transport = local
+        local.set_protocol(local_half)
+        self._relays.add(local_half)
+        local_half._connect_task = _spawn(self._tasks, self._connect(dest, local, remote_half))
+
+    async def _connect(self, dest: Address, local: asyncio.Transport, remote: _RemoteHalf) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await loop.create_connection(
+                    lambda: remote,
+                    dest.host,
+                    dest.port,
+                    happy_eyeballs_delay=self._happy_eyeballs_delay if dest.ip is None else None,
+                )
+        except asyncio.CancelledError:
+            local.abort()
+            raise
+        except (OSError, TimeoutError, UnicodeError, ValueError) as exc:
+            # Unreachable, refused, unresolvable or timed out: the contract is to close the
+            # local side, aborting if the client has not received everything we queued.
+            # Destinations stay out of logs: they are the user's browsing history.
+            log.debug("direct connect failed: %s", type(exc).__name__)
+            if local.get_write_buffer_size():
+                local.abort()
+            else:
+                local.close()
+
+    def open_udp(self, on_datagram: DatagramHandler, on_close: Callable[[], None]) -> UdpFlow:
+        flow = _DirectUdpFlow(asyncio.get_running_loop(), on_datagram, on_close, self._flows)
+        self._flows.add(flow)
+        return flow
+
+    def close(self) -> None:
+        """Abort every relay and UDP flow and cancel pending connects. Idempotent."""
+        for task in list(self._tasks):
+            task.cancel()
+        for half in list(self._relays):
+            if half.transport is not None:
+                half.transport.abort()
+        for flow in list(self._flows):
+            flow.close()
+
+
+_SockAddr = tuple[str, int]
+
+
+class _UdpSocket(asyncio.DatagramProtocol):
+    """One unconnected UDP socket of a flow; replies go to the flow's handler.
+
+    ``writable`` turns false while the transport's user-space send buffer is above its
+    high-water mark (the kernel buffer is full): we drop datagrams then, as a router would,
+    because asyncio datagram transports would otherwise buffer without limit.
+    """
+
+    def __init__(self, flow: _DirectUdpFlow) -> None:
+        self._flow = flow
+        self.transport: asyncio.DatagramTransport | None = None
+        self.writable = True
+
+    def pause_writing(self) -> None:
+        self.writable = False
+
+    def resume_writing(self) -> None:
+        self.writable = True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        self._flow._on_datagram(Address(cast(str, addr[0]), cast(int, addr[1])), data)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors (port unreachable, ...) are normal UDP weather, not the end of the flow.
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self._flow._lost()
+
+
+class _DirectUdpFlow(UdpFlow):
+    """A UDP association sent straight from this host.
+
+    Opens one socket per address family on first use. Names are resolved (and cached) per
+    flow. ``on_close`` is called once if the flow ends for a reason other than ``close()``
+    (a socket error); after ``close()`` no callback runs.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_datagram: DatagramHandler,
+        on_close: Callable[[], None],
+        registry: set[_DirectUdpFlow],
+    ) -> None:
+        self._loop = loop
+        self._on_datagram = on_datagram
+        self._on_close = on_close
+        self._registry = registry
+        self._closed = False
+        self._sockets: dict[int, _UdpSocket] = {}
+        # Datagrams waiting for a socket (per family) or for a name to resolve; the total is
+        # bounded by MAX_QUEUED_DATAGRAMS.
+        self._opening: dict[int, list[tuple[_SockAddr, bytes]]] = {}
+        self._resolving: dict[str, list[tuple[int, bytes]]] = {}
+        self._queued = 0
+        self._dns: dict[str, tuple[str, int, float]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def send(self, dest: Address, payload: bytes) -> None:
+        if self._closed:
+            return
+        ip = dest.ip
+        if ip is not None:
+            family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+            self._send_ip(family, (dest.host, dest.port), payload)
+            return
+        cached = self._dns.get(dest.host)
+        if cached is not None and cached[2] > self._loop.time():
+            self._send_ip(cached[1], (cached[0], dest.port), payload)
+            return
+        waiting = self._resolving.get(dest.host)
+        if waiting is None:
+            waiting = self._resolving[dest.host] = []
+            _spawn(self._tasks, self._resolve(dest.host))
+        if self._queued < MAX_QUEUED_DATAGRAMS:
+            waiting.append((dest.port, payload))
+            self._queued += 1
+
+    def _send_ip(self, family: int, addr: _SockAddr, payload: bytes) -> None:
+        sock = self._sockets.get(family)
+        if sock is not None and sock.transport is not None:
+            if sock.writable:
+                sock.transport.sendto(payload, addr)
+            return
+        waiting = self._opening.get(family)
+        if waiting is None:
+            waiting = self._opening[family] = []
+            _spawn(self._tasks, self._open(family))
+        if self._queued < MAX_QUEUED_DATAGRAMS:
+            waiting.append((addr, payload))
+            self._queued += 1
+
+    async def _open(self, family: int) -> None:
+        try:
+            transport, protocol = await self._loop.create_datagram_endpoint(
+                lambda: _UdpSocket(self), family=family
+            )
+        except OSError as exc:
+            log.debug("direct udp socket failed: %s", type(exc).__name__)
+            self._dequeued(self._opening.pop(family, []))
+            return
+        if self._closed:
+            transport.close()
+            return
+        self._sockets[family] = protocol
+        waiting = self._opening.pop(family, [])
+        self._dequeued(waiting)
+        for addr, payload in waiting:
+            self._send_ip(family, addr, payload)
+
+    async def _resolve(self, host: str) -> None:
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT):
+                infos = await self._loop.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+        except (OSError, TimeoutError, UnicodeError, ValueError) as exc:
+            log.debug("direct udp resolve failed: %s", type(exc).__name__)
+            self._dequeued(self._resolving.pop(host, []))
+            return
+        waiting = self._resolving.pop(host, [])
+        self._dequeued(waiting)
+        if not infos or self._closed:
+            return
+        family, _, _, _, sockaddr = infos[0]
+        ip = cast(str, sockaddr[0])
+        if len(self._dns) >= MAX_DNS_CACHE_ENTRIES:
+            del self._dns[next(iter(self._dns))]
+        self._dns[host] = (ip, family, self._loop.time() + DNS_CACHE_SECONDS)
+        for port, payload in waiting:
+            self._send_ip(family, (ip, port), payload)
+
+    def _dequeued(self, items: list[tuple[int, bytes]] | list[tuple[_SockAddr, bytes]]) -> None:
+        self._queued -= len(items)
+
+    def _lost(self) -> None:
+        if not self._closed:
+            self.close()
+            self._on_close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._registry.discard(self)
+        for task in list(self._tasks):
+            task.cancel()
+        for sock in self._sockets.values():
+            if sock.transport is not None:
+                sock.transport.close()
+        self._sockets.clear()
+        self._opening.clear()
+        self._resolving.clear()
+        self._queued = 0

@@ -1,0 +1,355 @@
+"""The session driver: where the sans-IO session meets an asyncio transport.
+
+:class:`SessionDriver` owns one TLS transport and one :class:`~veil.protocol.session.Session`.
+It feeds received bytes to the session, dispatches the events to per-stream handlers, writes
+what the session wants sent, and arms exactly one timer for keepalives. Stream handlers
+(:class:`TcpRelay`, UDP flows) are the other end of each stream: a local socket on the client,
+an outbound socket on the server. The same classes serve both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import cast, Protocol
+
+from veil.errors import LocalProtocolError
+from veil.protocol.address import Address
+from veil.protocol.events import (
+    DatagramReceived,
+    DataReceived,
+    Event,
+    SessionClosed,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    StreamWritable,
+)
+from veil.protocol.frames import CloseCode, ResetCode
+from veil.protocol.session import Session, StreamState
+
+log = logging.getLogger("veil.net")
+
+
+class StreamHandler(Protocol):
+    """The local end of one stream, as the driver sees it."""
+
+    def on_data(self, data: bytes) -> None: ...
+    def on_eof(self) -> None: ...
+    def on_reset(self, code: ResetCode) -> None: ...
+    def on_writable(self) -> None: ...
+    def on_datagram(self, address: Address, payload: bytes) -> None: ...
+    def pause_source(self) -> None: ...
+    def resume_source(self) -> None: ...
+
+
+class SessionDriver(asyncio.Protocol):
+    """Runs a session over a (TLS) transport.
+
+    ``on_stream_opened`` is called for streams the peer opens (server side) and must register
+    a handler with :meth:`attach` or reset the stream. ``on_closed`` is called once, when the
+    session and its transport are gone.
+    """
+
+    def __init__(self, session: Session, *,
+                 on_stream_opened: Callable[[StreamOpened], None] | None = None,
+                 on_closed: Callable[[SessionDriver], None] | None = None,
+                 on_bytes: Callable[[int, int], None] | None = None) -> None:
+        self.session = session
+        self.handlers: dict[int, StreamHandler] = {}
+        self._on_stream_opened = on_stream_opened
+        self._on_closed = on_closed
+        self._on_bytes = on_bytes  # (received, sent) byte counts, for accounting
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._writing_paused = False
+        self._done = False
+        self.closed = self._loop.create_future()
+
+    # ------------------------------------------------------------------ transport side
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self._on_bytes is not None:
+            self._on_bytes(len(data), 0)
+        self._dispatch(self.session.receive_data(data, self._loop.time()))
+        self.flush()
+
+    def eof_received(self) -> bool:
+        self._finish("peer closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._finish(f"connection lost: {exc}" if exc else "connection closed")
+
+    def pause_writing(self) -> None:
+        # The TLS connection is congested: stop reading every local source until it drains,
+        # so bytes queue in the sources' kernel buffers rather than in our memory.
+        self._writing_paused = True
+        for handler in self.handlers.values():
+            handler.pause_source()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        for handler in list(self.handlers.values()):
+            handler.resume_source()
+
+    @property
+    def writing_paused(self) -> bool:
+        return self._writing_paused
+
+    # ------------------------------------------------------------------ stream side
+    def attach(self, stream_id: int, handler: StreamHandler) -> None:
+        self.handlers[stream_id] = handler
+        if self._writing_paused:
+            handler.pause_source()
+
+    def detach(self, stream_id: int) -> None:
+        self.handlers.pop(stream_id, None)
+
+    def flush(self) -> None:
+        """Write what the session queued and re-arm the keepalive timer."""
+        data = self.session.data_to_send()
+        transport = self._transport
+        if data and transport is not None:
+            if self._on_bytes is not None:
+                self._on_bytes(0, len(data))
+            transport.write(data)
+        when = self.session.get_timer()
+        if when != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = None if when is None else self._loop.call_at(when, self._on_timer)
+            self._timer_at = when
+        if self.session.closed and not self._done:
+            self._finish("session closed")
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._dispatch(self.session.handle_timer(self._loop.time()))
+        self.flush()
+
+    def _dispatch(self, events: list[Event]) -> None:
+        handlers = self.handlers
+        for event in events:
+            # Dispatch on the event type and nothing else: this is the hot path.
+            kind = type(event)
+            if kind is DataReceived:
+                handler = handlers.get(event.stream_id)  # type: ignore[union-attr]
+                if handler is not None:
+                    handler.on_data(event.data)  # type: ignore[union-attr]
+                else:
+                    self.session.consume(event.stream_id, len(event.data))  # type: ignore[union-attr]
+            elif kind is StreamWritable:
+                handler = handlers.get(event.stream_id)  # type: ignore[union-attr]
+                if handler is not None:
+                    handler.on_writable()
+            elif kind is StreamEnded:
+                handler = handlers.get(event.stream_id)  # type: ignore[union-attr]
+                if handler is not None:
+                    handler.on_eof()
+            elif kind is DatagramReceived:
+                assert isinstance(event, DatagramReceived)
+                handler = handlers.get(event.stream_id)
+                if handler is not None:
+                    handler.on_datagram(event.address, event.payload)
+            elif kind is StreamReset:
+                assert isinstance(event, StreamReset)
+                handler = handlers.pop(event.stream_id, None)
+                if handler is not None:
+                    handler.on_reset(event.code)
+            elif kind is StreamOpened:
+                assert isinstance(event, StreamOpened)
+                if self._on_stream_opened is None:
+                    self.session.reset(event.stream_id, ResetCode.REFUSED_DESTINATION)
+                else:
+                    self._on_stream_opened(event)
+            elif kind is SessionClosed:
+                assert isinstance(event, SessionClosed)
+                log.debug("session closed (%s, remote=%s): %s", event.code.name, event.remote,
+                          event.reason)
+
+    # ------------------------------------------------------------------ shutdown
+    def close(self, code: CloseCode = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close the session politely: a CLOSE frame, then the transport."""
+        if self._done:
+            return
+        self.session.close(code, reason)
+        self.flush()
+
+    def _finish(self, why: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        handlers, self.handlers = self.handlers, {}
+        for handler in handlers.values():
+            handler.on_reset(ResetCode.CANCELLED)
+        transport = self._transport
+        if transport is not None:
+            transport.close()
+        if not self.closed.done():
+            self.closed.set_result(why)
+        if self._on_closed is not None:
+            self._on_closed(self)
+
+
+class TcpRelay(asyncio.Protocol):
+    """Relays one local TCP connection to one session stream, both ways, with backpressure.
+
+    Local reads become DATA frames; when the stream's window is exhausted the local socket
+    stops being read. Received DATA is written to the local socket and acknowledged to the
+    peer only once the local socket has taken it (not while its write buffer is over the
+    high-water mark), so a slow local reader stops only its own stream.
+    """
+
+    def __init__(self, driver: SessionDriver, stream_id: int,
+                 transport: asyncio.Transport | None = None) -> None:
+        self.driver = driver
+        self.session = driver.session
+        self.stream_id = stream_id
+        self.transport = transport
+        self._local_paused = False  # local transport's write buffer is full
+        self._unacked = 0  # bytes written locally while paused, acknowledged on resume
+        self._blocked = False  # the stream has no send window
+        self._reading = True
+        self._closed = False
+        # Data (and EOF) that arrive before an outbound connection is made wait here; the
+        # stream window bounds it because nothing is acknowledged until it is written.
+        self._early: list[bytes] = []
+        self._early_eof = False
+
+    # --- local transport callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        if self.driver.writing_paused:
+            self.pause_source()
+        early, self._early = self._early, []
+        for data in early:
+            self.on_data(data)
+        if self._early_eof:
+            self.on_eof()
+        self.driver.flush()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            writable = self.session.send_data(self.stream_id, data)
+        except LocalProtocolError:
+            self._abort()
+            return
+        if not writable:
+            self._blocked = True
+            self._pause_reading()
+        self.driver.flush()
+
+    def eof_received(self) -> bool:
+        try:
+            self.session.send_eof(self.stream_id)
+        except LocalProtocolError:
+            return False
+        self.driver.flush()
+        if self.session.stream_state(self.stream_id) is StreamState.CLOSED:
+            self._finish_closed()
+        return True  # keep the write side open: half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.driver.detach(self.stream_id)
+        if exc is not None or self.session.stream_state(self.stream_id) is not StreamState.CLOSED:
+            self.session.reset(self.stream_id, ResetCode.CANCELLED)
+            self.driver.flush()
+
+    def pause_writing(self) -> None:
+        self._local_paused = True
+
+    def resume_writing(self) -> None:
+        self._local_paused = False
+        if self._unacked:
+            self.session.consume(self.stream_id, self._unacked)
+            self._unacked = 0
+            self.driver.flush()
+
+    # --- session side (StreamHandler)
+    def on_data(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            self._early.append(data)
+            return
+        if self._closed:
+            self.session.consume(self.stream_id, len(data))
+            return
+        transport.write(data)
+        if self._local_paused:
+            self._unacked += len(data)
+        else:
+            self.session.consume(self.stream_id, len(data))
+
+    def on_eof(self) -> None:
+        transport = self.transport
+        if transport is None:
+            self._early_eof = True
+            return
+        if self._closed:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        if self.session.stream_state(self.stream_id) is StreamState.CLOSED:
+            self._finish_closed()
+
+    def on_reset(self, code: ResetCode) -> None:
+        self._abort(notify=False)
+
+    def on_writable(self) -> None:
+        self._blocked = False
+        if not self.driver.writing_paused:
+            self._resume_reading()
+
+    def on_datagram(self, address: Address, payload: bytes) -> None:
+        pass  # TCP streams carry no datagrams; the session rejects them before they get here
+
+    def pause_source(self) -> None:
+        self._pause_reading()
+
+    def resume_source(self) -> None:
+        if not self._blocked:
+            self._resume_reading()
+
+    # --- internals
+    def _pause_reading(self) -> None:
+        if self._reading and self.transport is not None and not self._closed:
+            self._reading = False
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if not self._reading and self.transport is not None and not self._closed:
+            self._reading = True
+            self.transport.resume_reading()
+
+    def _finish_closed(self) -> None:
+        """Both directions finished cleanly: close the local socket politely."""
+        self._closed = True
+        self.driver.detach(self.stream_id)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _abort(self, notify: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.driver.detach(self.stream_id)
+        if notify:
+            self.session.reset(self.stream_id, ResetCode.CANCELLED)
+            self.driver.flush()
+        if self.transport is not None:
+            self.transport.abort()

@@ -1,0 +1,135 @@
+"""Cover sites: what everybody without a valid key gets from the gate.
+
+Two kinds behind one interface:
+
+- :class:`BuiltinCover`: a small static website served by veil itself, behaving like nginx
+  (see :mod:`veil.server.cover`).
+- :class:`UrlCover`: a real web server the operator runs (``--cover http://127.0.0.1:8080``
+  or ``--cover https://127.0.0.1:8443``). Bytes are relayed to it untouched, so probers get
+  that server's exact answers, close behaviour and timeouts. With an ``https://`` cover,
+  connections that are not for the tunnel at the TLS level (plain text on the port, a foreign
+  SNI) are relayed raw, so that server's own TLS stack answers them too.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import socket
+import ssl
+from typing import cast
+from urllib.parse import urlsplit
+
+from veil.errors import ConfigError
+from veil.net.direct import DirectDialer
+from veil.protocol.address import Address
+from veil.server.cover import CoverProtocol, CoverSite
+
+# nginx's client_header_timeout default.
+NGINX_HEADER_TIMEOUT_S = 60.0
+
+
+class Cover(abc.ABC):
+    """Serves connections the gate did not accept."""
+
+    #: Seconds a connection may stay silent before the cover closes it.
+    header_timeout: float = NGINX_HEADER_TIMEOUT_S
+    #: Whether TLS ClientHellos for other server names should be relayed raw (https covers).
+    forwards_foreign_tls: bool = False
+
+    @abc.abstractmethod
+    async def serve_plain(self, sock: socket.socket) -> None:
+        """A connection whose first byte is not TLS; nothing has been consumed from ``sock``."""
+
+    async def serve_raw(self, sock: socket.socket) -> None:
+        """A TLS connection for another name; nothing has been consumed from ``sock``."""
+        sock.close()
+
+    @abc.abstractmethod
+    def serve_tls(self, transport: asyncio.Transport, initial: bytes) -> None:
+        """Take over a TLS connection whose first decrypted bytes were ``initial``."""
+
+    def on_silence(self, transport: asyncio.Transport) -> None:
+        """The client said nothing for ``header_timeout`` after the handshake.
+
+        nginx closes such a connection without a close_notify alert (a "quiet" shutdown for
+        timed-out connections), which is what aborting the TLS transport does.
+        """
+        transport.abort()
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release whatever the cover holds."""
+
+
+class BuiltinCover(Cover):
+    def __init__(self, site: CoverSite | None = None) -> None:
+        self.site = site or CoverSite.builtin()
+
+    async def serve_plain(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(
+            lambda: CoverProtocol(self.site, plain_on_https_port=True), sock)
+
+    def serve_tls(self, transport: asyncio.Transport, initial: bytes) -> None:
+        CoverProtocol.take_over(transport, initial, self.site)
+
+
+class UrlCover(Cover):
+    """Relays to a real web server."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"--cover must be an http:// or https:// URL, not {url!r}")
+        self.tls = parts.scheme == "https"
+        try:
+            port = parts.port or (443 if self.tls else 80)
+        except ValueError as exc:
+            raise ConfigError(f"bad port in --cover {url!r}") from exc
+        self.address = Address(parts.hostname, port)
+        self.forwards_foreign_tls = self.tls
+        self._plain = DirectDialer()
+        self._builtin_plain = BuiltinCover() if not self.tls else None
+        if self.tls:
+            # The cover is the operator's own server (often self-signed or behind a name we
+            # do not present); we relay probers' bytes to it and learn nothing secret back.
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            context.set_alpn_protocols(["http/1.1"])
+            self._tls = DirectDialer(ssl_context=context, server_hostname=parts.hostname)
+
+    async def serve_plain(self, sock: socket.socket) -> None:
+        if self._builtin_plain is not None:
+            # An http:// cover has no TLS port of its own to show; answer as nginx would.
+            await self._builtin_plain.serve_plain(sock)
+        else:
+            await self.serve_raw(sock)
+
+    async def serve_raw(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        holder: list[asyncio.Transport] = []
+
+        class _Hold(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                tcp = cast(asyncio.Transport, transport)
+                tcp.pause_reading()
+                holder.append(tcp)
+
+        await loop.connect_accepted_socket(_Hold, sock)
+        self._plain.open_tcp(self.address, holder[0])
+
+    def serve_tls(self, transport: asyncio.Transport, initial: bytes) -> None:
+        dialer = self._tls if self.tls else self._plain
+        dialer.open_tcp(self.address, transport, initial)
+
+    def close(self) -> None:
+        self._plain.close()
+        if self.tls:
+            self._tls.close()
+        if self._builtin_plain is not None:
+            self._builtin_plain.close()
+
+
+def make_cover(url: str | None) -> Cover:
+    return BuiltinCover() if url is None else UrlCover(url)

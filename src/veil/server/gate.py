@@ -1,0 +1,251 @@
+"""The gate: decides, for every connection to the one public port, tunnel or cover site.
+
+Order of decisions, each one made the way nginx would make it so that a prober learns nothing:
+
+1. Before TLS, peek (without consuming) at the first byte, as nginx does. ``0x16`` (a TLS
+   handshake) or a byte >= 0x80 (SSLv2-style hello) goes on to TLS; anything else is plain
+   text sent to an HTTPS port and goes to the cover (:meth:`Cover.serve_plain`). Silence is
+   closed after the cover's header timeout.
+2. With an ``https://`` cover, a ClientHello naming another server (SNI) is forwarded raw
+   to the cover, so the prober sees that site's real certificate.
+3. TLS handshake with the server's certificate (OpenSSL, as nginx uses).
+4. The first decrypted bytes must start with a valid authentication message
+   (:mod:`veil.protocol.auth`); if so, the connection becomes a session. Anything else -
+   short, random, HTTP, a wrong, revoked, stale or replayed key - goes to the cover with
+   every byte already read, so from its first byte the cover answers exactly as it would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from veil.protocol.auth import AUTH_SIZE, Credential, ReplayFilter, peek_key_id, verify_auth
+from veil.server import clienthello
+from veil.server.covers import Cover
+from veil.store.base import User, UserStore
+
+log = logging.getLogger("veil.server")
+
+# nginx waits client_header_timeout (60 s) for the first byte and for the handshake; so do we.
+DEFAULT_HANDSHAKE_TIMEOUT_S = 60.0
+# Credentials derived from secrets are cached so that an authentication costs one HMAC, not
+# an HKDF; bounded because key ids come from the network.
+CREDENTIAL_CACHE_SIZE = 4096
+
+
+@dataclass(slots=True)
+class GateStats:
+    """Counts by outcome; exported as metrics by the service."""
+
+    tunnels: int = 0
+    cover_plain: int = 0
+    cover_foreign_sni: int = 0
+    tls_failed: int = 0
+    silent: int = 0
+    rejected: dict[str, int] | None = None
+
+    def reject(self, reason: str) -> None:
+        if self.rejected is None:
+            self.rejected = {}
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+class Authenticator:
+    """Checks authentication messages against the user store, with a replay filter."""
+
+    def __init__(self, store: UserStore, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.replay = ReplayFilter()
+        self._clock = clock
+        self._credentials: dict[bytes, Credential] = {}
+
+    def check(self, message: bytes, binding: bytes) -> tuple[User | None, str]:
+        """(user, "ok") when accepted, else (None, reason)."""
+        key_id = peek_key_id(message)
+        user = self.store.find_by_key_id(key_id)
+        if user is None:
+            return None, "unknown_key"
+        if not user.active:
+            return None, "revoked"
+        credential = self._credentials.get(key_id)
+        if credential is None:
+            credential = Credential.from_secret(user.secret)
+            if len(self._credentials) >= CREDENTIAL_CACHE_SIZE:
+                self._credentials.clear()
+            self._credentials[key_id] = credential
+        reason = verify_auth(message, credential, binding, self._clock(), self.replay)
+        return (user, "ok") if reason is None else (None, reason)
+
+
+OnAuthenticated = Callable[[asyncio.Transport, User, bytes], None]
+
+
+class Gate:
+    """Accepts connections on a listening socket and routes each one."""
+
+    def __init__(self, *, ssl_context: ssl.SSLContext, cover: Cover,
+                 authenticator: Authenticator, on_authenticated: OnAuthenticated,
+                 own_names: frozenset[str] = frozenset(),
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT_S) -> None:
+        self.ssl_context = ssl_context
+        self.cover = cover
+        self.authenticator = authenticator
+        self.on_authenticated = on_authenticated
+        self.own_names = own_names
+        self.handshake_timeout = handshake_timeout
+        self.stats = GateStats()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self, listener: socket.socket) -> None:
+        """Accept until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _peer = await loop.sock_accept(listener)
+            except OSError as exc:  # e.g. EMFILE: back off instead of spinning
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = loop.create_task(self._handle(sock))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _handle(self, sock: socket.socket) -> None:
+        try:
+            await self._route(sock)
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        except Exception:  # a bug in routing must cost one connection, never the server
+            log.exception("connection routing failed")
+            sock.close()
+
+    async def _route(self, sock: socket.socket) -> None:
+        first = await _peek(sock, 1, self.handshake_timeout)
+        if not first:
+            self.stats.silent += 1
+            sock.close()
+            return
+        if first[0] != clienthello.HANDSHAKE and first[0] < 0x80:
+            self.stats.cover_plain += 1
+            await self.cover.serve_plain(sock)
+            return
+        if self.cover.forwards_foreign_tls and self.own_names:
+            name = await _peek_sni(sock, self.handshake_timeout)
+            if name is not None and name not in self.own_names:
+                self.stats.cover_foreign_sni += 1
+                await self.cover.serve_raw(sock)
+                return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                lambda: _AwaitAuth(self), sock, ssl=self.ssl_context,
+                ssl_handshake_timeout=self.handshake_timeout)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
+            # OpenSSL has already answered the client the way it answers anyone; as nginx.
+            self.stats.tls_failed += 1
+            sock.close()
+
+
+class _AwaitAuth(asyncio.Protocol):
+    """A TLS connection whose first application bytes are not in yet."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        # Silence after the handshake is the cover's business: same timeout, same close.
+        self._timer = asyncio.get_running_loop().call_later(
+            self.gate.cover.header_timeout, self.gate.cover.on_silence, transport)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        gate = self.gate
+        reason = "short"
+        if len(data) >= AUTH_SIZE:
+            sslobj = transport.get_extra_info("ssl_object")
+            binding = sslobj.get_channel_binding("tls-unique") if sslobj else None
+            if binding:
+                user, reason = gate.authenticator.check(data[:AUTH_SIZE], binding)
+                if user is not None:
+                    gate.stats.tunnels += 1
+                    gate.on_authenticated(transport, user, data[AUTH_SIZE:])
+                    return
+        gate.stats.reject(reason)
+        gate.cover.serve_tls(transport, data)
+
+    def eof_received(self) -> bool:
+        return False  # the client closed before saying anything: close, as a web server does
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+async def _wait_readable(sock: socket.socket, timeout: float) -> bool:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+
+    def on_readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), on_readable)
+    try:
+        await asyncio.wait_for(ready, timeout)
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(sock.fileno())
+    return True
+
+
+async def _peek(sock: socket.socket, size: int, timeout: float) -> bytes:
+    """Up to ``size`` bytes from the socket without consuming them; b"" on EOF or timeout."""
+    if size > 1:
+        # Wake only once ``size`` bytes are there (or the peer closed): no busy re-peeking.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, size)
+    try:
+        if not await _wait_readable(sock, timeout):
+            return b""
+        try:
+            return sock.recv(size, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return b""
+        except OSError:
+            return b""
+    finally:
+        if size > 1:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+
+async def _peek_sni(sock: socket.socket, timeout: float) -> str | None:
+    head = await _peek(sock, clienthello.RECORD_HEADER, timeout)
+    total = clienthello.record_length(head)
+    if total is None:
+        return None
+    record = await _peek(sock, total, timeout)
+    if len(record) < total:
+        return None
+    return clienthello.server_name(record)
