@@ -200,17 +200,13 @@ class DirectDialer(Dialer):
 
     async def _connect(self, dest: Address, local: asyncio.Transport, remote: _RemoteHalf) -> None:
         loop = asyncio.get_running_loop()
+        options: dict[str, Any] = {}
+        if dest.ip is None and isinstance(loop, asyncio.BaseEventLoop):
+            # uvloop has no happy_eyeballs_delay (it tries the addresses one after another).
+            options["happy_eyeballs_delay"] = self._happy_eyeballs_delay
         try:
             async with asyncio.timeout(self._connect_timeout):
-                await loop.create_connection(
-                    lambda: remote,
-                    dest.host,
-                    dest.port,
-                    happy_eyeballs_delay=self._happy_eyeballs_delay if dest.ip is None else None,
-                )
-        except asyncio.CancelledError:
-            local.abort()
-            raise
+                await loop.create_connection(lambda: remote, dest.host, dest.port, **options)
         except (OSError, TimeoutError, UnicodeError, ValueError) as exc:
             # Unreachable, refused, unresolvable or timed out: the contract is to close the
             # local side, aborting if the client has not received everything we queued.
@@ -220,6 +216,9 @@ class DirectDialer(Dialer):
                 local.abort()
             else:
                 local.close()
+        except BaseException:
+            local.abort()  # cancelled (shutdown, client gone) or a bug: never leave it hanging
+            raise
 
     def open_udp(self, on_datagram: DatagramHandler, on_close: Callable[[], None]) -> UdpFlow:
         flow = _DirectUdpFlow(asyncio.get_running_loop(), on_datagram, on_close, self._flows)

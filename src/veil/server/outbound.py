@@ -88,7 +88,8 @@ class UdpRelay:
         self.stream_id = stream_id
         self.policy = policy
         self._loop = asyncio.get_running_loop()
-        self._sockets: dict[int, asyncio.DatagramTransport | asyncio.Future[None]] = {}
+        self._sockets: dict[int, asyncio.DatagramTransport] = {}
+        self._opening: set[int] = set()  # families whose socket is being created
         self._queued: dict[int, list[tuple[bytes, tuple[str, int]]]] = {}
         self._resolved: dict[str, tuple[int, str]] = {}
         self._closed = False
@@ -121,14 +122,14 @@ class UdpRelay:
         if self._closed:
             return
         sock = self._sockets.get(family)
-        if isinstance(sock, asyncio.DatagramTransport):
+        if sock is not None:
             sock.sendto(payload, addr)
             return
         queue = self._queued.setdefault(family, [])
         if len(queue) < 64:  # datagrams waiting for the socket to open; UDP may drop
             queue.append((payload, addr))
-        if sock is None:
-            self._sockets[family] = self._loop.create_future()
+        if family not in self._opening:
+            self._opening.add(family)
             task = self._loop.create_task(self._open_socket(family))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -139,7 +140,9 @@ class UdpRelay:
                 lambda: _UdpSocket(self), family=family)
         except OSError:
             self._queued.pop(family, None)
+            self._opening.discard(family)
             return
+        self._opening.discard(family)
         if self._closed:
             transport.close()
             return
@@ -191,8 +194,7 @@ class UdpRelay:
         self._closed = True
         self._idle.cancel()
         for sock in self._sockets.values():
-            if isinstance(sock, asyncio.DatagramTransport):
-                sock.close()
+            sock.close()
         for task in self._tasks:
             task.cancel()
         self.driver.detach(self.stream_id)

@@ -1,0 +1,352 @@
+"""Network namespaces and child processes for the bench.
+
+Everything the bench runs lives in namespaces it creates here, named
+``veilbench-<pid>-<role>``, and is removed here: processes are killed by the
+PIDs this module recorded when it started them, then the namespaces are
+deleted (which deletes their veth ends). Nothing in the root namespace is
+configured: veths are created directly inside the namespaces with
+``ip -n NS link add ... peer ... netns OTHER``.
+
+Topologies (client 10.199.0.1/24, server 10.199.0.2/24 in both)::
+
+    bare:     [client] vbc ======= vbs [server]
+    delayed:  [client] vbc === vbmc [middle] vbms === vbs [server]
+                              delaybridge.py: AF_PACKET, +D ms each way
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import ClassVar
+
+BENCH_DIR = Path(__file__).resolve().parent
+NS_PREFIX = "veilbench"
+SUBNET_PREFIXLEN = 24
+CLIENT_IP = "10.199.0.1"
+SERVER_IP = "10.199.0.2"
+MTU = 1500
+
+# How long a process gets to exit after SIGTERM before SIGKILL.
+STOP_GRACE_S = 3.0
+# How long a daemon gets to start listening before it counts as failed
+# (python programs importing a crypto stack on a busy 2-core box need a few).
+LISTEN_TIMEOUT_S = 20.0
+# Lines of a failed process's log quoted in the error.
+LOG_TAIL_LINES = 12
+
+
+class BenchError(Exception):
+    """A step of the bench failed; the message is meant for the results table."""
+
+
+def run(argv: Sequence[str], *, check: bool = True, timeout: float = 30.0) -> str:
+    """Run a short command to completion and return its stdout."""
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def ns_exec(ns: str, argv: Sequence[str]) -> list[str]:
+    """argv run inside namespace ``ns`` (``ip netns exec`` execs, so the PID is kept)."""
+    return ["ip", "netns", "exec", ns, *argv]
+
+
+# -- processes ---------------------------------------------------------------
+
+class Proc:
+    """A long-running child started in a namespace, tracked by PID."""
+
+    _live: ClassVar[dict[int, Proc]] = {}  # every Proc not yet stopped, for the last-resort cleanup
+
+    def __init__(self, name: str, ns: str, argv: Sequence[str], log_dir: Path,
+                 capture_stdout: bool = False) -> None:
+        self.name = name
+        self.ns = ns
+        self.argv = list(argv)
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
+        self.stdout_lines: list[str] = []
+        self._stdout_event = threading.Event()
+        # A new session: Ctrl-C on the terminal reaches only the bench, which
+        # then stops every child itself, in order.
+        self.popen = subprocess.Popen(
+            ns_exec(ns, self.argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if capture_stdout else self._log,
+            stderr=self._log,
+            start_new_session=True,
+        )
+        self.pid = self.popen.pid
+        Proc._live[self.pid] = self
+        if capture_stdout:
+            threading.Thread(target=self._read_stdout, daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        assert self.popen.stdout is not None
+        for raw in self.popen.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.stdout_lines.append(line)
+            self._stdout_event.set()
+            self._log.write(b"[stdout] " + raw)
+            self._log.flush()
+
+    def wait_stdout(self, pred: Callable[[str], bool], timeout: float) -> str | None:
+        """The first stdout line matching ``pred``, or None after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in list(self.stdout_lines):
+                if pred(line):
+                    return line
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.alive():
+                return None
+            self._stdout_event.wait(min(left, 0.1))
+            self._stdout_event.clear()
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(lines[-LOG_TAIL_LINES:])
+
+    def fail(self, what: str) -> BenchError:
+        rc = self.popen.poll()
+        state = f"exited {rc}" if rc is not None else "still running"
+        return BenchError(f"{self.name}: {what} ({state}); log: {self.log_tail() or '(empty)'}")
+
+    def peak_rss_kib(self) -> int | None:
+        """Peak RSS (VmHWM) of the process plus its descendants, in KiB."""
+        total = 0
+        found = False
+        for pid in [self.pid, *descendants(self.pid)]:
+            hwm = read_vmhwm(pid)
+            if hwm is not None:
+                total += hwm
+                found = True
+        return total if found else None
+
+    def stop(self) -> None:
+        if self.pid not in Proc._live:
+            return
+        del Proc._live[self.pid]
+        kids = descendants(self.pid)
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait(STOP_GRACE_S)
+        for pid in kids:  # children it started and left behind, by PID
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._log.close()
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for proc in reversed(list(cls._live.values())):
+            with contextlib.suppress(Exception):
+                proc.stop()
+
+
+def descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for k in kids:
+                out.append(int(k))
+                todo.append(int(k))
+    return out
+
+
+def read_vmhwm(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports in LISTEN state in the network namespace of ``pid``."""
+    ports: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == "0A":
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def wait_listen(proc: Proc, port: int, timeout: float = LISTEN_TIMEOUT_S) -> None:
+    """Poll until something in ``proc``'s namespace listens on TCP ``port``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise proc.fail(f"died before listening on port {port}")
+        if port in listening_ports(proc.pid):
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+    raise proc.fail(f"not listening on port {port} after {timeout:.0f} s")
+
+
+# -- namespaces --------------------------------------------------------------
+
+class Topology:
+    """The namespaces of one phase of the bench; a context manager that always cleans up."""
+
+    def __init__(self, tag: str, log_dir: Path, delay_ms: float = 0.0, loss_pct: float = 0.0):
+        self.tag = tag
+        self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.delay_ms = delay_ms
+        self.loss_pct = loss_pct
+        self.client = f"{NS_PREFIX}-{tag}-client"
+        self.server = f"{NS_PREFIX}-{tag}-server"
+        self.middle = f"{NS_PREFIX}-{tag}-middle"
+        self.created: list[str] = []
+        self.procs: list[Proc] = []
+        self.bridge: Proc | None = None
+
+    def __enter__(self) -> Topology:
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _add_ns(self, name: str) -> None:
+        run(["ip", "netns", "add", name])
+        self.created.append(name)
+        run(["ip", "-n", name, "link", "set", "lo", "up"])
+
+    def _build(self) -> None:
+        self._add_ns(self.client)
+        self._add_ns(self.server)
+        if self.delay_ms <= 0 and self.loss_pct <= 0:
+            run(["ip", "-n", self.client, "link", "add", "vbc", "mtu", str(MTU), "type", "veth",
+                 "peer", "name", "vbs", "mtu", str(MTU), "netns", self.server])
+        else:
+            self._add_ns(self.middle)
+            # The middle's kernel must not speak on the link (no IPv6 DAD/RS).
+            run(ns_exec(self.middle, ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                                      "net.ipv6.conf.default.disable_ipv6=1"]))
+            run(["ip", "-n", self.client, "link", "add", "vbc", "mtu", str(MTU), "type", "veth",
+                 "peer", "name", "vbmc", "mtu", str(MTU), "netns", self.middle])
+            run(["ip", "-n", self.server, "link", "add", "vbs", "mtu", str(MTU), "type", "veth",
+                 "peer", "name", "vbms", "mtu", str(MTU), "netns", self.middle])
+            for dev in ("vbmc", "vbms"):
+                run(["ip", "-n", self.middle, "link", "set", dev, "up"])
+            if self.loss_pct > 0:
+                # The bridge drops whole frames; without this a TSO frame of
+                # ~40 segments would be one draw, and loss would come in bursts.
+                for ns, dev in ((self.client, "vbc"), (self.server, "vbs")):
+                    run(["ip", "-n", ns, "link", "set", dev, "gso_max_segs", "1"])
+        for ns, dev, ip in ((self.client, "vbc", CLIENT_IP), (self.server, "vbs", SERVER_IP)):
+            run(["ip", "-n", ns, "addr", "add", f"{ip}/{SUBNET_PREFIXLEN}", "dev", dev])
+        run(["ip", "-n", self.client, "link", "set", "vbc", "up"])
+        run(["ip", "-n", self.server, "link", "set", "vbs", "up"])
+        if self.middle in self.created:
+            self.bridge = self.start(
+                "delaybridge", self.middle,
+                [sys.executable, str(BENCH_DIR / "delaybridge.py"), "--a", "vbmc", "--b", "vbms",
+                 "--delay", str(self.delay_ms / 2), "--loss", str(self.loss_pct)],
+                capture_stdout=True)
+            if self.bridge.wait_stdout(lambda s: s == "ready", LISTEN_TIMEOUT_S) is None:
+                raise self.bridge.fail("delay bridge did not start")
+
+    def start(self, name: str, ns: str, argv: Sequence[str], capture_stdout: bool = False) -> Proc:
+        proc = Proc(name, ns, argv, self.log_dir, capture_stdout=capture_stdout)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        # A second Ctrl-C must not cut the cleanup short.
+        in_main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+        try:
+            self._close()
+        finally:
+            if in_main:
+                signal.signal(signal.SIGINT, old)
+
+    def _close(self) -> None:
+        for proc in reversed(self.procs):
+            with contextlib.suppress(Exception):
+                proc.stop()
+        self.procs.clear()
+        for ns in reversed(self.created):
+            delete_ns(ns)
+        self.created.clear()
+
+
+def ns_pids(ns: str) -> list[int]:
+    out = run(["ip", "netns", "pids", ns], check=False)
+    return [int(x) for x in out.split()]
+
+
+def delete_ns(ns: str) -> None:
+    """Kill what is left inside one of the bench's namespaces, then delete it."""
+    for pid in ns_pids(ns):  # only processes the bench started live in its namespaces
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for _ in range(50):
+        if subprocess.run(["ip", "netns", "del", ns], capture_output=True).returncode == 0:
+            return
+        if ns not in list_ns():
+            return
+        time.sleep(0.1)
+    print(f"warning: could not delete namespace {ns}", file=sys.stderr)
+
+
+def list_ns() -> list[str]:
+    out = run(["ip", "netns", "list"], check=False)
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def cleanup_stale(force: bool = False) -> list[str]:
+    """Delete namespaces left by bench runs that died (their PID tag is gone)."""
+    removed = []
+    for ns in list_ns():
+        m = re.fullmatch(rf"{NS_PREFIX}-(\d+)-\w+", ns)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if force or (pid != os.getpid() and not Path(f"/proc/{pid}").exists()):
+            delete_ns(ns)
+            removed.append(ns)
+    return removed

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import procs
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that need root say so when skipped; in CI (root) nothing is skipped."""
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="needs root for network namespaces (CI runs as root)")
+        for item in items:
+            if "netns" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def nginx() -> Iterator[procs.Nginx]:
+    if not Path(procs.NGINX).exists():
+        pytest.skip("nginx is not installed (apt-get install nginx; .ci/run installs it)")
+    with procs.nginx() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("veil")
+
+
+@pytest.fixture(scope="module")
+def veil_server(module_dir: Path) -> Iterator[procs.VeilServer]:
+    server = procs.start_veil_server(module_dir)
+    try:
+        yield server
+    finally:
+        procs.stop(server.proc)
+
+
+@pytest.fixture(scope="module")
+def veil_client(module_dir: Path, veil_server: procs.VeilServer, udp_echo: procs.UdpEcho,
+                tcp_echo: procs.TcpEcho) -> Iterator[procs.VeilClient]:
+    udp_port, tcp_port = procs.free_port(), procs.free_port()
+    client = procs.start_veil_client(
+        module_dir, veil_server.key, http=True,
+        forwards=[f"127.0.0.1:{udp_port}:127.0.0.1:{udp_echo.port}/udp",
+                  f"{tcp_port}:127.0.0.1:{tcp_echo.port}"])
+    client.forwards.update(udp=udp_port, tcp=tcp_port)
+    try:
+        yield client
+    finally:
+        procs.stop(client.proc)
+
+
+@pytest.fixture(scope="module")
+def udp_echo() -> Iterator[procs.UdpEcho]:
+    echo = procs.UdpEcho()
+    yield echo
+    echo.close()
+
+
+@pytest.fixture(scope="module")
+def tcp_echo() -> Iterator[procs.TcpEcho]:
+    echo = procs.TcpEcho()
+    yield echo
+    echo.close()
+
+
+def require(program: str) -> str:
+    path = shutil.which(program)
+    if path is None:
+        pytest.skip(f"{program} is not installed (.ci/run installs it)")
+    return path

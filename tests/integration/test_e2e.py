@@ -1,0 +1,198 @@
+"""End to end with the real `veil serve` and `veil connect` processes, curl and nginx."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+
+from tests.support import procs
+from tests.support.procs import Nginx, TcpEcho, VeilClient, VeilServer
+
+pytestmark = pytest.mark.slow
+
+
+def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["curl", "-sS", "--max-time", str(timeout), *args],
+                          capture_output=True, timeout=timeout + 5)
+
+
+def test_serve_prints_a_key_and_user_add_prints_one_line(veil_server: VeilServer) -> None:
+    assert veil_server.key.startswith("veil://")
+    out = subprocess.run([*procs.VEIL, "user", "add", "alice", "--state", str(veil_server.state)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("veil://")
+
+
+def test_socks5_hostname_to_nginx_over_http_and_https(veil_client: VeilClient,
+                                                       nginx: Nginx) -> None:
+    socks = f"127.0.0.1:{veil_client.socks}"
+    index = (nginx.root / "index.html").read_bytes()
+    # "localhost" is resolved by the server, not here: the client leaks no DNS.
+    r = curl("--socks5-hostname", socks, f"http://localhost:{nginx.http_port}/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == index
+    r = curl("-k", "--socks5-hostname", socks, f"https://localhost:{nginx.https_port}/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == index
+
+
+def test_http_proxy_plain_and_connect(veil_client: VeilClient, nginx: Nginx) -> None:
+    proxy = f"http://127.0.0.1:{veil_client.http}"
+    index = (nginx.root / "index.html").read_bytes()
+    r = curl("-x", proxy, f"http://127.0.0.1:{nginx.http_port}/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == index
+    r = curl("-k", "-x", proxy, f"https://127.0.0.1:{nginx.https_port}/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == index
+
+
+def test_large_download_is_byte_exact(veil_client: VeilClient, nginx: Nginx) -> None:
+    r = curl("--socks5-hostname", f"127.0.0.1:{veil_client.socks}",
+             f"http://127.0.0.1:{nginx.http_port}/big.bin")
+    assert r.returncode == 0, r.stderr
+    assert hashlib.sha256(r.stdout).digest() == hashlib.sha256(
+        (nginx.root / "big.bin").read_bytes()).digest()
+
+
+def socks5_udp_associate(socks_port: int) -> tuple[socket.socket, tuple[str, int]]:
+    ctrl = socket.create_connection(("127.0.0.1", socks_port), timeout=10)
+    ctrl.sendall(b"\x05\x01\x00")
+    assert ctrl.recv(2) == b"\x05\x00"
+    ctrl.sendall(b"\x05\x03\x00\x01" + bytes(4) + bytes(2))
+    reply = ctrl.recv(10)
+    assert reply[:2] == b"\x05\x00", reply
+    relay = (socket.inet_ntoa(reply[4:8]), struct.unpack("!H", reply[8:10])[0])
+    return ctrl, relay
+
+
+def test_udp_through_socks5_associate(veil_client: VeilClient,
+                                      udp_echo: procs.UdpEcho) -> None:
+    assert veil_client.socks is not None
+    ctrl, relay = socks5_udp_associate(veil_client.socks)
+    with ctrl, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.settimeout(5)
+        header = b"\x00\x00\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack(
+            "!H", udp_echo.port)
+        for size in (1, 100, 1400, 8000):
+            payload = os.urandom(size)
+            udp.sendto(header + payload, relay)
+            data, _ = udp.recvfrom(65536)
+            assert data == header + payload
+
+
+def test_udp_forward(veil_client: VeilClient) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.settimeout(5)
+        for i in range(5):
+            payload = os.urandom(50 + i * 300)
+            udp.sendto(payload, ("127.0.0.1", veil_client.forwards["udp"]))
+            assert udp.recvfrom(65536)[0] == payload
+
+
+def echo_roundtrip(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)  # half-close: the echo still answers
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_100_concurrent_streams_byte_exact(veil_client: VeilClient) -> None:
+    payloads = [os.urandom(50_000 + i * 997) for i in range(100)]
+    with concurrent.futures.ThreadPoolExecutor(100) as pool:
+        results = list(pool.map(lambda p: echo_roundtrip(veil_client.forwards["tcp"], p),
+                                payloads))
+    assert results == payloads
+
+
+def test_a_slow_reader_does_not_stall_a_fast_one(veil_client: VeilClient, nginx: Nginx) -> None:
+    """One stream whose reader never reads holds its window; another still runs at speed."""
+    socks = ("127.0.0.1", veil_client.socks)
+    slow = socket.create_connection(socks, timeout=10)
+    with slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.sendall(b"\x05\x01\x00")
+        slow.recv(2)
+        slow.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1")
+                     + struct.pack("!H", nginx.http_port))
+        slow.recv(10)
+        for _ in range(4):  # ask for 32 MB and never read it
+            slow.sendall(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.5)
+        started = time.monotonic()
+        for _ in range(3):
+            r = curl("--socks5-hostname", f"127.0.0.1:{veil_client.socks}",
+                     f"http://127.0.0.1:{nginx.http_port}/big.bin", timeout=20)
+            assert r.returncode == 0, r.stderr
+            assert len(r.stdout) == 8 * 1024 * 1024
+        assert time.monotonic() - started < 20
+
+
+def test_wrong_key_relays_nothing(module_dir, veil_server: VeilServer) -> None:
+    from veil.protocol.accesskey import AccessKey
+
+    echo = TcpEcho()
+    good = AccessKey.parse(veil_server.key)
+    forged = AccessKey(good.server, os.urandom(32), good.pin, good.sni, "mallory").to_uri()
+    port = procs.free_port()
+    client = procs.start_veil_client(module_dir, forged, socks=False,
+                                     forwards=[f"{port}:127.0.0.1:{echo.port}"], wait=False)
+    try:
+        procs.wait_port(port, proc=client.proc)
+        deadline = time.monotonic() + 10
+        while "refused the key" not in client.log_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "refused the key" in client.log_text()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.settimeout(3)
+            try:
+                s.sendall(b"hello")
+                data = s.recv(100)
+            except OSError:
+                data = b""
+        assert data == b""
+        assert echo.accepted == 0
+    finally:
+        procs.stop(client.proc)
+        echo.close()
+
+
+def test_revoked_user_gets_the_cover_site(module_dir, veil_server: VeilServer) -> None:
+    echo = TcpEcho()
+    key = veil_server.add_user("leaver")
+    port = procs.free_port()
+    client = procs.start_veil_client(module_dir, key, socks=False,
+                                     forwards=[f"{port}:127.0.0.1:{echo.port}"])
+    try:
+        assert echo_roundtrip(port, b"before") == b"before"
+        veil_server.revoke("leaver")
+        procs.stop(client.proc)
+        accepted = echo.accepted
+        client = procs.start_veil_client(module_dir, key, socks=False,
+                                         forwards=[f"{port}:127.0.0.1:{echo.port}"], wait=False)
+        procs.wait_port(port, proc=client.proc)
+        deadline = time.monotonic() + 10
+        while "refused the key" not in client.log_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "refused the key" in client.log_text()
+        try:
+            got = echo_roundtrip(port, b"after")
+        except OSError:
+            got = b""
+        assert got == b""
+        assert echo.accepted == accepted
+    finally:
+        procs.stop(client.proc)
+        echo.close()

@@ -1,0 +1,291 @@
+"""Start and stop the real programs tests use: veil itself, nginx, echo servers.
+
+Every process is started by the test, remembered by PID, and killed in a ``finally`` (by
+the fixtures), never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VEIL = [sys.executable, "-m", "veil"]
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0,
+              proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
+    """SIGTERM the process we started, SIGKILL it if it lingers; return its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+    return proc.returncode
+
+
+@dataclass
+class VeilServer:
+    proc: subprocess.Popen[bytes]
+    port: int
+    state: Path
+    key: str
+    log: Path
+
+    def add_user(self, name: str) -> str:
+        out = subprocess.run([*VEIL, "user", "add", name, "--state", str(self.state)],
+                             capture_output=True, text=True, check=True, timeout=30)
+        return out.stdout.strip()
+
+    def revoke(self, name: str) -> None:
+        subprocess.run([*VEIL, "user", "revoke", name, "--state", str(self.state)],
+                       capture_output=True, text=True, check=True, timeout=30)
+
+
+def start_veil_server(workdir: Path, *extra: str, port: int | None = None) -> VeilServer:
+    port = port or free_port()
+    state = workdir / "state"
+    log = workdir / f"server-{port}.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([*VEIL, "-v", "serve", "--state", str(state), "--listen",
+                                 f"127.0.0.1:{port}", "--allow-private", *extra],
+                                stdout=subprocess.PIPE, stderr=err)
+    assert proc.stdout is not None
+    try:
+        wait_port(port, proc=proc)
+        # A first run prints the first user's key before it listens; later runs print nothing.
+        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        key = proc.stdout.readline().decode().strip() if ready else ""
+    except BaseException:
+        stop(proc)
+        raise
+    return VeilServer(proc, port, state, key, log)
+
+
+@dataclass
+class VeilClient:
+    proc: subprocess.Popen[bytes]
+    socks: int | None
+    http: int | None
+    log: Path
+    forwards: dict[str, int] = field(default_factory=dict)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_veil_client(workdir: Path, key: str, *, socks: bool = True, http: bool = False,
+                      forwards: list[str] | None = None, extra: tuple[str, ...] = (),
+                      wait: bool = True) -> VeilClient:
+    args = [*VEIL, "-v", "connect", key]
+    socks_port = free_port() if socks else None
+    http_port = free_port() if http else None
+    if socks_port:
+        args += ["--socks", f"127.0.0.1:{socks_port}"]
+    if http_port:
+        args += ["--http", f"127.0.0.1:{http_port}"]
+    for spec in forwards or []:
+        args += ["--forward", spec]
+    log = workdir / f"client-{socks_port or http_port or free_port()}.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([*args, *extra], stdout=subprocess.DEVNULL, stderr=err)
+    client = VeilClient(proc, socks_port, http_port, log)
+    if wait:
+        try:
+            for port in (socks_port, http_port):
+                if port:
+                    wait_port(port, proc=proc)
+            wait_connected(client)
+        except BaseException:
+            stop(proc)
+            raise
+    return client
+
+
+def wait_connected(client: VeilClient, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "connected to" in client.log_text():
+            return
+        if client.proc.poll() is not None:
+            raise RuntimeError(f"client exited: {client.log_text()}")
+        time.sleep(0.05)
+    raise TimeoutError(f"client did not connect: {client.log_text()}")
+
+
+# ------------------------------------------------------------------ nginx
+@dataclass
+class Nginx:
+    proc: subprocess.Popen[bytes]
+    http_port: int
+    https_port: int
+    root: Path
+    prefix: Path
+
+
+NGINX_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    include /etc/nginx/mime.types;
+    default_type application/octet-stream;
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    sendfile on;
+    keepalive_timeout 75s;
+    client_header_timeout {header_timeout}s;
+    server {{
+        listen 127.0.0.1:{http_port};
+        listen 127.0.0.1:{https_port} ssl;
+        ssl_certificate {prefix}/cert.pem;
+        ssl_certificate_key {prefix}/key.pem;
+        root {root};
+        index index.html;
+    }}
+}}
+"""
+
+
+def make_cert(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from veil.server.state import _self_signed
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _self_signed(key, name)
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@contextlib.contextmanager
+def nginx(root: Path | None = None, header_timeout: int = 60) -> Iterator[Nginx]:
+    prefix = Path(tempfile.mkdtemp(prefix="veil-nginx-"))
+    if root is None:
+        root = prefix / "www"
+        root.mkdir()
+        (root / "index.html").write_text("<html><body>hello from nginx</body></html>\n")
+        (root / "1k.bin").write_bytes(os.urandom(1024))
+        (root / "big.bin").write_bytes(os.urandom(8 * 1024 * 1024))
+    make_cert(prefix)
+    http_port, https_port = free_port(), free_port()
+    (prefix / "nginx.conf").write_text(NGINX_CONF.format(
+        prefix=prefix, root=root, http_port=http_port, https_port=https_port,
+        header_timeout=header_timeout))
+    proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(http_port, proc=proc)
+        wait_port(https_port, proc=proc)
+        yield Nginx(proc, http_port, https_port, root, prefix)
+    finally:
+        stop(proc)
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ echo servers
+class TcpEcho:
+    """A threaded TCP echo server that counts the connections it accepted."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(256)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_WR)
+                    return
+                conn.sendall(data)
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+class UdpEcho:
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(65536)
+                self.sock.sendto(data, addr)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
