@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import socket
@@ -204,12 +205,16 @@ class Harness:
 
 
 @pytest.fixture(params=LOOPS)
-def h(request: pytest.FixtureRequest) -> Iterator[Harness]:
+def h(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture) -> Iterator[Harness]:
     harness = Harness(request.param)
     try:
         yield harness
     finally:
         harness.close()
+    # A failed task or callback is logged at ERROR by the inbounds, the dialer or asyncio.
+    records = caplog.get_records("call") + caplog.get_records("teardown")
+    errors = [r for r in records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
 
 
 # -- client helpers --------------------------------------------------------------------------------
@@ -360,7 +365,7 @@ def test_socks5_unreachable_destination_closes(h: Harness) -> None:
 
 
 def test_socks5_large_transfer_both_ways(h: Harness) -> None:
-    payload = os.urandom(1 << 20) * (BIG >> 20)
+    payload = os.urandom(BIG)
     expected = hashlib.sha256(payload).hexdigest().encode()
 
     async def digest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -1,0 +1,126 @@
+"""The client trusts only the pinned server key; the CLI fails with one clear line."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import procs
+from tests.support.procs import VeilServer
+
+pytestmark = pytest.mark.slow
+
+
+class InterceptingProxy:
+    """A TLS man in the middle with its own certificate for the server's name.
+
+    It completes the handshake with the client and records every plaintext byte the client
+    sends afterwards. A client that checks the pinned key must send it nothing.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        cert, key = procs.make_cert(workdir, "localhost")
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.received = b""
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            try:
+                with self.context.wrap_socket(raw, server_side=True) as tls:
+                    tls.settimeout(3)
+                    while data := tls.recv(65536):
+                        self.received += data
+            except (OSError, ssl.SSLError):
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_tls_interceptor_gets_no_credential(tmp_path: Path, veil_server: VeilServer) -> None:
+    from veil.protocol.accesskey import AccessKey
+    from veil.protocol.address import Address
+
+    mitm = InterceptingProxy(tmp_path)
+    good = AccessKey.parse(veil_server.key)
+    diverted = AccessKey(Address("127.0.0.1", mitm.port), good.secret, good.pin, "localhost")
+    client = procs.start_veil_client(tmp_path, diverted.to_uri(), wait=False)
+    try:
+        deadline = time.monotonic() + 10
+        while "pinned key" not in client.log_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "pinned key" in client.log_text()
+        assert mitm.connections >= 1
+        assert mitm.received == b""
+        assert good.secret.hex() not in client.log_text()
+    finally:
+        procs.stop(client.proc)
+        mitm.close()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["connect", "veil://nonsense"], "invalid access key"),
+    (["connect", "https://example.com"], "starts with veil://"),
+    (["connect", "veil://AAAA@127.0.0.1:1?pin=AAAA"], "wrong secret length"),
+    (["connect", "KEY", "--forward", "nope"], "forward"),
+    (["serve", "--listen", "127.0.0.1"], "host:port"),
+    (["user", "list", "--state", "/nonexistent/veil-state"], "not an initialised"),
+])
+def test_bad_input_gives_one_line_and_nonzero_exit(argv: list[str], message: str) -> None:
+    if "KEY" in argv:
+        from veil.protocol.accesskey import AccessKey
+        from veil.protocol.address import Address
+
+        argv[argv.index("KEY")] = AccessKey(Address("127.0.0.1", 1), os.urandom(32),
+                                            os.urandom(32)).to_uri()
+    out = subprocess.run([*procs.VEIL, *argv], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    assert message.lower() in out.stderr.lower(), out.stderr
+    assert len(out.stderr.strip().splitlines()) <= 3
+
+
+def test_help_explains_every_command() -> None:
+    for argv in ([], ["serve"], ["user"], ["user", "add"], ["connect"]):
+        out = subprocess.run([*procs.VEIL, *argv, "--help"], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0
+        assert "usage: veil" in out.stdout
+
+
+def test_user_add_on_a_fresh_dir_needs_public(tmp_path: Path) -> None:
+    state = tmp_path / "fresh"
+    out = subprocess.run([*procs.VEIL, "user", "add", "bob", "--state", str(state)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "--public" in out.stderr
+    out = subprocess.run([*procs.VEIL, "user", "add", "bob", "--state", str(state),
+                          "--public", "vpn.example.org:443"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("veil://") and "vpn.example.org:443" in out.stdout
+    assert "sni=vpn.example.org" in out.stdout
+
+
+def test_server_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    server = procs.start_veil_server(tmp_path)
+    assert procs.stop(server.proc) == 0
