@@ -112,8 +112,10 @@ class Harness:
         self._closers.append(inbound.close)
         return inbound.address.port
 
-    def tcp_forward(self, dest_port: int) -> int:
-        forward = TcpForward(self.dialer, Address(LOCALHOST, 0), Address(LOCALHOST, dest_port))
+    def tcp_forward(self, dest_port: int, dialer: DirectDialer | None = None) -> int:
+        forward = TcpForward(
+            dialer or self.dialer, Address(LOCALHOST, 0), Address(LOCALHOST, dest_port)
+        )
         self.run(forward.start())
         self._closers.append(forward.close)
         return forward.address.port
@@ -129,7 +131,8 @@ class Harness:
     # -- origin servers ------------------------------------------------------------------------
 
     def tcp_server(
-        self, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
+        self,
+        handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]],
     ) -> int:
         async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
@@ -181,7 +184,7 @@ class Harness:
 
         return self.tcp_server(handle)
 
-    def udp_echo_server(self) -> int:
+    def udp_echo_server(self, host: str = LOCALHOST) -> int:
         class Echo(asyncio.DatagramProtocol):
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
                 self.transport = transport
@@ -191,7 +194,7 @@ class Harness:
 
         async def start() -> asyncio.DatagramTransport:
             transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-                Echo, local_addr=(LOCALHOST, 0)
+                Echo, local_addr=(host, 0)
             )
             return transport
 
@@ -217,7 +220,7 @@ def h(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture) -> Itera
     assert not errors, [r.getMessage() for r in errors]
 
 
-# -- client helpers --------------------------------------------------------------------------------
+# -- client helpers -------------------------------------------------------------------------------
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -260,7 +263,24 @@ def socks5_handshake(
     return head + recv_exact(sock, rest)
 
 
-def socks5_connect(port: int, dest: Address, auth: tuple[bytes, bytes] | None = None) -> socket.socket:
+def socks5_udp_associate(
+    ctl: socket.socket, udp: socket.socket, announce: bool = True
+) -> tuple[str, int]:
+    """Ask for a UDP association; return the relay's address.
+
+    With ``announce`` the request names ``udp``'s address as the source; without, it sends
+    0.0.0.0:0 and the relay learns the source from the first datagram.
+    """
+    source = Address(LOCALHOST, udp.getsockname()[1]) if announce else Address("0.0.0.0", 0)
+    reply = socks5_handshake(ctl, 3, source)
+    assert reply[:2] == b"\x05\x00"
+    relay, _ = Address.decode(reply, 3)
+    return relay.host, relay.port
+
+
+def socks5_connect(
+    port: int, dest: Address, auth: tuple[bytes, bytes] | None = None
+) -> socket.socket:
     sock = connect(port)
     reply = socks5_handshake(sock, 1, dest, auth)
     assert reply[:2] == b"\x05\x00", reply
@@ -278,7 +298,7 @@ def curl(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[
     )
 
 
-# -- SOCKS5 ----------------------------------------------------------------------------------------
+# -- SOCKS5 ---------------------------------------------------------------------------------------
 
 
 @needs_curl
@@ -295,11 +315,15 @@ def test_curl_socks5_hostname(h: Harness) -> None:
 def test_curl_socks5_with_password(h: Harness) -> None:
     web = h.http_server()
     proxy = h.socks5(credentials=Credentials(b"alice", b"s3cret"))
-    ok = curl("-x", f"socks5h://alice:s3cret@{LOCALHOST}:{proxy}", f"http://{LOCALHOST}:{web}/hello")
+    ok = curl(
+        "-x", f"socks5h://alice:s3cret@{LOCALHOST}:{proxy}", f"http://{LOCALHOST}:{web}/hello"
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout == b"hello world\n"
 
-    wrong = curl("-x", f"socks5h://alice:guess@{LOCALHOST}:{proxy}", f"http://{LOCALHOST}:{web}/hello")
+    wrong = curl(
+        "-x", f"socks5h://alice:guess@{LOCALHOST}:{proxy}", f"http://{LOCALHOST}:{web}/hello"
+    )
     assert wrong.returncode != 0
     assert len(h.http_requests) == 1  # the refused attempt never reached the server
 
@@ -348,7 +372,9 @@ def test_socks5_pipelined_early_data(h: Harness) -> None:
     proxy = h.socks5()
     with connect(proxy) as sock:
         # Greeting, request and first payload in one write, as optimistic clients do.
-        sock.sendall(b"\x05\x01\x00" + b"\x05\x01\x00" + Address(LOCALHOST, echo).encode() + b"early")
+        sock.sendall(
+            b"\x05\x01\x00" + b"\x05\x01\x00" + Address(LOCALHOST, echo).encode() + b"early"
+        )
         assert recv_exact(sock, 2 + 10)[2:4] == b"\x05\x00"
         assert recv_exact(sock, 5) == b"early"
 
@@ -358,10 +384,12 @@ def test_socks5_unreachable_destination_closes(h: Harness) -> None:
         probe.bind((LOCALHOST, 0))
         dead = probe.getsockname()[1]
     proxy = h.socks5()
-    with socks5_connect(proxy, Address(LOCALHOST, dead)) as sock:
-        # Success was replied optimistically; the failed connect shows up as the stream ending.
-        with contextlib.suppress(ConnectionResetError):
-            assert recv_all(sock) == b""
+    # Success was replied optimistically; the failed connect shows up as the stream ending.
+    with (
+        socks5_connect(proxy, Address(LOCALHOST, dead)) as sock,
+        contextlib.suppress(ConnectionResetError),
+    ):
+        assert recv_all(sock) == b""
 
 
 def test_socks5_large_transfer_both_ways(h: Harness) -> None:
@@ -403,9 +431,7 @@ def test_socks5_udp_associate(h: Harness) -> None:
     with connect(proxy) as ctl, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.bind((LOCALHOST, 0))
         udp.settimeout(TIMEOUT)
-        reply = socks5_handshake(ctl, 3, Address(LOCALHOST, udp.getsockname()[1]))
-        assert reply[:2] == b"\x05\x00"
-        relay, _ = Address.decode(reply, 3)
+        relay = Address(*socks5_udp_associate(ctl, udp))
         assert relay.host == LOCALHOST and relay.port != 0
         target = Address(LOCALHOST, echo)
 
@@ -441,7 +467,55 @@ def test_socks5_udp_associate(h: Harness) -> None:
             pytest.fail("association still relaying after the control connection closed")
 
 
-# -- HTTP proxy -------------------------------------------------------------------------------------
+def test_socks5_udp_to_a_name(h: Harness) -> None:
+    # The name is resolved by the dialer; the reply is tagged with the address it came from.
+    resolved = socket.getaddrinfo("localhost", None, socket.AF_UNSPEC, socket.SOCK_DGRAM)[0][4][0]
+    if resolved != LOCALHOST:
+        pytest.skip(f"localhost resolves to {resolved} first; these tests bind only {LOCALHOST}")
+    echo = h.udp_echo_server()
+    proxy = h.socks5()
+    with connect(proxy) as ctl, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind((LOCALHOST, 0))
+        udp.settimeout(TIMEOUT)
+        relay = socks5_udp_associate(ctl, udp, announce=False)
+        udp.sendto(b"\x00\x00\x00" + Address("localhost", echo).encode() + b"by name", relay)
+        data, _ = udp.recvfrom(65535)
+        origin, offset = Address.decode(data, 3)
+        assert origin == Address(LOCALHOST, echo)
+        assert data[offset:] == b"echo:by name"
+
+
+def test_socks5_handshake_timeout(h: Harness) -> None:
+    proxy = h.socks5(handshake_timeout=0.2)
+    with connect(proxy) as sock:
+        sock.sendall(b"\x05\x01")  # half a greeting, then silence
+        start = time.monotonic()
+        assert recv_all(sock) == b""
+        assert time.monotonic() - start < 5
+
+
+def test_socks5_close_drops_pending_handshakes_and_associations(h: Harness) -> None:
+    inbound = Socks5Inbound(h.dialer, Address(LOCALHOST, 0))
+    h.run(inbound.start())
+    port = inbound.address.port
+    with (
+        connect(port) as pending,
+        connect(port) as ctl,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+    ):
+        pending.sendall(b"\x05\x01\x00")
+        assert recv_exact(pending, 2) == b"\x05\x00"
+        udp.bind((LOCALHOST, 0))
+        socks5_udp_associate(ctl, udp)
+        h.run(inbound.close())
+        for sock in (pending, ctl):
+            with contextlib.suppress(ConnectionResetError):
+                assert recv_all(sock) == b""
+        with pytest.raises(ConnectionRefusedError):
+            connect(port).close()
+
+
+# -- HTTP proxy -----------------------------------------------------------------------------------
 
 
 @needs_curl
@@ -449,7 +523,10 @@ def test_curl_http_proxy_absolute_uri(h: Harness) -> None:
     web = h.http_server()
     proxy = h.http_proxy()
     result = curl(
-        "-x", f"http://{LOCALHOST}:{proxy}", "-H", "Proxy-Authorization: Basic c2VjcmV0",
+        "-x",
+        f"http://{LOCALHOST}:{proxy}",
+        "-H",
+        "Proxy-Authorization: Basic c2VjcmV0",
         f"http://{LOCALHOST}:{web}/hello?x=1",
     )
     assert result.returncode == 0, result.stderr
@@ -468,8 +545,12 @@ def test_curl_http_proxy_post_body(h: Harness) -> None:
     proxy = h.http_proxy()
     body = os.urandom(300_000).hex().encode()
     result = curl(
-        "-x", f"http://{LOCALHOST}:{proxy}", "--data-binary", "@-",
-        f"http://{LOCALHOST}:{web}/echo", stdin=body,
+        "-x",
+        f"http://{LOCALHOST}:{proxy}",
+        "--data-binary",
+        "@-",
+        f"http://{LOCALHOST}:{web}/echo",
+        stdin=body,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == body
@@ -522,7 +603,7 @@ def test_http_proxy_not_ready_is_502(h: Harness) -> None:
         assert recv_all(sock).startswith(b"HTTP/1.1 502 ")
 
 
-# -- forwards --------------------------------------------------------------------------------------
+# -- forwards -------------------------------------------------------------------------------------
 
 
 def test_tcp_forward_echo(h: Harness) -> None:
@@ -553,6 +634,12 @@ def test_tcp_forward_half_close_both_ways(h: Harness) -> None:
             return await got
 
         assert h.run(result()) == b"after your eof"
+
+
+def test_tcp_forward_not_ready_closes(h: Harness) -> None:
+    port = h.tcp_forward(9, dialer=NotReadyDialer())
+    with connect(port) as sock, contextlib.suppress(ConnectionResetError):
+        assert recv_all(sock) == b""
 
 
 def test_udp_forward_per_client_flows(h: Harness) -> None:
