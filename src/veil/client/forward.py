@@ -15,7 +15,7 @@ import asyncio
 import ipaddress
 import logging
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -150,7 +150,7 @@ def _host(text: str, what: str) -> str:
 
 
 def _port(text: str, what: str) -> int:
-    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= 0xFFFF:
+    if not (text.isascii() and text.isdigit() and len(text) <= 5) or not 0 < int(text) <= 0xFFFF:
         raise ValueError(f"{what} must be a number from 1 to 65535, got {text!r}")
     return int(text)
 
@@ -166,7 +166,7 @@ async def start_forward(dialer: Dialer, spec: ForwardSpec) -> TcpForward | UdpFo
     return forward
 
 
-# -- TCP -----------------------------------------------------------------------------------------
+# -- TCP ------------------------------------------------------------------------------------------
 
 
 class TcpForward:
@@ -219,16 +219,21 @@ class TcpForward:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+        await asyncio.sleep(0)  # let the aborted transports run connection_lost
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def _spawn(
+        self, coro: Coroutine[Any, Any, None], abort: Callable[[], None]
+    ) -> asyncio.Task[None]:
+        """Run a connection's task; if it fails unexpectedly, ``abort`` its connection."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._reap)
+        task.add_done_callback(lambda done: self._reap(done, abort))
         return task
 
-    def _reap(self, task: asyncio.Task[None]) -> None:
+    def _reap(self, task: asyncio.Task[None], abort: Callable[[], None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
+            abort()  # a dialer bug must not leave a paused socket open forever
             log.error("tcp forward task failed", exc_info=exc)
 
 
@@ -245,7 +250,7 @@ class _TcpForwardProtocol(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         self._transport.pause_reading()
         self._forward._live.add(self)
-        self._task = self._forward._spawn(self._handover())
+        self._task = self._forward._spawn(self._handover(), self.abort)
 
     def data_received(self, data: bytes) -> None:
         self._early += data
@@ -277,14 +282,10 @@ class _TcpForwardProtocol(asyncio.Protocol):
         forward._live.discard(self)
         self._task = None
         transport.resume_reading()  # hand over in the normal state; the dialer may pause it
-        try:
-            forward.dialer.open_tcp(forward.dest, transport, bytes(self._early))
-        except BaseException:
-            transport.abort()
-            raise
+        forward.dialer.open_tcp(forward.dest, transport, bytes(self._early))
 
 
-# -- UDP -----------------------------------------------------------------------------------------
+# -- UDP ------------------------------------------------------------------------------------------
 
 
 class _UdpClient:

@@ -27,7 +27,7 @@ import asyncio
 import ipaddress
 import logging
 import re
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -279,7 +279,7 @@ def _authority(text: str, default_port: int | None) -> Address:
     return dest
 
 
-# -- asyncio listener ----------------------------------------------------------------------------
+# -- asyncio listener -----------------------------------------------------------------------------
 
 
 class HttpProxyInbound:
@@ -336,18 +336,23 @@ class HttpProxyInbound:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+        await asyncio.sleep(0)  # let the aborted transports run connection_lost
         if count:
             log.debug("http proxy: aborted %d connections at shutdown", count)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def _spawn(
+        self, coro: Coroutine[Any, Any, None], abort: Callable[[], None]
+    ) -> asyncio.Task[None]:
+        """Run a connection's task; if it fails unexpectedly, ``abort`` its connection."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._reap)
+        task.add_done_callback(lambda done: self._reap(done, abort))
         return task
 
-    def _reap(self, task: asyncio.Task[None]) -> None:
+    def _reap(self, task: asyncio.Task[None], abort: Callable[[], None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
+            abort()  # a dialer bug must not leave a paused socket open forever
             log.error("http proxy connection task failed", exc_info=exc)
 
 
@@ -382,7 +387,7 @@ class _HttpProxyProtocol(asyncio.Protocol):
         if request is not None:
             transport.pause_reading()
             self._cancel_timer()
-            self._task = self._inbound._spawn(self._handover(request))
+            self._task = self._inbound._spawn(self._handover(request), self.abort)
 
     def eof_received(self) -> bool | None:
         # EOF before a complete head: nothing to relay. (After the head, reading is paused and
@@ -424,10 +429,7 @@ class _HttpProxyProtocol(asyncio.Protocol):
             early = request.head + self._parser.trailing_data
         self._inbound._live.discard(self)
         self._task = None
-        # Hand over in the normal (reading) state; see Socks5 for why this cannot race.
+        # Hand over in the normal (reading) state; the dialer pauses it if it needs to. No data
+        # can be delivered in between: both calls run in this loop turn.
         transport.resume_reading()
-        try:
-            self._inbound.dialer.open_tcp(request.dest, transport, early)
-        except BaseException:
-            transport.abort()
-            raise
+        self._inbound.dialer.open_tcp(request.dest, transport, early)

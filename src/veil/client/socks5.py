@@ -225,7 +225,7 @@ class Socks5Connection:
                 break
             if event is not None:
                 events.append(event)
-        if self._state is not State.ESTABLISHED and len(self._buffer) > MAX_TRAILING_DATA:
+        if len(self._buffer) > MAX_TRAILING_DATA:
             # Before the request this cannot happen (every message is < 520 bytes and complete
             # ones are consumed); after it, the client is pushing far more than a first flight.
             self._fail(b"", RemoteProtocolError("too much data before reply", code="overflow"))
@@ -248,10 +248,10 @@ class Socks5Connection:
 
     def _on_greeting(self) -> Event | None:
         buf = self._buffer
+        if buf and buf[0] != SOCKS_VERSION:
+            self._fail(b"", RemoteProtocolError("not a SOCKS5 greeting", code="bad_version"))
         if len(buf) < 2:
             raise NeedMoreData
-        if buf[0] != SOCKS_VERSION:
-            self._fail(b"", RemoteProtocolError("not a SOCKS5 greeting", code="bad_version"))
         end = 2 + buf[1]
         if len(buf) < end:
             raise NeedMoreData
@@ -269,10 +269,10 @@ class Socks5Connection:
 
     def _on_auth(self) -> Event | None:
         buf = self._buffer
+        if buf and buf[0] != AUTH_VERSION:
+            self._fail(b"", RemoteProtocolError("bad auth version", code="bad_version"))
         if len(buf) < 2:
             raise NeedMoreData
-        if buf[0] != AUTH_VERSION:
-            self._fail(b"", RemoteProtocolError("bad auth version", code="bad_version"))
         ulen = buf[1]
         if len(buf) < 3 + ulen:
             raise NeedMoreData
@@ -285,9 +285,7 @@ class Socks5Connection:
         del buf[:end]
         expected = cast(tuple[bytes, bytes], self._expected)
         # Both comparisons always run, so timing does not tell which one failed.
-        ok = hmac.compare_digest(username, expected[0]) & hmac.compare_digest(
-            password, expected[1]
-        )
+        ok = hmac.compare_digest(username, expected[0]) & hmac.compare_digest(password, expected[1])
         if not ok:
             self._fail(
                 bytes((AUTH_VERSION, 0x01)),
@@ -299,10 +297,10 @@ class Socks5Connection:
 
     def _on_request(self) -> Event | None:
         buf = self._buffer
+        if buf and buf[0] != SOCKS_VERSION:
+            self._fail(b"", RemoteProtocolError("not a SOCKS5 request", code="bad_version"))
         if len(buf) < 4:
             raise NeedMoreData
-        if buf[0] != SOCKS_VERSION:
-            self._fail(b"", RemoteProtocolError("not a SOCKS5 request", code="bad_version"))
         # RSV (buf[2]) is ignored: it has no meaning, and being strict here gains nothing.
         if buf[3] not in (ATYP_IPV4, ATYP_DOMAIN, ATYP_IPV6):
             self._fail(
@@ -342,7 +340,7 @@ class Socks5Connection:
     }
 
 
-# -- UDP datagram header (RFC 1928, section 7): RSV(2) FRAG(1) ATYP ADDR PORT DATA ---------------
+# -- UDP datagram header (RFC 1928, section 7): RSV(2) FRAG(1) ATYP ADDR PORT DATA ----------------
 
 
 def decode_udp_datagram(data: bytes) -> tuple[Address, bytes]:
@@ -372,7 +370,7 @@ def encode_udp_datagram(source: Address, payload: bytes) -> bytes:
     return b"\x00\x00\x00" + source.encode() + payload
 
 
-# -- asyncio listener ----------------------------------------------------------------------------
+# -- asyncio listener -----------------------------------------------------------------------------
 
 
 class Socks5Inbound:
@@ -427,6 +425,7 @@ class Socks5Inbound:
         """Stop accepting, drop handshakes and UDP associations, and wait for their tasks."""
         if self._server is not None:
             self._server.close()
+        count = len(self._live)
         for proto in list(self._live):
             proto.abort()
         tasks = list(self._tasks)
@@ -434,18 +433,23 @@ class Socks5Inbound:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
-        if self._live:
-            log.debug("socks5: aborted %d connections at shutdown", len(self._live))
+        await asyncio.sleep(0)  # let the aborted transports run connection_lost
+        if count:
+            log.debug("socks5: aborted %d connections at shutdown", count)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def _spawn(
+        self, coro: Coroutine[Any, Any, None], abort: Callable[[], None]
+    ) -> asyncio.Task[None]:
+        """Run a connection's task; if it fails unexpectedly, ``abort`` its connection."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._reap)
+        task.add_done_callback(lambda done: self._reap(done, abort))
         return task
 
-    def _reap(self, task: asyncio.Task[None]) -> None:
+    def _reap(self, task: asyncio.Task[None], abort: Callable[[], None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
+            abort()  # a dialer bug must not leave a paused socket open forever
             log.error("socks5 connection task failed", exc_info=exc)
 
 
@@ -485,9 +489,9 @@ class _Socks5Protocol(asyncio.Protocol):
             transport.pause_reading()
             self._cancel_timer()
             if isinstance(event, ConnectRequest):
-                self._task = self._inbound._spawn(self._connect(event.dest))
+                self._task = self._inbound._spawn(self._connect(event.dest), self.abort)
             else:
-                self._task = self._inbound._spawn(self._associate(event.client))
+                self._task = self._inbound._spawn(self._associate(event.client), self.abort)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
@@ -513,7 +517,7 @@ class _Socks5Protocol(asyncio.Protocol):
         transport.write(self._conn.data_to_send())
         transport.close()
 
-    async def _ready(self, transport: asyncio.Transport) -> bool:
+    async def _ready(self) -> bool:
         try:
             return await self._inbound.dialer.wait_ready(self._inbound.ready_timeout)
         except VeilError as exc:
@@ -522,7 +526,7 @@ class _Socks5Protocol(asyncio.Protocol):
 
     async def _connect(self, dest: Address) -> None:
         transport = cast(asyncio.Transport, self._transport)
-        ready = await self._ready(transport)
+        ready = await self._ready()
         if transport.is_closing():
             return
         if not ready:
@@ -536,16 +540,12 @@ class _Socks5Protocol(asyncio.Protocol):
         # Hand the transport over in its normal (reading) state; the dialer pauses it if it
         # needs to. No data can be delivered in between: both calls run in this loop turn.
         transport.resume_reading()
-        try:
-            self._inbound.dialer.open_tcp(dest, transport, early)
-        except BaseException:
-            transport.abort()
-            raise
+        self._inbound.dialer.open_tcp(dest, transport, early)
 
     async def _associate(self, hint: Address) -> None:
         inbound = self._inbound
         transport = cast(asyncio.Transport, self._transport)
-        ready = await self._ready(transport)
+        ready = await self._ready()
         if transport.is_closing():
             return
         if not ready or inbound._udp_count >= inbound.max_udp_associations:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
@@ -66,7 +67,6 @@ MAX_DNS_CACHE_ENTRIES = 256
 MAX_QUEUED_DATAGRAMS = 64
 
 
-
 class _Half(asyncio.Protocol):
     """One side of a relayed TCP connection; forwards what it reads to ``peer``."""
 
@@ -102,7 +102,9 @@ class _Half(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._eof = True
-        peer = cast(asyncio.Transport, self.peer.transport)
+        peer = self.peer.transport
+        if peer is None:
+            return False  # cannot happen (local reads only once connected); just close
         if self.peer._eof or not peer.can_write_eof():
             # Both directions are finished (or the peer cannot half-close): close both after
             # flushing. Returning False makes this transport close itself.
@@ -170,7 +172,9 @@ class DirectDialer(Dialer):
     """Connects to destinations directly from this host, with no tunnel.
 
     ``wait_ready`` is always true. ``close()`` aborts every relay and UDP flow this dialer
-    started; relays otherwise end on their own when their connections do.
+    started; relays otherwise end on their own when their connections do. With
+    ``ssl_context``, outbound TCP connections speak TLS (the server uses this to relay to an
+    ``https://`` cover site).
     """
 
     def __init__(
@@ -178,9 +182,14 @@ class DirectDialer(Dialer):
         *,
         connect_timeout: float = CONNECT_TIMEOUT,
         happy_eyeballs_delay: float | None = HAPPY_EYEBALLS_DELAY,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         self._connect_timeout = connect_timeout
         self._happy_eyeballs_delay = happy_eyeballs_delay
+        self._tls_options: dict[str, Any] = {}
+        if ssl_context is not None:
+            self._tls_options = {"ssl": ssl_context, "server_hostname": server_hostname or ""}
         self._relays: set[_Half] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._flows: set[_DirectUdpFlow] = set()
@@ -200,7 +209,7 @@ class DirectDialer(Dialer):
 
     async def _connect(self, dest: Address, local: asyncio.Transport, remote: _RemoteHalf) -> None:
         loop = asyncio.get_running_loop()
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = dict(self._tls_options)
         if dest.ip is None and isinstance(loop, asyncio.BaseEventLoop):
             # uvloop has no happy_eyeballs_delay (it tries the addresses one after another).
             options["happy_eyeballs_delay"] = self._happy_eyeballs_delay
@@ -261,8 +270,8 @@ class _UdpSocket(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
 
-    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        self._flow._on_datagram(Address(cast(str, addr[0]), cast(int, addr[1])), data)
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self._flow._on_datagram(Address(addr[0], addr[1]), data)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors (port unreachable, ...) are normal UDP weather, not the end of the flow.

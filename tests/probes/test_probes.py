@@ -1,0 +1,217 @@
+"""A prober learns nothing: veil answers every probe exactly as its cover site does.
+
+For each probe of the published active-probing repertoire (silence, random bytes of many
+lengths, HTTP requests, wrong keys, a replayed authentication), the bytes and the way the
+connection ends are compared between veil and the cover site reached directly:
+
+- veil with the built-in cover vs the built-in cover served on its own TLS port (no gate);
+- veil's answers before TLS vs a real nginx's TLS port (the web server veil imitates);
+- veil with ``--cover http://nginx`` vs that nginx's own TLS port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import procs
+from tests.support.prober import (
+    Outcome,
+    peer_certificate,
+    probe_raw,
+    probe_tls,
+    random_payloads,
+)
+
+pytestmark = pytest.mark.slow
+
+HTTP_PROBES = [
+    b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n",
+    b"GET /nonexistent HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n",
+    b"HEAD / HTTP/1.0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+    b"GET / HTTP/1.1\r\n",  # incomplete: the server waits
+    b"\r\n\r\n",
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+]
+
+
+class StandaloneCover:
+    """The built-in cover site on its own TLS port: what veil's gate must be invisible in."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        from veil.server.cover import CoverProtocol, CoverSite
+
+        self.loop = asyncio.new_event_loop()
+        site = CoverSite.builtin()
+        ready = threading.Event()
+        self.port = 0
+
+        async def start() -> asyncio.Server:
+            server = await self.loop.create_server(lambda: CoverProtocol(site), "127.0.0.1", 0,
+                                                   ssl=context)
+            self.port = server.sockets[0].getsockname()[1]
+            return server
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.server = self.loop.run_until_complete(start())
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self.server.close()
+            await self.server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def builtin_veil(module_dir: Path) -> Iterator[procs.VeilServer]:
+    server = procs.start_veil_server(module_dir / "builtin")
+    try:
+        yield server
+    finally:
+        procs.stop(server.proc)
+
+
+@pytest.fixture(scope="module")
+def reference_cover(builtin_veil: procs.VeilServer) -> Iterator[StandaloneCover]:
+    from veil.server.service import server_ssl_context
+    from veil.server.state import load_state
+
+    cover = StandaloneCover(server_ssl_context(load_state(builtin_veil.state)))
+    try:
+        yield cover
+    finally:
+        cover.close()
+
+
+@pytest.fixture(scope="module")
+def nginx_covered_veil(module_dir: Path, nginx: procs.Nginx) -> Iterator[procs.VeilServer]:
+    server = procs.start_veil_server(module_dir / "nginx-cover", "--cover",
+                                     f"http://127.0.0.1:{nginx.http_port}")
+    try:
+        yield server
+    finally:
+        procs.stop(server.proc)
+
+
+def compare(payloads: list[bytes], veil: Callable[[bytes], Outcome],
+            reference: Callable[[bytes], Outcome]) -> list[str]:
+    """Run every probe against both targets in parallel; describe each difference."""
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        mine = list(pool.map(veil, payloads))
+        theirs = list(pool.map(reference, payloads))
+    differences = []
+    for payload, a, b in zip(payloads, mine, theirs, strict=True):
+        if a.normalised() != b.normalised():
+            differences.append(f"probe {payload[:24]!r}... ({len(payload)} bytes): "
+                               f"veil {a.close} {a.data[:60]!r} vs cover {b.close} {b.data[:60]!r}")
+    return differences
+
+
+def valid_auth_bytes(key_uri: str, port: int) -> bytes:
+    """Authenticate for real once (a positive control) and return the bytes that did it."""
+    from veil.protocol.accesskey import AccessKey
+    from veil.protocol.auth import Credential, build_auth
+    from veil.protocol.frames import FrameType, frame
+
+    key = AccessKey.parse(key_uri)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            context.wrap_socket(raw) as tls:
+        binding = tls.get_channel_binding("tls-unique")
+        assert binding is not None
+        import time
+
+        message = build_auth(Credential.from_secret(key.secret), binding, time.time())
+        message += frame(FrameType.PADDING, 0, bytes(40))
+        tls.sendall(message)
+        first = tls.recv(1)
+    assert first == bytes([FrameType.PADDING]), "the real key must open a tunnel"
+    return message
+
+
+def test_tls_probes_see_only_the_builtin_cover(builtin_veil: procs.VeilServer,
+                                               reference_cover: StandaloneCover) -> None:
+    replayed = valid_auth_bytes(builtin_veil.key, builtin_veil.port)
+    wrong_key = os.urandom(64) + bytes(48)
+    payloads = [*HTTP_PROBES, *random_payloads(seed=1), replayed, wrong_key]
+    differences = compare(payloads, lambda p: probe_tls(builtin_veil.port, p),
+                          lambda p: probe_tls(reference_cover.port, p))
+    assert differences == []
+    # The probes really reached a website, not a silent hole.
+    assert probe_tls(builtin_veil.port, HTTP_PROBES[0]).data.startswith(b"HTTP/1.1 200 OK")
+
+
+def test_silence_after_tls_is_treated_alike(builtin_veil: procs.VeilServer,
+                                            reference_cover: StandaloneCover) -> None:
+    assert probe_tls(builtin_veil.port, b"", wait=2) == probe_tls(reference_cover.port, b"",
+                                                                  wait=2)
+
+
+def test_plain_probes_before_tls_match_nginx(builtin_veil: procs.VeilServer,
+                                             nginx: procs.Nginx) -> None:
+    payloads = [*HTTP_PROBES, *random_payloads(seed=2)]
+    differences = compare(payloads, lambda p: probe_raw(builtin_veil.port, p),
+                          lambda p: probe_raw(nginx.https_port, p))
+    assert differences == []
+    answer = probe_raw(builtin_veil.port, HTTP_PROBES[0]).data
+    assert b"The plain HTTP request was sent to HTTPS port" in answer
+
+
+def test_revoked_key_gets_the_cover(builtin_veil: procs.VeilServer,
+                                    reference_cover: StandaloneCover) -> None:
+    key = builtin_veil.add_user("probe-revoked")
+    valid_auth_bytes(key, builtin_veil.port)  # works while active
+    builtin_veil.revoke("probe-revoked")
+    with pytest.raises(AssertionError, match="tunnel"):
+        valid_auth_bytes(key, builtin_veil.port)
+
+
+def test_with_nginx_as_cover_probes_see_nginx(nginx_covered_veil: procs.VeilServer,
+                                              nginx: procs.Nginx) -> None:
+    replayed = valid_auth_bytes(nginx_covered_veil.key, nginx_covered_veil.port)
+    payloads = [*HTTP_PROBES, *random_payloads(seed=3), replayed]
+    differences = compare(payloads, lambda p: probe_tls(nginx_covered_veil.port, p),
+                          lambda p: probe_tls(nginx.https_port, p))
+    assert differences == []
+    differences = compare([*HTTP_PROBES, *random_payloads(seed=4)],
+                          lambda p: probe_raw(nginx_covered_veil.port, p),
+                          lambda p: probe_raw(nginx.https_port, p))
+    assert differences == []
+
+
+def test_https_cover_shows_its_own_certificate_for_other_names(
+        module_dir: Path, nginx: procs.Nginx) -> None:
+    server = procs.start_veil_server(module_dir / "https-cover", "--public", "vpn.example.org",
+                                     "--cover", f"https://127.0.0.1:{nginx.https_port}")
+    try:
+        nginx_cert = peer_certificate(nginx.https_port, "other.example")
+        assert peer_certificate(server.port, "other.example") == nginx_cert
+        assert peer_certificate(server.port, "vpn.example.org") != nginx_cert
+        differences = compare([*HTTP_PROBES, *random_payloads(seed=5, count=5)],
+                              lambda p: probe_raw(server.port, p),
+                              lambda p: probe_raw(nginx.https_port, p))
+        assert differences == []
+    finally:
+        procs.stop(server.proc)
