@@ -278,7 +278,7 @@ def probe_plain(data: bytes, port: int) -> Outcome:
     return _DATE.sub(b"Date: -\r\n", out), "", close, after
 
 
-def probe_tls(data: bytes, port: int) -> Outcome:
+def probe_tls(data: bytes, port: int, wait: float = OPEN_WAIT) -> Outcome:
     """TLS through memory BIOs, so that close_notify and the TCP close are told apart."""
     with socket.create_connection(("127.0.0.1", port)) as s:
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -299,7 +299,7 @@ def probe_tls(data: bytes, port: int) -> Outcome:
         out = b""
         notify = ""
         close = "open"
-        s.settimeout(OPEN_WAIT)
+        s.settimeout(wait)
         try:
             while True:
                 chunk = s.recv(65536)
@@ -448,6 +448,17 @@ def test_plain_http_on_tls_port(servers: Servers) -> None:
     _compare([
         (name, lambda d=data: probe_plain(d, servers.nginx_https),
          lambda d=data: probe_plain(d, servers.cover_plain_on_tls))
+        for name, data in probes.items()
+    ])
+
+
+def test_tls_timeouts(servers: Servers) -> None:
+    """Silence and a stalled request over TLS: when the close comes, with or without
+    close_notify (nginx omits it when a started request times out)."""
+    probes = {"silence": b"", "stalled_request": b"GET /", "keepalive": REQ}
+    _compare([
+        (name, lambda d=data: probe_tls(d, servers.nginx_https, wait=4.0),
+         lambda d=data: probe_tls(d, servers.cover_https, wait=4.0))
         for name, data in probes.items()
     ])
 

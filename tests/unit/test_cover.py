@@ -103,6 +103,14 @@ def test_valid_prefixes_wait_for_more(site: CoverSite, prefix: bytes) -> None:
     assert c.get_timer() == 90.0 + 60.0  # client_header_timeout counts from the accept
     c.handle_timer(150.0)
     assert c.data_to_send() == b""
+    assert c.close_action is CloseAction.QUIET  # timed out mid-request: no close_notify
+
+
+def test_silence_closes_after_header_timeout(site: CoverSite) -> None:
+    c = conn(site)
+    c.handle_timer(159.9)
+    assert c.close_action is CloseAction.NONE
+    c.handle_timer(160.0)
     assert c.close_action is CloseAction.CLOSE
 
 

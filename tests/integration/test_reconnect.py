@@ -1,0 +1,65 @@
+"""The client survives a server that dies: open streams fail at once, new ones work later."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import procs
+
+pytestmark = pytest.mark.slow
+
+
+def roundtrip(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_streams_fail_cleanly_and_the_client_reconnects(tmp_path: Path) -> None:
+    echo = procs.TcpEcho()
+    server = procs.start_veil_server(tmp_path)
+    fwd = procs.free_port()
+    client = procs.start_veil_client(tmp_path, server.key, socks=False,
+                                     forwards=[f"{fwd}:127.0.0.1:{echo.port}"])
+    try:
+        assert roundtrip(fwd, b"one") == b"one"
+        held = socket.create_connection(("127.0.0.1", fwd), timeout=10)
+        held.sendall(b"ping")
+        assert held.recv(4) == b"ping"
+
+        server.proc.send_signal(signal.SIGKILL)  # no goodbye: the TCP connection just dies
+        procs.stop(server.proc)  # reaps it and closes its pipes
+        held.settimeout(30)
+        started = time.monotonic()
+        try:
+            leftover = held.recv(100)
+        except ConnectionResetError:
+            leftover = b""
+        held.close()
+        assert leftover == b""  # the open stream ended instead of hanging
+        assert time.monotonic() - started < 30
+
+        server = procs.start_veil_server(tmp_path, port=server.port)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if roundtrip(fwd, b"two") == b"two":
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, client.log_text()
+            time.sleep(0.2)
+        assert "reconnecting" in client.log_text() or "cannot reach" in client.log_text()
+    finally:
+        procs.stop(client.proc)
+        procs.stop(server.proc)
+        echo.close()
