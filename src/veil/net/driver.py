@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import cast, Protocol
+from typing import Protocol, cast
 
 from veil.errors import LocalProtocolError
 from veil.protocol.address import Address

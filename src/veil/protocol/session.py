@@ -318,9 +318,10 @@ class Session:
                         self._partial += unit
                         self._need = HEADER_SIZE + length
                 else:
-                    ftype, stream_id, length = unpack_header(unit)
+                    raw_type, stream_id, length = unpack_header(unit)
                     self._need = HEADER_SIZE
-                    self._on_frame(ftype, stream_id, length, unit[HEADER_SIZE:], events, now)
+                    self._on_frame(FrameType(raw_type), stream_id, length, unit[HEADER_SIZE:],
+                                   events, now)
                 continue
             if end - pos < HEADER_SIZE:
                 self._partial += data[pos:]
@@ -444,8 +445,8 @@ class Session:
             self._send_window += increment
             if self._send_window > MAX_WINDOW:
                 raise RemoteProtocolError("session window overflow", code="flow_control")
-            for stream in list(self._blocked.values()):
-                self._flush(stream, events)
+            for blocked in list(self._blocked.values()):
+                self._flush(blocked, events)
             return
         stream = self._known(stream_id)
         if stream is None:

@@ -676,7 +676,9 @@ class CloseAction(enum.Enum):
 
     NONE = "none"        # keep the connection
     LINGER = "linger"    # half-close (FIN) now, keep reading and discarding
-    CLOSE = "close"      # close (FIN)
+    CLOSE = "close"      # close (FIN); under TLS after a close_notify alert
+    QUIET = "quiet"      # close after a request timed out: no close_notify (nginx sets
+                         # c->timedout, which makes its SSL shutdown quiet)
     RESET = "reset"      # close with unread data: RST, as the kernel does for nginx
 
 
@@ -990,7 +992,14 @@ class CoverConnection:
         if self._deadline is None or now < self._deadline or self._phase is _Phase.CLOSED:
             return
         # client_header_timeout, keepalive_timeout, lingering: nginx closes without a word.
-        self._close(CloseAction.RESET if self._pending else CloseAction.CLOSE)
+        # A request it had started reading (or whose body it was dropping) times out with
+        # c->timedout set, so under TLS it does not even send close_notify (measured).
+        if self._pending:
+            self._close(CloseAction.RESET)
+        elif self._phase in (_Phase.LINE, _Phase.HEADERS, _Phase.DISCARD):
+            self._close(CloseAction.QUIET)
+        else:
+            self._close(CloseAction.CLOSE)
 
     # -- buffers -------------------------------------------------------------------------
 
@@ -1825,9 +1834,11 @@ class CoverProtocol(asyncio.Protocol):
                  header_timeout: float = CLIENT_HEADER_TIMEOUT,
                  keepalive_timeout: float = KEEPALIVE_TIMEOUT,
                  lingering_timeout: float = LINGERING_TIMEOUT,
-                 lingering_time: float = LINGERING_TIME) -> None:
+                 lingering_time: float = LINGERING_TIME,
+                 plain_on_https_port: bool = False) -> None:
+        """``plain_on_https_port=True`` is shorthand for ``mode=PLAIN_ON_TLS_PORT``."""
         self._site = site
-        self._mode = mode
+        self._mode = CoverMode.PLAIN_ON_TLS_PORT if plain_on_https_port else mode
         self._started_at = started_at
         self._header_timeout = header_timeout
         self._keepalive_timeout = keepalive_timeout
@@ -1928,7 +1939,10 @@ class CoverProtocol(asyncio.Protocol):
                 transport.write_eof()
             else:
                 transport.close()
-        elif action in (CloseAction.CLOSE, CloseAction.RESET):
+        elif action is CloseAction.QUIET and tls:
+            self._cancel_timer()
+            transport.abort()  # the socket closes (FIN) without a close_notify alert
+        elif action in (CloseAction.CLOSE, CloseAction.RESET, CloseAction.QUIET):
             self._cancel_timer()
             if action is CloseAction.RESET:
                 _set_rst_on_close(transport)
@@ -1938,7 +1952,7 @@ class CoverProtocol(asyncio.Protocol):
                 # nginx closes the socket right after sending it.
                 transport.abort()
         when = conn.get_timer()
-        if action in (CloseAction.CLOSE, CloseAction.RESET):
+        if action in (CloseAction.CLOSE, CloseAction.RESET, CloseAction.QUIET):
             return
         if when != self._timer_at:
             self._cancel_timer()

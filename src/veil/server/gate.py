@@ -18,13 +18,13 @@ Order of decisions, each one made the way nginx would make it so that a prober l
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 import logging
 import socket
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from veil.protocol.auth import AUTH_SIZE, Credential, ReplayFilter, peek_key_id, verify_auth
 from veil.server import clienthello
@@ -172,7 +172,7 @@ class _AwaitAuth(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         # Silence after the handshake is the cover's business: same timeout, same close.
         self._timer = asyncio.get_running_loop().call_later(
-            self.gate.cover.header_timeout, self.gate.cover.on_silence, transport)
+            self.gate.cover.header_timeout, self.gate.cover.on_silence, self.transport)
 
     def data_received(self, data: bytes) -> None:
         transport = self.transport

@@ -6,10 +6,10 @@ import asyncio
 import logging
 import socket
 
+from veil.net.driver import SessionDriver, TcpRelay
 from veil.protocol.address import Address
 from veil.protocol.events import StreamOpened
 from veil.protocol.frames import ResetCode, StreamKind
-from veil.net.driver import SessionDriver, TcpRelay
 from veil.server.policy import DestinationPolicy, RefusedDestination, ResolveError, resolve
 
 log = logging.getLogger("veil.server")
@@ -207,8 +207,8 @@ class _UdpSocket(asyncio.DatagramProtocol):
     def __init__(self, relay: UdpRelay) -> None:
         self.relay = relay
 
-    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        self.relay.reply(data, (str(addr[0]), int(addr[1])))  # type: ignore[call-overload]
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.relay.reply(data, (str(addr[0]), int(addr[1])))
 
     def error_received(self, exc: Exception) -> None:
         pass  # ICMP errors for one destination must not end the whole association

@@ -51,13 +51,13 @@ async def resolve(host: str, port: int, policy: DestinationPolicy,
     address it resolves to is refused.
     """
     try:
-        ip = ipaddress.ip_address(host)
+        literal = ipaddress.ip_address(host)
     except ValueError:
-        ip = None
-    if ip is not None:
-        if not policy.allows(ip):
+        literal = None
+    if literal is not None:
+        if not policy.allows(literal):
             raise RefusedDestination(host)
-        return [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, str(ip))]
+        return [(socket.AF_INET6 if literal.version == 6 else socket.AF_INET, str(literal))]
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=kind)
@@ -66,7 +66,8 @@ async def resolve(host: str, port: int, policy: DestinationPolicy,
     result: list[tuple[int, str]] = []
     for family, _type, _proto, _name, sockaddr in infos:
         addr = str(sockaddr[0])
-        if policy.allows(ipaddress.ip_address(addr.split("%")[0])) and (family, addr) not in result:
+        ip = ipaddress.ip_address(addr.split("%", maxsplit=1)[0])
+        if policy.allows(ip) and (family, addr) not in result:
             result.append((family, addr))
     if not result:
         raise RefusedDestination(host)

@@ -57,7 +57,7 @@ class ServerState:
 
 
 def _self_signed(key: ec.EllipticCurvePrivateKey, name: str) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     try:
         san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:
@@ -95,7 +95,7 @@ def _ensure_certificate(directory: Path, name: str) -> None:
                                                    serialization.NoEncryption()))
     if cert_path.exists():
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        left = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
+        left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
         if left > CERT_RENEW_BEFORE and cert.public_key() == key.public_key():
             return
     cert = _self_signed(key, name)

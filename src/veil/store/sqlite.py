@@ -38,12 +38,12 @@ class SqliteUserStore(UserStore):
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open user store {path}: {exc}") from exc
 
-    def _row(self, row: tuple[object, ...] | None) -> User | None:
+    def _row(self, row: tuple[str, bytes, bytes, float, float | None] | None) -> User | None:
         if row is None:
             return None
         name, secret, key_id, created_at, revoked_at = row
-        return User(str(name), bytes(secret), bytes(key_id), float(created_at),  # type: ignore[arg-type]
-                    None if revoked_at is None else float(revoked_at))  # type: ignore[arg-type]
+        return User(name, bytes(secret), bytes(key_id), float(created_at),
+                    None if revoked_at is None else float(revoked_at))
 
     def _one(self, sql: str, args: tuple[object, ...]) -> User | None:
         try:
