@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -145,8 +146,8 @@ class _Gate(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance here
+        self._transport = cast(asyncio.Transport, transport)
         self._live.add(transport)
         self._started = asyncio.get_running_loop().time()
 
@@ -167,8 +168,15 @@ class _Tracked(CoverProtocol):
         super().connection_made(transport)
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def servers(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    """nginx and the cover, the cover on asyncio's own loop and on uvloop (veil's default)."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        new_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    else:
+        new_loop = asyncio.new_event_loop
     d = tmp_path_factory.mktemp("nginx")
     html = d / "html"
     html.mkdir()
@@ -184,7 +192,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
                                                     https=ports.nginx_https))
     proc = subprocess.Popen([NGINX, "-p", str(d), "-c", str(d / "nginx.conf")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    loop = asyncio.new_event_loop()
+    loop = new_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     live: set[asyncio.BaseTransport] = set()
     site = CoverSite.builtin()

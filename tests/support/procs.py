@@ -78,6 +78,7 @@ class VeilServer:
 
 def start_veil_server(workdir: Path, *extra: str, port: int | None = None) -> VeilServer:
     port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
     state = workdir / "state"
     log = workdir / f"server-{port}.log"
     with open(log, "wb") as err:

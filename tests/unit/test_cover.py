@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import cast
 
 import pytest
 
@@ -257,8 +258,7 @@ def test_take_over_an_open_transport(site: CoverSite) -> None:
 
     class Gate(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            assert isinstance(transport, asyncio.Transport)
-            self.transport = transport
+            self.transport = cast(asyncio.Transport, transport)
 
         def data_received(self, data: bytes) -> None:
             CoverProtocol.take_over(self.transport, data, site)

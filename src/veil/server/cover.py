@@ -25,30 +25,38 @@ File times
     server and after every deployment: a real site's files do not change each time the
     service restarts.
 
-How nginx closes, and what is emulated (measured against nginx 1.22.1 on loopback)
+How nginx closes, and what is emulated (each measured against nginx 1.22.1 on loopback)
     * After a response that keeps the connection alive, nginx waits ``keepalive_timeout``
       (75 s) then closes with FIN. Before a request is complete it waits
-      ``client_header_timeout`` (60 s) counted from the accept (not reset by partial data)
-      and closes with FIN, sending nothing. A client that half-closes mid-request gets no
-      response, only FIN.
+      ``client_header_timeout`` (60 s) counted from the accept, not reset by partial data
+      (``started_at`` carries the accept time through a gate), and closes with FIN without a
+      response. A client that half-closes mid-request gets no response, only FIN.
     * After a response that ends the connection, nginx either closes at once (a later
-      client byte then draws RST), or, when unparsed bytes remain in its buffer, the request
-      had a body, or the last read filled the buffer, does a *lingering close*: FIN at once,
-      then it reads and discards for up to 5 s of silence (``lingering_timeout``) or 30 s in
-      all (``lingering_time``) before closing. Garbage always takes the lingering path.
-      Both are emulated with ``write_eof`` + reading, or ``close``.
-    * When nginx closes with unread data in the kernel the peer gets RST; here the same is
-      done with ``SO_LINGER`` 0 when unparsed bytes are pending at a plain close.
+      client byte draws RST), or does a *lingering close*: FIN at once, then it reads and
+      drops data until 5 s of silence (``lingering_timeout``) or 30 s in all
+      (``lingering_time``). It lingers when unparsed bytes remain in its buffer (so after
+      every parse error), for requests with a body, for pipelined requests, after 494, and on
+      TCP when the last read filled its buffer. A body it still expects after answering is
+      drained the same way (413 answers, then FIN after 5 s of silence).
+    * Under TLS nginx sends close_notify before its FIN, except when a request it had
+      started reading times out (quiet shutdown). asyncio's TLS transport cannot half-close,
+      so a close is ``close()`` + ``abort()`` (close_notify, then the socket closes at once
+      instead of waiting 30 s for the peer's alert), a quiet close is ``abort()``, and a
+      lingering close is ``close()`` + ``shutdown(SHUT_WR)`` on the socket.
+    * 412 is answered with "Connection: keep-alive" and then closed at once, as nginx does.
 
-Remaining differences (documented, not emulated)
-    * TCP-level details below the transport (window sizes, segment boundaries, timing of a
-      few hundred microseconds) and nginx's one-second cached ``Date``.
-    * On TLS transports asyncio cannot half-close: a lingering close sends ``close_notify``
-      and closes the transport instead of shutting down the write side and reading on.
-    * gzip (Debian's nginx.conf enables it for text/html) is not emulated: this emulates the
-      stock nginx defaults, where gzip is off.
-    * Chunked request bodies are discarded with a simplified parser; limits on chunk sizes
-      and trailers may differ from nginx's in corner cases.
+Remaining differences (not emulated)
+    * TCP-level details below the transport: window sizes, segment boundaries, delays of a
+      fraction of a millisecond, and nginx's once-a-second cached ``Date``.
+    * During a TLS lingering close asyncio's TLS layer reads on by itself, so the 5 s quiet
+      period is counted from the start of the linger, not from the peer's last byte.
+    * The multipart/byteranges boundary counts up per process (00000000000000000001, ...)
+      like nginx's; nginx also spends numbers on temporary files, so the sequences differ
+      once a real nginx would have buffered request bodies to disk.
+    * gzip (Debian's nginx.conf turns it on for text/html) is off, as in nginx's defaults;
+      the site is flat, so there are no directory redirects (301) or listings (403).
+    * Chunked request bodies are skipped with a simplified parser; nginx's limits on chunk
+      sizes, extensions and trailers may differ in corner cases.
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
+from typing import cast
 
 __all__ = [
     "DEFAULT_MTIME",
@@ -1921,7 +1930,8 @@ class CoverProtocol(asyncio.Protocol):
         conn, transport, loop = self._conn, self._transport, self._loop
         if conn is None or transport is None or loop is None:
             return
-        assert isinstance(transport, asyncio.WriteTransport)
+        # uvloop's transports do not subclass asyncio's classes: duck-type, do not isinstance
+        transport = cast(asyncio.Transport, transport)
         out = conn.data_to_send()
         if out and not transport.is_closing():
             transport.write(out)
@@ -1961,19 +1971,28 @@ class CoverProtocol(asyncio.Protocol):
                 self._timer_at = when
 
 
-def _shutdown_write(transport: asyncio.BaseTransport) -> None:
-    """Send FIN on the socket under a transport (used under TLS, which cannot half-close)."""
+def _with_socket(transport: asyncio.BaseTransport) -> socket.socket | None:
+    """A duplicate of the transport's socket (uvloop's socket wrapper has no shutdown())."""
     sock = transport.get_extra_info("socket")
     if sock is None:
-        return
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_WR)
+        return None
+    try:
+        return socket.socket(fileno=os.dup(sock.fileno()))
+    except (OSError, ValueError):
+        return None
+
+
+def _shutdown_write(transport: asyncio.BaseTransport) -> None:
+    """Send FIN on the socket under a transport (used under TLS, which cannot half-close)."""
+    dup = _with_socket(transport)
+    if dup is not None:
+        with dup, contextlib.suppress(OSError):
+            dup.shutdown(socket.SHUT_WR)
 
 
 def _set_rst_on_close(transport: asyncio.BaseTransport) -> None:
     """Make the coming close send RST, as Linux does when unread data is left."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    dup = _with_socket(transport)
+    if dup is not None:
+        with dup, contextlib.suppress(OSError):
+            dup.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from veil.errors import ConfigError
 from veil.net.direct import DirectDialer
 from veil.protocol.address import Address
-from veil.server.cover import CoverProtocol, CoverSite
+from veil.server.cover import CoverMode, CoverProtocol, CoverSite
 
 # nginx's client_header_timeout default.
 NGINX_HEADER_TIMEOUT_S = 60.0
@@ -38,24 +38,23 @@ class Cover(abc.ABC):
     forwards_foreign_tls: bool = False
 
     @abc.abstractmethod
-    async def serve_plain(self, sock: socket.socket) -> None:
-        """A connection whose first byte is not TLS; nothing has been consumed from ``sock``."""
+    async def serve_plain(self, sock: socket.socket, started_at: float) -> None:
+        """A connection whose first byte is not TLS; nothing has been consumed from ``sock``.
+
+        ``started_at`` (loop time) is when it was accepted: timeouts count from there.
+        """
 
     async def serve_raw(self, sock: socket.socket) -> None:
         """A TLS connection for another name; nothing has been consumed from ``sock``."""
         sock.close()
 
     @abc.abstractmethod
-    def serve_tls(self, transport: asyncio.Transport, initial: bytes) -> None:
-        """Take over a TLS connection whose first decrypted bytes were ``initial``."""
+    def serve_tls(self, transport: asyncio.Transport, initial: bytes, started_at: float) -> None:
+        """Take over a TLS connection whose first decrypted bytes were ``initial``.
 
-    def on_silence(self, transport: asyncio.Transport) -> None:
-        """The client said nothing for ``header_timeout`` after the handshake.
-
-        nginx closes such a connection without a close_notify alert (a "quiet" shutdown for
-        timed-out connections), which is what aborting the TLS transport does.
+        The gate also calls this with ``initial=b""`` when the client stayed silent for
+        ``header_timeout`` after the accept, so the cover closes it its own way.
         """
-        transport.abort()
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release whatever the cover holds."""
@@ -65,13 +64,14 @@ class BuiltinCover(Cover):
     def __init__(self, site: CoverSite | None = None) -> None:
         self.site = site or CoverSite.builtin()
 
-    async def serve_plain(self, sock: socket.socket) -> None:
+    async def serve_plain(self, sock: socket.socket, started_at: float) -> None:
         loop = asyncio.get_running_loop()
         await loop.connect_accepted_socket(
-            lambda: CoverProtocol(self.site, plain_on_https_port=True), sock)
+            lambda: CoverProtocol(self.site, mode=CoverMode.PLAIN_ON_TLS_PORT,
+                                  started_at=started_at), sock)
 
-    def serve_tls(self, transport: asyncio.Transport, initial: bytes) -> None:
-        CoverProtocol.take_over(transport, initial, self.site)
+    def serve_tls(self, transport: asyncio.Transport, initial: bytes, started_at: float) -> None:
+        CoverProtocol.take_over(transport, initial, self.site, started_at=started_at)
 
 
 class UrlCover(Cover):
@@ -99,10 +99,10 @@ class UrlCover(Cover):
             context.set_alpn_protocols(["http/1.1"])
             self._tls = DirectDialer(ssl_context=context, server_hostname=parts.hostname)
 
-    async def serve_plain(self, sock: socket.socket) -> None:
+    async def serve_plain(self, sock: socket.socket, started_at: float) -> None:
         if self._builtin_plain is not None:
             # An http:// cover has no TLS port of its own to show; answer as nginx would.
-            await self._builtin_plain.serve_plain(sock)
+            await self._builtin_plain.serve_plain(sock, started_at)
         else:
             await self.serve_raw(sock)
 
@@ -119,7 +119,9 @@ class UrlCover(Cover):
         await loop.connect_accepted_socket(_Hold, sock)
         self._plain.open_tcp(self.address, holder[0])
 
-    def serve_tls(self, transport: asyncio.Transport, initial: bytes) -> None:
+    def serve_tls(self, transport: asyncio.Transport, initial: bytes, started_at: float) -> None:
+        # The real server's own timeouts start when it gets the connection: a silent prober
+        # waits the gate's header timeout plus the server's (probers give up after ~10 s).
         dialer = self._tls if self.tls else self._plain
         dialer.open_tcp(self.address, transport, initial)
 

@@ -134,6 +134,7 @@ class Gate:
             sock.close()
 
     async def _route(self, sock: socket.socket) -> None:
+        started_at = asyncio.get_running_loop().time()
         first = await _peek(sock, 1, self.handshake_timeout)
         if not first:
             self.stats.silent += 1
@@ -141,7 +142,7 @@ class Gate:
             return
         if first[0] != clienthello.HANDSHAKE and first[0] < 0x80:
             self.stats.cover_plain += 1
-            await self.cover.serve_plain(sock)
+            await self.cover.serve_plain(sock, started_at)
             return
         if self.cover.forwards_foreign_tls and self.own_names:
             name = await _peek_sni(sock, self.handshake_timeout)
@@ -152,7 +153,7 @@ class Gate:
         loop = asyncio.get_running_loop()
         try:
             await loop.connect_accepted_socket(
-                lambda: _AwaitAuth(self), sock, ssl=self.ssl_context,
+                lambda: _AwaitAuth(self, started_at), sock, ssl=self.ssl_context,
                 ssl_handshake_timeout=self.handshake_timeout)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
             # OpenSSL has already answered the client the way it answers anyone; as nginx.
@@ -163,16 +164,24 @@ class Gate:
 class _AwaitAuth(asyncio.Protocol):
     """A TLS connection whose first application bytes are not in yet."""
 
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, started_at: float) -> None:
         self.gate = gate
+        self.started_at = started_at
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        # Silence after the handshake is the cover's business: same timeout, same close.
-        self._timer = asyncio.get_running_loop().call_later(
-            self.gate.cover.header_timeout, self.gate.cover.on_silence, self.transport)
+        # Silence is the cover's business: at its header timeout (counted from the accept, as
+        # nginx counts it) it gets the connection and closes it its own way.
+        self._timer = asyncio.get_running_loop().call_at(
+            self.started_at + self.gate.cover.header_timeout, self._silent)
+
+    def _silent(self) -> None:
+        self._timer = None
+        if self.transport is not None:
+            self.gate.stats.silent += 1
+            self.gate.cover.serve_tls(self.transport, b"", self.started_at)
 
     def data_received(self, data: bytes) -> None:
         transport = self.transport
@@ -192,7 +201,7 @@ class _AwaitAuth(asyncio.Protocol):
                     gate.on_authenticated(transport, user, data[AUTH_SIZE:])
                     return
         gate.stats.reject(reason)
-        gate.cover.serve_tls(transport, data)
+        gate.cover.serve_tls(transport, data, self.started_at)
 
     def eof_received(self) -> bool:
         return False  # the client closed before saying anything: close, as a web server does
