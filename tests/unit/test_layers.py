@@ -11,10 +11,11 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "veil"
 
 ALLOWED = {
     "protocol": {"errors", "protocol"},
-    "net": {"errors", "protocol", "net"},
+    "transport": {"errors", "transport"},
+    "net": {"errors", "protocol", "transport", "net"},
     "store": {"errors", "store"},
-    "server": {"errors", "protocol", "net", "store", "server"},
-    "client": {"errors", "protocol", "net", "client"},
+    "server": {"errors", "protocol", "transport", "net", "store", "server"},
+    "client": {"errors", "protocol", "transport", "net", "client"},
     "lab": {"errors", "lab"},
 }
 FORBIDDEN_IN_PROTOCOL = {"asyncio", "socket", "ssl", "time", "selectors", "threading"}

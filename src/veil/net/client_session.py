@@ -23,6 +23,7 @@ from veil.protocol.address import Address
 from veil.protocol.auth import Credential, build_auth
 from veil.protocol.frames import FrameType, ResetCode, StreamKind
 from veil.protocol.session import Session
+from veil.transport.tls import TlsHandshakeError, open_tls_connection
 
 log = logging.getLogger("veil.client")
 
@@ -109,12 +110,11 @@ class ClientTunnel(Dialer):
         driver = _ClientDriver(session)
         server = self.key.server
         try:
-            transport, _ = await loop.create_connection(
-                lambda: driver, server.host, server.port, ssl=self._ssl,
-                server_hostname=self.key.sni or "",
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
-        except ssl.SSLError as exc:
-            raise ConnectionError(f"TLS handshake with {server} failed: {exc.reason}") from exc
+            transport = await open_tls_connection(
+                server.host, server.port, self._ssl, lambda: driver,
+                server_hostname=self.key.sni, handshake_timeout=HANDSHAKE_TIMEOUT_S)
+        except TlsHandshakeError as exc:
+            raise ConnectionError(f"TLS with {server} failed: {exc}") from exc
         sslobj = transport.get_extra_info("ssl_object")
         der = sslobj.getpeercert(binary_form=True) if sslobj else None
         if not der or pin_of_der(der) != self.key.pin:

@@ -108,16 +108,9 @@ class UrlCover(Cover):
 
     async def serve_raw(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        holder: list[asyncio.Transport] = []
-
-        class _Hold(asyncio.Protocol):
-            def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                tcp = cast(asyncio.Transport, transport)
-                tcp.pause_reading()
-                holder.append(tcp)
-
-        await loop.connect_accepted_socket(_Hold, sock)
-        self._plain.open_tcp(self.address, holder[0])
+        transport, hold = await loop.connect_accepted_socket(_Hold, sock)
+        # uvloop may already have read (and delivered) bytes by now: they go first.
+        self._plain.open_tcp(self.address, transport, b"".join(hold.early))
 
     def serve_tls(self, transport: asyncio.Transport, initial: bytes, started_at: float) -> None:
         # The real server's own timeouts start when it gets the connection: a silent prober
@@ -131,6 +124,19 @@ class UrlCover(Cover):
             self._tls.close()
         if self._builtin_plain is not None:
             self._builtin_plain.close()
+
+
+class _Hold(asyncio.Protocol):
+    """Keeps what arrives on a fresh transport until it is handed to a relay."""
+
+    def __init__(self) -> None:
+        self.early: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.early.append(data)
 
 
 def make_cover(url: str | None) -> Cover:

@@ -30,6 +30,7 @@ from veil.protocol.auth import AUTH_SIZE, Credential, ReplayFilter, peek_key_id,
 from veil.server import clienthello
 from veil.server.covers import Cover
 from veil.store.base import User, UserStore
+from veil.transport.tls import start_tls_server
 
 log = logging.getLogger("veil.server")
 
@@ -150,15 +151,13 @@ class Gate:
                 self.stats.cover_foreign_sni += 1
                 await self.cover.serve_raw(sock)
                 return
-        loop = asyncio.get_running_loop()
+        remaining = started_at + self.handshake_timeout - asyncio.get_running_loop().time()
         try:
-            await loop.connect_accepted_socket(
-                lambda: _AwaitAuth(self, started_at), sock, ssl=self.ssl_context,
-                ssl_handshake_timeout=self.handshake_timeout)
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
+            await start_tls_server(sock, self.ssl_context, lambda: _AwaitAuth(self, started_at),
+                                   max(remaining, 0.001))
+        except (OSError, TimeoutError, ConnectionError):
             # OpenSSL has already answered the client the way it answers anyone; as nginx.
             self.stats.tls_failed += 1
-            sock.close()
 
 
 class _AwaitAuth(asyncio.Protocol):

@@ -1,0 +1,272 @@
+"""TLS over an asyncio TCP transport, with OpenSSL's record layer driven through memory BIOs.
+
+Why not the event loop's own TLS (``loop.create_connection(ssl=...)``)? Both asyncio's and
+uvloop's drop whatever OpenSSL queued when a handshake fails — the alert a real web server
+sends back to a malformed ClientHello — and a prober can tell a server that never answers
+from nginx, which does. Here every byte OpenSSL produces is written before the connection
+closes. It also lets the read path hand each decrypted record to the protocol as it comes,
+without joining them first.
+
+The carrier knows nothing of what it carries. :func:`start_tls_server` and
+:func:`open_tls_connection` return once the handshake is complete; the application protocol
+then sees an ordinary :class:`asyncio.Transport` (``get_extra_info("ssl_object")`` gives the
+``ssl.SSLObject``). ``close()`` sends close_notify and closes the TCP connection once it is
+written, without waiting for the peer's close_notify (as nginx and browsers do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any, cast
+
+# One read takes what OpenSSL has decrypted; a TLS record holds at most 16 KiB of plaintext,
+# so asking for more only matters when several records are buffered.
+_READ_SIZE = 256 * 1024
+_AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+class TlsHandshakeError(ConnectionError):
+    """The TLS handshake failed; whatever OpenSSL had to say was sent to the peer first."""
+
+
+class _TlsCarrier(asyncio.Protocol):
+    """The protocol on the TCP transport: feeds OpenSSL and relays to the app protocol."""
+
+    def __init__(self, context: ssl.SSLContext, *, server_side: bool,
+                 server_hostname: str | None,
+                 app_factory: Callable[[], asyncio.BaseProtocol]) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
+                                       server_hostname=server_hostname)
+        self._app_factory = app_factory
+        self.app: asyncio.Protocol | None = None
+        self.raw: asyncio.Transport | None = None
+        self.app_transport: TlsTransport | None = None
+        self.handshake: asyncio.Future[TlsTransport] = asyncio.get_running_loop().create_future()
+        self._closing = False
+        self._app_eof = False
+
+    # ------------------------------------------------------------------ TCP side
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.raw = cast(asyncio.Transport, transport)
+        self._handshake_step()
+
+    def data_received(self, data: bytes) -> None:
+        self._incoming.write(data)
+        if self.app is None:
+            self._handshake_step()
+            if self.app is None:
+                return
+        self._read_records()
+
+    def eof_received(self) -> bool:
+        if self.app is None:
+            self._fail_handshake(TlsHandshakeError("peer closed during the TLS handshake"))
+            return False
+        if not self._app_eof:
+            self._app_eof = True
+            # A FIN without close_notify (a "ragged" EOF): report it as an EOF all the same.
+            keep_open = self.app.eof_received()
+            return bool(keep_open)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.app is None:
+            self._fail_handshake(TlsHandshakeError(f"connection lost during handshake: {exc}"))
+            return
+        app, self.app = self.app, None
+        app.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.app is not None:
+            self.app.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.app is not None:
+            self.app.resume_writing()
+
+    # ------------------------------------------------------------------ TLS
+    def _flush(self) -> None:
+        if self._outgoing.pending and self.raw is not None:
+            self.raw.write(self._outgoing.read())
+
+    def _handshake_step(self) -> None:
+        try:
+            self.sslobj.do_handshake()
+        except _AGAIN:
+            self._flush()
+            return
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            # Send the alert OpenSSL queued (as nginx does), then close.
+            self._flush()
+            self._fail_handshake(TlsHandshakeError(f"TLS handshake failed: {exc}"))
+            if self.raw is not None:
+                self.raw.close()
+            return
+        self._flush()
+        assert self.raw is not None
+        self.app_transport = TlsTransport(self)
+        app = self._app_factory()
+        self.app = cast(asyncio.Protocol, app)
+        if not self.handshake.done():
+            self.handshake.set_result(self.app_transport)
+        self.app.connection_made(self.app_transport)
+        if self._incoming.pending:
+            self._read_records()
+
+    def _fail_handshake(self, exc: Exception) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(exc)
+
+    def _read_records(self) -> None:
+        sslobj = self.sslobj
+        while self.app is not None and not self._closing:
+            try:
+                chunk = sslobj.read(_READ_SIZE)
+            except _AGAIN:
+                break
+            except ssl.SSLZeroReturnError:  # close_notify
+                self._flush()
+                if not self._app_eof:
+                    self._app_eof = True
+                    if not self.app.eof_received() and self.raw is not None:
+                        self.close()
+                break
+            except ssl.SSLError:
+                self._flush()  # the alert, if OpenSSL made one
+                if self.raw is not None:
+                    self.raw.close()
+                break
+            if not chunk:
+                break
+            self.app.data_received(chunk)
+        self._flush()  # post-handshake messages (tickets, key updates)
+
+    # ------------------------------------------------------------------ app side
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or self.raw is None:
+            return
+        try:
+            self.sslobj.write(data)
+        except ssl.SSLError:
+            self.raw.abort()
+            return
+        self.raw.write(self._outgoing.read())
+
+    def close(self) -> None:
+        if self._closing or self.raw is None:
+            return
+        self._closing = True
+        try:
+            self.sslobj.unwrap()
+        except (ssl.SSLError, ValueError, OSError):
+            pass  # "want read": we do not wait for the peer's close_notify
+        self._flush()
+        self.raw.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self.raw is not None:
+            self.raw.abort()
+
+
+class TlsTransport(asyncio.Transport):
+    """The application's view of a TLS connection."""
+
+    def __init__(self, carrier: _TlsCarrier) -> None:
+        super().__init__()
+        self._carrier = carrier
+        assert carrier.raw is not None
+        self._raw = carrier.raw
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return self._carrier.sslobj
+        if name == "sslcontext":
+            return self._carrier.sslobj.context
+        if name == "peercert":
+            return self._carrier.sslobj.getpeercert()
+        if name == "cipher":
+            return self._carrier.sslobj.cipher()
+        return self._raw.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._carrier.app = cast(asyncio.Protocol, protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self._carrier.app is not None
+        return self._carrier.app
+
+    def is_closing(self) -> bool:
+        return self._carrier._closing or self._raw.is_closing()
+
+    def close(self) -> None:
+        self._carrier.close()
+
+    def abort(self) -> None:
+        self._carrier.abort()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._carrier.write(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        self._carrier.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return False  # TLS 1.3 has no half-close; close_notify ends both directions
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("TLS cannot half-close")
+
+    def is_reading(self) -> bool:
+        return self._raw.is_reading()
+
+    def pause_reading(self) -> None:
+        self._raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._raw.resume_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self._raw.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._raw.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._raw.set_write_buffer_limits(high, low)
+
+
+async def start_tls_server(sock: socket.socket, context: ssl.SSLContext,
+                           app_factory: Callable[[], asyncio.BaseProtocol],
+                           handshake_timeout: float) -> TlsTransport:
+    """Run the server side of a handshake on an accepted socket; raise on failure."""
+    loop = asyncio.get_running_loop()
+    carrier = _TlsCarrier(context, server_side=True, server_hostname=None,
+                          app_factory=app_factory)
+    raw, _ = await loop.connect_accepted_socket(lambda: carrier, sock)
+    try:
+        return await asyncio.wait_for(asyncio.shield(carrier.handshake), handshake_timeout)
+    except BaseException:
+        raw.abort()
+        raise
+
+
+async def open_tls_connection(host: str, port: int, context: ssl.SSLContext,
+                              app_factory: Callable[[], asyncio.BaseProtocol], *,
+                              server_hostname: str | None, handshake_timeout: float,
+                              ) -> TlsTransport:
+    """Connect and run the client side of a handshake; raise on failure."""
+    loop = asyncio.get_running_loop()
+    carrier = _TlsCarrier(context, server_side=False, server_hostname=server_hostname or None,
+                          app_factory=app_factory)
+    raw, _ = await loop.create_connection(lambda: carrier, host, port)
+    try:
+        return await asyncio.wait_for(asyncio.shield(carrier.handshake), handshake_timeout)
+    except BaseException:
+        raw.abort()
+        raise
