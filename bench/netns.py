@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -295,14 +297,15 @@ class Topology:
         return proc
 
     def close(self) -> None:
-        # A second Ctrl-C must not cut the cleanup short.
+        # A second Ctrl-C (or a SIGTERM) must not cut the cleanup short.
+        held = (signal.SIGINT, signal.SIGTERM)
         in_main = threading.current_thread() is threading.main_thread()
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+        old = [signal.signal(s, signal.SIG_IGN) for s in held] if in_main else []
         try:
             self._close()
         finally:
-            if in_main:
-                signal.signal(signal.SIGINT, old)
+            for s, handler in zip(held, old, strict=False):
+                signal.signal(s, handler)
 
     def _close(self) -> None:
         for proc in reversed(self.procs):
@@ -349,4 +352,10 @@ def cleanup_stale(force: bool = False) -> list[str]:
         if force or (pid != os.getpid() and not Path(f"/proc/{pid}").exists()):
             delete_ns(ns)
             removed.append(ns)
+    # Temp dirs of dead runs (run.py names them veilbench-PID-*).
+    for d in Path(tempfile.gettempdir()).glob(f"{NS_PREFIX}-*-*"):
+        m = re.fullmatch(rf"{NS_PREFIX}-(\d+)-\w+", d.name)
+        if m and d.is_dir() and (force or not Path(f"/proc/{m.group(1)}").exists()):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
     return removed

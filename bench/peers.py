@@ -153,7 +153,8 @@ PEERS: tuple[Peer, ...] = (
                  "-r", _PPROXY_REMOTE),
         socks=(*_PPROXY, "-l", "socks5://127.0.0.1:$socks_port", "-r", _PPROXY_REMOTE),
         python_modules=("pproxy", "Crypto.Cipher.ChaCha20_Poly1305"),
-        version=("$python", "-c", "import pproxy; print('pproxy', pproxy.__version__)"),
+        version=("$python", "-c",
+                 "import importlib.metadata as m; print('pproxy', m.version('pproxy'))"),
     ),
     Peer(
         name="veil",

@@ -26,6 +26,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import secrets
 import shutil
 import signal
@@ -63,6 +64,43 @@ COOLDOWN_S = 1.0
 IPERF_SLACK_S = 30.0
 # The delayed-link check: ping's median RTT must be within this of the target.
 RTT_TOLERANCE = 0.2
+
+
+class CpuWatch:
+    """How much CPU processes other than the bench's used meanwhile (a noise gauge).
+
+    The machine's user+system time from /proc/stat, minus this process's and its
+    reaped children's (every process the bench started is reaped before the end).
+    """
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.busy0 = self._machine_busy()
+        self.ours0 = self._ours()
+
+    @staticmethod
+    def _machine_busy() -> float:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        user, nice, system = (int(x) for x in fields[1:4])
+        return (user + nice + system) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _ours() -> float:
+        s = resource.getrusage(resource.RUSAGE_SELF)
+        c = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+    def other_pct(self) -> float:
+        """Others' CPU time as a percentage of the machine's capacity over the interval."""
+        wall = time.monotonic() - self.t0
+        other = (self._machine_busy() - self.busy0) - (self._ours() - self.ours0)
+        return max(0.0, 100.0 * other / (wall * (os.cpu_count() or 1)))
+
+
+# Above this, the report warns that other programs competed for the CPUs. The
+# gauge also counts kernel threads (ksoftirqd) working on the bench's own
+# packets, a few percent under heavy traffic, hence not lower.
+OTHER_CPU_WARN_PCT = 10.0
 
 
 def log(msg: str) -> None:
@@ -237,7 +275,7 @@ class Bench:
         self.args = args
         self.peers = peers
         self.tag = str(os.getpid())
-        self.work = Path(tempfile.mkdtemp(prefix="veilbench-"))
+        self.work = Path(tempfile.mkdtemp(prefix=f"{netns.NS_PREFIX}-{self.tag}-"))
         self.results: dict[str, dict[str, Any]] = {
             p.name: {"title": p.title, "errors": {}} for p in peers}
         self.meta: dict[str, Any] = {}
@@ -576,11 +614,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_signal(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
+    # SIGINT explicitly too: a shell starting run.py in the background leaves it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
 
     bench = Bench(args, select_peers(args.only))
     started = dt.datetime.now()
+    watch = CpuWatch()
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
     interrupted = False
     try:
         bench.run()
@@ -596,7 +638,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "finished": dt.datetime.now().isoformat(timespec="seconds"),
         "interrupted": interrupted,
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
-                 "kernel": platform.release()},
+                 "kernel": platform.release(), "loadavg_before": load_before,
+                 "other_processes_cpu_pct": round(watch.other_pct(), 1)},
         "settings": {"duration_s": args.duration, "ttfb_count": args.ttfb_count,
                      "delayed_count": args.delayed_count, "rtt_ms": args.rtt,
                      "repeat": args.repeat, "tests": args.tests, "mtu": netns.MTU},
@@ -607,6 +650,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(report(bench.results, args.rtt))
+    other = doc["host"]["other_processes_cpu_pct"]
+    if other > OTHER_CPU_WARN_PCT:
+        print(f"\nwarning: other processes used ~{other:.0f}% of the CPUs during this run "
+              "(load average before it: " + " ".join(load_before) + "); figures are noisy")
     for name in ("bare", "delayed"):
         if f"{name}_error" in bench.meta:
             print(f"\n{name} phase failed: {bench.meta[f'{name}_error']}")

@@ -42,6 +42,17 @@ HTTP_PROBES = [
     b"\r\n\r\n",
     b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
 ]
+# Bytes that look like TLS but are not a valid ClientHello: OpenSSL answers some with an
+# alert, and veil must send exactly the alert nginx sends (the event loop's own TLS drops it).
+BROKEN_TLS_PROBES = [
+    b"\x16\x03\x01\x00\x05hello",
+    b"\x16\x03\x01\x02\x00" + bytes(range(256)) * 2,
+    b"\x16\x03\x03\x00\x30" + b"\x01\x00\x00\x2c" + bytes(44),
+    b"\x16\x03\x01\xff\xff" + bytes(100),
+    b"\x80\x2e\x01\x00\x02" + bytes(43),
+    b"\x15\x03\x03\x00\x02\x02\x28",
+    b"\x17\x03\x03\x00\x10" + bytes(16),
+]
 
 
 class StandaloneCover:
@@ -171,12 +182,14 @@ def test_silence_after_tls_is_treated_alike(builtin_veil: procs.VeilServer,
 
 def test_plain_probes_before_tls_match_nginx(builtin_veil: procs.VeilServer,
                                              nginx: procs.Nginx) -> None:
-    payloads = [*HTTP_PROBES, *random_payloads(seed=2)]
+    payloads = [*HTTP_PROBES, *BROKEN_TLS_PROBES, *random_payloads(seed=2)]
     differences = compare(payloads, lambda p: probe_raw(builtin_veil.port, p),
                           lambda p: probe_raw(nginx.https_port, p))
     assert differences == []
     answer = probe_raw(builtin_veil.port, HTTP_PROBES[0]).data
     assert b"The plain HTTP request was sent to HTTPS port" in answer
+    alert = probe_raw(builtin_veil.port, BROKEN_TLS_PROBES[0]).data
+    assert alert.startswith(b"\x15\x03"), "a broken ClientHello gets a TLS alert, as from nginx"
 
 
 def test_revoked_key_gets_the_cover(builtin_veil: procs.VeilServer,
@@ -195,7 +208,7 @@ def test_with_nginx_as_cover_probes_see_nginx(nginx_covered_veil: procs.VeilServ
     differences = compare(payloads, lambda p: probe_tls(nginx_covered_veil.port, p),
                           lambda p: probe_tls(nginx.https_port, p))
     assert differences == []
-    differences = compare([*HTTP_PROBES, *random_payloads(seed=4)],
+    differences = compare([*HTTP_PROBES, *BROKEN_TLS_PROBES, *random_payloads(seed=4)],
                           lambda p: probe_raw(nginx_covered_veil.port, p),
                           lambda p: probe_raw(nginx.https_port, p))
     assert differences == []
