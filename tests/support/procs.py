@@ -180,6 +180,10 @@ http {{
     server {{
         listen 127.0.0.1:{http_port};
         listen 127.0.0.1:{https_port} ssl;
+        # As Debian's /etc/nginx/nginx.conf sets them (nginx 1.22's built-in default has no
+        # TLS 1.3), so that nginx here is the nginx people run.
+        ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;
+        ssl_prefer_server_ciphers on;
         ssl_certificate {prefix}/cert.pem;
         ssl_certificate_key {prefix}/key.pem;
         root {root};

@@ -123,27 +123,35 @@ class _TlsCarrier(asyncio.Protocol):
             self.handshake.set_exception(exc)
 
     def _read_records(self) -> None:
+        # Decrypt every complete record, then deliver them as one buffer: the protocol's
+        # work downstream (often one send() syscall per delivery) is per call, not per byte.
         sslobj = self.sslobj
-        while self.app is not None and not self._closing:
+        chunks: list[bytes] = []
+        eof = False
+        while True:
             try:
                 chunk = sslobj.read(_READ_SIZE)
             except _AGAIN:
                 break
             except ssl.SSLZeroReturnError:  # close_notify
-                self._flush()
-                if not self._app_eof:
-                    self._app_eof = True
-                    if not self.app.eof_received() and self.raw is not None:
-                        self.close()
+                eof = True
                 break
             except ssl.SSLError:
                 self._flush()  # the alert, if OpenSSL made one
                 if self.raw is not None:
                     self.raw.close()
+                self._closing = True
                 break
             if not chunk:
                 break
-            self.app.data_received(chunk)
+            chunks.append(chunk)
+        if chunks and self.app is not None:
+            self.app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if eof and not self._app_eof and self.app is not None:
+            self._app_eof = True
+            self._flush()
+            if not self.app.eof_received():
+                self.close()
         self._flush()  # post-handshake messages (tickets, key updates)
 
     # ------------------------------------------------------------------ app side
