@@ -15,10 +15,10 @@ import asyncio
 import ipaddress
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
+from veil.client.listener import TcpInbound
 from veil.errors import ConfigError, LocalProtocolError, VeilError
 from veil.net.dialer import Dialer, UdpFlow
 from veil.protocol.address import Address
@@ -169,13 +169,15 @@ async def start_forward(dialer: Dialer, spec: ForwardSpec) -> TcpForward | UdpFo
 # -- TCP ------------------------------------------------------------------------------------------
 
 
-class TcpForward:
+class TcpForward(TcpInbound):
     """Listens on ``listen`` and relays every accepted connection to ``dest``.
 
     Each connection waits (paused) for ``dialer.wait_ready``; if the tunnel is not ready in
     ``ready_timeout`` it is closed, else it is handed to ``dialer.open_tcp``. ``close()`` stops
     accepting and aborts connections not yet handed over.
     """
+
+    name = "TCP forward"
 
     def __init__(
         self,
@@ -185,57 +187,12 @@ class TcpForward:
         *,
         ready_timeout: float = READY_TIMEOUT,
     ) -> None:
-        self.dialer = dialer
-        self.listen = listen
+        super().__init__(dialer, listen)
         self.dest = dest
         self.ready_timeout = ready_timeout
-        self._server: asyncio.Server | None = None
-        self._live: set[_TcpForwardProtocol] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        """Bind and start accepting. Raises OSError if the address cannot be bound."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _TcpForwardProtocol(self), self.listen.host, self.listen.port
-        )
-
-    @property
-    def address(self) -> Address:
-        """The address actually bound (the first socket, if the host had several)."""
-        if self._server is None or not self._server.sockets:
-            raise LocalProtocolError("TCP forward is not started", code="state")
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return Address(host, port)
-
-    async def close(self) -> None:
-        """Stop accepting, abort connections still waiting for the tunnel, wait for tasks."""
-        if self._server is not None:
-            self._server.close()
-        for proto in list(self._live):
-            proto.abort()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
-        await asyncio.sleep(0)  # let the aborted transports run connection_lost
-
-    def _spawn(
-        self, coro: Coroutine[Any, Any, None], abort: Callable[[], None]
-    ) -> asyncio.Task[None]:
-        """Run a connection's task; if it fails unexpectedly, ``abort`` its connection."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(lambda done: self._reap(done, abort))
-        return task
-
-    def _reap(self, task: asyncio.Task[None], abort: Callable[[], None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            abort()  # a dialer bug must not leave a paused socket open forever
-            log.error("tcp forward task failed", exc_info=exc)
-
+    def _make_protocol(self) -> asyncio.Protocol:
+        return _TcpForwardProtocol(self)
 
 class _TcpForwardProtocol(asyncio.Protocol):
     """One accepted connection until it is handed to the dialer."""

@@ -27,12 +27,12 @@ import asyncio
 import ipaddress
 import logging
 import re
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import h11
 
+from veil.client.listener import TcpInbound
 from veil.errors import LocalProtocolError, RemoteProtocolError, VeilError
 from veil.net.dialer import Dialer
 from veil.protocol.address import Address
@@ -282,7 +282,7 @@ def _authority(text: str, default_port: int | None) -> Address:
 # -- asyncio listener -----------------------------------------------------------------------------
 
 
-class HttpProxyInbound:
+class HttpProxyInbound(TcpInbound):
     """An HTTP proxy listener that hands each request's connection to a :class:`Dialer`.
 
     ``start()`` binds ``listen`` (port 0 picks a free port; see :attr:`address`). Connections
@@ -293,6 +293,8 @@ class HttpProxyInbound:
     remote end answers); if the remote end then fails, the connection is simply closed.
     """
 
+    name = "HTTP proxy inbound"
+
     def __init__(
         self,
         dialer: Dialer,
@@ -301,59 +303,12 @@ class HttpProxyInbound:
         ready_timeout: float = READY_TIMEOUT,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
-        self.dialer = dialer
-        self.listen = listen
+        super().__init__(dialer, listen)
         self.ready_timeout = ready_timeout
         self.handshake_timeout = handshake_timeout
-        self._server: asyncio.Server | None = None
-        self._live: set[_HttpProxyProtocol] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        """Bind and start accepting. Raises OSError if the address cannot be bound."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _HttpProxyProtocol(self), self.listen.host, self.listen.port
-        )
-
-    @property
-    def address(self) -> Address:
-        """The address actually bound (the first socket, if the host had several)."""
-        if self._server is None or not self._server.sockets:
-            raise LocalProtocolError("HTTP proxy inbound is not started", code="state")
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return Address(host, port)
-
-    async def close(self) -> None:
-        """Stop accepting, abort connections still in their request head, wait for tasks."""
-        if self._server is not None:
-            self._server.close()
-        count = len(self._live)
-        for proto in list(self._live):
-            proto.abort()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
-        await asyncio.sleep(0)  # let the aborted transports run connection_lost
-        if count:
-            log.debug("http proxy: aborted %d connections at shutdown", count)
-
-    def _spawn(
-        self, coro: Coroutine[Any, Any, None], abort: Callable[[], None]
-    ) -> asyncio.Task[None]:
-        """Run a connection's task; if it fails unexpectedly, ``abort`` its connection."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(lambda done: self._reap(done, abort))
-        return task
-
-    def _reap(self, task: asyncio.Task[None], abort: Callable[[], None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            abort()  # a dialer bug must not leave a paused socket open forever
-            log.error("http proxy connection task failed", exc_info=exc)
+    def _make_protocol(self) -> asyncio.Protocol:
+        return _HttpProxyProtocol(self)
 
 
 _ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"

@@ -27,10 +27,11 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn, cast
 
+from veil.client.listener import TcpInbound
 from veil.errors import AuthError, ConfigError, LocalProtocolError, RemoteProtocolError, VeilError
 from veil.net.dialer import Dialer, UdpFlow
 from veil.protocol.address import ATYP_DOMAIN, ATYP_IPV4, ATYP_IPV6, Address, NeedMoreData
@@ -373,7 +374,7 @@ def encode_udp_datagram(source: Address, payload: bytes) -> bytes:
 # -- asyncio listener -----------------------------------------------------------------------------
 
 
-class Socks5Inbound:
+class Socks5Inbound(TcpInbound):
     """A SOCKS5 listener that hands each accepted stream to a :class:`Dialer`.
 
     ``start()`` binds ``listen`` (port 0 picks a free port; see :attr:`address`). Connections
@@ -385,6 +386,8 @@ class Socks5Inbound:
     offered.
     """
 
+    name = "SOCKS5 inbound"
+
     def __init__(
         self,
         dialer: Dialer,
@@ -395,63 +398,15 @@ class Socks5Inbound:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         max_udp_associations: int = MAX_UDP_ASSOCIATIONS,
     ) -> None:
-        self.dialer = dialer
-        self.listen = listen
+        super().__init__(dialer, listen)
         self.credentials = credentials
         self.ready_timeout = ready_timeout
         self.handshake_timeout = handshake_timeout
         self.max_udp_associations = max_udp_associations
-        self._server: asyncio.Server | None = None
-        self._live: set[_Socks5Protocol] = set()  # in handshake or carrying a UDP association
         self._udp_count = 0
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        """Bind and start accepting. Raises OSError if the address cannot be bound."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Socks5Protocol(self), self.listen.host, self.listen.port
-        )
-
-    @property
-    def address(self) -> Address:
-        """The address actually bound (the first socket, if the host had several)."""
-        if self._server is None or not self._server.sockets:
-            raise LocalProtocolError("SOCKS5 inbound is not started", code="state")
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return Address(host, port)
-
-    async def close(self) -> None:
-        """Stop accepting, drop handshakes and UDP associations, and wait for their tasks."""
-        if self._server is not None:
-            self._server.close()
-        count = len(self._live)
-        for proto in list(self._live):
-            proto.abort()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
-        await asyncio.sleep(0)  # let the aborted transports run connection_lost
-        if count:
-            log.debug("socks5: aborted %d connections at shutdown", count)
-
-    def _spawn(
-        self, coro: Coroutine[Any, Any, None], abort: Callable[[], None]
-    ) -> asyncio.Task[None]:
-        """Run a connection's task; if it fails unexpectedly, ``abort`` its connection."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(lambda done: self._reap(done, abort))
-        return task
-
-    def _reap(self, task: asyncio.Task[None], abort: Callable[[], None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            abort()  # a dialer bug must not leave a paused socket open forever
-            log.error("socks5 connection task failed", exc_info=exc)
-
+    def _make_protocol(self) -> asyncio.Protocol:
+        return _Socks5Protocol(self)
 
 class _Socks5Protocol(asyncio.Protocol):
     """One accepted connection until its handshake ends (handover, failure or UDP close)."""

@@ -63,7 +63,7 @@ class _ClientDriver(SessionDriver):
         super().__init__(session, **kwargs)  # type: ignore[arg-type]
         self.accepted: asyncio.Future[bool] = self._loop.create_future()
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if not self.accepted.done():
             # An accepted session always starts with PADDING; a cover site's answer never
             # does ("HTTP/1.1 ..."): then our key was refused.

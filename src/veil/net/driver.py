@@ -26,7 +26,7 @@ from veil.protocol.events import (
     StreamReset,
     StreamWritable,
 )
-from veil.protocol.frames import CloseCode, ResetCode
+from veil.protocol.frames import HEADER_SIZE, MAX_DATA_PAYLOAD, CloseCode, ResetCode
 from veil.protocol.session import Session, StreamState
 
 log = logging.getLogger("veil.net")
@@ -47,10 +47,15 @@ class StreamHandler(Protocol):
 class SessionDriver(asyncio.Protocol):
     """Runs a session over a (TLS) transport.
 
+    It takes received data as a transient view (``accepts_views``): the session copies what
+    it keeps, so the TLS carrier can decrypt into one reusable buffer.
+
     ``on_stream_opened`` is called for streams the peer opens (server side) and must register
     a handler with :meth:`attach` or reset the stream. ``on_closed`` is called once, when the
     session and its transport are gone.
     """
+
+    accepts_views = True
 
     def __init__(self, session: Session, *,
                  on_stream_opened: Callable[[StreamOpened], None] | None = None,
@@ -68,13 +73,26 @@ class SessionDriver(asyncio.Protocol):
         self._writing_paused = False
         self._done = False
         self.closed = self._loop.create_future()
+        self._read_buffer: memoryview | None = None
+
+    @property
+    def read_buffer(self) -> memoryview:
+        """One buffer that every stream of this session reads its local socket into.
+
+        Sharing is safe because a read is framed and handed to TLS (which encrypts it at once)
+        before the event loop can run another read; it bounds read memory per session to one
+        frame instead of one per stream.
+        """
+        if self._read_buffer is None:
+            self._read_buffer = memoryview(bytearray(HEADER_SIZE + MAX_DATA_PAYLOAD))
+        return self._read_buffer
 
     # ------------------------------------------------------------------ transport side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
         self.flush()
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._on_bytes is not None:
             self._on_bytes(len(data), 0)
         self._dispatch(self.session.receive_data(data, self._loop.time()))
@@ -203,7 +221,7 @@ class SessionDriver(asyncio.Protocol):
             self._on_closed(self)
 
 
-class TcpRelay(asyncio.Protocol):
+class TcpRelay(asyncio.BufferedProtocol):
     """Relays one local TCP connection to one session stream, both ways, with backpressure.
 
     Local reads become DATA frames; when the stream's window is exhausted the local socket
@@ -229,6 +247,24 @@ class TcpRelay(asyncio.Protocol):
         self._early_eof = False
 
     # --- local transport callbacks
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # The socket reads straight into the payload part of a DATA frame (see send_frame),
+        # and never more than the stream may send: nothing has to be held back and copied.
+        credit = self.session.send_credit(self.stream_id)
+        return self.driver.read_buffer[HEADER_SIZE : HEADER_SIZE + max(1, credit)]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            writable = self.session.send_frame(
+                self.stream_id, self.driver.read_buffer[: HEADER_SIZE + nbytes])
+        except LocalProtocolError:
+            self._abort()
+            return
+        if not writable:
+            self._blocked = True
+            self._pause_reading()
+        self.driver.flush()  # before the shared buffer is read into again
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         if self.driver.writing_paused:
@@ -241,6 +277,7 @@ class TcpRelay(asyncio.Protocol):
         self.driver.flush()
 
     def data_received(self, data: bytes) -> None:
+        """Bytes read before the relay took over (early data)."""
         try:
             writable = self.session.send_data(self.stream_id, data)
         except LocalProtocolError:

@@ -34,6 +34,7 @@ from veil.protocol.events import (
 )
 from veil.protocol.frames import (
     EXACT_LENGTH,
+    HEADER,
     HEADER_SIZE,
     MAX_DATA_PAYLOAD,
     MAX_PAYLOAD,
@@ -49,11 +50,12 @@ from veil.protocol.frames import (
     unpack_u32,
 )
 
-# Windows. 1 MiB per stream covers the bandwidth-delay product of ~80 Mbit/s at 100 ms RTT
-# and of many Gbit/s on a LAN; the session window lets 15 streams stall at once before the
-# 16th notices. Both bound receive-side memory: stream window per stream, session window in all.
-INITIAL_STREAM_WINDOW = 1024 * 1024
-INITIAL_SESSION_WINDOW = 16 * 1024 * 1024
+# Windows. A stream moves at most one window per round trip: 4 MiB is ~170 Mbit/s at 200 ms
+# (a censored country to a server abroad) and smooths scheduling stalls on a busy LAN host.
+# The session window lets 7 streams stall at once before the 8th notices, and bounds what a
+# receiver buffers for one session (32 MiB) whatever its peer does.
+INITIAL_STREAM_WINDOW = 4 * 1024 * 1024
+INITIAL_SESSION_WINDOW = 32 * 1024 * 1024
 # Grant credit back once a quarter of a window is consumed: few WINDOW frames, no stalls.
 _GRANT_FRACTION = 4
 # A window above 2**31 - 1 can only come from a broken or hostile peer.
@@ -113,7 +115,7 @@ class Session:
         self._recv_credit = INITIAL_SESSION_WINDOW
         self._session_unacked = 0
         self._blocked: dict[int, _Stream] = {}  # streams with pending data, in arrival order
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
         self._closed = False
         # Parser state: a partial header or control frame, or the rest of a DATA payload.
         self._partial = bytearray()
@@ -154,7 +156,33 @@ class Session:
         self._out.append(frame(FrameType.OPEN, stream_id, bytes((kind,)) + destination.encode()))
         return stream_id
 
-    def send_data(self, stream_id: int, data: bytes) -> bool:
+    def send_credit(self, stream_id: int) -> int:
+        """How many bytes the stream may send now without anything being held back."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.pending:
+            return 0
+        return max(0, min(stream.send_window, self._send_window))
+
+    def send_frame(self, stream_id: int, frame_buffer: memoryview) -> bool:
+        """Send ``frame_buffer[HEADER_SIZE:]`` on a stream, writing the DATA header into the
+        first HEADER_SIZE bytes so the frame leaves without being copied.
+
+        The buffer is queued as it is: the caller must take :meth:`data_to_send` (and hand it
+        to something that consumes it, like a TLS write) before reusing the buffer. Returns
+        what :meth:`send_data` returns.
+        """
+        size = len(frame_buffer) - HEADER_SIZE
+        stream = self._sendable(stream_id)
+        if stream.pending or size > MAX_DATA_PAYLOAD or size > min(stream.send_window,
+                                                                   self._send_window):
+            return self.send_data(stream_id, frame_buffer[HEADER_SIZE:])
+        HEADER.pack_into(frame_buffer, 0, (FrameType.DATA << 24) | size, stream_id)
+        stream.send_window -= size
+        self._send_window -= size
+        self._out.append(frame_buffer)
+        return self._still_open(stream)
+
+    def send_data(self, stream_id: int, data: bytes | memoryview) -> bool:
         """Queue ``data`` on a stream. Returns False when the stream is now blocked by flow
         control: the data is kept, but the caller should stop reading its source until a
         :class:`StreamWritable` event."""
@@ -165,7 +193,7 @@ class Session:
         allowed = min(stream.send_window, self._send_window)
         if len(data) <= allowed:
             self._emit_data(stream, data)
-            return True
+            return self._still_open(stream)
         if allowed > 0:
             self._emit_data(stream, data[:allowed])
         stream.pending += data[allowed:]
@@ -231,8 +259,9 @@ class Session:
         self._out.append(frame(FrameType.CLOSE, 0, payload))
         self._shut()
 
-    def data_to_send(self) -> bytes:
-        """Everything queued for the wire since the last call, as one buffer."""
+    def data_to_send(self) -> bytes | memoryview:
+        """Everything queued for the wire since the last call, as one buffer (a view into
+        the caller's buffer when that is all there is, see :meth:`send_frame`)."""
         out = self._out
         if not out:
             return b""
@@ -272,9 +301,12 @@ class Session:
         return []
 
     # ------------------------------------------------------------------ receiving
-    def receive_data(self, data: bytes, now: float) -> list[Event]:
+    def receive_data(self, data: bytes | memoryview, now: float) -> list[Event]:
         """Parse received bytes; return what happened. A protocol violation by the peer
-        closes the session (a CLOSE frame is queued) and ends the list with SessionClosed."""
+        closes the session (a CLOSE frame is queued) and ends the list with SessionClosed.
+
+        ``data`` may be a view of a buffer the caller reuses: nothing keeps a reference to it
+        after the call (events carry copies)."""
         events: list[Event] = []
         if self._closed or not data:
             return events
@@ -288,7 +320,7 @@ class Session:
             events.append(SessionClosed(code, str(exc), False))
         return events
 
-    def _parse(self, data: bytes, events: list[Event], now: float) -> None:
+    def _parse(self, data: bytes | memoryview, events: list[Event], now: float) -> None:
         pos, end = 0, len(data)
         while pos < end and not self._closed:
             if self._data_left:
@@ -296,8 +328,9 @@ class Session:
                 self._data_left -= take
                 stream = self._data_stream
                 if stream is not None:
-                    # bytes slicing of the whole buffer returns the buffer itself: no copy.
-                    events.append(DataReceived(stream.stream_id, data[pos : pos + take]))
+                    # One copy out of the caller's buffer (none when a bytes input is taken
+                    # whole: bytes() of a bytes object is that object).
+                    events.append(DataReceived(stream.stream_id, bytes(data[pos : pos + take])))
                 else:
                     self.consume(0, take)  # stale stream: nobody will consume it
                 pos += take
@@ -332,14 +365,15 @@ class Session:
             if ftype == FrameType.DATA:
                 self._on_frame(ftype, stream_id, length, b"", events, now)
             elif end - pos >= length:
-                self._on_frame(ftype, stream_id, length, data[pos : pos + length], events, now)
+                self._on_frame(ftype, stream_id, length, bytes(data[pos : pos + length]), events,
+                               now)
                 pos += length
             else:
                 self._partial += data[pos - HEADER_SIZE :]
                 self._need = HEADER_SIZE + length
                 return
 
-    def _check_header(self, buf: bytes, offset: int) -> tuple[FrameType, int, int]:
+    def _check_header(self, buf: bytes | memoryview, offset: int) -> tuple[FrameType, int, int]:
         ftype_raw, stream_id, length = unpack_header(buf, offset)
         try:
             ftype = FrameType(ftype_raw)
@@ -454,7 +488,7 @@ class Session:
         stream.send_window += increment
         if stream.send_window > MAX_WINDOW:
             raise RemoteProtocolError("stream window overflow", code="flow_control")
-        if stream.pending:
+        if stream_id in self._blocked:
             self._flush(stream, events)
 
     def _on_datagram(self, stream_id: int, payload: bytes, events: list[Event]) -> None:
@@ -481,7 +515,7 @@ class Session:
             raise LocalProtocolError(f"stream {stream_id} cannot send", code="stream_closed")
         return stream
 
-    def _emit_data(self, stream: _Stream, data: bytes | bytearray) -> None:
+    def _emit_data(self, stream: _Stream, data: bytes | bytearray | memoryview) -> None:
         size = len(data)
         stream.send_window -= size
         self._send_window -= size
@@ -503,8 +537,20 @@ class Session:
         if stream.state is StreamState.CLOSED:
             del self._streams[stream.stream_id]
 
+    def _still_open(self, stream: _Stream) -> bool:
+        """False (and remember to say StreamWritable later) when the credit is used up."""
+        if stream.send_window > 0 and self._send_window > 0:
+            return True
+        self._blocked[stream.stream_id] = stream
+        return False
+
     def _flush(self, stream: _Stream, events: list[Event]) -> None:
-        allowed = min(stream.send_window, self._send_window, len(stream.pending))
+        credit = min(stream.send_window, self._send_window)
+        if not stream.pending:
+            if credit > 0 and self._blocked.pop(stream.stream_id, None) is not None:
+                events.append(StreamWritable(stream.stream_id))
+            return
+        allowed = min(credit, len(stream.pending))
         if allowed <= 0:
             return
         self._emit_data(stream, stream.pending[:allowed])

@@ -7,7 +7,8 @@ from nginx, which does. Here every byte OpenSSL produces is written before the c
 closes. It also lets the read path hand each decrypted record to the protocol as it comes,
 without joining them first.
 
-The carrier knows nothing of what it carries. :func:`start_tls_server` and
+The carrier knows nothing of what it carries. A protocol with ``accepts_views = True`` gets
+``data_received(memoryview)`` over the carrier's buffer, valid only during the call. :func:`start_tls_server` and
 :func:`open_tls_connection` return once the handshake is complete; the application protocol
 then sees an ordinary :class:`asyncio.Transport` (``get_extra_info("ssl_object")`` gives the
 ``ssl.SSLObject``). ``close()`` sends close_notify and closes the TCP connection once it is
@@ -22,9 +23,13 @@ import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
-# One read takes what OpenSSL has decrypted; a TLS record holds at most 16 KiB of plaintext,
-# so asking for more only matters when several records are buffered.
-_READ_SIZE = 256 * 1024
+# One SSL read returns at most one record's plaintext (16 KiB). Records are decrypted into one
+# reusable buffer and handed on in batches of up to _BATCH bytes: no allocation per record,
+# and one call (often one send() syscall downstream) per batch instead of per record.
+_RECORD = 16 * 1024
+_BATCH = 256 * 1024
+# The socket is read into one reusable buffer too; OpenSSL copies it into its BIO at once.
+_CIPHER_READ = 256 * 1024
 _AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
@@ -32,7 +37,7 @@ class TlsHandshakeError(ConnectionError):
     """The TLS handshake failed; whatever OpenSSL had to say was sent to the peer first."""
 
 
-class _TlsCarrier(asyncio.Protocol):
+class _TlsCarrier(asyncio.BufferedProtocol):
     """The protocol on the TCP transport: feeds OpenSSL and relays to the app protocol."""
 
     def __init__(self, context: ssl.SSLContext, *, server_side: bool,
@@ -47,6 +52,8 @@ class _TlsCarrier(asyncio.Protocol):
         self.raw: asyncio.Transport | None = None
         self.app_transport: TlsTransport | None = None
         self.handshake: asyncio.Future[TlsTransport] = asyncio.get_running_loop().create_future()
+        self._plain = memoryview(bytearray(_BATCH + _RECORD))
+        self._cipher = memoryview(bytearray(_CIPHER_READ))
         self._closing = False
         self._app_eof = False
 
@@ -55,8 +62,11 @@ class _TlsCarrier(asyncio.Protocol):
         self.raw = cast(asyncio.Transport, transport)
         self._handshake_step()
 
-    def data_received(self, data: bytes) -> None:
-        self._incoming.write(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._cipher
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._incoming.write(self._cipher[:nbytes])
         if self.app is None:
             self._handshake_step()
             if self.app is None:
@@ -123,14 +133,13 @@ class _TlsCarrier(asyncio.Protocol):
             self.handshake.set_exception(exc)
 
     def _read_records(self) -> None:
-        # Decrypt every complete record, then deliver them as one buffer: the protocol's
-        # work downstream (often one send() syscall per delivery) is per call, not per byte.
-        sslobj = self.sslobj
-        chunks: list[bytes] = []
+        sslobj, plain = self.sslobj, self._plain
+        filled = 0
         eof = False
         while True:
             try:
-                chunk = sslobj.read(_READ_SIZE)
+                # With a buffer, read() returns a count (typeshed says bytes).
+                count = cast(int, sslobj.read(_RECORD, plain[filled : filled + _RECORD]))
             except _AGAIN:
                 break
             except ssl.SSLZeroReturnError:  # close_notify
@@ -142,17 +151,29 @@ class _TlsCarrier(asyncio.Protocol):
                     self.raw.close()
                 self._closing = True
                 break
-            if not chunk:
+            if not count:
                 break
-            chunks.append(chunk)
-        if chunks and self.app is not None:
-            self.app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            filled += count
+            if filled >= _BATCH:
+                self._deliver(filled)
+                filled = 0
+        if filled:
+            self._deliver(filled)
         if eof and not self._app_eof and self.app is not None:
             self._app_eof = True
             self._flush()
             if not self.app.eof_received():
                 self.close()
         self._flush()  # post-handshake messages (tickets, key updates)
+
+    def _deliver(self, filled: int) -> None:
+        app = self.app
+        if app is None or self._closing:
+            return
+        view = self._plain[:filled]
+        # A protocol that promises not to keep the buffer past the call gets it as it is.
+        app.data_received(view if getattr(app, "accepts_views", False)  # type: ignore[arg-type]
+                          else bytes(view))
 
     # ------------------------------------------------------------------ app side
     def write(self, data: bytes | bytearray | memoryview) -> None:
