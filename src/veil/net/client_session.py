@@ -115,8 +115,7 @@ class ClientTunnel(Dialer):
                 server_hostname=self.key.sni, handshake_timeout=HANDSHAKE_TIMEOUT_S)
         except TlsHandshakeError as exc:
             raise ConnectionError(f"TLS with {server} failed: {exc}") from exc
-        sslobj = transport.get_extra_info("ssl_object")
-        der = sslobj.getpeercert(binary_form=True) if sslobj else None
+        der = transport.get_extra_info("peer_certificate_der")
         if not der or pin_of_der(der) != self.key.pin:
             # Someone else's certificate: an interception proxy, or the wrong server. Send
             # nothing (the credential must not reach it) and say so.
@@ -124,7 +123,7 @@ class ClientTunnel(Dialer):
             raise AuthError(f"the server at {server} did not present the pinned key "
                             "(TLS interception or wrong server); refusing to send anything",
                             code="pin_mismatch")
-        binding = sslobj.get_channel_binding("tls-unique")
+        binding = transport.get_extra_info("tls_unique")
         auth = build_auth(self.credential, binding, time.time())
         low, high = FIRST_PADDING_RANGE
         session.send_padding(random.randint(low, high))

@@ -191,8 +191,7 @@ class _AwaitAuth(asyncio.Protocol):
         gate = self.gate
         reason = "short"
         if len(data) >= AUTH_SIZE:
-            sslobj = transport.get_extra_info("ssl_object")
-            binding = sslobj.get_channel_binding("tls-unique") if sslobj else None
+            binding = transport.get_extra_info("tls_unique")
             if binding:
                 user, reason = gate.authenticator.check(data[:AUTH_SIZE], binding)
                 if user is not None:

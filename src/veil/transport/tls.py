@@ -213,6 +213,12 @@ class TlsTransport(asyncio.Transport):
         self._raw = carrier.raw
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        # "tls_unique" and "peer_certificate_der" are what veil's layers ask for; any TLS
+        # carrier (this one, or a handshake of veil's own) provides them under these names.
+        if name == "tls_unique":
+            return self._carrier.sslobj.get_channel_binding("tls-unique")
+        if name == "peer_certificate_der":
+            return self._carrier.sslobj.getpeercert(binary_form=True)
         if name == "ssl_object":
             return self._carrier.sslobj
         if name == "sslcontext":
