@@ -224,3 +224,30 @@ def test_random_bytes_never_raise(garbage: bytes) -> None:
     _, server = pair()
     for event in server.receive_data(garbage, 0):
         assert not isinstance(event, DataReceived) or event.data
+
+
+def test_used_up_credit_blocks_until_window_then_says_writable() -> None:
+    client, server = pair()
+    sid = client.open_stream(StreamKind.TCP, DEST)
+    assert client.send_credit(sid) == INITIAL_STREAM_WINDOW
+    assert client.send_data(sid, bytes(INITIAL_STREAM_WINDOW)) is False  # sent, credit now 0
+    assert client.send_credit(sid) == 0
+    got = data_of(transfer(client, server), sid)
+    assert len(got) == INITIAL_STREAM_WINDOW  # nothing was held back
+    server.consume(sid, len(got))
+    assert StreamWritable(sid) in transfer(server, client)
+    assert client.send_credit(sid) == INITIAL_STREAM_WINDOW
+
+
+def test_send_frame_writes_the_header_in_place() -> None:
+    client, server = pair()
+    sid = client.open_stream(StreamKind.TCP, DEST)
+    client.data_to_send()
+    buffer = memoryview(bytearray(8 + 5))
+    buffer[8:] = b"hello"
+    assert client.send_frame(sid, buffer)
+    out = client.data_to_send()
+    assert isinstance(out, memoryview) and out.obj is buffer.obj  # no copy was made
+    assert bytes(out) == frame(FrameType.DATA, sid, b"hello")
+    server.receive_data(frame(FrameType.OPEN, sid, bytes([1]) + DEST.encode()), 0)
+    assert data_of(server.receive_data(bytes(out), 0), sid) == b"hello"
