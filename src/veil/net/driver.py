@@ -155,42 +155,33 @@ class SessionDriver(asyncio.Protocol):
         self.flush()
 
     def _dispatch(self, events: list[Event]) -> None:
+        # Dispatch on the event type and nothing else: this is the hot path, and DATA first.
         handlers = self.handlers
         for event in events:
-            # Dispatch on the event type and nothing else: this is the hot path.
-            kind = type(event)
-            if kind is DataReceived:
-                handler = handlers.get(event.stream_id)  # type: ignore[union-attr]
-                if handler is not None:
-                    handler.on_data(event.data)  # type: ignore[union-attr]
-                else:
-                    self.session.consume(event.stream_id, len(event.data))  # type: ignore[union-attr]
-            elif kind is StreamWritable:
-                handler = handlers.get(event.stream_id)  # type: ignore[union-attr]
-                if handler is not None:
-                    handler.on_writable()
-            elif kind is StreamEnded:
-                handler = handlers.get(event.stream_id)  # type: ignore[union-attr]
-                if handler is not None:
-                    handler.on_eof()
-            elif kind is DatagramReceived:
-                assert isinstance(event, DatagramReceived)
+            if isinstance(event, DataReceived):
                 handler = handlers.get(event.stream_id)
                 if handler is not None:
+                    handler.on_data(event.data)
+                else:
+                    self.session.consume(event.stream_id, len(event.data))
+            elif isinstance(event, StreamWritable):
+                if (handler := handlers.get(event.stream_id)) is not None:
+                    handler.on_writable()
+            elif isinstance(event, StreamEnded):
+                if (handler := handlers.get(event.stream_id)) is not None:
+                    handler.on_eof()
+            elif isinstance(event, DatagramReceived):
+                if (handler := handlers.get(event.stream_id)) is not None:
                     handler.on_datagram(event.address, event.payload)
-            elif kind is StreamReset:
-                assert isinstance(event, StreamReset)
-                handler = handlers.pop(event.stream_id, None)
-                if handler is not None:
+            elif isinstance(event, StreamReset):
+                if (handler := handlers.pop(event.stream_id, None)) is not None:
                     handler.on_reset(event.code)
-            elif kind is StreamOpened:
-                assert isinstance(event, StreamOpened)
+            elif isinstance(event, StreamOpened):
                 if self._on_stream_opened is None:
                     self.session.reset(event.stream_id, ResetCode.REFUSED_DESTINATION)
                 else:
                     self._on_stream_opened(event)
-            elif kind is SessionClosed:
-                assert isinstance(event, SessionClosed)
+            elif isinstance(event, SessionClosed):
                 log.debug("session closed (%s, remote=%s): %s", event.code.name, event.remote,
                           event.reason)
 
@@ -260,10 +251,7 @@ class TcpRelay(asyncio.BufferedProtocol):
         except LocalProtocolError:
             self._abort()
             return
-        if not writable:
-            self._blocked = True
-            self._pause_reading()
-        self.driver.flush()  # before the shared buffer is read into again
+        self._after_send(writable)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -283,10 +271,13 @@ class TcpRelay(asyncio.BufferedProtocol):
         except LocalProtocolError:
             self._abort()
             return
+        self._after_send(writable)
+
+    def _after_send(self, writable: bool) -> None:
         if not writable:
             self._blocked = True
             self._pause_reading()
-        self.driver.flush()
+        self.driver.flush()  # at once: the shared read buffer is reused by the next read
 
     def eof_received(self) -> bool:
         try:

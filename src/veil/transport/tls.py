@@ -4,20 +4,21 @@ Why not the event loop's own TLS (``loop.create_connection(ssl=...)``)? Both asy
 uvloop's drop whatever OpenSSL queued when a handshake fails — the alert a real web server
 sends back to a malformed ClientHello — and a prober can tell a server that never answers
 from nginx, which does. Here every byte OpenSSL produces is written before the connection
-closes. It also lets the read path hand each decrypted record to the protocol as it comes,
-without joining them first.
+closes. It also keeps the hot path lean: ciphertext is read into one reusable buffer, and
+records are decrypted into another and handed on in batches.
 
-The carrier knows nothing of what it carries. A protocol with ``accepts_views = True`` gets
-``data_received(memoryview)`` over the carrier's buffer, valid only during the call. :func:`start_tls_server` and
+The carrier knows nothing of what it carries. :func:`start_tls_server` and
 :func:`open_tls_connection` return once the handshake is complete; the application protocol
-then sees an ordinary :class:`asyncio.Transport` (``get_extra_info("ssl_object")`` gives the
-``ssl.SSLObject``). ``close()`` sends close_notify and closes the TCP connection once it is
+then sees an ordinary :class:`asyncio.Transport` offering ``get_extra_info("tls_unique")``
+and ``("peer_certificate_der")``. A protocol with ``accepts_views = True`` gets
+``data_received(memoryview)`` over the carrier's buffer, valid only during the call. ``close()`` sends close_notify and closes the TCP connection once it is
 written, without waiting for the peer's close_notify (as nginx and browsers do).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import Callable
@@ -190,10 +191,10 @@ class _TlsCarrier(asyncio.BufferedProtocol):
         if self._closing or self.raw is None:
             return
         self._closing = True
-        try:
+        # unwrap() queues our close_notify, then says "want read": we do not wait for the
+        # peer's close_notify.
+        with contextlib.suppress(ssl.SSLError, ValueError, OSError):
             self.sslobj.unwrap()
-        except (ssl.SSLError, ValueError, OSError):
-            pass  # "want read": we do not wait for the peer's close_notify
         self._flush()
         self.raw.close()
 
