@@ -12,7 +12,8 @@ The carrier knows nothing of what it carries. :func:`start_tls_server` and
 then sees an ordinary :class:`asyncio.Transport` offering ``get_extra_info("tls_unique")``
 and ``("peer_certificate_der")``. A protocol with ``accepts_views = True`` gets
 ``data_received(memoryview)`` over the carrier's buffer, valid only during the call.
-``close()`` sends close_notify and closes the TCP connection once it is written, without waiting for the peer's close_notify (as nginx and browsers do).
+``close()`` sends close_notify and closes the TCP connection once it is written, without
+waiting for the peer's close_notify (as nginx and browsers do).
 """
 
 from __future__ import annotations
