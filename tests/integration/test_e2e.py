@@ -196,3 +196,15 @@ def test_revoked_user_gets_the_cover_site(module_dir, veil_server: VeilServer) -
     finally:
         procs.stop(client.proc)
         echo.close()
+
+
+def test_no_secret_in_any_log(veil_server: VeilServer, veil_client: VeilClient,
+                              nginx: Nginx) -> None:
+    r = curl("--socks5-hostname", f"127.0.0.1:{veil_client.socks}",
+             f"http://localhost:{nginx.http_port}/")
+    assert r.returncode == 0
+    secret = veil_server.key.split("://", 1)[1].split("@", 1)[0]
+    logs = veil_server.log.read_text() + veil_client.log_text()
+    assert "session started" in logs  # the logs are real, and verbose (-v)
+    assert secret not in logs
+    assert "localhost" not in veil_server.log.read_text()  # nor where users went

@@ -124,3 +124,43 @@ def test_user_add_on_a_fresh_dir_needs_public(tmp_path: Path) -> None:
 def test_server_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     server = procs.start_veil_server(tmp_path)
     assert procs.stop(server.proc) == 0
+
+
+def test_private_destinations_are_refused_by_default(tmp_path: Path) -> None:
+    """Without --allow-private the server relays nothing to its own loopback: the stream is
+    reset at once (no hang), the session survives, and the target sees no connection."""
+    echo = procs.TcpEcho()
+    port = procs.free_port()
+    state = tmp_path / "strict"
+    log = tmp_path / "strict-server.log"
+    with open(log, "wb") as err:
+        server = subprocess.Popen([*procs.VEIL, "-v", "serve", "--state", str(state), "--listen",
+                                   f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=err)
+    try:
+        procs.wait_port(port, proc=server)
+        assert server.stdout is not None
+        key = server.stdout.readline().decode().strip()
+        fwd = procs.free_port()
+        client = procs.start_veil_client(tmp_path, key, socks=False,
+                                         forwards=[f"{fwd}:127.0.0.1:{echo.port}",
+                                                   f"{procs.free_port()}:localhost:{echo.port}"])
+        try:
+            for _ in range(3):
+                started = time.monotonic()
+                with socket.create_connection(("127.0.0.1", fwd), timeout=10) as s:
+                    s.settimeout(10)
+                    s.sendall(b"hello")
+                    try:
+                        data = s.recv(100)
+                    except ConnectionResetError:
+                        data = b""
+                assert data == b""
+                assert time.monotonic() - started < 5
+            assert echo.accepted == 0
+            assert "refused destination (private or loopback address)" in log.read_text()
+            assert "session ended" not in log.read_text()  # one refused stream, not the session
+        finally:
+            procs.stop(client.proc)
+    finally:
+        procs.stop(server)
+        echo.close()

@@ -65,7 +65,9 @@ class Outbound:
                 return
         except RefusedDestination:
             code = ResetCode.REFUSED_DESTINATION
-            log.info("stream %d: refused destination %s", relay.stream_id, dest)
+            # Which destination stays out of the log: it is the user's browsing history.
+            log.info("stream %d: refused destination (private or loopback address)",
+                     relay.stream_id)
         except ResolveError:
             code = ResetCode.RESOLVE_FAILED
         except (OSError, TimeoutError):
