@@ -208,3 +208,29 @@ def test_no_secret_in_any_log(veil_server: VeilServer, veil_client: VeilClient,
     assert "session started" in logs  # the logs are real, and verbose (-v)
     assert secret not in logs
     assert "localhost" not in veil_server.log.read_text()  # nor where users went
+
+
+def test_forward_keeps_data_and_eof_sent_before_the_tunnel_is_up(tmp_path,
+                                                                 tcp_echo: TcpEcho) -> None:
+    """`printf x | nc` while the server is still down: bytes and FIN arrive long before the
+    session exists; once the server is up they are delivered and the answer comes back."""
+    server_port = procs.free_port()
+    state = tmp_path / "state"  # where start_veil_server will find it
+    key = subprocess.run([*procs.VEIL, "user", "add", "early", "--state", str(state),
+                          "--public", f"127.0.0.1:{server_port}"], capture_output=True,
+                         text=True, check=True, timeout=30).stdout.strip()
+    port = procs.free_port()
+    client = procs.start_veil_client(tmp_path, key, socks=False,
+                                     forwards=[f"{port}:127.0.0.1:{tcp_echo.port}"], wait=False)
+    server = None
+    try:
+        procs.wait_port(port, proc=client.proc)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(echo_roundtrip, port, b"early bird")
+            time.sleep(1.0)  # the bytes and the FIN are in; the server is not up yet
+            server = procs.start_veil_server(tmp_path, port=server_port)
+            assert answer.result(timeout=30) == b"early bird"
+    finally:
+        procs.stop(client.proc)
+        if server is not None:
+            procs.stop(server.proc)

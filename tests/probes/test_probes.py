@@ -228,3 +228,78 @@ def test_https_cover_shows_its_own_certificate_for_other_names(
         assert differences == []
     finally:
         procs.stop(server.proc)
+
+
+# ------------------------------------------------------------------ Trojan-shaped probes
+def trojan_password(server: procs.VeilServer, name: str) -> str:
+    import subprocess
+
+    from veil.protocol.trojan import TrojanLink
+
+    out = subprocess.run([*procs.VEIL, "user", "show", name, "--state", str(server.state),
+                          "--format", "trojan"], capture_output=True, text=True, check=True,
+                         timeout=30)
+    return TrojanLink.parse(out.stdout).password
+
+
+def trojan_request(password: str, host: str = "example.com", port: int = 80) -> bytes:
+    from veil.protocol.address import Address
+    from veil.protocol.trojan import Command, build_request, password_hash
+
+    return build_request(password_hash(password), Command.CONNECT, Address(host, port))
+
+
+def trojan_probes(valid_password: str, seed: int) -> list[bytes]:
+    """What a prober who knows Trojan but not a password can send."""
+    import random
+
+    from veil.protocol.trojan import password_hash
+
+    rng = random.Random(seed)
+    http = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"
+    valid_hex = password_hash(valid_password).encode()
+    probes = [
+        trojan_request("wrong password") + http,
+        trojan_request("") + http,
+        trojan_request("wrong password"),
+        valid_hex.upper() + trojan_request(valid_password)[56:] + http,  # case matters
+        valid_hex + b"\r\n\x02\x03\x0bexample.com\x00\x50\r\n" + http,  # BIND
+        valid_hex + b"\r\n\x01\x09\x7f\x00\x00\x01\x00\x50\r\n" + http,  # bad address type
+        valid_hex + b"\n\n\x01\x01\x7f\x00\x00\x01\x00\x50\r\n",
+    ]
+    for length in (0, 1, 2, 10, 100, 1000):
+        probes.append(bytes(rng.choice(b"0123456789abcdef") for _ in range(56)) + b"\r\n"
+                      + rng.randbytes(length))
+    return probes
+
+
+def test_trojan_probes_see_only_the_builtin_cover(builtin_veil: procs.VeilServer,
+                                                  reference_cover: StandaloneCover) -> None:
+    password = trojan_password(builtin_veil, "default")
+    differences = compare(trojan_probes(password, seed=6),
+                          lambda p: probe_tls(builtin_veil.port, p),
+                          lambda p: probe_tls(reference_cover.port, p))
+    assert differences == []
+
+
+def test_trojan_probes_with_nginx_as_cover_see_nginx(nginx_covered_veil: procs.VeilServer,
+                                                     nginx: procs.Nginx) -> None:
+    password = trojan_password(nginx_covered_veil, "default")
+    differences = compare(trojan_probes(password, seed=7),
+                          lambda p: probe_tls(nginx_covered_veil.port, p),
+                          lambda p: probe_tls(nginx.https_port, p))
+    assert differences == []
+
+
+def test_revoked_trojan_password_gets_the_cover(builtin_veil: procs.VeilServer,
+                                                reference_cover: StandaloneCover,
+                                                nginx: procs.Nginx) -> None:
+    builtin_veil.add_user("trojan-revoked")
+    password = trojan_password(builtin_veil, "trojan-revoked")
+    request = trojan_request(password, "127.0.0.1", nginx.http_port) + (
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    served = probe_tls(builtin_veil.port, request)
+    assert b"hello from nginx" in served.data, "the real password must be relayed"
+    builtin_veil.revoke("trojan-revoked")
+    assert compare([request], lambda p: probe_tls(builtin_veil.port, p),
+                   lambda p: probe_tls(reference_cover.port, p)) == []

@@ -16,12 +16,16 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from veil import __version__
 from veil.errors import ConfigError, StoreError, VeilError
-from veil.protocol.accesskey import AccessKey
 from veil.protocol.address import Address, parse_host_port
 from veil.protocol.auth import Credential, new_secret
+
+if TYPE_CHECKING:
+    from veil.server.state import ServerState
+    from veil.store.base import User
 
 log = logging.getLogger("veil")
 
@@ -89,7 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Revoke a user: new connections with its key get "
                                              "the cover site.")
     revoke.add_argument("name")
-    for p in (add, lst, revoke):
+    show = user_sub.add_parser(
+        "show", help="print a user's key for veil or for a Trojan app",
+        description="Print a user's key: a veil URI (default), a trojan:// link, or a Clash Meta "
+                    "or sing-box configuration (every user can also connect with Trojan apps "
+                    "on the same port). On a terminal a URI is also shown as a QR code.")
+    show.add_argument("name")
+    show.add_argument("--format", choices=("veil", "trojan", "clash", "sing-box"),
+                      default="veil", help="what to print (default veil)")
+    show.add_argument("--png", type=Path, metavar="FILE",
+                      help="also write what is printed as a QR code, in a PNG file")
+    for p in (add, lst, revoke, show):
         p.add_argument("--state", type=Path, default=DEFAULT_STATE, metavar="DIR",
                        help=f"state directory (default {DEFAULT_STATE})")
 
@@ -97,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         "connect", help="run the client",
         description="Connect to a veil server and offer local proxies. With no --socks, "
                     f"--http or --forward, a SOCKS5 proxy listens on {DEFAULT_SOCKS}.")
-    connect.add_argument("key", metavar="KEY", help="access key (veil://...)")
+    connect.add_argument("key", metavar="KEY",
+                         help="access key (veil://...), or a trojan://PASSWORD@HOST:PORT link "
+                              "to any Trojan server (?sni=NAME, &allowInsecure=1, &pin=PIN)")
     connect.add_argument("--socks", type=_address, metavar="HOST:PORT",
                          help="SOCKS5 proxy listen address (CONNECT and UDP ASSOCIATE)")
     connect.add_argument("--socks-auth", metavar="USER:PASSWORD",
@@ -110,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "(repeatable)")
     connect.add_argument("--pool", type=int, default=1, metavar="N",
                          help="TLS connections to keep to the server (default 1)")
+
+    from veil.lab.cli import add_lab_parser
+
+    add_lab_parser(sub)
     return parser
 
 
@@ -143,6 +163,29 @@ def _print_key(uri: str) -> None:
         import segno
 
         segno.make(uri, error="m").terminal(compact=True)
+
+
+def _show_user(state: ServerState, user: User | None, args: argparse.Namespace) -> None:
+    from veil.server.export import export_user
+
+    if user is None:
+        raise StoreError(f"no user named {args.name!r}", code="not_found")
+    exported = export_user(state, user, args.format)
+    for warning in exported.warnings:
+        print(f"veil: warning: {warning}", file=sys.stderr)
+    if exported.one_line:
+        _print_key(exported.text)
+    else:
+        print(exported.text, flush=True)
+    if args.png is not None:
+        import segno
+
+        try:
+            segno.make(exported.text, error="l").save(str(args.png), scale=4)
+        except segno.DataOverflowError as exc:
+            raise ConfigError(f"too long for a QR code: {exc}; try --format trojan") from exc
+        except OSError as exc:
+            raise VeilError(f"cannot write {args.png}: {exc.strerror or exc}") from exc
 
 
 # --------------------------------------------------------------------- commands
@@ -203,14 +246,16 @@ def cmd_user(args: argparse.Namespace) -> None:
         elif args.user_command == "revoke":
             store.revoke(args.name, time.time())
             print(f"revoked {args.name}")
+        elif args.user_command == "show":
+            _show_user(state, store.get_user(args.name), args)
     finally:
         store.close()
 
 
 def cmd_connect(args: argparse.Namespace) -> None:
-    from veil.client.service import ClientOptions, run_client
+    from veil.client.service import ClientOptions, parse_key, run_client
 
-    key = AccessKey.parse(args.key)
+    key = parse_key(args.key)
     if args.pool < 1 or args.pool > 16:
         raise ConfigError("--pool takes 1 to 16")
     options = ClientOptions.from_args(key, socks=args.socks, http=args.http,
@@ -219,8 +264,17 @@ def cmd_connect(args: argparse.Namespace) -> None:
     _run(lambda stop: run_client(options, stop))
 
 
+def cmd_lab(args: argparse.Namespace) -> None:
+    from veil.lab.commands import run_lab
+
+    status = run_lab(args)
+    if status:
+        sys.stdout.flush()
+        raise SystemExit(status)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "serve": cmd_serve, "user": cmd_user, "connect": cmd_connect}
+    "serve": cmd_serve, "user": cmd_user, "connect": cmd_connect, "lab": cmd_lab}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

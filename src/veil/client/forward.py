@@ -210,9 +210,16 @@ class _TcpForwardProtocol(asyncio.Protocol):
         self._task = self._forward._spawn(self._handover(), self.abort)
 
     def data_received(self, data: bytes) -> None:
+        # uvloop may deliver what was already read even though reading is paused.
         self._early += data
         if len(self._early) > MAX_EARLY_DATA:
             self.abort()
+
+    def eof_received(self) -> bool:
+        # A client may send its data and FIN before the tunnel is ready (`printf x | nc`).
+        # Keep the connection: once reading resumes after the hand-over, the transport
+        # reports the EOF again, to the relay (uvloop reports it even while paused).
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._forward._live.discard(self)

@@ -12,8 +12,10 @@ from veil.client.http_proxy import HttpProxyInbound
 from veil.client.socks5 import Credentials, Socks5Inbound
 from veil.errors import ConfigError, VeilError
 from veil.net.client_session import ClientTunnel
+from veil.net.trojan_client import TrojanDialer
 from veil.protocol.accesskey import AccessKey
 from veil.protocol.address import Address
+from veil.protocol.trojan import TrojanLink
 
 log = logging.getLogger("veil.client")
 
@@ -29,7 +31,7 @@ class Inbound(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ClientOptions:
-    key: AccessKey
+    key: AccessKey | TrojanLink
     socks: Address | None = None
     socks_credentials: Credentials | None = None
     http: Address | None = None
@@ -37,7 +39,7 @@ class ClientOptions:
     pool: int = 1
 
     @classmethod
-    def from_args(cls, key: AccessKey, *, socks: Address | None, http: Address | None,
+    def from_args(cls, key: AccessKey | TrojanLink, *, socks: Address | None, http: Address | None,
                   forwards: list[str], socks_auth: str | None, pool: int,
                   default_socks: Address) -> ClientOptions:
         specs = tuple(parse_forward_spec(text) for text in forwards)
@@ -52,8 +54,19 @@ class ClientOptions:
         return cls(key, socks, credentials, http, specs, pool)
 
 
+def parse_key(text: str) -> AccessKey | TrojanLink:
+    """A veil access key (``veil://``) or a Trojan link (``trojan://``, any Trojan server)."""
+    if text.strip().lower().startswith("trojan://"):
+        return TrojanLink.parse(text)
+    return AccessKey.parse(text)
+
+
 async def run_client(options: ClientOptions, stop: asyncio.Event) -> None:
-    tunnel = ClientTunnel(options.key, pool_size=options.pool)
+    tunnel: ClientTunnel | TrojanDialer
+    if isinstance(options.key, TrojanLink):
+        tunnel = TrojanDialer(options.key)  # a connection per stream: --pool does not apply
+    else:
+        tunnel = ClientTunnel(options.key, pool_size=options.pool)
     inbounds: list[Inbound] = []
     if options.socks is not None:
         inbounds.append(Socks5Inbound(tunnel, options.socks,
@@ -75,12 +88,20 @@ async def run_client(options: ClientOptions, stop: asyncio.Event) -> None:
                 raise VeilError(f"cannot listen for --forward {spec}: "
                                 f"{exc.strerror or exc}") from exc
         tunnel.start()
-        for what, address in (("SOCKS5", options.socks), ("HTTP proxy", options.http)):
+        for what, address in (("SOCKS5", options.socks), ("HTTP", options.http)):
             if address is not None:
                 log.warning("%s proxy on %s", what, address)
-        if not await tunnel.wait_ready(FIRST_CONNECT_REPORT_S):
-            log.error("not connected yet: %s; still trying", tunnel.last_error or "no answer")
-        await stop.wait()
+        # A stop (SIGTERM) while the first connection is still being tried ends at once.
+        ready = asyncio.ensure_future(tunnel.wait_ready(FIRST_CONNECT_REPORT_S))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait((ready, stopping), return_when=asyncio.FIRST_COMPLETED)
+        if not stopping.done():
+            ready_in_time = ready.result()
+            if not ready_in_time:
+                log.error("not connected yet: %s; still trying",
+                          tunnel.last_error or "no answer")
+        ready.cancel()
+        await stopping
     finally:
         for inbound in started:
             await inbound.close()

@@ -23,6 +23,7 @@ from veil.protocol.address import Address
 from veil.protocol.auth import Credential, build_auth
 from veil.protocol.frames import FrameType, ResetCode, StreamKind
 from veil.protocol.session import Session
+from veil.transport.browser_tls import open_browser_tls_connection
 from veil.transport.tls import TlsHandshakeError, open_tls_connection
 
 log = logging.getLogger("veil.client")
@@ -38,6 +39,10 @@ HANDSHAKE_TIMEOUT_S = 15.0
 # not one fixed size (shaping proper is the traffic-shaping policy's job).
 FIRST_PADDING_RANGE = (32, 256)
 UDP_ANY = Address("0.0.0.0", 0)
+# Which TLS client opens sessions: "browser" is veil's own TLS 1.3 client, whose ClientHello is
+# Chrome's (transport/tls13/profile.py); "openssl" is Python's ssl, whose ClientHello matches
+# no browser (kept for comparison and as a way out if a server cannot talk to the former).
+TLS_STACKS = ("browser", "openssl")
 
 
 class ServerRejected(AuthError):
@@ -81,8 +86,11 @@ class _ClientDriver(SessionDriver):
 
 
 class ClientTunnel(Dialer):
-    def __init__(self, key: AccessKey, *, pool_size: int = 1) -> None:
+    def __init__(self, key: AccessKey, *, pool_size: int = 1, tls_stack: str = "browser") -> None:
+        if tls_stack not in TLS_STACKS:
+            raise ValueError(f"tls_stack must be one of {TLS_STACKS}, not {tls_stack!r}")
         self.key = key
+        self.tls_stack = tls_stack
         self.credential = Credential.from_secret(key.secret)
         self.pool_size = pool_size
         self._drivers: list[SessionDriver] = []
@@ -109,11 +117,22 @@ class ClientTunnel(Dialer):
         session = Session(client=True, now=loop.time())
         driver = _ClientDriver(session)
         server = self.key.server
+        transport: asyncio.Transport
         try:
-            transport = await open_tls_connection(
-                server.host, server.port, self._ssl, lambda: driver,
-                server_hostname=self.key.sni, handshake_timeout=HANDSHAKE_TIMEOUT_S)
+            if self.tls_stack == "browser":
+                transport = await open_browser_tls_connection(
+                    server.host, server.port, lambda: driver, server_hostname=self.key.sni,
+                    handshake_timeout=HANDSHAKE_TIMEOUT_S)
+            else:
+                transport = await open_tls_connection(
+                    server.host, server.port, self._ssl, lambda: driver,
+                    server_hostname=self.key.sni, handshake_timeout=HANDSHAKE_TIMEOUT_S)
         except TlsHandshakeError as exc:
+            if isinstance(exc.__cause__, AuthError):
+                # The server could not prove it holds its certificate's key: someone is in
+                # the middle. Nothing was sent; treat it like a pin mismatch.
+                raise AuthError(f"TLS with {server} failed: {exc}",
+                                code="server_auth") from exc
             raise ConnectionError(f"TLS with {server} failed: {exc}") from exc
         der = transport.get_extra_info("peer_certificate_der")
         if not der or pin_of_der(der) != self.key.pin:

@@ -17,6 +17,10 @@ TCP relay contract (the same one the tunnel dialer keeps, see ``Dialer.open_tcp`
   broken pipe) aborts the other side so the error is visible to the peer.
 
 The hot path (``_Half.data_received``) is one ``write`` with no logging or bookkeeping.
+
+Two hooks let other parts reuse these relays: a ``resolver`` decides where names (and IP
+literals) may go — the server's Trojan inbound passes its destination policy here — and a
+``connector`` replaces the TCP connect itself (the Trojan client connects to its server).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 
 from veil.net.dialer import DatagramHandler, Dialer, UdpFlow
@@ -38,7 +42,9 @@ __all__ = [
     "MAX_DNS_CACHE_ENTRIES",
     "MAX_QUEUED_DATAGRAMS",
     "RESOLVE_TIMEOUT",
+    "Connector",
     "DirectDialer",
+    "Resolver",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,24 +73,40 @@ MAX_DNS_CACHE_ENTRIES = 256
 MAX_QUEUED_DATAGRAMS = 64
 
 
+#: ``resolver(host, port, kind)``: the (family, ip) pairs a destination may be reached at, in
+#: the order to try them; raises OSError when the name does not resolve or is not allowed.
+Resolver = Callable[[str, int, socket.SocketKind], Awaitable[list[tuple[int, str]]]]
+
+#: ``connector(dest, protocol)``: connect ``protocol`` (the relay's remote half) for ``dest``;
+#: raises OSError (or TimeoutError) on failure. Runs under the dialer's connect timeout.
+Connector = Callable[[Address, asyncio.Protocol], Awaitable[None]]
+
+
 class _Half(asyncio.Protocol):
     """One side of a relayed TCP connection; forwards what it reads to ``peer``."""
 
-    __slots__ = ("_connect_task", "_eof", "_relays", "peer", "transport")
+    __slots__ = ("_connect_task", "_eof", "_linger", "_linger_timer", "_relays", "peer",
+                 "transport")
 
-    def __init__(self, relays: set[_Half]) -> None:
+    def __init__(self, relays: set[_Half], linger: float | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.peer: _Half = self  # replaced right after construction by _link()
         self._eof = False
         self._relays = relays
         self._connect_task: asyncio.Task[None] | None = None
+        self._linger = linger
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     # -- hot path ------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        # The peer's transport exists: the local side only reads after the remote connected,
-        # and the remote side only reads once connected.
-        cast(asyncio.Transport, self.peer.transport).write(data)
+        peer = self.peer.transport
+        if peer is None:
+            # The local side reads only once the remote is connected, but a TLS carrier may
+            # still deliver the rest of a batch it decrypted before we paused it.
+            cast(_RemoteHalf, self.peer).early_data += data
+            return
+        peer.write(data)
 
     # -- flow control --------------------------------------------------------------------------
 
@@ -104,7 +126,14 @@ class _Half(asyncio.Protocol):
         self._eof = True
         peer = self.peer.transport
         if peer is None:
-            return False  # cannot happen (local reads only once connected); just close
+            # EOF before the remote side is connected (an inbound passed it on with the early
+            # data): the remote side sends it once connected.
+            return True
+        if not self.peer._eof and not peer.can_write_eof() and self._linger is not None:
+            # The peer cannot half-close (TLS here): stop sending but keep receiving what it
+            # still has to say, until it closes or for at most ``linger`` seconds.
+            self._linger_timer = asyncio.get_running_loop().call_later(self._linger, peer.close)
+            return True
         if self.peer._eof or not peer.can_write_eof():
             # Both directions are finished (or the peer cannot half-close): close both after
             # flushing. Returning False makes this transport close itself.
@@ -115,6 +144,8 @@ class _Half(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._relays.discard(self)
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         peer = self.peer.transport
         if peer is None:
             # The local side went away while the remote connect was still in progress.
@@ -130,11 +161,12 @@ class _Half(asyncio.Protocol):
 class _RemoteHalf(_Half):
     """The outbound side: on connect it sends the early data and lets the local side read."""
 
-    __slots__ = ("_early_data",)
+    __slots__ = ("early_data",)
 
-    def __init__(self, relays: set[_Half], early_data: bytes) -> None:
-        super().__init__(relays)
-        self._early_data = early_data
+    def __init__(self, relays: set[_Half], early_data: bytes,
+                 linger: float | None = None) -> None:
+        super().__init__(relays, linger)
+        self.early_data = bytearray(early_data)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -143,10 +175,15 @@ class _RemoteHalf(_Half):
             self.transport.close()
             return
         self._relays.add(self)
-        if self._early_data:
-            self.transport.write(self._early_data)
-            self._early_data = b""
+        if self.early_data:
+            self.transport.write(self.early_data)
+            self.early_data = bytearray()
         local.resume_reading()
+        if self.peer._eof:
+            # The local side ended before we were connected: finish its direction now.
+            self.peer._eof = False
+            if not self.peer.eof_received():
+                local.close()
 
 
 def _link(a: _Half, b: _Half) -> None:
@@ -174,7 +211,11 @@ class DirectDialer(Dialer):
     ``wait_ready`` is always true. ``close()`` aborts every relay and UDP flow this dialer
     started; relays otherwise end on their own when their connections do. With
     ``ssl_context``, outbound TCP connections speak TLS (the server uses this to relay to an
-    ``https://`` cover site).
+    ``https://`` cover site). With ``resolver``, every TCP and UDP destination is resolved
+    (and allowed) by it and its addresses are tried in turn; with ``connector``, that does the
+    TCP connect instead (see the module docstring). With ``linger``, an EOF towards a side
+    that cannot half-close (TLS) does not close it: reading from it goes on until it closes or
+    for at most ``linger`` seconds (otherwise both sides are closed at once).
     """
 
     def __init__(
@@ -184,8 +225,14 @@ class DirectDialer(Dialer):
         happy_eyeballs_delay: float | None = HAPPY_EYEBALLS_DELAY,
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        resolver: Resolver | None = None,
+        connector: Connector | None = None,
+        linger: float | None = None,
     ) -> None:
         self._connect_timeout = connect_timeout
+        self._resolver = resolver
+        self._connector = connector
+        self._linger = linger
         self._happy_eyeballs_delay = happy_eyeballs_delay
         self._tls_options: dict[str, Any] = {}
         if ssl_context is not None:
@@ -199,23 +246,40 @@ class DirectDialer(Dialer):
 
     def open_tcp(self, dest: Address, local: asyncio.Transport, early_data: bytes = b"") -> None:
         local.pause_reading()
-        local_half = _Half(self._relays)
-        remote_half = _RemoteHalf(self._relays, early_data)
+        local_half = _Half(self._relays, self._linger)
+        remote_half = _RemoteHalf(self._relays, early_data, self._linger)
         _link(local_half, remote_half)
         local_half.transport = local
         local.set_protocol(local_half)
         self._relays.add(local_half)
         local_half._connect_task = _spawn(self._tasks, self._connect(dest, local, remote_half))
 
-    async def _connect(self, dest: Address, local: asyncio.Transport, remote: _RemoteHalf) -> None:
+    async def _open_remote(self, dest: Address, remote: _RemoteHalf) -> None:
+        if self._connector is not None:
+            await self._connector(dest, remote)
+            return
         loop = asyncio.get_running_loop()
         options: dict[str, Any] = dict(self._tls_options)
+        if self._resolver is not None:
+            addresses = await self._resolver(dest.host, dest.port, socket.SOCK_STREAM)
+            for index, (_family, ip) in enumerate(addresses):
+                try:
+                    await loop.create_connection(lambda: remote, ip, dest.port, **options)
+                except OSError:
+                    if index == len(addresses) - 1:
+                        raise
+                    continue
+                return
+            raise OSError("no address to connect to")
         if dest.ip is None and isinstance(loop, asyncio.BaseEventLoop):
             # uvloop has no happy_eyeballs_delay (it tries the addresses one after another).
             options["happy_eyeballs_delay"] = self._happy_eyeballs_delay
+        await loop.create_connection(lambda: remote, dest.host, dest.port, **options)
+
+    async def _connect(self, dest: Address, local: asyncio.Transport, remote: _RemoteHalf) -> None:
         try:
             async with asyncio.timeout(self._connect_timeout):
-                await loop.create_connection(lambda: remote, dest.host, dest.port, **options)
+                await self._open_remote(dest, remote)
         except (OSError, TimeoutError, UnicodeError, ValueError) as exc:
             # Unreachable, refused, unresolvable or timed out: the contract is to close the
             # local side, aborting if the client has not received everything we queued.
@@ -230,7 +294,8 @@ class DirectDialer(Dialer):
             raise
 
     def open_udp(self, on_datagram: DatagramHandler, on_close: Callable[[], None]) -> UdpFlow:
-        flow = _DirectUdpFlow(asyncio.get_running_loop(), on_datagram, on_close, self._flows)
+        flow = _DirectUdpFlow(asyncio.get_running_loop(), on_datagram, on_close, self._flows,
+                              self._resolver)
         self._flows.add(flow)
         return flow
 
@@ -246,6 +311,8 @@ class DirectDialer(Dialer):
 
 
 _SockAddr = tuple[str, int]
+# The address family a DNS cache entry has when the resolver refused the destination.
+_REFUSED = -1
 
 
 class _UdpSocket(asyncio.DatagramProtocol):
@@ -296,8 +363,10 @@ class _DirectUdpFlow(UdpFlow):
         on_datagram: DatagramHandler,
         on_close: Callable[[], None],
         registry: set[_DirectUdpFlow],
+        resolver: Resolver | None = None,
     ) -> None:
         self._loop = loop
+        self._resolver = resolver
         self._on_datagram = on_datagram
         self._on_close = on_close
         self._registry = registry
@@ -315,13 +384,15 @@ class _DirectUdpFlow(UdpFlow):
         if self._closed:
             return
         ip = dest.ip
-        if ip is not None:
+        if ip is not None and self._resolver is None:
             family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
             self._send_ip(family, (dest.host, dest.port), payload)
             return
+        # With a resolver, IP literals go through it (and this cache) too: it may refuse them.
         cached = self._dns.get(dest.host)
         if cached is not None and cached[2] > self._loop.time():
-            self._send_ip(cached[1], (cached[0], dest.port), payload)
+            if cached[1] != _REFUSED:
+                self._send_ip(cached[1], (cached[0], dest.port), payload)
             return
         waiting = self._resolving.get(dest.host)
         if waiting is None:
@@ -363,25 +434,40 @@ class _DirectUdpFlow(UdpFlow):
         for addr, payload in waiting:
             self._send_ip(family, addr, payload)
 
+    async def _lookup(self, host: str) -> tuple[int, str] | None:
+        if self._resolver is not None:
+            addresses = await self._resolver(host, 0, socket.SOCK_DGRAM)
+            return addresses[0] if addresses else None
+        infos = await self._loop.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+        if not infos:
+            return None
+        family, _, _, _, sockaddr = infos[0]
+        return family, cast(str, sockaddr[0])
+
     async def _resolve(self, host: str) -> None:
         try:
             async with asyncio.timeout(RESOLVE_TIMEOUT):
-                infos = await self._loop.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+                found = await self._lookup(host)
         except (OSError, TimeoutError, UnicodeError, ValueError) as exc:
             log.debug("direct udp resolve failed: %s", type(exc).__name__)
             self._dequeued(self._resolving.pop(host, []))
+            if self._resolver is not None:
+                # Refused or unresolvable: remember it, or every datagram would start a lookup.
+                self._remember(host, "", _REFUSED)
             return
         waiting = self._resolving.pop(host, [])
         self._dequeued(waiting)
-        if not infos or self._closed:
+        if found is None or self._closed:
             return
-        family, _, _, _, sockaddr = infos[0]
-        ip = cast(str, sockaddr[0])
+        family, ip = found
+        self._remember(host, ip, family)
+        for port, payload in waiting:
+            self._send_ip(family, (ip, port), payload)
+
+    def _remember(self, host: str, ip: str, family: int) -> None:
         if len(self._dns) >= MAX_DNS_CACHE_ENTRIES:
             del self._dns[next(iter(self._dns))]
         self._dns[host] = (ip, family, self._loop.time() + DNS_CACHE_SECONDS)
-        for port, payload in waiting:
-            self._send_ip(family, (ip, port), payload)
 
     def _dequeued(self, items: list[tuple[int, bytes]] | list[tuple[_SockAddr, bytes]]) -> None:
         self._queued -= len(items)

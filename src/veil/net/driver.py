@@ -236,6 +236,7 @@ class TcpRelay(asyncio.BufferedProtocol):
         # stream window bounds it because nothing is acknowledged until it is written.
         self._early: list[bytes] = []
         self._early_eof = False
+        self._eof_sent = False
 
     # --- local transport callbacks
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -280,6 +281,9 @@ class TcpRelay(asyncio.BufferedProtocol):
         self.driver.flush()  # at once: the shared read buffer is reused by the next read
 
     def eof_received(self) -> bool:
+        if self._eof_sent:
+            return True  # reported again (uvloop does after pause/resume): already passed on
+        self._eof_sent = True
         try:
             self.session.send_eof(self.stream_id)
         except LocalProtocolError:

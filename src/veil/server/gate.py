@@ -9,21 +9,27 @@ Order of decisions, each one made the way nginx would make it so that a prober l
 2. With an ``https://`` cover, a ClientHello naming another server (SNI) is forwarded raw
    to the cover, so the prober sees that site's real certificate.
 3. TLS handshake with the server's certificate (OpenSSL, as nginx uses).
-4. The first decrypted bytes must start with a valid authentication message
-   (:mod:`veil.protocol.auth`); if so, the connection becomes a session. Anything else -
-   short, random, HTTP, a wrong, revoked, stale or replayed key - goes to the cover with
+4. The first decrypted bytes go to each *way in* in turn (:class:`WayIn`: veil's
+   authenticator, :mod:`veil.protocol.auth`; then a Trojan request, ``server/trojan.py``).
+   The first that accepts takes the connection over. Anything else - short, random, HTTP, a
+   wrong, revoked, stale or replayed key, a wrong Trojan password - goes to the cover with
    every byte already read, so from its first byte the cover answers exactly as it would.
+
+A way in may also ask to wait for more bytes (:class:`Wait`), but only once the bytes it has
+prove a credential (a Trojan request split across TLS records after a known password's hash):
+a prober without a credential never makes the gate wait where the cover would have answered.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import cast
 
 from veil.protocol.auth import AUTH_SIZE, Credential, ReplayFilter, peek_key_id, verify_auth
@@ -41,21 +47,69 @@ DEFAULT_HANDSHAKE_TIMEOUT_S = 60.0
 CREDENTIAL_CACHE_SIZE = 4096
 
 
+# A way in may hold a connection back for more bytes only up to this much (a Trojan request
+# is at most 320 bytes); past it, the cover gets the connection.
+MAX_WAIT_BYTES = 4096
+
+
 @dataclass(slots=True)
 class GateStats:
     """Counts by outcome; exported as metrics by the service."""
 
-    tunnels: int = 0
+    tunnels: int = 0  # accepted connections, every way in
     cover_plain: int = 0
     cover_foreign_sni: int = 0
     tls_failed: int = 0
     silent: int = 0
     rejected: dict[str, int] | None = None
+    accepted: dict[str, int] = field(default_factory=dict)  # by way in
+
+    def accept(self, way_in: str) -> None:
+        self.tunnels += 1
+        self.accepted[way_in] = self.accepted.get(way_in, 0) + 1
 
     def reject(self, reason: str) -> None:
         if self.rejected is None:
             self.rejected = {}
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+# ------------------------------------------------------------------ ways in
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """The connection is this way in's: ``take_over(transport)`` makes it so."""
+
+    user: User
+    take_over: Callable[[asyncio.Transport], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Not this way in's. ``reason`` (for stats) is None when the bytes are not even shaped
+    like its protocol, so that the reason of a way in that recognised them is kept."""
+
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """A credential is proven but the request is incomplete: read on (see module docstring)."""
+
+
+Verdict = Accept | Reject | Wait
+
+
+class WayIn(abc.ABC):
+    """One protocol the public port speaks to holders of a credential."""
+
+    name: str
+
+    @abc.abstractmethod
+    def check(self, data: bytes, transport: asyncio.Transport) -> Verdict:
+        """Judge the first application bytes of a TLS connection (all of them so far).
+
+        Must not write to or close ``transport``: a rejected connection goes to the cover.
+        """
 
 
 class Authenticator:
@@ -88,17 +142,38 @@ class Authenticator:
 OnAuthenticated = Callable[[asyncio.Transport, User, bytes], None]
 
 
+class VeilWayIn(WayIn):
+    """veil's own clients: a 64-byte authenticator, then session frames."""
+
+    name = "veil"
+
+    def __init__(self, authenticator: Authenticator, on_authenticated: OnAuthenticated) -> None:
+        self.authenticator = authenticator
+        self.on_authenticated = on_authenticated
+
+    def check(self, data: bytes, transport: asyncio.Transport) -> Verdict:
+        if len(data) < AUTH_SIZE:
+            return Reject("short")
+        binding = transport.get_extra_info("tls_unique")
+        if not binding:
+            return Reject("no_binding")
+        user, reason = self.authenticator.check(data[:AUTH_SIZE], binding)
+        if user is None:
+            return Reject(reason)
+        rest = data[AUTH_SIZE:]
+        return Accept(user, lambda t: self.on_authenticated(t, user, rest))
+
+
 class Gate:
     """Accepts connections on a listening socket and routes each one."""
 
     def __init__(self, *, ssl_context: ssl.SSLContext, cover: Cover,
-                 authenticator: Authenticator, on_authenticated: OnAuthenticated,
+                 ways_in: Sequence[WayIn],
                  own_names: frozenset[str] = frozenset(),
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT_S) -> None:
         self.ssl_context = ssl_context
         self.cover = cover
-        self.authenticator = authenticator
-        self.on_authenticated = on_authenticated
+        self.ways_in = tuple(ways_in)
         self.own_names = own_names
         self.handshake_timeout = handshake_timeout
         self.stats = GateStats()
@@ -161,13 +236,14 @@ class Gate:
 
 
 class _AwaitAuth(asyncio.Protocol):
-    """A TLS connection whose first application bytes are not in yet."""
+    """A TLS connection whose first application bytes are not in (or not judged) yet."""
 
     def __init__(self, gate: Gate, started_at: float) -> None:
         self.gate = gate
         self.started_at = started_at
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._received = b""  # held only while a way in waits for the rest of a request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -180,34 +256,44 @@ class _AwaitAuth(asyncio.Protocol):
         self._timer = None
         if self.transport is not None:
             self.gate.stats.silent += 1
-            self.gate.cover.serve_tls(self.transport, b"", self.started_at)
+            self.gate.cover.serve_tls(self.transport, self._received, self.started_at)
 
     def data_received(self, data: bytes) -> None:
         transport = self.transport
         assert transport is not None
+        gate = self.gate
+        if self._received:
+            data = self._received + data
+        reason = "unrecognised"
+        wait = False
+        for way_in in gate.ways_in:
+            verdict = way_in.check(data, transport)
+            if isinstance(verdict, Accept):
+                self._cancel_timer()
+                gate.stats.accept(way_in.name)
+                verdict.take_over(transport)
+                return
+            if isinstance(verdict, Wait):
+                wait = True
+            elif verdict.reason is not None:
+                reason = verdict.reason
+        if wait and len(data) < MAX_WAIT_BYTES:
+            self._received = data  # the header timer still runs, as for any request
+            return
+        self._cancel_timer()
+        gate.stats.reject(reason)
+        gate.cover.serve_tls(transport, data, self.started_at)
+
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        gate = self.gate
-        reason = "short"
-        if len(data) >= AUTH_SIZE:
-            binding = transport.get_extra_info("tls_unique")
-            if binding:
-                user, reason = gate.authenticator.check(data[:AUTH_SIZE], binding)
-                if user is not None:
-                    gate.stats.tunnels += 1
-                    gate.on_authenticated(transport, user, data[AUTH_SIZE:])
-                    return
-        gate.stats.reject(reason)
-        gate.cover.serve_tls(transport, data, self.started_at)
 
     def eof_received(self) -> bool:
         return False  # the client closed before saying anything: close, as a web server does
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()
 
 
 async def _wait_readable(sock: socket.socket, timeout: float) -> bool:

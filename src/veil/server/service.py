@@ -15,10 +15,11 @@ from veil.protocol.events import StreamOpened
 from veil.protocol.frames import CloseCode
 from veil.protocol.session import Session, SessionConfig
 from veil.server.covers import Cover, make_cover
-from veil.server.gate import Authenticator, Gate
+from veil.server.gate import Authenticator, Gate, VeilWayIn
 from veil.server.outbound import Outbound
 from veil.server.policy import DestinationPolicy
 from veil.server.state import ServerState
+from veil.server.trojan import TrojanService, TrojanWayIn
 from veil.store.base import User
 
 log = logging.getLogger("veil.server")
@@ -61,11 +62,14 @@ class VeilServer:
         self.options = options
         self.store = state.open_store()
         self.cover = cover or make_cover(options.cover_url)
-        self.outbound = Outbound(DestinationPolicy(options.allow_private))
+        policy = DestinationPolicy(options.allow_private)
+        self.outbound = Outbound(policy)
+        self.trojan = TrojanService(policy)
         own_names = frozenset(n for n in (state.sni,) if n)
+        ways_in = (VeilWayIn(Authenticator(self.store), self._start_session),
+                   TrojanWayIn(self.store, self.trojan.serve))
         self.gate = Gate(ssl_context=server_ssl_context(state), cover=self.cover,
-                         authenticator=Authenticator(self.store),
-                         on_authenticated=self._start_session, own_names=own_names,
+                         ways_in=ways_in, own_names=own_names,
                          handshake_timeout=options.handshake_timeout)
         self.sessions: dict[SessionDriver, User] = {}
         self._listener: socket.socket | None = None
@@ -130,6 +134,7 @@ class VeilServer:
         if drivers:
             await asyncio.wait([d.closed for d in drivers], timeout=SHUTDOWN_GRACE_S)
         self.outbound.close()
+        self.trojan.close()
         self.cover.close()
         self.store.close()
         log.info("stopped; %d session(s) closed", len(drivers))

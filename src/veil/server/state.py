@@ -30,6 +30,7 @@ from cryptography.x509.oid import NameOID
 from veil.errors import ConfigError
 from veil.protocol.accesskey import AccessKey, default_sni, spki_pin
 from veil.protocol.address import Address, parse_host_port
+from veil.protocol.trojan import password_hash_for_secret
 from veil.store.base import User
 from veil.store.sqlite import SqliteUserStore
 
@@ -50,7 +51,8 @@ class ServerState:
     pin: bytes
 
     def open_store(self) -> SqliteUserStore:
-        return SqliteUserStore(self.directory / "users.db")
+        return SqliteUserStore(self.directory / "users.db",
+                               trojan_hash=password_hash_for_secret)
 
     def access_key(self, user: User) -> AccessKey:
         return AccessKey(self.public, user.secret, self.pin, self.sni, user.name)

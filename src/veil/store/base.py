@@ -48,6 +48,12 @@ class UserStore(abc.ABC):
         """The user a client's key id names, revoked or not; None if unknown."""
 
     @abc.abstractmethod
+    def find_by_trojan_hash(self, password_hash: str) -> User | None:
+        """The user whose Trojan password has this hex SHA-224, revoked or not; None if
+        unknown. The password is derived from the secret (``veil.protocol.trojan``), so the
+        store computes the hash itself when a user is added."""
+
+    @abc.abstractmethod
     def list_users(self) -> list[User]: ...
 
     @abc.abstractmethod

@@ -1,0 +1,97 @@
+"""``veil lab``: the censor lab's command-line arguments (the runners are in
+:mod:`veil.lab.commands`, imported only when a lab command runs, so ``veil --help`` stays
+fast)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+LAB_DESCRIPTION = """\
+The censor lab: judge traffic as a national firewall would, from bytes on the wire only.
+
+  veil lab passive capture.pcap          every flow, each detector's verdict and why
+  veil lab probe my.server:443 --reference real.website:443
+                                         active probes; lists every difference
+  veil lab report a.pcap probe.json --html -o report.html
+                                         a table per detector
+  veil lab censor --a vc --b vs          an in-path censor between two interfaces
+
+Detectors and their sources: docs/lab.md.
+"""
+
+
+def add_lab_parser(sub: Any) -> None:
+    """Add ``lab`` and its subcommands to the ``veil`` subparsers ``sub``."""
+    lab = sub.add_parser("lab", help="the censor lab: detectors, an active prober, a censor",
+                         description=LAB_DESCRIPTION,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    lab_sub = lab.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
+
+    passive = lab_sub.add_parser(
+        "passive", help="run every passive detector on the flows of a capture",
+        description="Read pcap/pcapng captures and print, for every flow that carried data, "
+                    "each detector's verdict and its evidence. Exit status 1 when a flow is "
+                    "flagged.")
+    passive.add_argument("captures", nargs="+", metavar="PCAP")
+    passive.add_argument("--json", action="store_true", help="print JSON (one list of flows)")
+    passive.add_argument("--all", action="store_true",
+                         help="also show the detectors that passed each flow, and why")
+    passive.add_argument("--blocklist", type=Path, metavar="FILE",
+                         help="SNI block list: one domain per line (subdomains included)")
+
+    probe = lab_sub.add_parser(
+        "probe", help="probe a server like the GFW does, optionally against a reference",
+        description="Send the published active-probing repertoire (silence, random bytes of "
+                    "the GFW's lengths, replays, HTTP and TLS probes) and record bytes, close "
+                    "type and timing. With --reference, every probe also goes to the "
+                    "reference and each difference is listed; exit status 1 when there is "
+                    "one (without a reference: when the reactions show a proxy's tells).")
+    probe.add_argument("target", metavar="HOST:PORT")
+    probe.add_argument("--reference", metavar="HOST:PORT",
+                       help="the server the target should be indistinguishable from")
+    probe.add_argument("--json", action="store_true", help="print JSON")
+    probe.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                       help="how long each probe waits for the server (default 10, as the GFW)")
+    probe.add_argument("--seed", type=int, default=0, help="seed of the random probes")
+    probe.add_argument("--replay", metavar="HEX|@FILE",
+                       help="a recorded first client packet to replay, verbatim and altered")
+    probe.add_argument("--sni", metavar="NAME",
+                       help="server name for TLS probes (default: HOST when it is a name)")
+    probe.add_argument("--no-tls", action="store_true",
+                       help="send only the probes in clear (for a target that is not TLS)")
+
+    censor = lab_sub.add_parser(
+        "censor", help="an in-path censor: bridge two interfaces and block what is flagged",
+        description="Bridge two interfaces (AF_PACKET sockets, Linux, root) in a network "
+                    "namespace of their own and act as the GFW does: inspect the first "
+                    "packets of every flow, drop the client-to-server packets of a flow a "
+                    "blocking detector flags, and keep dropping that client's packets to "
+                    "that server port for a residual period. Prints 'ready', then one JSON "
+                    "line per flagged flow; SIGTERM stops it.")
+    censor.add_argument("--a", required=True, metavar="IFACE", help="one end (e.g. the client's)")
+    censor.add_argument("--b", required=True, metavar="IFACE", help="the other end")
+    censor.add_argument("--block", default="fully-encrypted,protocol-signatures,sni",
+                        metavar="DETECTORS",
+                        help="comma-separated detectors that block (default: fully-encrypted,"
+                             "protocol-signatures,sni; also clienthello-fingerprint, tls-in-tls)")
+    censor.add_argument("--residual", type=float, metavar="SECONDS",
+                        help="residual blocking of the triple (default: 180, or 90 for SNI)")
+    censor.add_argument("--probability", type=float, default=1.0, metavar="P",
+                        help="chance a flagged flow is blocked (the GFW: 0.263 for fully "
+                             "encrypted traffic; default 1)")
+    censor.add_argument("--seed", type=int, help="seed of the probability draws")
+    censor.add_argument("--blocklist", type=Path, metavar="FILE", help="SNI block list")
+
+    report = lab_sub.add_parser(
+        "report", help="a table per detector over captures and probe results",
+        description="Summarise captures (pcap) and saved results (`lab passive --json`, "
+                    "`lab probe --json` files, *.json) as a table per detector: flows seen, "
+                    "judged, flagged, and the evidence. Exit status 1 when anything is flagged.")
+    report.add_argument("inputs", nargs="+", metavar="PCAP|JSON")
+    report.add_argument("--html", action="store_true", help="write HTML instead of text")
+    report.add_argument("-o", "--output", type=Path, metavar="FILE",
+                        help="write the report to FILE (default: standard output)")
+    report.add_argument("--blocklist", type=Path, metavar="FILE",
+                        help="SNI block list for the captures")

@@ -1,0 +1,101 @@
+"""The runners of ``veil lab`` subcommands (arguments: :mod:`veil.lab.cli`).
+
+Exit status: 0 when nothing is flagged; 1 when a detector flags a flow (``passive``,
+``report``) or the prober tells the target apart from its reference or finds a proxy's tells
+(``probe``). Usage errors are the CLI's (2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from veil.errors import ConfigError
+from veil.lab import passive, probe, report
+from veil.lab.bridge import run_bridge
+from veil.lab.censor import Censor
+from veil.lab.sni import BlockList
+
+
+def _emit(text: str) -> None:
+    """Write to stdout; a reader that went away (``| head``) is not an error."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's advice: point stdout at devnull so the flush at exit does not fail too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def _read_replay(text: str) -> bytes:
+    if text.startswith("@"):
+        return Path(text[1:]).read_bytes()
+    return bytes.fromhex(text)
+
+
+def run_lab(args: argparse.Namespace) -> int:
+    """Run one ``veil lab`` subcommand; the exit status."""
+    if args.lab_command == "passive":
+        return _passive(args)
+    if args.lab_command == "probe":
+        return _probe(args)
+    if args.lab_command == "censor":
+        return _censor(args)
+    return _report(args)
+
+
+def _blocklist(path: Path | None) -> BlockList | None:
+    return BlockList.load(path) if path else None
+
+
+def _passive(args: argparse.Namespace) -> int:
+    reports: list[passive.FlowReport] = []
+    blocklist = _blocklist(args.blocklist)
+    for capture in args.captures:
+        reports += passive.analyse_pcap(capture, blocklist)
+    if args.json:
+        _emit(json.dumps([r.to_json() for r in reports], indent=2) + "\n")
+    else:
+        _emit(passive.format_text(reports, verbose=args.all) + "\n")
+    return 1 if any(r.flagged for r in reports) else 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    replay = _read_replay(args.replay) if args.replay else None
+    result = probe.probe_server(args.target, args.reference, wait=args.wait, seed=args.seed,
+                                replay=replay, sni=args.sni, tls=not args.no_tls)
+    if args.json:
+        _emit(json.dumps(result.to_json(), indent=2) + "\n")
+    else:
+        _emit(probe.format_text(result) + "\n")
+    return 1 if result.verdict.flagged else 0
+
+
+def _censor(args: argparse.Namespace) -> int:
+    if not 0.0 <= args.probability <= 1.0:
+        raise ConfigError("--probability takes 0 to 1")
+    if args.residual is not None and args.residual < 0:
+        raise ConfigError("--residual must be >= 0")
+    block = tuple(name.strip() for name in args.block.split(",") if name.strip())
+    try:
+        censor = Censor(block=block, residual=args.residual, blocklist=_blocklist(args.blocklist),
+                        probability=args.probability, seed=args.seed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    run_bridge(args.a, args.b, censor)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    flows, probes = report.load_inputs(args.inputs, _blocklist(args.blocklist))
+    rows = report.build_rows(flows, probes)
+    text = report.format_html(rows) if args.html else report.format_text(rows) + "\n"
+    if args.output:
+        args.output.write_text(text)
+    else:
+        _emit(text)
+    return 1 if any(r.flagged for r in rows) else 0

