@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "(repeatable)")
     connect.add_argument("--pool", type=int, default=1, metavar="N",
                          help="TLS connections to keep to the server (default 1)")
+    connect.add_argument("--tls", choices=("browser", "openssl"), default="browser",
+                         help="TLS client: 'browser' sends Chrome's ClientHello (default); "
+                              "'openssl' uses Python's ssl, whose ClientHello no browser sends")
 
     from veil.lab.cli import add_lab_parser
 
@@ -260,7 +263,8 @@ def cmd_connect(args: argparse.Namespace) -> None:
         raise ConfigError("--pool takes 1 to 16")
     options = ClientOptions.from_args(key, socks=args.socks, http=args.http,
                                       forwards=args.forward, socks_auth=args.socks_auth,
-                                      pool=args.pool, default_socks=parse_host_port(DEFAULT_SOCKS))
+                                      pool=args.pool, default_socks=parse_host_port(DEFAULT_SOCKS),
+                                      tls_stack=args.tls)
     _run(lambda stop: run_client(options, stop))
 
 

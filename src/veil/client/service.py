@@ -37,11 +37,12 @@ class ClientOptions:
     http: Address | None = None
     forwards: tuple[ForwardSpec, ...] = field(default_factory=tuple)
     pool: int = 1
+    tls_stack: str = "browser"
 
     @classmethod
     def from_args(cls, key: AccessKey | TrojanLink, *, socks: Address | None, http: Address | None,
                   forwards: list[str], socks_auth: str | None, pool: int,
-                  default_socks: Address) -> ClientOptions:
+                  default_socks: Address, tls_stack: str = "browser") -> ClientOptions:
         specs = tuple(parse_forward_spec(text) for text in forwards)
         credentials = None
         if socks_auth is not None:
@@ -51,7 +52,7 @@ class ClientOptions:
             credentials = Credentials(user.encode(), password.encode())
         if socks is None and http is None and not specs:
             socks = default_socks
-        return cls(key, socks, credentials, http, specs, pool)
+        return cls(key, socks, credentials, http, specs, pool, tls_stack)
 
 
 def parse_key(text: str) -> AccessKey | TrojanLink:
@@ -66,7 +67,7 @@ async def run_client(options: ClientOptions, stop: asyncio.Event) -> None:
     if isinstance(options.key, TrojanLink):
         tunnel = TrojanDialer(options.key)  # a connection per stream: --pool does not apply
     else:
-        tunnel = ClientTunnel(options.key, pool_size=options.pool)
+        tunnel = ClientTunnel(options.key, pool_size=options.pool, tls_stack=options.tls_stack)
     inbounds: list[Inbound] = []
     if options.socks is not None:
         inbounds.append(Socks5Inbound(tunnel, options.socks,
