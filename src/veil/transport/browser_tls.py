@@ -23,6 +23,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, cast
 
+from veil.transport.carrier import NOT_MINE, CarrierTransport
 from veil.transport.tls import TlsHandshakeError
 from veil.transport.tls13 import (
     CHROME,
@@ -117,6 +118,10 @@ class _BrowserTlsCarrier(asyncio.BufferedProtocol):
         if self.app is not None:
             self.app.resume_writing()
 
+    def set_app(self, protocol: asyncio.Protocol) -> None:
+        self.app = protocol
+        self._views = bool(getattr(protocol, "accepts_views", False))
+
     # ------------------------------------------------------------------ TLS
     def _flush(self) -> None:
         data = self.tls.data_to_send()
@@ -126,9 +131,8 @@ class _BrowserTlsCarrier(asyncio.BufferedProtocol):
     def _handshake_done(self) -> None:
         self._flush()  # our Finished before anything the application writes
         self.app_transport = BrowserTlsTransport(self)
-        app = self._app_factory()
-        self.app = cast(asyncio.Protocol, app)
-        self._views = bool(getattr(app, "accepts_views", False))
+        self.set_app(cast(asyncio.Protocol, self._app_factory()))
+        assert self.app is not None
         if not self.handshake.done():
             self.handshake.set_result(self.app_transport)
         self.app.connection_made(self.app_transport)
@@ -180,16 +184,12 @@ def _retrieve(future: asyncio.Future[BrowserTlsTransport]) -> None:
         future.exception()
 
 
-class BrowserTlsTransport(asyncio.Transport):
+class BrowserTlsTransport(CarrierTransport):
     """The application's view of the TLS connection."""
 
-    def __init__(self, carrier: _BrowserTlsCarrier) -> None:
-        super().__init__()
-        self._carrier = carrier
-        assert carrier.raw is not None
-        self._raw = carrier.raw
+    _carrier: _BrowserTlsCarrier
 
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
+    def _own_info(self, name: str) -> Any:
         tls = self._carrier.tls
         if name == "tls_unique":
             return tls.tls_unique
@@ -203,54 +203,7 @@ class BrowserTlsTransport(asyncio.Transport):
             return tls.group
         if name == "tls_client":
             return tls
-        return self._raw.get_extra_info(name, default)
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._carrier.app = cast(asyncio.Protocol, protocol)
-        self._carrier._views = bool(getattr(protocol, "accepts_views", False))
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        assert self._carrier.app is not None
-        return self._carrier.app
-
-    def is_closing(self) -> bool:
-        return self._carrier.closing or self._raw.is_closing()
-
-    def close(self) -> None:
-        self._carrier.close()
-
-    def abort(self) -> None:
-        self._carrier.abort()
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._carrier.write(data)
-
-    def writelines(self, list_of_data: Any) -> None:
-        self._carrier.write(b"".join(list_of_data))
-
-    def can_write_eof(self) -> bool:
-        return False  # close_notify ends both directions, as browsers use it
-
-    def write_eof(self) -> None:
-        raise NotImplementedError("TLS cannot half-close")
-
-    def is_reading(self) -> bool:
-        return self._raw.is_reading()
-
-    def pause_reading(self) -> None:
-        self._raw.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._raw.resume_reading()
-
-    def get_write_buffer_size(self) -> int:
-        return self._raw.get_write_buffer_size()
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._raw.get_write_buffer_limits()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._raw.set_write_buffer_limits(high, low)
+        return NOT_MINE
 
 
 async def open_browser_tls_connection(host: str, port: int,

@@ -25,6 +25,8 @@ import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
+from veil.transport.carrier import NOT_MINE, CarrierTransport
+
 # One SSL read returns at most one record's plaintext (16 KiB). Records are decrypted into one
 # reusable buffer and handed on in batches of up to _BATCH bytes: no allocation per record,
 # and one call (often one send() syscall downstream) per batch instead of per record.
@@ -56,7 +58,7 @@ class _TlsCarrier(asyncio.BufferedProtocol):
         self.handshake: asyncio.Future[TlsTransport] = asyncio.get_running_loop().create_future()
         self._plain = memoryview(bytearray(_BATCH + _RECORD))
         self._cipher = memoryview(bytearray(_CIPHER_READ))
-        self._closing = False
+        self.closing = False
         self._app_eof = False
 
     # ------------------------------------------------------------------ TCP side
@@ -151,7 +153,7 @@ class _TlsCarrier(asyncio.BufferedProtocol):
                 self._flush()  # the alert, if OpenSSL made one
                 if self.raw is not None:
                     self.raw.close()
-                self._closing = True
+                self.closing = True
                 break
             if not count:
                 break
@@ -170,7 +172,7 @@ class _TlsCarrier(asyncio.BufferedProtocol):
 
     def _deliver(self, filled: int) -> None:
         app = self.app
-        if app is None or self._closing:
+        if app is None or self.closing:
             return
         view = self._plain[:filled]
         # A protocol that promises not to keep the buffer past the call gets it as it is.
@@ -178,8 +180,11 @@ class _TlsCarrier(asyncio.BufferedProtocol):
                           else bytes(view))
 
     # ------------------------------------------------------------------ app side
+    def set_app(self, protocol: asyncio.Protocol) -> None:
+        self.app = protocol
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closing or self.raw is None:
+        if self.closing or self.raw is None:
             return
         try:
             self.sslobj.write(data)
@@ -189,9 +194,9 @@ class _TlsCarrier(asyncio.BufferedProtocol):
         self.raw.write(self._outgoing.read())
 
     def close(self) -> None:
-        if self._closing or self.raw is None:
+        if self.closing or self.raw is None:
             return
-        self._closing = True
+        self.closing = True
         # unwrap() queues our close_notify, then says "want read": we do not wait for the
         # peer's close_notify.
         with contextlib.suppress(ssl.SSLError, ValueError, OSError):
@@ -200,82 +205,33 @@ class _TlsCarrier(asyncio.BufferedProtocol):
         self.raw.close()
 
     def abort(self) -> None:
-        self._closing = True
+        self.closing = True
         if self.raw is not None:
             self.raw.abort()
 
 
-class TlsTransport(asyncio.Transport):
+class TlsTransport(CarrierTransport):
     """The application's view of a TLS connection."""
 
-    def __init__(self, carrier: _TlsCarrier) -> None:
-        super().__init__()
-        self._carrier = carrier
-        assert carrier.raw is not None
-        self._raw = carrier.raw
+    _carrier: _TlsCarrier
 
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        # "tls_unique" and "peer_certificate_der" are what veil's layers ask for; any TLS
-        # carrier (this one, or a handshake of veil's own) provides them under these names.
+    def _own_info(self, name: str) -> Any:
+        # "tls_unique" and "peer_certificate_der" are what veil's layers ask for; every TLS
+        # carrier here provides them under these names.
+        sslobj = self._carrier.sslobj
         if name == "tls_unique":
-            return self._carrier.sslobj.get_channel_binding("tls-unique")
+            return sslobj.get_channel_binding("tls-unique")
         if name == "peer_certificate_der":
-            return self._carrier.sslobj.getpeercert(binary_form=True)
+            return sslobj.getpeercert(binary_form=True)
         if name == "ssl_object":
-            return self._carrier.sslobj
+            return sslobj
         if name == "sslcontext":
-            return self._carrier.sslobj.context
+            return sslobj.context
         if name == "peercert":
-            return self._carrier.sslobj.getpeercert()
+            return sslobj.getpeercert()
         if name == "cipher":
-            return self._carrier.sslobj.cipher()
-        return self._raw.get_extra_info(name, default)
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._carrier.app = cast(asyncio.Protocol, protocol)
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        assert self._carrier.app is not None
-        return self._carrier.app
-
-    def is_closing(self) -> bool:
-        return self._carrier._closing or self._raw.is_closing()
-
-    def close(self) -> None:
-        self._carrier.close()
-
-    def abort(self) -> None:
-        self._carrier.abort()
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._carrier.write(data)
-
-    def writelines(self, list_of_data: Any) -> None:
-        self._carrier.write(b"".join(list_of_data))
-
-    def can_write_eof(self) -> bool:
-        return False  # TLS 1.3 has no half-close; close_notify ends both directions
-
-    def write_eof(self) -> None:
-        raise NotImplementedError("TLS cannot half-close")
-
-    def is_reading(self) -> bool:
-        return self._raw.is_reading()
-
-    def pause_reading(self) -> None:
-        self._raw.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._raw.resume_reading()
-
-    def get_write_buffer_size(self) -> int:
-        return self._raw.get_write_buffer_size()
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._raw.get_write_buffer_limits()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._raw.set_write_buffer_limits(high, low)
+            return sslobj.cipher()
+        return NOT_MINE
 
 
 async def start_tls_server(sock: socket.socket, context: ssl.SSLContext,
