@@ -123,9 +123,6 @@ def test_clienthello_looks_like_chrome(veil_traffic: VeilTraffic) -> None:
         assert verdict.details["browser"] == "Chrome"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: no traffic shaping yet; the inner TLS handshake shows in the sizes and "
-    "directions of veil's first records (Xue et al. 2024; issue 5, 'Make veil pass')"))
 def test_inner_https_handshake_is_hidden(veil_traffic: VeilTraffic) -> None:
     verdict = veil_traffic.inner_https.verdict("tls-in-tls")
     assert not verdict.flagged, verdict.evidence

@@ -20,6 +20,7 @@ from veil.protocol.events import (
     StreamWritable,
 )
 from veil.protocol.frames import CloseCode, FrameType, ResetCode, StreamKind, frame, pack_u32
+from veil.protocol.shaping import NO_SHAPING, ShapingPolicy
 from veil.protocol.session import (
     INITIAL_SESSION_WINDOW,
     INITIAL_STREAM_WINDOW,
@@ -53,7 +54,7 @@ def test_open_with_early_data_arrives_in_one_flight() -> None:
 
 
 def test_exact_wire_bytes_of_open_and_data() -> None:
-    client, _ = pair()
+    client = Session(client=True, now=0.0, config=SessionConfig(shaping=NO_SHAPING))
     sid = client.open_stream(StreamKind.TCP, Address("1.2.3.4", 80))
     client.send_data(sid, b"hi")
     assert client.data_to_send() == (
@@ -240,7 +241,8 @@ def test_used_up_credit_blocks_until_window_then_says_writable() -> None:
 
 
 def test_send_frame_writes_the_header_in_place() -> None:
-    client, server = pair()
+    client = Session(client=True, now=0.0, config=SessionConfig(shaping=NO_SHAPING))
+    server = Session(client=False, now=0.0)
     sid = client.open_stream(StreamKind.TCP, DEST)
     client.data_to_send()
     buffer = memoryview(bytearray(8 + 5))
@@ -251,3 +253,29 @@ def test_send_frame_writes_the_header_in_place() -> None:
     assert bytes(out) == frame(FrameType.DATA, sid, b"hello")
     server.receive_data(frame(FrameType.OPEN, sid, bytes([1]) + DEST.encode()), 0)
     assert data_of(server.receive_data(bytes(out), 0), sid) == b"hello"
+
+
+def test_shaping_pads_the_first_writes_of_a_session_and_of_each_stream() -> None:
+    policy = ShapingPolicy(session_writes=2, stream_writes=1, min_size=900, max_size=1000)
+    client = Session(client=True, now=0.0, config=SessionConfig(shaping=policy))
+    server = Session(client=False, now=0.0)
+    sizes = []
+    for _ in range(4):  # two session writes, then one per new stream, then none
+        sid = client.open_stream(StreamKind.TCP, DEST)
+        client.send_data(sid, b"x" * 64)
+        wire = client.data_to_send()
+        sizes.append(len(wire))
+        assert data_of(server.receive_data(bytes(wire), 0), sid) == b"x" * 64
+        client.send_data(sid, b"y" * 64)  # the stream's second write: not padded
+        sizes.append(len(client.data_to_send()))
+    assert all(900 <= n <= 1000 for n in sizes[:3]), sizes  # session writes 1-2, stream 1
+    assert 900 <= sizes[4] <= 1000 and 900 <= sizes[6] <= 1000  # each new stream's first
+    assert sizes[5] == sizes[7] == 8 + 64  # later writes of a stream are left alone
+
+
+def test_shaping_leaves_large_writes_alone() -> None:
+    client = Session(client=True, now=0.0)
+    sid = client.open_stream(StreamKind.TCP, DEST)
+    client.data_to_send()
+    client.send_data(sid, bytes(5000))
+    assert len(client.data_to_send()) == 8 + 5000

@@ -49,6 +49,7 @@ from veil.protocol.frames import (
     unpack_header,
     unpack_u32,
 )
+from veil.protocol.shaping import DEFAULT_SHAPING, ShapingPolicy
 
 # Windows. A stream moves at most one window per round trip: 4 MiB is ~170 Mbit/s at 200 ms
 # (a censored country to a server abroad) and smooths scheduling stalls on a busy LAN host.
@@ -72,6 +73,8 @@ class SessionConfig:
     keepalive_interval: float | None = 15.0
     #: Declare the peer dead when nothing arrives this long after a PING (seconds).
     keepalive_timeout: float = 10.0
+    #: Which writes are padded, and how (see veil.protocol.shaping).
+    shaping: ShapingPolicy = DEFAULT_SHAPING
 
 
 class StreamState(enum.Enum):
@@ -100,6 +103,7 @@ class _Stream:
     unacked: int = 0
     pending: bytearray = field(default_factory=bytearray)
     fin_pending: bool = False
+    shaped_writes: int = 0  # writes of this stream's data still to be padded when small
 
 
 class Session:
@@ -117,6 +121,8 @@ class Session:
         self._blocked: dict[int, _Stream] = {}  # streams with pending data, in arrival order
         self._out: list[bytes | memoryview] = []
         self._closed = False
+        self._shaped_writes = self.config.shaping.session_writes
+        self._shape_this_write = False
         # Parser state: a partial header or control frame, or the rest of a DATA payload.
         self._partial = bytearray()
         self._need = HEADER_SIZE
@@ -152,7 +158,8 @@ class Session:
             raise LocalProtocolError("stream ids exhausted; start a new session",
                                      code="stream_ids_exhausted")
         self._next_stream_id += 2
-        self._streams[stream_id] = _Stream(stream_id, kind)
+        self._streams[stream_id] = _Stream(stream_id, kind,
+                                           shaped_writes=self.config.shaping.stream_writes)
         self._out.append(frame(FrameType.OPEN, stream_id, bytes((kind,)) + destination.encode()))
         return stream_id
 
@@ -180,6 +187,7 @@ class Session:
         stream.send_window -= size
         self._send_window -= size
         self._out.append(frame_buffer)
+        self._note_stream_write(stream)
         return self._still_open(stream)
 
     def send_data(self, stream_id: int, data: bytes | memoryview) -> bool:
@@ -265,9 +273,22 @@ class Session:
         out = self._out
         if not out:
             return b""
+        if self._shape_this_write or self._shaped_writes:
+            self._shape(out)
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
         return data
+
+    def _shape(self, out: list[bytes | memoryview]) -> None:
+        """Grow this write to the policy's size with a PADDING frame (see shaping.py)."""
+        self._shape_this_write = False
+        if self._shaped_writes:
+            self._shaped_writes -= 1
+        size = sum(len(chunk) for chunk in out)
+        target = self.config.shaping.padded_size(size)
+        if target - size >= HEADER_SIZE:
+            pad = min(target - size - HEADER_SIZE, MAX_PAYLOAD[FrameType.PADDING])
+            out.append(frame(FrameType.PADDING, 0, bytes(pad)))
 
     # ------------------------------------------------------------------ timers
     def get_timer(self) -> float | None:
@@ -457,7 +478,8 @@ class Session:
             self._out.append(frame(FrameType.RESET, stream_id,
                                    bytes((ResetCode.TOO_MANY_STREAMS,))))
             return
-        self._streams[stream_id] = _Stream(stream_id, kind)
+        self._streams[stream_id] = _Stream(stream_id, kind,
+                                           shaped_writes=self.config.shaping.stream_writes)
         events.append(StreamOpened(stream_id, kind, destination))
 
     def _on_fin(self, stream_id: int, events: list[Event]) -> None:
@@ -515,7 +537,13 @@ class Session:
             raise LocalProtocolError(f"stream {stream_id} cannot send", code="stream_closed")
         return stream
 
+    def _note_stream_write(self, stream: _Stream) -> None:
+        if stream.shaped_writes:
+            stream.shaped_writes -= 1
+            self._shape_this_write = True
+
     def _emit_data(self, stream: _Stream, data: bytes | bytearray | memoryview) -> None:
+        self._note_stream_write(stream)
         size = len(data)
         stream.send_window -= size
         self._send_window -= size
