@@ -167,6 +167,17 @@ PEERS: tuple[Peer, ...] = (
         key_from_stdout=True,
         version=("$veil", "--version"),
     ),
+    Peer(
+        name="veil-noshape",
+        title="veil, shaping off",
+        server=("$veil", "serve", "--state", "$dir/state", "--listen", "$server_ip:$server_port",
+                "--allow-private", "--no-shaping"),
+        forward=("$veil", "connect", "$key", "--no-shaping", "--forward",
+                 "127.0.0.1:$local_port:$target_host:$target_port"),
+        socks=("$veil", "connect", "$key", "--no-shaping", "--socks", "127.0.0.1:$socks_port"),
+        key_from_stdout=True,
+        version=("$veil", "--version"),
+    ),
 )
 
 BY_NAME: dict[str, Peer] = {p.name: p for p in PEERS}

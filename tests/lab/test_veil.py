@@ -39,12 +39,13 @@ class VeilTraffic:
 
 
 def capture_fetch(workdir: Path, server: procs.VeilServer, base: str, name: str,
-                  extra_curl: tuple[str, ...] = ()) -> list[FlowReport]:
+                  extra_curl: tuple[str, ...] = (),
+                  client_args: tuple[str, ...] = ()) -> list[FlowReport]:
     """Capture one veil client's whole tunnel (from its first SYN) while curl fetches a page
     and then an 8 MiB file from ``base``."""
     pcap = workdir / f"{name}.pcap"
     with rt.capture(pcap, f"tcp port {server.port}"):
-        client = procs.start_veil_client(workdir, server.key)
+        client = procs.start_veil_client(workdir, server.key, extra=client_args)
         try:
             socks = ("--socks5-hostname", f"127.0.0.1:{client.socks}")
             assert b"hello from nginx" in rt.curl(*extra_curl, *socks, f"{base}/")
@@ -135,3 +136,18 @@ def test_inner_https_handshake_is_hidden(veil_traffic: VeilTraffic) -> None:
 def test_probed_certificate_is_unremarkable(probed: ProbeReport) -> None:
     assert probed.certificate is not None
     assert not probed.certificate.flagged, probed.certificate.evidence
+
+
+def test_without_shaping_the_inner_handshake_shows(module_dir: Path, nginx: procs.Nginx) -> None:
+    """The positive control on veil itself: with shaping off on both ends, the detector that
+    passes veil above catches its tunnel carrying HTTPS. Shaping is what hides it."""
+    workdir = module_dir / "lab-veil-unshaped"
+    server = procs.start_veil_server(workdir, "--no-shaping", "--cover",
+                                     f"http://127.0.0.1:{nginx.http_port}")
+    try:
+        (inner,) = capture_fetch(workdir, server, f"https://127.0.0.1:{nginx.https_port}",
+                                 "inner-https-unshaped", ("-k",), ("--no-shaping",))
+    finally:
+        procs.stop(server.proc)
+    verdict = inner.verdict("tls-in-tls")
+    assert verdict.flagged, verdict.evidence

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-private", action="store_true",
                        help="let clients reach private, loopback and link-local addresses "
                             "(off by default: it exposes the server's own network)")
+    serve.add_argument("--no-shaping", dest="shaping", action="store_false",
+                       help="do not pad the first writes of sessions and streams (measures "
+                            "shaping's cost; makes tunnelled TLS handshakes visible)")
 
     user = sub.add_parser("user", help="manage users and their access keys",
                           description="Manage users. Works while the server runs.")
@@ -126,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "(repeatable)")
     connect.add_argument("--pool", type=int, default=1, metavar="N",
                          help="TLS connections to keep to the server (default 1)")
+    connect.add_argument("--no-shaping", dest="shaping", action="store_false",
+                         help="do not pad the first writes of sessions and streams (measures "
+                              "shaping's cost; makes tunnelled TLS handshakes visible)")
     connect.add_argument("--tls", choices=("browser", "openssl"), default="browser",
                          help="TLS client: 'browser' sends Chrome's ClientHello (default); "
                               "'openssl' uses Python's ssl, whose ClientHello no browser sends")
@@ -211,7 +217,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     finally:
         store.close()
     options = ServerOptions(listen=args.listen, cover_url=args.cover,
-                            allow_private=args.allow_private)
+                            allow_private=args.allow_private, shaping=args.shaping)
 
     async def main(stop: asyncio.Event) -> None:
         server = VeilServer(state, options)
@@ -264,7 +270,7 @@ def cmd_connect(args: argparse.Namespace) -> None:
     options = ClientOptions.from_args(key, socks=args.socks, http=args.http,
                                       forwards=args.forward, socks_auth=args.socks_auth,
                                       pool=args.pool, default_socks=parse_host_port(DEFAULT_SOCKS),
-                                      tls_stack=args.tls)
+                                      tls_stack=args.tls, shaping=args.shaping)
     _run(lambda stop: run_client(options, stop))
 
 

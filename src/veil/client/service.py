@@ -15,6 +15,8 @@ from veil.net.client_session import ClientTunnel
 from veil.net.trojan_client import TrojanDialer
 from veil.protocol.accesskey import AccessKey
 from veil.protocol.address import Address
+from veil.protocol.session import SessionConfig
+from veil.protocol.shaping import NO_SHAPING
 from veil.protocol.trojan import TrojanLink
 
 log = logging.getLogger("veil.client")
@@ -38,11 +40,13 @@ class ClientOptions:
     forwards: tuple[ForwardSpec, ...] = field(default_factory=tuple)
     pool: int = 1
     tls_stack: str = "browser"
+    shaping: bool = True
 
     @classmethod
     def from_args(cls, key: AccessKey | TrojanLink, *, socks: Address | None, http: Address | None,
                   forwards: list[str], socks_auth: str | None, pool: int,
-                  default_socks: Address, tls_stack: str = "browser") -> ClientOptions:
+                  default_socks: Address, tls_stack: str = "browser",
+                  shaping: bool = True) -> ClientOptions:
         specs = tuple(parse_forward_spec(text) for text in forwards)
         credentials = None
         if socks_auth is not None:
@@ -52,7 +56,7 @@ class ClientOptions:
             credentials = Credentials(user.encode(), password.encode())
         if socks is None and http is None and not specs:
             socks = default_socks
-        return cls(key, socks, credentials, http, specs, pool, tls_stack)
+        return cls(key, socks, credentials, http, specs, pool, tls_stack, shaping)
 
 
 def parse_key(text: str) -> AccessKey | TrojanLink:
@@ -67,7 +71,9 @@ async def run_client(options: ClientOptions, stop: asyncio.Event) -> None:
     if isinstance(options.key, TrojanLink):
         tunnel = TrojanDialer(options.key)  # a connection per stream: --pool does not apply
     else:
-        tunnel = ClientTunnel(options.key, pool_size=options.pool, tls_stack=options.tls_stack)
+        config = None if options.shaping else SessionConfig(shaping=NO_SHAPING)
+        tunnel = ClientTunnel(options.key, pool_size=options.pool, tls_stack=options.tls_stack,
+                              session_config=config)
     inbounds: list[Inbound] = []
     if options.socks is not None:
         inbounds.append(Socks5Inbound(tunnel, options.socks,

@@ -22,7 +22,7 @@ from veil.protocol.accesskey import AccessKey, pin_of_der
 from veil.protocol.address import Address
 from veil.protocol.auth import Credential, build_auth
 from veil.protocol.frames import FrameType, ResetCode, StreamKind
-from veil.protocol.session import Session
+from veil.protocol.session import Session, SessionConfig
 from veil.transport.browser_tls import open_browser_tls_connection
 from veil.transport.tls import TlsHandshakeError, open_tls_connection
 
@@ -86,13 +86,15 @@ class _ClientDriver(SessionDriver):
 
 
 class ClientTunnel(Dialer):
-    def __init__(self, key: AccessKey, *, pool_size: int = 1, tls_stack: str = "browser") -> None:
+    def __init__(self, key: AccessKey, *, pool_size: int = 1, tls_stack: str = "browser",
+                 session_config: SessionConfig | None = None) -> None:
         if tls_stack not in TLS_STACKS:
             raise ValueError(f"tls_stack must be one of {TLS_STACKS}, not {tls_stack!r}")
         self.key = key
         self.tls_stack = tls_stack
         self.credential = Credential.from_secret(key.secret)
         self.pool_size = pool_size
+        self.session_config = session_config
         self._drivers: list[SessionDriver] = []
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -114,7 +116,7 @@ class ClientTunnel(Dialer):
     async def connect_once(self) -> SessionDriver:
         """Open one authenticated session; raise TransportError/AuthError on failure."""
         loop = asyncio.get_running_loop()
-        session = Session(client=True, now=loop.time())
+        session = Session(client=True, now=loop.time(), config=self.session_config)
         driver = _ClientDriver(session)
         server = self.key.server
         transport: asyncio.Transport

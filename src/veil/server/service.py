@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -14,6 +15,7 @@ from veil.protocol.address import Address
 from veil.protocol.events import StreamOpened
 from veil.protocol.frames import CloseCode
 from veil.protocol.session import Session, SessionConfig
+from veil.protocol.shaping import NO_SHAPING
 from veil.server.covers import Cover, make_cover
 from veil.server.gate import Authenticator, Gate, VeilWayIn
 from veil.server.outbound import Outbound
@@ -41,6 +43,7 @@ class ServerOptions:
     cover_url: str | None = None
     allow_private: bool = False
     handshake_timeout: float = 60.0
+    shaping: bool = True
 
 
 def server_ssl_context(state: ServerState) -> ssl.SSLContext:
@@ -100,7 +103,10 @@ class VeilServer:
 
     def _start_session(self, transport: asyncio.Transport, user: User, rest: bytes) -> None:
         loop = asyncio.get_running_loop()
-        session = Session(client=False, now=loop.time(), config=SERVER_SESSION_CONFIG)
+        config = SERVER_SESSION_CONFIG
+        if not self.options.shaping:
+            config = dataclasses.replace(config, shaping=NO_SHAPING)
+        session = Session(client=False, now=loop.time(), config=config)
         driver = SessionDriver(session, on_stream_opened=lambda ev: self._open(driver, ev),
                                on_closed=self._session_closed)
         self.sessions[driver] = user
