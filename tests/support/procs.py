@@ -58,6 +58,11 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
     return proc.returncode
 
 
+# A running server reloads users every 0.5 s (server/live.py); a change made with the CLI is in
+# force after this long.
+USER_CHANGE_VISIBLE_S = 0.8
+
+
 @dataclass
 class VeilServer:
     proc: subprocess.Popen[bytes]
@@ -69,11 +74,13 @@ class VeilServer:
     def add_user(self, name: str) -> str:
         out = subprocess.run([*VEIL, "user", "add", name, "--state", str(self.state)],
                              capture_output=True, text=True, check=True, timeout=30)
+        time.sleep(USER_CHANGE_VISIBLE_S)
         return out.stdout.strip()
 
     def revoke(self, name: str) -> None:
         subprocess.run([*VEIL, "user", "revoke", name, "--state", str(self.state)],
                        capture_output=True, text=True, check=True, timeout=30)
+        time.sleep(USER_CHANGE_VISIBLE_S)
 
 
 def start_veil_server(workdir: Path, *extra: str, port: int | None = None) -> VeilServer:
@@ -175,11 +182,11 @@ http {{
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
     sendfile on;
-    keepalive_timeout 75s;
+    keepalive_timeout {keepalive_timeout}s;
     client_header_timeout {header_timeout}s;
     server {{
         listen 127.0.0.1:{http_port};
-        listen 127.0.0.1:{https_port} ssl;
+        listen 127.0.0.1:{https_port} ssl{http2};
         # As Debian's /etc/nginx/nginx.conf sets them (nginx 1.22's built-in default has no
         # TLS 1.3), so that nginx here is the nginx people run.
         ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;
@@ -210,7 +217,11 @@ def make_cert(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
 
 
 @contextlib.contextmanager
-def nginx(root: Path | None = None, header_timeout: int = 60) -> Iterator[Nginx]:
+def nginx(root: Path | None = None, header_timeout: int = 60, *, http2: bool = False,
+          keepalive_timeout: int = 75) -> Iterator[Nginx]:
+    """A throwaway nginx on two loopback ports (plain, TLS); ``http2`` adds ``http2`` to the
+    TLS listener (``listen ... ssl http2``, nginx 1.22's syntax), as sites serving browsers
+    have it."""
     prefix = Path(tempfile.mkdtemp(prefix="veil-nginx-"))
     if root is None:
         root = prefix / "www"
@@ -222,7 +233,8 @@ def nginx(root: Path | None = None, header_timeout: int = 60) -> Iterator[Nginx]
     http_port, https_port = free_port(), free_port()
     (prefix / "nginx.conf").write_text(NGINX_CONF.format(
         prefix=prefix, root=root, http_port=http_port, https_port=https_port,
-        header_timeout=header_timeout))
+        header_timeout=header_timeout, keepalive_timeout=keepalive_timeout,
+        http2=" http2" if http2 else ""))
     proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -17,6 +17,7 @@ ALLOWED = {
     "server": {"errors", "protocol", "transport", "net", "store", "server"},
     "client": {"errors", "protocol", "transport", "net", "client"},
     "lab": {"errors", "lab"},
+    "admin": {"errors", "store", "server", "admin"},
 }
 FORBIDDEN_IN_PROTOCOL = {"asyncio", "socket", "ssl", "time", "selectors", "threading"}
 

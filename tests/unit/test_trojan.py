@@ -7,8 +7,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import sqlite3
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -33,8 +31,9 @@ from veil.protocol.trojan import (
     password_hash_for_secret,
 )
 from veil.server.gate import Accept, Reject, Wait
+from veil.server.live import UserDirectory, build_directory
 from veil.server.trojan import TrojanWayIn
-from veil.store.sqlite import SqliteUserStore
+from veil.store.base import User
 
 SECRET = bytes(range(32))
 PASSWORD = password_for_secret(SECRET)
@@ -186,57 +185,6 @@ def test_links_round_trip_and_read_what_other_apps_write() -> None:
             TrojanLink.parse(bad)
 
 
-# ------------------------------------------------------------------ the store
-V1_SCHEMA = """
-CREATE TABLE users (name TEXT PRIMARY KEY, secret BLOB NOT NULL, key_id BLOB NOT NULL UNIQUE,
-                    created_at REAL NOT NULL, revoked_at REAL);
-PRAGMA user_version=1;
-"""
-
-
-def open_store(path: Path) -> SqliteUserStore:
-    return SqliteUserStore(path, trojan_hash=password_hash_for_secret)
-
-
-def test_a_version_1_store_is_migrated_and_backfilled(tmp_path: Path) -> None:
-    path = tmp_path / "users.db"
-    db = sqlite3.connect(path)
-    db.executescript(V1_SCHEMA)
-    db.execute("INSERT INTO users VALUES (?, ?, ?, ?, NULL)",
-               ("old", SECRET, Credential.from_secret(SECRET).key_id, 1.0))
-    db.commit()
-    db.close()
-    store = open_store(path)
-    try:
-        user = store.find_by_trojan_hash(DIGEST)
-        assert user is not None and user.name == "old" and user.secret == SECRET
-        assert store._db.execute("PRAGMA user_version").fetchone()[0] == 2
-        plan = store._db.execute("EXPLAIN QUERY PLAN SELECT name FROM users "
-                                 "WHERE trojan_hash = ?", (DIGEST,)).fetchall()
-        assert "users_trojan_hash" in str(plan)
-    finally:
-        store.close()
-    store = open_store(path)  # a second open is a no-op
-    try:
-        assert store.find_by_trojan_hash(DIGEST) is not None
-    finally:
-        store.close()
-
-
-def test_new_and_revoked_users_are_found_by_hash(tmp_path: Path) -> None:
-    store = open_store(tmp_path / "users.db")
-    try:
-        other = bytes(32)
-        store.add_user("a", SECRET, Credential.from_secret(SECRET).key_id, 1.0)
-        store.add_user("b", other, Credential.from_secret(other).key_id, 2.0)
-        store.revoke("b", 3.0)
-        found = store.find_by_trojan_hash(password_hash_for_secret(other))
-        assert found is not None and found.name == "b" and not found.active
-        assert store.find_by_trojan_hash("0" * 56) is None
-    finally:
-        store.close()
-
-
 # ------------------------------------------------------------------ the way in
 class FakeTransport(asyncio.Transport):
     """The way in must not touch the transport: anything it tries fails the test."""
@@ -248,16 +196,19 @@ class FakeTransport(asyncio.Transport):
         raise AssertionError("the way in closed")
 
 
+def directory(*users: User) -> UserDirectory:
+    return build_directory(users, {}, 10.0, password_hash_for_secret)
+
+
+ACTIVE = User("active", SECRET, Credential.from_secret(SECRET).key_id, 1.0)
+GONE = User("gone", bytes(32), Credential.from_secret(bytes(32)).key_id, 1.0, revoked_at=2.0)
+
+
 @pytest.fixture
-def way_in(tmp_path: Path):  # type: ignore[no-untyped-def]
-    store = open_store(tmp_path / "users.db")
-    store.add_user("active", SECRET, Credential.from_secret(SECRET).key_id, 1.0)
-    revoked = bytes(32)
-    store.add_user("gone", revoked, Credential.from_secret(revoked).key_id, 1.0)
-    store.revoke("gone", 2.0)
+def way_in():  # type: ignore[no-untyped-def]
     served: list[tuple[str, TrojanRequest, bytes]] = []
-    yield TrojanWayIn(store, lambda t, u, r, rest: served.append((u.name, r, rest))), served
-    store.close()
+    return TrojanWayIn(directory(ACTIVE, GONE),
+                       lambda t, u, r, rest: served.append((u.name, r, rest))), served
 
 
 def test_the_way_in_accepts_only_an_active_users_complete_request(way_in) -> None:  # type: ignore[no-untyped-def]
@@ -280,20 +231,11 @@ def test_the_way_in_accepts_only_an_active_users_complete_request(way_in) -> Non
     assert check.check(b"GET / HTTP/1.1\r\n\r\n", transport) == Reject(None)
 
 
-@pytest.fixture(scope="module")
-def shared_store(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    store = open_store(tmp_path_factory.mktemp("trojan-store") / "users.db")
-    store.add_user("active", SECRET, Credential.from_secret(SECRET).key_id, 1.0)
-    yield store
-    store.close()
-
-
 @settings(max_examples=300)
 @given(st.one_of(st.binary(max_size=400),
                  st.builds(lambda h, rest: h + b"\r\n" + rest,
                            st.text("0123456789abcdef", min_size=56, max_size=56).map(str.encode),
                            st.binary(max_size=300))))
-def test_nothing_without_the_password_is_ever_accepted(shared_store: SqliteUserStore,
-                                                       data: bytes) -> None:
-    verdict = TrojanWayIn(shared_store, lambda *a: None).check(data, FakeTransport())
+def test_nothing_without_the_password_is_ever_accepted(data: bytes) -> None:
+    verdict = TrojanWayIn(directory(ACTIVE), lambda *a: None).check(data, FakeTransport())
     assert isinstance(verdict, Reject)

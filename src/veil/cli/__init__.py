@@ -24,6 +24,7 @@ from veil.protocol.address import Address, parse_host_port
 from veil.protocol.auth import Credential, new_secret
 
 if TYPE_CHECKING:
+    from veil.admin.listen import AdminListen
     from veil.server.state import ServerState
     from veil.store.base import User
 
@@ -46,6 +47,15 @@ def _address(text: str) -> Address:
     try:
         return parse_host_port(text)
     except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _admin_address(text: str) -> AdminListen:
+    from veil.admin.listen import parse_admin_listen
+
+    try:
+        return parse_admin_listen(text)
+    except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
@@ -72,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cover", metavar="URL",
                        help="web server to show to everybody else, e.g. http://127.0.0.1:8080 "
                             "(default: a built-in static site)")
+    serve.add_argument("--admin", type=_admin_address, metavar="HOST:PORT",
+                       help="also serve the admin panel, API and /metrics there (off by "
+                            "default), e.g. 127.0.0.1:8080; a non-loopback address needs "
+                            "https://HOST:PORT (TLS with the server's certificate). Set its "
+                            "password with `veil admin passwd`; docs/admin.md")
     serve.add_argument("--cert", type=Path, metavar="FILE",
                        help="certificate chain (PEM) to use instead of a self-signed one")
     serve.add_argument("--key", type=Path, metavar="FILE", help="private key (PEM) for --cert")
@@ -81,9 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-shaping", dest="shaping", action="store_false",
                        help="do not pad the first writes of sessions and streams (measures "
                             "shaping's cost; makes tunnelled TLS handshakes visible)")
+    serve.add_argument("--tun", action="store_true",
+                       help="also serve full-device tunnels (veil connect --tun; Linux, root): "
+                            "a TUN device, an address per session, NAT to the outside")
+    serve.add_argument("--pool", metavar="CIDR",
+                       help="IPv4 addresses for --tun clients (default 10.77.0.0/16)")
+    serve.add_argument("--pool6", metavar="CIDR",
+                       help="IPv6 addresses for --tun clients (default fd77::/64; 'none': "
+                            "no IPv6, which clients then block)")
+    serve.add_argument("--db", metavar="URL", default=os.environ.get("VEIL_DB"),
+                       help="keep users in PostgreSQL (postgresql://USER:PASSWORD@HOST/DB) "
+                            "instead of DIR/users.db, so several servers share them; "
+                            "remembered in DIR/config.json (env VEIL_DB). Every server of a "
+                            "fleet needs a copy of DIR/store.key")
 
-    user = sub.add_parser("user", help="manage users and their access keys",
-                          description="Manage users. Works while the server runs.")
+    user = sub.add_parser(
+        "user", help="manage users, their access keys, limits and usage",
+        description="Manage users. Works while the server runs: a running server picks every "
+                    "change up within a second (a revoked, rotated, expired or over-limit "
+                    "user's live sessions are closed).")
     user_sub = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
     add = user_sub.add_parser("add", help="create a user and print its access key",
                               description="Create a user and print its access key URI "
@@ -91,11 +122,30 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("name")
     add.add_argument("--public", metavar="HOST:PORT",
                      help="server address for keys, needed if no server has run on DIR yet")
-    lst = user_sub.add_parser("list", help="list users")
+    lst = user_sub.add_parser(
+        "list", help="list users with usage, limit, last seen and status",
+        description="List users: name, created, usage this period (this month, or all time "
+                    "for a /total limit), limit, last seen, status.")
     revoke = user_sub.add_parser("revoke", help="revoke a user's access",
-                                 description="Revoke a user: new connections with its key get "
-                                             "the cover site.")
+                                 description="Revoke a user: live sessions are closed and new "
+                                             "connections with its key get the cover site.")
     revoke.add_argument("name")
+    rotate = user_sub.add_parser(
+        "rotate", help="give a user a new key; the old one stops working",
+        description="Replace a user's credential and print the new access key. Sessions "
+                    "using the old key are closed.")
+    rotate.add_argument("name")
+    limit = user_sub.add_parser(
+        "limit", help="set or remove a user's traffic limit and expiry",
+        description="Set a user's traffic limit (up + down) and/or expiry date.")
+    limit.add_argument("name")
+    for p in (add, limit):
+        p.add_argument("--limit", metavar="SIZE[/PERIOD]",
+                       help="traffic allowed, up + down: e.g. 50GB (per month), 50GB/month, "
+                            "1TiB/total, or none")
+        p.add_argument("--expires", metavar="DATE",
+                       help="last day of access (YYYY-MM-DD, UTC, inclusive), an ISO 8601 "
+                            "time, or never")
     show = user_sub.add_parser(
         "show", help="print a user's key for veil or for a Trojan app",
         description="Print a user's key: a veil URI (default), a trojan:// link, or a Clash Meta "
@@ -106,9 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
                       default="veil", help="what to print (default veil)")
     show.add_argument("--png", type=Path, metavar="FILE",
                       help="also write what is printed as a QR code, in a PNG file")
-    for p in (add, lst, revoke, show):
+    for p in (lst, show):
+        p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    for p in (add, lst, revoke, rotate, limit, show):
         p.add_argument("--state", type=Path, default=DEFAULT_STATE, metavar="DIR",
                        help=f"state directory (default {DEFAULT_STATE})")
+        p.add_argument("--db", metavar="URL", default=os.environ.get("VEIL_DB"),
+                       help="user store: postgresql://USER:PASSWORD@HOST/DB (default: the one "
+                            "the server was started with, else DIR/users.db; env VEIL_DB)")
 
     connect = sub.add_parser(
         "connect", help="run the client",
@@ -135,10 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
     connect.add_argument("--tls", choices=("browser", "openssl"), default="browser",
                          help="TLS client: 'browser' sends Chrome's ClientHello (default); "
                               "'openssl' uses Python's ssl, whose ClientHello no browser sends")
+    connect.add_argument("--tun", action="store_true",
+                         help="send all of this machine's traffic through the tunnel (Linux, "
+                              "root): a TUN device, routes, DNS and a kill switch, all undone "
+                              "on exit")
+    connect.add_argument("--exclude", action="append", default=[], metavar="CIDR",
+                         help="with --tun: keep this range outside the tunnel, e.g. the LAN "
+                              "(repeatable)")
+    connect.add_argument("--tun-cleanup", action="store_true",
+                         help="undo what a --tun client that crashed left (routes, firewall, "
+                              "DNS) and exit; --tun does this by itself when it starts")
 
     from veil.lab.cli import add_lab_parser
 
     add_lab_parser(sub)
+    from veil.admin.cli import add_admin_parser
+
+    add_admin_parser(sub, DEFAULT_STATE)
     return parser
 
 
@@ -204,8 +272,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if (args.cert is None) != (args.key is None):
         raise ConfigError("--cert and --key go together")
+    if args.admin is not None:
+        from veil.admin.listen import check_admin_listen
+
+        check_admin_listen(args.admin.host, args.admin.tls)
     state, _created = init_state(args.state, listen=args.listen, public=args.public,
-                                 cert=args.cert, key=args.key)
+                                 cert=args.cert, key=args.key, db=args.db)
     store = state.open_store()
     try:
         if not store.list_users():
@@ -217,7 +289,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     finally:
         store.close()
     options = ServerOptions(listen=args.listen, cover_url=args.cover,
-                            allow_private=args.allow_private, shaping=args.shaping)
+                            allow_private=args.allow_private, shaping=args.shaping,
+                            tun=args.tun, pool=args.pool, pool6=args.pool6)
 
     async def main(stop: asyncio.Event) -> None:
         server = VeilServer(state, options)
@@ -225,40 +298,95 @@ def cmd_serve(args: argparse.Namespace) -> None:
             await server.start()
         except OSError as exc:
             raise VeilError(f"cannot listen on {args.listen}: {exc.strerror}") from exc
+        admin = None
+        if args.admin is not None:
+            from veil.admin.app import admin_ssl_context, start_admin
+
+            try:
+                admin = await start_admin(
+                    server, args.admin,
+                    tls=admin_ssl_context(state) if args.admin.tls else None)
+            except BaseException:
+                await server.stop()
+                raise
         await stop.wait()
         log.warning("stopping")
+        if admin is not None:
+            await admin.stop()
         await server.stop()
 
     _run(main)
 
 
+def _when(moment: float | None) -> str:
+    if moment is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(moment))
+
+
 def cmd_user(args: argparse.Namespace) -> None:
+    import json
+
     from veil.server.state import init_state, load_state
+    from veil.server.users import UserManager, format_bytes, parse_expiry, parse_limit
 
     if args.user_command == "add" and args.public:
         public = parse_host_port(args.public)
-        state, _ = init_state(args.state, listen=public, public=args.public)
+        state, _ = init_state(args.state, listen=public, public=args.public, db=args.db)
     else:
-        state = load_state(args.state)
-    store = state.open_store()
+        state = load_state(args.state, db=args.db)
+    limit = parse_limit(args.limit) if getattr(args, "limit", None) else None
+    expires = parse_expiry(args.expires) if getattr(args, "expires", None) else None
+    manager = UserManager(state, state.open_store())
+    command = args.user_command
     try:
-        if args.user_command == "add":
-            secret = new_secret()
-            user = store.add_user(args.name, secret, Credential.from_secret(secret).key_id,
-                                  time.time())
-            _print_key(state.access_key(user).to_uri())
-        elif args.user_command == "list":
-            print(f"{'NAME':<24} {'CREATED':<20} STATUS")
-            for u in store.list_users():
-                created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(u.created_at))
-                print(f"{u.name:<24} {created:<20} {'active' if u.active else 'revoked'}")
-        elif args.user_command == "revoke":
-            store.revoke(args.name, time.time())
+        if command == "add":
+            user = manager.add(args.name, limit_bytes=limit[0] if limit else None,
+                               limit_period=limit[1] if limit else "month",
+                               expires_at=expires)
+            _print_key(manager.access_key(user))
+        elif command == "list":
+            rows = manager.report()
+            if args.json:
+                print(json.dumps([r.to_json() for r in rows], indent=2))
+                return
+            print(f"{'NAME':<20} {'CREATED':<16} {'USED':>10} {'LIMIT':>16} "
+                  f"{'LAST SEEN':<16} STATUS")
+            for r in rows:
+                limit_text = ("-" if r.limit_bytes is None
+                              else f"{format_bytes(r.limit_bytes)}/{r.limit_period}")
+                print(f"{r.name:<20} {_when(r.created_at):<16} {format_bytes(r.used.total):>10} "
+                      f"{limit_text:>16} {_when(r.last_seen):<16} {r.status}")
+        elif command == "revoke":
+            manager.revoke(args.name)
             print(f"revoked {args.name}")
-        elif args.user_command == "show":
-            _show_user(state, store.get_user(args.name), args)
+        elif command == "rotate":
+            user = manager.rotate(args.name)
+            _print_key(manager.access_key(user))
+        elif command == "limit":
+            if limit is None and args.expires is None:
+                raise ConfigError("say --limit SIZE[/PERIOD] and/or --expires DATE")
+            if limit is not None:
+                manager.set_limit(args.name, *limit)
+            if args.expires is not None:
+                manager.set_expiry(args.name, expires)
+            report = next(r for r in manager.report() if r.name == args.name)
+            print(f"{args.name}: limit "
+                  f"{format_bytes(report.limit_bytes)}/{report.limit_period}, "
+                  f"expires {_when(report.expires_at)}, status {report.status}")
+        elif command == "show":
+            user = manager.get(args.name)
+            if args.json:
+                report = next(r for r in manager.report() if r.name == args.name)
+                from veil.server.export import export_user
+
+                print(json.dumps({**report.to_json(),
+                                  "key": export_user(state, user, args.format).text},
+                                 indent=2))
+                return
+            _show_user(state, user, args)
     finally:
-        store.close()
+        manager.store.close()
 
 
 def cmd_connect(args: argparse.Namespace) -> None:
@@ -270,7 +398,13 @@ def cmd_connect(args: argparse.Namespace) -> None:
     options = ClientOptions.from_args(key, socks=args.socks, http=args.http,
                                       forwards=args.forward, socks_auth=args.socks_auth,
                                       pool=args.pool, default_socks=parse_host_port(DEFAULT_SOCKS),
-                                      tls_stack=args.tls, shaping=args.shaping)
+                                      tls_stack=args.tls, shaping=args.shaping, tun=args.tun,
+                                      tun_exclude=tuple(args.exclude))
+    if args.tun_cleanup:
+        from veil.client.service import tun_cleanup
+
+        print("restored" if tun_cleanup() else "nothing to restore")
+        return
     _run(lambda stop: run_client(options, stop))
 
 
@@ -283,8 +417,15 @@ def cmd_lab(args: argparse.Namespace) -> None:
         raise SystemExit(status)
 
 
+def cmd_admin(args: argparse.Namespace) -> None:
+    from veil.admin.cli import run_admin
+
+    run_admin(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "serve": cmd_serve, "user": cmd_user, "connect": cmd_connect, "lab": cmd_lab}
+    "serve": cmd_serve, "user": cmd_user, "connect": cmd_connect, "lab": cmd_lab,
+    "admin": cmd_admin}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

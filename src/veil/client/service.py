@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,12 +42,16 @@ class ClientOptions:
     pool: int = 1
     tls_stack: str = "browser"
     shaping: bool = True
+    #: Full-device tunnel (``--tun``, Linux): a TUN device instead of local proxies.
+    tun: bool = False
+    tun_exclude: tuple[str, ...] = ()
 
     @classmethod
     def from_args(cls, key: AccessKey | TrojanLink, *, socks: Address | None, http: Address | None,
                   forwards: list[str], socks_auth: str | None, pool: int,
                   default_socks: Address, tls_stack: str = "browser",
-                  shaping: bool = True) -> ClientOptions:
+                  shaping: bool = True, tun: bool = False,
+                  tun_exclude: tuple[str, ...] = ()) -> ClientOptions:
         specs = tuple(parse_forward_spec(text) for text in forwards)
         credentials = None
         if socks_auth is not None:
@@ -54,9 +59,10 @@ class ClientOptions:
             if not sep or not user:
                 raise ConfigError("--socks-auth takes USER:PASSWORD")
             credentials = Credentials(user.encode(), password.encode())
-        if socks is None and http is None and not specs:
+        if socks is None and http is None and not specs and not tun:
             socks = default_socks
-        return cls(key, socks, credentials, http, specs, pool, tls_stack, shaping)
+        return cls(key, socks, credentials, http, specs, pool, tls_stack, shaping, tun,
+                   tun_exclude)
 
 
 def parse_key(text: str) -> AccessKey | TrojanLink:
@@ -67,6 +73,9 @@ def parse_key(text: str) -> AccessKey | TrojanLink:
 
 
 async def run_client(options: ClientOptions, stop: asyncio.Event) -> None:
+    if options.tun:
+        await _run_tun(options, stop)
+        return
     tunnel: ClientTunnel | TrojanDialer
     if isinstance(options.key, TrojanLink):
         tunnel = TrojanDialer(options.key)  # a connection per stream: --pool does not apply
@@ -113,3 +122,29 @@ async def run_client(options: ClientOptions, stop: asyncio.Event) -> None:
         for inbound in started:
             await inbound.close()
         await tunnel.close()
+
+
+async def _run_tun(options: ClientOptions, stop: asyncio.Event) -> None:
+    if sys.platform == "linux":
+        from veil.client.tun import TunClientOptions, run_tun  # noqa: PLC0415
+    else:
+        from veil.client.tun_unsupported import TunClientOptions, run_tun  # noqa: PLC0415
+
+    if not isinstance(options.key, AccessKey):
+        raise ConfigError("--tun needs a veil:// key (Trojan has no IP tunnel)")
+    if options.socks or options.http or options.forwards:
+        raise ConfigError("--tun replaces --socks, --http and --forward: use one or the other")
+    config = None if options.shaping else SessionConfig(shaping=NO_SHAPING)
+    await run_tun(options.key, TunClientOptions.parse(options.tun_exclude), stop,
+                  tls_stack=options.tls_stack, session_config=config)
+
+
+def tun_cleanup(exclude: tuple[str, ...] = ()) -> bool:
+    """Undo what a ``--tun`` client that did not exit cleanly left in this network namespace;
+    False when it left nothing."""
+    if sys.platform == "linux":
+        from veil.client.tun import TunClientOptions, cleanup  # noqa: PLC0415
+    else:
+        from veil.client.tun_unsupported import TunClientOptions, cleanup  # noqa: PLC0415
+
+    return cleanup(TunClientOptions.parse(exclude))

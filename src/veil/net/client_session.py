@@ -180,8 +180,9 @@ class ClientTunnel(Dialer):
             if not self._drivers:
                 self._ready.clear()
             if not accepted:
-                self.last_error = (f"the server at {self.key.server} refused the key (revoked "
-                                   "or wrong key, or this clock is off by minutes)")
+                self.last_error = (f"the server at {self.key.server} refused the key (revoked, "
+                                   "expired or over its limit, a wrong key, or this clock is off "
+                                   "by minutes); trying again in a minute")
                 log.error("%s", self.last_error)
                 await asyncio.sleep(BACKOFF_REJECTED_S)
                 continue

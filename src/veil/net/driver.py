@@ -20,6 +20,7 @@ from veil.protocol.events import (
     DatagramReceived,
     DataReceived,
     Event,
+    PacketReceived,
     SessionClosed,
     StreamEnded,
     StreamOpened,
@@ -42,6 +43,12 @@ class StreamHandler(Protocol):
     def on_datagram(self, address: Address, payload: bytes) -> None: ...
     def pause_source(self) -> None: ...
     def resume_source(self) -> None: ...
+
+
+class PacketHandler(StreamHandler, Protocol):
+    """The local end of an IP stream: also takes IP packets (a TUN device)."""
+
+    def on_packet(self, packet: bytes) -> None: ...
 
 
 class SessionDriver(asyncio.Protocol):
@@ -122,6 +129,11 @@ class SessionDriver(asyncio.Protocol):
     def writing_paused(self) -> bool:
         return self._writing_paused
 
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        """The (TLS) transport the session runs over, None once it is gone."""
+        return self._transport
+
     # ------------------------------------------------------------------ stream side
     def attach(self, stream_id: int, handler: StreamHandler) -> None:
         self.handlers[stream_id] = handler
@@ -170,6 +182,10 @@ class SessionDriver(asyncio.Protocol):
             elif isinstance(event, StreamEnded):
                 if (handler := handlers.get(event.stream_id)) is not None:
                     handler.on_eof()
+            elif isinstance(event, PacketReceived):
+                # Only IP streams produce packets, and their handlers are PacketHandlers.
+                if (handler := handlers.get(event.stream_id)) is not None:
+                    cast(PacketHandler, handler).on_packet(event.packet)
             elif isinstance(event, DatagramReceived):
                 if (handler := handlers.get(event.stream_id)) is not None:
                     handler.on_datagram(event.address, event.payload)

@@ -59,6 +59,15 @@ class DatagramReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class PacketReceived:
+    """One IP packet on an IP stream: ``packet`` is the offload header and the packet, as
+    they go to a TUN device (veil.protocol.ip)."""
+
+    stream_id: int
+    packet: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class PongReceived:
     """Our keepalive ping came back after ``rtt`` seconds."""
 
@@ -75,4 +84,4 @@ class SessionClosed:
 
 
 Event = (StreamOpened | DataReceived | StreamEnded | StreamReset | StreamWritable
-         | DatagramReceived | PongReceived | SessionClosed)
+         | DatagramReceived | PacketReceived | PongReceived | SessionClosed)

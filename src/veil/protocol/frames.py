@@ -38,6 +38,8 @@ class StreamKind(enum.IntEnum):
 
     TCP = 1
     UDP = 2
+    #: Full-device tunnel: DATAGRAM frames carry IP packets (docs/protocol.md, "IP streams").
+    IP = 3
 
 
 class ResetCode(enum.IntEnum):
@@ -75,6 +77,10 @@ MAX_DATA_PAYLOAD = 256 * 1024
 MAX_CONTROL_PAYLOAD = 4096
 # A datagram carries an address (at most 1+1+255+2 bytes) and one UDP payload (at most 65,535).
 MAX_DATAGRAM_PAYLOAD = 65_535 + 259
+# On an IP stream a datagram is a 10-byte offload header and one IP packet, which with TSO is a
+# super-packet of up to 64 KiB of TCP payload plus headers (an IPv6 packet may be 40 + 65,535).
+# The frame limit must admit it whole: segmenting is left to the receiving kernel.
+MAX_IP_PACKET = 40 + 65_535
 MAX_PADDING_PAYLOAD = 16 * 1024
 
 MAX_PAYLOAD = {

@@ -25,6 +25,7 @@ from veil.protocol.events import (
     DatagramReceived,
     DataReceived,
     Event,
+    PacketReceived,
     PongReceived,
     SessionClosed,
     StreamEnded,
@@ -252,6 +253,24 @@ class Session:
             raise LocalProtocolError("datagram too large", code="datagram_too_large")
         self._out.append(pack_header(FrameType.DATAGRAM, stream_id, len(body)))
         self._out.append(body)
+
+    def send_packet(self, stream_id: int, packet: bytes | memoryview) -> None:
+        """Send one IP packet (offload header + packet, veil.protocol.ip) on an IP stream.
+
+        Not flow controlled, like datagrams: the packets' own transport (TCP inside) reacts to
+        loss. The packet is queued as it is, without a copy: a view must stay valid until
+        :meth:`data_to_send` has been taken.
+        """
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.kind is not StreamKind.IP or self._closed:
+            raise LocalProtocolError(f"stream {stream_id} is not an open IP stream",
+                                     code="stream_closed")
+        size = len(packet)
+        if size > MAX_PAYLOAD[FrameType.DATAGRAM]:
+            raise LocalProtocolError("packet too large", code="datagram_too_large")
+        out = self._out
+        out.append(pack_header(FrameType.DATAGRAM, stream_id, size))
+        out.append(packet)
 
     def send_padding(self, length: int) -> None:
         """Queue a PADDING frame whose payload is ``length`` bytes (for traffic shaping)."""
@@ -516,6 +535,9 @@ class Session:
     def _on_datagram(self, stream_id: int, payload: bytes, events: list[Event]) -> None:
         stream = self._known(stream_id)
         if stream is None:
+            return
+        if stream.kind is StreamKind.IP:
+            events.append(PacketReceived(stream_id, payload))  # no address: the packet has it
             return
         if stream.kind is not StreamKind.UDP:
             raise RemoteProtocolError(f"DATAGRAM on TCP stream {stream_id}")

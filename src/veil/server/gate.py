@@ -30,12 +30,12 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 from veil.protocol.auth import AUTH_SIZE, Credential, ReplayFilter, peek_key_id, verify_auth
 from veil.server import clienthello
 from veil.server.covers import Cover
-from veil.store.base import User, UserStore
+from veil.store.base import User
 from veil.transport.tls import start_tls_server
 
 log = logging.getLogger("veil.server")
@@ -112,11 +112,23 @@ class WayIn(abc.ABC):
         """
 
 
-class Authenticator:
-    """Checks authentication messages against the user store, with a replay filter."""
+class UserLookup(Protocol):
+    """Who holds a credential and whether they may connect now (``server/live.py``'s
+    in-memory snapshot of the store: a handshake never waits for the database)."""
 
-    def __init__(self, store: UserStore, clock: Callable[[], float] = time.time) -> None:
-        self.store = store
+    def find_by_key_id(self, key_id: bytes) -> User | None: ...
+
+    def find_by_trojan_hash(self, password_hash: str) -> User | None: ...
+
+    def refusal(self, user: User) -> str | None:
+        """None if the user may connect, else why not ("revoked", "over_limit", ...)."""
+
+
+class Authenticator:
+    """Checks authentication messages against the users, with a replay filter."""
+
+    def __init__(self, users: UserLookup, clock: Callable[[], float] = time.time) -> None:
+        self.users = users
         self.replay = ReplayFilter()
         self._clock = clock
         self._credentials: dict[bytes, Credential] = {}
@@ -124,11 +136,11 @@ class Authenticator:
     def check(self, message: bytes, binding: bytes) -> tuple[User | None, str]:
         """(user, "ok") when accepted, else (None, reason)."""
         key_id = peek_key_id(message)
-        user = self.store.find_by_key_id(key_id)
+        user = self.users.find_by_key_id(key_id)
         if user is None:
             return None, "unknown_key"
-        if not user.active:
-            return None, "revoked"
+        if (refusal := self.users.refusal(user)) is not None:
+            return None, refusal
         credential = self._credentials.get(key_id)
         if credential is None:
             credential = Credential.from_secret(user.secret)

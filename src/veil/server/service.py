@@ -8,21 +8,29 @@ import logging
 import os
 import socket
 import ssl
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from veil.net.driver import SessionDriver
 from veil.protocol.address import Address
 from veil.protocol.events import StreamOpened
-from veil.protocol.frames import CloseCode
+from veil.protocol.frames import CloseCode, ResetCode, StreamKind
 from veil.protocol.session import Session, SessionConfig
 from veil.protocol.shaping import NO_SHAPING
+from veil.protocol.trojan import TrojanRequest, password_hash_for_secret
 from veil.server.covers import Cover, make_cover
 from veil.server.gate import Authenticator, Gate, VeilWayIn
+from veil.server.live import Live, LiveConnection
 from veil.server.outbound import Outbound
 from veil.server.policy import DestinationPolicy
 from veil.server.state import ServerState
 from veil.server.trojan import TrojanService, TrojanWayIn
+from veil.server.users import UserManager
 from veil.store.base import User
+
+if TYPE_CHECKING:
+    from veil.server.tun import TunServer
 
 log = logging.getLogger("veil.server")
 
@@ -44,6 +52,10 @@ class ServerOptions:
     allow_private: bool = False
     handshake_timeout: float = 60.0
     shaping: bool = True
+    #: Full-device tunnels (``--tun``): IP streams get addresses from these pools (Linux).
+    tun: bool = False
+    pool: str | None = None
+    pool6: str | None = None
 
 
 def server_ssl_context(state: ServerState) -> ssl.SSLContext:
@@ -63,20 +75,26 @@ class VeilServer:
                  cover: Cover | None = None) -> None:
         self.state = state
         self.options = options
+        self.started_at = time.time()
+        # The loop's own store, for the CLI-like changes the admin panel makes; the live view
+        # opens a second one that it uses from a worker thread.
         self.store = state.open_store()
+        self.users = UserManager(state, self.store)
+        self.live = Live(state.open_store, trojan_hash=password_hash_for_secret)
         self.cover = cover or make_cover(options.cover_url)
         policy = DestinationPolicy(options.allow_private)
         self.outbound = Outbound(policy)
         self.trojan = TrojanService(policy)
         own_names = frozenset(n for n in (state.sni,) if n)
-        ways_in = (VeilWayIn(Authenticator(self.store), self._start_session),
-                   TrojanWayIn(self.store, self.trojan.serve))
+        ways_in = (VeilWayIn(Authenticator(self.live), self._start_session),
+                   TrojanWayIn(self.live, self._serve_trojan))
         self.gate = Gate(ssl_context=server_ssl_context(state), cover=self.cover,
                          ways_in=ways_in, own_names=own_names,
                          handshake_timeout=options.handshake_timeout)
-        self.sessions: dict[SessionDriver, User] = {}
+        self.sessions: dict[SessionDriver, LiveConnection] = {}
         self._listener: socket.socket | None = None
         self._serve_task: asyncio.Task[None] | None = None
+        self.tun: TunServer | None = None
 
     @property
     def address(self) -> Address:
@@ -85,6 +103,13 @@ class VeilServer:
         return Address(host, port)
 
     async def start(self) -> None:
+        await self.live.start()
+        if self.options.tun:
+            from veil.server.tun import TunServer, TunServerOptions  # Linux only  # noqa: PLC0415
+
+            self.tun = TunServer(TunServerOptions.parse(
+                self.options.pool, self.options.pool6, allow_private=self.options.allow_private))
+            await self.tun.start()
         listen = self.options.listen
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -109,7 +134,10 @@ class VeilServer:
         session = Session(client=False, now=loop.time(), config=config)
         driver = SessionDriver(session, on_stream_opened=lambda ev: self._open(driver, ev),
                                on_closed=self._session_closed)
-        self.sessions[driver] = user
+        self.sessions[driver] = self.live.register(
+            user, "veil", transport,
+            close=lambda reason: driver.close(CloseCode.REVOKED, reason),
+            streams=lambda: len(driver.handlers))
         log.info("session started for user %s", user.name)
         low, high = FIRST_PADDING_RANGE
         session.send_padding(low + int.from_bytes(os.urandom(2), "big") % (high - low))
@@ -119,12 +147,26 @@ class VeilServer:
             driver.data_received(rest)
 
     def _open(self, driver: SessionDriver, event: StreamOpened) -> None:
+        if event.kind is StreamKind.IP:
+            conn = self.sessions.get(driver)
+            if self.tun is None or conn is None:
+                driver.session.reset(event.stream_id, ResetCode.REFUSED_DESTINATION)
+                driver.flush()
+            else:
+                self.tun.open(driver, event, conn.user.name)
+            return
         self.outbound.open(driver, event)
 
     def _session_closed(self, driver: SessionDriver) -> None:
-        user = self.sessions.pop(driver, None)
-        if user is not None:
-            log.info("session ended for user %s", user.name)
+        conn = self.sessions.pop(driver, None)
+        if conn is not None:
+            self.live.unregister(conn)
+            log.info("session ended for user %s", conn.user.name)
+
+    def _serve_trojan(self, transport: asyncio.Transport, user: User, request: TrojanRequest,
+                      rest: bytes) -> None:
+        self.live.register(user, "trojan", transport, close=lambda _reason: transport.close())
+        self.trojan.serve(transport, user, request, rest)
 
     async def stop(self) -> None:
         """Stop accepting, tell sessions to close, wait a little, then cut the rest."""
@@ -140,7 +182,10 @@ class VeilServer:
         if drivers:
             await asyncio.wait([d.closed for d in drivers], timeout=SHUTDOWN_GRACE_S)
         self.outbound.close()
+        if self.tun is not None:
+            await self.tun.stop()
         self.trojan.close()
         self.cover.close()
+        await self.live.stop()
         self.store.close()
         log.info("stopped; %d session(s) closed", len(drivers))

@@ -6,7 +6,9 @@ into access keys.
     DIR/config.json   {"public": "host:port", "sni": name-or-null, "cert": ..., "key": ...}
     DIR/key.pem       the TLS private key (0600); its public key is what clients pin
     DIR/cert.pem      a self-signed certificate for that key, renewed before it expires
-    DIR/users.db      the SQLite user store
+    DIR/users.db      the SQLite user store (or "db": a postgresql:// URL in config.json)
+    DIR/store.key     the key that seals secrets in the store (0600; docs/store.md): a fleet
+                      of servers on one PostgreSQL shares one copy of it
 
 The pin is the SHA-256 of the certificate's SubjectPublicKeyInfo, so renewing the certificate
 with the same key (done automatically, and what ACME clients do with --reuse-key) keeps every
@@ -19,6 +21,7 @@ import datetime
 import ipaddress
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +34,11 @@ from veil.errors import ConfigError
 from veil.protocol.accesskey import AccessKey, default_sni, spki_pin
 from veil.protocol.address import Address, parse_host_port
 from veil.protocol.trojan import password_hash_for_secret
-from veil.store.base import User
-from veil.store.sqlite import SqliteUserStore
+from veil.store import open_store
+from veil.store.base import SecretBox, User, UserStore
 
 CONFIG_NAME = "config.json"
+STORE_KEY_NAME = "store.key"
 # Let's Encrypt issues 90-day certificates; a self-signed one of the same lifetime looks
 # less unusual than a ten-year one, and is renewed when a third of it is left.
 CERT_LIFETIME = datetime.timedelta(days=90)
@@ -49,10 +53,13 @@ class ServerState:
     cert_path: Path
     key_path: Path
     pin: bytes
+    #: A postgresql:// URL for a shared store, or None for DIR/users.db.
+    db: str | None = None
 
-    def open_store(self) -> SqliteUserStore:
-        return SqliteUserStore(self.directory / "users.db",
-                               trojan_hash=password_hash_for_secret)
+    def open_store(self) -> UserStore:
+        return open_store(self.db or self.directory / "users.db",
+                          trojan_hash=password_hash_for_secret,
+                          box=SecretBox(_store_key(self.directory)))
 
     def access_key(self, user: User) -> AccessKey:
         return AccessKey(self.public, user.secret, self.pin, self.sni, user.name)
@@ -84,6 +91,27 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def _store_key(directory: Path) -> bytes:
+    path = directory / STORE_KEY_NAME
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    key = os.urandom(SecretBox.KEY_SIZE)
+    # O_EXCL: two processes creating it at once must not end with two different keys.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+        f.flush()
+        os.fsync(f.fileno())
+    return key
+
+
 def _ensure_certificate(directory: Path, name: str) -> None:
     key_path, cert_path = directory / "key.pem", directory / "cert.pem"
     if key_path.exists():
@@ -107,7 +135,8 @@ def _ensure_certificate(directory: Path, name: str) -> None:
 
 
 def init_state(directory: Path, *, listen: Address, public: str | None = None,
-               cert: Path | None = None, key: Path | None = None) -> tuple[ServerState, bool]:
+               cert: Path | None = None, key: Path | None = None,
+               db: str | None = None) -> tuple[ServerState, bool]:
     """Create the state directory if needed, or load it. Returns (state, created)."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     config_path = directory / CONFIG_NAME
@@ -118,10 +147,9 @@ def init_state(directory: Path, *, listen: Address, public: str | None = None,
             raise ConfigError("listening on all addresses: say which address clients use "
                               "with --public HOST[:PORT]")
         config = {"public": str(public_addr), "sni": default_sni(public_addr.host),
-                  "cert": str(cert) if cert else None, "key": str(key) if key else None}
-        tmp = config_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        tmp.replace(config_path)
+                  "cert": str(cert) if cert else None, "key": str(key) if key else None,
+                  "db": db}
+        _write_config(config_path, config)
     else:
         config = json.loads(config_path.read_text())
         changed = False
@@ -132,14 +160,23 @@ def init_state(directory: Path, *, listen: Address, public: str | None = None,
         if cert and key:
             config["cert"], config["key"] = str(cert), str(key)
             changed = True
+        if db and db != config.get("db"):
+            config["db"] = db
+            changed = True
         if changed:
-            tmp = config_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(config, indent=2) + "\n")
-            tmp.replace(config_path)
+            _write_config(config_path, config)
     return load_state(directory), created
 
 
-def load_state(directory: Path) -> ServerState:
+def _write_config(path: Path, config: Mapping[str, object]) -> None:
+    # 0600: with a PostgreSQL store the config holds the database URL and its password.
+    tmp = path.with_suffix(".tmp")
+    _write_private(tmp, (json.dumps(config, indent=2) + "\n").encode())
+    tmp.replace(path)
+
+
+def load_state(directory: Path, db: str | None = None) -> ServerState:
+    """Load an initialised state directory; ``db`` overrides the configured store."""
     config_path = directory / CONFIG_NAME
     if not config_path.exists():
         raise ConfigError(f"{directory} is not an initialised veil state directory "
@@ -160,4 +197,5 @@ def load_state(directory: Path) -> ServerState:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read certificate {cert_path}: {exc}") from exc
-    return ServerState(directory, public, sni, cert_path, key_path, spki_pin(cert))
+    return ServerState(directory, public, sni, cert_path, key_path, spki_pin(cert),
+                       db or config.get("db"))

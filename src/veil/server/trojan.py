@@ -42,10 +42,10 @@ from veil.protocol.trojan import (
     encode_udp_packet,
     parse_request,
 )
-from veil.server.gate import Accept, Reject, Verdict, Wait, WayIn
+from veil.server.gate import Accept, Reject, UserLookup, Verdict, Wait, WayIn
 from veil.server.outbound import CONNECT_TIMEOUT_S, UDP_IDLE_TIMEOUT_S
 from veil.server.policy import DestinationPolicy, RefusedDestination, ResolveError, resolve
-from veil.store.base import User, UserStore
+from veil.store.base import User
 
 log = logging.getLogger("veil.server")
 
@@ -57,8 +57,8 @@ class TrojanWayIn(WayIn):
 
     name = "trojan"
 
-    def __init__(self, store: UserStore, serve: ServeTrojan) -> None:
-        self.store = store
+    def __init__(self, users: UserLookup, serve: ServeTrojan) -> None:
+        self.users = users
         self.serve = serve
 
     def check(self, data: bytes, transport: asyncio.Transport) -> Verdict:
@@ -69,11 +69,11 @@ class TrojanWayIn(WayIn):
             return Reject(f"trojan_{parsed.reason}")
         if parsed.password_hash is None:
             return Reject(None)  # too short to name anyone
-        user = self.store.find_by_trojan_hash(parsed.password_hash)
+        user = self.users.find_by_trojan_hash(parsed.password_hash)
         if user is None:
             return Reject("trojan_unknown_password")
-        if not user.active:
-            return Reject("trojan_revoked")
+        if (refusal := self.users.refusal(user)) is not None:
+            return Reject(f"trojan_{refusal}")
         if isinstance(parsed, Incomplete):
             return Wait()
         request = parsed

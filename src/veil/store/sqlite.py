@@ -1,140 +1,171 @@
 """The SQLite user store: one file in the state directory, in WAL mode.
 
-WAL lets the CLI write while the server reads, from separate processes; every write is one
-short transaction, so a killed process loses nothing that was committed.
+WAL lets the CLI write while the server reads, from separate processes; every method is one
+short transaction, so a killed process loses nothing that a method returned from.
+(``synchronous=NORMAL`` in WAL mode: a commit survives the process being killed, and only a
+power loss or kernel crash can lose the last commits, never corrupt the file.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
 from veil.errors import StoreError
-from veil.store.base import User, UserStore, check_name
+from veil.store._sql import SCHEMA_VERSION, Cursor, SqlUserStore, T, TrojanHash
+from veil.store.base import SecretBox
 
-# Version 1: users. Version 2: + trojan_hash (indexed), backfilled from each user's secret.
-SCHEMA_VERSION = 2
-_CREATE_V1 = """
-CREATE TABLE IF NOT EXISTS users (
-    name        TEXT PRIMARY KEY,
-    secret      BLOB NOT NULL,
-    key_id      BLOB NOT NULL UNIQUE,
-    created_at  REAL NOT NULL,
-    revoked_at  REAL
+__all__ = ["SCHEMA_VERSION", "SqliteUserStore", "TrojanHash"]
+
+_CREATE = (
+    """CREATE TABLE IF NOT EXISTS users (
+        name         TEXT PRIMARY KEY,
+        secret       BLOB NOT NULL,       -- SecretBox.seal(secret, key_id)
+        key_id       BLOB NOT NULL UNIQUE,
+        created_at   REAL NOT NULL,
+        revoked_at   REAL,
+        trojan_hash  TEXT,                -- SecretBox.index(hex SHA-224 of the password)
+        limit_bytes  INTEGER,
+        limit_period TEXT NOT NULL DEFAULT 'month',
+        expires_at   REAL,
+        last_seen    REAL
+    )""",
+    """CREATE TABLE IF NOT EXISTS usage (
+        name  TEXT NOT NULL,
+        hour  INTEGER NOT NULL,           -- unix seconds at the start of the hour (UTC)
+        up    INTEGER NOT NULL DEFAULT 0,
+        down  INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (name, hour)
+    )""",
+    "CREATE INDEX IF NOT EXISTS usage_hour ON usage (hour)",
+    "CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
-"""
-# Another process holding the write lock (a CLI command, the server) finishes in
+# Columns older files lack (schema 1 lacks trojan_hash too), added in place.
+_ADDED_COLUMNS = (
+    ("trojan_hash", "TEXT"),
+    ("limit_bytes", "INTEGER"),
+    ("limit_period", "TEXT NOT NULL DEFAULT 'month'"),
+    ("expires_at", "REAL"),
+    ("last_seen", "REAL"),
+)
+# Another process holding the write lock (a CLI command, a server flushing usage) finishes in
 # milliseconds; waiting up to 5 s rides out a busy disk without failing the command.
 BUSY_TIMEOUT_S = 5.0
 
-#: Computes a user's Trojan password hash (hex SHA-224) from the user's secret. Injected:
-#: the derivation is protocol knowledge, which the store layer does not import.
-TrojanHash = Callable[[bytes], str]
+# SQLite's primary result codes (the low byte of an extended code) -> (code, what to do).
+_ERRORS = {
+    sqlite3.SQLITE_FULL: ("disk_full", "the disk is full; free some space and retry"),
+    sqlite3.SQLITE_BUSY: ("busy", f"another process held the write lock for over "
+                                  f"{BUSY_TIMEOUT_S:g} s"),
+    sqlite3.SQLITE_LOCKED: ("busy", "the database is locked"),
+    sqlite3.SQLITE_READONLY: ("read_only", "the file or its directory is not writable"),
+    sqlite3.SQLITE_CANTOPEN: ("cannot_open", "the file or its directory is not accessible"),
+    sqlite3.SQLITE_PERM: ("read_only", "permission denied"),
+    sqlite3.SQLITE_IOERR: ("io_error", "the disk reported an I/O error"),
+    sqlite3.SQLITE_CORRUPT: ("corrupt", "the file is damaged; restore it from a backup"),
+    sqlite3.SQLITE_NOTADB: ("corrupt", "the file is not a veil user store"),
+}
 
 
-class SqliteUserStore(UserStore):
-    def __init__(self, path: Path | str, *, trojan_hash: TrojanHash) -> None:
-        self._trojan_hash = trojan_hash
+class SqliteUserStore(SqlUserStore):
+    """The user store in one SQLite file; several processes may open it at once."""
+
+    def __init__(self, path: Path | str, *, trojan_hash: TrojanHash, box: SecretBox) -> None:
+        super().__init__(trojan_hash=trojan_hash, box=box)
+        self._path = Path(path)
         try:
-            self._db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            # check_same_thread=False: callers hop threads with asyncio.to_thread, one call
+            # at a time; isolation_level=None: this class issues BEGIN/COMMIT itself.
+            self._db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S,
+                                       isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise self._error("open it", exc) from exc
+        try:
+            self._configure()
+            self._migrate()
+            self._run("check the store key", self._check_store_key)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _configure(self) -> None:
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._migrate()
+            # Freed space is zeroed: the plaintext secrets of an older file, and nothing
+            # else, must not outlive their migration in unused pages.
+            self._db.execute("PRAGMA secure_delete=ON")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open user store {path}: {exc}") from exc
+            raise self._error("open it", exc) from exc
 
     def _migrate(self) -> None:
         """Bring the file to SCHEMA_VERSION in one transaction; a no-op when it is there.
 
-        Safe with several processes: the version is read again under the write lock, and
-        every step is idempotent (an older veil may have reset ``user_version`` to 1).
+        Safe with several processes: the version is read again under the write lock, so
+        only one of them migrates; the others find version 3. Secrets are sealed only if the
+        database has no store key check yet (the check and the sealed secrets are written in
+        the same transaction), so a secret is never sealed twice.
         """
-        db = self._db
-        if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        try:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise self._error("open it", exc) from exc
+        if version == SCHEMA_VERSION:
             return
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"the user store was made by a newer veil (schema {version})",
-                                 code="schema_too_new")
-            db.execute(_CREATE_V1)
-            columns = {row[1] for row in db.execute("PRAGMA table_info(users)")}
-            if "trojan_hash" not in columns:
-                db.execute("ALTER TABLE users ADD COLUMN trojan_hash TEXT")
-            missing = db.execute("SELECT name, secret FROM users WHERE trojan_hash IS NULL")
-            for name, secret in missing.fetchall():
-                db.execute("UPDATE users SET trojan_hash = ? WHERE name = ?",
-                           (self._trojan_hash(bytes(secret)), name))
-            db.execute("CREATE UNIQUE INDEX IF NOT EXISTS users_trojan_hash "
-                       "ON users (trojan_hash)")
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        self._run("upgrade its schema", self._upgrade)
+        # Push the sealed pages into the main file and empty the WAL, so the old plaintext
+        # is gone from disk now rather than at the next automatic checkpoint. Best effort:
+        # a reader in another process may delay it.
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def _row(self, row: tuple[str, bytes, bytes, float, float | None] | None) -> User | None:
-        if row is None:
-            return None
-        name, secret, key_id, created_at, revoked_at = row
-        return User(name, bytes(secret), bytes(key_id), float(created_at),
-                    None if revoked_at is None else float(revoked_at))
+    def _upgrade(self, cur: Cursor) -> None:
+        cur.execute("PRAGMA user_version")
+        version = cur.fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return  # another process migrated while this one waited for the lock
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"the user store {self._path} was made by a newer veil "
+                             f"(schema {version}; this veil knows {SCHEMA_VERSION})",
+                             code="schema_too_new")
+        for statement in _CREATE:
+            cur.execute(statement)
+        cur.execute("PRAGMA table_info(users)")
+        columns = {row[1] for row in cur.fetchall()}
+        for column, declaration in _ADDED_COLUMNS:
+            if column not in columns:
+                cur.execute(f"ALTER TABLE users ADD COLUMN {column} {declaration}")
+        if not self._check_store_key(cur):
+            self._seal_plaintext_secrets(cur)
+        cur.execute("CREATE UNIQUE INDEX IF NOT EXISTS users_trojan_hash ON users (trojan_hash)")
+        cur.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
-    def _one(self, sql: str, args: tuple[object, ...]) -> User | None:
+    def _run(self, what: str, work: Callable[[Cursor], T], *, write: bool = True) -> T:
+        db = self._db
         try:
-            return self._row(self._db.execute(sql, args).fetchone())
+            # IMMEDIATE takes the write lock up front (waiting up to the busy timeout), so
+            # a write transaction never fails half-way because another process wrote first.
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                result = work(db.cursor())
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise
         except sqlite3.Error as exc:
-            raise StoreError(f"user store query failed: {exc}") from exc
+            raise self._error(what, exc) from exc
+        return result
 
-    def add_user(self, name: str, secret: bytes, key_id: bytes, now: float) -> User:
-        check_name(name)
-        try:
-            self._db.execute(
-                "INSERT INTO users (name, secret, key_id, created_at, revoked_at, trojan_hash) "
-                "VALUES (?, ?, ?, ?, NULL, ?)",
-                (name, secret, key_id, now, self._trojan_hash(secret)))
-        except sqlite3.IntegrityError as exc:
-            raise StoreError(f"user {name!r} already exists", code="exists") from exc
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot add user: {exc}") from exc
-        return User(name, secret, key_id, now)
-
-    def get_user(self, name: str) -> User | None:
-        return self._one("SELECT name, secret, key_id, created_at, revoked_at FROM users "
-                         "WHERE name = ?", (name,))
-
-    def find_by_key_id(self, key_id: bytes) -> User | None:
-        return self._one("SELECT name, secret, key_id, created_at, revoked_at FROM users "
-                         "WHERE key_id = ?", (key_id,))
-
-    def find_by_trojan_hash(self, password_hash: str) -> User | None:
-        return self._one("SELECT name, secret, key_id, created_at, revoked_at FROM users "
-                         "WHERE trojan_hash = ?", (password_hash,))
-
-    def list_users(self) -> list[User]:
-        try:
-            rows = self._db.execute(
-                "SELECT name, secret, key_id, created_at, revoked_at FROM users "
-                "ORDER BY created_at").fetchall()
-        except sqlite3.Error as exc:
-            raise StoreError(f"user store query failed: {exc}") from exc
-        return [u for u in map(self._row, rows) if u is not None]
-
-    def revoke(self, name: str, now: float) -> User:
-        try:
-            cur = self._db.execute(
-                "UPDATE users SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
-                (now, name))
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot revoke: {exc}") from exc
-        user = self.get_user(name)
-        if user is None:
-            raise StoreError(f"no user named {name!r}", code="not_found")
-        if cur.rowcount == 0:
-            raise StoreError(f"user {name!r} is already revoked", code="already_revoked")
-        return user
+    def _error(self, what: str, exc: sqlite3.Error) -> StoreError:
+        primary = getattr(exc, "sqlite_errorcode", -1) & 0xFF
+        code, advice = _ERRORS.get(primary, ("store_error", ""))
+        detail = f"{exc}: {advice}" if advice else str(exc)
+        return StoreError(f"user store {self._path}: cannot {what}: {detail}", code=code)
 
     def close(self) -> None:
         self._db.close()

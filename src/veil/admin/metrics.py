@@ -1,0 +1,172 @@
+"""Prometheus metrics of a running server, read at scrape time (nothing is counted twice:
+the gate, the live connections and the certificate are the sources of truth).
+
+Names follow Prometheus conventions: a ``veil_`` prefix, base units (bytes, seconds,
+timestamps in unix seconds), ``_total`` on counters, labels for what one would sum over.
+Every metric is listed in docs/admin.md.
+
+Counters count since the process started (Prometheus handles the reset at a restart).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from veil import __version__
+
+if TYPE_CHECKING:
+    from veil.server.service import VeilServer
+
+#: The content type of :func:`render` (Prometheus text format 0.0.4).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# What the gate counts (server/gate.py, GateStats) as the ``reason`` label of
+# veil_cover_connections_total; way-in rejections keep their own reason names.
+COVER_PLAIN = "plain_text"
+COVER_FOREIGN_SNI = "foreign_sni"
+COVER_SILENT = "silent"
+
+
+def certificate_not_after(path: Path) -> float | None:
+    """When the PEM certificate at ``path`` expires (unix seconds); None if unreadable."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return cert.not_valid_after_utc.timestamp()
+
+
+class _CertificateCache:
+    """Parses the certificate again only when its file changes (it is renewed in place)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._key: tuple[int, int] | None = None
+        self._value: float | None = None
+
+    def not_after(self) -> float | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        key = (stat.st_mtime_ns, stat.st_size)
+        if key != self._key:
+            self._key, self._value = key, certificate_not_after(self.path)
+        return self._value
+
+
+class ServerCollector(Collector):
+    """Reads one :class:`VeilServer` on every scrape."""
+
+    def __init__(self, server: VeilServer, clock: Callable[[], float] = time.time) -> None:
+        self.server = server
+        self._clock = clock
+        self._certificate = _CertificateCache(server.state.cert_path)
+
+    def collect(self) -> Iterable[Metric]:
+        server = self.server
+        stats = server.gate.stats
+        live = server.live
+
+        info = InfoMetricFamily("veil_build", "veil's version", labels=["version"])
+        info.add_metric([__version__], {})
+        yield info
+        yield GaugeMetricFamily("veil_start_time_seconds",
+                                "When the server started, in unix seconds",
+                                value=server.started_at)
+
+        ways_in = [w.name for w in server.gate.ways_in]
+        sessions = dict.fromkeys(ways_in, 0)
+        streams = 0
+        for conn in list(live.connections.values()):
+            sessions[conn.way_in] = sessions.get(conn.way_in, 0) + 1
+            streams += conn.streams
+        active = GaugeMetricFamily("veil_sessions_active",
+                                   "Tunnel connections open now, by way in",
+                                   labels=["way_in"])
+        for way_in, count in sorted(sessions.items()):
+            active.add_metric([way_in], count)
+        yield active
+        yield GaugeMetricFamily("veil_streams_active",
+                                "Streams open now in all tunnel connections", value=streams)
+
+        user_bytes = CounterMetricFamily(
+            "veil_user_bytes",
+            "Bytes carried for each user; direction up is client to server, down the reverse",
+            labels=["user", "direction"])
+        for name, usage in sorted(live.user_bytes.items()):
+            user_bytes.add_metric([name, "up"], usage.up)
+            user_bytes.add_metric([name, "down"], usage.down)
+        yield user_bytes
+
+        accepted = CounterMetricFamily("veil_handshakes_accepted",
+                                       "Connections that presented a valid credential, by "
+                                       "way in", labels=["way_in"])
+        for way_in in sorted(set(ways_in) | set(stats.accepted)):
+            accepted.add_metric([way_in], stats.accepted.get(way_in, 0))
+        yield accepted
+
+        cover = CounterMetricFamily("veil_cover_connections",
+                                    "Connections handed to the cover site, by why",
+                                    labels=["reason"])
+        reasons = {COVER_PLAIN: stats.cover_plain, COVER_FOREIGN_SNI: stats.cover_foreign_sni,
+                   COVER_SILENT: stats.silent}
+        for reason, count in (stats.rejected or {}).items():
+            reasons[reason] = reasons.get(reason, 0) + count
+        for reason, count in sorted(reasons.items()):
+            cover.add_metric([reason], count)
+        yield cover
+        yield CounterMetricFamily("veil_tls_handshake_failures",
+                                  "Connections whose TLS handshake failed (OpenSSL answered "
+                                  "them as it answers anyone)", value=stats.tls_failed)
+        yield CounterMetricFamily(
+            "veil_probes",
+            "Connections that were not a tunnel: probes, scanners and visitors of the cover "
+            "site alike (the server cannot tell them apart)",
+            value=sum(reasons.values()) + stats.tls_failed)
+
+        directory = live.directory
+        statuses = {"active": 0, "revoked": 0, "expired": 0, "over_limit": 0}
+        for name in directory.by_name:
+            status = directory.refused.get(name, "active")
+            statuses[status] = statuses.get(status, 0) + 1
+        users = GaugeMetricFamily("veil_users", "Users in the store, by status",
+                                  labels=["status"])
+        for status, count in sorted(statuses.items()):
+            users.add_metric([status], count)
+        yield users
+        yield CounterMetricFamily("veil_store_refresh_failures",
+                                  "Times the user store could not be read (the last snapshot "
+                                  "stayed in force)", value=live.refresh_failures)
+
+        not_after = self._certificate.not_after()
+        if not_after is not None:
+            yield GaugeMetricFamily("veil_certificate_expiry_timestamp_seconds",
+                                    "When the server's TLS certificate expires, in unix seconds",
+                                    value=not_after)
+
+
+def make_registry(server: VeilServer) -> CollectorRegistry:
+    """A registry of its own (not the global one): several servers in one process, as in the
+    tests, each export only themselves."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServerCollector(server))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

@@ -1,0 +1,298 @@
+"""The server's live view of its users: who may connect, who is connected, what they used.
+
+Every :data:`REFRESH_INTERVAL_S` one task, off the event loop (the store may be a PostgreSQL
+across the network), does three things in order:
+
+1. adds the bytes each connection moved since the last tick to the store (``add_usage``), so
+   that a kill -9 loses at most one interval of counted usage and a fleet's counters add up;
+2. reads the users and this period's usage back into a :class:`UserDirectory`, the in-memory
+   snapshot the gate authenticates against (a handshake never waits for the database);
+3. closes every live connection whose user may no longer connect: revoked, expired, over the
+   limit (usage of the whole fleet plus what this server has not written yet), rotated to a
+   new credential, or deleted.
+
+So a change made with ``veil user ...`` or the admin panel, on any server of a fleet, reaches
+every server within one interval plus one store round trip. If the store cannot be reached the
+last snapshot stays in force (fail static) and unwritten usage is kept for the next tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from veil.errors import StoreError
+from veil.store.base import Usage, User, UserStore, period_start
+
+log = logging.getLogger("veil.server")
+
+#: The issue asks for changes to take effect within one second; half of it leaves room for
+#: the store round trip and the close.
+REFRESH_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class UserDirectory:
+    """An immutable snapshot: lookups for the gate, statuses for enforcement."""
+
+    by_key_id: dict[bytes, User]
+    by_trojan_hash: dict[str, User]
+    by_name: dict[str, User]
+    #: Why each user may not connect now ("revoked", "expired", "over_limit"); absent = may.
+    refused: dict[str, str]
+    #: Usage counted against each user's limit, as stored (fleet-wide) at snapshot time.
+    period_usage: dict[str, int]
+
+    @classmethod
+    def empty(cls) -> UserDirectory:
+        return cls({}, {}, {}, {}, {})
+
+    def find_by_key_id(self, key_id: bytes) -> User | None:
+        return self.by_key_id.get(key_id)
+
+    def find_by_trojan_hash(self, password_hash: str) -> User | None:
+        return self.by_trojan_hash.get(password_hash)
+
+    def refusal(self, user: User) -> str | None:
+        """None if ``user`` (as found by a lookup) may connect, else the reason."""
+        return self.refused.get(user.name)
+
+
+class LiveConnection:
+    """One accepted tunnel connection (a veil session or a Trojan connection)."""
+
+    __slots__ = ("_close", "_counted", "_streams", "_transport", "id", "peer",
+                 "started_at", "user", "way_in")
+
+    def __init__(self, conn_id: int, user: User, way_in: str, transport: asyncio.BaseTransport,
+                 close: Callable[[str], None], streams: Callable[[], int],
+                 started_at: float) -> None:
+        self.id = conn_id
+        self.user = user  # as authenticated: its key id tells a rotated credential apart
+        self.way_in = way_in
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        self.started_at = started_at
+        self._transport = transport
+        self._close = close
+        self._streams = streams
+        self._counted = (0, 0)
+
+    def _counts(self) -> tuple[int, int]:
+        counts = self._transport.get_extra_info("byte_counts")
+        return counts if isinstance(counts, tuple) else self._counted
+
+    @property
+    def bytes_up(self) -> int:
+        return self._counts()[0]
+
+    @property
+    def bytes_down(self) -> int:
+        return self._counts()[1]
+
+    @property
+    def streams(self) -> int:
+        return self._streams()
+
+    @property
+    def finished(self) -> bool:
+        return self._transport.is_closing()
+
+    def take_delta(self) -> Usage:
+        """Bytes moved since the last call."""
+        up, down = self._counts()
+        last_up, last_down = self._counted
+        self._counted = (up, down)
+        return Usage(up - last_up, down - last_down)
+
+    def close(self, reason: str) -> None:
+        self._close(reason)
+
+
+class Live:
+    """Live connections, the user directory, and the task that keeps both true."""
+
+    def __init__(self, open_store: Callable[[], UserStore], *,
+                 trojan_hash: Callable[[bytes], str],
+                 interval: float = REFRESH_INTERVAL_S,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._open_store = open_store
+        self._trojan_hash = trojan_hash
+        self._trojan_hashes: dict[bytes, str] = {}  # key id -> hash: SHA-224 once per user
+        self.interval = interval
+        self._clock = clock
+        self.directory = UserDirectory.empty()
+        self.connections: dict[int, LiveConnection] = {}
+        #: Bytes per user counted by this process since it started (for metrics).
+        self.user_bytes: dict[str, Usage] = {}
+        self._pending: dict[str, Usage] = {}  # counted, not yet in the store
+        self._ids = itertools.count(1)
+        self._store: UserStore | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self.refresh_failures = 0
+
+    # ------------------------------------------------------------------ lifetime
+    async def start(self) -> None:
+        """Load the first snapshot (the gate refuses everybody until then) and start ticking."""
+        self._store = await asyncio.to_thread(self._open_store)
+        await self.tick()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop ticking and write the last usage (call after connections were closed)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for conn in list(self.connections.values()):
+            self._count(conn)
+        if self._store is not None:
+            async with self._lock:
+                try:
+                    await self._flush_usage(self._clock())
+                except StoreError as exc:
+                    log.warning("could not write the last usage: %s", exc)
+                await asyncio.to_thread(self._store.close)
+            self._store = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.tick()
+
+    # ------------------------------------------------------------------ lookups (the gate's)
+    def find_by_key_id(self, key_id: bytes) -> User | None:
+        return self.directory.find_by_key_id(key_id)
+
+    def find_by_trojan_hash(self, password_hash: str) -> User | None:
+        return self.directory.find_by_trojan_hash(password_hash)
+
+    def refusal(self, user: User) -> str | None:
+        return self.directory.refusal(user)
+
+    # ------------------------------------------------------------------ connections
+    def register(self, user: User, way_in: str, transport: asyncio.BaseTransport,
+                 close: Callable[[str], None],
+                 streams: Callable[[], int] = lambda: 1) -> LiveConnection:
+        conn = LiveConnection(next(self._ids), user, way_in, transport, close, streams,
+                              self._clock())
+        self.connections[conn.id] = conn
+        return conn
+
+    def unregister(self, conn: LiveConnection) -> None:
+        if self.connections.pop(conn.id, None) is not None:
+            self._count(conn)
+
+    def _count(self, conn: LiveConnection) -> None:
+        delta = conn.take_delta()
+        if delta.total:
+            name = conn.user.name
+            self._pending[name] = _add(self._pending.get(name), delta)
+            self.user_bytes[name] = _add(self.user_bytes.get(name), delta)
+
+    # ------------------------------------------------------------------ the tick
+    async def tick(self) -> None:
+        """Write usage, reload the directory, cut who may no longer connect."""
+        async with self._lock:
+            for conn in list(self.connections.values()):
+                # Trojan relays take the transport over and say nothing when they end.
+                if conn.finished:
+                    self.unregister(conn)
+                else:
+                    self._count(conn)
+            now = self._clock()
+            try:
+                await self._flush_usage(now)
+                users, usage = await asyncio.to_thread(self._read, now)
+            except StoreError as exc:
+                self.refresh_failures += 1
+                log.warning("user store unavailable, keeping the last snapshot: %s", exc)
+                return
+            self.directory = self._snapshot(users, usage, now)
+            self._enforce()
+
+    async def _flush_usage(self, now: float) -> None:
+        if not self._pending or self._store is None:
+            return
+        # The thread writes a copy: connections closing meanwhile add to _pending on the loop.
+        batch = dict(self._pending)
+        await asyncio.to_thread(self._store.add_usage, batch, now)
+        # Only what was written is forgotten; bytes counted meanwhile stay pending.
+        for name, written in batch.items():
+            left = _sub(self._pending.get(name), written)
+            if left is None:
+                self._pending.pop(name, None)
+            else:
+                self._pending[name] = left
+
+    def _read(self, now: float) -> tuple[list[User], dict[str, dict[str, Usage]]]:
+        assert self._store is not None
+        users = self._store.list_users()
+        usage = {"month": self._store.usage_by_user(period_start("month", now))}
+        if any(u.limit_bytes is not None and u.limit_period == "total" for u in users):
+            usage["total"] = self._store.usage_by_user(None)
+        return users, usage
+
+    def _snapshot(self, users: Iterable[User], usage: dict[str, dict[str, Usage]],
+                  now: float) -> UserDirectory:
+        directory = build_directory(users, usage, now, self._trojan_hash,
+                                    pending=self._pending, trojan_cache=self._trojan_hashes)
+        self._trojan_hashes = {u.key_id: h for h, u in directory.by_trojan_hash.items()}
+        return directory
+
+    def _enforce(self) -> None:
+        directory = self.directory
+        for conn in list(self.connections.values()):
+            current = directory.find_by_key_id(conn.user.key_id)
+            if current is None or current.name != conn.user.name:
+                reason = "rotated" if conn.user.name in directory.by_name else "deleted"
+
+            else:
+                reason = directory.refusal(current) or ""
+            if reason:
+                log.info("closing a connection of user %s: %s", conn.user.name, reason)
+                self.connections.pop(conn.id, None)
+                self._count(conn)
+                conn.close(reason)
+
+
+def build_directory(users: Iterable[User], usage: dict[str, dict[str, Usage]], now: float,
+                    trojan_hash: Callable[[bytes], str], *,
+                    pending: dict[str, Usage] | None = None,
+                    trojan_cache: dict[bytes, str] | None = None) -> UserDirectory:
+    """A snapshot of ``users``. ``usage`` maps a limit period ("month", "total") to each
+    user's stored usage in it; ``pending`` is usage counted here but not stored yet."""
+    by_key_id: dict[bytes, User] = {}
+    by_trojan: dict[str, User] = {}
+    by_name: dict[str, User] = {}
+    refused: dict[str, str] = {}
+    period_usage: dict[str, int] = {}
+    cache = trojan_cache or {}
+    pending = pending or {}
+    for user in users:
+        by_key_id[user.key_id] = user
+        by_name[user.name] = user
+        by_trojan[cache.get(user.key_id) or trojan_hash(user.secret)] = user
+        used = usage.get(user.limit_period, {}).get(user.name, Usage()).total
+        period_usage[user.name] = used
+        unwritten = pending.get(user.name)
+        status = user.status(now, used + (unwritten.total if unwritten else 0))
+        if status != "active":
+            refused[user.name] = status
+    return UserDirectory(by_key_id, by_trojan, by_name, refused, period_usage)
+
+
+def _add(a: Usage | None, b: Usage) -> Usage:
+    return b if a is None else Usage(a.up + b.up, a.down + b.down)
+
+
+def _sub(a: Usage | None, b: Usage) -> Usage | None:
+    if a is None:
+        return None
+    left = Usage(a.up - b.up, a.down - b.down)
+    return left if left.total else None

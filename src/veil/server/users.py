@@ -1,0 +1,134 @@
+"""User management shared by the CLI and the admin panel: one place that makes credentials,
+applies limits and reports usage, so both front ends behave the same."""
+
+from __future__ import annotations
+
+import datetime
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from veil.errors import ConfigError, StoreError
+from veil.protocol.auth import Credential, new_secret
+from veil.server.state import ServerState
+from veil.store.base import LimitPeriod, Usage, User, UserStore, period_start
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_LIMIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*(?:/\s*(month|total))?\s*$",
+                    re.IGNORECASE)
+
+
+def parse_limit(text: str) -> tuple[int | None, LimitPeriod]:
+    """``50GB``, ``50GB/month`` (the default period), ``1TiB/total`` or ``none``."""
+    if text.strip().lower() in ("none", "unlimited", "off"):
+        return None, "month"
+    match = _LIMIT.match(text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ConfigError(f"bad limit {text!r}: use e.g. 50GB, 50GB/month, 1TiB/total or none")
+    number, unit, period = match.groups()
+    return int(float(number) * _UNITS[unit.upper()]), (period or "month").lower()  # type: ignore[return-value]
+
+
+def parse_expiry(text: str) -> float | None:
+    """``2027-01-31`` (end of that day, UTC), an ISO 8601 time, or ``never``."""
+    if text.strip().lower() in ("never", "none"):
+        return None
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text.strip()):
+            day = datetime.date.fromisoformat(text.strip())
+            moment = datetime.datetime.combine(day + datetime.timedelta(days=1),
+                                               datetime.time(), datetime.UTC)
+        else:
+            moment = datetime.datetime.fromisoformat(text.strip())
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=datetime.UTC)
+    except ValueError as exc:
+        raise ConfigError(f"bad date {text!r}: use YYYY-MM-DD, an ISO 8601 time, or never") \
+            from exc
+    return moment.timestamp()
+
+
+def format_bytes(count: int | None) -> str:
+    if count is None:
+        return "-"
+    size = float(count)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True, slots=True)
+class UserReport:
+    """One row of ``veil user list`` and of the panel's user table."""
+
+    name: str
+    created_at: float
+    status: str  # active | revoked | expired | over_limit
+    used: Usage  # in the current limit period
+    limit_bytes: int | None
+    limit_period: LimitPeriod
+    expires_at: float | None
+    last_seen: float | None
+    revoked_at: float | None
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "created_at": self.created_at, "status": self.status,
+                "used_bytes": self.used.total, "up_bytes": self.used.up,
+                "down_bytes": self.used.down, "limit_bytes": self.limit_bytes,
+                "limit_period": self.limit_period, "expires_at": self.expires_at,
+                "last_seen": self.last_seen, "revoked_at": self.revoked_at}
+
+
+class UserManager:
+    def __init__(self, state: ServerState, store: UserStore,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.state = state
+        self.store = store
+        self._clock = clock
+
+    def get(self, name: str) -> User:
+        user = self.store.get_user(name)
+        if user is None:
+            raise StoreError(f"no user named {name!r}", code="not_found")
+        return user
+
+    def add(self, name: str, *, limit_bytes: int | None = None,
+            limit_period: LimitPeriod = "month", expires_at: float | None = None) -> User:
+        secret = new_secret()
+        return self.store.add_user(name, secret, Credential.from_secret(secret).key_id,
+                                   self._clock(), limit_bytes=limit_bytes,
+                                   limit_period=limit_period, expires_at=expires_at)
+
+    def revoke(self, name: str) -> User:
+        return self.store.revoke(name, self._clock())
+
+    def rotate(self, name: str) -> User:
+        secret = new_secret()
+        return self.store.rotate(name, secret, Credential.from_secret(secret).key_id,
+                                 self._clock())
+
+    def set_limit(self, name: str, limit_bytes: int | None,
+                  limit_period: LimitPeriod = "month") -> User:
+        return self.store.set_limit(name, limit_bytes, limit_period)
+
+    def set_expiry(self, name: str, expires_at: float | None) -> User:
+        return self.store.set_expiry(name, expires_at)
+
+    def access_key(self, user: User) -> str:
+        return self.state.access_key(user).to_uri()
+
+    def report(self, now: float | None = None) -> list[UserReport]:
+        now = self._clock() if now is None else now
+        by_period = {period: self.store.usage_by_user(period_start(period, now))
+                     for period in ("month", "total")}
+        rows = []
+        for user in self.store.list_users():
+            used = by_period[user.limit_period].get(user.name, Usage())
+            rows.append(UserReport(user.name, user.created_at, user.status(now, used.total),
+                                   used, user.limit_bytes, user.limit_period, user.expires_at,
+                                   user.last_seen, user.revoked_at))
+        return rows

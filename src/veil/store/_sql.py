@@ -1,0 +1,311 @@
+"""What the SQLite and PostgreSQL stores share: the schema's meaning and every query.
+
+The queries are written once, in the SQL both databases speak (``INSERT ... ON CONFLICT``,
+``CASE``, ``?`` placeholders, which the PostgreSQL store turns into ``%s``), so the two back
+ends cannot drift apart. Each back end supplies only :meth:`SqlUserStore._run`: run a piece of
+work in one transaction and turn its database's errors into :class:`StoreError`.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Protocol, TypeVar, cast
+
+from veil.errors import StoreError
+from veil.store.base import (
+    LimitPeriod,
+    SecretBox,
+    Usage,
+    User,
+    UserStore,
+    check_name,
+    hour_bucket,
+)
+
+#: Version 1: users. 2: + trojan_hash (plain hex SHA-224). 3: secrets sealed with the store
+#: key, trojan_hash keyed (SecretBox.index), limits, expiry, last_seen, usage, settings, meta.
+SCHEMA_VERSION = 3
+
+#: Computes a user's Trojan password hash (hex SHA-224) from the user's secret. Injected:
+#: the derivation is protocol knowledge, which the store layer does not import.
+TrojanHash = Callable[[bytes], str]
+
+_SELECT_USER = ("SELECT name, secret, key_id, created_at, revoked_at, "
+                "limit_bytes, limit_period, expires_at, last_seen FROM users")
+
+# The store key check: a known plaintext sealed with the store key when the database is
+# created. Opening the database with another key fails at once with a clear error, instead of
+# on the first user looked up (or never, for a store that has no users yet).
+_KEY_CHECK_NAME = "store_key_check"
+_KEY_CHECK_PLAIN = b"veil store key check"
+_KEY_CHECK_AD = b"meta"
+
+T = TypeVar("T")
+
+# Byte counts are 64-bit signed integers in both databases (SQLite INTEGER, BIGINT): a larger
+# value would fail in the driver with an error that is not a StoreError (SQLite's
+# OverflowError) or read differently in each. 8 EiB is no real limit.
+MAX_BYTES = 2**63 - 1
+
+
+class Cursor(Protocol):
+    """The part of a DB-API cursor the shared queries use (sqlite3's, or psycopg's adapted)."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> object: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    @property
+    def rowcount(self) -> int: ...
+
+
+def check_limit(limit_bytes: int | None, limit_period: str) -> LimitPeriod:
+    if limit_bytes is not None and (not isinstance(limit_bytes, int)
+                                    or not 0 <= limit_bytes <= MAX_BYTES):
+        raise StoreError(f"a traffic limit must be a number of bytes from 0 to {MAX_BYTES}, "
+                         f"not {limit_bytes!r}", code="bad_limit")
+    if limit_period not in ("month", "total"):
+        raise StoreError(f"a limit period is 'month' or 'total', not {limit_period!r}",
+                         code="bad_limit")
+    return cast(LimitPeriod, limit_period)
+
+
+class SqlUserStore(UserStore):
+    """The :class:`UserStore` methods, on top of one primitive per back end (:meth:`_run`)."""
+
+    def __init__(self, *, trojan_hash: TrojanHash, box: SecretBox) -> None:
+        self._trojan_hash = trojan_hash
+        self._box = box
+
+    @abc.abstractmethod
+    def _run(self, what: str, work: Callable[[Cursor], T], *, write: bool = True) -> T:
+        """Run ``work`` in one transaction and commit it; roll back if it raises.
+
+        ``what`` completes "cannot ..." in error messages. Database errors become
+        StoreError; StoreErrors raised by ``work`` pass through unchanged.
+        """
+
+    # ------------------------------------------------------------------ schema helpers
+    def _check_store_key(self, cur: Cursor) -> bool:
+        """Verify the store key against the database's key check, or write the check if the
+        database has none yet. Returns whether there was one (the secrets are sealed)."""
+        cur.execute("SELECT value FROM meta WHERE key = ?", (_KEY_CHECK_NAME,))
+        row = cur.fetchone()
+        if row is None:
+            sealed = self._box.seal(_KEY_CHECK_PLAIN, _KEY_CHECK_AD)
+            cur.execute("INSERT INTO meta (key, value) VALUES (?, ?)",
+                        (_KEY_CHECK_NAME, sealed.hex()))
+            return False
+        try:
+            sealed = bytes.fromhex(row[0])
+        except ValueError as exc:
+            raise StoreError("the store key check in the database is damaged",
+                             code="bad_store_key") from exc
+        if self._box.open(sealed, _KEY_CHECK_AD) != _KEY_CHECK_PLAIN:
+            raise StoreError("the store key check in the database is damaged",
+                             code="bad_store_key")
+        return True
+
+    def _seal_plaintext_secrets(self, cur: Cursor) -> None:
+        """Seal every secret and key every Trojan hash: the step from schema 1 or 2 to 3,
+        for a database whose secrets are all still in the clear."""
+        cur.execute("SELECT name, secret, key_id FROM users")
+        for name, secret, key_id in cur.fetchall():
+            plain = bytes(secret)
+            cur.execute("UPDATE users SET secret = ?, trojan_hash = ? WHERE name = ?",
+                        (self._box.seal(plain, bytes(key_id)), self._index(plain), name))
+
+    def _index(self, secret: bytes) -> str:
+        return self._box.index(self._trojan_hash(secret))
+
+    def _user(self, row: Sequence[Any] | None) -> User | None:
+        if row is None:
+            return None
+        (name, sealed, key_id, created_at, revoked_at,
+         limit_bytes, limit_period, expires_at, last_seen) = row
+        key_id = bytes(key_id)
+        return User(
+            name=name, secret=self._box.open(bytes(sealed), key_id), key_id=key_id,
+            created_at=float(created_at),
+            revoked_at=None if revoked_at is None else float(revoked_at),
+            limit_bytes=None if limit_bytes is None else int(limit_bytes),
+            limit_period=check_limit(None, limit_period),
+            expires_at=None if expires_at is None else float(expires_at),
+            last_seen=None if last_seen is None else float(last_seen))
+
+    def _select_one(self, cur: Cursor, where: Literal["name", "key_id", "trojan_hash"],
+                    arg: object) -> User | None:
+        cur.execute(f"{_SELECT_USER} WHERE {where} = ?", (arg,))
+        return self._user(cur.fetchone())
+
+    def _existing(self, cur: Cursor, name: str) -> User:
+        user = self._select_one(cur, "name", name)
+        if user is None:
+            raise StoreError(f"no user named {name!r}", code="not_found")
+        return user
+
+    # ------------------------------------------------------------------ users
+    def add_user(self, name: str, secret: bytes, key_id: bytes, now: float, *,
+                 limit_bytes: int | None = None, limit_period: LimitPeriod = "month",
+                 expires_at: float | None = None) -> User:
+        check_name(name)
+        period = check_limit(limit_bytes, limit_period)
+        user = User(name, secret, key_id, float(now), limit_bytes=limit_bytes,
+                    limit_period=period,
+                    expires_at=None if expires_at is None else float(expires_at))
+        row = (name, self._box.seal(secret, key_id), key_id, user.created_at,
+               self._index(secret), limit_bytes, period, user.expires_at)
+
+        def work(cur: Cursor) -> User:
+            # DO NOTHING on any unique column, then say which one: an IntegrityError would
+            # abort a PostgreSQL transaction and reads differently in each database.
+            cur.execute("INSERT INTO users (name, secret, key_id, created_at, trojan_hash, "
+                        "limit_bytes, limit_period, expires_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", row)
+            if cur.rowcount == 1:
+                return user
+            if self._select_one(cur, "name", name) is not None:
+                raise StoreError(f"user {name!r} already exists", code="exists")
+            raise StoreError("another user already has this key id or secret",
+                             code="duplicate_key")
+
+        return self._run(f"add user {name!r}", work)
+
+    def get_user(self, name: str) -> User | None:
+        return self._run("read a user",
+                         lambda cur: self._select_one(cur, "name", name), write=False)
+
+    def find_by_key_id(self, key_id: bytes) -> User | None:
+        return self._run("look up a key id",
+                         lambda cur: self._select_one(cur, "key_id", key_id), write=False)
+
+    def find_by_trojan_hash(self, password_hash: str) -> User | None:
+        index = self._box.index(password_hash)
+        return self._run("look up a Trojan password",
+                         lambda cur: self._select_one(cur, "trojan_hash", index), write=False)
+
+    def list_users(self) -> list[User]:
+        def work(cur: Cursor) -> list[User]:
+            cur.execute(f"{_SELECT_USER} ORDER BY created_at, name")
+            return [u for u in map(self._user, cur.fetchall()) if u is not None]
+
+        return self._run("list users", work, write=False)
+
+    def revoke(self, name: str, now: float) -> User:
+        def work(cur: Cursor) -> User:
+            cur.execute("UPDATE users SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                        (float(now), name))
+            updated = cur.rowcount == 1
+            user = self._existing(cur, name)
+            if not updated:
+                raise StoreError(f"user {name!r} is already revoked", code="already_revoked")
+            return user
+
+        return self._run(f"revoke {name!r}", work)
+
+    def rotate(self, name: str, secret: bytes, key_id: bytes, now: float) -> User:
+        # ``now`` is part of the interface for back ends that keep a history; this schema
+        # keeps only the current credential (created_at stays the user's creation time).
+        del now
+        row = (self._box.seal(secret, key_id), key_id, self._index(secret), name)
+
+        def work(cur: Cursor) -> User:
+            cur.execute("UPDATE users SET secret = ?, key_id = ?, trojan_hash = ? "
+                        "WHERE name = ?", row)
+            return self._existing(cur, name)
+
+        return self._run(f"rotate {name!r}'s key", work)
+
+    def set_limit(self, name: str, limit_bytes: int | None,
+                  limit_period: LimitPeriod = "month") -> User:
+        period = check_limit(limit_bytes, limit_period)
+
+        def work(cur: Cursor) -> User:
+            cur.execute("UPDATE users SET limit_bytes = ?, limit_period = ? WHERE name = ?",
+                        (limit_bytes, period, name))
+            return self._existing(cur, name)
+
+        return self._run(f"set {name!r}'s limit", work)
+
+    def set_expiry(self, name: str, expires_at: float | None) -> User:
+        expiry = None if expires_at is None else float(expires_at)
+
+        def work(cur: Cursor) -> User:
+            cur.execute("UPDATE users SET expires_at = ? WHERE name = ?", (expiry, name))
+            return self._existing(cur, name)
+
+        return self._run(f"set {name!r}'s expiry", work)
+
+    # ------------------------------------------------------------------ usage
+    def add_usage(self, deltas: Mapping[str, Usage], now: float) -> None:
+        for name, usage in deltas.items():
+            if not (0 <= usage.up <= MAX_BYTES and 0 <= usage.down <= MAX_BYTES):
+                raise StoreError(f"impossible usage for {name!r}: {usage}", code="bad_usage")
+        if not deltas:
+            return
+        hour, seen = hour_bucket(now), float(now)
+
+        def work(cur: Cursor) -> None:
+            # Sorted: servers adding for the same users lock their rows in the same order,
+            # so two PostgreSQL transactions cannot deadlock.
+            for name in sorted(deltas):
+                usage = deltas[name]
+                # last_seen never moves back: servers' clocks and flushes interleave.
+                cur.execute("UPDATE users SET last_seen = CASE WHEN last_seen IS NULL "
+                            "OR last_seen < ? THEN ? ELSE last_seen END WHERE name = ?",
+                            (seen, seen, name))
+                if cur.rowcount == 0 or usage.total == 0:
+                    continue  # unknown (deleted meanwhile), or only seen
+                # The increment happens in the database, under its row lock: never a
+                # read-modify-write in Python, which would lose another server's bytes.
+                cur.execute("INSERT INTO usage (name, hour, up, down) VALUES (?, ?, ?, ?) "
+                            "ON CONFLICT (name, hour) DO UPDATE SET "
+                            "up = usage.up + excluded.up, down = usage.down + excluded.down",
+                            (name, hour, usage.up, usage.down))
+
+        self._run("add usage", work)
+
+    def usage_by_user(self, since: float | None) -> dict[str, Usage]:
+        def work(cur: Cursor) -> dict[str, Usage]:
+            if since is None:
+                cur.execute("SELECT name, SUM(up), SUM(down) FROM usage GROUP BY name")
+            else:
+                # Buckets start on whole seconds: "at or after since" is ">= ceil(since)",
+                # which keeps the comparison in integers (and on the hour index).
+                cur.execute("SELECT name, SUM(up), SUM(down) FROM usage WHERE hour >= ? "
+                            "GROUP BY name", (math.ceil(since),))
+            return {name: Usage(int(up), int(down)) for name, up, down in cur.fetchall()}
+
+        return self._run("read usage", work, write=False)
+
+    def usage_series(self, name: str, since: float) -> list[tuple[int, Usage]]:
+        def work(cur: Cursor) -> list[tuple[int, Usage]]:
+            cur.execute("SELECT hour, up, down FROM usage WHERE name = ? AND hour >= ? "
+                        "ORDER BY hour", (name, math.ceil(since)))
+            return [(int(hour), Usage(int(up), int(down))) for hour, up, down in cur.fetchall()]
+
+        return self._run(f"read {name!r}'s usage", work, write=False)
+
+    # ------------------------------------------------------------------ settings
+    def get_setting(self, key: str) -> str | None:
+        def work(cur: Cursor) -> str | None:
+            cur.execute("SELECT value FROM settings WHERE key = ?", (key,))
+            row = cur.fetchone()
+            return None if row is None else str(row[0])
+
+        return self._run(f"read setting {key!r}", work, write=False)
+
+    def set_setting(self, key: str, value: str | None) -> None:
+        def work(cur: Cursor) -> None:
+            if value is None:
+                cur.execute("DELETE FROM settings WHERE key = ?", (key,))
+            else:
+                cur.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
+                            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                            (key, value))
+
+        self._run(f"write setting {key!r}", work)
