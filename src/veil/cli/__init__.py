@@ -25,6 +25,7 @@ from veil.protocol.auth import Credential, new_secret
 
 if TYPE_CHECKING:
     from veil.admin.listen import AdminListen
+    from veil.server.service import VeilServer
     from veil.server.state import ServerState
     from veil.store.base import User
 
@@ -309,13 +310,45 @@ def cmd_serve(args: argparse.Namespace) -> None:
             except BaseException:
                 await server.stop()
                 raise
-        await stop.wait()
-        log.warning("stopping")
+        await _serve_until_stopped(server, stop)
         if admin is not None:
             await admin.stop()
         await server.stop()
 
     _run(main)
+
+
+# The self-signed certificate is renewed when a third of its life is left; a server that runs
+# for months re-reads it daily so the renewal happens without a restart.
+CERT_RELOAD_INTERVAL_S = 24 * 3600.0
+
+
+async def _serve_until_stopped(server: VeilServer, stop: asyncio.Event) -> None:
+    """Tell systemd we are ready, reload on SIGHUP (and daily), return on SIGINT/SIGTERM."""
+    from veil.server.systemd import notify
+
+    loop = asyncio.get_running_loop()
+    reload = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
+    loop.call_later(CERT_RELOAD_INTERVAL_S, reload.set)
+    notify("READY=1", f"STATUS=listening on {server.address}")
+    stopping = loop.create_task(stop.wait())
+    while True:
+        reloading = loop.create_task(reload.wait())
+        await asyncio.wait({stopping, reloading}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            reloading.cancel()
+            break
+        reload.clear()
+        notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            await server.reload()
+        except VeilError as exc:  # e.g. a damaged certificate: keep serving with the old one
+            log.error("reload failed, still serving as before: %s", exc)
+        loop.call_later(CERT_RELOAD_INTERVAL_S, reload.set)
+        notify("READY=1", f"STATUS=listening on {server.address}")
+    log.warning("stopping")
+    notify("STOPPING=1")
 
 
 def _when(moment: float | None) -> str:

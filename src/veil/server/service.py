@@ -9,6 +9,7 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,7 @@ from veil.server.gate import Authenticator, Gate, VeilWayIn
 from veil.server.live import Live, LiveConnection
 from veil.server.outbound import Outbound
 from veil.server.policy import DestinationPolicy
-from veil.server.state import ServerState
+from veil.server.state import ServerState, load_state
 from veil.server.trojan import TrojanService, TrojanWayIn
 from veil.server.users import UserManager
 from veil.store.base import User
@@ -58,12 +59,17 @@ class ServerOptions:
     pool6: str | None = None
 
 
-def server_ssl_context(state: ServerState) -> ssl.SSLContext:
-    """TLS settings of a default nginx on Debian: TLS 1.2 and 1.3, HTTP/1.1 by ALPN."""
+def server_ssl_context(state: ServerState,
+                       alpn: Sequence[str] = ("http/1.1",)) -> ssl.SSLContext:
+    """TLS settings of a default nginx on Debian: TLS 1.2 and 1.3, and the ALPN protocols
+    ``alpn`` in the server's order of preference. The gate passes its cover's
+    (:attr:`Cover.alpn_protocols`): ``h2`` first for the built-in cover, as nginx with
+    ``listen 443 ssl http2`` answers a browser; ``http/1.1`` alone for a URL cover, which
+    relays to an HTTP/1.1 server, and for the admin panel."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers("HIGH:!aNULL:!MD5")
-    context.set_alpn_protocols(["http/1.1"])
+    context.set_alpn_protocols(list(alpn))
     context.load_cert_chain(state.cert_path, state.key_path)
     return context
 
@@ -88,7 +94,8 @@ class VeilServer:
         own_names = frozenset(n for n in (state.sni,) if n)
         ways_in = (VeilWayIn(Authenticator(self.live), self._start_session),
                    TrojanWayIn(self.live, self._serve_trojan))
-        self.gate = Gate(ssl_context=server_ssl_context(state), cover=self.cover,
+        self.gate = Gate(ssl_context=server_ssl_context(state, self.cover.alpn_protocols),
+                         cover=self.cover,
                          ways_in=ways_in, own_names=own_names,
                          handshake_timeout=options.handshake_timeout)
         self.sessions: dict[SessionDriver, LiveConnection] = {}
@@ -167,6 +174,18 @@ class VeilServer:
                       rest: bytes) -> None:
         self.live.register(user, "trojan", transport, close=lambda _reason: transport.close())
         self.trojan.serve(transport, user, request, rest)
+
+    async def reload(self) -> None:
+        """Re-read the certificate (new handshakes use it; renews a self-signed one that is
+        due) and the users, without touching live sessions (SIGHUP)."""
+        state = await asyncio.to_thread(load_state, self.state.directory, self.state.db)
+        if state.pin != self.state.pin:
+            log.warning("the certificate has a new key: access keys pin the old one and stop "
+                        "working; hand out new keys with `veil user show`")
+        self.gate.ssl_context = server_ssl_context(state)
+        self.state = self.users.state = state
+        await self.live.tick()
+        log.info("reloaded the certificate and %d user(s)", len(self.live.directory.by_name))
 
     async def stop(self) -> None:
         """Stop accepting, tell sessions to close, wait a little, then cut the rest."""

@@ -115,7 +115,11 @@ def _store_key(directory: Path) -> bytes:
 def _ensure_certificate(directory: Path, name: str) -> None:
     key_path, cert_path = directory / "key.pem", directory / "cert.pem"
     if key_path.exists():
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        try:
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        except (OSError, ValueError) as exc:
+            # Never replaced: every access key pins it.
+            raise ConfigError(f"cannot read the server key {key_path}: {exc}") from exc
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ConfigError(f"{key_path}: expected an EC private key")
     else:
@@ -124,10 +128,14 @@ def _ensure_certificate(directory: Path, name: str) -> None:
                                                    serialization.PrivateFormat.PKCS8,
                                                    serialization.NoEncryption()))
     if cert_path.exists():
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
-        if left > CERT_RENEW_BEFORE and cert.public_key() == key.public_key():
-            return
+        try:
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        except ValueError:
+            cert = None  # damaged: made anew below for the same key, so pins stay valid
+        if cert is not None:
+            left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+            if left > CERT_RENEW_BEFORE and cert.public_key() == key.public_key():
+                return
     cert = _self_signed(key, name)
     tmp = cert_path.with_suffix(".tmp")
     tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
