@@ -63,11 +63,13 @@ DAY_S = 86400
 # Lines on the traffic chart: the users with the most traffic in the range.
 TRAFFIC_CHART_USERS = 8
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# At shutdown, requests in flight get this long (as the server's sessions do).
+SHUTDOWN_GRACE_S = 2.0
 
 # An error's code -> HTTP status. Store errors keep their codes in the JSON body.
 STATUS_BY_CODE = {"not_found": 404, "exists": 409, "already_revoked": 409, "bad_name": 400,
                   "bad_request": 400, "config_error": 400, "unauthorized": 401,
-                  "forbidden": 403, "csrf": 403, "rate_limited": 429}
+                  "forbidden": 403, "csrf": 403}
 DONE_MESSAGES = {"added": "User added: give them the key below (or let them scan the QR code).",
                  "revoked": "User revoked: their connections are being closed.",
                  "rotated": "New key made: the old one no longer works.",
@@ -79,10 +81,10 @@ DONE_BY_ACTION = {"revoke": "revoked", "rotate": "rotated", "limit": "limit",
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
 SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+                    "X-Frame-Options": "DENY", "Cache-Control": "no-store",
                     # same-origin, not no-referrer: with no-referrer, browsers send
                     # "Origin: null" on the panel's own form posts.
-                    "X-Frame-Options": "DENY", "Referrer-Policy": "same-origin",
-                    "Cache-Control": "no-store"}
+                    "Referrer-Policy": "same-origin"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -214,7 +216,8 @@ async def start_admin(server: VeilServer, listen: HostPort, *,
     check_admin_listen(listen.host, tls is not None)
     app = make_admin_app(server, metrics_open=is_loopback(listen.host),
                          secure_cookies=tls is not None)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     site = web.TCPSite(runner, listen.host, listen.port, ssl_context=tls)
     try:
@@ -258,10 +261,15 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except ApiError as exc:
         return _error_response(request, exc.code, exc.message, exc.status)
-    except (StoreError, ConfigError) as exc:
-        code = exc.code if exc.code in STATUS_BY_CODE else (
-            "config_error" if isinstance(exc, ConfigError) else "store_error")
-        return _error_response(request, code, str(exc), STATUS_BY_CODE.get(code, 503))
+    except ConfigError as exc:  # user input: a limit or a date that does not parse
+        return _error_response(request, "config_error", str(exc), 400)
+    except StoreError as exc:
+        if exc.code in STATUS_BY_CODE:  # not_found, exists, bad_name...: the caller's doing
+            return _error_response(request, exc.code, str(exc), STATUS_BY_CODE[exc.code])
+        # The store failed: its message may name a database URL, so it stays in the log.
+        log.warning("admin: user store error on %s %s: %s", request.method, request.path, exc)
+        return _error_response(request, "store_unavailable",
+                               "the user store is unavailable; see the server's log", 503)
     except web.HTTPException as exc:
         if not _is_api(request) or exc.status < 400:
             raise
@@ -503,6 +511,12 @@ def _series(users: UserManager, name: str, since: int) -> list[tuple[int, Usage]
 
 
 # ------------------------------------------------------------------ pages
+def _users_fault(exc: StoreError | ConfigError) -> bool:
+    """Whether the error is the admin's to fix (shown on the form), not the store failing
+    (answered by the error middleware)."""
+    return isinstance(exc, ConfigError) or exc.code in STATUS_BY_CODE
+
+
 def _flash(request: web.Request) -> str | None:
     return DONE_MESSAGES.get(request.query.get("done", ""))
 
@@ -533,6 +547,8 @@ async def users_add_form(request: web.Request) -> web.StreamResponse:
         await admin.backend.call(lambda u: u.add(name, limit_bytes=limit, limit_period=period,
                                                  expires_at=expires))
     except (StoreError, ConfigError) as exc:
+        if not _users_fault(exc):
+            raise
         return await _users_page(request, str(exc), error=True,
                                  status=STATUS_BY_CODE.get(exc.code, 400))
     log.info("admin: user %s added", name)
@@ -582,7 +598,7 @@ async def user_action_form(request: web.Request) -> web.StreamResponse:
             expires = parse_expiry(str(form.get("expires", "")).strip() or "never")
             await admin.backend.call(lambda u: u.set_expiry(name, expires))
     except (StoreError, ConfigError) as exc:
-        if exc.code == "not_found":
+        if exc.code == "not_found" or not _users_fault(exc):
             raise
         return await _user_page(request, str(exc), error=True,
                                 status=STATUS_BY_CODE.get(exc.code, 400))

@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pool6", metavar="CIDR",
                        help="IPv6 addresses for --tun clients (default fd77::/64; 'none': "
                             "no IPv6, which clients then block)")
+    serve.add_argument("--max-sessions-per-user", type=int, default=64, metavar="N",
+                       help="sessions (veil sessions and Trojan connections) one user may "
+                            "hold at once; more get the cover site (default 64)")
+    serve.add_argument("--max-sessions", type=int, default=10_000, metavar="N",
+                       help="sessions the server holds at once (default 10000)")
     serve.add_argument("--db", metavar="URL", default=os.environ.get("VEIL_DB"),
                        help="keep users in PostgreSQL (postgresql://USER:PASSWORD@HOST/DB) "
                             "instead of DIR/users.db, so several servers share them; "
@@ -289,8 +294,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
             _print_key(state.access_key(user).to_uri())
     finally:
         store.close()
+    if args.max_sessions_per_user < 1 or args.max_sessions < 1:
+        raise ConfigError("--max-sessions and --max-sessions-per-user take a number >= 1")
+    _raise_open_file_limit()
     options = ServerOptions(listen=args.listen, cover_url=args.cover,
                             allow_private=args.allow_private, shaping=args.shaping,
+                            max_sessions_per_user=args.max_sessions_per_user,
+                            max_sessions=args.max_sessions,
                             tun=args.tun, pool=args.pool, pool6=args.pool6)
 
     async def main(stop: asyncio.Event) -> None:
@@ -349,6 +359,18 @@ async def _serve_until_stopped(server: VeilServer, stop: asyncio.Event) -> None:
         notify("READY=1", f"STATUS=listening on {server.address}")
     log.warning("stopping")
     notify("STOPPING=1")
+
+
+def _raise_open_file_limit() -> None:
+    """Every connection is a descriptor (two while relayed): lift the soft limit, often 1024,
+    to the hard one, as Go's runtime does for its servers."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _when(moment: float | None) -> str:

@@ -273,8 +273,11 @@ def _authority(text: str, default_port: int | None) -> Address:
         raise _bad("port out of range")
     dest = Address(host, port)
     try:
-        dest.encode()  # everything downstream needs this to work (name <= 255 bytes)
-    except (ValueError, UnicodeError) as exc:
+        # Everything downstream needs this to work (name <= 255 bytes), and the server must
+        # be able to read the name back: it closes the whole session, every stream of it, on
+        # an OPEN whose name it cannot decode (an "xn--" label that is not punycode).
+        Address.decode(dest.encode())
+    except (ValueError, UnicodeError, RemoteProtocolError) as exc:
         raise _bad("host name too long or invalid") from exc
     return dest
 

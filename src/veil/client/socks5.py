@@ -310,6 +310,9 @@ class Socks5Connection:
             )
         try:
             dest, end = Address.decode(buf, 3)
+            # The tunnel re-encodes the name in its OPEN frame: one that cannot be (an empty
+            # label, a label over 63 bytes) is refused here, not in the dialer's task.
+            dest.encode()
         except (RemoteProtocolError, ValueError, UnicodeError):
             self._fail(
                 _FAILURE_REPLY[Reply.GENERAL_FAILURE],
@@ -359,6 +362,7 @@ def decode_udp_datagram(data: bytes) -> tuple[Address, bytes]:
         raise RemoteProtocolError("fragmented SOCKS5 datagram", code="fragmented")
     try:
         dest, end = Address.decode(data, 3)
+        dest.encode()  # the tunnel re-encodes it (see Socks5Connection._on_request)
     except NeedMoreData as exc:
         raise RemoteProtocolError("truncated SOCKS5 UDP header", code="bad_udp_header") from exc
     except (ValueError, UnicodeError) as exc:

@@ -113,12 +113,15 @@ class TunState:
     resolv_backup: str | None = None  # its content before
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_suffix(".tmp")
         data = {"pid": self.pid, "routes": self.routes, "nft_tables": self.nft_tables,
                 "resolv_conf": self.resolv_conf, "resolv_backup": self.resolv_backup}
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.path)
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise TunError(f"cannot write {self.path}: {exc.strerror} (--tun needs root)") from exc
 
     @classmethod
     def load(cls, path: Path) -> TunState | None:
@@ -240,7 +243,6 @@ class TunClient:
         self.config: IpConfig | None = None
         self._pump: PacketPump | None = None
         self._link: _IpLink | None = None
-        self._index: int | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         await asyncio.to_thread(cleanup, self.options)
@@ -289,14 +291,15 @@ class TunClient:
         except Exception as exc:  # pyroute2 raises NetlinkError and others
             log.warning("no route to %s now; it will not bypass the tunnel: %s", probe, exc)
             return
-        if gateway is None:
-            return  # on-link: the connected route is more specific than the tunnel's /1s
-        self.state.routes.append({"dst": destination, "gateway": gateway, "oif": oif})
+        # Recorded before it is made, so a crash in between still gets it undone (deleting a
+        # route that is not there is fine); forgotten again if one was there already (on-link
+        # ranges have their connected route): that one is not ours to delete.
+        route = {"dst": destination, "gateway": gateway, "oif": oif}
+        self.state.routes.append(route)
         self.state.save()
-        try:
-            add_route(destination, oif=oif, gateway=gateway)
-        except Exception as exc:  # pyroute2 raises NetlinkError and others
-            raise TunError(f"cannot add a route to {destination}: {exc}") from exc
+        if not add_route(destination, oif=oif, gateway=gateway):
+            self.state.routes.remove(route)
+            self.state.save()
 
     async def _serve(self, tunnel: ClientTunnel, stopping: asyncio.Future[Any]) -> None:
         announced = False
@@ -309,7 +312,11 @@ class TunClient:
                     announced = True
                 await asyncio.wait([stopping], timeout=SESSION_POLL_S)
                 continue
-            link = _IpLink(self, driver)
+            try:
+                link = _IpLink(self, driver)
+            except LocalProtocolError:  # the session closed under us: wait for the next
+                await asyncio.wait([stopping], timeout=SESSION_POLL_S)
+                continue
             self._link = link
             try:
                 await asyncio.wait([stopping, driver.closed, link.done, link.configured],
@@ -353,10 +360,9 @@ class TunClient:
             flush_addresses(name)
         addresses = [a for a in (config.ipv4, config.ipv6) if a is not None]
         index = configure_link(name, addresses, config.mtu)
-        self._index = index
         splits = (SPLIT_V4 if config.ipv4 else ()) + (SPLIT_V6 if config.ipv6 else ())
         for dst in splits:
-            add_route(dst, oif=index)  # removed with the device
+            add_route(dst, oif=index, replace=True)  # removed with the device
         dns = [ip for ip in config.dns if ip.version == 4 or config.ipv6 is not None]
         if dns:
             self._set_resolvers(dns)

@@ -21,7 +21,13 @@ from veil.net.driver import SessionDriver, TcpRelay
 from veil.protocol.accesskey import AccessKey, pin_of_der
 from veil.protocol.address import Address
 from veil.protocol.auth import Credential, build_auth
-from veil.protocol.frames import FrameType, ResetCode, StreamKind
+from veil.protocol.frames import (
+    HEADER_SIZE,
+    SERVER_FIRST_PADDING,
+    FrameType,
+    ResetCode,
+    StreamKind,
+)
 from veil.protocol.session import Session, SessionConfig
 from veil.transport.browser_tls import open_browser_tls_connection
 from veil.transport.tls import TlsHandshakeError, open_tls_connection
@@ -61,6 +67,15 @@ def client_ssl_context() -> ssl.SSLContext:
     return context
 
 
+def _looks_accepted(head: bytes) -> bool:
+    if len(head) < HEADER_SIZE or head[0] != FrameType.PADDING:
+        return False
+    length = int.from_bytes(head[1:4], "big")
+    stream_id = int.from_bytes(head[4:8], "big")
+    low, high = SERVER_FIRST_PADDING
+    return stream_id == 0 and low <= length <= high
+
+
 class _ClientDriver(SessionDriver):
     """A session driver that checks the server's first bytes: frames, or a website."""
 
@@ -70,9 +85,9 @@ class _ClientDriver(SessionDriver):
 
     def data_received(self, data: bytes | memoryview) -> None:
         if not self.accepted.done():
-            # An accepted session always starts with PADDING; a cover site's answer never
-            # does ("HTTP/1.1 ..."): then our key was refused.
-            ok = data[0] == FrameType.PADDING
+            # An accepted session starts with a PADDING frame of a length in a known range;
+            # a cover site's answer (HTTP/1.1 or HTTP/2) never does: our key was refused.
+            ok = _looks_accepted(bytes(data[:HEADER_SIZE]))
             self.accepted.set_result(ok)
             if not ok:
                 self.close()

@@ -18,22 +18,32 @@ that removing veil's rules is deleting its table and touches nobody else's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import fcntl
 import ipaddress
 import logging
 import os
+import queue
 import shutil
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from veil.errors import ConfigError, VeilError
 from veil.protocol.ip import GSO_HEADER_SIZE, MAX_IP_DATAGRAM
+
+try:
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]
+    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+except ImportError:  # a dependency on Linux; _iproute() says what is missing
+    IPRoute = None
+
+    class NetlinkError(Exception):  # type: ignore[no-redef]
+        code = 0
 
 TUN_PATH = "/dev/net/tun"
 # ioctl numbers from <linux/if_tun.h> (_IOW('T', n, int)).
@@ -47,14 +57,20 @@ IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
-TUN_F_USO4 = 0x20
-TUN_F_USO6 = 0x40
 IFNAMSIZ = 16
 # Packets read per readiness callback before yielding to the event loop: enough to amortise
 # the callback, few enough that the TLS side gets to write between batches.
 READ_BATCH = 64
 # ... and at most this many bytes, so that one TLS write stays a few super-packets long.
 READ_BATCH_BYTES = 256 * 1024
+# Packets waiting for the writer thread; past this the kernel is behind and packets are
+# dropped. Enough for a TLS read's worth of small packets (a 256 KiB batch of 500-byte
+# packets); at most 32 MiB of super-packets.
+MAX_WRITE_QUEUE = 512
+# Packets at least this large are written by the writer thread (see _Writer).
+THREAD_WRITE_MIN = 8 * 1024
+# How long closing waits for the writer thread to finish its queue.
+WRITER_JOIN_S = 2.0
 # How long an nft or sysctl step may take before we call it broken.
 COMMAND_TIMEOUT_S = 10.0
 
@@ -89,36 +105,89 @@ class TunDevice:
             os.close(fd)
             raise TunError(f"cannot set up TUN device {name}: {exc.strerror}") from exc
         self.fd = fd
+        self._writer = _Writer(fd)
 
     def read(self) -> bytes:
         """One offload header + packet; raises BlockingIOError when none is waiting."""
         return os.read(self.fd, MAX_IP_DATAGRAM)
 
     def write(self, datagram: bytes | memoryview) -> None:
-        """Hand one offload header + packet to the kernel; a packet it refuses is dropped
-        (a malformed header from the peer, or no route), as a router drops it."""
-        with contextlib.suppress(OSError):
-            os.write(self.fd, datagram)
+        """Queue one offload header + packet for the kernel (see :class:`_Writer`)."""
+        self._writer.put(datagram)
 
     def close(self) -> None:
+        self._writer.stop()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
 
+class _Writer:
+    """Writes packets to the device, the large ones from a thread of its own.
+
+    A write of a 64 KiB super-packet is where the kernel does its share of the work
+    (segmenting, forwarding, NAT, handing it to the receiving socket): a quarter of the event
+    loop's time at full speed. In a thread (``os.write`` releases the GIL) that overlaps with
+    the loop decrypting the next records. A small packet (an ACK, DNS, a game's UDP) is not
+    worth a thread hand-off, which costs more than its write: it is written at once, unless
+    packets queued before it are still unwritten (then it queues too: packets keep their
+    order).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._queue: queue.SimpleQueue[bytes | memoryview | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="tun-writer", daemon=True)
+        self._thread.start()
+        # Two counters, each written by one thread only: equal when nothing is pending.
+        self._queued = 0
+        self._written = 0
+        self.dropped = 0
+
+    def put(self, datagram: bytes | memoryview) -> None:
+        if self._queued == self._written and len(datagram) < THREAD_WRITE_MIN:
+            try:
+                os.write(self._fd, datagram)
+            except OSError:
+                self.dropped += 1  # refused by the kernel (bad offload header, no route)
+            return
+        if self._queued - self._written >= MAX_WRITE_QUEUE:
+            self.dropped += 1  # the kernel is behind: drop, as a full router queue does
+            return
+        self._queued += 1
+        self._queue.put(datagram)
+
+    def _run(self) -> None:
+        get = self._queue.get
+        while (item := get()) is not None:
+            try:
+                os.write(self._fd, item)
+            except OSError:
+                self.dropped += 1  # see put()
+            self._written += 1
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(WRITER_JOIN_S)
+
+
 def _set_offload(fd: int) -> bool:
-    """Enable checksum offload and TSO (and UDP segmentation offload where the kernel has
-    it, 6.2+); False when the kernel takes none of it (then every read is one packet)."""
-    base = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
-    for flags in (base | TUN_F_USO4 | TUN_F_USO6, base):
-        try:
-            fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            continue
-        return True
-    return False
+    """Enable checksum offload and TSO; False when the kernel takes neither (then every read
+    is one packet).
+
+    Not USO (UDP segmentation, kernel 6.2+): the super-packets go to the *peer's* kernel as
+    they are, and an older one refuses UDP_L4 GSO writes (EINVAL) - QUIC from applications
+    that use UDP_SEGMENT would then be lost. TCP segmentation is accepted by every kernel
+    that has vnet headers.
+    """
+    try:
+        fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return False
+    return True
 
 
 class PacketPump:
@@ -166,10 +235,8 @@ class PacketPump:
 
 # ---------------------------------------------------------------- netlink
 def _iproute() -> Any:
-    try:
-        from pyroute2 import IPRoute  # type: ignore[import-untyped]  # noqa: PLC0415
-    except ImportError as exc:  # pragma: no cover - a dependency on Linux
-        raise TunError("TUN mode needs pyroute2 (pip install pyroute2)") from exc
+    if IPRoute is None:
+        raise TunError("TUN mode needs pyroute2 (pip install pyroute2)")
     # pyroute2 logs every netlink message at DEBUG; veil's -vv is for veil's own messages.
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("pyroute2"):
@@ -181,6 +248,15 @@ def configure_link(name: str, addresses: Iterable[ipaddress.IPv4Interface
                                                   | ipaddress.IPv6Interface],
                    mtu: int) -> int:
     """Give the device its addresses and MTU and bring it up; returns its index."""
+    try:
+        return _configure_link(name, addresses, mtu)
+    except NetlinkError as exc:
+        raise TunError(f"cannot configure {name}: {exc}") from exc
+
+
+def _configure_link(name: str, addresses: Iterable[ipaddress.IPv4Interface
+                                                   | ipaddress.IPv6Interface],
+                    mtu: int) -> int:
     with _iproute() as ipr:
         index = int(ipr.link_lookup(ifname=name)[0])
         ipr.link("set", index=index, mtu=mtu)
@@ -209,15 +285,21 @@ def route_get(destination: str) -> tuple[str | None, int]:
 
 
 def add_route(destination: str, *, oif: int, gateway: str | None = None,
-              table: int | None = None) -> None:
-    """Add a route; one that is already there (same key) is replaced."""
+              replace: bool = False) -> bool:
+    """Add a route. With ``replace`` one with the same key is overwritten (routes on our own
+    device); without, an existing one is left alone and False returned (it is not ours to
+    delete later)."""
     kwargs: dict[str, Any] = {"dst": destination, "oif": oif}
     if gateway:
         kwargs["gateway"] = gateway
-    if table is not None:
-        kwargs["table"] = table
     with _iproute() as ipr:
-        ipr.route("replace", **kwargs)
+        try:
+            ipr.route("replace" if replace else "add", **kwargs)
+        except NetlinkError as exc:
+            if exc.code == errno.EEXIST and not replace:
+                return False
+            raise TunError(f"cannot add a route to {destination}: {exc}") from exc
+    return True
 
 
 def delete_route(destination: str, *, oif: int | None = None,
@@ -228,8 +310,6 @@ def delete_route(destination: str, *, oif: int | None = None,
         kwargs["oif"] = oif
     if gateway:
         kwargs["gateway"] = gateway
-    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]  # noqa: PLC0415
-
     with _iproute() as ipr:
         try:
             ipr.route("del", **kwargs)

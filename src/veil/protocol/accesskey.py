@@ -75,6 +75,15 @@ class AccessKey:
             raise ConfigError("invalid access key: the secret is not base64url") from exc
         if len(secret) != SECRET_SIZE:
             raise ConfigError("invalid access key: wrong secret length (truncated copy?)")
+        # b64decode skips characters outside the alphabet, and urlsplit takes a host out of
+        # "a@[::]:1@[:x:]" without checking it: only a key exactly as to_uri writes it passes.
+        if b64e(secret) != parts.username.rstrip("="):
+            raise ConfigError("invalid access key: the secret is not base64url")
+        if ":" in parts.hostname:
+            try:
+                ipaddress.IPv6Address(parts.hostname)
+            except ValueError as exc:
+                raise ConfigError("invalid access key: bad IPv6 address") from exc
         query = parse_qs(parts.query)
         try:
             pin = b64d(query["pin"][0])

@@ -82,6 +82,11 @@ MAX_DATAGRAM_PAYLOAD = 65_535 + 259
 # The frame limit must admit it whole: segmenting is left to the receiving kernel.
 MAX_IP_PACKET = 40 + 65_535
 MAX_PADDING_PAYLOAD = 16 * 1024
+# A session the server accepted starts with a PADDING frame on stream 0 whose length is in
+# this range (random, so that the first record has no fixed size). The client tells an
+# accepted session from a cover site's answer by it: "HTTP/1.1 ..." starts with no 0x00, and
+# an HTTP/2 SETTINGS frame (00 00 len 04 00 00000000) reads as PADDING of >= 1,024 bytes.
+SERVER_FIRST_PADDING = (64, 512)
 
 MAX_PAYLOAD = {
     FrameType.PADDING: MAX_PADDING_PAYLOAD,

@@ -381,20 +381,24 @@ class Session:
                 pos += take
                 if len(self._partial) < self._need:
                     return
-                unit = bytes(self._partial)
-                self._partial.clear()
-                if len(unit) == HEADER_SIZE:
+                partial = self._partial
+                if len(partial) == HEADER_SIZE:
+                    unit = bytes(partial)
+                    partial.clear()
                     ftype, stream_id, length = self._check_header(unit, 0)
                     if ftype == FrameType.DATA or length == 0:
                         self._on_frame(ftype, stream_id, length, b"", events, now)
                     else:
-                        self._partial += unit
+                        partial += unit
                         self._need = HEADER_SIZE + length
                 else:
-                    raw_type, stream_id, length = unpack_header(unit)
+                    raw_type, stream_id, length = unpack_header(partial)
+                    # One copy of the payload (a 64 KiB IP super-packet arrives in pieces).
+                    with memoryview(partial) as view:
+                        payload = bytes(view[HEADER_SIZE:])
+                    partial.clear()
                     self._need = HEADER_SIZE
-                    self._on_frame(FrameType(raw_type), stream_id, length, unit[HEADER_SIZE:],
-                                   events, now)
+                    self._on_frame(FrameType(raw_type), stream_id, length, payload, events, now)
                 continue
             if end - pos < HEADER_SIZE:
                 self._partial += data[pos:]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import enum
 import hashlib
 import ipaddress
@@ -238,7 +237,10 @@ class TrojanLink:
             if len(pin) != 32:
                 raise ConfigError("invalid trojan link: wrong pin length")
         host = parts.hostname
-        with contextlib.suppress(ValueError):  # the canonical form of an IP literal
+        try:  # the canonical form of an IP literal
             host = str(ipaddress.ip_address(host))
+        except ValueError:
+            if ":" in host:  # urlsplit takes "[:x:]" out of "p@[::]:1@[:x:]:4" unchecked
+                raise ConfigError("invalid trojan link: bad IPv6 address") from None
         return cls(Address(host, port or 443), unquote(userinfo), sni,
                    insecure.lower() in ("1", "true"), pin, unquote(parts.fragment))

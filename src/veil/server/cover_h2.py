@@ -27,7 +27,7 @@ around them, every detail measured against the real nginx 1.22.1 on loopback
   while a frame is incomplete; then GOAWAY (NO_ERROR, or PROTOCOL_ERROR mid-frame) and a
   close without close_notify.
 
-The limits of the emulation are in ``docs/cover.md``.
+What is not emulated, and why, is in ``docs/cover-h2.md``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import enum
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import hpack
@@ -106,8 +106,16 @@ _UNIQUE = frozenset({b"if-modified-since", b"if-unmodified-since", b"if-match",
                      b"transfer-encoding", b"expect", b"authorization"})
 _KEPT = _UNIQUE | {b"range", b"user-agent"}
 _NAME_OK = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-")
+# Bytes that make a header name malformed (RST_STREAM); others outside _NAME_OK only make
+# nginx ignore the field (ignore_invalid_headers).
+_NAME_FATAL = frozenset(range(0x21)) | frozenset(range(0x41, 0x5B)) | {0x3A, 0x7F}
 _METHOD_OK = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ_-")
-_SCHEME_OK = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-.")
+_ALPHA = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_DIGITS = frozenset(b"0123456789")
+_SCHEME_OK = _ALPHA | _DIGITS | frozenset(b"+-.")
+
+_INT_OCTETS = 4  # NGX_HTTP_V2_INT_OCTETS: the longest HPACK integer nginx reads
+_MAX_OFF_T = (1 << 63) - 1  # a larger Content-Length is invalid (400)
 
 _HUFFMAN = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
 
@@ -174,45 +182,97 @@ def encode_response_headers(status: int, headers: list[tuple[bytes, bytes]], *,
     return bytes(out)
 
 
-def _within_limits(block: bytes) -> bool:
-    """nginx's size limits on the literals of an HPACK block, applied as it arrives.
+class _BlockLimits:
+    """nginx's size limits on the literals of an HPACK block, applied as the block arrives.
 
     nginx sizes a literal by its longest possible decoding (a Huffman string of n bytes may
     decode to n * 8 / 5 bytes) as soon as it reads the length prefix, and refuses one over a
     large header buffer, or a block whose literals add up to more than all four buffers:
-    GOAWAY(ENHANCE_YOUR_CALM). ``block`` may be cut anywhere.
+    GOAWAY(ENHANCE_YOUR_CALM). Fed piece by piece, it walks each representation once (a
+    string is skipped, not read), so a block trickled in byte by byte costs no more.
     """
-    used = 0
+
+    def __init__(self) -> None:
+        self._rest = bytearray()  # from the first representation not yet complete
+        self._used = 0
+        self._total = 0
+
+    def feed(self, more: bytes | bytearray | memoryview) -> bool:
+        """False once a limit is exceeded."""
+        self._rest += more
+        self._total += len(more)
+        if self._total > MAX_BUFFERED_FRAME:
+            return False
+        block = self._rest
+        p = 0
+        while p < len(block):
+            first = block[p]
+            if first & 0x80 or first & 0xE0 == 0x20:  # indexed field, table size update
+                got = _read_int(block, p, 7 if first & 0x80 else 5)
+                if got is None:
+                    break
+                p = got[1]
+                continue
+            got = _read_int(block, p, 6 if first & 0x40 else 4)
+            if got is None:
+                break
+            name_index, q = got
+            used = self._used
+            for _ in range(2 if name_index == 0 else 1):
+                got = _read_int(block, q, 7) if q < len(block) else None
+                if got is None:
+                    q = len(block) + 1
+                    break
+                size = got[0] * 8 // 5 if block[q] & 0x80 else got[0]
+                used += size
+                if size > FIELD_LIMIT or used > HEADER_LIMIT:
+                    return False
+                q = got[1] + got[0]
+            if q > len(block):
+                break  # the rest of this representation is still to come
+            p, self._used = q, used
+        del block[:p]
+        return True
+
+
+def _representations(block: bytes, *, more: bool) -> list[int]:
+    """Where each whole HPACK representation of ``block`` ends, in order (a field cut off
+    at the block's end is left out).
+
+    ``more``: the block continues in a CONTINUATION frame. nginx then stops where fewer
+    than 4 bytes (NGX_HTTP_V2_INT_OCTETS) are left before a representation or a string
+    length, to join them with the next frame's first.
+    """
+    ends: list[int] = []
     p = 0
     while p < len(block):
+        if more and len(block) - p < _INT_OCTETS:
+            break
         first = block[p]
         if first & 0x80 or first & 0xE0 == 0x20:  # indexed field, table size update
             got = _read_int(block, p, 7 if first & 0x80 else 5)
             if got is None:
-                return True
+                break
             p = got[1]
-            continue
-        got = _read_int(block, p, 6 if first & 0x40 else 4)
-        if got is None:
-            return True
-        name_index, p = got
-        for _ in range(2 if name_index == 0 else 1):
-            if p >= len(block):
-                return True
-            huffman = block[p] & 0x80
-            got = _read_int(block, p, 7)
+        else:
+            got = _read_int(block, p, 6 if first & 0x40 else 4)
             if got is None:
-                return True
-            length, p = got
-            size = length * 8 // 5 if huffman else length
-            used += size
-            if size > FIELD_LIMIT or used > HEADER_LIMIT:
-                return False
-            p += length
-    return True
+                break
+            name_index, p = got
+            for _ in range(2 if name_index == 0 else 1):
+                if more and len(block) - p < _INT_OCTETS:
+                    return ends
+                got = _read_int(block, p, 7) if p < len(block) else None
+                if got is None:
+                    return ends
+                p = got[1] + got[0]
+            if p > len(block):
+                break
+        ends.append(p)
+    return ends
 
 
-def _read_int(data: bytes, p: int, prefix_bits: int) -> tuple[int, int] | None:
+def _read_int(data: bytes | bytearray, p: int, prefix_bits: int) -> tuple[int, int] | None:
     """(value, next position) or None if the integer is not complete yet."""
     limit = (1 << prefix_bits) - 1
     value = data[p] & limit
@@ -257,6 +317,8 @@ class _Stream:
     stream_id: int
     window: int
     body: bytes
+    #: offsets where a DATA frame must begin (nginx's buffer boundaries), ascending
+    cuts: list[int]
     sent: int = 0
     reset_after: bool = False  # the client had not ended its side: RST_STREAM(NO_ERROR)
 
@@ -268,13 +330,14 @@ class H2CoverConnection:
     call take :meth:`writes` (each element one transport write, so TLS records fall where
     nginx's do) and look at :attr:`close_action` and :meth:`get_timer`. ``started_at`` is when
     the TCP connection was accepted: the first timeout counts from there, as in nginx.
+    ``preface_sent``: :data:`SERVER_PREFACE` is already on the wire.
     """
 
     def __init__(self, site: CoverSite, *, now: float, started_at: float | None = None,
                  header_timeout: float = CLIENT_HEADER_TIMEOUT,
                  keepalive_timeout: float = KEEPALIVE_TIMEOUT,
                  lingering_timeout: float = LINGERING_TIMEOUT,
-                 lingering_time: float = LINGERING_TIME) -> None:
+                 lingering_time: float = LINGERING_TIME, preface_sent: bool = False) -> None:
         self._site = site
         self._header_timeout = header_timeout
         self._keepalive_timeout = keepalive_timeout
@@ -285,7 +348,11 @@ class H2CoverConnection:
         self._linger_end = 0.0
         self.close_action = H2CloseAction.NONE
         self._closed = False
-        self._queue = bytearray(SERVER_PREFACE)
+        # nginx queues its preface when the connection starts; a caller that already wrote
+        # SERVER_PREFACE (right after the handshake, as nginx does) says so
+        self._queue = bytearray(b"" if preface_sent else SERVER_PREFACE)
+        self._urgent = not preface_sent  # a control frame is queued: write it at once
+        self._recv_window = MAX_WINDOW  # what the preface's WINDOW_UPDATE made it
         self._writes: list[bytes] = []
         self._buf = bytearray()
         self._preface_left = len(CLIENT_PREFACE)
@@ -294,10 +361,15 @@ class H2CoverConnection:
         self._decoder = hpack.Decoder()
         # our own limits apply (_BlockLimits); the decoder's must not refuse first
         self._decoder.max_header_list_size = 1 << 30
-        self._block: bytearray | None = None  # a header block waiting for CONTINUATION
+        # A header block being read: bytes not decoded yet (None: no block is open), its
+        # size limits, and the request its fields make up.
+        self._block: bytearray | None = None
+        self._limits = _BlockLimits()
+        self._fed = 0  # payload bytes of the HEADERS/CONTINUATION frame arriving, sized
+        self._req = _Pending(False)
+        self._req_alive = False
+        self._headers_span: tuple[int, int] | None = None  # of the HEADERS frame arriving
         self._block_stream = 0
-        self._block_end_stream = False
-        self._block_refused = False
         self._last_sid = 0
         self._requests = 0
         self._table_update = False
@@ -404,46 +476,87 @@ class H2CoverConnection:
             sid = int.from_bytes(buf[pos + 5:pos + 9], "big") & 0x7FFFFFFF
             if self._block is not None and kind != CONTINUATION:
                 raise _ConnectionError(PROTOCOL_ERROR)
+            if kind == DATA:
+                if flags & FLAG_PADDED:
+                    if length == 0:
+                        raise _ConnectionError(FRAME_SIZE_ERROR)
+                    if len(buf) - pos < _FRAME_HEADER + 1:
+                        self._incomplete = True
+                        break
+                    if buf[pos + _FRAME_HEADER] >= length:
+                        raise _ConnectionError(PROTOCOL_ERROR)
+                self._on_data(sid, length)
             if kind == DATA or kind > CONTINUATION:
                 pos += _FRAME_HEADER
-                if kind == DATA:
-                    self._on_data(sid, flags, length)
                 self._skip = length
                 continue
             if length > MAX_BUFFERED_FRAME:
                 raise _ConnectionError(ENHANCE_YOUR_CALM)
+            have = min(len(buf) - pos - _FRAME_HEADER, length)
+            if kind == HEADERS and self._headers_span is None:
+                head = bytes(buf[pos + _FRAME_HEADER:pos + _FRAME_HEADER + min(have, 6)])
+                self._headers_span = self._headers_prefix(flags, sid, length, head)
+                if self._headers_span is None:
+                    self._incomplete = True
+                    break
+                self._limits = _BlockLimits()
+            if kind == CONTINUATION and (self._block is None or sid != self._block_stream):
+                raise _ConnectionError(PROTOCOL_ERROR)
             if kind in (HEADERS, CONTINUATION):
                 # header blocks are sized as they arrive, as nginx parses them
-                self._early_limits(kind, flags, sid, bytes(buf[pos + 9:pos + 9 + length]))
+                low, high = self._headers_span if self._headers_span else (0, length)
+                start, end = max(low, self._fed), min(high, have)
+                if end > start:
+                    at = pos + _FRAME_HEADER
+                    if not self._limits.feed(memoryview(buf)[at + start:at + end]):
+                        raise _ConnectionError(ENHANCE_YOUR_CALM)
+                    self._fed = end
             if len(buf) - pos < _FRAME_HEADER + length:
                 self._incomplete = True
                 break
             payload = bytes(buf[pos + 9:pos + 9 + length])
             pos += _FRAME_HEADER + length
+            self._fed = 0
             self._on_frame(kind, flags, sid, payload, now)
             if self._closed:
                 break
         del buf[:pos]
 
-    def _early_limits(self, kind: int, flags: int, sid: int, partial: bytes) -> None:
-        if kind == HEADERS:
-            if sid % 2 == 0 or sid <= self._last_sid:
-                raise _ConnectionError(PROTOCOL_ERROR)
-            start = (1 if flags & FLAG_PADDED else 0) + (5 if flags & FLAG_PRIORITY else 0)
-            block = partial[start:]
-        else:
-            if self._block is None:
-                raise _ConnectionError(PROTOCOL_ERROR)
-            block = bytes(self._block) + partial
-        if not _within_limits(block):
-            self._last_sid = max(self._last_sid, sid)
-            raise _ConnectionError(ENHANCE_YOUR_CALM)
+    def _headers_prefix(self, flags: int, sid: int, length: int,
+                        available: bytes) -> tuple[int, int] | None:
+        """ngx_http_v2_state_headers up to the header block, in its order of checks: the
+        (start, end) of the block in the payload, or None until the prefix is here."""
+        size = (1 if flags & FLAG_PADDED else 0) + (5 if flags & FLAG_PRIORITY else 0)
+        if length <= size:  # too short, or an empty header block
+            raise _ConnectionError(FRAME_SIZE_ERROR)
+        if len(available) < size:
+            return None
+        padding = available[0] if flags & FLAG_PADDED else 0
+        if padding > length - size:
+            raise _ConnectionError(PROTOCOL_ERROR)
+        depend = -1
+        if flags & FLAG_PRIORITY:
+            start = size - 5
+            depend = int.from_bytes(available[start:start + 4], "big") & 0x7FFFFFFF
+        if sid % 2 == 0 or sid <= self._last_sid or depend == sid:
+            raise _ConnectionError(PROTOCOL_ERROR)
+        self._last_sid = sid
+        if length - size - padding == 0:  # padding took all: an empty block, but later
+            raise _ConnectionError(FRAME_SIZE_ERROR)
+        return size, length - padding
 
-    def _on_data(self, sid: int, flags: int, length: int) -> None:
-        # Request bodies are never read: nginx answers on HEADERS and resets the stream.
-        # The connection window it announced (2^31 - 1) outlasts any cover connection.
+    def _on_data(self, sid: int, length: int) -> None:
+        # Request bodies are never read: nginx answers on HEADERS and resets the stream; it
+        # only keeps the connection's receive window open.
         if sid == 0:
             raise _ConnectionError(PROTOCOL_ERROR)
+        if length > self._recv_window:
+            raise _ConnectionError(FLOW_CONTROL_ERROR)
+        self._recv_window -= length
+        if self._recv_window < MAX_WINDOW // 4:
+            self._control(frame(WINDOW_UPDATE, 0, 0,
+                                struct.pack(">I", MAX_WINDOW - self._recv_window)))
+            self._recv_window = MAX_WINDOW
 
     def _on_frame(self, kind: int, flags: int, sid: int, payload: bytes, now: float) -> None:
         if kind == SETTINGS:
@@ -454,7 +567,7 @@ class H2CoverConnection:
             if sid:
                 raise _ConnectionError(PROTOCOL_ERROR)
             if not flags & FLAG_ACK:
-                self._queue += frame(PING, FLAG_ACK, 0, payload)
+                self._control(frame(PING, FLAG_ACK, 0, payload))
         elif kind == WINDOW_UPDATE:
             self._on_window_update(sid, payload)
         elif kind == RST_STREAM:
@@ -466,7 +579,7 @@ class H2CoverConnection:
         elif kind == PRIORITY:
             if len(payload) != 5:
                 raise _ConnectionError(FRAME_SIZE_ERROR)
-            if sid == 0:
+            if sid == 0 or int.from_bytes(payload[:4], "big") & 0x7FFFFFFF == sid:
                 raise _ConnectionError(PROTOCOL_ERROR)
         elif kind == GOAWAY:
             if len(payload) < 8:
@@ -481,13 +594,12 @@ class H2CoverConnection:
             if self._block is None or sid != self._block_stream:
                 raise _ConnectionError(PROTOCOL_ERROR)
             self._block += payload
-            if flags & FLAG_END_HEADERS:
-                self._end_block(now)
+            self._decode_block(final=bool(flags & FLAG_END_HEADERS))
 
     def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
         if sid:
             raise _ConnectionError(PROTOCOL_ERROR)
-        if flags & FLAG_ACK:
+        if flags == FLAG_ACK:  # nginx compares the whole flags byte here (measured)
             if payload:
                 raise _ConnectionError(FRAME_SIZE_ERROR)
             return
@@ -511,16 +623,16 @@ class H2CoverConnection:
                     raise _ConnectionError(PROTOCOL_ERROR)
             elif ident == SETTINGS_HEADER_TABLE_SIZE:
                 self._table_update = True
-        self._queue += frame(SETTINGS, FLAG_ACK, 0)
+        self._control(frame(SETTINGS, FLAG_ACK, 0))
         self._send_pending()
 
     def _on_window_update(self, sid: int, payload: bytes) -> None:
         if len(payload) != 4:
             raise _ConnectionError(FRAME_SIZE_ERROR)
         increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if increment == 0:  # on any stream, open or not (measured)
+            raise _ConnectionError(PROTOCOL_ERROR)
         if sid == 0:
-            if increment == 0:
-                raise _ConnectionError(PROTOCOL_ERROR)
             if self._send_window + increment > MAX_WINDOW:
                 raise _ConnectionError(FLOW_CONTROL_ERROR)
             self._send_window += increment
@@ -528,122 +640,104 @@ class H2CoverConnection:
             stream = self._streams.get(sid)
             if stream is None:
                 return
-            if increment == 0 or stream.window + increment > MAX_WINDOW:
-                code = PROTOCOL_ERROR if increment == 0 else FLOW_CONTROL_ERROR
+            if stream.window + increment > MAX_WINDOW:
                 del self._streams[sid]
-                self._queue += frame(RST_STREAM, 0, sid, struct.pack(">I", code))
+                self._reset(sid, FLOW_CONTROL_ERROR)
                 return
             stream.window += increment
         self._send_pending()
 
     def _on_headers(self, flags: int, sid: int, payload: bytes, now: float) -> None:
-        if sid % 2 == 0 or sid <= self._last_sid:
-            raise _ConnectionError(PROTOCOL_ERROR)
-        self._last_sid = sid
-        start, end = 0, len(payload)
-        if flags & FLAG_PADDED:
-            if not payload:
-                raise _ConnectionError(PROTOCOL_ERROR)
-            end -= payload[0]
-            start = 1
-        if flags & FLAG_PRIORITY:
-            start += 5
-        if start > end:
-            raise _ConnectionError(PROTOCOL_ERROR)
+        assert self._headers_span is not None  # checked by _headers_prefix
+        start, end = self._headers_span
+        self._headers_span = None
         self._block = bytearray(payload[start:end])
         self._block_stream = sid
-        self._block_end_stream = bool(flags & FLAG_END_STREAM)
-        self._block_refused = len(self._streams) >= MAX_CONCURRENT_STREAMS
-        if flags & FLAG_END_HEADERS:
-            self._end_block(now)
+        self._req = _Pending(bool(flags & FLAG_END_STREAM))
+        self._req_alive = True
+        if len(self._streams) >= MAX_CONCURRENT_STREAMS:
+            self._reset(sid, REFUSED_STREAM)  # its fields are still decoded, for HPACK
+            self._req_alive = False
+        else:
+            self._requests += 1
+        self._decode_block(final=bool(flags & FLAG_END_HEADERS))
 
-    def _end_block(self, now: float) -> None:
-        assert self._block is not None
-        block, sid = bytes(self._block), self._block_stream
-        self._block = None
-        try:
-            fields = self._decoder.decode(block, raw=True)
-        except hpack.HPACKError as exc:
-            raise _ConnectionError(COMPRESSION_ERROR) from exc
-        if self._block_refused:
-            self._queue += frame(RST_STREAM, 0, sid, struct.pack(">I", REFUSED_STREAM))
+    def _decode_block(self, *, final: bool) -> None:
+        """Decode the whole fields of the block so far and act on each, as nginx does frame
+        by frame: a request may be answered (400) or reset before a later field's bad index
+        or Huffman code (COMPRESSION_ERROR) ends the connection, or a field cut off by
+        END_HEADERS (FRAME_SIZE_ERROR). One representation per decode() call also lets a
+        table size update stand anywhere, as nginx allows (hpack wants it first)."""
+        block = self._block
+        assert block is not None
+        start = 0
+        for end in _representations(bytes(block), more=not final):
+            try:
+                fields = self._decoder.decode(bytes(block[start:end]), raw=True)
+            except hpack.HPACKError as exc:
+                raise _ConnectionError(COMPRESSION_ERROR) from exc
+            start = end
+            for name, value in fields:
+                if not name:  # "client sent zero header name length"
+                    raise _ConnectionError(PROTOCOL_ERROR)
+                if self._req_alive:
+                    self._req_alive = self._field(self._block_stream, self._req, name, value)
+        del block[:start]
+        if block and not block[0] & 0x80 and block[0] & 0xE0 != 0x20:
+            # a literal whose value is still to come: nginx looks its name up at once
+            got = _read_int(bytes(block), 0, 6 if block[0] & 0x40 else 4)
+            table = self._decoder.header_table
+            if got is not None and got[0] > table.STATIC_TABLE_LENGTH + len(
+                    table.dynamic_entries):
+                raise _ConnectionError(COMPRESSION_ERROR)
+        if not final:
             return
-        self._requests += 1
-        self._request(sid, cast(list[tuple[bytes, bytes]], fields), self._block_end_stream)
+        if block:
+            raise _ConnectionError(FRAME_SIZE_ERROR)
+        self._block = None
+        if self._req_alive:
+            self._req_alive = False
+            self._request(self._block_stream, self._req)
 
     # -- requests --------------------------------------------------------------------------
 
-    def _request(self, sid: int, fields: list[tuple[bytes, bytes]], end_stream: bool) -> None:
-        method = path = scheme = None
-        headers: dict[bytes, bytes] = {}
-        host_seen = False
-        bad = False
-        user_agent = b""
-        for name, value in fields:
-            if name.startswith(b":"):
-                if name == b":method" and method is None:
-                    method = value
-                elif name == b":path" and path is None:
-                    path = value
-                elif name == b":scheme" and scheme is None:
-                    scheme = value
-                elif name == b":authority" and not host_seen:
-                    host_seen = True
-                    bad = bad or validate_host(value) is None
-                else:
-                    bad = True  # unknown or repeated pseudo-header
-                continue
-            if any(c not in _NAME_OK for c in name) or not name:
-                if any(c <= 0x20 or c == 0x7F or 0x41 <= c <= 0x5A or c == 0x3A
-                       for c in name):
-                    self._reset(sid, PROTOCOL_ERROR)
-                    return
-                continue  # ignore_invalid_headers (e.g. an underscore): dropped
-            if any(c in b"\0\r\n" for c in value):
-                self._reset(sid, PROTOCOL_ERROR)
-                return
-            if name == b"host":
-                if host_seen or validate_host(value) is None:
-                    bad = True
-                host_seen = True
-            elif name in _UNIQUE and name in headers:
-                bad = True
-            elif name in _KEPT and name not in headers:
-                headers[name] = value
-                if name == b"user-agent":
-                    user_agent = value
-        padding = _msie_or_chrome(user_agent)
-        if (bad or method is None or path is None or scheme is None or not method
-                or any(c not in _METHOD_OK for c in method) or not scheme
-                or any(c not in _SCHEME_OK for c in scheme)
-                or not path.startswith(b"/") or any(c <= 0x20 or c == 0x7F for c in path)):
-            self._respond(sid, self._error(400, method, padding), end_stream)
+    def _request(self, sid: int, req: _Pending) -> None:
+        """All fields are in and none was refused: the checks nginx makes on a whole request
+        header, then the site's answer."""
+        status = req.final_status()
+        if status:
+            self._respond(sid, self._error(status, req), req.end_stream)
             return
-        uri = parse_complex_uri(path)
-        if uri is None or not host_seen:
-            self._respond(sid, self._error(400, method, padding), end_stream)
-            return
-        content_length = -1
-        cl = headers.get(b"content-length")
-        if cl is not None:
-            if not cl or any(c not in b"0123456789" for c in cl):
-                self._respond(sid, self._error(400, method, padding), end_stream)
-                return
-            content_length = int(cl)
-        if method in (b"TRACE", b"CONNECT"):
-            self._respond(sid, self._error(405, method, padding), end_stream)
-            return
-        if content_length > CLIENT_MAX_BODY_SIZE:
-            self._respond(sid, self._error(413, method, padding), end_stream)
-            return
-        req = Request(method, uri, 2000, headers, content_length, False, True, padding)
-        self._respond(sid, self._site.respond(req).data, end_stream)
+        assert req.method is not None and req.uri is not None
+        request = Request(req.method, req.uri, 2000, req.headers, req.content_length, False,
+                          True, req.padding)
+        self._respond(sid, self._site.respond(request).data, req.end_stream)
 
-    def _error(self, status: int, method: bytes | None, padding: bool) -> bytes:
-        return self._site.error(status, head=method == b"HEAD", msie_padding=padding)
+    def _field(self, sid: int, req: _Pending, name: bytes, value: bytes) -> bool:
+        """One header field of a live request; False once the stream is answered."""
+        pseudo = name[0] == 0x3A
+        invalid = False
+        for c in name[1:] if pseudo else name:  # ngx_http_v2_validate_header
+            if c in _NAME_OK:
+                continue
+            if c in _NAME_FATAL:
+                self._reset(sid, PROTOCOL_ERROR)
+                return False
+            invalid = True
+        if any(c in b"\0\r\n" for c in value):
+            self._reset(sid, PROTOCOL_ERROR)
+            return False
+        status = req.pseudo(name, value) if pseudo else 0 if invalid else req.header(name, value)
+        if status:
+            self._respond(sid, self._error(status, req), req.end_stream)
+            return False
+        return True
+
+    def _error(self, status: int, req: _Pending) -> bytes:
+        return self._site.error(status, head=req.method == b"HEAD", msie_padding=req.padding)
 
     def _reset(self, sid: int, code: int) -> None:
-        self._queue += frame(RST_STREAM, 0, sid, struct.pack(">I", code))
+        self._control(frame(RST_STREAM, 0, sid, struct.pack(">I", code)))
 
     def _respond(self, sid: int, http1: bytes, end_stream: bool) -> None:
         """Send the site's HTTP/1.1 answer as nginx's HTTP/2 filter would."""
@@ -660,13 +754,15 @@ class H2CoverConnection:
         self._table_update = False
         flags = FLAG_END_HEADERS | (0 if body else FLAG_END_STREAM)
         headers_frame = frame(HEADERS, flags, sid, block)
-        if self._queue:
-            # frames queued ahead of the first HEADERS go out with it, the body separately
-            self._queue += headers_frame
+        # nginx's SSL layer collects frames in its buffer and writes them out when it meets
+        # one marked "flush": control frames and DATA are, HEADERS are not. So a HEADERS
+        # frame goes out with the control frames queued before it, or else with its DATA.
+        self._queue += headers_frame
+        if self._urgent:
             self._flush()
-        else:
-            self._queue += headers_frame
-        stream = _Stream(sid, self._peer_initial_window, body, reset_after=not end_stream)
+        ctype = dict(headers).get(b"content-type", b"")
+        cuts = _multipart_cuts(body, ctype) if status == 206 else []
+        stream = _Stream(sid, self._peer_initial_window, body, cuts, reset_after=not end_stream)
         if body:
             self._streams[sid] = stream
             self._send_body(stream)
@@ -679,9 +775,11 @@ class H2CoverConnection:
 
     def _send_body(self, stream: _Stream) -> None:
         body = stream.body
-        wrote = False
         while stream.sent < len(body):
-            size = min(len(body) - stream.sent, CHUNK_SIZE, self._peer_frame_size,
+            while stream.cuts and stream.cuts[0] <= stream.sent:
+                del stream.cuts[0]
+            end = stream.cuts[0] if stream.cuts else len(body)
+            size = min(end - stream.sent, CHUNK_SIZE, self._peer_frame_size,
                        stream.window, self._send_window)
             if size <= 0:
                 break
@@ -691,23 +789,25 @@ class H2CoverConnection:
             self._send_window -= size
             last = stream.sent == len(body)
             self._queue += frame(DATA, FLAG_END_STREAM if last else 0, stream.stream_id, chunk)
-            wrote = True
-        if wrote:
-            self._flush()
+            self._flush()  # each DATA frame is flushed: one write (one TLS record)
         if stream.sent == len(body):
             self._streams.pop(stream.stream_id, None)
             self._finish(stream)
 
     def _finish(self, stream: _Stream) -> None:
-        self._flush()
         if stream.reset_after:
-            self._queue += frame(RST_STREAM, 0, stream.stream_id, struct.pack(">I", NO_ERROR))
-            self._flush()
+            # queued: it goes out with the next flushed frame or at the end of this read
+            self._reset(stream.stream_id, NO_ERROR)
         self._idle_timer_set = False  # the keepalive timer starts when the stream closes
 
     # -- output and closing ----------------------------------------------------------------
 
+    def _control(self, data: bytes) -> None:
+        self._queue += data
+        self._urgent = True
+
     def _flush(self) -> None:
+        self._urgent = False
         if self._queue:
             self._writes.append(bytes(self._queue))
             self._queue.clear()
@@ -742,6 +842,114 @@ class H2CoverConnection:
         self.close_action = action
 
 
+@dataclass
+class _Pending:
+    """What nginx knows of a request while it reads its header fields."""
+
+    end_stream: bool
+    method: bytes | None = None
+    path: bytes | None = None
+    uri: bytes | None = None
+    scheme: bytes | None = None
+    host: bool = False
+    padding: bool = False
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    content_length: int = -1
+
+    def pseudo(self, name: bytes, value: bytes) -> int:
+        """ngx_http_v2_pseudo_header: 0, or the status to answer with."""
+        if name == b":method":
+            if self.method is not None or not value or any(c not in _METHOD_OK
+                                                           for c in value):
+                return 400
+            self.method = value
+        elif name == b":path":
+            if self.path is not None or not value:
+                return 400
+            self.path = value
+            if value[0] != 0x2F or any(c <= 0x20 or c == 0x7F for c in value):
+                return 400  # ngx_http_parse_uri
+            self.uri = parse_complex_uri(value)
+            if self.uri is None:
+                return 400
+        elif name == b":scheme":
+            if (self.scheme is not None or not value or value[0] not in _ALPHA
+                    or any(c not in _SCHEME_OK for c in value)):
+                return 400
+            self.scheme = value
+        elif name == b":authority":
+            return self.header(b"host", value)  # nginx files it as a Host header
+        else:
+            return 400  # unknown pseudo-header
+        return 0
+
+    def header(self, name: bytes, value: bytes) -> int:
+        """The header handlers of ngx_http_headers_in: 0, or the status to answer with."""
+        if name == b"host":
+            if self.host or validate_host(value) is None:
+                return 400
+            self.host = True
+        elif name in _UNIQUE:
+            if name in self.headers:
+                return 400  # "client sent duplicate header line"
+            self.headers[name] = value
+        elif name in _KEPT and name not in self.headers:
+            self.headers[name] = value
+            if name == b"user-agent":
+                self.padding = _msie_or_chrome(value)
+        return 0
+
+    def final_status(self) -> int:
+        """ngx_http_v2_construct_request_line and ngx_http_process_request_header, in
+        order, then the body size limit: 0 when the site may answer."""
+        if self.method is None or self.scheme is None or self.path is None:
+            return 400
+        if not self.host:
+            return 400
+        cl = self.headers.get(b"content-length")
+        if cl is not None:
+            if not cl or any(c not in _DIGITS for c in cl) or int(cl) > _MAX_OFF_T:
+                return 400
+            self.content_length = int(cl)
+        te = self.headers.get(b"transfer-encoding")
+        if te is not None:
+            if te.lower() != b"chunked":
+                return 501
+            if cl is not None:
+                return 400
+        if self.method in (b"CONNECT", b"TRACE"):
+            return 405
+        if self.content_length > 0 and self.end_stream:
+            return 400  # "client prematurely closed stream"
+        if self.content_length > CLIENT_MAX_BODY_SIZE:
+            return 413
+        return 0
+
+
+def _multipart_cuts(body: bytes, content_type: bytes) -> list[int]:
+    """Where nginx starts a new DATA frame in a multipart/byteranges body: at the data of
+    every range after the first (the range filter's buffers reach the HTTP/2 filter in one
+    chain per range, the part header before a range riding with the previous one)."""
+    marker = b"boundary="
+    at = content_type.find(marker)
+    if not content_type.startswith(b"multipart/byteranges") or at < 0:
+        return []
+    delimiter = b"\r\n--" + content_type[at + len(marker):]
+    cuts: list[int] = []
+    p = 0
+    while body.startswith(delimiter, p) and not body.startswith(b"--", p + len(delimiter)):
+        head_end = body.find(b"\r\n\r\n", p + len(delimiter))
+        if head_end < 0:
+            break
+        head = body[p:head_end]
+        spec = head[head.rfind(b"bytes ") + 6:].split(b"/")[0].split(b"-")
+        data = head_end + 4
+        if p:
+            cuts.append(data)
+        p = data + int(spec[1]) - int(spec[0]) + 1
+    return cuts
+
+
 def _msie_or_chrome(ua: bytes) -> bool:
     """Whether nginx pads error pages for this User-Agent (its MSIE / Chrome test)."""
     msie = ua.find(b"MSIE ")
@@ -760,11 +968,11 @@ class H2CoverProtocol(asyncio.Protocol):
                  header_timeout: float = CLIENT_HEADER_TIMEOUT,
                  keepalive_timeout: float = KEEPALIVE_TIMEOUT,
                  lingering_timeout: float = LINGERING_TIMEOUT,
-                 lingering_time: float = LINGERING_TIME) -> None:
+                 lingering_time: float = LINGERING_TIME, preface_sent: bool = False) -> None:
         self._make: Callable[[float], H2CoverConnection] = lambda now: H2CoverConnection(
             site, now=now, started_at=started_at, header_timeout=header_timeout,
             keepalive_timeout=keepalive_timeout, lingering_timeout=lingering_timeout,
-            lingering_time=lingering_time)
+            lingering_time=lingering_time, preface_sent=preface_sent)
         self._conn: H2CoverConnection | None = None
         self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -778,12 +986,14 @@ class H2CoverProtocol(asyncio.Protocol):
                   header_timeout: float = CLIENT_HEADER_TIMEOUT,
                   keepalive_timeout: float = KEEPALIVE_TIMEOUT,
                   lingering_timeout: float = LINGERING_TIMEOUT,
-                  lingering_time: float = LINGERING_TIME) -> H2CoverProtocol:
+                  lingering_time: float = LINGERING_TIME,
+                  preface_sent: bool = False) -> H2CoverProtocol:
         """Become ``transport``'s protocol and handle ``initial`` as if just received; the
-        server preface goes out with the answer to ``initial`` (at once if it is empty)."""
+        server preface goes out with the answer to ``initial`` (at once if it is empty),
+        unless ``preface_sent``."""
         proto = cls(site, started_at=started_at, header_timeout=header_timeout,
                     keepalive_timeout=keepalive_timeout, lingering_timeout=lingering_timeout,
-                    lingering_time=lingering_time)
+                    lingering_time=lingering_time, preface_sent=preface_sent)
         transport.set_protocol(proto)
         proto._attach(transport, initial)
         return proto

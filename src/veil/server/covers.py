@@ -23,7 +23,15 @@ from urllib.parse import urlsplit
 from veil.errors import ConfigError
 from veil.net.direct import DirectDialer
 from veil.protocol.address import Address
-from veil.server.cover import CoverMode, CoverProtocol, CoverSite
+from veil.server.cover import (
+    KEEPALIVE_TIMEOUT,
+    LINGERING_TIME,
+    LINGERING_TIMEOUT,
+    CoverMode,
+    CoverProtocol,
+    CoverSite,
+)
+from veil.server.cover_h2 import H2CoverProtocol
 
 # nginx's client_header_timeout default.
 NGINX_HEADER_TIMEOUT_S = 60.0
@@ -31,6 +39,9 @@ NGINX_HEADER_TIMEOUT_S = 60.0
 
 class Cover(abc.ABC):
     """Serves connections the gate did not accept."""
+
+    #: ALPN protocols the server may offer for this cover (it must speak each of them).
+    alpn_protocols: tuple[str, ...] = ("http/1.1",)
 
     #: Seconds a connection may stay silent before the cover closes it.
     header_timeout: float = NGINX_HEADER_TIMEOUT_S
@@ -61,17 +72,49 @@ class Cover(abc.ABC):
 
 
 class BuiltinCover(Cover):
-    def __init__(self, site: CoverSite | None = None) -> None:
+    """The built-in site (:mod:`veil.server.cover`), over HTTP/1.1 or, when the client
+    negotiated it by ALPN, HTTP/2 (:mod:`veil.server.cover_h2`), as nginx with ``http2`` on.
+
+    The timeouts are nginx's defaults; tests shorten them (and nginx's) to compare both.
+    """
+
+    #: ALPN protocols this cover can speak, the server's preference first.
+    alpn_protocols: tuple[str, ...] = ("h2", "http/1.1")
+
+    def __init__(self, site: CoverSite | None = None, *,
+                 header_timeout: float = NGINX_HEADER_TIMEOUT_S,
+                 keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+                 lingering_timeout: float = LINGERING_TIMEOUT,
+                 lingering_time: float = LINGERING_TIME) -> None:
         self.site = site or CoverSite.builtin()
+        self.header_timeout = header_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.lingering_timeout = lingering_timeout
+        self.lingering_time = lingering_time
 
     async def serve_plain(self, sock: socket.socket, started_at: float) -> None:
         loop = asyncio.get_running_loop()
         await loop.connect_accepted_socket(
             lambda: CoverProtocol(self.site, mode=CoverMode.PLAIN_ON_TLS_PORT,
-                                  started_at=started_at), sock)
+                                  started_at=started_at, header_timeout=self.header_timeout,
+                                  keepalive_timeout=self.keepalive_timeout,
+                                  lingering_timeout=self.lingering_timeout,
+                                  lingering_time=self.lingering_time), sock)
 
     def serve_tls(self, transport: asyncio.Transport, initial: bytes, started_at: float) -> None:
-        CoverProtocol.take_over(transport, initial, self.site, started_at=started_at)
+        take_over = (H2CoverProtocol.take_over if negotiated_alpn(transport) == "h2"
+                     else CoverProtocol.take_over)
+        take_over(transport, initial, self.site, started_at=started_at,
+                  header_timeout=self.header_timeout, keepalive_timeout=self.keepalive_timeout,
+                  lingering_timeout=self.lingering_timeout, lingering_time=self.lingering_time)
+
+
+def negotiated_alpn(transport: asyncio.BaseTransport) -> str | None:
+    """The ALPN protocol of a TLS transport (None without TLS or without ALPN)."""
+    sslobj = transport.get_extra_info("ssl_object")
+    if sslobj is None:
+        return None
+    return cast(str | None, sslobj.selected_alpn_protocol())
 
 
 class UrlCover(Cover):

@@ -47,6 +47,12 @@ DEFAULT_HANDSHAKE_TIMEOUT_S = 60.0
 CREDENTIAL_CACHE_SIZE = 4096
 
 
+# Connections the gate handles at once before they are a tunnel or the cover's (accepted, in
+# the first-byte wait or the TLS handshake). nginx's equivalent is worker_connections; past
+# it nginx drops new connections, and so does the gate, so that a flood of half-open
+# connections costs memory and descriptors up to this bound and no further.
+DEFAULT_MAX_PENDING = 8192
+
 # A way in may hold a connection back for more bytes only up to this much (a Trojan request
 # is at most 320 bytes); past it, the cover gets the connection.
 MAX_WAIT_BYTES = 4096
@@ -61,6 +67,7 @@ class GateStats:
     cover_foreign_sni: int = 0
     tls_failed: int = 0
     silent: int = 0
+    dropped: int = 0  # over max_pending
     rejected: dict[str, int] | None = None
     accepted: dict[str, int] = field(default_factory=dict)  # by way in
 
@@ -182,8 +189,10 @@ class Gate:
     def __init__(self, *, ssl_context: ssl.SSLContext, cover: Cover,
                  ways_in: Sequence[WayIn],
                  own_names: frozenset[str] = frozenset(),
-                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT_S) -> None:
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
+                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self.ssl_context = ssl_context
+        self.max_pending = max_pending
         self.cover = cover
         self.ways_in = tuple(ways_in)
         self.own_names = own_names
@@ -200,6 +209,10 @@ class Gate:
             except OSError as exc:  # e.g. EMFILE: back off instead of spinning
                 log.warning("accept failed: %s", exc)
                 await asyncio.sleep(0.1)
+                continue
+            if len(self._tasks) >= self.max_pending:
+                self.stats.dropped += 1
+                sock.close()
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -19,11 +19,15 @@ last snapshot stays in force (fail static) and unwritten usage is kept for the n
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import gc
 import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from veil.errors import StoreError
 from veil.store.base import Usage, User, UserStore, period_start
@@ -33,6 +37,25 @@ log = logging.getLogger("veil.server")
 #: The issue asks for changes to take effect within one second; half of it leaves room for
 #: the store round trip and the close.
 REFRESH_INTERVAL_S = 0.5
+#: Sessions (veil sessions and Trojan connections) one user may hold at once: a client with
+#: a pool of 16, a phone's Trojan app with its parallel connections, and a laptop fit.
+DEFAULT_MAX_SESSIONS_PER_USER = 64
+#: Sessions the whole server holds at once; past it, valid keys get the cover like strangers
+#: until some end (each session costs ~100 KiB plus its streams' buffers).
+DEFAULT_MAX_SESSIONS = 10_000
+#: Trim the allocator once connections + streams fell this far below their peak.
+TRIM_AFTER_DROP = 1000
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return cast(Callable[[int], int], libc.malloc_trim)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to ask
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +142,13 @@ class Live:
     def __init__(self, open_store: Callable[[], UserStore], *,
                  trojan_hash: Callable[[bytes], str],
                  interval: float = REFRESH_INTERVAL_S,
+                 max_sessions_per_user: int = DEFAULT_MAX_SESSIONS_PER_USER,
+                 max_sessions: int = DEFAULT_MAX_SESSIONS,
                  clock: Callable[[], float] = time.time) -> None:
+        self.max_sessions_per_user = max_sessions_per_user
+        self.max_sessions = max_sessions
+        self._per_user: dict[str, int] = {}
+        self._peak = 0
         self._open_store = open_store
         self._trojan_hash = trojan_hash
         self._trojan_hashes: dict[bytes, str] = {}  # key id -> hash: SHA-224 once per user
@@ -173,7 +202,13 @@ class Live:
         return self.directory.find_by_trojan_hash(password_hash)
 
     def refusal(self, user: User) -> str | None:
-        return self.directory.refusal(user)
+        if (reason := self.directory.refusal(user)) is not None:
+            return reason
+        if self._per_user.get(user.name, 0) >= self.max_sessions_per_user:
+            return "too_many_sessions"
+        if len(self.connections) >= self.max_sessions:
+            return "server_full"
+        return None
 
     # ------------------------------------------------------------------ connections
     def register(self, user: User, way_in: str, transport: asyncio.BaseTransport,
@@ -182,11 +217,21 @@ class Live:
         conn = LiveConnection(next(self._ids), user, way_in, transport, close, streams,
                               self._clock())
         self.connections[conn.id] = conn
+        self._per_user[user.name] = self._per_user.get(user.name, 0) + 1
         return conn
 
     def unregister(self, conn: LiveConnection) -> None:
         if self.connections.pop(conn.id, None) is not None:
-            self._count(conn)
+            self._forget(conn)
+
+    def _forget(self, conn: LiveConnection) -> None:
+        self._count(conn)
+        name = conn.user.name
+        left = self._per_user.get(name, 1) - 1
+        if left:
+            self._per_user[name] = left
+        else:
+            self._per_user.pop(name, None)
 
     def _count(self, conn: LiveConnection) -> None:
         delta = conn.take_delta()
@@ -215,6 +260,7 @@ class Live:
                 return
             self.directory = self._snapshot(users, usage, now)
             self._enforce()
+            self._release_memory()
 
     async def _flush_usage(self, now: float) -> None:
         if not self._pending or self._store is None:
@@ -245,6 +291,26 @@ class Live:
         self._trojan_hashes = {u.key_id: h for h, u in directory.by_trojan_hash.items()}
         return directory
 
+    def _release_memory(self) -> None:
+        """Give memory back to the system after a load peak has passed.
+
+        A peak of thousands of streams leaves the C allocator holding the freed memory (a
+        server that had 10,000 streams kept ~140 MiB more than idle); glibc returns it only
+        when asked. Asking costs a few milliseconds, so only when the load has dropped
+        well below the last peak."""
+        count = len(self.connections) + self._streams_now()
+        self._peak = max(self._peak, count)
+        if self._peak - count >= TRIM_AFTER_DROP:
+            # Sessions, drivers and relays refer to each other: without allocation pressure
+            # the cycle collector may not run for a long time after the load is gone.
+            gc.collect()
+            if _malloc_trim is not None:
+                _malloc_trim(0)
+            self._peak = count
+
+    def _streams_now(self) -> int:
+        return sum(conn.streams for conn in self.connections.values())
+
     def _enforce(self) -> None:
         directory = self.directory
         for conn in list(self.connections.values()):
@@ -257,7 +323,7 @@ class Live:
             if reason:
                 log.info("closing a connection of user %s: %s", conn.user.name, reason)
                 self.connections.pop(conn.id, None)
-                self._count(conn)
+                self._forget(conn)
                 conn.close(reason)
 
 

@@ -16,13 +16,18 @@ from typing import TYPE_CHECKING
 from veil.net.driver import SessionDriver
 from veil.protocol.address import Address
 from veil.protocol.events import StreamOpened
-from veil.protocol.frames import CloseCode, ResetCode, StreamKind
+from veil.protocol.frames import SERVER_FIRST_PADDING, CloseCode, ResetCode, StreamKind
 from veil.protocol.session import Session, SessionConfig
 from veil.protocol.shaping import NO_SHAPING
 from veil.protocol.trojan import TrojanRequest, password_hash_for_secret
 from veil.server.covers import Cover, make_cover
 from veil.server.gate import Authenticator, Gate, VeilWayIn
-from veil.server.live import Live, LiveConnection
+from veil.server.live import (
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_MAX_SESSIONS_PER_USER,
+    Live,
+    LiveConnection,
+)
 from veil.server.outbound import Outbound
 from veil.server.policy import DestinationPolicy
 from veil.server.state import ServerState, load_state
@@ -40,7 +45,6 @@ log = logging.getLogger("veil.server")
 SERVER_SESSION_CONFIG = SessionConfig(keepalive_interval=60.0, keepalive_timeout=30.0)
 # The first frame after acceptance is PADDING of a random length in this range, so that the
 # server's first record is not of one fixed size.
-FIRST_PADDING_RANGE = (64, 512)
 # How long shutdown waits for sessions to close after saying CLOSE.
 SHUTDOWN_GRACE_S = 2.0
 LISTEN_BACKLOG = 1024
@@ -53,6 +57,8 @@ class ServerOptions:
     allow_private: bool = False
     handshake_timeout: float = 60.0
     shaping: bool = True
+    max_sessions_per_user: int = DEFAULT_MAX_SESSIONS_PER_USER
+    max_sessions: int = DEFAULT_MAX_SESSIONS
     #: Full-device tunnels (``--tun``): IP streams get addresses from these pools (Linux).
     tun: bool = False
     pool: str | None = None
@@ -82,11 +88,13 @@ class VeilServer:
         self.state = state
         self.options = options
         self.started_at = time.time()
-        # The loop's own store, for the CLI-like changes the admin panel makes; the live view
-        # opens a second one that it uses from a worker thread.
+        # User management for in-process callers (tests, embedding); the admin panel and the
+        # live view each open their own store and use it from a worker thread.
         self.store = state.open_store()
         self.users = UserManager(state, self.store)
-        self.live = Live(state.open_store, trojan_hash=password_hash_for_secret)
+        self.live = Live(state.open_store, trojan_hash=password_hash_for_secret,
+                         max_sessions_per_user=options.max_sessions_per_user,
+                         max_sessions=options.max_sessions)
         self.cover = cover or make_cover(options.cover_url)
         policy = DestinationPolicy(options.allow_private)
         self.outbound = Outbound(policy)
@@ -146,7 +154,7 @@ class VeilServer:
             close=lambda reason: driver.close(CloseCode.REVOKED, reason),
             streams=lambda: len(driver.handlers))
         log.info("session started for user %s", user.name)
-        low, high = FIRST_PADDING_RANGE
+        low, high = SERVER_FIRST_PADDING
         session.send_padding(low + int.from_bytes(os.urandom(2), "big") % (high - low))
         transport.set_protocol(driver)
         driver.connection_made(transport)

@@ -102,7 +102,8 @@ class AddressPool:
         self.last = size  # highest usable index
         self._used: set[int] = set()
         self._next = 2
-        self._preferred: dict[str, int] = {}
+        self._preferred: dict[str, int] = {}  # user -> the index it had last
+        self._owner: dict[int, str] = {}  # and back
 
     def server(self) -> tuple[ipaddress.IPv4Interface, ipaddress.IPv6Interface | None]:
         return self.interfaces(1)
@@ -123,23 +124,28 @@ class AddressPool:
         if preferred is not None and preferred not in self._used:
             self._used.add(preferred)
             return preferred
+        index = self._next_free(remembered_ok=False) or self._next_free(remembered_ok=True)
+        if index is None:
+            return None
+        owner = self._owner.pop(index, None)
+        if owner is not None:
+            del self._preferred[owner]  # its user had not come back: the address is reused
+        if preferred is not None:
+            del self._owner[preferred]
+        self._used.add(index)
+        self._preferred[user] = index
+        self._owner[index] = user
+        return index
+
+    def _next_free(self, *, remembered_ok: bool) -> int | None:
+        # Round robin from after the last allocation: a released address is not handed to
+        # somebody else at once, so packets still in flight to it do not reach a stranger.
         for _ in range(self.last - 1):
             index = self._next
             self._next = 2 if index >= self.last else index + 1
-            if index not in self._used and index not in self._preferred.values():
-                break
-        else:
-            # Every index is in use or remembered for a user: take one only remembered.
-            free = [i for i in range(2, self.last + 1) if i not in self._used]
-            if not free:
-                return None
-            index = free[0]
-            for name, value in list(self._preferred.items()):
-                if value == index:
-                    del self._preferred[name]
-        self._used.add(index)
-        self._preferred[user] = index
-        return index
+            if index not in self._used and (remembered_ok or index not in self._owner):
+                return index
+        return None
 
     def release(self, index: int) -> None:
         self._used.discard(index)

@@ -34,6 +34,9 @@ _RECORD = 16 * 1024
 _BATCH = 256 * 1024
 # The socket is read into one reusable buffer too; OpenSSL copies it into its BIO at once.
 _CIPHER_READ = 256 * 1024
+# Where every connection starts (see _TlsCarrier.__init__); one full read or batch grows it.
+_SMALL_READ = 16 * 1024
+_SMALL_BATCH = 16 * 1024
 _AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
@@ -56,8 +59,10 @@ class _TlsCarrier(asyncio.BufferedProtocol):
         self.raw: asyncio.Transport | None = None
         self.app_transport: TlsTransport | None = None
         self.handshake: asyncio.Future[TlsTransport] = asyncio.get_running_loop().create_future()
-        self._plain = memoryview(bytearray(_BATCH + _RECORD))
-        self._cipher = memoryview(bytearray(_CIPHER_READ))
+        # Small until the connection moves bulk data: a server holds thousands of idle or
+        # probing connections, and 512 KiB each would be most of its memory.
+        self._plain = memoryview(bytearray(_SMALL_BATCH + _RECORD))
+        self._cipher = memoryview(bytearray(_SMALL_READ))
         self.closing = False
         self._app_eof = False
         # Application bytes in each direction, read by the server's usage accounting
@@ -75,6 +80,8 @@ class _TlsCarrier(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._incoming.write(self._cipher[:nbytes])
+        if nbytes == len(self._cipher) < _CIPHER_READ:
+            self._cipher = memoryview(bytearray(_CIPHER_READ))  # a full read: bulk data
         if self.app is None:
             self._handshake_step()
             if self.app is None:
@@ -160,9 +167,18 @@ class _TlsCarrier(asyncio.BufferedProtocol):
                 self.closing = True
                 break
             if not count:
+                # With a buffer, read() reports the peer's close_notify as 0, not as
+                # SSLZeroReturnError: it is an EOF all the same.
+                eof = True
                 break
             filled += count
-            if filled >= _BATCH:
+            if filled + _RECORD > len(plain):
+                if len(plain) < _BATCH + _RECORD:
+                    # Bulk data: deliver what we have, then batch in the big buffer.
+                    self._deliver(filled)
+                    filled = 0
+                    plain = self._plain = memoryview(bytearray(_BATCH + _RECORD))
+                    continue
                 self._deliver(filled)
                 filled = 0
         if filled:

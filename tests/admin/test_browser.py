@@ -1,0 +1,140 @@
+"""The panel in a real browser (Debian's Chromium, headless, driven by Playwright): log in, add
+a user, see its QR code, connect a real veil client with its key, watch the session, revoke
+the user and watch the session vanish. A screenshot of each page is kept in
+test-artifacts/admin/."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.admin.conftest import PASSWORD, Harness
+from tests.support import procs
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "admin"
+# The lead's live revocation closes sessions within 1 s; the page is reloaded until then.
+VANISH_WITHIN_S = 5.0
+
+if not CHROMIUM.exists():
+    pytest.skip("Chromium is not installed at /usr/bin/chromium (apt-get install chromium; "
+                "scripts/install-deps installs it)", allow_module_level=True)
+
+from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                             args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def shot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_add_user_see_qr_connect_revoke_and_watch_the_session_vanish(
+        harness: Harness, browser: Browser, module_dir: Path,
+        tcp_echo: procs.TcpEcho) -> None:
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    page.set_default_timeout(10_000)
+    base = harness.admin.url
+
+    page.goto(f"{base}/users")
+    expect(page).to_have_url(f"{base}/login")
+    shot(page, "1-login")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button:has-text('Log in')")
+    expect(page).to_have_url(f"{base}/users")
+    expect(page.locator("#users tr[data-user=alice]")).to_be_visible()
+    shot(page, "2-users")
+
+    page.fill("#add-user input[name=name]", "erin")
+    page.fill("#add-user input[name=limit]", "50GB/month")
+    page.click("#add-user button")
+    expect(page).to_have_url(f"{base}/users/erin?done=added")
+    qr = page.locator("#access-key .qr svg")
+    expect(qr).to_be_visible()
+    assert qr.bounding_box() is not None and qr.bounding_box()["width"] > 100  # type: ignore[index]
+    key = page.locator("#access-key code.key").inner_text().strip()
+    assert key.startswith("veil://")
+    assert "key" not in page.url and key not in page.url
+    shot(page, "3-user-added")
+
+    # A real client with the key shown on the page; the server picks the user up within a
+    # refresh interval.
+    wait_until(lambda: "erin" in harness.server.live.directory.by_name)
+    port = procs.free_port()
+    client = procs.start_veil_client(module_dir, key, socks=False,
+                                     forwards=[f"{port}:127.0.0.1:{tcp_echo.port}"])
+    tunnelled: socket.socket | None = None
+    try:
+        tunnelled = socket.create_connection(("127.0.0.1", port), timeout=10)
+        tunnelled.sendall(b"y" * 200_000)
+        got = 0
+        while got < 200_000:
+            got += len(tunnelled.recv(65536))
+
+        page.goto(f"{base}/sessions")
+        row = page.locator("#sessions tr[data-user=erin]")
+        expect(row).to_be_visible()
+        expect(row).to_contain_text("veil")
+        shot(page, "4-sessions")
+
+        wait_until(lambda: "erin" in harness.server.live.user_bytes)
+        time.sleep(0.6)  # one refresh: the usage is in the store, so on the chart
+        page.goto(f"{base}/traffic")
+        expect(page.locator("svg.chart polyline")).to_have_count(1)
+        expect(page.locator("#traffic")).to_contain_text("erin")
+        shot(page, "5-traffic")
+
+        page.goto(f"{base}/health")
+        expect(page.locator("#health")).to_contain_text("veil 0.")
+        expect(page.locator("#health")).to_contain_text("Certificate expires")
+        shot(page, "6-health")
+
+        page.goto(f"{base}/users/erin")
+        expect(page.locator("svg.chart")).to_be_visible()
+        page.click("button[data-action=revoke]")
+        expect(page).to_have_url(f"{base}/users/erin?done=revoked")
+        expect(page.locator("dd.status-revoked")).to_have_text("revoked")
+        expect(page.locator("#access-key")).to_have_count(0)  # a dead key is not shown
+        shot(page, "7-user-revoked")
+
+        started = time.monotonic()
+        page.goto(f"{base}/sessions")
+        while page.locator("#sessions tr[data-user=erin]").count():
+            assert time.monotonic() - started < VANISH_WITHIN_S, "the session outlived revoke"
+            time.sleep(0.2)
+            page.reload()
+        expect(page.locator("#sessions")).to_contain_text("Nobody is connected")
+        shot(page, "8-sessions-after-revoke")
+        # And the tunnelled connection is really gone.
+        tunnelled.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            assert tunnelled.recv(1) == b""
+    finally:
+        if tunnelled is not None:
+            tunnelled.close()
+        procs.stop(client.proc)
+    page.close()

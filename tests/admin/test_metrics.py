@@ -1,0 +1,155 @@
+"""``/metrics`` of a real server: a real veil client's traffic, a probe, the naming rules, and
+the token required when the listener is not loopback-only."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.admin.conftest import Client, Harness, bearer, plain_http_probe
+from tests.admin.openapi import Spec
+from tests.support import procs
+from veil.admin.app import make_admin_app
+from veil.admin.metrics import certificate_not_after
+
+Samples = list[tuple[str, dict[str, str], float]]
+
+
+def scrape(client: Client, headers: dict[str, str] | None = None) -> Samples:
+    reply = client.get("/metrics", headers=headers)
+    assert reply.status == 200, reply.text
+    assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return [(s.name, s.labels, s.value)
+            for family in text_string_to_metric_families(reply.text) for s in family.samples]
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(v for n, lab, v in samples if n == name and labels.items() <= lab.items())
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_metric_names_follow_prometheus_conventions(harness: Harness) -> None:
+    reply = harness.client().get("/metrics")
+    families = list(text_string_to_metric_families(reply.text))
+    veil = [f for f in families if f.name.startswith("veil_")]
+    names = {f.name for f in veil}
+    assert {"veil_build_info", "veil_start_time_seconds", "veil_sessions_active",
+            "veil_streams_active", "veil_user_bytes", "veil_handshakes_accepted",
+            "veil_cover_connections", "veil_tls_handshake_failures", "veil_probes",
+            "veil_users", "veil_certificate_expiry_timestamp_seconds"} <= names
+    for family in veil:
+        assert re.fullmatch(r"veil_[a-z0-9_]+", family.name), family.name
+        for sample in family.samples:
+            if family.type == "counter":
+                assert sample.name.endswith("_total"), sample.name
+            else:
+                assert not sample.name.endswith("_total"), sample.name
+            # Base units only: no milliseconds, kilobytes, minutes...
+            assert not re.search(r"_(milli|micro|kilo|mega)|_(ms|kb|mb|minutes|hours)(_|$)",
+                                 sample.name), sample.name
+    samples = scrape(harness.client())
+    assert total(samples, "veil_build_info", version=_version()) == 1
+    assert total(samples, "veil_start_time_seconds") == pytest.approx(harness.server.started_at)
+    assert total(samples, "veil_certificate_expiry_timestamp_seconds") == pytest.approx(
+        certificate_not_after(harness.state.cert_path))
+    # Users come from the server's snapshot of the store, refreshed twice a second.
+    wait_for(lambda: total(scrape(harness.client()), "veil_users", status="active") >= 1)
+
+
+def _version() -> str:
+    from veil import __version__
+
+    return __version__
+
+
+def test_a_tunnel_counts_bytes_per_user_and_sessions(harness: Harness, module_dir: Path,
+                                                     tcp_echo: procs.TcpEcho) -> None:
+    admin = harness.client()
+    before = scrape(admin)
+    assert total(before, "veil_sessions_active") == 0
+    port = procs.free_port()
+    client = procs.start_veil_client(module_dir, harness.first_key, socks=False,
+                                     forwards=[f"{port}:127.0.0.1:{tcp_echo.port}"])
+    try:
+        payload = b"x" * 100_000
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                got += sock.recv(65536)
+
+            def counted() -> bool:
+                s = scrape(admin)
+                return (total(s, "veil_user_bytes_total", user="alice", direction="up")
+                        >= len(payload)
+                        and total(s, "veil_user_bytes_total", user="alice", direction="down")
+                        >= len(payload))
+
+            wait_for(counted)
+            during = scrape(admin)
+            assert total(during, "veil_sessions_active") == 1
+            assert total(during, "veil_sessions_active", way_in="veil") == 1
+            assert total(during, "veil_streams_active") >= 1
+            assert total(during, "veil_handshakes_accepted_total", way_in="veil") >= 1
+            sessions = Spec().check("/api/sessions", "get",
+                                    admin.get("/api/sessions", headers=bearer(harness.token)))
+            [session] = sessions["sessions"]
+            assert session["user"] == "alice" and session["way_in"] == "veil"
+            assert session["bytes_up"] >= len(payload)
+            assert session["streams"] >= 1
+    finally:
+        procs.stop(client.proc)
+    wait_for(lambda: total(scrape(admin), "veil_sessions_active") == 0)
+    # Counted bytes survive the session: counters never go down.
+    after = scrape(admin)
+    assert total(after, "veil_user_bytes_total", user="alice") >= 2 * len(payload)
+
+
+def test_a_probe_counts_as_a_cover_connection(harness: Harness) -> None:
+    admin = harness.client()
+    before = scrape(admin)
+    answer = plain_http_probe(harness.server.address.port)
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request")  # nginx's answer, from the cover
+    after = scrape(admin)
+    assert (total(after, "veil_cover_connections_total", reason="plain_text")
+            == total(before, "veil_cover_connections_total", reason="plain_text") + 1)
+    assert total(after, "veil_probes_total") == total(before, "veil_probes_total") + 1
+    assert total(after, "veil_handshakes_accepted_total") == total(
+        before, "veil_handshakes_accepted_total")
+
+
+def test_metrics_need_the_token_unless_open(harness: Harness) -> None:
+    async def start() -> web.AppRunner:
+        runner = web.AppRunner(make_admin_app(harness.server, metrics_open=False))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner
+
+    runner = harness.run(start())
+    try:
+        client = Client(int(runner.addresses[0][1]))
+        reply = client.get("/metrics")
+        assert reply.status == 401
+        assert reply.headers["WWW-Authenticate"] == "Bearer"
+        assert reply.json()["error"] == "unauthorized"
+        assert b"veil_" not in reply.body
+        assert client.get("/metrics", headers=bearer("veil_admin_guess")).status == 401
+        assert total(scrape(client, bearer(harness.token)), "veil_build_info") == 1
+    finally:
+        harness.run(runner.cleanup())
+    # The loopback panel of the same server serves them without credentials.
+    assert harness.client().get("/metrics").status == 200

@@ -1,0 +1,145 @@
+"""The HTTP/2 cover, sans-IO: the h2 library's client on one end, H2CoverConnection on the
+other, bytes passed by hand (the real-nginx comparison is tests/integration/
+test_cover_h2_vs_nginx.py)."""
+
+from __future__ import annotations
+
+import importlib.resources
+import struct
+from typing import Any
+
+import pytest
+
+h2_connection = pytest.importorskip("h2.connection")
+import h2.config  # noqa: E402
+import h2.events  # noqa: E402
+import h2.settings  # noqa: E402
+import hpack  # noqa: E402
+
+from veil.server.cover import CoverSite  # noqa: E402
+from veil.server.cover_h2 import (  # noqa: E402
+    SERVER_PREFACE,
+    H2CloseAction,
+    H2CoverConnection,
+    encode_response_headers,
+)
+
+SITE = CoverSite.builtin()
+INDEX = (importlib.resources.files("veil.server") / "site" / "index.html").read_bytes()
+
+
+class Pair:
+    """An h2 client and the cover, joined in memory."""
+
+    def __init__(self, settings: dict[Any, int] | None = None) -> None:
+        self.client = h2_connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.client.initiate_connection()
+        if settings:
+            self.client.update_settings(settings)
+        self.now = 100.0
+        self.cover = H2CoverConnection(SITE, now=self.now, header_timeout=60,
+                                       keepalive_timeout=75)
+        self.writes: list[bytes] = []
+
+    def pump(self) -> list[Any]:
+        data = self.client.data_to_send()
+        if data:
+            self.cover.receive_data(data, self.now)
+        events: list[Any] = []
+        for chunk in self.cover.writes():
+            self.writes.append(chunk)
+            events += self.client.receive_data(chunk)
+        return events
+
+
+def request(pair: Pair, path: str = "/", method: str = "GET") -> int:
+    sid: int = pair.client.get_next_available_stream_id()
+    pair.client.send_headers(sid, [(":method", method), (":path", path),
+                                   (":scheme", "https"), (":authority", "example.com")],
+                             end_stream=True)
+    return sid
+
+
+def test_get_root_over_h2() -> None:
+    pair = Pair()
+    request(pair)
+    events = pair.pump()
+    response = next(e for e in events if isinstance(e, h2.events.ResponseReceived))
+    headers = [(bytes(n), bytes(v)) for n, v in response.headers]
+    assert [n for n, _ in headers] == [b":status", b"server", b"date", b"content-type",
+                                       b"content-length", b"last-modified", b"etag",
+                                       b"accept-ranges"]
+    assert headers[1] == (b"server", b"nginx/1.22.1")
+    body = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+    assert body == INDEX
+    assert any(isinstance(e, h2.events.StreamEnded) for e in events)
+    # nginx's record boundaries: preface, ACK and HEADERS together; the body on its own
+    assert pair.writes[0].startswith(SERVER_PREFACE)
+    assert pair.writes[1][3] == 0 and len(pair.writes) == 2
+
+
+def test_missing_page_and_method_not_allowed() -> None:
+    pair = Pair()
+    request(pair, "/missing")
+    request(pair, "/", "PUT")
+    statuses = [dict(e.headers)[b":status"] for e in pair.pump()
+                if isinstance(e, h2.events.ResponseReceived)]
+    assert statuses == [b"404", b"405"]
+
+
+def test_bad_preface_gets_goaway_and_lingering_close() -> None:
+    cover = H2CoverConnection(SITE, now=0.0)
+    cover.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 1.0)
+    out = b"".join(cover.writes())
+    assert out == SERVER_PREFACE + bytes.fromhex("000008070000000000") + struct.pack(">II", 0, 1)
+    assert cover.close_action is H2CloseAction.LINGER
+    assert cover.get_timer() == 6.0  # lingering_timeout after the last read
+
+
+def test_idle_timeouts() -> None:
+    cover = H2CoverConnection(SITE, now=0.0, started_at=-1.0, header_timeout=2,
+                              keepalive_timeout=3)
+    assert cover.get_timer() == 1.0  # client_header_timeout counts from the accept
+    cover.receive_data(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000"),
+                       0.5)
+    assert cover.get_timer() == 1.0  # a SETTINGS frame does not reset it
+    cover.writes()
+    cover.handle_timer(1.0)
+    assert cover.writes() == [bytes.fromhex("000008070000000000") + bytes(8)]
+    assert cover.close_action is H2CloseAction.QUIET
+
+
+def test_keepalive_timer_after_a_request() -> None:
+    pair = Pair()
+    request(pair)
+    pair.pump()
+    assert pair.cover.get_timer() == pair.now + 75
+
+
+def test_flow_control_holds_the_body() -> None:
+    pair = Pair({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 256})
+    sid = request(pair)
+    events = pair.pump()
+    got = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+    assert got == INDEX[:256]
+    pair.client.increment_flow_control_window(100000, stream_id=sid)
+    events = pair.pump()
+    got += b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+    assert got == INDEX
+
+
+def test_response_headers_encoding_as_nginx() -> None:
+    block = encode_response_headers(200, [(b"server", b"nginx/1.22.1"),
+                                          (b"content-length", b"24")], table_update=True)
+    assert block == bytes.fromhex("20887689aa6355e580ae212e1f5c023234")
+    assert hpack.Decoder().decode(block, raw=True) == [
+        (b":status", b"200"), (b"server", b"nginx/1.22.1"), (b"content-length", b"24")]
+    assert encode_response_headers(405, [], table_update=False) == b"\x48\x03405"
+
+
+def test_preface_already_sent() -> None:
+    """A gate that wrote SERVER_PREFACE right after the handshake (as nginx does) says so."""
+    cover = H2CoverConnection(SITE, now=0.0, preface_sent=True)
+    cover.receive_data(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000"),
+                       0.1)
+    assert cover.writes() == [bytes.fromhex("000000040100000000")]  # the SETTINGS ACK only
