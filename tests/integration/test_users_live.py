@@ -4,6 +4,7 @@ limits cut transfers; usage survives kill -9 within the documented bound."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.slow
 CUT_WITHIN_S = 1.0
 
 
-def veil_user(server: VeilServer, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def veil_user(server: VeilServer, *args: str,
+              check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*VEIL, "user", *args, "--state", str(server.state)],
                           capture_output=True, text=True, check=check, timeout=30)
 
@@ -239,3 +241,35 @@ def test_user_commands_explain_bad_input(veil_server: VeilServer) -> None:
     assert table[0].split() == ["NAME", "CREATED", "USED", "LIMIT", "LAST", "SEEN", "STATUS"]
     shown = json.loads(veil_user(veil_server, "show", "default", "--json").stdout)
     assert shown["name"] == "default" and shown["key"].startswith("veil://")
+
+
+def test_user_rate_limit_holds_each_direction(tmp_path: Path, echo: TcpEcho) -> None:
+    """--max-user-rate 16Mbit (2 MB/s): 6 MB echoed (6 MB up, 6 MB down, at once) cannot take
+    less than ~2.75 s (the first 0.5 MB of each direction is the bucket's burst)."""
+    server = procs.start_veil_server(tmp_path, "--max-user-rate", "16Mbit")
+    try:
+        client, port = forward_client(tmp_path, server.key, echo)
+        try:
+            size = 6_000_000
+            payload = os.urandom(size)
+            start = time.monotonic()
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sender = threading.Thread(target=sock.sendall, args=(payload,))
+                sender.start()
+                got = bytearray()
+                while len(got) < size:
+                    chunk = sock.recv(1 << 20)
+                    assert chunk
+                    got += chunk
+                sender.join()
+            elapsed = time.monotonic() - start
+            assert bytes(got) == payload
+            assert elapsed >= (size - 500_000) / 2_000_000
+        finally:
+            procs.stop(client.proc)
+    finally:
+        procs.stop(server.proc)
+    bad = subprocess.run([*VEIL, "serve", "--state", str(tmp_path / "x"), "--listen",
+                          "127.0.0.1:1", "--max-user-rate", "fast"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "bad rate 'fast'" in bad.stderr

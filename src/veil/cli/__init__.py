@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "hold at once; more get the cover site (default 64)")
     serve.add_argument("--max-sessions", type=int, default=10_000, metavar="N",
                        help="sessions the server holds at once (default 10000)")
+    serve.add_argument("--max-user-rate", metavar="RATE",
+                       help="bandwidth one user may use in each direction, over all their "
+                            "sessions: e.g. 100Mbit or 20MB (per second; default unlimited)")
     serve.add_argument("--db", metavar="URL", default=os.environ.get("VEIL_DB"),
                        help="keep users in PostgreSQL (postgresql://USER:PASSWORD@HOST/DB) "
                             "instead of DIR/users.db, so several servers share them; "
@@ -297,7 +300,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.max_sessions_per_user < 1 or args.max_sessions < 1:
         raise ConfigError("--max-sessions and --max-sessions-per-user take a number >= 1")
     _raise_open_file_limit()
-    options = ServerOptions(listen=args.listen, cover_url=args.cover,
+    from veil.server.users import parse_rate
+
+    user_rate = parse_rate(args.max_user_rate) if args.max_user_rate else None
+    options = ServerOptions(user_rate=user_rate, listen=args.listen, cover_url=args.cover,
                             allow_private=args.allow_private, shaping=args.shaping,
                             max_sessions_per_user=args.max_sessions_per_user,
                             max_sessions=args.max_sessions,

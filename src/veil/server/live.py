@@ -27,10 +27,11 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast, runtime_checkable
 
 from veil.errors import StoreError
 from veil.store.base import Usage, User, UserStore, period_start
+from veil.transport.ratelimit import TokenBucket
 
 log = logging.getLogger("veil.server")
 
@@ -56,6 +57,13 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 
 
 _malloc_trim = _find_malloc_trim()
+
+
+@runtime_checkable
+class RateLimited(Protocol):
+    """A transport that can be held to token buckets (the server's TLS transport)."""
+
+    def set_rate_limits(self, read: TokenBucket | None, write: TokenBucket | None) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,9 +152,13 @@ class Live:
                  interval: float = REFRESH_INTERVAL_S,
                  max_sessions_per_user: int = DEFAULT_MAX_SESSIONS_PER_USER,
                  max_sessions: int = DEFAULT_MAX_SESSIONS,
+                 user_rate: float | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.max_sessions_per_user = max_sessions_per_user
         self.max_sessions = max_sessions
+        #: Bytes per second each user may move in each direction, over all their sessions.
+        self.user_rate = user_rate
+        self._buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
         self._per_user: dict[str, int] = {}
         self._peak = 0
         self._open_store = open_store
@@ -218,6 +230,12 @@ class Live:
                               self._clock())
         self.connections[conn.id] = conn
         self._per_user[user.name] = self._per_user.get(user.name, 0) + 1
+        if self.user_rate is not None and isinstance(transport, RateLimited):
+            buckets = self._buckets.get(user.name)
+            if buckets is None:
+                buckets = self._buckets[user.name] = (TokenBucket(self.user_rate),
+                                                      TokenBucket(self.user_rate))
+            transport.set_rate_limits(*buckets)
         return conn
 
     def unregister(self, conn: LiveConnection) -> None:
@@ -232,6 +250,7 @@ class Live:
             self._per_user[name] = left
         else:
             self._per_user.pop(name, None)
+            self._buckets.pop(name, None)
 
     def _count(self, conn: LiveConnection) -> None:
         delta = conn.take_delta()

@@ -59,6 +59,8 @@ class ServerOptions:
     shaping: bool = True
     max_sessions_per_user: int = DEFAULT_MAX_SESSIONS_PER_USER
     max_sessions: int = DEFAULT_MAX_SESSIONS
+    #: Bytes per second one user may move in each direction (all sessions); None = no limit.
+    user_rate: float | None = None
     #: Full-device tunnels (``--tun``): IP streams get addresses from these pools (Linux).
     tun: bool = False
     pool: str | None = None
@@ -94,7 +96,7 @@ class VeilServer:
         self.users = UserManager(state, self.store)
         self.live = Live(state.open_store, trojan_hash=password_hash_for_secret,
                          max_sessions_per_user=options.max_sessions_per_user,
-                         max_sessions=options.max_sessions)
+                         max_sessions=options.max_sessions, user_rate=options.user_rate)
         self.cover = cover or make_cover(options.cover_url)
         policy = DestinationPolicy(options.allow_private)
         self.outbound = Outbound(policy)

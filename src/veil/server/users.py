@@ -31,6 +31,23 @@ def parse_limit(text: str) -> tuple[int | None, LimitPeriod]:
     return int(float(number) * _UNITS[unit.upper()]), (period or "month").lower()  # type: ignore[return-value]
 
 
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KkMmGg]?)(bit|b|B)(?:/s|ps)?\s*$")
+_RATE_SCALE = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+def parse_rate(text: str) -> float:
+    """``100Mbit`` (bits per second), ``20MB`` (bytes per second), ``/s`` optional; -> bytes/s."""
+    match = _RATE.match(text)
+    if not match:
+        raise ConfigError(f"bad rate {text!r}: use e.g. 100Mbit, 1Gbit or 20MB (per second)")
+    number, scale, unit = match.groups()
+    value = float(number) * _RATE_SCALE[scale.upper()]
+    rate = value / 8 if unit in ("bit", "b") else value
+    if rate < 1024:
+        raise ConfigError(f"rate {text!r} is too low to carry anything (at least 1 KB/s)")
+    return rate
+
+
 def parse_expiry(text: str) -> float | None:
     """``2027-01-31`` (end of that day, UTC), an ISO 8601 time, or ``never``."""
     if text.strip().lower() in ("never", "none"):

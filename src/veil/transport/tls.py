@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from veil.transport.carrier import NOT_MINE, CarrierTransport
+from veil.transport.ratelimit import TokenBucket
 
 # One SSL read returns at most one record's plaintext (16 KiB). Records are decrypted into one
 # reusable buffer and handed on in batches of up to _BATCH bytes: no allocation per record,
@@ -69,7 +70,15 @@ class _TlsCarrier(asyncio.BufferedProtocol):
         # (extra info "byte_counts"); two integer adds per batch is all they cost.
         self.bytes_received = 0
         self.bytes_sent = 0
-
+        # Optional rate limits (server: a user's buckets, shared by the user's connections).
+        # Reading pauses while either the app or the limiter wants it paused; the app's
+        # sources pause while either the socket is congested or the limiter says so.
+        self.read_limit: TokenBucket | None = None
+        self.write_limit: TokenBucket | None = None
+        self._read_paused_by_app = False
+        self._read_throttled = False
+        self._congested = False
+        self._write_throttled = False
     # ------------------------------------------------------------------ TCP side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.raw = cast(asyncio.Transport, transport)
@@ -79,6 +88,10 @@ class _TlsCarrier(asyncio.BufferedProtocol):
         return self._cipher
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.read_limit is not None:
+            wait = self.read_limit.take(nbytes)
+            if wait > 0 and not self._read_throttled:
+                self._throttle_read(wait)
         self._incoming.write(self._cipher[:nbytes])
         if nbytes == len(self._cipher) < _CIPHER_READ:
             self._cipher = memoryview(bytearray(_CIPHER_READ))  # a full read: bulk data
@@ -107,11 +120,53 @@ class _TlsCarrier(asyncio.BufferedProtocol):
         app.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        if self.app is not None:
+        self._congested = True
+        if self.app is not None and not self._write_throttled:
             self.app.pause_writing()
 
     def resume_writing(self) -> None:
-        if self.app is not None:
+        self._congested = False
+        if self.app is not None and not self._write_throttled:
+            self.app.resume_writing()
+
+    # ------------------------------------------------------------------ rate limits
+    def pause_reading_for_app(self) -> None:
+        self._read_paused_by_app = True
+        if self.raw is not None:
+            self.raw.pause_reading()
+
+    def resume_reading_for_app(self) -> None:
+        self._read_paused_by_app = False
+        if self.raw is not None and not self._read_throttled:
+            self.raw.resume_reading()
+
+    def _throttle_read(self, wait: float) -> None:
+        self._read_throttled = True
+        if self.raw is not None:
+            self.raw.pause_reading()
+        asyncio.get_running_loop().call_later(wait, self._end_read_throttle)
+
+    def _end_read_throttle(self) -> None:
+        # Bytes that were already on their way while paused count too: wait off that debt.
+        if self.read_limit is not None and (wait := self.read_limit.take(0)) > 0:
+            asyncio.get_running_loop().call_later(wait, self._end_read_throttle)
+            return
+        self._read_throttled = False
+        if self.raw is not None and not self._read_paused_by_app and not self.closing:
+            self.raw.resume_reading()
+
+    def _throttle_write(self, wait: float) -> None:
+        self._write_throttled = True
+        if self.app is not None and not self._congested:
+            self.app.pause_writing()
+        asyncio.get_running_loop().call_later(wait, self._end_write_throttle)
+
+    def _end_write_throttle(self) -> None:
+        if self.write_limit is not None and (wait := self.write_limit.take(0)) > 0:
+            asyncio.get_running_loop().call_later(wait, self._end_write_throttle)
+            return
+        self._write_throttled = False
+        if self.app is not None and not self._congested:
             self.app.resume_writing()
 
     # ------------------------------------------------------------------ TLS
@@ -213,6 +268,10 @@ class _TlsCarrier(asyncio.BufferedProtocol):
             self.raw.abort()
             return
         self.bytes_sent += len(data)
+        if self.write_limit is not None:
+            wait = self.write_limit.take(len(data))
+            if wait > 0 and not self._write_throttled:
+                self._throttle_write(wait)
         self.raw.write(self._outgoing.read())
 
     def close(self) -> None:
@@ -236,6 +295,16 @@ class TlsTransport(CarrierTransport):
     """The application's view of a TLS connection."""
 
     _carrier: _TlsCarrier
+
+    def pause_reading(self) -> None:
+        self._carrier.pause_reading_for_app()
+
+    def resume_reading(self) -> None:
+        self._carrier.resume_reading_for_app()
+
+    def set_rate_limits(self, read: TokenBucket | None, write: TokenBucket | None) -> None:
+        """Hold this connection to these buckets (shared with other connections, or None)."""
+        self._carrier.read_limit, self._carrier.write_limit = read, write
 
     def _own_info(self, name: str) -> Any:
         # "tls_unique" and "peer_certificate_der" are what veil's layers ask for; every TLS
