@@ -303,3 +303,36 @@ def test_revoked_trojan_password_gets_the_cover(builtin_veil: procs.VeilServer,
     builtin_veil.revoke("trojan-revoked")
     assert compare([request], lambda p: probe_tls(builtin_veil.port, p),
                    lambda p: probe_tls(reference_cover.port, p)) == []
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.2])
+def test_a_late_authenticator_still_opens_the_tunnel_after_the_greeting(
+        builtin_veil: procs.VeilServer, delay: float) -> None:
+    """With ALPN h2 the gate greets a client that is silent for 10 ms as nginx would
+    (HTTP/2 SETTINGS); a veil client whose first bytes come later still gets its session,
+    after exactly that greeting (the client skips it: net/client_session.py)."""
+    import time
+
+    from veil.protocol.accesskey import AccessKey
+    from veil.protocol.auth import Credential, build_auth
+    from veil.protocol.frames import COVER_H2_GREETING, FrameType
+
+    key = AccessKey.parse(builtin_veil.key)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection(("127.0.0.1", builtin_veil.port), timeout=5) as raw, \
+            context.wrap_socket(raw) as tls:
+        assert tls.selected_alpn_protocol() == "h2"
+        binding = tls.get_channel_binding("tls-unique")
+        assert binding is not None
+        time.sleep(delay)
+        tls.sendall(build_auth(Credential.from_secret(key.secret), binding, time.time()))
+        expected = (COVER_H2_GREETING if delay else b"") + bytes([FrameType.PADDING])
+        got = b""
+        while len(got) < len(expected):
+            chunk = tls.recv(len(expected) - len(got))
+            assert chunk
+            got += chunk
+    assert got == expected

@@ -22,6 +22,7 @@ from veil.protocol.accesskey import AccessKey, pin_of_der
 from veil.protocol.address import Address
 from veil.protocol.auth import Credential, build_auth
 from veil.protocol.frames import (
+    COVER_H2_GREETING,
     HEADER_SIZE,
     SERVER_FIRST_PADDING,
     FrameType,
@@ -82,17 +83,30 @@ class _ClientDriver(SessionDriver):
     def __init__(self, session: Session, **kwargs: object) -> None:
         super().__init__(session, **kwargs)  # type: ignore[arg-type]
         self.accepted: asyncio.Future[bool] = self._loop.create_future()
+        self._head = b""  # the server's first bytes, until they tell accepted from refused
 
     def data_received(self, data: bytes | memoryview) -> None:
-        if not self.accepted.done():
-            # An accepted session starts with a PADDING frame of a length in a known range;
-            # a cover site's answer (HTTP/1.1 or HTTP/2) never does: our key was refused.
-            ok = _looks_accepted(bytes(data[:HEADER_SIZE]))
-            self.accepted.set_result(ok)
-            if not ok:
-                self.close()
-                return
-        super().data_received(data)
+        if self.accepted.done():
+            super().data_received(data)
+            return
+        # The first bytes decide: our session (a PADDING frame of a length in a known
+        # range) or a cover site's answer (HTTP/1.1 or HTTP/2: our key was refused). The
+        # cover's HTTP/2 greeting may come first if our first bytes reached the server late;
+        # it is skipped exactly. Held here until there is enough to tell.
+        buffered = self._head + bytes(data)
+        greeting = COVER_H2_GREETING
+        body = buffered[len(greeting):] if buffered.startswith(greeting) else buffered
+        if len(body) < HEADER_SIZE or (len(buffered) < len(greeting)
+                                       and greeting.startswith(buffered)):
+            self._head = buffered
+            return
+        self._head = b""
+        ok = _looks_accepted(body[:HEADER_SIZE])
+        self.accepted.set_result(ok)
+        if not ok:
+            self.close()
+            return
+        super().data_received(body)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.accepted.done():

@@ -87,6 +87,11 @@ MAX_PADDING_PAYLOAD = 16 * 1024
 # accepted session from a cover site's answer by it: "HTTP/1.1 ..." starts with no 0x00, and
 # an HTTP/2 SETTINGS frame (00 00 len 04 00 00000000) reads as PADDING of >= 1,024 bytes.
 SERVER_FIRST_PADDING = (64, 512)
+# With ALPN h2 the server may send nginx's HTTP/2 greeting (SETTINGS + WINDOW_UPDATE, the
+# cover's first words) before it has judged the client's first bytes, when they came late
+# (server/gate.py, GREETING_GRACE_S). A client skips exactly these bytes before the PADDING.
+COVER_H2_GREETING = bytes.fromhex(
+    "000012040000000000000300000080000400010000000500ffffff0000040800000000007fff0000")
 
 MAX_PAYLOAD = {
     FrameType.PADDING: MAX_PADDING_PAYLOAD,

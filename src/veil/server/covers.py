@@ -31,7 +31,7 @@ from veil.server.cover import (
     CoverProtocol,
     CoverSite,
 )
-from veil.server.cover_h2 import H2CoverProtocol
+from veil.server.cover_h2 import SERVER_PREFACE, H2CoverProtocol
 
 # nginx's client_header_timeout default.
 NGINX_HEADER_TIMEOUT_S = 60.0
@@ -59,12 +59,19 @@ class Cover(abc.ABC):
         """A TLS connection for another name; nothing has been consumed from ``sock``."""
         sock.close()
 
+    def greeting(self, transport: asyncio.BaseTransport) -> bytes:
+        """What this site says on a fresh TLS connection before the client says anything
+        (nginx's HTTP/2 SETTINGS); the gate sends it if the client stays silent briefly."""
+        return b""
+
     @abc.abstractmethod
-    def serve_tls(self, transport: asyncio.Transport, initial: bytes, started_at: float) -> None:
+    def serve_tls(self, transport: asyncio.Transport, initial: bytes, started_at: float,
+                  *, greeted: bool = False) -> None:
         """Take over a TLS connection whose first decrypted bytes were ``initial``.
 
         The gate also calls this with ``initial=b""`` when the client stayed silent for
         ``header_timeout`` after the accept, so the cover closes it its own way.
+        ``greeted``: the gate already sent :meth:`greeting`.
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook
@@ -101,12 +108,21 @@ class BuiltinCover(Cover):
                                   lingering_timeout=self.lingering_timeout,
                                   lingering_time=self.lingering_time), sock)
 
-    def serve_tls(self, transport: asyncio.Transport, initial: bytes, started_at: float) -> None:
-        take_over = (H2CoverProtocol.take_over if negotiated_alpn(transport) == "h2"
-                     else CoverProtocol.take_over)
-        take_over(transport, initial, self.site, started_at=started_at,
-                  header_timeout=self.header_timeout, keepalive_timeout=self.keepalive_timeout,
-                  lingering_timeout=self.lingering_timeout, lingering_time=self.lingering_time)
+    def greeting(self, transport: asyncio.BaseTransport) -> bytes:
+        return SERVER_PREFACE if negotiated_alpn(transport) == "h2" else b""
+
+    def serve_tls(self, transport: asyncio.Transport, initial: bytes, started_at: float,
+                  *, greeted: bool = False) -> None:
+        if negotiated_alpn(transport) == "h2":
+            H2CoverProtocol.take_over(
+                transport, initial, self.site, started_at=started_at, preface_sent=greeted,
+                header_timeout=self.header_timeout, keepalive_timeout=self.keepalive_timeout,
+                lingering_timeout=self.lingering_timeout, lingering_time=self.lingering_time)
+        else:
+            CoverProtocol.take_over(
+                transport, initial, self.site, started_at=started_at,
+                header_timeout=self.header_timeout, keepalive_timeout=self.keepalive_timeout,
+                lingering_timeout=self.lingering_timeout, lingering_time=self.lingering_time)
 
 
 def negotiated_alpn(transport: asyncio.BaseTransport) -> str | None:
@@ -155,7 +171,8 @@ class UrlCover(Cover):
         # uvloop may already have read (and delivered) bytes by now: they go first.
         self._plain.open_tcp(self.address, transport, b"".join(hold.early))
 
-    def serve_tls(self, transport: asyncio.Transport, initial: bytes, started_at: float) -> None:
+    def serve_tls(self, transport: asyncio.Transport, initial: bytes, started_at: float,
+                  *, greeted: bool = False) -> None:
         # The real server's own timeouts start when it gets the connection: a silent prober
         # waits the gate's header timeout plus the server's (probers give up after ~10 s).
         dialer = self._tls if self.tls else self._plain

@@ -53,6 +53,13 @@ CREDENTIAL_CACHE_SIZE = 4096
 # connections costs memory and descriptors up to this bound and no further.
 DEFAULT_MAX_PENDING = 8192
 
+# A cover that speaks first (nginx sends its HTTP/2 SETTINGS right after the handshake) does
+# so if the client has said nothing this long after the handshake. veil and Trojan clients
+# send their first bytes together with their Finished, so they are judged before; a prober
+# that stays silent gets the greeting as from nginx, this much later (well inside network
+# jitter). A tunnel client whose bytes come later skips the greeting (docs/protocol.md).
+GREETING_GRACE_S = 0.01
+
 # A way in may hold a connection back for more bytes only up to this much (a Trojan request
 # is at most 320 bytes); past it, the cover gets the connection.
 MAX_WAIT_BYTES = 4096
@@ -268,25 +275,41 @@ class _AwaitAuth(asyncio.Protocol):
         self.started_at = started_at
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._greeting_timer: asyncio.TimerHandle | None = None
+        self._greeted = False
         self._received = b""  # held only while a way in waits for the rest of a request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        loop = asyncio.get_running_loop()
         # Silence is the cover's business: at its header timeout (counted from the accept, as
         # nginx counts it) it gets the connection and closes it its own way.
-        self._timer = asyncio.get_running_loop().call_at(
-            self.started_at + self.gate.cover.header_timeout, self._silent)
+        self._timer = loop.call_at(self.started_at + self.gate.cover.header_timeout,
+                                   self._silent)
+        if self.gate.cover.greeting(transport):
+            self._greeting_timer = loop.call_later(GREETING_GRACE_S, self._greet)
+
+    def _greet(self) -> None:
+        self._greeting_timer = None
+        if self.transport is not None and not self._received:
+            self.transport.write(self.gate.cover.greeting(self.transport))
+            self._greeted = True
 
     def _silent(self) -> None:
         self._timer = None
         if self.transport is not None:
             self.gate.stats.silent += 1
-            self.gate.cover.serve_tls(self.transport, self._received, self.started_at)
+            self._cancel_timer()
+            self.gate.cover.serve_tls(self.transport, self._received, self.started_at,
+                                      greeted=self._greeted)
 
     def data_received(self, data: bytes) -> None:
         transport = self.transport
         assert transport is not None
         gate = self.gate
+        if self._greeting_timer is not None:
+            self._greeting_timer.cancel()
+            self._greeting_timer = None
         if self._received:
             data = self._received + data
         reason = "unrecognised"
@@ -307,12 +330,13 @@ class _AwaitAuth(asyncio.Protocol):
             return
         self._cancel_timer()
         gate.stats.reject(reason)
-        gate.cover.serve_tls(transport, data, self.started_at)
+        gate.cover.serve_tls(transport, data, self.started_at, greeted=self._greeted)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._greeting_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._greeting_timer = None
 
     def eof_received(self) -> bool:
         return False  # the client closed before saying anything: close, as a web server does
