@@ -17,7 +17,7 @@ from veil.net.trojan_client import TrojanDialer
 from veil.protocol.accesskey import AccessKey
 from veil.protocol.address import Address
 from veil.protocol.session import SessionConfig
-from veil.protocol.shaping import NO_SHAPING
+from veil.protocol.shaping import DEFAULT_SHAPING, NO_SHAPING
 from veil.protocol.trojan import TrojanLink
 
 log = logging.getLogger("veil.client")
@@ -45,13 +45,21 @@ class ClientOptions:
     #: Full-device tunnel (``--tun``, Linux): a TUN device instead of local proxies.
     tun: bool = False
     tun_exclude: tuple[str, ...] = ()
+    #: Ping after this many idle seconds; the server is dead after the second figure more.
+    keepalive: tuple[float, float] = (15.0, 10.0)
+
+    def session_config(self) -> SessionConfig:
+        interval, timeout = self.keepalive
+        return SessionConfig(keepalive_interval=interval, keepalive_timeout=timeout,
+                             shaping=DEFAULT_SHAPING if self.shaping else NO_SHAPING)
 
     @classmethod
     def from_args(cls, key: AccessKey | TrojanLink, *, socks: Address | None, http: Address | None,
                   forwards: list[str], socks_auth: str | None, pool: int,
                   default_socks: Address, tls_stack: str = "browser",
                   shaping: bool = True, tun: bool = False,
-                  tun_exclude: tuple[str, ...] = ()) -> ClientOptions:
+                  tun_exclude: tuple[str, ...] = (),
+                  keepalive: str | None = None) -> ClientOptions:
         specs = tuple(parse_forward_spec(text) for text in forwards)
         credentials = None
         if socks_auth is not None:
@@ -62,7 +70,20 @@ class ClientOptions:
         if socks is None and http is None and not specs and not tun:
             socks = default_socks
         return cls(key, socks, credentials, http, specs, pool, tls_stack, shaping, tun,
-                   tun_exclude)
+                   tun_exclude, parse_keepalive(keepalive) if keepalive else (15.0, 10.0))
+
+
+def parse_keepalive(text: str) -> tuple[float, float]:
+    """``INTERVAL[:TIMEOUT]`` in seconds; the timeout defaults to two thirds of the interval."""
+    interval_text, _, timeout_text = text.partition(":")
+    try:
+        interval = float(interval_text)
+        timeout = float(timeout_text) if timeout_text else interval * 2 / 3
+    except ValueError as exc:
+        raise ConfigError(f"--keepalive takes SECONDS[:TIMEOUT], not {text!r}") from exc
+    if not (0.5 <= interval <= 3600 and 0.5 <= timeout <= 3600):
+        raise ConfigError("--keepalive: both figures must be between 0.5 and 3600 seconds")
+    return interval, timeout
 
 
 def parse_key(text: str) -> AccessKey | TrojanLink:
@@ -80,9 +101,8 @@ async def run_client(options: ClientOptions, stop: asyncio.Event) -> None:
     if isinstance(options.key, TrojanLink):
         tunnel = TrojanDialer(options.key)  # a connection per stream: --pool does not apply
     else:
-        config = None if options.shaping else SessionConfig(shaping=NO_SHAPING)
         tunnel = ClientTunnel(options.key, pool_size=options.pool, tls_stack=options.tls_stack,
-                              session_config=config)
+                              session_config=options.session_config())
     inbounds: list[Inbound] = []
     if options.socks is not None:
         inbounds.append(Socks5Inbound(tunnel, options.socks,
@@ -134,9 +154,8 @@ async def _run_tun(options: ClientOptions, stop: asyncio.Event) -> None:
         raise ConfigError("--tun needs a veil:// key (Trojan has no IP tunnel)")
     if options.socks or options.http or options.forwards:
         raise ConfigError("--tun replaces --socks, --http and --forward: use one or the other")
-    config = None if options.shaping else SessionConfig(shaping=NO_SHAPING)
     await run_tun(options.key, TunClientOptions.parse(options.tun_exclude), stop,
-                  tls_stack=options.tls_stack, session_config=config)
+                  tls_stack=options.tls_stack, session_config=options.session_config())
 
 
 def tun_cleanup(exclude: tuple[str, ...] = ()) -> bool:
