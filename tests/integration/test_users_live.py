@@ -89,8 +89,13 @@ def test_revoked_user_is_cut_within_a_second(module_dir: Path, veil_server: Veil
     client, port = forward_client(module_dir, veil_server.add_user("cut-revoked"), echo)
     try:
         sock = open_echo(port)
-        veil_user(veil_server, "revoke", "cut-revoked")
-        assert seconds_until_closed(sock) < CUT_WITHIN_S
+        started = time.monotonic()
+        veil_user(veil_server, "revoke", "cut-revoked")  # commits, then the process exits
+        returned = time.monotonic()
+        cut = seconds_until_closed(sock)
+        print(f"\nrevoke: the command ran {returned - started:.3f} s; the stream closed "
+              f"{time.monotonic() - started:.3f} s after it started")
+        assert cut < CUT_WITHIN_S
         wait_refused(client)  # its reconnection gets the cover, like a stranger
         assert not echo_works(port)
         assert users_json(veil_server)["cut-revoked"]["status"] == "revoked"
