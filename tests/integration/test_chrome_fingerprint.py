@@ -185,7 +185,7 @@ def capture_veil(rec: Recorder, host: str) -> bytes:
         with contextlib.suppress(TlsHandshakeError, TimeoutError, OSError):
             transport = await open_browser_tls_connection(
                 "127.0.0.1", rec.port, asyncio.Protocol, server_hostname=host,
-                handshake_timeout=5.0)
+                handshake_timeout=CAPTURE_TIMEOUT)  # generous: CI's two cores are busy
             await asyncio.sleep(0.3)
             transport.close()
 

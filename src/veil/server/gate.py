@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import fcntl
 import logging
 import socket
 import ssl
+import sys
+import termios
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -277,6 +280,8 @@ class _AwaitAuth(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._greeting_timer: asyncio.TimerHandle | None = None
         self._greeted = False
+        self._same_read = False
+        self._received_any = False
         self._received = b""  # held only while a way in waits for the rest of a request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -288,6 +293,27 @@ class _AwaitAuth(asyncio.Protocol):
                                    self._silent)
         if self.gate.cover.greeting(transport):
             self._greeting_timer = loop.call_later(GREETING_GRACE_S, self._greet)
+            # nginx reads right after the handshake and writes its greeting together with its
+            # answer to whatever the client had already sent (even part of a request); only if
+            # nothing was there does the greeting go alone. So: did anything come with, or
+            # right behind, the Finished? Bytes in the same read arrive synchronously, before
+            # _end_same_read; bytes waiting in the socket count too.
+            self._same_read = True
+            loop.call_soon(self._end_same_read)
+
+    def _end_same_read(self) -> None:
+        transport = self.transport
+        if self._received_any or transport is None:
+            return
+        self._same_read = _readable_bytes(transport) > 0
+
+    def _greet_late(self) -> None:
+        """The client spoke after the handshake's read: nginx had written its greeting in a
+        record of its own by then."""
+        if self._greeting_timer is not None and not self._same_read and not self._greeted:
+            assert self.transport is not None
+            self.transport.write(self.gate.cover.greeting(self.transport))
+            self._greeted = True
 
     def _greet(self) -> None:
         self._greeting_timer = None
@@ -307,9 +333,7 @@ class _AwaitAuth(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         gate = self.gate
-        if self._greeting_timer is not None:
-            self._greeting_timer.cancel()
-            self._greeting_timer = None
+        self._received_any = True
         if self._received:
             data = self._received + data
         reason = "unrecognised"
@@ -328,6 +352,7 @@ class _AwaitAuth(asyncio.Protocol):
         if wait and len(data) < MAX_WAIT_BYTES:
             self._received = data  # the header timer still runs, as for any request
             return
+        self._greet_late()
         self._cancel_timer()
         gate.stats.reject(reason)
         gate.cover.serve_tls(transport, data, self.started_at, greeted=self._greeted)
@@ -343,6 +368,18 @@ class _AwaitAuth(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+
+
+def _readable_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes waiting in the kernel for the TCP socket under ``transport`` (0 if unknown)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        answer = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int.from_bytes(answer, sys.byteorder, signed=True)
 
 
 async def _wait_readable(sock: socket.socket, timeout: float) -> bool:

@@ -44,8 +44,10 @@ DEFAULT_MAX_SESSIONS_PER_USER = 64
 #: Sessions the whole server holds at once; past it, valid keys get the cover like strangers
 #: until some end (each session costs ~100 KiB plus its streams' buffers).
 DEFAULT_MAX_SESSIONS = 10_000
-#: Trim the allocator once connections + streams fell this far below their peak.
-TRIM_AFTER_DROP = 1000
+#: Trim the allocator once this many connections and streams came and went (and at most
+#: once per interval: a collection of a large heap costs milliseconds of the loop).
+TRIM_AFTER_CHURN = 1000
+TRIM_MIN_INTERVAL_S = 10.0
 
 
 def _find_malloc_trim() -> Callable[[int], int] | None:
@@ -160,7 +162,8 @@ class Live:
         self.user_rate = user_rate
         self._buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
         self._per_user: dict[str, int] = {}
-        self._peak = 0
+        self._churn = 0  # connections and streams opened since the last trim
+        self._trimmed_at = -TRIM_MIN_INTERVAL_S
         self._open_store = open_store
         self._trojan_hash = trojan_hash
         self._trojan_hashes: dict[bytes, str] = {}  # key id -> hash: SHA-224 once per user
@@ -229,6 +232,7 @@ class Live:
         conn = LiveConnection(next(self._ids), user, way_in, transport, close, streams,
                               self._clock())
         self.connections[conn.id] = conn
+        self._churn += 1
         self._per_user[user.name] = self._per_user.get(user.name, 0) + 1
         if self.user_rate is not None and isinstance(transport, RateLimited):
             buckets = self._buckets.get(user.name)
@@ -310,22 +314,30 @@ class Live:
         self._trojan_hashes = {u.key_id: h for h, u in directory.by_trojan_hash.items()}
         return directory
 
+    def note_stream_opened(self) -> None:
+        """Count a stream (for :meth:`_release_memory`; the session owns the stream)."""
+        self._churn += 1
+
     def _release_memory(self) -> None:
         """Give memory back to the system after a load peak has passed.
 
-        A peak of thousands of streams leaves the C allocator holding the freed memory (a
-        server that had 10,000 streams kept ~140 MiB more than idle); glibc returns it only
-        when asked. Asking costs a few milliseconds, so only when the load has dropped
-        well below the last peak."""
-        count = len(self.connections) + self._streams_now()
-        self._peak = max(self._peak, count)
-        if self._peak - count >= TRIM_AFTER_DROP:
-            # Sessions, drivers and relays refer to each other: without allocation pressure
-            # the cycle collector may not run for a long time after the load is gone.
-            gc.collect()
-            if _malloc_trim is not None:
-                _malloc_trim(0)
-            self._peak = count
+        A peak of thousands of streams leaves the C allocator and the cycle collector
+        holding freed memory (a server that had 10,000 streams kept ~140 MiB more than
+        idle). So once at least TRIM_AFTER_CHURN connections and streams came and went since
+        the last time, and under 1% of that is still open, collect cycles and ask glibc to
+        trim: a few milliseconds, at most once per TRIM_MIN_INTERVAL_S."""
+        load = len(self.connections) + self._streams_now()
+        now = time.monotonic()
+        if (self._churn < TRIM_AFTER_CHURN or load * 100 > self._churn
+                or now - self._trimmed_at < TRIM_MIN_INTERVAL_S):
+            return
+        self._churn = 0
+        self._trimmed_at = now
+        # Sessions, drivers and relays refer to each other: without allocation pressure the
+        # cycle collector may not run for a long time after the load is gone.
+        gc.collect()
+        if _malloc_trim is not None:
+            _malloc_trim(0)
 
     def _streams_now(self) -> int:
         return sum(conn.streams for conn in self.connections.values())

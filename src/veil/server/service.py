@@ -164,6 +164,7 @@ class VeilServer:
             driver.data_received(rest)
 
     def _open(self, driver: SessionDriver, event: StreamOpened) -> None:
+        self.live.note_stream_opened()
         if event.kind is StreamKind.IP:
             conn = self.sessions.get(driver)
             if self.tun is None or conn is None:
