@@ -20,7 +20,7 @@ import enum
 from dataclasses import dataclass, field
 
 from veil.errors import LocalProtocolError, RemoteProtocolError
-from veil.protocol.address import Address, NeedMoreData
+from veil.protocol.address import ATYP_DOMAIN, Address, NeedMoreData
 from veil.protocol.events import (
     DatagramReceived,
     DataReceived,
@@ -493,6 +493,14 @@ class Session:
         try:
             kind = StreamKind(payload[0])
             destination, used = Address.decode(payload, 1)
+        except RemoteProtocolError as exc:
+            if exc.code == "bad_address" and _well_framed_domain_open(payload):
+                # A name this side cannot read (not IDNA): refuse that stream, not the whole
+                # session - one odd link in a web page must not cut every other stream.
+                self._out.append(frame(FrameType.RESET, stream_id,
+                                       bytes((ResetCode.REFUSED_DESTINATION,))))
+                return
+            raise RemoteProtocolError("malformed OPEN") from exc
         except (IndexError, ValueError, NeedMoreData) as exc:
             raise RemoteProtocolError("malformed OPEN") from exc
         if used != len(payload):
@@ -640,3 +648,9 @@ def _close_code(value: int) -> CloseCode:
         return CloseCode(value)
     except ValueError:
         return CloseCode.INTERNAL_ERROR
+
+
+def _well_framed_domain_open(payload: bytes) -> bool:
+    """An OPEN payload (kind, ATYP_DOMAIN, length, name, port) whose lengths add up."""
+    return (len(payload) >= 3 and payload[1] == ATYP_DOMAIN
+            and len(payload) == 1 + 2 + payload[2] + 2)

@@ -14,7 +14,7 @@ import functools
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
@@ -104,6 +104,9 @@ def parse_certificate(body: bytes, offered: set[int]) -> ServerCertificate:
         raise CertificateError("the server sent no certificate", alert=50)  # decode_error
     try:
         key = x509.load_der_x509_certificate(chain[0]).public_key()
+    except UnsupportedAlgorithm as exc:  # e.g. an EC key on a curve OpenSSL does not know
+        raise CertificateError(f"unsupported server certificate key: {exc}",
+                               alert=43) from exc  # unsupported_certificate
     except ValueError as exc:
         raise CertificateError(f"unreadable server certificate: {exc}", alert=42) from exc
     if not isinstance(key, _KEY_TYPES):
