@@ -163,6 +163,7 @@ class Live:
         self._buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
         self._per_user: dict[str, int] = {}
         self._churn = 0  # connections and streams opened since the last trim
+        self._churn_seen = 0  # _churn at the previous tick
         self._trimmed_at = -TRIM_MIN_INTERVAL_S
         self._open_store = open_store
         self._trojan_hash = trojan_hash
@@ -324,14 +325,18 @@ class Live:
         A peak of thousands of streams leaves the C allocator and the cycle collector
         holding freed memory (a server that had 10,000 streams kept ~140 MiB more than
         idle). So once at least TRIM_AFTER_CHURN connections and streams came and went since
-        the last time, and under 1% of that is still open, collect cycles and ask glibc to
-        trim: a few milliseconds, at most once per TRIM_MIN_INTERVAL_S."""
+        the last time, and under 1% of that number is still open or was opened since the last
+        tick, collect cycles and ask glibc to trim: a few milliseconds, at most once per
+        TRIM_MIN_INTERVAL_S."""
         load = len(self.connections) + self._streams_now()
+        recent, self._churn_seen = self._churn - self._churn_seen, self._churn
         now = time.monotonic()
+        # After the peak: little still open, and little opened since the last tick.
         if (self._churn < TRIM_AFTER_CHURN or load * 100 > self._churn
+                or recent * 100 > self._churn
                 or now - self._trimmed_at < TRIM_MIN_INTERVAL_S):
             return
-        self._churn = 0
+        self._churn = self._churn_seen = 0
         self._trimmed_at = now
         # Sessions, drivers and relays refer to each other: without allocation pressure the
         # cycle collector may not run for a long time after the load is gone.
