@@ -1,9 +1,16 @@
 """TLS 1.3 record protection (RFC 8446 §5): one object per direction and traffic secret.
 
 The hot path of every byte veil carries, so it is written for few allocations: a write of up to
-256 KiB becomes one output buffer holding all its records, each sealed in place
-(``encrypt_into``); received records are opened straight into the caller's plaintext buffer
-(``decrypt_into``), so a batch of records becomes one contiguous run of plaintext.
+256 KiB becomes one output buffer holding all its records; received records are opened straight
+into the caller's plaintext buffer (``decrypt_into``), so a batch of records becomes one
+contiguous run of plaintext.
+
+The AEAD's input and output never overlap: ``cryptography`` 51 and later refuse overlapping
+buffers (and earlier releases never promised in-place operation). Sealing therefore assembles
+each record's inner plaintext (content plus its type byte) in a 16 KiB scratch buffer owned by
+the sealer and encrypts it into the output (``encrypt_into``): the same one copy of the data an
+in-place seal made into the output, only into a buffer that stays in the cache. Opening reads
+the socket's bytes and writes a separate plaintext buffer, so it never overlapped.
 """
 
 from __future__ import annotations
@@ -39,13 +46,14 @@ class EmptyRecord(Exception):
 class RecordSealer:
     """Encrypts our records under one traffic secret."""
 
-    __slots__ = ("_aead", "_has_into", "_iv", "seq")
+    __slots__ = ("_aead", "_inner", "_iv", "seq")
 
     def __init__(self, info: SuiteInfo, secret: bytes) -> None:
         key, iv = traffic_keys(info, secret)
         self._aead = info.aead(key)
-        self._has_into = hasattr(self._aead, "encrypt_into")
         self._iv = int.from_bytes(iv, "big")
+        # One record's TLSInnerPlaintext (content + type), the AEAD's input: never the output.
+        self._inner = bytearray(MAX_PLAINTEXT + 1)
         self.seq = 0
 
     def seal(self, data: bytes | bytearray | memoryview, content_type: int = APPLICATION_DATA,
@@ -58,8 +66,8 @@ class RecordSealer:
             raise OverflowError("record sequence number exhausted; the connection must end")
         out = bytearray(size + count * OVERHEAD)
         view = memoryview(out)
-        aead, iv, seq = self._aead, self._iv, self.seq
-        encrypt = aead.encrypt_into if self._has_into else None
+        inner = memoryview(self._inner)
+        encrypt, iv, seq = self._aead.encrypt_into, self._iv, self.seq
         full = _FULL_HEADER
         pos = 0
         offset = 0
@@ -74,21 +82,16 @@ class RecordSealer:
             start = pos + HEADER
             end = start + chunk + 1 + TAG
             view[pos:start] = header
-            view[start : start + chunk] = src[offset : offset + chunk]
-            view[start + chunk] = content_type
-            nonce = (iv ^ seq).to_bytes(12, "big")
-            if encrypt is not None:
-                # In place: OpenSSL's AEADs allow the output to be the input exactly.
-                encrypt(nonce, view[start : start + chunk + 1], header, view[start:end])
-            else:  # pragma: no cover - cryptography < 46
-                view[start:end] = aead.encrypt(nonce, bytes(view[start : start + chunk + 1]),
-                                               header)
+            inner[:chunk] = src[offset : offset + chunk]
+            inner[chunk] = content_type
+            encrypt((iv ^ seq).to_bytes(12, "big"), inner[: chunk + 1], header, view[start:end])
             seq += 1
             pos = end
             offset += chunk
             if offset >= size:
                 break
         self.seq = seq
+        inner.release()
         view.release()
         return out
 
@@ -96,12 +99,11 @@ class RecordSealer:
 class RecordOpener:
     """Decrypts the peer's records under one traffic secret."""
 
-    __slots__ = ("_aead", "_has_into", "_iv", "seq")
+    __slots__ = ("_aead", "_iv", "seq")
 
     def __init__(self, info: SuiteInfo, secret: bytes) -> None:
         key, iv = traffic_keys(info, secret)
         self._aead = info.aead(key)
-        self._has_into = hasattr(self._aead, "decrypt_into")
         self._iv = int.from_bytes(iv, "big")
         self.seq = 0
 
@@ -119,10 +121,7 @@ class RecordOpener:
         nonce = (self._iv ^ self.seq).to_bytes(12, "big")
         target = out[:size]
         try:
-            if self._has_into:
-                self._aead.decrypt_into(nonce, body, header, target)
-            else:  # pragma: no cover - cryptography < 46
-                target[:] = self._aead.decrypt(nonce, bytes(body), bytes(header))
+            self._aead.decrypt_into(nonce, body, header, target)
         except InvalidTag:
             raise BadRecordMac("record authentication failed") from None
         self.seq += 1
@@ -147,7 +146,7 @@ class RecordOpener:
         """
         end = len(view)
         iv, seq = self._iv, self.seq
-        decrypt = self._aead.decrypt_into if self._has_into else None
+        decrypt = self._aead.decrypt_into
         try:
             while end - pos >= HEADER and view[pos] == APPLICATION_DATA:
                 length = (view[pos + 3] << 8) | view[pos + 4]
@@ -156,34 +155,27 @@ class RecordOpener:
                 start = pos + HEADER
                 if end - start < length:
                     break
-                if decrypt is None:  # pragma: no cover - cryptography < 46
+                size = length - TAG
+                if size < 1:
+                    raise BadRecordMac("record shorter than its tag")
+                target = out[filled : filled + size]
+                try:
+                    decrypt((iv ^ seq).to_bytes(12, "big"), view[start : start + length],
+                            view[pos:start], target)
+                except InvalidTag:
+                    raise BadRecordMac("record authentication failed") from None
+                seq += 1
+                pos = start + length
+                inner = target[size - 1]
+                if inner == 0:  # padded: the content type is the last non-zero byte
                     self.seq = seq
-                    inner, size = self.open_into(view[pos:start], view[start : start + length],
-                                                 out[filled:])
-                    seq = self.seq
-                    pos = start + length
-                else:
-                    size = length - TAG
-                    if size < 1:
-                        raise BadRecordMac("record shorter than its tag")
-                    target = out[filled : filled + size]
-                    try:
-                        decrypt((iv ^ seq).to_bytes(12, "big"), view[start : start + length],
-                                view[pos:start], target)
-                    except InvalidTag:
-                        raise BadRecordMac("record authentication failed") from None
-                    seq += 1
-                    pos = start + length
+                    size = len(bytes(target).rstrip(b"\x00"))
+                    if size == 0:
+                        raise EmptyRecord("record with no content type")
                     inner = target[size - 1]
-                    if inner == 0:  # padded: the content type is the last non-zero byte
-                        self.seq = seq
-                        size = len(bytes(target).rstrip(b"\x00"))
-                        if size == 0:
-                            raise EmptyRecord("record with no content type")
-                        inner = target[size - 1]
-                    size -= 1
-                    if size > MAX_PLAINTEXT:
-                        raise RecordOverflow(f"inner plaintext of {size} bytes")
+                size -= 1
+                if size > MAX_PLAINTEXT:
+                    raise RecordOverflow(f"inner plaintext of {size} bytes")
                 if inner != APPLICATION_DATA:
                     return pos, filled, inner, size
                 filled += size
