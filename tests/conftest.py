@@ -10,8 +10,16 @@ import pytest
 from tests.support import procs
 
 
+UNIT_TESTS = Path(__file__).parent / "unit"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests that need root say so when skipped; in CI (root) nothing is skipped."""
+    """Tests that need root say so when skipped; in CI (root) nothing is skipped. Every unit
+    test is a smoke test too (they take seconds): scripts/smoke runs them against the newest
+    and the oldest dependencies."""
+    for item in items:
+        if item.path.is_relative_to(UNIT_TESTS):
+            item.add_marker(pytest.mark.smoke)
     if os.geteuid() != 0:
         skip = pytest.mark.skip(reason="needs root for network namespaces (CI runs as root)")
         for item in items:

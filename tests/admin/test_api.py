@@ -31,6 +31,7 @@ def cookie_attrs(set_cookie: list[str], name: str) -> set[str]:
 
 
 # ------------------------------------------------------------------ login and sessions
+@pytest.mark.smoke
 def test_login_opens_a_strict_httponly_session(harness: Harness) -> None:
     client = harness.client()
     assert "httponly" in cookie_attrs(client.get("/login").set_cookies(), "veil_admin_login")
@@ -201,6 +202,7 @@ def test_responses_forbid_caching_framing_and_foreign_content(logged_in: Client)
 
 
 # ------------------------------------------------------------------ the API vs openapi.yaml
+@pytest.mark.smoke
 def test_every_api_operation_matches_the_openapi_document(harness: Harness) -> None:
     spec = Spec()
     c = harness.client()

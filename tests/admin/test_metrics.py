@@ -76,6 +76,7 @@ def _version() -> str:
     return __version__
 
 
+@pytest.mark.smoke
 def test_a_tunnel_counts_bytes_per_user_and_sessions(harness: Harness, module_dir: Path,
                                                      tcp_echo: procs.TcpEcho) -> None:
     admin = harness.client()

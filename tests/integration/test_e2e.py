@@ -32,6 +32,7 @@ def test_serve_prints_a_key_and_user_add_prints_one_line(veil_server: VeilServer
     assert len(lines) == 1 and lines[0].startswith("veil://")
 
 
+@pytest.mark.smoke
 def test_socks5_hostname_to_nginx_over_http_and_https(veil_client: VeilClient,
                                                        nginx: Nginx) -> None:
     socks = f"127.0.0.1:{veil_client.socks}"
@@ -45,6 +46,7 @@ def test_socks5_hostname_to_nginx_over_http_and_https(veil_client: VeilClient,
     assert r.stdout == index
 
 
+@pytest.mark.smoke
 def test_http_proxy_plain_and_connect(veil_client: VeilClient, nginx: Nginx) -> None:
     proxy = f"http://127.0.0.1:{veil_client.http}"
     index = (nginx.root / "index.html").read_bytes()
@@ -56,6 +58,7 @@ def test_http_proxy_plain_and_connect(veil_client: VeilClient, nginx: Nginx) -> 
     assert r.stdout == index
 
 
+@pytest.mark.smoke
 def test_large_download_is_byte_exact(veil_client: VeilClient, nginx: Nginx) -> None:
     r = curl("--socks5-hostname", f"127.0.0.1:{veil_client.socks}",
              f"http://127.0.0.1:{nginx.http_port}/big.bin")
@@ -75,6 +78,7 @@ def socks5_udp_associate(socks_port: int) -> tuple[socket.socket, tuple[str, int
     return ctrl, relay
 
 
+@pytest.mark.smoke
 def test_udp_through_socks5_associate(veil_client: VeilClient,
                                       udp_echo: procs.UdpEcho) -> None:
     assert veil_client.socks is not None
@@ -140,6 +144,7 @@ def test_a_slow_reader_does_not_stall_a_fast_one(veil_client: VeilClient, nginx:
         assert time.monotonic() - started < 20
 
 
+@pytest.mark.smoke
 def test_wrong_key_relays_nothing(module_dir, veil_server: VeilServer) -> None:
     from veil.protocol.accesskey import AccessKey
 

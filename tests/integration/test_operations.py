@@ -83,11 +83,11 @@ def test_notify_reload_and_stop(tmp_path: Path) -> None:
         cert_path = tmp_path / "state" / "cert.pem"
         old = x509.load_pem_x509_certificate(cert_path.read_bytes())
         assert serial_of_served_certificate(port) == old.serial_number
-        from veil.server.state import _self_signed
+        from veil.server.state import self_signed_certificate
 
         key_pem = (tmp_path / "state" / "key.pem").read_bytes()
         private = serialization.load_pem_private_key(key_pem, password=None)
-        renewed = _self_signed(private, "127.0.0.1")  # type: ignore[arg-type]
+        renewed = self_signed_certificate(private, "127.0.0.1")  # type: ignore[arg-type]
         cert_path.write_bytes(renewed.public_bytes(serialization.Encoding.PEM))
         server.send_signal(signal.SIGHUP)
         assert notify.next()["RELOADING"] == "1"

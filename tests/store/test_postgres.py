@@ -48,6 +48,7 @@ def drop_connections(pg: PostgresServer, url: str) -> int:
     return row[0]
 
 
+@pytest.mark.smoke
 def test_open_store_picks_postgres_for_both_url_schemes(pg: PostgresServer) -> None:
     url = fresh(pg)
     for scheme_url in (url, url.replace("postgresql://", "postgres://", 1)):
@@ -70,6 +71,7 @@ def test_a_dropped_connection_is_reopened_once(pg: PostgresServer) -> None:
         store.close()
 
 
+@pytest.mark.smoke
 def test_a_restarted_server_is_reconnected_to(pg: PostgresServer) -> None:
     url = fresh(pg)
     store = open_pg(url)

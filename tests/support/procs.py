@@ -204,10 +204,10 @@ def make_cert(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from veil.server.state import _self_signed
+    from veil.server.state import self_signed_certificate
 
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = _self_signed(key, name)
+    cert = self_signed_certificate(key, name)
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,

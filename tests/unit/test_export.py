@@ -104,10 +104,10 @@ def test_a_ca_issued_certificate_needs_no_pin_and_no_warning(tmp_path: Path) -> 
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    from veil.server.state import _self_signed
+    from veil.server.state import self_signed_certificate
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _self_signed(ca_key, "Test CA")
+    ca = self_signed_certificate(ca_key, "Test CA")
     key = ec.generate_private_key(ec.SECP256R1())
     leaf = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vpn.example.org")]))

@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     from veil.admin.cli import add_admin_parser
 
     add_admin_parser(sub, DEFAULT_STATE)
+    from veil.cli.doctor import add_doctor_parser
+
+    add_doctor_parser(sub)
     return parser
 
 
@@ -489,9 +492,17 @@ def cmd_admin(args: argparse.Namespace) -> None:
     run_admin(args)
 
 
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from veil.cli.doctor import run_doctor
+
+    status = run_doctor(args)
+    if status:
+        raise SystemExit(status)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "serve": cmd_serve, "user": cmd_user, "connect": cmd_connect, "lab": cmd_lab,
-    "admin": cmd_admin}
+    "admin": cmd_admin, "doctor": cmd_doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

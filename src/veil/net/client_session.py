@@ -38,8 +38,11 @@ log = logging.getLogger("veil.client")
 # Reconnect backoff: quick first retries (a blip), capped so a long outage is not hammered.
 BACKOFF_INITIAL_S = 0.25
 BACKOFF_MAX_S = 30.0
-# A server that rejected our key will most likely reject it again; retry slowly.
-BACKOFF_REJECTED_S = 60.0
+# A server that rejected our key may only not know it yet (a user added a moment ago, before
+# the server's next look at its store: half a second), so the first retry comes soon; a key
+# that stays refused is then tried ever more slowly, at most once a minute.
+BACKOFF_REJECTED_INITIAL_S = 1.0
+BACKOFF_REJECTED_MAX_S = 60.0
 # A TLS handshake slower than this means the path is broken; try again.
 HANDSHAKE_TIMEOUT_S = 15.0
 # The client's first flight carries a PADDING frame of random length, so the first record is
@@ -183,6 +186,7 @@ class ClientTunnel(Dialer):
 
     async def _maintain(self, slot: int) -> None:
         backoff = BACKOFF_INITIAL_S
+        rejected_backoff = BACKOFF_REJECTED_INITIAL_S
         while True:
             started = time.monotonic()
             try:
@@ -190,7 +194,7 @@ class ClientTunnel(Dialer):
             except AuthError as exc:
                 self.last_error = str(exc)
                 log.error("%s", exc)
-                await asyncio.sleep(BACKOFF_REJECTED_S)
+                await asyncio.sleep(BACKOFF_REJECTED_MAX_S)
                 continue
             except (OSError, TimeoutError, ConnectionError) as exc:
                 self.last_error = f"cannot reach {self.key.server}: {exc or type(exc).__name__}"
@@ -204,6 +208,7 @@ class ClientTunnel(Dialer):
             accepted = await driver.accepted
             if accepted:
                 log.info("connected to %s (session %d)", self.key.server, slot)
+                rejected_backoff = BACKOFF_REJECTED_INITIAL_S
             why = await driver.closed
             self._drivers.remove(driver)
             if not self._drivers:
@@ -211,9 +216,10 @@ class ClientTunnel(Dialer):
             if not accepted:
                 self.last_error = (f"the server at {self.key.server} refused the key (revoked, "
                                    "expired or over its limit, a wrong key, or this clock is off "
-                                   "by minutes); trying again in a minute")
+                                   f"by minutes); trying again in {rejected_backoff:.0f} s")
                 log.error("%s", self.last_error)
-                await asyncio.sleep(BACKOFF_REJECTED_S)
+                await asyncio.sleep(rejected_backoff)
+                rejected_backoff = min(rejected_backoff * 2, BACKOFF_REJECTED_MAX_S)
                 continue
             log.warning("session %d to %s ended (%s); reconnecting", slot, self.key.server, why)
             if time.monotonic() - started > BACKOFF_MAX_S:

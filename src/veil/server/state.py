@@ -65,7 +65,8 @@ class ServerState:
         return AccessKey(self.public, user.secret, self.pin, self.sni, user.name)
 
 
-def _self_signed(key: ec.EllipticCurvePrivateKey, name: str) -> x509.Certificate:
+def self_signed_certificate(key: ec.EllipticCurvePrivateKey, name: str) -> x509.Certificate:
+    """A server certificate for ``name`` (a DNS name or an IP address) signed by ``key``."""
     now = datetime.datetime.now(datetime.UTC)
     try:
         san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
@@ -136,7 +137,7 @@ def _ensure_certificate(directory: Path, name: str) -> None:
             left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
             if left > CERT_RENEW_BEFORE and cert.public_key() == key.public_key():
                 return
-    cert = _self_signed(key, name)
+    cert = self_signed_certificate(key, name)
     tmp = cert_path.with_suffix(".tmp")
     tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     tmp.replace(cert_path)
