@@ -297,7 +297,8 @@ class Topology:
             run(["ip", "netns", "del", name], check=False)
             shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
         self.created.clear()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not os.environ.get("VEIL_KEEP_NETNS_LOGS"):  # to read the logs of a failure
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Capture:

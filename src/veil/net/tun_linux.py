@@ -280,8 +280,8 @@ def route_get(destination: str) -> tuple[str | None, int]:
     """(gateway or None when on-link, output interface index) the kernel uses now."""
     with _iproute() as ipr:
         msg = next(iter(ipr.route("get", dst=destination)))
-        gateway = msg.get("RTA_GATEWAY")
-        return (str(gateway) if gateway else None), int(msg.get("RTA_OIF"))
+        gateway = msg.get_attr("RTA_GATEWAY")
+        return (str(gateway) if gateway else None), int(msg.get_attr("RTA_OIF"))
 
 
 def add_route(destination: str, *, oif: int, gateway: str | None = None,
