@@ -27,8 +27,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCKS = [ROOT / "requirements" / "veil.lock", ROOT / "requirements" / "test.lock"]
-ADVISORIES = ROOT / "requirements" / "advisories.toml"
+LOCK_NAMES = ("veil.lock", "test.lock")
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", re.MULTILINE)
 # pip-audit asks PyPI about each package; a slow index gets this long per request.
 PIP_AUDIT_TIMEOUT_S = 15
@@ -42,9 +41,9 @@ def locked(lock: Path) -> dict[str, set[Version]]:
     return pins
 
 
-def floors() -> dict[str, Version]:
+def floors(root: Path) -> dict[str, Version]:
     """Package -> the lowest version pyproject.toml allows (its `>=` or `==` bound)."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = tomllib.loads((root / "pyproject.toml").read_text())
     texts = list(project["project"]["dependencies"])
     for extra in project["project"].get("optional-dependencies", {}).values():
         texts += extra
@@ -74,25 +73,30 @@ def pip_audit(lock: Path) -> tuple[list[str], int, int]:
         error = (proc.stderr.strip().splitlines() or ["no report"])[-1]
         print(f"pip-audit {lock.name}: {error}")
         return [], 0, len(locked(lock))
+    return read_report(report)
+
+
+def read_report(report: dict[str, list[dict[str, object]]]) -> tuple[list[str], int, int]:
+    """pip-audit's JSON report: (findings, packages audited, packages skipped)."""
     findings, audited, skipped = [], 0, 0
     for dep in report.get("dependencies", []):
         if "skip_reason" in dep:
             skipped += 1
             continue
         audited += 1
-        for vuln in dep.get("vulns", []):
+        for vuln in dep.get("vulns", []):  # type: ignore[attr-defined]
             fixed = ", ".join(vuln.get("fix_versions", [])) or "no fix yet"
             findings.append(f"{dep['name']} {dep['version']}: {vuln['id']} (fixed in {fixed})")
     return findings, audited, skipped
 
 
-def tracked() -> tuple[list[str], int]:
+def tracked(root: Path) -> tuple[list[str], int]:
     """The tracked advisories against the locks and the floors: (findings, advisories)."""
-    data = tomllib.loads(ADVISORIES.read_text())
+    data = tomllib.loads((root / "requirements" / "advisories.toml").read_text())
     advisories = data["advisory"]
-    lowest = floors()
+    lowest = floors(root)
     findings = []
-    for lock in LOCKS:
+    for lock in (root / "requirements" / name for name in LOCK_NAMES):
         pins = locked(lock)
         for adv in advisories:
             for version in pins.get(canonicalize_name(adv["package"]), ()):
@@ -107,12 +111,12 @@ def tracked() -> tuple[list[str], int]:
     return findings, len(advisories)
 
 
-def main() -> int:
+def main(root: Path = ROOT) -> int:
     failed = False
     reached = False
-    for lock in LOCKS:
+    for lock in (root / "requirements" / name for name in LOCK_NAMES):
         findings, audited, skipped = pip_audit(lock)
-        name = lock.relative_to(ROOT)
+        name = lock.relative_to(root)
         if audited and skipped:
             print(f"pip-audit {name}: only {audited} of {audited + skipped} packages could be "
                   "looked up: the audit is incomplete")
@@ -126,9 +130,10 @@ def main() -> int:
         for finding in findings:
             print(f"  {finding}")
         failed |= bool(findings)
-    findings, count = tracked()
-    reviewed = tomllib.loads(ADVISORIES.read_text())["reviewed"]
-    print(f"{ADVISORIES.relative_to(ROOT)} (reviewed {reviewed}): {count} advisories against "
+    findings, count = tracked(root)
+    advisories = root / "requirements" / "advisories.toml"
+    reviewed = tomllib.loads(advisories.read_text())["reviewed"]
+    print(f"{advisories.relative_to(root)} (reviewed {reviewed}): {count} advisories against "
           f"both locks and pyproject's floors: {len(findings)} findings"
           + ("" if reached else "  <- the audit that ran here"))
     for finding in findings:
