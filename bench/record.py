@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import cryptography  # noqa: E402
+import cryptography
 
-from veil.transport.tls13.keys import SUITES, traffic_keys  # noqa: E402
-from veil.transport.tls13.record import (  # noqa: E402
+from veil.transport.tls13.keys import SUITES, traffic_keys
+from veil.transport.tls13.record import (
     _FULL_HEADER,
     APPLICATION_DATA,
     HEADER,
