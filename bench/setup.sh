@@ -6,7 +6,9 @@ set -euo pipefail
 
 APT_PACKAGES=(iperf3 shadowsocks-libev trojan v2ray nginx curl openssl iproute2)
 PIP_PACKAGES=(pproxy pycryptodome uvloop)
-PYTHON=${PYTHON:-python3}
+# The project's virtual environment (scripts/install-deps makes it) when there is one: Debian's
+# own python3 refuses `pip install` outside a virtual environment.
+PYTHON=${PYTHON:-$( [ -x "$(dirname "$0")/../.venv/bin/python" ] && echo "$(dirname "$0")/../.venv/bin/python" || echo python3)}
 
 if [[ $(id -u) -ne 0 ]]; then
     echo "setup.sh: run as root" >&2
