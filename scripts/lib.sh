@@ -58,7 +58,8 @@ fresh_venv() {
 locked_venv() {
     local dir=$1 lock=$2 editable=${3:-}
     local want
-    want=$("$PYTHON" -c 'import sys; print(sys.version)' 2>/dev/null) || python_ok
+    python_ok
+    want=$("$PYTHON" -c 'import sys; print(sys.version)')
     if ! [ -x "$dir/bin/python" ] \
         || [ "$("$dir/bin/python" -c 'import sys; print(sys.version)' 2>/dev/null)" != "$want" ]; then
         say "making $dir"
