@@ -83,7 +83,8 @@ def test_duplicate_key_id_is_refused(store: UserStore) -> None:
     assert store.get_user("bob") is None
 
 
-@pytest.mark.parametrize("name", ["", "-alice", "a b", "a/b", "é", "x" * 65, "a;DROP"])
+@pytest.mark.parametrize("name", ["", "-alice", "a b", "a/b", "é", "x" * 65, "a;DROP", "alice\n",
+                                  "alice\r", "\nalice"])
 def test_bad_names_are_refused(store: UserStore, name: str) -> None:
     with pytest.raises(StoreError) as err:
         add(store, name)

@@ -120,6 +120,34 @@ def test_policy_refuses_private_ranges_by_default() -> None:
         assert strict.allows(ipaddress.ip_address(text))
 
 
+@pytest.mark.parametrize("text", [
+    "2002:7f00:1::1", "2002:a00:1::", "2002:c0a8:101::1",  # 6to4 of 127.0.0.1, 10/8, 192.168/16
+    "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe",  # NAT64 of loopback, of cloud metadata
+    "64:ff9b:1::1",  # local-use NAT64
+    "::127.0.0.1", "::ffff:169.254.169.254",  # IPv4-compatible, IPv4-mapped
+    "192.0.0.9", "192.0.0.200", "fec0::1", "168.63.129.16", "2001:0:4136:e378::1",
+    "198.18.0.1", "192.0.2.1", "2001:db8::1", "100::1", "255.255.255.255"])
+def test_policy_refuses_what_hides_a_private_address(text: str) -> None:
+    # The table decides, not Python's is_private (3.11.2 and 3.11.7 disagree on several).
+    assert not DestinationPolicy().allows(ipaddress.ip_address(text))
+
+
+@pytest.mark.parametrize("text", ["2002:808:808::1", "64:ff9b::808:808", "::ffff:8.8.8.8",
+                                  "9.9.9.9", "2a00:1450:4001::1"])
+def test_policy_lets_public_addresses_through_whatever_their_form(text: str) -> None:
+    assert DestinationPolicy().allows(ipaddress.ip_address(text))
+
+
+def test_policy_refuses_the_servers_own_addresses() -> None:
+    policy = DestinationPolicy.for_server(False, ["0.0.0.0", "vpn.example.org", "9.9.9.9",
+                                                  "2a00:1450:4001::1", "fe80::1%eth0"])
+    for text in ("9.9.9.9", "2a00:1450:4001::1", "::ffff:9.9.9.9", "2002:909:909::1"):
+        assert not policy.allows(ipaddress.ip_address(text)), text
+    assert policy.allows(ipaddress.ip_address("8.8.8.8"))
+    lax = DestinationPolicy.for_server(True, ["9.9.9.9"])
+    assert lax.allows(ipaddress.ip_address("9.9.9.9"))
+
+
 def client_hello(sni: str | None) -> bytes:
     ext = b""
     if sni:

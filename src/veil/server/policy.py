@@ -1,11 +1,17 @@
 """Which destinations the server relays to.
 
 A VPN server that relays to its own loopback or to the private network it sits in hands that
-network to every key holder (and to anyone who steals a key). So private, loopback,
-link-local, multicast, reserved and unspecified addresses are refused unless the operator
-says ``--allow-private``. Names are resolved here, at the server, so clients leak no DNS, and
-the check runs on every address a name resolves to (a public name pointing at 127.0.0.1 is
-still loopback).
+network to every key holder (and to anyone who steals a key). So the address ranges below —
+private, loopback, link-local, multicast, reserved, documentation, cloud host endpoints — and
+the server's own addresses are refused unless the operator says ``--allow-private``. Names are
+resolved here, at the server, so clients leak no DNS, and the check runs on every address a
+name resolves to (a public name pointing at 127.0.0.1 is still loopback).
+
+The ranges are a table here, not Python's ``is_private`` and friends: those change between
+Python releases (3.11.2 and 3.11.7 disagree about 192.0.0.0/24 and 2002::/16), and the same
+table feeds ``--tun``'s nftables rules (server/tun.py), so streams and packets are refused
+alike. IPv6 addresses that carry an IPv4 address (IPv4-mapped, 6to4, NAT64) are refused when
+the IPv4 address inside is.
 """
 
 from __future__ import annotations
@@ -13,26 +19,120 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+try:  # Linux: netlink lists the interfaces' addresses
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]
+except ImportError:  # pragma: no cover - other platforms
+    IPRoute = None
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# IANA's special-purpose registries (RFC 6890 and updates): the ranges that are not globally
+# reachable, plus host endpoints clouds place outside them.
+REFUSED_V4 = (
+    "0.0.0.0/8",  # "this network"
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # private (RFC 1918)
+    "100.64.0.0/10",  # shared address space, carrier-grade NAT (RFC 6598)
+    "127.0.0.0/8",  # loopback
+    "169.254.0.0/16",  # link-local; cloud metadata lives at 169.254.169.254
+    "192.0.0.0/24",  # IETF protocol assignments
+    "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24",  # documentation
+    "192.88.99.0/24",  # 6to4 relay anycast (deprecated)
+    "198.18.0.0/15",  # benchmarking
+    "224.0.0.0/4",  # multicast
+    "240.0.0.0/4",  # reserved, and the limited broadcast address
+    "168.63.129.16/32",  # Azure's host endpoint (wireserver, DNS, health probes)
+)
+REFUSED_V6 = (
+    "::/96",  # unspecified, loopback, and the deprecated IPv4-compatible addresses
+    "::ffff:0:0/96",  # IPv4-mapped: never on the wire; streams check the IPv4 inside
+    "100::/64",  # discard-only
+    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215): a private network's translator
+    "2001::/23",  # IETF protocol assignments (Teredo's 2001::/32 among them)
+    "2001:db8::/32",  # documentation
+    "fc00::/7",  # unique local
+    "fe80::/10",  # link-local
+    "fec0::/10",  # site-local (deprecated, still routed by some)
+    "ff00::/8",  # multicast
+)
+# IPv6 prefixes that embed an IPv4 address, and where: (prefix, bit offset of the IPv4).
+_EMBEDDING = (("2002::/16", 16), ("64:ff9b::/96", 96))  # 6to4 (RFC 3056), NAT64 (RFC 6052)
+
+_V4 = tuple(ipaddress.IPv4Network(n) for n in REFUSED_V4)
+
+
+def _embedded_v6(network: ipaddress.IPv4Network) -> list[ipaddress.IPv6Network]:
+    """The IPv6 networks that carry ``network`` inside a 6to4 or NAT64 prefix."""
+    out = []
+    for prefix, offset in _EMBEDDING:
+        base = ipaddress.IPv6Network(prefix)
+        shift = 128 - offset - 32
+        address = int(base.network_address) | (int(network.network_address) << shift)
+        out.append(ipaddress.IPv6Network((address, offset + network.prefixlen)))
+    return out
+
+
+# Every refused IPv6 range, the embedded IPv4 ones included: what nftables is given.
+REFUSED_V6_ALL = (*REFUSED_V6, *(str(n) for v4 in _V4 for n in _embedded_v6(v4)))
+_V6 = tuple(ipaddress.IPv6Network(n) for n in REFUSED_V6_ALL)
+
+
+def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    for prefix, offset in _EMBEDDING:
+        network = ipaddress.IPv6Network(prefix)
+        if ip in network:
+            return ipaddress.IPv4Address((int(ip) >> (128 - offset - 32)) & 0xFFFFFFFF)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
 class DestinationPolicy:
+    """``allow_private`` lets everything through (tests, and operators who mean it);
+    otherwise the ranges above and ``own_addresses`` (the server's own) are refused."""
+
     allow_private: bool = False
+    own_addresses: frozenset[IPAddress] = frozenset()
+
+    @classmethod
+    def for_server(cls, allow_private: bool, own: Iterable[str]) -> DestinationPolicy:
+        """A policy refusing ``own`` too: the addresses the server listens on and is reached
+        at (those that are IP literals) and its interfaces' addresses."""
+        addresses = set()
+        for text in own:
+            try:
+                addresses.add(ipaddress.ip_address(text.split("%", maxsplit=1)[0]))
+            except ValueError:
+                continue  # a name: its addresses are not the server's to know
+        return cls(allow_private, frozenset(addresses))
 
     def allows(self, ip: IPAddress) -> bool:
         if self.allow_private:
             return True
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
-                    or ip.is_reserved or ip.is_unspecified
-                    or (isinstance(ip, ipaddress.IPv4Address) and ip in _SHARED))
+        if ip in self.own_addresses:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address):
+            inner = _embedded_v4(ip)
+            if inner is not None:
+                return inner not in self.own_addresses and not any(inner in n for n in _V4)
+            return not any(ip in n for n in _V6)
+        return not any(ip in n for n in _V4)
 
 
-_SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT space, RFC 6598
+def local_addresses() -> list[str]:
+    """This host's interface addresses (Linux, by netlink), or none where they cannot be
+    listed: the server refuses them as destinations, as it refuses its listen address."""
+    if IPRoute is None:
+        return []
+    try:
+        with IPRoute() as ipr:
+            return [str(msg.get_attr("IFA_ADDRESS")) for msg in ipr.get_addr()
+                    if msg.get_attr("IFA_ADDRESS")]
+    except OSError:
+        return []
 
 
 class ResolveError(Exception):

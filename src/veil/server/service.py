@@ -29,7 +29,7 @@ from veil.server.live import (
     LiveConnection,
 )
 from veil.server.outbound import Outbound
-from veil.server.policy import DestinationPolicy
+from veil.server.policy import DestinationPolicy, local_addresses
 from veil.server.state import ServerState, load_state
 from veil.server.trojan import TrojanService, TrojanWayIn
 from veil.server.users import UserManager
@@ -98,7 +98,9 @@ class VeilServer:
                          max_sessions_per_user=options.max_sessions_per_user,
                          max_sessions=options.max_sessions, user_rate=options.user_rate)
         self.cover = cover or make_cover(options.cover_url)
-        policy = DestinationPolicy(options.allow_private)
+        policy = DestinationPolicy.for_server(
+            options.allow_private,
+            [options.listen.host, state.public.host, *local_addresses()])
         self.outbound = Outbound(policy)
         self.trojan = TrojanService(policy)
         own_names = frozenset(n for n in (state.sni,) if n)

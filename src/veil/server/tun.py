@@ -37,6 +37,7 @@ from veil.protocol.address import Address
 from veil.protocol.events import StreamOpened
 from veil.protocol.frames import ResetCode
 from veil.protocol.ip import IPAddress, IpConfig, packet_destination, packet_source
+from veil.server.policy import REFUSED_V4, REFUSED_V6_ALL
 
 log = logging.getLogger("veil.server")
 
@@ -53,11 +54,10 @@ FALLBACK_DNS = ("1.1.1.1", "2606:4700:4700::1111")
 # A session's TLS write buffer may hold this much before its packets are dropped, as a
 # router's queue would: 4 super-packets' worth keeps one bulk TCP flow at full speed.
 SESSION_WRITE_HIGH_WATER = 4 * 1024 * 1024
-# The ranges clients may not reach through the tunnel without --allow-private (the
-# server's own networks), as DestinationPolicy refuses them for streams.
-PRIVATE_V4 = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
-              "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4")
-PRIVATE_V6 = ("::1/128", "::/128", "::ffff:0:0/96", "fc00::/7", "fe80::/10", "ff00::/8")
+# The ranges clients may not reach through the tunnel without --allow-private: the same table
+# DestinationPolicy refuses streams by (IPv6 with the 6to4 and NAT64 forms of the IPv4 ones).
+PRIVATE_V4 = REFUSED_V4
+PRIVATE_V6 = REFUSED_V6_ALL
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from veil.errors import StoreError
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+# fullmatch, not match with ^...$: "$" also matches before a final newline ("alice\n").
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 #: A limit applies to the calendar month (UTC) or to all time.
 LimitPeriod = Literal["month", "total"]
@@ -43,7 +44,7 @@ HOUR_S = 3600
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise StoreError(
             f"invalid user name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-'",
             code="bad_name")
