@@ -26,7 +26,8 @@ apt_install() {
     fi
     say "installing ${missing[*]}"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    # Through env: sudo resets the environment, and a debconf question would wait unseen.
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         "${missing[@]}" >/dev/null
 }
 
@@ -52,13 +53,17 @@ fresh_venv() {
     fi
 }
 
-# locked_venv DIR LOCK [EDITABLE]: DIR holds exactly what LOCK pins (hashes checked) and veil
-# from this checkout (editable if EDITABLE=-e). Kept across runs; made anew if it is broken or
-# was made by another interpreter.
+# locked_venv DIR LOCK [EDITABLE]: DIR holds what LOCK pins (hashes checked) and veil from this
+# checkout (editable if EDITABLE=-e). Kept across runs (packages a lock no longer lists stay
+# until the venv is remade: delete DIR for that); made anew if it is broken or was made by
+# another interpreter.
 locked_venv() {
     local dir=$1 lock=$2 editable=${3:-}
     local want
     python_ok
+    if [ -e "$dir" ] && ! [ -w "$dir" ]; then
+        die "$dir is not writable by $(id -un) (made by root?): remove it or run as its owner"
+    fi
     want=$("$PYTHON" -c 'import sys; print(sys.version)')
     if ! [ -x "$dir/bin/python" ] \
         || [ "$("$dir/bin/python" -c 'import sys; print(sys.version)' 2>/dev/null)" != "$want" ]; then

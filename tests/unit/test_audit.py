@@ -41,11 +41,13 @@ def test_a_vulnerable_lock_and_a_low_floor_are_findings(tmp_path: Path) -> None:
     version = text[start + 4 : text.index(" ", start)]
     lock.write_text(text.replace(f"h2=={version}", "h2==4.2.0"))
     pyproject = root / "pyproject.toml"
-    pyproject.write_text(pyproject.read_text().replace('"aiohttp>=3.14.1"', '"aiohttp>=3.12"'))
+    pyproject.write_text(pyproject.read_text().replace('"aiohttp>=3.14.1"', '"aiohttp>=3.12"')
+                         .replace('"h11>=0.16.0"', '"h11"'))
     findings, _ = load_audit().tracked(root)
     assert any(f.startswith("veil.lock: h2 4.2.0: CVE-2026-71554") for f in findings), findings
     assert any(f.startswith("veil.lock: h2 4.2.0: CVE-2025-57804") for f in findings), findings
     assert any("pyproject.toml allows aiohttp 3.12: PYSEC-2026-2111" in f for f in findings)
+    assert any("pyproject.toml allows any h11: CVE-2025-43859" in f for f in findings)
 
 
 def test_a_report_that_looked_nothing_up_audited_nothing() -> None:

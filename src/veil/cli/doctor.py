@@ -64,7 +64,11 @@ def check_requirements(requirements: list[str] | None = None) -> list[Check]:
     from packaging.requirements import Requirement
 
     if requirements is None:
-        requirements = metadata.requires("veil") or []
+        try:
+            requirements = metadata.requires("veil") or []
+        except metadata.PackageNotFoundError:
+            return [Check("dependencies", "warn", "veil runs from a source tree, not installed: "
+                          "its bounds cannot be read", "pip install . (or scripts/install-deps)")]
     checks = []
     for text in requirements:
         req = Requirement(text)
@@ -219,13 +223,13 @@ def _run_namespace_checks() -> list[Check]:
                               capture_output=True, text=True, check=False,
                               timeout=NAMESPACE_CHECK_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return [Check("namespace checks", "warn",
-                      f"no answer in {NAMESPACE_CHECK_TIMEOUT_S:.0f} s")]
+        return [Check("namespace checks", "fail",
+                      f"no answer in {NAMESPACE_CHECK_TIMEOUT_S:.0f} s (TUN or nft hangs)")]
     try:
         return [Check(**item) for item in json.loads(proc.stdout)]
-    except (ValueError, TypeError):
+    except (ValueError, TypeError):  # the child crashed: veil's TUN code did
         error = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return [Check("namespace checks", "warn", f"the check failed: {error}")]
+        return [Check("namespace checks", "fail", f"the check crashed: {error}")]
 
 
 def _namespace_checks() -> list[Check]:
@@ -273,7 +277,11 @@ CHECKS: tuple[Callable[[], Check | list[Check]], ...] = (
 
 def run_checks() -> Iterator[Check]:
     for check in CHECKS:
-        found = check()
+        try:
+            found = check()
+        except Exception as exc:  # a check that cannot even run is a finding, not a crash
+            name = getattr(check, "__name__", "check").removeprefix("check_").replace("_", " ")
+            found = Check(name, "fail", f"the check itself failed: {type(exc).__name__}: {exc}")
         yield from (found if isinstance(found, list) else [found])
 
 
