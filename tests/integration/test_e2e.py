@@ -59,6 +59,25 @@ def test_http_proxy_plain_and_connect(veil_client: VeilClient, nginx: Nginx) -> 
 
 
 @pytest.mark.smoke
+def test_http_proxy_with_a_password_refuses_requests_without_it(
+        module_dir, veil_server: VeilServer, nginx: Nginx) -> None:
+    client = procs.start_veil_client(module_dir, veil_server.key, socks=False, http=True,
+                                     extra=("--http-auth", "alice:s3cret"))
+    try:
+        url = f"http://127.0.0.1:{nginx.http_port}/"
+        proxy = f"http://127.0.0.1:{client.http}"
+        refused = curl("-sS", "-o", "/dev/null", "-w", "%{http_code}", "-x", proxy, url)
+        assert refused.stdout == b"407", refused
+        wrong = curl("-sS", "-o", "/dev/null", "-w", "%{http_code}", "-x", proxy,
+                     "--proxy-user", "alice:wrong", url)
+        assert wrong.stdout == b"407", wrong
+        good = curl("-x", proxy, "--proxy-user", "alice:s3cret", url)
+        assert good.returncode == 0 and good.stdout == (nginx.root / "index.html").read_bytes()
+        assert "s3cret" not in client.log_text()
+    finally:
+        procs.stop(client.proc)
+
+
 def test_large_download_is_byte_exact(veil_client: VeilClient, nginx: Nginx) -> None:
     r = curl("--socks5-hostname", f"127.0.0.1:{veil_client.socks}",
              f"http://127.0.0.1:{nginx.http_port}/big.bin")

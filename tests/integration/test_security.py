@@ -83,6 +83,11 @@ def test_a_tls_interceptor_gets_no_credential(tmp_path: Path, veil_server: VeilS
     (["connect", "https://example.com"], "starts with veil://"),
     (["connect", "veil://AAAA@127.0.0.1:1?pin=AAAA"], "wrong secret length"),
     (["connect", "KEY", "--forward", "nope"], "forward"),
+    # An open proxy into the tunnel for the whole network, unless --allow-lan says so.
+    (["connect", "KEY", "--socks", "0.0.0.0:1080"], "--socks-auth"),
+    (["connect", "KEY", "--http", "0.0.0.0:8118"], "--http-auth"),
+    (["connect", "KEY", "--forward", "0.0.0.0:2222:example.org:22"], "--allow-lan"),
+    (["connect", "KEY", "--http-auth", "nopassword"], "USER:PASSWORD"),
     (["serve", "--listen", "127.0.0.1"], "host:port"),
     (["user", "list", "--state", "/nonexistent/veil-state"], "not an initialised"),
 ])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
+import sys
 
 import pytest
 from hypothesis import given
@@ -14,7 +16,7 @@ from veil.protocol.accesskey import AccessKey
 from veil.protocol.address import Address, NeedMoreData, parse_host_port
 from veil.protocol.auth import AUTH_SIZE, Credential, ReplayFilter, build_auth, verify_auth
 from veil.server.clienthello import record_length, server_name
-from veil.server.policy import DestinationPolicy
+from veil.server.policy import DestinationPolicy, local_addresses
 
 SECRET = bytes(range(32))
 BINDING = b"b" * 12
@@ -136,6 +138,16 @@ def test_policy_refuses_what_hides_a_private_address(text: str) -> None:
                                   "9.9.9.9", "2a00:1450:4001::1"])
 def test_policy_lets_public_addresses_through_whatever_their_form(text: str) -> None:
     assert DestinationPolicy().allows(ipaddress.ip_address(text))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="netlink lists addresses on Linux only")
+def test_local_addresses_are_listed_inside_a_running_event_loop() -> None:
+    # The server builds its policy inside its loop, where pyroute2's own loop cannot start.
+    async def inside() -> list[str]:
+        return local_addresses()
+
+    assert "127.0.0.1" in asyncio.run(inside())
+    assert "127.0.0.1" in local_addresses()
 
 
 def test_policy_refuses_the_servers_own_addresses() -> None:

@@ -328,3 +328,33 @@ def test_corrupted_requests_give_clean_errors(
     corrupted = bytearray(data)
     corrupted[where % len(data)] = value
     _feed_expecting_clean_errors(split(bytes(corrupted), cuts))
+
+
+# ---------------------------------------------------------------- Proxy-Authorization
+def _authed(header: bytes | None) -> bytes:
+    head = b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n"
+    if header is not None:
+        head += b"Proxy-Authorization: " + header + b"\r\n"
+    return head + b"\r\n"
+
+
+def test_credentials_are_required_when_set() -> None:
+    import base64
+
+    from veil.client.socks5 import Credentials
+
+    creds = Credentials(b"alice", b"s3cret")
+    good = b"Basic " + base64.b64encode(b"alice:s3cret")
+    parser = HttpProxyParser(creds)
+    assert parser.receive_data(_authed(good)) == TunnelRequest(Address("example.org", 443))
+    assert HttpProxyParser(creds).receive_data(_authed(b"basic " + good[6:])) is not None
+    for bad in (None, b"Basic " + base64.b64encode(b"alice:wrong"),
+                b"Bearer " + base64.b64encode(b"alice:s3cret"), b"Basic !!!"):
+        with pytest.raises(RemoteProtocolError) as err:
+            HttpProxyParser(creds).receive_data(_authed(bad))
+        assert err.value.code == "proxy_auth_required"
+        response = error_response(err.value.code)
+        assert response.startswith(b"HTTP/1.1 407 ")
+        assert b'Proxy-Authenticate: Basic realm="veil"' in response
+    # Without credentials configured, no header is needed (a loopback proxy).
+    assert HttpProxyParser().receive_data(_authed(None)) is not None

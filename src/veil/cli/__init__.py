@@ -187,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="require this username/password on the SOCKS5 port")
     connect.add_argument("--http", type=_address, metavar="HOST:PORT",
                          help="HTTP proxy listen address (CONNECT and plain requests)")
+    connect.add_argument("--http-auth", metavar="USER:PASSWORD",
+                         help="require this username/password on the HTTP proxy "
+                              "(Proxy-Authorization: Basic)")
+    connect.add_argument("--allow-lan", action="store_true",
+                         help="let other machines use --socks/--http without a password, and "
+                              "--forward ports (refused unless said: an open proxy into the "
+                              "tunnel for everyone on the network)")
     connect.add_argument("--forward", action="append", default=[],
                          metavar="[LHOST:]LPORT:RHOST:RPORT[/udp]",
                          help="forward a local port to RHOST:RPORT through the tunnel "
@@ -468,7 +475,8 @@ def cmd_connect(args: argparse.Namespace) -> None:
                                       pool=args.pool, default_socks=parse_host_port(DEFAULT_SOCKS),
                                       tls_stack=args.tls, shaping=args.shaping, tun=args.tun,
                                       tun_exclude=tuple(args.exclude),
-                                      keepalive=args.keepalive)
+                                      keepalive=args.keepalive, http_auth=args.http_auth,
+                                      allow_lan=args.allow_lan)
     if args.tun_cleanup:
         from veil.client.service import tun_cleanup
 

@@ -24,6 +24,8 @@ Destinations are never logged.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hmac
 import ipaddress
 import logging
 import re
@@ -33,6 +35,7 @@ from typing import cast
 import h11
 
 from veil.client.listener import TcpInbound
+from veil.client.socks5 import Credentials
 from veil.errors import LocalProtocolError, RemoteProtocolError, VeilError
 from veil.net.dialer import Dialer
 from veil.protocol.address import Address
@@ -91,6 +94,7 @@ _REG_NAME = re.compile(r"[A-Za-z0-9._~\-]+")
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 
 _STATUS = {
+    "proxy_auth_required": (407, b"Proxy Authentication Required"),
     "head_too_large": (431, b"Request Header Fields Too Large"),
     "not_implemented": (501, b"Not Implemented"),
     "bad_gateway": (502, b"Bad Gateway"),
@@ -124,7 +128,9 @@ def error_response(code: str) -> bytes:
     ready), anything else 400.
     """
     status, reason = _STATUS.get(code, (400, b"Bad Request"))
-    return b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % (status, reason)
+    challenge = b'Proxy-Authenticate: Basic realm="veil"\r\n' if status == 407 else b""
+    return (b"HTTP/1.1 %d %s\r\n%sContent-Length: 0\r\nConnection: close\r\n\r\n"
+            % (status, reason, challenge))
 
 
 def _bad(message: str) -> RemoteProtocolError:
@@ -138,9 +144,13 @@ class HttpProxyParser:
     are then in :attr:`trailing_data`, and later chunks are added there (up to
     :data:`MAX_TRAILING_DATA`). Raises :class:`~veil.errors.RemoteProtocolError` for a request
     to refuse; answer it with ``error_response(exc.code)`` and close.
+
+    With ``credentials``, a request must carry them in ``Proxy-Authorization: Basic``
+    (RFC 9110 section 11.7.1, RFC 7617); one without them is refused with 407.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, credentials: Credentials | None = None) -> None:
+        self._credentials = credentials
         self._buffer = bytearray()
         self._request: ProxyRequest | None = None
         self._failed = False
@@ -182,11 +192,20 @@ class HttpProxyParser:
             return None
         head = bytes(buf[: match.end()])
         del buf[: match.end()]
-        self._request = _parse_head(head)
+        self._request = _parse_head(head, self._credentials)
         return self._request
 
 
-def _parse_head(head: bytes) -> ProxyRequest:
+def _authorized(headers: list[tuple[bytes, bytes]], credentials: Credentials) -> bool:
+    expected = b"Basic " + base64.b64encode(credentials.username + b":" + credentials.password)
+    offered = [value for name, value in headers if name.lower() == b"proxy-authorization"]
+    # The scheme name is case-insensitive; the comparison takes the same time however much of
+    # the secret matches.
+    return len(offered) == 1 and hmac.compare_digest(
+        offered[0][:6].lower() + offered[0][6:], expected[:6].lower() + expected[6:])
+
+
+def _parse_head(head: bytes, credentials: Credentials | None = None) -> ProxyRequest:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
     conn.receive_data(head)
     try:
@@ -197,6 +216,8 @@ def _parse_head(head: bytes) -> ProxyRequest:
     if not isinstance(event, h11.Request):
         raise _bad("incomplete request head")
     headers = list(event.headers.raw_items())
+    if credentials is not None and not _authorized(headers, credentials):
+        raise RemoteProtocolError("proxy authentication required", code="proxy_auth_required")
     names = {name.lower() for name, _ in headers}
     if b"content-length" in names and b"transfer-encoding" in names:
         # RFC 9112 section 6.3: a request with both is a smuggling attempt or broken client.
@@ -303,10 +324,12 @@ class HttpProxyInbound(TcpInbound):
         dialer: Dialer,
         listen: Address,
         *,
+        credentials: Credentials | None = None,
         ready_timeout: float = READY_TIMEOUT,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
         super().__init__(dialer, listen)
+        self.credentials = credentials
         self.ready_timeout = ready_timeout
         self.handshake_timeout = handshake_timeout
 
@@ -322,7 +345,7 @@ class _HttpProxyProtocol(asyncio.Protocol):
 
     def __init__(self, inbound: HttpProxyInbound) -> None:
         self._inbound = inbound
-        self._parser = HttpProxyParser()
+        self._parser = HttpProxyParser(inbound.credentials)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -39,6 +40,11 @@ class ClientOptions:
     socks_credentials: Credentials | None = None
     http: Address | None = None
     forwards: tuple[ForwardSpec, ...] = field(default_factory=tuple)
+    #: The HTTP proxy's username/password (Proxy-Authorization: Basic).
+    http_credentials: Credentials | None = None
+    #: Let other machines use a proxy without a password, or a forward (which has none):
+    #: refused by default, since that is an open proxy into the tunnel for the whole network.
+    allow_lan: bool = False
     pool: int = 1
     tls_stack: str = "browser"
     shaping: bool = True
@@ -47,6 +53,20 @@ class ClientOptions:
     tun_exclude: tuple[str, ...] = ()
     #: Ping after this many idle seconds; the server is dead after the second figure more.
     keepalive: tuple[float, float] = (15.0, 10.0)
+
+    def __post_init__(self) -> None:
+        if self.allow_lan:
+            return
+        open_ = []
+        if self.socks is not None and self.socks_credentials is None and not _local(self.socks):
+            open_.append(f"--socks {self.socks} (add --socks-auth)")
+        if self.http is not None and self.http_credentials is None and not _local(self.http):
+            open_.append(f"--http {self.http} (add --http-auth)")
+        open_ += [f"--forward {spec.listen}" for spec in self.forwards if not _local(spec.listen)]
+        if open_:
+            raise ConfigError("these listen beyond this machine with no password, an open proxy "
+                              "into the tunnel for anyone who can reach them: "
+                              + "; ".join(open_) + ". Say --allow-lan if that is meant")
 
     def session_config(self) -> SessionConfig:
         interval, timeout = self.keepalive
@@ -59,18 +79,39 @@ class ClientOptions:
                   default_socks: Address, tls_stack: str = "browser",
                   shaping: bool = True, tun: bool = False,
                   tun_exclude: tuple[str, ...] = (),
-                  keepalive: str | None = None) -> ClientOptions:
+                  keepalive: str | None = None, http_auth: str | None = None,
+                  allow_lan: bool = False) -> ClientOptions:
         specs = tuple(parse_forward_spec(text) for text in forwards)
-        credentials = None
-        if socks_auth is not None:
-            user, sep, password = socks_auth.partition(":")
-            if not sep or not user:
-                raise ConfigError("--socks-auth takes USER:PASSWORD")
-            credentials = Credentials(user.encode(), password.encode())
         if socks is None and http is None and not specs and not tun:
             socks = default_socks
-        return cls(key, socks, credentials, http, specs, pool, tls_stack, shaping, tun,
-                   tun_exclude, parse_keepalive(keepalive) if keepalive else (15.0, 10.0))
+        return cls(key, socks=socks, socks_credentials=_credentials("--socks-auth", socks_auth),
+                   http=http, forwards=specs,
+                   http_credentials=_credentials("--http-auth", http_auth), allow_lan=allow_lan,
+                   pool=pool, tls_stack=tls_stack, shaping=shaping, tun=tun,
+                   tun_exclude=tun_exclude,
+                   keepalive=parse_keepalive(keepalive) if keepalive else (15.0, 10.0))
+
+
+def _credentials(flag: str, text: str | None) -> Credentials | None:
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError(f"{flag} takes USER:PASSWORD")
+    try:
+        return Credentials(user.encode(), password.encode())
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from exc
+
+
+def _local(address: Address) -> bool:
+    """Only this machine can connect: a loopback address or name."""
+    if address.host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_keepalive(text: str) -> tuple[float, float]:
@@ -108,7 +149,8 @@ async def run_client(options: ClientOptions, stop: asyncio.Event) -> None:
         inbounds.append(Socks5Inbound(tunnel, options.socks,
                                       credentials=options.socks_credentials))
     if options.http is not None:
-        inbounds.append(HttpProxyInbound(tunnel, options.http))
+        inbounds.append(HttpProxyInbound(tunnel, options.http,
+                                         credentials=options.http_credentials))
     started: list[Inbound] = []
     try:
         for inbound in inbounds:

@@ -17,6 +17,7 @@ the IPv4 address inside is.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import socket
 from collections.abc import Iterable
@@ -28,6 +29,9 @@ except ImportError:  # pragma: no cover - other platforms
     IPRoute = None
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Listing the interfaces' addresses over netlink takes milliseconds; a stuck query must not
+# stop the server from starting (it then refuses its listen and public addresses only).
+LOCAL_ADDRESSES_TIMEOUT_S = 5.0
 
 # IANA's special-purpose registries (RFC 6890 and updates): the ranges that are not globally
 # reachable, plus host endpoints clouds place outside them.
@@ -124,15 +128,24 @@ class DestinationPolicy:
 
 def local_addresses() -> list[str]:
     """This host's interface addresses (Linux, by netlink), or none where they cannot be
-    listed: the server refuses them as destinations, as it refuses its listen address."""
+    listed: the server refuses them as destinations, as it refuses its listen address.
+
+    pyroute2's synchronous IPRoute runs an event loop of its own, which cannot start inside a
+    running one: the query runs in a thread of its own, whoever calls.
+    """
     if IPRoute is None:
         return []
-    try:
+
+    def query() -> list[str]:
         with IPRoute() as ipr:
             return [str(msg.get_attr("IFA_ADDRESS")) for msg in ipr.get_addr()
                     if msg.get_attr("IFA_ADDRESS")]
-    except OSError:
-        return []
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            return pool.submit(query).result(timeout=LOCAL_ADDRESSES_TIMEOUT_S)
+        except (OSError, concurrent.futures.TimeoutError):
+            return []
 
 
 class ResolveError(Exception):
