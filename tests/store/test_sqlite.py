@@ -154,6 +154,24 @@ def test_an_unwritable_location_is_a_clear_error(tmp_path: Path) -> None:
     assert err.value.code == "cannot_open"
 
 
+def test_the_file_is_owner_only_whatever_the_directory_and_umask(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    old = os.umask(0o022)
+    try:
+        store = open_sqlite(tmp_path / "users.db")
+        store.add_user("alice", os.urandom(32), os.urandom(8), 1.0)
+        for name in ("users.db", "users.db-wal", "users.db-shm"):
+            if (tmp_path / name).exists():
+                assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+        store.close()
+        # A file an older veil left readable by everyone is made owner-only when opened.
+        (tmp_path / "users.db").chmod(0o644)
+        open_sqlite(tmp_path / "users.db").close()
+        assert (tmp_path / "users.db").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
 def test_a_full_disk_is_a_store_error_and_loses_nothing_committed(tmp_path: Path) -> None:
     store = open_sqlite(tmp_path / "users.db")
     try:

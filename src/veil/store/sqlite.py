@@ -9,6 +9,7 @@ power loss or kernel crash can lose the last commits, never corrupt the file.)
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -70,12 +71,34 @@ _ERRORS = {
 }
 
 
+def _owner_only(path: Path) -> None:
+    """Create ``path`` 0600 if it is missing; take group and other bits off a file of ours
+    (an older veil's, made under a 0755 directory and a 022 umask)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+    except OSError as exc:
+        if not path.exists():
+            raise StoreError(f"user store {path}: cannot open it: {exc.strerror}",
+                             code="cannot_open") from exc
+        return  # readable only through another way (a read-only open below says why)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 class SqliteUserStore(SqlUserStore):
     """The user store in one SQLite file; several processes may open it at once."""
 
     def __init__(self, path: Path | str, *, trojan_hash: TrojanHash, box: SecretBox) -> None:
         super().__init__(trojan_hash=trojan_hash, box=box)
         self._path = Path(path)
+        # The file holds sealed keys and every user's usage: owner-only whatever the directory's
+        # mode or the umask (SQLite gives its -wal and -shm files the database file's mode).
+        if str(path) != ":memory:":
+            _owner_only(self._path)
         try:
             # check_same_thread=False: callers hop threads with asyncio.to_thread, one call
             # at a time; isolation_level=None: this class issues BEGIN/COMMIT itself.
