@@ -154,3 +154,19 @@ def test_metrics_need_the_token_unless_open(harness: Harness) -> None:
         harness.run(runner.cleanup())
     # The loopback panel of the same server serves them without credentials.
     assert harness.client().get("/metrics").status == 200
+
+
+@pytest.mark.parametrize("host, status", [
+    ("localhost", 200), ("127.0.0.1:9", 200), ("[::1]:9", 200), ("LOCALHOST:1", 200),
+    ("rebound.example", 421), ("rebound.example:8080", 421), ("127.0.0.1.nip.io", 421)])
+def test_open_metrics_answer_only_loopback_names(harness: Harness, host: str,
+                                                 status: int) -> None:
+    # DNS rebinding: a page on rebound.example whose name now points at 127.0.0.1 reads the
+    # open /metrics (user names, byte counts) only if the panel ignores Host.
+    reply = harness.client().get("/metrics", headers={"Host": host})
+    assert reply.status == status, reply.body[:200]
+    if status != 200:
+        assert b"veil_" not in reply.body
+    # With the token, Host does not matter: the token is not ambient.
+    assert harness.client().get("/metrics", headers={"Host": host,
+                                                     **bearer(harness.token)}).status == 200

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.resources
+import ipaddress
 import json
 import logging
 import math
@@ -663,10 +664,26 @@ def _int_query(request: web.Request, key: str, default: int, low: int, high: int
 # ------------------------------------------------------------------ metrics
 async def metrics(request: web.Request) -> web.StreamResponse:
     admin = request.app[ADMIN]
-    if not admin.metrics_open and request[CALLER].kind is None:
-        return _json_error("unauthorized", "send Authorization: Bearer <token>", 401,
-                           {"WWW-Authenticate": "Bearer"})
+    if request[CALLER].kind is None:
+        if not admin.metrics_open:
+            return _json_error("unauthorized", "send Authorization: Bearer <token>", 401,
+                               {"WWW-Authenticate": "Bearer"})
+        # Open on loopback, for a local Prometheus: but a page from elsewhere whose name was
+        # rebound to 127.0.0.1 (DNS rebinding) asks with its own name as Host.
+        if not _loopback_host(request.host):
+            return _json_error("misdirected", "ask for this address by a loopback name", 421)
     return web.Response(body=render(admin.registry), headers={"Content-Type": CONTENT_TYPE})
+
+
+def _loopback_host(host: str) -> bool:
+    """Host header names this machine: localhost or a loopback literal, any port."""
+    name = host.rsplit("]", 1)[0].lstrip("[") if host.startswith("[") else host.rsplit(":", 1)[0]
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 # ------------------------------------------------------------------ JSON API
