@@ -339,6 +339,14 @@ def veil_admin(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
                           timeout=30)
 
 
+def status_becomes(h: Harness, token: str, status: int, timeout: float = 10.0) -> None:
+    """Poll /api/health with ``token`` until it answers ``status`` (the settings cache)."""
+    deadline = time.monotonic() + timeout
+    while (got := h.client().get("/api/health", headers=bearer(token)).status) != status:
+        assert time.monotonic() < deadline, f"still {got}, not {status}, after {timeout} s"
+        time.sleep(0.05)
+
+
 def test_veil_admin_passwd_and_token_change_a_running_panel(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     try:
@@ -364,12 +372,11 @@ def test_veil_admin_passwd_and_token_change_a_running_panel(tmp_path: Path) -> N
         assert made.returncode == 0, made.stderr
         token = made.stdout.strip()
         assert token.startswith("veil_admin_") and token not in made.stderr
-        time.sleep(1.1)  # the panel's settings cache
-        assert h.client().get("/api/health", headers=bearer(token)).status == 200
+        # The panel rereads its settings within a second: wait for the change, not a second.
+        status_becomes(h, token, 200)
         assert h.client().get("/api/health", headers=bearer(h.token)).status == 401
         assert veil_admin("token", "--state", state, "--revoke").returncode == 0
-        time.sleep(1.1)
-        assert h.client().get("/api/health", headers=bearer(token)).status == 401
+        status_becomes(h, token, 401)
     finally:
         h.close()
 
