@@ -73,20 +73,29 @@ _ERRORS = {
 
 def _owner_only(path: Path) -> None:
     """Create ``path`` 0600 if it is missing; take group and other bits off a file of ours
-    (an older veil's, made under a 0755 directory and a 022 umask)."""
+    (an older veil's, made under a 0755 directory and a 022 umask).
+
+    An existing file is never opened here: closing any descriptor of a file drops every POSIX
+    lock this process holds on it, and SQLite's locks of another connection of this process
+    (the server's, while the admin panel opens its own) would go with it. chmod by path
+    touches no lock.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
-    except OSError as exc:
-        if not path.exists():
+        st = path.stat()
+    except FileNotFoundError:
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass  # another process made it a moment ago
+        except OSError as exc:
             raise StoreError(f"user store {path}: cannot open it: {exc.strerror}",
                              code="cannot_open") from exc
-        return  # readable only through another way (a read-only open below says why)
-    try:
-        st = os.fstat(fd)
-        if st.st_uid == os.geteuid() and st.st_mode & 0o077:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
+        return
+    except OSError:
+        return  # sqlite3.connect below says what is wrong
+    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o600)
 
 
 class SqliteUserStore(SqlUserStore):
