@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -84,6 +85,44 @@ def test_login_is_rate_limited_per_address(harness: Harness,
     assert "veil_admin" not in client.cookies
     # Another address is not locked out.
     assert Client(admin.address[1], source="127.0.0.2").login().status == 303
+
+
+def test_parallel_wrong_passwords_are_not_all_tried(harness: Harness,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    admin = harness.another_admin()  # its own limiter
+    verified: list[str] = []
+    real_verify = auth.verify_password
+
+    def counting_verify(password: str, encoded: str) -> bool:
+        verified.append(password)
+        return real_verify(password, encoded)
+
+    monkeypatch.setattr(auth, "verify_password", counting_verify)
+    attempts = 3 * LOGIN_MAX_FAILURES
+    clients = [harness.client(admin) for _ in range(attempts)]
+    forms = [client.login_form() for client in clients]
+    statuses: list[int] = []
+
+    def attempt(client: Client, token: str) -> None:
+        reply = client.request("POST", "/login", form={"csrf_token": token, "password": "x"})
+        statuses.append(reply.status)
+
+    threads = [threading.Thread(target=attempt, args=pair) for pair in zip(clients, forms)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(statuses) == attempts
+    assert len(verified) <= LOGIN_MAX_FAILURES, len(verified)
+    assert statuses.count(429) >= attempts - LOGIN_MAX_FAILURES
+
+
+def test_a_right_token_works_from_a_locked_out_address(harness: Harness) -> None:
+    admin = harness.another_admin()
+    client = harness.client(admin)
+    for _ in range(LOGIN_MAX_FAILURES):
+        assert client.get("/api/health", headers=bearer("veil_admin_guess")).status == 401
+    assert client.get("/api/health", headers=bearer(harness.token)).status == 200
 
 
 def test_logout_ends_the_session(harness: Harness, logged_in: Client) -> None:

@@ -322,13 +322,14 @@ async def _authenticate(request: web.Request, handler: Handler) -> web.StreamRes
 
 
 async def _token_ok(admin: Admin, request: web.Request, token: str) -> bool:
+    # A right token is let in whatever the address's failures: 256 random bits cannot be
+    # guessed, so the limiter is there for wrong ones (and the log lines they make).
     address = request.remote or "?"
-    now = admin.clock()
-    if admin.limiter.retry_after(address, now) is not None:
-        return False
     if auth.token_matches(token, await admin.backend.setting(auth.TOKEN_SETTING)):
         return True
-    admin.limiter.failed(address, now)
+    if admin.limiter.retry_after(address, admin.clock()) is not None:
+        return False
+    admin.limiter.failed(address, admin.clock())
     log.warning("admin: bad API token from %s", address)
     return False
 
@@ -399,19 +400,28 @@ async def _login_page(request: web.Request, message: str | None, status: int,
     return response
 
 
+async def _too_many(request: web.Request, wait: float) -> web.StreamResponse:
+    retry = str(math.ceil(wait))
+    return await _login_page(request, f"Too many failed logins: try again in {retry} s.",
+                             429, {"Retry-After": retry})
+
+
 async def login(request: web.Request) -> web.StreamResponse:
     admin = request.app[ADMIN]
     address = request.remote or "?"
     wait = admin.limiter.retry_after(address, admin.clock())
     if wait is not None:
-        retry = str(math.ceil(wait))
-        return await _login_page(request, f"Too many failed logins: try again in {retry} s.",
-                                 429, {"Retry-After": retry})
+        return await _too_many(request, wait)
     form = await request.post()
     given, expected = form.get(CSRF_FIELD), request.cookies.get(LOGIN_COOKIE)
     if (not isinstance(given, str) or not _origin_ok(request)
             or not auth.tokens_equal(given, expected)):
         return await _login_page(request, "The login form expired: try again.", 403)
+    # Counted as a failure before the password is checked (Argon2 takes a while): parallel
+    # attempts see each other, so no more than the limit are ever tried.
+    wait = admin.limiter.attempt(address, admin.clock())
+    if wait is not None:
+        return await _too_many(request, wait)
     password = form.get("password")
     stored = await admin.backend.setting(auth.PASSWORD_SETTING)
     ok = False
@@ -419,7 +429,6 @@ async def login(request: web.Request) -> web.StreamResponse:
         async with admin.verifications:
             ok = await asyncio.to_thread(auth.verify_password, password, stored)
     if not ok:
-        admin.limiter.failed(address, admin.clock())
         log.warning("admin: failed login from %s", address)
         return await _login_page(request, "Wrong password.", 401)
     admin.limiter.succeeded(address)

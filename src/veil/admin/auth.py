@@ -220,6 +220,15 @@ class LoginLimiter:
             return None
         return failures[0] + self.window_s - now
 
+    def attempt(self, address: str, now: float) -> float | None:
+        """Check and count in one step: the seconds to wait (nothing counted), or None after
+        counting this attempt as a failure until :meth:`succeeded` says otherwise. Parallel
+        attempts therefore cannot all pass the check before any of them fails."""
+        wait = self.retry_after(address, now)
+        if wait is None:
+            self.failed(address, now)
+        return wait
+
     def failed(self, address: str, now: float) -> None:
         if address not in self._failures and len(self._failures) >= self.max_addresses:
             for other in list(self._failures):
