@@ -11,6 +11,9 @@ from tests.support import procs
 
 
 UNIT_TESTS = Path(__file__).parent / "unit"
+# Run from a systemd service, `veil serve` would keep its first key out of stdout (the
+# journal); the servers the tests start read it from there. The test that checks that sets it.
+os.environ.pop("INVOCATION_ID", None)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

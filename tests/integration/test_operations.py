@@ -142,6 +142,25 @@ def test_unit_files_pass_systemd_analyze(tmp_path: Path, unit: Path) -> None:
     assert checked.returncode == 0 and problems == [], checked.stderr
 
 
+def test_under_systemd_the_first_key_stays_out_of_the_journal(tmp_path: Path) -> None:
+    port = procs.free_port()
+    env = {**os.environ, "INVOCATION_ID": "0123456789abcdef0123456789abcdef"}
+    with open(tmp_path / "out", "wb") as stdout, open(tmp_path / "err", "wb") as stderr:
+        proc = subprocess.Popen([*VEIL, "serve", "--state", str(tmp_path / "state"),
+                                 "--listen", f"127.0.0.1:{port}", "--allow-private"],
+                                stdout=stdout, stderr=stderr, env=env)
+    try:
+        procs.wait_port(port, proc=proc)
+    finally:
+        procs.stop(proc)
+    out, err = (tmp_path / "out").read_bytes(), (tmp_path / "err").read_bytes()
+    assert b"veil://" not in out + err
+    assert b"veil user show default --state" in err
+    shown = subprocess.run([*VEIL, "user", "show", "default", "--state", str(tmp_path / "state")],
+                           capture_output=True, text=True, timeout=30, check=True)
+    assert shown.stdout.startswith("veil://")
+
+
 def test_unit_files_grant_only_the_capabilities_they_need() -> None:
     plain, tun = (REPO / "packaging/systemd/veil.service").read_text(), \
         (REPO / "packaging/systemd/veil-tun.service").read_text()

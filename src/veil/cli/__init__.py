@@ -307,8 +307,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
             secret = new_secret()
             user = store.add_user(FIRST_USER, secret, Credential.from_secret(secret).key_id,
                                   time.time())
-            log.warning("created user %r; its access key is printed on stdout", user.name)
-            _print_key(state.access_key(user).to_uri())
+            if os.environ.get("INVOCATION_ID") and not sys.stdout.isatty():
+                # A systemd service: stdout is the journal, which keeps it for months and
+                # shows it to every member of adm and systemd-journal. Say where it is.
+                log.warning("created user %r; show its access key with: veil user show %s "
+                            "--state %s", user.name, user.name, args.state)
+            else:
+                log.warning("created user %r; its access key is printed on stdout", user.name)
+                _print_key(state.access_key(user).to_uri())
     finally:
         store.close()
     if args.max_sessions_per_user < 1 or args.max_sessions < 1:
