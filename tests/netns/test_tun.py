@@ -50,7 +50,7 @@ def topo() -> Iterator[Topology]:
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces (CI runs as root)")
     _require()
-    with Topology(clients=2) as topology:
+    with Topology(clients=2, guest=True) as topology:
         yield topology
 
 
@@ -324,6 +324,11 @@ def test_without_ipv6_from_the_server_ipv6_is_blocked_not_leaked(
                              check=False).returncode != 0
             assert curl(topo, "client1", f"http://[{INTERNET_IP6}]/", timeout=2).returncode != 0
             assert udp_echo(topo, "client1", INTERNET_IP6) == -1
+            # Nor does what client1 forwards for a container or VM behind it.
+            assert topo.exec("guest1", "ping", "-c", "1", "-W", "1", INTERNET_IP6,
+                             check=False).returncode != 0
+            assert udp_echo(topo, "guest1", INTERNET_IP6) == -1
+            assert curl(topo, "guest1", f"http://[{INTERNET_IP6}]/", timeout=2).returncode != 0
         finally:
             topo.stop(client)
             packets = capture.packets()

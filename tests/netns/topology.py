@@ -45,6 +45,9 @@ UDP_ECHO_PORT = 7777
 IPERF_PORT = 5201
 # The resolver clients have before the tunnel: on the router, where a DNS leak would go.
 LAN_RESOLVER = "10.0.11.1"
+GUEST_IP = "10.0.31.2"
+GUEST_IP6 = "fd00:31::2"
+GUEST_GATEWAY = "10.0.31.1"
 STOP_GRACE_S = 5.0
 
 
@@ -71,11 +74,14 @@ class Proc:
 
 
 class Topology:
-    def __init__(self, clients: int = 1) -> None:
+    def __init__(self, clients: int = 1, *, guest: bool = False) -> None:
         tag = secrets.token_hex(3)
-        self.ns = {role: f"veil-t-{tag}-{role}" for role in
-                   ("router", "server", "internet", *(f"client{i}" for i in range(1, clients + 1)))}
+        roles = ["router", "server", "internet", *(f"client{i}" for i in range(1, clients + 1))]
+        if guest:  # a container or VM behind client1, which forwards for it
+            roles.append("guest1")
+        self.ns = {role: f"veil-t-{tag}-{role}" for role in roles}
         self.clients = clients
+        self.guest = guest
         self.dir = Path(tempfile.mkdtemp(prefix="veil-netns-"))
         self.created: list[str] = []
         self.procs: list[Proc] = []
@@ -141,7 +147,19 @@ class Topology:
         self.ip("server", "-6", "route", "add", "fd00::/8", "via", "fd00:2::1")
         self.ip("internet", "route", "add", "default", "via", "203.0.113.1")
         self.ip("internet", "-6", "route", "add", "default", "via", "2001:db8:3::1")
-        for role in ("router", "server"):
+        forwarders = ["router", "server"]
+        if self.guest:
+            # guest1 (10.0.31.2, fd00:31::2) -- client1 -- router: routed both ways, so a
+            # leak of what client1 forwards would work, and the router would see it.
+            self._veth("client1", "cg", "guest1", "g0")
+            self._addr("client1", "cg", GUEST_GATEWAY + "/24", "fd00:31::1/64")
+            self._addr("guest1", "g0", f"{GUEST_IP}/24", "fd00:31::2/64")
+            self.ip("guest1", "route", "add", "default", "via", GUEST_GATEWAY)
+            self.ip("guest1", "-6", "route", "add", "default", "via", "fd00:31::1")
+            self.ip("router", "route", "add", "10.0.31.0/24", "via", "10.0.11.2")
+            self.ip("router", "-6", "route", "add", "fd00:31::/64", "via", "fd00:11::2")
+            forwarders.append("client1")
+        for role in forwarders:
             self.exec(role, "sysctl", "-qw", "net.ipv4.ip_forward=1",
                       "net.ipv6.conf.all.forwarding=1")
         self._start_internet()

@@ -9,7 +9,9 @@ to a state file first so that a crash is undone by the next start (or ``--tun-cl
    only through the TUN device, to the server's ip:port, on loopback, to excluded ranges and
    for DHCP / IPv6 neighbour discovery; everything else is rejected locally, before it
    reaches a wire. It stays while the client reconnects, so nothing leaks around a dropped
-   tunnel. Its forward chain clamps TCP MSS to the TUN's MTU;
+   tunnel. Its forward chain does the same for what the machine forwards (containers, VMs,
+   a hotspot's clients, IPv6 included): out through the TUN device or to excluded ranges,
+   nothing else; and it clamps TCP MSS to the TUN's MTU;
 3. the TUN device ``veil0`` (offloads on), once the server has said which addresses it has:
    addresses, MTU, and routes 0.0.0.0/1 + 128.0.0.0/1 (::/1 + 8000::/1 with IPv6) through
    it. Without an IPv6 address from the server, IPv6 is not routed into the tunnel and the
@@ -215,6 +217,14 @@ def killswitch_ruleset(device: str, server: Address, exclude: Iterable[IPNetwork
     ]
     forward = [f'oifname "{device}" tcp flags syn tcp option maxseg size set rt mtu'] if (
         mtu_clamp) else []
+    # What this machine forwards for others (containers, VMs, a hotspot) leaves the same ways
+    # as its own traffic, never around the tunnel: also before the TUN device is up, while
+    # the client reconnects, and for IPv6 when the server gives none.
+    forward += [f'oifname "{device}" accept', f'iifname "{device}" accept']
+    for net in exclude:
+        family_ = "ip" if net.version == 4 else "ip6"
+        forward += [f"{family_} daddr {net} accept", f"{family_} saddr {net} accept"]
+    forward.append("reject with icmpx type admin-prohibited")
     lines = [f"table inet {KILLSWITCH_TABLE} {{",
              "  chain output {",
              "    type filter hook output priority filter; policy accept;",
