@@ -116,9 +116,10 @@ class Recorder:
             self.done.append(record)
         self.first.set()
 
-    def wait(self, timeout: float = CAPTURE_TIMEOUT) -> bytes:
+    def wait(self, timeout: float = CAPTURE_TIMEOUT, hellos: int = 1) -> bytes:
         """The first connection's bytes that carried something (browsers also open
-        connections that they close unused)."""
+        connections that they close unused); with an upstream, once they hold ``hellos``
+        whole ClientHellos (2: the second flight after a HelloRetryRequest)."""
         deadline = time.monotonic() + timeout
         while not (done := [s for s in self.done if s]):
             remaining = deadline - time.monotonic()
@@ -126,7 +127,11 @@ class Recorder:
             self.first.wait(remaining)
             self.first.clear()  # the list is checked again before waiting
         if self.upstream is not None:
-            time.sleep(0.5)  # the rest of the flight
+            # The rest of the flight: wait for it by content, not by time (a loaded CI
+            # machine can take seconds to send the second hello).
+            while _client_hellos(done[0]) < hellos:
+                assert time.monotonic() < deadline, f"fewer than {hellos} ClientHellos"
+                time.sleep(0.02)
         return bytes(done[0])
 
     def close(self) -> None:
@@ -134,6 +139,23 @@ class Recorder:
         for conn in self._conns:
             with contextlib.suppress(OSError):
                 conn.close()
+
+
+def _client_hellos(data: bytearray) -> int:
+    """Whole ClientHello messages in the handshake records at the start of ``data``
+    (change_cipher_spec records between them are skipped)."""
+    body, pos, count = b"", 0, 0
+    while pos + 5 <= len(data) and data[pos] in (20, 22):
+        length = int.from_bytes(data[pos + 3 : pos + 5], "big")
+        if pos + 5 + length > len(data):
+            break
+        if data[pos] == 22:
+            body += data[pos + 5 : pos + 5 + length]
+        pos += 5 + length
+        while len(body) >= 4 and len(body) >= 4 + int.from_bytes(body[1:4], "big"):
+            count += body[0] == 1
+            body = body[4 + int.from_bytes(body[1:4], "big"):]
+    return count
 
 
 def _has_hello(data: bytearray) -> bool:
@@ -159,7 +181,7 @@ def recorder(upstream: int | None = None) -> Iterator[Recorder]:
         rec.close()
 
 
-def capture_chromium(rec: Recorder, host: str) -> bytes:
+def capture_chromium(rec: Recorder, host: str, hellos: int = 1) -> bytes:
     """Run headless Chromium against the recorder; return its first connection's bytes."""
     chromium = need_chromium()
     profile = tempfile.mkdtemp(prefix="veil-chromium-")
@@ -170,7 +192,7 @@ def capture_chromium(rec: Recorder, host: str) -> bytes:
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        return rec.wait()
+        return rec.wait(hellos=hellos)
     finally:
         # Chromium's own process group (start_new_session): its renderer and network
         # children go with it, and nothing else.
@@ -180,7 +202,7 @@ def capture_chromium(rec: Recorder, host: str) -> bytes:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def capture_veil(rec: Recorder, host: str) -> bytes:
+def capture_veil(rec: Recorder, host: str, hellos: int = 1) -> bytes:
     async def main() -> None:
         with contextlib.suppress(TlsHandshakeError, TimeoutError, OSError):
             transport = await open_browser_tls_connection(
@@ -190,7 +212,7 @@ def capture_veil(rec: Recorder, host: str) -> bytes:
             transport.close()
 
     asyncio.run(main())
-    return rec.wait()
+    return rec.wait(hellos=hellos)
 
 
 # ---------------------------------------------------------------------- comparing
@@ -323,7 +345,7 @@ def test_hello_retry_matches_chromium(tmp_path: Path) -> None:
         try:
             procs.wait_port(port, proc=server)
             with recorder(upstream=port) as rec:
-                flights[who] = capture(rec, NAME)
+                flights[who] = capture(rec, NAME, hellos=2)
         finally:
             procs.stop(server)
     shapes = {}
