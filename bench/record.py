@@ -29,13 +29,13 @@ import cryptography
 
 from veil.transport.tls13.keys import SUITES, traffic_keys
 from veil.transport.tls13.record import (
-    _FULL_HEADER,
     APPLICATION_DATA,
     HEADER,
     MAX_PLAINTEXT,
     OVERHEAD,
     TAG,
     RecordSealer,
+    record_header,
 )
 
 WRITE_SIZES = (1024, 16 * 1024, 256 * 1024)  # a small write, one record, a full batch
@@ -61,11 +61,7 @@ class InPlaceSealer:
         pos = offset = 0
         while offset < size:
             chunk = min(size - offset, MAX_PLAINTEXT)
-            if chunk == MAX_PLAINTEXT:
-                header = _FULL_HEADER
-            else:
-                length = chunk + 1 + TAG
-                header = bytes((APPLICATION_DATA, 3, 3, length >> 8, length & 0xFF))
+            header = record_header(chunk)
             start = pos + HEADER
             end = start + chunk + 1 + TAG
             view[pos:start] = header

@@ -63,20 +63,26 @@ def test_login_needs_the_forms_csrf_token(harness: Harness) -> None:
     assert "veil_admin" not in client.cookies
 
 
-def test_login_is_rate_limited_per_address(harness: Harness,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def verified(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The passwords that reached Argon2, in order."""
+    seen: list[str] = []
+    real_verify = auth.verify_password
+
+    def counting_verify(password: str, encoded: str) -> bool:
+        seen.append(password)
+        return real_verify(password, encoded)
+
+    monkeypatch.setattr(auth, "verify_password", counting_verify)
+    return seen
+
+
+def test_login_is_rate_limited_per_address(harness: Harness, verified: list[str]) -> None:
     admin = harness.another_admin()  # its own limiter
     client = harness.client(admin)
     for _ in range(LOGIN_MAX_FAILURES):
         assert client.login("guess").status == 401
-    verified: list[str] = []
-    real_verify = auth.verify_password
-
-    def counting_verify(password: str, encoded: str) -> bool:
-        verified.append(password)
-        return real_verify(password, encoded)
-
-    monkeypatch.setattr(auth, "verify_password", counting_verify)
+    verified.clear()
     for password in ("guess", PASSWORD):  # locked out: even the right password waits
         reply = client.login(password)
         assert reply.status == 429
@@ -88,16 +94,8 @@ def test_login_is_rate_limited_per_address(harness: Harness,
 
 
 def test_parallel_wrong_passwords_are_not_all_tried(harness: Harness,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+                                                    verified: list[str]) -> None:
     admin = harness.another_admin()  # its own limiter
-    verified: list[str] = []
-    real_verify = auth.verify_password
-
-    def counting_verify(password: str, encoded: str) -> bool:
-        verified.append(password)
-        return real_verify(password, encoded)
-
-    monkeypatch.setattr(auth, "verify_password", counting_verify)
     attempts = 3 * LOGIN_MAX_FAILURES
     clients = [harness.client(admin) for _ in range(attempts)]
     forms = [client.login_form() for client in clients]

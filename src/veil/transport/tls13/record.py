@@ -31,6 +31,14 @@ APPLICATION_DATA = 23
 _FULL_HEADER = bytes((APPLICATION_DATA, 3, 3)) + (MAX_PLAINTEXT + 1 + TAG).to_bytes(2, "big")
 
 
+def record_header(chunk: int) -> bytes:
+    """The header of the record that carries ``chunk`` bytes of content (+ type and tag)."""
+    if chunk == MAX_PLAINTEXT:
+        return _FULL_HEADER
+    length = chunk + 1 + TAG
+    return bytes((APPLICATION_DATA, 3, 3, length >> 8, length & 0xFF))
+
+
 class BadRecordMac(Exception):
     """A record did not decrypt (wrong key, tampering, or not a record of this connection)."""
 
@@ -68,17 +76,11 @@ class RecordSealer:
         view = memoryview(out)
         inner = memoryview(self._inner)
         encrypt, iv, seq = self._aead.encrypt_into, self._iv, self.seq
-        full = _FULL_HEADER
         pos = 0
         offset = 0
         while True:
-            chunk = size - offset
-            if chunk >= MAX_PLAINTEXT:
-                chunk = MAX_PLAINTEXT
-                header = full
-            else:
-                length = chunk + 1 + TAG
-                header = bytes((APPLICATION_DATA, 3, 3, length >> 8, length & 0xFF))
+            chunk = min(size - offset, MAX_PLAINTEXT)
+            header = record_header(chunk)
             start = pos + HEADER
             end = start + chunk + 1 + TAG
             view[pos:start] = header
