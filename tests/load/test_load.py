@@ -266,3 +266,48 @@ def test_load(server: Server, echo_port: int, forward_port: int) -> None:
     assert server.rss_mib() < first_rss + 16
     assert first_rss < idle_rss + 64
     assert server.proc.poll() is None
+
+
+# HTTP/2 frames a stranger sends to the cover site (RFC 9113 §3.4, §6.5, §6.7).
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+H2_PING = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"pingpong"
+FLOOD_BYTES = 64 << 20
+FLOOD_SECONDS = 8.0
+# What the flood may cost the server: its reads stop once its answers go unread, so this is
+# the socket buffers' and one read's worth of answers, not the 64 MiB sent (nginx: ~3 MiB).
+FLOOD_RSS_MIB = 24.0
+
+
+def test_an_h2_ping_flood_that_reads_nothing_is_bounded(server: Server,
+                                                         forward_port: int) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    client_roundtrip(forward_port)
+    before = server.rss_mib()
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    # A small receive buffer, never read: the server's answers pile up on its side.
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with context.wrap_socket(raw, server_hostname="localhost") as tls:
+        assert tls.selected_alpn_protocol() == "h2"
+        tls.sendall(H2_PREFACE)
+        chunk = memoryview(H2_PING * ((1 << 20) // len(H2_PING)))
+        sent, pos, deadline = 0, 0, time.monotonic() + FLOOD_SECONDS
+        tls.settimeout(0.5)
+        while sent < FLOOD_BYTES and time.monotonic() < deadline:
+            try:
+                # send, not sendall: a timed-out write is retried with the same bytes, so
+                # the frames stay whole (a torn frame would end the flood for another reason)
+                n = tls.send(chunk[pos:])
+            except (TimeoutError, ssl.SSLWantWriteError):
+                continue  # the server has stopped reading: keep pushing until the deadline
+            except OSError:
+                break  # the server closed the connection, as nginx does
+            sent += n
+            pos = (pos + n) % len(chunk)
+        during = server.rss_mib()
+        rtt = client_roundtrip(forward_port)
+    print(f"\nh2 PING flood: {sent >> 20} MiB of PINGs accepted in {FLOOD_SECONDS:.0f} s; "
+          f"server RSS {before:.0f} -> {during:.0f} MiB; a user's round trip {rtt * 1000:.0f} ms")
+    assert during - before < FLOOD_RSS_MIB

@@ -1910,6 +1910,19 @@ class CoverProtocol(asyncio.Protocol):
         self._cancel_timer()
         self._transport = None
 
+    def pause_writing(self) -> None:
+        # The peer leaves our answers unread: stop reading its requests (each PING or
+        # pipelined request would only add to the unsent output), so what a stranger can
+        # make the server hold is the socket buffers and one read's worth of answers.
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            cast(asyncio.Transport, transport).pause_reading()
+
+    def resume_writing(self) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            cast(asyncio.Transport, transport).resume_reading()
+
     # internals
 
     def _on_timer(self) -> None:
