@@ -171,14 +171,16 @@ def _handshake_and_echo(suite: int) -> str:
         except ssl.SSLWantReadError:
             break
     if bytes(echoed) != payload:
-        raise RuntimeError(f"the server read {len(echoed)} of {len(payload)} bytes, or others")
+        raise RuntimeError(f"OpenSSL read {len(echoed)} bytes that are not the {len(payload)} "
+                           "veil's client sent")
     server.write(bytes(echoed))
     client.receive_data(outgoing.read())
     while (event := client.next_event()) is not None:
         if isinstance(event, ApplicationData):
             received += event.data
     if bytes(received) != payload:
-        raise RuntimeError(f"the client read {len(received)} of {len(payload)} bytes, or others")
+        raise RuntimeError(f"veil's client read {len(received)} bytes that are not the "
+                           f"{len(payload)} OpenSSL sent")
     cipher = server.cipher()
     return cipher[0] if cipher else f"0x{suite:04x}"
 
