@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ipaddress
+import logging
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -138,6 +139,9 @@ def local_addresses() -> list[str]:
         return []
 
     def query() -> list[str]:
+        # pyroute2 logs every netlink message at DEBUG, with names in them: -vv is for veil's
+        # own messages, and logs must not say where users went.
+        logging.getLogger("pyroute2").setLevel(logging.WARNING)
         with IPRoute() as ipr:
             return [str(msg.get_attr("IFA_ADDRESS")) for msg in ipr.get_addr()
                     if msg.get_attr("IFA_ADDRESS")]
