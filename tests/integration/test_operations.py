@@ -43,15 +43,18 @@ class NotifySocket:
         self.sock.close()
 
 
-def serial_of_served_certificate(port: int) -> int:
+def served_certificate_and_alpn(port: int) -> tuple[int, str | None]:
+    """The serial of the certificate served, and the protocol chosen for a browser's ALPN."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2", "http/1.1"])
     with socket.create_connection(("127.0.0.1", port)) as raw, \
             context.wrap_socket(raw) as tls:
         der = tls.getpeercert(binary_form=True)
+        alpn = tls.selected_alpn_protocol()
     assert der is not None
-    return x509.load_der_x509_certificate(der).serial_number
+    return x509.load_der_x509_certificate(der).serial_number, alpn
 
 
 def test_notify_reload_and_stop(tmp_path: Path) -> None:
@@ -82,7 +85,7 @@ def test_notify_reload_and_stop(tmp_path: Path) -> None:
         # A renewed certificate (same key, new serial) is served after SIGHUP.
         cert_path = tmp_path / "state" / "cert.pem"
         old = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        assert serial_of_served_certificate(port) == old.serial_number
+        assert served_certificate_and_alpn(port) == (old.serial_number, "h2")
         from veil.server.state import self_signed_certificate
 
         key_pem = (tmp_path / "state" / "key.pem").read_bytes()
@@ -92,7 +95,8 @@ def test_notify_reload_and_stop(tmp_path: Path) -> None:
         server.send_signal(signal.SIGHUP)
         assert notify.next()["RELOADING"] == "1"
         assert notify.next()["READY"] == "1"
-        assert serial_of_served_certificate(port) == renewed.serial_number
+        # ...with the same ALPN: h2 is still offered after the reload.
+        assert served_certificate_and_alpn(port) == (renewed.serial_number, "h2")
         # The session opened before the reload carries on.
         session.sendall(b"after")
         assert session.recv(16) == b"after"
@@ -113,14 +117,14 @@ def test_notify_reload_and_stop(tmp_path: Path) -> None:
 def test_a_failed_reload_keeps_serving(tmp_path: Path) -> None:
     server = procs.start_veil_server(tmp_path)
     try:
-        serial = serial_of_served_certificate(server.port)
+        served = served_certificate_and_alpn(server.port)
         (server.state / "key.pem").write_text("not a key")  # never replaced: keys pin it
         server.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         while "reload failed" not in server.log.read_text():
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert serial_of_served_certificate(server.port) == serial
+        assert served_certificate_and_alpn(server.port) == served
         assert server.proc.poll() is None
     finally:
         procs.stop(server.proc)

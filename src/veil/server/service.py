@@ -195,7 +195,9 @@ class VeilServer:
         if state.pin != self.state.pin:
             log.warning("the certificate has a new key: access keys pin the old one and stop "
                         "working; hand out new keys with `veil user show`")
-        self.gate.ssl_context = server_ssl_context(state)
+        # The same ALPN as at start: a reload must not turn h2 off (a prober would see the
+        # server change what it offers once a day).
+        self.gate.ssl_context = server_ssl_context(state, self.cover.alpn_protocols)
         self.state = self.users.state = state
         await self.live.tick()
         log.info("reloaded the certificate and %d user(s)", len(self.live.directory.by_name))
