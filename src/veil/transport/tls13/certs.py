@@ -107,7 +107,7 @@ def parse_certificate(body: bytes, offered: set[int]) -> ServerCertificate:
     except UnsupportedAlgorithm as exc:  # e.g. an EC key on a curve OpenSSL does not know
         raise CertificateError(f"unsupported server certificate key: {exc}",
                                alert=43) from exc  # unsupported_certificate
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise CertificateError(f"unreadable server certificate: {exc}", alert=42) from exc
     if not isinstance(key, _KEY_TYPES):
         raise CertificateError(f"unsupported certificate key type {type(key).__name__}",
