@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from tests.store.conftest import Backend, trojan_hash
 from veil.errors import StoreError
+from veil.store._sql import Cursor, SqlUserStore
 from veil.store.base import HOUR_S, SecretBox, Usage, User, UserStore, hour_bucket
 
 # Fixed clock: half an hour before a month ends (UTC), so periods can be crossed on purpose.
@@ -376,3 +377,43 @@ def test_concurrent_usage_from_two_stores_adds_up_exactly(backend: Backend,
     assert store.usage_by_user(None) == {"alice": Usage(2 * rounds, 4 * rounds),
                                          "bob": Usage(0, 2 * rounds)}
     assert store.get_user("alice").last_seen == NOW + rounds - 1  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------- closing
+def test_close_waits_for_the_call_in_flight_and_later_calls_are_store_errors(
+        backend: Backend) -> None:
+    """A server stopping closes its store while a refresh may still run in a worker thread
+    (cancelling the task does not stop the thread). Closing under a running query crashed
+    the process (SQLite dereferenced the freed connection: a segfault in CI), so close()
+    must wait for the call to finish, and every later call must be a clean StoreError."""
+    store = backend.open()
+    assert isinstance(store, SqlUserStore)
+    add(store, "alice")
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_read(cur: Cursor) -> int:
+        cur.execute("SELECT count(*) FROM users")
+        (count,) = cur.fetchone()
+        inside.set()
+        release.wait(10)
+        cur.execute("SELECT count(*) FROM users")
+        return int(count) + int(cur.fetchone()[0])
+
+    results: list[object] = []
+    reader = threading.Thread(target=lambda: results.append(
+        store._run("read slowly", slow_read, write=False)))
+    reader.start()
+    assert inside.wait(10)
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive(), "close() returned while a query was still running"
+    release.set()
+    reader.join(10)
+    closer.join(10)
+    assert not closer.is_alive()
+    assert results == [2]
+    with pytest.raises(StoreError) as caught:
+        store.list_users()
+    assert caught.value.code == "closed"
+    store.close()  # a second close is harmless

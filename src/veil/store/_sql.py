@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar, cast
 
@@ -80,14 +81,39 @@ class SqlUserStore(UserStore):
     def __init__(self, *, trojan_hash: TrojanHash, box: SecretBox) -> None:
         self._trojan_hash = trojan_hash
         self._box = box
+        # One call at a time, and close() only between calls: callers hop threads
+        # (asyncio.to_thread), and a task cancelled mid-call leaves its thread running, so
+        # a server stopping could close the connection under a query still in flight
+        # (SQLite's C library then dereferences freed memory: a segfault, seen in CI).
+        self._serial = threading.Lock()
+        self._closed = False
 
-    @abc.abstractmethod
     def _run(self, what: str, work: Callable[[Cursor], T], *, write: bool = True) -> T:
         """Run ``work`` in one transaction and commit it; roll back if it raises.
 
         ``what`` completes "cannot ..." in error messages. Database errors become
         StoreError; StoreErrors raised by ``work`` pass through unchanged.
         """
+        with self._serial:
+            if self._closed:
+                raise StoreError(f"user store: cannot {what}: the store was closed",
+                                 code="closed")
+            return self._transact(what, work, write=write)
+
+    def close(self) -> None:
+        """Close the connection, after the call in flight (if any) has finished."""
+        with self._serial:
+            if not self._closed:
+                self._closed = True
+                self._close()
+
+    @abc.abstractmethod
+    def _transact(self, what: str, work: Callable[[Cursor], T], *, write: bool) -> T:
+        """:meth:`_run`'s work, called with the store to itself."""
+
+    @abc.abstractmethod
+    def _close(self) -> None:
+        """Close the connection (called once, with the store to itself)."""
 
     # ------------------------------------------------------------------ schema helpers
     def _check_store_key(self, cur: Cursor) -> bool:

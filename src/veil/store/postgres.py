@@ -127,7 +127,7 @@ class PostgresUserStore(SqlUserStore):
             raise self._error("connect", exc) from None
         return self._conn
 
-    def _run(self, what: str, work: Callable[[Cursor], T], *, write: bool = True) -> T:
+    def _transact(self, what: str, work: Callable[[Cursor], T], *, write: bool) -> T:
         # Reads and writes are both transactions here; ``write`` matters to SQLite's locks.
         del write
         for attempt in (1, 2):
@@ -180,7 +180,7 @@ class PostgresUserStore(SqlUserStore):
             code = "store_error"
         return StoreError(f"user store {self._where}: cannot {what}: {reason}", code=code)
 
-    def close(self) -> None:
+    def _close(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(psycopg.Error):
                 self._conn.close()

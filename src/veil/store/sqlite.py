@@ -175,7 +175,7 @@ class SqliteUserStore(SqlUserStore):
         cur.execute("CREATE UNIQUE INDEX IF NOT EXISTS users_trojan_hash ON users (trojan_hash)")
         cur.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
-    def _run(self, what: str, work: Callable[[Cursor], T], *, write: bool = True) -> T:
+    def _transact(self, what: str, work: Callable[[Cursor], T], *, write: bool) -> T:
         db = self._db
         try:
             # IMMEDIATE takes the write lock up front (waiting up to the busy timeout), so
@@ -199,5 +199,5 @@ class SqliteUserStore(SqlUserStore):
         detail = f"{exc}: {advice}" if advice else str(exc)
         return StoreError(f"user store {self._path}: cannot {what}: {detail}", code=code)
 
-    def close(self) -> None:
+    def _close(self) -> None:
         self._db.close()
