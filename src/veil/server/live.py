@@ -191,7 +191,11 @@ class Live:
     async def stop(self) -> None:
         """Stop ticking and write the last usage (call after connections were closed)."""
         if self._task is not None:
-            self._task.cancel()
+            # Cancel between ticks, never inside one: a cancelled to_thread keeps running, so
+            # a usage write cancelled mid-way would still land while its bytes stayed
+            # pending, and be written again below (counted twice).
+            async with self._lock:
+                self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         for conn in list(self.connections.values()):

@@ -1,0 +1,89 @@
+"""The live-user bookkeeping's lifetime: stopping never counts a byte twice or closes the
+store under a call in flight.
+
+The user store is the real SQLite store in a temporary file; the connection's transport is a
+stand-in that only reports byte counts (the bookkeeping reads nothing else from it here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from veil.server.live import Live
+from veil.store.base import SecretBox, Usage
+from veil.store.sqlite import SqliteUserStore
+
+BOX = SecretBox(bytes(range(32)))
+
+
+def trojan_hash(secret: bytes) -> str:
+    return hashlib.sha224(secret).hexdigest()
+
+
+class CountingTransport(asyncio.BaseTransport):
+    def __init__(self, up: int, down: int) -> None:
+        super().__init__()
+        self.counts = (up, down)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"byte_counts": self.counts, "peername": ("192.0.2.1", 40000)}.get(name, default)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class SlowWriteStore(SqliteUserStore):
+    """Holds the first usage write, once armed, until released."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, trojan_hash=trojan_hash, box=BOX)
+        self.armed = False
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def add_usage(self, deltas: Mapping[str, Usage], now: float) -> None:
+        if self.armed and deltas:
+            self.armed = False
+            self.inside.set()
+            self.release.wait(10)
+        super().add_usage(deltas, now)
+
+
+def test_stopping_during_a_usage_write_counts_each_byte_once(tmp_path: Path) -> None:
+    path = tmp_path / "users.db"
+    stores: list[SlowWriteStore] = []
+
+    def open_store() -> SlowWriteStore:
+        stores.append(SlowWriteStore(path))
+        return stores[-1]
+
+    async def scenario() -> None:
+        live = Live(open_store, trojan_hash=trojan_hash, interval=0.05)
+        await live.start()
+        store = stores[0]
+        user = store.add_user("alice", os.urandom(32), os.urandom(16), 1000.0)
+        live.register(user, "tls", CountingTransport(0, 0), close=lambda _reason: None)
+        conn = next(iter(live.connections.values()))
+        transport = conn._transport
+        assert isinstance(transport, CountingTransport)
+        transport.counts = (100, 200)
+        store.armed = True
+        assert await asyncio.to_thread(store.inside.wait, 10), "no usage write started"
+        # The periodic tick is inside its usage write now; stop while it is.
+        stopping = asyncio.ensure_future(live.stop())
+        await asyncio.sleep(0.2)
+        assert not stopping.done(), "stop() did not wait for the tick in flight"
+        store.release.set()
+        await asyncio.wait_for(stopping, 10)
+
+    asyncio.run(scenario())
+    check = SqliteUserStore(path, trojan_hash=trojan_hash, box=BOX)
+    try:
+        assert check.usage_by_user(None) == {"alice": Usage(100, 200)}
+    finally:
+        check.close()
