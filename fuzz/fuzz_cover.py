@@ -1,4 +1,4 @@
-"""The built-in cover site's sans-IO HTTP parser (``server/cover.py`` ``CoverConnection``):
+"""The built-in cover site's sans-IO HTTP parser (``cover/http1.py`` ``CoverConnection``):
 whatever a prober sends, the answer must be nginx's.
 
 Input: ``flags | cutting | bytes``. flags bit 0: plain bytes on the TLS port
@@ -18,9 +18,9 @@ import sys
 
 import harness
 
-from veil.server.cover import CloseAction, CoverConnection, CoverMode, CoverSite
+from veil.cover.http1 import CloseAction, CoverConnection, CoverMode, CoverSite
 
-MODULES = ("veil.server.cover",)
+MODULES = ("veil.cover.http1",)
 
 SITE = CoverSite.builtin()
 _SERVER = b"\r\nServer: nginx/1.22.1\r\n"

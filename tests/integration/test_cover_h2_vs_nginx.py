@@ -43,9 +43,9 @@ import pytest
 hpack = pytest.importorskip("hpack")
 
 from tests.support import procs  # noqa: E402
-from veil.server.cover import DEFAULT_MTIME  # noqa: E402
-from veil.server.cover_h2 import CLIENT_PREFACE, SERVER_PREFACE  # noqa: E402
-from veil.server.covers import BuiltinCover, UrlCover  # noqa: E402
+from veil.cover.backends import BuiltinCover, UrlCover  # noqa: E402
+from veil.cover.http1 import DEFAULT_MTIME  # noqa: E402
+from veil.cover.http2 import CLIENT_PREFACE, SERVER_PREFACE  # noqa: E402
 from veil.server.gate import Authenticator, Gate, VeilWayIn  # noqa: E402
 from veil.server.service import server_ssl_context  # noqa: E402
 from veil.server.trojan import TrojanWayIn  # noqa: E402

@@ -34,7 +34,7 @@ from typing import cast
 
 import pytest
 
-from veil.server.cover import DEFAULT_MTIME, CoverMode, CoverProtocol, CoverSite
+from veil.cover.http1 import DEFAULT_MTIME, CoverMode, CoverProtocol, CoverSite
 
 NGINX = "/usr/sbin/nginx"
 pytestmark = pytest.mark.skipif(

@@ -86,7 +86,7 @@ def test_notify_reload_and_stop(tmp_path: Path) -> None:
         cert_path = tmp_path / "state" / "cert.pem"
         old = x509.load_pem_x509_certificate(cert_path.read_bytes())
         assert served_certificate_and_alpn(port) == (old.serial_number, "h2")
-        from veil.server.state import self_signed_certificate
+        from veil.manage.state import self_signed_certificate
 
         key_pem = (tmp_path / "state" / "key.pem").read_bytes()
         private = serialization.load_pem_private_key(key_pem, password=None)
@@ -177,8 +177,8 @@ def test_unit_files_grant_only_the_capabilities_they_need() -> None:
 
 
 def test_a_damaged_self_signed_certificate_is_remade_for_the_same_key(tmp_path: Path) -> None:
+    from veil.manage.state import init_state, load_state
     from veil.protocol.address import Address
-    from veil.server.state import init_state, load_state
 
     state, _ = init_state(tmp_path, listen=Address("127.0.0.1", 443))
     state.cert_path.write_text("damaged")

@@ -59,7 +59,7 @@ class StandaloneCover:
     """The built-in cover site on its own TLS port: what veil's gate must be invisible in."""
 
     def __init__(self, context: ssl.SSLContext) -> None:
-        from veil.server.cover import CoverProtocol, CoverSite
+        from veil.cover.http1 import CoverProtocol, CoverSite
 
         self.loop = asyncio.new_event_loop()
         site = CoverSite.builtin()
@@ -104,8 +104,8 @@ def builtin_veil(module_dir: Path) -> Iterator[procs.VeilServer]:
 
 @pytest.fixture(scope="module")
 def reference_cover(builtin_veil: procs.VeilServer) -> Iterator[StandaloneCover]:
+    from veil.manage.state import load_state
     from veil.server.service import server_ssl_context
-    from veil.server.state import load_state
 
     cover = StandaloneCover(server_ssl_context(load_state(builtin_veil.state)))
     try:

@@ -204,7 +204,7 @@ def make_cert(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from veil.server.state import self_signed_certificate
+    from veil.manage.state import self_signed_certificate
 
     key = ec.generate_private_key(ec.SECP256R1())
     cert = self_signed_certificate(key, name)

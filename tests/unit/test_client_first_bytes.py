@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
+from veil.cover.http2 import SERVER_PREFACE
 from veil.net.client_session import _ClientDriver
 from veil.protocol.frames import COVER_H2_GREETING, FrameType, pack_header
 from veil.protocol.session import Session
-from veil.server.cover_h2 import SERVER_PREFACE
 
 
 class NullTransport(asyncio.Transport):

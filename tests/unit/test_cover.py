@@ -8,7 +8,7 @@ from typing import cast
 
 import pytest
 
-from veil.server.cover import (
+from veil.cover.http1 import (
     DEFAULT_MTIME,
     CloseAction,
     CoverConnection,

@@ -16,8 +16,8 @@ import h2.events  # noqa: E402
 import h2.settings  # noqa: E402
 import hpack  # noqa: E402
 
-from veil.server.cover import CoverSite  # noqa: E402
-from veil.server.cover_h2 import (  # noqa: E402
+from veil.cover.http1 import CoverSite  # noqa: E402
+from veil.cover.http2 import (  # noqa: E402
     SERVER_PREFACE,
     H2CloseAction,
     H2CoverConnection,

@@ -13,11 +13,11 @@ import pytest
 import yaml
 
 from tests.support import procs
+from veil.manage.export import export_user
+from veil.manage.state import ServerState, init_state
 from veil.protocol.accesskey import AccessKey
 from veil.protocol.address import Address
 from veil.protocol.trojan import TrojanLink, password_for_secret
-from veil.server.export import export_user
-from veil.server.state import ServerState, init_state
 from veil.store.base import User
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "support" / "schemas"
@@ -104,7 +104,7 @@ def test_a_ca_issued_certificate_needs_no_pin_and_no_warning(tmp_path: Path) -> 
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    from veil.server.state import self_signed_certificate
+    from veil.manage.state import self_signed_certificate
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = self_signed_certificate(ca_key, "Test CA")

@@ -14,10 +14,12 @@ ALLOWED = {
     "transport": {"errors", "transport"},
     "net": {"errors", "protocol", "transport", "net"},
     "store": {"errors", "store"},
-    "server": {"errors", "protocol", "transport", "net", "store", "server"},
+    "cover": {"errors", "protocol", "net", "cover"},
+    "manage": {"errors", "protocol", "store", "manage"},
+    "server": {"errors", "protocol", "transport", "net", "store", "cover", "manage", "server"},
     "client": {"errors", "protocol", "transport", "net", "client"},
     "lab": {"errors", "lab"},
-    "admin": {"errors", "store", "server", "admin"},
+    "admin": {"errors", "store", "manage", "server", "admin"},
 }
 FORBIDDEN_IN_PROTOCOL = {"asyncio", "socket", "ssl", "time", "selectors", "threading"}
 

@@ -13,6 +13,6 @@ listener (``--admin HOST:PORT``, off by default).
     cli.py       ``veil admin passwd`` and ``veil admin token``
 
 It imports ``server`` and ``store``, never ``protocol``, ``net`` or ``transport``: user changes
-go through :class:`veil.server.users.UserManager`, as the CLI's do. docs/admin.md describes
+go through :class:`veil.manage.users.UserManager`, as the CLI's do. docs/admin.md describes
 the security model.
 """

@@ -14,7 +14,7 @@ scrape it), and the token (or a session) otherwise. Nothing secret is ever put i
 log line: access keys appear only in response bodies, and those are never cached
 (``Cache-Control: no-store``).
 
-User changes go through :class:`veil.server.users.UserManager`, as the CLI's do, on the
+User changes go through :class:`veil.manage.users.UserManager`, as the CLI's do, on the
 backend's thread (``backend.py``); live state (sessions, gate counters) is read from the
 server on the event loop, where it lives.
 """
@@ -41,13 +41,13 @@ from veil.admin.backend import Backend
 from veil.admin.listen import check_admin_listen, is_loopback
 from veil.admin.metrics import CONTENT_TYPE, certificate_not_after, make_registry, render
 from veil.errors import ConfigError, StoreError, VeilError
+from veil.manage.users import UserManager, UserReport, parse_expiry, parse_limit
 from veil.server.service import server_ssl_context
-from veil.server.users import UserManager, UserReport, parse_expiry, parse_limit
 from veil.store.base import HOUR_S, Usage
 
 if TYPE_CHECKING:
+    from veil.manage.state import ServerState
     from veil.server.service import VeilServer
-    from veil.server.state import ServerState
 
 log = logging.getLogger("veil.admin")
 

@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from veil.server.users import UserManager
+from veil.manage.users import UserManager
 
 if TYPE_CHECKING:
-    from veil.server.state import ServerState
+    from veil.manage.state import ServerState
 
 T = TypeVar("T")
 

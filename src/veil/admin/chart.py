@@ -8,7 +8,7 @@ import html
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from veil.server.users import format_bytes
+from veil.manage.users import format_bytes
 
 # Colours that stay apart for the usual kinds of colour blindness (Okabe and Ito).
 PALETTE = ("#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00", "#f0e442",

@@ -23,7 +23,7 @@ from veil.admin.auth import (
     new_api_token,
 )
 from veil.errors import ConfigError
-from veil.server.state import load_state
+from veil.manage.state import load_state
 from veil.store.base import UserStore
 
 ADMIN_DESCRIPTION = """\

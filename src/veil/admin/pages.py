@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import segno
 
-from veil.server.users import UserReport, format_bytes
+from veil.manage.users import UserReport, format_bytes
 
 # QR codes: medium error correction, as `veil user show` prints them; 4 px modules fit a
 # veil key (~120 characters) in under 300 px.

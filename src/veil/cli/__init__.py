@@ -25,8 +25,8 @@ from veil.protocol.auth import Credential, new_secret
 
 if TYPE_CHECKING:
     from veil.admin.listen import AdminListen
+    from veil.manage.state import ServerState
     from veil.server.service import VeilServer
-    from veil.server.state import ServerState
     from veil.store.base import User
 
 log = logging.getLogger("veil")
@@ -266,7 +266,7 @@ def _print_key(uri: str) -> None:
 
 
 def _show_user(state: ServerState, user: User | None, args: argparse.Namespace) -> None:
-    from veil.server.export import export_user
+    from veil.manage.export import export_user
 
     if user is None:
         raise StoreError(f"no user named {args.name!r}", code="not_found")
@@ -290,8 +290,8 @@ def _show_user(state: ServerState, user: User | None, args: argparse.Namespace) 
 
 # --------------------------------------------------------------------- commands
 def cmd_serve(args: argparse.Namespace) -> None:
+    from veil.manage.state import init_state
     from veil.server.service import ServerOptions, VeilServer
-    from veil.server.state import init_state
 
     if (args.cert is None) != (args.key is None):
         raise ConfigError("--cert and --key go together")
@@ -320,7 +320,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.max_sessions_per_user < 1 or args.max_sessions < 1:
         raise ConfigError("--max-sessions and --max-sessions-per-user take a number >= 1")
     _raise_open_file_limit()
-    from veil.server.users import parse_rate
+    from veil.manage.users import parse_rate
 
     user_rate = parse_rate(args.max_user_rate) if args.max_user_rate else None
     options = ServerOptions(user_rate=user_rate, listen=args.listen, cover_url=args.cover,
@@ -408,8 +408,8 @@ def _when(moment: float | None) -> str:
 def cmd_user(args: argparse.Namespace) -> None:
     import json
 
-    from veil.server.state import init_state, load_state
-    from veil.server.users import UserManager, format_bytes, parse_expiry, parse_limit
+    from veil.manage.state import init_state, load_state
+    from veil.manage.users import UserManager, format_bytes, parse_expiry, parse_limit
 
     if args.user_command == "add" and args.public:
         public = parse_host_port(args.public)
@@ -459,7 +459,7 @@ def cmd_user(args: argparse.Namespace) -> None:
             user = manager.get(args.name)
             if args.json:
                 report = next(r for r in manager.report() if r.name == args.name)
-                from veil.server.export import export_user
+                from veil.manage.export import export_user
 
                 print(json.dumps({**report.to_json(),
                                   "key": export_user(state, user, args.format).text},

@@ -128,7 +128,7 @@ def _handshake_and_echo(suite: int) -> str:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from veil.server.state import self_signed_certificate
+    from veil.manage.state import self_signed_certificate
     from veil.transport.tls13.client import TlsClient
     from veil.transport.tls13.events import ApplicationData, HandshakeComplete
     from veil.transport.tls13.profile import CHROME

@@ -35,9 +35,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
+from veil.cover.backends import Cover
 from veil.protocol.auth import AUTH_SIZE, Credential, ReplayFilter, peek_key_id, verify_auth
 from veil.server import clienthello
-from veil.server.covers import Cover
 from veil.store.base import User
 from veil.transport.tls import start_tls_server
 

@@ -13,6 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from veil.cover.backends import Cover, make_cover
+from veil.manage.state import ServerState, load_state
+from veil.manage.users import UserManager
 from veil.net.driver import SessionDriver
 from veil.protocol.address import Address
 from veil.protocol.events import StreamOpened
@@ -20,7 +23,6 @@ from veil.protocol.frames import SERVER_FIRST_PADDING, CloseCode, ResetCode, Str
 from veil.protocol.session import Session, SessionConfig
 from veil.protocol.shaping import NO_SHAPING
 from veil.protocol.trojan import TrojanRequest, password_hash_for_secret
-from veil.server.covers import Cover, make_cover
 from veil.server.gate import Authenticator, Gate, VeilWayIn
 from veil.server.live import (
     DEFAULT_MAX_SESSIONS,
@@ -30,9 +32,7 @@ from veil.server.live import (
 )
 from veil.server.outbound import Outbound
 from veil.server.policy import DestinationPolicy, local_addresses
-from veil.server.state import ServerState, load_state
 from veil.server.trojan import TrojanService, TrojanWayIn
-from veil.server.users import UserManager
 from veil.store.base import User
 
 if TYPE_CHECKING:

@@ -110,7 +110,8 @@ class SqliteUserStore(SqlUserStore):
             _owner_only(self._path)
         try:
             # check_same_thread=False: callers hop threads with asyncio.to_thread (SqlUserStore
-            # lets one call in at a time); isolation_level=None: this class issues BEGIN/COMMIT itself.
+            # lets one call in at a time); isolation_level=None: this class issues BEGIN and
+            # COMMIT itself.
             self._db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S,
                                        isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:

@@ -1,8 +1,8 @@
 """The built-in cover site over HTTP/2: what nginx 1.22.1 (``listen 443 ssl http2``) does.
 
 A client that negotiated ``h2`` by ALPN and is not a tunnel gets this instead of the HTTP/1.1
-emulation of :mod:`veil.server.cover`. Files, status codes, error pages and header values come
-from the same :class:`~veil.server.cover.CoverSite`; this module adds nginx's HTTP/2 framing
+emulation of :mod:`veil.cover.http1`. Files, status codes, error pages and header values come
+from the same :class:`~veil.cover.http1.CoverSite`; this module adds nginx's HTTP/2 framing
 around them, every detail measured against the real nginx 1.22.1 on loopback
 (``tests/integration/test_cover_h2_vs_nginx.py``):
 
@@ -45,7 +45,7 @@ import hpack
 from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 
-from veil.server.cover import (
+from veil.cover.http1 import (
     CLIENT_HEADER_TIMEOUT,
     CLIENT_MAX_BODY_SIZE,
     KEEPALIVE_TIMEOUT,

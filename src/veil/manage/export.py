@@ -25,8 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from veil.errors import ConfigError
+from veil.manage.state import ServerState
 from veil.protocol.trojan import TrojanLink, password_for_secret
-from veil.server.state import ServerState
 from veil.store.base import User
 
 FORMATS = ("veil", "trojan", "clash", "sing-box")

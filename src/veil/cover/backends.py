@@ -3,7 +3,7 @@
 Two kinds behind one interface:
 
 - :class:`BuiltinCover`: a small static website served by veil itself, behaving like nginx
-  (see :mod:`veil.server.cover`).
+  (see :mod:`veil.cover.http1`).
 - :class:`UrlCover`: a real web server the operator runs (``--cover http://127.0.0.1:8080``
   or ``--cover https://127.0.0.1:8443``). Bytes are relayed to it untouched, so probers get
   that server's exact answers, close behaviour and timeouts. With an ``https://`` cover,
@@ -20,10 +20,7 @@ import ssl
 from typing import cast
 from urllib.parse import urlsplit
 
-from veil.errors import ConfigError
-from veil.net.direct import DirectDialer
-from veil.protocol.address import Address
-from veil.server.cover import (
+from veil.cover.http1 import (
     KEEPALIVE_TIMEOUT,
     LINGERING_TIME,
     LINGERING_TIMEOUT,
@@ -31,7 +28,10 @@ from veil.server.cover import (
     CoverProtocol,
     CoverSite,
 )
-from veil.server.cover_h2 import SERVER_PREFACE, H2CoverProtocol
+from veil.cover.http2 import SERVER_PREFACE, H2CoverProtocol
+from veil.errors import ConfigError
+from veil.net.direct import DirectDialer
+from veil.protocol.address import Address
 
 # nginx's client_header_timeout default.
 NGINX_HEADER_TIMEOUT_S = 60.0
@@ -79,8 +79,8 @@ class Cover(abc.ABC):
 
 
 class BuiltinCover(Cover):
-    """The built-in site (:mod:`veil.server.cover`), over HTTP/1.1 or, when the client
-    negotiated it by ALPN, HTTP/2 (:mod:`veil.server.cover_h2`), as nginx with ``http2`` on.
+    """The built-in site (:mod:`veil.cover.http1`), over HTTP/1.1 or, when the client
+    negotiated it by ALPN, HTTP/2 (:mod:`veil.cover.http2`), as nginx with ``http2`` on.
 
     The timeouts are nginx's defaults; tests shorten them (and nginx's) to compare both.
     """

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from veil.errors import ConfigError, StoreError
+from veil.manage.state import ServerState
 from veil.protocol.auth import Credential, new_secret
-from veil.server.state import ServerState
 from veil.store.base import LimitPeriod, Usage, User, UserStore, period_start
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
