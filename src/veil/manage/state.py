@@ -21,7 +21,8 @@ import datetime
 import ipaddress
 import json
 import os
-from collections.abc import Mapping
+import ssl
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,3 +209,21 @@ def load_state(directory: Path, db: str | None = None) -> ServerState:
         raise ConfigError(f"cannot read certificate {cert_path}: {exc}") from exc
     return ServerState(directory, public, sni, cert_path, key_path, spki_pin(cert),
                        db or config.get("db"))
+
+
+def server_ssl_context(state: ServerState,
+                       alpn: Sequence[str] = ("http/1.1",)) -> ssl.SSLContext:
+    """TLS settings of a default nginx on Debian: TLS 1.2 and 1.3, and the ALPN protocols
+    ``alpn`` in the server's order of preference. The gate passes its cover's
+    (:attr:`Cover.alpn_protocols`): ``h2`` first for the built-in cover, as nginx with
+    ``listen 443 ssl http2`` answers a browser; ``http/1.1`` alone for a URL cover, which
+    relays to an HTTP/1.1 server, and for the admin panel.
+
+    It lives with the state, not the server's runtime, because the tunnel port and the admin
+    panel both present the state's certificate and key this way."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("HIGH:!aNULL:!MD5")
+    context.set_alpn_protocols(list(alpn))
+    context.load_cert_chain(state.cert_path, state.key_path)
+    return context

@@ -7,14 +7,12 @@ import dataclasses
 import logging
 import os
 import socket
-import ssl
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from veil.cover.backends import Cover, make_cover
-from veil.manage.state import ServerState, load_state
+from veil.manage.state import ServerState, load_state, server_ssl_context
 from veil.manage.users import UserManager
 from veil.net.driver import SessionDriver
 from veil.protocol.address import Address
@@ -32,6 +30,7 @@ from veil.server.live import (
 )
 from veil.server.outbound import Outbound
 from veil.server.policy import DestinationPolicy, local_addresses
+from veil.server.status import ConnectionStatus, GateCounts, ServerStatus
 from veil.server.trojan import TrojanService, TrojanWayIn
 from veil.store.base import User
 
@@ -65,21 +64,6 @@ class ServerOptions:
     tun: bool = False
     pool: str | None = None
     pool6: str | None = None
-
-
-def server_ssl_context(state: ServerState,
-                       alpn: Sequence[str] = ("http/1.1",)) -> ssl.SSLContext:
-    """TLS settings of a default nginx on Debian: TLS 1.2 and 1.3, and the ALPN protocols
-    ``alpn`` in the server's order of preference. The gate passes its cover's
-    (:attr:`Cover.alpn_protocols`): ``h2`` first for the built-in cover, as nginx with
-    ``listen 443 ssl http2`` answers a browser; ``http/1.1`` alone for a URL cover, which
-    relays to an HTTP/1.1 server, and for the admin panel."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_ciphers("HIGH:!aNULL:!MD5")
-    context.set_alpn_protocols(list(alpn))
-    context.load_cert_chain(state.cert_path, state.key_path)
-    return context
 
 
 class VeilServer:
@@ -223,3 +207,27 @@ class VeilServer:
         await self.live.stop()
         self.store.close()
         log.info("stopped; %d session(s) closed", len(drivers))
+
+    def status(self) -> ServerStatus:
+        """What the admin panel and ``/metrics`` see of this server
+        (:class:`veil.server.status.StatusSource`): a snapshot, no I/O."""
+        live, stats = self.live, self.gate.stats
+        listen = self.address if self._listener is not None else self.options.listen
+        users: dict[str, int] = {}
+        for name in live.directory.by_name:
+            status = live.directory.refused.get(name, "active")
+            users[status] = users.get(status, 0) + 1
+        connections = tuple(
+            ConnectionStatus(id=c.id, user=c.user.name, way_in=c.way_in, peer=c.peer,
+                             started_at=c.started_at, bytes_up=c.bytes_up,
+                             bytes_down=c.bytes_down, streams=c.streams)
+            for c in sorted(live.connections.values(), key=lambda c: c.id))
+        return ServerStatus(
+            state=self.state, started_at=self.started_at, listen=str(listen),
+            cover_url=self.options.cover_url, tun=self.options.tun,
+            ways_in=tuple(w.name for w in self.gate.ways_in), connections=connections,
+            user_bytes=dict(live.user_bytes), users=users,
+            store_refresh_failures=live.refresh_failures,
+            gate=GateCounts(accepted=dict(stats.accepted), cover_plain=stats.cover_plain,
+                            cover_foreign_sni=stats.cover_foreign_sni, silent=stats.silent,
+                            rejected=dict(stats.rejected or {}), tls_failed=stats.tls_failed))

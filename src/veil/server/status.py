@@ -1,0 +1,100 @@
+"""What a running server publishes about itself: one frozen snapshot, read on demand.
+
+The admin panel and ``/metrics`` see the server only through :class:`StatusSource`, never
+through its gate, live view or options, so the panel can be built around any object that
+answers :meth:`StatusSource.status` (a stand-in in a test) and the server's internals can
+change without the panel noticing. The panel asks nothing of the server: user changes go
+through the store and reach the server at its next refresh.
+
+This module imports no runtime module of ``server/`` (only the standard library and store
+types), so ``admin/`` may import it alone. Every field defaults to "nothing happened yet",
+so a test builds the status it needs and nothing more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from veil.store.base import Usage
+
+if TYPE_CHECKING:
+    from veil.manage.state import ServerState
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStatus:
+    """One accepted tunnel connection (a veil session or a Trojan connection), as it is now."""
+
+    #: Unique for the server's lifetime, in the order connections were accepted.
+    id: int
+    #: The user it authenticated as.
+    user: str
+    #: The way in it came by ("veil", "trojan").
+    way_in: str
+    #: The client's address as "host:port" ("?" if unknown).
+    peer: str
+    #: When it was accepted, in unix seconds.
+    started_at: float
+    #: Bytes carried since it was accepted, client to server and back.
+    bytes_up: int
+    bytes_down: int
+    #: Streams open in it now (0 for a Trojan connection's single relay).
+    streams: int
+
+
+@dataclass(frozen=True, slots=True)
+class GateCounts:
+    """What the gate decided about the connections it saw, counted since the server started."""
+
+    #: Connections that presented a valid credential, by way in.
+    accepted: Mapping[str, int] = field(default_factory=dict)
+    #: Handed to the cover site: not TLS at all / TLS for a name not the server's own.
+    cover_plain: int = 0
+    cover_foreign_sni: int = 0
+    #: Connections that sent nothing to judge them by (before TLS, or once inside it).
+    silent: int = 0
+    #: Handed to the cover site by a way in that refused them, by the way in's reason.
+    rejected: Mapping[str, int] = field(default_factory=dict)
+    #: Connections whose TLS handshake failed.
+    tls_failed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStatus:
+    """A snapshot of one server; nothing in it changes after it was taken."""
+
+    #: The state the server runs with now (a reload replaces it): the store to open, the
+    #: certificate file, the public address.
+    state: ServerState
+    #: When the server started, in unix seconds.
+    started_at: float
+    #: The address the tunnel port listens on, as "host:port" ("[host]:port" for IPv6).
+    listen: str
+    #: The cover site's URL, or None for the built-in site.
+    cover_url: str | None = None
+    #: Whether full-device tunnels (``--tun``) are on.
+    tun: bool = False
+    #: The ways in the gate offers, in its order.
+    ways_in: tuple[str, ...] = ()
+    #: Connections open now, by id.
+    connections: tuple[ConnectionStatus, ...] = ()
+    #: Bytes carried for each user since the server started (connections closed included).
+    user_bytes: Mapping[str, Usage] = field(default_factory=dict)
+    #: Users in the server's snapshot of the store, by status ("active", "revoked",
+    #: "expired", "over_limit"); a status no user has may be absent.
+    users: Mapping[str, int] = field(default_factory=dict)
+    #: Times the user store could not be read (the last snapshot stayed in force).
+    store_refresh_failures: int = 0
+    gate: GateCounts = field(default_factory=GateCounts)
+
+
+class StatusSource(Protocol):
+    """What the admin panel needs of a server: :class:`veil.server.service.VeilServer`
+    implements it."""
+
+    def status(self) -> ServerStatus:
+        """The server as it is now. Called on the server's event loop; cheap enough for
+        every page view and scrape (no I/O)."""
+        ...
