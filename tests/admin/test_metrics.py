@@ -3,6 +3,7 @@ the token required when the listener is not loopback-only."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.admin.conftest import Client, Harness, bearer, plain_http_probe
@@ -18,6 +20,10 @@ from tests.admin.openapi import Spec
 from tests.support import procs
 from veil.admin.app import make_admin_app
 from veil.admin.metrics import certificate_not_after
+from veil.manage.state import init_state
+from veil.protocol.address import Address
+from veil.server.status import ConnectionStatus, GateCounts, ServerStatus
+from veil.store.base import Usage
 
 Samples = list[tuple[str, dict[str, str], float]]
 
@@ -170,3 +176,81 @@ def test_open_metrics_answer_only_loopback_names(harness: Harness, host: str,
     # With the token, Host does not matter: the token is not ambient.
     assert harness.client().get("/metrics", headers={"Host": host,
                                                      **bearer(harness.token)}).status == 200
+
+
+class StandInServer:
+    """A stand-in for a server (no VeilServer, no listener, no tunnel): it answers
+    ``status()`` (veil.server.status.StatusSource) with the snapshot it was given, to show
+    that the panel needs nothing else of a server."""
+
+    def __init__(self, status: ServerStatus) -> None:
+        self._status = status
+
+    def status(self) -> ServerStatus:
+        return self._status
+
+
+def _families(text: str) -> Samples:
+    return [(s.name, s.labels, s.value)
+            for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def test_metrics_of_a_stand_in_status_source(tmp_path: Path) -> None:
+    state = init_state(tmp_path / "state", listen=Address("127.0.0.1", 443))[0]
+
+    def conn(conn_id: int, user: str, way_in: str, streams: int) -> ConnectionStatus:
+        return ConnectionStatus(id=conn_id, user=user, way_in=way_in, peer="192.0.2.1:5000",
+                                started_at=1_700_000_000.0, bytes_up=10, bytes_down=20,
+                                streams=streams)
+
+    source = StandInServer(ServerStatus(
+        state=state, started_at=1_700_000_000.0, listen="127.0.0.1:443",
+        ways_in=("veil", "trojan"),
+        connections=(conn(1, "alice", "veil", 3), conn(2, "bob", "veil", 1),
+                     conn(3, "bob", "trojan", 0)),
+        user_bytes={"alice": Usage(100, 2000), "bob": Usage(5, 7)},
+        users={"active": 2, "revoked": 1}, store_refresh_failures=4,
+        gate=GateCounts(accepted={"veil": 9, "trojan": 1}, cover_plain=2, cover_foreign_sni=1,
+                        silent=5, rejected={"replay": 3, "silent": 1}, tls_failed=6)))
+
+    async def scrape_app() -> str:
+        client = TestClient(TestServer(make_admin_app(source, metrics_open=True)))
+        await client.start_server()
+        try:
+            reply = await client.get("/metrics")
+            assert reply.status == 200
+            assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            return await reply.text()
+        finally:
+            await client.close()
+
+    samples = _families(asyncio.run(scrape_app()))
+    veil = sorted((n, sorted(lab.items()), v) for n, lab, v in samples if n.startswith("veil_"))
+    not_after = certificate_not_after(state.cert_path)
+    assert not_after is not None
+    assert veil == sorted([
+        ("veil_build_info", [("version", _version())], 1.0),
+        ("veil_start_time_seconds", [], 1_700_000_000.0),
+        ("veil_sessions_active", [("way_in", "trojan")], 1.0),
+        ("veil_sessions_active", [("way_in", "veil")], 2.0),
+        ("veil_streams_active", [], 4.0),
+        ("veil_user_bytes_total", [("direction", "up"), ("user", "alice")], 100.0),
+        ("veil_user_bytes_total", [("direction", "down"), ("user", "alice")], 2000.0),
+        ("veil_user_bytes_total", [("direction", "up"), ("user", "bob")], 5.0),
+        ("veil_user_bytes_total", [("direction", "down"), ("user", "bob")], 7.0),
+        ("veil_handshakes_accepted_total", [("way_in", "trojan")], 1.0),
+        ("veil_handshakes_accepted_total", [("way_in", "veil")], 9.0),
+        ("veil_cover_connections_total", [("reason", "foreign_sni")], 1.0),
+        ("veil_cover_connections_total", [("reason", "plain_text")], 2.0),
+        ("veil_cover_connections_total", [("reason", "replay")], 3.0),
+        # A way in's "silent" adds to the gate's own.
+        ("veil_cover_connections_total", [("reason", "silent")], 6.0),
+        ("veil_tls_handshake_failures_total", [], 6.0),
+        ("veil_probes_total", [], 2 + 1 + 3 + 6 + 6.0),
+        ("veil_users", [("status", "active")], 2.0),
+        ("veil_users", [("status", "expired")], 0.0),
+        ("veil_users", [("status", "over_limit")], 0.0),
+        ("veil_users", [("status", "revoked")], 1.0),
+        ("veil_store_refresh_failures_total", [], 4.0),
+        ("veil_certificate_expiry_timestamp_seconds", [], not_after),
+    ])

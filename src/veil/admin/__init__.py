@@ -12,7 +12,9 @@ listener (``--admin HOST:PORT``, off by default).
     openapi.yaml the JSON API, as OpenAPI 3.1 (the tests validate responses against it)
     cli.py       ``veil admin passwd`` and ``veil admin token``
 
-It imports ``server`` and ``store``, never ``protocol``, ``net`` or ``transport``: user changes
-go through :class:`veil.manage.users.UserManager`, as the CLI's do. docs/admin.md describes
-the security model.
+Of ``server/`` it imports only :mod:`veil.server.status`, the status the server publishes
+(so it can be built around a stand-in); it imports ``manage`` and ``store``, never
+``protocol``, ``net`` or ``transport``: user changes go through
+:class:`veil.manage.users.UserManager`, as the CLI's do. docs/admin.md describes the security
+model.
 """

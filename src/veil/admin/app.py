@@ -15,8 +15,9 @@ log line: access keys appear only in response bodies, and those are never cached
 (``Cache-Control: no-store``).
 
 User changes go through :class:`veil.manage.users.UserManager`, as the CLI's do, on the
-backend's thread (``backend.py``); live state (sessions, gate counters) is read from the
-server on the event loop, where it lives.
+backend's thread (``backend.py``); live state (sessions, gate counters) is the status the
+server publishes (:class:`veil.server.status.StatusSource`), read on the event loop, where it
+lives. The panel needs nothing else of the server, so it can be built around a stand-in.
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ from veil.admin.backend import Backend
 from veil.admin.listen import check_admin_listen, is_loopback
 from veil.admin.metrics import CONTENT_TYPE, certificate_not_after, make_registry, render
 from veil.errors import ConfigError, StoreError, VeilError
+from veil.manage.state import server_ssl_context
 from veil.manage.users import UserManager, UserReport, parse_expiry, parse_limit
-from veil.server.service import server_ssl_context
 from veil.store.base import HOUR_S, Usage
 
 if TYPE_CHECKING:
     from veil.manage.state import ServerState
-    from veil.server.service import VeilServer
+    from veil.server.status import StatusSource
 
 log = logging.getLogger("veil.admin")
 
@@ -113,13 +114,13 @@ class ApiError(Exception):
 class Admin:
     """One panel's state: the server it administers, its store thread, its sessions."""
 
-    def __init__(self, server: VeilServer, *, metrics_open: bool, secure_cookies: bool,
+    def __init__(self, server: StatusSource, *, metrics_open: bool, secure_cookies: bool,
                  clock: Callable[[], float] = time.time) -> None:
         self.server = server
         self.metrics_open = metrics_open
         self.secure_cookies = secure_cookies
         self.clock = clock
-        self.backend = Backend(server.state, clock)
+        self.backend = Backend(server.status().state, clock)
         self.sessions = auth.Sessions()
         self.limiter = auth.LoginLimiter()
         self.verifications = asyncio.Semaphore(auth.MAX_CONCURRENT_VERIFICATIONS)
@@ -144,7 +145,7 @@ CALLER = web.RequestKey("caller", Caller)
 ANONYMOUS = Caller(None)
 
 
-def make_admin_app(server: VeilServer, *, metrics_open: bool,
+def make_admin_app(server: StatusSource, *, metrics_open: bool,
                    secure_cookies: bool = False) -> web.Application:
     """The panel for ``server``. ``metrics_open``: serve ``/metrics`` without credentials
     (only on a loopback listener); ``secure_cookies``: the listener is TLS."""
@@ -210,7 +211,7 @@ class AdminServer:
         await self.runner.cleanup()
 
 
-async def start_admin(server: VeilServer, listen: HostPort, *,
+async def start_admin(server: StatusSource, listen: HostPort, *,
                       tls: ssl.SSLContext | None = None) -> AdminServer:
     """Serve the panel for ``server`` on ``listen``; a non-loopback address needs ``tls``
     (ConfigError otherwise)."""
@@ -476,33 +477,31 @@ def _report_and_key(users: UserManager, name: str) -> tuple[UserReport, str | No
 
 
 def sessions_json(admin: Admin) -> list[dict[str, Any]]:
-    rows = []
-    for conn in sorted(admin.server.live.connections.values(), key=lambda c: c.id):
-        rows.append({"id": conn.id, "user": conn.user.name, "way_in": conn.way_in,
-                     "peer": conn.peer, "started_at": conn.started_at,
-                     "bytes_up": conn.bytes_up, "bytes_down": conn.bytes_down,
-                     "streams": conn.streams})
-    return rows
+    return [{"id": conn.id, "user": conn.user, "way_in": conn.way_in, "peer": conn.peer,
+             "started_at": conn.started_at, "bytes_up": conn.bytes_up,
+             "bytes_down": conn.bytes_down, "streams": conn.streams}
+            for conn in admin.server.status().connections]
 
 
 def health_json(admin: Admin) -> dict[str, Any]:
-    server = admin.server
+    status = admin.server.status()
+    state = status.state
     now = admin.clock()
-    not_after = certificate_not_after(server.state.cert_path)
+    not_after = certificate_not_after(state.cert_path)
     return {
         "version": __version__,
-        "started_at": server.started_at,
-        "uptime_seconds": max(now - server.started_at, 0.0),
-        "listen": str(server.address),
-        "public": str(server.state.public),
-        "ways_in": [w.name for w in server.gate.ways_in],
-        "cover": server.options.cover_url or "built-in",
-        "tun": server.options.tun,
+        "started_at": status.started_at,
+        "uptime_seconds": max(now - status.started_at, 0.0),
+        "listen": status.listen,
+        "public": str(state.public),
+        "ways_in": list(status.ways_in),
+        "cover": status.cover_url or "built-in",
+        "tun": status.tun,
         "certificate": {"not_after": not_after,
                         "days_left": None if not_after is None else (not_after - now) / DAY_S},
-        "sessions_active": len(server.live.connections),
-        "store": "postgresql" if server.state.db else "sqlite",
-        "store_refresh_failures": server.live.refresh_failures,
+        "sessions_active": len(status.connections),
+        "store": "postgresql" if state.db else "sqlite",
+        "store_refresh_failures": status.store_refresh_failures,
     }
 
 

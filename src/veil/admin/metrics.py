@@ -1,5 +1,6 @@
-"""Prometheus metrics of a running server, read at scrape time (nothing is counted twice:
-the gate, the live connections and the certificate are the sources of truth).
+"""Prometheus metrics of a running server, read at scrape time from the status it publishes
+(:class:`veil.server.status.StatusSource`; nothing is counted twice: the gate, the live
+connections and the certificate are the sources of truth).
 
 Names follow Prometheus conventions: a ``veil_`` prefix, base units (bytes, seconds,
 timestamps in unix seconds), ``_total`` on counters, labels for what one would sum over.
@@ -10,8 +11,7 @@ Counters count since the process started (Prometheus handles the reset at a rest
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,12 +28,12 @@ from prometheus_client.registry import Collector
 from veil import __version__
 
 if TYPE_CHECKING:
-    from veil.server.service import VeilServer
+    from veil.server.status import StatusSource
 
 #: The content type of :func:`render` (Prometheus text format 0.0.4).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# What the gate counts (server/gate.py, GateStats) as the ``reason`` label of
+# What the gate counts (veil.server.status.GateCounts) as the ``reason`` label of
 # veil_cover_connections_total; way-in rejections keep their own reason names.
 COVER_PLAIN = "plain_text"
 COVER_FOREIGN_SNI = "foreign_sni"
@@ -52,46 +52,42 @@ def certificate_not_after(path: Path) -> float | None:
 class _CertificateCache:
     """Parses the certificate again only when its file changes (it is renewed in place)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._key: tuple[int, int] | None = None
+    def __init__(self) -> None:
+        self._key: tuple[Path, int, int] | None = None
         self._value: float | None = None
 
-    def not_after(self) -> float | None:
+    def not_after(self, path: Path) -> float | None:
         try:
-            stat = self.path.stat()
+            stat = path.stat()
         except OSError:
             return None
-        key = (stat.st_mtime_ns, stat.st_size)
+        key = (path, stat.st_mtime_ns, stat.st_size)
         if key != self._key:
-            self._key, self._value = key, certificate_not_after(self.path)
+            self._key, self._value = key, certificate_not_after(path)
         return self._value
 
 
 class ServerCollector(Collector):
-    """Reads one :class:`VeilServer` on every scrape."""
+    """Reads one server's :class:`~veil.server.status.ServerStatus` on every scrape."""
 
-    def __init__(self, server: VeilServer, clock: Callable[[], float] = time.time) -> None:
-        self.server = server
-        self._clock = clock
-        self._certificate = _CertificateCache(server.state.cert_path)
+    def __init__(self, source: StatusSource) -> None:
+        self.source = source
+        self._certificate = _CertificateCache()
 
     def collect(self) -> Iterable[Metric]:
-        server = self.server
-        stats = server.gate.stats
-        live = server.live
+        status = self.source.status()
+        stats = status.gate
 
         info = InfoMetricFamily("veil_build", "veil's version", labels=["version"])
         info.add_metric([__version__], {})
         yield info
         yield GaugeMetricFamily("veil_start_time_seconds",
                                 "When the server started, in unix seconds",
-                                value=server.started_at)
+                                value=status.started_at)
 
-        ways_in = [w.name for w in server.gate.ways_in]
-        sessions = dict.fromkeys(ways_in, 0)
+        sessions = dict.fromkeys(status.ways_in, 0)
         streams = 0
-        for conn in list(live.connections.values()):
+        for conn in status.connections:
             sessions[conn.way_in] = sessions.get(conn.way_in, 0) + 1
             streams += conn.streams
         active = GaugeMetricFamily("veil_sessions_active",
@@ -107,7 +103,7 @@ class ServerCollector(Collector):
             "veil_user_bytes",
             "Bytes carried for each user; direction up is client to server, down the reverse",
             labels=["user", "direction"])
-        for name, usage in sorted(live.user_bytes.items()):
+        for name, usage in sorted(status.user_bytes.items()):
             user_bytes.add_metric([name, "up"], usage.up)
             user_bytes.add_metric([name, "down"], usage.down)
         yield user_bytes
@@ -115,7 +111,7 @@ class ServerCollector(Collector):
         accepted = CounterMetricFamily("veil_handshakes_accepted",
                                        "Connections that presented a valid credential, by "
                                        "way in", labels=["way_in"])
-        for way_in in sorted(set(ways_in) | set(stats.accepted)):
+        for way_in in sorted(set(status.ways_in) | set(stats.accepted)):
             accepted.add_metric([way_in], stats.accepted.get(way_in, 0))
         yield accepted
 
@@ -124,7 +120,7 @@ class ServerCollector(Collector):
                                     labels=["reason"])
         reasons = {COVER_PLAIN: stats.cover_plain, COVER_FOREIGN_SNI: stats.cover_foreign_sni,
                    COVER_SILENT: stats.silent}
-        for reason, count in (stats.rejected or {}).items():
+        for reason, count in stats.rejected.items():
             reasons[reason] = reasons.get(reason, 0) + count
         for reason, count in sorted(reasons.items()):
             cover.add_metric([reason], count)
@@ -138,32 +134,29 @@ class ServerCollector(Collector):
             "site alike (the server cannot tell them apart)",
             value=sum(reasons.values()) + stats.tls_failed)
 
-        directory = live.directory
         statuses = {"active": 0, "revoked": 0, "expired": 0, "over_limit": 0}
-        for name in directory.by_name:
-            status = directory.refused.get(name, "active")
-            statuses[status] = statuses.get(status, 0) + 1
+        statuses.update(status.users)
         users = GaugeMetricFamily("veil_users", "Users in the store, by status",
                                   labels=["status"])
-        for status, count in sorted(statuses.items()):
-            users.add_metric([status], count)
+        for name, count in sorted(statuses.items()):
+            users.add_metric([name], count)
         yield users
         yield CounterMetricFamily("veil_store_refresh_failures",
                                   "Times the user store could not be read (the last snapshot "
-                                  "stayed in force)", value=live.refresh_failures)
+                                  "stayed in force)", value=status.store_refresh_failures)
 
-        not_after = self._certificate.not_after()
+        not_after = self._certificate.not_after(status.state.cert_path)
         if not_after is not None:
             yield GaugeMetricFamily("veil_certificate_expiry_timestamp_seconds",
                                     "When the server's TLS certificate expires, in unix seconds",
                                     value=not_after)
 
 
-def make_registry(server: VeilServer) -> CollectorRegistry:
+def make_registry(source: StatusSource) -> CollectorRegistry:
     """A registry of its own (not the global one): several servers in one process, as in the
     tests, each export only themselves."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServerCollector(server))
+    registry.register(ServerCollector(source))
     ProcessCollector(registry=registry)
     return registry
 
