@@ -10,9 +10,9 @@ import socket
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from veil.config import ServerOptions
 from veil.cover.backends import Cover, make_cover
 from veil.manage.state import ServerState, load_state
 from veil.manage.users import UserManager
@@ -24,12 +24,7 @@ from veil.protocol.session import Session, SessionConfig
 from veil.protocol.shaping import NO_SHAPING
 from veil.protocol.trojan import TrojanRequest, password_hash_for_secret
 from veil.server.gate import Authenticator, Gate, VeilWayIn
-from veil.server.live import (
-    DEFAULT_MAX_SESSIONS,
-    DEFAULT_MAX_SESSIONS_PER_USER,
-    Live,
-    LiveConnection,
-)
+from veil.server.live import Live, LiveConnection
 from veil.server.outbound import Outbound
 from veil.server.policy import DestinationPolicy, local_addresses
 from veil.server.trojan import TrojanService, TrojanWayIn
@@ -48,23 +43,6 @@ SERVER_SESSION_CONFIG = SessionConfig(keepalive_interval=60.0, keepalive_timeout
 # How long shutdown waits for sessions to close after saying CLOSE.
 SHUTDOWN_GRACE_S = 2.0
 LISTEN_BACKLOG = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class ServerOptions:
-    listen: Address
-    cover_url: str | None = None
-    allow_private: bool = False
-    handshake_timeout: float = 60.0
-    shaping: bool = True
-    max_sessions_per_user: int = DEFAULT_MAX_SESSIONS_PER_USER
-    max_sessions: int = DEFAULT_MAX_SESSIONS
-    #: Bytes per second one user may move in each direction (all sessions); None = no limit.
-    user_rate: float | None = None
-    #: Full-device tunnels (``--tun``): IP streams get addresses from these pools (Linux).
-    tun: bool = False
-    pool: str | None = None
-    pool6: str | None = None
 
 
 def server_ssl_context(state: ServerState,
