@@ -86,3 +86,16 @@ def test_parsers() -> None:
     assert parse_rate("20MB") == 20 * 10**6
     with pytest.raises(ConfigError, match="bad rate 'fast'"):
         parse_rate("fast")
+
+
+def test_connect_pool_is_a_deprecated_alias_of_connections(
+        caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    from veil.cli import main
+
+    assert main(["connect", KEY.to_uri(), "--pool", "0"]) == 2
+    assert "veil: error: --connections takes 1 to 16" in capsys.readouterr().err
+    assert "connect --pool is deprecated: say --connections 0" in caplog.text
+    with pytest.raises(SystemExit):
+        main(["connect", "--help"])
+    shown = capsys.readouterr().out
+    assert "--connections N" in shown and "--pool" not in shown
