@@ -19,7 +19,6 @@ import harness
 
 from veil.client.socks5 import (
     ConnectRequest,
-    Credentials,
     Reply,
     Socks5Connection,
     State,
@@ -27,6 +26,7 @@ from veil.client.socks5 import (
     decode_udp_datagram,
     encode_udp_datagram,
 )
+from veil.config import Credentials
 from veil.errors import AuthError, RemoteProtocolError
 from veil.protocol.address import Address
 

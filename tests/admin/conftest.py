@@ -26,9 +26,10 @@ from tests.support import procs
 from veil.admin.app import AdminServer, start_admin
 from veil.admin.auth import PASSWORD_SETTING, TOKEN_SETTING, hash_password, new_api_token
 from veil.admin.listen import AdminListen
+from veil.config import ServerOptions
 from veil.manage.state import ServerState, init_state
 from veil.protocol.address import Address
-from veil.server.service import ServerOptions, VeilServer
+from veil.server.service import VeilServer
 
 T = TypeVar("T")
 PASSWORD = "correct horse battery staple"

@@ -25,7 +25,8 @@ import pytest
 
 from veil.client.forward import TcpForward, UdpForward
 from veil.client.http_proxy import HttpProxyInbound
-from veil.client.socks5 import Credentials, Socks5Inbound
+from veil.client.socks5 import Socks5Inbound
+from veil.config import Credentials
 from veil.net.direct import DirectDialer
 from veil.protocol.address import Address
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from veil.client.forward import ForwardSpec, parse_forward_spec
+from veil.config import ForwardSpec, parse_forward_spec
 from veil.errors import ConfigError
 from veil.protocol.address import Address
 

@@ -341,7 +341,7 @@ def _authed(header: bytes | None) -> bytes:
 def test_credentials_are_required_when_set() -> None:
     import base64
 
-    from veil.client.socks5 import Credentials
+    from veil.config import Credentials
 
     creds = Credentials(b"alice", b"s3cret")
     good = b"Basic " + base64.b64encode(b"alice:s3cret")

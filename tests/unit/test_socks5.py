@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from veil.client.socks5 import (
     MAX_TRAILING_DATA,
     ConnectRequest,
-    Credentials,
     Event,
     Reply,
     Socks5Connection,
@@ -21,6 +20,7 @@ from veil.client.socks5 import (
     decode_udp_datagram,
     encode_udp_datagram,
 )
+from veil.config import Credentials
 from veil.errors import AuthError, ConfigError, LocalProtocolError, RemoteProtocolError, VeilError
 from veil.protocol.address import Address
 

@@ -41,9 +41,10 @@ from veil.admin import auth, chart, pages
 from veil.admin.backend import Backend
 from veil.admin.listen import check_admin_listen, is_loopback
 from veil.admin.metrics import CONTENT_TYPE, certificate_not_after, make_registry, render
+from veil.config import parse_expiry, parse_limit
 from veil.errors import ConfigError, StoreError, VeilError
 from veil.manage.state import server_ssl_context
-from veil.manage.users import UserManager, UserReport, parse_expiry, parse_limit
+from veil.manage.users import UserManager, UserReport
 from veil.store.base import HOUR_S, Usage
 
 if TYPE_CHECKING:

@@ -19,9 +19,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from veil import __version__
+from veil.config import (
+    DEFAULT_KEEPALIVE,
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_MAX_SESSIONS_PER_USER,
+    DEFAULT_TUN_POOL,
+    DEFAULT_TUN_POOL6,
+    MAX_CONNECTIONS,
+    ClientOptions,
+    ServerOptions,
+    parse_expiry,
+    parse_key,
+    parse_limit,
+    parse_rate,
+)
 from veil.errors import ConfigError, StoreError, VeilError
 from veil.protocol.address import Address, parse_host_port
-from veil.protocol.auth import Credential, new_secret
 
 if TYPE_CHECKING:
     from veil.admin.listen import AdminListen
@@ -101,15 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also serve full-device tunnels (veil connect --tun; Linux, root): "
                             "a TUN device, an address per session, NAT to the outside")
     serve.add_argument("--pool", metavar="CIDR",
-                       help="IPv4 addresses for --tun clients (default 10.77.0.0/16)")
+                       help=f"IPv4 addresses for --tun clients (default {DEFAULT_TUN_POOL})")
     serve.add_argument("--pool6", metavar="CIDR",
-                       help="IPv6 addresses for --tun clients (default fd77::/64; 'none': "
-                            "no IPv6, which clients then block)")
-    serve.add_argument("--max-sessions-per-user", type=int, default=64, metavar="N",
+                       help=f"IPv6 addresses for --tun clients (default {DEFAULT_TUN_POOL6}; "
+                            "'none': no IPv6, which clients then block)")
+    serve.add_argument("--max-sessions-per-user", type=int,
+                       default=DEFAULT_MAX_SESSIONS_PER_USER, metavar="N",
                        help="sessions (veil sessions and Trojan connections) one user may "
-                            "hold at once; more get the cover site (default 64)")
-    serve.add_argument("--max-sessions", type=int, default=10_000, metavar="N",
-                       help="sessions the server holds at once (default 10000)")
+                            "hold at once; more get the cover site "
+                            f"(default {DEFAULT_MAX_SESSIONS_PER_USER})")
+    serve.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS, metavar="N",
+                       help=f"sessions the server holds at once (default {DEFAULT_MAX_SESSIONS})")
     serve.add_argument("--max-user-rate", metavar="RATE",
                        help="bandwidth one user may use in each direction, over all their "
                             "sessions: e.g. 100Mbit or 20MB (per second; default unlimited)")
@@ -198,15 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
                          metavar="[LHOST:]LPORT:RHOST:RPORT[/udp]",
                          help="forward a local port to RHOST:RPORT through the tunnel "
                               "(repeatable)")
-    connect.add_argument("--pool", type=int, default=1, metavar="N",
-                         help="TLS connections to keep to the server (default 1)")
+    connect.add_argument("--connections", type=int, metavar="N",
+                         help="TLS connections to keep to the server, 1 to "
+                              f"{MAX_CONNECTIONS} (default 1)")
+    # The old name of --connections: --pool is serve's address range. Hidden, and warned of.
+    connect.add_argument("--pool", dest="deprecated_pool", type=int, help=argparse.SUPPRESS)
     connect.add_argument("--no-shaping", dest="shaping", action="store_false",
                          help="do not pad the first writes of sessions and streams (measures "
                               "shaping's cost; makes tunnelled TLS handshakes visible)")
     connect.add_argument("--keepalive", metavar="SECONDS[:TIMEOUT]",
                          help="ping the server after SECONDS idle and reconnect when no answer "
-                              "comes within TIMEOUT (default 15:10); lower finds a dead path "
-                              "sooner, at the cost of more pings")
+                              f"comes within TIMEOUT (default {DEFAULT_KEEPALIVE[0]:g}:"
+                              f"{DEFAULT_KEEPALIVE[1]:g}); lower finds a dead path sooner, at "
+                              "the cost of more pings")
     connect.add_argument("--tls", choices=("browser", "openssl"), default="browser",
                          help="TLS client: 'browser' sends Chrome's ClientHello (default); "
                               "'openssl' uses Python's ssl, whose ClientHello no browser sends")
@@ -291,22 +310,25 @@ def _show_user(state: ServerState, user: User | None, args: argparse.Namespace) 
 # --------------------------------------------------------------------- commands
 def cmd_serve(args: argparse.Namespace) -> None:
     from veil.manage.state import init_state
-    from veil.server.service import ServerOptions, VeilServer
+    from veil.manage.users import UserManager
+    from veil.server.service import VeilServer
 
-    if (args.cert is None) != (args.key is None):
-        raise ConfigError("--cert and --key go together")
+    options = ServerOptions(
+        listen=args.listen, cover_url=args.cover, cert=args.cert, key=args.key,
+        allow_private=args.allow_private, shaping=args.shaping,
+        max_sessions_per_user=args.max_sessions_per_user, max_sessions=args.max_sessions,
+        user_rate=parse_rate(args.max_user_rate) if args.max_user_rate else None,
+        tun=args.tun, pool=args.pool, pool6=args.pool6)
     if args.admin is not None:
         from veil.admin.listen import check_admin_listen
 
         check_admin_listen(args.admin.host, args.admin.tls)
-    state, _created = init_state(args.state, listen=args.listen, public=args.public,
-                                 cert=args.cert, key=args.key, db=args.db)
-    store = state.open_store()
+    state, _created = init_state(args.state, listen=options.listen, public=args.public,
+                                 cert=options.cert, key=options.key, db=args.db)
+    users = UserManager(state, state.open_store())
     try:
-        if not store.list_users():
-            secret = new_secret()
-            user = store.add_user(FIRST_USER, secret, Credential.from_secret(secret).key_id,
-                                  time.time())
+        if not users.store.list_users():
+            user = users.add(FIRST_USER)
             if os.environ.get("INVOCATION_ID") and not sys.stdout.isatty():
                 # A systemd service: stdout is the journal, which keeps it for months and
                 # shows it to every member of adm and systemd-journal. Say where it is.
@@ -314,20 +336,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
                             "--state %s", user.name, user.name, args.state)
             else:
                 log.warning("created user %r; its access key is printed on stdout", user.name)
-                _print_key(state.access_key(user).to_uri())
+                _print_key(users.access_key(user))
     finally:
-        store.close()
-    if args.max_sessions_per_user < 1 or args.max_sessions < 1:
-        raise ConfigError("--max-sessions and --max-sessions-per-user take a number >= 1")
+        users.store.close()
     _raise_open_file_limit()
-    from veil.manage.users import parse_rate
-
-    user_rate = parse_rate(args.max_user_rate) if args.max_user_rate else None
-    options = ServerOptions(user_rate=user_rate, listen=args.listen, cover_url=args.cover,
-                            allow_private=args.allow_private, shaping=args.shaping,
-                            max_sessions_per_user=args.max_sessions_per_user,
-                            max_sessions=args.max_sessions,
-                            tun=args.tun, pool=args.pool, pool6=args.pool6)
 
     async def main(stop: asyncio.Event) -> None:
         server = VeilServer(state, options)
@@ -409,7 +421,7 @@ def cmd_user(args: argparse.Namespace) -> None:
     import json
 
     from veil.manage.state import init_state, load_state
-    from veil.manage.users import UserManager, format_bytes, parse_expiry, parse_limit
+    from veil.manage.users import UserManager, format_bytes
 
     if args.user_command == "add" and args.public:
         public = parse_host_port(args.public)
@@ -471,14 +483,18 @@ def cmd_user(args: argparse.Namespace) -> None:
 
 
 def cmd_connect(args: argparse.Namespace) -> None:
-    from veil.client.service import ClientOptions, parse_key, run_client
+    from veil.client.service import run_client
 
     key = parse_key(args.key)
-    if args.pool < 1 or args.pool > 16:
-        raise ConfigError("--pool takes 1 to 16")
+    connections = args.connections
+    if args.deprecated_pool is not None:
+        log.warning("connect --pool is deprecated: say --connections %d", args.deprecated_pool)
+        if connections is None:  # --connections, when said too, wins
+            connections = args.deprecated_pool
     options = ClientOptions.from_args(key, socks=args.socks, http=args.http,
                                       forwards=args.forward, socks_auth=args.socks_auth,
-                                      pool=args.pool, default_socks=parse_host_port(DEFAULT_SOCKS),
+                                      connections=1 if connections is None else connections,
+                                      default_socks=parse_host_port(DEFAULT_SOCKS),
                                       tls_stack=args.tls, shaping=args.shaping, tun=args.tun,
                                       tun_exclude=tuple(args.exclude),
                                       keepalive=args.keepalive, http_auth=args.http_auth,

@@ -1,7 +1,7 @@
 """Port forwarding inbounds: a local TCP or UDP port that always goes to one destination.
 
-``veil client -L 8053:1.1.1.1:53/udp`` style specs are parsed by :func:`parse_forward_spec`
-(``[LHOST:]LPORT:RHOST:RPORT[/udp|/tcp]``, IPv6 in brackets, LHOST 127.0.0.1 by default).
+``--forward [LHOST:]LPORT:RHOST:RPORT[/udp]`` specs are parsed into a
+:class:`~veil.config.ForwardSpec` by :func:`veil.config.parse_forward_spec`.
 
 * :class:`TcpForward` hands every accepted connection to ``Dialer.open_tcp(dest, ...)``.
 * :class:`UdpForward` gives every distinct local client address its own ``Dialer.open_udp``
@@ -12,34 +12,27 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, cast
 
 from veil.client.listener import TcpInbound
-from veil.errors import ConfigError, LocalProtocolError, VeilError
+from veil.config import ForwardSpec
+from veil.errors import LocalProtocolError, VeilError
 from veil.net.dialer import Dialer, UdpFlow
 from veil.protocol.address import Address
 
 __all__ = [
-    "DEFAULT_LISTEN_HOST",
     "MAX_EARLY_DATA",
     "MAX_UDP_FLOWS",
     "READY_TIMEOUT",
     "UDP_IDLE_TIMEOUT",
-    "ForwardSpec",
     "TcpForward",
     "UdpForward",
-    "parse_forward_spec",
     "start_forward",
 ]
 
 log = logging.getLogger(__name__)
-
-#: Where a forward listens when the spec gives no LHOST: never the LAN unless asked.
-DEFAULT_LISTEN_HOST = "127.0.0.1"
 
 #: How long an accepted TCP connection waits for the tunnel before it is closed.
 READY_TIMEOUT = 15.0
@@ -57,103 +50,6 @@ MAX_UDP_FLOWS = 1024
 #: accept so normally none arrive; this bounds the buffer if a transport delivers one read
 #: anyway (256 KiB in asyncio and uvloop).
 MAX_EARLY_DATA = 512 * 1024
-
-_USAGE = "expected [LHOST:]LPORT:RHOST:RPORT[/udp]"
-
-
-@dataclass(frozen=True, slots=True)
-class ForwardSpec:
-    """One port forward: connections/datagrams to ``listen`` go to ``dest``."""
-
-    listen: Address
-    dest: Address
-    udp: bool = False
-
-    def __str__(self) -> str:
-        """The spec in CLI form, e.g. ``127.0.0.1:8053:[2606:4700::1111]:53/udp``."""
-        return f"{self.listen}:{self.dest}/{'udp' if self.udp else 'tcp'}"
-
-
-def parse_forward_spec(text: str) -> ForwardSpec:
-    """Parse ``[LHOST:]LPORT:RHOST:RPORT[/udp|/tcp]``; raise ConfigError (one line) if bad.
-
-    Hosts are IP literals (IPv6 in brackets) or names; ports are 1-65535.
-    """
-    shown = text if len(text) <= 100 else text[:100] + "..."
-
-    def bad(why: str) -> ConfigError:
-        return ConfigError(f"bad forward {shown!r}: {why}; {_USAGE}", code="bad_forward")
-
-    body = text.strip()
-    udp = False
-    base, slash, proto = body.rpartition("/")
-    if slash:
-        if proto.lower() not in ("tcp", "udp"):
-            raise bad(f"unknown protocol {proto!r}")
-        udp = proto.lower() == "udp"
-        body = base
-    parts = _split_fields(body)
-    if parts is None:
-        raise bad("unbalanced brackets")
-    if len(parts) == 3:
-        parts.insert(0, DEFAULT_LISTEN_HOST)
-    elif len(parts) != 4:
-        raise bad("wrong number of fields (IPv6 addresses need [brackets])")
-    lhost, lport, rhost, rport = parts
-    try:
-        listen = Address(_host(lhost, "LHOST"), _port(lport, "LPORT"))
-        dest = Address(_host(rhost, "RHOST"), _port(rport, "RPORT"))
-        dest.encode()  # a name must fit the wire format (<= 255 bytes in IDNA)
-    except (ValueError, UnicodeError) as exc:
-        raise bad(str(exc).splitlines()[0] if str(exc) else "invalid host") from exc
-    return ForwardSpec(listen, dest, udp)
-
-
-def _split_fields(text: str) -> list[str] | None:
-    """Split on colons outside brackets; None if brackets do not pair up."""
-    fields: list[str] = []
-    current: list[str] = []
-    in_brackets = False
-    for char in text:
-        if char == "[":
-            if in_brackets:
-                return None
-            in_brackets = True
-        elif char == "]":
-            if not in_brackets:
-                return None
-            in_brackets = False
-        elif char == ":" and not in_brackets:
-            fields.append("".join(current))
-            current = []
-            continue
-        current.append(char)
-    if in_brackets:
-        return None
-    fields.append("".join(current))
-    return fields
-
-
-def _host(text: str, what: str) -> str:
-    if text.startswith("[") and text.endswith("]"):
-        inner = text[1:-1]
-        try:
-            ipaddress.IPv6Address(inner)
-        except ValueError:
-            raise ValueError(f"{what} {text!r} is not an IPv6 address") from None
-        return inner
-    if not text:
-        raise ValueError(f"missing {what}")
-    if "[" in text or "]" in text or not text.isprintable() or any(c.isspace() for c in text):
-        raise ValueError(f"bad {what} {text!r}")
-    return text
-
-
-def _port(text: str, what: str) -> int:
-    if not (text.isascii() and text.isdigit() and len(text) <= 5) or not 0 < int(text) <= 0xFFFF:
-        raise ValueError(f"{what} must be a number from 1 to 65535, got {text!r}")
-    return int(text)
-
 
 async def start_forward(dialer: Dialer, spec: ForwardSpec) -> TcpForward | UdpForward:
     """Build the forward ``spec`` describes (default options) and start it."""

@@ -35,7 +35,7 @@ from typing import cast
 import h11
 
 from veil.client.listener import TcpInbound
-from veil.client.socks5 import Credentials
+from veil.config import Credentials
 from veil.errors import LocalProtocolError, RemoteProtocolError, VeilError
 from veil.net.dialer import Dialer
 from veil.protocol.address import Address

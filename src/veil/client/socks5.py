@@ -28,11 +28,12 @@ import hmac
 import ipaddress
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn, cast
 
 from veil.client.listener import TcpInbound
-from veil.errors import AuthError, ConfigError, LocalProtocolError, RemoteProtocolError, VeilError
+from veil.config import Credentials
+from veil.errors import AuthError, LocalProtocolError, RemoteProtocolError, VeilError
 from veil.net.dialer import Dialer, UdpFlow
 from veil.protocol.address import ATYP_DOMAIN, ATYP_IPV4, ATYP_IPV6, Address, NeedMoreData
 
@@ -43,7 +44,6 @@ __all__ = [
     "READY_TIMEOUT",
     "UNSPECIFIED_BIND",
     "ConnectRequest",
-    "Credentials",
     "Event",
     "Reply",
     "Socks5Connection",
@@ -114,23 +114,6 @@ class State(enum.Enum):
     WAIT_REPLY = "wait_reply"  # request delivered; the caller must send_reply()
     ESTABLISHED = "established"  # success sent; the caller owns the connection now
     CLOSED = "closed"  # failed; send data_to_send() (may be empty), then close
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """The one username/password pair a listener accepts (RFC 1929).
-
-    Octets, as on the wire (RFC 1929 gives them no encoding); each must be 1 to 255 bytes.
-    The password is left out of ``repr`` so it cannot leak into logs or tracebacks.
-    """
-
-    username: bytes
-    password: bytes = field(repr=False)
-
-    def __post_init__(self) -> None:
-        for name, value in (("username", self.username), ("password", self.password)):
-            if not 1 <= len(value) <= 255:
-                raise ConfigError(f"SOCKS5 {name} must be 1 to 255 bytes", code="bad_credentials")
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,71 +3,19 @@ applies limits and reports usage, so both front ends behave the same."""
 
 from __future__ import annotations
 
-import datetime
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from veil.errors import ConfigError, StoreError
+from veil.errors import StoreError
 from veil.manage.state import ServerState
 from veil.protocol.auth import Credential, new_secret
 from veil.store.base import LimitPeriod, Usage, User, UserStore, period_start
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_LIMIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*(?:/\s*(month|total))?\s*$",
-                    re.IGNORECASE)
-
-
-def parse_limit(text: str) -> tuple[int | None, LimitPeriod]:
-    """``50GB``, ``50GB/month`` (the default period), ``1TiB/total`` or ``none``."""
-    if text.strip().lower() in ("none", "unlimited", "off"):
-        return None, "month"
-    match = _LIMIT.match(text)
-    if not match or match.group(2).upper() not in _UNITS:
-        raise ConfigError(f"bad limit {text!r}: use e.g. 50GB, 50GB/month, 1TiB/total or none")
-    number, unit, period = match.groups()
-    return int(float(number) * _UNITS[unit.upper()]), (period or "month").lower()  # type: ignore[return-value]
-
-
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KkMmGg]?)(bit|b|B)(?:/s|ps)?\s*$")
-_RATE_SCALE = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
-
-
-def parse_rate(text: str) -> float:
-    """``100Mbit`` (bits per second), ``20MB`` (bytes per second), ``/s`` optional; -> bytes/s."""
-    match = _RATE.match(text)
-    if not match:
-        raise ConfigError(f"bad rate {text!r}: use e.g. 100Mbit, 1Gbit or 20MB (per second)")
-    number, scale, unit = match.groups()
-    value = float(number) * _RATE_SCALE[scale.upper()]
-    rate = value / 8 if unit in ("bit", "b") else value
-    if rate < 1024:
-        raise ConfigError(f"rate {text!r} is too low to carry anything (at least 1 KB/s)")
-    return rate
-
-
-def parse_expiry(text: str) -> float | None:
-    """``2027-01-31`` (end of that day, UTC), an ISO 8601 time, or ``never``."""
-    if text.strip().lower() in ("never", "none"):
-        return None
-    try:
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text.strip()):
-            day = datetime.date.fromisoformat(text.strip())
-            moment = datetime.datetime.combine(day + datetime.timedelta(days=1),
-                                               datetime.time(), datetime.UTC)
-        else:
-            moment = datetime.datetime.fromisoformat(text.strip())
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=datetime.UTC)
-    except ValueError as exc:
-        raise ConfigError(f"bad date {text!r}: use YYYY-MM-DD, an ISO 8601 time, or never") \
-            from exc
-    return moment.timestamp()
-
 
 def format_bytes(count: int | None) -> str:
+    """A byte count as people read it (``1.5 GB``; ``-`` for none): output, so it lives with
+    the reports it formats; the parsers of what people type are in :mod:`veil.config`."""
     if count is None:
         return "-"
     size = float(count)

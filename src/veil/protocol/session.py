@@ -62,6 +62,11 @@ INITIAL_SESSION_WINDOW = 32 * 1024 * 1024
 _GRANT_FRACTION = 4
 # A window above 2**31 - 1 can only come from a broken or hostile peer.
 MAX_WINDOW = 2**31 - 1
+# Keepalive as veil ships it (the client's; the server sets its own, slower one): a ping after
+# 15 s of silence finds a dead path (a NAT that forgot us, a blackholed route) within 25 s,
+# and an idle session costs one small record each way per 15 s.
+DEFAULT_KEEPALIVE_INTERVAL = 15.0
+DEFAULT_KEEPALIVE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +76,9 @@ class SessionConfig:
     #: Streams the peer may have open at once (the server's limit on a client).
     max_streams: int = 1024
     #: Send a PING after this long without receiving anything (seconds); None disables.
-    keepalive_interval: float | None = 15.0
+    keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL
     #: Declare the peer dead when nothing arrives this long after a PING (seconds).
-    keepalive_timeout: float = 10.0
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
     #: Which writes are padded, and how (see veil.protocol.shaping).
     shaping: ShapingPolicy = DEFAULT_SHAPING
 

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, cast, runtime_checkable
 
+from veil.config import DEFAULT_MAX_SESSIONS, DEFAULT_MAX_SESSIONS_PER_USER
 from veil.errors import StoreError
 from veil.store.base import Usage, User, UserStore, period_start
 from veil.transport.ratelimit import TokenBucket
@@ -38,12 +39,6 @@ log = logging.getLogger("veil.server")
 #: The issue asks for changes to take effect within one second; half of it leaves room for
 #: the store round trip and the close.
 REFRESH_INTERVAL_S = 0.5
-#: Sessions (veil sessions and Trojan connections) one user may hold at once: a client with
-#: a pool of 16, a phone's Trojan app with its parallel connections, and a laptop fit.
-DEFAULT_MAX_SESSIONS_PER_USER = 64
-#: Sessions the whole server holds at once; past it, valid keys get the cover like strangers
-#: until some end (each session costs ~100 KiB plus its streams' buffers).
-DEFAULT_MAX_SESSIONS = 10_000
 #: Trim the allocator once this many connections and streams came and went (and at most
 #: once per interval: a collection of a large heap costs milliseconds of the loop).
 TRIM_AFTER_CHURN = 1000

@@ -8,9 +8,9 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from veil.config import ServerOptions
 from veil.cover.backends import Cover, make_cover
 from veil.manage.state import ServerState, load_state, server_ssl_context
 from veil.manage.users import UserManager
@@ -22,12 +22,7 @@ from veil.protocol.session import Session, SessionConfig
 from veil.protocol.shaping import NO_SHAPING
 from veil.protocol.trojan import TrojanRequest, password_hash_for_secret
 from veil.server.gate import Authenticator, Gate, VeilWayIn
-from veil.server.live import (
-    DEFAULT_MAX_SESSIONS,
-    DEFAULT_MAX_SESSIONS_PER_USER,
-    Live,
-    LiveConnection,
-)
+from veil.server.live import Live, LiveConnection
 from veil.server.outbound import Outbound
 from veil.server.policy import DestinationPolicy, local_addresses
 from veil.server.status import ConnectionStatus, GateCounts, ServerStatus
@@ -49,21 +44,6 @@ SHUTDOWN_GRACE_S = 2.0
 LISTEN_BACKLOG = 1024
 
 
-@dataclass(frozen=True, slots=True)
-class ServerOptions:
-    listen: Address
-    cover_url: str | None = None
-    allow_private: bool = False
-    handshake_timeout: float = 60.0
-    shaping: bool = True
-    max_sessions_per_user: int = DEFAULT_MAX_SESSIONS_PER_USER
-    max_sessions: int = DEFAULT_MAX_SESSIONS
-    #: Bytes per second one user may move in each direction (all sessions); None = no limit.
-    user_rate: float | None = None
-    #: Full-device tunnels (``--tun``): IP streams get addresses from these pools (Linux).
-    tun: bool = False
-    pool: str | None = None
-    pool6: str | None = None
 
 
 class VeilServer:

@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from veil.config import DEFAULT_TUN_POOL, DEFAULT_TUN_POOL6, parse_tun_pools
 from veil.errors import ConfigError, LocalProtocolError
 from veil.net.driver import SessionDriver
 from veil.net.tun_linux import (
@@ -41,8 +42,6 @@ from veil.server.policy import REFUSED_V4, REFUSED_V6_ALL
 
 log = logging.getLogger("veil.server")
 
-DEFAULT_POOL = "10.77.0.0/16"
-DEFAULT_POOL6 = "fd77::/64"
 DEVICE_NAME = "veils0"
 NFT_TABLE = "veil"
 # The tunnel's MTU: packets ride in TLS over TCP, so nothing below limits it; 1500 is what
@@ -63,9 +62,9 @@ PRIVATE_V6 = REFUSED_V6_ALL
 @dataclass(frozen=True, slots=True)
 class TunServerOptions:
     pool: ipaddress.IPv4Network = field(default_factory=lambda: ipaddress.IPv4Network(
-        DEFAULT_POOL))
+        DEFAULT_TUN_POOL))
     pool6: ipaddress.IPv6Network | None = field(default_factory=lambda: ipaddress.IPv6Network(
-        DEFAULT_POOL6))
+        DEFAULT_TUN_POOL6))
     allow_private: bool = False
     #: Let clients reach each other's tunnel addresses.
     client_to_client: bool = False
@@ -76,16 +75,7 @@ class TunServerOptions:
     def parse(cls, pool: str | None, pool6: str | None, *,
               allow_private: bool = False) -> TunServerOptions:
         """From the CLI's ``--pool``/``--pool6`` (``none`` turns IPv6 off)."""
-        try:
-            net4 = ipaddress.IPv4Network(pool or DEFAULT_POOL)
-            net6 = (None if (pool6 or "").lower() == "none"
-                    else ipaddress.IPv6Network(pool6 or DEFAULT_POOL6))
-        except ValueError as exc:
-            raise ConfigError(f"bad address pool: {exc}") from exc
-        if net4.num_addresses < 4:
-            raise ConfigError("--pool needs at least a /30")
-        if net6 is not None and net6.prefixlen > 120:
-            raise ConfigError("--pool6 needs at least a /120")
+        net4, net6 = parse_tun_pools(pool, pool6)
         return cls(net4, net6, allow_private)
 
 

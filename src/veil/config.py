@@ -1,0 +1,439 @@
+"""veil's configuration: one typed, validated options class per command, and the parsers of
+what people type.
+
+``veil serve`` builds a :class:`ServerOptions`, ``veil connect`` a :class:`ClientOptions`; a
+Python caller builds the same classes and gets the same checks, since every check runs when
+an object is built (``__post_init__`` raises :class:`~veil.errors.ConfigError`, one line
+naming the flag). The CLI only turns strings into typed values and prints the error.
+
+The parsers (limits, rates, dates, keepalive, forward specs, address pools) are shared by
+the CLI and the admin panel, so a value means the same thing wherever it is typed.
+
+This module imports only ``veil.errors`` and ``veil.protocol``: every layer that needs
+options may import it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from veil.errors import ConfigError
+from veil.protocol.accesskey import AccessKey
+from veil.protocol.address import Address
+from veil.protocol.session import (
+    DEFAULT_KEEPALIVE_INTERVAL,
+    DEFAULT_KEEPALIVE_TIMEOUT,
+    SessionConfig,
+)
+from veil.protocol.shaping import DEFAULT_SHAPING, NO_SHAPING
+from veil.protocol.trojan import TrojanLink
+
+__all__ = [
+    "DEFAULT_FORWARD_HOST",
+    "DEFAULT_KEEPALIVE",
+    "DEFAULT_MAX_SESSIONS",
+    "DEFAULT_MAX_SESSIONS_PER_USER",
+    "DEFAULT_TUN_POOL",
+    "DEFAULT_TUN_POOL6",
+    "MAX_CONNECTIONS",
+    "MIN_RATE",
+    "ClientOptions",
+    "Credentials",
+    "ForwardSpec",
+    "ServerOptions",
+    "parse_credentials",
+    "parse_expiry",
+    "parse_forward_spec",
+    "parse_keepalive",
+    "parse_key",
+    "parse_limit",
+    "parse_rate",
+    "parse_tun_pools",
+]
+
+# ------------------------------------------------------------------------------ limits
+#: Sessions (veil sessions and Trojan connections) one user may hold at once: a client with
+#: 16 connections, a phone's Trojan app with its parallel connections, and a laptop fit.
+DEFAULT_MAX_SESSIONS_PER_USER = 64
+#: Sessions the whole server holds at once; past it, valid keys get the cover like strangers
+#: until some end (each session costs ~100 KiB plus its streams' buffers).
+DEFAULT_MAX_SESSIONS = 10_000
+#: A per-user rate below this carries nothing useful (a TLS record or two per second).
+MIN_RATE = 1024.0
+#: TLS connections a client keeps to its server: more spread head-of-line blocking, but each
+#: is one more fingerprintable flow and one more session against the per-user cap.
+MAX_CONNECTIONS = 16
+#: The client's keepalive, ``(interval, timeout)``: the session's own default.
+DEFAULT_KEEPALIVE = (DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT)
+#: The range ``--keepalive`` figures must fall in (seconds): below it pings are traffic,
+#: above it a dead path goes unnoticed for an hour.
+KEEPALIVE_RANGE = (0.5, 3600.0)
+#: Address pools of full-device (``--tun``) clients on the server.
+DEFAULT_TUN_POOL = "10.77.0.0/16"
+DEFAULT_TUN_POOL6 = "fd77::/64"
+#: Where a forward listens when the spec gives no LHOST: never the LAN unless asked.
+DEFAULT_FORWARD_HOST = "127.0.0.1"
+TLS_STACKS = ("browser", "openssl")
+
+#: The store's period names (``veil.store.base.LimitPeriod``; the store is a layer this one
+#: may not import).
+LimitPeriod = Literal["month", "total"]
+
+
+# ------------------------------------------------------------------------------ parsers
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_LIMIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*(?:/\s*(month|total))?\s*$",
+                    re.IGNORECASE)
+
+
+def parse_limit(text: str) -> tuple[int | None, LimitPeriod]:
+    """``50GB``, ``50GB/month`` (the default period), ``1TiB/total`` or ``none``."""
+    if text.strip().lower() in ("none", "unlimited", "off"):
+        return None, "month"
+    match = _LIMIT.match(text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ConfigError(f"bad limit {text!r}: use e.g. 50GB, 50GB/month, 1TiB/total or none")
+    number, unit, period = match.groups()
+    return int(float(number) * _UNITS[unit.upper()]), (period or "month").lower()  # type: ignore[return-value]
+
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KkMmGg]?)(bit|b|B)(?:/s|ps)?\s*$")
+_RATE_SCALE = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+def parse_rate(text: str) -> float:
+    """``100Mbit`` (bits per second), ``20MB`` (bytes per second), ``/s`` optional; -> bytes/s."""
+    match = _RATE.match(text)
+    if not match:
+        raise ConfigError(f"bad rate {text!r}: use e.g. 100Mbit, 1Gbit or 20MB (per second)")
+    number, scale, unit = match.groups()
+    value = float(number) * _RATE_SCALE[scale.upper()]
+    rate = value / 8 if unit in ("bit", "b") else value
+    if rate < MIN_RATE:
+        raise ConfigError(f"rate {text!r} is too low to carry anything (at least 1 KB/s)")
+    return rate
+
+
+def parse_expiry(text: str) -> float | None:
+    """``2027-01-31`` (end of that day, UTC), an ISO 8601 time, or ``never``."""
+    if text.strip().lower() in ("never", "none"):
+        return None
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text.strip()):
+            day = datetime.date.fromisoformat(text.strip())
+            moment = datetime.datetime.combine(day + datetime.timedelta(days=1),
+                                               datetime.time(), datetime.UTC)
+        else:
+            moment = datetime.datetime.fromisoformat(text.strip())
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=datetime.UTC)
+    except ValueError as exc:
+        raise ConfigError(f"bad date {text!r}: use YYYY-MM-DD, an ISO 8601 time, or never") \
+            from exc
+    return moment.timestamp()
+
+
+def parse_keepalive(text: str) -> tuple[float, float]:
+    """``INTERVAL[:TIMEOUT]`` in seconds; the timeout defaults to two thirds of the interval.
+    The range is checked by :class:`ClientOptions`."""
+    interval_text, _, timeout_text = text.partition(":")
+    try:
+        interval = float(interval_text)
+        timeout = float(timeout_text) if timeout_text else interval * 2 / 3
+    except ValueError as exc:
+        raise ConfigError(f"--keepalive takes SECONDS[:TIMEOUT], not {text!r}") from exc
+    return interval, timeout
+
+
+def parse_tun_pools(pool: str | None, pool6: str | None,
+                    ) -> tuple[ipaddress.IPv4Network, ipaddress.IPv6Network | None]:
+    """``--pool``/``--pool6`` of ``veil serve --tun`` (None: the default; ``none`` turns
+    IPv6 off)."""
+    try:
+        net4 = ipaddress.IPv4Network(pool or DEFAULT_TUN_POOL)
+        net6 = (None if (pool6 or "").lower() == "none"
+                else ipaddress.IPv6Network(pool6 or DEFAULT_TUN_POOL6))
+    except ValueError as exc:
+        raise ConfigError(f"bad address pool: {exc}") from exc
+    if net4.num_addresses < 4:
+        raise ConfigError("--pool needs at least a /30")
+    if net6 is not None and net6.prefixlen > 120:
+        raise ConfigError("--pool6 needs at least a /120")
+    return net4, net6
+
+
+def parse_key(text: str) -> AccessKey | TrojanLink:
+    """A veil access key (``veil://``) or a Trojan link (``trojan://``, any Trojan server)."""
+    if text.strip().lower().startswith("trojan://"):
+        return TrojanLink.parse(text)
+    return AccessKey.parse(text)
+
+
+def parse_credentials(flag: str, text: str | None) -> Credentials | None:
+    """``USER:PASSWORD`` given to ``flag`` (None when the flag was not given)."""
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError(f"{flag} takes USER:PASSWORD")
+    try:
+        return Credentials(user.encode(), password.encode())
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from exc
+
+
+_FORWARD_USAGE = "expected [LHOST:]LPORT:RHOST:RPORT[/udp]"
+
+
+def parse_forward_spec(text: str) -> ForwardSpec:
+    """Parse ``[LHOST:]LPORT:RHOST:RPORT[/udp|/tcp]``; raise ConfigError (one line) if bad.
+
+    Hosts are IP literals (IPv6 in brackets) or names; ports are 1-65535.
+    """
+    shown = text if len(text) <= 100 else text[:100] + "..."
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"bad forward {shown!r}: {why}; {_FORWARD_USAGE}", code="bad_forward")
+
+    body = text.strip()
+    udp = False
+    base, slash, proto = body.rpartition("/")
+    if slash:
+        if proto.lower() not in ("tcp", "udp"):
+            raise bad(f"unknown protocol {proto!r}")
+        udp = proto.lower() == "udp"
+        body = base
+    parts = _split_fields(body)
+    if parts is None:
+        raise bad("unbalanced brackets")
+    if len(parts) == 3:
+        parts.insert(0, DEFAULT_FORWARD_HOST)
+    elif len(parts) != 4:
+        raise bad("wrong number of fields (IPv6 addresses need [brackets])")
+    lhost, lport, rhost, rport = parts
+    try:
+        listen = Address(_host(lhost, "LHOST"), _port(lport, "LPORT"))
+        dest = Address(_host(rhost, "RHOST"), _port(rport, "RPORT"))
+        dest.encode()  # a name must fit the wire format (<= 255 bytes in IDNA)
+    except (ValueError, UnicodeError) as exc:
+        raise bad(str(exc).splitlines()[0] if str(exc) else "invalid host") from exc
+    return ForwardSpec(listen, dest, udp)
+
+
+def _split_fields(text: str) -> list[str] | None:
+    """Split on colons outside brackets; None if brackets do not pair up."""
+    fields: list[str] = []
+    current: list[str] = []
+    in_brackets = False
+    for char in text:
+        if char == "[":
+            if in_brackets:
+                return None
+            in_brackets = True
+        elif char == "]":
+            if not in_brackets:
+                return None
+            in_brackets = False
+        elif char == ":" and not in_brackets:
+            fields.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    if in_brackets:
+        return None
+    fields.append("".join(current))
+    return fields
+
+
+def _host(text: str, what: str) -> str:
+    if text.startswith("[") and text.endswith("]"):
+        inner = text[1:-1]
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise ValueError(f"{what} {text!r} is not an IPv6 address") from None
+        return inner
+    if not text:
+        raise ValueError(f"missing {what}")
+    if "[" in text or "]" in text or not text.isprintable() or any(c.isspace() for c in text):
+        raise ValueError(f"bad {what} {text!r}")
+    return text
+
+
+def _port(text: str, what: str) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) <= 5) or not 0 < int(text) <= 0xFFFF:
+        raise ValueError(f"{what} must be a number from 1 to 65535, got {text!r}")
+    return int(text)
+
+
+def _local(address: Address) -> bool:
+    """Only this machine can connect: a loopback address or name."""
+    if address.host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.host).is_loopback
+    except ValueError:
+        return False
+
+
+# ------------------------------------------------------------------------------ values
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """The one username/password pair a listener accepts (RFC 1929).
+
+    Octets, as on the wire (RFC 1929 gives them no encoding); each must be 1 to 255 bytes.
+    The password is left out of ``repr`` so it cannot leak into logs or tracebacks.
+    """
+
+    username: bytes
+    password: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        for name, value in (("username", self.username), ("password", self.password)):
+            if not 1 <= len(value) <= 255:
+                raise ConfigError(f"SOCKS5 {name} must be 1 to 255 bytes", code="bad_credentials")
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardSpec:
+    """One port forward: connections/datagrams to ``listen`` go to ``dest``."""
+
+    listen: Address
+    dest: Address
+    udp: bool = False
+
+    def __str__(self) -> str:
+        """The spec in CLI form, e.g. ``127.0.0.1:8053:[2606:4700::1111]:53/udp``."""
+        return f"{self.listen}:{self.dest}/{'udp' if self.udp else 'tcp'}"
+
+
+# ------------------------------------------------------------------------------ options
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    """``veil serve``: one field per flag that shapes the running server (``--state`` and
+    ``--db`` name the state directory, which is loaded separately)."""
+
+    #: ``--listen``: the one TLS port.
+    listen: Address
+    #: ``--cover``: the web server shown to everybody else; None: the built-in site.
+    cover_url: str | None = None
+    #: ``--cert``/``--key``: a certificate chain and its key, written into the state
+    #: directory when it is initialised (both or neither); None: a self-signed one.
+    cert: Path | None = None
+    key: Path | None = None
+    #: ``--allow-private``: let clients reach private, loopback and link-local addresses.
+    allow_private: bool = False
+    #: Seconds a connection may take to say whether it is a tunnel or a visitor.
+    handshake_timeout: float = 60.0
+    #: ``--no-shaping`` turns this off.
+    shaping: bool = True
+    #: ``--max-sessions-per-user`` and ``--max-sessions`` (each >= 1).
+    max_sessions_per_user: int = DEFAULT_MAX_SESSIONS_PER_USER
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    #: ``--max-user-rate``: bytes per second one user may move in each direction (all
+    #: sessions), at least :data:`MIN_RATE`; None = no limit.
+    user_rate: float | None = None
+    #: ``--tun``: full-device tunnels; IP streams get addresses from ``--pool``/``--pool6``
+    #: (CIDR strings, see :func:`parse_tun_pools`; None: the defaults) (Linux).
+    tun: bool = False
+    pool: str | None = None
+    pool6: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("--cert and --key go together")
+        if self.max_sessions_per_user < 1 or self.max_sessions < 1:
+            raise ConfigError("--max-sessions and --max-sessions-per-user take a number >= 1")
+        if self.user_rate is not None and not self.user_rate >= MIN_RATE:
+            raise ConfigError(f"--max-user-rate of {self.user_rate:g} bytes/s is too low to "
+                              "carry anything (at least 1 KB/s)")
+        if self.pool is not None or self.pool6 is not None:
+            parse_tun_pools(self.pool, self.pool6)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientOptions:
+    """``veil connect``: one field per flag (:meth:`from_args` turns the flags' text into
+    these values)."""
+
+    #: The access key (``veil://``) or a Trojan link.
+    key: AccessKey | TrojanLink
+    #: ``--socks`` and ``--socks-auth``.
+    socks: Address | None = None
+    socks_credentials: Credentials | None = None
+    #: ``--http`` and ``--http-auth`` (Proxy-Authorization: Basic).
+    http: Address | None = None
+    http_credentials: Credentials | None = None
+    #: ``--forward`` (repeatable).
+    forwards: tuple[ForwardSpec, ...] = field(default_factory=tuple)
+    #: Let other machines use a proxy without a password, or a forward (which has none):
+    #: refused by default, since that is an open proxy into the tunnel for the whole network.
+    allow_lan: bool = False
+    #: ``--connections``: TLS connections kept to the server, 1 to :data:`MAX_CONNECTIONS`
+    #: (a Trojan link opens one per stream and ignores this).
+    connections: int = 1
+    #: ``--tls``: ``browser`` (Chrome's ClientHello) or ``openssl`` (Python's ssl).
+    tls_stack: str = "browser"
+    #: ``--no-shaping`` turns this off.
+    shaping: bool = True
+    #: Full-device tunnel (``--tun``, Linux): a TUN device instead of local proxies.
+    tun: bool = False
+    #: ``--exclude`` (with ``--tun``): CIDRs kept outside the tunnel.
+    tun_exclude: tuple[str, ...] = ()
+    #: ``--keepalive``: ping after this many idle seconds; the server is dead after the second
+    #: figure more. Both within :data:`KEEPALIVE_RANGE`.
+    keepalive: tuple[float, float] = DEFAULT_KEEPALIVE
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.connections <= MAX_CONNECTIONS:
+            raise ConfigError(f"--connections takes 1 to {MAX_CONNECTIONS}")
+        if self.tls_stack not in TLS_STACKS:
+            raise ConfigError(f"--tls takes {' or '.join(TLS_STACKS)}, not {self.tls_stack!r}")
+        low, high = KEEPALIVE_RANGE
+        if not all(low <= figure <= high for figure in self.keepalive):
+            raise ConfigError(f"--keepalive: both figures must be between {low:g} and "
+                              f"{high:g} seconds")
+        if self.allow_lan:
+            return
+        open_ = []
+        if self.socks is not None and self.socks_credentials is None and not _local(self.socks):
+            open_.append(f"--socks {self.socks} (add --socks-auth)")
+        if self.http is not None and self.http_credentials is None and not _local(self.http):
+            open_.append(f"--http {self.http} (add --http-auth)")
+        open_ += [f"--forward {spec.listen}" for spec in self.forwards if not _local(spec.listen)]
+        if open_:
+            raise ConfigError("these listen beyond this machine with no password, an open proxy "
+                              "into the tunnel for anyone who can reach them: "
+                              + "; ".join(open_) + ". Say --allow-lan if that is meant")
+
+    def session_config(self) -> SessionConfig:
+        interval, timeout = self.keepalive
+        return SessionConfig(keepalive_interval=interval, keepalive_timeout=timeout,
+                             shaping=DEFAULT_SHAPING if self.shaping else NO_SHAPING)
+
+    @classmethod
+    def from_args(cls, key: AccessKey | TrojanLink, *, socks: Address | None, http: Address | None,
+                  forwards: list[str], socks_auth: str | None, connections: int,
+                  default_socks: Address, tls_stack: str = "browser",
+                  shaping: bool = True, tun: bool = False,
+                  tun_exclude: tuple[str, ...] = (),
+                  keepalive: str | None = None, http_auth: str | None = None,
+                  allow_lan: bool = False) -> ClientOptions:
+        """The options ``veil connect`` flags describe, as typed (``default_socks`` is where
+        the SOCKS5 proxy listens when no inbound is named)."""
+        specs = tuple(parse_forward_spec(text) for text in forwards)
+        if socks is None and http is None and not specs and not tun:
+            socks = default_socks
+        return cls(key, socks=socks,
+                   socks_credentials=parse_credentials("--socks-auth", socks_auth),
+                   http=http, forwards=specs,
+                   http_credentials=parse_credentials("--http-auth", http_auth),
+                   allow_lan=allow_lan, connections=connections, tls_stack=tls_stack,
+                   shaping=shaping, tun=tun, tun_exclude=tun_exclude,
+                   keepalive=parse_keepalive(keepalive) if keepalive else DEFAULT_KEEPALIVE)
