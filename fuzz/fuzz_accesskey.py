@@ -18,7 +18,7 @@ from veil.protocol.accesskey import PIN_SIZE, AccessKey
 from veil.protocol.address import Address
 from veil.protocol.auth import SECRET_SIZE
 
-MODULES = ("veil.protocol.accesskey", "veil.protocol.address")
+MODULES = ("veil.protocol.accesskey", "veil.protocol.uri", "veil.protocol.address")
 
 
 def test_one_input(data: bytes) -> None:

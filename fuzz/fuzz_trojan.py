@@ -34,7 +34,7 @@ from veil.protocol.trojan import (
     password_hash,
 )
 
-MODULES = ("veil.protocol.trojan", "veil.protocol.address")
+MODULES = ("veil.protocol.trojan", "veil.protocol.uri", "veil.protocol.address")
 
 
 def _request(data: bytes) -> None:

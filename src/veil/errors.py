@@ -5,15 +5,27 @@
     VeilError
     ├── ProtocolError            bytes on the wire that break the protocol
     │   ├── LocalProtocolError   we were asked to send something the protocol forbids
+    │   │   └── TlsUsageError            (transport.tls13.errors)
     │   └── RemoteProtocolError  the peer sent something the protocol forbids
+    │       ├── TlsAlertReceived         (transport.tls13.errors)
+    │       └── TlsProtocolViolation     (transport.tls13.errors)
     ├── AuthError                a credential or server identity did not check out
+    │   ├── TlsServerAuthFailure         (transport.tls13.errors)
+    │   └── PinMismatchError             (net.trojan_client; also a ConnectionError)
     ├── TransportError           a connection could not be made or was lost
+    │   ├── TlsHandshakeError            (transport.tls; also a ConnectionError)
+    │   ├── ResolveError                 (server.policy) a destination's name did not resolve
+    │   └── RefusedDestination           (server.policy) the policy refuses every address
     ├── StoreError               the user store failed or was asked something impossible
-    └── ConfigError              user input (flags, files, access keys) is invalid
+    ├── ConfigError              user input (flags, files, access keys) is invalid
+    │   └── UriError                     (protocol.uri) a veil:// or trojan:// URI's shape
+    └── TunError                 (net.tun_linux) the TUN device or its routes failed
 
 Each error carries a machine-readable ``code`` (a short snake_case string) so callers and
 metrics can branch on it without parsing messages. Layers convert foreign exceptions into
-these with ``raise ... from``.
+these with ``raise ... from``. A connect failure that callers catch as an ``OSError`` (the
+dialers' retry loops, ``DirectDialer``: any ``OSError`` from a connect means "unreachable")
+keeps ``ConnectionError`` as a second base, so it is both.
 """
 
 from __future__ import annotations

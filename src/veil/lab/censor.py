@@ -193,6 +193,3 @@ class Censor:
         while len(self._inspecting) > MAX_FLOWS:
             _, stale = self._inspecting.popitem(last=False)
             self._table.forget(stale.flow)
-
-    def blocked_triples(self, now: float) -> list[Triple]:
-        return [t for t, until in self._blocked.items() if until > now]

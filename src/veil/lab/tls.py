@@ -56,17 +56,6 @@ class Record:
     time: float
     body: bytes = field(repr=False, compare=False, default=b"")
 
-    @property
-    def wire_size(self) -> int:
-        return RECORD_HEADER + self.length
-
-
-def looks_like_record(head: bytes) -> bool:
-    if len(head) < 3:
-        return False
-    return head[0] in CONTENT_TYPES and head[1] == 3 and head[2] <= 4
-
-
 def split_records(flow: Flow, direction: Direction) -> tuple[list[Record], bool]:
     """The TLS records of one direction, and whether the whole kept stream parsed as TLS."""
     buffer = bytearray()

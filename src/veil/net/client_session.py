@@ -55,12 +55,6 @@ UDP_ANY = Address("0.0.0.0", 0)
 TLS_STACKS = ("browser", "openssl")
 
 
-class ServerRejected(AuthError):
-    """The server answered like a website: our key is unknown, revoked, or our clock is off."""
-
-    code = "rejected"
-
-
 def client_ssl_context() -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     # The server is authenticated by its pinned key after the handshake, not by the web PKI.

@@ -22,7 +22,7 @@ import random
 import ssl
 from collections.abc import Callable
 
-from veil.errors import RemoteProtocolError
+from veil.errors import AuthError, RemoteProtocolError
 from veil.net.dialer import DatagramHandler, Dialer, UdpFlow
 from veil.net.direct import DirectDialer
 from veil.protocol.accesskey import default_sni, pin_of_der
@@ -56,8 +56,14 @@ CHECK_BACKOFF_MAX_S = 30.0
 CHECK_PIN_RETRY_S = 60.0
 
 
-class PinMismatchError(ConnectionError):
-    """The server did not present the pinned key; nothing was sent to it."""
+class PinMismatchError(AuthError, ConnectionError):
+    """The server did not present the pinned key; nothing was sent to it.
+
+    Also a ``ConnectionError``: ``DirectDialer`` (which calls ``open_server`` to connect)
+    and the UDP association catch a failed connect as an ``OSError``.
+    """
+
+    code = "pin_mismatch"
 
 
 def trojan_ssl_context(link: TrojanLink) -> ssl.SSLContext:

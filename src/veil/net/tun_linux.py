@@ -318,19 +318,6 @@ def delete_route(destination: str, *, oif: int | None = None,
     return True
 
 
-def link_index(name: str) -> int | None:
-    with _iproute() as ipr:
-        indexes = ipr.link_lookup(ifname=name)
-        return int(indexes[0]) if indexes else None
-
-
-def delete_link(name: str) -> None:
-    with _iproute() as ipr:
-        indexes = ipr.link_lookup(ifname=name)
-        if indexes:
-            ipr.link("del", index=indexes[0])
-
-
 # ---------------------------------------------------------------- nftables and sysctl
 def nft(ruleset: str) -> None:
     """Apply an nftables ruleset (``nft -f -``), atomically: all of it or nothing."""
@@ -347,13 +334,6 @@ def nft_delete_table(family: str, name: str) -> bool:
     """Delete one of our tables; False when there was none."""
     program = shutil.which("nft") or "/usr/sbin/nft"
     proc = subprocess.run([program, "delete", "table", family, name], capture_output=True,
-                          text=True, timeout=COMMAND_TIMEOUT_S, check=False)
-    return proc.returncode == 0
-
-
-def nft_table_exists(family: str, name: str) -> bool:
-    program = shutil.which("nft") or "/usr/sbin/nft"
-    proc = subprocess.run([program, "list", "table", family, name], capture_output=True,
                           text=True, timeout=COMMAND_TIMEOUT_S, check=False)
     return proc.returncode == 0
 

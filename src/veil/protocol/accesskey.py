@@ -20,7 +20,7 @@ import binascii
 import hashlib
 import ipaddress
 from dataclasses import dataclass
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import quote
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -28,9 +28,17 @@ from cryptography.hazmat.primitives import serialization
 from veil.errors import ConfigError
 from veil.protocol.address import Address
 from veil.protocol.auth import SECRET_SIZE
+from veil.protocol.uri import UriError, parse_authority_uri
 
 SCHEME = "veil"
 PIN_SIZE = 32
+# What each shape error of protocol.uri says about an access key ("{}": urlsplit's reason).
+_URI_ERRORS = {
+    "unreadable": "invalid access key: {}",
+    "wrong_scheme": f"an access key starts with {SCHEME}://",
+    "no_user_or_host": "invalid access key: needs SECRET@HOST:PORT",
+    "bad_ipv6": "invalid access key: bad IPv6 address",
+}
 
 
 def b64e(data: bytes) -> str:
@@ -59,32 +67,25 @@ class AccessKey:
     @classmethod
     def parse(cls, uri: str) -> AccessKey:
         """Parse a key; ConfigError with a one-line reason when it is not a valid one."""
-        uri = uri.strip()
         try:
-            parts = urlsplit(uri)
-            port = parts.port
-        except ValueError as exc:
-            raise ConfigError(f"invalid access key: {exc}") from exc
-        if parts.scheme != SCHEME:
-            raise ConfigError(f"an access key starts with {SCHEME}://")
-        if not parts.username or not parts.hostname or port is None:
-            raise ConfigError("invalid access key: needs SECRET@HOST:PORT")
+            parts = parse_authority_uri(uri, SCHEME)
+        except UriError as exc:
+            raise ConfigError(_URI_ERRORS[exc.code].format(exc)) from exc
+        # The secret is the user part (urlsplit's username): text after a ":" is not read.
+        text = parts.userinfo.partition(":")[0]
+        if not text or parts.port is None:
+            raise ConfigError(_URI_ERRORS["no_user_or_host"])
         try:
-            secret = b64d(parts.username)
+            secret = b64d(text)
         except (binascii.Error, ValueError) as exc:
             raise ConfigError("invalid access key: the secret is not base64url") from exc
         if len(secret) != SECRET_SIZE:
             raise ConfigError("invalid access key: wrong secret length (truncated copy?)")
-        # b64decode skips characters outside the alphabet, and urlsplit takes a host out of
-        # "a@[::]:1@[:x:]" without checking it: only a key exactly as to_uri writes it passes.
-        if b64e(secret) != parts.username.rstrip("="):
+        # b64decode skips characters outside the alphabet: only a key exactly as to_uri
+        # writes it passes.
+        if b64e(secret) != text.rstrip("="):
             raise ConfigError("invalid access key: the secret is not base64url")
-        if ":" in parts.hostname:
-            try:
-                ipaddress.IPv6Address(parts.hostname)
-            except ValueError as exc:
-                raise ConfigError("invalid access key: bad IPv6 address") from exc
-        query = parse_qs(parts.query)
+        query = parts.query
         try:
             pin = b64d(query["pin"][0])
         except (KeyError, binascii.Error, ValueError) as exc:
@@ -92,7 +93,7 @@ class AccessKey:
         if len(pin) != PIN_SIZE:
             raise ConfigError("invalid access key: wrong pin length")
         sni = query.get("sni", [None])[0]
-        return cls(Address(parts.hostname, port), secret, pin, sni, unquote(parts.fragment))
+        return cls(Address(parts.host, parts.port), secret, pin, sni, parts.fragment)
 
 
 def default_sni(host: str) -> str | None:

@@ -18,19 +18,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import enum
 import hashlib
 import ipaddress
 import re
 import struct
 from dataclasses import dataclass
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import quote, unquote
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from veil.errors import ConfigError, RemoteProtocolError
 from veil.protocol.address import Address, NeedMoreData
+from veil.protocol.uri import UriError, parse_authority_uri
 
 SCHEME = "trojan"
 CRLF = b"\r\n"
@@ -179,6 +181,15 @@ class UdpPacketDecoder:
 
 
 # ------------------------------------------------------------------ trojan:// links
+# What each shape error of protocol.uri says about a link ("{}": urlsplit's reason).
+_URI_ERRORS = {
+    "unreadable": "invalid trojan link: {}",
+    "wrong_scheme": f"a trojan link starts with {SCHEME}://",
+    "no_user_or_host": "invalid trojan link: needs PASSWORD@HOST[:PORT]",
+    "bad_ipv6": "invalid trojan link: bad IPv6 address",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class TrojanLink:
     """A ``trojan://PASSWORD@HOST:PORT?sni=NAME&allowInsecure=1&pin=PIN#LABEL`` URI.
@@ -212,18 +223,11 @@ class TrojanLink:
     @classmethod
     def parse(cls, uri: str) -> TrojanLink:
         """Parse a link; ConfigError with a one-line reason when it is not a valid one."""
-        uri = uri.strip()
         try:
-            parts = urlsplit(uri)
-            port = parts.port
-        except ValueError as exc:
-            raise ConfigError(f"invalid trojan link: {exc}") from exc
-        if parts.scheme != SCHEME:
-            raise ConfigError(f"a trojan link starts with {SCHEME}://")
-        userinfo = parts.netloc.rpartition("@")[0]  # all of it: a password may hold ':'
-        if not userinfo or not parts.hostname:
-            raise ConfigError("invalid trojan link: needs PASSWORD@HOST[:PORT]")
-        query = parse_qs(parts.query)
+            parts = parse_authority_uri(uri, SCHEME)
+        except UriError as exc:
+            raise ConfigError(_URI_ERRORS[exc.code].format(exc)) from exc
+        query = parts.query
         names = query.get("sni") or query.get("peer")
         sni = names[0] if names else None
         insecure = (query.get("allowInsecure") or query.get("insecure") or ["0"])[0]
@@ -236,11 +240,9 @@ class TrojanLink:
                 raise ConfigError("invalid trojan link: bad pin") from exc
             if len(pin) != 32:
                 raise ConfigError("invalid trojan link: wrong pin length")
-        host = parts.hostname
-        try:  # the canonical form of an IP literal
+        host = parts.host
+        with contextlib.suppress(ValueError):  # the canonical form of an IP literal
             host = str(ipaddress.ip_address(host))
-        except ValueError:
-            if ":" in host:  # urlsplit takes "[:x:]" out of "p@[::]:1@[:x:]:4" unchecked
-                raise ConfigError("invalid trojan link: bad IPv6 address") from None
-        return cls(Address(host, port or 443), unquote(userinfo), sni,
-                   insecure.lower() in ("1", "true"), pin, unquote(parts.fragment))
+        # All of the userinfo is the password: it may hold ":".
+        return cls(Address(host, parts.port or 443), unquote(parts.userinfo), sni,
+                   insecure.lower() in ("1", "true"), pin, parts.fragment)

@@ -24,6 +24,8 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from veil.errors import TransportError
+
 try:  # Linux: netlink lists the interfaces' addresses
     from pyroute2 import IPRoute  # type: ignore[import-untyped]
 except ImportError:  # pragma: no cover - other platforms
@@ -153,12 +155,16 @@ def local_addresses() -> list[str]:
             return []
 
 
-class ResolveError(Exception):
-    pass
+class ResolveError(TransportError):
+    """The destination's name did not resolve; the message is the name."""
+
+    code = "resolve_failed"
 
 
-class RefusedDestination(Exception):
-    pass
+class RefusedDestination(TransportError):
+    """The policy refuses every address the destination has; the message is the name."""
+
+    code = "destination_refused"
 
 
 async def resolve(host: str, port: int, policy: DestinationPolicy,

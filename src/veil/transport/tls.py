@@ -25,6 +25,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
+from veil.errors import TransportError
 from veil.transport.carrier import NOT_MINE, CarrierTransport
 from veil.transport.ratelimit import TokenBucket
 
@@ -41,8 +42,14 @@ _SMALL_BATCH = 16 * 1024
 _AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
-class TlsHandshakeError(ConnectionError):
-    """The TLS handshake failed; whatever OpenSSL had to say was sent to the peer first."""
+class TlsHandshakeError(TransportError, ConnectionError):
+    """The TLS handshake failed; whatever OpenSSL had to say was sent to the peer first.
+
+    Also a ``ConnectionError``: the dialers and the gate catch a failed connect as an
+    ``OSError``, and a handshake that fails is one.
+    """
+
+    code = "tls_handshake"
 
 
 class _TlsCarrier(asyncio.BufferedProtocol):

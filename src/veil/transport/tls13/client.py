@@ -167,10 +167,6 @@ class TlsClient:
     def cipher_suite(self) -> int:
         return int(self._info.suite) if self._info else 0
 
-    @property
-    def handshake_complete(self) -> bool:
-        return bool(self.tls_unique)
-
     def connect(self) -> None:
         """Queue the ClientHello."""
         if self.state is not State.START:
