@@ -51,3 +51,15 @@ def test_the_check_catches_a_violation(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("import asyncio\nfrom veil.server import gate\n")
     assert veil_imports(bad) == ["asyncio", "veil.server"]
+
+
+# The cover site is sans-IO too, all but its asyncio adapters (cover/adapters.py, backends.py).
+COVER_SANS_IO = ("http1", "http2", "nginx", "site", "uri")
+
+
+@pytest.mark.parametrize("module", COVER_SANS_IO)
+def test_cover_connections_are_sans_io(module: str) -> None:
+    path = SRC / "cover" / f"{module}.py"
+    for name in veil_imports(path):
+        assert name.split(".")[0] not in FORBIDDEN_IN_PROTOCOL, (
+            f"cover/{module}.py imports {name}: the cover's connections are sans-IO")
