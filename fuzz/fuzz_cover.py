@@ -18,9 +18,10 @@ import sys
 
 import harness
 
-from veil.cover.http1 import CloseAction, CoverConnection, CoverMode, CoverSite
+from veil.cover.http1 import CloseAction, CoverConnection, CoverMode
+from veil.cover.site import CoverSite
 
-MODULES = ("veil.cover.http1",)
+MODULES = ("veil.cover.http1", "veil.cover.uri", "veil.cover.site", "veil.cover.nginx")
 
 SITE = CoverSite.builtin()
 _SERVER = b"\r\nServer: nginx/1.22.1\r\n"

@@ -44,8 +44,8 @@ hpack = pytest.importorskip("hpack")
 
 from tests.support import procs  # noqa: E402
 from veil.cover.backends import BuiltinCover, UrlCover  # noqa: E402
-from veil.cover.http1 import DEFAULT_MTIME  # noqa: E402
 from veil.cover.http2 import CLIENT_PREFACE, SERVER_PREFACE  # noqa: E402
+from veil.cover.site import DEFAULT_MTIME  # noqa: E402
 from veil.server.gate import Authenticator, Gate, VeilWayIn  # noqa: E402
 from veil.server.service import server_ssl_context  # noqa: E402
 from veil.server.trojan import TrojanWayIn  # noqa: E402

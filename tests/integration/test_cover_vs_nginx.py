@@ -34,7 +34,9 @@ from typing import cast
 
 import pytest
 
-from veil.cover.http1 import DEFAULT_MTIME, CoverMode, CoverProtocol, CoverSite
+from veil.cover.adapters import CoverProtocol
+from veil.cover.http1 import CoverMode
+from veil.cover.site import DEFAULT_MTIME, CoverSite
 
 NGINX = "/usr/sbin/nginx"
 pytestmark = pytest.mark.skipif(

@@ -59,7 +59,8 @@ class StandaloneCover:
     """The built-in cover site on its own TLS port: what veil's gate must be invisible in."""
 
     def __init__(self, context: ssl.SSLContext) -> None:
-        from veil.cover.http1 import CoverProtocol, CoverSite
+        from veil.cover.adapters import CoverProtocol
+        from veil.cover.site import CoverSite
 
         self.loop = asyncio.new_event_loop()
         site = CoverSite.builtin()

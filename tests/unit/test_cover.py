@@ -8,18 +8,11 @@ from typing import cast
 
 import pytest
 
-from veil.cover.http1 import (
-    DEFAULT_MTIME,
-    CloseAction,
-    CoverConnection,
-    CoverMode,
-    CoverProtocol,
-    CoverSite,
-    SiteFile,
-    parse_complex_uri,
-    parse_http_time,
-    validate_host,
-)
+from veil.cover.adapters import CoverProtocol
+from veil.cover.http1 import CloseAction, CoverConnection, CoverMode
+from veil.cover.nginx import parse_http_time
+from veil.cover.site import DEFAULT_MTIME, CoverSite, SiteFile
+from veil.cover.uri import parse_complex_uri, validate_host
 
 DATE = re.compile(rb"Date: [^\r]*\r\n")
 

@@ -16,13 +16,13 @@ import h2.events  # noqa: E402
 import h2.settings  # noqa: E402
 import hpack  # noqa: E402
 
-from veil.cover.http1 import CoverSite  # noqa: E402
 from veil.cover.http2 import (  # noqa: E402
     SERVER_PREFACE,
     H2CloseAction,
     H2CoverConnection,
     encode_response_headers,
 )
+from veil.cover.site import CoverSite  # noqa: E402
 
 SITE = CoverSite.builtin()
 INDEX = (importlib.resources.files("veil.server") / "site" / "index.html").read_bytes()

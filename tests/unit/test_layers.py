@@ -93,3 +93,15 @@ def test_admin_may_import_only_the_servers_status(tmp_path: Path) -> None:
     assert [n for n in veil_import_targets(bad) if not allowed_module("admin", n)] == [
         "veil.server.service", "veil.server.gate"]
     assert "server" not in ALLOWED["admin"]
+
+
+# The cover site is sans-IO too, all but its asyncio adapters (cover/adapters.py, backends.py).
+COVER_SANS_IO = ("http1", "http2", "nginx", "site", "uri")
+
+
+@pytest.mark.parametrize("module", COVER_SANS_IO)
+def test_cover_connections_are_sans_io(module: str) -> None:
+    path = SRC / "cover" / f"{module}.py"
+    for name in veil_imports(path):
+        assert name.split(".")[0] not in FORBIDDEN_IN_PROTOCOL, (
+            f"cover/{module}.py imports {name}: the cover's connections are sans-IO")

@@ -20,15 +20,11 @@ import ssl
 from typing import cast
 from urllib.parse import urlsplit
 
-from veil.cover.http1 import (
-    KEEPALIVE_TIMEOUT,
-    LINGERING_TIME,
-    LINGERING_TIMEOUT,
-    CoverMode,
-    CoverProtocol,
-    CoverSite,
-)
-from veil.cover.http2 import SERVER_PREFACE, H2CoverProtocol
+from veil.cover.adapters import CoverProtocol, H2CoverProtocol
+from veil.cover.http1 import CoverMode
+from veil.cover.http2 import SERVER_PREFACE
+from veil.cover.nginx import KEEPALIVE_TIMEOUT, LINGERING_TIME, LINGERING_TIMEOUT
+from veil.cover.site import CoverSite
 from veil.errors import ConfigError
 from veil.net.direct import DirectDialer
 from veil.protocol.address import Address

@@ -1,4 +1,4 @@
-"""The built-in cover site: a small static website that answers exactly like nginx 1.22.
+"""The built-in cover site over HTTP/1.1: nginx 1.22's request parser and connection, sans-IO.
 
 Anyone who reaches veil's port without a valid access key is handed to this module, together
 with the bytes the gate already read. From then on the connection must be indistinguishable
@@ -7,23 +7,23 @@ from Debian 12's nginx 1.22.1 serving a directory with its default settings (``r
 header order, same error pages byte for byte, same *moment* of rejection for garbage, and the
 same way of closing.
 
-Layers
-    :class:`CoverSite`        the files and the HTTP semantics (static, index, conditional
-                              and range requests, error pages, MSIE/Chrome padding).
-    :class:`CoverConnection`  sans-IO: bytes and ``now`` in, bytes out plus a close decision
-                              and one timer. It reproduces nginx's incremental request-line
-                              and header parser (rejecting on the first invalid byte), its
-                              buffer model (1 KiB ``client_header_buffer_size``, then up to 4
-                              ``large_client_header_buffers`` of 8 KiB), keep-alive,
-                              pipelining, body discarding and lingering close.
-    :class:`CoverProtocol`    the asyncio adapter; :meth:`CoverProtocol.take_over` attaches it
-                              to a running transport (TCP or TLS) with bytes already read.
-
-File times
-    Files are loaded with one fixed modification time (:data:`DEFAULT_MTIME`, 2023-03-15
-    13:20:00 UTC) unless told otherwise, so ``Last-Modified`` and ``ETag`` are the same on every
-    server and after every deployment: a real site's files do not change each time the
-    service restarts.
+The parts, one module each
+    :mod:`veil.cover.nginx`     nginx's limits, status lines, error pages, dates, byte tables.
+    :mod:`veil.cover.site`      :class:`~veil.cover.site.CoverSite`: the files and the HTTP
+                                semantics (static, index, conditional and range requests, error
+                                pages, MSIE/Chrome padding).
+    :mod:`veil.cover.uri`       nginx's Host and path normalisation.
+    this module                 :class:`CoverConnection`, sans-IO: bytes and ``now`` in, bytes
+                                out plus a close decision and one timer. It reproduces nginx's
+                                incremental request-line and header parser (rejecting on the
+                                first invalid byte), its buffer model (1 KiB
+                                ``client_header_buffer_size``, then up to 4
+                                ``large_client_header_buffers`` of 8 KiB), keep-alive,
+                                pipelining, body discarding and lingering close.
+    :mod:`veil.cover.adapters`  :class:`~veil.cover.adapters.CoverProtocol`, the asyncio
+                                adapter; ``take_over`` attaches it to a running transport (TCP or
+                                TLS) with bytes already read. It carries out the close
+                                decisions below.
 
 How nginx closes, and what is emulated (each measured against nginx 1.22.1 on loopback)
     * After a response that keeps the connection alive, nginx waits ``keepalive_timeout``
@@ -47,7 +47,9 @@ How nginx closes, and what is emulated (each measured against nginx 1.22.1 on lo
 
 Remaining differences (not emulated)
     * TCP-level details below the transport: window sizes, segment boundaries, delays of a
-      fraction of a millisecond, and nginx's once-a-second cached ``Date``.
+      fraction of a millisecond, and nginx's once-a-second cached ``Date``. The ``Date``
+      follows the event loop's clock from the connection's start (``wall_offset``), so a step
+      of the system clock shows in the connections accepted after it.
     * During a TLS lingering close asyncio's TLS layer reads on by itself, so the 5 s quiet
       period is counted from the start of the linger, not from the peer's last byte.
     * The multipart/byteranges boundary counts up per process (00000000000000000001, ...)
@@ -61,613 +63,43 @@ Remaining differences (not emulated)
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import enum
-import importlib.resources
-import os
-import socket
-import struct
-import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from email.utils import formatdate
-from pathlib import Path
-from typing import cast
 
-__all__ = [
-    "DEFAULT_MTIME",
-    "CloseAction",
-    "CoverConnection",
-    "CoverMode",
-    "CoverProtocol",
-    "CoverSite",
-    "Request",
-    "SiteFile",
-]
+from veil.cover.nginx import (
+    ALPHA,
+    CLIENT_HEADER_BUFFER_SIZE,
+    CLIENT_HEADER_TIMEOUT,
+    CLIENT_MAX_BODY_SIZE,
+    DIGITS,
+    HEADER_NAME_CHARS,
+    HOST_CHARS,
+    IP_LITERAL_CHARS,
+    KEEPALIVE_REQUESTS,
+    KEEPALIVE_TIME,
+    KEEPALIVE_TIMEOUT,
+    LARGE_HEADER_BUFFER_SIZE,
+    LARGE_HEADER_BUFFERS,
+    LINGERING_TIME,
+    LINGERING_TIMEOUT,
+    MAX_OFF_T,
+    METHOD_CHARS,
+    SCHEMA_CHARS,
+    STATUS_HEADER_TOO_LARGE,
+    STATUS_TO_HTTPS,
+    UNIQUE_HEADERS,
+    USUAL,
+    pads_error_pages,
+)
+from veil.cover.site import CoverSite, Request, Response
+from veil.cover.uri import parse_complex_uri, validate_host
 
-# -- limits and timeouts: nginx 1.22 defaults, each a named constant (STYLE habit 10) ---------
+__all__ = ["CloseAction", "CoverConnection", "CoverMode"]
 
-SERVER_NAME = b"nginx/1.22.1"
-#: client_header_buffer_size 1k: the first read of a request goes into a buffer this big.
-CLIENT_HEADER_BUFFER_SIZE = 1024
-#: large_client_header_buffers 4 8k: a request line or header line must fit in one of these,
-#: and a request may use at most four of them. Past that nginx answers 414 or 400 (494).
-LARGE_HEADER_BUFFER_SIZE = 8192
-LARGE_HEADER_BUFFERS = 4
-#: client_max_body_size 1m: a larger Content-Length gets 413.
-CLIENT_MAX_BODY_SIZE = 1024 * 1024
-#: keepalive_requests 1000: the 1000th request on a connection gets "Connection: close".
-KEEPALIVE_REQUESTS = 1000
-#: keepalive_time 1h: a connection older than this is not kept alive after a response.
-KEEPALIVE_TIME = 3600.0
-#: client_header_timeout 60s, keepalive_timeout 75s, lingering_timeout 5s, lingering_time 30s.
-CLIENT_HEADER_TIMEOUT = 60.0
-KEEPALIVE_TIMEOUT = 75.0
-LINGERING_TIMEOUT = 5.0
-LINGERING_TIME = 30.0
 #: ngx_http_parse_chunked refuses chunk sizes that would overflow off_t; we cap the hex digits.
 MAX_CHUNK_SIZE_DIGITS = 15
 
-#: off_t's maximum: a larger Content-Length is invalid (400).
-_MAX_OFF_T = (1 << 63) - 1
-
-#: 2023-03-15 13:20:00 UTC: the fixed modification time of the built-in site's files.
-DEFAULT_MTIME = 1678886400
-
-_CRLF = b"\r\n"
-
-_REASONS: dict[int, bytes] = {
-    100: b"100 Continue",
-    200: b"200 OK",
-    206: b"206 Partial Content",
-    304: b"304 Not Modified",
-    400: b"400 Bad Request",
-    403: b"403 Forbidden",
-    404: b"404 Not Found",
-    405: b"405 Not Allowed",
-    412: b"412 Precondition Failed",
-    413: b"413 Request Entity Too Large",
-    414: b"414 Request-URI Too Large",
-    416: b"416 Requested Range Not Satisfiable",
-    494: b"400 Bad Request",
-    497: b"400 Bad Request",
-    500: b"500 Internal Server Error",
-    501: b"501 Not Implemented",
-    505: b"505 HTTP Version Not Supported",
-}
-
-# nginx's pseudo-statuses: 494 "request header too large", 497 "plain HTTP to HTTPS port".
-STATUS_HEADER_TOO_LARGE = 494
-STATUS_TO_HTTPS = 497
-
-_PAGE_TAIL = b"<hr><center>" + SERVER_NAME + b"</center>\r\n</body>\r\n</html>\r\n"
-_MSIE_PADDING = b"<!-- a padding to disable MSIE and Chrome friendly error page -->\r\n" * 6
-
-
-def _error_page(status: int) -> bytes:
-    if status == STATUS_HEADER_TOO_LARGE:
-        head = (
-            b"<html>\r\n<head><title>400 Request Header Or Cookie Too Large</title></head>\r\n"
-            b"<body>\r\n<center><h1>400 Bad Request</h1></center>\r\n"
-            b"<center>Request Header Or Cookie Too Large</center>\r\n"
-        )
-    elif status == STATUS_TO_HTTPS:
-        head = (
-            b"<html>\r\n<head><title>400 The plain HTTP request was sent to HTTPS port"
-            b"</title></head>\r\n<body>\r\n<center><h1>400 Bad Request</h1></center>\r\n"
-            b"<center>The plain HTTP request was sent to HTTPS port</center>\r\n"
-        )
-    else:
-        title = _REASONS[status]
-        head = (
-            b"<html>\r\n<head><title>" + title + b"</title></head>\r\n<body>\r\n<center><h1>"
-            + title + b"</h1></center>\r\n"
-        )
-    return head + _PAGE_TAIL
-
-
-_MIME_TYPES: dict[str, bytes] = {
-    "html": b"text/html", "htm": b"text/html", "shtml": b"text/html",
-    "css": b"text/css", "xml": b"text/xml", "txt": b"text/plain",
-    "js": b"application/javascript", "json": b"application/json",
-    "gif": b"image/gif", "jpeg": b"image/jpeg", "jpg": b"image/jpeg", "png": b"image/png",
-    "svg": b"image/svg+xml", "svgz": b"image/svg+xml", "webp": b"image/webp",
-    "ico": b"image/x-icon", "woff": b"font/woff", "woff2": b"font/woff2",
-    "pdf": b"application/pdf", "zip": b"application/zip",
-}
-_DEFAULT_TYPE = b"application/octet-stream"
-
-
-def http_date(ts: float) -> bytes:
-    """``ts`` as nginx writes it in Date and Last-Modified (RFC 1123, GMT)."""
-    return formatdate(ts, usegmt=True).encode("ascii")
-
-
-_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
-
-
-def parse_http_time(value: bytes) -> int | None:
-    """Parse an HTTP date the way nginx's ``ngx_parse_http_time`` does; None on error.
-
-    Accepts RFC 1123, RFC 850 and asctime forms and ignores anything after the seconds (or
-    the asctime year), as nginx does.
-    """
-    v = value + b"\0" * 32  # nginx reads past the end into the NUL-terminated buffer
-
-    def at(i: int) -> int:
-        return v[i]
-
-    def digit(i: int) -> bool:
-        return 0x30 <= v[i] <= 0x39
-
-    end = len(value)
-    isoc = False
-    p = 0
-    while p < end:
-        if at(p) == 0x2C:
-            break
-        if at(p) == 0x20:
-            isoc = True
-            break
-        p += 1
-    p += 1
-    while p < end and at(p) == 0x20:
-        p += 1
-    if end - p < 18:
-        return None
-    fmt = "isoc" if isoc else ""
-    day = 32
-    year = 2038
-    if not isoc:
-        if not (digit(p) and digit(p + 1)):
-            return None
-        day = (at(p) - 0x30) * 10 + at(p + 1) - 0x30
-        p += 2
-        if at(p) == 0x20:
-            if end - p < 18:
-                return None
-            fmt = "rfc822"
-        elif at(p) == 0x2D:
-            fmt = "rfc850"
-        else:
-            return None
-        p += 1
-    c0, c1, c2 = at(p), at(p + 1), at(p + 2)
-    if c0 == ord("J"):
-        month = 0 if c1 == ord("a") else (5 if c2 == ord("n") else 6)
-    elif c0 == ord("F"):
-        month = 1
-    elif c0 == ord("M"):
-        month = 2 if c2 == ord("r") else 4
-    elif c0 == ord("A"):
-        month = 3 if c1 == ord("p") else 7
-    elif c0 == ord("S"):
-        month = 8
-    elif c0 == ord("O"):
-        month = 9
-    elif c0 == ord("N"):
-        month = 10
-    elif c0 == ord("D"):
-        month = 11
-    else:
-        return None
-    p += 3
-    if (fmt == "rfc822" and at(p) != 0x20) or (fmt == "rfc850" and at(p) != 0x2D):
-        return None
-    p += 1
-    if fmt == "rfc822":
-        if not all(digit(p + k) for k in range(4)):
-            return None
-        year = int(v[p:p + 4])
-        p += 4
-    elif fmt == "rfc850":
-        if not (digit(p) and digit(p + 1)):
-            return None
-        year = int(v[p:p + 2])
-        year += 2000 if year < 70 else 1900
-        p += 2
-    if fmt == "isoc":
-        if at(p) == 0x20:
-            p += 1
-        if not digit(p):
-            return None
-        day = at(p) - 0x30
-        p += 1
-        if at(p) != 0x20:
-            if not digit(p):
-                return None
-            day = day * 10 + at(p) - 0x30
-            p += 1
-        if end - p < 14:
-            return None
-    if at(p) != 0x20:
-        return None
-    p += 1
-    fields: list[int] = []
-    for k in range(3):
-        if not (digit(p) and digit(p + 1)):
-            return None
-        fields.append((at(p) - 0x30) * 10 + at(p + 1) - 0x30)
-        p += 2
-        if k < 2:
-            if at(p) != 0x3A:
-                return None
-            p += 1
-    hour, minute, sec = fields
-    if fmt == "isoc":
-        if at(p) != 0x20:
-            return None
-        p += 1
-        if not all(digit(p + k) for k in range(4)):
-            return None
-        year = int(v[p:p + 4])
-    if hour > 23 or minute > 59 or sec > 60:
-        return None
-    if day == 29 and month == 1:
-        if (year & 3) or (year % 100 == 0 and year % 400 != 0):
-            return None
-    elif day > _MONTH_DAYS[month]:
-        return None
-    month -= 1
-    if month <= 0:
-        month += 12
-        year -= 1
-    days = (365 * year + year // 4 - year // 100 + year // 400 + 367 * month // 12 - 30 + day - 1
-            - 719527 + 31 + 28)
-    return days * 86400 + hour * 3600 + minute * 60 + sec
-
-
-# -- the site ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SiteFile:
-    """One file of the cover site.
-
-    Attributes:
-        body: the file's bytes.
-        content_type: as nginx's mime.types would give it for the file's extension.
-        mtime: whole seconds since the epoch; drives Last-Modified and the ETag.
-    """
-
-    body: bytes
-    content_type: bytes
-    mtime: int
-
-    @property
-    def etag(self) -> bytes:
-        """nginx's ETag: hex mtime, dash, hex size, in quotes."""
-        return b'"%x-%x"' % (self.mtime, len(self.body))
-
-
-def _mime_for(name: str) -> bytes:
-    dot = name.rfind(".")
-    if dot < 0:
-        return _DEFAULT_TYPE
-    return _MIME_TYPES.get(name[dot + 1:], _DEFAULT_TYPE)
-
-
-@dataclass(frozen=True)
-class Request:
-    """A request whose request line and headers were accepted by the parser.
-
-    Attributes:
-        method: the method token as sent (``b"GET"``).
-        uri: the normalised, percent-decoded path (``b"/index.html"``).
-        version: nginx's number: 9 for HTTP/0.9, 1000 for 1.0, 1001 for 1.1.
-        headers: the headers that matter, by lower-case name, first value.
-        content_length: -1 when absent.
-        chunked: Transfer-Encoding: chunked.
-        keepalive: whether nginx would keep the connection after the response.
-        msie_padding: whether error pages get the MSIE/Chrome padding.
-    """
-
-    method: bytes
-    uri: bytes
-    version: int
-    headers: Mapping[bytes, bytes] = field(default_factory=dict)
-    content_length: int = -1
-    chunked: bool = False
-    keepalive: bool = False
-    msie_padding: bool = False
-
-
-@dataclass
-class Response:
-    """What a request produced: the bytes and what the connection does afterwards."""
-
-    data: bytes
-    status: int
-    keepalive: bool
-    #: close at once whatever else holds (nginx's "terminate request" path, e.g. after 412).
-    terminate: bool = False
-    #: send "HTTP/1.1 100 Continue" first (Expect: 100-continue on a GET that is served).
-    continue_first: bool = False
-
-
-class CoverSite:
-    """The files of the cover site and nginx's static-file semantics over them.
-
-    ``files`` maps a name in the site's root (no slashes: the site is flat) to its file.
-    """
-
-    def __init__(self, files: Mapping[str, SiteFile]) -> None:
-        for name in files:
-            if not name or "/" in name:
-                raise ValueError(f"cover site file names must be flat, got {name!r}")
-        self._files = {("/" + name).encode(): f for name, f in files.items()}
-        # nginx's ngx_temp_number: multipart range boundaries count up from 1 per process.
-        self._boundary = 0
-
-    @classmethod
-    def from_directory(cls, path: str | os.PathLike[str], *, mtime: int | None = DEFAULT_MTIME,
-                       ) -> CoverSite:
-        """Load every regular file in ``path``; ``mtime=None`` takes the files' own times."""
-        files: dict[str, SiteFile] = {}
-        for entry in sorted(Path(path).iterdir()):
-            if not entry.is_file() or entry.name.startswith(("_", ".")):
-                continue
-            stamp = int(entry.stat().st_mtime) if mtime is None else mtime
-            files[entry.name] = SiteFile(entry.read_bytes(), _mime_for(entry.name), stamp)
-        return cls(files)
-
-    @classmethod
-    def builtin(cls, *, mtime: int = DEFAULT_MTIME) -> CoverSite:
-        """The small blog shipped in ``veil/server/site``."""
-        root = importlib.resources.files("veil.server") / "site"
-        files: dict[str, SiteFile] = {}
-        for entry in sorted(root.iterdir(), key=lambda e: e.name):
-            if entry.is_file() and not entry.name.startswith(("_", ".")):
-                files[entry.name] = SiteFile(entry.read_bytes(), _mime_for(entry.name), mtime)
-        return cls(files)
-
-    @property
-    def names(self) -> list[str]:
-        return sorted(k.decode()[1:] for k in self._files)
-
-    # -- responses ---------------------------------------------------------------------
-
-    def error(self, status: int, *, version: int = 1001, head: bool = False,
-              keepalive: bool = False, msie_padding: bool = False,
-              extra_headers: bytes = b"") -> bytes:
-        """nginx's special response for ``status`` (a 4xx/5xx or 494/497), as bytes."""
-        body = _error_page(status)
-        if msie_padding and version >= 1000:
-            body += _MSIE_PADDING
-        if version < 1000:
-            return body
-        header = self._header(status, b"text/html", len(body), last_modified=None,
-                              keepalive=keepalive, extra=extra_headers)
-        return header if head else header + body
-
-    def _header(self, status: int, content_type: bytes | None, length: int | None, *,
-                last_modified: int | None, keepalive: bool, extra: bytes = b"") -> bytes:
-        out = [b"HTTP/1.1 ", _REASONS[status], _CRLF, b"Server: ", SERVER_NAME, _CRLF,
-               b"Date: ", http_date(time.time()), _CRLF]
-        if content_type is not None:
-            out += [b"Content-Type: ", content_type, _CRLF]
-        if length is not None:
-            out += [b"Content-Length: %d\r\n" % length]
-        if last_modified is not None:
-            out += [b"Last-Modified: ", http_date(last_modified), _CRLF]
-        out.append(b"Connection: keep-alive\r\n" if keepalive else b"Connection: close\r\n")
-        out += [extra, _CRLF]
-        return b"".join(out)
-
-    def respond(self, req: Request) -> Response:
-        """Serve ``req`` as nginx's index + static modules and header filters would."""
-        method = req.method
-        head = method == b"HEAD"
-        allowed = method in (b"GET", b"HEAD", b"POST")
-        uri = req.uri
-        if uri.endswith(b"/"):
-            if not allowed:
-                return self._fail(req, 405)
-            if uri != b"/":
-                return self._fail(req, 404)
-            uri = b"/index.html"  # the index module's internal redirect
-        elif not allowed:
-            return self._fail(req, 405)
-        f = self._files.get(uri)
-        if f is None:
-            return self._fail(req, 404)
-        if method == b"POST":
-            return self._fail(req, 405)
-        expect = req.headers.get(b"expect")
-        continue_first = (req.version >= 1001 and expect is not None
-                          and expect.lower() == b"100-continue")
-        if req.version < 1000:
-            return Response(f.body, 200, False, continue_first=False)
-
-        # ngx_http_not_modified_filter
-        ius = req.headers.get(b"if-unmodified-since")
-        if ius is not None:
-            t = parse_http_time(ius)
-            if t is None or t < f.mtime:
-                return self._fail(req, 412, terminate=True, continue_first=continue_first)
-        im = req.headers.get(b"if-match")
-        if im is not None and not _etag_match(im, f.etag, weak=False):
-            return self._fail(req, 412, terminate=True, continue_first=continue_first)
-        ims = req.headers.get(b"if-modified-since")
-        inm = req.headers.get(b"if-none-match")
-        if ims is not None or inm is not None:
-            modified = ims is not None and parse_http_time(ims) != f.mtime
-            if not modified and inm is not None and not _etag_match(inm, f.etag, weak=True):
-                modified = True
-            if not modified:
-                data = self._header(304, None, None, last_modified=f.mtime,
-                                    keepalive=req.keepalive, extra=b"ETag: " + f.etag + _CRLF)
-                return Response(data, 304, req.keepalive, continue_first=continue_first)
-
-        # ngx_http_range_header_filter
-        rng = req.headers.get(b"range")
-        if rng is not None and rng[:6].lower() == b"bytes=" and self._if_range_ok(req, f):
-            ranges = _parse_ranges(rng[6:], len(f.body))
-            if ranges == "unsatisfiable":
-                extra = b"Content-Range: bytes */%d\r\n" % len(f.body)
-                return self._fail(req, 416, extra_headers=extra,
-                                  continue_first=continue_first)
-            if isinstance(ranges, list):
-                return self._ranged(req, f, ranges, head, continue_first)
-
-        data = self._header(200, f.content_type, len(f.body), last_modified=f.mtime,
-                            keepalive=req.keepalive,
-                            extra=b"ETag: " + f.etag + b"\r\nAccept-Ranges: bytes\r\n")
-        if not head:
-            data += f.body
-        return Response(data, 200, req.keepalive, continue_first=continue_first)
-
-    @staticmethod
-    def _if_range_ok(req: Request, f: SiteFile) -> bool:
-        if_range = req.headers.get(b"if-range")
-        if if_range is None:
-            return True
-        if if_range.startswith(b'"'):
-            return if_range == f.etag
-        return parse_http_time(if_range) == f.mtime
-
-    def _ranged(self, req: Request, f: SiteFile, ranges: list[tuple[int, int]], head: bool,
-                continue_first: bool) -> Response:
-        size = len(f.body)
-        tag = b"ETag: " + f.etag + _CRLF
-        if len(ranges) == 1:
-            start, end = ranges[0]
-            extra = tag + b"Content-Range: bytes %d-%d/%d\r\n" % (start, end - 1, size)
-            data = self._header(206, f.content_type, end - start, last_modified=f.mtime,
-                                keepalive=req.keepalive, extra=extra)
-            if not head:
-                data += f.body[start:end]
-            return Response(data, 206, req.keepalive, continue_first=continue_first)
-        self._boundary += 1
-        boundary = b"%020d" % self._boundary
-        parts = []
-        for start, end in ranges:
-            parts += [b"\r\n--", boundary, b"\r\nContent-Type: ", f.content_type,
-                      b"\r\nContent-Range: bytes %d-%d/%d\r\n\r\n" % (start, end - 1, size),
-                      f.body[start:end]]
-        parts += [b"\r\n--", boundary, b"--\r\n"]
-        body = b"".join(parts)
-        ctype = b"multipart/byteranges; boundary=" + boundary
-        data = self._header(206, ctype, len(body), last_modified=f.mtime,
-                            keepalive=req.keepalive, extra=tag)
-        if not head:
-            data += body
-        return Response(data, 206, req.keepalive, continue_first=continue_first)
-
-    def _fail(self, req: Request, status: int, *, terminate: bool = False,
-              extra_headers: bytes = b"", continue_first: bool = False) -> Response:
-        keepalive = req.keepalive and status not in _CLOSING_STATUSES
-        data = self.error(status, version=req.version, head=req.method == b"HEAD",
-                          keepalive=keepalive, msie_padding=req.msie_padding,
-                          extra_headers=extra_headers)
-        return Response(data, status, keepalive and not terminate, terminate=terminate,
-                        continue_first=continue_first)
-
-
-# ngx_http_special_response_handler turns keep-alive off for these.
-_CLOSING_STATUSES = frozenset({400, 413, 414, STATUS_TO_HTTPS, 500, 501})
-
-
-def _etag_match(header: bytes, etag: bytes, *, weak: bool) -> bool:
-    """ngx_http_test_if_match: is ``etag`` in the comma-separated list ``header``?"""
-    if header == b"*":
-        return True
-    start, end = 0, len(header)
-    while start < end:
-        if weak and end - start > 2 and header[start:start + 2] == b"W/":
-            start += 2
-        if len(etag) > end - start:
-            return False
-        if header[start:start + len(etag)] == etag:
-            start += len(etag)
-            while start < end and header[start] in b" \t":
-                start += 1
-            if start == end or header[start] == 0x2C:
-                return True
-        while start < end and header[start] != 0x2C:
-            start += 1
-        while start < end and header[start] in b" \t,":
-            start += 1
-    return False
-
-
-def _parse_ranges(spec: bytes, size: int) -> list[tuple[int, int]] | str:
-    """ngx_http_range_parse: a list of [start, end) pairs, "unsatisfiable" or "ignore"."""
-    s = spec + b"\0"
-    p = 0
-    ranges: list[tuple[int, int]] = []
-    total = 0
-    limit = (1 << 63) - 1
-
-    def digits(p: int) -> tuple[int, int] | None:
-        n = 0
-        while 0x30 <= s[p] <= 0x39:
-            n = n * 10 + s[p] - 0x30
-            if n > limit:
-                return None
-            p += 1
-        return n, p
-
-    while True:
-        start = end = 0
-        suffix = False
-        while s[p] == 0x20:
-            p += 1
-        if s[p] != 0x2D:
-            if not 0x30 <= s[p] <= 0x39:
-                return "unsatisfiable"
-            got = digits(p)
-            if got is None:
-                return "unsatisfiable"
-            start, p = got
-            while s[p] == 0x20:
-                p += 1
-            if s[p] != 0x2D:
-                return "unsatisfiable"
-            p += 1
-            while s[p] == 0x20:
-                p += 1
-            if s[p] in (0x2C, 0):
-                end = size
-                got_end = True
-            else:
-                got_end = False
-        else:
-            suffix = True
-            p += 1
-            got_end = False
-        if not got_end:
-            if not 0x30 <= s[p] <= 0x39:
-                return "unsatisfiable"
-            got = digits(p)
-            if got is None:
-                return "unsatisfiable"
-            end, p = got
-            while s[p] == 0x20:
-                p += 1
-            if s[p] not in (0x2C, 0):
-                return "unsatisfiable"
-            if suffix:
-                start = size - end if end < size else 0
-                end = size - 1
-            end = size if end >= size else end + 1
-        if start < end:
-            ranges.append((start, end))
-            total += end - start
-        elif start == 0:
-            return "ignore"
-        if s[p] != 0x2C:
-            break
-        p += 1
-    if not ranges:
-        return "unsatisfiable"
-    if total > size:
-        return "ignore"
-    return ranges
-
-
-# -- the connection (sans-IO) -------------------------------------------------------------------
+#: Headers the site looks at (the first value is kept).
+_KEPT_HEADERS = UNIQUE_HEADERS | {b"range", b"user-agent", b"connection", b"keep-alive"}
 
 
 class CoverMode(enum.Enum):
@@ -725,216 +157,16 @@ _OFFSETS = ("_line_start", "_uri_start", "_uri_end", "_args_start", "_host_start
  _H_HEADER_ALMOST_DONE) = range(7)
 
 
-def _bitmap(chars: bytes) -> frozenset[int]:
-    return frozenset(chars)
-
-
-# nginx's "usual" table: URI bytes that need no further attention (no "#%+./?", no CTLs).
-_USUAL = frozenset(c for c in range(0x21, 256) if c not in b"#%+./?\x7f")
-_METHOD_CHARS = _bitmap(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ_-")
-_ALPHA = _bitmap(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_DIGITS = _bitmap(b"0123456789")
-_HOST_CHARS = _ALPHA | _DIGITS | _bitmap(b".-")
-_SCHEMA_CHARS = _ALPHA | _DIGITS | _bitmap(b"+-.")
-_IP_LITERAL_CHARS = _ALPHA | _DIGITS | _bitmap(b":-._~!$&'()*+,;=")
-# ngx_http_parse_header_line's lowcase table: bytes that may appear in a valid header name.
-_HEADER_NAME_CHARS = _ALPHA | _DIGITS | _bitmap(b"-")
-
-# Headers that may appear only once (ngx_http_process_unique_header_line in 1.22).
-_UNIQUE_HEADERS = frozenset({
-    b"if-modified-since", b"if-unmodified-since", b"if-match", b"if-none-match",
-    b"content-length", b"content-range", b"if-range", b"transfer-encoding", b"expect",
-    b"authorization",
-})
-# Headers the site looks at (the first value is kept).
-_KEPT_HEADERS = _UNIQUE_HEADERS | {b"range", b"user-agent", b"connection", b"keep-alive"}
-
-
-def validate_host(host: bytes) -> bytes | None:
-    """ngx_http_validate_host: the lower-cased host without port, or None if invalid."""
-    dot_pos = len(host)
-    host_len = len(host)
-    state = 0  # 0 usual, 1 literal, 2 rest
-    for i, ch in enumerate(host):
-        if ch == 0x2E:
-            if dot_pos == i - 1:
-                return None
-            dot_pos = i
-        elif ch == 0x3A:
-            if state == 0:
-                host_len = i
-                state = 2
-        elif ch == 0x5B:
-            if i == 0:
-                state = 1
-        elif ch == 0x5D:
-            if state == 1:
-                host_len = i + 1
-                state = 2
-        elif ch == 0x2F or ch <= 0x20 or ch == 0x7F:
-            return None
-    if dot_pos == host_len - 1:
-        host_len -= 1
-    if host_len <= 0:
-        return None
-    return host[:host_len].lower()
-
-
-def parse_complex_uri(raw: bytes, *, empty_path: bool = False) -> bytes | None:
-    """ngx_http_parse_complex_uri with merge_slashes on: the decoded path, or None (400)."""
-    usual, slash, dot, dot_dot, quoted, quoted_second = range(6)
-    u = bytearray(b"/" if empty_path else b"")
-    state = usual
-    quoted_state = usual
-    decoded = 0
-    n = len(raw)
-    p = 0
-    ch = raw[0] if n else 0
-    p = 1
-
-    def next_ch() -> int:
-        nonlocal p
-        c = raw[p] if p < n else 0x20
-        p += 1
-        return c
-
-    def go_up() -> bool:
-        # u -= 4 then back to the previous slash: remove "/seg/.." from the output.
-        k = len(u) - 4
-        while True:
-            if k < 0:
-                return False
-            if u[k] == 0x2F:
-                del u[k + 1:]
-                return True
-            k -= 1
-
-    while p <= n:
-        if state == usual:
-            if ch in _USUAL:
-                u.append(ch)
-                ch = next_ch()
-                continue
-            if ch == 0x2F:
-                state = slash
-                u.append(ch)
-            elif ch == 0x25:
-                quoted_state = state
-                state = quoted
-            elif ch in (0x3F, 0x23):
-                return bytes(u)
-            else:
-                u.append(ch)
-            ch = next_ch()
-        elif state == slash:
-            if ch in _USUAL:
-                state = usual
-                u.append(ch)
-                ch = next_ch()
-                continue
-            if ch == 0x2F:
-                pass
-            elif ch == 0x2E:
-                state = dot
-                u.append(ch)
-            elif ch == 0x25:
-                quoted_state = state
-                state = quoted
-            elif ch in (0x3F, 0x23):
-                return bytes(u)
-            else:
-                state = usual
-                u.append(ch)
-            ch = next_ch()
-        elif state == dot:
-            if ch in _USUAL:
-                state = usual
-                u.append(ch)
-                ch = next_ch()
-                continue
-            if ch == 0x2F:
-                state = slash
-                u.pop()
-            elif ch == 0x2E:
-                state = dot_dot
-                u.append(ch)
-            elif ch == 0x25:
-                quoted_state = state
-                state = quoted
-            elif ch in (0x3F, 0x23):
-                u.pop()
-                return bytes(u)
-            else:
-                state = usual
-                u.append(ch)
-            ch = next_ch()
-        elif state == dot_dot:
-            if ch in _USUAL:
-                state = usual
-                u.append(ch)
-                ch = next_ch()
-                continue
-            if ch in (0x2F, 0x3F, 0x23):
-                if not go_up():
-                    return None
-                if ch != 0x2F:
-                    return bytes(u)
-                state = slash
-            elif ch == 0x25:
-                quoted_state = state
-                state = quoted
-            else:
-                state = usual
-                u.append(ch)
-            ch = next_ch()
-        elif state == quoted:
-            if ch in _DIGITS:
-                decoded = ch - 0x30
-            elif 0x61 <= (ch | 0x20) <= 0x66:
-                decoded = (ch | 0x20) - 0x61 + 10
-            else:
-                return None
-            state = quoted_second
-            ch = next_ch()
-        else:  # quoted_second
-            if ch in _DIGITS:
-                ch = (decoded << 4) + ch - 0x30
-                if ch in (0x25, 0x23):
-                    state = usual
-                    u.append(ch)
-                    ch = next_ch()
-                    continue
-                if ch == 0:
-                    return None
-                state = quoted_state
-                continue
-            if 0x61 <= (ch | 0x20) <= 0x66:
-                ch = (decoded << 4) + (ch | 0x20) - 0x61 + 10
-                if ch == 0x3F:
-                    state = usual
-                    u.append(ch)
-                    ch = next_ch()
-                    continue
-                state = quoted_state
-                continue
-            return None
-    if state in (quoted, quoted_second):
-        return None
-    if state == dot:
-        u.pop()
-    elif state == dot_dot and not go_up():
-        return None
-    return bytes(u)
-
 
 class CoverConnection:
     """One connection to the emulated nginx, sans-IO.
 
     Feed it with :meth:`receive_data` / :meth:`receive_eof` / :meth:`handle_timer`; after each
     call take :meth:`data_to_send` and look at :attr:`close_action` and :meth:`get_timer`.
-    ``now`` is any monotonic clock in seconds; ``started_at`` is when the connection was
-    accepted (the header timeout runs from then, as in nginx). ``tls``: the bytes come out
-    of TLS (this changes one closing decision, see :meth:`_finalize`).
+    ``now`` is any monotonic clock in seconds, the only clock it knows (it reads none);
+    ``now + wall_offset`` is the Unix time its Date headers show. ``started_at`` is when the
+    connection was accepted (the header timeout runs from then, as in nginx). ``tls``: the
+    bytes come out of TLS (this changes one closing decision, see :meth:`_finalize`).
     """
 
     def __init__(self, site: CoverSite, *, now: float, mode: CoverMode = CoverMode.HTTP,
@@ -942,8 +174,10 @@ class CoverConnection:
                  header_timeout: float = CLIENT_HEADER_TIMEOUT,
                  keepalive_timeout: float = KEEPALIVE_TIMEOUT,
                  lingering_timeout: float = LINGERING_TIMEOUT,
-                 lingering_time: float = LINGERING_TIME, tls: bool = False) -> None:
+                 lingering_time: float = LINGERING_TIME, tls: bool = False,
+                 wall_offset: float = 0.0) -> None:
         self._site = site
+        self._wall_offset = wall_offset
         self._mode = mode
         self._tls = tls
         self._header_timeout = header_timeout
@@ -1079,8 +313,7 @@ class CoverConnection:
         self._has_host = False
         self._host_in_line = False
         self._connection = 0  # 0 none, 1 close, 2 keep-alive
-        self._msie = False
-        self._chrome = False
+        self._padding = False  # error pages get the MSIE/Chrome padding
         self._hname_end = 0
         self._hvalue_start = 0
         self._hvalue_end = 0
@@ -1096,7 +329,7 @@ class CoverConnection:
                 continue
             if self._pos >= len(self._buf):
                 if len(self._buf) >= self._cap:
-                    if not self._buffer_full():
+                    if not self._buffer_full(now):
                         return
                     continue
                 if not self._recv():
@@ -1121,13 +354,13 @@ class CoverConnection:
                 self._state = 0
                 self._request_ready(now)
 
-    def _buffer_full(self) -> bool:
+    def _buffer_full(self, now: float) -> bool:
         if self._phase in (_Phase.LINE, _Phase.WAIT):
             if not self._alloc_large(self._line_start, self._state, request_line=True):
-                self._finish_error(414, None, parse_error=False)
+                self._finish_error(414, now, parse_error=False)
                 return False
         elif not self._alloc_large(self._line_start, self._state, request_line=False):
-            self._finish_error(STATUS_HEADER_TOO_LARGE, None, parse_error=False, linger=True)
+            self._finish_error(STATUS_HEADER_TOO_LARGE, now, parse_error=False, linger=True)
             return False
         return True
 
@@ -1143,20 +376,20 @@ class CoverConnection:
             if state == _S_START:
                 self._line_start = p
                 if ch not in (0x0D, 0x0A):
-                    if ch not in _METHOD_CHARS:
+                    if ch not in METHOD_CHARS:
                         raise _ParseError(400)
                     state = _S_METHOD
             elif state == _S_METHOD:
                 if ch == 0x20:
                     self._method = bytes(buf[self._line_start:p])
                     state = _S_SPACES_BEFORE_URI
-                elif ch not in _METHOD_CHARS:
+                elif ch not in METHOD_CHARS:
                     raise _ParseError(400)
             elif state == _S_SPACES_BEFORE_URI:
                 if ch == 0x2F:
                     self._uri_start = p
                     state = _S_AFTER_SLASH_IN_URI
-                elif ch in _ALPHA:
+                elif ch in ALPHA:
                     state = _S_SCHEMA
                 elif ch != 0x20:
                     raise _ParseError(400)
@@ -1164,7 +397,7 @@ class CoverConnection:
                 if ch == 0x3A:
                     self._schema_end = p
                     state = _S_SCHEMA_SLASH
-                elif ch not in _SCHEMA_CHARS:
+                elif ch not in SCHEMA_CHARS:
                     raise _ParseError(400)
             elif state == _S_SCHEMA_SLASH:
                 if ch != 0x2F:
@@ -1182,7 +415,7 @@ class CoverConnection:
                         p += 1
                         continue
                     state = _S_HOST
-                if state == _S_HOST and ch in _HOST_CHARS:
+                if state == _S_HOST and ch in HOST_CHARS:
                     p += 1
                     continue
                 if ch == 0x3A:
@@ -1193,14 +426,14 @@ class CoverConnection:
             elif state == _S_HOST_IP_LITERAL:
                 if ch == 0x5D:
                     state = _S_HOST_END
-                elif ch not in _IP_LITERAL_CHARS:
+                elif ch not in IP_LITERAL_CHARS:
                     raise _ParseError(400)
             elif state == _S_PORT:
-                if ch not in _DIGITS:
+                if ch not in DIGITS:
                     self._host_end = p
                     state = self._after_host(ch, p)
             elif state == _S_AFTER_SLASH_IN_URI:
-                if ch in _USUAL:
+                if ch in USUAL:
                     state = _S_CHECK_URI
                 elif ch == 0x20:
                     self._uri_end = p
@@ -1230,7 +463,7 @@ class CoverConnection:
                 else:
                     state = _S_CHECK_URI
             elif state == _S_CHECK_URI:
-                if ch in _USUAL:
+                if ch in USUAL:
                     pass
                 elif ch == 0x2F:
                     state = _S_AFTER_SLASH_IN_URI
@@ -1260,7 +493,7 @@ class CoverConnection:
                 elif ch < 0x20 or ch == 0x7F:
                     raise _ParseError(400)
             elif state == _S_URI:
-                if ch in _USUAL:
+                if ch in USUAL:
                     pass
                 elif ch == 0x20:
                     self._uri_end = p
@@ -1318,14 +551,14 @@ class CoverConnection:
             elif state == _S_MAJOR_DIGIT:
                 if ch == 0x2E:
                     state = _S_FIRST_MINOR_DIGIT
-                elif ch not in _DIGITS:
+                elif ch not in DIGITS:
                     raise _ParseError(400)
                 else:
                     self._major = self._major * 10 + ch - 0x30
                     if self._major > 1:
                         raise _ParseError(505)
             elif state == _S_FIRST_MINOR_DIGIT:
-                if ch not in _DIGITS:
+                if ch not in DIGITS:
                     raise _ParseError(400)
                 self._minor = ch - 0x30
                 state = _S_MINOR_DIGIT
@@ -1337,7 +570,7 @@ class CoverConnection:
                     return
                 elif ch == 0x20:
                     state = _S_SPACES_AFTER_DIGIT
-                elif ch not in _DIGITS:
+                elif ch not in DIGITS:
                     raise _ParseError(400)
                 else:
                     if self._minor > 99:
@@ -1424,12 +657,12 @@ class CoverConnection:
                     return
                 else:
                     state = _H_NAME
-                    if ch not in _HEADER_NAME_CHARS:
+                    if ch not in HEADER_NAME_CHARS:
                         if ch <= 0x20 or ch in (0x7F, 0x3A):
                             raise _ParseError(400)
                         self._invalid_header = True
             elif state == _H_NAME:
-                if ch in _HEADER_NAME_CHARS:
+                if ch in HEADER_NAME_CHARS:
                     pass
                 elif ch == 0x3A:
                     self._hname_end = p
@@ -1541,7 +774,7 @@ class CoverConnection:
                 raise _ParseError(400, at_byte=False)
             self._has_host = True
             return
-        if name in _UNIQUE_HEADERS and name in self._headers:
+        if name in UNIQUE_HEADERS and name in self._headers:
             raise _ParseError(400, at_byte=False)
         if name == b"connection":
             low = value.lower()
@@ -1550,17 +783,9 @@ class CoverConnection:
             elif b"keep-alive" in low:
                 self._connection = 2
         elif name == b"user-agent" and name not in self._headers:
-            self._user_agent(value)
+            self._padding = pads_error_pages(value)
         if name in _KEPT_HEADERS and name not in self._headers:
             self._headers[name] = value
-
-    def _user_agent(self, ua: bytes) -> None:
-        msie = ua.find(b"MSIE ")
-        self._msie = msie >= 0 and msie + 7 < len(ua)
-        if b"Opera" in ua:
-            self._msie = False
-        if not self._msie and b"Opera" not in ua and b"Gecko/" not in ua:
-            self._chrome = b"Chrome/" in ua
 
     # -- a complete request ----------------------------------------------------------------
 
@@ -1579,7 +804,7 @@ class CoverConnection:
         chunked = False
         cl = headers.get(b"content-length")
         if cl is not None:
-            if not cl or not all(c in _DIGITS for c in cl) or int(cl) > _MAX_OFF_T:
+            if not cl or not all(c in DIGITS for c in cl) or int(cl) > MAX_OFF_T:
                 self._finish_error(400, now, parse_error=False)
                 return
             content_length = int(cl)
@@ -1598,9 +823,9 @@ class CoverConnection:
             status = STATUS_TO_HTTPS
         if status:
             req = Request(self._method, self._uri, version, {}, content_length, chunked,
-                          False, self._msie or self._chrome)
-            self._send_response(self._site._fail(req, status), content_length, chunked, now,
-                                handled=False)
+                          False, self._padding)
+            self._send_response(self._site.fail(req, status, date=now + self._wall_offset),
+                                content_length, chunked, now, handled=False)
             return
         if self._connection == 1:
             keepalive = False
@@ -1612,11 +837,12 @@ class CoverConnection:
                 or now - self._started > KEEPALIVE_TIME or self._keepalive_timeout <= 0):
             keepalive = False
         req = Request(self._method, self._uri, version, dict(headers), content_length,
-                      chunked, keepalive, self._msie or self._chrome)
+                      chunked, keepalive, self._padding)
+        date = now + self._wall_offset
         if content_length > CLIENT_MAX_BODY_SIZE:
-            resp = self._site._fail(req, 413)
+            resp = self._site.fail(req, 413, date=date)
         else:
-            resp = self._site.respond(req)
+            resp = self._site.respond(req, date=date)
         self._send_response(resp, content_length, chunked, now, handled=True)
 
     def _send_response(self, resp: Response, content_length: int, chunked: bool,
@@ -1718,19 +944,18 @@ class CoverConnection:
         else:
             self._close(CloseAction.CLOSE)
 
-    def _finish_error(self, status: int, now: float | None, *, parse_error: bool,
+    def _finish_error(self, status: int, now: float, *, parse_error: bool,
                       linger: bool = False) -> None:
         """An error before the request was handed to the site (400, 414, 494, 505...)."""
-        t = time.monotonic() if now is None else now
-        data = self._site.error(status, version=self._version,
+        data = self._site.error(status, date=now + self._wall_offset, version=self._version,
                                 head=self._method == b"HEAD", keepalive=False,
-                                msie_padding=self._msie or self._chrome)
+                                msie_padding=self._padding)
         self._out += data
         self._linger_flag = linger
         if parse_error:
             # the parser stops at the bad byte: unparsed bytes remain in the buffer
             self._pos = min(self._pos, len(self._buf) - 1)
-        self._finalize(False, t)
+        self._finalize(False, now)
 
     def _start_linger(self, now: float) -> None:
         self._phase = _Phase.LINGER
@@ -1770,7 +995,7 @@ class _ChunkState:
             ch = data[p]
             s = self._state
             if s == 0:
-                if ch in _DIGITS or 0x61 <= (ch | 0x20) <= 0x66:
+                if ch in DIGITS or 0x61 <= (ch | 0x20) <= 0x66:
                     self._size = self._size * 16 + int(chr(ch), 16)
                     self._digits += 1
                     if self._digits > MAX_CHUNK_SIZE_DIGITS:
@@ -1829,183 +1054,3 @@ class _ChunkState:
 
 
 # -- asyncio adapter ---------------------------------------------------------------------
-
-
-class CoverProtocol(asyncio.Protocol):
-    """Serves one connection with a :class:`CoverSite`, as nginx would.
-
-    Use it as a protocol factory's product for a listening server, or attach it to a
-    running transport with :meth:`take_over`.
-    """
-
-    def __init__(self, site: CoverSite, *, mode: CoverMode = CoverMode.HTTP,
-                 started_at: float | None = None,
-                 header_timeout: float = CLIENT_HEADER_TIMEOUT,
-                 keepalive_timeout: float = KEEPALIVE_TIMEOUT,
-                 lingering_timeout: float = LINGERING_TIMEOUT,
-                 lingering_time: float = LINGERING_TIME,
-                 plain_on_https_port: bool = False) -> None:
-        """``plain_on_https_port=True`` is shorthand for ``mode=PLAIN_ON_TLS_PORT``."""
-        self._site = site
-        self._mode = CoverMode.PLAIN_ON_TLS_PORT if plain_on_https_port else mode
-        self._started_at = started_at
-        self._header_timeout = header_timeout
-        self._keepalive_timeout = keepalive_timeout
-        self._lingering_timeout = lingering_timeout
-        self._lingering_time = lingering_time
-        self._conn: CoverConnection | None = None
-        self._transport: asyncio.BaseTransport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
-        self._eof_written = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    @classmethod
-    def take_over(cls, transport: asyncio.Transport, initial: bytes, site: CoverSite, *,
-                  mode: CoverMode = CoverMode.HTTP, started_at: float | None = None,
-                  header_timeout: float = CLIENT_HEADER_TIMEOUT,
-                  keepalive_timeout: float = KEEPALIVE_TIMEOUT,
-                  lingering_timeout: float = LINGERING_TIMEOUT,
-                  lingering_time: float = LINGERING_TIME) -> CoverProtocol:
-        """Become ``transport``'s protocol and handle ``initial`` as if just received.
-
-        ``started_at`` is the loop time (``loop.time()``) when the connection was accepted:
-        nginx's client_header_timeout counts from there. Must be called in the loop's thread.
-        """
-        proto = cls(site, mode=mode, started_at=started_at, header_timeout=header_timeout,
-                    keepalive_timeout=keepalive_timeout, lingering_timeout=lingering_timeout,
-                    lingering_time=lingering_time)
-        transport.set_protocol(proto)
-        proto.connection_made(transport)
-        if initial:
-            proto.data_received(initial)
-        return proto
-
-    # asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
-        self._loop = asyncio.get_running_loop()
-        now = self._loop.time()
-        self._conn = CoverConnection(
-            self._site, now=now, mode=self._mode, started_at=self._started_at,
-            header_timeout=self._header_timeout, keepalive_timeout=self._keepalive_timeout,
-            lingering_timeout=self._lingering_timeout, lingering_time=self._lingering_time,
-            tls=transport.get_extra_info("ssl_object") is not None)
-        self._pump()
-
-    def data_received(self, data: bytes) -> None:
-        if self._conn is None or self._loop is None:
-            return
-        self._conn.receive_data(data, self._loop.time())
-        self._pump()
-
-    def eof_received(self) -> bool:
-        if self._conn is not None and self._loop is not None:
-            self._conn.receive_eof(self._loop.time())
-            self._pump()
-        return False  # the connection has decided to close: let the transport finish it
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
-        self._transport = None
-
-    def pause_writing(self) -> None:
-        # The peer leaves our answers unread: stop reading its requests (each PING or
-        # pipelined request would only add to the unsent output), so what a stranger can
-        # make the server hold is the socket buffers and one read's worth of answers.
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            cast(asyncio.Transport, transport).pause_reading()
-
-    def resume_writing(self) -> None:
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            cast(asyncio.Transport, transport).resume_reading()
-
-    # internals
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        if self._conn is None or self._loop is None:
-            return
-        self._conn.handle_timer(self._loop.time())
-        self._pump()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-            self._timer_at = None
-
-    def _pump(self) -> None:
-        conn, transport, loop = self._conn, self._transport, self._loop
-        if conn is None or transport is None or loop is None:
-            return
-        # uvloop's transports do not subclass asyncio's classes: duck-type, do not isinstance
-        transport = cast(asyncio.Transport, transport)
-        out = conn.data_to_send()
-        if out and not transport.is_closing():
-            transport.write(out)
-        action = conn.close_action
-        tls = transport.get_extra_info("ssl_object") is not None
-        if action is CloseAction.LINGER and not self._eof_written:
-            self._eof_written = True
-            if tls:
-                # nginx: close_notify, then shutdown(SHUT_WR), then read on. asyncio's TLS
-                # transport cannot half-close, so send close_notify with close() (it keeps
-                # reading while it waits for the peer's) and shut the socket's write side.
-                transport.close()
-                _shutdown_write(transport)
-            elif transport.can_write_eof():
-                transport.write_eof()
-            else:
-                transport.close()
-        elif action is CloseAction.QUIET and tls:
-            self._cancel_timer()
-            transport.abort()  # the socket closes (FIN) without a close_notify alert
-        elif action in (CloseAction.CLOSE, CloseAction.RESET, CloseAction.QUIET):
-            self._cancel_timer()
-            if action is CloseAction.RESET:
-                _set_rst_on_close(transport)
-            transport.close()
-            if tls:
-                # close() only queued close_notify and would wait up to 30 s for the peer's;
-                # nginx closes the socket right after sending it.
-                transport.abort()
-        when = conn.get_timer()
-        if action in (CloseAction.CLOSE, CloseAction.RESET, CloseAction.QUIET):
-            return
-        if when != self._timer_at:
-            self._cancel_timer()
-            if when is not None:
-                self._timer = loop.call_at(when, self._on_timer)
-                self._timer_at = when
-
-
-def _with_socket(transport: asyncio.BaseTransport) -> socket.socket | None:
-    """A duplicate of the transport's socket (uvloop's socket wrapper has no shutdown())."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return None
-    try:
-        return socket.socket(fileno=os.dup(sock.fileno()))
-    except (OSError, ValueError):
-        return None
-
-
-def _shutdown_write(transport: asyncio.BaseTransport) -> None:
-    """Send FIN on the socket under a transport (used under TLS, which cannot half-close)."""
-    dup = _with_socket(transport)
-    if dup is not None:
-        with dup, contextlib.suppress(OSError):
-            dup.shutdown(socket.SHUT_WR)
-
-
-def _set_rst_on_close(transport: asyncio.BaseTransport) -> None:
-    """Make the coming close send RST, as Linux does when unread data is left."""
-    dup = _with_socket(transport)
-    if dup is not None:
-        with dup, contextlib.suppress(OSError):
-            dup.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

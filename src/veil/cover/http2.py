@@ -2,8 +2,9 @@
 
 A client that negotiated ``h2`` by ALPN and is not a tunnel gets this instead of the HTTP/1.1
 emulation of :mod:`veil.cover.http1`. Files, status codes, error pages and header values come
-from the same :class:`~veil.cover.http1.CoverSite`; this module adds nginx's HTTP/2 framing
-around them, every detail measured against the real nginx 1.22.1 on loopback
+from the same :class:`~veil.cover.site.CoverSite`; this module adds nginx's HTTP/2 framing
+around them, sans-IO (its asyncio adapter is :class:`~veil.cover.adapters.H2CoverProtocol`),
+every detail measured against the real nginx 1.22.1 on loopback
 (``tests/integration/test_cover_h2_vs_nginx.py``):
 
 * Server preface: SETTINGS (MAX_CONCURRENT_STREAMS 128, INITIAL_WINDOW_SIZE 65536,
@@ -32,34 +33,34 @@ What is not emulated, and why, is in ``docs/cover-h2.md``.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import enum
-import socket
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
 
 import hpack
 from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 
-from veil.cover.http1 import (
+from veil.cover.nginx import (
+    ALPHA,
     CLIENT_HEADER_TIMEOUT,
     CLIENT_MAX_BODY_SIZE,
+    DIGITS,
     KEEPALIVE_TIMEOUT,
     LARGE_HEADER_BUFFER_SIZE,
     LARGE_HEADER_BUFFERS,
     LINGERING_TIME,
     LINGERING_TIMEOUT,
-    CoverSite,
-    Request,
-    parse_complex_uri,
-    validate_host,
+    MAX_OFF_T,
+    METHOD_CHARS,
+    SCHEMA_CHARS,
+    UNIQUE_HEADERS,
+    pads_error_pages,
 )
+from veil.cover.site import CoverSite, Request
+from veil.cover.uri import parse_complex_uri, validate_host
 
-__all__ = ["SERVER_PREFACE", "H2CloseAction", "H2CoverConnection", "H2CoverProtocol"]
+__all__ = ["SERVER_PREFACE", "H2CloseAction", "H2CoverConnection"]
 
 # -- the protocol's numbers (RFC 9113) and nginx 1.22's settings --------------------------------
 
@@ -101,21 +102,13 @@ _INDEXED_NAMES = {b"server": 54, b"date": 33, b"content-type": 31, b"content-len
 # Headers nginx's HTTP/2 filter does not send (hop-by-hop in HTTP/1.1).
 _DROPPED = frozenset({b"connection", b"keep-alive", b"transfer-encoding"})
 # Request headers the site looks at; the others are only validated.
-_UNIQUE = frozenset({b"if-modified-since", b"if-unmodified-since", b"if-match",
-                     b"if-none-match", b"content-length", b"content-range", b"if-range",
-                     b"transfer-encoding", b"expect", b"authorization"})
-_KEPT = _UNIQUE | {b"range", b"user-agent"}
+_KEPT = UNIQUE_HEADERS | {b"range", b"user-agent"}
 _NAME_OK = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-")
 # Bytes that make a header name malformed (RST_STREAM); others outside _NAME_OK only make
 # nginx ignore the field (ignore_invalid_headers).
 _NAME_FATAL = frozenset(range(0x21)) | frozenset(range(0x41, 0x5B)) | {0x3A, 0x7F}
-_METHOD_OK = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ_-")
-_ALPHA = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_DIGITS = frozenset(b"0123456789")
-_SCHEME_OK = _ALPHA | _DIGITS | frozenset(b"+-.")
 
 _INT_OCTETS = 4  # NGX_HTTP_V2_INT_OCTETS: the longest HPACK integer nginx reads
-_MAX_OFF_T = (1 << 63) - 1  # a larger Content-Length is invalid (400)
 
 _HUFFMAN = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
 
@@ -330,15 +323,18 @@ class H2CoverConnection:
     call take :meth:`writes` (each element one transport write, so TLS records fall where
     nginx's do) and look at :attr:`close_action` and :meth:`get_timer`. ``started_at`` is when
     the TCP connection was accepted: the first timeout counts from there, as in nginx.
-    ``preface_sent``: :data:`SERVER_PREFACE` is already on the wire.
+    ``preface_sent``: :data:`SERVER_PREFACE` is already on the wire. ``now`` is the only clock
+    it knows (it reads none); ``now + wall_offset`` is the Unix time its date headers show.
     """
 
     def __init__(self, site: CoverSite, *, now: float, started_at: float | None = None,
                  header_timeout: float = CLIENT_HEADER_TIMEOUT,
                  keepalive_timeout: float = KEEPALIVE_TIMEOUT,
                  lingering_timeout: float = LINGERING_TIMEOUT,
-                 lingering_time: float = LINGERING_TIME, preface_sent: bool = False) -> None:
+                 lingering_time: float = LINGERING_TIME, preface_sent: bool = False,
+                 wall_offset: float = 0.0) -> None:
         self._site = site
+        self._wall_offset = wall_offset
         self._header_timeout = header_timeout
         self._keepalive_timeout = keepalive_timeout
         self._lingering_timeout = lingering_timeout
@@ -594,7 +590,7 @@ class H2CoverConnection:
             if self._block is None or sid != self._block_stream:
                 raise _ConnectionError(PROTOCOL_ERROR)
             self._block += payload
-            self._decode_block(final=bool(flags & FLAG_END_HEADERS))
+            self._decode_block(now, final=bool(flags & FLAG_END_HEADERS))
 
     def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
         if sid:
@@ -660,9 +656,9 @@ class H2CoverConnection:
             self._req_alive = False
         else:
             self._requests += 1
-        self._decode_block(final=bool(flags & FLAG_END_HEADERS))
+        self._decode_block(now, final=bool(flags & FLAG_END_HEADERS))
 
-    def _decode_block(self, *, final: bool) -> None:
+    def _decode_block(self, now: float, *, final: bool) -> None:
         """Decode the whole fields of the block so far and act on each, as nginx does frame
         by frame: a request may be answered (400) or reset before a later field's bad index
         or Huffman code (COMPRESSION_ERROR) ends the connection, or a field cut off by
@@ -681,7 +677,8 @@ class H2CoverConnection:
                 if not name:  # "client sent zero header name length"
                     raise _ConnectionError(PROTOCOL_ERROR)
                 if self._req_alive:
-                    self._req_alive = self._field(self._block_stream, self._req, name, value)
+                    self._req_alive = self._field(self._block_stream, self._req, name, value,
+                                                  now)
         del block[:start]
         if block and not block[0] & 0x80 and block[0] & 0xE0 != 0x20:
             # a literal whose value is still to come: nginx looks its name up at once
@@ -697,23 +694,24 @@ class H2CoverConnection:
         self._block = None
         if self._req_alive:
             self._req_alive = False
-            self._request(self._block_stream, self._req)
+            self._request(self._block_stream, self._req, now)
 
     # -- requests --------------------------------------------------------------------------
 
-    def _request(self, sid: int, req: _Pending) -> None:
+    def _request(self, sid: int, req: _Pending, now: float) -> None:
         """All fields are in and none was refused: the checks nginx makes on a whole request
         header, then the site's answer."""
         status = req.final_status()
         if status:
-            self._respond(sid, self._error(status, req), req.end_stream)
+            self._respond(sid, self._error(status, req, now), req.end_stream)
             return
         assert req.method is not None and req.uri is not None
         request = Request(req.method, req.uri, 2000, req.headers, req.content_length, False,
                           True, req.padding)
-        self._respond(sid, self._site.respond(request).data, req.end_stream)
+        answer = self._site.respond(request, date=now + self._wall_offset)
+        self._respond(sid, answer.data, req.end_stream)
 
-    def _field(self, sid: int, req: _Pending, name: bytes, value: bytes) -> bool:
+    def _field(self, sid: int, req: _Pending, name: bytes, value: bytes, now: float) -> bool:
         """One header field of a live request; False once the stream is answered."""
         pseudo = name[0] == 0x3A
         invalid = False
@@ -729,12 +727,13 @@ class H2CoverConnection:
             return False
         status = req.pseudo(name, value) if pseudo else 0 if invalid else req.header(name, value)
         if status:
-            self._respond(sid, self._error(status, req), req.end_stream)
+            self._respond(sid, self._error(status, req, now), req.end_stream)
             return False
         return True
 
-    def _error(self, status: int, req: _Pending) -> bytes:
-        return self._site.error(status, head=req.method == b"HEAD", msie_padding=req.padding)
+    def _error(self, status: int, req: _Pending, now: float) -> bytes:
+        return self._site.error(status, date=now + self._wall_offset,
+                                head=req.method == b"HEAD", msie_padding=req.padding)
 
     def _reset(self, sid: int, code: int) -> None:
         self._control(frame(RST_STREAM, 0, sid, struct.pack(">I", code)))
@@ -859,7 +858,7 @@ class _Pending:
     def pseudo(self, name: bytes, value: bytes) -> int:
         """ngx_http_v2_pseudo_header: 0, or the status to answer with."""
         if name == b":method":
-            if self.method is not None or not value or any(c not in _METHOD_OK
+            if self.method is not None or not value or any(c not in METHOD_CHARS
                                                            for c in value):
                 return 400
             self.method = value
@@ -873,8 +872,8 @@ class _Pending:
             if self.uri is None:
                 return 400
         elif name == b":scheme":
-            if (self.scheme is not None or not value or value[0] not in _ALPHA
-                    or any(c not in _SCHEME_OK for c in value)):
+            if (self.scheme is not None or not value or value[0] not in ALPHA
+                    or any(c not in SCHEMA_CHARS for c in value)):
                 return 400
             self.scheme = value
         elif name == b":authority":
@@ -889,14 +888,14 @@ class _Pending:
             if self.host or validate_host(value) is None:
                 return 400
             self.host = True
-        elif name in _UNIQUE:
+        elif name in UNIQUE_HEADERS:
             if name in self.headers:
                 return 400  # "client sent duplicate header line"
             self.headers[name] = value
         elif name in _KEPT and name not in self.headers:
             self.headers[name] = value
             if name == b"user-agent":
-                self.padding = _msie_or_chrome(value)
+                self.padding = pads_error_pages(value)
         return 0
 
     def final_status(self) -> int:
@@ -908,7 +907,7 @@ class _Pending:
             return 400
         cl = self.headers.get(b"content-length")
         if cl is not None:
-            if not cl or any(c not in _DIGITS for c in cl) or int(cl) > _MAX_OFF_T:
+            if not cl or any(c not in DIGITS for c in cl) or int(cl) > MAX_OFF_T:
                 return 400
             self.content_length = int(cl)
         te = self.headers.get(b"transfer-encoding")
@@ -948,138 +947,3 @@ def _multipart_cuts(body: bytes, content_type: bytes) -> list[int]:
             cuts.append(data)
         p = data + int(spec[1]) - int(spec[0]) + 1
     return cuts
-
-
-def _msie_or_chrome(ua: bytes) -> bool:
-    """Whether nginx pads error pages for this User-Agent (its MSIE / Chrome test)."""
-    msie = ua.find(b"MSIE ")
-    if msie >= 0 and msie + 7 < len(ua) and b"Opera" not in ua:
-        return True
-    return b"Opera" not in ua and b"Gecko/" not in ua and b"Chrome/" in ua
-
-
-# -- asyncio adapter ------------------------------------------------------------------------
-
-
-class H2CoverProtocol(asyncio.Protocol):
-    """Serves one h2 connection with a :class:`CoverSite`; attach with :meth:`take_over`."""
-
-    def __init__(self, site: CoverSite, *, started_at: float | None = None,
-                 header_timeout: float = CLIENT_HEADER_TIMEOUT,
-                 keepalive_timeout: float = KEEPALIVE_TIMEOUT,
-                 lingering_timeout: float = LINGERING_TIMEOUT,
-                 lingering_time: float = LINGERING_TIME, preface_sent: bool = False) -> None:
-        self._make: Callable[[float], H2CoverConnection] = lambda now: H2CoverConnection(
-            site, now=now, started_at=started_at, header_timeout=header_timeout,
-            keepalive_timeout=keepalive_timeout, lingering_timeout=lingering_timeout,
-            lingering_time=lingering_time, preface_sent=preface_sent)
-        self._conn: H2CoverConnection | None = None
-        self._transport: asyncio.Transport | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
-        self._shut = False
-
-    @classmethod
-    def take_over(cls, transport: asyncio.Transport, initial: bytes, site: CoverSite, *,
-                  started_at: float | None = None,
-                  header_timeout: float = CLIENT_HEADER_TIMEOUT,
-                  keepalive_timeout: float = KEEPALIVE_TIMEOUT,
-                  lingering_timeout: float = LINGERING_TIMEOUT,
-                  lingering_time: float = LINGERING_TIME,
-                  preface_sent: bool = False) -> H2CoverProtocol:
-        """Become ``transport``'s protocol and handle ``initial`` as if just received; the
-        server preface goes out with the answer to ``initial`` (at once if it is empty),
-        unless ``preface_sent``."""
-        proto = cls(site, started_at=started_at, header_timeout=header_timeout,
-                    keepalive_timeout=keepalive_timeout, lingering_timeout=lingering_timeout,
-                    lingering_time=lingering_time, preface_sent=preface_sent)
-        transport.set_protocol(proto)
-        proto._attach(transport, initial)
-        return proto
-
-    def _attach(self, transport: asyncio.BaseTransport, initial: bytes) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        self._loop = asyncio.get_running_loop()
-        self._conn = self._make(self._loop.time())
-        if initial:
-            self._conn.receive_data(initial, self._loop.time())
-        self._pump()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._attach(transport, b"")
-
-    def data_received(self, data: bytes) -> None:
-        if self._conn is not None and self._loop is not None:
-            self._conn.receive_data(bytes(data), self._loop.time())
-            self._pump()
-
-    def eof_received(self) -> bool:
-        if self._conn is not None and self._loop is not None:
-            self._conn.receive_eof(self._loop.time())
-            self._pump()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
-        self._transport = None
-
-    def pause_writing(self) -> None:
-        # The peer leaves our answers unread: stop reading its requests (each PING or
-        # pipelined request would only add to the unsent output), so what a stranger can
-        # make the server hold is the socket buffers and one read's worth of answers.
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            transport.resume_reading()
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        if self._conn is not None and self._loop is not None:
-            self._conn.handle_timer(self._loop.time())
-            self._pump()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-            self._timer_at = None
-
-    def _pump(self) -> None:
-        conn, transport, loop = self._conn, self._transport, self._loop
-        if conn is None or transport is None or loop is None:
-            return
-        for chunk in conn.writes():
-            if not transport.is_closing():
-                transport.write(chunk)
-        action = conn.close_action
-        if action is H2CloseAction.QUIET:
-            self._cancel_timer()
-            transport.abort()  # FIN, no close_notify (the writes above are on the socket)
-            return
-        if action is H2CloseAction.LINGER and not self._shut:
-            self._shut = True
-            _shutdown_write(transport)
-        when = conn.get_timer()
-        if when != self._timer_at:
-            self._cancel_timer()
-            if when is not None:
-                self._timer = loop.call_at(when, self._on_timer)
-                self._timer_at = when
-
-
-def _shutdown_write(transport: asyncio.BaseTransport) -> None:
-    """FIN on the socket under the (TLS) transport, without a close_notify, as nginx's
-    ngx_http_v2_lingering_close does; the transport keeps reading."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
-    with contextlib.suppress(OSError, ValueError):
-        dup = socket.socket(fileno=socket.dup(sock.fileno()))
-        with dup:
-            dup.shutdown(socket.SHUT_WR)

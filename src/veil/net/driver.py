@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Protocol, cast
 
 from veil.errors import LocalProtocolError
+from veil.net.loop_timer import LoopTimer
 from veil.protocol.address import Address
 from veil.protocol.events import (
     DatagramReceived,
@@ -75,8 +76,7 @@ class SessionDriver(asyncio.Protocol):
         self._on_bytes = on_bytes  # (received, sent) byte counts, for accounting
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer = LoopTimer(self._loop, self._on_timer)
         self._writing_paused = False
         self._done = False
         self.closed = self._loop.create_future()
@@ -151,19 +151,12 @@ class SessionDriver(asyncio.Protocol):
             if self._on_bytes is not None:
                 self._on_bytes(0, len(data))
             transport.write(data)
-        when = self.session.get_timer()
-        if when != self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = None if when is None else self._loop.call_at(when, self._on_timer)
-            self._timer_at = when
+        self._timer.set(self.session.get_timer())
         if self.session.closed and not self._done:
             self._finish("session closed")
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        self._dispatch(self.session.handle_timer(self._loop.time()))
+    def _on_timer(self, now: float) -> None:
+        self._dispatch(self.session.handle_timer(now))
         self.flush()
 
     def _dispatch(self, events: list[Event]) -> None:
@@ -213,9 +206,7 @@ class SessionDriver(asyncio.Protocol):
         if self._done:
             return
         self._done = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         handlers, self.handlers = self.handlers, {}
         for handler in handlers.values():
             handler.on_reset(ResetCode.CANCELLED)

@@ -1,0 +1,291 @@
+"""The asyncio adapters: where the sans-IO cover connections meet a transport.
+
+:class:`CoverProtocol` runs a :class:`~veil.cover.http1.CoverConnection` (HTTP/1.1),
+:class:`H2CoverProtocol` an :class:`~veil.cover.http2.H2CoverConnection`. Both feed their
+connection with the loop's time, and after every call do one "transmit and re-arm" step
+(``_pump``): write what the connection queued, carry out its close decision, and hand its
+``get_timer()`` to the one :class:`~veil.net.loop_timer.LoopTimer`. The connections read no
+clock: the adapter also gives them ``wall_offset``, the Unix time at the loop's zero, for their
+Date headers. How nginx's ways of closing map onto asyncio's transports is told in
+:mod:`veil.cover.http1`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar, cast
+
+from veil.cover.http1 import CloseAction, CoverConnection, CoverMode
+from veil.cover.http2 import H2CloseAction, H2CoverConnection
+from veil.cover.nginx import (
+    CLIENT_HEADER_TIMEOUT,
+    KEEPALIVE_TIMEOUT,
+    LINGERING_TIME,
+    LINGERING_TIMEOUT,
+)
+from veil.cover.site import CoverSite
+from veil.net.loop_timer import LoopTimer
+
+__all__ = ["CoverProtocol", "H2CoverProtocol"]
+
+
+class _SansIOConnection(Protocol):
+    """What an adapter needs of a cover connection (both protocols give it)."""
+
+    def receive_data(self, data: bytes, now: float) -> None: ...
+    def receive_eof(self, now: float) -> None: ...
+    def handle_timer(self, now: float) -> None: ...
+    def get_timer(self) -> float | None: ...
+
+
+_Conn = TypeVar("_Conn", bound=_SansIOConnection)
+
+
+#: Makes an adapter's connection: (the loop's time now, ``wall_offset``, the transport).
+_Factory = Callable[[float, float, asyncio.BaseTransport], _Conn]
+
+
+class _CoverAdapter(asyncio.Protocol, Generic[_Conn]):
+    """What both adapters share: the transport, the loop's time, the one timer, and reading
+    paused while the peer leaves the answers unread. ``make`` builds the connection when a
+    transport arrives; a subclass writes its output in :meth:`_pump`."""
+
+    def __init__(self, make: _Factory[_Conn]) -> None:
+        self._make = make
+        self._conn: _Conn | None = None
+        self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: LoopTimer | None = None
+
+    def _start(self, transport: asyncio.BaseTransport) -> tuple[_Conn, float]:
+        """Take ``transport`` and make the connection; it and the loop's time now."""
+        # uvloop's transports do not subclass asyncio's classes: duck-type, do not isinstance
+        self._transport = cast(asyncio.Transport, transport)
+        self._loop = loop = asyncio.get_running_loop()
+        self._timer = LoopTimer(loop, self._on_timer)
+        now = loop.time()
+        # the Unix time at the loop's zero: the connection reads no clock, not even for Date
+        self._conn = conn = self._make(now, time.time() - now, transport)
+        return conn, now
+
+    def _pump(self) -> None:
+        raise NotImplementedError
+
+    # asyncio.Protocol
+
+    def data_received(self, data: bytes) -> None:
+        if self._conn is not None and self._loop is not None:
+            self._conn.receive_data(bytes(data), self._loop.time())
+            self._pump()
+
+    def eof_received(self) -> bool:
+        if self._conn is not None and self._loop is not None:
+            self._conn.receive_eof(self._loop.time())
+            self._pump()
+        return False  # the connection has decided to close: let the transport finish it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._transport = None
+
+    def pause_writing(self) -> None:
+        # The peer leaves our answers unread: stop reading its requests (each PING or
+        # pipelined request would only add to the unsent output), so what a stranger can
+        # make the server hold is the socket buffers and one read's worth of answers.
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def _on_timer(self, now: float) -> None:
+        if self._conn is not None:
+            self._conn.handle_timer(now)
+            self._pump()
+
+
+class CoverProtocol(_CoverAdapter[CoverConnection]):
+    """Serves one connection with a :class:`CoverSite` over HTTP/1.1, as nginx would.
+
+    Use it as a protocol factory's product for a listening server, or attach it to a
+    running transport with :meth:`take_over`.
+    """
+
+    def __init__(self, site: CoverSite, *, mode: CoverMode = CoverMode.HTTP,
+                 started_at: float | None = None,
+                 header_timeout: float = CLIENT_HEADER_TIMEOUT,
+                 keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+                 lingering_timeout: float = LINGERING_TIMEOUT,
+                 lingering_time: float = LINGERING_TIME,
+                 plain_on_https_port: bool = False) -> None:
+        """``plain_on_https_port=True`` is shorthand for ``mode=PLAIN_ON_TLS_PORT``."""
+        if plain_on_https_port:
+            mode = CoverMode.PLAIN_ON_TLS_PORT
+        super().__init__(lambda now, wall_offset, transport: CoverConnection(
+            site, now=now, mode=mode, started_at=started_at, header_timeout=header_timeout,
+            keepalive_timeout=keepalive_timeout, lingering_timeout=lingering_timeout,
+            lingering_time=lingering_time,
+            tls=transport.get_extra_info("ssl_object") is not None, wall_offset=wall_offset))
+        self._eof_written = False
+
+    @classmethod
+    def take_over(cls, transport: asyncio.Transport, initial: bytes, site: CoverSite, *,
+                  mode: CoverMode = CoverMode.HTTP, started_at: float | None = None,
+                  header_timeout: float = CLIENT_HEADER_TIMEOUT,
+                  keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+                  lingering_timeout: float = LINGERING_TIMEOUT,
+                  lingering_time: float = LINGERING_TIME) -> CoverProtocol:
+        """Become ``transport``'s protocol and handle ``initial`` as if just received.
+
+        ``started_at`` is the loop time (``loop.time()``) when the connection was accepted:
+        nginx's client_header_timeout counts from there. Must be called in the loop's thread.
+        """
+        proto = cls(site, mode=mode, started_at=started_at, header_timeout=header_timeout,
+                    keepalive_timeout=keepalive_timeout, lingering_timeout=lingering_timeout,
+                    lingering_time=lingering_time)
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        if initial:
+            proto.data_received(initial)
+        return proto
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._start(transport)
+        self._pump()
+
+    def _pump(self) -> None:
+        conn, transport, timer = self._conn, self._transport, self._timer
+        if conn is None or transport is None or timer is None:
+            return
+        out = conn.data_to_send()
+        if out and not transport.is_closing():
+            transport.write(out)
+        action = conn.close_action
+        tls = transport.get_extra_info("ssl_object") is not None
+        if action is CloseAction.LINGER and not self._eof_written:
+            self._eof_written = True
+            if tls:
+                # nginx: close_notify, then shutdown(SHUT_WR), then read on. asyncio's TLS
+                # transport cannot half-close, so send close_notify with close() (it keeps
+                # reading while it waits for the peer's) and shut the socket's write side.
+                transport.close()
+                _shutdown_write(transport)
+            elif transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+        elif action is CloseAction.QUIET and tls:
+            timer.cancel()
+            transport.abort()  # the socket closes (FIN) without a close_notify alert
+        elif action in (CloseAction.CLOSE, CloseAction.RESET, CloseAction.QUIET):
+            timer.cancel()
+            if action is CloseAction.RESET:
+                _set_rst_on_close(transport)
+            transport.close()
+            if tls:
+                # close() only queued close_notify and would wait up to 30 s for the peer's;
+                # nginx closes the socket right after sending it.
+                transport.abort()
+        if action in (CloseAction.CLOSE, CloseAction.RESET, CloseAction.QUIET):
+            return
+        timer.set(conn.get_timer())
+
+
+class H2CoverProtocol(_CoverAdapter[H2CoverConnection]):
+    """Serves one h2 connection with a :class:`CoverSite`; attach with :meth:`take_over`."""
+
+    def __init__(self, site: CoverSite, *, started_at: float | None = None,
+                 header_timeout: float = CLIENT_HEADER_TIMEOUT,
+                 keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+                 lingering_timeout: float = LINGERING_TIMEOUT,
+                 lingering_time: float = LINGERING_TIME, preface_sent: bool = False) -> None:
+        super().__init__(lambda now, wall_offset, transport: H2CoverConnection(
+            site, now=now, started_at=started_at, header_timeout=header_timeout,
+            keepalive_timeout=keepalive_timeout, lingering_timeout=lingering_timeout,
+            lingering_time=lingering_time, preface_sent=preface_sent, wall_offset=wall_offset))
+        self._shut = False
+
+    @classmethod
+    def take_over(cls, transport: asyncio.Transport, initial: bytes, site: CoverSite, *,
+                  started_at: float | None = None,
+                  header_timeout: float = CLIENT_HEADER_TIMEOUT,
+                  keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+                  lingering_timeout: float = LINGERING_TIMEOUT,
+                  lingering_time: float = LINGERING_TIME,
+                  preface_sent: bool = False) -> H2CoverProtocol:
+        """Become ``transport``'s protocol and handle ``initial`` as if just received; the
+        server preface goes out with the answer to ``initial`` (at once if it is empty),
+        unless ``preface_sent``."""
+        proto = cls(site, started_at=started_at, header_timeout=header_timeout,
+                    keepalive_timeout=keepalive_timeout, lingering_timeout=lingering_timeout,
+                    lingering_time=lingering_time, preface_sent=preface_sent)
+        transport.set_protocol(proto)
+        proto._attach(transport, initial)
+        return proto
+
+    def _attach(self, transport: asyncio.BaseTransport, initial: bytes) -> None:
+        conn, now = self._start(transport)
+        if initial:
+            conn.receive_data(initial, now)
+        self._pump()  # the preface goes out with the answer to ``initial``
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._attach(transport, b"")
+
+    def _pump(self) -> None:
+        conn, transport, timer = self._conn, self._transport, self._timer
+        if conn is None or transport is None or timer is None:
+            return
+        for chunk in conn.writes():
+            if not transport.is_closing():
+                transport.write(chunk)
+        action = conn.close_action
+        if action is H2CloseAction.QUIET:
+            timer.cancel()
+            transport.abort()  # FIN, no close_notify (the writes above are on the socket)
+            return
+        if action is H2CloseAction.LINGER and not self._shut:
+            self._shut = True
+            _shutdown_write(transport)  # nginx's HTTP/2 lingering close: no close_notify
+        timer.set(conn.get_timer())
+
+
+# -- the socket under a transport ------------------------------------------------------------
+
+
+def _socket_copy(transport: asyncio.BaseTransport) -> socket.socket | None:
+    """A duplicate of the transport's socket (uvloop's socket wrapper has no shutdown())."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        return socket.socket(fileno=os.dup(sock.fileno()))
+    except (OSError, ValueError):
+        return None
+
+
+def _shutdown_write(transport: asyncio.BaseTransport) -> None:
+    """Send FIN on the socket under a transport, which keeps reading (a TLS transport cannot
+    half-close by itself)."""
+    dup = _socket_copy(transport)
+    if dup is not None:
+        with dup, contextlib.suppress(OSError):
+            dup.shutdown(socket.SHUT_WR)
+
+
+def _set_rst_on_close(transport: asyncio.BaseTransport) -> None:
+    """Make the coming close send RST, as Linux does when unread data is left."""
+    dup = _socket_copy(transport)
+    if dup is not None:
+        with dup, contextlib.suppress(OSError):
+            dup.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
