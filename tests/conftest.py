@@ -55,7 +55,7 @@ def veil_server(module_dir: Path) -> Iterator[procs.VeilServer]:
 @pytest.fixture(scope="module")
 def veil_client(module_dir: Path, veil_server: procs.VeilServer, udp_echo: procs.UdpEcho,
                 tcp_echo: procs.TcpEcho) -> Iterator[procs.VeilClient]:
-    udp_port, tcp_port = procs.free_port(), procs.free_port()
+    udp_port, tcp_port = procs.unused_port(), procs.unused_port()
     client = procs.start_veil_client(
         module_dir, veil_server.key, http=True,
         forwards=[f"127.0.0.1:{udp_port}:127.0.0.1:{udp_echo.port}/udp",
