@@ -414,30 +414,21 @@ def random_probes(count: int, seed: int) -> dict[str, bytes]:
     return out
 
 
-def test_probes_plain_http(servers: Servers) -> None:
-    probes = {**NAMED_PROBES, **random_probes(80, seed=20240601)}
+@pytest.mark.parametrize(("probe", "nginx_side", "cover_side", "count", "seed"), [
+    pytest.param(probe_plain, "nginx_http", "cover_http", 80, 20240601, id="plain_http"),
+    # Through a gate that hands over the first bytes it read.
+    pytest.param(probe_plain, "nginx_http", "cover_gate", 40, 7, id="through_gate_take_over"),
+    pytest.param(probe_tls, "nginx_https", "cover_https", 40, 99, id="tls"),
+])
+def test_probes_answer_as_nginx_does(servers: Servers, probe: Callable[[bytes, int], Outcome],
+                                     nginx_side: str, cover_side: str, count: int,
+                                     seed: int) -> None:
+    """The named probes and ``count`` random ones (from ``seed``), sent to nginx and to the
+    cover on the same kind of port: the same answers, closes and timing."""
+    nginx_port, cover_port = getattr(servers, nginx_side), getattr(servers, cover_side)
+    probes = {**NAMED_PROBES, **random_probes(count, seed=seed)}
     _compare([
-        (name, lambda d=data: probe_plain(d, servers.nginx_http),
-         lambda d=data: probe_plain(d, servers.cover_http))
-        for name, data in probes.items()
-    ])
-
-
-def test_probes_through_gate_take_over(servers: Servers) -> None:
-    """The same probes through a gate that hands over the first bytes it read."""
-    probes = {**NAMED_PROBES, **random_probes(40, seed=7)}
-    _compare([
-        (name, lambda d=data: probe_plain(d, servers.nginx_http),
-         lambda d=data: probe_plain(d, servers.cover_gate))
-        for name, data in probes.items()
-    ])
-
-
-def test_probes_tls(servers: Servers) -> None:
-    probes = {**NAMED_PROBES, **random_probes(40, seed=99)}
-    _compare([
-        (name, lambda d=data: probe_tls(d, servers.nginx_https),
-         lambda d=data: probe_tls(d, servers.cover_https))
+        (name, lambda d=data: probe(d, nginx_port), lambda d=data: probe(d, cover_port))
         for name, data in probes.items()
     ])
 
