@@ -33,14 +33,15 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 def unused_port(kind: int = socket.SOCK_STREAM) -> int:
     """A loopback port nothing was bound to a moment ago, for a program that must be told its
-    port before it starts (nginx, PostgreSQL, a ``--forward`` spec, a ``--admin`` address).
+    port before it starts: nginx, PostgreSQL, openssl s_server and other third-party
+    programs, a ``--forward`` spec (1-65535), a key made before its server runs.
 
     The port is free only when this returns: another process may take it before the program
-    binds it. The kernel hands out ephemeral ports in a rotating order, so that is rare on a
-    test machine, and a program that then fails to bind exits at once: callers that start
-    one retry with a new port (:func:`nginx`) or fail loudly, never hang. Programs that can
-    listen on port 0 and report the port they got (veil serve, veil connect's proxies) do
-    that instead (:func:`bound_port`).
+    binds it. Linux spreads port-0 binds and outgoing connections over the whole ephemeral
+    range, so that is rare on a test machine; and a program that then fails to bind exits at
+    once, so callers retry with a new port (:func:`nginx`) or fail loudly, never hang.
+    Programs that can listen on port 0 and report the port they got (veil serve and its
+    admin panel, veil connect's proxies) do that instead (:func:`bound_port`).
     """
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
@@ -108,7 +109,9 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
 
 
 # A running server reloads users every 0.5 s (server/live.py); a change made with the CLI is in
-# force after this long.
+# force after this long. A sleep, not a wait on the change itself: the server gives no sign
+# that it reloaded (no log line, no status outside the admin panel), and the callers need the
+# change in force before their next step (a revoked key must meet a server that knows it).
 USER_CHANGE_VISIBLE_S = 0.8
 
 
