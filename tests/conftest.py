@@ -9,7 +9,6 @@ import pytest
 
 from tests.support import procs
 
-
 UNIT_TESTS = Path(__file__).parent / "unit"
 # Run from a systemd service, `veil serve` would keep its first key out of stdout (the
 # journal); the servers the tests start read it from there. The test that checks that sets it.
@@ -55,7 +54,9 @@ def veil_server(module_dir: Path) -> Iterator[procs.VeilServer]:
 @pytest.fixture(scope="module")
 def veil_client(module_dir: Path, veil_server: procs.VeilServer, udp_echo: procs.UdpEcho,
                 tcp_echo: procs.TcpEcho) -> Iterator[procs.VeilClient]:
-    udp_port, tcp_port = procs.free_port(), procs.free_port()
+    # --forward takes a port up front (1-65535); taken meanwhile, veil connect exits with
+    # "cannot listen" and start_veil_client fails at once (see procs.unused_port).
+    udp_port, tcp_port = procs.unused_port(), procs.unused_port()
     client = procs.start_veil_client(
         module_dir, veil_server.key, http=True,
         forwards=[f"127.0.0.1:{udp_port}:127.0.0.1:{udp_echo.port}/udp",

@@ -45,7 +45,9 @@ class Harness:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        port = procs.free_port()
+        # Named up front: the state records it as the address keys carry. Taken meanwhile,
+        # VeilServer.start raises at once (see procs.unused_port).
+        port = procs.unused_port()
         self.state: ServerState = init_state(directory / "state",
                                              listen=Address("127.0.0.1", port))[0]
         self.token, digest = new_api_token()

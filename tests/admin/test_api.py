@@ -7,7 +7,6 @@ import logging
 import re
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from tests.admin.conftest import PASSWORD, Client, Harness, bearer
 from tests.admin.openapi import Spec
 from tests.support import procs
 from tests.support.procs import VEIL
+from tests.support.wait import wait_until
 from veil.admin import auth
 from veil.admin.app import admin_ssl_context, start_admin
 from veil.admin.auth import LOGIN_MAX_FAILURES, LOGIN_WINDOW_S
@@ -358,7 +358,9 @@ def test_no_secret_in_logs_or_urls(harness: Harness, caplog: pytest.LogCaptureFi
     new_key = client.get("/api/users/dave").json()["access_key"]
     harness.client().get("/api/users", headers=bearer(harness.token))
     harness.client().get("/api/users", headers=bearer("veil_admin_wrong"))
-    time.sleep(0.1)  # the server thread's last records
+    # The server thread logs the last request's record last: once it is in, all are.
+    wait_until(lambda: any("bad API token" in r.getMessage() for r in caplog.records), 5,
+               "the server thread's last log record")
     secrets = [PASSWORD, harness.token, key, new_key, client.cookies["veil_admin"], csrf,
                key.split("://", 1)[1].split("@", 1)[0]]
     logged = "\n".join(r.getMessage() for r in caplog.records)
@@ -378,10 +380,10 @@ def veil_admin(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
 
 def status_becomes(h: Harness, token: str, status: int, timeout: float = 10.0) -> None:
     """Poll /api/health with ``token`` until it answers ``status`` (the settings cache)."""
-    deadline = time.monotonic() + timeout
-    while (got := h.client().get("/api/health", headers=bearer(token)).status) != status:
-        assert time.monotonic() < deadline, f"still {got}, not {status}, after {timeout} s"
-        time.sleep(0.05)
+    def answer() -> int:
+        return h.client().get("/api/health", headers=bearer(token)).status
+
+    wait_until(lambda: answer() == status, timeout, lambda: f"{status}, still {answer()}")
 
 
 def test_veil_admin_passwd_and_token_change_a_running_panel(tmp_path: Path) -> None:
@@ -398,10 +400,8 @@ def test_veil_admin_passwd_and_token_change_a_running_panel(tmp_path: Path) -> N
         assert done.returncode == 0, done.stderr
         assert done.stdout == "" and new_password not in done.stderr
         # The session opened under the old password ends (the panel rereads within 1 s).
-        deadline = time.monotonic() + 5
-        while client.get("/users").status == 200:
-            assert time.monotonic() < deadline, "the old session survived a password change"
-            time.sleep(0.1)
+        wait_until(lambda: client.get("/users").status != 200, 5,
+                   "the old session to end after a password change", poll=0.1)
         assert h.client().login(PASSWORD).status == 401
         assert h.client().login(new_password).status == 303
 
@@ -420,10 +420,9 @@ def test_veil_admin_passwd_and_token_change_a_running_panel(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_veil_serve_admin_serves_the_panel_next_to_the_server(tmp_path: Path) -> None:
-    admin_port = procs.free_port()
-    server = procs.start_veil_server(tmp_path, "--admin", f"127.0.0.1:{admin_port}")
+    server = procs.start_veil_server(tmp_path, "--admin", "127.0.0.1:0")
     try:
-        procs.wait_port(admin_port, proc=server.proc)
+        admin_port = procs.bound_port(server.log, "admin panel on", server.proc)
         client = Client(admin_port)
         assert client.get("/login").status == 200
         assert client.get("/api/health").status == 401

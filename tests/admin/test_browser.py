@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.admin.conftest import PASSWORD, Harness
 from tests.support import procs
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -44,13 +44,6 @@ def browser() -> Iterator[Browser]:
 def shot(page: Page, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_add_user_see_qr_connect_revoke_and_watch_the_session_vanish(
@@ -83,8 +76,9 @@ def test_add_user_see_qr_connect_revoke_and_watch_the_session_vanish(
 
     # A real client with the key shown on the page; the server picks the user up within a
     # refresh interval.
-    wait_until(lambda: "erin" in harness.server.live.directory.by_name)
-    port = procs.free_port()
+    wait_until(lambda: "erin" in harness.server.live.directory.by_name, 10,
+               "the server to load erin")
+    port = procs.unused_port()
     client = procs.start_veil_client(module_dir, key, socks=False,
                                      forwards=[f"{port}:127.0.0.1:{tcp_echo.port}"])
     tunnelled: socket.socket | None = None
@@ -101,9 +95,14 @@ def test_add_user_see_qr_connect_revoke_and_watch_the_session_vanish(
         expect(row).to_contain_text("veil")
         shot(page, "4-sessions")
 
-        wait_until(lambda: "erin" in harness.server.live.user_bytes)
-        time.sleep(0.6)  # one refresh: the usage is in the store, so on the chart
-        page.goto(f"{base}/traffic")
+        wait_until(lambda: "erin" in harness.server.live.user_bytes, 10,
+                   "erin's bytes in the live counters")
+
+        def charted() -> bool:  # the next refresh writes the usage to the store, so the chart
+            page.goto(f"{base}/traffic")
+            return page.locator("svg.chart polyline").count() == 1
+
+        wait_until(charted, 10, "erin's usage on the traffic chart", poll=0.1)
         expect(page.locator("svg.chart polyline")).to_have_count(1)
         expect(page.locator("#traffic")).to_contain_text("erin")
         shot(page, "5-traffic")
@@ -121,12 +120,15 @@ def test_add_user_see_qr_connect_revoke_and_watch_the_session_vanish(
         expect(page.locator("#access-key")).to_have_count(0)  # a dead key is not shown
         shot(page, "7-user-revoked")
 
-        started = time.monotonic()
         page.goto(f"{base}/sessions")
-        while page.locator("#sessions tr[data-user=erin]").count():
-            assert time.monotonic() - started < VANISH_WITHIN_S, "the session outlived revoke"
-            time.sleep(0.2)
+
+        def vanished() -> bool:
+            if not page.locator("#sessions tr[data-user=erin]").count():
+                return True
             page.reload()
+            return False
+
+        wait_until(vanished, VANISH_WITHIN_S, "the session to end after revoke", poll=0.2)
         expect(page.locator("#sessions")).to_contain_text("Nobody is connected")
         shot(page, "8-sessions-after-revoke")
         # And the tunnelled connection is really gone.

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.admin.conftest import Client, Harness, bearer, plain_http_probe
 from tests.admin.openapi import Spec
 from tests.support import procs
+from tests.support.wait import wait_until
 from veil.admin.app import make_admin_app
 from veil.admin.metrics import certificate_not_after
 from veil.manage.state import init_state
@@ -39,13 +38,6 @@ def scrape(client: Client, headers: dict[str, str] | None = None) -> Samples:
 def total(samples: Samples, name: str, **labels: str) -> float:
     """The sum of the samples called ``name`` whose labels include ``labels``."""
     return sum(v for n, lab, v in samples if n == name and labels.items() <= lab.items())
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def test_metric_names_follow_prometheus_conventions(harness: Harness) -> None:
@@ -73,7 +65,8 @@ def test_metric_names_follow_prometheus_conventions(harness: Harness) -> None:
     assert total(samples, "veil_certificate_expiry_timestamp_seconds") == pytest.approx(
         certificate_not_after(harness.state.cert_path))
     # Users come from the server's snapshot of the store, refreshed twice a second.
-    wait_for(lambda: total(scrape(harness.client()), "veil_users", status="active") >= 1)
+    wait_until(lambda: total(scrape(harness.client()), "veil_users", status="active") >= 1,
+               10, "an active user in veil_users", poll=0.1)
 
 
 def _version() -> str:
@@ -88,7 +81,7 @@ def test_a_tunnel_counts_bytes_per_user_and_sessions(harness: Harness, module_di
     admin = harness.client()
     before = scrape(admin)
     assert total(before, "veil_sessions_active") == 0
-    port = procs.free_port()
+    port = procs.unused_port()
     client = procs.start_veil_client(module_dir, harness.first_key, socks=False,
                                      forwards=[f"{port}:127.0.0.1:{tcp_echo.port}"])
     try:
@@ -106,7 +99,7 @@ def test_a_tunnel_counts_bytes_per_user_and_sessions(harness: Harness, module_di
                         and total(s, "veil_user_bytes_total", user="alice", direction="down")
                         >= len(payload))
 
-            wait_for(counted)
+            wait_until(counted, 10, "alice's bytes in both directions", poll=0.1)
             during = scrape(admin)
             assert total(during, "veil_sessions_active") == 1
             assert total(during, "veil_sessions_active", way_in="veil") == 1
@@ -120,7 +113,8 @@ def test_a_tunnel_counts_bytes_per_user_and_sessions(harness: Harness, module_di
             assert session["streams"] >= 1
     finally:
         procs.stop(client.proc)
-    wait_for(lambda: total(scrape(admin), "veil_sessions_active") == 0)
+    wait_until(lambda: total(scrape(admin), "veil_sessions_active") == 0, 10,
+               "no active session", poll=0.1)
     # Counted bytes survive the session: counters never go down.
     after = scrape(admin)
     assert total(after, "veil_user_bytes_total", user="alice") >= 2 * len(payload)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import procs
+from tests.support.wait import wait_until_async
 from tests.unit.tls13_support import MiniServer, ServerConfig, parse_client_hello
 from veil.errors import AuthError
 from veil.transport.browser_tls import open_browser_tls_connection
@@ -53,10 +54,9 @@ class Collector(asyncio.Protocol):
 
     async def wait_for(self, predicate: Callable[[bytes], bool], timeout: float = TIMEOUT,
                        ) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate(bytes(self.data)):
-            assert time.monotonic() < deadline, f"timed out; got {bytes(self.data[:200])!r}"
-            await asyncio.sleep(0.01)
+        await wait_until_async(lambda: predicate(bytes(self.data)), timeout,
+                               lambda: f"the expected bytes; got {bytes(self.data[:200])!r}",
+                               poll=0.01)
 
 
 async def connect(port: int, host: str | None = None,
@@ -147,7 +147,9 @@ def s_server(tmp_path: Path, *args: str) -> subprocess.Popen[bytes]:  # type: ig
     if OPENSSL is None:
         pytest.skip("openssl is not installed (.ci/run installs it)")
     cert, key = procs.make_cert(tmp_path)
-    port = procs.free_port()
+    # s_server takes its port up front (see procs.unused_port); taken meanwhile, it exits
+    # and wait_port fails at once.
+    port = procs.unused_port()
     proc = subprocess.Popen([OPENSSL, "s_server", "-accept", f"127.0.0.1:{port}", "-cert",
                              str(cert), "-key", str(key), "-tls1_3", "-quiet", *args],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -199,6 +201,8 @@ def test_s_server_key_update_both_ways(tmp_path: Path) -> None:
             # "K": a KeyUpdate that asks us to update too; then a line under the new keys.
             stdin.write(b"K\n")
             stdin.flush()
+            # Pacing a third-party program's input, not a wait for an event: s_server takes
+            # "K" as a command only when it comes alone in one read of its stdin.
             await asyncio.sleep(0.3)
             stdin.write(b"from server\n")
             stdin.flush()

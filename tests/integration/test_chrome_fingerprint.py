@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import procs
+from tests.support.wait import wait_until
 from tests.unit.tls13_support import ParsedHello, ja4, parse_client_hello
 from veil.transport.browser_tls import open_browser_tls_connection
 from veil.transport.tls import TlsHandshakeError
@@ -61,7 +62,6 @@ class Recorder:
         self.upstream = upstream
         self.streams: list[bytearray] = []
         self.done: list[bytearray] = []  # streams with a whole hello (or ended), in order
-        self.first = threading.Event()
         self._threads: list[threading.Thread] = []
         self._conns: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -88,7 +88,6 @@ class Recorder:
                         break
                     record += data
             self.done.append(record)
-            self.first.set()
             with contextlib.suppress(OSError):
                 conn.close()
             return
@@ -111,10 +110,8 @@ class Recorder:
                 if len(record) > 4096 and not marked:
                     marked = True
                     self.done.append(record)
-                    self.first.set()
         if not marked:
             self.done.append(record)
-        self.first.set()
 
     def wait(self, timeout: float = CAPTURE_TIMEOUT, hellos: int = 1) -> bytes:
         """The first connection's bytes that carried something (browsers also open
@@ -122,19 +119,17 @@ class Recorder:
         HelloRetryRequest): the first connection that has sent two whole ClientHellos,
         waited for by content, not by time or by the connection's end (a loaded CI machine
         can take seconds, and a browser may keep the connection open)."""
-        deadline = time.monotonic() + timeout
         if hellos > 1:
-            while not (ready := [s for s in list(self.streams) if _client_hellos(s) >= hellos]):
-                assert time.monotonic() < deadline, f"no connection sent {hellos} ClientHellos"
-                time.sleep(0.02)
+            ready = wait_until(
+                lambda: [s for s in list(self.streams) if _client_hellos(s) >= hellos],
+                timeout, f"a connection that sent {hellos} ClientHellos", poll=0.02)
             return bytes(ready[0])
-        while not (done := [s for s in self.done if s]):
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, "no connection with data was recorded"
-            self.first.wait(remaining)
-            self.first.clear()  # the list is checked again before waiting
+        done = wait_until(lambda: [s for s in self.done if s], timeout,
+                          "a connection with data", poll=0.02)
         if self.upstream is not None:
-            time.sleep(0.5)  # the rest of the flight
+            # The rest of the flight (records after the upstream's answer) has no end marker
+            # to wait for: the recording keeps growing for this long.
+            time.sleep(0.5)
         return bytes(done[0])
 
     def close(self) -> None:
@@ -211,7 +206,7 @@ def capture_veil(rec: Recorder, host: str, hellos: int = 1) -> bytes:
             transport = await open_browser_tls_connection(
                 "127.0.0.1", rec.port, asyncio.Protocol, server_hostname=host,
                 handshake_timeout=CAPTURE_TIMEOUT)  # generous: CI's two cores are busy
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # the scenario: a client that stays a moment, then goes
             transport.close()
 
     asyncio.run(main())
@@ -339,8 +334,9 @@ def test_hello_retry_matches_chromium(tmp_path: Path) -> None:
     cert, key = procs.make_cert(tmp_path)
     flights = {}
     for who, capture in (("chromium", capture_chromium), ("veil", capture_veil)):
-        # A fresh server each time: s_server serves one connection at a time.
-        port = procs.free_port()
+        # A fresh server each time: s_server serves one connection at a time. Its port is
+        # named up front (see procs.unused_port); taken meanwhile, wait_port fails at once.
+        port = procs.unused_port()
         server = subprocess.Popen([openssl, "s_server", "-accept", f"127.0.0.1:{port}",
                                    "-cert", str(cert), "-key", str(key), "-groups", "P-256",
                                    "-www", "-quiet"], stdin=subprocess.DEVNULL,

@@ -370,6 +370,8 @@ def _poke(s: socket.socket) -> str:
     """After the server's FIN: does sending draw RST (closed) or not (lingering)?"""
     s.setblocking(True)
     try:
+        # The probe itself: a closed peer answers the first send with RST, which the next
+        # send reports; the pause lets that answer cross loopback (there is no event for it).
         s.send(b"x")
         time.sleep(0.05)
         s.send(b"y")

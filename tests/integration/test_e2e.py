@@ -14,6 +14,7 @@ import pytest
 
 from tests.support import procs
 from tests.support.procs import Nginx, TcpEcho, VeilClient, VeilServer
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -153,6 +154,8 @@ def test_a_slow_reader_does_not_stall_a_fast_one(veil_client: VeilClient, nginx:
         slow.recv(10)
         for _ in range(4):  # ask for 32 MB and never read it
             slow.sendall(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        # Part of the scenario, not a wait for an event: give nginx time to fill the slow
+        # stream's window, so the fast transfers below run next to a stream that is stuck.
         time.sleep(0.5)
         started = time.monotonic()
         for _ in range(3):
@@ -170,15 +173,13 @@ def test_wrong_key_relays_nothing(module_dir, veil_server: VeilServer) -> None:
     echo = TcpEcho()
     good = AccessKey.parse(veil_server.key)
     forged = AccessKey(good.server, os.urandom(32), good.pin, good.sni, "mallory").to_uri()
-    port = procs.free_port()
+    port = procs.unused_port()
     client = procs.start_veil_client(module_dir, forged, socks=False,
                                      forwards=[f"{port}:127.0.0.1:{echo.port}"], wait=False)
     try:
         procs.wait_port(port, proc=client.proc)
-        deadline = time.monotonic() + 10
-        while "refused the key" not in client.log_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "refused the key" in client.log_text()
+        wait_until(lambda: "refused the key" in client.log_text(), 10,
+                   lambda: f"the server to refuse the key: {client.log_text()}")
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.settimeout(3)
             try:
@@ -196,7 +197,7 @@ def test_wrong_key_relays_nothing(module_dir, veil_server: VeilServer) -> None:
 def test_revoked_user_gets_the_cover_site(module_dir, veil_server: VeilServer) -> None:
     echo = TcpEcho()
     key = veil_server.add_user("leaver")
-    port = procs.free_port()
+    port = procs.unused_port()
     client = procs.start_veil_client(module_dir, key, socks=False,
                                      forwards=[f"{port}:127.0.0.1:{echo.port}"])
     try:
@@ -207,10 +208,8 @@ def test_revoked_user_gets_the_cover_site(module_dir, veil_server: VeilServer) -
         client = procs.start_veil_client(module_dir, key, socks=False,
                                          forwards=[f"{port}:127.0.0.1:{echo.port}"], wait=False)
         procs.wait_port(port, proc=client.proc)
-        deadline = time.monotonic() + 10
-        while "refused the key" not in client.log_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "refused the key" in client.log_text()
+        wait_until(lambda: "refused the key" in client.log_text(), 10,
+                   lambda: f"the server to refuse the key: {client.log_text()}")
         try:
             got = echo_roundtrip(port, b"after")
         except OSError:
@@ -238,22 +237,25 @@ def test_forward_keeps_data_and_eof_sent_before_the_tunnel_is_up(tmp_path,
                                                                  tcp_echo: TcpEcho) -> None:
     """`printf x | nc` while the server is still down: bytes and FIN arrive long before the
     session exists; once the server is up they are delivered and the answer comes back."""
-    server_port = procs.free_port()
+    server_port = procs.unused_port()
     state = tmp_path / "state"  # where start_veil_server will find it
     key = subprocess.run([*procs.VEIL, "user", "add", "early", "--state", str(state),
                           "--public", f"127.0.0.1:{server_port}"], capture_output=True,
                          text=True, check=True, timeout=30).stdout.strip()
-    port = procs.free_port()
+    port = procs.unused_port()
     client = procs.start_veil_client(tmp_path, key, socks=False,
                                      forwards=[f"{port}:127.0.0.1:{tcp_echo.port}"], wait=False)
     server = None
     try:
         procs.wait_port(port, proc=client.proc)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            answer = pool.submit(echo_roundtrip, port, b"early bird")
-            time.sleep(1.0)  # the bytes and the FIN are in; the server is not up yet
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"early bird")
+            s.shutdown(socket.SHUT_WR)  # the bytes and the FIN are in; the server is not up yet
             server = procs.start_veil_server(tmp_path, port=server_port)
-            assert answer.result(timeout=30) == b"early bird"
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        assert b"".join(chunks) == b"early bird"
     finally:
         procs.stop(client.proc)
         if server is not None:

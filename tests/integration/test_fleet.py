@@ -16,6 +16,7 @@ import pytest
 from tests.support import procs
 from tests.support.postgres import PostgresServer, postgres_server
 from tests.support.procs import VEIL, TcpEcho, VeilServer
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -62,17 +63,22 @@ def test_two_servers_share_users_and_usage(tmp_path: Path, pg: PostgresServer) -
         key_b = veil_user(second.state, "show", "alice").stdout.strip()  # ...seen by b
         key_a = veil_user(first.state, "show", "alice").stdout.strip()
         assert f":{second.port}" in key_b and f":{first.port}" in key_a
-        time.sleep(1.0)
         sockets = []
         for key, size in ((key_a, 3 * 2**20), (key_b, 5 * 2**20)):
-            port = procs.free_port()
+            # A server that has not seen alice yet refuses her; the client retries within a
+            # second or two, and start_veil_client waits until it is in.
+            port = procs.unused_port()
             clients.append(procs.start_veil_client(tmp_path, key, socks=False,
                                                    forwards=[f"{port}:127.0.0.1:{echo.port}"]))
             sockets.append(send_through(port, size))
-        time.sleep(1.5)  # each server writes its usage every half second
-        rows = {r["name"]: r for r in json.loads(veil_user(first.state, "list",
-                                                           "--json").stdout)}
-        used = rows["alice"]
+
+        def alice() -> dict[str, int]:
+            rows = json.loads(veil_user(first.state, "list", "--json").stdout)
+            return next(r for r in rows if r["name"] == "alice")
+
+        # Each server writes its usage every half second.
+        used = wait_until(lambda: (row := alice())["down_bytes"] >= 8 * 2**20 and row, 10,
+                          lambda: f"alice's usage from both servers: {alice()}", poll=0.25)
         # Each byte went up and came back down, through one server or the other.
         assert used["up_bytes"] >= 8 * 2**20 and used["down_bytes"] >= 8 * 2**20
         assert used["up_bytes"] < 8 * 2**20 * 1.05
@@ -109,7 +115,7 @@ def test_a_server_with_another_store_key_refuses_to_start(tmp_path: Path,
     procs.stop(first.proc)
     second = subprocess.run(
         [*VEIL, "serve", "--state", str(tmp_path / "b"), "--listen",
-         f"127.0.0.1:{procs.free_port()}", "--db", url],
+         "127.0.0.1:0", "--db", url],
         capture_output=True, text=True, timeout=30)
     assert second.returncode == 1
     assert "store key" in second.stderr and len(second.stderr.strip().splitlines()) == 1

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.support.wait import wait_until
 from veil.client.forward import TcpForward, UdpForward
 from veil.client.http_proxy import HttpProxyInbound
 from veil.client.socks5 import Socks5Inbound
@@ -456,16 +457,19 @@ def test_socks5_udp_associate(h: Harness) -> None:
 
         # Closing the control connection ends the association.
         ctl.close()
-        deadline = time.monotonic() + TIMEOUT
         udp.settimeout(0.2)
-        while time.monotonic() < deadline:
+
+        def not_relayed() -> bool:
             udp.sendto(b"\x00\x00\x00" + target.encode() + b"late", (relay.host, relay.port))
             try:
                 udp.recvfrom(65535)
             except (TimeoutError, ConnectionRefusedError):
-                break
-        else:
-            pytest.fail("association still relaying after the control connection closed")
+                return True
+            return False
+
+        # The receive timeout paces the polls.
+        wait_until(not_relayed, TIMEOUT, "the association to stop relaying after the control "
+                   "connection closed", poll=0)
 
 
 def test_socks5_udp_to_a_name(h: Harness) -> None:
@@ -672,9 +676,7 @@ def test_udp_forward_idle_flows_expire(h: Harness) -> None:
         sock.sendto(b"hi", (LOCALHOST, forward.address.port))
         assert sock.recvfrom(65535)[0] == b"echo:hi"
         assert h.call(lambda: forward.flow_count) == 1
-        deadline = time.monotonic() + TIMEOUT
-        while h.call(lambda: forward.flow_count) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert h.call(lambda: forward.flow_count) == 0
+        wait_until(lambda: h.call(lambda: forward.flow_count) == 0, TIMEOUT,
+                   lambda: f"the idle flow to expire ({h.call(lambda: forward.flow_count)} left)")
         sock.sendto(b"back", (LOCALHOST, forward.address.port))  # a new flow opens on demand
         assert sock.recvfrom(65535)[0] == b"echo:back"

@@ -10,7 +10,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from tests.support import procs
 from tests.support.procs import VEIL, TcpEcho
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -59,7 +59,9 @@ def served_certificate_and_alpn(port: int) -> tuple[int, str | None]:
 
 def test_notify_reload_and_stop(tmp_path: Path) -> None:
     notify = NotifySocket(tmp_path)
-    port = procs.free_port()
+    # A port named up front: the first key names it, and READY must report it. Taken
+    # meanwhile, veil exits at once and notify.next() times out: a failure, not a hang.
+    port = procs.unused_port()
     echo = TcpEcho()
     log = tmp_path / "server.log"
     env = {**os.environ, "NOTIFY_SOCKET": str(notify.path)}
@@ -75,7 +77,7 @@ def test_notify_reload_and_stop(tmp_path: Path) -> None:
         socket.create_connection(("127.0.0.1", port)).close()  # ready means listening
         assert server.stdout is not None
         key = server.stdout.readline().decode().strip()
-        forward = procs.free_port()
+        forward = procs.unused_port()
         client = procs.start_veil_client(tmp_path, key, socks=False,
                                          forwards=[f"{forward}:127.0.0.1:{echo.port}"])
         session = socket.create_connection(("127.0.0.1", forward), timeout=5)
@@ -120,10 +122,8 @@ def test_a_failed_reload_keeps_serving(tmp_path: Path) -> None:
         served = served_certificate_and_alpn(server.port)
         (server.state / "key.pem").write_text("not a key")  # never replaced: keys pin it
         server.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while "reload failed" not in server.log.read_text():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: "reload failed" in server.log.read_text(), 10,
+                   lambda: f"'reload failed' in the log: {server.log.read_text()[-2000:]}")
         assert served_certificate_and_alpn(server.port) == served
         assert server.proc.poll() is None
     finally:
@@ -147,7 +147,9 @@ def test_unit_files_pass_systemd_analyze(tmp_path: Path, unit: Path) -> None:
 
 
 def test_under_systemd_the_first_key_stays_out_of_the_journal(tmp_path: Path) -> None:
-    port = procs.free_port()
+    # Without -v, as under systemd, nothing logs the port: it is named up front (taken
+    # meanwhile, veil exits at once and wait_port says so).
+    port = procs.unused_port()
     env = {**os.environ, "INVOCATION_ID": "0123456789abcdef0123456789abcdef"}
     with open(tmp_path / "out", "wb") as stdout, open(tmp_path / "err", "wb") as stderr:
         proc = subprocess.Popen([*VEIL, "serve", "--state", str(tmp_path / "state"),

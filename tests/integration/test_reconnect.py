@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import procs
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ def roundtrip(port: int, payload: bytes) -> bytes:
 def test_streams_fail_cleanly_and_the_client_reconnects(tmp_path: Path) -> None:
     echo = procs.TcpEcho()
     server = procs.start_veil_server(tmp_path)
-    fwd = procs.free_port()
+    fwd = procs.unused_port()
     client = procs.start_veil_client(tmp_path, server.key, socks=False,
                                      forwards=[f"{fwd}:127.0.0.1:{echo.port}"])
     try:
@@ -49,15 +50,15 @@ def test_streams_fail_cleanly_and_the_client_reconnects(tmp_path: Path) -> None:
         assert time.monotonic() - started < 30
 
         server = procs.start_veil_server(tmp_path, port=server.port)
-        deadline = time.monotonic() + 30
-        while True:
+
+        def echoes() -> bool:
             try:
-                if roundtrip(fwd, b"two") == b"two":
-                    break
+                return roundtrip(fwd, b"two") == b"two"
             except OSError:
-                pass
-            assert time.monotonic() < deadline, client.log_text()
-            time.sleep(0.2)
+                return False
+
+        wait_until(echoes, 30, lambda: f"the tunnel back after a restart: {client.log_text()}",
+                   poll=0.2)
         assert "reconnecting" in client.log_text() or "cannot reach" in client.log_text()
     finally:
         procs.stop(client.proc)

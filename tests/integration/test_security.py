@@ -14,6 +14,7 @@ import pytest
 
 from tests.support import procs
 from tests.support.procs import VeilServer
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -66,10 +67,8 @@ def test_a_tls_interceptor_gets_no_credential(tmp_path: Path, veil_server: VeilS
     diverted = AccessKey(Address("127.0.0.1", mitm.port), good.secret, good.pin, "localhost")
     client = procs.start_veil_client(tmp_path, diverted.to_uri(), wait=False)
     try:
-        deadline = time.monotonic() + 10
-        while "pinned key" not in client.log_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "pinned key" in client.log_text()
+        wait_until(lambda: "pinned key" in client.log_text(), 10,
+                   lambda: f"the client to refuse the certificate: {client.log_text()}")
         assert mitm.connections >= 1
         assert mitm.received == b""
         assert good.secret.hex() not in client.log_text()
@@ -137,20 +136,13 @@ def test_private_destinations_are_refused_by_default(tmp_path: Path) -> None:
     """Without --allow-private the server relays nothing to its own loopback: the stream is
     reset at once (no hang), the session survives, and the target sees no connection."""
     echo = procs.TcpEcho()
-    port = procs.free_port()
-    state = tmp_path / "strict"
-    log = tmp_path / "strict-server.log"
-    with open(log, "wb") as err:
-        server = subprocess.Popen([*procs.VEIL, "-v", "serve", "--state", str(state), "--listen",
-                                   f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=err)
+    strict = procs.start_veil_server(tmp_path / "strict", allow_private=False)
+    server, key, log = strict.proc, strict.key, strict.log
     try:
-        procs.wait_port(port, proc=server)
-        assert server.stdout is not None
-        key = server.stdout.readline().decode().strip()
-        fwd = procs.free_port()
+        fwd = procs.unused_port()
         client = procs.start_veil_client(tmp_path, key, socks=False,
                                          forwards=[f"{fwd}:127.0.0.1:{echo.port}",
-                                                   f"{procs.free_port()}:localhost:{echo.port}"])
+                                                   f"{procs.unused_port()}:localhost:{echo.port}"])
         try:
             for _ in range(3):
                 started = time.monotonic()

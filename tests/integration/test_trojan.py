@@ -27,6 +27,7 @@ import pytest
 from tests.conftest import require
 from tests.support import procs
 from tests.support.procs import Nginx, VeilServer
+from tests.support.wait import wait_until
 from veil.protocol.accesskey import spki_pin
 from veil.protocol.address import Address
 from veil.protocol.trojan import Command, TrojanLink, build_request, password_hash
@@ -51,7 +52,7 @@ def program(argv: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[
     try:
         try:
             procs.wait_port(port, proc=proc)
-        except (RuntimeError, TimeoutError) as exc:
+        except (RuntimeError, AssertionError) as exc:
             raise AssertionError(f"{argv[0]} did not start: {log.read_text()}") from exc
         yield proc
     finally:
@@ -150,7 +151,7 @@ def test_a_request_split_after_a_known_hash_waits_for_the_rest(
                             Address("127.0.0.1", tcp_echo.port))
     with trojan_tls(veil_server.port) as tls:
         tls.sendall(request[:61])  # the hash, CRLF, CMD, ATYP and a byte: one record
-        time.sleep(0.3)
+        time.sleep(0.3)  # the scenario: the server reads the first part alone and must wait
         tls.sendall(request[61:] + b"ping")
         assert tls.recv(100) == b"ping"
 
@@ -173,14 +174,9 @@ def test_trojan_udp_through_veil_raw(veil_server: VeilServer, link: TrojanLink,
 
 def test_private_destinations_are_refused_without_allow_private(
         tmp_path: Path, tcp_echo: procs.TcpEcho) -> None:
-    port = procs.free_port()
-    state = tmp_path / "strict"
-    with open(tmp_path / "strict.log", "wb") as err:
-        server = subprocess.Popen([*procs.VEIL, "-v", "serve", "--state", str(state),
-                                   "--listen", f"127.0.0.1:{port}"],
-                                  stdout=subprocess.PIPE, stderr=err)
+    strict = procs.start_veil_server(tmp_path / "strict", allow_private=False)
+    server, port, state = strict.proc, strict.port, strict.state
     try:
-        procs.wait_port(port, proc=server)
         accepted = tcp_echo.accepted
         password = TrojanLink.parse(subprocess.run(
             [*procs.VEIL, "user", "show", "default", "--state", str(state), "--format",
@@ -203,7 +199,7 @@ def test_private_destinations_are_refused_without_allow_private(
 def test_trojan_cpp_client_through_veil(tmp_path: Path, veil_server: VeilServer,
                                         link: TrojanLink, nginx: Nginx) -> None:
     trojan = require("trojan")
-    socks = procs.free_port()
+    socks = procs.unused_port()
     config = {"run_type": "client", "local_addr": "127.0.0.1", "local_port": socks,
               "remote_addr": "127.0.0.1", "remote_port": veil_server.port,
               "password": [link.password], "log_level": 1,
@@ -222,7 +218,7 @@ def test_v2ray_trojan_outbound_through_veil(tmp_path: Path, veil_server: VeilSer
                                             link: TrojanLink, nginx: Nginx,
                                             udp_echo: procs.UdpEcho) -> None:
     v2ray = require("v2ray")
-    socks = procs.free_port()
+    socks = procs.unused_port()
     config = {
         "log": {"loglevel": "warning"},
         "inbounds": [{"listen": "127.0.0.1", "port": socks, "protocol": "socks",
@@ -244,7 +240,7 @@ def test_v2ray_trojan_outbound_through_veil(tmp_path: Path, veil_server: VeilSer
 def test_pproxy_trojan_through_veil(tmp_path: Path, veil_server: VeilServer,
                                     link: TrojanLink, nginx: Nginx) -> None:
     pytest.importorskip("pproxy", reason="pproxy is not installed (pip install pproxy)")
-    socks = procs.free_port()
+    socks = procs.unused_port()
     argv = [sys.executable, str(ROOT / "bench" / "pproxy_launch.py"),
             "-l", f"socks5://127.0.0.1:{socks}",
             "-r", f"trojan+ssl://127.0.0.1:{veil_server.port}#{link.password}"]
@@ -265,7 +261,7 @@ def test_sing_box_runs_the_exported_config_through_veil(
         tmp_path: Path, veil_server: VeilServer, nginx: Nginx,
         udp_echo: procs.UdpEcho) -> None:
     binary = sing_box_binary()
-    socks = procs.free_port()
+    socks = procs.unused_port()
     exported = tmp_path / "exported.json"
     exported.write_text(show(veil_server, "sing-box"))  # as it is: certificate pinned
     inbound = tmp_path / "inbound.json"
@@ -287,7 +283,7 @@ def trojan_server(module_dir: Path, nginx: Nginx) -> Iterator[TrojanLink]:
     directory = module_dir / "trojan-server"
     directory.mkdir()
     cert, key = procs.make_cert(directory, "localhost")
-    port, password = procs.free_port(), base64.b64encode(os.urandom(12)).decode()
+    port, password = procs.unused_port(), base64.b64encode(os.urandom(12)).decode()
     config = {"run_type": "server", "local_addr": "127.0.0.1", "local_port": port,
               "remote_addr": "127.0.0.1", "remote_port": nginx.http_port,
               "password": [password], "log_level": 1,
@@ -305,7 +301,7 @@ def trojan_server(module_dir: Path, nginx: Nginx) -> Iterator[TrojanLink]:
 def test_veil_connect_to_a_trojan_server(tmp_path: Path, trojan_server: TrojanLink,
                                          nginx: Nginx, udp_echo: procs.UdpEcho,
                                          tcp_echo: procs.TcpEcho) -> None:
-    udp, tcp = procs.free_port(), procs.free_port()
+    udp, tcp = procs.unused_port(), procs.unused_port()
     client = procs.start_veil_client(
         tmp_path, trojan_server.to_uri(),
         forwards=[f"{udp}:127.0.0.1:{udp_echo.port}/udp", f"{tcp}:127.0.0.1:{tcp_echo.port}"])
@@ -354,10 +350,8 @@ def test_a_wrong_pin_sends_the_interceptor_nothing(tmp_path: Path,
                       pin=trojan_server.pin)
     client = procs.start_veil_client(tmp_path, link.to_uri(), wait=False)
     try:
-        deadline = time.monotonic() + 5
-        while "did not present the pinned key" not in client.log_text():
-            assert time.monotonic() < deadline, client.log_text()
-            time.sleep(0.05)
+        wait_until(lambda: "did not present the pinned key" in client.log_text(), 5,
+                   lambda: f"the client to refuse the certificate: {client.log_text()}")
         assert proxy.connections >= 1 and proxy.received == b""
         assert client.proc.poll() is None  # it keeps trying, and tells why
     finally:

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.support import procs
+from tests.support.wait import wait_until
 
 NS_PREFIX = "veillab"
 # tcpdump prints "listening on" once its socket is open; a busy CI box can take a second.
@@ -73,11 +74,11 @@ class Netns:
         for pid in out.stdout.split():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
-        for _ in range(50):
-            if subprocess.run(["ip", "netns", "del", self.name],
-                              capture_output=True).returncode == 0:
-                return
-            time.sleep(0.1)
+        # The namespace is busy until the killed processes are gone: retry for 5 s.
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: subprocess.run(["ip", "netns", "del", self.name],
+                                              capture_output=True).returncode == 0,
+                       5, f"namespace {self.name} deleted", poll=0.1)
 
     def argv(self, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
@@ -110,13 +111,9 @@ def capture(path: Path, bpf: str, iface: str = "lo", ns: Netns | None = None
     with open(err_path, "wb") as err:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
     try:
-        deadline = time.monotonic() + CAPTURE_START_TIMEOUT
-        while b"listening on" not in err_path.read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"tcpdump did not start: {err_path.read_text()}")
-            time.sleep(0.02)
+        wait_for(err_path, "listening on", proc, timeout=CAPTURE_START_TIMEOUT)
         yield path
-        time.sleep(CAPTURE_SETTLE)
+        time.sleep(CAPTURE_SETTLE)  # no sign that tcpdump wrote the last packet: see above
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # tcpdump writes what it has and exits
@@ -129,15 +126,20 @@ def capture(path: Path, bpf: str, iface: str = "lo", ns: Netns | None = None
 
 def wait_for(path: Path, text: str, proc: subprocess.Popen[bytes] | None = None,
              timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text(errors="replace"):
-            return
+    """Wait until ``text`` is in the log at ``path``; fail (AssertionError, with the log's
+    tail) after ``timeout`` or as soon as ``proc``, if given, has exited."""
+    def log() -> str:
+        return path.read_text(errors="replace") if path.exists() else "(no log)"
+
+    def found() -> bool:
+        if text in log():
+            return True
         if proc is not None and proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    log = path.read_text(errors="replace") if path.exists() else "(no log)"
-    raise TimeoutError(f"{text!r} not in {path.name} after {timeout}s:\n{log[-3000:]}")
+            raise AssertionError(f"exited with {proc.returncode} before {text!r} was in "
+                                 f"{path.name}:\n{log()[-3000:]}")
+        return False
+
+    wait_until(found, timeout, lambda: f"{text!r} in {path.name}:\n{log()[-3000:]}")
 
 
 # ------------------------------------------------------------------ a small PKI

@@ -8,6 +8,7 @@ Topology (all namespaces made and deleted here; see ``realtraffic.CensoredPath``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.lab import realtraffic as rt
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -38,10 +40,12 @@ def path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[rt.CensoredPath]:
         server = censored.server.start(
             [sys.executable, "-m", "http.server", str(HTTP_PORT), "--bind", rt.SERVER_IP,
              "--directory", str(www)], workdir / "http.log")
-        deadline = time.monotonic() + 10
-        while fetch(censored, f"http://{rt.SERVER_IP}:{HTTP_PORT}/", timeout=2) != PAGE:
-            assert server.poll() is None and time.monotonic() < deadline, "no HTTP server"
-            time.sleep(0.1)
+
+        def serving() -> bool:
+            assert server.poll() is None, "the HTTP server exited"
+            return fetch(censored, f"http://{rt.SERVER_IP}:{HTTP_PORT}/", timeout=2) == PAGE
+
+        wait_until(serving, 10, "the HTTP server in the server namespace", poll=0.1)
         yield censored
 
 
@@ -59,10 +63,11 @@ def events_for(path: rt.CensoredPath, port: int) -> list[dict[str, object]]:
 
 
 def wait_events(path: rt.CensoredPath, port: int, timeout: float = 5.0) -> list[dict[str, object]]:
-    deadline = time.monotonic() + timeout
-    while not (found := events_for(path, port)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return found
+    """The censor's events for ``port`` once there is one, or none after ``timeout``."""
+    with contextlib.suppress(AssertionError):
+        return wait_until(lambda: events_for(path, port), timeout,
+                          f"a censor event on port {port}", poll=0.1)
+    return []
 
 
 def test_plain_http_crosses(path: rt.CensoredPath) -> None:
@@ -74,10 +79,12 @@ def test_shadowsocks_is_blocked(path: rt.CensoredPath) -> None:
     ss_server, ss_local = rt.require("ss-server"), rt.require("ss-local")
     key = ["-k", "lab-test-password", "-m", "chacha20-ietf-poly1305"]
     log = path.workdir
-    path.server.start([ss_server, "-s", rt.SERVER_IP, "-p", "8388", *key], log / "ss-server.log")
-    path.client.start([ss_local, "-s", rt.SERVER_IP, "-p", "8388", "-b", "127.0.0.1",
-                       "-l", "1081", *key], log / "ss-local.log")
-    time.sleep(0.5)
+    server = path.server.start([ss_server, "-s", rt.SERVER_IP, "-p", "8388", *key],
+                               log / "ss-server.log")
+    local = path.client.start([ss_local, "-s", rt.SERVER_IP, "-p", "8388", "-b", "127.0.0.1",
+                               "-l", "1081", *key], log / "ss-local.log")
+    rt.wait_for(log / "ss-server.log", "listening at", server)
+    rt.wait_for(log / "ss-local.log", "listening at", local)
     url = f"http://{rt.SERVER_IP}:{HTTP_PORT}/"
     assert fetch(path, url, "--socks5-hostname", "127.0.0.1:1081") is None
     (event,) = wait_events(path, 8388)
@@ -98,7 +105,7 @@ def test_openvpn_is_blocked(path: rt.CensoredPath) -> None:
     path.client.start([openvpn, *common, "--tls-client", "--cert", str(pki["client"]), "--key",
                        str(pki["client_key"]), "--remote", rt.SERVER_IP, "1194", "--nobind"],
                       path.workdir / "ovpn-client.log")
-    with pytest.raises(TimeoutError):
+    with pytest.raises(AssertionError):  # never within BLOCKED_WAIT
         rt.wait_for(path.workdir / "ovpn-client.log", "Initialization Sequence Completed",
                     timeout=BLOCKED_WAIT)
     events = wait_events(path, 1194)
@@ -135,7 +142,7 @@ def test_wireguard_is_blocked(path: rt.CensoredPath) -> None:
                      "[s.sendto(b'x', ('10.77.0.2', 9)) for _ in range(3)]"])
     events = wait_events(path, 51820)
     assert events and events[0]["detector"] == "protocol-signatures"
-    time.sleep(1.0)
+    time.sleep(1.0)  # an absence is checked: time for a handshake that must not complete
     handshakes = path.server.run([wg, "show", names["server"], "latest-handshakes"]).stdout.split()
     assert handshakes[-1] == b"0", "the WireGuard handshake completed through the censor"
 

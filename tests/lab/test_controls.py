@@ -106,7 +106,7 @@ def test_wireguard_go_is_caught(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ shadowsocks
 def test_shadowsocks_libev_is_caught(tmp_path: Path, nginx: procs.Nginx) -> None:
     ss_server, ss_local = rt.require("ss-server"), rt.require("ss-local")
-    port, socks = procs.free_port(), procs.free_port()
+    port, socks = procs.unused_port(), procs.unused_port()
     key = ["-k", "lab-test-password", "-m", "chacha20-ietf-poly1305"]
     pcap = tmp_path / "shadowsocks.pcap"
     server = rt.start([ss_server, "-s", "127.0.0.1", "-p", str(port), *key],
@@ -135,7 +135,7 @@ def test_shadowsocks_libev_is_caught(tmp_path: Path, nginx: procs.Nginx) -> None
 def test_trojan_carrying_https_is_caught(tmp_path: Path, nginx: procs.Nginx) -> None:
     trojan = rt.require("trojan")
     pki = rt.write_pki(tmp_path)
-    port, socks = procs.free_port(), procs.free_port()
+    port, socks = procs.unused_port(), procs.unused_port()
     server_conf = {"run_type": "server", "local_addr": "127.0.0.1", "local_port": port,
                    "remote_addr": "127.0.0.1", "remote_port": nginx.http_port,
                    "password": ["lab-test-password"], "log_level": 1,

@@ -29,6 +29,7 @@ import pytest
 
 from tests.netns.topology import NGINX_CONF, VEIL, Proc, Topology, run
 from tests.support.impair import BridgeProcess, one_segment_per_frame
+from tests.support.wait import POLL_S, Describe, wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -175,24 +176,18 @@ class FaultLab(Topology):
 
     def wait_tunnel(self, timeout: float = 30.0) -> float:
         """Fetch a small page through the tunnel until it works; return how long it took."""
-        started = time.monotonic()
-        while self.fetch("index.html", max_time=5.0) != 0:
-            if time.monotonic() - started > timeout:
-                assert self.client is not None
-                raise TimeoutError(f"no stream works after {timeout} s: "
-                                   f"{self.client.text()[-3000:]}")
-            time.sleep(0.2)
-        return time.monotonic() - started
+        assert self.client is not None
+        client = self.client
+        return wait_for(lambda: self.fetch("index.html", max_time=5.0) == 0, timeout,
+                        lambda: f"a stream through the tunnel: {client.text()[-3000:]}",
+                        poll=0.2)
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str,
-             poll: float = 0.05) -> float:
-    """Poll ``predicate`` until it is true; return the time it took, fail after ``timeout``."""
+def wait_for(predicate: Callable[[], object], timeout: float, what: Describe,
+             poll: float = POLL_S) -> float:
+    """:func:`wait_until`, returning how long the wait took (what these tests measure)."""
     started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(poll)
+    wait_until(predicate, timeout, what, poll=poll)
     return time.monotonic() - started
 
 
@@ -256,7 +251,8 @@ def test_dead_path_is_detected_by_keepalive_and_the_client_reconnects(
     # Not declared dead by anything else: the PING went out a keepalive interval after the
     # last bytes, and the timeout ran out.
     assert detect >= KEEPALIVE_INTERVAL_S + KEEPALIVE_TIMEOUT_S - DETECT_SLACK_S, detect
-    time.sleep(1.0)  # the first reconnect attempt runs into the blackhole
+    # An absence is checked: the first reconnect attempt runs into the blackhole.
+    time.sleep(1.0)
     assert lab.connections() == connections
     path.blackhole(False)
     restored = time.monotonic()
@@ -286,10 +282,13 @@ def test_server_killed_mid_transfer_restarts_with_usage_intact(
         return out.stat().st_size if out.exists() else 0
 
     started = time.monotonic()
-    while received() < 4 * 1024 * 1024 or time.monotonic() - started < 1.5:
-        assert curl.alive() and time.monotonic() - started < 20, curl.text()
+
+    def sampled_far_enough() -> bool:
+        assert curl.alive(), curl.text()
         samples.append((time.monotonic(), received()))
-        time.sleep(0.05)
+        return received() >= 4 * 1024 * 1024 and time.monotonic() - started >= 1.5
+
+    wait_until(sampled_far_enough, 20, lambda: f"4 MiB through curl: {curl.text()}")
     lab.stop(lab.server, signal.SIGKILL)
     killed = time.monotonic()
     moved = max(size for at, size in samples if at <= killed - USAGE_LOSS_WINDOW_S)

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import dpkt
 
+from tests.support.wait import wait_until
+
 VEIL = [sys.executable, "-m", "veil"]
 SERVER_IP = "10.0.2.2"
 SERVER_PORT = 443
@@ -224,23 +226,19 @@ class Topology:
         return proc.popen.returncode
 
     def wait_tcp(self, role: str, port: int, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            out = self.exec(role, "ss", "-Hltn", f"sport = :{port}", check=False).stdout
-            if out.strip():
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"nothing listens on {role}:{port}")
+        wait_until(lambda: self.exec(role, "ss", "-Hltn", f"sport = :{port}",
+                                     check=False).stdout.strip(),
+                   timeout, f"something listening on {role}:{port}")
 
     def wait_log(self, proc: Proc, text: str, timeout: float = 20.0, start: int = 0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def logged() -> bool:
             if text in proc.text()[start:]:
-                return
+                return True
             if not proc.alive():
                 raise RuntimeError(f"{proc.name} exited: {proc.text()[-3000:]}")
-            time.sleep(0.05)
-        raise TimeoutError(f"{proc.name}: no {text!r} after {timeout} s: {proc.text()[-3000:]}")
+            return False
+
+        wait_until(logged, timeout, lambda: f"{text!r} from {proc.name}: {proc.text()[-3000:]}")
 
     # ------------------------------------------------------------------ veil
     def start_server(self, *extra: str) -> tuple[Proc, str]:
@@ -281,11 +279,7 @@ class Topology:
         proc = self.start(role, f"tcpdump-{iface}", [
             "tcpdump", "-Z", "root", "--immediate-mode", "-i", iface, "-n", "-U", "-s", "200",
             "-w", str(path)])
-        deadline = time.monotonic() + 10
-        while "listening on" not in proc.text():
-            if time.monotonic() > deadline or not proc.alive():
-                raise RuntimeError(f"tcpdump did not start: {proc.text()}")
-            time.sleep(0.05)
+        self.wait_log(proc, "listening on", timeout=10)
         return Capture(self, proc, path)
 
     # ------------------------------------------------------------------ state
@@ -328,7 +322,9 @@ class Capture:
         self.path = path
 
     def packets(self) -> list[Packet]:
-        time.sleep(0.2)  # let the last packets reach the file (-U flushes per packet)
+        # Let the last packets reach the file (-U flushes per packet): nothing tells when
+        # tcpdump has seen the last one.
+        time.sleep(0.2)
         self.topo.stop(self.proc, signal.SIGINT)
         out: list[Packet] = []
         with open(self.path, "rb") as f:

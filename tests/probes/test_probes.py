@@ -328,7 +328,7 @@ def test_a_late_authenticator_still_opens_the_tunnel_after_the_greeting(
         assert tls.selected_alpn_protocol() == "h2"
         binding = tls.get_channel_binding("tls-unique")
         assert binding is not None
-        time.sleep(delay)
+        time.sleep(delay)  # the scenario: a client silent past the gate's 10 ms
         tls.sendall(build_auth(Credential.from_secret(key.secret), binding, time.time()))
         expected = (COVER_H2_GREETING if delay else b"") + bytes([FrameType.PADDING])
         got = b""

@@ -10,7 +10,7 @@ import pytest
 
 from tests.store.conftest import BOX, trojan_hash
 from tests.support.postgres import PostgresServer
-from tests.support.procs import free_port
+from tests.support.procs import unused_port
 from veil.errors import StoreError
 from veil.store import open_store
 from veil.store.base import Usage, UserStore
@@ -88,7 +88,7 @@ def test_a_restarted_server_is_reconnected_to(pg: PostgresServer) -> None:
 
 def test_an_unreachable_server_is_a_store_error_without_the_password(pg: PostgresServer
                                                                      ) -> None:
-    port = free_port()  # nothing listens there
+    port = unused_port()  # nothing listens there
     url = pg.url("users").replace(f":{pg.port}/", f":{port}/")
     with pytest.raises(StoreError) as err:
         open_pg(url)

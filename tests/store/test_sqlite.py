@@ -8,12 +8,12 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.store.conftest import BOX, STORE_KEY, trojan_hash
+from tests.support.wait import wait_until
 from veil.errors import StoreError
 from veil.store.base import SecretBox, Usage, User
 from veil.store.sqlite import SCHEMA_VERSION, SqliteUserStore
@@ -221,9 +221,10 @@ def test_kill_9_while_adding_usage_loses_no_returned_call(tmp_path: Path) -> Non
                               stdout=subprocess.PIPE, env=env)
     try:
         assert writer.stdout is not None
-        deadline = time.monotonic() + 30
-        while int(writer.stdout.readline() or 0) < 300:
-            assert time.monotonic() < deadline, "the writer is too slow or died"
+        stdout = writer.stdout
+        # Each line is a call that returned; readline() blocks until the next one.
+        wait_until(lambda: int(stdout.readline() or 0) >= 300, 30,
+                   "300 returned calls (the writer is too slow or died)", poll=0)
         writer.send_signal(signal.SIGKILL)
         writer.wait(10)
         returned = max([300, *map(int, writer.stdout.read().split())])

@@ -33,7 +33,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.support.procs import free_port
+from tests.support.procs import unused_port
 
 PREFERRED_VERSION = "15"
 SUPERUSER = "veil"
@@ -116,7 +116,7 @@ def postgres_server() -> Iterator[PostgresServer]:
             f"--pwfile={pwfile}", "--auth-host=scram-sha-256", "--auth-local=trust",
             "--encoding=UTF8", "--locale=C", "--no-sync")
         pwfile.unlink()
-        port = free_port()
+        port = unused_port()
         options = (f"-c listen_addresses=127.0.0.1 -p {port} -k {root} "
                    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
         started = True

@@ -7,7 +7,11 @@ the fixtures), never by name.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
+import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -21,11 +25,24 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.wait import wait_until
+
 VEIL = [sys.executable, "-m", "veil"]
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
+def unused_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A loopback port nothing was bound to a moment ago, for a program that must be told its
+    port before it starts: nginx, PostgreSQL, openssl s_server and other third-party
+    programs, a ``--forward`` spec (1-65535), a key made before its server runs.
+
+    The port is free only when this returns: another process may take it before the program
+    binds it. Linux spreads port-0 binds and outgoing connections over the whole ephemeral
+    range, so that is rare on a test machine; and a program that then fails to bind exits at
+    once, so callers retry with a new port (:func:`nginx`) or fail loudly, never hang.
+    Programs that can listen on port 0 and report the port they got (veil serve and its
+    admin panel, veil connect's proxies) do that instead (:func:`bound_port`).
+    """
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -33,14 +50,47 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0,
               proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Wait until something accepts TCP connections on ``host:port`` (and ``proc``, if given,
+    is still running)."""
+    def accepting() -> bool:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+        try:
+            with socket.create_connection((host, port), 0.2):
+                return True
+        except OSError:
+            return False
+
+    wait_until(accepting, timeout, f"something listening on {host}:{port}")
+
+
+def bound_port(log: Path, label: str, proc: subprocess.Popen[bytes],
+               timeout: float = 15.0) -> int:
+    """The port in the first ``<label> HOST:PORT`` line of ``log``: how a program started on
+    port 0 says which port it got (``listening on`` and ``admin panel on`` for veil serve,
+    ``SOCKS5 proxy on`` and ``HTTP proxy on`` for veil connect). Fails if ``proc`` exits
+    first."""
+    pattern = re.compile(re.escape(label) + r" (?:[a-z]+://)?\[?[0-9a-fA-F.:]+?\]?:(\d+)\b")
+
+    def reported() -> int:
+        if found := pattern.search(log.read_text(errors="replace")):
+            return int(found.group(1))
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} before reporting {label!r}: "
+                               f"{log.read_text(errors='replace')[-2000:]}")
+        return 0
+
+    return wait_until(reported, timeout, lambda: f"{label!r} in {log}")
+
+
+def new_log(workdir: Path, stem: str) -> Path:
+    """A log file name not used yet in ``workdir`` (several programs share a directory)."""
+    for n in itertools.count(1):
+        path = workdir / f"{stem}-{n}.log"
+        if not path.exists():
+            path.touch()
+            return path
+    raise AssertionError("unreachable")
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
@@ -59,7 +109,9 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
 
 
 # A running server reloads users every 0.5 s (server/live.py); a change made with the CLI is in
-# force after this long.
+# force after this long. A sleep, not a wait on the change itself: the server gives no sign
+# that it reloaded (no log line, no status outside the admin panel), and the callers need the
+# change in force before their next step (a revoked key must meet a server that knows it).
 USER_CHANGE_VISIBLE_S = 0.8
 
 
@@ -83,25 +135,54 @@ class VeilServer:
         time.sleep(USER_CHANGE_VISIBLE_S)
 
 
-def start_veil_server(workdir: Path, *extra: str, port: int | None = None) -> VeilServer:
-    port = port or free_port()
+def start_veil_server(workdir: Path, *extra: str, port: int | None = None,
+                      allow_private: bool = True) -> VeilServer:
+    """Start ``veil serve`` on loopback: on ``port`` if given (a restart on the port clients
+    know), else on a port the system picks, read back from the server's log.
+    ``allow_private`` lets it relay to loopback, where the tests' echo servers are."""
     workdir.mkdir(parents=True, exist_ok=True)
     state = workdir / "state"
-    log = workdir / f"server-{port}.log"
+    log = new_log(workdir, "server")
     with open(log, "wb") as err:
         proc = subprocess.Popen([*VEIL, "-v", "serve", "--state", str(state), "--listen",
-                                 f"127.0.0.1:{port}", "--allow-private", *extra],
+                                 f"127.0.0.1:{port or 0}",
+                                 *(["--allow-private"] if allow_private else []), *extra],
                                 stdout=subprocess.PIPE, stderr=err)
     assert proc.stdout is not None
     try:
-        wait_port(port, proc=proc)
+        # "listening on" is logged once the socket listens: connections from here on queue.
+        bound = bound_port(log, "listening on", proc)
         # A first run prints the first user's key before it listens; later runs print nothing.
         ready, _, _ = select.select([proc.stdout], [], [], 0.2)
         key = proc.stdout.readline().decode().strip() if ready else ""
+        if port is None:
+            key = _publish_port(state, key, bound)
     except BaseException:
         stop(proc)
         raise
-    return VeilServer(proc, port, state, key, log)
+    return VeilServer(proc, bound, state, key, log)
+
+
+def _publish_port(state: Path, key: str, port: int) -> str:
+    """Keys name the address clients dial, recorded at the first run from ``--listen``: a
+    first run on port 0 recorded port 0. Record the port the server got instead (what an
+    operator does with ``--public``), so that ``veil user add`` hands out working keys, and
+    fix the first key the same way."""
+    from veil.protocol.accesskey import AccessKey
+    from veil.protocol.address import Address
+
+    config_path = state / "config.json"
+    config = json.loads(config_path.read_text())
+    host, _, recorded = config["public"].rpartition(":")
+    if recorded == "0":
+        config["public"] = f"{host}:{port}"
+        config_path.write_text(json.dumps(config, indent=2))
+    if not key.startswith("veil://"):
+        return key
+    parsed = AccessKey.parse(key)
+    if parsed.server.port != 0:
+        return key
+    return dataclasses.replace(parsed, server=Address(parsed.server.host, port)).to_uri()
 
 
 @dataclass
@@ -119,40 +200,41 @@ class VeilClient:
 def start_veil_client(workdir: Path, key: str, *, socks: bool = True, http: bool = False,
                       forwards: list[str] | None = None, extra: tuple[str, ...] = (),
                       wait: bool = True) -> VeilClient:
+    """Start ``veil connect``; its proxies listen on ports the system picks, read back from its
+    log. With ``wait`` (the default), return once it is connected to the server."""
     args = [*VEIL, "-v", "connect", key]
-    socks_port = free_port() if socks else None
-    http_port = free_port() if http else None
-    if socks_port:
-        args += ["--socks", f"127.0.0.1:{socks_port}"]
-    if http_port:
-        args += ["--http", f"127.0.0.1:{http_port}"]
+    if socks:
+        args += ["--socks", "127.0.0.1:0"]
+    if http:
+        args += ["--http", "127.0.0.1:0"]
     for spec in forwards or []:
         args += ["--forward", spec]
-    log = workdir / f"client-{socks_port or http_port or free_port()}.log"
+    log = new_log(workdir, "client")
     with open(log, "wb") as err:
         proc = subprocess.Popen([*args, *extra], stdout=subprocess.DEVNULL, stderr=err)
-    client = VeilClient(proc, socks_port, http_port, log)
-    if wait:
-        try:
-            for port in (socks_port, http_port):
-                if port:
-                    wait_port(port, proc=proc)
+    try:
+        # The proxies are listening when the client names them, connected to the server or not.
+        socks_port = bound_port(log, "SOCKS5 proxy on", proc) if socks else None
+        http_port = bound_port(log, "HTTP proxy on", proc) if http else None
+        client = VeilClient(proc, socks_port, http_port, log)
+        if wait:
             wait_connected(client)
-        except BaseException:
-            stop(proc)
-            raise
+    except BaseException:
+        stop(proc)
+        raise
     return client
 
 
 def wait_connected(client: VeilClient, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Wait until the client's log says it reached the server; fail if it exits first."""
+    def connected() -> bool:
         if "connected to" in client.log_text():
-            return
+            return True
         if client.proc.poll() is not None:
             raise RuntimeError(f"client exited: {client.log_text()}")
-        time.sleep(0.05)
-    raise TimeoutError(f"client did not connect: {client.log_text()}")
+        return False
+
+    wait_until(connected, timeout, lambda: f"the client to connect: {client.log_text()}")
 
 
 # ------------------------------------------------------------------ nginx
@@ -216,6 +298,10 @@ def make_cert(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+# Tries at starting nginx on ports that turn out taken (see unused_port) before giving up.
+NGINX_BIND_ATTEMPTS = 3
+
+
 @contextlib.contextmanager
 def nginx(root: Path | None = None, header_timeout: int = 60, *, http2: bool = False,
           keepalive_timeout: int = 75) -> Iterator[Nginx]:
@@ -230,19 +316,30 @@ def nginx(root: Path | None = None, header_timeout: int = 60, *, http2: bool = F
         (root / "1k.bin").write_bytes(os.urandom(1024))
         (root / "big.bin").write_bytes(os.urandom(8 * 1024 * 1024))
     make_cert(prefix)
-    http_port, https_port = free_port(), free_port()
-    (prefix / "nginx.conf").write_text(NGINX_CONF.format(
-        prefix=prefix, root=root, http_port=http_port, https_port=https_port,
-        header_timeout=header_timeout, keepalive_timeout=keepalive_timeout,
-        http2=" http2" if http2 else ""))
-    proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_port(http_port, proc=proc)
-        wait_port(https_port, proc=proc)
-        yield Nginx(proc, http_port, https_port, root, prefix)
+        # nginx takes its ports from its config: if another process took one between
+        # unused_port() and nginx's bind, nginx exits at once, and a second pair is tried.
+        for attempt in range(NGINX_BIND_ATTEMPTS):
+            http_port, https_port = unused_port(), unused_port()
+            (prefix / "nginx.conf").write_text(NGINX_CONF.format(
+                prefix=prefix, root=root, http_port=http_port, https_port=https_port,
+                header_timeout=header_timeout, keepalive_timeout=keepalive_timeout,
+                http2=" http2" if http2 else ""))
+            proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_port(http_port, proc=proc)
+                wait_port(https_port, proc=proc)
+                break
+            except RuntimeError:
+                stop(proc)
+                if attempt == NGINX_BIND_ATTEMPTS - 1:
+                    raise
+        try:
+            yield Nginx(proc, http_port, https_port, root, prefix)
+        finally:
+            stop(proc)
     finally:
-        stop(proc)
         shutil.rmtree(prefix, ignore_errors=True)
 
 

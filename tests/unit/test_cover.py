@@ -262,7 +262,7 @@ def test_take_over_an_open_transport(site: CoverSite) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /robots.txt HTTP/1.0\r\n")
         await writer.drain()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the scenario: the request's end comes in a later read
         writer.write(b"\r\n")
         data = await asyncio.wait_for(reader.read(), 5)
         writer.close()

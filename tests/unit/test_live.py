@@ -76,7 +76,7 @@ def test_stopping_during_a_usage_write_counts_each_byte_once(tmp_path: Path) -> 
         assert await asyncio.to_thread(store.inside.wait, 10), "no usage write started"
         # The periodic tick is inside its usage write now; stop while it is.
         stopping = asyncio.ensure_future(live.stop())
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # an absence is checked: time enough for stop() to end
         assert not stopping.done(), "stop() did not wait for the tick in flight"
         store.release.set()
         await asyncio.wait_for(stopping, 10)

@@ -40,7 +40,7 @@ async def run_client(options: ClientOptions, stop: asyncio.Event) -> None:
         tunnel = ClientTunnel(options.key, pool_size=options.connections,
                               tls_stack=options.tls_stack,
                               session_config=options.session_config())
-    inbounds: list[Inbound] = []
+    inbounds: list[Socks5Inbound | HttpProxyInbound] = []
     if options.socks is not None:
         inbounds.append(Socks5Inbound(tunnel, options.socks,
                                       credentials=options.socks_credentials))
@@ -62,9 +62,11 @@ async def run_client(options: ClientOptions, stop: asyncio.Event) -> None:
                 raise VeilError(f"cannot listen for --forward {spec}: "
                                 f"{exc.strerror or exc}") from exc
         tunnel.start()
-        for what, address in (("SOCKS5", options.socks), ("HTTP", options.http)):
-            if address is not None:
-                log.warning("%s proxy on %s", what, address)
+        # The address actually bound, not the one asked for: with port 0 the system picks the
+        # port, and this line is how a caller (or a test) learns it.
+        for proxy in inbounds:
+            what = "SOCKS5" if isinstance(proxy, Socks5Inbound) else "HTTP"
+            log.warning("%s proxy on %s", what, proxy.address)
         # A stop (SIGTERM) while the first connection is still being tried ends at once.
         ready = asyncio.ensure_future(tunnel.wait_ready(FIRST_CONNECT_REPORT_S))
         stopping = asyncio.ensure_future(stop.wait())
@@ -77,8 +79,8 @@ async def run_client(options: ClientOptions, stop: asyncio.Event) -> None:
         ready.cancel()
         await stopping
     finally:
-        for inbound in started:
-            await inbound.close()
+        for running in started:
+            await running.close()
         await tunnel.close()
 
 
