@@ -47,7 +47,7 @@ from veil.cover.backends import BuiltinCover, UrlCover  # noqa: E402
 from veil.cover.http2 import CLIENT_PREFACE, SERVER_PREFACE  # noqa: E402
 from veil.cover.site import DEFAULT_MTIME  # noqa: E402
 from veil.server.gate import Authenticator, Gate, VeilWayIn  # noqa: E402
-from veil.server.service import server_ssl_context  # noqa: E402
+from veil.manage.state import server_ssl_context  # noqa: E402
 from veil.server.trojan import TrojanWayIn  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not os.path.exists(procs.NGINX),

@@ -106,7 +106,7 @@ def builtin_veil(module_dir: Path) -> Iterator[procs.VeilServer]:
 @pytest.fixture(scope="module")
 def reference_cover(builtin_veil: procs.VeilServer) -> Iterator[StandaloneCover]:
     from veil.manage.state import load_state
-    from veil.server.service import server_ssl_context
+    from veil.manage.state import server_ssl_context
 
     cover = StandaloneCover(server_ssl_context(load_state(builtin_veil.state)))
     try:
