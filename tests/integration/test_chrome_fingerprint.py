@@ -91,8 +91,20 @@ class Recorder:
             with contextlib.suppress(OSError):
                 conn.close()
             return
+        # Connect upstream only once the client has spoken: s_server serves one connection at
+        # a time, and a connection a browser opens and leaves silent (a preconnect) would hold
+        # it while the connection that does the handshake waits in its backlog.
+        try:
+            first = conn.recv(65536)
+        except OSError:
+            first = b""
+        if not first:
+            self.done.append(record)
+            return
+        record += first
         up = socket.create_connection(("127.0.0.1", self.upstream))
         self._conns.append(up)
+        up.sendall(first)
 
         def downstream() -> None:
             with contextlib.suppress(OSError):
@@ -122,7 +134,9 @@ class Recorder:
         if hellos > 1:
             ready = wait_until(
                 lambda: [s for s in list(self.streams) if _client_hellos(s) >= hellos],
-                timeout, f"a connection that sent {hellos} ClientHellos", poll=0.02)
+                timeout, lambda: f"a connection that sent {hellos} ClientHellos (seen: "
+                f"{[(len(s), _client_hellos(s)) for s in self.streams]} as (bytes, hellos))",
+                poll=0.02)
             return bytes(ready[0])
         done = wait_until(lambda: [s for s in self.done if s], timeout,
                           "a connection with data", poll=0.02)
