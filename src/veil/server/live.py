@@ -292,12 +292,13 @@ class Live:
                 log.warning("user store unavailable, keeping the last snapshot: %s", exc)
                 return
             previous, self.directory = self.directory, self._snapshot(users, usage, now)
+            self._enforce()
             if not previous.same_users(self.directory):
                 # The one sign that a change made elsewhere (``veil user``, the panel, another
-                # server) is in force here. Counts only: names are personal data in a log.
+                # server) is in force here, cuts included. Counts only: names are personal
+                # data in a log.
                 log.debug("user directory: %d users, %d refused",
                           len(self.directory.by_name), len(self.directory.refused))
-            self._enforce()
             self._release_memory()
 
     async def _flush_usage(self, now: float) -> None:
