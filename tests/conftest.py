@@ -54,14 +54,10 @@ def veil_server(module_dir: Path) -> Iterator[procs.VeilServer]:
 @pytest.fixture(scope="module")
 def veil_client(module_dir: Path, veil_server: procs.VeilServer, udp_echo: procs.UdpEcho,
                 tcp_echo: procs.TcpEcho) -> Iterator[procs.VeilClient]:
-    # --forward takes a port up front (1-65535); taken meanwhile, veil connect exits with
-    # "cannot listen" and start_veil_client fails at once (see procs.unused_port).
-    udp_port, tcp_port = procs.unused_port(), procs.unused_port()
-    client = procs.start_veil_client(
-        module_dir, veil_server.key, http=True,
-        forwards=[f"127.0.0.1:{udp_port}:127.0.0.1:{udp_echo.port}/udp",
-                  f"{tcp_port}:127.0.0.1:{tcp_echo.port}"])
-    client.forwards.update(udp=udp_port, tcp=tcp_port)
+    udp = f"127.0.0.1:0:127.0.0.1:{udp_echo.port}/udp"
+    tcp = f"0:127.0.0.1:{tcp_echo.port}"
+    client = procs.start_veil_client(module_dir, veil_server.key, http=True, forwards=[udp, tcp])
+    client.forwards.update(udp=client.forwards[udp], tcp=client.forwards[tcp])
     try:
         yield client
     finally:

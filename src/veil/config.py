@@ -194,7 +194,8 @@ _FORWARD_USAGE = "expected [LHOST:]LPORT:RHOST:RPORT[/udp]"
 def parse_forward_spec(text: str) -> ForwardSpec:
     """Parse ``[LHOST:]LPORT:RHOST:RPORT[/udp|/tcp]``; raise ConfigError (one line) if bad.
 
-    Hosts are IP literals (IPv6 in brackets) or names; ports are 1-65535.
+    Hosts are IP literals (IPv6 in brackets) or names. RPORT is 1-65535; LPORT may also be
+    0, for a port the system picks (the forward logs the address it bound).
     """
     shown = text if len(text) <= 100 else text[:100] + "..."
 
@@ -218,7 +219,7 @@ def parse_forward_spec(text: str) -> ForwardSpec:
         raise bad("wrong number of fields (IPv6 addresses need [brackets])")
     lhost, lport, rhost, rport = parts
     try:
-        listen = Address(_host(lhost, "LHOST"), _port(lport, "LPORT"))
+        listen = Address(_host(lhost, "LHOST"), _port(lport, "LPORT", lowest=0))
         dest = Address(_host(rhost, "RHOST"), _port(rport, "RPORT"))
         dest.encode()  # a name must fit the wire format (<= 255 bytes in IDNA)
     except (ValueError, UnicodeError) as exc:
@@ -266,9 +267,12 @@ def _host(text: str, what: str) -> str:
     return text
 
 
-def _port(text: str, what: str) -> int:
-    if not (text.isascii() and text.isdigit() and len(text) <= 5) or not 0 < int(text) <= 0xFFFF:
-        raise ValueError(f"{what} must be a number from 1 to 65535, got {text!r}")
+def _port(text: str, what: str, *, lowest: int = 1) -> int:
+    """``text`` as a port from ``lowest`` to 65535 (0 only where a socket is bound: nothing
+    can be sent to port 0)."""
+    if (not (text.isascii() and text.isdigit() and len(text) <= 5)
+            or not lowest <= int(text) <= 0xFFFF):
+        raise ValueError(f"{what} must be a number from {lowest} to 65535, got {text!r}")
     return int(text)
 
 

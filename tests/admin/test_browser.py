@@ -78,9 +78,9 @@ def test_add_user_see_qr_connect_revoke_and_watch_the_session_vanish(
     # refresh interval.
     wait_until(lambda: "erin" in harness.server.live.directory.by_name, 10,
                "the server to load erin")
-    port = procs.unused_port()
-    client = procs.start_veil_client(module_dir, key, socks=False,
-                                     forwards=[f"{port}:127.0.0.1:{tcp_echo.port}"])
+    spec = f"0:127.0.0.1:{tcp_echo.port}"
+    client = procs.start_veil_client(module_dir, key, socks=False, forwards=[spec])
+    port = client.forwards[spec]
     tunnelled: socket.socket | None = None
     try:
         tunnelled = socket.create_connection(("127.0.0.1", port), timeout=10)

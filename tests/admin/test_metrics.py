@@ -81,9 +81,9 @@ def test_a_tunnel_counts_bytes_per_user_and_sessions(harness: Harness, module_di
     admin = harness.client()
     before = scrape(admin)
     assert total(before, "veil_sessions_active") == 0
-    port = procs.unused_port()
-    client = procs.start_veil_client(module_dir, harness.first_key, socks=False,
-                                     forwards=[f"{port}:127.0.0.1:{tcp_echo.port}"])
+    spec = f"0:127.0.0.1:{tcp_echo.port}"
+    client = procs.start_veil_client(module_dir, harness.first_key, socks=False, forwards=[spec])
+    port = client.forwards[spec]
     try:
         payload = b"x" * 100_000
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:

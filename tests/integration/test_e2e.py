@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import os
 import socket
 import struct
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -123,6 +125,40 @@ def test_udp_forward(veil_client: VeilClient) -> None:
             assert udp.recvfrom(65536)[0] == payload
 
 
+def sockets_of(pid: int) -> set[int]:
+    """The inodes of the sockets process ``pid`` holds open."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed since the listing
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(int(target[len("socket:["):-1]))
+    return inodes
+
+
+def bound_to(port: int, table: str) -> set[int]:
+    """The inodes of the sockets bound to local ``port`` in /proc/net/``table`` (for TCP,
+    the listening ones)."""
+    inodes = set()
+    for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+        fields = line.split()  # sl local_address rem_address st ... uid timeout inode
+        listening = table == "udp" or fields[3] == "0A"
+        if int(fields[1].rpartition(":")[2], 16) == port and listening:
+            inodes.add(int(fields[9]))
+    return inodes
+
+
+def test_each_forward_logs_the_port_it_bound(veil_client: VeilClient, tcp_echo: TcpEcho,
+                                             udp_echo: procs.UdpEcho) -> None:
+    """Both forwards were given LPORT 0: the port each one logs is a socket the client
+    holds (and the forward tests here reach the echo servers through it)."""
+    log = veil_client.log_text()
+    for kind, dest, table in (("TCP", tcp_echo.port, "tcp"), ("UDP", udp_echo.port, "udp")):
+        port = veil_client.forwards[table]
+        assert f"{kind} forward to 127.0.0.1:{dest} on 127.0.0.1:{port}" in log
+        assert bound_to(port, table) & sockets_of(veil_client.proc.pid), (kind, port)
+
+
 def echo_roundtrip(port: int, payload: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(payload)
@@ -173,11 +209,11 @@ def test_wrong_key_relays_nothing(module_dir, veil_server: VeilServer) -> None:
     echo = TcpEcho()
     good = AccessKey.parse(veil_server.key)
     forged = AccessKey(good.server, os.urandom(32), good.pin, good.sni, "mallory").to_uri()
-    port = procs.unused_port()
-    client = procs.start_veil_client(module_dir, forged, socks=False,
-                                     forwards=[f"{port}:127.0.0.1:{echo.port}"], wait=False)
+    spec = f"0:127.0.0.1:{echo.port}"
+    client = procs.start_veil_client(module_dir, forged, socks=False, forwards=[spec],
+                                     wait=False)
+    port = client.forwards[spec]  # logged once it listens
     try:
-        procs.wait_port(port, proc=client.proc)
         wait_until(lambda: "refused the key" in client.log_text(), 10,
                    lambda: f"the server to refuse the key: {client.log_text()}")
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -197,17 +233,16 @@ def test_wrong_key_relays_nothing(module_dir, veil_server: VeilServer) -> None:
 def test_revoked_user_gets_the_cover_site(module_dir, veil_server: VeilServer) -> None:
     echo = TcpEcho()
     key = veil_server.add_user("leaver")
-    port = procs.unused_port()
-    client = procs.start_veil_client(module_dir, key, socks=False,
-                                     forwards=[f"{port}:127.0.0.1:{echo.port}"])
+    spec = f"0:127.0.0.1:{echo.port}"
+    client = procs.start_veil_client(module_dir, key, socks=False, forwards=[spec])
     try:
-        assert echo_roundtrip(port, b"before") == b"before"
+        assert echo_roundtrip(client.forwards[spec], b"before") == b"before"
         veil_server.revoke("leaver")
         procs.stop(client.proc)
         accepted = echo.accepted
-        client = procs.start_veil_client(module_dir, key, socks=False,
-                                         forwards=[f"{port}:127.0.0.1:{echo.port}"], wait=False)
-        procs.wait_port(port, proc=client.proc)
+        client = procs.start_veil_client(module_dir, key, socks=False, forwards=[spec],
+                                         wait=False)
+        port = client.forwards[spec]  # logged once it listens
         wait_until(lambda: "refused the key" in client.log_text(), 10,
                    lambda: f"the server to refuse the key: {client.log_text()}")
         try:
@@ -242,12 +277,11 @@ def test_forward_keeps_data_and_eof_sent_before_the_tunnel_is_up(tmp_path,
     key = subprocess.run([*procs.VEIL, "user", "add", "early", "--state", str(state),
                           "--public", f"127.0.0.1:{server_port}"], capture_output=True,
                          text=True, check=True, timeout=30).stdout.strip()
-    port = procs.unused_port()
-    client = procs.start_veil_client(tmp_path, key, socks=False,
-                                     forwards=[f"{port}:127.0.0.1:{tcp_echo.port}"], wait=False)
+    spec = f"0:127.0.0.1:{tcp_echo.port}"
+    client = procs.start_veil_client(tmp_path, key, socks=False, forwards=[spec], wait=False)
+    port = client.forwards[spec]  # logged once it listens
     server = None
     try:
-        procs.wait_port(port, proc=client.proc)
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
             s.sendall(b"early bird")
             s.shutdown(socket.SHUT_WR)  # the bytes and the FIN are in; the server is not up yet

@@ -67,10 +67,9 @@ def test_two_servers_share_users_and_usage(tmp_path: Path, pg: PostgresServer) -
         for key, size in ((key_a, 3 * 2**20), (key_b, 5 * 2**20)):
             # A server that has not seen alice yet refuses her; the client retries within a
             # second or two, and start_veil_client waits until it is in.
-            port = procs.unused_port()
-            clients.append(procs.start_veil_client(tmp_path, key, socks=False,
-                                                   forwards=[f"{port}:127.0.0.1:{echo.port}"]))
-            sockets.append(send_through(port, size))
+            spec = f"0:127.0.0.1:{echo.port}"
+            clients.append(procs.start_veil_client(tmp_path, key, socks=False, forwards=[spec]))
+            sockets.append(send_through(clients[-1].forwards[spec], size))
 
         def alice() -> dict[str, int]:
             rows = json.loads(veil_user(first.state, "list", "--json").stdout)

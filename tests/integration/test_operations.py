@@ -77,9 +77,9 @@ def test_notify_reload_and_stop(tmp_path: Path) -> None:
         socket.create_connection(("127.0.0.1", port)).close()  # ready means listening
         assert server.stdout is not None
         key = server.stdout.readline().decode().strip()
-        forward = procs.unused_port()
-        client = procs.start_veil_client(tmp_path, key, socks=False,
-                                         forwards=[f"{forward}:127.0.0.1:{echo.port}"])
+        spec = f"0:127.0.0.1:{echo.port}"
+        client = procs.start_veil_client(tmp_path, key, socks=False, forwards=[spec])
+        forward = client.forwards[spec]
         session = socket.create_connection(("127.0.0.1", forward), timeout=5)
         session.sendall(b"before")
         assert session.recv(16) == b"before"

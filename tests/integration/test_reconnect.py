@@ -28,9 +28,9 @@ def roundtrip(port: int, payload: bytes) -> bytes:
 def test_streams_fail_cleanly_and_the_client_reconnects(tmp_path: Path) -> None:
     echo = procs.TcpEcho()
     server = procs.start_veil_server(tmp_path)
-    fwd = procs.unused_port()
-    client = procs.start_veil_client(tmp_path, server.key, socks=False,
-                                     forwards=[f"{fwd}:127.0.0.1:{echo.port}"])
+    spec = f"0:127.0.0.1:{echo.port}"
+    client = procs.start_veil_client(tmp_path, server.key, socks=False, forwards=[spec])
+    fwd = client.forwards[spec]
     try:
         assert roundtrip(fwd, b"one") == b"one"
         held = socket.create_connection(("127.0.0.1", fwd), timeout=10)

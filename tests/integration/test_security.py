@@ -139,10 +139,10 @@ def test_private_destinations_are_refused_by_default(tmp_path: Path) -> None:
     strict = procs.start_veil_server(tmp_path / "strict", allow_private=False)
     server, key, log = strict.proc, strict.key, strict.log
     try:
-        fwd = procs.unused_port()
+        spec = f"0:127.0.0.1:{echo.port}"
         client = procs.start_veil_client(tmp_path, key, socks=False,
-                                         forwards=[f"{fwd}:127.0.0.1:{echo.port}",
-                                                   f"{procs.unused_port()}:localhost:{echo.port}"])
+                                         forwards=[spec, f"0:localhost:{echo.port}"])
+        fwd = client.forwards[spec]
         try:
             for _ in range(3):
                 started = time.monotonic()

@@ -301,10 +301,10 @@ def trojan_server(module_dir: Path, nginx: Nginx) -> Iterator[TrojanLink]:
 def test_veil_connect_to_a_trojan_server(tmp_path: Path, trojan_server: TrojanLink,
                                          nginx: Nginx, udp_echo: procs.UdpEcho,
                                          tcp_echo: procs.TcpEcho) -> None:
-    udp, tcp = procs.unused_port(), procs.unused_port()
-    client = procs.start_veil_client(
-        tmp_path, trojan_server.to_uri(),
-        forwards=[f"{udp}:127.0.0.1:{udp_echo.port}/udp", f"{tcp}:127.0.0.1:{tcp_echo.port}"])
+    udp_spec, tcp_spec = f"0:127.0.0.1:{udp_echo.port}/udp", f"0:127.0.0.1:{tcp_echo.port}"
+    client = procs.start_veil_client(tmp_path, trojan_server.to_uri(),
+                                     forwards=[udp_spec, tcp_spec])
+    udp, tcp = client.forwards[udp_spec], client.forwards[tcp_spec]
     try:
         assert client.socks is not None
         assert_fetches_through(client.socks, nginx)

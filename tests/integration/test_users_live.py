@@ -39,10 +39,9 @@ def users_json(server: VeilServer) -> dict[str, dict[str, object]]:
 
 
 def forward_client(workdir: Path, key: str, echo: TcpEcho) -> tuple[procs.VeilClient, int]:
-    port = procs.unused_port()
-    client = procs.start_veil_client(workdir, key, socks=False,
-                                     forwards=[f"{port}:127.0.0.1:{echo.port}"])
-    return client, port
+    spec = f"0:127.0.0.1:{echo.port}"
+    client = procs.start_veil_client(workdir, key, socks=False, forwards=[spec])
+    return client, client.forwards[spec]
 
 
 def open_echo(port: int) -> socket.socket:
@@ -115,9 +114,9 @@ def test_a_refused_client_retries_soon_and_gets_in_once_the_key_is_valid(
     key = veil_server.add_user("late-welcome")
     veil_user(veil_server, "limit", "late-welcome", "--expires", "2001-01-01")
     wait_for_status(veil_server, "late-welcome", "expired")
-    port = procs.unused_port()
-    client = procs.start_veil_client(module_dir, key, socks=False, wait=False,
-                                     forwards=[f"{port}:127.0.0.1:{echo.port}"])
+    spec = f"0:127.0.0.1:{echo.port}"
+    client = procs.start_veil_client(module_dir, key, socks=False, wait=False, forwards=[spec])
+    port = client.forwards[spec]
     try:
         wait_refused(client)
         veil_user(veil_server, "limit", "late-welcome", "--expires", "2099-01-01")
@@ -188,11 +187,11 @@ def test_over_limit_user_is_cut_mid_transfer_and_cannot_reconnect(
         module_dir: Path, veil_server: VeilServer) -> None:
     key = veil_user(veil_server, "add", "capped", "--limit", "2MB/month").stdout.strip()
     source = SlowSource(total=32 * 2**20, rate=4 * 2**20)
-    port = procs.unused_port()
+    spec = f"0:127.0.0.1:{source.port}"
     # If the server has not seen the new user yet, the client is refused and retries within
     # a second or two; start_veil_client waits until it is in.
-    client = procs.start_veil_client(module_dir, key, socks=False,
-                                     forwards=[f"{port}:127.0.0.1:{source.port}"])
+    client = procs.start_veil_client(module_dir, key, socks=False, forwards=[spec])
+    port = client.forwards[spec]
     connected = len(client.log_text())
     try:
         received = 0
@@ -214,9 +213,8 @@ def test_over_limit_user_is_cut_mid_transfer_and_cannot_reconnect(
         procs.stop(client.proc)
         # Refused until the server sees the new limit (within a second), it retries after one
         # or two: start_veil_client waits until it is in.
-        client = procs.start_veil_client(module_dir, key, socks=False,
-                                         forwards=[f"{port}:127.0.0.1:{source.port}"])
-        assert echo_works_source(port)
+        client = procs.start_veil_client(module_dir, key, socks=False, forwards=[spec])
+        assert echo_works_source(client.forwards[spec])
     finally:
         procs.stop(client.proc)
         source.close()
@@ -234,9 +232,8 @@ def echo_works_source(port: int) -> bool:
 def test_expired_user_gets_the_cover(module_dir: Path, veil_server: VeilServer,
                                      echo: TcpEcho) -> None:
     key = veil_user(veil_server, "add", "expired", "--expires", "2020-01-31").stdout.strip()
-    port = procs.unused_port()
-    client = procs.start_veil_client(module_dir, key, socks=False,
-                                     forwards=[f"{port}:127.0.0.1:{echo.port}"], wait=False)
+    client = procs.start_veil_client(module_dir, key, socks=False, wait=False,
+                                     forwards=[f"0:127.0.0.1:{echo.port}"])
     try:
         wait_refused(client)
         assert echo.accepted == 0

@@ -161,12 +161,11 @@ def run(coro):  # type: ignore[no-untyped-def]
 def forward_port(server: Server, echo_port: int,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """A real client, connected before the load starts, forwarding a port to the echo."""
-    port = procs.unused_port()
+    spec = f"0:127.0.0.1:{echo_port}"
     client = procs.start_veil_client(tmp_path_factory.mktemp("client"),
-                                     server.key.to_uri(), socks=False,
-                                     forwards=[f"{port}:127.0.0.1:{echo_port}"])
+                                     server.key.to_uri(), socks=False, forwards=[spec])
     try:
-        yield port
+        yield client.forwards[spec]
     finally:
         procs.stop(client.proc)
 

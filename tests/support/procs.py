@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,14 +33,15 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 def unused_port(kind: int = socket.SOCK_STREAM) -> int:
     """A loopback port nothing was bound to a moment ago, for a program that must be told its
     port before it starts: nginx, PostgreSQL, openssl s_server and other third-party
-    programs, a ``--forward`` spec (1-65535), a key made before its server runs.
+    programs, a key made before its server runs, a server restarted where its clients
+    expect it.
 
     The port is free only when this returns: another process may take it before the program
     binds it. Linux spreads port-0 binds and outgoing connections over the whole ephemeral
     range, so that is rare on a test machine; and a program that then fails to bind exits at
     once, so callers retry with a new port (:func:`nginx`) or fail loudly, never hang.
     Programs that can listen on port 0 and report the port they got (veil serve and its
-    admin panel, veil connect's proxies) do that instead (:func:`bound_port`).
+    admin panel, veil connect's proxies and forwards) do that instead (:func:`bound_port`).
     """
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
@@ -68,8 +68,8 @@ def bound_port(log: Path, label: str, proc: subprocess.Popen[bytes],
                timeout: float = 15.0) -> int:
     """The port in the first ``<label> HOST:PORT`` line of ``log``: how a program started on
     port 0 says which port it got (``listening on`` and ``admin panel on`` for veil serve,
-    ``SOCKS5 proxy on`` and ``HTTP proxy on`` for veil connect). Fails if ``proc`` exits
-    first."""
+    ``SOCKS5 proxy on``, ``HTTP proxy on`` and ``TCP forward to DEST on`` for veil connect).
+    Fails if ``proc`` exits first."""
     pattern = re.compile(re.escape(label) + r" (?:[a-z]+://)?\[?[0-9a-fA-F.:]+?\]?:(\d+)\b")
 
     def reported() -> int:
@@ -108,11 +108,11 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
     return proc.returncode
 
 
-# A running server reloads users every 0.5 s (server/live.py); a change made with the CLI is in
-# force after this long. A sleep, not a wait on the change itself: the server gives no sign
-# that it reloaded (no log line, no status outside the admin panel), and the callers need the
-# change in force before their next step (a revoked key must meet a server that knows it).
-USER_CHANGE_VISIBLE_S = 0.8
+# What a running server logs (at DEBUG: tests run it with -v) when a reload found the users
+# changed (server/live.py): the sign that a change made with the CLI is in force there.
+USER_DIRECTORY_LINE = "user directory: "
+# A server reloads users every 0.5 s; this leaves room for a loaded machine.
+USER_CHANGE_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -123,16 +123,32 @@ class VeilServer:
     key: str
     log: Path
 
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
     def add_user(self, name: str) -> str:
-        out = subprocess.run([*VEIL, "user", "add", name, "--state", str(self.state)],
-                             capture_output=True, text=True, check=True, timeout=30)
-        time.sleep(USER_CHANGE_VISIBLE_S)
-        return out.stdout.strip()
+        """``veil user add``; returns the key once this server accepts it."""
+        return self._change_users("add", name)
 
     def revoke(self, name: str) -> None:
-        subprocess.run([*VEIL, "user", "revoke", name, "--state", str(self.state)],
-                       capture_output=True, text=True, check=True, timeout=30)
-        time.sleep(USER_CHANGE_VISIBLE_S)
+        """``veil user revoke``; returns once this server refuses the user."""
+        self._change_users("revoke", name)
+
+    def _change_users(self, *command: str) -> str:
+        # Counted before the command: a reload that logs while it runs is not missed. Each
+        # line is a change this server saw, and the tests make one change at a time.
+        before = self.log_text().count(USER_DIRECTORY_LINE)
+        out = subprocess.run([*VEIL, "user", *command, "--state", str(self.state)],
+                             capture_output=True, text=True, check=True, timeout=30)
+
+        def reloaded() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            return self.log_text().count(USER_DIRECTORY_LINE) > before
+
+        wait_until(reloaded, USER_CHANGE_TIMEOUT_S,
+                   lambda: f"the server to reload its users: {self.log_text()[-2000:]}")
+        return out.stdout.strip()
 
 
 def start_veil_server(workdir: Path, *extra: str, port: int | None = None,
@@ -191,6 +207,7 @@ class VeilClient:
     socks: int | None
     http: int | None
     log: Path
+    #: The local port of each ``--forward`` spec, by the spec as given (read from the log).
     forwards: dict[str, int] = field(default_factory=dict)
 
     def log_text(self) -> str:
@@ -201,7 +218,9 @@ def start_veil_client(workdir: Path, key: str, *, socks: bool = True, http: bool
                       forwards: list[str] | None = None, extra: tuple[str, ...] = (),
                       wait: bool = True) -> VeilClient:
     """Start ``veil connect``; its proxies listen on ports the system picks, read back from its
-    log. With ``wait`` (the default), return once it is connected to the server."""
+    log, and so do ``forwards`` given LPORT 0 (``0:127.0.0.1:7``): the client's ``forwards``
+    holds each spec's port. With ``wait`` (the default), return once it is connected to the
+    server."""
     args = [*VEIL, "-v", "connect", key]
     if socks:
         args += ["--socks", "127.0.0.1:0"]
@@ -217,12 +236,24 @@ def start_veil_client(workdir: Path, key: str, *, socks: bool = True, http: bool
         socks_port = bound_port(log, "SOCKS5 proxy on", proc) if socks else None
         http_port = bound_port(log, "HTTP proxy on", proc) if http else None
         client = VeilClient(proc, socks_port, http_port, log)
+        # Forwards listen (and say so) before the proxies are named.
+        for spec in forwards or []:
+            client.forwards[spec] = bound_port(log, _forward_label(spec), proc)
         if wait:
             wait_connected(client)
     except BaseException:
         stop(proc)
         raise
     return client
+
+
+def _forward_label(text: str) -> str:
+    """What precedes the bound address in the line veil connect logs for forward ``text``
+    (client/forward.py). Two forwards to one destination would share it: tests have none."""
+    from veil.config import parse_forward_spec
+
+    spec = parse_forward_spec(text)
+    return f"{'UDP' if spec.udp else 'TCP'} forward to {spec.dest} on"
 
 
 def wait_connected(client: VeilClient, timeout: float = 15.0) -> None:

@@ -54,7 +54,6 @@ def test_valid_specs(text: str, expected: ForwardSpec) -> None:
         "8080:example.com",
         "1:2:3:4:5",
         "8080:example.com:0",
-        "0:example.com:80",
         "8080:example.com:65536",
         "8080:example.com:99999999999999999999999",
         "http:example.com:80",
@@ -86,6 +85,17 @@ def test_invalid_specs(text: str) -> None:
     assert info.value.code == "bad_forward"
 
 
+def test_local_port_0_lets_the_system_pick_but_the_destination_needs_a_port() -> None:
+    # A listener may bind port 0 (and logs the port it got); nothing can be sent to port 0.
+    assert parse_forward_spec("0:example.com:80") == ForwardSpec(
+        Address("127.0.0.1", 0), Address("example.com", 80))
+    assert parse_forward_spec("[::1]:0:1.1.1.1:53/udp") == ForwardSpec(
+        Address("::1", 0), Address("1.1.1.1", 53), udp=True)
+    with pytest.raises(ConfigError, match="RPORT must be a number from 1 to 65535") as info:
+        parse_forward_spec("0:example.com:0")
+    assert info.value.code == "bad_forward"
+
+
 def test_long_input_is_shortened_in_the_message() -> None:
     with pytest.raises(ConfigError) as info:
         parse_forward_spec("x" * 10_000)
@@ -108,9 +118,10 @@ hosts = st.one_of(
     ).map(".".join),
 )
 ports = st.integers(1, 0xFFFF)
+local_ports = st.integers(0, 0xFFFF)
 
 
-@given(hosts, ports, hosts, ports, st.booleans())
+@given(hosts, local_ports, hosts, ports, st.booleans())
 def test_round_trip(lhost: str, lport: int, rhost: str, rport: int, udp: bool) -> None:
     spec = ForwardSpec(Address(lhost, lport), Address(rhost, rport), udp)
     assert parse_forward_spec(str(spec)) == spec

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from veil.server.live import Live
 from veil.store.base import SecretBox, Usage
@@ -87,3 +90,30 @@ def test_stopping_during_a_usage_write_counts_each_byte_once(tmp_path: Path) -> 
         assert check.usage_by_user(None) == {"alice": Usage(100, 200)}
     finally:
         check.close()
+
+
+def test_a_changed_user_directory_is_logged_once_by_counts_only(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = SqliteUserStore(tmp_path / "users.db", trojan_hash=trojan_hash, box=BOX)
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("user dir")]
+
+    async def scenario() -> None:
+        # A long interval: the test ticks by hand, so each tick is one it asked for.
+        live = Live(lambda: store, trojan_hash=trojan_hash, interval=3600)
+        await live.start()
+        assert lines() == []  # nobody before, nobody now: nothing changed
+        user = store.add_user("alice", os.urandom(32), os.urandom(16), 1000.0)
+        await live.tick()
+        assert lines() == ["user directory: 1 users, 0 refused"]  # no name: counts only
+        live.register(user, "tls", CountingTransport(100, 200), close=lambda _reason: None)
+        await live.tick()  # usage and last-seen moved; the users did not
+        assert len(lines()) == 1
+        store.revoke("alice", 2000.0)
+        await live.tick()
+        assert lines()[1:] == ["user directory: 1 users, 1 refused"]
+        await live.stop()
+
+    with caplog.at_level(logging.DEBUG, logger="veil.server"):
+        asyncio.run(scenario())

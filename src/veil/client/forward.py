@@ -51,14 +51,19 @@ MAX_UDP_FLOWS = 1024
 #: anyway (256 KiB in asyncio and uvloop).
 MAX_EARLY_DATA = 512 * 1024
 
+
 async def start_forward(dialer: Dialer, spec: ForwardSpec) -> TcpForward | UdpForward:
-    """Build the forward ``spec`` describes (default options) and start it."""
+    """Build the forward ``spec`` describes (default options), start it, and log
+    ``TCP forward to DEST on HOST:PORT`` (or ``UDP``) with the address it bound."""
     forward: TcpForward | UdpForward
     if spec.udp:
         forward = UdpForward(dialer, spec.listen, spec.dest)
     else:
         forward = TcpForward(dialer, spec.listen, spec.dest)
     await forward.start()
+    # The address bound, not the one asked for: with LPORT 0 the system picks the port, and
+    # this line is how the user (or a test) learns it.
+    log.info("%s forward to %s on %s", "UDP" if spec.udp else "TCP", spec.dest, forward.address)
     return forward
 
 

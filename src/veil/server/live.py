@@ -6,7 +6,8 @@ across the network), does three things in order:
 1. adds the bytes each connection moved since the last tick to the store (``add_usage``), so
    that a kill -9 loses at most one interval of counted usage and a fleet's counters add up;
 2. reads the users and this period's usage back into a :class:`UserDirectory`, the in-memory
-   snapshot the gate authenticates against (a handshake never waits for the database);
+   snapshot the gate authenticates against (a handshake never waits for the database), and
+   logs ``user directory: N users, M refused`` at DEBUG when the users in it changed;
 3. closes every live connection whose user may no longer connect: revoked, expired, over the
    limit (usage of the whole fleet plus what this server has not written yet), rotated to a
    new credential, or deleted.
@@ -88,6 +89,15 @@ class UserDirectory:
     def refusal(self, user: User) -> str | None:
         """None if ``user`` (as found by a lookup) may connect, else the reason."""
         return self.refused.get(user.name)
+
+    def same_users(self, other: UserDirectory) -> bool:
+        """Whether ``other`` has the same users, with the same credentials, limits and expiry,
+        and refuses the same ones. Usage and last-seen times, which move with traffic, are
+        left out."""
+        if self.refused != other.refused or self.by_name.keys() != other.by_name.keys():
+            return False
+        return all(_terms(user) == _terms(other.by_name[name])
+                   for name, user in self.by_name.items())
 
 
 class LiveConnection:
@@ -281,8 +291,14 @@ class Live:
                 self.refresh_failures += 1
                 log.warning("user store unavailable, keeping the last snapshot: %s", exc)
                 return
-            self.directory = self._snapshot(users, usage, now)
+            previous, self.directory = self.directory, self._snapshot(users, usage, now)
             self._enforce()
+            if not previous.same_users(self.directory):
+                # The one sign that a change made elsewhere (``veil user``, the panel, another
+                # server) is in force here, cuts included. Counts only: names are personal
+                # data in a log.
+                log.debug("user directory: %d users, %d refused",
+                          len(self.directory.by_name), len(self.directory.refused))
             self._release_memory()
 
     async def _flush_usage(self, now: float) -> None:
@@ -386,6 +402,12 @@ def build_directory(users: Iterable[User], usage: dict[str, dict[str, Usage]], n
         if status != "active":
             refused[user.name] = status
     return UserDirectory(by_key_id, by_trojan, by_name, refused, period_usage)
+
+
+def _terms(user: User) -> tuple[object, ...]:
+    """What a user may do, as :meth:`UserDirectory.same_users` compares it."""
+    return (user.key_id, user.created_at, user.revoked_at, user.limit_bytes, user.limit_period,
+            user.expires_at)
 
 
 def _add(a: Usage | None, b: Usage) -> Usage:
