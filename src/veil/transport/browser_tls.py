@@ -23,7 +23,12 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, cast
 
-from veil.transport.carrier import NOT_MINE, CarrierProtocol, CarrierTransport
+from veil.transport.carrier import (
+    NOT_MINE,
+    CarrierProtocol,
+    CarrierTransport,
+    finish_handshake,
+)
 from veil.transport.tls import TlsHandshakeError
 from veil.transport.tls13 import (
     CHROME,
@@ -203,8 +208,4 @@ async def open_browser_tls_connection(host: str, port: int,
     loop = asyncio.get_running_loop()
     carrier = _BrowserTlsCarrier(TlsClient(server_hostname, spec=spec), app_factory)
     raw, _ = await loop.create_connection(lambda: carrier, host, port)
-    try:
-        return await asyncio.wait_for(asyncio.shield(carrier.handshake), handshake_timeout)
-    except BaseException:
-        raw.abort()
-        raise
+    return await finish_handshake(raw, carrier.handshake, handshake_timeout)

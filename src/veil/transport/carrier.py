@@ -12,10 +12,27 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 #: Returned by ``CarrierTransport._own_info`` for names the TCP transport answers.
 NOT_MINE = object()
+
+T = TypeVar("T")
+
+
+async def finish_handshake(raw: asyncio.Transport, handshake: asyncio.Future[T],
+                           timeout: float) -> T:
+    """Wait up to ``timeout`` for a carrier's ``handshake`` on the TCP transport ``raw``.
+
+    On any failure (the handshake's, the timeout, cancellation) ``raw`` is aborted, so no
+    half-open connection outlives the call. The handshake future is shielded: giving up on
+    the wait does not cancel it, the carrier still settles it (the abort fails it).
+    """
+    try:
+        return await asyncio.wait_for(asyncio.shield(handshake), timeout)
+    except BaseException:
+        raw.abort()
+        raise
 
 
 class Carrier(Protocol):

@@ -26,7 +26,12 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from veil.errors import TransportError
-from veil.transport.carrier import NOT_MINE, CarrierProtocol, CarrierTransport
+from veil.transport.carrier import (
+    NOT_MINE,
+    CarrierProtocol,
+    CarrierTransport,
+    finish_handshake,
+)
 from veil.transport.ratelimit import TokenBucket
 
 # One SSL read returns at most one record's plaintext (16 KiB). Records are decrypted into one
@@ -328,11 +333,7 @@ async def start_tls_server(sock: socket.socket, context: ssl.SSLContext,
     carrier = _TlsCarrier(context, server_side=True, server_hostname=None,
                           app_factory=app_factory)
     raw, _ = await loop.connect_accepted_socket(lambda: carrier, sock)
-    try:
-        return await asyncio.wait_for(asyncio.shield(carrier.handshake), handshake_timeout)
-    except BaseException:
-        raw.abort()
-        raise
+    return await finish_handshake(raw, carrier.handshake, handshake_timeout)
 
 
 async def open_tls_connection(host: str, port: int, context: ssl.SSLContext,
@@ -344,8 +345,4 @@ async def open_tls_connection(host: str, port: int, context: ssl.SSLContext,
     carrier = _TlsCarrier(context, server_side=False, server_hostname=server_hostname or None,
                           app_factory=app_factory)
     raw, _ = await loop.create_connection(lambda: carrier, host, port)
-    try:
-        return await asyncio.wait_for(asyncio.shield(carrier.handshake), handshake_timeout)
-    except BaseException:
-        raw.abort()
-        raise
+    return await finish_handshake(raw, carrier.handshake, handshake_timeout)
