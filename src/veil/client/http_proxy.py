@@ -34,9 +34,9 @@ from typing import cast
 
 import h11
 
-from veil.client.listener import TcpInbound
+from veil.client.listener import HandshakeConnection, HandshakeInbound
 from veil.config import Credentials
-from veil.errors import LocalProtocolError, RemoteProtocolError, VeilError
+from veil.errors import LocalProtocolError, RemoteProtocolError
 from veil.net.dialer import Dialer
 from veil.protocol.address import Address
 
@@ -306,7 +306,7 @@ def _authority(text: str, default_port: int | None) -> Address:
 # -- asyncio listener -----------------------------------------------------------------------------
 
 
-class HttpProxyInbound(TcpInbound):
+class HttpProxyInbound(HandshakeInbound):
     """An HTTP proxy listener that hands each request's connection to a :class:`Dialer`.
 
     ``start()`` binds ``listen`` (port 0 picks a free port; see :attr:`address`). Connections
@@ -328,10 +328,9 @@ class HttpProxyInbound(TcpInbound):
         ready_timeout: float = READY_TIMEOUT,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
-        super().__init__(dialer, listen)
+        super().__init__(dialer, listen, ready_timeout=ready_timeout,
+                         handshake_timeout=handshake_timeout)
         self.credentials = credentials
-        self.ready_timeout = ready_timeout
-        self.handshake_timeout = handshake_timeout
 
     def _make_protocol(self) -> asyncio.Protocol:
         return _HttpProxyProtocol(self)
@@ -340,21 +339,15 @@ class HttpProxyInbound(TcpInbound):
 _ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 
-class _HttpProxyProtocol(asyncio.Protocol):
+class _HttpProxyProtocol(HandshakeConnection[HttpProxyInbound]):
     """One accepted connection until its request is handed over or refused."""
 
-    def __init__(self, inbound: HttpProxyInbound) -> None:
-        self._inbound = inbound
-        self._parser = HttpProxyParser(inbound.credentials)
-        self._transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
+    log_name = "http proxy"
+    _log = log
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        self._inbound._live.add(self)
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._inbound.handshake_timeout, self.abort)
+    def __init__(self, inbound: HttpProxyInbound) -> None:
+        super().__init__(inbound)
+        self._parser = HttpProxyParser(inbound.credentials)
 
     def data_received(self, data: bytes) -> None:
         transport = cast(asyncio.Transport, self._transport)
@@ -366,37 +359,16 @@ class _HttpProxyProtocol(asyncio.Protocol):
             transport.close()
             return
         if request is not None:
-            transport.pause_reading()
-            self._cancel_timer()
-            self._task = self._inbound._spawn(self._handover(request), self.abort)
+            self._start_handover(transport, self._handover(request))
 
     def eof_received(self) -> bool | None:
         # EOF before a complete head: nothing to relay. (After the head, reading is paused and
         # the EOF is left for the relay to see.)
         return False
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
-        self._inbound._live.discard(self)
-        if self._task is not None:
-            self._task.cancel()
-
-    def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
     async def _handover(self, request: ProxyRequest) -> None:
         transport = cast(asyncio.Transport, self._transport)
-        try:
-            ready = await self._inbound.dialer.wait_ready(self._inbound.ready_timeout)
-        except VeilError as exc:
-            log.debug("http proxy: dialer not ready: %s", exc.code)
-            ready = False
+        ready = await self._wait_ready()
         if transport.is_closing():
             return
         if not ready:
@@ -408,9 +380,4 @@ class _HttpProxyProtocol(asyncio.Protocol):
             early = self._parser.trailing_data
         else:
             early = request.head + self._parser.trailing_data
-        self._inbound._live.discard(self)
-        self._task = None
-        # Hand over in the normal (reading) state; the dialer pauses it if it needs to. No data
-        # can be delivered in between: both calls run in this loop turn.
-        transport.resume_reading()
-        self._inbound.dialer.open_tcp(request.dest, transport, early)
+        self._hand_over(transport, request.dest, early)

@@ -1,5 +1,7 @@
 """The life cycle every TCP inbound shares: listen, track connections in their handshake,
-run their hand-over tasks, and shut all of it down."""
+run their hand-over tasks, and shut all of it down; and, for inbounds whose clients speak a
+handshake first (SOCKS5, HTTP proxy), the connection's side of it: the handshake deadline, the
+wait for the dialer and the hand-over."""
 
 from __future__ import annotations
 
@@ -7,9 +9,9 @@ import abc
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar, cast
 
-from veil.errors import LocalProtocolError
+from veil.errors import LocalProtocolError, VeilError
 from veil.net.dialer import Dialer
 from veil.protocol.address import Address
 
@@ -85,3 +87,89 @@ class TcpInbound(abc.ABC):
         if not task.cancelled() and (exc := task.exception()) is not None:
             abort()  # a dialer bug must not leave a paused socket open forever
             log.error("%s connection task failed", self.name, exc_info=exc)
+
+
+class HandshakeInbound(TcpInbound):
+    """A :class:`TcpInbound` whose clients speak a handshake before saying where to go.
+
+    Each connection has ``handshake_timeout`` from connecting to finishing its handshake, then
+    waits up to ``ready_timeout`` for the dialer; its protocol is a :class:`HandshakeConnection`.
+    """
+
+    def __init__(self, dialer: Dialer, listen: Address, *, ready_timeout: float,
+                 handshake_timeout: float) -> None:
+        super().__init__(dialer, listen)
+        self.ready_timeout = ready_timeout
+        self.handshake_timeout = handshake_timeout
+
+
+InboundT = TypeVar("InboundT", bound=HandshakeInbound)
+
+
+class HandshakeConnection(asyncio.Protocol, Generic[InboundT]):
+    """One accepted connection of a :class:`HandshakeInbound` until it is handed over or refused.
+
+    From ``connection_made`` the inbound owns it (``close()`` aborts it) and its handshake
+    deadline runs; a subclass parses the handshake, calls :meth:`_start_handover` with its
+    hand-over coroutine once the destination is known, and in that coroutine awaits
+    :meth:`_wait_ready` and ends with :meth:`_hand_over`.
+    """
+
+    #: How debug messages name the inbound ("socks5", "http proxy"), in the subclass's logger.
+    log_name = "inbound"
+    _log = log
+
+    def __init__(self, inbound: InboundT) -> None:
+        self._inbound = inbound
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._inbound._live.add(self)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._inbound.handshake_timeout, self.abort)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self._inbound._live.discard(self)
+        if self._task is not None:
+            self._task.cancel()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _start_handover(self, transport: asyncio.Transport,
+                        coro: Coroutine[Any, Any, None]) -> None:
+        """The handshake is done: stop its deadline and run ``coro`` (the wait and hand-over).
+
+        Further bytes are held in the kernel while we wait for the tunnel; what already
+        arrived stays in the parser as early data.
+        """
+        transport.pause_reading()
+        self._cancel_timer()
+        self._task = self._inbound._spawn(coro, self.abort)
+
+    async def _wait_ready(self) -> bool:
+        """Whether the dialer became ready within the inbound's ``ready_timeout``."""
+        try:
+            return await self._inbound.dialer.wait_ready(self._inbound.ready_timeout)
+        except VeilError as exc:
+            self._log.debug("%s: dialer not ready: %s", self.log_name, exc.code)
+            return False
+
+    def _hand_over(self, transport: asyncio.Transport, dest: Address, early: bytes) -> None:
+        """Give ``transport`` to the dialer: from here on it belongs to the dialer."""
+        self._inbound._live.discard(self)
+        self._task = None
+        # Hand over in the normal (reading) state; the dialer pauses it if it needs to. No data
+        # can be delivered in between: both calls run in this loop turn.
+        transport.resume_reading()
+        self._inbound.dialer.open_tcp(dest, transport, early)

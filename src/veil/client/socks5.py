@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn, cast
 
-from veil.client.listener import TcpInbound
+from veil.client.listener import HandshakeConnection, HandshakeInbound
 from veil.config import Credentials
 from veil.errors import AuthError, LocalProtocolError, RemoteProtocolError, VeilError
 from veil.net.dialer import Dialer, UdpFlow
@@ -361,7 +361,7 @@ def encode_udp_datagram(source: Address, payload: bytes) -> bytes:
 # -- asyncio listener -----------------------------------------------------------------------------
 
 
-class Socks5Inbound(TcpInbound):
+class Socks5Inbound(HandshakeInbound):
     """A SOCKS5 listener that hands each accepted stream to a :class:`Dialer`.
 
     ``start()`` binds ``listen`` (port 0 picks a free port; see :attr:`address`). Connections
@@ -385,32 +385,25 @@ class Socks5Inbound(TcpInbound):
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         max_udp_associations: int = MAX_UDP_ASSOCIATIONS,
     ) -> None:
-        super().__init__(dialer, listen)
+        super().__init__(dialer, listen, ready_timeout=ready_timeout,
+                         handshake_timeout=handshake_timeout)
         self.credentials = credentials
-        self.ready_timeout = ready_timeout
-        self.handshake_timeout = handshake_timeout
         self.max_udp_associations = max_udp_associations
         self._udp_count = 0
 
     def _make_protocol(self) -> asyncio.Protocol:
         return _Socks5Protocol(self)
 
-class _Socks5Protocol(asyncio.Protocol):
+class _Socks5Protocol(HandshakeConnection[Socks5Inbound]):
     """One accepted connection until its handshake ends (handover, failure or UDP close)."""
 
-    def __init__(self, inbound: Socks5Inbound) -> None:
-        self._inbound = inbound
-        self._conn = Socks5Connection(inbound.credentials)
-        self._transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._udp: _UdpRelay | None = None
+    log_name = "socks5"
+    _log = log
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        self._inbound._live.add(self)
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._inbound.handshake_timeout, self.abort)
+    def __init__(self, inbound: Socks5Inbound) -> None:
+        super().__init__(inbound)
+        self._conn = Socks5Connection(inbound.credentials)
+        self._udp: _UdpRelay | None = None
 
     def data_received(self, data: bytes) -> None:
         if self._udp is not None:
@@ -426,49 +419,26 @@ class _Socks5Protocol(asyncio.Protocol):
         if out := self._conn.data_to_send():
             transport.write(out)
         for event in events:
-            # Hold further bytes in the kernel while we wait for the tunnel; what already
-            # arrived stays in the parser as early data.
-            transport.pause_reading()
-            self._cancel_timer()
             if isinstance(event, ConnectRequest):
-                self._task = self._inbound._spawn(self._connect(event.dest), self.abort)
+                self._start_handover(transport, self._connect(event.dest))
             else:
-                self._task = self._inbound._spawn(self._associate(event.client), self.abort)
+                self._start_handover(transport, self._associate(event.client))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
-        self._inbound._live.discard(self)
-        if self._task is not None:
-            self._task.cancel()
+        super().connection_lost(exc)
         if self._udp is not None:
             self._udp.close()
             self._udp = None
             self._inbound._udp_count -= 1
-
-    def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     def _refuse(self, transport: asyncio.Transport, reply: Reply) -> None:
         self._conn.send_reply(reply)
         transport.write(self._conn.data_to_send())
         transport.close()
 
-    async def _ready(self) -> bool:
-        try:
-            return await self._inbound.dialer.wait_ready(self._inbound.ready_timeout)
-        except VeilError as exc:
-            log.debug("socks5: dialer not ready: %s", exc.code)
-            return False
-
     async def _connect(self, dest: Address) -> None:
         transport = cast(asyncio.Transport, self._transport)
-        ready = await self._ready()
+        ready = await self._wait_ready()
         if transport.is_closing():
             return
         if not ready:
@@ -476,18 +446,12 @@ class _Socks5Protocol(asyncio.Protocol):
             return
         self._conn.send_reply(Reply.SUCCEEDED)
         transport.write(self._conn.data_to_send())
-        early = self._conn.trailing_data
-        self._inbound._live.discard(self)
-        self._task = None
-        # Hand the transport over in its normal (reading) state; the dialer pauses it if it
-        # needs to. No data can be delivered in between: both calls run in this loop turn.
-        transport.resume_reading()
-        self._inbound.dialer.open_tcp(dest, transport, early)
+        self._hand_over(transport, dest, self._conn.trailing_data)
 
     async def _associate(self, hint: Address) -> None:
         inbound = self._inbound
         transport = cast(asyncio.Transport, self._transport)
-        ready = await self._ready()
+        ready = await self._wait_ready()
         if transport.is_closing():
             return
         if not ready or inbound._udp_count >= inbound.max_udp_associations:

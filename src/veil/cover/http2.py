@@ -199,16 +199,12 @@ class _BlockLimits:
         block = self._rest
         p = 0
         while p < len(block):
-            first = block[p]
-            if first & 0x80 or first & 0xE0 == 0x20:  # indexed field, table size update
-                got = _read_int(block, p, 7 if first & 0x80 else 5)
-                if got is None:
-                    break
-                p = got[1]
-                continue
-            got = _read_int(block, p, 6 if first & 0x40 else 4)
+            literal, got = _read_head(block, p)
             if got is None:
                 break
+            if not literal:
+                p = got[1]
+                continue
             name_index, q = got
             used = self._used
             for _ in range(2 if name_index == 0 else 1):
@@ -241,17 +237,11 @@ def _representations(block: bytes, *, more: bool) -> list[int]:
     while p < len(block):
         if more and len(block) - p < _INT_OCTETS:
             break
-        first = block[p]
-        if first & 0x80 or first & 0xE0 == 0x20:  # indexed field, table size update
-            got = _read_int(block, p, 7 if first & 0x80 else 5)
-            if got is None:
-                break
-            p = got[1]
-        else:
-            got = _read_int(block, p, 6 if first & 0x40 else 4)
-            if got is None:
-                break
-            name_index, p = got
+        literal, got = _read_head(block, p)
+        if got is None:
+            break
+        name_index, p = got
+        if literal:
             for _ in range(2 if name_index == 0 else 1):
                 if more and len(block) - p < _INT_OCTETS:
                     return ends
@@ -263,6 +253,16 @@ def _representations(block: bytes, *, more: bool) -> list[int]:
                 break
         ends.append(p)
     return ends
+
+
+def _read_head(block: bytes | bytearray, p: int) -> tuple[bool, tuple[int, int] | None]:
+    """The integer that opens the HPACK representation at ``p``: whether it is a literal
+    field, and (value, next position) or None if the integer is not complete yet. A
+    literal's value is its name index (0: the name follows as a string)."""
+    first = block[p]
+    if first & 0x80 or first & 0xE0 == 0x20:  # indexed field, table size update
+        return False, _read_int(block, p, 7 if first & 0x80 else 5)
+    return True, _read_int(block, p, 6 if first & 0x40 else 4)
 
 
 def _read_int(data: bytes | bytearray, p: int, prefix_bits: int) -> tuple[int, int] | None:
@@ -680,12 +680,11 @@ class H2CoverConnection:
                     self._req_alive = self._field(self._block_stream, self._req, name, value,
                                                   now)
         del block[:start]
-        if block and not block[0] & 0x80 and block[0] & 0xE0 != 0x20:
+        literal, got = _read_head(block, 0) if block else (False, None)
+        if literal and got is not None:
             # a literal whose value is still to come: nginx looks its name up at once
-            got = _read_int(bytes(block), 0, 6 if block[0] & 0x40 else 4)
             table = self._decoder.header_table
-            if got is not None and got[0] > table.STATIC_TABLE_LENGTH + len(
-                    table.dynamic_entries):
+            if got[0] > table.STATIC_TABLE_LENGTH + len(table.dynamic_entries):
                 raise _ConnectionError(COMPRESSION_ERROR)
         if not final:
             return

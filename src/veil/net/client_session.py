@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from veil.errors import AuthError
 from veil.net.dialer import DatagramHandler, Dialer, UdpFlow
-from veil.net.driver import SessionDriver, TcpRelay
+from veil.net.driver import DatagramStreamHandler, SessionDriver, TcpRelay
 from veil.protocol.accesskey import AccessKey, pin_of_der
 from veil.protocol.address import Address
 from veil.protocol.auth import Credential, build_auth
@@ -257,7 +257,7 @@ class ClientTunnel(Dialer):
         return flow
 
 
-class ClientUdpFlow(UdpFlow):
+class ClientUdpFlow(DatagramStreamHandler, UdpFlow):
     """A UDP association carried as DATAGRAM frames on one stream."""
 
     def __init__(self, driver: SessionDriver | None, on_datagram: DatagramHandler,
@@ -290,9 +290,7 @@ class ClientUdpFlow(UdpFlow):
             return
         self._closed = True
         if self.driver is not None:
-            self.driver.detach(self.stream_id)
-            self.driver.session.reset(self.stream_id, ResetCode.CANCELLED)
-            self.driver.flush()
+            self.driver.cancel(self.stream_id)
 
     # StreamHandler
     def on_datagram(self, address: Address, payload: bytes) -> None:
@@ -310,11 +308,3 @@ class ClientUdpFlow(UdpFlow):
     def on_eof(self) -> None:
         self.on_reset(ResetCode.CANCELLED)
 
-    def on_writable(self) -> None:
-        pass
-
-    def pause_source(self) -> None:
-        pass
-
-    def resume_source(self) -> None:
-        pass

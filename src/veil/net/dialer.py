@@ -30,6 +30,33 @@ class UdpFlow(abc.ABC):
         """End the association. Idempotent."""
 
 
+class EndingUdpFlow(UdpFlow):
+    """A :class:`UdpFlow` that can end on its own (a socket error, the server closing).
+
+    ``on_close`` runs once when it does (:meth:`_lost`); after :meth:`close` no callback
+    runs. Subclasses free what they hold in :meth:`_release`, which runs once.
+    """
+
+    def __init__(self, on_close: Callable[[], None]) -> None:
+        self._on_close = on_close
+        self._closed = False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._release()
+
+    @abc.abstractmethod
+    def _release(self) -> None:
+        """Free the flow's sockets, tasks or connection (once, from :meth:`close`)."""
+
+    def _lost(self) -> None:
+        if not self._closed:
+            self.close()
+            self._on_close()
+
+
 class Dialer(abc.ABC):
     """Opens relayed TCP streams and UDP associations on behalf of local clients."""
 

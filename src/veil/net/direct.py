@@ -32,7 +32,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 
-from veil.net.dialer import DatagramHandler, Dialer, UdpFlow
+from veil.net.dialer import DatagramHandler, Dialer, EndingUdpFlow, UdpFlow
 from veil.protocol.address import Address
 
 __all__ = [
@@ -349,7 +349,7 @@ class _UdpSocket(asyncio.DatagramProtocol):
             self._flow._lost()
 
 
-class _DirectUdpFlow(UdpFlow):
+class _DirectUdpFlow(EndingUdpFlow):
     """A UDP association sent straight from this host.
 
     Opens one socket per address family on first use. Names are resolved (and cached) per
@@ -365,12 +365,11 @@ class _DirectUdpFlow(UdpFlow):
         registry: set[_DirectUdpFlow],
         resolver: Resolver | None = None,
     ) -> None:
+        super().__init__(on_close)
         self._loop = loop
         self._resolver = resolver
         self._on_datagram = on_datagram
-        self._on_close = on_close
         self._registry = registry
-        self._closed = False
         self._sockets: dict[int, _UdpSocket] = {}
         # Datagrams waiting for a socket (per family) or for a name to resolve; the total is
         # bounded by MAX_QUEUED_DATAGRAMS.
@@ -472,15 +471,7 @@ class _DirectUdpFlow(UdpFlow):
     def _dequeued(self, items: list[tuple[int, bytes]] | list[tuple[_SockAddr, bytes]]) -> None:
         self._queued -= len(items)
 
-    def _lost(self) -> None:
-        if not self._closed:
-            self.close()
-            self._on_close()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def _release(self) -> None:
         self._registry.discard(self)
         for task in list(self._tasks):
             task.cancel()

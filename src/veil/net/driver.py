@@ -52,6 +52,24 @@ class PacketHandler(StreamHandler, Protocol):
     def on_packet(self, packet: bytes) -> None: ...
 
 
+class DatagramStreamHandler:
+    """The flow-control half of a :class:`StreamHandler` for streams of datagrams or packets.
+
+    Such a stream has no byte credit to wait for and no source worth pausing: when the
+    session is congested its datagrams are dropped instead, as UDP and IP routers do (and a
+    TUN device is shared by every client, so pausing it for one would stall them all).
+    """
+
+    def on_writable(self) -> None:
+        pass
+
+    def pause_source(self) -> None:
+        pass
+
+    def resume_source(self) -> None:
+        pass
+
+
 class SessionDriver(asyncio.Protocol):
     """Runs a session over a (TLS) transport.
 
@@ -142,6 +160,12 @@ class SessionDriver(asyncio.Protocol):
 
     def detach(self, stream_id: int) -> None:
         self.handlers.pop(stream_id, None)
+
+    def cancel(self, stream_id: int, code: ResetCode = ResetCode.CANCELLED) -> None:
+        """Stop handling ``stream_id`` and reset it with ``code``, written out at once."""
+        self.detach(stream_id)
+        self.session.reset(stream_id, code)
+        self.flush()
 
     def flush(self) -> None:
         """Write what the session queued and re-arm the keepalive timer."""
@@ -386,9 +410,9 @@ class TcpRelay(asyncio.BufferedProtocol):
         if self._closed:
             return
         self._closed = True
-        self.driver.detach(self.stream_id)
         if notify:
-            self.session.reset(self.stream_id, ResetCode.CANCELLED)
-            self.driver.flush()
+            self.driver.cancel(self.stream_id)
+        else:
+            self.driver.detach(self.stream_id)
         if self.transport is not None:
             self.transport.abort()

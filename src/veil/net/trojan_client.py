@@ -23,7 +23,7 @@ import ssl
 from collections.abc import Callable
 
 from veil.errors import AuthError, RemoteProtocolError
-from veil.net.dialer import DatagramHandler, Dialer, UdpFlow
+from veil.net.dialer import DatagramHandler, Dialer, EndingUdpFlow, UdpFlow
 from veil.net.direct import DirectDialer
 from veil.protocol.accesskey import default_sni, pin_of_der
 from veil.protocol.address import Address
@@ -194,22 +194,21 @@ class TrojanDialer(Dialer):
         self._flows.discard(flow)
 
 
-class TrojanUdpFlow(UdpFlow, asyncio.Protocol):
+class TrojanUdpFlow(EndingUdpFlow, asyncio.Protocol):
     """A UDP association as one Trojan UDP ASSOCIATE connection, opened at the first datagram
     (whose destination the request names, as Trojan clients do)."""
 
     def __init__(self, dialer: TrojanDialer, on_datagram: DatagramHandler,
                  on_close: Callable[[], None]) -> None:
+        super().__init__(on_close)
         self._dialer = dialer
         self._on_datagram = on_datagram
-        self._on_close = on_close
         self._decoder = UdpPacketDecoder()
         self._transport: asyncio.Transport | None = None
         self._queued: list[bytes] = []
         self._request = b""  # the UDP ASSOCIATE request, made at the first datagram
         self._task: asyncio.Task[None] | None = None
         self._paused = False
-        self._closed = False
 
     def send(self, dest: Address, payload: bytes) -> None:
         if self._closed:
@@ -270,15 +269,7 @@ class TrojanUdpFlow(UdpFlow, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost()
 
-    def _lost(self) -> None:
-        if not self._closed:
-            self.close()
-            self._on_close()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def _release(self) -> None:
         self._dialer._forget(self)
         if self._task is not None:
             self._task.cancel()

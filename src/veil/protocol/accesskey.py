@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import ipaddress
@@ -28,7 +27,13 @@ from cryptography.hazmat.primitives import serialization
 from veil.errors import ConfigError
 from veil.protocol.address import Address
 from veil.protocol.auth import SECRET_SIZE
-from veil.protocol.uri import UriError, parse_authority_uri
+from veil.protocol.uri import (
+    UriError,
+    b64url_decode,
+    b64url_encode,
+    format_authority_uri,
+    parse_authority_uri,
+)
 
 SCHEME = "veil"
 PIN_SIZE = 32
@@ -41,14 +46,6 @@ _URI_ERRORS = {
 }
 
 
-def b64e(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def b64d(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 @dataclass(frozen=True, slots=True)
 class AccessKey:
     server: Address
@@ -58,11 +55,11 @@ class AccessKey:
     label: str = ""
 
     def to_uri(self) -> str:
-        query = f"pin={b64e(self.pin)}"
+        params = [f"pin={b64url_encode(self.pin)}"]
         if self.sni:
-            query += f"&sni={quote(self.sni, safe='')}"
-        fragment = f"#{quote(self.label, safe='')}" if self.label else ""
-        return f"{SCHEME}://{b64e(self.secret)}@{self.server}?{query}{fragment}"
+            params.append(f"sni={quote(self.sni, safe='')}")
+        return format_authority_uri(SCHEME, b64url_encode(self.secret), str(self.server), params,
+                                    self.label)
 
     @classmethod
     def parse(cls, uri: str) -> AccessKey:
@@ -76,18 +73,18 @@ class AccessKey:
         if not text or parts.port is None:
             raise ConfigError(_URI_ERRORS["no_user_or_host"])
         try:
-            secret = b64d(text)
+            secret = b64url_decode(text)
         except (binascii.Error, ValueError) as exc:
             raise ConfigError("invalid access key: the secret is not base64url") from exc
         if len(secret) != SECRET_SIZE:
             raise ConfigError("invalid access key: wrong secret length (truncated copy?)")
         # b64decode skips characters outside the alphabet: only a key exactly as to_uri
         # writes it passes.
-        if b64e(secret) != text.rstrip("="):
+        if b64url_encode(secret) != text.rstrip("="):
             raise ConfigError("invalid access key: the secret is not base64url")
         query = parts.query
         try:
-            pin = b64d(query["pin"][0])
+            pin = b64url_decode(query["pin"][0])
         except (KeyError, binascii.Error, ValueError) as exc:
             raise ConfigError("invalid access key: missing or bad pin") from exc
         if len(pin) != PIN_SIZE:

@@ -32,7 +32,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from veil.errors import ConfigError, RemoteProtocolError
 from veil.protocol.address import Address, NeedMoreData
-from veil.protocol.uri import UriError, parse_authority_uri
+from veil.protocol.uri import (
+    UriError,
+    b64url_decode,
+    b64url_encode,
+    format_authority_uri,
+    parse_authority_uri,
+)
 
 SCHEME = "trojan"
 CRLF = b"\r\n"
@@ -214,11 +220,9 @@ class TrojanLink:
         if self.insecure:
             params.append("allowInsecure=1")
         if self.pin is not None:
-            pin = base64.urlsafe_b64encode(self.pin).rstrip(b"=").decode()
-            params.append(f"pin={pin}")
-        query = f"?{'&'.join(params)}" if params else ""
-        fragment = f"#{quote(self.label, safe='')}" if self.label else ""
-        return f"{SCHEME}://{quote(self.password, safe='')}@{self.server}{query}{fragment}"
+            params.append(f"pin={b64url_encode(self.pin)}")
+        return format_authority_uri(SCHEME, quote(self.password, safe=""), str(self.server),
+                                    params, self.label)
 
     @classmethod
     def parse(cls, uri: str) -> TrojanLink:
@@ -234,8 +238,7 @@ class TrojanLink:
         pin = None
         if "pin" in query:
             try:
-                text = query["pin"][0]
-                pin = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+                pin = b64url_decode(query["pin"][0])
             except (binascii.Error, ValueError) as exc:
                 raise ConfigError("invalid trojan link: bad pin") from exc
             if len(pin) != 32:

@@ -1,8 +1,9 @@
 """The URI shape users paste: ``scheme://userinfo@host[:port][?query][#fragment]``.
 
-veil:// access keys and trojan:// links share it; this module reads the shape, and each of
-them gives the parts their meaning (what the userinfo holds, whether a port is required, which
-query keys count) and its own error messages.
+veil:// access keys and trojan:// links share it; this module reads and writes the shape (and
+the unpadded base64url both use for binary parts), and each of them gives the parts their
+meaning (what the userinfo holds, whether a port is required, which query keys count) and its
+own error messages.
 
 Why not ``urlsplit`` alone: it takes the host from after the *last* "@" but checks the
 brackets of the *first* one, so in ``p@[::]:1@[:x:]:4`` the literal it checks is ``[::]``
@@ -12,9 +13,10 @@ had that bug; here a host holding ":" must be a valid IPv6 address.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 from dataclasses import dataclass
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from veil.errors import ConfigError
 
@@ -64,3 +66,25 @@ def parse_authority_uri(text: str, scheme: str) -> AuthorityUri:
             raise UriError("bad IPv6 address", code="bad_ipv6") from exc
     return AuthorityUri(parts.scheme, userinfo, host, port, parse_qs(parts.query),
                         unquote(parts.fragment))
+
+
+def format_authority_uri(scheme: str, userinfo: str, authority: str, params: list[str],
+                         label: str) -> str:
+    """``scheme://userinfo@authority[?params joined by "&"][#label]``, as parsed above.
+
+    ``userinfo`` and ``params`` come already encoded; ``label`` is percent-encoded here.
+    """
+    query = f"?{'&'.join(params)}" if params else ""
+    fragment = f"#{quote(label, safe='')}" if label else ""
+    return f"{scheme}://{userinfo}@{authority}{query}{fragment}"
+
+
+def b64url_encode(data: bytes) -> str:
+    """base64url without padding, as keys and pins are written."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64url_decode(text: str) -> bytes:
+    """The inverse of :func:`b64url_encode` (padding optional); binascii.Error or ValueError
+    when it is not base64url. Characters outside the alphabet are skipped, as by b64decode."""
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

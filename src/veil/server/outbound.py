@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 
-from veil.net.driver import SessionDriver, TcpRelay
+from veil.net.driver import DatagramStreamHandler, SessionDriver, TcpRelay
 from veil.protocol.address import Address
 from veil.protocol.events import StreamOpened
 from veil.protocol.frames import ResetCode, StreamKind
@@ -20,6 +21,34 @@ CONNECT_TIMEOUT_S = 10.0
 # UDP has no close: an association with no datagram either way for this long is ended (DNS
 # and QUIC flows are far shorter; NAT boxes use 30-180 s).
 UDP_IDLE_TIMEOUT_S = 120.0
+
+
+class IdleTimeout:
+    """Calls ``on_idle`` once :meth:`touch` has not been called for ``timeout`` seconds.
+
+    For UDP associations, which have no close of their own. ``touch`` is one clock read (it
+    runs on every datagram); the one loop timer is re-armed only when it fires early.
+    """
+
+    def __init__(self, on_idle: Callable[[], None], timeout: float = UDP_IDLE_TIMEOUT_S) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._on_idle = on_idle
+        self._timeout = timeout
+        self._handle = self._loop.call_later(timeout, self._expire)
+        self._last_activity = self._loop.time()
+
+    def touch(self) -> None:
+        self._last_activity = self._loop.time()
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+    def _expire(self) -> None:
+        idle_for = self._loop.time() - self._last_activity
+        if idle_for >= self._timeout:
+            self._on_idle()
+        else:
+            self._handle = self._loop.call_later(self._timeout - idle_for, self._expire)
 
 
 class Outbound:
@@ -73,16 +102,14 @@ class Outbound:
         except (OSError, TimeoutError):
             pass
         if relay.stream_id in driver.handlers:
-            driver.detach(relay.stream_id)
-            driver.session.reset(relay.stream_id, code)
-            driver.flush()
+            driver.cancel(relay.stream_id, code)
 
     def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
 
 
-class UdpRelay:
+class UdpRelay(DatagramStreamHandler):
     """One UDP association: datagrams to any allowed destination, replies tagged by source."""
 
     def __init__(self, driver: SessionDriver, stream_id: int, policy: DestinationPolicy) -> None:
@@ -95,13 +122,12 @@ class UdpRelay:
         self._queued: dict[int, list[tuple[bytes, tuple[str, int]]]] = {}
         self._resolved: dict[str, tuple[int, str]] = {}
         self._closed = False
-        self._idle = self._loop.call_later(UDP_IDLE_TIMEOUT_S, self._expire)
-        self._last_activity = self._loop.time()
+        self._idle = IdleTimeout(self.close)
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- session side
     def on_datagram(self, address: Address, payload: bytes) -> None:
-        self._last_activity = self._loop.time()
+        self._idle.touch()
         cached = self._resolved.get(address.host)
         if cached is not None:
             self._send(cached[0], payload, (cached[1], address.port))
@@ -155,7 +181,7 @@ class UdpRelay:
     def reply(self, data: bytes, addr: tuple[str, int]) -> None:
         if self._closed:
             return
-        self._last_activity = self._loop.time()
+        self._idle.touch()
         host = addr[0]
         if host.startswith("::ffff:"):
             host = host[7:]
@@ -174,22 +200,6 @@ class UdpRelay:
     def on_reset(self, code: ResetCode) -> None:
         self.close(notify=False)
 
-    def on_writable(self) -> None:
-        pass
-
-    def pause_source(self) -> None:
-        pass
-
-    def resume_source(self) -> None:
-        pass
-
-    def _expire(self) -> None:
-        idle_for = self._loop.time() - self._last_activity
-        if idle_for >= UDP_IDLE_TIMEOUT_S:
-            self.close()
-        else:
-            self._idle = self._loop.call_later(UDP_IDLE_TIMEOUT_S - idle_for, self._expire)
-
     def close(self, notify: bool = True) -> None:
         if self._closed:
             return
@@ -199,10 +209,10 @@ class UdpRelay:
             sock.close()
         for task in self._tasks:
             task.cancel()
-        self.driver.detach(self.stream_id)
         if notify:
-            self.driver.session.reset(self.stream_id, ResetCode.CANCELLED)
-            self.driver.flush()
+            self.driver.cancel(self.stream_id)
+        else:
+            self.driver.detach(self.stream_id)
 
 
 class _UdpSocket(asyncio.DatagramProtocol):

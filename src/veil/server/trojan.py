@@ -43,7 +43,7 @@ from veil.protocol.trojan import (
     parse_request,
 )
 from veil.server.gate import Accept, Reject, UserLookup, Verdict, Wait, WayIn
-from veil.server.outbound import CONNECT_TIMEOUT_S, UDP_IDLE_TIMEOUT_S
+from veil.server.outbound import CONNECT_TIMEOUT_S, IdleTimeout
 from veil.server.policy import DestinationPolicy, RefusedDestination, ResolveError, resolve
 from veil.store.base import User
 
@@ -143,12 +143,10 @@ class TrojanUdpAssociation(asyncio.Protocol):
         self._flow: UdpFlow = dialer.open_udp(self._reply, self.close)
         self._paused = False
         self._closed = False
-        self._loop = asyncio.get_running_loop()
-        self._last_activity = self._loop.time()
-        self._idle = self._loop.call_later(UDP_IDLE_TIMEOUT_S, self._expire)
+        self._idle = IdleTimeout(self.close)
 
     def data_received(self, data: bytes) -> None:
-        self._last_activity = self._loop.time()
+        self._idle.touch()
         try:
             packets = self._decoder.feed(data)
         except RemoteProtocolError:
@@ -160,7 +158,7 @@ class TrojanUdpAssociation(asyncio.Protocol):
     def _reply(self, source: Address, payload: bytes) -> None:
         if self._closed or self._paused or len(payload) > MAX_UDP_PAYLOAD:
             return
-        self._last_activity = self._loop.time()
+        self._idle.touch()
         host = source.host
         if host.startswith("::ffff:"):  # an IPv4 peer seen through a dual-stack socket
             source = Address(host[7:], source.port)
@@ -177,13 +175,6 @@ class TrojanUdpAssociation(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish()
-
-    def _expire(self) -> None:
-        idle_for = self._loop.time() - self._last_activity
-        if idle_for >= UDP_IDLE_TIMEOUT_S:
-            self.close()
-        else:
-            self._idle = self._loop.call_later(UDP_IDLE_TIMEOUT_S - idle_for, self._expire)
 
     def _finish(self) -> bool:
         if self._closed:

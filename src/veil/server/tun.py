@@ -24,7 +24,7 @@ from pathlib import Path
 
 from veil.config import DEFAULT_TUN_POOL, DEFAULT_TUN_POOL6, parse_tun_pools
 from veil.errors import ConfigError, LocalProtocolError
-from veil.net.driver import SessionDriver
+from veil.net.driver import DatagramStreamHandler, SessionDriver
 from veil.net.tun_linux import (
     PacketPump,
     TunDevice,
@@ -321,7 +321,7 @@ class TunServer:
         await asyncio.to_thread(self._unconfigure)
 
 
-class _IpRelay:
+class _IpRelay(DatagramStreamHandler):
     """One client's IP stream on the server (a PacketHandler for the session driver)."""
 
     def __init__(self, server: TunServer, driver: SessionDriver, stream_id: int, index: int,
@@ -345,9 +345,7 @@ class _IpRelay:
             return
         self._closed = True
         self.server.forget(self)
-        self.driver.detach(self.stream_id)
-        self.driver.session.reset(self.stream_id, ResetCode.CANCELLED)
-        self.driver.flush()
+        self.driver.cancel(self.stream_id)
 
     # StreamHandler
     def on_data(self, data: bytes) -> None:
@@ -361,14 +359,5 @@ class _IpRelay:
             self._closed = True
             self.server.forget(self)
 
-    def on_writable(self) -> None:
-        pass
-
     def on_datagram(self, address: Address, payload: bytes) -> None:
         pass  # the session gives IP streams packets, never addressed datagrams
-
-    def pause_source(self) -> None:
-        pass  # the device is shared: a congested session's packets are dropped instead
-
-    def resume_source(self) -> None:
-        pass

@@ -23,7 +23,12 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, cast
 
-from veil.transport.carrier import NOT_MINE, CarrierTransport
+from veil.transport.carrier import (
+    NOT_MINE,
+    CarrierProtocol,
+    CarrierTransport,
+    finish_handshake,
+)
 from veil.transport.tls import TlsHandshakeError
 from veil.transport.tls13 import (
     CHROME,
@@ -41,7 +46,7 @@ _CIPHER_READ = 256 * 1024
 _FAILURES = (TlsAlertReceived, TlsProtocolViolation, TlsServerAuthFailure)
 
 
-class _BrowserTlsCarrier(asyncio.BufferedProtocol):
+class _BrowserTlsCarrier(CarrierProtocol):
     """The protocol on the TCP transport: drives the TLS client, relays to the app protocol."""
 
     def __init__(self, tls: TlsClient, app_factory: Callable[[], asyncio.BaseProtocol]) -> None:
@@ -155,28 +160,14 @@ class _BrowserTlsCarrier(asyncio.BufferedProtocol):
         if self.raw is not None:
             self.raw.close()
 
-    def _fail_handshake(self, exc: Exception) -> None:
-        if not self.handshake.done():
-            self.handshake.set_exception(exc)
-
     # ------------------------------------------------------------------ app side
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.closing or self.raw is None or not data:
             return
         self.raw.write(self.tls.send(data))
 
-    def close(self) -> None:
-        if self.closing or self.raw is None:
-            return
-        self.closing = True
+    def _close_notify(self) -> None:
         self.tls.close()
-        self._flush()
-        self.raw.close()
-
-    def abort(self) -> None:
-        self.closing = True
-        if self.raw is not None:
-            self.raw.abort()
 
 
 def _retrieve(future: asyncio.Future[BrowserTlsTransport]) -> None:
@@ -217,8 +208,4 @@ async def open_browser_tls_connection(host: str, port: int,
     loop = asyncio.get_running_loop()
     carrier = _BrowserTlsCarrier(TlsClient(server_hostname, spec=spec), app_factory)
     raw, _ = await loop.create_connection(lambda: carrier, host, port)
-    try:
-        return await asyncio.wait_for(asyncio.shield(carrier.handshake), handshake_timeout)
-    except BaseException:
-        raw.abort()
-        raise
+    return await finish_handshake(raw, carrier.handshake, handshake_timeout)

@@ -26,7 +26,12 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from veil.errors import TransportError
-from veil.transport.carrier import NOT_MINE, CarrierTransport
+from veil.transport.carrier import (
+    NOT_MINE,
+    CarrierProtocol,
+    CarrierTransport,
+    finish_handshake,
+)
 from veil.transport.ratelimit import TokenBucket
 
 # One SSL read returns at most one record's plaintext (16 KiB). Records are decrypted into one
@@ -52,7 +57,7 @@ class TlsHandshakeError(TransportError, ConnectionError):
     code = "tls_handshake"
 
 
-class _TlsCarrier(asyncio.BufferedProtocol):
+class _TlsCarrier(CarrierProtocol):
     """The protocol on the TCP transport: feeds OpenSSL and relays to the app protocol."""
 
     def __init__(self, context: ssl.SSLContext, *, server_side: bool,
@@ -205,10 +210,6 @@ class _TlsCarrier(asyncio.BufferedProtocol):
         if self._incoming.pending:
             self._read_records()
 
-    def _fail_handshake(self, exc: Exception) -> None:
-        if not self.handshake.done():
-            self.handshake.set_exception(exc)
-
     def _read_records(self) -> None:
         sslobj, plain = self.sslobj, self._plain
         filled = 0
@@ -281,21 +282,11 @@ class _TlsCarrier(asyncio.BufferedProtocol):
                 self._throttle_write(wait)
         self.raw.write(self._outgoing.read())
 
-    def close(self) -> None:
-        if self.closing or self.raw is None:
-            return
-        self.closing = True
+    def _close_notify(self) -> None:
         # unwrap() queues our close_notify, then says "want read": we do not wait for the
         # peer's close_notify.
         with contextlib.suppress(ssl.SSLError, ValueError, OSError):
             self.sslobj.unwrap()
-        self._flush()
-        self.raw.close()
-
-    def abort(self) -> None:
-        self.closing = True
-        if self.raw is not None:
-            self.raw.abort()
 
 
 class TlsTransport(CarrierTransport):
@@ -342,11 +333,7 @@ async def start_tls_server(sock: socket.socket, context: ssl.SSLContext,
     carrier = _TlsCarrier(context, server_side=True, server_hostname=None,
                           app_factory=app_factory)
     raw, _ = await loop.connect_accepted_socket(lambda: carrier, sock)
-    try:
-        return await asyncio.wait_for(asyncio.shield(carrier.handshake), handshake_timeout)
-    except BaseException:
-        raw.abort()
-        raise
+    return await finish_handshake(raw, carrier.handshake, handshake_timeout)
 
 
 async def open_tls_connection(host: str, port: int, context: ssl.SSLContext,
@@ -358,8 +345,4 @@ async def open_tls_connection(host: str, port: int, context: ssl.SSLContext,
     carrier = _TlsCarrier(context, server_side=False, server_hostname=server_hostname or None,
                           app_factory=app_factory)
     raw, _ = await loop.create_connection(lambda: carrier, host, port)
-    try:
-        return await asyncio.wait_for(asyncio.shield(carrier.handshake), handshake_timeout)
-    except BaseException:
-        raw.abort()
-        raise
+    return await finish_handshake(raw, carrier.handshake, handshake_timeout)

@@ -93,6 +93,14 @@ H = HandshakeType
 # One handshake message larger than this is refused (a certificate chain is the largest).
 MAX_HANDSHAKE_MESSAGE = MAX_CERTIFICATE_MESSAGE
 _CCS_RECORD = b"\x14\x03\x03\x00\x01\x01"
+# Why a record would not open, and the alert each reason calls for (RFC 8446, section 5.2;
+# a record that is all padding is section 5.4's unexpected_message).
+_RECORD_ERRORS = (BadRecordMac, RecordOverflow, EmptyRecord)
+_RECORD_ALERTS: dict[type[Exception], int] = {
+    BadRecordMac: A.BAD_RECORD_MAC,
+    RecordOverflow: A.RECORD_OVERFLOW,
+    EmptyRecord: A.UNEXPECTED_MESSAGE,
+}
 _USER_CANCELED = 90
 
 # Extensions a server may put in EncryptedExtensions (RFC 8446 §4.2, and ALPS / ECH's
@@ -275,12 +283,8 @@ class TlsClient:
                     and self.state is State.CONNECTED):
                 try:
                     pos, filled, inner, size = opener.open_run(view, pos, plain, filled)
-                except BadRecordMac as exc:
-                    self._violation(A.BAD_RECORD_MAC, str(exc))
-                except RecordOverflow as exc:
-                    self._violation(A.RECORD_OVERFLOW, str(exc))
-                except EmptyRecord as exc:
-                    self._violation(A.UNEXPECTED_MESSAGE, str(exc))
+                except _RECORD_ERRORS as exc:
+                    self._violation(_RECORD_ALERTS[type(exc)], str(exc))
                 if inner < 0:
                     if end - pos < HEADER or end - pos - HEADER < (
                             (view[pos + 3] << 8) | view[pos + 4]):
@@ -303,12 +307,8 @@ class TlsClient:
             if ctype == ContentType.APPLICATION_DATA and opener is not None:
                 try:
                     inner, size = opener.open_into(header, body, plain[filled:])
-                except BadRecordMac as exc:
-                    self._violation(A.BAD_RECORD_MAC, str(exc))
-                except RecordOverflow as exc:
-                    self._violation(A.RECORD_OVERFLOW, str(exc))
-                except EmptyRecord as exc:
-                    self._violation(A.UNEXPECTED_MESSAGE, str(exc))
+                except _RECORD_ERRORS as exc:
+                    self._violation(_RECORD_ALERTS[type(exc)], str(exc))
                 if inner == ContentType.APPLICATION_DATA:
                     self._violation(A.UNEXPECTED_MESSAGE,
                                     "application data before the handshake completed")
