@@ -88,7 +88,7 @@ class Servers:
 
 def _site_root() -> Path:
     root = Path(tempfile.mkdtemp(prefix="veil-h2-site-"))
-    for entry in (importlib.resources.files("veil.server") / "site").iterdir():
+    for entry in (importlib.resources.files("veil.cover") / "pages").iterdir():
         if entry.is_file():
             (root / entry.name).write_bytes(entry.read_bytes())
             os.utime(root / entry.name, (DEFAULT_MTIME, DEFAULT_MTIME))

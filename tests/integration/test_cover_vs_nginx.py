@@ -170,7 +170,7 @@ def servers(request: pytest.FixtureRequest,
     d = tmp_path_factory.mktemp("nginx")
     html = d / "html"
     html.mkdir()
-    root = importlib.resources.files("veil.server") / "site"
+    root = importlib.resources.files("veil.cover") / "pages"
     for entry in root.iterdir():
         if entry.is_file():
             target = html / entry.name

@@ -25,7 +25,7 @@ from veil.cover.http2 import (  # noqa: E402
 from veil.cover.site import CoverSite  # noqa: E402
 
 SITE = CoverSite.builtin()
-INDEX = (importlib.resources.files("veil.server") / "site" / "index.html").read_bytes()
+INDEX = (importlib.resources.files("veil.cover") / "pages" / "index.html").read_bytes()
 
 
 class Pair:

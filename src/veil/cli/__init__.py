@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     connect.add_argument("--forward", action="append", default=[],
                          metavar="[LHOST:]LPORT:RHOST:RPORT[/udp]",
                          help="forward a local port to RHOST:RPORT through the tunnel "
-                              "(repeatable)")
+                              "(repeatable; LPORT 0 lets the system pick one, logged at start)")
     connect.add_argument("--connections", type=int, metavar="N",
                          help="TLS connections to keep to the server, 1 to "
                               f"{MAX_CONNECTIONS} (default 1)")

@@ -128,8 +128,8 @@ class CoverSite:
 
     @classmethod
     def builtin(cls, *, mtime: int = DEFAULT_MTIME) -> CoverSite:
-        """The small blog shipped in ``veil/server/site``."""
-        root = importlib.resources.files("veil.server") / "site"
+        """The small blog shipped in ``veil/cover/pages``."""
+        root = importlib.resources.files("veil.cover") / "pages"
         files: dict[str, SiteFile] = {}
         for entry in sorted(root.iterdir(), key=lambda e: e.name):
             if entry.is_file() and not entry.name.startswith(("_", ".")):
