@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -338,29 +339,54 @@ def test_extension_order_is_shuffled_like_chromium() -> None:
         assert order[0] == "GREASE" and order[-1] == "GREASE"
 
 
+@contextlib.contextmanager
+def p256_only_tls_server(cert: Path, key: Path) -> Iterator[int]:
+    """A TLS server (Python's OpenSSL) whose only group is P-256, so a client offering
+    X25519 first gets a HelloRetryRequest; each connection in a thread of its own, so a
+    connection a browser opens and leaves idle holds nothing up (``openssl s_server``
+    serves one at a time, which made this test time out inside the whole suite)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.set_ecdh_curve("prime256v1")  # OpenSSL 3: the groups list, TLS 1.3 included
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    conns: list[socket.socket] = []
+
+    def handshake(conn: socket.socket) -> None:
+        conn.settimeout(CAPTURE_TIMEOUT)
+        with contextlib.suppress(OSError, ssl.SSLError), \
+                context.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(1)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conns.append(conn)
+            threading.Thread(target=handshake, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
 def test_hello_retry_matches_chromium(tmp_path: Path) -> None:
     """A server that only has P-256 makes both ask again; the second flights must agree
     (change_cipher_spec placement, second hello, record versions)."""
     need_chromium()
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed")
     cert, key = procs.make_cert(tmp_path)
     flights = {}
     for who, capture in (("chromium", capture_chromium), ("veil", capture_veil)):
-        # A fresh server each time: s_server serves one connection at a time. Its port is
-        # named up front (see procs.unused_port); taken meanwhile, wait_port fails at once.
-        port = procs.unused_port()
-        server = subprocess.Popen([openssl, "s_server", "-accept", f"127.0.0.1:{port}",
-                                   "-cert", str(cert), "-key", str(key), "-groups", "P-256",
-                                   "-www", "-quiet"], stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            procs.wait_port(port, proc=server)
-            with recorder(upstream=port) as rec:
-                flights[who] = capture(rec, NAME, hellos=2)
-        finally:
-            procs.stop(server)
+        with p256_only_tls_server(cert, key) as port, recorder(upstream=port) as rec:
+            flights[who] = capture(rec, NAME, hellos=2)
     shapes = {}
     for who, data in flights.items():
         first, used = parse_client_hello(data)

@@ -301,9 +301,9 @@ def test_a_revoked_users_session_is_cut(topo: Topology, server: Server) -> None:
         mark = len(client.text())
         topo.revoke(name)
         topo.wait_log(client, "reconnecting", timeout=5, start=mark)
-        # A moment for the reconnection to be refused: the checks below are about the cut
-        # user, not about the old session's last packets.
-        time.sleep(0.5)
+        # The reconnection refused: the checks below are about the cut user, not about the
+        # old session's last packets.
+        topo.wait_log(client, "refused the key", timeout=10, start=mark)
         assert curl(topo, "client2", f"http://{WEB_NAME}/", timeout=2).returncode != 0
         # ... and the kill switch keeps it from going around the tunnel.
         assert curl(topo, "client2", f"http://{INTERNET_IP}/", timeout=2).returncode != 0
