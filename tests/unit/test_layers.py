@@ -31,31 +31,24 @@ ALLOWED_MODULES = {
 FORBIDDEN_IN_PROTOCOL = {"asyncio", "socket", "ssl", "time", "selectors", "threading"}
 
 
-def veil_imports(path: Path) -> list[str]:
-    tree = ast.parse(path.read_text())
+def veil_imports(path: Path, *, targets: bool = False) -> list[str]:
+    """The modules ``path`` imports (absolute imports only). With ``targets``, ``from veil.a
+    import b`` gives ``veil.a.b``: a module imported by name is told apart from the rest of
+    its package."""
     names: list[str] = []
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.append(node.module)
-    return names
-
-
-def veil_import_targets(path: Path) -> list[str]:
-    """As :func:`veil_imports`, but ``from veil.a import b`` gives ``veil.a.b``: a module
-    imported by name is told apart from the rest of its package."""
-    tree = ast.parse(path.read_text())
-    names: list[str] = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module.count(".") >= 1:
+            if targets and "." in node.module:
                 names += [f"{node.module}.{alias.name}" for alias in node.names]
             else:
                 names.append(node.module)
     return names
+
+
+def veil_import_targets(path: Path) -> list[str]:
+    return veil_imports(path, targets=True)
 
 
 def allowed_module(layer: str, name: str) -> bool:
