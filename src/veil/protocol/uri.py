@@ -48,8 +48,10 @@ class AuthorityUri:
 
 def parse_authority_uri(text: str, scheme: str) -> AuthorityUri:
     """Split ``text`` (surrounding whitespace ignored); UriError when it is not the shape."""
+    text = text.strip()
+    _check_bracketed_host(text)
     try:
-        parts = urlsplit(text.strip())
+        parts = urlsplit(text)
         port = parts.port
     except ValueError as exc:
         raise UriError(str(exc), code="unreadable") from exc
@@ -66,6 +68,26 @@ def parse_authority_uri(text: str, scheme: str) -> AuthorityUri:
             raise UriError("bad IPv6 address", code="bad_ipv6") from exc
     return AuthorityUri(parts.scheme, userinfo, host, port, parse_qs(parts.query),
                         unquote(parts.fragment))
+
+
+def _check_bracketed_host(text: str) -> None:
+    """Check an IPv6 literal after the last "@" before urlsplit sees it: urlsplit's own check
+    differs between Python patch releases (3.11.2 checks the bracket after the last "@" and
+    raises, 3.11.7 checks the first one and hands out the host), so the error and its code
+    would depend on the interpreter."""
+    authority = text.partition("://")[2]
+    for end in "/?#":
+        authority = authority.partition(end)[0]
+    hostport = authority.rpartition("@")[2]
+    if not hostport.startswith("["):
+        return
+    literal, closed, _ = hostport[1:].partition("]")
+    try:
+        if not closed:
+            raise ValueError("unclosed bracket")
+        ipaddress.IPv6Address(literal)
+    except ValueError as exc:
+        raise UriError("bad IPv6 address", code="bad_ipv6") from exc
 
 
 def format_authority_uri(scheme: str, userinfo: str, authority: str, params: list[str],
