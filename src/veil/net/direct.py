@@ -41,9 +41,11 @@ __all__ = [
     "HAPPY_EYEBALLS_DELAY",
     "MAX_DNS_CACHE_ENTRIES",
     "MAX_QUEUED_DATAGRAMS",
+    "MAX_RESOLVING_PER_FLOW",
     "RESOLVE_TIMEOUT",
     "Connector",
     "DirectDialer",
+    "DroppedDatagrams",
     "Resolver",
 ]
 
@@ -71,6 +73,11 @@ MAX_DNS_CACHE_ENTRIES = 256
 #: Datagrams one UDP flow holds while its socket opens or a name resolves. UDP may drop, so
 #: past this we drop instead of buffering; 64 covers a burst such as a QUIC handshake.
 MAX_QUEUED_DATAGRAMS = 64
+
+#: Names one UDP flow resolves at once. Each lookup is a task and a resolver slot; a client
+#: spraying datagrams at unique names would otherwise start one per datagram. DNS, QUIC and
+#: games talk to a handful of names; datagrams to a new name past this are dropped.
+MAX_RESOLVING_PER_FLOW = 8
 
 
 #: ``resolver(host, port, kind)``: the (family, ip) pairs a destination may be reached at, in
@@ -159,14 +166,27 @@ class _Half(asyncio.Protocol):
 
 
 class _RemoteHalf(_Half):
-    """The outbound side: on connect it sends the early data and lets the local side read."""
+    """The outbound side: on connect it sends the early data and lets the local side read.
 
-    __slots__ = ("early_data",)
+    ``on_closed`` runs once, when its socket is gone (or was never made)."""
+
+    __slots__ = ("_on_closed", "early_data")
 
     def __init__(self, relays: set[_Half], early_data: bytes,
-                 linger: float | None = None) -> None:
+                 linger: float | None = None,
+                 on_closed: Callable[[], None] | None = None) -> None:
         super().__init__(relays, linger)
         self.early_data = bytearray(early_data)
+        self._on_closed = on_closed
+
+    def closed(self) -> None:
+        on_closed, self._on_closed = self._on_closed, None
+        if on_closed is not None:
+            on_closed()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed()
+        super().connection_lost(exc)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -240,14 +260,19 @@ class DirectDialer(Dialer):
         self._relays: set[_Half] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._flows: set[_DirectUdpFlow] = set()
+        #: UDP datagrams this dialer's flows dropped, by why.
+        self.dropped = DroppedDatagrams()
 
     async def wait_ready(self, timeout: float) -> bool:
         return True
 
-    def open_tcp(self, dest: Address, local: asyncio.Transport, early_data: bytes = b"") -> None:
+    def open_tcp(self, dest: Address, local: asyncio.Transport, early_data: bytes = b"",
+                 on_closed: Callable[[], None] | None = None) -> None:
+        """See :meth:`Dialer.open_tcp`; ``on_closed`` runs once the outbound socket is gone
+        or failed to open (the server gives back its descriptor slot)."""
         local.pause_reading()
         local_half = _Half(self._relays, self._linger)
-        remote_half = _RemoteHalf(self._relays, early_data, self._linger)
+        remote_half = _RemoteHalf(self._relays, early_data, self._linger, on_closed)
         _link(local_half, remote_half)
         local_half.transport = local
         local.set_protocol(local_half)
@@ -292,10 +317,13 @@ class DirectDialer(Dialer):
         except BaseException:
             local.abort()  # cancelled (shutdown, client gone) or a bug: never leave it hanging
             raise
+        finally:
+            if remote.transport is None:
+                remote.closed()  # never connected: no connection_lost will say so
 
     def open_udp(self, on_datagram: DatagramHandler, on_close: Callable[[], None]) -> UdpFlow:
         flow = _DirectUdpFlow(asyncio.get_running_loop(), on_datagram, on_close, self._flows,
-                              self._resolver)
+                              self._resolver, self.dropped)
         self._flows.add(flow)
         return flow
 
@@ -311,6 +339,20 @@ class DirectDialer(Dialer):
 
 
 _SockAddr = tuple[str, int]
+
+
+class DroppedDatagrams:
+    """Datagrams UDP flows dropped instead of holding, by why (counters only go up)."""
+
+    __slots__ = ("paused", "queue_full", "resolving")
+
+    def __init__(self) -> None:
+        #: The socket's send buffer was over its high-water mark (the kernel's is full).
+        self.paused = 0
+        #: MAX_QUEUED_DATAGRAMS were already waiting for a socket or a name.
+        self.queue_full = 0
+        #: A new name while MAX_RESOLVING_PER_FLOW names were resolving.
+        self.resolving = 0
 # The address family a DNS cache entry has when the resolver refused the destination.
 _REFUSED = -1
 
@@ -364,8 +406,10 @@ class _DirectUdpFlow(EndingUdpFlow):
         on_close: Callable[[], None],
         registry: set[_DirectUdpFlow],
         resolver: Resolver | None = None,
+        dropped: DroppedDatagrams | None = None,
     ) -> None:
         super().__init__(on_close)
+        self._dropped = dropped or DroppedDatagrams()
         self._loop = loop
         self._resolver = resolver
         self._on_datagram = on_datagram
@@ -395,17 +439,24 @@ class _DirectUdpFlow(EndingUdpFlow):
             return
         waiting = self._resolving.get(dest.host)
         if waiting is None:
+            if len(self._resolving) >= MAX_RESOLVING_PER_FLOW:
+                self._dropped.resolving += 1
+                return
             waiting = self._resolving[dest.host] = []
             _spawn(self._tasks, self._resolve(dest.host))
         if self._queued < MAX_QUEUED_DATAGRAMS:
             waiting.append((dest.port, payload))
             self._queued += 1
+        else:
+            self._dropped.queue_full += 1
 
     def _send_ip(self, family: int, addr: _SockAddr, payload: bytes) -> None:
         sock = self._sockets.get(family)
         if sock is not None and sock.transport is not None:
             if sock.writable:
                 sock.transport.sendto(payload, addr)
+            else:
+                self._dropped.paused += 1
             return
         waiting = self._opening.get(family)
         if waiting is None:
@@ -414,6 +465,8 @@ class _DirectUdpFlow(EndingUdpFlow):
         if self._queued < MAX_QUEUED_DATAGRAMS:
             waiting.append((addr, payload))
             self._queued += 1
+        else:
+            self._dropped.queue_full += 1
 
     async def _open(self, family: int) -> None:
         try:

@@ -25,6 +25,7 @@ import ctypes.util
 import gc
 import itertools
 import logging
+import resource
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -45,6 +46,22 @@ REFRESH_INTERVAL_S = 0.5
 TRIM_AFTER_CHURN = 1000
 TRIM_MIN_INTERVAL_S = 10.0
 
+#: Of the process's descriptors (RLIMIT_NOFILE), the share tunnels' outbound sockets may
+#: never take: the listener, strangers' connections to the cover site (and its upstream),
+#: the sessions' own TLS connections, the store and the logs live in it. A quarter of the
+#: limit, and at least MIN_DESCRIPTOR_RESERVE: with LimitNOFILE=65536, 16,384 stay free.
+DESCRIPTOR_RESERVE_FRACTION = 0.25
+#: The reserve on a small limit (1,024: tunnels get 768): enough for a burst of strangers
+#: while one user holds every outbound socket tunnels may have.
+MIN_DESCRIPTOR_RESERVE = 256
+#: Outbound sockets one user may hold over all their sessions and Trojan connections (a
+#: session may open 1,024 streams and a user may hold 64 sessions: 65,536, the unit's whole
+#: limit). A browser holds a few hundred connections; 16,384 fits a household behind one key
+#: and leaves the rest of the budget to the other users.
+MAX_OUTBOUND_PER_USER = 16_384
+#: Slots a UDP association takes: it may open one socket per address family.
+UDP_ASSOCIATION_SLOTS = 2
+
 
 def _find_malloc_trim() -> Callable[[int], int] | None:
     try:
@@ -55,6 +72,78 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 
 
 _malloc_trim = _find_malloc_trim()
+
+
+class OutboundSlot:
+    """Descriptors one outbound stream holds; :meth:`release` gives them back (once)."""
+
+    __slots__ = ("_count", "_owner", "_user")
+
+    def __init__(self, owner: OutboundSlots, user: str, count: int) -> None:
+        self._owner, self._user, self._count = owner, user, count
+
+    def release(self) -> None:
+        if self._count:
+            self._owner._give_back(self._user, self._count)
+            self._count = 0
+
+
+class OutboundSlots:
+    """The descriptors tunnels may use for outbound sockets: ``total`` for the server,
+    ``per_user`` for each user. A stream that would pass either is refused (the session
+    resets it with TOO_MANY_STREAMS), so one user cannot take every descriptor and the
+    server always has the reserve left to accept strangers."""
+
+    def __init__(self, total: int, per_user: int = MAX_OUTBOUND_PER_USER) -> None:
+        self.total = total
+        self.per_user = per_user
+        self.in_use = 0
+        self._by_user: dict[str, int] = {}
+        #: Streams refused at a bound since start (user, server): for the logs and tests.
+        self.refused_user = 0
+        self.refused_server = 0
+        #: Which bound refused the last stream refused: "per-user" or "server".
+        self.last_bound = ""
+
+    @classmethod
+    def for_this_process(cls) -> OutboundSlots:
+        """The budget under this process's RLIMIT_NOFILE, as raised at start: the limit
+        minus the reserve (logged, so an operator sees what the limit leaves tunnels)."""
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 20
+        reserve = max(MIN_DESCRIPTOR_RESERVE, int(soft * DESCRIPTOR_RESERVE_FRACTION))
+        total = max(soft - reserve, soft // 2)
+        log.info("descriptors: limit %d, tunnels' outbound sockets may use %d "
+                 "(%d per user), %d kept for strangers and the server", soft, total,
+                 min(MAX_OUTBOUND_PER_USER, total), soft - total)
+        return cls(total)
+
+    def used_by(self, user: str) -> int:
+        return self._by_user.get(user, 0)
+
+    def take(self, user: str, count: int = 1) -> OutboundSlot | None:
+        """``count`` descriptors for ``user``, or None at a bound."""
+        held = self._by_user.get(user, 0)
+        if held + count > self.per_user:
+            self.refused_user += 1
+            self.last_bound = "per-user"
+            return None
+        if self.in_use + count > self.total:
+            self.refused_server += 1
+            self.last_bound = "server"
+            return None
+        self._by_user[user] = held + count
+        self.in_use += count
+        return OutboundSlot(self, user, count)
+
+    def _give_back(self, user: str, count: int) -> None:
+        self.in_use -= count
+        left = self._by_user.get(user, count) - count
+        if left > 0:
+            self._by_user[user] = left
+        else:
+            self._by_user.pop(user, None)
 
 
 @runtime_checkable
@@ -160,8 +249,11 @@ class Live:
                  max_sessions_per_user: int = DEFAULT_MAX_SESSIONS_PER_USER,
                  max_sessions: int = DEFAULT_MAX_SESSIONS,
                  user_rate: float | None = None,
+                 outbound_slots: OutboundSlots | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.max_sessions_per_user = max_sessions_per_user
+        #: Outbound descriptors per user and for the server (streams, Trojan, UDP).
+        self.outbound_slots = outbound_slots or OutboundSlots.for_this_process()
         self.max_sessions = max_sessions
         #: Bytes per second each user may move in each direction, over all their sessions.
         self.user_rate = user_rate

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable
 
+from veil.net.dialer import UdpFlow
+from veil.net.direct import DirectDialer, Resolver
 from veil.net.driver import DatagramStreamHandler, SessionDriver, TcpRelay
 from veil.protocol.address import Address
 from veil.protocol.events import StreamOpened
 from veil.protocol.frames import ResetCode, StreamKind
+from veil.server.live import UDP_ASSOCIATION_SLOTS, OutboundSlot, OutboundSlots
 from veil.server.policy import DestinationPolicy, RefusedDestination, ResolveError, resolve
 
 log = logging.getLogger("veil.server")
@@ -21,6 +25,9 @@ CONNECT_TIMEOUT_S = 10.0
 # UDP has no close: an association with no datagram either way for this long is ended (DNS
 # and QUIC flows are far shorter; NAT boxes use 30-180 s).
 UDP_IDLE_TIMEOUT_S = 120.0
+# Streams refused at a descriptor bound are logged at most this often: one user at the bound
+# refuses thousands a second, and the log must not become the next thing to fill up.
+BOUND_LOG_INTERVAL_S = 60.0
 
 
 class IdleTimeout:
@@ -51,26 +58,73 @@ class IdleTimeout:
             self._handle = self._loop.call_later(self._timeout - idle_for, self._expire)
 
 
+def policy_resolver(policy: DestinationPolicy, way_in: str) -> Resolver:
+    """The server's resolver under its destination policy, as DirectDialer's hook wants it."""
+
+    async def resolve_allowed(host: str, port: int,
+                              kind: socket.SocketKind) -> list[tuple[int, str]]:
+        try:
+            return await resolve(host, port, policy, kind)
+        except RefusedDestination as exc:
+            # Which destination stays out of the log: it is the user's browsing history.
+            log.info("%s: refused destination (private or loopback address)", way_in)
+            raise ConnectionRefusedError("destination refused by policy") from exc
+        except ResolveError as exc:
+            raise OSError("name did not resolve") from exc
+
+    return resolve_allowed
+
+
+class BoundLog:
+    """Says that a descriptor bound refused a stream, at most once per BOUND_LOG_INTERVAL_S."""
+
+    def __init__(self) -> None:
+        self._said_at = -BOUND_LOG_INTERVAL_S
+
+    def refused(self, way_in: str, user: str, slots: OutboundSlots) -> None:
+        now = time.monotonic()
+        if now - self._said_at < BOUND_LOG_INTERVAL_S:
+            return
+        self._said_at = now
+        log.warning("%s: refused a stream of user %s at the %s descriptor bound "
+                    "(%d in use of %d; %d per user)", way_in, user, slots.last_bound,
+                    slots.in_use, slots.total, slots.per_user)
+
+
 class Outbound:
-    """Opens TCP connections and UDP sockets for one server, under a destination policy."""
+    """Opens TCP connections and UDP sockets for one server, under a destination policy and
+    the outbound descriptor bounds (``slots``)."""
 
-    def __init__(self, policy: DestinationPolicy) -> None:
+    def __init__(self, policy: DestinationPolicy, slots: OutboundSlots) -> None:
         self.policy = policy
+        self.slots = slots
         self._tasks: set[asyncio.Task[None]] = set()
+        self._udp = DirectDialer(resolver=policy_resolver(policy, "udp"))
+        self._bound_log = BoundLog()
 
-    def open(self, driver: SessionDriver, event: StreamOpened) -> None:
-        if event.kind is StreamKind.TCP:
-            relay = TcpRelay(driver, event.stream_id)
+    def open(self, driver: SessionDriver, event: StreamOpened, user: str) -> None:
+        tcp = event.kind is StreamKind.TCP
+        slot = self.slots.take(user, 1 if tcp else UDP_ASSOCIATION_SLOTS)
+        if slot is None:
+            # The stream alone is refused: the session and everybody else carry on.
+            self._bound_log.refused("stream", user, self.slots)
+            driver.session.reset(event.stream_id, ResetCode.TOO_MANY_STREAMS)
+            driver.flush()
+            return
+        if tcp:
+            relay = _CountedTcpRelay(driver, event.stream_id, slot)
             driver.attach(event.stream_id, relay)
             task = asyncio.get_running_loop().create_task(
-                self._connect(driver, relay, event.destination))
+                self._connect(driver, relay, event.destination, slot))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
-            driver.attach(event.stream_id, UdpRelay(driver, event.stream_id, self.policy))
+            driver.attach(event.stream_id, UdpRelay(driver, event.stream_id, self._udp, slot))
 
-    async def _connect(self, driver: SessionDriver, relay: TcpRelay, dest: Address) -> None:
+    async def _connect(self, driver: SessionDriver, relay: TcpRelay, dest: Address,
+                       slot: OutboundSlot) -> None:
         code = ResetCode.CONNECT_FAILED
+        connected = False  # from then on the relay's connection_lost gives the slot back
         try:
             addresses = await resolve(dest.host, dest.port, self.policy)
             loop = asyncio.get_running_loop()
@@ -86,6 +140,7 @@ class Outbound:
                     if index == len(addresses) - 1:
                         raise
                     continue
+                connected = True
                 sock = transport.get_extra_info("socket")
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -101,92 +156,59 @@ class Outbound:
             code = ResetCode.RESOLVE_FAILED
         except (OSError, TimeoutError):
             pass
+        finally:
+            if not connected:
+                slot.release()
         if relay.stream_id in driver.handlers:
             driver.cancel(relay.stream_id, code)
 
     def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        self._udp.close()
+
+
+class _CountedTcpRelay(TcpRelay):
+    """A TcpRelay whose outbound socket holds a descriptor slot until it is closed."""
+
+    def __init__(self, driver: SessionDriver, stream_id: int, slot: OutboundSlot) -> None:
+        super().__init__(driver, stream_id)
+        self._slot = slot
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._slot.release()
+        super().connection_lost(exc)
 
 
 class UdpRelay(DatagramStreamHandler):
-    """One UDP association: datagrams to any allowed destination, replies tagged by source."""
+    """One UDP association: datagrams to any allowed destination, replies tagged by source.
 
-    def __init__(self, driver: SessionDriver, stream_id: int, policy: DestinationPolicy) -> None:
+    The sockets, name cache and every bound on them (names resolving at once, datagrams
+    waiting, datagrams dropped while a socket's send buffer is full) are the direct
+    dialer's UDP flow's, shared with Trojan's UDP (``veil.net.direct``)."""
+
+    def __init__(self, driver: SessionDriver, stream_id: int, dialer: DirectDialer,
+                 slot: OutboundSlot) -> None:
         self.driver = driver
         self.stream_id = stream_id
-        self.policy = policy
-        self._loop = asyncio.get_running_loop()
-        self._sockets: dict[int, asyncio.DatagramTransport] = {}
-        self._opening: set[int] = set()  # families whose socket is being created
-        self._queued: dict[int, list[tuple[bytes, tuple[str, int]]]] = {}
-        self._resolved: dict[str, tuple[int, str]] = {}
+        self._slot = slot
         self._closed = False
         self._idle = IdleTimeout(self.close)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._flow: UdpFlow = dialer.open_udp(self.reply, self.close)
 
     # --- session side
     def on_datagram(self, address: Address, payload: bytes) -> None:
         self._idle.touch()
-        cached = self._resolved.get(address.host)
-        if cached is not None:
-            self._send(cached[0], payload, (cached[1], address.port))
-            return
-        task = self._loop.create_task(self._resolve_and_send(address, payload))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._flow.send(address, payload)
 
-    async def _resolve_and_send(self, address: Address, payload: bytes) -> None:
-        try:
-            family, ip = (await resolve(address.host, address.port, self.policy,
-                                        socket.SOCK_DGRAM))[0]
-        except (RefusedDestination, ResolveError):
-            return  # a refused datagram is dropped, as a firewall would
-        if len(self._resolved) < 1024:
-            self._resolved[address.host] = (family, ip)
-        self._send(family, payload, (ip, address.port))
-
-    def _send(self, family: int, payload: bytes, addr: tuple[str, int]) -> None:
-        if self._closed:
-            return
-        sock = self._sockets.get(family)
-        if sock is not None:
-            sock.sendto(payload, addr)
-            return
-        queue = self._queued.setdefault(family, [])
-        if len(queue) < 64:  # datagrams waiting for the socket to open; UDP may drop
-            queue.append((payload, addr))
-        if family not in self._opening:
-            self._opening.add(family)
-            task = self._loop.create_task(self._open_socket(family))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _open_socket(self, family: int) -> None:
-        try:
-            transport, _ = await self._loop.create_datagram_endpoint(
-                lambda: _UdpSocket(self), family=family)
-        except OSError:
-            self._queued.pop(family, None)
-            self._opening.discard(family)
-            return
-        self._opening.discard(family)
-        if self._closed:
-            transport.close()
-            return
-        self._sockets[family] = transport
-        for payload, addr in self._queued.pop(family, []):
-            transport.sendto(payload, addr)
-
-    def reply(self, data: bytes, addr: tuple[str, int]) -> None:
+    def reply(self, source: Address, data: bytes) -> None:
         if self._closed:
             return
         self._idle.touch()
-        host = addr[0]
-        if host.startswith("::ffff:"):
-            host = host[7:]
+        if source.host.startswith("::ffff:"):  # an IPv4 peer seen through a dual-stack socket
+            source = Address(source.host[7:], source.port)
         try:
-            self.driver.session.send_datagram(self.stream_id, Address(host, addr[1]), data)
+            self.driver.session.send_datagram(self.stream_id, source, data)
         except Exception:  # the stream is gone or the datagram too large: drop it, as UDP does
             return
         self.driver.flush()
@@ -205,22 +227,9 @@ class UdpRelay(DatagramStreamHandler):
             return
         self._closed = True
         self._idle.cancel()
-        for sock in self._sockets.values():
-            sock.close()
-        for task in self._tasks:
-            task.cancel()
+        self._flow.close()
+        self._slot.release()
         if notify:
             self.driver.cancel(self.stream_id)
         else:
             self.driver.detach(self.stream_id)
-
-
-class _UdpSocket(asyncio.DatagramProtocol):
-    def __init__(self, relay: UdpRelay) -> None:
-        self.relay = relay
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.relay.reply(data, (str(addr[0]), int(addr[1])))
-
-    def error_received(self, exc: Exception) -> None:
-        pass  # ICMP errors for one destination must not end the whole association

@@ -21,8 +21,10 @@ import concurrent.futures
 import ipaddress
 import logging
 import socket
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from veil.errors import TransportError
 
@@ -32,6 +34,18 @@ except ImportError:  # pragma: no cover - other platforms
     IPRoute = None
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: Give up on a name after this long. glibc's own retries (resolv.conf: 5 s x 2 attempts) can
+#: hold a lookup for ~10 s; a client's application has timed out by then too.
+RESOLVE_TIMEOUT_S = 10.0
+#: Threads that run getaddrinfo() for the whole server. A pool of its own, not the loop's
+#: default executor: the user store's to_thread calls must not queue behind a flood of
+#: lookups. A resolver answers in milliseconds, so 16 carry hundreds of names a second.
+RESOLVER_THREADS = 16
+#: Lookups the server holds at once, running or queued, counted until their thread is free
+#: (a timed-out lookup still occupies one). Past it a name fails at once (a stream is reset
+#: with RESOLVE_FAILED, a datagram is dropped) instead of queueing without limit: one user
+#: spraying unique names cannot make everybody's lookups wait for minutes.
+MAX_PENDING_RESOLUTIONS = 256
 # Listing the interfaces' addresses over netlink takes milliseconds; a stuck query must not
 # stop the server from starting (it then refuses its listen and public addresses only).
 LOCAL_ADDRESSES_TIMEOUT_S = 5.0
@@ -182,10 +196,9 @@ async def resolve(host: str, port: int, policy: DestinationPolicy,
         if not policy.allows(literal):
             raise RefusedDestination(host)
         return [(socket.AF_INET6 if literal.version == 6 else socket.AF_INET, str(literal))]
-    loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(host, port, type=kind)
-    except (socket.gaierror, UnicodeError) as exc:
+        infos = await _RESOLVER.getaddrinfo(host, port, kind)
+    except (OSError, UnicodeError, TimeoutError) as exc:
         raise ResolveError(host) from exc
     result: list[tuple[int, str]] = []
     for family, _type, _proto, _name, sockaddr in infos:
@@ -196,3 +209,57 @@ async def resolve(host: str, port: int, policy: DestinationPolicy,
     if not result:
         raise RefusedDestination(host)
     return result
+
+
+class ResolverBusy(OSError):
+    """MAX_PENDING_RESOLUTIONS lookups are already running or queued."""
+
+
+class BoundedResolver:
+    """getaddrinfo() on a pool of its own, with a timeout and a cap on pending lookups."""
+
+    def __init__(self, threads: int = RESOLVER_THREADS,
+                 max_pending: int = MAX_PENDING_RESOLUTIONS,
+                 timeout: float = RESOLVE_TIMEOUT_S) -> None:
+        self.threads = threads
+        self.max_pending = max_pending
+        self.timeout = timeout
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()  # pending is decremented from the worker threads
+        self.pending = 0
+        #: Lookups refused at the cap and lookups that timed out, since start.
+        self.refused = 0
+        self.timed_out = 0
+
+    async def getaddrinfo(self, host: str, port: int,
+                          kind: socket.SocketKind) -> list[tuple[Any, ...]]:
+        with self._lock:
+            if self.pending >= self.max_pending:
+                self.refused += 1
+                raise ResolverBusy("resolver busy")
+            self.pending += 1
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self.threads, thread_name_prefix="veil-resolve")
+        try:
+            future = self._pool.submit(socket.getaddrinfo, host, port, 0, kind)
+        except BaseException:
+            self._done(None)
+            raise
+        future.add_done_callback(self._done)
+        try:
+            async with asyncio.timeout(self.timeout):
+                infos = await asyncio.wrap_future(future)
+        except TimeoutError:
+            self.timed_out += 1
+            future.cancel()  # frees the slot now if it never left the queue
+            raise
+        return list(infos)
+
+    def _done(self, _future: object) -> None:
+        with self._lock:
+            self.pending -= 1
+
+
+#: The server's one resolver (streams, UDP associations and Trojan share its bounds).
+_RESOLVER = BoundedResolver()

@@ -65,8 +65,8 @@ class VeilServer:
         policy = DestinationPolicy.for_server(
             options.allow_private,
             [options.listen.host, state.public.host, *local_addresses()])
-        self.outbound = Outbound(policy)
-        self.trojan = TrojanService(policy)
+        self.outbound = Outbound(policy, self.live.outbound_slots)
+        self.trojan = TrojanService(policy, self.live.outbound_slots)
         own_names = frozenset(n for n in (state.sni,) if n)
         ways_in = (VeilWayIn(Authenticator(self.live), self._start_session),
                    TrojanWayIn(self.live, self._serve_trojan))
@@ -131,15 +131,15 @@ class VeilServer:
 
     def _open(self, driver: SessionDriver, event: StreamOpened) -> None:
         self.live.note_stream_opened()
+        conn = self.sessions.get(driver)
         if event.kind is StreamKind.IP:
-            conn = self.sessions.get(driver)
             if self.tun is None or conn is None:
                 driver.session.reset(event.stream_id, ResetCode.REFUSED_DESTINATION)
                 driver.flush()
             else:
                 self.tun.open(driver, event, conn.user.name)
             return
-        self.outbound.open(driver, event)
+        self.outbound.open(driver, event, conn.user.name if conn is not None else "")
 
     def _session_closed(self, driver: SessionDriver) -> None:
         conn = self.sessions.pop(driver, None)

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Callable
 
 from veil.errors import RemoteProtocolError
 from veil.net.dialer import UdpFlow
-from veil.net.direct import DirectDialer, Resolver
+from veil.net.direct import DirectDialer
 from veil.protocol.address import Address
 from veil.protocol.trojan import (
     MAX_UDP_PAYLOAD,
@@ -43,8 +42,9 @@ from veil.protocol.trojan import (
     parse_request,
 )
 from veil.server.gate import Accept, Reject, UserLookup, Verdict, Wait, WayIn
-from veil.server.outbound import CONNECT_TIMEOUT_S, IdleTimeout
-from veil.server.policy import DestinationPolicy, RefusedDestination, ResolveError, resolve
+from veil.server.live import UDP_ASSOCIATION_SLOTS, OutboundSlot, OutboundSlots
+from veil.server.outbound import CONNECT_TIMEOUT_S, BoundLog, IdleTimeout, policy_resolver
+from veil.server.policy import DestinationPolicy
 from veil.store.base import User
 
 log = logging.getLogger("veil.server")
@@ -81,40 +81,32 @@ class TrojanWayIn(WayIn):
         return Accept(user, lambda t: self.serve(t, user, request, rest))
 
 
-def policy_resolver(policy: DestinationPolicy) -> Resolver:
-    """The server's resolver under its destination policy, as DirectDialer's hook wants it."""
-
-    async def resolve_allowed(host: str, port: int,
-                              kind: socket.SocketKind) -> list[tuple[int, str]]:
-        try:
-            return await resolve(host, port, policy, kind)
-        except RefusedDestination as exc:
-            # Which destination stays out of the log: it is the user's browsing history.
-            log.info("trojan: refused destination (private or loopback address)")
-            raise ConnectionRefusedError("destination refused by policy") from exc
-        except ResolveError as exc:
-            raise OSError("name did not resolve") from exc
-
-    return resolve_allowed
-
-
 class TrojanService:
     """Serves accepted Trojan connections: TCP relays and UDP associations."""
 
-    def __init__(self, policy: DestinationPolicy) -> None:
+    def __init__(self, policy: DestinationPolicy, slots: OutboundSlots) -> None:
         self.dialer = DirectDialer(connect_timeout=CONNECT_TIMEOUT_S, happy_eyeballs_delay=None,
-                                   resolver=policy_resolver(policy))
+                                   resolver=policy_resolver(policy, "trojan"))
+        self.slots = slots
         self._associations: set[TrojanUdpAssociation] = set()
+        self._bound_log = BoundLog()
         self.connections = 0
 
     def serve(self, transport: asyncio.Transport, user: User, request: TrojanRequest,
               rest: bytes) -> None:
         self.connections += 1
         log.debug("trojan %s for user %s", request.command.name, user.name)
-        if request.command is Command.CONNECT:
-            self.dialer.open_tcp(request.destination, transport, rest)
+        connect = request.command is Command.CONNECT
+        slot = self.slots.take(user.name, 1 if connect else UDP_ASSOCIATION_SLOTS)
+        if slot is None:
+            # Trojan has no error reply: a connection whose connect failed is closed, as here.
+            self._bound_log.refused("trojan", user.name, self.slots)
+            transport.close()
+            return
+        if connect:
+            self.dialer.open_tcp(request.destination, transport, rest, on_closed=slot.release)
         else:
-            association = TrojanUdpAssociation(transport, self.dialer, self._associations)
+            association = TrojanUdpAssociation(transport, self.dialer, self._associations, slot)
             self._associations.add(association)
             transport.set_protocol(association)
             if rest:
@@ -136,8 +128,9 @@ class TrojanUdpAssociation(asyncio.Protocol):
     """
 
     def __init__(self, transport: asyncio.Transport, dialer: DirectDialer,
-                 registry: set[TrojanUdpAssociation]) -> None:
+                 registry: set[TrojanUdpAssociation], slot: OutboundSlot) -> None:
         self.transport = transport
+        self._slot = slot
         self._registry = registry
         self._decoder = UdpPacketDecoder()
         self._flow: UdpFlow = dialer.open_udp(self._reply, self.close)
@@ -182,6 +175,7 @@ class TrojanUdpAssociation(asyncio.Protocol):
         self._closed = True
         self._idle.cancel()
         self._flow.close()
+        self._slot.release()
         self._registry.discard(self)
         return True
 
