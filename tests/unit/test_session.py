@@ -279,3 +279,37 @@ def test_shaping_leaves_large_writes_alone() -> None:
     client.data_to_send()
     client.send_data(sid, bytes(5000))
     assert len(client.data_to_send()) == 8 + 5000
+
+
+PING_FLOOD = 10_000
+
+
+def test_a_ping_flood_owes_one_pong_with_the_latest_payload() -> None:
+    """However many PINGs arrive, the session owes one PONG (16 bytes): the latest PING's."""
+    server = Session(client=False, now=0.0, config=SessionConfig(shaping=NO_SHAPING))
+    pings = b"".join(frame(FrameType.PING, 0, n.to_bytes(8, "big")) for n in range(PING_FLOOD))
+    assert server.receive_data(pings, 1.0) == []
+    assert server.data_to_send() == frame(FrameType.PONG, 0, (PING_FLOOD - 1).to_bytes(8, "big"))
+    assert server.data_to_send() == b""
+
+
+def test_pongs_wait_while_the_wire_is_congested() -> None:
+    """While the caller's wire is congested no PONG leaves; PINGs that arrive meanwhile are
+    answered once, when it drains. Other frames are not held."""
+    server = Session(client=False, now=0.0, config=SessionConfig(shaping=NO_SHAPING))
+    server.set_congested(True)
+    for n in range(3):
+        server.receive_data(frame(FrameType.PING, 0, n.to_bytes(8, "big")), 1.0)
+        assert server.data_to_send() == b""
+    server.send_padding(1)
+    assert server.data_to_send() == frame(FrameType.PADDING, 0, b"\0")
+    server.set_congested(False)
+    assert server.data_to_send() == frame(FrameType.PONG, 0, (2).to_bytes(8, "big"))
+    assert server.data_to_send() == b""
+
+
+def test_a_pong_owed_when_the_session_closes_is_not_sent_after_close() -> None:
+    server = Session(client=False, now=0.0, config=SessionConfig(shaping=NO_SHAPING))
+    server.receive_data(frame(FrameType.PING, 0, bytes(8)), 1.0)
+    server.close(CloseCode.NORMAL, "")
+    assert server.data_to_send() == frame(FrameType.CLOSE, 0, bytes((CloseCode.NORMAL,)))
