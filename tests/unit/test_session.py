@@ -20,7 +20,6 @@ from veil.protocol.events import (
     StreamWritable,
 )
 from veil.protocol.frames import CloseCode, FrameType, ResetCode, StreamKind, frame, pack_u32
-from veil.protocol.shaping import NO_SHAPING, ShapingPolicy
 from veil.protocol.session import (
     INITIAL_SESSION_WINDOW,
     INITIAL_STREAM_WINDOW,
@@ -28,6 +27,7 @@ from veil.protocol.session import (
     SessionConfig,
     StreamState,
 )
+from veil.protocol.shaping import NO_SHAPING, ShapingPolicy
 
 DEST = Address("example.com", 443)
 
@@ -41,7 +41,8 @@ def transfer(src: Session, dst: Session, now: float = 0.0) -> list:
 
 
 def data_of(events: list, stream_id: int) -> bytes:
-    return b"".join(e.data for e in events if isinstance(e, DataReceived) and e.stream_id == stream_id)
+    return b"".join(e.data for e in events
+                    if isinstance(e, DataReceived) and e.stream_id == stream_id)
 
 
 def test_open_with_early_data_arrives_in_one_flight() -> None:
