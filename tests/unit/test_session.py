@@ -20,7 +20,6 @@ from veil.protocol.events import (
     StreamWritable,
 )
 from veil.protocol.frames import CloseCode, FrameType, ResetCode, StreamKind, frame, pack_u32
-from veil.protocol.shaping import NO_SHAPING, ShapingPolicy
 from veil.protocol.session import (
     INITIAL_SESSION_WINDOW,
     INITIAL_STREAM_WINDOW,
@@ -28,6 +27,7 @@ from veil.protocol.session import (
     SessionConfig,
     StreamState,
 )
+from veil.protocol.shaping import NO_SHAPING, ShapingPolicy
 
 DEST = Address("example.com", 443)
 
@@ -41,7 +41,8 @@ def transfer(src: Session, dst: Session, now: float = 0.0) -> list:
 
 
 def data_of(events: list, stream_id: int) -> bytes:
-    return b"".join(e.data for e in events if isinstance(e, DataReceived) and e.stream_id == stream_id)
+    return b"".join(e.data for e in events
+                    if isinstance(e, DataReceived) and e.stream_id == stream_id)
 
 
 def test_open_with_early_data_arrives_in_one_flight() -> None:
@@ -279,3 +280,37 @@ def test_shaping_leaves_large_writes_alone() -> None:
     client.data_to_send()
     client.send_data(sid, bytes(5000))
     assert len(client.data_to_send()) == 8 + 5000
+
+
+PING_FLOOD = 10_000
+
+
+def test_a_ping_flood_owes_one_pong_with_the_latest_payload() -> None:
+    """However many PINGs arrive, the session owes one PONG (16 bytes): the latest PING's."""
+    server = Session(client=False, now=0.0, config=SessionConfig(shaping=NO_SHAPING))
+    pings = b"".join(frame(FrameType.PING, 0, n.to_bytes(8, "big")) for n in range(PING_FLOOD))
+    assert server.receive_data(pings, 1.0) == []
+    assert server.data_to_send() == frame(FrameType.PONG, 0, (PING_FLOOD - 1).to_bytes(8, "big"))
+    assert server.data_to_send() == b""
+
+
+def test_pongs_wait_while_the_wire_is_congested() -> None:
+    """While the caller's wire is congested no PONG leaves; PINGs that arrive meanwhile are
+    answered once, when it drains. Other frames are not held."""
+    server = Session(client=False, now=0.0, config=SessionConfig(shaping=NO_SHAPING))
+    server.set_congested(True)
+    for n in range(3):
+        server.receive_data(frame(FrameType.PING, 0, n.to_bytes(8, "big")), 1.0)
+        assert server.data_to_send() == b""
+    server.send_padding(1)
+    assert server.data_to_send() == frame(FrameType.PADDING, 0, b"\0")
+    server.set_congested(False)
+    assert server.data_to_send() == frame(FrameType.PONG, 0, (2).to_bytes(8, "big"))
+    assert server.data_to_send() == b""
+
+
+def test_a_pong_owed_when_the_session_closes_is_not_sent_after_close() -> None:
+    server = Session(client=False, now=0.0, config=SessionConfig(shaping=NO_SHAPING))
+    server.receive_data(frame(FrameType.PING, 0, bytes(8)), 1.0)
+    server.close(CloseCode.NORMAL, "")
+    assert server.data_to_send() == frame(FrameType.CLOSE, 0, bytes((CloseCode.NORMAL,)))

@@ -33,6 +33,18 @@ from veil.protocol.session import Session, StreamState
 
 log = logging.getLogger("veil.net")
 
+#: How far a session's unsent output may exceed its transport's high-water mark before the
+#: driver stops reading the peer (until the transport drains below its low-water mark). At the
+#: high-water mark every local source pauses, so the output overshoots it by at most a read
+#: already under way (one 256 KiB DATA frame) and the few frames a received batch answers
+#: with; what goes further is the peer making the session answer faster than it reads the
+#: answers (RESETs for OPENs it may not make, WINDOWs), which must cost the server the
+#: peer's socket buffer, not memory. It is below the TLS carrier's own mark
+#: (veil.transport.carrier.UNSENT_READ_SLACK) so the session's bound acts first; legitimate
+#: traffic never reaches either, which is what keeps two ends that both send in bulk from
+#: each waiting for the other to read.
+SESSION_UNSENT_SLACK = 512 * 1024
+
 
 class StreamHandler(Protocol):
     """The local end of one stream, as the driver sees it."""
@@ -96,6 +108,7 @@ class SessionDriver(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._timer = LoopTimer(self._loop, self._on_timer)
         self._writing_paused = False
+        self._reading_paused = False  # by us, for unsent output (SESSION_UNSENT_SLACK)
         self._done = False
         self.closed = self._loop.create_future()
         self._read_buffer: memoryview | None = None
@@ -133,15 +146,24 @@ class SessionDriver(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The TLS connection is congested: stop reading every local source until it drains,
-        # so bytes queue in the sources' kernel buffers rather than in our memory.
+        # so bytes queue in the sources' kernel buffers rather than in our memory; and hold
+        # the answers to the peer's PINGs (coalesced into one) until then.
         self._writing_paused = True
+        self.session.set_congested(True)
         for handler in self.handlers.values():
             handler.pause_source()
 
     def resume_writing(self) -> None:
+        # Below the transport's low-water mark: read the peer again, send the PONG held.
         self._writing_paused = False
+        self.session.set_congested(False)
+        transport = self._transport
+        if self._reading_paused and transport is not None:
+            self._reading_paused = False
+            transport.resume_reading()
         for handler in list(self.handlers.values()):
             handler.resume_source()
+        self.flush()
 
     @property
     def writing_paused(self) -> bool:
@@ -175,6 +197,13 @@ class SessionDriver(asyncio.Protocol):
             if self._on_bytes is not None:
                 self._on_bytes(0, len(data))
             transport.write(data)
+            if (self._writing_paused and not self._reading_paused
+                    and transport.get_write_buffer_size()
+                    > transport.get_write_buffer_limits()[1] + SESSION_UNSENT_SLACK):
+                # Backpressure rather than buffering: the peer's next bytes wait in its socket
+                # until it has read what we owe it (resume_writing).
+                self._reading_paused = True
+                transport.pause_reading()
         self._timer.set(self.session.get_timer())
         if self.session.closed and not self._done:
             self._finish("session closed")

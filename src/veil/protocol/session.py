@@ -139,6 +139,11 @@ class Session:
         self._ping_sent_at: float | None = None
         self._ping_counter = 0
         self._ping_payload = b""
+        # The answer owed to the peer's latest PING, sent with the next output unless the
+        # caller's wire is congested (set_congested): one PONG owed at most, whatever the
+        # number of PINGs, so a peer that pings without reading costs 16 bytes, not a queue.
+        self._pong_owed: bytes | None = None
+        self._congested = False
 
     # ------------------------------------------------------------------ state
     @property
@@ -152,6 +157,13 @@ class Session:
     def stream_state(self, stream_id: int) -> StreamState:
         stream = self._streams.get(stream_id)
         return stream.state if stream else StreamState.CLOSED
+
+    def set_congested(self, congested: bool) -> None:
+        """Say whether the caller's wire is congested (its unsent output is over its
+        high-water mark). While it is, the answer to the peer's PINGs waits, and however many
+        PINGs arrive meanwhile they are answered once, with the latest payload, when it drains:
+        nothing useful is lost (any byte received is a sign of life) and nothing piles up."""
+        self._congested = congested
 
     # ------------------------------------------------------------------ sending
     def open_stream(self, kind: StreamKind, destination: Address) -> int:
@@ -295,6 +307,9 @@ class Session:
         """Everything queued for the wire since the last call, as one buffer (a view into
         the caller's buffer when that is all there is, see :meth:`send_frame`)."""
         out = self._out
+        if self._pong_owed is not None and not self._congested:
+            out.append(frame(FrameType.PONG, 0, self._pong_owed))
+            self._pong_owed = None
         if not out:
             return b""
         if self._shape_this_write or self._shaped_writes:
@@ -453,7 +468,7 @@ class Session:
         elif ftype == FrameType.DATAGRAM:
             self._on_datagram(stream_id, payload, events)
         elif ftype == FrameType.PING:
-            self._out.append(frame(FrameType.PONG, 0, payload))
+            self._pong_owed = payload  # answered by data_to_send; a newer PING replaces it
         elif ftype == FrameType.PONG:
             if self._ping_sent_at is not None and payload == self._ping_payload:
                 events.append(PongReceived(now - self._ping_sent_at))
@@ -637,6 +652,7 @@ class Session:
 
     def _shut(self) -> None:
         self._closed = True
+        self._pong_owed = None  # nothing follows CLOSE
         self._streams.clear()
         self._blocked.clear()
 

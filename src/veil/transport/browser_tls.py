@@ -77,6 +77,7 @@ class _BrowserTlsCarrier(CarrierProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.received += nbytes
+        self._take_turns(nbytes, len(self._cipher))
         tls = self.tls
         try:
             tls.receive_data(self._cipher[:nbytes])
@@ -120,6 +121,7 @@ class _BrowserTlsCarrier(CarrierProtocol):
             self.app.pause_writing()
 
     def resume_writing(self) -> None:
+        self._unsent_drained()
         if self.app is not None:
             self.app.resume_writing()
 
@@ -131,7 +133,7 @@ class _BrowserTlsCarrier(CarrierProtocol):
     def _flush(self) -> None:
         data = self.tls.data_to_send()
         if data and self.raw is not None:
-            self.raw.write(data)
+            self._write_raw(data)
 
     def _handshake_done(self) -> None:
         self._flush()  # our Finished before anything the application writes
@@ -164,7 +166,7 @@ class _BrowserTlsCarrier(CarrierProtocol):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.closing or self.raw is None or not data:
             return
-        self.raw.write(self.tls.send(data))
+        self._write_raw(self.tls.send(data))
 
     def _close_notify(self) -> None:
         self.tls.close()

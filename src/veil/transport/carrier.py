@@ -12,10 +12,30 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import enum
 from typing import Any, Protocol, TypeVar, cast
 
 #: Returned by ``CarrierTransport._own_info`` for names the TCP transport answers.
 NOT_MINE = object()
+
+#: How far the ciphertext the socket has not accepted may exceed the TCP transport's high-water
+#: mark before the carrier stops reading the socket (until the transport says it has drained
+#: below its low-water mark). A protocol that heeds pause_writing overshoots the mark by a
+#: frame or two (a 256 KiB DATA frame is the largest), so it never gets here; one that answers
+#: every read regardless (a PING, a pipelined request) would otherwise make the carrier buffer
+#: as much as the peer sends without reading. Legitimate traffic must never reach it: if both
+#: ends stopped reading while sending in bulk, neither would drain the other.
+UNSENT_READ_SLACK = 1024 * 1024
+
+
+class ReadHold(enum.Flag):
+    """Why a carrier is not reading its socket; it reads again once no reason is left."""
+
+    NONE = 0
+    APP = enum.auto()  # the protocol above asked (TlsTransport.pause_reading)
+    THROTTLE = enum.auto()  # a rate limit's bucket is empty
+    BACKLOG = enum.auto()  # its unsent output is over the mark (UNSENT_READ_SLACK)
+    TURN = enum.auto()  # it read a full buffer: other connections get the loop first
 
 T = TypeVar("T")
 
@@ -41,6 +61,8 @@ class Carrier(Protocol):
     closing: bool
 
     def set_app(self, protocol: asyncio.Protocol) -> None: ...
+    def hold_reading(self, reason: ReadHold) -> None: ...
+    def release_reading(self, reason: ReadHold) -> None: ...
     def write(self, data: bytes | bytearray | memoryview) -> None: ...
     def close(self) -> None: ...
     def abort(self) -> None: ...
@@ -57,6 +79,8 @@ class CarrierProtocol(asyncio.BufferedProtocol, metaclass=abc.ABCMeta):
     raw: asyncio.Transport | None
     closing: bool
     handshake: asyncio.Future[Any]
+    # Why the socket is not being read (see ReadHold); starts reading.
+    _read_holds: ReadHold = ReadHold.NONE
 
     @abc.abstractmethod
     def _close_notify(self) -> None:
@@ -65,6 +89,50 @@ class CarrierProtocol(asyncio.BufferedProtocol, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def _flush(self) -> None:
         """Write what the TLS stack has queued to the TCP transport."""
+
+    # ------------------------------------------------------------------ reading
+    def hold_reading(self, reason: ReadHold) -> None:
+        """Stop reading the socket for ``reason`` (until :meth:`release_reading` with it)."""
+        self._read_holds |= reason
+        if self.raw is not None:
+            self.raw.pause_reading()
+
+    def release_reading(self, reason: ReadHold) -> None:
+        """Drop ``reason``; the socket is read again when no other reason is left."""
+        self._read_holds &= ~reason
+        if self.raw is not None and not self._read_holds and not self.closing:
+            self.raw.resume_reading()
+
+    def _write_raw(self, data: bytes | bytearray | memoryview) -> None:
+        """Write ciphertext to the socket; stop reading it while too much is unsent."""
+        raw = self.raw
+        if raw is None:
+            return
+        raw.write(data)
+        if (not self._read_holds & ReadHold.BACKLOG
+                and raw.get_write_buffer_size() > raw.get_write_buffer_limits()[1]
+                + UNSENT_READ_SLACK):
+            # The TCP transport, over its high-water mark, has told us pause_writing (and
+            # we our protocol); its resume_writing (drained below its low-water mark) is
+            # what ends this hold, see _unsent_drained.
+            self.hold_reading(ReadHold.BACKLOG)
+
+    def _unsent_drained(self) -> None:
+        """The TCP transport is below its low-water mark: read again if that was why not."""
+        if self._read_holds & ReadHold.BACKLOG:
+            self.release_reading(ReadHold.BACKLOG)
+
+    def _take_turns(self, nbytes: int, size: int) -> None:
+        """After a full read (``nbytes == size``: more is likely waiting) let the event loop
+        serve other connections before this one reads again.
+
+        uvloop (libuv) reads a socket up to 32 times in one callback while each read fills
+        the buffer: 8 MiB of tiny frames from one peer then keep the loop for seconds, and
+        every other user waits. One read per turn bounds that to one buffer's work.
+        """
+        if nbytes == size and not self._read_holds & ReadHold.TURN and not self.closing:
+            self.hold_reading(ReadHold.TURN)
+            asyncio.get_running_loop().call_soon(self.release_reading, ReadHold.TURN)
 
     def close(self) -> None:
         """Send our close_notify and close the TCP transport; the peer's is not awaited."""
@@ -134,10 +202,10 @@ class CarrierTransport(asyncio.Transport):
         return self._raw.is_reading()
 
     def pause_reading(self) -> None:
-        self._raw.pause_reading()
+        self._carrier.hold_reading(ReadHold.APP)
 
     def resume_reading(self) -> None:
-        self._raw.resume_reading()
+        self._carrier.release_reading(ReadHold.APP)
 
     def get_write_buffer_size(self) -> int:
         return self._raw.get_write_buffer_size()

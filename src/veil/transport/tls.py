@@ -30,6 +30,7 @@ from veil.transport.carrier import (
     NOT_MINE,
     CarrierProtocol,
     CarrierTransport,
+    ReadHold,
     finish_handshake,
 )
 from veil.transport.ratelimit import TokenBucket
@@ -83,12 +84,11 @@ class _TlsCarrier(CarrierProtocol):
         self.bytes_received = 0
         self.bytes_sent = 0
         # Optional rate limits (server: a user's buckets, shared by the user's connections).
-        # Reading pauses while either the app or the limiter wants it paused; the app's
-        # sources pause while either the socket is congested or the limiter says so.
+        # Reading pauses while anything holds it (ReadHold: the app, the limiter, unsent
+        # output); the app's sources pause while either the socket is congested or the
+        # limiter says so.
         self.read_limit: TokenBucket | None = None
         self.write_limit: TokenBucket | None = None
-        self._read_paused_by_app = False
-        self._read_throttled = False
         self._congested = False
         self._write_throttled = False
     # ------------------------------------------------------------------ TCP side
@@ -102,9 +102,10 @@ class _TlsCarrier(CarrierProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self.read_limit is not None:
             wait = self.read_limit.take(nbytes)
-            if wait > 0 and not self._read_throttled:
+            if wait > 0 and not self._read_holds & ReadHold.THROTTLE:
                 self._throttle_read(wait)
         self._incoming.write(self._cipher[:nbytes])
+        self._take_turns(nbytes, len(self._cipher))
         if nbytes == len(self._cipher) < _CIPHER_READ:
             self._cipher = memoryview(bytearray(_CIPHER_READ))  # a full read: bulk data
         if self.app is None:
@@ -138,24 +139,13 @@ class _TlsCarrier(CarrierProtocol):
 
     def resume_writing(self) -> None:
         self._congested = False
+        self._unsent_drained()
         if self.app is not None and not self._write_throttled:
             self.app.resume_writing()
 
     # ------------------------------------------------------------------ rate limits
-    def pause_reading_for_app(self) -> None:
-        self._read_paused_by_app = True
-        if self.raw is not None:
-            self.raw.pause_reading()
-
-    def resume_reading_for_app(self) -> None:
-        self._read_paused_by_app = False
-        if self.raw is not None and not self._read_throttled:
-            self.raw.resume_reading()
-
     def _throttle_read(self, wait: float) -> None:
-        self._read_throttled = True
-        if self.raw is not None:
-            self.raw.pause_reading()
+        self.hold_reading(ReadHold.THROTTLE)
         asyncio.get_running_loop().call_later(wait, self._end_read_throttle)
 
     def _end_read_throttle(self) -> None:
@@ -163,9 +153,7 @@ class _TlsCarrier(CarrierProtocol):
         if self.read_limit is not None and (wait := self.read_limit.take(0)) > 0:
             asyncio.get_running_loop().call_later(wait, self._end_read_throttle)
             return
-        self._read_throttled = False
-        if self.raw is not None and not self._read_paused_by_app and not self.closing:
-            self.raw.resume_reading()
+        self.release_reading(ReadHold.THROTTLE)
 
     def _throttle_write(self, wait: float) -> None:
         self._write_throttled = True
@@ -184,7 +172,7 @@ class _TlsCarrier(CarrierProtocol):
     # ------------------------------------------------------------------ TLS
     def _flush(self) -> None:
         if self._outgoing.pending and self.raw is not None:
-            self.raw.write(self._outgoing.read())
+            self._write_raw(self._outgoing.read())
 
     def _handshake_step(self) -> None:
         try:
@@ -280,7 +268,7 @@ class _TlsCarrier(CarrierProtocol):
             wait = self.write_limit.take(len(data))
             if wait > 0 and not self._write_throttled:
                 self._throttle_write(wait)
-        self.raw.write(self._outgoing.read())
+        self._write_raw(self._outgoing.read())
 
     def _close_notify(self) -> None:
         # unwrap() queues our close_notify, then says "want read": we do not wait for the
@@ -293,12 +281,6 @@ class TlsTransport(CarrierTransport):
     """The application's view of a TLS connection."""
 
     _carrier: _TlsCarrier
-
-    def pause_reading(self) -> None:
-        self._carrier.pause_reading_for_app()
-
-    def resume_reading(self) -> None:
-        self._carrier.resume_reading_for_app()
 
     def set_rate_limits(self, read: TokenBucket | None, write: TokenBucket | None) -> None:
         """Hold this connection to these buckets (shared with other connections, or None)."""

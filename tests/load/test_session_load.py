@@ -1,0 +1,146 @@
+"""A key holder's session that PINGs without reading the PONGs: the server's memory stays
+bounded and another user's round trip through the tunnel stays short while it runs.
+
+The flood goes through a real TLS session of a real `veil serve` process (the client's own
+session code is bypassed for the PINGs, as a hostile key holder's client would be); the other
+user is a real `veil connect` forwarding a port to an echo server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.load.test_load import RESPONSIVE_S, Server, client_roundtrip
+from tests.support import procs
+from veil.net.client_session import ClientTunnel
+from veil.protocol.accesskey import AccessKey
+from veil.protocol.frames import FrameType, frame
+
+pytestmark = pytest.mark.slow
+
+FLOOD_BYTES = 64 << 20
+# The flood stops here if the server stops taking it before 64 MiB (it keeps reading now: a
+# PING it does not answer at once costs it nothing, so the only limit is its CPU).
+FLOOD_SECONDS = 20.0
+# What the client keeps queued on its side, so that what it counts as sent is what the
+# server's socket took.
+CLIENT_QUEUE = 1 << 20
+# What the flood may cost the server: one PONG owed and the socket buffers, not the 64 MiB
+# of PONGs it queued before (measured: +65 MiB). Generous: allocator noise on a busy host.
+FLOOD_RSS_MIB = 24.0
+# Another user's p99 round trip during the flood (two shared cores, a server parsing
+# 4 million frames): generous, but far from the seconds of a server that is starved.
+FLOOD_P99_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def echo_port() -> Iterator[int]:
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "support" /
+                                                  "aio_echo.py")], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        yield int(proc.stdout.readline())
+    finally:
+        procs.stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, procs.VeilServer]]:
+    started = procs.start_veil_server(tmp_path_factory.mktemp("session-load"))
+    try:
+        yield Server(started.proc, started.port, AccessKey.parse(started.key)), started
+    finally:
+        procs.stop(started.proc)
+
+
+@pytest.fixture(scope="module")
+def forward_port(server: tuple[Server, procs.VeilServer], echo_port: int,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """Another user's real client, forwarding a port to the echo server."""
+    spec = f"0:127.0.0.1:{echo_port}"
+    client = procs.start_veil_client(tmp_path_factory.mktemp("client"),
+                                     server[0].key.to_uri(), socks=False, forwards=[spec])
+    try:
+        yield client.forwards[spec]
+    finally:
+        procs.stop(client.proc)
+
+
+async def ping_flood(key: AccessKey) -> int:
+    """Send up to FLOOD_BYTES of PINGs on one session, never reading; return what the
+    server's socket took."""
+    driver = await ClientTunnel(key, tls_stack="openssl").connect_once()
+    transport = driver.transport
+    assert transport is not None
+    transport.pause_reading()  # the PONGs are never read: they pile up on the server's side
+    ping = frame(FrameType.PING, 0, b"pingpong")
+    chunk = ping * ((256 << 10) // len(ping))
+    written, deadline = 0, time.monotonic() + FLOOD_SECONDS
+    try:
+        while written < FLOOD_BYTES and time.monotonic() < deadline:
+            if transport.is_closing():
+                break
+            if transport.get_write_buffer_size() > CLIENT_QUEUE:
+                await asyncio.sleep(0.005)
+                continue
+            transport.write(chunk)
+            written += len(chunk)
+        # The TLS records' overhead is in the buffer's size too: the count is a little low.
+        return written - transport.get_write_buffer_size()
+    finally:
+        transport.abort()
+
+
+def test_a_session_ping_flood_that_reads_nothing_is_bounded(
+        server: tuple[Server, procs.VeilServer], forward_port: int) -> None:
+    veil, started = server
+    flooder = AccessKey.parse(started.add_user("pinger"))
+    client_roundtrip(forward_port)  # warm up: lazy imports, first store read
+    time.sleep(1.0)  # the warm-up's connection closes before the baseline
+    before = veil.rss_mib()
+    latencies: list[float] = []
+    flooding = threading.Event()
+    flooding.set()
+
+    def other_user() -> None:
+        while flooding.is_set():
+            try:
+                latencies.append(client_roundtrip(forward_port))
+            except (OSError, AssertionError):
+                latencies.append(float("inf"))  # timed out or cut: a failure, counted
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=other_user)
+    thread.start()
+    peak = before
+    try:
+        async def flood_and_watch() -> int:
+            nonlocal peak
+            task = asyncio.ensure_future(ping_flood(flooder))
+            while not task.done():
+                peak = max(peak, veil.rss_mib())
+                await asyncio.sleep(0.1)
+            return await task
+
+        sent = asyncio.run(flood_and_watch())
+        peak = max(peak, veil.rss_mib())
+    finally:
+        flooding.clear()
+        thread.join(RESPONSIVE_S * 2)
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, len(latencies) * 99 // 100)]
+    print(f"\nsession PING flood: {sent / (1 << 20):.0f} MiB of PINGs taken; server RSS "
+          f"{before:.0f} -> peak {peak:.0f} MiB; another user's round trip p99 "
+          f"{p99 * 1000:.0f} ms over {len(latencies)}")
+    assert sent > 8 << 20  # the flood really happened
+    assert peak - before < FLOOD_RSS_MIB
+    assert p99 < FLOOD_P99_S
+    assert veil.proc.poll() is None
