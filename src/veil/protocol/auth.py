@@ -199,6 +199,11 @@ class ReplayFilter:
     def __len__(self) -> int:
         return self._entries
 
+    @property
+    def table_bytes(self) -> int:
+        """Memory held by the fingerprint tables (what grows with the entries)."""
+        return sum(len(b.slots) * b.slots.itemsize for b in self._buckets.values())
+
 
 def verify_auth(message: bytes, credential: Credential, binding: bytes, now: float,
                 replay: ReplayFilter, window: float = ACCEPT_WINDOW) -> str | None:
