@@ -50,10 +50,16 @@ DEFAULT_HANDSHAKE_TIMEOUT_S = 60.0
 CREDENTIAL_CACHE_SIZE = 4096
 
 
+# A full replay filter (protocol/auth.py) is logged on its first unrecorded handshake and
+# then every this many: a flood must show in the log without flooding it.
+REPLAY_FULL_LOG_EVERY = 10_000
+
+
 # Connections the gate handles at once before they are a tunnel or the cover's (accepted, in
-# the first-byte wait or the TLS handshake). nginx's equivalent is worker_connections; past
-# it nginx drops new connections, and so does the gate, so that a flood of half-open
-# connections costs memory and descriptors up to this bound and no further.
+# the first-byte wait or the TLS handshake, or through it and waiting for the first record).
+# nginx's equivalent is worker_connections; past it nginx drops new connections, and so does
+# the gate, so that a flood of half-open or silent connections costs memory and descriptors up
+# to this bound and no further (~20 KiB each once through the handshake: docs/operations.md).
 DEFAULT_MAX_PENDING = 8192
 
 # A cover that speaks first (nginx sends its HTTP/2 SETTINGS right after the handshake) does
@@ -164,7 +170,12 @@ class Authenticator:
             if len(self._credentials) >= CREDENTIAL_CACHE_SIZE:
                 self._credentials.clear()
             self._credentials[key_id] = credential
+        unrecorded = self.replay.unrecorded
         reason = verify_auth(message, credential, binding, self._clock(), self.replay)
+        if self.replay.unrecorded > unrecorded and unrecorded % REPLAY_FULL_LOG_EVERY == 0:
+            log.warning("the replay filter is full (%d entries): key holders are flooding "
+                        "handshakes; accepting without remembering (%d so far)",
+                        len(self.replay), self.replay.unrecorded)
         return (user, "ok") if reason is None else (None, reason)
 
 
@@ -208,7 +219,15 @@ class Gate:
         self.own_names = own_names
         self.handshake_timeout = handshake_timeout
         self.stats = GateStats()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # accepted, not through TLS yet
+        self._awaiting: set[_AwaitAuth] = set()  # through TLS, first record not judged yet
+
+    @property
+    def pending(self) -> int:
+        """Connections the gate holds, counted against ``max_pending``. A connection whose
+        handshake has just ended may count twice for an instant (its task ends on the next
+        turn of the loop): the bound errs towards dropping, never past it."""
+        return len(self._tasks) + len(self._awaiting)
 
     async def serve(self, listener: socket.socket) -> None:
         """Accept until cancelled."""
@@ -220,7 +239,7 @@ class Gate:
                 log.warning("accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            if len(self._tasks) >= self.max_pending:
+            if self.pending >= self.max_pending:
                 self.stats.dropped += 1
                 sock.close()
                 continue
@@ -233,6 +252,8 @@ class Gate:
     def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        for waiting in list(self._awaiting):
+            waiting.abort()
 
     async def _handle(self, sock: socket.socket) -> None:
         try:
@@ -283,6 +304,7 @@ class _AwaitAuth(asyncio.Protocol):
         self._same_read = False
         self._received_any = False
         self._received = b""  # held only while a way in waits for the rest of a request
+        gate._awaiting.add(self)  # until a way in or the cover has it (_leave_gate)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -325,7 +347,7 @@ class _AwaitAuth(asyncio.Protocol):
         self._timer = None
         if self.transport is not None:
             self.gate.stats.silent += 1
-            self._cancel_timer()
+            self._leave_gate()
             self.gate.cover.serve_tls(self.transport, self._received, self.started_at,
                                       greeted=self._greeted)
 
@@ -341,7 +363,7 @@ class _AwaitAuth(asyncio.Protocol):
         for way_in in gate.ways_in:
             verdict = way_in.check(data, transport)
             if isinstance(verdict, Accept):
-                self._cancel_timer()
+                self._leave_gate()
                 gate.stats.accept(way_in.name)
                 verdict.take_over(transport)
                 return
@@ -353,21 +375,29 @@ class _AwaitAuth(asyncio.Protocol):
             self._received = data  # the header timer still runs, as for any request
             return
         self._greet_late()
-        self._cancel_timer()
+        self._leave_gate()
         gate.stats.reject(reason)
         gate.cover.serve_tls(transport, data, self.started_at, greeted=self._greeted)
 
-    def _cancel_timer(self) -> None:
+    def _leave_gate(self) -> None:
+        """The connection is judged, handed on or gone: no more timers, no longer counted."""
         for timer in (self._timer, self._greeting_timer):
             if timer is not None:
                 timer.cancel()
         self._timer = self._greeting_timer = None
+        self.gate._awaiting.discard(self)
+
+    def abort(self) -> None:
+        """The server is stopping: cut the connection (the gate's close())."""
+        self._leave_gate()
+        if self.transport is not None:
+            self.transport.abort()
 
     def eof_received(self) -> bool:
         return False  # the client closed before saying anything: close, as a web server does
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
+        self._leave_gate()
 
 
 def _readable_bytes(transport: asyncio.BaseTransport) -> int:

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -46,6 +47,20 @@ _CIPHER_READ = 256 * 1024
 _SMALL_READ = 16 * 1024
 _SMALL_BATCH = 16 * 1024
 _AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+# Until a connection moves bulk data it reads into one buffer shared by every connection of
+# its thread: buffer_updated() copies each read into OpenSSL's BIO before anything else runs,
+# so the bytes never outlive the call. A server holding thousands of silent or probing
+# connections then holds no read buffer for them (16 KiB each before).
+_shared = threading.local()
+
+
+def _shared_small_read() -> memoryview:
+    buffer: memoryview | None = getattr(_shared, "cipher", None)
+    if buffer is None:
+        buffer = _shared.cipher = memoryview(bytearray(_SMALL_READ))
+    return buffer
 
 
 class TlsHandshakeError(TransportError, ConnectionError):
@@ -73,10 +88,12 @@ class _TlsCarrier(CarrierProtocol):
         self.raw: asyncio.Transport | None = None
         self.app_transport: TlsTransport | None = None
         self.handshake: asyncio.Future[TlsTransport] = asyncio.get_running_loop().create_future()
-        # Small until the connection moves bulk data: a server holds thousands of idle or
-        # probing connections, and 512 KiB each would be most of its memory.
-        self._plain = memoryview(bytearray(_SMALL_BATCH + _RECORD))
-        self._cipher = memoryview(bytearray(_SMALL_READ))
+        # None until needed, then small until the connection moves bulk data: a server holds
+        # thousands of idle or probing connections, and 512 KiB each would be most of its
+        # memory. The plaintext buffer waits for the first application record (a connection
+        # silent after its handshake never gets one); the ciphertext one for bulk data.
+        self._plain: memoryview | None = None
+        self._cipher: memoryview | None = None
         self.closing = False
         self._app_eof = False
         # Application bytes in each direction, read by the server's usage accounting
@@ -97,16 +114,17 @@ class _TlsCarrier(CarrierProtocol):
         self._handshake_step()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._cipher
+        return self._cipher if self._cipher is not None else _shared_small_read()
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.read_limit is not None:
             wait = self.read_limit.take(nbytes)
             if wait > 0 and not self._read_holds & ReadHold.THROTTLE:
                 self._throttle_read(wait)
-        self._incoming.write(self._cipher[:nbytes])
-        self._take_turns(nbytes, len(self._cipher))
-        if nbytes == len(self._cipher) < _CIPHER_READ:
+        cipher = self._cipher if self._cipher is not None else _shared_small_read()
+        self._incoming.write(cipher[:nbytes])
+        self._take_turns(nbytes, len(cipher))
+        if nbytes == len(cipher) < _CIPHER_READ:
             self._cipher = memoryview(bytearray(_CIPHER_READ))  # a full read: bulk data
         if self.app is None:
             self._handshake_step()
@@ -200,6 +218,16 @@ class _TlsCarrier(CarrierProtocol):
 
     def _read_records(self) -> None:
         sslobj, plain = self.sslobj, self._plain
+        if plain is None:
+            if not self._incoming.pending and not sslobj.pending():
+                # Nothing to decrypt (the read that ended the handshake ended with the peer's
+                # Finished): let OpenSSL write what follows a handshake (session tickets)
+                # without a buffer for records that are not there.
+                with contextlib.suppress(ssl.SSLError):
+                    sslobj.read(1)
+                self._flush()
+                return
+            plain = self._plain = memoryview(bytearray(_SMALL_BATCH + _RECORD))
         filled = 0
         eof = False
         while True:
@@ -246,6 +274,7 @@ class _TlsCarrier(CarrierProtocol):
         if app is None or self.closing:
             return
         self.bytes_received += filled
+        assert self._plain is not None  # filled by _read_records
         view = self._plain[:filled]
         # A protocol that promises not to keep the buffer past the call gets it as it is.
         app.data_received(view if getattr(app, "accepts_views", False)  # type: ignore[arg-type]
