@@ -46,8 +46,8 @@ from tests.support import procs  # noqa: E402
 from veil.cover.backends import BuiltinCover, UrlCover  # noqa: E402
 from veil.cover.http2 import CLIENT_PREFACE, SERVER_PREFACE  # noqa: E402
 from veil.cover.site import DEFAULT_MTIME  # noqa: E402
-from veil.server.gate import Authenticator, Gate, VeilWayIn  # noqa: E402
 from veil.manage.state import server_ssl_context  # noqa: E402
+from veil.server.gate import Authenticator, Gate, VeilWayIn  # noqa: E402
 from veil.server.trojan import TrojanWayIn  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not os.path.exists(procs.NGINX),
@@ -583,8 +583,9 @@ TIMED: dict[str, ProbeFactory] = {
 
 
 def _compare(servers: Servers, probes: dict[str, ProbeFactory], *, timed: bool = False,
-             coalesce: bool = True) -> None:
-    wait = WATCH if timed else OPEN_WAIT
+             coalesce: bool = True, wait: float | None = None) -> None:
+    if wait is None:
+        wait = WATCH if timed else OPEN_WAIT
     with ThreadPoolExecutor(max_workers=16) as pool:
         jobs = [(name, pool.submit(probe, servers.nginx, make(Client()), wait=wait,
                                    coalesce=coalesce),
@@ -651,6 +652,27 @@ def test_silent_client_gets_preface_at_once(servers: Servers) -> None:
         # a record of its own (sent at once, nginx may or may not have flushed it first)
         "request_after_finished": lambda c: [(0.05, P + c.headers(1, get()))],
     }, timed=True, coalesce=False)
+
+
+def _gets(c: Client, first: int, count: int) -> bytes:
+    return b"".join(c.headers(sid, get("/robots.txt"))
+                    for sid in range(first, first + 2 * count, 2))
+
+
+def test_stream_limits(servers: Servers) -> None:
+    """nginx's limits on streams, frame by frame: 256 new streams per read (2 x
+    http2_max_concurrent_streams), the rest refused, 129 refusals then GOAWAY(NO_ERROR); the
+    1000th request (keepalive_requests) answered behind a GOAWAY naming it, later HEADERS
+    skipped, then a lingering close once the answers are out."""
+    _compare(servers, {
+        # one read: 256 answered, 129 REFUSED_STREAM, then GOAWAY(NO_ERROR, 771)
+        "burst_1100": lambda c: [(0, P + _gets(c, 1, 1100))],
+        "burst_300": lambda c: [(0, P + _gets(c, 1, 300))],
+        # reads of 120 requests (far enough apart to stay separate reads): the 1000th is
+        # answered behind the GOAWAY, the 80 after it in its read are skipped unanswered
+        "past_keepalive_requests": lambda c: [(0, P)] + [
+            (0.15 * (i + 1), _gets(c, 1 + 240 * i, 120)) for i in range(9)],
+    }, wait=0.8)
 
 
 def test_close_notify_from_client(servers: Servers) -> None:
