@@ -675,6 +675,54 @@ def test_stream_limits(servers: Servers) -> None:
     }, wait=0.8)
 
 
+def _ping_flood_without_reading(port: int, limit: float) -> tuple[int, float, str]:
+    """Send PINGs and never read: (bytes the server took, seconds, how it ended)."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = _CLIENT_TLS.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        s.settimeout(5)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                s.sendall(outgoing.read())
+                incoming.write(s.recv(65536))
+        tls.write(P)
+        s.sendall(outgoing.read())
+        pings = frame(PING, 0, 0, bytes(8)) * 960  # one 16 KiB record
+        s.setblocking(False)
+        sent, pending, started = 0, b"", time.monotonic()
+        while time.monotonic() - started < limit:
+            if not pending:
+                tls.write(pings)
+                pending = outgoing.read()
+            try:
+                n = s.send(pending)
+            except BlockingIOError:
+                select.select([], [s], [], 0.05)
+                continue
+            except OSError as exc:
+                return sent, time.monotonic() - started, type(exc).__name__
+            pending = pending[n:]
+            sent += n
+        return sent, time.monotonic() - started, "still open"
+
+
+def test_ping_flood_without_reading_is_reset(servers: Servers) -> None:
+    """A client that sends PINGs and reads nothing: nginx resets the connection once 10,001
+    frames wait unsent ("http2 flood detected"), within a few MiB; so does veil, instead of
+    holding them or pausing until the header timeout."""
+    results = {name: _ping_flood_without_reading(port, 5.0)
+               for name, port in (("nginx", servers.nginx), ("veil", servers.veil))}
+    print({name: f"{sent / 2**20:.1f} MiB in {secs:.2f} s, {end}"
+           for name, (sent, secs, end) in results.items()})
+    for _name, (sent, secs, end) in results.items():
+        assert end in ("ConnectionResetError", "BrokenPipeError")  # RST, or a send after it
+        assert secs < 1.0  # not the 2 s header timeout
+        assert sent < 32 * 2**20
+
+
 def test_close_notify_from_client(servers: Servers) -> None:
     """nginx closes at once on the client's close_notify, without sending its own."""
     _compare(servers, {

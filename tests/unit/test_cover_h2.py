@@ -195,3 +195,21 @@ def test_the_thousandth_request_ends_the_connection() -> None:
     assert goaway == [struct.pack(">II", sids[999], 0)]
     assert [kind for kind, _, _ in frames[-3:]] == [7, 1, 0]  # GOAWAY, HEADERS, DATA
     assert pair.cover.close_action is H2CloseAction.LINGER
+
+
+def test_a_ping_flood_with_answers_unsent_is_cut_off() -> None:
+    """nginx answers 9,998 PINGs in one read (with its preface and SETTINGS ACK: 10,001
+    frames waiting) and closes on the next, nothing written, no GOAWAY."""
+    ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + bytes(8)
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    for count, cut_off in ((9998, False), (9999, True)):
+        cover = H2CoverConnection(SITE, now=0.0)
+        cover.receive_data(preface + ping * count, 0.0)
+        writes = b"".join(cover.writes())
+        assert (cover.close_action is H2CloseAction.QUIET) is cut_off
+        assert len(writes) == (0 if cut_off else len(SERVER_PREFACE) + 9 + 17 * count)
+    # frames the adapter reports still unsent count as well
+    cover = H2CoverConnection(SITE, now=0.0, preface_sent=True)
+    cover.unsent_frames = 10000
+    cover.receive_data(preface + ping, 0.0)
+    assert cover.close_action is H2CloseAction.QUIET

@@ -24,6 +24,9 @@ every detail measured against the real nginx 1.22.1 on loopback
   RST_STREAM(REFUSED_STREAM), and after 129 refusals GOAWAY(NO_ERROR); the 1000th request
   (keepalive_requests) is answered behind a GOAWAY(NO_ERROR) naming it, later HEADERS are
   skipped unanswered, and the connection closes (lingering) once its answers are out.
+* Flood: more than :data:`MAX_UNSENT_FRAMES` control frames unsent (the adapter says how
+  many of its earlier writes still wait in :attr:`H2CoverConnection.unsent_frames`) closes
+  the connection at once, nothing more written.
 * Errors: GOAWAY(PROTOCOL_ERROR / FRAME_SIZE_ERROR / COMPRESSION_ERROR / ENHANCE_YOUR_CALM)
   with the last stream id, then FIN without close_notify and a lingering close; a bad
   header name draws RST_STREAM(PROTOCOL_ERROR); a bad pseudo-header a 400 page.
@@ -89,6 +92,12 @@ NEW_STREAMS_PER_READ = 2 * MAX_CONCURRENT_STREAMS
 MAX_REFUSED_STREAMS = max(MAX_CONCURRENT_STREAMS, 100)
 #: http2_preread_size 64k: nginx's INITIAL_WINDOW_SIZE.
 PREREAD_SIZE = 65536
+#: nginx's frames waiting to be written: one more is "http2 flood detected" and the connection
+#: closes at once, without GOAWAY, its unsent output dropped (a client that sends PINGs and
+#: never reads is cut off after this many answers wait, instead of growing the server).
+#: Measured: the preface, the SETTINGS ACK and 9,998 PING ACKs in one read are answered; one
+#: more PING is not.
+MAX_UNSENT_FRAMES = 10001
 #: NGX_HTTP_V2_MAX_FRAME_SIZE: what nginx announces it accepts.
 NGINX_MAX_FRAME_SIZE = (1 << 24) - 1
 #: NGX_HTTP_V2_MAX_WINDOW and the protocol's default window.
@@ -308,6 +317,10 @@ class H2CloseAction(enum.Enum):
     LINGER = "linger"  # FIN without close_notify, then read and drop until quiet, then close
 
 
+class _Flood(Exception):
+    """More frames wait to be written than nginx allows."""
+
+
 class _ConnectionError(Exception):
     def __init__(self, code: int) -> None:
         super().__init__(code)
@@ -359,6 +372,9 @@ class H2CoverConnection:
         # SERVER_PREFACE (right after the handshake, as nginx does) says so
         self._queue = bytearray(b"" if preface_sent else SERVER_PREFACE)
         self._urgent = not preface_sent  # a control frame is queued: write it at once
+        #: Frames written but not yet taken by the socket (the adapter keeps it current)
+        #: plus the control frames queued since: over MAX_UNSENT_FRAMES is a flood.
+        self.unsent_frames = 0 if preface_sent else 2
         self._recv_window = MAX_WINDOW  # what the preface's WINDOW_UPDATE made it
         self._writes: list[bytes] = []
         self._buf = bytearray()
@@ -415,6 +431,11 @@ class H2CoverConnection:
         self._new_streams = 0  # ngx_http_v2_read_handler: one read event
         try:
             self._process(now)
+        except _Flood:
+            self._writes.clear()
+            self._queue.clear()
+            self._close(H2CloseAction.QUIET)
+            return
         except _ConnectionError as exc:
             self._fail(exc.code, now)
             return
@@ -837,6 +858,9 @@ class H2CoverConnection:
     # -- output and closing ----------------------------------------------------------------
 
     def _control(self, data: bytes) -> None:
+        self.unsent_frames += 1
+        if self.unsent_frames > MAX_UNSENT_FRAMES:
+            raise _Flood
         self._queue += data
         self._urgent = True
 
