@@ -35,6 +35,13 @@ from veil.net.loop_timer import LoopTimer
 
 __all__ = ["CoverProtocol", "H2CoverProtocol"]
 
+#: Unsent answers (bytes waiting in the transport) past which an HTTP/1.1 cover connection
+#: starts no further pipelined request and reads nothing more until they drain (the
+#: transport's high-water mark): nginx parses the next pipelined request only once the
+#: previous answer is written, so a client that pipelines and never reads makes the server
+#: hold this much, not 1,000 answers.
+H1_MAX_UNSENT_BYTES = 64 * 1024
+
 #: Unsent answers (bytes waiting in the transport) past which an h2 cover connection stops
 #: reading until they drain. nginx reads on while its answers wait and ends the connection
 #: at MAX_UNSENT_FRAMES control frames (a PING flood: ~170 KiB of PING ACKs); this bound
@@ -168,16 +175,34 @@ class CoverProtocol(_CoverAdapter[CoverConnection]):
         return proto
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        with contextlib.suppress(AttributeError, NotImplementedError):
+            cast(asyncio.WriteTransport, transport).set_write_buffer_limits(
+                high=H1_MAX_UNSENT_BYTES)
         self._start(transport)
         self._pump()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._conn is not None:
+            self._conn.output_blocked = True
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._conn is not None:
+            self._conn.output_blocked = False
+            self._pump()
+
     def _pump(self) -> None:
-        conn, transport, timer = self._conn, self._transport, self._timer
-        if conn is None or transport is None or timer is None:
+        conn, transport, timer, loop = self._conn, self._transport, self._timer, self._loop
+        if conn is None or transport is None or timer is None or loop is None:
             return
-        out = conn.data_to_send()
-        if out and not transport.is_closing():
-            transport.write(out)
+        while True:
+            out = conn.data_to_send()
+            if out and not transport.is_closing():
+                transport.write(out)  # may call pause_writing: output_blocked
+            if not conn.held or conn.output_blocked or transport.is_closing():
+                break
+            conn.resume(loop.time())
         action = conn.close_action
         tls = transport.get_extra_info("ssl_object") is not None
         if action is CloseAction.LINGER and not self._eof_written:
