@@ -143,3 +143,73 @@ def test_preface_already_sent() -> None:
     cover.receive_data(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000"),
                        0.1)
     assert cover.writes() == [bytes.fromhex("000000040100000000")]  # the SETTINGS ACK only
+
+
+def _goaways(events: list[Any]) -> list[Any]:
+    return [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+
+
+def test_a_burst_past_the_new_stream_limit_is_refused_then_cut_off() -> None:
+    """nginx opens 256 streams per read; it refuses the rest, and past 129 refusals it ends
+    the connection with GOAWAY(NO_ERROR) naming the stream that broke the limit."""
+    pair = Pair()
+    pair.client.local_settings.max_concurrent_streams = 1 << 20
+    pair.client.remote_settings.max_concurrent_streams = 1 << 20
+    pair.pump()
+    sids = [request(pair, "/robots.txt") for _ in range(1100)]
+    events = pair.pump()
+    answered = [e.stream_id for e in events if isinstance(e, h2.events.ResponseReceived)]
+    refused = [e.stream_id for e in events if isinstance(e, h2.events.StreamReset)]
+    assert answered == sids[:256]
+    assert refused == sids[256:256 + 129]
+    (goaway,) = _goaways(events)
+    assert (goaway.error_code, goaway.last_stream_id) == (0, sids[256 + 129])
+    assert pair.cover.close_action is H2CloseAction.LINGER
+
+
+def _raw_frames(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(type, stream id, payload) of each frame in ``data``."""
+    out = []
+    while data:
+        length = int.from_bytes(data[:3], "big")
+        out.append((data[3], int.from_bytes(data[5:9], "big"), data[9:9 + length]))
+        data = data[9 + length:]
+    return out
+
+
+def test_the_thousandth_request_ends_the_connection() -> None:
+    """keepalive_requests 1000: the 1000th request is answered behind GOAWAY(NO_ERROR, its
+    id); the HEADERS after it are skipped; the connection then closes (lingering)."""
+    pair = Pair()
+    pair.pump()
+    sids: list[int] = []
+    for _ in range(8):
+        sids += [request(pair, "/robots.txt") for _ in range(120)]
+        pair.pump()
+    sids += [request(pair, "/robots.txt") for _ in range(120)]
+    pair.cover.receive_data(pair.client.data_to_send(), pair.now)
+    frames = _raw_frames(b"".join(pair.cover.writes()))
+    answered = [sid for kind, sid, _ in frames if kind == 1]  # HEADERS
+    assert answered == sids[960:1000]
+    goaway = [payload for kind, _, payload in frames if kind == 7]
+    assert goaway == [struct.pack(">II", sids[999], 0)]
+    assert [kind for kind, _, _ in frames[-3:]] == [7, 1, 0]  # GOAWAY, HEADERS, DATA
+    assert pair.cover.close_action is H2CloseAction.LINGER
+
+
+def test_a_ping_flood_with_answers_unsent_is_cut_off() -> None:
+    """nginx answers 9,998 PINGs in one read (with its preface and SETTINGS ACK: 10,001
+    frames waiting) and closes on the next, nothing written, no GOAWAY."""
+    ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + bytes(8)
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    for count, cut_off in ((9998, False), (9999, True)):
+        cover = H2CoverConnection(SITE, now=0.0)
+        cover.receive_data(preface + ping * count, 0.0)
+        writes = b"".join(cover.writes())
+        assert (cover.close_action is H2CloseAction.QUIET) is cut_off
+        assert len(writes) == (0 if cut_off else len(SERVER_PREFACE) + 9 + 17 * count)
+    # frames the adapter reports still unsent count as well
+    cover = H2CoverConnection(SITE, now=0.0, preface_sent=True)
+    cover.unsent_frames = 10000
+    cover.receive_data(preface + ping, 0.0)
+    assert cover.close_action is H2CloseAction.QUIET

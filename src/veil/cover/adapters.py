@@ -18,6 +18,7 @@ import os
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar, cast
 
@@ -33,6 +34,20 @@ from veil.cover.site import CoverSite
 from veil.net.loop_timer import LoopTimer
 
 __all__ = ["CoverProtocol", "H2CoverProtocol"]
+
+#: Unsent answers (bytes waiting in the transport) past which an HTTP/1.1 cover connection
+#: starts no further pipelined request and reads nothing more until they drain (the
+#: transport's high-water mark): nginx parses the next pipelined request only once the
+#: previous answer is written, so a client that pipelines and never reads makes the server
+#: hold this much, not 1,000 answers.
+H1_MAX_UNSENT_BYTES = 64 * 1024
+
+#: Unsent answers (bytes waiting in the transport) past which an h2 cover connection stops
+#: reading until they drain. nginx reads on while its answers wait and ends the connection
+#: at MAX_UNSENT_FRAMES control frames (a PING flood: ~170 KiB of PING ACKs); this bound
+#: sits above that, so a stranger sees nginx's flood reset, and caps what responses with
+#: bodies (large frames, few of them) can make the server hold for one peer.
+H2_MAX_UNSENT_BYTES = 1 << 20
 
 
 class _SansIOConnection(Protocol):
@@ -160,16 +175,34 @@ class CoverProtocol(_CoverAdapter[CoverConnection]):
         return proto
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        with contextlib.suppress(AttributeError, NotImplementedError):
+            cast(asyncio.WriteTransport, transport).set_write_buffer_limits(
+                high=H1_MAX_UNSENT_BYTES)
         self._start(transport)
         self._pump()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._conn is not None:
+            self._conn.output_blocked = True
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._conn is not None:
+            self._conn.output_blocked = False
+            self._pump()
+
     def _pump(self) -> None:
-        conn, transport, timer = self._conn, self._transport, self._timer
-        if conn is None or transport is None or timer is None:
+        conn, transport, timer, loop = self._conn, self._transport, self._timer, self._loop
+        if conn is None or transport is None or timer is None or loop is None:
             return
-        out = conn.data_to_send()
-        if out and not transport.is_closing():
-            transport.write(out)
+        while True:
+            out = conn.data_to_send()
+            if out and not transport.is_closing():
+                transport.write(out)  # may call pause_writing: output_blocked
+            if not conn.held or conn.output_blocked or transport.is_closing():
+                break
+            conn.resume(loop.time())
         action = conn.close_action
         tls = transport.get_extra_info("ssl_object") is not None
         if action is CloseAction.LINGER and not self._eof_written:
@@ -214,6 +247,18 @@ class H2CoverProtocol(_CoverAdapter[H2CoverConnection]):
             keepalive_timeout=keepalive_timeout, lingering_timeout=lingering_timeout,
             lingering_time=lingering_time, preface_sent=preface_sent, wall_offset=wall_offset))
         self._shut = False
+        # Our writes still in the transport's buffer, oldest first: [bytes left, frames,
+        # made in this turn of the loop],
+        # and the buffer's size when last seen (what drained since is taken off the front).
+        self._waiting: deque[list[int]] = deque()
+        self._buffered = 0
+        self._paused = False
+        # Frames made in this turn of the loop, sent or not: nginx writes nothing until
+        # the end of a read event, which takes all the socket holds (the carrier may hand
+        # it over in several data_received calls within one turn).
+        self._made_this_turn = 0
+        self._turn_ends: asyncio.Handle | None = None
+        self._told = 0  # what the connection was last told of unsent frames
 
     @classmethod
     def take_over(cls, transport: asyncio.Transport, initial: bytes, site: CoverSite, *,
@@ -242,13 +287,72 @@ class H2CoverProtocol(_CoverAdapter[H2CoverConnection]):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._attach(transport, b"")
 
+    def data_received(self, data: bytes) -> None:
+        conn, transport = self._conn, self._transport
+        if conn is not None and transport is not None:
+            conn.unsent_frames = self._told = self._unsent_frames(transport)
+        super().data_received(data)
+
+    def pause_writing(self) -> None:
+        # nginx reads on while its answers wait (H2_MAX_UNSENT_BYTES, _pump): so do we
+        pass
+
+    def resume_writing(self) -> None:
+        transport = self._transport
+        if self._paused and transport is not None and not transport.is_closing():
+            self._paused = False
+            transport.resume_reading()
+
+    def _frames_waiting(self, transport: asyncio.Transport) -> int:
+        """Frames of our writes the socket has not taken yet (a write partly sent counts
+        whole, as nginx frees a frame only once all of it is sent)."""
+        size = transport.get_write_buffer_size()
+        drained = self._buffered - size
+        waiting = self._waiting
+        while drained > 0 and waiting:
+            if waiting[0][0] <= drained:
+                drained -= waiting.popleft()[0]
+            else:
+                waiting[0][0] -= drained
+                drained = 0
+        if size == 0:
+            waiting.clear()
+        self._buffered = size
+        return sum(frames for _, frames, _ in waiting)
+
+    def _unsent_frames(self, transport: asyncio.Transport) -> int:
+        """What nginx would count as unsent: frames still in the transport's buffer from
+        earlier turns of the loop, and every frame made in this one."""
+        self._frames_waiting(transport)
+        earlier = sum(frames for _, frames, this_turn in self._waiting if not this_turn)
+        return earlier + self._made_this_turn
+
+    def _end_turn(self) -> None:
+        self._turn_ends = None
+        self._made_this_turn = 0
+        for entry in self._waiting:
+            entry[2] = 0
+
     def _pump(self) -> None:
         conn, transport, timer = self._conn, self._transport, self._timer
         if conn is None or transport is None or timer is None:
             return
+        made = max(conn.unsent_frames - self._told, 0)
+        if made:
+            self._made_this_turn += made
+            if self._turn_ends is None and self._loop is not None:
+                self._turn_ends = self._loop.call_soon(self._end_turn)
         for chunk in conn.writes():
             if not transport.is_closing():
                 transport.write(chunk)
+        size = transport.get_write_buffer_size()
+        if size > self._buffered:
+            self._waiting.append([size - self._buffered, made, 1])
+        self._buffered = size
+        conn.unsent_frames = self._told = self._unsent_frames(transport)
+        if size > H2_MAX_UNSENT_BYTES and not self._paused and not transport.is_closing():
+            self._paused = True
+            transport.pause_reading()
         action = conn.close_action
         if action is H2CloseAction.QUIET:
             timer.cancel()

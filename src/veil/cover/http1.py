@@ -194,6 +194,10 @@ class CoverConnection:
         # "kernel" bytes not yet read into a header buffer
         self._pending = bytearray()
         self._eof = False
+        #: The transport holds more unsent output than it should (the adapter sets it): no
+        #: pipelined request is started until it clears and :meth:`resume` is called.
+        self.output_blocked = False
+        self._held = False
         self._fresh_buffers()
         self._reset_request()
 
@@ -221,6 +225,19 @@ class CoverConnection:
             return
         self._pending += data
         self._run(now)
+
+    @property
+    def held(self) -> bool:
+        """A pipelined request waits for the answers before it to be written (nginx
+        parses the next request only once the previous answer is sent): take
+        :meth:`data_to_send`, then call :meth:`resume` unless :attr:`output_blocked`."""
+        return self._held
+
+    def resume(self, now: float) -> None:
+        """Go on with the pipelined requests held back."""
+        self._held = False
+        if self._phase not in (_Phase.CLOSED, _Phase.LINGER):
+            self._run(now)
 
     def receive_eof(self, now: float) -> None:
         """The peer half-closed. nginx then closes without answering a partial request."""
@@ -323,6 +340,12 @@ class CoverConnection:
 
     def _run(self, now: float) -> None:
         while self._phase in (_Phase.WAIT, _Phase.LINE, _Phase.HEADERS, _Phase.DISCARD):
+            if (self._phase is _Phase.WAIT and (self._out or self.output_blocked)
+                    and not self._eof and (self._pos < len(self._buf) or self._pending)):
+                # one request at a time, as nginx: the next once this answer is written,
+                # so pipelined requests never pile up answers in memory
+                self._held = True
+                return
             if self._phase is _Phase.DISCARD:
                 if not self._discard(now):
                     return

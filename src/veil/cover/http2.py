@@ -20,6 +20,13 @@ every detail measured against the real nginx 1.22.1 on loopback
   one write, the response body in the next; HEADERS and DATA together when nothing was queued
   before them; RST_STREAM(NO_ERROR) in a write of its own after answering a request whose
   body was still coming.
+* Limits: at most 128 streams open and 256 new ones per read, the rest refused with
+  RST_STREAM(REFUSED_STREAM), and after 129 refusals GOAWAY(NO_ERROR); the 1000th request
+  (keepalive_requests) is answered behind a GOAWAY(NO_ERROR) naming it, later HEADERS are
+  skipped unanswered, and the connection closes (lingering) once its answers are out.
+* Flood: more than :data:`MAX_UNSENT_FRAMES` control frames unsent (the adapter says how
+  many of its earlier writes still wait in :attr:`H2CoverConnection.unsent_frames`) closes
+  the connection at once, nothing more written.
 * Errors: GOAWAY(PROTOCOL_ERROR / FRAME_SIZE_ERROR / COMPRESSION_ERROR / ENHANCE_YOUR_CALM)
   with the last stream id, then FIN without close_notify and a lingering close; a bad
   header name draws RST_STREAM(PROTOCOL_ERROR); a bad pseudo-header a 400 page.
@@ -46,6 +53,7 @@ from veil.cover.nginx import (
     CLIENT_HEADER_TIMEOUT,
     CLIENT_MAX_BODY_SIZE,
     DIGITS,
+    KEEPALIVE_REQUESTS,
     KEEPALIVE_TIMEOUT,
     LARGE_HEADER_BUFFER_SIZE,
     LARGE_HEADER_BUFFERS,
@@ -76,8 +84,20 @@ FRAME_SIZE_ERROR, REFUSED_STREAM, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x6, 0x
 
 #: http2_max_concurrent_streams 128.
 MAX_CONCURRENT_STREAMS = 128
+#: New streams nginx opens in one read event (2 x concurrent streams): the rest of the read's
+#: HEADERS get RST_STREAM(REFUSED_STREAM) - a burst of requests costs one read's worth.
+NEW_STREAMS_PER_READ = 2 * MAX_CONCURRENT_STREAMS
+#: Refused streams a connection may draw (max(concurrent streams, 100)); one more ends it
+#: with GOAWAY(NO_ERROR), so a client that keeps bursting is cut off.
+MAX_REFUSED_STREAMS = max(MAX_CONCURRENT_STREAMS, 100)
 #: http2_preread_size 64k: nginx's INITIAL_WINDOW_SIZE.
 PREREAD_SIZE = 65536
+#: nginx's frames waiting to be written: one more is "http2 flood detected" and the connection
+#: closes at once, without GOAWAY, its unsent output dropped (a client that sends PINGs and
+#: never reads is cut off after this many answers wait, instead of growing the server).
+#: Measured: the preface, the SETTINGS ACK and 9,998 PING ACKs in one read are answered; one
+#: more PING is not.
+MAX_UNSENT_FRAMES = 10001
 #: NGX_HTTP_V2_MAX_FRAME_SIZE: what nginx announces it accepts.
 NGINX_MAX_FRAME_SIZE = (1 << 24) - 1
 #: NGX_HTTP_V2_MAX_WINDOW and the protocol's default window.
@@ -297,6 +317,10 @@ class H2CloseAction(enum.Enum):
     LINGER = "linger"  # FIN without close_notify, then read and drop until quiet, then close
 
 
+class _Flood(Exception):
+    """More frames wait to be written than nginx allows."""
+
+
 class _ConnectionError(Exception):
     def __init__(self, code: int) -> None:
         super().__init__(code)
@@ -348,6 +372,9 @@ class H2CoverConnection:
         # SERVER_PREFACE (right after the handshake, as nginx does) says so
         self._queue = bytearray(b"" if preface_sent else SERVER_PREFACE)
         self._urgent = not preface_sent  # a control frame is queued: write it at once
+        #: Frames written but not yet taken by the socket (the adapter keeps it current)
+        #: plus the control frames queued since: over MAX_UNSENT_FRAMES is a flood.
+        self.unsent_frames = 0 if preface_sent else 2
         self._recv_window = MAX_WINDOW  # what the preface's WINDOW_UPDATE made it
         self._writes: list[bytes] = []
         self._buf = bytearray()
@@ -368,6 +395,9 @@ class H2CoverConnection:
         self._block_stream = 0
         self._last_sid = 0
         self._requests = 0
+        self._new_streams = 0  # opened in this read (NEW_STREAMS_PER_READ)
+        self._refused = 0  # streams refused on this connection (MAX_REFUSED_STREAMS)
+        self._goaway = False  # GOAWAY sent after the last request nginx allows
         self._table_update = False
         self._peer_frame_size = DEFAULT_FRAME_SIZE
         self._peer_initial_window = DEFAULT_WINDOW
@@ -398,12 +428,19 @@ class H2CoverConnection:
         if self._closed:
             return
         self._buf += data
+        self._new_streams = 0  # ngx_http_v2_read_handler: one read event
         try:
             self._process(now)
+        except _Flood:
+            self._writes.clear()
+            self._queue.clear()
+            self._close(H2CloseAction.QUIET)
+            return
         except _ConnectionError as exc:
             self._fail(exc.code, now)
             return
         self._flush()
+        self._end_if_done(now)
         self._arm_idle(now)
 
     def receive_eof(self, now: float) -> None:
@@ -489,6 +526,15 @@ class H2CoverConnection:
             if length > MAX_BUFFERED_FRAME:
                 raise _ConnectionError(ENHANCE_YOUR_CALM)
             have = min(len(buf) - pos - _FRAME_HEADER, length)
+            if kind == HEADERS and self._goaway and self._headers_span is None:
+                # after its GOAWAY nginx skips HEADERS unread (their HPACK too), once it
+                # has checked the frame is not too short for its flags
+                size = (1 if flags & FLAG_PADDED else 0) + (5 if flags & FLAG_PRIORITY else 0)
+                if length <= size:
+                    raise _ConnectionError(FRAME_SIZE_ERROR)
+                pos += _FRAME_HEADER
+                self._skip = length
+                continue
             if kind == HEADERS and self._headers_span is None:
                 head = bytes(buf[pos + _FRAME_HEADER:pos + _FRAME_HEADER + min(have, 6)])
                 self._headers_span = self._headers_prefix(flags, sid, length, head)
@@ -651,11 +697,22 @@ class H2CoverConnection:
         self._block_stream = sid
         self._req = _Pending(bool(flags & FLAG_END_STREAM))
         self._req_alive = True
-        if len(self._streams) >= MAX_CONCURRENT_STREAMS:
+        refuse = len(self._streams) >= MAX_CONCURRENT_STREAMS
+        if not refuse:
+            refuse = self._new_streams >= NEW_STREAMS_PER_READ
+            self._new_streams += 1
+        if refuse:
+            if self._refused > MAX_REFUSED_STREAMS:
+                raise _ConnectionError(NO_ERROR)
+            self._refused += 1
             self._reset(sid, REFUSED_STREAM)  # its fields are still decoded, for HPACK
             self._req_alive = False
         else:
             self._requests += 1
+            if self._requests >= KEEPALIVE_REQUESTS:
+                # ngx_http_v2_state_headers: this request is served, behind the GOAWAY
+                self._goaway = True
+                self._control(frame(GOAWAY, 0, 0, struct.pack(">II", sid, NO_ERROR)))
         self._decode_block(now, final=bool(flags & FLAG_END_HEADERS))
 
     def _decode_block(self, now: float, *, final: bool) -> None:
@@ -801,6 +858,9 @@ class H2CoverConnection:
     # -- output and closing ----------------------------------------------------------------
 
     def _control(self, data: bytes) -> None:
+        self.unsent_frames += 1
+        if self.unsent_frames > MAX_UNSENT_FRAMES:
+            raise _Flood
         self._queue += data
         self._urgent = True
 
@@ -823,6 +883,15 @@ class H2CoverConnection:
             self._idle_timer_set = True
             self._deadline = now + (self._keepalive_timeout if self._requests
                                     else self._header_timeout)
+
+    def _end_if_done(self, now: float) -> None:
+        """ngx_http_v2_handle_connection: after its GOAWAY, nginx closes (lingering) once
+        no stream is left."""
+        if self._goaway and not self._streams and not self._closed:
+            self._closed = True
+            self.close_action = H2CloseAction.LINGER
+            self._linger_end = now + self._lingering_time
+            self._deadline = min(now + self._lingering_timeout, self._linger_end)
 
     def _fail(self, code: int, now: float) -> None:
         """ngx_http_v2_connection_error: GOAWAY, then a lingering close."""

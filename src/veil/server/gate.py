@@ -62,12 +62,19 @@ REPLAY_FULL_LOG_EVERY = 10_000
 # to this bound and no further (~20 KiB each once through the handshake: docs/operations.md).
 DEFAULT_MAX_PENDING = 8192
 
-# A cover that speaks first (nginx sends its HTTP/2 SETTINGS right after the handshake) does
-# so if the client has said nothing this long after the handshake. veil and Trojan clients
-# send their first bytes together with their Finished, so they are judged before; a prober
-# that stays silent gets the greeting as from nginx, this much later (well inside network
-# jitter). A tunnel client whose bytes come later skips the greeting (docs/protocol.md).
+# A cover that speaks first (nginx sends its HTTP/2 SETTINGS right after the handshake, before
+# it reads anything: within a fraction of a millisecond of its handshake flight) does so at
+# the end of the loop turn that finished the handshake if the client sent nothing with its
+# Finished - unless a way in's clients may still be about to speak and would not understand
+# the greeting (WayIn.greeting_grace). Trojan clients negotiate h2 when offered (veil's own
+# exports offer it, as browsers do) and send their request 0.5-2 ms after their Finished
+# (measured: trojan, sing-box, veil's Trojan client): the gate waits this long for them, a
+# gap between two server packets that a prober can measure (nginx: ~0.02 ms). veil's own
+# clients skip the greeting (docs/protocol.md), so a gate without Trojan greets at once.
 GREETING_GRACE_S = 0.01
+# Bytes wait in the socket right behind the Finished but no whole record came yet: the
+# client's first record is arriving; the greeting waits this much for it.
+FIRST_RECORD_WAIT_S = 0.001
 
 # A way in may hold a connection back for more bytes only up to this much (a Trojan request
 # is at most 320 bytes); past it, the cover gets the connection.
@@ -126,6 +133,10 @@ class WayIn(abc.ABC):
     """One protocol the public port speaks to holders of a credential."""
 
     name: str
+    #: How long after the handshake this way in's clients may take to send their first
+    #: bytes, during which a cover that speaks first must hold its greeting (they would take
+    #: it for the tunnel's first bytes). 0: its clients skip the greeting.
+    greeting_grace: float = GREETING_GRACE_S
 
     @abc.abstractmethod
     def check(self, data: bytes, transport: asyncio.Transport) -> Verdict:
@@ -186,6 +197,7 @@ class VeilWayIn(WayIn):
     """veil's own clients: a 64-byte authenticator, then session frames."""
 
     name = "veil"
+    greeting_grace = 0.0  # the client skips the cover's HTTP/2 greeting (frames.py)
 
     def __init__(self, authenticator: Authenticator, on_authenticated: OnAuthenticated) -> None:
         self.authenticator = authenticator
@@ -218,6 +230,7 @@ class Gate:
         self.ways_in = tuple(ways_in)
         self.own_names = own_names
         self.handshake_timeout = handshake_timeout
+        self.greeting_grace = max((w.greeting_grace for w in self.ways_in), default=0.0)
         self.stats = GateStats()
         self._tasks: set[asyncio.Task[None]] = set()  # accepted, not through TLS yet
         self._awaiting: set[_AwaitAuth] = set()  # through TLS, first record not judged yet
@@ -299,7 +312,7 @@ class _AwaitAuth(asyncio.Protocol):
         self.started_at = started_at
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._greeting_timer: asyncio.TimerHandle | None = None
+        self._greeting_timer: asyncio.Handle | None = None
         self._greeted = False
         self._same_read = False
         self._received_any = False
@@ -314,20 +327,25 @@ class _AwaitAuth(asyncio.Protocol):
         self._timer = loop.call_at(self.started_at + self.gate.cover.header_timeout,
                                    self._silent)
         if self.gate.cover.greeting(transport):
-            self._greeting_timer = loop.call_later(GREETING_GRACE_S, self._greet)
             # nginx reads right after the handshake and writes its greeting together with its
             # answer to whatever the client had already sent (even part of a request); only if
             # nothing was there does the greeting go alone. So: did anything come with, or
             # right behind, the Finished? Bytes in the same read arrive synchronously, before
             # _end_same_read; bytes waiting in the socket count too.
             self._same_read = True
-            loop.call_soon(self._end_same_read)
+            self._greeting_timer = loop.call_soon(self._end_same_read)
 
     def _end_same_read(self) -> None:
+        self._greeting_timer = None
         transport = self.transport
         if self._received_any or transport is None:
             return
         self._same_read = _readable_bytes(transport) > 0
+        wait = max(self.gate.greeting_grace, FIRST_RECORD_WAIT_S if self._same_read else 0.0)
+        if wait:
+            self._greeting_timer = asyncio.get_running_loop().call_later(wait, self._greet)
+        else:
+            self._greet()
 
     def _greet_late(self) -> None:
         """The client spoke after the handshake's read: nginx had written its greeting in a
