@@ -8,82 +8,32 @@ company site with its own title and wording, pages and their names, sizes, file 
 (or none). The same seed always gives the same bytes, so a server restarted or upgraded
 keeps its site as a real one does.
 
-The draw uses HMAC-SHA256 over the seed (:class:`Draw`), not :mod:`random`, whose
-algorithms may change between Python versions and would change every site with them.
+The draw uses HMAC-SHA256 over the seed (:class:`veil.protocol.seeded.Draw`), not
+:mod:`random`, whose algorithms may change between Python versions and would change every
+site with them.
 
 Everything here is built from the small vocabulary below; nothing is fetched.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
-__all__ = ["SEED_BYTES", "Draw", "GeneratedFile", "SiteSeed", "generate_site", "write_site"]
+from veil.protocol.seeded import SEED_BYTES, Draw, SiteSeed
 
-#: 256 bits: installs must not share a seed by chance.
-SEED_BYTES = 32
+__all__ = ["SEED_BYTES", "Draw", "GeneratedFile", "SiteSeed", "fresh_seed", "generate_site",
+           "write_site"]
+
 _DAY = 86400
 # File dates: the newest file is this many days older than the install (a site copied onto
 # a new server), and the oldest up to this many more: a small site updated now and then.
 _NEWEST_DAYS = (3, 150)
 _SPREAD_DAYS = (40, 900)
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class SiteSeed:
-    """What a site is generated from: random bytes and the install's creation time (file
-    dates lie before it, fixed for the life of the install)."""
-
-    seed: bytes
-    created: int
-
-    @classmethod
-    def new(cls, now: float | None = None) -> SiteSeed:
-        return cls(os.urandom(SEED_BYTES), int(time.time() if now is None else now))
-
-
-class Draw:
-    """Deterministic choices from a seed: HMAC-SHA256(seed, label || counter) blocks."""
-
-    def __init__(self, seed: bytes, label: str) -> None:
-        self._key = seed
-        self._label = label.encode()
-        self._counter = 0
-
-    def below(self, n: int) -> int:
-        """An integer in [0, n); 64 bits per draw make the modulo bias negligible for the
-        small ``n`` used here."""
-        if n <= 0:
-            raise ValueError("below() needs a positive bound")
-        self._counter += 1
-        block = hmac.new(self._key, self._label + struct.pack(">Q", self._counter),
-                         hashlib.sha256).digest()
-        return int.from_bytes(block[:8], "big") % n
-
-    def between(self, lo: int, hi: int) -> int:
-        """An integer in [lo, hi]."""
-        return lo + self.below(hi - lo + 1)
-
-    def chance(self, percent: int) -> bool:
-        return self.below(100) < percent
-
-    def choice(self, items: Sequence[T]) -> T:
-        return items[self.below(len(items))]
-
-    def sample(self, items: Sequence[T], k: int) -> list[T]:
-        pool = list(items)
-        return [pool.pop(self.below(len(pool))) for _ in range(min(k, len(pool)))]
-
 
 @dataclass(frozen=True, slots=True)
 class GeneratedFile:
@@ -244,6 +194,11 @@ _ROBOTS = (
 
 
 # ------------------------------------------------------------------------ the site
+def fresh_seed() -> SiteSeed:
+    """A seed for a site of this process alone (no state: tests, embedding)."""
+    return SiteSeed.new(time.time())
+
+
 def generate_site(seed: SiteSeed) -> dict[str, GeneratedFile]:
     """The whole site for ``seed``, by file name (flat: no directories)."""
     d = Draw(seed.seed, "veil cover site v1")
@@ -251,7 +206,11 @@ def generate_site(seed: SiteSeed) -> dict[str, GeneratedFile]:
     first, first2 = d.sample(_PEOPLE, 2)
     words = {"first": first, "first2": first2, "last": d.choice(_SURNAMES),
              "town": d.choice(_TOWNS)}
-    title = d.choice(theme.names).format(**words)
+    name = d.choice(theme.names)
+    if "{" not in name and d.chance(70):
+        # A bare name ("Workbench") is shared by unrelated sites; most say whose it is.
+        name += ", {town}" if theme.company else " by {first} {last}"
+    title = name.format(**words)
     tagline = d.choice(theme.taglines)
     style = _Style.draw(d)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from veil.cover.generate import SiteSeed, generate_site
+from veil.cover.generate import SiteSeed, fresh_seed, generate_site
 from veil.cover.nginx import (
     MSIE_PADDING,
     REASONS,
@@ -129,7 +129,7 @@ class CoverSite:
     def builtin(cls, seed: SiteSeed | None = None) -> CoverSite:
         """The site generated for ``seed`` (the install's, from its state); without one, for
         a fresh seed: a site of its own for this process alone (tests, embedding)."""
-        generated = generate_site(seed or SiteSeed.new())
+        generated = generate_site(seed or fresh_seed())
         return cls({name: SiteFile(f.body, _mime_for(name), f.mtime)
                     for name, f in sorted(generated.items())})
 

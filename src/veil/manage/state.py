@@ -26,6 +26,7 @@ import ipaddress
 import json
 import os
 import ssl
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +36,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from veil.cover.generate import SEED_BYTES, Draw, SiteSeed
 from veil.errors import ConfigError
 from veil.protocol.accesskey import AccessKey, default_sni, spki_pin
 from veil.protocol.address import Address, parse_host_port
+from veil.protocol.seeded import SEED_BYTES, Draw, SiteSeed
 from veil.protocol.trojan import password_hash_for_secret
 from veil.store import open_store
 from veil.store.base import SecretBox, User, UserStore
@@ -217,7 +218,7 @@ def _site_seed(directory: Path) -> SiteSeed:
         pass
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    seed = SiteSeed.new()
+    seed = SiteSeed.new(time.time())
     data = json.dumps({"seed": seed.seed.hex(), "created": seed.created}).encode() + b"\n"
     # O_EXCL: two processes starting at once must not end with two different sites.
     try:
