@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.resources
 import os
 import random
 import select
@@ -44,14 +43,26 @@ hpack = pytest.importorskip("hpack")
 
 from tests.support import procs  # noqa: E402
 from veil.cover.backends import BuiltinCover, UrlCover  # noqa: E402
+from veil.cover.generate import SiteSeed, generate_site, write_site  # noqa: E402
 from veil.cover.http2 import CLIENT_PREFACE, SERVER_PREFACE  # noqa: E402
-from veil.cover.site import DEFAULT_MTIME  # noqa: E402
+from veil.cover.nginx import http_date  # noqa: E402
+from veil.cover.site import SiteFile  # noqa: E402
 from veil.manage.state import server_ssl_context  # noqa: E402
 from veil.server.gate import Authenticator, Gate, VeilWayIn  # noqa: E402
 from veil.server.trojan import TrojanWayIn  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not os.path.exists(procs.NGINX),
                                 reason="needs nginx 1.22 (apt-get install nginx)")
+
+# One install's generated site, written to a directory nginx serves: both serve identical
+# files. An install whose site has the pages the probes name (installs differ in which).
+TEST_SEED = next(seed for seed in (SiteSeed(bytes([i]) * 32, 1_760_000_000) for i in range(256))
+                 if {"about.html", "style.css", "robots.txt"} <= generate_site(seed).keys())
+SITE_FILES = generate_site(TEST_SEED)
+ROBOTS_ETAG = SiteFile(SITE_FILES["robots.txt"].body, b"text/plain",
+                       SITE_FILES["robots.txt"].mtime).etag.decode()
+INDEX_DATE = http_date(SITE_FILES["index.html"].mtime).decode()
+INDEX_DATE_PLUS_1 = http_date(SITE_FILES["index.html"].mtime + 1).decode()
 
 HEADER_TIMEOUT = 2
 KEEPALIVE_TIMEOUT = 3
@@ -89,10 +100,7 @@ class Servers:
 
 def _site_root() -> Path:
     root = Path(tempfile.mkdtemp(prefix="veil-h2-site-"))
-    for entry in (importlib.resources.files("veil.cover") / "pages").iterdir():
-        if entry.is_file():
-            (root / entry.name).write_bytes(entry.read_bytes())
-            os.utime(root / entry.name, (DEFAULT_MTIME, DEFAULT_MTIME))
+    write_site(SITE_FILES, root)
     return root
 
 
@@ -115,7 +123,8 @@ def servers(request: pytest.FixtureRequest) -> Iterator[Servers]:
     loop = new_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    cover = BuiltinCover(header_timeout=HEADER_TIMEOUT, keepalive_timeout=KEEPALIVE_TIMEOUT)
+    cover = BuiltinCover(TEST_SEED, header_timeout=HEADER_TIMEOUT,
+                         keepalive_timeout=KEEPALIVE_TIMEOUT)
     users = cast(Any, _NoUsers())
     ways_in = (VeilWayIn(Authenticator(users), _never), TrojanWayIn(users, _never))
     url_cover = UrlCover("http://127.0.0.1:9")
@@ -443,7 +452,7 @@ PROBES: dict[str, ProbeFactory] = {
     "lowercase_method": lambda c: [(0, P + c.headers(1, get(method="get")))],
     "connection_header": lambda c: [(0, P + c.headers(1, get(extra=(("connection", "close"),))))],
     "if_modified_since": lambda c: [(0, P + c.headers(1, get(extra=(
-        ("if-modified-since", "Wed, 15 Mar 2023 13:20:00 GMT"),))))],
+        ("if-modified-since", INDEX_DATE),))))],
     "range": lambda c: [(0, P + c.headers(1, get("/robots.txt", extra=(
         ("range", "bytes=0-3"),))))],
     "ping": lambda c: [(0, P + frame(PING, 0, 0, b"12345678"))],
@@ -529,7 +538,7 @@ PROBES: dict[str, ProbeFactory] = {
     "if_match_fails": lambda c: [(0, P + c.headers(1, get("/robots.txt", extra=(
         ("if-match", '"x"'),))))],
     "if_none_match": lambda c: [(0, P + c.headers(1, get("/robots.txt", extra=(
-        ("if-none-match", '"6411c600-18"'),))))],
+        ("if-none-match", ROBOTS_ETAG),))))],
     "range_416": lambda c: [(0, P + c.headers(1, get("/robots.txt", extra=(
         ("range", "bytes=99-"),))))],
     "multi_range": lambda c: [(0, P + c.headers(1, get("/robots.txt", extra=(

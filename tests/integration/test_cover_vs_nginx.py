@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import importlib.resources
 import os
 import random
 import re
@@ -36,13 +35,25 @@ import pytest
 
 from tests.support import procs
 from veil.cover.adapters import CoverProtocol
+from veil.cover.generate import SiteSeed, generate_site, write_site
 from veil.cover.http1 import CoverMode
-from veil.cover.site import DEFAULT_MTIME, CoverSite
+from veil.cover.nginx import http_date
+from veil.cover.site import CoverSite, SiteFile
 
 NGINX = "/usr/sbin/nginx"
 pytestmark = pytest.mark.skipif(
     not os.path.exists(NGINX), reason="needs nginx 1.22 at /usr/sbin/nginx (apt-get install nginx)"
 )
+
+# One install's generated site, written to a directory nginx serves: both serve identical
+# files. An install whose site has the pages the probes name (installs differ in which).
+TEST_SEED = next(seed for seed in (SiteSeed(bytes([i]) * 32, 1_760_000_000) for i in range(256))
+                 if {"about.html", "style.css", "robots.txt"} <= generate_site(seed).keys())
+SITE_FILES = generate_site(TEST_SEED)
+ROBOTS_ETAG = SiteFile(SITE_FILES["robots.txt"].body, b"text/plain",
+                       SITE_FILES["robots.txt"].mtime).etag.decode()
+INDEX_DATE = http_date(SITE_FILES["index.html"].mtime).decode()
+INDEX_DATE_PLUS_1 = http_date(SITE_FILES["index.html"].mtime + 1).decode()
 
 HEADER_TIMEOUT = 2.0
 KEEPALIVE_TIMEOUT = 3.0
@@ -168,14 +179,7 @@ def servers(request: pytest.FixtureRequest,
     else:
         new_loop = asyncio.new_event_loop
     d = tmp_path_factory.mktemp("nginx")
-    html = d / "html"
-    html.mkdir()
-    root = importlib.resources.files("veil.cover") / "pages"
-    for entry in root.iterdir():
-        if entry.is_file():
-            target = html / entry.name
-            target.write_bytes(entry.read_bytes())
-            os.utime(target, (DEFAULT_MTIME, DEFAULT_MTIME))
+    write_site(SITE_FILES, d / "html")
     _make_cert(d)
     # nginx is told its ports (see procs.unused_port: taken meanwhile, it exits and
     # _wait_port says so); the cover listens on ports the system picks.
@@ -186,7 +190,7 @@ def servers(request: pytest.FixtureRequest,
     loop = new_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     live: set[asyncio.BaseTransport] = set()
-    site = CoverSite.builtin()
+    site = CoverSite.builtin(TEST_SEED)
     sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     sctx.load_cert_chain(d / "cert.pem", d / "key.pem")
 
@@ -355,10 +359,11 @@ NAMED_PROBES: dict[str, bytes] = {
     "trace": b"TRACE / HTTP/1.1\r\nHost: example.com\r\n\r\n",
     "no_host": b"GET / HTTP/1.1\r\n\r\n",
     "ims_equal": b"GET / HTTP/1.1\r\nHost: a\r\n"
-                 b"If-Modified-Since: Wed, 15 Mar 2023 13:20:00 GMT\r\n\r\n",
+                 b"If-Modified-Since: %s\r\n\r\n" % INDEX_DATE.encode(),
     "ims_other": b"GET / HTTP/1.1\r\nHost: a\r\n"
-                 b"If-Modified-Since: Wed, 15 Mar 2023 13:20:01 GMT\r\n\r\n",
-    "inm": b'GET /robots.txt HTTP/1.1\r\nHost: a\r\nIf-None-Match: "6411c600-18"\r\n\r\n',
+                 b"If-Modified-Since: %s\r\n\r\n" % INDEX_DATE_PLUS_1.encode(),
+    "inm": b"GET /robots.txt HTTP/1.1\r\nHost: a\r\nIf-None-Match: %s\r\n\r\n"
+           % ROBOTS_ETAG.encode(),
     "if_match_fail": b'GET /robots.txt HTTP/1.1\r\nHost: a\r\nIf-Match: "x"\r\n\r\n',
     "range": b"GET /robots.txt HTTP/1.1\r\nHost: a\r\nRange: bytes=0-3\r\n\r\n",
     "range_416": b"GET /robots.txt HTTP/1.1\r\nHost: a\r\nRange: bytes=99-\r\n\r\n",

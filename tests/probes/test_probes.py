@@ -30,6 +30,7 @@ from tests.support.prober import (
     probe_tls,
     random_payloads,
 )
+from veil.protocol.seeded import SiteSeed
 
 pytestmark = pytest.mark.slow
 
@@ -58,12 +59,12 @@ BROKEN_TLS_PROBES = [
 class StandaloneCover:
     """The built-in cover site on its own TLS port: what veil's gate must be invisible in."""
 
-    def __init__(self, context: ssl.SSLContext) -> None:
+    def __init__(self, context: ssl.SSLContext, seed: SiteSeed | None) -> None:
         from veil.cover.adapters import CoverProtocol
         from veil.cover.site import CoverSite
 
         self.loop = asyncio.new_event_loop()
-        site = CoverSite.builtin()
+        site = CoverSite.builtin(seed)  # the install's own site, drawn from its state
         ready = threading.Event()
         self.port = 0
 
@@ -105,10 +106,10 @@ def builtin_veil(module_dir: Path) -> Iterator[procs.VeilServer]:
 
 @pytest.fixture(scope="module")
 def reference_cover(builtin_veil: procs.VeilServer) -> Iterator[StandaloneCover]:
-    from veil.manage.state import load_state
-    from veil.manage.state import server_ssl_context
+    from veil.manage.state import load_state, server_ssl_context
 
-    cover = StandaloneCover(server_ssl_context(load_state(builtin_veil.state)))
+    state = load_state(builtin_veil.state)
+    cover = StandaloneCover(server_ssl_context(state), state.site_seed)
     try:
         yield cover
     finally:

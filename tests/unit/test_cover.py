@@ -73,7 +73,8 @@ def test_pipelined_requests_are_answered_one_at_a_time(site: CoverSite) -> None:
 
 def test_builtin_site_is_small_and_plausible() -> None:
     s = CoverSite.builtin()
-    assert {"index.html", "about.html", "style.css", "robots.txt"} <= set(s.names)
+    assert "index.html" in s.names
+    assert any(name.endswith(".css") for name in s.names)
     total = sum(len(f.body) for f in s._files.values())
     assert total < 20 * 1024
 

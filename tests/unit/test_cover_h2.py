@@ -4,7 +4,6 @@ test_cover_h2_vs_nginx.py)."""
 
 from __future__ import annotations
 
-import importlib.resources
 import struct
 from typing import Any
 
@@ -16,6 +15,7 @@ import h2.events  # noqa: E402
 import h2.settings  # noqa: E402
 import hpack  # noqa: E402
 
+from veil.cover.generate import SiteSeed, generate_site  # noqa: E402
 from veil.cover.http2 import (  # noqa: E402
     SERVER_PREFACE,
     H2CloseAction,
@@ -24,8 +24,11 @@ from veil.cover.http2 import (  # noqa: E402
 )
 from veil.cover.site import CoverSite  # noqa: E402
 
-SITE = CoverSite.builtin()
-INDEX = (importlib.resources.files("veil.cover") / "pages" / "index.html").read_bytes()
+# An install's site that has a robots.txt (the tests below fetch it; not every install has one).
+SEED = next(seed for seed in (SiteSeed(bytes([i]) * 32, 1_760_000_000) for i in range(256))
+            if "robots.txt" in generate_site(seed))
+SITE = CoverSite.builtin(SEED)
+INDEX = generate_site(SEED)["index.html"].body
 
 
 class Pair:

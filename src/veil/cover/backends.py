@@ -21,6 +21,7 @@ from typing import cast
 from urllib.parse import urlsplit
 
 from veil.cover.adapters import CoverProtocol, H2CoverProtocol
+from veil.cover.generate import SiteSeed
 from veil.cover.http1 import CoverMode
 from veil.cover.http2 import SERVER_PREFACE
 from veil.cover.nginx import KEEPALIVE_TIMEOUT, LINGERING_TIME, LINGERING_TIMEOUT
@@ -84,12 +85,13 @@ class BuiltinCover(Cover):
     #: ALPN protocols this cover can speak, the server's preference first.
     alpn_protocols: tuple[str, ...] = ("h2", "http/1.1")
 
-    def __init__(self, site: CoverSite | None = None, *,
+    def __init__(self, site: CoverSite | SiteSeed | None = None, *,
                  header_timeout: float = NGINX_HEADER_TIMEOUT_S,
                  keepalive_timeout: float = KEEPALIVE_TIMEOUT,
                  lingering_timeout: float = LINGERING_TIMEOUT,
                  lingering_time: float = LINGERING_TIME) -> None:
-        self.site = site or CoverSite.builtin()
+        # A seed (the install's) gives its generated site; nothing gives a fresh one.
+        self.site = site if isinstance(site, CoverSite) else CoverSite.builtin(site)
         self.header_timeout = header_timeout
         self.keepalive_timeout = keepalive_timeout
         self.lingering_timeout = lingering_timeout
@@ -132,7 +134,7 @@ def negotiated_alpn(transport: asyncio.BaseTransport) -> str | None:
 class UrlCover(Cover):
     """Relays to a real web server."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, seed: SiteSeed | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"--cover must be an http:// or https:// URL, not {url!r}")
@@ -144,7 +146,7 @@ class UrlCover(Cover):
         self.address = Address(parts.hostname, port)
         self.forwards_foreign_tls = self.tls
         self._plain = DirectDialer()
-        self._builtin_plain = BuiltinCover() if not self.tls else None
+        self._builtin_plain = BuiltinCover(seed) if not self.tls else None
         if self.tls:
             # The cover is the operator's own server (often self-signed or behind a name we
             # do not present); we relay probers' bytes to it and learn nothing secret back.
@@ -195,5 +197,6 @@ class _Hold(asyncio.Protocol):
         self.early.append(data)
 
 
-def make_cover(url: str | None) -> Cover:
-    return BuiltinCover() if url is None else UrlCover(url)
+def make_cover(url: str | None, seed: SiteSeed | None = None) -> Cover:
+    """The cover for ``--cover URL``, or the install's own built-in site for ``seed``."""
+    return BuiltinCover(seed) if url is None else UrlCover(url, seed)

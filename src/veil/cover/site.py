@@ -4,19 +4,18 @@
 its header filters would (conditional and range requests, ETags, error pages with the
 MSIE/Chrome padding); :mod:`veil.cover.http1` and :mod:`veil.cover.http2` carry its answers.
 
-File times
-    Files are loaded with one fixed modification time (:data:`DEFAULT_MTIME`, 2023-03-15
-    13:20:00 UTC) unless told otherwise, so ``Last-Modified`` and ``ETag`` are the same on every
-    server and after every deployment: a real site's files do not change each time the
-    service restarts.
+The built-in site
+    Generated per install by :mod:`veil.cover.generate` from the seed in the server's state:
+    pages, names, sizes and file times (hence ``Last-Modified`` and ``ETag``) differ between
+    installs and stay the same across restarts, as a real site's files do.
 """
 
 from __future__ import annotations
 
-import importlib.resources
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from veil.cover.generate import SiteSeed, fresh_seed, generate_site
 from veil.cover.nginx import (
     MSIE_PADDING,
     REASONS,
@@ -29,7 +28,7 @@ from veil.cover.nginx import (
 
 __all__ = ["DEFAULT_MTIME", "CoverSite", "Request", "Response", "SiteFile"]
 
-#: 2023-03-15 13:20:00 UTC: the fixed modification time of the built-in site's files.
+#: 2023-03-15 13:20:00 UTC: a fixed file time for sites built by hand (tests).
 DEFAULT_MTIME = 1678886400
 
 CRLF = b"\r\n"
@@ -127,14 +126,12 @@ class CoverSite:
         self._boundary = 0
 
     @classmethod
-    def builtin(cls, *, mtime: int = DEFAULT_MTIME) -> CoverSite:
-        """The small blog shipped in ``veil/cover/pages``."""
-        root = importlib.resources.files("veil.cover") / "pages"
-        files: dict[str, SiteFile] = {}
-        for entry in sorted(root.iterdir(), key=lambda e: e.name):
-            if entry.is_file() and not entry.name.startswith(("_", ".")):
-                files[entry.name] = SiteFile(entry.read_bytes(), _mime_for(entry.name), mtime)
-        return cls(files)
+    def builtin(cls, seed: SiteSeed | None = None) -> CoverSite:
+        """The site generated for ``seed`` (the install's, from its state); without one, for
+        a fresh seed: a site of its own for this process alone (tests, embedding)."""
+        generated = generate_site(seed or fresh_seed())
+        return cls({name: SiteFile(f.body, _mime_for(name), f.mtime)
+                    for name, f in sorted(generated.items())})
 
     @property
     def names(self) -> list[str]:

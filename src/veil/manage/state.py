@@ -9,6 +9,9 @@ into access keys.
     DIR/users.db      the SQLite user store (or "db": a postgresql:// URL in config.json)
     DIR/store.key     the key that seals secrets in the store (0600; docs/store.md): a fleet
                       of servers on one PostgreSQL shares one copy of it
+    DIR/site.seed     {"seed": hex, "created": unix time} (0600): what this install's cover
+                      site and the pattern of its self-signed certificate are drawn from, so
+                      that no two installs look alike and each looks the same across restarts
 
 The pin is the SHA-256 of the certificate's SubjectPublicKeyInfo, so renewing the certificate
 with the same key (done automatically, and what ACME clients do with --reuse-key) keeps every
@@ -17,33 +20,51 @@ access key valid.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import json
 import os
 import ssl
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from veil.errors import ConfigError
 from veil.protocol.accesskey import AccessKey, default_sni, spki_pin
 from veil.protocol.address import Address, parse_host_port
+from veil.protocol.seeded import SEED_BYTES, Draw, SiteSeed
 from veil.protocol.trojan import password_hash_for_secret
 from veil.store import open_store
 from veil.store.base import SecretBox, User, UserStore
 
 CONFIG_NAME = "config.json"
 STORE_KEY_NAME = "store.key"
-# Let's Encrypt issues 90-day certificates; a self-signed one of the same lifetime looks
-# less unusual than a ten-year one, and is renewed when a third of it is left.
-CERT_LIFETIME = datetime.timedelta(days=90)
+SEED_NAME = "site.seed"
+# A certificate is renewed when a third of its life is left, and at most this early: a
+# 90-day one (Let's Encrypt's lifetime) 30 days before it expires, a 398-day one too.
 CERT_RENEW_BEFORE = datetime.timedelta(days=30)
+# Lifetimes real self-signed and CA-issued certificates have, in days: openssl req's default
+# (30), ACME's (90), `-days 365`, the CA/B Forum maximum (398) and its common 397, two years.
+# Drawn once per install, so installs differ and each keeps its own across renewals.
+CERT_LIFETIMES_DAYS = (30, 90, 90, 365, 365, 397, 398, 730)
+# notBefore is set this far into the past (hours, drawn per install, plus minutes): issuers
+# backdate against clock skew (Let's Encrypt by an hour), openssl not at all.
+CERT_BACKDATE_HOURS = (0, 47)
+# Key types of real small sites' certificates, in the client's pinning (SPKI: any key works)
+# and TLS code (ECDSA and RSA-PSS signatures): RSA-2048 and P-256 are the common ones.
+KEY_TYPES = ("P-256", "P-256", "P-384", "RSA-2048", "RSA-2048")
+# Subject countries for certificates that name one (openssl's default names AU).
+_COUNTRIES = ("AU", "DE", "NL", "FR", "GB", "US", "SE", "PL", "CZ", "FI", "CA", "AT")
+_ORG_WORDS = ("Studio", "Works", "Digital", "Labs", "Media", "Systems", "Web", "Design")
+_ORG_NAMES = ("Nordlicht", "Blue Harbour", "Kestrel", "Larch", "Ferro", "Mosaic", "Tallow",
+              "Quarry", "Juniper", "Meridian", "Brightwater", "Copperfield")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +77,8 @@ class ServerState:
     pin: bytes
     #: A postgresql:// URL for a shared store, or None for DIR/users.db.
     db: str | None = None
+    #: What this install's built-in cover site is generated from (DIR/site.seed).
+    site_seed: SiteSeed | None = None
 
     def open_store(self) -> UserStore:
         return open_store(self.db or self.directory / "users.db",
@@ -66,25 +89,96 @@ class ServerState:
         return AccessKey(self.public, user.secret, self.pin, self.sni, user.name)
 
 
-def self_signed_certificate(key: ec.EllipticCurvePrivateKey, name: str) -> x509.Certificate:
-    """A server certificate for ``name`` (a DNS name or an IP address) signed by ``key``."""
-    now = datetime.datetime.now(datetime.UTC)
+@dataclass(frozen=True, slots=True)
+class CertificateProfile:
+    """How this install's self-signed certificates look: drawn from its seed, the same for
+    every renewal (and the key is kept, so pins survive)."""
+
+    key_type: str = "P-256"
+    lifetime: datetime.timedelta = datetime.timedelta(days=90)
+    backdate: datetime.timedelta = datetime.timedelta(hours=1)
+    #: (attribute, value) pairs before the CN, as openssl req writes them.
+    subject: tuple[tuple[str, str], ...] = ()
+    #: openssl req -x509's extensions (key identifiers, CA:TRUE) rather than a leaf's.
+    openssl_style: bool = False
+
+    @classmethod
+    def for_seed(cls, seed: SiteSeed) -> CertificateProfile:
+        d = Draw(seed.seed, "veil certificate v1")
+        key_type = d.choice(KEY_TYPES)
+        lifetime = datetime.timedelta(days=d.choice(CERT_LIFETIMES_DAYS))
+        backdate = datetime.timedelta(hours=d.between(*CERT_BACKDATE_HOURS),
+                                      seconds=d.below(3600))
+        form = d.below(4)
+        subject: tuple[tuple[str, str], ...]
+        if form == 0:
+            subject = ()
+        elif form == 1:  # openssl req's defaults, accepted by pressing Enter
+            subject = (("C", "AU"), ("ST", "Some-State"), ("O", "Internet Widgits Pty Ltd"))
+        else:
+            org = f"{d.choice(_ORG_NAMES)} {d.choice(_ORG_WORDS)}"
+            subject = (("C", d.choice(_COUNTRIES)), ("O", org))
+            if form == 3:
+                subject += (("OU", d.choice(("IT", "Web", "Operations", "Hosting"))),)
+        return cls(key_type, lifetime, backdate, subject, d.chance(40))
+
+    def new_key(self) -> ServerKey:
+        if self.key_type == "RSA-2048":
+            return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        curve = ec.SECP384R1() if self.key_type == "P-384" else ec.SECP256R1()
+        return ec.generate_private_key(curve)
+
+    @property
+    def renew_before(self) -> datetime.timedelta:
+        return min(CERT_RENEW_BEFORE, self.lifetime / 3)
+
+
+ServerKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+_SUBJECT_OIDS = {"C": NameOID.COUNTRY_NAME, "ST": NameOID.STATE_OR_PROVINCE_NAME,
+                 "O": NameOID.ORGANIZATION_NAME, "OU": NameOID.ORGANIZATIONAL_UNIT_NAME}
+
+
+def self_signed_certificate(key: ServerKey, name: str,
+                            profile: CertificateProfile | None = None) -> x509.Certificate:
+    """A server certificate for ``name`` (a DNS name or an IP address) signed by ``key``,
+    shaped by ``profile`` (the install's; by default 90 days, backdated an hour, CN only)."""
+    profile = profile or CertificateProfile()
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     try:
         san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:
         san = x509.DNSName(name)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    return (x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + CERT_LIFETIME)
-            .add_extension(x509.SubjectAlternativeName([san]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
+    subject = x509.Name([x509.NameAttribute(_SUBJECT_OIDS[k], v) for k, v in profile.subject]
+                        + [x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    not_before = now - profile.backdate
+    builder = (x509.CertificateBuilder()
+               .subject_name(subject).issuer_name(subject)
+               .public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(not_before)
+               .not_valid_after(not_before + profile.lifetime))
+    if profile.openssl_style:
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        builder = (builder.add_extension(ski, critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                       ski), critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                                  critical=True)
+                   .add_extension(x509.SubjectAlternativeName([san]), critical=False))
+    else:
+        builder = (builder.add_extension(x509.SubjectAlternativeName([san]), critical=False)
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None),
+                                  critical=True)
+                   .add_extension(x509.ExtendedKeyUsage(
+                       [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+    digest = hashes.SHA384() if profile.key_type == "P-384" else hashes.SHA256()
+    return builder.sign(key, digest)
+
+
+def _key_type(key: ServerKey) -> str:
+    if isinstance(key, rsa.RSAPrivateKey):
+        return "RSA-2048"
+    return "P-384" if key.curve.name == "secp384r1" else "P-256"
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -114,18 +208,57 @@ def _store_key(directory: Path) -> bytes:
     return key
 
 
-def _ensure_certificate(directory: Path, name: str) -> None:
+def _site_seed(directory: Path) -> SiteSeed:
+    """The install's seed, made on first use (at init, or the first start of a state from
+    before seeds: nothing else in the state changes)."""
+    path = directory / SEED_NAME
+    try:
+        return _parse_seed(path, path.read_bytes())
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    seed = SiteSeed.new(time.time())
+    data = json.dumps({"seed": seed.seed.hex(), "created": seed.created}).encode() + b"\n"
+    # O_EXCL: two processes starting at once must not end with two different sites.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _parse_seed(path, path.read_bytes())
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return seed
+
+
+def _parse_seed(path: Path, data: bytes) -> SiteSeed:
+    try:
+        raw = json.loads(data)
+        seed = SiteSeed(bytes.fromhex(raw["seed"]), int(raw["created"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is damaged: {exc}") from exc
+    if len(seed.seed) != SEED_BYTES:
+        raise ConfigError(f"{path} is damaged: the seed is not {SEED_BYTES} bytes")
+    return seed
+
+
+def _ensure_certificate(directory: Path, name: str, profile: CertificateProfile) -> None:
     key_path, cert_path = directory / "key.pem", directory / "cert.pem"
+    key: ServerKey
     if key_path.exists():
         try:
-            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            loaded = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         except (OSError, ValueError) as exc:
             # Never replaced: every access key pins it.
             raise ConfigError(f"cannot read the server key {key_path}: {exc}") from exc
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ConfigError(f"{key_path}: expected an EC private key")
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise ConfigError(f"{key_path}: expected an EC or RSA private key")
+        key = loaded
+        # The key decides the signature hash, not the profile drawn for a new install.
+        profile = dataclasses.replace(profile, key_type=_key_type(key))
     else:
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = profile.new_key()
         _write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
                                                    serialization.PrivateFormat.PKCS8,
                                                    serialization.NoEncryption()))
@@ -136,9 +269,9 @@ def _ensure_certificate(directory: Path, name: str) -> None:
             cert = None  # damaged: made anew below for the same key, so pins stay valid
         if cert is not None:
             left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
-            if left > CERT_RENEW_BEFORE and cert.public_key() == key.public_key():
+            if left > profile.renew_before and cert.public_key() == key.public_key():
                 return
-    cert = self_signed_certificate(key, name)
+    cert = self_signed_certificate(key, name, profile)
     tmp = cert_path.with_suffix(".tmp")
     tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     tmp.replace(cert_path)
@@ -198,17 +331,18 @@ def load_state(directory: Path, db: str | None = None) -> ServerState:
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"{config_path} is damaged: {exc}") from exc
     sni = config.get("sni")
+    site_seed = _site_seed(directory)
     if config.get("cert") and config.get("key"):
         cert_path, key_path = Path(config["cert"]), Path(config["key"])
     else:
-        _ensure_certificate(directory, sni or public.host)
+        _ensure_certificate(directory, sni or public.host, CertificateProfile.for_seed(site_seed))
         cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read certificate {cert_path}: {exc}") from exc
     return ServerState(directory, public, sni, cert_path, key_path, spki_pin(cert),
-                       db or config.get("db"))
+                       db or config.get("db"), site_seed)
 
 
 def server_ssl_context(state: ServerState,

@@ -61,7 +61,7 @@ class VeilServer:
         self.live = Live(state.open_store, trojan_hash=password_hash_for_secret,
                          max_sessions_per_user=options.max_sessions_per_user,
                          max_sessions=options.max_sessions, user_rate=options.user_rate)
-        self.cover = cover or make_cover(options.cover_url)
+        self.cover = cover or make_cover(options.cover_url, state.site_seed)
         policy = DestinationPolicy.for_server(
             options.allow_private,
             [options.listen.host, state.public.host, *local_addresses()])
