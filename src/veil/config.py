@@ -26,8 +26,10 @@ from veil.errors import ConfigError
 from veil.protocol.accesskey import AccessKey
 from veil.protocol.address import Address
 from veil.protocol.session import (
+    DEFAULT_IDLE_CLOSE,
     DEFAULT_KEEPALIVE_INTERVAL,
     DEFAULT_KEEPALIVE_TIMEOUT,
+    NGINX_KEEPALIVE_TIMEOUT,
     SessionConfig,
 )
 from veil.protocol.shaping import DEFAULT_SHAPING, NO_SHAPING
@@ -68,7 +70,8 @@ MIN_RATE = 1024.0
 #: TLS connections a client keeps to its server: more spread head-of-line blocking, but each
 #: is one more fingerprintable flow and one more session against the per-user cap.
 MAX_CONNECTIONS = 16
-#: The client's keepalive, ``(interval, timeout)``: the session's own default.
+#: The client's keepalive, ``(interval, timeout)``: the session's own default (pings only
+#: while streams are open, each wait jittered: see veil.protocol.session).
 DEFAULT_KEEPALIVE = (DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT)
 #: The range ``--keepalive`` figures must fall in (seconds): below it pings are traffic,
 #: above it a dead path goes unnoticed for an hour.
@@ -348,6 +351,9 @@ class ServerOptions:
     tun: bool = False
     pool: str | None = None
     pool6: str | None = None
+    #: Seconds a veil session with no stream open lasts before the server closes it, as nginx
+    #: closes a keepalive connection after keepalive_timeout (no flag: tests shorten it).
+    idle_close: float = NGINX_KEEPALIVE_TIMEOUT
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -393,6 +399,9 @@ class ClientOptions:
     #: ``--keepalive``: ping after this many idle seconds; the server is dead after the second
     #: figure more. Both within :data:`KEEPALIVE_RANGE`.
     keepalive: tuple[float, float] = DEFAULT_KEEPALIVE
+    #: The range the client's idle close is drawn from (seconds, see
+    #: veil.protocol.session.DEFAULT_IDLE_CLOSE; no flag: tests shorten it).
+    idle_close: tuple[float, float] = DEFAULT_IDLE_CLOSE
 
     def __post_init__(self) -> None:
         if not 1 <= self.connections <= MAX_CONNECTIONS:
@@ -419,7 +428,8 @@ class ClientOptions:
     def session_config(self) -> SessionConfig:
         interval, timeout = self.keepalive
         return SessionConfig(keepalive_interval=interval, keepalive_timeout=timeout,
-                             shaping=DEFAULT_SHAPING if self.shaping else NO_SHAPING)
+                             shaping=DEFAULT_SHAPING if self.shaping else NO_SHAPING,
+                             idle_close=self.idle_close)
 
     @classmethod
     def from_args(cls, key: AccessKey | TrojanLink, *, socks: Address | None, http: Address | None,

@@ -179,16 +179,22 @@ def test_datagrams_carry_addresses_both_ways() -> None:
 
 def test_keepalive_pings_and_detects_a_dead_peer() -> None:
     client, server = pair()
-    assert client.get_timer() == 15.0
-    client.handle_timer(15.0)
-    server.receive_data(client.data_to_send(), 15.0)
-    events = client.receive_data(server.data_to_send(), 15.5)
+    sid = client.open_stream(StreamKind.TCP, DEST)  # keepalive runs while streams are open
+    transfer(client, server)
+    first = client.get_timer()
+    assert first is not None and 7.5 <= first <= 22.5  # 15 s, jittered
+    client.handle_timer(first)
+    server.receive_data(client.data_to_send(), first)
+    events = client.receive_data(server.data_to_send(), first + 0.5)
     assert events == [PongReceived(0.5)]
-    client.handle_timer(31.0)  # idle again: ping, and this time nobody answers
+    second = client.get_timer()
+    assert second is not None and first + 0.5 + 7.5 <= second <= first + 0.5 + 22.5
+    client.handle_timer(second)  # idle again: ping, and this time nobody answers
     client.data_to_send()
-    assert client.get_timer() == 41.0
-    events = client.handle_timer(41.0)
+    assert client.get_timer() == second + 10.0
+    events = client.handle_timer(second + 10.0)
     assert events == [SessionClosed(CloseCode.KEEPALIVE_TIMEOUT, "keepalive timeout", False)]
+    assert sid
 
 
 def test_close_is_reported_to_the_peer() -> None:

@@ -1,9 +1,17 @@
-"""The client's tunnel: long-lived sessions to the server, used by every inbound.
+"""The client's tunnel: sessions to the server, opened when the user wants one.
 
-:class:`ClientTunnel` keeps ``pool_size`` sessions up (reconnecting with exponential backoff
-after a drop), authenticates the server by the key pinned in the access key — never by the web
-PKI — and opens streams on the least busy session. Streams open with no round trip: the OPEN
-frame and the first data leave together.
+:class:`ClientTunnel` keeps up to ``pool_size`` sessions, authenticates the server by the key
+pinned in the access key — never by the web PKI — and opens streams on the least busy
+session. Streams open with no round trip: the OPEN frame and the first data leave together.
+
+A connection to "nginx" lives like a browser's: a session with no stream open sends nothing
+and closes itself before nginx's keepalive_timeout would (veil.protocol.session), and no
+session is opened again until the user opens a stream (``wait_ready``, which every inbound
+calls first): TCP, TLS, then the authenticator with the OPEN and its data in one write, so
+the first byte costs what a browser's request on a new connection costs (3 round trips).
+The exceptions, each a user's own demand: the first connection at start (it checks the key
+and reports), and a session lost while streams were open (a full-device tunnel's IP stream,
+a download): that one is reconnected at once, with backoff, until it is back.
 """
 
 from __future__ import annotations
@@ -81,6 +89,7 @@ class _ClientDriver(SessionDriver):
         super().__init__(session, **kwargs)  # type: ignore[arg-type]
         self.accepted: asyncio.Future[bool] = self._loop.create_future()
         self._head = b""  # the server's first bytes, until they tell accepted from refused
+        self.streams_at_close = 0  # streams open when the session ended (0: it was idle)
 
     def data_received(self, data: bytes | memoryview) -> None:
         if self.accepted.done():
@@ -110,6 +119,11 @@ class _ClientDriver(SessionDriver):
             self.accepted.set_result(False)
         super().connection_lost(exc)
 
+    def _finish(self, why: str) -> None:
+        if not self._done:
+            self.streams_at_close = len(self.handlers)
+        super()._finish(why)
+
 
 class ClientTunnel(Dialer):
     def __init__(self, key: AccessKey, *, pool_size: int = 1, tls_stack: str = "browser",
@@ -123,12 +137,19 @@ class ClientTunnel(Dialer):
         self.session_config = session_config
         self._drivers: list[SessionDriver] = []
         self._ready = asyncio.Event()
+        # Demand for a session: set while someone waits in wait_ready, and from start() or a
+        # session lost with streams open until a session is up (_wanted). Without it the
+        # slots open nothing.
+        self._demand = asyncio.Event()
+        self._waiting = 0
+        self._wanted = False
         self._tasks: list[asyncio.Task[None]] = []
         self._ssl = client_ssl_context()
         self.last_error: str | None = None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._want()  # the first connection: it checks the key, and says so
         self._tasks = [loop.create_task(self._maintain(i)) for i in range(self.pool_size)]
 
     async def close(self) -> None:
@@ -178,10 +199,23 @@ class ClientTunnel(Dialer):
         transport.write(auth + session.data_to_send())
         return driver
 
+    def _want(self) -> None:
+        """A session is wanted until one is up, whoever waits for it."""
+        self._wanted = True
+        self._demand.set()
+
+    def _demand_met(self) -> None:
+        """A session is up, or connecting failed with nobody waiting: open no more until
+        there is demand again."""
+        self._wanted = False
+        if not self._waiting:
+            self._demand.clear()
+
     async def _maintain(self, slot: int) -> None:
         backoff = BACKOFF_INITIAL_S
         rejected_backoff = BACKOFF_REJECTED_INITIAL_S
         while True:
+            await self._demand.wait()
             started = time.monotonic()
             try:
                 driver = await asyncio.wait_for(self.connect_once(), HANDSHAKE_TIMEOUT_S + 5)
@@ -203,6 +237,7 @@ class ClientTunnel(Dialer):
             if accepted:
                 log.info("connected to %s (session %d)", self.key.server, slot)
                 rejected_backoff = BACKOFF_REJECTED_INITIAL_S
+                self._demand_met()
             why = await driver.closed
             self._drivers.remove(driver)
             if not self._drivers:
@@ -215,7 +250,16 @@ class ClientTunnel(Dialer):
                 await asyncio.sleep(rejected_backoff)
                 rejected_backoff = min(rejected_backoff * 2, BACKOFF_REJECTED_MAX_S)
                 continue
-            log.warning("session %d to %s ended (%s); reconnecting", slot, self.key.server, why)
+            if not driver.streams_at_close:
+                # Idle (our idle close, or the server's): a browser opens nothing until its
+                # user asks for something, and neither do we.
+                log.info("session %d to %s closed while idle (%s); the next stream opens "
+                         "a new one", slot, self.key.server, why)
+                backoff = BACKOFF_INITIAL_S
+                continue
+            log.warning("session %d to %s ended with %d stream(s) open (%s); reconnecting",
+                        slot, self.key.server, driver.streams_at_close, why)
+            self._want()
             if time.monotonic() - started > BACKOFF_MAX_S:
                 backoff = BACKOFF_INITIAL_S
             await asyncio.sleep(backoff * random.random())
@@ -223,12 +267,26 @@ class ClientTunnel(Dialer):
 
     # ------------------------------------------------------------------ Dialer
     async def wait_ready(self, timeout: float) -> bool:
-        if self._drivers:
+        """A live session, opened now if there is none (this is the user's demand)."""
+        if self._pick() is not None:
             return True
+        self._waiting += 1
+        self._demand.set()
         try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                while self._pick() is None:
+                    await self._ready.wait()
+                    if self._pick() is None:
+                        # A session that is closing still counts as ready: let it go.
+                        await asyncio.sleep(0)
         except TimeoutError:
             return False
+        finally:
+            # Nobody waits any more (served, or gave up): a slot still connecting finishes,
+            # a failed one does not try again until someone asks.
+            self._waiting -= 1
+            if not self._waiting and not self._wanted:
+                self._demand.clear()
         return True
 
     def _pick(self) -> SessionDriver | None:

@@ -2,7 +2,8 @@
 
 :class:`SessionDriver` owns one TLS transport and one :class:`~veil.protocol.session.Session`.
 It feeds received bytes to the session, dispatches the events to per-stream handlers, writes
-what the session wants sent, and arms exactly one timer for keepalives. Stream handlers
+what the session wants sent, and arms exactly one timer for keepalives and the idle close
+(both the session's: see veil.protocol.session). Stream handlers
 (:class:`TcpRelay`, UDP flows) are the other end of each stream: a local socket on the client,
 an outbound socket on the server. The same classes serve both sides.
 """

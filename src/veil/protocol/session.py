@@ -17,6 +17,7 @@ Frame layout and limits are in :mod:`veil.protocol.frames`; docs/protocol.md is 
 from __future__ import annotations
 
 import enum
+import random
 from dataclasses import dataclass, field
 
 from veil.errors import LocalProtocolError, RemoteProtocolError
@@ -62,11 +63,29 @@ INITIAL_SESSION_WINDOW = 32 * 1024 * 1024
 _GRANT_FRACTION = 4
 # A window above 2**31 - 1 can only come from a broken or hostile peer.
 MAX_WINDOW = 2**31 - 1
-# Keepalive as veil ships it (the client's; the server sets its own, slower one): a ping after
-# 15 s of silence finds a dead path (a NAT that forgot us, a blackholed route) within 25 s,
-# and an idle session costs one small record each way per 15 s.
+# Keepalive as veil ships it (the client's; the server sets its own, slower one). A session
+# pings only while it has streams open (an idle SSH login must notice a dead server); with no
+# stream open it sends nothing at all, as a browser's idle connection to nginx sends nothing.
+# Each wait is drawn anew from KEEPALIVE_JITTER times the interval, so pings have no period a
+# censor could lock on to: after 7.5 to 22.5 s of silence a ping finds a dead path (a NAT that
+# forgot us, a blackholed route) within 32.5 s.
 DEFAULT_KEEPALIVE_INTERVAL = 15.0
 DEFAULT_KEEPALIVE_TIMEOUT = 10.0
+#: The spread of each keepalive wait, as factors of the interval: wide enough that the gaps
+#: between pings vary by a third of their mean (a fixed period is a heartbeat's tell).
+KEEPALIVE_JITTER = (0.5, 1.5)
+#: nginx's keepalive_timeout (75 s, its default, which nginx 1.22 applies to HTTP/2 as well:
+#: http2_idle_timeout is obsolete since 1.19.7). A connection to "nginx" with no request in
+#: flight never outlives it: nginx closes it then.
+NGINX_KEEPALIVE_TIMEOUT = 75.0
+#: The client closes a session with no stream open after a time drawn from this range
+#: (seconds): always before the 75 s after which the server (like nginx) would, so the client,
+#: not the server, ends it and no stream the user opens meets the server's CLOSE on the way;
+#: at least 5 s before, for a late timer and an OPEN in flight; drawn per session so the
+#: moment is not one constant of veil's. The next stream the user opens connects anew.
+DEFAULT_IDLE_CLOSE = (50.0, 70.0)
+# The draws above: not secrets, but not one sequence every install repeats either.
+_RANDOM = random.SystemRandom()
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +94,17 @@ class SessionConfig:
 
     #: Streams the peer may have open at once (the server's limit on a client).
     max_streams: int = 1024
-    #: Send a PING after this long without receiving anything (seconds); None disables.
+    #: While streams are open, send a PING after about this long without receiving anything
+    #: (seconds; each wait is drawn from KEEPALIVE_JITTER times it); None disables. With no
+    #: stream open the session never pings.
     keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL
     #: Declare the peer dead when nothing arrives this long after a PING (seconds).
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
     #: Which writes are padded, and how (see veil.protocol.shaping).
     shaping: ShapingPolicy = DEFAULT_SHAPING
+    #: Close the session after this long with no stream open (seconds, drawn once per
+    #: session from the range ``(low, high)``); None keeps idle sessions open.
+    idle_close: tuple[float, float] | None = DEFAULT_IDLE_CLOSE
 
 
 class StreamState(enum.Enum):
@@ -134,8 +158,13 @@ class Session:
         self._need = HEADER_SIZE
         self._data_left = 0
         self._data_stream: _Stream | None = None
-        # Keepalive.
+        # Keepalive, and the idle close (see get_timer).
         self._last_received = now
+        self._keepalive_wait = self._draw_keepalive_wait()
+        idle = self.config.idle_close
+        self._idle_close_after = None if idle is None else _RANDOM.uniform(*idle)
+        self._idle_since: float | None = now  # when the last stream went; None: streams open
+        self._clock = now  # the latest time the caller told us of
         self._ping_sent_at: float | None = None
         self._ping_counter = 0
         self._ping_payload = b""
@@ -330,34 +359,62 @@ class Session:
             out.append(frame(FrameType.PADDING, 0, bytes(pad)))
 
     # ------------------------------------------------------------------ timers
+    def _draw_keepalive_wait(self) -> float | None:
+        interval = self.config.keepalive_interval
+        if interval is None:
+            return None
+        low, high = KEEPALIVE_JITTER
+        return interval * _RANDOM.uniform(low, high)
+
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` must next be called, or None."""
         if self._closed:
             return None
+        if self._streams:
+            self._idle_since = None
+        elif self._idle_since is None:
+            # The last stream just went: handle_timer notes when, at once (the latest time
+            # this session was told of has passed).
+            return self._clock
+        deadlines: list[float] = []
         if self._ping_sent_at is not None:
-            return self._ping_sent_at + self.config.keepalive_timeout
-        if self.config.keepalive_interval is None:
-            return None
-        return self._last_received + self.config.keepalive_interval
+            deadlines.append(self._ping_sent_at + self.config.keepalive_timeout)
+        elif self._streams and self._keepalive_wait is not None:
+            deadlines.append(self._last_received + self._keepalive_wait)
+        if self._idle_since is not None and self._idle_close_after is not None:
+            deadlines.append(self._idle_since + self._idle_close_after)
+        return min(deadlines, default=None)
 
     def handle_timer(self, now: float) -> list[Event]:
-        """Send a keepalive PING when idle; declare the peer dead when it stays silent."""
+        """While streams are open, send a keepalive PING when the peer has been silent and
+        declare it dead when it stays silent; with none open, close the session once it has
+        been idle for its idle close (the CLOSE frame says why; the caller then closes the
+        connection, TLS close_notify and FIN)."""
         if self._closed:
             return []
+        self._clock = now
+        if self._streams:
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = now
         if self._ping_sent_at is not None:
             if self._last_received > self._ping_sent_at:
                 self._ping_sent_at = None  # anything received proves the peer alive
             elif now >= self._ping_sent_at + self.config.keepalive_timeout:
                 self.close(CloseCode.KEEPALIVE_TIMEOUT, "keepalive timeout")
                 return [SessionClosed(CloseCode.KEEPALIVE_TIMEOUT, "keepalive timeout", False)]
-            else:
-                return []
-        interval = self.config.keepalive_interval
-        if interval is not None and now >= self._last_received + interval:
+        if (self._idle_since is not None and self._idle_close_after is not None
+                and now >= self._idle_since + self._idle_close_after):
+            self.close(CloseCode.NORMAL, "idle")
+            return [SessionClosed(CloseCode.NORMAL, "idle", False)]
+        wait = self._keepalive_wait
+        if (self._ping_sent_at is None and self._streams and wait is not None
+                and now >= self._last_received + wait):
             self._ping_counter += 1
             self._ping_sent_at = now
             self._ping_payload = self._ping_counter.to_bytes(8, "big")
             self._out.append(frame(FrameType.PING, 0, self._ping_payload))
+            self._keepalive_wait = self._draw_keepalive_wait()
         return []
 
     # ------------------------------------------------------------------ receiving
@@ -370,7 +427,7 @@ class Session:
         events: list[Event] = []
         if self._closed or not data:
             return events
-        self._last_received = now
+        self._last_received = self._clock = now
         try:
             self._parse(data, events, now)
         except RemoteProtocolError as exc:

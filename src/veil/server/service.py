@@ -34,8 +34,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("veil.server")
 
-# The server does not need to ping: clients ping every 15 s when idle. It only needs to notice
-# clients that vanished, so its keepalive is slower.
+# The server does not need to ping: clients ping while they have streams open. It only needs
+# to notice clients that vanished with streams open, so its keepalive is slower (and, like the
+# client's, sends nothing on a session with no stream open). A session with no stream open is
+# closed after ServerOptions.idle_close (nginx's keepalive_timeout), as nginx closes an idle
+# keepalive connection: veil's clients close theirs before that, so this catches the others.
 SERVER_SESSION_CONFIG = SessionConfig(keepalive_interval=60.0, keepalive_timeout=30.0)
 # The first frame after acceptance is PADDING of a random length in this range, so that the
 # server's first record is not of one fixed size.
@@ -111,7 +114,8 @@ class VeilServer:
 
     def _start_session(self, transport: asyncio.Transport, user: User, rest: bytes) -> None:
         loop = asyncio.get_running_loop()
-        config = SERVER_SESSION_CONFIG
+        idle = self.options.idle_close
+        config = dataclasses.replace(SERVER_SESSION_CONFIG, idle_close=(idle, idle))
         if not self.options.shaping:
             config = dataclasses.replace(config, shaping=NO_SHAPING)
         session = Session(client=False, now=loop.time(), config=config)
