@@ -18,7 +18,6 @@ from tests.load.test_load import (  # noqa: F401 (fixtures)
     H2_PREFACE,
     Server,
     client_roundtrip,
-    echo_port,
     forward_port,
     server,
 )

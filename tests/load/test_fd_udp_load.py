@@ -17,10 +17,7 @@ import asyncio
 import os
 import socket
 import ssl
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,17 +56,6 @@ def threads(pid: int) -> int:
 
 def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-@pytest.fixture(scope="module")
-def echo_port() -> Iterator[int]:
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "support" /
-                                                  "aio_echo.py")], stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    try:
-        yield int(proc.stdout.readline())
-    finally:
-        procs.stop(proc)
 
 
 class Stream:

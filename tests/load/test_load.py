@@ -16,7 +16,6 @@ import random
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,17 +60,6 @@ class Server:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         raise AssertionError("no VmRSS")
-
-
-@pytest.fixture(scope="module")
-def echo_port() -> Iterator[int]:
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "support" /
-                                                  "aio_echo.py")], stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    try:
-        yield int(proc.stdout.readline())
-    finally:
-        procs.stop(proc)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,9 @@ user is a real `veil connect` forwarding a port to an echo server.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -39,17 +36,6 @@ FLOOD_RSS_MIB = 24.0
 # Another user's p99 round trip during the flood (two shared cores, a server parsing
 # 4 million frames): generous, but far from the seconds of a server that is starved.
 FLOOD_P99_S = 2.0
-
-
-@pytest.fixture(scope="module")
-def echo_port() -> Iterator[int]:
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "support" /
-                                                  "aio_echo.py")], stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    try:
-        yield int(proc.stdout.readline())
-    finally:
-        procs.stop(proc)
 
 
 @pytest.fixture(scope="module")
