@@ -42,6 +42,7 @@ import pytest
 hpack = pytest.importorskip("hpack")
 
 from tests.support import procs  # noqa: E402
+from tests.support.biotls import bio_handshake  # noqa: E402
 from veil.cover.backends import BuiltinCover, UrlCover  # noqa: E402
 from veil.cover.generate import SiteSeed, generate_site, write_site  # noqa: E402
 from veil.cover.http2 import CLIENT_PREFACE, SERVER_PREFACE  # noqa: E402
@@ -307,18 +308,8 @@ def probe(port: int, sends: Sends, *, wait: float = OPEN_WAIT, coalesce: bool = 
         context.verify_mode = ssl.CERT_NONE
         context.set_alpn_protocols(alpn)
     with socket.create_connection(("127.0.0.1", port)) as s:
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
         s.settimeout(5)
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                s.sendall(outgoing.read())
-                chunk = s.recv(65536)
-                assert chunk, "handshake failed"
-                incoming.write(chunk)
+        tls, incoming, outgoing = bio_handshake(s, context)
         pending = list(sends)
         if pending and pending[0][0] == 0 and coalesce:
             tls.write(pending.pop(0)[1])
@@ -692,16 +683,8 @@ def test_stream_limits(servers: Servers) -> None:
 def _ping_flood_without_reading(port: int, limit: float) -> tuple[int, float, str]:
     """Send PINGs and never read: (bytes the server took, seconds, how it ended)."""
     with socket.create_connection(("127.0.0.1", port)) as s:
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = _CLIENT_TLS.wrap_bio(incoming, outgoing, server_hostname="localhost")
         s.settimeout(5)
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                s.sendall(outgoing.read())
-                incoming.write(s.recv(65536))
+        tls, _, outgoing = bio_handshake(s, _CLIENT_TLS)
         tls.write(P)
         s.sendall(outgoing.read())
         pings = frame(PING, 0, 0, bytes(8)) * 960  # one 16 KiB record
@@ -742,16 +725,8 @@ def _settings_delay(port: int) -> float:
     session tickets, sent on the client's Finished) to the packet with its SETTINGS."""
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = _CLIENT_TLS.wrap_bio(incoming, outgoing, server_hostname="localhost")
         s.settimeout(5)
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                s.sendall(outgoing.read())
-                incoming.write(s.recv(65536))
+        tls, incoming, outgoing = bio_handshake(s, _CLIENT_TLS)
         s.sendall(outgoing.read())  # the Finished; nothing after it
         last_flight = time.monotonic()
         while True:

@@ -34,6 +34,7 @@ from typing import cast
 import pytest
 
 from tests.support import procs
+from tests.support.biotls import bio_handshake
 from veil.cover.adapters import CoverProtocol
 from veil.cover.generate import SiteSeed, generate_site, write_site
 from veil.cover.http1 import CoverMode
@@ -288,18 +289,8 @@ def probe_plain(data: bytes, port: int) -> Outcome:
 def probe_tls(data: bytes, port: int, wait: float = OPEN_WAIT) -> Outcome:
     """TLS through memory BIOs, so that close_notify and the TCP close are told apart."""
     with socket.create_connection(("127.0.0.1", port)) as s:
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = _CLIENT_TLS.wrap_bio(incoming, outgoing, server_hostname="localhost")
         s.settimeout(5)
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                s.sendall(outgoing.read())
-                chunk = s.recv(65536)
-                assert chunk, "handshake failed"
-                incoming.write(chunk)
+        tls, incoming, outgoing = bio_handshake(s, _CLIENT_TLS)
         s.sendall(outgoing.read())
         tls.write(data)
         s.sendall(outgoing.read())
