@@ -113,8 +113,16 @@ class RecordingRelay:
 
 async def http_target() -> asyncio.Server:
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while await reader.readuntil(b"\r\n\r\n"):
-            writer.write(RESPONSE)
+        # Closes on the client's FIN, as a web server does: a target that kept its half open
+        # would keep the tunnel's stream, and so the session, alive (Python before 3.11.5 does
+        # not close the transport when this callback raises).
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(RESPONSE)
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
     return await asyncio.start_server(answer, "127.0.0.1", 0)
 
 

@@ -7,11 +7,9 @@ pins and completes a handshake with each key type an install may draw.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import json
 import stat
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.support import procs
+from tests.support.loopserver import ThreadedServer
 from veil.cover.adapters import CoverProtocol
 from veil.cover.generate import SiteSeed
 from veil.cover.site import CoverSite
@@ -115,28 +114,12 @@ def test_the_client_pins_and_connects_with_every_key_type(key_type: str, tmp_pat
 
 
 # ------------------------------------------------------------------ positive controls
-class _PlainSite:
+class _PlainSite(ThreadedServer):
     """A CoverSite served over plain HTTP from a loop in a thread (the lab's stand-in for a
     server of another build)."""
 
     def __init__(self, site: CoverSite) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(
-            self.loop.create_server(lambda: CoverProtocol(site), "127.0.0.1", 0),
-            self.loop).result(10)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    def close(self) -> None:
-        async def stop() -> None:
-            self.server.close()
-            await self.server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        super().__init__(lambda: CoverProtocol(site))
 
 
 def test_control_one_shipped_site_is_caught() -> None:

@@ -11,18 +11,17 @@ connection ends are compared between veil and the cover site reached directly:
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import os
 import socket
 import ssl
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support import procs
+from tests.support.loopserver import ThreadedServer
 from tests.support.prober import (
     Outcome,
     peer_certificate,
@@ -56,43 +55,15 @@ BROKEN_TLS_PROBES = [
 ]
 
 
-class StandaloneCover:
+class StandaloneCover(ThreadedServer):
     """The built-in cover site on its own TLS port: what veil's gate must be invisible in."""
 
     def __init__(self, context: ssl.SSLContext, seed: SiteSeed | None) -> None:
         from veil.cover.adapters import CoverProtocol
         from veil.cover.site import CoverSite
 
-        self.loop = asyncio.new_event_loop()
         site = CoverSite.builtin(seed)  # the install's own site, drawn from its state
-        ready = threading.Event()
-        self.port = 0
-
-        async def start() -> asyncio.Server:
-            server = await self.loop.create_server(lambda: CoverProtocol(site), "127.0.0.1", 0,
-                                                   ssl=context)
-            self.port = server.sockets[0].getsockname()[1]
-            return server
-
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.server = self.loop.run_until_complete(start())
-            ready.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        ready.wait(10)
-
-    def close(self) -> None:
-        async def stop() -> None:
-            self.server.close()
-            await self.server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        super().__init__(lambda: CoverProtocol(site), context)
 
 
 @pytest.fixture(scope="module")
