@@ -12,10 +12,17 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from veil.cover.generate import SEED_BYTES, Draw, SiteSeed, generate_site, write_site
 from veil.cover.site import CoverSite, Request
-from veil.manage.state import SEED_NAME, CertificateProfile, init_state, load_state
+from veil.manage.state import (
+    SEED_NAME,
+    CertificateProfile,
+    init_state,
+    load_state,
+    self_signed_certificate,
+)
 from veil.protocol.address import Address
 
 CREATED = 1_760_000_000
@@ -102,6 +109,28 @@ def test_a_state_without_a_seed_gets_one_and_keeps_key_and_certificate(tmp_path:
     assert state.site_seed is not None and (tmp_path / SEED_NAME).exists()
     assert (tmp_path / "key.pem").read_bytes() == key
     assert (tmp_path / "cert.pem").read_bytes() == cert
+
+
+def test_a_certificate_is_due_by_its_own_lifetime_not_the_installs_profile(
+        tmp_path: Path) -> None:
+    """A 30-day certificate with 29 days left is not due (a third of its life is 10 days),
+    though this install's profile, drawn from a seed made after it, says 90 days or more
+    (renewed 30 days ahead): an older install keeps its certificate when it gets a seed."""
+    for attempt in range(20):  # an install whose profile draws 90 days or more (7 in 8 do)
+        directory = tmp_path / str(attempt)
+        state, _ = init_state(directory, listen=LISTEN)
+        assert state.site_seed is not None
+        if CertificateProfile.for_seed(state.site_seed).lifetime >= datetime.timedelta(days=90):
+            break
+    key = serialization.load_pem_private_key((directory / "key.pem").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
+    month = CertificateProfile(lifetime=datetime.timedelta(days=30),
+                               backdate=datetime.timedelta(days=1))
+    pem = self_signed_certificate(key, "127.0.0.1", month).public_bytes(
+        serialization.Encoding.PEM)
+    (directory / "cert.pem").write_bytes(pem)
+    load_state(directory)
+    assert (directory / "cert.pem").read_bytes() == pem
 
 
 def _cert(directory: Path) -> x509.Certificate:

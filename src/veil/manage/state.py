@@ -128,12 +128,14 @@ class CertificateProfile:
         curve = ec.SECP384R1() if self.key_type == "P-384" else ec.SECP256R1()
         return ec.generate_private_key(curve)
 
-    @property
-    def renew_before(self) -> datetime.timedelta:
-        return min(CERT_RENEW_BEFORE, self.lifetime / 3)
 
 
 ServerKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+def renew_before(lifetime: datetime.timedelta) -> datetime.timedelta:
+    """How long before it expires a certificate of this lifetime is renewed."""
+    return min(CERT_RENEW_BEFORE, lifetime / 3)
 _SUBJECT_OIDS = {"C": NameOID.COUNTRY_NAME, "ST": NameOID.STATE_OR_PROVINCE_NAME,
                  "O": NameOID.ORGANIZATION_NAME, "OU": NameOID.ORGANIZATIONAL_UNIT_NAME}
 
@@ -268,8 +270,11 @@ def _ensure_certificate(directory: Path, name: str, profile: CertificateProfile)
         except ValueError:
             cert = None  # damaged: made anew below for the same key, so pins stay valid
         if cert is not None:
+            # Judged by the certificate's own lifetime, not the profile's: a state whose seed
+            # was made after its certificate (an older install) draws another lifetime.
+            lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
             left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
-            if left > profile.renew_before and cert.public_key() == key.public_key():
+            if left > renew_before(lifetime) and cert.public_key() == key.public_key():
                 return
     cert = self_signed_certificate(key, name, profile)
     tmp = cert_path.with_suffix(".tmp")
