@@ -242,6 +242,30 @@ def test_without_trojan_a_trojan_client_gets_the_cover_and_no_export(
     assert "Trojan way in on" not in server.log_text()
 
 
+def test_trojan_says_what_it_costs_at_start(veil_server: VeilServer) -> None:
+    line = next(line for line in veil_server.log_text().splitlines()
+                if "Trojan way in on" in line)
+    assert " INFO " in line and "SETTINGS 10 ms after the handshake" in line
+    assert "nginx (~0.02 ms)" in line and "docs/operations.md" in line
+
+
+def test_a_failed_start_with_trojan_records_nothing(tmp_path: Path,
+                                                    veil_server: VeilServer) -> None:
+    """A state whose server ran without Trojan, started again with --trojan on a port that is
+    taken: the start fails, and the exports still say Trojan is off."""
+    default = procs.start_veil_server(tmp_path / "default")
+    procs.stop(default.proc)
+    failed = subprocess.run([*procs.VEIL, "serve", "--state", str(default.state), "--listen",
+                             f"127.0.0.1:{veil_server.port}", "--trojan"],
+                            capture_output=True, text=True, timeout=30)
+    assert failed.returncode == 1 and "cannot listen on" in failed.stderr
+    assert json.loads((default.state / "config.json").read_text())["trojan"] is False
+    out = subprocess.run([*procs.VEIL, "user", "show", "default", "--state",
+                          str(default.state), "--format", "trojan"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "Trojan way in is off" in out.stderr
+
+
 # ------------------------------------------------------------------ other people's clients
 @pytest.mark.smoke
 def test_trojan_cpp_client_through_veil(tmp_path: Path, veil_server: VeilServer,

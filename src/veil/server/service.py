@@ -125,11 +125,11 @@ class VeilServer:
                 log.info("Trojan way in on: a stranger's h2 connection that says nothing gets "
                          "the cover's SETTINGS %.0f ms after the handshake, not at once as "
                          "from nginx (~0.02 ms), a gap a prober can measure; without "
-                         "--trojan it has none (docs/operations.md, \"Trojan\")",
+                         "--trojan there is none (docs/operations.md, \"The Trojan way in\")",
                          self.gate.greeting_grace * 1000)
             else:
                 log.info("Trojan way in on (the cover offers no h2, so strangers see no "
-                         "difference; docs/operations.md, \"Trojan\")")
+                         "difference; docs/operations.md, \"The Trojan way in\")")
         if self.state.sni is None:  # the public address is an IP literal (state.default_sni)
             log.warning(
                 "keys name this server by its IP address %s, so clients send no server name "
