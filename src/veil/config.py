@@ -351,6 +351,10 @@ class ServerOptions:
     tun: bool = False
     pool: str | None = None
     pool6: str | None = None
+    #: ``--trojan``: also accept Trojan clients on the port. Off by default: their h2 request
+    #: comes 0.5-2 ms after the handshake, so the gate then holds a silent h2 client's
+    #: greeting back for them (server/gate.py GREETING_GRACE_S), a gap nginx does not have.
+    trojan: bool = False
     #: Seconds a veil session with no stream open lasts before the server closes it, as nginx
     #: closes a keepalive connection after keepalive_timeout (no flag: tests shorten it).
     idle_close: float = NGINX_KEEPALIVE_TIMEOUT

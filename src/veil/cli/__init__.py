@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-shaping", dest="shaping", action="store_false",
                        help="do not pad the first writes of sessions and streams (measures "
                             "shaping's cost; makes tunnelled TLS handshakes visible)")
+    serve.add_argument("--trojan", action="store_true",
+                       help="also accept Trojan apps (v2rayN, Shadowrocket, Clash Meta, "
+                            "sing-box...; `veil user show --format trojan|clash|sing-box`). "
+                            "Off by default: it costs a gap a prober can measure (a "
+                            "stranger's HTTP/2 SETTINGS ~10 ms after the handshake instead "
+                            "of at once as from nginx); docs/operations.md")
     serve.add_argument("--tun", action="store_true",
                        help="also serve full-device tunnels (veil connect --tun; Linux, root): "
                             "a TUN device, an address per session, NAT to the outside")
@@ -174,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         "show", help="print a user's key for veil or for a Trojan app",
         description="Print a user's key: a veil URI (default), a trojan:// link, or a Clash Meta "
                     "or sing-box configuration (every user can also connect with Trojan apps "
-                    "on the same port). On a terminal a URI is also shown as a QR code.")
+                    "on the same port when the server runs with `veil serve --trojan`; the "
+                    "Trojan formats are refused otherwise, and before the server's first "
+                    "start). On a terminal a URI is also shown as a QR code.")
     show.add_argument("name")
     show.add_argument("--format", choices=("veil", "trojan", "clash", "sing-box"),
                       default="veil", help="what to print (default veil)")
@@ -318,7 +326,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         allow_private=args.allow_private, shaping=args.shaping,
         max_sessions_per_user=args.max_sessions_per_user, max_sessions=args.max_sessions,
         user_rate=parse_rate(args.max_user_rate) if args.max_user_rate else None,
-        tun=args.tun, pool=args.pool, pool6=args.pool6)
+        tun=args.tun, pool=args.pool, pool6=args.pool6, trojan=args.trojan)
     if args.admin is not None:
         from veil.admin.listen import check_admin_listen
 

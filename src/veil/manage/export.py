@@ -14,6 +14,11 @@ is renewed (same key) every 60 days: ``fingerprint`` and ``certificate`` must th
 exported again, and the warnings say so. With a CA-issued certificate (``--cert``) nothing of
 this is needed and the exports use the web PKI.
 
+Only when the server takes Trojan: the Trojan formats need a server started with
+``veil serve --trojan`` (off by default, docs/operations.md), which each start records in the
+state (``ServerState.trojan``). A server that runs without it, or a state no server has started
+on yet, gets an error instead of a link that cannot work (:func:`check_trojan_on`).
+
 Looking like a browser: each Trojan format asks the app for a browser's ClientHello (uTLS),
 where the app can send one: Clash Meta's ``client-fingerprint``, sing-box's ``tls.utls`` and
 the link's ``fp`` (the share-link parameter v2rayN and v2rayNG read; apps that do not know it
@@ -74,9 +79,27 @@ def trojan_link(state: ServerState, user: User, cert: ServerCertificate) -> Troj
                       fingerprint=CLIENT_FINGERPRINT)
 
 
+TROJAN_OFF = ("this server's Trojan way in is off; restart it with `veil serve --trojan` "
+              "(it costs strangers' HTTP/2 connections a measurable delay: docs/operations.md)")
+TROJAN_UNKNOWN = ("no server has started on this state yet, so its Trojan way in is not on; "
+                  "start it with `veil serve --trojan` (off by default: docs/operations.md), "
+                  "then export again")
+
+
+def check_trojan_on(state: ServerState) -> None:
+    """Refuse (:class:`ConfigError`, code ``trojan_off``) unless the server's last start had
+    the Trojan way in on."""
+    if state.trojan is None:
+        raise ConfigError(TROJAN_UNKNOWN, code="trojan_off")
+    if not state.trojan:
+        raise ConfigError(TROJAN_OFF, code="trojan_off")
+
+
 def export_user(state: ServerState, user: User, fmt: str) -> Export:
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if fmt != "veil":
+        check_trojan_on(state)
     warnings: list[str] = []
     if not user.active:
         warnings.append(f"user {user.name!r} is revoked: the server refuses this key")

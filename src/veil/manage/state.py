@@ -3,7 +3,9 @@ into access keys.
 
 ::
 
-    DIR/config.json   {"public": "host:port", "sni": name-or-null, "cert": ..., "key": ...}
+    DIR/config.json   {"public": "host:port", "sni": name-or-null, "cert": ..., "key": ...,
+                      "trojan": whether the last start that succeeded had its Trojan way in
+                      on (``veil serve --trojan``), absent until a server has started}
     DIR/key.pem       the TLS private key (0600); its public key is what clients pin
     DIR/cert.pem      a self-signed certificate for that key, renewed before it expires
     DIR/users.db      the SQLite user store (or "db": a postgresql:// URL in config.json)
@@ -79,6 +81,10 @@ class ServerState:
     db: str | None = None
     #: What this install's built-in cover site is generated from (DIR/site.seed).
     site_seed: SiteSeed | None = None
+    #: Whether the last server start that succeeded on this state had the Trojan way in on
+    #: (:func:`record_start`); None: no server has started on it since veil records this,
+    #: so nobody knows (the exports then refuse to hand out a Trojan link).
+    trojan: bool | None = None
 
     def open_store(self) -> UserStore:
         return open_store(self.db or self.directory / "users.db",
@@ -346,8 +352,26 @@ def load_state(directory: Path, db: str | None = None) -> ServerState:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read certificate {cert_path}: {exc}") from exc
+    trojan = config.get("trojan")
     return ServerState(directory, public, sni, cert_path, key_path, spki_pin(cert),
-                       db or config.get("db"), site_seed)
+                       db or config.get("db"), site_seed,
+                       trojan if isinstance(trojan, bool) else None)
+
+
+def record_start(directory: Path, *, trojan: bool) -> None:
+    """Write down what a server that has just started listening serves, for the CLI and the
+    panel that hand out links (a start that failed must not get here: it serves nothing)."""
+    config_path = directory / CONFIG_NAME
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot update {config_path}: {exc}") from exc
+    if config.get("trojan") is not trojan:
+        config["trojan"] = trojan
+        try:
+            _write_config(config_path, config)
+        except OSError as exc:
+            raise ConfigError(f"cannot update {config_path}: {exc.strerror}") from exc
 
 
 def server_ssl_context(state: ServerState,

@@ -70,7 +70,8 @@ DEFAULT_MAX_PENDING = 8192
 # exports offer it, as browsers do) and send their request 0.5-2 ms after their Finished
 # (measured: trojan, sing-box, veil's Trojan client): the gate waits this long for them, a
 # gap between two server packets that a prober can measure (nginx: ~0.02 ms). veil's own
-# clients skip the greeting (docs/protocol.md), so a gate without Trojan greets at once.
+# clients skip the greeting (docs/protocol.md), so a gate without Trojan greets at once: that
+# is why the Trojan way in is opt-in (`veil serve --trojan`, docs/operations.md).
 GREETING_GRACE_S = 0.01
 # Bytes wait in the socket right behind the Finished but no whole record came yet: the
 # client's first record is arriving; the greeting waits this much for it.

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from veil.config import ServerOptions
 from veil.cover.backends import Cover, make_cover
-from veil.manage.state import ServerState, load_state, server_ssl_context
+from veil.errors import ConfigError
+from veil.manage.state import ServerState, load_state, record_start, server_ssl_context
 from veil.manage.users import UserManager
 from veil.net.driver import SessionDriver
 from veil.protocol.address import Address
@@ -21,7 +22,7 @@ from veil.protocol.frames import SERVER_FIRST_PADDING, CloseCode, ResetCode, Str
 from veil.protocol.session import Session, SessionConfig
 from veil.protocol.shaping import NO_SHAPING
 from veil.protocol.trojan import TrojanRequest, password_hash_for_secret
-from veil.server.gate import Authenticator, Gate, VeilWayIn
+from veil.server.gate import Authenticator, Gate, VeilWayIn, WayIn
 from veil.server.live import Live, LiveConnection
 from veil.server.outbound import Outbound
 from veil.server.policy import DestinationPolicy, local_addresses
@@ -71,8 +72,9 @@ class VeilServer:
         self.outbound = Outbound(policy, self.live.outbound_slots)
         self.trojan = TrojanService(policy, self.live.outbound_slots)
         own_names = frozenset(n for n in (state.sni,) if n)
-        ways_in = (VeilWayIn(Authenticator(self.live), self._start_session),
-                   TrojanWayIn(self.live, self._serve_trojan))
+        ways_in: list[WayIn] = [VeilWayIn(Authenticator(self.live), self._start_session)]
+        if options.trojan:
+            ways_in.append(TrojanWayIn(self.live, self._serve_trojan))
         self.gate = Gate(ssl_context=server_ssl_context(state, self.cover.alpn_protocols),
                          cover=self.cover,
                          ways_in=ways_in, own_names=own_names,
@@ -109,8 +111,25 @@ class VeilServer:
             raise
         self._listener = sock
         self._serve_task = asyncio.get_running_loop().create_task(self.gate.serve(sock))
+        try:  # before "listening on": whoever waits for that line may export links at once
+            await asyncio.to_thread(record_start, self.state.directory,
+                                    trojan=self.options.trojan)
+        except ConfigError as exc:
+            log.error("%s: `veil user show --format trojan` may say the wrong thing", exc)
+        self.state = self.users.state = dataclasses.replace(self.state,
+                                                            trojan=self.options.trojan)
         log.info("listening on %s (cover: %s)", self.address,
                  self.options.cover_url or "built-in site")
+        if self.options.trojan:
+            if "h2" in self.cover.alpn_protocols:
+                log.info("Trojan way in on: a stranger's h2 connection that says nothing gets "
+                         "the cover's SETTINGS %.0f ms after the handshake, not at once as "
+                         "from nginx (~0.02 ms), a gap a prober can measure; without "
+                         "--trojan there is none (docs/operations.md, \"The Trojan way in\")",
+                         self.gate.greeting_grace * 1000)
+            else:
+                log.info("Trojan way in on (the cover offers no h2, so strangers see no "
+                         "difference; docs/operations.md, \"The Trojan way in\")")
         if self.state.sni is None:  # the public address is an IP literal (state.default_sni)
             log.warning(
                 "keys name this server by its IP address %s, so clients send no server name "
