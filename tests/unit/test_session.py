@@ -333,6 +333,7 @@ def test_a_ping_flood_past_the_allowance_closes_the_session() -> None:
     assert server.receive_data(ping * UNPRODUCTIVE_FRAME_BURST, 0.0) == []
     events = server.receive_data(ping, 0.0)
     assert events == [SessionClosed(CloseCode.PROTOCOL_ERROR, "PING flood", False)]
+    assert server.flood == "PING flood"
     assert server.data_to_send() == frame(FrameType.CLOSE, 0,
                                           bytes((CloseCode.PROTOCOL_ERROR,)) + b"PING flood")
 

@@ -195,6 +195,8 @@ class Session:
         # Received bytes not parsed yet because a call's frame budget ran out (max_frames):
         # a view of bytes this session owns, parsed first by the next call.
         self._held_input: memoryview | None = None
+        #: Why this session closed itself for a flood ("PING flood", ...), None if it did not.
+        self.flood: str | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -484,6 +486,8 @@ class Session:
         except RemoteProtocolError as exc:
             code = (CloseCode.FLOW_CONTROL_ERROR if exc.code == "flow_control"
                     else CloseCode.PROTOCOL_ERROR)
+            if exc.code == "flood":
+                self.flood = str(exc)
             self.close(code, str(exc))
             events.append(SessionClosed(code, str(exc), False))
         return events
