@@ -45,10 +45,11 @@ CLIENT_QUEUE = 1 << 20
 # of PONGs it queued before (measured: +65 MiB). Generous: allocator noise on a busy host.
 FLOOD_RSS_MIB = 24.0
 # Another user's p99 round trip during the flood (two shared cores, a server parsing
-# 5 million frames). Measured on two shared cores: 0.3-0.9 s before the frame budget (one
-# 256 KiB read of tiny frames, ~60 ms of parsing, per turn), ~10-40 ms after. Generous, and
-# still well under what an unbudgeted server gave.
-FLOOD_P99_S = 0.25
+# 5 million frames). Measured on two shared cores busy with other work: 0.3-1.5 s before the
+# frame budget (one 256 KiB read of tiny frames, ~60 ms of parsing, per turn), 8-150 ms
+# after. Generous: the noise of shared cores is of the same order as the gain, so the
+# budget itself is checked exactly by tests/unit/test_driver_turns.py.
+FLOOD_P99_S = 0.5
 
 
 @pytest.fixture(scope="module")
