@@ -20,8 +20,14 @@ from tests.support.wait import wait_until
 from veil.admin.app import make_admin_app
 from veil.admin.metrics import certificate_not_after
 from veil.manage.state import init_state
+from veil.net.client_session import ClientTunnel
+from veil.net.direct import MAX_RESOLVING_PER_FLOW
+from veil.net.driver import DatagramStreamHandler
+from veil.protocol.accesskey import AccessKey
 from veil.protocol.address import Address
-from veil.server.status import ConnectionStatus, GateCounts, ServerStatus
+from veil.protocol.frames import FrameType, ResetCode, StreamKind, frame
+from veil.protocol.session import UNPRODUCTIVE_FRAME_BURST
+from veil.server.status import BoundCounts, ConnectionStatus, GateCounts, ServerStatus
 from veil.store.base import Usage
 
 Samples = list[tuple[str, dict[str, str], float]]
@@ -48,7 +54,11 @@ def test_metric_names_follow_prometheus_conventions(harness: Harness) -> None:
     assert {"veil_build_info", "veil_start_time_seconds", "veil_sessions_active",
             "veil_streams_active", "veil_user_bytes", "veil_handshakes_accepted",
             "veil_cover_connections", "veil_tls_handshake_failures", "veil_probes",
-            "veil_users", "veil_certificate_expiry_timestamp_seconds"} <= names
+            "veil_users", "veil_certificate_expiry_timestamp_seconds",
+            "veil_gate_connections_dropped", "veil_replay_filter_unrecorded",
+            "veil_sessions_closed_for_flood", "veil_outbound_refused",
+            "veil_resolver_failures", "veil_udp_datagrams_dropped",
+            "veil_tun_packets_dropped"} <= names
     for family in veil:
         assert re.fullmatch(r"veil_[a-z0-9_]+", family.name), family.name
         for sample in family.samples:
@@ -133,6 +143,76 @@ def test_a_probe_counts_as_a_cover_connection(harness: Harness) -> None:
         before, "veil_handshakes_accepted_total")
 
 
+class _IgnoreReplies(DatagramStreamHandler):
+    def on_data(self, data: bytes) -> None: ...
+    def on_eof(self) -> None: ...
+    def on_reset(self, code: ResetCode) -> None: ...
+    def on_datagram(self, address: Address, payload: bytes) -> None: ...
+
+
+# Datagrams to as many new names at once: far past the names one UDP association resolves at
+# a time (MAX_RESOLVING_PER_FLOW), so most are dropped, and counted.
+UDP_FLOOD = 20 * MAX_RESOLVING_PER_FLOW
+
+
+def test_a_udp_flood_past_its_bound_shows_in_the_drop_counter(harness: Harness) -> None:
+    """A key holder's datagrams to more new names at once than an association may resolve
+    are dropped, and veil_udp_datagrams_dropped_total{way_in="veil",reason="resolving"} says
+    how many; no other bound's counter moves."""
+    admin = harness.client()
+    before = scrape(admin)
+
+    async def flood() -> None:
+        driver = await ClientTunnel(AccessKey.parse(harness.first_key),
+                                    tls_stack="openssl").connect_once()
+        try:
+            stream_id = driver.session.open_stream(StreamKind.UDP, Address("0.0.0.0", 0))
+            driver.attach(stream_id, _IgnoreReplies())
+            for i in range(UDP_FLOOD):
+                driver.session.send_datagram(stream_id, Address(f"n{i}.flood.invalid", 53),
+                                             b"x" * 64)
+            driver.flush()
+            await asyncio.sleep(0.5)  # the server reads them all before the session closes
+        finally:
+            driver.close()
+
+    asyncio.run(flood())
+
+    def dropped(samples: Samples) -> float:
+        return total(samples, "veil_udp_datagrams_dropped_total", way_in="veil",
+                     reason="resolving")
+
+    wait_until(lambda: dropped(scrape(admin)) - dropped(before)
+               >= UDP_FLOOD - 2 * MAX_RESOLVING_PER_FLOW, 10, "the datagrams dropped counted",
+               poll=0.1)
+    after = scrape(admin)
+    for name in ("veil_gate_connections_dropped_total", "veil_replay_filter_unrecorded_total",
+                 "veil_sessions_closed_for_flood_total", "veil_outbound_refused_total",
+                 "veil_tun_packets_dropped_total"):
+        assert total(after, name) == total(before, name), name
+    assert total(after, "veil_udp_datagrams_dropped_total", way_in="trojan") == 0
+
+
+def test_a_ping_flood_shows_in_the_flood_counter(harness: Harness) -> None:
+    """A key holder's PINGs past the allowance close its session, and
+    veil_sessions_closed_for_flood_total counts it."""
+    admin = harness.client()
+    before = total(scrape(admin), "veil_sessions_closed_for_flood_total")
+
+    async def flood() -> str:
+        driver = await ClientTunnel(AccessKey.parse(harness.first_key),
+                                    tls_stack="openssl").connect_once()
+        assert driver.transport is not None
+        driver.transport.write(frame(FrameType.PING, 0, bytes(8))
+                               * (2 * UNPRODUCTIVE_FRAME_BURST))
+        return await asyncio.wait_for(driver.closed, 10)
+
+    why = asyncio.run(flood())
+    assert why == "closed by the peer: PROTOCOL_ERROR: PING flood"  # what the client logs
+    wait_until(lambda: total(scrape(admin), "veil_sessions_closed_for_flood_total")
+               == before + 1, 10, "the flood counted", poll=0.1)
+
+
 def test_metrics_need_the_token_unless_open(harness: Harness) -> None:
     async def start() -> web.AppRunner:
         runner = web.AppRunner(make_admin_app(harness.server, metrics_open=False))
@@ -205,7 +285,14 @@ def test_metrics_of_a_stand_in_status_source(tmp_path: Path) -> None:
         user_bytes={"alice": Usage(100, 2000), "bob": Usage(5, 7)},
         users={"active": 2, "revoked": 1}, store_refresh_failures=4,
         gate=GateCounts(accepted={"veil": 9, "trojan": 1}, cover_plain=2, cover_foreign_sni=1,
-                        silent=5, rejected={"replay": 3, "silent": 1}, tls_failed=6)))
+                        silent=5, rejected={"replay": 3, "silent": 1}, tls_failed=6),
+        bounds=BoundCounts(pending_dropped=11, replay_unrecorded=12, sessions_flooding=22,
+                           outbound_refused_user=13,
+                           outbound_refused_server=14, resolver_refused=15,
+                           resolver_timed_out=16,
+                           udp_dropped={"veil": {"resolving": 17, "queue_full": 18},
+                                        "trojan": {"send_buffer_full": 19}},
+                           tun_dropped=20, tun_spoofed=21)))
 
     async def scrape_app() -> str:
         client = TestClient(TestServer(make_admin_app(source, metrics_open=True)))
@@ -246,5 +333,20 @@ def test_metrics_of_a_stand_in_status_source(tmp_path: Path) -> None:
         ("veil_users", [("status", "over_limit")], 0.0),
         ("veil_users", [("status", "revoked")], 1.0),
         ("veil_store_refresh_failures_total", [], 4.0),
+        ("veil_gate_connections_dropped_total", [], 11.0),
+        ("veil_replay_filter_unrecorded_total", [], 12.0),
+        ("veil_sessions_closed_for_flood_total", [], 22.0),
+        ("veil_outbound_refused_total", [("bound", "user")], 13.0),
+        ("veil_outbound_refused_total", [("bound", "server")], 14.0),
+        ("veil_resolver_failures_total", [("reason", "busy")], 15.0),
+        ("veil_resolver_failures_total", [("reason", "timeout")], 16.0),
+        ("veil_udp_datagrams_dropped_total", [("reason", "resolving"), ("way_in", "veil")],
+         17.0),
+        ("veil_udp_datagrams_dropped_total", [("reason", "queue_full"), ("way_in", "veil")],
+         18.0),
+        ("veil_udp_datagrams_dropped_total",
+         [("reason", "send_buffer_full"), ("way_in", "trojan")], 19.0),
+        ("veil_tun_packets_dropped_total", [("reason", "congested")], 20.0),
+        ("veil_tun_packets_dropped_total", [("reason", "spoofed")], 21.0),
         ("veil_certificate_expiry_timestamp_seconds", [], not_after),
     ])

@@ -23,6 +23,8 @@ from veil.protocol.frames import CloseCode, FrameType, ResetCode, StreamKind, fr
 from veil.protocol.session import (
     INITIAL_SESSION_WINDOW,
     INITIAL_STREAM_WINDOW,
+    UNPRODUCTIVE_FRAME_BURST,
+    UNPRODUCTIVE_FRAMES_PER_S,
     Session,
     SessionConfig,
     StreamState,
@@ -288,7 +290,8 @@ def test_shaping_leaves_large_writes_alone() -> None:
     assert len(client.data_to_send()) == 8 + 5000
 
 
-PING_FLOOD = 10_000
+# As many PINGs at once as a peer may send (more is a flood, see the tests below).
+PING_FLOOD = UNPRODUCTIVE_FRAME_BURST
 
 
 def test_a_ping_flood_owes_one_pong_with_the_latest_payload() -> None:
@@ -320,3 +323,72 @@ def test_a_pong_owed_when_the_session_closes_is_not_sent_after_close() -> None:
     server.receive_data(frame(FrameType.PING, 0, bytes(8)), 1.0)
     server.close(CloseCode.NORMAL, "")
     assert server.data_to_send() == frame(FrameType.CLOSE, 0, bytes((CloseCode.NORMAL,)))
+
+
+def test_a_ping_flood_past_the_allowance_closes_the_session() -> None:
+    """PINGs past UNPRODUCTIVE_FRAME_BURST at once close the session with PROTOCOL_ERROR and
+    a reason the peer can log, as HTTP/2 servers answer a PING flood."""
+    server = Session(client=False, now=0.0, config=SessionConfig(shaping=NO_SHAPING))
+    ping = frame(FrameType.PING, 0, bytes(8))
+    assert server.receive_data(ping * UNPRODUCTIVE_FRAME_BURST, 0.0) == []
+    events = server.receive_data(ping, 0.0)
+    assert events == [SessionClosed(CloseCode.PROTOCOL_ERROR, "PING flood", False)]
+    assert server.flood == "PING flood"
+    assert server.data_to_send() == frame(FrameType.CLOSE, 0,
+                                          bytes((CloseCode.PROTOCOL_ERROR,)) + b"PING flood")
+
+
+def test_pings_at_a_steady_rate_under_the_allowance_are_answered() -> None:
+    """The allowance comes back with time: a peer pinging for a minute at the rate it earns
+    (UNPRODUCTIVE_FRAMES_PER_S) is never cut."""
+    server = Session(client=False, now=0.0, config=SessionConfig(shaping=NO_SHAPING))
+    step = 1 / UNPRODUCTIVE_FRAMES_PER_S
+    for n in range(int(60 * UNPRODUCTIVE_FRAMES_PER_S)):
+        assert server.receive_data(frame(FrameType.PING, 0, n.to_bytes(8, "big")),
+                                   n * step) == []
+    assert not server.closed
+
+
+def test_an_empty_data_flood_closes_the_session() -> None:
+    client, server = pair()
+    sid = client.open_stream(StreamKind.TCP, DEST)
+    transfer(client, server)
+    empty = frame(FrameType.DATA, sid)
+    events = server.receive_data(empty * (UNPRODUCTIVE_FRAME_BURST + 1), 0.0)
+    assert events[-1] == SessionClosed(CloseCode.PROTOCOL_ERROR, "empty DATA flood", False)
+
+
+def test_a_frame_budget_holds_the_rest_for_the_next_call() -> None:
+    """With max_frames, one call parses at most that many frames; the rest is held (copied:
+    the caller may reuse its buffer) and parsed by the next calls, in order."""
+    client = Session(client=True, now=0.0, config=SessionConfig(shaping=NO_SHAPING))
+    server = Session(client=False, now=0.0)
+    sid = client.open_stream(StreamKind.TCP, DEST)
+    for n in range(10):
+        client.send_data(sid, bytes([n]))
+    wire = bytearray(client.data_to_send())
+    events = server.receive_data(memoryview(wire), 0.0, max_frames=4)
+    assert [type(e) for e in events] == [StreamOpened, DataReceived, DataReceived,
+                                         DataReceived]
+    assert server.input_held == 7 * (8 + 1)  # seven one-byte DATA frames
+    wire[:] = bytes(len(wire))  # the caller reuses its buffer
+    received = [e.data for e in events if isinstance(e, DataReceived)]
+    while server.input_held:
+        more = server.receive_data(b"", 0.0, max_frames=4)
+        assert len(more) <= 4
+        received += [e.data for e in more if isinstance(e, DataReceived)]
+    assert received == [bytes([n]) for n in range(10)]
+    assert server.receive_data(b"", 0.0, max_frames=4) == []
+
+
+def test_a_frame_budget_counts_a_large_data_frame_once() -> None:
+    """A DATA frame begun in one call is finished by the next without counting again: bulk
+    data never meets the budget."""
+    client, server = pair()
+    sid = client.open_stream(StreamKind.TCP, DEST)
+    client.send_data(sid, bytes(100_000))
+    wire = client.data_to_send()
+    first = server.receive_data(wire[:50_000], 0.0, max_frames=2)
+    rest = server.receive_data(wire[50_000:], 0.0, max_frames=1)
+    assert server.input_held == 0
+    assert sum(len(e.data) for e in first + rest if isinstance(e, DataReceived)) == 100_000

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 from veil import __version__
 
 if TYPE_CHECKING:
-    from veil.server.status import StatusSource
+    from veil.server.status import BoundCounts, StatusSource
 
 #: The content type of :func:`render` (Prometheus text format 0.0.4).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -145,11 +145,65 @@ class ServerCollector(Collector):
                                   "Times the user store could not be read (the last snapshot "
                                   "stayed in force)", value=status.store_refresh_failures)
 
+        yield from _bound_metrics(status.bounds)
+
         not_after = self._certificate.not_after(status.state.cert_path)
         if not_after is not None:
             yield GaugeMetricFamily("veil_certificate_expiry_timestamp_seconds",
                                     "When the server's TLS certificate expires, in unix seconds",
                                     value=not_after)
+
+
+def _bound_metrics(bounds: BoundCounts) -> Iterable[Metric]:
+    """Each bound on what peers may make the server hold, as a counter of its hits
+    (docs/operations.md, "Limits and their defaults"). Sessions refused at the session bounds
+    and keys past their handshake bound are veil_cover_connections_total's reasons
+    too_many_sessions, server_full and too_many_handshakes."""
+    yield CounterMetricFamily(
+        "veil_gate_connections_dropped",
+        "Connections closed at accept because the gate already held its maximum of pending "
+        "connections (in or before the TLS handshake, or silent after it)",
+        value=bounds.pending_dropped)
+    yield CounterMetricFamily(
+        "veil_replay_filter_unrecorded",
+        "Handshakes accepted without being remembered because the replay filter was full",
+        value=bounds.replay_unrecorded)
+    yield CounterMetricFamily(
+        "veil_sessions_closed_for_flood",
+        "Sessions closed because their client sent more PINGs or empty DATA frames than a "
+        "client needs (a burst of 1,000, then 100 a second)", value=bounds.sessions_flooding)
+    outbound = CounterMetricFamily(
+        "veil_outbound_refused",
+        "Streams and Trojan connections refused at an outbound descriptor bound: one user's "
+        "(bound=user) or the server's (bound=server)", labels=["bound"])
+    outbound.add_metric(["server"], bounds.outbound_refused_server)
+    outbound.add_metric(["user"], bounds.outbound_refused_user)
+    yield outbound
+    resolver = CounterMetricFamily(
+        "veil_resolver_failures",
+        "DNS lookups for tunnels that failed at a bound of the process's resolver: too many "
+        "already pending (reason=busy) or too slow (reason=timeout)", labels=["reason"])
+    resolver.add_metric(["busy"], bounds.resolver_refused)
+    resolver.add_metric(["timeout"], bounds.resolver_timed_out)
+    yield resolver
+    udp = CounterMetricFamily(
+        "veil_udp_datagrams_dropped",
+        "UDP datagrams to the Internet dropped rather than held, by way in and why: the "
+        "outbound socket's send buffer was full (send_buffer_full), too many were waiting for "
+        "a socket or a name (queue_full), a new name while the association's lookups were at "
+        "their bound (resolving)", labels=["way_in", "reason"])
+    for way_in, reasons in sorted(bounds.udp_dropped.items()):
+        for reason, count in sorted(reasons.items()):
+            udp.add_metric([way_in, reason], count)
+    yield udp
+    tun = CounterMetricFamily(
+        "veil_tun_packets_dropped",
+        "Full-device tunnel packets dropped: for a congested or missing session "
+        "(reason=congested) or a source address not the client's (reason=spoofed)",
+        labels=["reason"])
+    tun.add_metric(["congested"], bounds.tun_dropped)
+    tun.add_metric(["spoofed"], bounds.tun_spoofed)
+    yield tun
 
 
 def make_registry(source: StatusSource) -> CollectorRegistry:

@@ -45,6 +45,15 @@ log = logging.getLogger("veil.net")
 #: traffic never reaches either, which is what keeps two ends that both send in bulk from
 #: each waiting for the other to read.
 SESSION_UNSENT_SLACK = 512 * 1024
+#: Frames of one session parsed per event-loop turn; the rest of what was read waits in the
+#: session (Session.input_held, at most one read) while the driver stops reading the peer,
+#: and is parsed on the next turns, after every other connection has had its turn. The TLS
+#: carrier reads one buffer (256 KiB) per turn, but 256 KiB of 12-17-byte frames is 15,000
+#: frames, ~60 ms of parsing at ~4 us a frame: a flood of them made every other user wait
+#: that long per turn, a round trip several turns (p99 0.3-0.9 s). 1,024 frames is ~4 ms;
+#: a session that moves data never reaches it (bulk DATA is one frame per 256 KiB, and 1,024
+#: frames per 256 KiB is an average of 256 bytes a frame).
+FRAMES_PER_TURN = 1024
 
 
 class StreamHandler(Protocol):
@@ -110,6 +119,8 @@ class SessionDriver(asyncio.Protocol):
         self._timer = LoopTimer(self._loop, self._on_timer)
         self._writing_paused = False
         self._reading_paused = False  # by us, for unsent output (SESSION_UNSENT_SLACK)
+        self._parsing_held = False  # by us, for input left unparsed (FRAMES_PER_TURN)
+        self._closed_by_peer = ""  # the reason in the peer's CLOSE, if it sent one
         self._done = False
         self.closed = self._loop.create_future()
         self._read_buffer: memoryview | None = None
@@ -134,7 +145,32 @@ class SessionDriver(asyncio.Protocol):
     def data_received(self, data: bytes | memoryview) -> None:
         if self._on_bytes is not None:
             self._on_bytes(len(data), 0)
-        self._dispatch(self.session.receive_data(data, self._loop.time()))
+        self._dispatch(self.session.receive_data(data, self._loop.time(), FRAMES_PER_TURN))
+        self._hold_unparsed()
+        self.flush()
+
+    def _hold_unparsed(self) -> None:
+        """Stop reading the peer while the session holds input past its frame budget, and
+        parse it on the next turn (FRAMES_PER_TURN)."""
+        if self._parsing_held or not self.session.input_held or self.session.closed:
+            return
+        self._parsing_held = True
+        transport = self._transport
+        if transport is not None and not self._reading_paused:
+            transport.pause_reading()
+        self._loop.call_soon(self._parse_held)
+
+    def _parse_held(self) -> None:
+        if self._done:
+            return
+        self._dispatch(self.session.receive_data(b"", self._loop.time(), FRAMES_PER_TURN))
+        if self.session.input_held and not self.session.closed:
+            self._loop.call_soon(self._parse_held)  # still held: one more turn
+        else:
+            self._parsing_held = False
+            transport = self._transport
+            if not self._reading_paused and transport is not None:
+                transport.resume_reading()
         self.flush()
 
     def eof_received(self) -> bool:
@@ -161,7 +197,8 @@ class SessionDriver(asyncio.Protocol):
         transport = self._transport
         if self._reading_paused and transport is not None:
             self._reading_paused = False
-            transport.resume_reading()
+            if not self._parsing_held:
+                transport.resume_reading()
         for handler in list(self.handlers.values()):
             handler.resume_source()
         self.flush()
@@ -204,10 +241,11 @@ class SessionDriver(asyncio.Protocol):
                 # Backpressure rather than buffering: the peer's next bytes wait in its socket
                 # until it has read what we owe it (resume_writing).
                 self._reading_paused = True
-                transport.pause_reading()
+                if not self._parsing_held:
+                    transport.pause_reading()
         self._timer.set(self.session.get_timer())
         if self.session.closed and not self._done:
-            self._finish("session closed")
+            self._finish(self._closed_by_peer or "session closed")
 
     def _on_timer(self, now: float) -> None:
         self._dispatch(self.session.handle_timer(now))
@@ -247,6 +285,11 @@ class SessionDriver(asyncio.Protocol):
             elif isinstance(event, SessionClosed):
                 log.debug("session closed (%s, remote=%s): %s", event.code.name, event.remote,
                           event.reason)
+                if event.remote and event.code is not CloseCode.NORMAL:
+                    # Why the peer ended it goes to whoever awaits `closed` (the client logs
+                    # it), e.g. "closed by the peer: PROTOCOL_ERROR: PING flood".
+                    self._closed_by_peer = (f"closed by the peer: {event.code.name}"
+                                            + (f": {event.reason}" if event.reason else ""))
 
     # ------------------------------------------------------------------ shutdown
     def close(self, code: CloseCode = CloseCode.NORMAL, reason: str = "") -> None:

@@ -86,6 +86,21 @@ NGINX_KEEPALIVE_TIMEOUT = 75.0
 DEFAULT_IDLE_CLOSE = (50.0, 70.0)
 # The draws above: not secrets, but not one sequence every install repeats either.
 _RANDOM = random.SystemRandom()
+#: PINGs and empty DATA frames (frames that ask for nothing useful) a peer may send at once,
+#: and how many per second it earns back (a token bucket on the ``now`` it is given). veil
+#: pings once per 7.5-22.5 s of silence with one PING outstanding and never sends empty DATA;
+#: the allowance leaves room for a peer that measures its round trip every few milliseconds.
+#: Past it the session closes with PROTOCOL_ERROR, reason "PING flood": a flood of frames
+#: that do nothing is hostile whoever sends it, as HTTP/2 servers judge PING, SETTINGS and
+#: empty-frame floods (CVE-2019-9512/9518: nginx closes the connection). For an
+#: authenticated user, closing is right rather than merely rating the frames: the per-call
+#: frame budget (receive_data's ``max_frames``) already keeps other users served, but a
+#: session left flooding would burn a core for as long as its user likes, and only a broken
+#: or hostile client floods; the CLOSE's reason tells that client's user why in its log, and
+#: reconnecting to flood again costs a TLS handshake and an authenticator each time, which
+#: the per-user session and replay bounds hold.
+UNPRODUCTIVE_FRAME_BURST = 1000
+UNPRODUCTIVE_FRAMES_PER_S = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +188,15 @@ class Session:
         # number of PINGs, so a peer that pings without reading costs 16 bytes, not a queue.
         self._pong_owed: bytes | None = None
         self._congested = False
+        # What the peer may still send of PINGs and empty DATA (UNPRODUCTIVE_FRAME_BURST),
+        # as of _allowance_at.
+        self._unproductive_allowance = float(UNPRODUCTIVE_FRAME_BURST)
+        self._allowance_at = now
+        # Received bytes not parsed yet because a call's frame budget ran out (max_frames):
+        # a view of bytes this session owns, parsed first by the next call.
+        self._held_input: memoryview | None = None
+        #: Why this session closed itself for a flood ("PING flood", ...), None if it did not.
+        self.flood: str | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -186,6 +210,13 @@ class Session:
     def stream_state(self, stream_id: int) -> StreamState:
         stream = self._streams.get(stream_id)
         return stream.state if stream else StreamState.CLOSED
+
+    @property
+    def input_held(self) -> int:
+        """Received bytes left unparsed by the last :meth:`receive_data` (its frame budget ran
+        out); the next call parses them first, even an empty one."""
+        held = self._held_input
+        return 0 if held is None else len(held)
 
     def set_congested(self, congested: bool) -> None:
         """Say whether the caller's wire is congested (its unsent output is over its
@@ -418,27 +449,55 @@ class Session:
         return []
 
     # ------------------------------------------------------------------ receiving
-    def receive_data(self, data: bytes | memoryview, now: float) -> list[Event]:
+    def receive_data(self, data: bytes | memoryview, now: float,
+                     max_frames: int | None = None) -> list[Event]:
         """Parse received bytes; return what happened. A protocol violation by the peer
         closes the session (a CLOSE frame is queued) and ends the list with SessionClosed.
 
         ``data`` may be a view of a buffer the caller reuses: nothing keeps a reference to it
-        after the call (events carry copies)."""
+        after the call (events carry copies, and bytes held back are copied).
+
+        With ``max_frames``, at most that many frames are parsed (the rest of a DATA frame
+        already begun does not count): the bytes after them are held (:attr:`input_held`) and
+        parsed first by the next call, ``receive_data(b"", now, max_frames)`` if nothing new
+        arrived. A caller serving many peers on one thread uses it to bound the work one peer
+        costs per turn, whatever the size of its frames."""
         events: list[Event] = []
-        if self._closed or not data:
+        if self._closed:
+            return events
+        own = False
+        held = self._held_input
+        if held is not None:
+            self._held_input = None
+            # New bytes behind held ones (rare: the caller reads no more while it holds any)
+            # are copied once; otherwise the held view is parsed as it is.
+            data, own = (bytes(held) + bytes(data), True) if data else (held, True)
+        if not data:
             return events
         self._last_received = self._clock = now
         try:
-            self._parse(data, events, now)
+            if max_frames is None:
+                self._parse(data, events, now)
+            else:
+                rest = self._parse(data, events, now, max_frames)
+                if rest < len(data) and not self._closed:
+                    self._held_input = (memoryview(data)[rest:] if own
+                                        else memoryview(bytes(data[rest:])))
         except RemoteProtocolError as exc:
             code = (CloseCode.FLOW_CONTROL_ERROR if exc.code == "flow_control"
                     else CloseCode.PROTOCOL_ERROR)
+            if exc.code == "flood":
+                self.flood = str(exc)
             self.close(code, str(exc))
             events.append(SessionClosed(code, str(exc), False))
         return events
 
-    def _parse(self, data: bytes | memoryview, events: list[Event], now: float) -> None:
+    def _parse(self, data: bytes | memoryview, events: list[Event], now: float,
+               max_frames: int = -1) -> int:
+        """Parse ``data`` up to the end, or up to the start of frame ``max_frames + 1``
+        (-1: no limit); return where it stopped."""
         pos, end = 0, len(data)
+        frames_left = max_frames
         while pos < end and not self._closed:
             if self._data_left:
                 take = min(self._data_left, end - pos)
@@ -457,13 +516,14 @@ class Session:
                 self._partial += data[pos : pos + take]
                 pos += take
                 if len(self._partial) < self._need:
-                    return
+                    return end
                 partial = self._partial
                 if len(partial) == HEADER_SIZE:
                     unit = bytes(partial)
                     partial.clear()
                     ftype, stream_id, length = self._check_header(unit, 0)
                     if ftype == FrameType.DATA or length == 0:
+                        frames_left -= 1
                         self._on_frame(ftype, stream_id, length, b"", events, now)
                     else:
                         partial += unit
@@ -475,24 +535,30 @@ class Session:
                         payload = bytes(view[HEADER_SIZE:])
                     partial.clear()
                     self._need = HEADER_SIZE
+                    frames_left -= 1
                     self._on_frame(FrameType(raw_type), stream_id, length, payload, events, now)
                 continue
+            if not frames_left:
+                return pos  # the budget is spent: the caller holds the rest
             if end - pos < HEADER_SIZE:
                 self._partial += data[pos:]
                 self._need = HEADER_SIZE
-                return
+                return end
             ftype, stream_id, length = self._check_header(data, pos)
             pos += HEADER_SIZE
             if ftype == FrameType.DATA:
+                frames_left -= 1
                 self._on_frame(ftype, stream_id, length, b"", events, now)
             elif end - pos >= length:
+                frames_left -= 1
                 self._on_frame(ftype, stream_id, length, bytes(data[pos : pos + length]), events,
                                now)
                 pos += length
             else:
                 self._partial += data[pos - HEADER_SIZE :]
                 self._need = HEADER_SIZE + length
-                return
+                return end
+        return pos
 
     def _check_header(self, buf: bytes | memoryview, offset: int) -> tuple[FrameType, int, int]:
         ftype_raw, stream_id, length = unpack_header(buf, offset)
@@ -510,6 +576,8 @@ class Session:
     def _on_frame(self, ftype: FrameType, stream_id: int, length: int, payload: bytes,
                   events: list[Event], now: float) -> None:
         if ftype == FrameType.DATA:
+            if not length:
+                self._spend_unproductive(now, "empty DATA flood")
             self._on_data_header(stream_id, length)
         elif ftype == FrameType.OPEN:
             self._on_open(stream_id, payload, events)
@@ -525,6 +593,7 @@ class Session:
         elif ftype == FrameType.DATAGRAM:
             self._on_datagram(stream_id, payload, events)
         elif ftype == FrameType.PING:
+            self._spend_unproductive(now, "PING flood")
             self._pong_owed = payload  # answered by data_to_send; a newer PING replaces it
         elif ftype == FrameType.PONG:
             if self._ping_sent_at is not None and payload == self._ping_payload:
@@ -547,6 +616,15 @@ class Session:
         if stream_id > limit:
             raise RemoteProtocolError(f"frame for stream {stream_id}, which was never opened")
         return None
+
+    def _spend_unproductive(self, now: float, flood: str) -> None:
+        """Count a frame that asks for nothing useful (UNPRODUCTIVE_FRAME_BURST)."""
+        allowance = min(float(UNPRODUCTIVE_FRAME_BURST), self._unproductive_allowance
+                        + (now - self._allowance_at) * UNPRODUCTIVE_FRAMES_PER_S) - 1
+        self._allowance_at = now
+        if allowance < 0:
+            raise RemoteProtocolError(flood, code="flood")
+        self._unproductive_allowance = allowance
 
     def _on_data_header(self, stream_id: int, length: int) -> None:
         if length > self._recv_credit:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from veil.net.dialer import UdpFlow
-from veil.net.direct import DirectDialer, Resolver
+from veil.net.direct import DirectDialer, DroppedDatagrams, Resolver
 from veil.net.driver import DatagramStreamHandler, SessionDriver, TcpRelay
 from veil.protocol.address import Address
 from veil.protocol.events import StreamOpened
@@ -101,6 +101,11 @@ class Outbound:
         self._tasks: set[asyncio.Task[None]] = set()
         self._udp = DirectDialer(resolver=policy_resolver(policy, "udp"))
         self._bound_log = BoundLog()
+
+    @property
+    def udp_dropped(self) -> DroppedDatagrams:
+        """What the UDP associations of veil sessions dropped, by why (for metrics)."""
+        return self._udp.dropped
 
     def open(self, driver: SessionDriver, event: StreamOpened, user: str) -> None:
         tcp = event.kind is StreamKind.TCP

@@ -263,3 +263,8 @@ class BoundedResolver:
 
 #: The server's one resolver (streams, UDP associations and Trojan share its bounds).
 _RESOLVER = BoundedResolver()
+
+
+def server_resolver() -> BoundedResolver:
+    """The server's one resolver, for its counters (ServerStatus.bounds)."""
+    return _RESOLVER

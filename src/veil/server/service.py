@@ -25,8 +25,8 @@ from veil.protocol.trojan import TrojanRequest, password_hash_for_secret
 from veil.server.gate import Authenticator, Gate, VeilWayIn, WayIn
 from veil.server.live import Live, LiveConnection
 from veil.server.outbound import Outbound
-from veil.server.policy import DestinationPolicy, local_addresses
-from veil.server.status import ConnectionStatus, GateCounts, ServerStatus
+from veil.server.policy import DestinationPolicy, local_addresses, server_resolver
+from veil.server.status import BoundCounts, ConnectionStatus, GateCounts, ServerStatus
 from veil.server.trojan import TrojanService, TrojanWayIn
 from veil.store.base import User
 
@@ -72,7 +72,8 @@ class VeilServer:
         self.outbound = Outbound(policy, self.live.outbound_slots)
         self.trojan = TrojanService(policy, self.live.outbound_slots)
         own_names = frozenset(n for n in (state.sni,) if n)
-        ways_in: list[WayIn] = [VeilWayIn(Authenticator(self.live), self._start_session)]
+        self._authenticator = Authenticator(self.live)
+        ways_in: list[WayIn] = [VeilWayIn(self._authenticator, self._start_session)]
         if options.trojan:
             ways_in.append(TrojanWayIn(self.live, self._serve_trojan))
         self.gate = Gate(ssl_context=server_ssl_context(state, self.cover.alpn_protocols),
@@ -80,6 +81,7 @@ class VeilServer:
                          ways_in=ways_in, own_names=own_names,
                          handshake_timeout=options.handshake_timeout)
         self.sessions: dict[SessionDriver, LiveConnection] = {}
+        self._flood_closes = 0  # sessions closed for a flood of frames that do nothing
         self._listener: socket.socket | None = None
         self._serve_task: asyncio.Task[None] | None = None
         self.tun: TunServer | None = None
@@ -173,6 +175,10 @@ class VeilServer:
 
     def _session_closed(self, driver: SessionDriver) -> None:
         conn = self.sessions.pop(driver, None)
+        if driver.session.flood is not None:
+            self._flood_closes += 1
+            log.warning("closed a session of user %s: %s", conn.user.name if conn else "?",
+                        driver.session.flood)
         if conn is not None:
             self.live.unregister(conn)
             log.info("session ended for user %s", conn.user.name)
@@ -240,4 +246,20 @@ class VeilServer:
             store_refresh_failures=live.refresh_failures,
             gate=GateCounts(accepted=dict(stats.accepted), cover_plain=stats.cover_plain,
                             cover_foreign_sni=stats.cover_foreign_sni, silent=stats.silent,
-                            rejected=dict(stats.rejected or {}), tls_failed=stats.tls_failed))
+                            rejected=dict(stats.rejected or {}), tls_failed=stats.tls_failed),
+            bounds=self._bound_counts())
+
+    def _bound_counts(self) -> BoundCounts:
+        slots, resolver = self.live.outbound_slots, server_resolver()
+        udp = {way_in: {"send_buffer_full": dropped.paused, "queue_full": dropped.queue_full,
+                        "resolving": dropped.resolving}
+               for way_in, dropped in (("veil", self.outbound.udp_dropped),
+                                       ("trojan", self.trojan.dialer.dropped))}
+        return BoundCounts(
+            pending_dropped=self.gate.stats.dropped,
+            replay_unrecorded=self._authenticator.replay.unrecorded,
+            outbound_refused_user=slots.refused_user, outbound_refused_server=slots.refused_server,
+            resolver_refused=resolver.refused, resolver_timed_out=resolver.timed_out,
+            sessions_flooding=self._flood_closes, udp_dropped=udp,
+            tun_dropped=self.tun.dropped if self.tun is not None else 0,
+            tun_spoofed=self.tun.spoofed if self.tun is not None else 0)

@@ -62,6 +62,36 @@ class GateCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class BoundCounts:
+    """How often each bound on what peers may make the server hold was hit, counted since the
+    server started (docs/operations.md lists the bounds). Sessions refused at the per-user
+    and per-server session bounds, and keys past their handshake bound, are in
+    :attr:`GateCounts.rejected` (reasons ``too_many_sessions``, ``server_full``,
+    ``too_many_handshakes``); connections silent past their timeout in :attr:`GateCounts.silent`.
+    """
+
+    #: Connections closed at accept because the gate held its maximum of pending ones.
+    pending_dropped: int = 0
+    #: Handshakes accepted without being remembered because the replay filter was full.
+    replay_unrecorded: int = 0
+    #: Sessions closed for a flood of frames that do nothing (PINGs, empty DATA).
+    sessions_flooding: int = 0
+    #: Streams (and Trojan connections) refused at a descriptor bound: one user's, the server's.
+    outbound_refused_user: int = 0
+    outbound_refused_server: int = 0
+    #: DNS lookups refused because too many were pending, and lookups that timed out.
+    resolver_refused: int = 0
+    resolver_timed_out: int = 0
+    #: UDP datagrams dropped rather than held, by way in ("veil", "trojan"), then by why:
+    #: "send_buffer_full" (the outbound socket's), "queue_full" (waiting for a socket or a
+    #: name), "resolving" (a new name while the association's lookups are at their bound).
+    udp_dropped: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    #: Full-device tunnel packets dropped: a session congested or gone / a spoofed source.
+    tun_dropped: int = 0
+    tun_spoofed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ServerStatus:
     """A snapshot of one server; nothing in it changes after it was taken."""
 
@@ -88,6 +118,7 @@ class ServerStatus:
     #: Times the user store could not be read (the last snapshot stayed in force).
     store_refresh_failures: int = 0
     gate: GateCounts = field(default_factory=GateCounts)
+    bounds: BoundCounts = field(default_factory=BoundCounts)
 
 
 class StatusSource(Protocol):
