@@ -376,7 +376,8 @@ def record_start(directory: Path, *, trojan: bool) -> None:
 
 def server_ssl_context(state: ServerState,
                        alpn: Sequence[str] = ("http/1.1",)) -> ssl.SSLContext:
-    """TLS settings of a default nginx on Debian: TLS 1.2 and 1.3, and the ALPN protocols
+    """TLS settings of a default nginx on Debian (TLS 1.0 to 1.3 allowed, OpenSSL 3.0 letting
+    only 1.2 and 1.3 complete), and the ALPN protocols
     ``alpn`` in the server's order of preference. The gate passes its cover's
     (:attr:`Cover.alpn_protocols`): ``h2`` first for the built-in cover, as nginx with
     ``listen 443 ssl http2`` answers a browser; ``http/1.1`` alone for a URL cover, which
@@ -385,8 +386,23 @@ def server_ssl_context(state: ServerState,
     It lives with the state, not the server's runtime, because the tunnel port and the admin
     panel both present the state's certificate and key this way."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Debian's nginx.conf says ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3: OpenSSL 3.0 then
+    # negotiates TLS 1.0 or 1.1 with a client offering nothing newer and fails it for want of
+    # a cipher its security level allows (handshake_failure, in the client's version). A
+    # TLS 1.2 minimum would answer protocol_version instead, which no nginx on Debian does.
+    # (MINIMUM_SUPPORTED is TLS 1.0 here: Debian builds OpenSSL without SSLv3.)
+    context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
     context.set_ciphers("HIGH:!aNULL:!MD5")
     context.set_alpn_protocols(list(alpn))
+    # nginx has a server name callback (to pick its server block) and OpenSSL acknowledges
+    # the client's SNI (an empty server_name extension: in the ServerHello for TLS 1.2, in
+    # EncryptedExtensions for 1.3) only when one is set and accepts the name. One that
+    # accepts every name, as nginx's default server does.
+    context.sni_callback = _accept_any_server_name
     context.load_cert_chain(state.cert_path, state.key_path)
     return context
+
+
+def _accept_any_server_name(_tls: ssl.SSLObject | ssl.SSLSocket, _name: str | None,
+                            _context: ssl.SSLContext) -> None:
+    return None
