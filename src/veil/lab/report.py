@@ -119,25 +119,35 @@ def build_rows(flows: list[FlowReport], probes: list[dict[str, Any]],
 
 
 STATUS_MARK = {"shared": "SHARED", "same": "same", "differs": ""}
-SIDE_COLUMN = 34  # characters of each install's column in the text table
+ITEM_COLUMN = 40  # at most this many characters of an item's name in the text table
+SIDE_COLUMN = 34  # at most this many characters of each install's value
 
 
 def format_installs_text(result: InstallsResult) -> str:
     """Two installs side by side: a row per item a scanner compares, the shared ones
     marked SHARED (a tell), the ones equal but common to unrelated nginx sites 'same'."""
     v = result.verdict
-    lines = [f"{'':<28} {_cut(result.a):<{SIDE_COLUMN}} {_cut(result.b):<{SIDE_COLUMN}}"]
-    for row in sameinstall.side_by_side(v.details):
-        lines.append(f"{row.item:<28} {_cut(row.a):<{SIDE_COLUMN}} {_cut(row.b):<{SIDE_COLUMN}}"
-                     f" {STATUS_MARK[row.status]}".rstrip())
+    rows = sameinstall.side_by_side(v.details)
+    item_width = min(ITEM_COLUMN, max([len(r.item) for r in rows], default=0))
+    value_width = min(SIDE_COLUMN, max([len(x) for r in rows for x in (r.a, r.b)]
+                                       + [len(result.a), len(result.b)]))
+
+    def line(item: str, a: str, b: str, mark: str) -> str:
+        # An item keeps its end (the field), a value its start.
+        shown = item if len(item) <= item_width else "~" + item[len(item) - item_width + 1:]
+        return (f"{shown:<{item_width}}  {_cut(a, value_width):<{value_width}}"
+                f"  {_cut(b, value_width):<{value_width}}  {mark}").rstrip()
+
+    lines = [line("", result.a, result.b, "")]
+    lines += [line(r.item, r.a, r.b, STATUS_MARK[r.status]) for r in rows]
     status = "FLAGGED: they share what unrelated sites would not" if v.flagged else "passes"
     lines += ["", f"verdict: {status}"]
     lines += [f"  - {e}" for e in v.evidence]
     return "\n".join(lines)
 
 
-def _cut(text: str) -> str:
-    return text if len(text) <= SIDE_COLUMN else text[:SIDE_COLUMN - 1] + "~"
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "~"
 
 
 def format_text(rows: list[DetectorRow], installs: list[InstallsResult] | None = None) -> str:
