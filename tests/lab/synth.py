@@ -170,3 +170,28 @@ def ip_frame(p: Packet, linktype: str) -> bytes:
     eth = dpkt.ethernet.Ethernet(src=b"\x02" * 6, dst=b"\x04" * 6,
                                  type=dpkt.ethernet.ETH_TYPE_IP, data=ip)
     return bytes(eth)
+
+
+def packets_of_flow(flow: Flow, segment: int = 1400) -> list[Packet]:
+    """A TCP flow recorded some other way (a relay's chunks) as the packets a capture would
+    hold: the handshake at its start, each chunk in segments of ``segment`` bytes at the
+    chunk's time, and its close."""
+    client, server = flow.client, flow.server
+    seq = {Direction.CLIENT: 1000, Direction.SERVER: 5000}
+    packets = [Packet(flow.start, "tcp", client, server, b"", 0x02, seq[Direction.CLIENT] - 1),
+               Packet(flow.start, "tcp", server, client, b"", 0x12, seq[Direction.SERVER] - 1),
+               Packet(flow.start, "tcp", client, server, b"", 0x10, seq[Direction.CLIENT])]
+    last = flow.start
+    for chunk in flow.chunks:
+        src, dst = (client, server) if chunk.direction is Direction.CLIENT else (server, client)
+        for i in range(0, len(chunk.data), segment):
+            piece = chunk.data[i:i + segment]
+            packets.append(Packet(chunk.time, "tcp", src, dst, piece, 0x18,
+                                  seq[chunk.direction]))
+            seq[chunk.direction] += len(piece)
+        last = chunk.time
+    if flow.close == "fin":
+        packets.append(Packet(last, "tcp", client, server, b"", 0x11, seq[Direction.CLIENT]))
+    elif flow.close == "rst":
+        packets.append(Packet(last, "tcp", server, client, b"", 0x04, seq[Direction.SERVER]))
+    return packets

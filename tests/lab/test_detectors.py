@@ -308,7 +308,7 @@ def test_analyse_runs_every_detector() -> None:
     assert len(reports) == 2
     names = [v.detector for v in reports[0].verdicts]
     assert names == ["fully-encrypted", "protocol-signatures", "clienthello-fingerprint", "sni",
-                     "certificate", "tls-in-tls"]
+                     "certificate", "tls-in-tls", "idle-heartbeat"]
     assert [v.detector for v in reports[0].flagged] == ["fully-encrypted",
                                                          "protocol-signatures"]
     assert [v.detector for v in reports[1].flagged] == ["clienthello-fingerprint"]

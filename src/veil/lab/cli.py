@@ -8,12 +8,40 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+# The idle detector's defaults: pure stdlib code, cheap enough for `veil --help`.
+from veil.lab.idle import MOMENT_GAP as MOMENT_GAP_S
+from veil.lab.idle import NGINX_KEEPALIVE_TIMEOUT as NGINX_KEEPALIVE_TIMEOUT_S
+
+IDLE_HELP = """\
+The idle-heartbeat detector judges each TLS connection's whole life: a browser's connection
+to nginx goes quiet when its requests are done and nginx closes it after keepalive_timeout;
+a tunnel's is kept alive by small records at a fixed period. It flags four or more quiet
+moments (opened by records of at most 64 bytes) at a near-fixed period ("heartbeat"), and a
+connection open and quiet for longer than keepalive_timeout + 2 s ("immortal"; a
+connection still open at the capture's end was open until its last packet).
+"""
+
+
+def _add_idle_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("idle-heartbeat detector", IDLE_HELP)
+    group.add_argument("--keepalive-timeout", type=float, default=NGINX_KEEPALIVE_TIMEOUT_S,
+                       metavar="SECONDS",
+                       help="keepalive_timeout of the nginx the server passes for: a "
+                            "connection quiet for longer is 'immortal' (default: nginx's "
+                            f"{NGINX_KEEPALIVE_TIMEOUT_S:g})")
+    group.add_argument("--moment-gap", type=float, default=MOMENT_GAP_S, metavar="SECONDS",
+                       help="records closer together than this are one moment (a ping and "
+                            "its answer): more than the path's round trip, less than the "
+                            f"heartbeat period (default {MOMENT_GAP_S:g})")
+
 LAB_DESCRIPTION = """\
 The censor lab: judge traffic as a national firewall would, from bytes on the wire only.
 
   veil lab passive capture.pcap          every flow, each detector's verdict and why
   veil lab probe my.server:443 --reference real.website:443
                                          active probes; lists every difference
+  veil lab installs a.example:443 b.example:443
+                                         what two servers share that unrelated sites do not
   veil lab report a.pcap probe.json --html -o report.html
                                          a table per detector
   veil lab censor --a vc --b vs          an in-path censor between two interfaces
@@ -40,6 +68,7 @@ def add_lab_parser(sub: Any) -> None:
                          help="also show the detectors that passed each flow, and why")
     passive.add_argument("--blocklist", type=Path, metavar="FILE",
                          help="SNI block list: one domain per line (subdomains included)")
+    _add_idle_options(passive)
 
     probe = lab_sub.add_parser(
         "probe", help="probe a server like the GFW does, optionally against a reference",
@@ -61,6 +90,21 @@ def add_lab_parser(sub: Any) -> None:
                        help="server name for TLS probes (default: HOST when it is a name)")
     probe.add_argument("--no-tls", action="store_true",
                        help="send only the probes in clear (for a target that is not TLS)")
+
+    installs = lab_sub.add_parser(
+        "installs", help="compare two servers as a scanner would: what do they share?",
+        description="Fetch from each server what a scanner fetches (/, up to 4 pages it "
+                    "links to, /robots.txt, /favicon.ico, a missing page, over HTTP/1.1 with "
+                    "TLS unverified; and the certificate) and list, side by side, what the "
+                    "two share that two unrelated nginx sites would not: the title, the set "
+                    "of linked pages, a page's bytes, ETag or Last-Modified, a certificate "
+                    "subject or an unusual lifetime. Exit status 1 when they share any.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    installs.add_argument("a", metavar="A", help="HOST:PORT (TLS), https://HOST[:PORT] or "
+                                                 "http://HOST[:PORT]")
+    installs.add_argument("b", metavar="B", help="the other server, in the same forms")
+    installs.add_argument("--json", action="store_true",
+                          help="print JSON (`veil lab report` shows it side by side)")
 
     censor = lab_sub.add_parser(
         "censor", help="an in-path censor: bridge two interfaces and block what is flagged",
@@ -87,11 +131,14 @@ def add_lab_parser(sub: Any) -> None:
     report = lab_sub.add_parser(
         "report", help="a table per detector over captures and probe results",
         description="Summarise captures (pcap) and saved results (`lab passive --json`, "
-                    "`lab probe --json` files, *.json) as a table per detector: flows seen, "
-                    "judged, flagged, and the evidence. Exit status 1 when anything is flagged.")
+                    "`lab probe --json`, `lab installs --json` files, *.json) as a table per "
+                    "detector: flows seen, judged, flagged, and the evidence; each pair of "
+                    "installs side by side, shared items flagged. Exit status 1 when anything "
+                    "is flagged.")
     report.add_argument("inputs", nargs="+", metavar="PCAP|JSON")
     report.add_argument("--html", action="store_true", help="write HTML instead of text")
     report.add_argument("-o", "--output", type=Path, metavar="FILE",
                         help="write the report to FILE (default: standard output)")
     report.add_argument("--blocklist", type=Path, metavar="FILE",
                         help="SNI block list for the captures")
+    _add_idle_options(report)

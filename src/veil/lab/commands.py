@@ -1,20 +1,22 @@
 """The runners of ``veil lab`` subcommands (arguments: :mod:`veil.lab.cli`).
 
 Exit status: 0 when nothing is flagged; 1 when a detector flags a flow (``passive``,
-``report``) or the prober tells the target apart from its reference or finds a proxy's tells
-(``probe``). Usage errors are the CLI's (2).
+``report``), the prober tells the target apart from its reference or finds a proxy's tells
+(``probe``), or two servers share what unrelated sites would not (``installs``). Usage
+errors, and a server that cannot be scanned, are the CLI's (2).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
 from pathlib import Path
 
 from veil.errors import ConfigError
-from veil.lab import passive, probe, report
+from veil.lab import passive, probe, report, sameinstall
 from veil.lab.bridge import run_bridge
 from veil.lab.censor import Censor
 from veil.lab.sni import BlockList
@@ -45,6 +47,8 @@ def run_lab(args: argparse.Namespace) -> int:
         return _probe(args)
     if args.lab_command == "censor":
         return _censor(args)
+    if args.lab_command == "installs":
+        return _installs(args)
     return _report(args)
 
 
@@ -52,11 +56,20 @@ def _blocklist(path: Path | None) -> BlockList | None:
     return BlockList.load(path) if path else None
 
 
+def _idle_options(args: argparse.Namespace) -> passive.IdleOptions:
+    if args.keepalive_timeout <= 0 or args.moment_gap <= 0:
+        raise ConfigError("--keepalive-timeout and --moment-gap must be > 0")
+    if args.moment_gap >= args.keepalive_timeout:
+        raise ConfigError("--moment-gap must be shorter than --keepalive-timeout")
+    return passive.IdleOptions(args.keepalive_timeout, args.moment_gap)
+
+
 def _passive(args: argparse.Namespace) -> int:
     reports: list[passive.FlowReport] = []
     blocklist = _blocklist(args.blocklist)
+    idle_options = _idle_options(args)
     for capture in args.captures:
-        reports += passive.analyse_pcap(capture, blocklist)
+        reports += passive.analyse_pcap(capture, blocklist, idle_options)
     if args.json:
         _emit(json.dumps([r.to_json() for r in reports], indent=2) + "\n")
     else:
@@ -90,10 +103,30 @@ def _censor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _installs(args: argparse.Namespace) -> int:
+    views = []
+    for target in (args.a, args.b):
+        try:
+            host, port, tls = sameinstall.split_target(target)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        try:
+            views.append(sameinstall.scan(host, port, tls=tls))
+        except (OSError, http.client.HTTPException) as exc:
+            raise ConfigError(f"cannot scan {target}: {exc}") from exc
+    result = report.InstallsResult(args.a, args.b, sameinstall.compare(*views))
+    if args.json:
+        _emit(json.dumps(result.to_json(), indent=2) + "\n")
+    else:
+        _emit(report.format_installs_text(result) + "\n")
+    return 1 if result.verdict.flagged else 0
+
+
 def _report(args: argparse.Namespace) -> int:
-    flows, probes = report.load_inputs(args.inputs, _blocklist(args.blocklist))
-    rows = report.build_rows(flows, probes)
-    text = report.format_html(rows) if args.html else report.format_text(rows) + "\n"
+    inputs = report.load_inputs(args.inputs, _blocklist(args.blocklist), _idle_options(args))
+    rows = report.build_rows(inputs.flows, inputs.probes, inputs.installs)
+    text = (report.format_html(rows, inputs.installs) if args.html
+            else report.format_text(rows, inputs.installs) + "\n")
     if args.output:
         args.output.write_text(text)
     else:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from veil.lab import certs, fet, fingerprint, signatures, sni, tlsintls
-from veil.lab.flow import Flow
-from veil.lab.pcap import read_flows
+from veil.lab import certs, fet, fingerprint, idle, signatures, sni, tlsintls
+from veil.lab.flow import Flow, FlowTable
+from veil.lab.pcap import read_packets
 from veil.lab.verdict import Verdict
 
 
@@ -20,8 +20,26 @@ class Detector:
     detect: Callable[[Flow], Verdict]
 
 
-def detectors(blocklist: sni.BlockList | None = None) -> list[Detector]:
-    """The passive detectors, in report order."""
+@dataclass(frozen=True)
+class IdleOptions:
+    """What the idle detector is told about the server and the clock (see :mod:`idle`)."""
+
+    keepalive_timeout: float = idle.NGINX_KEEPALIVE_TIMEOUT
+    """The keepalive_timeout of the nginx the server passes for (nginx's default, 75 s)."""
+    moment_gap: float = idle.MOMENT_GAP
+    """Records closer than this are one moment (a ping and its answer): over a round trip."""
+
+
+def detectors(blocklist: sni.BlockList | None = None, idle_options: IdleOptions | None = None,
+              until: float | None = None) -> list[Detector]:
+    """The passive detectors, in report order. ``until`` is when the capture ended: a flow
+    still open then was open (and idle, if nothing came) until that moment."""
+    options = idle_options or IdleOptions()
+
+    def idle_detect(flow: Flow) -> Verdict:
+        return idle.detect(flow, until=until, keepalive_timeout=options.keepalive_timeout,
+                           moment_gap=options.moment_gap)
+
     return [
         Detector(fet.NAME, fet.SOURCE, fet.detect),
         Detector(signatures.NAME, signatures.SOURCE, signatures.detect),
@@ -29,6 +47,7 @@ def detectors(blocklist: sni.BlockList | None = None) -> list[Detector]:
         Detector(sni.NAME, sni.SOURCE, lambda flow: sni.detect(flow, blocklist)),
         Detector(certs.NAME, certs.SOURCE, certs.detect),
         Detector(tlsintls.NAME, tlsintls.SOURCE, tlsintls.detect),
+        Detector(idle.NAME, idle.SOURCE, idle_detect),
     ]
 
 
@@ -64,17 +83,27 @@ def has_data(flow: Flow) -> bool:
 
 
 def analyse(flows: Iterable[Flow], blocklist: sni.BlockList | None = None,
-            capture: str | None = None) -> list[FlowReport]:
-    """Every flow that carried data, judged by every detector."""
-    active = detectors(blocklist)
+            capture: str | None = None, *, idle_options: IdleOptions | None = None,
+            until: float | None = None) -> list[FlowReport]:
+    """Every flow that carried data, judged by every detector (``until``: the capture's
+    end, see :func:`detectors`)."""
+    active = detectors(blocklist, idle_options, until)
     extra = {"capture": capture} if capture else {}
     return [FlowReport({**flow.summary(), **extra}, tuple(d.detect(flow) for d in active))
             for flow in flows if has_data(flow)]
 
 
-def analyse_pcap(path: str | Path, blocklist: sni.BlockList | None = None) -> list[FlowReport]:
-    """Every flow of the capture at ``path``, judged by every detector."""
-    return analyse(read_flows(path), blocklist, capture=str(path))
+def analyse_pcap(path: str | Path, blocklist: sni.BlockList | None = None,
+                 idle_options: IdleOptions | None = None) -> list[FlowReport]:
+    """Every flow of the capture at ``path``, judged by every detector; the capture ended at
+    its last packet (an ACK counts: the connection was seen alive then)."""
+    table = FlowTable()
+    until: float | None = None
+    for packet in read_packets(path):
+        table.add(packet)
+        until = packet.time if until is None else max(until, packet.time)
+    return analyse(table.flows, blocklist, capture=str(path), idle_options=idle_options,
+                   until=until)
 
 
 def format_text(reports: list[FlowReport], verbose: bool = False) -> str:

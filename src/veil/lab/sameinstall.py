@@ -20,7 +20,7 @@ import http.client
 import re
 import ssl
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -112,6 +112,23 @@ def scan(host: str, port: int, *, tls: bool = True, server_name: str | None = No
     return view
 
 
+def split_target(target: str) -> tuple[str, int, bool]:
+    """(host, port, tls) of ``HOST:PORT`` (TLS), ``https://HOST[:PORT]`` or
+    ``http://HOST[:PORT]``; a ValueError names what was expected."""
+    tls = True
+    rest = target
+    for scheme, default_port, over_tls in (("https://", 443, True), ("http://", 80, False)):
+        if target.lower().startswith(scheme):
+            rest, tls = target[len(scheme):].rstrip("/"), over_tls
+            if not rest.rpartition(":")[2].isdigit() or rest.endswith("]"):
+                rest = f"{rest}:{default_port}"
+            break
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host or "/" in rest:
+        raise ValueError(f"expected HOST:PORT or https://HOST[:PORT], got {target!r}")
+    return host.strip("[]"), int(port), tls
+
+
 def certificate_features(der: bytes, host: str) -> dict[str, str]:
     """What a certificate shows that is not the host's own name."""
     cert = x509.load_der_x509_certificate(der)
@@ -140,33 +157,76 @@ def _common_lifetime(seconds: int) -> bool:
 def compare(a: InstallView, b: InstallView) -> Verdict:
     """Flagged when ``a`` and ``b`` share what unrelated sites would not: the same title,
     the same set of linked pages, a page (robots.txt aside) with the same bytes, ETag or
-    Last-Modified, or a certificate pattern (subject, lifetime) no common issuer uses."""
-    shared: list[str] = []
+    Last-Modified, or a certificate pattern (subject, lifetime) no common issuer uses.
+
+    ``details`` holds both scans (``a``, ``b``, as :func:`side_by_side` lays them out) and
+    the shared items, in words (``shared``) and as the side-by-side row names
+    (``shared_items``)."""
+    shared: list[tuple[str, str]] = []  # (row name, evidence)
     if a.title is not None and a.title == b.title:
-        shared.append(f"title {a.title!r}")
+        shared.append(("title", f"title {a.title!r}"))
     if a.links and a.links == b.links:
-        shared.append(f"the same pages linked from /: {', '.join(a.links)}")
+        shared.append(("links", f"the same pages linked from /: {', '.join(a.links)}"))
     for path in sorted(a.pages.keys() & b.pages.keys()):
         pa, pb = a.pages[path], b.pages[path]
         if pa.status != 200 or pb.status != 200:
             continue  # nginx's own error pages, and absent files, are every nginx's
         if pa.etag and pa.etag == pb.etag:
-            shared.append(f"{path}: ETag {pa.etag}")
+            shared.append((f"{path} etag", f"{path}: ETag {pa.etag}"))
         if pa.last_modified and pa.last_modified == pb.last_modified:
-            shared.append(f"{path}: Last-Modified {pa.last_modified}")
+            shared.append((f"{path} last_modified", f"{path}: Last-Modified {pa.last_modified}"))
         if pa.digest == pb.digest and path != "/robots.txt":
-            shared.append(f"{path}: the same bytes")
+            shared.append((f"{path} sha256", f"{path}: the same bytes"))
     ca, cb = a.certificate, b.certificate
     if ca and cb:
         if ca["subject"] and ca["subject"] == cb["subject"] and \
                 ca["subject"] != OPENSSL_DEFAULT_SUBJECT:
-            shared.append(f"certificate subject {ca['subject']}")
+            shared.append(("certificate subject", f"certificate subject {ca['subject']}"))
         if ca["lifetime_s"] == cb["lifetime_s"] and not _common_lifetime(int(ca["lifetime_s"])):
-            shared.append(f"certificate lifetime {ca['lifetime_s']} s, which no common issuer "
-                          "uses")
-    evidence = tuple(shared) if shared else ("nothing shared that unrelated sites would not",)
+            shared.append(("certificate lifetime_s",
+                           f"certificate lifetime {ca['lifetime_s']} s, which no common issuer "
+                           "uses"))
+    texts = [text for _, text in shared]
+    evidence = tuple(texts) if texts else ("nothing shared that unrelated sites would not",)
     return Verdict(NAME, bool(shared), evidence, ("same-install",) if shared else (),
-                   details={"a": _summary(a), "b": _summary(b), "shared": shared})
+                   details={"a": _summary(a), "b": _summary(b), "shared": texts,
+                            "shared_items": [item for item, _ in shared]})
+
+
+@dataclass(frozen=True)
+class SideBySide:
+    """One row of two scans side by side: what each host showed, and whether it is a tell
+    (``shared``), the same but common to unrelated nginx sites (``same``) or different."""
+
+    item: str
+    a: str
+    b: str
+    status: str  # "shared", "same" or "differs"
+
+
+def side_by_side(details: dict[str, Any]) -> list[SideBySide]:
+    """The rows of a :func:`compare` verdict's ``details``: title, links, each page's status,
+    ETag, Last-Modified and digest, each certificate feature (the host name aside: in the lab
+    both hosts are one address)."""
+    a, b = details.get("a") or {}, details.get("b") or {}
+    tells = set(details.get("shared_items", ()))
+    cells: list[tuple[str, object, object]] = [
+        ("title", a.get("title"), b.get("title")),
+        ("links", ", ".join(a.get("links", ())), ", ".join(b.get("links", ())))]
+    pages_a, pages_b = a.get("pages", {}), b.get("pages", {})
+    for path in sorted(pages_a.keys() | pages_b.keys()):
+        pa, pb = pages_a.get(path, {}), pages_b.get(path, {})
+        for field_name in ("status", "etag", "last_modified", "sha256"):
+            cells.append((f"{path} {field_name}", pa.get(field_name), pb.get(field_name)))
+    cert_a, cert_b = a.get("certificate", {}), b.get("certificate", {})
+    for name in sorted((cert_a.keys() | cert_b.keys()) - {"host"}):
+        cells.append((f"certificate {name}", cert_a.get(name), cert_b.get(name)))
+    rows = []
+    for item, va, vb in cells:
+        text_a, text_b = ("-" if v is None or v == "" else str(v) for v in (va, vb))
+        status = "shared" if item in tells else "same" if text_a == text_b else "differs"
+        rows.append(SideBySide(item, text_a, text_b, status))
+    return rows
 
 
 def _summary(view: InstallView) -> dict[str, object]:

@@ -7,7 +7,8 @@ into access keys.
                       "trojan": whether the last start that succeeded had its Trojan way in
                       on (``veil serve --trojan``), absent until a server has started}
     DIR/key.pem       the TLS private key (0600); its public key is what clients pin
-    DIR/cert.pem      a self-signed certificate for that key, renewed before it expires
+    DIR/cert.pem      a self-signed certificate for that key and the public name, renewed
+                      before it expires and when ``--public`` renames the server
     DIR/users.db      the SQLite user store (or "db": a postgresql:// URL in config.json)
     DIR/store.key     the key that seals secrets in the store (0600; docs/store.md): a fleet
                       of servers on one PostgreSQL shares one copy of it
@@ -183,6 +184,20 @@ def self_signed_certificate(key: ServerKey, name: str,
     return builder.sign(key, digest)
 
 
+def _names(cert: x509.Certificate, name: str) -> bool:
+    """Whether ``cert`` is one :func:`self_signed_certificate` made for ``name``: its
+    subjectAltName holds ``name`` and nothing else."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        wanted: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        wanted = x509.DNSName(name)
+    return list(san) == [wanted]
+
+
 def _key_type(key: ServerKey) -> str:
     if isinstance(key, rsa.RSAPrivateKey):
         return "RSA-2048"
@@ -280,8 +295,11 @@ def _ensure_certificate(directory: Path, name: str, profile: CertificateProfile)
             # was made after its certificate (an older install) draws another lifetime.
             lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
             left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
-            if left > renew_before(lifetime) and cert.public_key() == key.public_key():
+            if (left > renew_before(lifetime) and cert.public_key() == key.public_key()
+                    and _names(cert, name)):
                 return
+    # Renewed, repaired, or renamed (`--public` changed): made anew for the same key, so
+    # every access key (they pin the key, not the certificate) stays valid.
     cert = self_signed_certificate(key, name, profile)
     tmp = cert_path.with_suffix(".tmp")
     tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
