@@ -17,13 +17,12 @@ server answering each with a PONG) on a server that never closes idle sessions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
-
-import pytest
 
 from veil.client.socks5 import Socks5Inbound
 from veil.config import ServerOptions
@@ -38,8 +37,6 @@ from veil.protocol.session import DEFAULT_IDLE_CLOSE, NGINX_KEEPALIVE_TIMEOUT, S
 from veil.server.service import VeilServer
 
 T = TypeVar("T")
-# The relay drops its sockets with the loop (asyncio.run), not one by one.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 #: nginx's keepalive_timeout, scaled down so the test takes seconds, not minutes.
 KEEPALIVE_S = 3.0
@@ -69,6 +66,7 @@ class RecordingRelay:
         self.upstream = upstream
         self.flows: list[Flow] = []
         self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
         self.port = 0
 
     async def start(self) -> None:
@@ -76,16 +74,25 @@ class RecordingRelay:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
+        """Stops listening and closes both sides of every relayed connection, so no socket
+        is left for the garbage collector to warn about after the test."""
         if self._server is not None:
             self._server.close()
+        for writer in self._writers:
+            writer.close()
+        for writer in self._writers:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await writer.wait_closed()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         flow = Flow("tcp", Endpoint(peer[0], peer[1]), Endpoint("127.0.0.1", self.upstream.port),
                     time.monotonic(), saw_handshake=True)
         self.flows.append(flow)
+        self._writers.append(writer)
         up_reader, up_writer = await asyncio.open_connection(self.upstream.host,
                                                              self.upstream.port)
+        self._writers.append(up_writer)
         await asyncio.gather(self._pipe(reader, up_writer, flow, Direction.CLIENT),
                              self._pipe(up_reader, writer, flow, Direction.SERVER))
 
