@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from veil.errors import ConfigError
+from veil.manage.libssl import match_nginx_sessions
 from veil.protocol.accesskey import AccessKey, default_sni, spki_pin
 from veil.protocol.address import Address, parse_host_port
 from veil.protocol.seeded import SEED_BYTES, Draw, SiteSeed
@@ -401,6 +402,11 @@ def server_ssl_context(state: ServerState,
     ``listen 443 ssl http2`` answers a browser; ``http/1.1`` alone for a URL cover, which
     relays to an HTTP/1.1 server, and for the admin panel.
 
+    Sessions as nginx's defaults have them (``ssl_session_timeout 5m``, ``ssl_session_cache
+    none``, ``ssl_session_tickets on``), which the ``ssl`` module cannot set:
+    :func:`~veil.manage.libssl.match_nginx_sessions` does it through libssl where it can
+    verify it is safe, and warns otherwise.
+
     It lives with the state, not the server's runtime, because the tunnel port and the admin
     panel both present the state's certificate and key this way."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -418,7 +424,18 @@ def server_ssl_context(state: ServerState,
     # accepts every name, as nginx's default server does.
     context.sni_callback = _accept_any_server_name
     context.load_cert_chain(state.cert_path, state.key_path)
+    match_nginx_sessions(context, _leaf_certificate_der(state.cert_path))
     return context
+
+
+def _leaf_certificate_der(cert_path: Path) -> bytes:
+    """The first certificate of a PEM file (the server's own, before any chain), as DER: the
+    one nginx digests into its session id context."""
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read certificate {cert_path}: {exc}") from exc
+    return certificate.public_bytes(serialization.Encoding.DER)
 
 
 def _accept_any_server_name(_tls: ssl.SSLObject | ssl.SSLSocket, _name: str | None,
