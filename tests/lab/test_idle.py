@@ -2,9 +2,10 @@
 no reconnect without demand, and the cost of the first request after an idle close.
 
 A real ``VeilServer`` and a real client (``ClientTunnel`` behind the SOCKS5 inbound) run on
-loopback in this process. The client reaches the server through a recording relay that notes
-each read's time, direction and bytes as a lab ``Flow`` (what a capture gives the detectors)
-and delays each direction by ``ONE_WAY_S``, so round trips can be counted. nginx's 75 s
+loopback in this process. The client reaches the server through a recording relay
+(tests/support/relay.py) that notes each read's time, direction and bytes as a lab ``Flow``
+(what a capture gives the detectors) and delays each direction by ``ONE_WAY_S``, so round
+trips can be counted. nginx's 75 s
 keepalive_timeout is scaled down to ``KEEPALIVE_S`` for the suite: the test sets the server's
 ``ServerOptions.idle_close`` to it and the client's ``SessionConfig.idle_close`` to veil's
 default range scaled the same way (50-70 s of 75 s); the detector is told the same figure.
@@ -23,12 +24,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-import pytest
-
+from tests.support.relay import RecordingRelay
 from veil.client.socks5 import Socks5Inbound
 from veil.config import ServerOptions
 from veil.lab import idle
-from veil.lab.flow import Chunk, Direction, Endpoint, Flow
+from veil.lab.flow import Flow
 from veil.manage.state import init_state
 from veil.net.client_session import ClientTunnel
 from veil.protocol.accesskey import AccessKey
@@ -38,8 +38,6 @@ from veil.protocol.session import DEFAULT_IDLE_CLOSE, NGINX_KEEPALIVE_TIMEOUT, S
 from veil.server.service import VeilServer
 
 T = TypeVar("T")
-# The relay drops its sockets with the loop (asyncio.run), not one by one.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 #: nginx's keepalive_timeout, scaled down so the test takes seconds, not minutes.
 KEEPALIVE_S = 3.0
@@ -59,56 +57,6 @@ CPU_SLACK_S = 0.25
 STEP_TIMEOUT_S = 10.0
 BODY = b"x" * 1000
 RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY)) + BODY
-
-
-class RecordingRelay:
-    """Relays each connection to ``upstream``, delayed ``ONE_WAY_S`` each way, and records it
-    as a lab Flow (chunk times are when the bytes left the relay toward their receiver)."""
-
-    def __init__(self, upstream: Address) -> None:
-        self.upstream = upstream
-        self.flows: list[Flow] = []
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        flow = Flow("tcp", Endpoint(peer[0], peer[1]), Endpoint("127.0.0.1", self.upstream.port),
-                    time.monotonic(), saw_handshake=True)
-        self.flows.append(flow)
-        up_reader, up_writer = await asyncio.open_connection(self.upstream.host,
-                                                             self.upstream.port)
-        await asyncio.gather(self._pipe(reader, up_writer, flow, Direction.CLIENT),
-                             self._pipe(up_reader, writer, flow, Direction.SERVER))
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flow: Flow,
-                    direction: Direction) -> None:
-        loop = asyncio.get_running_loop()
-
-        def deliver(data: bytes) -> None:
-            if writer.is_closing():
-                return
-            if not data:
-                flow.close = "fin"
-                writer.close()
-                return
-            flow.chunks.append(Chunk(direction, time.monotonic(), data))
-            writer.write(data)
-
-        while True:
-            data = await reader.read(65536)
-            loop.call_later(ONE_WAY_S, deliver, data)  # one delay for all: order is kept
-            if not data:
-                return
 
 
 async def http_target() -> asyncio.Server:
@@ -176,7 +124,7 @@ async def veil_idle_life(tmp: Path) -> tuple[RecordingRelay, list[float], float]
     times to first byte, and when the idle flow's capture ended."""
     async def run(server: VeilServer, key: AccessKey) -> tuple[RecordingRelay, list[float],
                                                                float]:
-        relay = RecordingRelay(key.server)
+        relay = RecordingRelay(key.server, ONE_WAY_S)
         await relay.start()
         target = await http_target()
         low, high = DEFAULT_IDLE_CLOSE
@@ -206,7 +154,7 @@ async def veil_idle_life(tmp: Path) -> tuple[RecordingRelay, list[float], float]
 async def heartbeat_life(tmp: Path) -> tuple[Flow, float]:
     """Today's build: one session kept up by a PING every HEARTBEAT_S, never closed."""
     async def run(server: VeilServer, key: AccessKey) -> tuple[Flow, float]:
-        relay = RecordingRelay(key.server)
+        relay = RecordingRelay(key.server, ONE_WAY_S)
         await relay.start()
         tunnel = ClientTunnel(dataclasses.replace(key, server=Address("127.0.0.1", relay.port)),
                               session_config=SessionConfig(idle_close=None))
