@@ -28,7 +28,7 @@ from tests.support.relay import RecordingRelay
 from veil.client.socks5 import Socks5Inbound
 from veil.config import ServerOptions
 from veil.lab import idle
-from veil.lab.flow import Flow
+from veil.lab.flow import Chunk, Direction, Endpoint, Flow
 from veil.manage.state import init_state
 from veil.net.client_session import ClientTunnel
 from veil.protocol.accesskey import AccessKey
@@ -202,3 +202,20 @@ def test_the_detector_flags_todays_heartbeat(tmp_path: Path) -> None:
     print(f"heartbeat build: {verdict.evidence}; {verdict.details}")
     assert verdict.flagged
     assert set(verdict.labels) == {"heartbeat", "immortal"}
+
+
+def tls_record(length: int) -> bytes:
+    return bytes((23, 3, 3)) + length.to_bytes(2, "big") + bytes(length)
+
+
+def test_a_page_reloaded_at_a_fixed_period_is_no_heartbeat() -> None:
+    """A page that reloads itself every 10 s (a dashboard) over one HTTP/2 connection:
+    Chromium's repeat request is a 48-byte record (measured against nginx in
+    test_lifecycle.py), its answer a page. Requests are not pings."""
+    flow = Flow("tcp", Endpoint("10.0.0.2", 40000), Endpoint("10.0.0.1", 443), 0.0,
+                saw_handshake=True)
+    for beat in range(6):
+        flow.chunks.append(Chunk(Direction.CLIENT, 10.0 * beat, tls_record(48)))
+        flow.chunks.append(Chunk(Direction.SERVER, 10.0 * beat + 0.05, tls_record(1935)))
+    verdict = idle.detect(flow, until=60.0, keepalive_timeout=75.0)
+    assert not verdict.flagged, verdict.evidence

@@ -24,17 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from veil.lab.flow import Direction, Flow
+from veil.lab.idle import SMALL_RECORD
 from veil.lab.tls import flow_records
 
 NAME = "connection-lifecycle"
 SOURCE = ("nginx keepalive_timeout and ngx_http_v2 GOAWAY on idle close; Chromium "
           "SpdySession (no idle PING; PING before reuse after 10 s)")
 
-#: A record body this small carries no request or page: an HTTP/2 PING or its ACK (34 bytes
-#: of ciphertext with TLS 1.3 and AES-GCM), a SETTINGS ACK (26), a WINDOW_UPDATE (30), a GOAWAY
-#: (34), a close_notify (19), veil's PING (33). Chromium's smallest request measured here, a
-#: repeat load on a connection whose HPACK table already holds its headers, is 48.
-SMALL_RECORD = 40
 #: Records closer together than this belong to one moment (a request and its answer, a PING
 #: and its ACK); the lab scales it with its round trip.
 MOMENT_GAP = 1.0
