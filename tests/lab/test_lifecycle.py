@@ -277,7 +277,7 @@ def test_veil_opens_connections_only_on_demand(lives: Lives) -> None:
     "#15 item 2, open: veil's client closes an idle session (server keeps quiet), with "
     "its CLOSE record and close_notify, after the inner connections' own keepalive plus its "
     "idle close; it pings while an idle inner connection keeps a stream open; the inner "
-    "server's close crosses as a server-first moment. See the report in docs/lab.md."))
+    "server's close crosses as a server-first moment. See docs/lab.md, connection-lifecycle."))
 def test_veil_lives_like_chromium_and_nginx(lives: Lives) -> None:
     found = all_differences(lives.reference, lives.veil)
     print("\n".join(map(str, found)))

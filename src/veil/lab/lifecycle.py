@@ -7,8 +7,9 @@ A browser's connection to nginx has a plain life, measured in the lab (Chromium 
 
 * every moment of activity is opened by the client (a request and its answer); the server
   speaks first only to close;
-* nothing crosses while the connection is idle: no PING either way (Chromium pings only
-  before reusing a session idle for more than 10 s, with the request itself);
+* nothing crosses while the connection is idle: no PING either way (by Chromium's source it
+  pings only before reusing a session idle for more than 10 s, with the request itself; the
+  lab's scaled script never idles that long before a reuse);
 * nginx closes it ``keepalive_timeout`` after its last write: a GOAWAY record (34 bytes of
   ciphertext with TLS 1.3 and AES-GCM), a close_notify (19), its FIN; Chromium answers with
   its FIN alone, no close_notify;
