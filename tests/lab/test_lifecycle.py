@@ -12,9 +12,10 @@ that notes every read's time, direction and bytes and each side's FIN as a lab `
 The script is a short life with the shape of a long one: a page load, a pause shorter than
 nginx's keepalive_timeout, a second load, an idle well past it, a last load, and an idle past
 every close. nginx's 75 s keepalive_timeout is scaled down to ``KEEPALIVE_S`` and every veil
-timer with it (``SCALE``: the idle closes and the keepalive interval), so these ~20 s of
-script stand for minutes at real timeouts. Chromium's own timers cannot be scaled: at real
-timeouts a pause of more than 10 s would add its PING before reuse to the second load.
+timer with it (``SCALE``: both sides' idle closes and keepalive intervals; not the keepalive
+timeouts, which act only on a dead peer), so these ~20 s of script stand for minutes at real
+timeouts. Chromium's own timers cannot be scaled: at real timeouts a pause of more than 10 s
+would add its PING before reuse to the second load.
 
 ``veil.lab.lifecycle`` turns each connection into a summary (its moments of activity, what
 crossed while idle, who closed it, when after the last activity, with which records) and
@@ -56,6 +57,7 @@ from veil.protocol.session import (
     NGINX_KEEPALIVE_TIMEOUT,
     SessionConfig,
 )
+from veil.server import service
 from veil.server.service import VeilServer
 
 CHROMIUM = shutil.which("chromium")
@@ -211,8 +213,14 @@ class Lives:
 @pytest.fixture(scope="module")
 def lives(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lives]:
     root = site_root()
+    server_config = service.SERVER_SESSION_CONFIG
+    assert server_config.keepalive_interval is not None
     try:
-        with procs.nginx(root, http2=True, keepalive_timeout=KEEPALIVE_S) as nginx:
+        with pytest.MonkeyPatch.context() as patch, procs.nginx(
+                root, http2=True, keepalive_timeout=KEEPALIVE_S) as nginx:
+            # The server's keepalive, scaled as the client's (its idle close is an option).
+            patch.setattr(service, "SERVER_SESSION_CONFIG", dataclasses.replace(
+                server_config, keepalive_interval=server_config.keepalive_interval * SCALE))
             reference = asyncio.run(chromium_with_nginx(nginx.https_port))
             veil = asyncio.run(chromium_through_veil(tmp_path_factory.mktemp("veil"),
                                                      nginx.https_port))
