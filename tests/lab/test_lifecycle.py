@@ -39,6 +39,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.lab.test_idle import fetch, http_target
 from tests.support import procs
 from tests.support.relay import RecordingRelay
 from veil.client.socks5 import Socks5Inbound
@@ -203,11 +204,47 @@ async def heartbeat_build(tmp: Path) -> Life:
     return await with_veil_server(tmp, 3600.0, run)
 
 
+async def veil_server_closes(tmp: Path) -> Life:
+    """veil with the roles of nginx and Chromium: a client that leaves the idle close to the
+    server (as Chromium leaves it to nginx), one request, then idle past the server's close."""
+    async def run(key: AccessKey) -> Life:
+        relay = RecordingRelay(key.server, ONE_WAY_S)
+        await relay.start()
+        target = await http_target()
+        config = dataclasses.replace(scaled_client_config(), idle_close=None)
+        tunnel = ClientTunnel(dataclasses.replace(key, server=Address("127.0.0.1", relay.port)),
+                              session_config=config)
+        socks = Socks5Inbound(tunnel, Address("127.0.0.1", 0))
+        await socks.start()
+        demands = [time.monotonic()]
+        tunnel.start()
+        try:
+            assert await tunnel.wait_ready(STEP_TIMEOUT_S)
+            demands.append(time.monotonic())
+            await fetch(socks.address, target.sockets[0].getsockname()[1])
+            await asyncio.sleep(2 * KEEPALIVE_S)
+        finally:
+            await socks.close()
+            await tunnel.close()
+            target.close()
+            await relay.close()
+        return Life(relay.flows, demands)
+    return await with_veil_server(tmp, float(KEEPALIVE_S), run)
+
+
+async def veil_builds(tmp: Path) -> tuple[Life, Life]:
+    """The heartbeat control and the server-closes run, side by side (they share nothing)."""
+    heartbeat, server_closes = await asyncio.gather(heartbeat_build(tmp / "heartbeat"),
+                                                    veil_server_closes(tmp / "server-closes"))
+    return heartbeat, server_closes
+
+
 @dataclass
 class Lives:
     reference: Life
     veil: Life
     heartbeat: Life
+    server_closes: Life
 
 
 @pytest.fixture(scope="module")
@@ -224,8 +261,8 @@ def lives(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lives]:
             reference = asyncio.run(chromium_with_nginx(nginx.https_port))
             veil = asyncio.run(chromium_through_veil(tmp_path_factory.mktemp("veil"),
                                                      nginx.https_port))
-        heartbeat = asyncio.run(heartbeat_build(tmp_path_factory.mktemp("heartbeat")))
-        yield Lives(reference, veil, heartbeat)
+        heartbeat, server_closes = asyncio.run(veil_builds(tmp_path_factory.mktemp("builds")))
+        yield Lives(reference, veil, heartbeat, server_closes)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -272,6 +309,19 @@ def test_the_heartbeat_build_is_listed_as_different(lives: Lives) -> None:
                                   lifecycle.summarize(flow, moment_gap=MOMENT_GAP_S))
     print("\n".join(map(str, found)))
     assert {"closer", "idle-records"} <= {d.label for d in found}
+
+
+def test_when_veils_server_closes_it_closes_as_nginx_and_the_client_answers_as_chromium(
+        lives: Lives) -> None:
+    """The close a censor sees when the server ends an idle session: one GOAWAY-sized record,
+    close_notify and FIN, KEEPALIVE_S after the last activity; the client's FIN alone."""
+    report("veil, the server closing", lives.server_closes)
+    (flow,) = lives.server_closes.flows
+    summary = lifecycle.summarize(flow, moment_gap=MOMENT_GAP_S)
+    found = lifecycle.differences(summaries(lives.reference)[-1], summary)
+    print("\n".join(map(str, found)))
+    assert found == []
+    assert summary.closing == ((Direction.SERVER, 34), (Direction.SERVER, 19))
 
 
 def test_veil_opens_connections_only_on_demand(lives: Lives) -> None:

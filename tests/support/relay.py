@@ -10,6 +10,7 @@ sends after the other's FIN (its close_notify, its own FIN) is seen too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from veil.lab.flow import Chunk, Direction, Endpoint, Flow
@@ -17,6 +18,8 @@ from veil.protocol.address import Address
 
 #: One read from either side: more than a TLS record, so records are seldom split.
 READ_SIZE = 65536
+#: How long close() waits for the relaying tasks to end: their last delivery is one delay away.
+CLOSE_TIMEOUT_S = 5.0
 
 
 class RecordingRelay:
@@ -42,9 +45,11 @@ class RecordingRelay:
             self._server.close()
         for writer in self._writers:
             writer.transport.abort()
-        for task in self._handlers:
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
+        # Each handler ends by itself once its reads fail and their last delivery is due (not
+        # cancelled: Python 3.11.7's start_server callback asks a cancelled task for its
+        # exception and logs the CancelledError).
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=CLOSE_TIMEOUT_S)
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -83,7 +88,8 @@ class RecordingRelay:
                 flow.close = "fin"
                 flow.ends.setdefault(direction, time.monotonic())
                 if writer.can_write_eof():
-                    writer.write_eof()
+                    with contextlib.suppress(OSError):  # the receiver is gone (it reset)
+                        writer.write_eof()
             if not data and not done.done():
                 done.set_result(None)
 

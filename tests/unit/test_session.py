@@ -320,3 +320,16 @@ def test_a_pong_owed_when_the_session_closes_is_not_sent_after_close() -> None:
     server.receive_data(frame(FrameType.PING, 0, bytes(8)), 1.0)
     server.close(CloseCode.NORMAL, "")
     assert server.data_to_send() == frame(FrameType.CLOSE, 0, bytes((CloseCode.NORMAL,)))
+
+
+def test_an_idle_close_is_one_goaway_sized_frame_even_early_in_a_session() -> None:
+    """nginx ends an idle connection with an HTTP/2 GOAWAY (17 bytes: a 34-byte TLS record)
+    and close_notify. A session's idle close is one 17-byte CLOSE frame, not padded although
+    the session's first writes would be (tests/lab/test_lifecycle.py measures both)."""
+    server = Session(client=False, now=0.0, config=SessionConfig(idle_close=(3.0, 3.0)))
+    assert server.get_timer() == 3.0
+    (closed,) = server.handle_timer(3.0)
+    assert isinstance(closed, SessionClosed) and closed.code is CloseCode.NORMAL
+    assert server.data_to_send() == frame(FrameType.CLOSE, 0, bytes((CloseCode.NORMAL,))
+                                          + b"inactive")
+    assert len(frame(FrameType.CLOSE, 0, bytes(9))) == 17

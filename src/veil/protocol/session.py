@@ -84,6 +84,10 @@ NGINX_KEEPALIVE_TIMEOUT = 75.0
 #: at least 5 s before, for a late timer and an OPEN in flight; drawn per session so the
 #: moment is not one constant of veil's. The next stream the user opens connects anew.
 DEFAULT_IDLE_CLOSE = (50.0, 70.0)
+#: The reason an idle close gives: 8 bytes, so its CLOSE frame (8-byte header, the code, the
+#: reason) is 17 bytes, nginx's GOAWAY's size (9-byte header, 8 bytes), and its TLS record is
+#: the record nginx ends an idle connection with (34 bytes with TLS 1.3 and AES-GCM).
+IDLE_CLOSE_REASON = "inactive"
 # The draws above: not secrets, but not one sequence every install repeats either.
 _RANDOM = random.SystemRandom()
 
@@ -341,7 +345,9 @@ class Session:
             self._pong_owed = None
         if not out:
             return b""
-        if self._shape_this_write or self._shaped_writes:
+        # The last write (ending with CLOSE) is not grown: nothing after it needs hiding, and
+        # a page-sized record just before close_notify is no website's.
+        if (self._shape_this_write or self._shaped_writes) and not self._closed:
             self._shape(out)
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
@@ -405,8 +411,8 @@ class Session:
                 return [SessionClosed(CloseCode.KEEPALIVE_TIMEOUT, "keepalive timeout", False)]
         if (self._idle_since is not None and self._idle_close_after is not None
                 and now >= self._idle_since + self._idle_close_after):
-            self.close(CloseCode.NORMAL, "idle")
-            return [SessionClosed(CloseCode.NORMAL, "idle", False)]
+            self.close(CloseCode.NORMAL, IDLE_CLOSE_REASON)
+            return [SessionClosed(CloseCode.NORMAL, IDLE_CLOSE_REASON, False)]
         wait = self._keepalive_wait
         if (self._ping_sent_at is None and self._streams and wait is not None
                 and now >= self._last_received + wait):
