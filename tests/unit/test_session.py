@@ -333,3 +333,19 @@ def test_an_idle_close_is_one_goaway_sized_frame_even_early_in_a_session() -> No
     assert server.data_to_send() == frame(FrameType.CLOSE, 0, bytes((CloseCode.NORMAL,))
                                           + b"inactive")
     assert len(frame(FrameType.CLOSE, 0, bytes(9))) == 17
+
+
+def test_a_session_idle_near_the_servers_close_takes_no_new_stream() -> None:
+    """The server closes an idle session at nginx's keepalive_timeout; the client opens no
+    stream on one idle past its reuse limit (an OPEN could cross the server's CLOSE)."""
+    client = Session(client=True, now=0.0, config=SessionConfig(reuse_limit=70.0))
+    assert client.reusable(69.9) and not client.reusable(70.0)
+    stream = client.open_stream(StreamKind.TCP, DEST)
+    assert client.get_timer() is not None
+    assert client.reusable(500.0)  # a stream is open: not idle
+    client.reset(stream)
+    client.handle_timer(100.0)  # the last stream went: idle from now
+    assert client.reusable(169.9) and not client.reusable(170.0)
+    assert Session(client=True, now=0.0, config=SessionConfig(reuse_limit=None)).reusable(1e9)
+    client.close()
+    assert not client.reusable(100.0)
