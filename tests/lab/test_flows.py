@@ -41,6 +41,15 @@ def test_tls_records_keep_their_order_across_directions() -> None:
         (C, 22, 300), (S, 22, 90), (C, 23, 40)]
 
 
+def test_each_sides_first_fin_or_rst_is_noted() -> None:
+    """Who closed, and when: what veil.lab.lifecycle compares."""
+    packets = synth.tcp_packets([(C, b"hello"), (S, b"world")], close="rst")
+    fin = synth.tcp_packets([(C, b"hello")])[-1]
+    flow = synth.flow_from_packets([*packets[:-1], fin, packets[-1]])
+    assert flow.ends == {C: fin.time, S: packets[-1].time}
+    assert flow.close == "rst"
+
+
 def test_roles_without_a_syn_and_a_new_connection_on_the_same_ports() -> None:
     table = FlowTable()
     table.add(Packet(1.0, "tcp", B, A, b"server speaks", 0x18, 100))  # capture began mid-flow

@@ -2,12 +2,13 @@
 no reconnect without demand, and the cost of the first request after an idle close.
 
 A real ``VeilServer`` and a real client (``ClientTunnel`` behind the SOCKS5 inbound) run on
-loopback in this process. The client reaches the server through a recording relay that notes
-each read's time, direction and bytes as a lab ``Flow`` (what a capture gives the detectors)
-and delays each direction by ``ONE_WAY_S``, so round trips can be counted. nginx's 75 s
-keepalive_timeout is scaled down to ``KEEPALIVE_S`` for the suite: the test sets the server's
-``ServerOptions.idle_close`` to it and the client's ``SessionConfig.idle_close`` to veil's
-default range scaled the same way (50-70 s of 75 s); the detector is told the same figure.
+loopback in this process. The client reaches the server through a recording relay
+(tests/support/relay.py) that notes each read's time, direction and bytes as a lab ``Flow``
+(what a capture gives the detectors) and delays each direction by ``ONE_WAY_S``, so round
+trips can be counted. nginx's 75 s keepalive_timeout is scaled down to ``KEEPALIVE_S`` for the
+suite: the test sets the server's ``ServerOptions.idle_close`` to it and the client's
+``SessionConfig`` (its backstop idle close, 85-95 s, and its reuse limit, 70 s) scaled the same
+way; the detector is told the same figure. The server closes the idle connection, as nginx.
 
 The positive control is today's build: a session that pings every ``HEARTBEAT_S`` with no
 stream open (the client's PING frames written on the wire as veil's keepalive wrote them, the
@@ -17,13 +18,13 @@ server answering each with a PONG) on a server that never closes idle sessions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from tests.support.relay import RecordingRelay
 from veil.client.socks5 import Socks5Inbound
 from veil.config import ServerOptions
 from veil.lab import idle
@@ -33,7 +34,12 @@ from veil.net.client_session import ClientTunnel
 from veil.protocol.accesskey import AccessKey
 from veil.protocol.address import Address
 from veil.protocol.frames import FrameType, frame
-from veil.protocol.session import DEFAULT_IDLE_CLOSE, NGINX_KEEPALIVE_TIMEOUT, SessionConfig
+from veil.protocol.session import (
+    DEFAULT_IDLE_CLOSE,
+    DEFAULT_REUSE_LIMIT,
+    NGINX_KEEPALIVE_TIMEOUT,
+    SessionConfig,
+)
 from veil.server.service import VeilServer
 
 T = TypeVar("T")
@@ -56,66 +62,6 @@ CPU_SLACK_S = 0.25
 STEP_TIMEOUT_S = 10.0
 BODY = b"x" * 1000
 RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY)) + BODY
-
-
-class RecordingRelay:
-    """Relays each connection to ``upstream``, delayed ``ONE_WAY_S`` each way, and records it
-    as a lab Flow (chunk times are when the bytes left the relay toward their receiver)."""
-
-    def __init__(self, upstream: Address) -> None:
-        self.upstream = upstream
-        self.flows: list[Flow] = []
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        """Stops listening and closes both sides of every relayed connection, so no socket
-        is left for the garbage collector to warn about after the test."""
-        if self._server is not None:
-            self._server.close()
-        for writer in self._writers:
-            writer.close()
-        for writer in self._writers:
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                await writer.wait_closed()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        flow = Flow("tcp", Endpoint(peer[0], peer[1]), Endpoint("127.0.0.1", self.upstream.port),
-                    time.monotonic(), saw_handshake=True)
-        self.flows.append(flow)
-        self._writers.append(writer)
-        up_reader, up_writer = await asyncio.open_connection(self.upstream.host,
-                                                             self.upstream.port)
-        self._writers.append(up_writer)
-        await asyncio.gather(self._pipe(reader, up_writer, flow, Direction.CLIENT),
-                             self._pipe(up_reader, writer, flow, Direction.SERVER))
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flow: Flow,
-                    direction: Direction) -> None:
-        loop = asyncio.get_running_loop()
-
-        def deliver(data: bytes) -> None:
-            if writer.is_closing():
-                return
-            if not data:
-                flow.close = "fin"
-                writer.close()
-                return
-            flow.chunks.append(Chunk(direction, time.monotonic(), data))
-            writer.write(data)
-
-        while True:
-            data = await reader.read(65536)
-            loop.call_later(ONE_WAY_S, deliver, data)  # one delay for all: order is kept
-            if not data:
-                return
 
 
 async def http_target() -> asyncio.Server:
@@ -183,11 +129,12 @@ async def veil_idle_life(tmp: Path) -> tuple[RecordingRelay, list[float], float]
     times to first byte, and when the idle flow's capture ended."""
     async def run(server: VeilServer, key: AccessKey) -> tuple[RecordingRelay, list[float],
                                                                float]:
-        relay = RecordingRelay(key.server)
+        relay = RecordingRelay(key.server, ONE_WAY_S)
         await relay.start()
         target = await http_target()
         low, high = DEFAULT_IDLE_CLOSE
-        config = SessionConfig(idle_close=(low * SCALE, high * SCALE))
+        config = SessionConfig(idle_close=(low * SCALE, high * SCALE),
+                               reuse_limit=DEFAULT_REUSE_LIMIT * SCALE)
         tunnel = ClientTunnel(dataclasses.replace(key, server=Address("127.0.0.1", relay.port)),
                               session_config=config)
         socks = Socks5Inbound(tunnel, Address("127.0.0.1", 0))
@@ -213,7 +160,7 @@ async def veil_idle_life(tmp: Path) -> tuple[RecordingRelay, list[float], float]
 async def heartbeat_life(tmp: Path) -> tuple[Flow, float]:
     """Today's build: one session kept up by a PING every HEARTBEAT_S, never closed."""
     async def run(server: VeilServer, key: AccessKey) -> tuple[Flow, float]:
-        relay = RecordingRelay(key.server)
+        relay = RecordingRelay(key.server, ONE_WAY_S)
         await relay.start()
         tunnel = ClientTunnel(dataclasses.replace(key, server=Address("127.0.0.1", relay.port)),
                               session_config=SessionConfig(idle_close=None))
@@ -248,6 +195,8 @@ def test_an_idle_veil_connection_closes_like_nginx_and_reconnects_only_on_demand
           f"{ttfbs[1] / RTT_S + 1:.2f} RTT with TCP's ({ttfbs[1] * 1000:.0f} ms, "
           f"RTT {RTT_S * 1000:.0f} ms)")
     assert idle_flow.close == "fin", "the idle connection was not closed"
+    closer = min(idle_flow.ends, key=idle_flow.ends.__getitem__)
+    assert closer is Direction.SERVER, "the client, not the server (as nginx), closed it"
     assert not verdict.flagged, verdict.evidence
     assert ttfbs[0] <= 1.2 * RTT_S + CPU_SLACK_S
     # The relay delays bytes, not the SYN: the TCP handshake's round trip is added here.
@@ -261,3 +210,20 @@ def test_the_detector_flags_todays_heartbeat(tmp_path: Path) -> None:
     print(f"heartbeat build: {verdict.evidence}; {verdict.details}")
     assert verdict.flagged
     assert set(verdict.labels) == {"heartbeat", "immortal"}
+
+
+def tls_record(length: int) -> bytes:
+    return bytes((23, 3, 3)) + length.to_bytes(2, "big") + bytes(length)
+
+
+def test_a_page_reloaded_at_a_fixed_period_is_no_heartbeat() -> None:
+    """A page that reloads itself every 10 s (a dashboard) over one HTTP/2 connection:
+    Chromium's repeat request is a 48-byte record (measured against nginx in
+    test_lifecycle.py), its answer a page. Requests are not pings."""
+    flow = Flow("tcp", Endpoint("10.0.0.2", 40000), Endpoint("10.0.0.1", 443), 0.0,
+                saw_handshake=True)
+    for beat in range(6):
+        flow.chunks.append(Chunk(Direction.CLIENT, 10.0 * beat, tls_record(48)))
+        flow.chunks.append(Chunk(Direction.SERVER, 10.0 * beat + 0.05, tls_record(1935)))
+    verdict = idle.detect(flow, until=60.0, keepalive_timeout=75.0)
+    assert not verdict.flagged, verdict.evidence

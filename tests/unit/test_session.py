@@ -392,3 +392,32 @@ def test_a_frame_budget_counts_a_large_data_frame_once() -> None:
     rest = server.receive_data(wire[50_000:], 0.0, max_frames=1)
     assert server.input_held == 0
     assert sum(len(e.data) for e in first + rest if isinstance(e, DataReceived)) == 100_000
+
+
+def test_an_idle_close_is_one_goaway_sized_frame_even_early_in_a_session() -> None:
+    """nginx ends an idle connection with an HTTP/2 GOAWAY (17 bytes: a 34-byte TLS record)
+    and close_notify. A session's idle close is one 17-byte CLOSE frame, not padded although
+    the session's first writes would be (tests/lab/test_lifecycle.py measures both)."""
+    server = Session(client=False, now=0.0, config=SessionConfig(idle_close=(3.0, 3.0)))
+    assert server.get_timer() == 3.0
+    (closed,) = server.handle_timer(3.0)
+    assert isinstance(closed, SessionClosed) and closed.code is CloseCode.NORMAL
+    assert server.data_to_send() == frame(FrameType.CLOSE, 0, bytes((CloseCode.NORMAL,))
+                                          + b"inactive")
+    assert len(frame(FrameType.CLOSE, 0, bytes(9))) == 17
+
+
+def test_a_session_idle_near_the_servers_close_takes_no_new_stream() -> None:
+    """The server closes an idle session at nginx's keepalive_timeout; the client opens no
+    stream on one idle past its reuse limit (an OPEN could cross the server's CLOSE)."""
+    client = Session(client=True, now=0.0, config=SessionConfig(reuse_limit=70.0))
+    assert client.reusable(69.9) and not client.reusable(70.0)
+    stream = client.open_stream(StreamKind.TCP, DEST)
+    assert client.get_timer() is not None
+    assert client.reusable(500.0)  # a stream is open: not idle
+    client.reset(stream)
+    client.handle_timer(100.0)  # the last stream went: idle from now
+    assert client.reusable(169.9) and not client.reusable(170.0)
+    assert Session(client=True, now=0.0, config=SessionConfig(reuse_limit=None)).reusable(1e9)
+    client.close()
+    assert not client.reusable(100.0)

@@ -87,6 +87,8 @@ class Flow:
     """A SYN (TCP) was seen, so client and server are known, not guessed."""
     close: str = "open"
     """How the flow ended in the capture: ``fin``, ``rst`` or ``open``."""
+    ends: dict[Direction, float] = field(default_factory=dict)
+    """When each side's first FIN or RST was seen: who closed, and when."""
     bytes_total: dict[Direction, int] = field(
         default_factory=lambda: {Direction.CLIENT: 0, Direction.SERVER: 0})
     packets_total: int = 0
@@ -218,6 +220,8 @@ class FlowTable:
             flow.close = "rst"
         elif p.tcp_flags & TCP_FIN and flow.close == "open":
             flow.close = "fin"
+        if p.tcp_flags & (TCP_RST | TCP_FIN):
+            flow.ends.setdefault(direction, p.time)
         if not p.payload:
             return flow
         if direction is Direction.CLIENT and flow.first_client_packet is None:

@@ -30,10 +30,12 @@ SOURCE = ("nginx keepalive_timeout (ngx_http_core_module; HTTP/2 since 1.19.7); 
 
 #: nginx's keepalive_timeout, its default: what a browser's idle connection to nginx lives.
 NGINX_KEEPALIVE_TIMEOUT = 75.0
-#: A TLS record body this small carries no request: a PING, a PONG, a WINDOW, a close. An
-#: HTTP/2 request's HEADERS alone are larger (Chrome's are 60+ bytes of HPACK plus 17 of
-#: TLS overhead, and veil pads small writes past it).
-SMALL_RECORD = 64
+#: A TLS record body this small carries no request: an HTTP/2 PING or its ACK (34 bytes of
+#: ciphertext with TLS 1.3 and AES-GCM), a SETTINGS ACK (26), a WINDOW_UPDATE (30), a GOAWAY
+#: (34), a close_notify (19), veil's PING (33). A request's HEADERS can be smaller than one
+#: would think: Chromium's repeat load of a page, on a connection whose HPACK table already
+#: holds its headers, is a 48-byte record (measured in tests/lab/test_lifecycle.py).
+SMALL_RECORD = 40
 #: Records closer together than this belong to one moment (a PING and its PONG).
 MOMENT_GAP = 1.0
 #: Quiet moments in a row, at a fixed period, before they count as a heartbeat: three gaps.

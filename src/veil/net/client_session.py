@@ -5,8 +5,9 @@ pinned in the access key — never by the web PKI — and opens streams on the l
 session. Streams open with no round trip: the OPEN frame and the first data leave together.
 
 A connection to "nginx" lives like a browser's: a session with no stream open sends nothing
-and closes itself before nginx's keepalive_timeout would (veil.protocol.session), and no
-session is opened again until the user opens a stream (``wait_ready``, which every inbound
+and is closed by the server at nginx's keepalive_timeout, as nginx closes a browser's; a
+session idle nearly that long takes no new stream (veil.protocol.session), and no session is
+opened again until the user opens a stream (``wait_ready``, which every inbound
 calls first): TCP, TLS, then the authenticator with the OPEN and its data in one write, so
 the first byte costs what a browser's request on a new connection costs (3 round trips).
 The exceptions, each a user's own demand: the first connection at start (it checks the key
@@ -33,11 +34,12 @@ from veil.protocol.frames import (
     COVER_H2_GREETING,
     HEADER_SIZE,
     SERVER_FIRST_PADDING,
+    CloseCode,
     FrameType,
     ResetCode,
     StreamKind,
 )
-from veil.protocol.session import Session, SessionConfig
+from veil.protocol.session import IDLE_CLOSE_REASON, Session, SessionConfig
 from veil.transport.browser_tls import open_browser_tls_connection
 from veil.transport.tls import TlsHandshakeError, open_tls_connection
 
@@ -290,7 +292,17 @@ class ClientTunnel(Dialer):
         return True
 
     def _pick(self) -> SessionDriver | None:
-        live = [d for d in self._drivers if not d.session.closed]
+        now = asyncio.get_running_loop().time()
+        live = []
+        for driver in self._drivers:
+            if driver.session.closed:
+                continue
+            if not driver.session.reusable(now):
+                # Idle so long that the server's close may be on its way: an OPEN could cross
+                # it. Close it ourselves; the stream goes on a new session.
+                driver.close(CloseCode.NORMAL, IDLE_CLOSE_REASON)
+                continue
+            live.append(driver)
         if not live:
             return None
         return min(live, key=lambda d: len(d.handlers))

@@ -54,6 +54,10 @@ SESSION_UNSENT_SLACK = 512 * 1024
 #: a session that moves data never reaches it (bulk DATA is one frame per 256 KiB, and 1,024
 #: frames per 256 KiB is an average of 256 bytes a frame).
 FRAMES_PER_TURN = 1024
+#: After the peer's CLOSE frame, how long to wait for the rest of its close (close_notify,
+#: FIN) before closing anyway: its last records are a round trip away at most, and a peer
+#: that says CLOSE and then keeps the connection open is owed no more.
+PEER_CLOSE_GRACE_S = 5.0
 
 
 class StreamHandler(Protocol):
@@ -122,6 +126,11 @@ class SessionDriver(asyncio.Protocol):
         self._parsing_held = False  # by us, for input left unparsed (FRAMES_PER_TURN)
         self._closed_by_peer = ""  # the reason in the peer's CLOSE, if it sent one
         self._done = False
+        # The peer ended the session (its CLOSE frame, or its close_notify / FIN): we answer
+        # as nginx and Chromium answer a peer's close, with our FIN alone, no close_notify.
+        self._peer_closed = False
+        self._peer_eof = False
+        self._quiet_close: asyncio.TimerHandle | None = None
         self.closed = self._loop.create_future()
         self._read_buffer: memoryview | None = None
 
@@ -174,11 +183,16 @@ class SessionDriver(asyncio.Protocol):
         self.flush()
 
     def eof_received(self) -> bool:
+        self._peer_closed = self._peer_eof = True
+        if self._done:
+            self._close_transport()  # the rest of the peer's close, awaited since its CLOSE
         self._finish("peer closed the connection")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if self._quiet_close is not None:
+            self._quiet_close.cancel()
         self._finish(f"connection lost: {exc}" if exc else "connection closed")
 
     def pause_writing(self) -> None:
@@ -283,6 +297,7 @@ class SessionDriver(asyncio.Protocol):
                 else:
                     self._on_stream_opened(event)
             elif isinstance(event, SessionClosed):
+                self._peer_closed = self._peer_closed or event.remote
                 log.debug("session closed (%s, remote=%s): %s", event.code.name, event.remote,
                           event.reason)
                 if event.remote and event.code is not CloseCode.NORMAL:
@@ -307,13 +322,30 @@ class SessionDriver(asyncio.Protocol):
         handlers, self.handlers = self.handlers, {}
         for handler in handlers.values():
             handler.on_reset(ResetCode.CANCELLED)
-        transport = self._transport
-        if transport is not None:
-            transport.close()
+        if self._peer_closed and not self._peer_eof:
+            # Its close_notify and FIN follow its CLOSE: closing now could meet them with a
+            # reset (bytes arriving at a closed socket). Close when they come.
+            if self._transport is not None:
+                self._quiet_close = self._loop.call_later(PEER_CLOSE_GRACE_S,
+                                                          self._close_transport)
+        else:
+            self._close_transport()
         if not self.closed.done():
             self.closed.set_result(why)
         if self._on_closed is not None:
             self._on_closed(self)
+
+
+    def _close_transport(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        if self._peer_closed:
+            # Everything the peer sent has been read: the socket closes with a FIN, and no
+            # close_notify of ours follows the peer's (nginx's and Chromium's answer).
+            transport.abort()
+        else:
+            transport.close()
 
 
 class TcpRelay(asyncio.BufferedProtocol):

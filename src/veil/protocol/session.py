@@ -78,12 +78,20 @@ KEEPALIVE_JITTER = (0.5, 1.5)
 #: http2_idle_timeout is obsolete since 1.19.7). A connection to "nginx" with no request in
 #: flight never outlives it: nginx closes it then.
 NGINX_KEEPALIVE_TIMEOUT = 75.0
-#: The client closes a session with no stream open after a time drawn from this range
-#: (seconds): always before the 75 s after which the server (like nginx) would, so the client,
-#: not the server, ends it and no stream the user opens meets the server's CLOSE on the way;
-#: at least 5 s before, for a late timer and an OPEN in flight; drawn per session so the
-#: moment is not one constant of veil's. The next stream the user opens connects anew.
-DEFAULT_IDLE_CLOSE = (50.0, 70.0)
+#: The server closes a session with no stream open after nginx's keepalive_timeout, as nginx
+#: closes a browser's idle connection; the client leaves that close to it, as Chromium leaves it
+#: to nginx. Its own idle close is a backstop for a server that never closes (drawn per session
+#: from this range, seconds, so the moment is not one constant of veil's).
+DEFAULT_IDLE_CLOSE = (85.0, 95.0)
+#: A session idle this long takes no new stream (seconds): the server's close is due within
+#: 5 s, and an OPEN sent now could cross it on the way. The user's next stream opens a new
+#: session, and the client closes the old one itself: a click in those 5 s is the only time
+#: the client, not the server, ends an idle session. 5 s covers a round trip and a late timer.
+DEFAULT_REUSE_LIMIT = NGINX_KEEPALIVE_TIMEOUT - 5.0
+#: The reason an idle close gives: 8 bytes, so its CLOSE frame (8-byte header, the code, the
+#: reason) is 17 bytes, nginx's GOAWAY's size (9-byte header, 8 bytes), and its TLS record is
+#: the record nginx ends an idle connection with (34 bytes with TLS 1.3 and AES-GCM).
+IDLE_CLOSE_REASON = "inactive"
 # The draws above: not secrets, but not one sequence every install repeats either.
 _RANDOM = random.SystemRandom()
 #: PINGs and empty DATA frames (frames that ask for nothing useful) a peer may send at once,
@@ -120,6 +128,9 @@ class SessionConfig:
     #: Close the session after this long with no stream open (seconds, drawn once per
     #: session from the range ``(low, high)``); None keeps idle sessions open.
     idle_close: tuple[float, float] | None = DEFAULT_IDLE_CLOSE
+    #: Open no stream on a session idle this long (seconds, see :meth:`Session.reusable`);
+    #: None: no limit.
+    reuse_limit: float | None = DEFAULT_REUSE_LIMIT
 
 
 class StreamState(enum.Enum):
@@ -202,6 +213,15 @@ class Session:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def reusable(self, now: float) -> bool:
+        """Whether a new stream may be opened here at ``now``: open, and not idle so long
+        that the peer's idle close may already be on its way (``reuse_limit``)."""
+        limit = self.config.reuse_limit
+        if self._closed:
+            return False
+        idle_since = None if self._streams else self._idle_since
+        return limit is None or idle_since is None or now - idle_since < limit
 
     @property
     def stream_count(self) -> int:
@@ -372,7 +392,9 @@ class Session:
             self._pong_owed = None
         if not out:
             return b""
-        if self._shape_this_write or self._shaped_writes:
+        # The last write (ending with CLOSE) is not grown: nothing after it needs hiding, and
+        # a page-sized record just before close_notify is no website's.
+        if (self._shape_this_write or self._shaped_writes) and not self._closed:
             self._shape(out)
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
@@ -436,8 +458,8 @@ class Session:
                 return [SessionClosed(CloseCode.KEEPALIVE_TIMEOUT, "keepalive timeout", False)]
         if (self._idle_since is not None and self._idle_close_after is not None
                 and now >= self._idle_since + self._idle_close_after):
-            self.close(CloseCode.NORMAL, "idle")
-            return [SessionClosed(CloseCode.NORMAL, "idle", False)]
+            self.close(CloseCode.NORMAL, IDLE_CLOSE_REASON)
+            return [SessionClosed(CloseCode.NORMAL, IDLE_CLOSE_REASON, False)]
         wait = self._keepalive_wait
         if (self._ping_sent_at is None and self._streams and wait is not None
                 and now >= self._last_received + wait):

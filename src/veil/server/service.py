@@ -39,7 +39,8 @@ log = logging.getLogger("veil.server")
 # to notice clients that vanished with streams open, so its keepalive is slower (and, like the
 # client's, sends nothing on a session with no stream open). A session with no stream open is
 # closed after ServerOptions.idle_close (nginx's keepalive_timeout), as nginx closes an idle
-# keepalive connection: veil's clients close theirs before that, so this catches the others.
+# keepalive connection; veil's clients leave that close to the server, as browsers leave it to
+# nginx (veil.protocol.session.DEFAULT_REUSE_LIMIT).
 SERVER_SESSION_CONFIG = SessionConfig(keepalive_interval=60.0, keepalive_timeout=30.0)
 # The first frame after acceptance is PADDING of a random length in this range, so that the
 # server's first record is not of one fixed size.
