@@ -43,6 +43,7 @@ hpack = pytest.importorskip("hpack")
 
 from tests.support import procs  # noqa: E402
 from tests.support.biotls import bio_handshake  # noqa: E402
+from tests.support.strangers import NoUsers, never_accept  # noqa: E402
 from veil.cover.backends import BuiltinCover, UrlCover  # noqa: E402
 from veil.cover.generate import SiteSeed, generate_site, write_site  # noqa: E402
 from veil.cover.http2 import CLIENT_PREFACE, SERVER_PREFACE  # noqa: E402
@@ -78,17 +79,6 @@ CONTINUATION = 9
 
 
 # ---------------------------------------------------------------------- servers
-class _NoUsers:
-    """Nobody holds a credential: every connection is the cover's."""
-
-    def find_by_key_id(self, key_id: bytes) -> None:
-        return None
-
-    def find_by_trojan_hash(self, password_hash: str) -> None:
-        return None
-
-    def refusal(self, user: object) -> str | None:
-        return None
 
 
 @dataclass
@@ -105,8 +95,6 @@ def _site_root() -> Path:
     return root
 
 
-def _never(*_args: Any) -> None:
-    raise AssertionError("no way in may accept a probe")
 
 
 @pytest.fixture(scope="module", params=["asyncio", "uvloop"])
@@ -126,8 +114,8 @@ def servers(request: pytest.FixtureRequest) -> Iterator[Servers]:
     thread.start()
     cover = BuiltinCover(TEST_SEED, header_timeout=HEADER_TIMEOUT,
                          keepalive_timeout=KEEPALIVE_TIMEOUT)
-    users = cast(Any, _NoUsers())
-    ways_in = (VeilWayIn(Authenticator(users), _never), TrojanWayIn(users, _never))
+    users = cast(Any, NoUsers())
+    ways_in = (VeilWayIn(Authenticator(users), never_accept), TrojanWayIn(users, never_accept))
     url_cover = UrlCover("http://127.0.0.1:9")
     gates = [Gate(ssl_context=server_ssl_context(state, c.alpn_protocols), cover=c,
                   ways_in=w) for c, w in ((cover, ways_in), (url_cover, ways_in),

@@ -26,6 +26,7 @@ from typing import Any, cast
 import pytest
 
 from tests.support import procs
+from tests.support.strangers import NoUsers, never_accept
 from tests.support.wait import wait_until
 from veil.cover.backends import BuiltinCover
 from veil.manage.state import server_ssl_context
@@ -130,19 +131,8 @@ def test_the_replay_filter_at_its_bound_is_small_and_refuses_nobody() -> None:
 
 
 # ---------------------------------------------------------------------- the gate's bound
-class _NoUsers:
-    def find_by_key_id(self, key_id: bytes) -> None:
-        return None
-
-    def find_by_trojan_hash(self, password_hash: str) -> None:
-        return None
-
-    def refusal(self, user: object) -> str | None:
-        return None
 
 
-def _never(*_args: Any) -> None:
-    raise AssertionError("no way in may accept a stranger")
 
 
 MAX_PENDING = 16
@@ -156,7 +146,7 @@ def small_gate() -> Iterator[tuple[Gate, int]]:
     state = cast(Any, SimpleNamespace(cert_path=cert, key_path=key))
     cover = BuiltinCover()
     gate = Gate(ssl_context=server_ssl_context(state, cover.alpn_protocols), cover=cover,
-                ways_in=(VeilWayIn(Authenticator(cast(Any, _NoUsers())), _never),),
+                ways_in=(VeilWayIn(Authenticator(cast(Any, NoUsers())), never_accept),),
                 max_pending=MAX_PENDING)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))

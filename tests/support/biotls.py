@@ -8,12 +8,14 @@ import ssl
 
 
 def bio_handshake(sock: socket.socket, context: ssl.SSLContext,
-                  server_hostname: str = "localhost"
+                  server_hostname: str | None = "localhost",
+                  session: ssl.SSLSession | None = None
                   ) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
-    """Complete a client handshake on ``sock``; (the TLS object, its incoming BIO, its
-    outgoing BIO). The socket's timeout bounds each read; a close mid-handshake fails."""
+    """Complete a client handshake on ``sock`` (resuming ``session`` if given); (the TLS
+    object, its incoming BIO, its outgoing BIO). The socket's timeout bounds each read; a
+    close mid-handshake fails."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_hostname, session=session)
     while True:
         try:
             tls.do_handshake()

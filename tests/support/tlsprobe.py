@@ -32,6 +32,8 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 from tests.support import procs
+from tests.support.biotls import bio_handshake
+from tests.support.strangers import NoUsers, never_accept
 from veil.cover.backends import BuiltinCover
 from veil.cover.generate import SiteSeed, generate_site, write_site
 from veil.manage.state import server_ssl_context
@@ -313,18 +315,8 @@ def after_handshake(port: int, context: ssl.SSLContext, request: bytes,
     """A complete handshake, then ``request`` as one application record changed by
     ``mangle``: what the server sends after it (what it sent on its own before it - tickets,
     an h2 preface - is read first and left out) and how it closes."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                s.sendall(outgoing.read())
-                chunk = s.recv(65536)
-                assert chunk, "the server closed the connection during the handshake"
-                incoming.write(chunk)
+        tls, _incoming, outgoing = bio_handshake(s, context)
         s.sendall(outgoing.read())
         s.settimeout(SETTLE)
         with contextlib.suppress(TimeoutError):
@@ -374,18 +366,8 @@ def handshake(port: int, context: ssl.SSLContext, *, session: ssl.SSLSession | N
             seen.append((direction, int(msg_type), bytes(data)))
 
     context._msg_callback = observe  # type: ignore[attr-defined]
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname=sni, session=session)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                s.sendall(outgoing.read())
-                chunk = s.recv(65536)
-                assert chunk, "the server closed the connection during the handshake"
-                incoming.write(chunk)
+        tls, incoming, outgoing = bio_handshake(s, context, sni, session)
         s.sendall(outgoing.read())
         s.settimeout(linger)
         with contextlib.suppress(TimeoutError):
@@ -443,21 +425,8 @@ class Pair:
     veil: int
 
 
-class _NoUsers:
-    """Nobody holds a credential: every connection is the cover's."""
-
-    def find_by_key_id(self, key_id: bytes) -> None:
-        return None
-
-    def find_by_trojan_hash(self, password_hash: str) -> None:
-        return None
-
-    def refusal(self, user: object) -> str | None:
-        return None
 
 
-def _never(*_args: Any) -> None:
-    raise AssertionError("no way in may accept a probe")
 
 
 @contextlib.contextmanager
@@ -478,9 +447,9 @@ def nginx_and_gate(seed: SiteSeed) -> Iterator[Pair]:
             state = cast(Any, SimpleNamespace(cert_path=nginx.prefix / "cert.pem",
                                               key_path=nginx.prefix / "key.pem"))
             cover = BuiltinCover(seed, header_timeout=HEADER_TIMEOUT)
-            users = cast(Any, _NoUsers())
+            users = cast(Any, NoUsers())
             gate = Gate(ssl_context=server_ssl_context(state, cover.alpn_protocols),
-                        cover=cover, ways_in=(VeilWayIn(Authenticator(users), _never),),
+                        cover=cover, ways_in=(VeilWayIn(Authenticator(users), never_accept),),
                         handshake_timeout=HEADER_TIMEOUT)
             listener.bind(("127.0.0.1", 0))
             listener.listen(128)
