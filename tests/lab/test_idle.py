@@ -67,7 +67,7 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY)) + BODY
 async def http_target() -> asyncio.Server:
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # Closes on the client's FIN, as a web server does: a target that kept its half open
-        # would keep the tunnel's stream, and so the session, alive (Python before 3.11.5 does
+        # would keep the tunnel's stream, and so the session, alive (Debian's Python 3.11.2 does
         # not close the transport when this callback raises).
         try:
             while await reader.readuntil(b"\r\n\r\n"):
