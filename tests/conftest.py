@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 from collections.abc import Iterator
@@ -27,6 +28,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "netns" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _collect_leaks_where_they_happen() -> Iterator[None]:
+    """A socket or transport a test forgets is reported by pytest ("unclosed ...", an error
+    here) when the garbage collector finds it, which may be tests later: collect after each
+    test, so the report names the test that leaked it, every run."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.admin.conftest import Client, Harness, bearer, plain_http_probe
 from tests.admin.openapi import Spec
 from tests.support import procs
-from tests.support.wait import wait_until
+from tests.support.wait import wait_until, wait_until_async
 from veil.admin.app import make_admin_app
 from veil.admin.metrics import certificate_not_after
 from veil.manage.state import init_state
@@ -205,7 +205,12 @@ def test_a_ping_flood_shows_in_the_flood_counter(harness: Harness) -> None:
         assert driver.transport is not None
         driver.transport.write(frame(FrameType.PING, 0, bytes(8))
                                * (2 * UNPRODUCTIVE_FRAME_BURST))
-        return await asyncio.wait_for(driver.closed, 10)
+        why = await asyncio.wait_for(driver.closed, 10)
+        # `closed` resolves at the server's CLOSE; the socket closes when its FIN follows.
+        # Wait for that, so no transport outlives this loop (pytest reports it as a leak).
+        await wait_until_async(lambda: driver.transport is None, 10, "the server's FIN",
+                               poll=0.05)
+        return why
 
     why = asyncio.run(flood())
     assert why == "closed by the peer: PROTOCOL_ERROR: PING flood"  # what the client logs
