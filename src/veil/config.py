@@ -25,6 +25,7 @@ from typing import Literal
 from veil.errors import ConfigError
 from veil.protocol.accesskey import AccessKey
 from veil.protocol.address import Address
+from veil.protocol.endpoint import MAX_VIA, Endpoint, parse_endpoint
 from veil.protocol.session import (
     DEFAULT_IDLE_CLOSE,
     DEFAULT_KEEPALIVE_INTERVAL,
@@ -56,6 +57,7 @@ __all__ = [
     "parse_limit",
     "parse_rate",
     "parse_tun_pools",
+    "parse_via",
 ]
 
 # ------------------------------------------------------------------------------ limits
@@ -176,6 +178,14 @@ def parse_key(text: str) -> AccessKey | TrojanLink:
     if text.strip().lower().startswith("trojan://"):
         return TrojanLink.parse(text)
     return AccessKey.parse(text)
+
+
+def parse_via(texts: list[str] | tuple[str, ...]) -> tuple[Endpoint, ...]:
+    """``--via URL`` (repeatable): the extra ways in announced in keys, in order."""
+    try:
+        return tuple(parse_endpoint(text.strip()) for text in texts)
+    except ConfigError as exc:
+        raise ConfigError(f"--via: {exc}", code="bad_endpoint") from exc
 
 
 def parse_credentials(flag: str, text: str | None) -> Credentials | None:
@@ -326,7 +336,7 @@ class ServerOptions:
     """``veil serve``: one field per flag that shapes the running server (``--state`` and
     ``--db`` name the state directory, which is loaded separately)."""
 
-    #: ``--listen``: the one TLS port.
+    #: ``--listen``: the TLS port (the first ``--listen``).
     listen: Address
     #: ``--cover``: the web server shown to everybody else; None: the built-in site.
     cover_url: str | None = None
@@ -358,10 +368,26 @@ class ServerOptions:
     #: Seconds a veil session with no stream open lasts before the server closes it, as nginx
     #: closes a keepalive connection after keepalive_timeout (no flag: tests shorten it).
     idle_close: float = NGINX_KEEPALIVE_TIMEOUT
+    #: The further ``--listen`` addresses: the same server on more ports or addresses. Only
+    #: listened on: keys name them when a ``--via`` says how clients reach them.
+    also_listen: tuple[Address, ...] = ()
+    #: ``--via`` (repeatable): further ways in written into every key after the public
+    #: address, in order of preference (e.g. ``tls://203.0.113.7:8443``: an extra port, or an
+    #: operator's DNAT to this server). Only announced: the server listens where ``--listen``
+    #: says.
+    via: tuple[Endpoint, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
             raise ConfigError("--cert and --key go together")
+        # Port 0 (the system picks one) may be asked for more than once.
+        listens = [a for a in (self.listen, *self.also_listen) if a.port]
+        if len(set(listens)) != len(listens):
+            raise ConfigError("--listen names the same address twice")
+        if len(self.via) > MAX_VIA:
+            raise ConfigError(f"--via: at most {MAX_VIA} (a key is one line and a QR code)")
+        if len(set(self.via)) != len(self.via):
+            raise ConfigError("--via names the same way in twice")
         if self.max_sessions_per_user < 1 or self.max_sessions < 1:
             raise ConfigError("--max-sessions and --max-sessions-per-user take a number >= 1")
         if self.user_rate is not None and not self.user_rate >= MIN_RATE:

@@ -32,6 +32,7 @@ from veil.config import (
     parse_key,
     parse_limit,
     parse_rate,
+    parse_via,
 )
 from veil.errors import ConfigError, StoreError, VeilError
 from veil.protocol.address import Address, parse_host_port
@@ -88,8 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "initialises the state directory and prints the first user's access key.")
     serve.add_argument("--state", type=Path, default=DEFAULT_STATE, metavar="DIR",
                        help=f"state directory (keys, certificate, users; default {DEFAULT_STATE})")
-    serve.add_argument("--listen", type=_address, required=True, metavar="HOST:PORT",
-                       help="address to listen on, e.g. 0.0.0.0:443")
+    serve.add_argument("--listen", type=_address, required=True, action="append",
+                       metavar="HOST:PORT",
+                       help="address to listen on, e.g. 0.0.0.0:443; repeat it for more ports "
+                            "(announce them to clients with --via)")
+    serve.add_argument("--via", action="append", default=[], metavar="URL",
+                       help="another way in to this server, written into every key after the "
+                            "public address: tls://HOST:PORT (an extra --listen port, or an "
+                            "address your firewall forwards here). Repeatable, in order of "
+                            "preference; clients move to the next when one is blocked. Only "
+                            "announced (listening is --listen's); remembered in DIR/config.json")
     serve.add_argument("--public", metavar="HOST[:PORT]",
                        help="address clients use, written into access keys "
                             "(default: the listen address)")
@@ -304,6 +313,8 @@ def _show_user(state: ServerState, user: User | None, args: argparse.Namespace) 
         _print_key(exported.text)
     else:
         print(exported.text, flush=True)
+    if args.format == "veil" and state.via and sys.stdout.isatty():
+        print("ways in, in order: " + ", ".join(way.url for way in state.ways()))
     if args.png is not None:
         import segno
 
@@ -322,7 +333,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from veil.server.service import VeilServer
 
     options = ServerOptions(
-        listen=args.listen, cover_url=args.cover, cert=args.cert, key=args.key,
+        listen=args.listen[0], also_listen=tuple(args.listen[1:]), via=parse_via(args.via),
+        cover_url=args.cover, cert=args.cert, key=args.key,
         allow_private=args.allow_private, shaping=args.shaping,
         max_sessions_per_user=args.max_sessions_per_user, max_sessions=args.max_sessions,
         user_rate=parse_rate(args.max_user_rate) if args.max_user_rate else None,
@@ -332,7 +344,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         check_admin_listen(args.admin.host, args.admin.tls)
     state, _created = init_state(args.state, listen=options.listen, public=args.public,
-                                 cert=options.cert, key=options.key, db=args.db)
+                                 cert=options.cert, key=options.key, db=args.db,
+                                 via=options.via)
     users = UserManager(state, state.open_store())
     try:
         if not users.store.list_users():
@@ -354,7 +367,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         try:
             await server.start()
         except OSError as exc:
-            raise VeilError(f"cannot listen on {args.listen}: {exc.strerror}") from exc
+            raise VeilError(f"cannot listen on {exc.filename or options.listen}: "
+                            f"{exc.strerror}") from exc
         admin = None
         if args.admin is not None:
             from veil.admin.app import admin_ssl_context, start_admin
@@ -482,7 +496,8 @@ def cmd_user(args: argparse.Namespace) -> None:
                 from veil.manage.export import export_user
 
                 print(json.dumps({**report.to_json(),
-                                  "key": export_user(state, user, args.format).text},
+                                  "key": export_user(state, user, args.format).text,
+                                  "ways_in": [way.url for way in state.ways()]},
                                  indent=2))
                 return
             _show_user(state, user, args)

@@ -257,8 +257,12 @@ class TunClient:
     async def run(self, stop: asyncio.Event) -> None:
         await asyncio.to_thread(cleanup, self.options)
         server = await _resolve_server(self.key.server)
-        # The tunnel dials the address the kill switch lets through, whatever DNS says later.
-        key = dataclasses.replace(self.key, server=server)
+        # The tunnel dials the address the kill switch lets through, whatever DNS says later,
+        # and only that one: the kill switch knows no further ways in.
+        if self.key.via:
+            log.warning("--tun uses %s only; the key's further ways in are not used in this "
+                        "mode yet", self.key.server)
+        key = dataclasses.replace(self.key, server=server, via=())
         tunnel = ClientTunnel(key, pool_size=1, tls_stack=self.tls_stack,
                               session_config=self.session_config)
         try:

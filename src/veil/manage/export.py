@@ -105,6 +105,9 @@ def export_user(state: ServerState, user: User, fmt: str) -> Export:
         warnings.append(f"user {user.name!r} is revoked: the server refuses this key")
     if fmt == "veil":
         return Export(state.access_key(user).to_uri(), tuple(warnings))
+    if state.via:
+        warnings.append(f"this format names {state.public} only; the further ways in "
+                        f"({', '.join(way.url for way in state.via)}) are in the veil key")
     cert = ServerCertificate.load(state)
     renew = ("the server's certificate is self-signed and renewed every 60 days (same key): "
              "export this again after a renewal")

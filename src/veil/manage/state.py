@@ -5,7 +5,8 @@ into access keys.
 
     DIR/config.json   {"public": "host:port", "sni": name-or-null, "cert": ..., "key": ...,
                       "trojan": whether the last start that succeeded had its Trojan way in
-                      on (``veil serve --trojan``), absent until a server has started}
+                      on (``veil serve --trojan``), absent until a server has started,
+                      "via": the further ways in keys name (``veil serve --via``), in order}
     DIR/key.pem       the TLS private key (0600); its public key is what clients pin
     DIR/cert.pem      a self-signed certificate for that key and the public name, renewed
                       before it expires and when ``--public`` renames the server
@@ -43,6 +44,7 @@ from veil.errors import ConfigError
 from veil.manage.libssl import match_nginx_sessions
 from veil.protocol.accesskey import AccessKey, default_sni, spki_pin
 from veil.protocol.address import Address, parse_host_port
+from veil.protocol.endpoint import Endpoint, parse_endpoint, tls_endpoint
 from veil.protocol.seeded import SEED_BYTES, Draw, SiteSeed
 from veil.protocol.trojan import password_hash_for_secret
 from veil.store import open_store
@@ -87,6 +89,8 @@ class ServerState:
     #: (:func:`record_start`); None: no server has started on it since veil records this,
     #: so nobody knows (the exports then refuse to hand out a Trojan link).
     trojan: bool | None = None
+    #: The further ways in every key names after ``public`` (``veil serve --via``).
+    via: tuple[Endpoint, ...] = ()
 
     def open_store(self) -> UserStore:
         return open_store(self.db or self.directory / "users.db",
@@ -94,7 +98,11 @@ class ServerState:
                           box=SecretBox(_store_key(self.directory)))
 
     def access_key(self, user: User) -> AccessKey:
-        return AccessKey(self.public, user.secret, self.pin, self.sni, user.name)
+        return AccessKey(self.public, user.secret, self.pin, self.sni, user.name, self.via)
+
+    def ways(self) -> tuple[Endpoint, ...]:
+        """Every way in keys name, the public address first."""
+        return (tls_endpoint(self.public), *self.via)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,8 +317,12 @@ def _ensure_certificate(directory: Path, name: str, profile: CertificateProfile)
 
 def init_state(directory: Path, *, listen: Address, public: str | None = None,
                cert: Path | None = None, key: Path | None = None,
-               db: str | None = None) -> tuple[ServerState, bool]:
-    """Create the state directory if needed, or load it. Returns (state, created)."""
+               db: str | None = None,
+               via: Sequence[Endpoint] | None = None) -> tuple[ServerState, bool]:
+    """Create the state directory if needed, or load it. Returns (state, created).
+
+    ``via`` replaces the ways in keys name after the public address (``veil serve`` says
+    them on every start, so a start without ``--via`` announces none); None keeps them."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     config_path = directory / CONFIG_NAME
     created = not config_path.exists()
@@ -321,7 +333,8 @@ def init_state(directory: Path, *, listen: Address, public: str | None = None,
                               "with --public HOST[:PORT]")
         config = {"public": str(public_addr), "sni": default_sni(public_addr.host),
                   "cert": str(cert) if cert else None, "key": str(key) if key else None,
-                  "db": db}
+                  "db": db, "via": [way.url for way in via or ()]}
+        _check_via(config)
         _write_config(config_path, config)
     else:
         config = json.loads(config_path.read_text())
@@ -336,9 +349,22 @@ def init_state(directory: Path, *, listen: Address, public: str | None = None,
         if db and db != config.get("db"):
             config["db"] = db
             changed = True
+        if via is not None and [way.url for way in via] != config.get("via", []):
+            config["via"] = [way.url for way in via]
+            changed = True
         if changed:
+            _check_via(config)
             _write_config(config_path, config)
     return load_state(directory), created
+
+
+def _check_via(config: Mapping[str, object]) -> None:
+    """A way in that is the public address already would make every key unreadable."""
+    public = tls_endpoint(parse_host_port(str(config["public"])))
+    vias = config.get("via") or []
+    if isinstance(vias, list) and public.url in vias:
+        raise ConfigError(f"--via {public.url} is the public address already: keys name it "
+                          "first by themselves")
 
 
 def _write_config(path: Path, config: Mapping[str, object]) -> None:
@@ -358,7 +384,8 @@ def load_state(directory: Path, db: str | None = None) -> ServerState:
     try:
         config = json.loads(config_path.read_text())
         public = parse_host_port(config["public"])
-    except (OSError, ValueError, KeyError) as exc:
+        via = tuple(parse_endpoint(text) for text in config.get("via") or [])
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
         raise ConfigError(f"{config_path} is damaged: {exc}") from exc
     sni = config.get("sni")
     site_seed = _site_seed(directory)
@@ -374,19 +401,23 @@ def load_state(directory: Path, db: str | None = None) -> ServerState:
     trojan = config.get("trojan")
     return ServerState(directory, public, sni, cert_path, key_path, spki_pin(cert),
                        db or config.get("db"), site_seed,
-                       trojan if isinstance(trojan, bool) else None)
+                       trojan if isinstance(trojan, bool) else None, via)
 
 
-def record_start(directory: Path, *, trojan: bool) -> None:
+def record_start(directory: Path, *, trojan: bool, via: Sequence[Endpoint] = ()) -> None:
     """Write down what a server that has just started listening serves, for the CLI and the
-    panel that hand out links (a start that failed must not get here: it serves nothing)."""
+    panel that hand out links (a start that failed must not get here: it serves nothing):
+    whether it takes Trojan, and the further ways in its keys name."""
     config_path = directory / CONFIG_NAME
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot update {config_path}: {exc}") from exc
-    if config.get("trojan") is not trojan:
+    urls = [way.url for way in via]
+    if config.get("trojan") is not trojan or config.get("via", []) != urls:
         config["trojan"] = trojan
+        config["via"] = urls
+        _check_via(config)
         try:
             _write_config(config_path, config)
         except OSError as exc:

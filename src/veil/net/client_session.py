@@ -13,11 +13,23 @@ the first byte costs what a browser's request on a new connection costs (3 round
 The exceptions, each a user's own demand: the first connection at start (it checks the key
 and reports), and a session lost while streams were open (a full-device tunnel's IP stream,
 a download): that one is reconnected at once, with backoff, until it is back.
+
+Several ways in: a key may name more than one (``AccessKey.ways``: its HOST:PORT, then each
+``via``). Each failure to reach one is classified (:func:`classify_failure`: refused, reset
+during the handshake, cut, no answer in time, someone else's certificate, a session that
+stopped answering) and given to a :class:`~veil.protocol.failover.WayChooser`, which blocks a
+way after two failures in a row and names the next; sessions then open on it at once (a
+session lost with streams open reconnects there, new streams wait for it), while
+:meth:`ClientTunnel._probe` retries the better way in the background with jittered backoff, only
+while the tunnel is in use (an idle client sends nothing, as before), and moves back when it
+works. Sessions on the way left keep their streams until they end, and take no new ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import logging
 import random
 import ssl
@@ -30,6 +42,9 @@ from veil.net.driver import DatagramStreamHandler, SessionDriver, TcpRelay
 from veil.protocol.accesskey import AccessKey, pin_of_der
 from veil.protocol.address import Address
 from veil.protocol.auth import Credential, build_auth
+from veil.protocol.endpoint import Endpoint
+from veil.protocol.events import SessionClosed
+from veil.protocol.failover import FailoverConfig, Failure, Switched, WayChooser
 from veil.protocol.frames import (
     COVER_H2_GREETING,
     HEADER_SIZE,
@@ -53,8 +68,17 @@ BACKOFF_MAX_S = 30.0
 # that stays refused is then tried ever more slowly, at most once a minute.
 BACKOFF_REJECTED_INITIAL_S = 1.0
 BACKOFF_REJECTED_MAX_S = 60.0
+# While the tunnel is idle the prober looks this often whether it is in use again (a look
+# costs nothing; a probe would be traffic nobody asked for).
+PROBE_IDLE_POLL_S = 1.0
 # A TLS handshake slower than this means the path is broken; try again.
 HANDSHAKE_TIMEOUT_S = 15.0
+# The same with another way in to go to: TCP and TLS to a working server take 2 round trips
+# (~0.3 s at 150 ms RTT), 1.3 s with a lost SYN, ~3.5 s with two (a 1 s then 2 s SYN
+# retransmit) or a lost SYN and a lost ClientHello; a blackhole never answers. Five seconds
+# lets every working path through (and it takes two such timeouts in a row to block a way),
+# while a blackholed way is left within ~10 s instead of 30.
+WAY_HANDSHAKE_TIMEOUT_S = 5.0
 # The client's first flight carries a PADDING frame of random length, so the first record is
 # not one fixed size (shaping proper is the traffic-shaping policy's job).
 FIRST_PADDING_RANGE = (32, 256)
@@ -92,6 +116,11 @@ class _ClientDriver(SessionDriver):
         self.accepted: asyncio.Future[bool] = self._loop.create_future()
         self._head = b""  # the server's first bytes, until they tell accepted from refused
         self.streams_at_close = 0  # streams open when the session ended (0: it was idle)
+        # Set when the path failed rather than the server: the connection was lost before the
+        # server's first bytes (a reset or FIN after the handshake), or the session stopped
+        # answering pings.
+        self.path_failure: Failure | None = None
+        self.way = 0  # which of the tunnel's ways in it runs on
 
     def data_received(self, data: bytes | memoryview) -> None:
         if self.accepted.done():
@@ -118,8 +147,20 @@ class _ClientDriver(SessionDriver):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.accepted.done():
+            # Cut before the server said anything: the path, not a refusal (a refused key
+            # gets the cover site's answer, read above).
+            self.path_failure = (Failure.RESET if isinstance(exc, ConnectionResetError)
+                                 else Failure.CUT)
             self.accepted.set_result(False)
         super().connection_lost(exc)
+
+    def _on_timer(self, now: float) -> None:
+        events = self.session.handle_timer(now)
+        if any(type(event) is SessionClosed and event.code is CloseCode.KEEPALIVE_TIMEOUT
+               for event in events):
+            self.path_failure = Failure.SILENT
+        self._dispatch(events)
+        self.flush()
 
     def _finish(self, why: str) -> None:
         if not self._done:
@@ -127,12 +168,48 @@ class _ClientDriver(SessionDriver):
         super()._finish(why)
 
 
+def classify_failure(exc: BaseException) -> Failure:
+    """What a failed attempt to reach a way in says about the path."""
+    if isinstance(exc, AuthError):
+        return Failure.FOREIGN
+    chain: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and len(chain) < 8:  # a cause chain is short; never loop
+        chain.append(link)
+        link = link.__cause__
+    for link in chain:
+        if isinstance(link, ConnectionResetError):
+            return Failure.RESET
+        if isinstance(link, ConnectionRefusedError):
+            return Failure.REFUSED
+        if isinstance(link, TimeoutError):
+            return Failure.TIMEOUT
+        if isinstance(link, OSError) and link.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return Failure.UNREACHABLE
+    return Failure.CUT
+
+
+def _way_name(index: int, way: Endpoint) -> str:
+    return f"direct path {way}" if index == 0 else f"way in {way}"
+
+
 class ClientTunnel(Dialer):
     def __init__(self, key: AccessKey, *, pool_size: int = 1, tls_stack: str = "browser",
-                 session_config: SessionConfig | None = None) -> None:
+                 session_config: SessionConfig | None = None,
+                 failover: FailoverConfig | None = None,
+                 handshake_timeout: float | None = None) -> None:
         if tls_stack not in TLS_STACKS:
             raise ValueError(f"tls_stack must be one of {TLS_STACKS}, not {tls_stack!r}")
         self.key = key
+        # The ways this client can use, in the key's order; the others are named at start.
+        self.ways = tuple(way for way in key.ways() if way.known)
+        self.skipped_ways = tuple(way for way in key.ways() if not way.known)
+        self.chooser = WayChooser(len(self.ways), failover or FailoverConfig())
+        self.handshake_timeout = handshake_timeout or (
+            WAY_HANDSHAKE_TIMEOUT_S if len(self.ways) > 1 else HANDSHAKE_TIMEOUT_S)
+        # Resolved (and replaced) whenever the way in use changes: wakes the slots whose
+        # session is on the way left, and the prober.
+        self._way_changed: asyncio.Future[None] | None = None
         self.tls_stack = tls_stack
         self.credential = Credential.from_secret(key.secret)
         self.pool_size = pool_size
@@ -151,8 +228,12 @@ class ClientTunnel(Dialer):
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
+        for way in self.skipped_ways:
+            log.warning("this veil cannot use the way in %s (a newer veil can); skipped", way)
         self._want()  # the first connection: it checks the key, and says so
         self._tasks = [loop.create_task(self._maintain(i)) for i in range(self.pool_size)]
+        if len(self.ways) > 1:
+            self._tasks.append(loop.create_task(self._probe()))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -162,22 +243,25 @@ class ClientTunnel(Dialer):
             driver.close()
 
     # ------------------------------------------------------------------ connecting
-    async def connect_once(self) -> SessionDriver:
-        """Open one authenticated session; raise TransportError/AuthError on failure."""
+    async def connect_once(self, way: int | None = None) -> _ClientDriver:
+        """Open one authenticated session on ``way`` (default: the way in use); raise
+        TransportError/AuthError on failure."""
         loop = asyncio.get_running_loop()
         session = Session(client=True, now=loop.time(), config=self.session_config)
         driver = _ClientDriver(session)
-        server = self.key.server
+        driver.way = self.chooser.current if way is None else way
+        server = self.ways[driver.way].address
+        assert server is not None  # every usable way has one
         transport: asyncio.Transport
         try:
             if self.tls_stack == "browser":
                 transport = await open_browser_tls_connection(
                     server.host, server.port, lambda: driver, server_hostname=self.key.sni,
-                    handshake_timeout=HANDSHAKE_TIMEOUT_S)
+                    handshake_timeout=self.handshake_timeout)
             else:
                 transport = await open_tls_connection(
                     server.host, server.port, self._ssl, lambda: driver,
-                    server_hostname=self.key.sni, handshake_timeout=HANDSHAKE_TIMEOUT_S)
+                    server_hostname=self.key.sni, handshake_timeout=self.handshake_timeout)
         except TlsHandshakeError as exc:
             if isinstance(exc.__cause__, AuthError):
                 # The server could not prove it holds its certificate's key: someone is in
@@ -213,39 +297,143 @@ class ClientTunnel(Dialer):
         if not self._waiting:
             self._demand.clear()
 
+    # ------------------------------------------------------------------ ways in
+    def _note(self, switched: Switched | None) -> bool:
+        """Log a change of the way in use in one line, and wake whoever waits for one."""
+        if switched is None:
+            return False
+        old, new = self.ways[switched.old], self.ways[switched.new]
+        if switched.failure is None:
+            log.warning("%s works again; using it instead of %s",
+                        _way_name(switched.new, new), old)
+        elif self.chooser.blocked(switched.new):
+            log.warning("every way in failed (%s: %s); trying %s", _way_name(switched.old, old),
+                        switched.failure.value, new)
+        else:
+            log.warning("%s blocked (%s); using %s", _way_name(switched.old, old),
+                        switched.failure.value, new)
+        if self._way_changed is not None and not self._way_changed.done():
+            self._way_changed.set_result(None)
+        self._way_changed = None
+        return True
+
+    def _changed(self) -> asyncio.Future[None]:
+        if self._way_changed is None:
+            self._way_changed = asyncio.get_running_loop().create_future()
+        return self._way_changed
+
+    def _failed(self, way: int, failure: Failure) -> bool:
+        """Tell the chooser; True when the way in use changed (try the new one at once)."""
+        return self._note(self.chooser.failed(way, failure, asyncio.get_running_loop().time()))
+
+    def _succeeded(self, way: int) -> None:
+        self._note(self.chooser.succeeded(way, asyncio.get_running_loop().time()))
+
+    def _forget(self, driver: SessionDriver) -> None:
+        if driver in self._drivers:
+            self._drivers.remove(driver)
+        if not self._drivers:
+            self._ready.clear()
+
+    def _forgotten(self, driver: SessionDriver, _closed: asyncio.Future[str]) -> None:
+        self._forget(driver)
+
+    async def _probe(self) -> None:
+        """Retry the better, blocked ways when the chooser says, while the tunnel is in use."""
+        loop = asyncio.get_running_loop()
+        while True:
+            planned = self.chooser.next_probe()
+            if planned is None:
+                await self._changed()
+                continue
+            way, when = planned
+            if when > loop.time():
+                await asyncio.wait([self._changed()], timeout=when - loop.time())
+                continue
+            if not any(not driver.session.closed for driver in self._drivers):
+                # Idle: a probe now would be traffic the user did not ask for.
+                await asyncio.sleep(PROBE_IDLE_POLL_S)
+                continue
+            try:
+                driver = await asyncio.wait_for(self.connect_once(way), self.handshake_timeout)
+            except (AuthError, OSError, TimeoutError, ConnectionError) as exc:
+                log.info("%s still fails: %s", _way_name(way, self.ways[way]),
+                         exc or type(exc).__name__)
+                self._failed(way, classify_failure(exc))
+                continue
+            try:
+                accepted = await asyncio.wait_for(asyncio.shield(driver.accepted),
+                                                  self.handshake_timeout)
+            except TimeoutError:
+                accepted = False
+            finally:
+                driver.close()
+            if accepted:
+                self._succeeded(way)
+            else:
+                log.info("%s still fails: no session", _way_name(way, self.ways[way]))
+                self._failed(way, driver.path_failure or Failure.CUT)
+
     async def _maintain(self, slot: int) -> None:
         backoff = BACKOFF_INITIAL_S
         rejected_backoff = BACKOFF_REJECTED_INITIAL_S
+        # TCP and TLS within the handshake timeout; with one way in only, a slow connect is
+        # waited for a little longer (there is nothing else to try).
+        budget = self.handshake_timeout + (0.0 if len(self.ways) > 1 else 5.0)
         while True:
             await self._demand.wait()
             started = time.monotonic()
+            way = self.chooser.current
+            server = self.ways[way]
             try:
-                driver = await asyncio.wait_for(self.connect_once(), HANDSHAKE_TIMEOUT_S + 5)
+                driver = await asyncio.wait_for(self.connect_once(way), budget)
             except AuthError as exc:
                 self.last_error = str(exc)
                 log.error("%s", exc)
+                if self._failed(way, Failure.FOREIGN):
+                    continue
                 await asyncio.sleep(BACKOFF_REJECTED_MAX_S)
                 continue
             except (OSError, TimeoutError, ConnectionError) as exc:
-                self.last_error = f"cannot reach {self.key.server}: {exc or type(exc).__name__}"
+                self.last_error = f"cannot reach {server}: {exc or type(exc).__name__}"
+                if self._failed(way, classify_failure(exc)):
+                    backoff = BACKOFF_INITIAL_S
+                    continue
                 log.warning("%s; retrying in %.1f s", self.last_error, backoff)
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 continue
             self._drivers.append(driver)
+            driver.closed.add_done_callback(functools.partial(self._forgotten, driver))
             self._ready.set()
-            assert isinstance(driver, _ClientDriver)
             accepted = await driver.accepted
             if accepted:
-                log.info("connected to %s (session %d)", self.key.server, slot)
+                log.info("connected to %s (session %d)", server, slot)
                 rejected_backoff = BACKOFF_REJECTED_INITIAL_S
+                backoff = BACKOFF_INITIAL_S
+                self._succeeded(way)
                 self._demand_met()
+                while not driver.closed.done() and driver.way == self.chooser.current:
+                    await asyncio.wait([driver.closed, self._changed()],
+                                       return_when=asyncio.FIRST_COMPLETED)
+                if not driver.closed.done():
+                    # The way in use changed under a live session: it keeps its streams until
+                    # they end (_pick gives it no new ones and closes it once idle).
+                    if not driver.handlers:
+                        driver.close(CloseCode.NORMAL, IDLE_CLOSE_REASON)
+                    continue
             why = await driver.closed
-            self._drivers.remove(driver)
-            if not self._drivers:
-                self._ready.clear()
+            self._forget(driver)
+            if not accepted and driver.path_failure is not None:
+                self.last_error = f"cannot reach {server}: {driver.path_failure.value}"
+                if self._failed(way, driver.path_failure):
+                    continue
+                log.warning("%s; retrying in %.1f s", self.last_error, backoff)
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                continue
             if not accepted:
-                self.last_error = (f"the server at {self.key.server} refused the key (revoked, "
+                self.last_error = (f"the server at {server} refused the key (revoked, "
                                    "expired or over its limit, a wrong key, or this clock is off "
                                    f"by minutes); trying again in {rejected_backoff:.0f} s")
                 log.error("%s", self.last_error)
@@ -256,12 +444,14 @@ class ClientTunnel(Dialer):
                 # Idle (our idle close, or the server's): a browser opens nothing until its
                 # user asks for something, and neither do we.
                 log.info("session %d to %s closed while idle (%s); the next stream opens "
-                         "a new one", slot, self.key.server, why)
+                         "a new one", slot, server, why)
                 backoff = BACKOFF_INITIAL_S
                 continue
             log.warning("session %d to %s ended with %d stream(s) open (%s); reconnecting",
-                        slot, self.key.server, driver.streams_at_close, why)
+                        slot, server, driver.streams_at_close, why)
             self._want()
+            if driver.path_failure is Failure.SILENT and self._failed(way, Failure.SILENT):
+                continue
             if time.monotonic() - started > BACKOFF_MAX_S:
                 backoff = BACKOFF_INITIAL_S
             await asyncio.sleep(backoff * random.random())
@@ -294,8 +484,14 @@ class ClientTunnel(Dialer):
     def _pick(self) -> SessionDriver | None:
         now = asyncio.get_running_loop().time()
         live = []
-        for driver in self._drivers:
+        current = self.chooser.current
+        for driver in list(self._drivers):
             if driver.session.closed:
+                continue
+            if getattr(driver, "way", current) != current:
+                # On a way in no longer used: no new streams; closed once its streams end.
+                if not driver.handlers:
+                    driver.close(CloseCode.NORMAL, IDLE_CLOSE_REASON)
                 continue
             if not driver.session.reusable(now):
                 # Idle so long that the server's close may be on its way: an OPEN could cross

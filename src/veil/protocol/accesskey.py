@@ -2,7 +2,7 @@
 
 ::
 
-    veil://SECRET@HOST:PORT?pin=PIN[&sni=NAME]#LABEL
+    veil://SECRET@HOST:PORT?pin=PIN[&sni=NAME][&via=URL...]#LABEL
 
 - SECRET: the user's 32-byte secret, base64url without padding (the credential).
 - HOST:PORT: where the server listens (IPv6 in brackets).
@@ -10,6 +10,10 @@
   The client trusts the server only if its TLS key matches: never the web PKI.
 - sni: the TLS server name to present; omitted when the server is reached by IP, as a
   browser would (no SNI for IP literals).
+- via: another way in to the same server (repeatable, in order of preference after
+  HOST:PORT), e.g. ``via=tls://203.0.113.7:8443`` (veil.protocol.endpoint). Schemes this
+  client does not speak are kept and skipped, so future kinds of ways in break no old client;
+  clients from before ``via`` read the key as before and use HOST:PORT alone.
 - LABEL: a human name (the user's), percent-encoded; informational only.
 """
 
@@ -27,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from veil.errors import ConfigError
 from veil.protocol.address import Address
 from veil.protocol.auth import SECRET_SIZE
+from veil.protocol.endpoint import MAX_VIA, Endpoint, parse_endpoint, tls_endpoint
 from veil.protocol.uri import (
     UriError,
     b64url_decode,
@@ -53,11 +58,19 @@ class AccessKey:
     pin: bytes
     sni: str | None = None
     label: str = ""
+    #: The ways in after ``server``, in order of preference (``via=``).
+    via: tuple[Endpoint, ...] = ()
+
+    def ways(self) -> tuple[Endpoint, ...]:
+        """Every way in, the preferred (``server``) first."""
+        return (tls_endpoint(self.server), *self.via)
 
     def to_uri(self) -> str:
         params = [f"pin={b64url_encode(self.pin)}"]
         if self.sni:
             params.append(f"sni={quote(self.sni, safe='')}")
+        # ":" and "/" may stand in a query (RFC 3986): left as they are, tls://HOST:PORT reads.
+        params += [f"via={quote(way.url, safe=':/')}" for way in self.via]
         return format_authority_uri(SCHEME, b64url_encode(self.secret), str(self.server), params,
                                     self.label)
 
@@ -90,7 +103,24 @@ class AccessKey:
         if len(pin) != PIN_SIZE:
             raise ConfigError("invalid access key: wrong pin length")
         sni = query.get("sni", [None])[0]
-        return cls(Address(parts.host, parts.port), secret, pin, sni, parts.fragment)
+        server = Address(parts.host, parts.port)
+        return cls(server, secret, pin, sni, parts.fragment, _parse_via(server, query))
+
+
+def _parse_via(server: Address, query: dict[str, list[str]]) -> tuple[Endpoint, ...]:
+    texts = query.get("via", [])
+    if len(texts) > MAX_VIA:
+        raise ConfigError(f"invalid access key: {len(texts)} ways in (via=), at most {MAX_VIA}")
+    ways: list[Endpoint] = [tls_endpoint(server)]
+    for text in texts:
+        try:
+            way = parse_endpoint(text)
+        except ConfigError as exc:
+            raise ConfigError(f"invalid access key: bad via: {exc}") from exc
+        if way in ways:
+            raise ConfigError(f"invalid access key: via {way.url} repeats a way in")
+        ways.append(way)
+    return tuple(ways[1:])
 
 
 def default_sni(host: str) -> str | None:

@@ -51,6 +51,21 @@ LISTEN_BACKLOG = 1024
 
 
 
+def _listening_socket(listen: Address) -> socket.socket:
+    """A listening TCP socket on ``listen``; an OSError naming the address if it cannot be."""
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((listen.host, listen.port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, exc.strerror, str(listen)) from exc
+    return sock
+
+
 class VeilServer:
     """One listening port: tunnel for key holders, cover site for everybody else."""
 
@@ -69,7 +84,8 @@ class VeilServer:
         self.cover = cover or make_cover(options.cover_url, state.site_seed)
         policy = DestinationPolicy.for_server(
             options.allow_private,
-            [options.listen.host, state.public.host, *local_addresses()])
+            [options.listen.host, *(a.host for a in options.also_listen), state.public.host,
+             *local_addresses()])
         self.outbound = Outbound(policy, self.live.outbound_slots)
         self.trojan = TrojanService(policy, self.live.outbound_slots)
         own_names = frozenset(n for n in (state.sni,) if n)
@@ -83,15 +99,20 @@ class VeilServer:
                          handshake_timeout=options.handshake_timeout)
         self.sessions: dict[SessionDriver, LiveConnection] = {}
         self._flood_closes = 0  # sessions closed for a flood of frames that do nothing
-        self._listener: socket.socket | None = None
-        self._serve_task: asyncio.Task[None] | None = None
+        self._listeners: list[socket.socket] = []
+        self._serve_tasks: list[asyncio.Task[None]] = []
         self.tun: TunServer | None = None
 
     @property
     def address(self) -> Address:
-        assert self._listener is not None
-        host, port = self._listener.getsockname()[:2]
-        return Address(host, port)
+        """The first ``--listen`` address, as bound (the port the system picked for 0)."""
+        return self.addresses[0]
+
+    @property
+    def addresses(self) -> tuple[Address, ...]:
+        """Every address listened on, in ``--listen`` order."""
+        assert self._listeners
+        return tuple(Address(*sock.getsockname()[:2]) for sock in self._listeners)
 
     async def start(self) -> None:
         await self.live.start()
@@ -101,28 +122,28 @@ class VeilServer:
             self.tun = TunServer(TunServerOptions.parse(
                 self.options.pool, self.options.pool6, allow_private=self.options.allow_private))
             await self.tun.start()
-        listen = self.options.listen
-        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((listen.host, listen.port))
-            sock.listen(LISTEN_BACKLOG)
-            sock.setblocking(False)
+            for listen in (self.options.listen, *self.options.also_listen):
+                self._listeners.append(_listening_socket(listen))
         except OSError:
-            sock.close()
+            for sock in self._listeners:
+                sock.close()
+            self._listeners = []
             raise
-        self._listener = sock
-        self._serve_task = asyncio.get_running_loop().create_task(self.gate.serve(sock))
+        loop = asyncio.get_running_loop()
+        self._serve_tasks = [loop.create_task(self.gate.serve(sock)) for sock in self._listeners]
         try:  # before "listening on": whoever waits for that line may export links at once
             await asyncio.to_thread(record_start, self.state.directory,
-                                    trojan=self.options.trojan)
+                                    trojan=self.options.trojan, via=self.options.via)
         except ConfigError as exc:
-            log.error("%s: `veil user show --format trojan` may say the wrong thing", exc)
-        self.state = self.users.state = dataclasses.replace(self.state,
-                                                            trojan=self.options.trojan)
-        log.info("listening on %s (cover: %s)", self.address,
+            log.error("%s: `veil user show` may say the wrong thing", exc)
+        self.state = self.users.state = dataclasses.replace(
+            self.state, trojan=self.options.trojan, via=self.options.via)
+        log.info("listening on %s (cover: %s)", ", ".join(map(str, self.addresses)),
                  self.options.cover_url or "built-in site")
+        if self.state.via:
+            log.info("keys name these ways in after %s: %s", self.state.public,
+                     ", ".join(way.url for way in self.state.via))
         if self.options.trojan:
             if "h2" in self.cover.alpn_protocols:
                 log.info("Trojan way in on: a stranger's h2 connection that says nothing gets "
@@ -205,11 +226,11 @@ class VeilServer:
 
     async def stop(self) -> None:
         """Stop accepting, tell sessions to close, wait a little, then cut the rest."""
-        if self._serve_task is not None:
-            self._serve_task.cancel()
-            await asyncio.gather(self._serve_task, return_exceptions=True)
-        if self._listener is not None:
-            self._listener.close()
+        for task in self._serve_tasks:
+            task.cancel()
+        await asyncio.gather(*self._serve_tasks, return_exceptions=True)
+        for sock in self._listeners:
+            sock.close()
         self.gate.close()
         drivers = list(self.sessions)
         for driver in drivers:
@@ -229,7 +250,7 @@ class VeilServer:
         """What the admin panel and ``/metrics`` see of this server
         (:class:`veil.server.status.StatusSource`): a snapshot, no I/O."""
         live, stats = self.live, self.gate.stats
-        listen = self.address if self._listener is not None else self.options.listen
+        listen = self.address if self._listeners else self.options.listen
         users: dict[str, int] = {}
         for name in live.directory.by_name:
             status = live.directory.refused.get(name, "active")

@@ -110,8 +110,10 @@ class _BrowserTlsCarrier(CarrierProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.app is None:
-            self._fail_handshake(TlsHandshakeError(
-                f"connection lost during the TLS handshake: {exc or 'closed'}"))
+            error = TlsHandshakeError(
+                f"connection lost during the TLS handshake: {exc or 'closed'}")
+            error.__cause__ = exc  # a reset says more than its text: the client classifies it
+            self._fail_handshake(error)
             return
         app, self.app = self.app, None
         app.connection_lost(exc or self._error)
