@@ -36,6 +36,8 @@ SLOW_STALL_ONE_IN = 100
 SLOW_STALL_S = 0.4
 #: Bytes of the server's answer that pass in ``cut`` mode: part of its first flight.
 CUT_AFTER = 100
+#: Spacing between two deliveries of one direction, so that their timers run in order.
+ORDER_STEP_S = 1e-6
 #: How long close() waits for the relaying tasks (each ends once its sockets are closed).
 CLOSE_TIMEOUT_S = 5.0
 
@@ -124,6 +126,8 @@ class Blocker:
         except OSError:
             return
         try:
+            if mode == "slow":
+                await asyncio.sleep(SLOW_ONE_WAY_S)  # the ClientHello crosses the path too
             up_writer.write(hello)
             if mode == "cut":
                 answer = await up_reader.read(CUT_AFTER)
@@ -159,8 +163,9 @@ class Blocker:
                 delay = SLOW_ONE_WAY_S
                 if self._rng.randrange(SLOW_STALL_ONE_IN) == 0:
                     delay += SLOW_STALL_S
-            # Order is kept: nothing leaves before what came earlier.
-            due = max(loop.time() + delay, last_due)
+            # Order is kept: nothing leaves before what came earlier (strictly later: the
+            # loop's timers of one instant may run in any order).
+            due = max(loop.time() + delay, last_due + ORDER_STEP_S)
             last_due = due
             loop.call_at(due, self._deliver, writer, data)
             if not data:

@@ -277,6 +277,12 @@ class ClientTunnel(Dialer):
             raise AuthError(f"the server at {server} did not present the pinned key "
                             "(TLS interception or wrong server); refusing to send anything",
                             code="pin_mismatch")
+        if session.closed:
+            # Its idle close came during a handshake slower than it (only with an idle close
+            # shorter than the path's round trips): nothing can be sent on it.
+            transport.abort()
+            raise ConnectionError(f"the handshake with {server} outlasted the session's "
+                                  "idle close")
         binding = transport.get_extra_info("tls_unique")
         auth = build_auth(self.credential, binding, time.time())
         low, high = FIRST_PADDING_RANGE
@@ -486,7 +492,9 @@ class ClientTunnel(Dialer):
         live = []
         current = self.chooser.current
         for driver in list(self._drivers):
-            if driver.session.closed:
+            if driver.session.closed or driver.closed.done():
+                # Ended (its connection lost), though the slot may not have heard yet: a
+                # stream opened on it would wait for an answer that cannot come.
                 continue
             if getattr(driver, "way", current) != current:
                 # On a way in no longer used: no new streams; closed once its streams end.
