@@ -213,3 +213,50 @@ def test_a_slow_lossy_working_path_is_not_left(tmp_path: Path,
     assert sessions == SLOW_REQUESTS  # each request paid a new handshake over the slow path
     blocked = [r.getMessage() for r in caplog.records if "blocked" in r.getMessage()]
     assert len(blocked) == 1 and "no TLS answer in time" in blocked[0]  # the control's only
+
+
+def test_veil_serve_listens_on_every_listen_and_keys_name_each_via(tmp_path: Path) -> None:
+    """The CLI end to end: two --listen ports, a --via naming the second; `veil user show`
+    hands out a key with both, a client reaches the server by each, and a start without
+    --via takes it out of the keys again."""
+    import json
+    import subprocess
+
+    from tests.support import procs
+
+    second = procs.unused_port()
+    via = f"tls://127.0.0.1:{second}"
+    server = procs.start_veil_server(tmp_path, "--listen", f"127.0.0.1:{second}", "--via", via)
+
+    def shown() -> dict[str, object]:
+        out = subprocess.run([*procs.VEIL, "user", "show", "default", "--json", "--state",
+                              str(server.state)], capture_output=True, check=True, timeout=30)
+        loaded: dict[str, object] = json.loads(out.stdout)
+        return loaded
+
+    try:
+        assert f"listening on 127.0.0.1:{server.port}, 127.0.0.1:{second}" in server.log_text()
+        first = shown()
+        assert first["ways_in"] == [f"tls://127.0.0.1:{server.port}", via]
+        key = AccessKey.parse(str(first["key"]))
+        assert [str(way) for way in key.ways()] == [f"127.0.0.1:{server.port}",
+                                                     f"127.0.0.1:{second}"]
+
+        async def reach_each() -> list[bool]:
+            tunnel = ClientTunnel(key)
+            results = []
+            for way in (0, 1):
+                driver = await tunnel.connect_once(way)
+                results.append(await asyncio.wait_for(driver.accepted, REQUEST_TIMEOUT_S))
+                driver.close()
+                await asyncio.wait_for(driver.closed, REQUEST_TIMEOUT_S)
+            return results
+
+        assert asyncio.run(reach_each()) == [True, True]
+    finally:
+        procs.stop(server.proc)
+    again = procs.start_veil_server(tmp_path, port=server.port)
+    try:
+        assert shown()["ways_in"] == [f"tls://127.0.0.1:{server.port}"]
+    finally:
+        procs.stop(again.proc)
