@@ -36,7 +36,7 @@ def test_via_and_extra_listen_addresses_are_checked() -> None:
     with pytest.raises(ConfigError, match=f"at most {MAX_VIA}"):
         ServerOptions(listen=LISTEN,
                       via=parse_via([f"tls://203.0.113.7:{p}" for p in range(1, MAX_VIA + 2)]))
-    with pytest.raises(ConfigError, match="^--via: way in '203.0.113.7:1' is not a URL"):
+    with pytest.raises(ConfigError, match=r"^--via: way in '203\.0\.113\.7:1' is not a URL"):
         parse_via(["203.0.113.7:1"])
 
 
@@ -65,7 +65,7 @@ def test_a_damaged_via_in_the_state_is_reported(tmp_path: Path) -> None:
     config = json.loads((tmp_path / "config.json").read_text())
     config["via"] = ["tls://nowhere"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="config.json is damaged"):
+    with pytest.raises(ConfigError, match=r"config\.json is damaged"):
         load_state(tmp_path)
 
 
