@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.blocker import Blocker
+from tests.support.blocker import SLOW_ONE_WAY_S, SLOW_STALL_S, Blocker
 from veil.client.forward import TcpForward
 from veil.config import ServerOptions
 from veil.manage.state import init_state
@@ -54,7 +54,7 @@ BACK_WITHIN_S = 8.0
 PAYLOAD = b"veil failover " * 100
 #: Requests over the slow path, each on a new session, and the server's idle close that
 #: makes it new.
-SLOW_REQUESTS = 8
+SLOW_REQUESTS = 6
 SERVER_IDLE_CLOSE_S = 0.3
 #: The positive control's handshake timeout: less than the 150 ms round trip TLS needs.
 NAIVE_HANDSHAKE_S = 0.1
@@ -198,8 +198,9 @@ def test_a_slow_lossy_working_path_is_not_left(tmp_path: Path,
                 results = []
                 for _ in range(SLOW_REQUESTS):
                     results.append(await request(forward))
-                    # Past the server's idle close and its CLOSE's way back.
-                    await asyncio.sleep(SERVER_IDLE_CLOSE_S + 0.2)
+                    # Past the server's idle close and its CLOSE's way back (even stalled).
+                    await asyncio.sleep(SERVER_IDLE_CLOSE_S + SLOW_ONE_WAY_S + SLOW_STALL_S
+                                        + 0.1)
                 kept = tunnel.chooser.current
             sessions = r.blocker.relayed
             print(f"slow path: {time.monotonic() - started:.1f} s for {SLOW_REQUESTS} requests")
