@@ -268,10 +268,18 @@ def test_message_sizes_are_checked() -> None:
         with pytest.raises(NoiseError) as failure:
             NoiseResponder(SERVER.private, PROLOGUE).read_request(message)
         assert failure.value.code == "bad_size"
+    initiator = NoiseInitiator(SERVER.public, PROLOGUE)
     with pytest.raises(NoiseError, match="over the limit"):
-        NoiseInitiator(SERVER.public, PROLOGUE).write_request(bytes(MAX_HANDSHAKE_PAYLOAD + 1))
-    largest = NoiseInitiator(SERVER.public, PROLOGUE).write_request(bytes(MAX_HANDSHAKE_PAYLOAD))
+        initiator.write_request(bytes(MAX_HANDSHAKE_PAYLOAD + 1))
+    # The refusal changed nothing: the largest payload then goes through, to a real responder.
+    largest = initiator.write_request(bytes(MAX_HANDSHAKE_PAYLOAD))
     assert len(largest) == MAX_MESSAGE_SIZE
+    responder = NoiseResponder(SERVER.private, PROLOGUE)
+    assert responder.read_request(largest) == bytes(MAX_HANDSHAKE_PAYLOAD)
+    with pytest.raises(NoiseError, match="over the limit"):
+        responder.write_response(bytes(MAX_HANDSHAKE_PAYLOAD + 1))
+    answer, _ = responder.write_response(bytes(MAX_HANDSHAKE_PAYLOAD))
+    assert initiator.read_response(answer)[0] == bytes(MAX_HANDSHAKE_PAYLOAD)
 
     sender, receiver = handshake()
     with pytest.raises(NoiseError, match="do not fit"):

@@ -372,11 +372,12 @@ class _Handshake:
         self._state.mix_hash(self._remote_ephemeral)
         return view[DH_SIZE:]
 
-    def _write_payload(self, payload: bytes) -> bytes:
+    def _begin_write(self, step: _Step, payload: bytes) -> None:
+        # Checked before the state changes, so a caller may retry with a shorter payload.
+        self._begin(step)
         if len(payload) > MAX_HANDSHAKE_PAYLOAD:
             raise NoiseError(f"a handshake payload of {len(payload)} bytes is over the limit "
                              f"of {MAX_HANDSHAKE_PAYLOAD}", code="bad_size")
-        return self._state.encrypt_and_hash(payload)
 
     def _finish(self, initiator: bool) -> NoiseTransport:
         to_responder, to_initiator = self._state.split()
@@ -411,10 +412,10 @@ class NoiseInitiator(_Handshake):
 
     def write_request(self, payload: bytes = b"") -> bytes:
         """``-> e, es`` and ``payload`` encrypted to the server's static key."""
-        self._begin(_Step.WRITE_FIRST)
+        self._begin_write(_Step.WRITE_FIRST, payload)
         message = self._write_e()
         self._state.mix_key(_dh(self._ephemeral_key(), self._server_public))
-        message += self._write_payload(payload)
+        message += self._state.encrypt_and_hash(payload)
         self._step = _NEXT_STEP[self._step]
         return message
 
@@ -470,10 +471,10 @@ class NoiseResponder(_Handshake):
 
     def write_response(self, payload: bytes = b"") -> tuple[bytes, NoiseTransport]:
         """``<- e, ee`` with ``payload`` (empty, or padding): the message and the transport."""
-        self._begin(_Step.WRITE_SECOND)
+        self._begin_write(_Step.WRITE_SECOND, payload)
         message = self._write_e()
         self._state.mix_key(_dh(self._ephemeral_key(), self._remote_ephemeral))
-        message += self._write_payload(payload)
+        message += self._state.encrypt_and_hash(payload)
         self._step = _NEXT_STEP[self._step]
         return message, self._finish(initiator=False)
 
