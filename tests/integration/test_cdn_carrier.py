@@ -136,6 +136,7 @@ def test_one_mib_each_way_byte_exact(variant: str, tmp_path: Path) -> None:
                 assert peer.eof
                 assert bytes(peer.data) == up
                 assert server.carriers.opened[variant] == 1
+                print(f"{variant}: {server.carriers.out_of_order} packets out of order")
                 assert not server.carriers.sessions and not server.carriers.websockets
         asyncio.run(main())
 

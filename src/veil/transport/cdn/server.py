@@ -61,6 +61,7 @@ class CarrierServer:
         self.sessions: dict[bytes, PacketUpSession] = {}
         self.websockets: set[WebSocketStream] = set()
         self.opened = {"websocket": 0, "packet-up": 0}
+        self.out_of_order = 0  # uplink packets that arrived before one they follow
 
     # ------------------------------------------------------------- the cover's questions
     def claims(self, method: bytes, path: bytes, headers: Mapping[bytes, bytes]) -> bool:
@@ -152,6 +153,8 @@ class PacketUpSession(ByteStream):
         if self.is_closing():
             reader.transport.abort()
             return
+        if seq != self.reorder.next_seq:
+            self.server.out_of_order += 1
         try:
             self._ready += self.reorder.push(seq, data)
         except TransportError as exc:
