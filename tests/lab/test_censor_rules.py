@@ -246,6 +246,18 @@ def test_inject_rst_counts_bytes_still_on_their_way() -> None:
     assert path.client.state == "reset" and path.server.state == "reset"
 
 
+def test_the_model_ends_refuse_what_a_naive_censor_forges() -> None:
+    """The positive control of the RST tests: an RST back to the sender that echoes its
+    packet's own sequence number (a naive forger's choice), or one a byte off, leaves the
+    ends established."""
+    path = established(Censor())
+    request = path.client.send(SERVER, b"next")
+    segment = dpkt.ip.IP(request).data
+    path.client.receive(tcp(SERVER, CLIENT, segment.seq, segment.ack, TCP_RST | TCP_ACK))
+    path.server.receive(tcp(CLIENT, SERVER, segment.seq + 1, segment.ack, TCP_RST | TCP_ACK))
+    assert path.client.state == path.server.state == "established"
+
+
 def test_a_challenge_ack_is_answered_with_an_exact_rst() -> None:
     """An end whose data the censor never saw (it lost track) answers an inexact RST with a
     challenge ACK; that ACK names the next byte it expects, and the next RST hits it."""
@@ -295,6 +307,10 @@ def test_block_sni_blocks_the_name_and_its_triple_until_lifted() -> None:
     # Negative control: another name to the same server crosses from another client.
     _, decision = hello_path(censor, "fine.example", client=Endpoint("10.0.0.5", 40000))
     assert decision.forward
+    # Another rule changes: the name is still listed, the triple stays blocked.
+    censor.set_rules(Rules(block_sni=frozenset({"blocked.example"}), inject_rst=True))
+    still = Path(censor, client=Endpoint(CLIENT.ip, 40003))
+    assert not still.cross(still.client.syn(SERVER), still.client).forward
     # Lifted: the triple is free at once.
     censor.set_rules(Rules())
     again = Path(censor, client=Endpoint(CLIENT.ip, 40002))

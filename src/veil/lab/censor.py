@@ -268,13 +268,15 @@ class _Decided:
     """A flow the detectors (or the block-sni rule) are done with."""
 
     blocked: bool
-    by_rule: bool = False
+    sni_rule: str | None = None
+    """The server name the block-sni rule blocked the flow for (None: a detector did)."""
 
 
 @dataclass
 class _Residual:
     until: float
-    by_rule: bool = False
+    sni_rule: str | None = None
+    """As :attr:`_Decided.sni_rule`: a residual block the rule's lifting ends."""
 
 
 @dataclass
@@ -353,18 +355,22 @@ class Censor:
 
     # ------------------------------------------------------------------ rules
     def set_rules(self, rules: Rules) -> None:
-        """Replace the rules, at once: what the old ones blocked by SNI (the flows and their
-        residual triples) is let go, and the new ones apply from the next packet."""
+        """Replace the rules, at once: what the old ones blocked by an SNI no longer listed (the
+        flows and their residual triples) is let go, and the new ones apply from the next
+        packet."""
         self.rules = rules
         self._ip_hosts = frozenset(n.split("/")[0] for n in rules.block_ips
                                    if n.endswith(("/32", "/128")))
         self._ip_networks = tuple(ipaddress.ip_network(n) for n in rules.block_ips
                                   if not n.endswith(("/32", "/128")))
         self._sni_rule = sni.BlockList(rules.block_sni)
-        self._blocked = {t: r for t, r in self._blocked.items() if not r.by_rule}
+        def lifted(name: str | None) -> bool:
+            return name is not None and self._sni_rule.match(name) is None
+
+        self._blocked = {t: r for t, r in self._blocked.items() if not lifted(r.sni_rule)}
         for decided in self._decided.values():
-            if decided.by_rule:
-                decided.blocked = decided.by_rule = False
+            if lifted(decided.sni_rule):
+                decided.blocked, decided.sni_rule = False, None
 
     def _ip_blocked(self, packet: Packet) -> bool:
         if not self.rules.block_ips:
@@ -543,8 +549,8 @@ class Censor:
                                                True, now + residual))
                 self.stats.flagged += 1
                 self._blocked[Triple(flow.client.ip, flow.server.ip, flow.server.port)] = \
-                    _Residual(now + residual, by_rule=True)
-                return _Decided(True, by_rule=True)
+                    _Residual(now + residual, sni_rule=verdict.details["sni"])
+                return _Decided(True, sni_rule=verdict.details["sni"])
         for name in self.block:
             judge, default_residual = BLOCKING[name]
             verdict = judge(flow, self.blocklist)
