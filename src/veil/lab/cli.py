@@ -52,7 +52,7 @@ The rules file (--rules) has one rule a line, the options' names without dashes:
   throttle-drop 0.5          # comment
 The rules in force are the command line's plus the file's (the file's throttle wins). The
 file is compared with what was applied every 0.1 s; each change prints {"event": "rules",
-...} once applied. Lifting a rule lets go at once of what it blocks (SNI residuals too).
+...} once applied. Lifting a rule lets go at once of what it blocks (an SNI residual too).
 Write the file atomically (a temporary file, then rename) so it is never read half written.
 """
 
