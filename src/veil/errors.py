@@ -4,6 +4,7 @@
 
     VeilError
     ├── ProtocolError            bytes on the wire that break the protocol
+    │   ├── NoiseError                   (protocol.noise) a Noise handshake or message failed
     │   ├── LocalProtocolError   we were asked to send something the protocol forbids
     │   │   └── TlsUsageError            (transport.tls13.errors)
     │   └── RemoteProtocolError  the peer sent something the protocol forbids

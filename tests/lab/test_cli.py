@@ -79,6 +79,14 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     assert run(["lab", "censor", "--a", "x", "--b", "y", "--probability", "2"]) == 2
     assert run(["lab", "censor", "--a", "x", "--b", "y", "--block", "nonsense"]) == 2
     assert "cannot block on" in capsys.readouterr().err
+    censor = ["lab", "censor", "--a", "x", "--b", "y"]
+    assert run([*censor, "--throttle-drop", "0.5"]) == 2
+    assert "needs --throttle-after" in capsys.readouterr().err
+    assert run([*censor, "--block-port", "70000"]) == 2
+    assert "not a port" in capsys.readouterr().err
+    (rules := tmp_path / "rules").write_text("block-port 443\nblock-everything\n")
+    assert run([*censor, "--rules", str(rules)]) == 2
+    assert "line 2" in capsys.readouterr().err
     (bad := tmp_path / "bad.pcap").write_bytes(b"nope")
     assert run(["lab", "passive", str(bad)]) == 2
     assert "not a pcap" in capsys.readouterr().err

@@ -179,24 +179,66 @@ def test_datagrams_carry_addresses_both_ways() -> None:
     assert transfer(server, client) == [DatagramReceived(sid, Address("9.9.9.9", 53), b"answer")]
 
 
-def test_keepalive_pings_and_detects_a_dead_peer() -> None:
+def frames_of(wire: bytes | memoryview) -> list[FrameType]:
+    """The frame types in a write, in order."""
+    found, data, pos = [], bytes(wire), 0
+    while pos < len(data):
+        word = int.from_bytes(data[pos : pos + 4], "big")
+        found.append(FrameType(word >> 24))
+        pos += 8 + (word & 0xFFFFFF)
+    return found
+
+
+def test_an_idle_session_never_pings_however_long_a_stream_stays_open() -> None:
+    # Chromium's idle HTTP/2 connection sends nothing; neither does veil's, stream or not.
     client, server = pair()
-    sid = client.open_stream(StreamKind.TCP, DEST)  # keepalive runs while streams are open
+    client.open_stream(StreamKind.TCP, DEST)
     transfer(client, server)
-    first = client.get_timer()
-    assert first is not None and 7.5 <= first <= 22.5  # 15 s, jittered
-    client.handle_timer(first)
-    server.receive_data(client.data_to_send(), first)
-    events = client.receive_data(server.data_to_send(), first + 0.5)
-    assert events == [PongReceived(0.5)]
-    second = client.get_timer()
-    assert second is not None and first + 0.5 + 7.5 <= second <= first + 0.5 + 22.5
-    client.handle_timer(second)  # idle again: ping, and this time nobody answers
-    client.data_to_send()
-    assert client.get_timer() == second + 10.0
-    events = client.handle_timer(second + 10.0)
+    assert client.get_timer() is None
+    for now in (5.0, 60.0, 3600.0):
+        assert client.handle_timer(now) == []
+        assert client.data_to_send(now) == b""
+    assert server.get_timer() is None  # its idle close waits for the stream to go
+
+
+def test_a_write_after_a_silence_carries_a_ping_and_finds_a_dead_peer() -> None:
+    plain = SessionConfig(shaping=NO_SHAPING)  # no padding frames in the writes compared
+    client, server = Session(client=True, now=0.0, config=plain), Session(client=False, now=0.0)
+    sid = client.open_stream(StreamKind.TCP, DEST)
+    server.receive_data(client.data_to_send(0.0), 0.0)
+    # Within the interval of the last bytes received: the write goes alone.
+    server.send_data(sid, b"hello")
+    client.receive_data(server.data_to_send(1.0), 1.0)
+    client.send_data(sid, b"soon")
+    assert frames_of(client.data_to_send(1.0 + 9.9)) == [FrameType.DATA]
+    # After the interval: the PING goes first, with the user's write (Chromium's preface
+    # ping), and an answer clears it.
+    client.send_data(sid, b"after a silence")
+    wire = client.data_to_send(11.0)
+    assert frames_of(wire) == [FrameType.PING, FrameType.DATA]
+    server.receive_data(wire, 11.0)
+    assert client.receive_data(server.data_to_send(11.25), 11.25) == [PongReceived(0.25)]
+    assert client.get_timer() is None
+    # Silent again past the interval, and this time nobody answers: declared dead 10 s later.
+    client.send_data(sid, b"into the void")
+    assert frames_of(client.data_to_send(30.0)) == [FrameType.PING, FrameType.DATA]
+    assert client.get_timer() == 30.0 + 10.0
+    client.send_data(sid, b"more")  # one PING outstanding at most
+    assert frames_of(client.data_to_send(35.0)) == [FrameType.DATA]
+    assert client.handle_timer(39.9) == []
+    events = client.handle_timer(40.0)
     assert events == [SessionClosed(CloseCode.KEEPALIVE_TIMEOUT, "keepalive timeout", False)]
-    assert sid
+
+
+def test_the_server_never_pings() -> None:
+    from veil.server.service import SERVER_SESSION_CONFIG
+
+    client = Session(client=True, now=0.0)
+    server = Session(client=False, now=0.0, config=SERVER_SESSION_CONFIG)
+    sid = client.open_stream(StreamKind.TCP, DEST)
+    transfer(client, server)
+    server.send_data(sid, b"an answer an hour later")
+    assert FrameType.PING not in frames_of(server.data_to_send(3600.0))
 
 
 def test_close_is_reported_to_the_peer() -> None:
@@ -413,7 +455,7 @@ def test_a_session_idle_near_the_servers_close_takes_no_new_stream() -> None:
     client = Session(client=True, now=0.0, config=SessionConfig(reuse_limit=70.0))
     assert client.reusable(69.9) and not client.reusable(70.0)
     stream = client.open_stream(StreamKind.TCP, DEST)
-    assert client.get_timer() is not None
+    assert client.get_timer() is None  # a stream open: no idle close, and no ping while idle
     assert client.reusable(500.0)  # a stream is open: not idle
     client.reset(stream)
     client.handle_timer(100.0)  # the last stream went: idle from now

@@ -239,10 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="do not pad the first writes of sessions and streams (measures "
                               "shaping's cost; makes tunnelled TLS handshakes visible)")
     connect.add_argument("--keepalive", metavar="SECONDS[:TIMEOUT]",
-                         help="ping the server after SECONDS idle and reconnect when no answer "
-                              f"comes within TIMEOUT (default {DEFAULT_KEEPALIVE[0]:g}:"
-                              f"{DEFAULT_KEEPALIVE[1]:g}); lower finds a dead path sooner, at "
-                              "the cost of more pings")
+                         help="when the server has been silent SECONDS, send a ping with the "
+                              "next request or data, and reconnect when no answer comes within "
+                              f"TIMEOUT (default {DEFAULT_KEEPALIVE[0]:g}:"
+                              f"{DEFAULT_KEEPALIVE[1]:g}, Chromium's); an idle tunnel never "
+                              "pings")
     connect.add_argument("--tls", choices=("browser", "openssl"), default="browser",
                          help="TLS client: 'browser' sends Chrome's ClientHello (default); "
                               "'openssl' uses Python's ssl, whose ClientHello no browser sends")

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar, cast
 
-from veil.cover.http1 import CloseAction, CoverConnection, CoverMode
+from veil.cover.http1 import Claimed, CloseAction, CoverConnection, CoverMode, RequestJudge
 from veil.cover.http2 import H2CloseAction, H2CoverConnection
 from veil.cover.nginx import (
     CLIENT_HEADER_TIMEOUT,
@@ -33,7 +33,18 @@ from veil.cover.nginx import (
 from veil.cover.site import CoverSite
 from veil.net.loop_timer import LoopTimer
 
-__all__ = ["CoverProtocol", "H2CoverProtocol"]
+__all__ = ["CoverProtocol", "H2CoverProtocol", "RequestClaim"]
+
+
+class RequestClaim(RequestJudge, Protocol):
+    """A :class:`~veil.cover.http1.RequestJudge` that takes over the connections of the
+    requests it claims (the CDN carrier, veil.transport.cdn)."""
+
+    def take_over(self, transport: asyncio.Transport, request: Claimed,
+                  give_back: Callable[[asyncio.Transport, bytes], None]) -> None:
+        """The connection is yours from after ``request``'s headers (``request.rest`` was
+        read already). ``give_back(transport, rest)`` returns a keep-alive connection to the
+        cover, as if freshly accepted with ``rest`` already received."""
 
 #: Unsent answers (bytes waiting in the transport) past which an HTTP/1.1 cover connection
 #: starts no further pipelined request and reads nothing more until they drain (the
@@ -142,16 +153,28 @@ class CoverProtocol(_CoverAdapter[CoverConnection]):
                  keepalive_timeout: float = KEEPALIVE_TIMEOUT,
                  lingering_timeout: float = LINGERING_TIMEOUT,
                  lingering_time: float = LINGERING_TIME,
-                 plain_on_https_port: bool = False) -> None:
-        """``plain_on_https_port=True`` is shorthand for ``mode=PLAIN_ON_TLS_PORT``."""
+                 plain_on_https_port: bool = False, claim: RequestClaim | None = None) -> None:
+        """``plain_on_https_port=True`` is shorthand for ``mode=PLAIN_ON_TLS_PORT``.
+        ``claim``: who may take the connection over at a request (RequestClaim)."""
         if plain_on_https_port:
             mode = CoverMode.PLAIN_ON_TLS_PORT
         super().__init__(lambda now, wall_offset, transport: CoverConnection(
             site, now=now, mode=mode, started_at=started_at, header_timeout=header_timeout,
             keepalive_timeout=keepalive_timeout, lingering_timeout=lingering_timeout,
             lingering_time=lingering_time,
-            tls=transport.get_extra_info("ssl_object") is not None, wall_offset=wall_offset))
+            tls=transport.get_extra_info("ssl_object") is not None, wall_offset=wall_offset,
+            judge=claim))
         self._eof_written = False
+        self._claim = claim
+
+        def give_back(transport: asyncio.Transport, rest: bytes) -> None:
+            CoverProtocol.take_over(transport, rest, site, mode=mode,
+                                    header_timeout=header_timeout,
+                                    keepalive_timeout=keepalive_timeout,
+                                    lingering_timeout=lingering_timeout,
+                                    lingering_time=lingering_time, claim=claim)
+
+        self._give_back = give_back
 
     @classmethod
     def take_over(cls, transport: asyncio.Transport, initial: bytes, site: CoverSite, *,
@@ -159,7 +182,8 @@ class CoverProtocol(_CoverAdapter[CoverConnection]):
                   header_timeout: float = CLIENT_HEADER_TIMEOUT,
                   keepalive_timeout: float = KEEPALIVE_TIMEOUT,
                   lingering_timeout: float = LINGERING_TIMEOUT,
-                  lingering_time: float = LINGERING_TIME) -> CoverProtocol:
+                  lingering_time: float = LINGERING_TIME,
+                  claim: RequestClaim | None = None) -> CoverProtocol:
         """Become ``transport``'s protocol and handle ``initial`` as if just received.
 
         ``started_at`` is the loop time (``loop.time()``) when the connection was accepted:
@@ -167,7 +191,7 @@ class CoverProtocol(_CoverAdapter[CoverConnection]):
         """
         proto = cls(site, mode=mode, started_at=started_at, header_timeout=header_timeout,
                     keepalive_timeout=keepalive_timeout, lingering_timeout=lingering_timeout,
-                    lingering_time=lingering_time)
+                    lingering_time=lingering_time, claim=claim)
         transport.set_protocol(proto)
         proto.connection_made(transport)
         if initial:
@@ -204,6 +228,13 @@ class CoverProtocol(_CoverAdapter[CoverConnection]):
                 break
             conn.resume(loop.time())
         action = conn.close_action
+        if action is CloseAction.HANDOFF:
+            timer.cancel()
+            claimed, claim = conn.claimed, self._claim
+            self._conn = self._transport = None  # the connection is no longer the cover's
+            assert claimed is not None and claim is not None
+            claim.take_over(transport, claimed, self._give_back)
+            return
         tls = transport.get_extra_info("ssl_object") is not None
         if action is CloseAction.LINGER and not self._eof_written:
             self._eof_written = True

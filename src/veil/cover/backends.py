@@ -20,7 +20,7 @@ import ssl
 from typing import cast
 from urllib.parse import urlsplit
 
-from veil.cover.adapters import CoverProtocol, H2CoverProtocol
+from veil.cover.adapters import CoverProtocol, H2CoverProtocol, RequestClaim
 from veil.cover.generate import SiteSeed
 from veil.cover.http1 import CoverMode
 from veil.cover.http2 import SERVER_PREFACE
@@ -89,7 +89,11 @@ class BuiltinCover(Cover):
                  header_timeout: float = NGINX_HEADER_TIMEOUT_S,
                  keepalive_timeout: float = KEEPALIVE_TIMEOUT,
                  lingering_timeout: float = LINGERING_TIMEOUT,
-                 lingering_time: float = LINGERING_TIME) -> None:
+                 lingering_time: float = LINGERING_TIME,
+                 claim: RequestClaim | None = None) -> None:
+        # ``claim``: what may take HTTP/1.1 requests over (the CDN carrier's secret paths;
+        # h2 is not offered to it: CDNs and reverse proxies reach origins over HTTP/1.1).
+        self.claim = claim
         # A seed (the install's) gives its generated site; nothing gives a fresh one.
         self.site = site if isinstance(site, CoverSite) else CoverSite.builtin(site)
         self.header_timeout = header_timeout
@@ -120,7 +124,8 @@ class BuiltinCover(Cover):
             CoverProtocol.take_over(
                 transport, initial, self.site, started_at=started_at,
                 header_timeout=self.header_timeout, keepalive_timeout=self.keepalive_timeout,
-                lingering_timeout=self.lingering_timeout, lingering_time=self.lingering_time)
+                lingering_timeout=self.lingering_timeout, lingering_time=self.lingering_time,
+                claim=self.claim)
 
 
 def negotiated_alpn(transport: asyncio.BaseTransport) -> str | None:

@@ -64,6 +64,8 @@ Remaining differences (not emulated)
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
+from typing import Protocol
 
 from veil.cover.nginx import (
     ALPHA,
@@ -93,7 +95,30 @@ from veil.cover.nginx import (
 from veil.cover.site import CoverSite, Request, Response
 from veil.cover.uri import parse_complex_uri, validate_host
 
-__all__ = ["CloseAction", "CoverConnection", "CoverMode"]
+__all__ = ["Claimed", "CloseAction", "CoverConnection", "CoverMode", "RequestJudge"]
+
+
+class RequestJudge(Protocol):
+    """Something on the same port that may take a connection over at a request (the CDN
+    carrier, veil.transport.cdn). The cover asks it about every HTTP/1.1 request that nginx
+    would hand to its content handler; a request it does not claim is served as always, so
+    a judge that claims nothing a stranger can send changes nothing a stranger sees."""
+
+    #: Lower-case header names it needs (the cover keeps only its own otherwise).
+    header_names: frozenset[bytes]
+
+    def claims(self, method: bytes, path: bytes, headers: Mapping[bytes, bytes]) -> bool:
+        """Whether this request (normalised path, first value of each named header) is its."""
+
+
+class Claimed:
+    """A request a :class:`RequestJudge` claimed, and the bytes read after its headers."""
+
+    __slots__ = ("headers", "method", "path", "rest")
+
+    def __init__(self, method: bytes, path: bytes, headers: dict[bytes, bytes],
+                 rest: bytes) -> None:
+        self.method, self.path, self.headers, self.rest = method, path, headers, rest
 
 #: ngx_http_parse_chunked refuses chunk sizes that would overflow off_t; we cap the hex digits.
 MAX_CHUNK_SIZE_DIGITS = 15
@@ -121,6 +146,7 @@ class CloseAction(enum.Enum):
     QUIET = "quiet"      # close after a request timed out: no close_notify (nginx sets
                          # c->timedout, which makes its SSL shutdown quiet)
     RESET = "reset"      # close with unread data: RST, as the kernel does for nginx
+    HANDOFF = "handoff"  # a RequestJudge claimed the request: hand it the transport as is
 
 
 class _Phase(enum.Enum):
@@ -175,8 +201,11 @@ class CoverConnection:
                  keepalive_timeout: float = KEEPALIVE_TIMEOUT,
                  lingering_timeout: float = LINGERING_TIMEOUT,
                  lingering_time: float = LINGERING_TIME, tls: bool = False,
-                 wall_offset: float = 0.0) -> None:
+                 wall_offset: float = 0.0, judge: RequestJudge | None = None) -> None:
         self._site = site
+        self._judge = judge
+        #: Set with CloseAction.HANDOFF: the request the judge claimed.
+        self.claimed: Claimed | None = None
         self._wall_offset = wall_offset
         self._mode = mode
         self._tls = tls
@@ -335,6 +364,7 @@ class CoverConnection:
         self._hvalue_start = 0
         self._hvalue_end = 0
         self._invalid_header = False
+        self._judged_headers: dict[bytes, bytes] = {}
 
     # -- the main loop ---------------------------------------------------------------------
 
@@ -809,6 +839,9 @@ class CoverConnection:
             self._padding = pads_error_pages(value)
         if name in _KEPT_HEADERS and name not in self._headers:
             self._headers[name] = value
+        if (self._judge is not None and name in self._judge.header_names
+                and name not in self._judged_headers):
+            self._judged_headers[name] = value
 
     # -- a complete request ----------------------------------------------------------------
 
@@ -849,6 +882,14 @@ class CoverConnection:
                           False, self._padding)
             self._send_response(self._site.fail(req, status, date=now + self._wall_offset),
                                 content_length, chunked, now, handled=False)
+            return
+        if (self._judge is not None and version >= 1001
+                and self._judge.claims(self._method, self._uri, self._judged_headers)):
+            self.claimed = Claimed(self._method, self._uri, dict(self._judged_headers),
+                                   bytes(self._buf[self._pos:]) + bytes(self._pending))
+            self._buf.clear()
+            self._pending.clear()
+            self._close(CloseAction.HANDOFF)
             return
         if self._connection == 1:
             keepalive = False

@@ -34,6 +34,28 @@ def _add_idle_options(parser: argparse.ArgumentParser) -> None:
                             "its answer): more than the path's round trip, less than the "
                             f"heartbeat period (default {MOMENT_GAP_S:g})")
 
+CENSOR_RULES_HELP = """\
+rules, after THREATS.md section 8:
+  --block-ip        a null-routed server (Iran 2023, China): packets vanish, connects time out
+  --block-port      the GFW's 20 Aug 2025 blocking of TCP/443 (with --inject-rst: RST+ACK both ways)
+  --block-sni       the GFW's SNI filter (RSTs with --inject-rst, then the triple for 90 s)
+  --throttle-after  Iran's throttling; with the default --throttle-drop 1, Russia's freeze
+                    after ~16 KB
+--inject-rst applies to every block but --block-ip: port, SNI and detector blocks.
+
+The rules file (--rules) has one rule a line, the options' names without dashes:
+  block-ip 203.0.113.7 198.51.100.0/24
+  block-port 443
+  block-sni blocked.example
+  inject-rst
+  throttle-after 16384
+  throttle-drop 0.5          # comment
+The rules in force are the command line's plus the file's (the file's throttle wins). The
+file is compared with what was applied every 0.1 s; each change prints {"event": "rules",
+...} once applied. Lifting a rule lets go at once of what it blocks (an SNI residual too).
+Write the file atomically (a temporary file, then rename) so it is never read half written.
+"""
+
 LAB_DESCRIPTION = """\
 The censor lab: judge traffic as a national firewall would, from bytes on the wire only.
 
@@ -112,8 +134,10 @@ def add_lab_parser(sub: Any) -> None:
                     "namespace of their own and act as the GFW does: inspect the first "
                     "packets of every flow, drop the client-to-server packets of a flow a "
                     "blocking detector flags, and keep dropping that client's packets to "
-                    "that server port for a residual period. Prints 'ready', then one JSON "
-                    "line per flagged flow; SIGTERM stops it.")
+                    "that server port for a residual period. Rules block without a detector "
+                    "and can change while it runs (--rules). Prints 'ready', then one JSON "
+                    "line per flagged flow and per connection a rule acts on; SIGTERM stops it.",
+        epilog=CENSOR_RULES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     censor.add_argument("--a", required=True, metavar="IFACE", help="one end (e.g. the client's)")
     censor.add_argument("--b", required=True, metavar="IFACE", help="the other end")
     censor.add_argument("--block", default="fully-encrypted,protocol-signatures,sni",
@@ -125,8 +149,30 @@ def add_lab_parser(sub: Any) -> None:
     censor.add_argument("--probability", type=float, default=1.0, metavar="P",
                         help="chance a flagged flow is blocked (the GFW: 0.263 for fully "
                              "encrypted traffic; default 1)")
-    censor.add_argument("--seed", type=int, help="seed of the probability draws")
+    censor.add_argument("--seed", type=int, help="seed of the probability and throttle draws")
     censor.add_argument("--blocklist", type=Path, metavar="FILE", help="SNI block list")
+    rules = censor.add_argument_group("rules (no detector needed; see below)")
+    rules.add_argument("--block-ip", action="append", default=[], metavar="ADDR[/LEN]",
+                       help="blackhole an address or network: drop every packet to or from it, "
+                            "never reset (repeatable)")
+    rules.add_argument("--block-port", action="append", default=[], type=int, metavar="PORT",
+                       help="block every TCP and UDP connection to a server port, both "
+                            "directions (repeatable)")
+    rules.add_argument("--block-sni", action="append", default=[], metavar="NAME",
+                       help="block TLS connections whose SNI is NAME or a subdomain, and their "
+                            "triple for the residual period (repeatable)")
+    rules.add_argument("--inject-rst", action="store_true",
+                       help="reset blocked TCP connections (forged RST+ACKs to both ends, with "
+                            "the sequence numbers each expects) instead of dropping silently")
+    rules.add_argument("--throttle-after", type=int, metavar="BYTES",
+                       help="once a connection carried BYTES (both directions), drop "
+                            "--throttle-drop of its packets")
+    rules.add_argument("--throttle-drop", type=float, metavar="SHARE",
+                       help="share of a throttled connection's packets dropped (0 to 1; "
+                            "default 1: the connection freezes)")
+    rules.add_argument("--rules", type=Path, metavar="FILE",
+                       help="more rules, read again whenever the file changes (a missing file "
+                            "holds none)")
 
     report = lab_sub.add_parser(
         "report", help="a table per detector over captures and probe results",

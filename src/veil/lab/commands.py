@@ -18,7 +18,7 @@ from pathlib import Path
 from veil.errors import ConfigError
 from veil.lab import passive, probe, report, sameinstall
 from veil.lab.bridge import run_bridge
-from veil.lab.censor import Censor
+from veil.lab.censor import Censor, Rules
 from veil.lab.sni import BlockList
 
 
@@ -93,13 +93,20 @@ def _censor(args: argparse.Namespace) -> int:
         raise ConfigError("--probability takes 0 to 1")
     if args.residual is not None and args.residual < 0:
         raise ConfigError("--residual must be >= 0")
+    if args.throttle_drop is not None and args.throttle_after is None:
+        raise ConfigError("--throttle-drop needs --throttle-after")
     block = tuple(name.strip() for name in args.block.split(",") if name.strip())
     try:
+        rules = Rules(tuple(args.block_ip), frozenset(args.block_port),
+                      frozenset(args.block_sni), args.inject_rst, args.throttle_after,
+                      1.0 if args.throttle_drop is None else args.throttle_drop)
         censor = Censor(block=block, residual=args.residual, blocklist=_blocklist(args.blocklist),
-                        probability=args.probability, seed=args.seed)
-    except ValueError as exc:
+                        probability=args.probability, seed=args.seed, rules=rules)
+        if args.rules is not None and args.rules.exists():
+            Rules.parse(args.rules.read_text())  # a mistake now is a usage error, not a log line
+    except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(str(exc)) from exc
-    run_bridge(args.a, args.b, censor)
+    run_bridge(args.a, args.b, censor, args.rules)
     return 0
 
 

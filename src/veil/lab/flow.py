@@ -56,6 +56,9 @@ class Packet:
     payload: bytes
     tcp_flags: int = 0
     seq: int = 0
+    ack: int = 0
+    """The acknowledgement number (meaningful when ``tcp_flags`` has ACK): the sender's
+    next expected byte, which an in-path censor needs to forge an RST the sender accepts."""
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,8 @@ def decode_ip(timestamp: float, data: bytes) -> Packet | None:
     if proto == IPPROTO_TCP and isinstance(upper, dpkt.tcp.TCP):
         return Packet(timestamp, "tcp", Endpoint(src, int(upper.sport)),
                       Endpoint(dst, int(upper.dport)), bytes(upper.data),
-                      tcp_flags=int(upper.flags), seq=int(upper.seq))
+                      tcp_flags=int(upper.flags), seq=int(upper.seq),
+                      ack=int(upper.ack))
     if proto == IPPROTO_UDP and isinstance(upper, dpkt.udp.UDP):
         return Packet(timestamp, "udp", Endpoint(src, int(upper.sport)),
                       Endpoint(dst, int(upper.dport)), bytes(upper.data))

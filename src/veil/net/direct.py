@@ -146,7 +146,13 @@ class _Half(asyncio.Protocol):
             # flushing. Returning False makes this transport close itself.
             peer.close()
             return False
-        peer.write_eof()
+        try:
+            peer.write_eof()
+        except OSError:
+            # The peer's socket was reset and the loop has not seen it yet (ENOTCONN): both
+            # directions are over.
+            peer.abort()
+            return False
         return True  # keep this transport open: the other direction is still flowing
 
     def connection_lost(self, exc: Exception | None) -> None:

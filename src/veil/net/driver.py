@@ -242,8 +242,9 @@ class SessionDriver(asyncio.Protocol):
         self.flush()
 
     def flush(self) -> None:
-        """Write what the session queued and re-arm the keepalive timer."""
-        data = self.session.data_to_send()
+        """Write what the session queued (with a keepalive PING after a silence) and re-arm
+        the session's timer."""
+        data = self.session.data_to_send(self._loop.time())
         transport = self._transport
         if data and transport is not None:
             if self._on_bytes is not None:
@@ -471,7 +472,13 @@ class TcpRelay(asyncio.BufferedProtocol):
         if self._closed:
             return
         if transport.can_write_eof():
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:
+                # The application reset its socket and the loop has not seen it yet
+                # (shutdown: ENOTCONN). Its stream ends here; the session's others go on.
+                self._abort()
+                return
         if self.session.stream_state(self.stream_id) is StreamState.CLOSED:
             self._finish_closed()
 

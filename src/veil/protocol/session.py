@@ -63,17 +63,16 @@ INITIAL_SESSION_WINDOW = 32 * 1024 * 1024
 _GRANT_FRACTION = 4
 # A window above 2**31 - 1 can only come from a broken or hostile peer.
 MAX_WINDOW = 2**31 - 1
-# Keepalive as veil ships it (the client's; the server sets its own, slower one). A session
-# pings only while it has streams open (an idle SSH login must notice a dead server); with no
-# stream open it sends nothing at all, as a browser's idle connection to nginx sends nothing.
-# Each wait is drawn anew from KEEPALIVE_JITTER times the interval, so pings have no period a
-# censor could lock on to: after 7.5 to 22.5 s of silence a ping finds a dead path (a NAT that
-# forgot us, a blackholed route) within 32.5 s.
-DEFAULT_KEEPALIVE_INTERVAL = 15.0
+# Keepalive as Chromium does it on HTTP/2 (SpdySession's "preface ping"): never while idle.
+# A session whose peer has been silent for DEFAULT_KEEPALIVE_INTERVAL sends a PING with its
+# next write (a new stream, data, a window grant: the user's demand), and declares the peer
+# dead when nothing arrives within DEFAULT_KEEPALIVE_TIMEOUT of it. An idle session sends
+# nothing at all, as a browser's idle connection to nginx sends nothing; a dead path is found
+# the moment the user needs it (Chromium's connection_at_risk_of_loss_time and hung interval,
+# 10 s each), and by TCP keepalive below TLS (net.client_session) for a session that stays
+# idle. The server sets no interval: nginx never pings.
+DEFAULT_KEEPALIVE_INTERVAL = 10.0
 DEFAULT_KEEPALIVE_TIMEOUT = 10.0
-#: The spread of each keepalive wait, as factors of the interval: wide enough that the gaps
-#: between pings vary by a third of their mean (a fixed period is a heartbeat's tell).
-KEEPALIVE_JITTER = (0.5, 1.5)
 #: nginx's keepalive_timeout (75 s, its default, which nginx 1.22 applies to HTTP/2 as well:
 #: http2_idle_timeout is obsolete since 1.19.7). A connection to "nginx" with no request in
 #: flight never outlives it: nginx closes it then.
@@ -96,7 +95,7 @@ IDLE_CLOSE_REASON = "inactive"
 _RANDOM = random.SystemRandom()
 #: PINGs and empty DATA frames (frames that ask for nothing useful) a peer may send at once,
 #: and how many per second it earns back (a token bucket on the ``now`` it is given). veil
-#: pings once per 7.5-22.5 s of silence with one PING outstanding and never sends empty DATA;
+#: pings at most once per 10 s of silence, with one PING outstanding, and never sends empty DATA;
 #: the allowance leaves room for a peer that measures its round trip every few milliseconds.
 #: Past it the session closes with PROTOCOL_ERROR, reason "PING flood": a flood of frames
 #: that do nothing is hostile whoever sends it, as HTTP/2 servers judge PING, SETTINGS and
@@ -117,9 +116,9 @@ class SessionConfig:
 
     #: Streams the peer may have open at once (the server's limit on a client).
     max_streams: int = 1024
-    #: While streams are open, send a PING after about this long without receiving anything
-    #: (seconds; each wait is drawn from KEEPALIVE_JITTER times it); None disables. With no
-    #: stream open the session never pings.
+    #: Send a PING with the next write when nothing has been received for this long
+    #: (seconds): the user's demand after a silence checks the path. None: never ping. An
+    #: idle session never pings, however long it stays idle.
     keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL
     #: Declare the peer dead when nothing arrives this long after a PING (seconds).
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
@@ -186,7 +185,6 @@ class Session:
         self._data_stream: _Stream | None = None
         # Keepalive, and the idle close (see get_timer).
         self._last_received = now
-        self._keepalive_wait = self._draw_keepalive_wait()
         idle = self.config.idle_close
         self._idle_close_after = None if idle is None else _RANDOM.uniform(*idle)
         self._idle_since: float | None = now  # when the last stream went; None: streams open
@@ -383,15 +381,26 @@ class Session:
         self._out.append(frame(FrameType.CLOSE, 0, payload))
         self._shut()
 
-    def data_to_send(self) -> bytes | memoryview:
+    def data_to_send(self, now: float | None = None) -> bytes | memoryview:
         """Everything queued for the wire since the last call, as one buffer (a view into
-        the caller's buffer when that is all there is, see :meth:`send_frame`)."""
+        the caller's buffer when that is all there is, see :meth:`send_frame`).
+
+        ``now``: the caller's clock. Given, and with the peer silent for the keepalive
+        interval, a PING goes with this write (see DEFAULT_KEEPALIVE_INTERVAL)."""
         out = self._out
         if self._pong_owed is not None and not self._congested:
             out.append(frame(FrameType.PONG, 0, self._pong_owed))
             self._pong_owed = None
         if not out:
             return b""
+        interval = self.config.keepalive_interval
+        if (now is not None and interval is not None and self._ping_sent_at is None
+                and not self._closed and now - self._last_received >= interval):
+            self._clock = now
+            self._ping_counter += 1
+            self._ping_sent_at = now
+            self._ping_payload = self._ping_counter.to_bytes(8, "big")
+            out.insert(0, frame(FrameType.PING, 0, self._ping_payload))
         # The last write (ending with CLOSE) is not grown: nothing after it needs hiding, and
         # a page-sized record just before close_notify is no website's.
         if (self._shape_this_write or self._shaped_writes) and not self._closed:
@@ -412,13 +421,6 @@ class Session:
             out.append(frame(FrameType.PADDING, 0, bytes(pad)))
 
     # ------------------------------------------------------------------ timers
-    def _draw_keepalive_wait(self) -> float | None:
-        interval = self.config.keepalive_interval
-        if interval is None:
-            return None
-        low, high = KEEPALIVE_JITTER
-        return interval * _RANDOM.uniform(low, high)
-
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` must next be called, or None."""
         if self._closed:
@@ -432,17 +434,15 @@ class Session:
         deadlines: list[float] = []
         if self._ping_sent_at is not None:
             deadlines.append(self._ping_sent_at + self.config.keepalive_timeout)
-        elif self._streams and self._keepalive_wait is not None:
-            deadlines.append(self._last_received + self._keepalive_wait)
         if self._idle_since is not None and self._idle_close_after is not None:
             deadlines.append(self._idle_since + self._idle_close_after)
         return min(deadlines, default=None)
 
     def handle_timer(self, now: float) -> list[Event]:
-        """While streams are open, send a keepalive PING when the peer has been silent and
-        declare it dead when it stays silent; with none open, close the session once it has
-        been idle for its idle close (the CLOSE frame says why; the caller then closes the
-        connection, TLS close_notify and FIN)."""
+        """Declare the peer dead when nothing came within the keepalive timeout of a PING;
+        with no stream open, close the session once it has been idle for its idle close (the
+        CLOSE frame says why; the caller then closes the connection, TLS close_notify and
+        FIN). Never sends a PING: those go with the user's writes (:meth:`data_to_send`)."""
         if self._closed:
             return []
         self._clock = now
@@ -460,14 +460,6 @@ class Session:
                 and now >= self._idle_since + self._idle_close_after):
             self.close(CloseCode.NORMAL, IDLE_CLOSE_REASON)
             return [SessionClosed(CloseCode.NORMAL, IDLE_CLOSE_REASON, False)]
-        wait = self._keepalive_wait
-        if (self._ping_sent_at is None and self._streams and wait is not None
-                and now >= self._last_received + wait):
-            self._ping_counter += 1
-            self._ping_sent_at = now
-            self._ping_payload = self._ping_counter.to_bytes(8, "big")
-            self._out.append(frame(FrameType.PING, 0, self._ping_payload))
-            self._keepalive_wait = self._draw_keepalive_wait()
         return []
 
     # ------------------------------------------------------------------ receiving

@@ -39,6 +39,7 @@ from veil.cover.backends import Cover
 from veil.protocol.auth import AUTH_SIZE, Credential, ReplayFilter, peek_key_id, verify_auth
 from veil.server import clienthello
 from veil.store.base import User
+from veil.transport.tcp import SERVER_KEEPALIVE, set_keepalive
 from veil.transport.tls import start_tls_server
 
 log = logging.getLogger("veil.server")
@@ -259,6 +260,7 @@ class Gate:
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_keepalive(sock, SERVER_KEEPALIVE)
             task = loop.create_task(self._handle(sock))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

@@ -35,13 +35,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("veil.server")
 
-# The server does not need to ping: clients ping while they have streams open. It only needs
-# to notice clients that vanished with streams open, so its keepalive is slower (and, like the
-# client's, sends nothing on a session with no stream open). A session with no stream open is
-# closed after ServerOptions.idle_close (nginx's keepalive_timeout), as nginx closes an idle
-# keepalive connection; veil's clients leave that close to the server, as browsers leave it to
-# nginx (veil.protocol.session.DEFAULT_REUSE_LIMIT).
-SERVER_SESSION_CONFIG = SessionConfig(keepalive_interval=60.0, keepalive_timeout=30.0)
+# The server never pings, as nginx never does: a client pings with its own writes after a
+# silence (veil.protocol.session), and a client that vanished is found by TCP keepalive
+# (veil.transport.tcp.SERVER_KEEPALIVE). A session with no stream open is closed after
+# ServerOptions.idle_close (nginx's keepalive_timeout), as nginx closes an idle keepalive
+# connection; veil's clients leave that close to the server, as browsers leave it to nginx
+# (veil.protocol.session.DEFAULT_REUSE_LIMIT).
+SERVER_SESSION_CONFIG = SessionConfig(keepalive_interval=None)
 # The first frame after acceptance is PADDING of a random length in this range, so that the
 # server's first record is not of one fixed size.
 # How long shutdown waits for sessions to close after saying CLOSE.

@@ -29,6 +29,7 @@ from veil.transport.carrier import (
     CarrierTransport,
     finish_handshake,
 )
+from veil.transport.tcp import CLIENT_KEEPALIVE, set_keepalive
 from veil.transport.tls import TlsHandshakeError
 from veil.transport.tls13 import (
     CHROME,
@@ -212,4 +213,5 @@ async def open_browser_tls_connection(host: str, port: int,
     loop = asyncio.get_running_loop()
     carrier = _BrowserTlsCarrier(TlsClient(server_hostname, spec=spec), app_factory)
     raw, _ = await loop.create_connection(lambda: carrier, host, port)
+    set_keepalive(raw.get_extra_info("socket"), CLIENT_KEEPALIVE)
     return await finish_handshake(raw, carrier.handshake, handshake_timeout)

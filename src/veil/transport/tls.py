@@ -35,6 +35,7 @@ from veil.transport.carrier import (
     finish_handshake,
 )
 from veil.transport.ratelimit import TokenBucket
+from veil.transport.tcp import CLIENT_KEEPALIVE, set_keepalive
 
 # One SSL read returns at most one record's plaintext (16 KiB). Records are decrypted into one
 # reusable buffer and handed on in batches of up to _BATCH bytes: no allocation per record,
@@ -358,4 +359,5 @@ async def open_tls_connection(host: str, port: int, context: ssl.SSLContext,
     carrier = _TlsCarrier(context, server_side=False, server_hostname=server_hostname or None,
                           app_factory=app_factory)
     raw, _ = await loop.create_connection(lambda: carrier, host, port)
+    set_keepalive(raw.get_extra_info("socket"), CLIENT_KEEPALIVE)
     return await finish_handshake(raw, carrier.handshake, handshake_timeout)

@@ -169,6 +169,7 @@ class TlsClient:
         self.alpn: str | None = None
         self.tls_unique = b""
         self.peer_certificate_der = b""
+        self.peer_certificate_chain_der: tuple[bytes, ...] = ()
 
     # ------------------------------------------------------------------ API
     @property
@@ -559,6 +560,8 @@ class TlsClient:
         except CertificateError as exc:
             self._violation(exc.alert, str(exc))
         self.peer_certificate_der = self._server_cert.leaf_der
+        # the whole chain, for callers that check it against the web PKI (transport/cdn)
+        self.peer_certificate_chain_der = self._server_cert.chain_der
         self.state = State.WAIT_CERTIFICATE_VERIFY
 
     def _certificate_verify(self, message: bytes, r: Reader) -> None:

@@ -1,0 +1,406 @@
+"""The client's side: reach ``https://CDNHOST[:PORT]/SECRET/`` and get a byte stream.
+
+:func:`open_carrier` connects with veil's browser-shaped TLS client (Chrome's ClientHello,
+ALPN ``http/1.1`` only, as Chrome offers for a WebSocket), checks the CDN's certificate
+against the web PKI (the system's CA bundle) or ``ca_file``, and speaks HTTP/1.1 (h11):
+
+- ``websocket``: one connection, ``GET /SECRET/`` with an upgrade, then binary messages;
+- ``packet-up``: a ``GET /SECRET/<session>`` whose chunked response carries the server's
+  bytes, and ``POST /SECRET/<session>/<seq>`` packets of up to MAX_POST_BYTES for the
+  client's, over up to MAX_POSTS_IN_FLIGHT kept-alive connections (a CDN that buffers
+  request bodies passes this, where it would hold a streaming upload).
+
+The CDN's certificate says nothing about veil's server: whoever runs the CDN sees the bytes.
+The layer above must authenticate the server and encrypt end to end (Noise, issue #16).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import ipaddress
+import os
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import h11
+from cryptography import x509
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from veil.errors import TransportError
+from veil.transport.browser_tls import BrowserTlsTransport, open_browser_tls_connection
+from veil.transport.cdn import wire
+from veil.transport.cdn.stream import ByteStream
+from veil.transport.cdn.websocket import WebSocketStream
+from veil.transport.tls13 import CHROME
+from veil.transport.tls13.wire import ExtensionType
+
+#: Chrome's ClientHello for a connection that will carry a WebSocket: ALPN http/1.1 only
+#: and, with no h2 offered, no ALPS.
+CHROME_HTTP1 = dataclasses.replace(
+    CHROME, name="chrome-156-http1", alpn=(b"http/1.1",), alps_protocols=(),
+    shuffled=tuple(e for e in CHROME.shuffled
+                   if e not in (ExtensionType.APPLICATION_SETTINGS,
+                                ExtensionType.APPLICATION_SETTINGS_OLD)))
+
+#: TCP connect + TLS handshake + the first answer (101, or the downlink's 200): a CDN adds
+#: a round trip to the origin; past this the way in is as good as blocked.
+DEFAULT_OPEN_TIMEOUT_S = 15.0
+#: How long one uplink POST may wait for its 200 (a CDN gives up on origins after 100 s).
+POST_TIMEOUT_S = 100.0
+#: Client bytes buffered before the protocol is told to pause (four packets in flight and
+#: as much again waiting).
+UPLINK_HIGH_WATER = 2 * wire.MAX_POSTS_IN_FLIGHT * wire.MAX_POST_BYTES
+#: A response head larger than this is not the carrier's (h11's bound on what it buffers).
+MAX_RESPONSE_HEAD = 16 * 1024
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_USER_AGENT = (b"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+               b"Chrome/156.0.0.0 Safari/537.36")
+
+
+@dataclass(frozen=True, slots=True)
+class CarrierUrl:
+    """``https://HOST[:PORT]/PATH/``: what the client dials and asks for."""
+
+    host: str
+    port: int
+    path: str
+
+    @classmethod
+    def parse(cls, url: str) -> CarrierUrl:
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise TransportError(f"a carrier URL is https://HOST[:PORT]/PATH/, not {url!r}")
+        try:
+            port = parts.port or 443
+        except ValueError as exc:
+            raise TransportError(f"bad port in {url!r}") from exc
+        wire.check_secret_path(parts.path)
+        return cls(parts.hostname, port, parts.path)
+
+    @property
+    def authority(self) -> bytes:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return (host if self.port == 443 else f"{host}:{self.port}").encode("idna")
+
+
+def verify_certificate(chain: tuple[bytes, ...], host: str, ca_file: str | None) -> None:
+    """The CDN's chain must lead to a trusted root for ``host`` (the system's bundle unless
+    ``ca_file``); raises TransportError."""
+    bundle = ca_file or ssl.get_default_verify_paths().cafile
+    if not bundle:
+        raise TransportError("no CA bundle to check the CDN's certificate with: pass ca_file")
+    try:
+        roots = x509.load_pem_x509_certificates(Path(bundle).read_bytes())
+        certs = [x509.load_der_x509_certificate(der) for der in chain]
+    except (OSError, ValueError) as exc:
+        raise TransportError(f"cannot check the CDN's certificate: {exc}") from exc
+    if not certs:
+        raise TransportError("the CDN sent no certificate")
+    try:
+        name: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        name = x509.DNSName(host)
+    verifier = PolicyBuilder().store(Store(roots)).build_server_verifier(name)  # type: ignore[arg-type]
+    try:
+        verifier.verify(certs[0], certs[1:])
+    except VerificationError as exc:
+        raise TransportError(f"the CDN's certificate for {host} does not verify: {exc}") from exc
+
+
+class _Http(asyncio.Protocol):
+    """One HTTP/1.1 client connection (h11) over the TLS transport; events wait in a queue
+    until ``on_body`` takes the response body over (the downlink)."""
+
+    def __init__(self) -> None:
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        self.transport: BrowserTlsTransport | None = None
+        self.events: asyncio.Queue[h11.Event | BaseException] = asyncio.Queue()
+        self.on_body: Callable[[h11.Event | BaseException], None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.h11.receive_data(bytes(data))
+        except h11.RemoteProtocolError as exc:
+            self._put(TransportError(f"the CDN's answer is not HTTP/1.1: {exc}"))
+            return
+        self._pump()
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._put(TransportError(f"the CDN's answer is not HTTP/1.1: {exc}"))
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            self._put(event)  # type: ignore[arg-type]
+
+    def _put(self, item: h11.Event | BaseException) -> None:
+        if self.on_body is not None:
+            self.on_body(item)
+        else:
+            self.events.put_nowait(item)
+
+    def eof_received(self) -> bool:
+        self.h11.receive_data(b"")
+        self._pump()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._put(exc or ConnectionResetError("the CDN closed the connection"))
+
+    def send(self, *events: h11.Event) -> None:
+        assert self.transport is not None
+        self.transport.write(b"".join(self.h11.send(e) or b"" for e in events))
+
+    async def next(self) -> h11.Event:
+        item = await self.events.get()
+        if isinstance(item, BaseException):
+            raise TransportError(f"the carrier's connection ended: {item}") from item
+        return item
+
+    async def response(self) -> h11.Response | h11.InformationalResponse:
+        while True:
+            event = await self.next()
+            if isinstance(event, h11.Response | h11.InformationalResponse):
+                return event
+
+
+class _Connector:
+    """Opens verified HTTP/1.1 connections to one CDN URL."""
+
+    def __init__(self, url: CarrierUrl, *, ca_file: str | None, connect_to: tuple[str, int] | None,
+                 timeout: float) -> None:
+        self.url, self.ca_file, self.timeout = url, ca_file, timeout
+        self.address = connect_to or (url.host, url.port)
+
+    async def connect(self) -> _Http:
+        http = _Http()
+        host, port = self.address
+        transport = await open_browser_tls_connection(
+            host, port, lambda: http, server_hostname=self.url.host,
+            handshake_timeout=self.timeout, spec=CHROME_HTTP1)
+        try:
+            tls = transport.get_extra_info("tls_client")
+            verify_certificate(tls.peer_certificate_chain_der, self.url.host, self.ca_file)
+        except BaseException:
+            transport.abort()
+            raise
+        return http
+
+    def headers(self, *extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+        return [(b"Host", self.url.authority), *extra, (b"User-Agent", _USER_AGENT),
+                (b"Accept-Encoding", b"gzip, deflate, br, zstd"),
+                (b"Accept-Language", b"en-US,en;q=0.9")]
+
+
+async def open_carrier(url: str, protocol_factory: Callable[[], asyncio.Protocol], *,
+                       variant: str = "websocket", ca_file: str | None = None,
+                       connect_to: tuple[str, int] | None = None,
+                       timeout: float = DEFAULT_OPEN_TIMEOUT_S) -> ByteStream:
+    """A carrier stream to the veil server behind ``url``, its protocol made by
+    ``protocol_factory`` (``connection_made`` is called with the stream). ``connect_to``
+    dials another address than the URL's host (the name still goes into SNI and Host).
+    Raises TransportError (a 404 means a wrong path, or no carrier on that server)."""
+    if variant not in ("websocket", "packet-up"):
+        raise TransportError(f"unknown carrier variant {variant!r}")
+    connector = _Connector(CarrierUrl.parse(url), ca_file=ca_file, connect_to=connect_to,
+                           timeout=timeout)
+    opener = _open_websocket if variant == "websocket" else _open_packet_up
+    return await asyncio.wait_for(opener(connector, protocol_factory), timeout)
+
+
+async def _open_websocket(connector: _Connector,
+                          protocol_factory: Callable[[], asyncio.Protocol]) -> ByteStream:
+    http = await connector.connect()
+    assert http.transport is not None
+    try:
+        key = base64.b64encode(os.urandom(16))
+        http.send(h11.Request(method=b"GET", target=connector.url.path.encode(),
+                              headers=connector.headers(
+                                  (b"Connection", b"Upgrade"), (b"Pragma", b"no-cache"),
+                                  (b"Cache-Control", b"no-cache"), (b"Upgrade", b"websocket"),
+                                  (b"Origin", b"https://" + connector.url.authority),
+                                  (b"Sec-WebSocket-Version", b"13"),
+                                  (b"Sec-WebSocket-Key", key))))
+        response = await http.response()
+        accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())  # noqa: S324 - RFC 6455
+        if response.status_code != 101 or dict(response.headers).get(
+                b"sec-websocket-accept") != accept:
+            raise TransportError(f"the carrier path answered {response.status_code}, not a "
+                                 f"WebSocket: wrong path, or no carrier behind this CDN")
+    except BaseException:
+        http.transport.abort()
+        raise
+    trailing, _closed = http.h11.trailing_data
+    stream = WebSocketStream(http.transport, client=True, trailing=trailing)
+    stream.start(protocol_factory())
+    return stream
+
+
+async def _open_packet_up(connector: _Connector,
+                          protocol_factory: Callable[[], asyncio.Protocol]) -> ByteStream:
+    session = wire.new_token()
+    down = await connector.connect()
+    assert down.transport is not None
+    try:
+        down.send(h11.Request(method=b"GET",
+                              target=f"{connector.url.path}{session}".encode(),
+                              headers=connector.headers((b"Cache-Control", b"no-cache"))),
+                  h11.EndOfMessage())
+        response = await down.response()
+        if response.status_code != 200:
+            raise TransportError(f"the carrier path answered {response.status_code}: wrong "
+                                 f"path, or no carrier behind this CDN")
+    except BaseException:
+        down.transport.abort()
+        raise
+    stream = PacketUpClient(connector, session, down)
+    stream.attach(protocol_factory())
+    stream.start()
+    return stream
+
+
+class PacketUpClient(ByteStream):
+    """packet-up's client: the downlink GET, and POSTs of what the protocol writes."""
+
+    def __init__(self, connector: _Connector, session: str, down: _Http) -> None:
+        assert down.transport is not None
+        super().__init__("packet-up", {"peername": down.transport.get_extra_info("peername"),
+                                       "sockname": down.transport.get_extra_info("sockname")})
+        self.connector, self.session, self.down = connector, session, down
+        self._out = bytearray()
+        self._seq = 0
+        self._idle: list[_Http] = []  # kept-alive uplink connections
+        self._open: set[_Http] = set()  # every uplink connection, for close/abort
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+        self._queued: list[bytes] = []  # downlink bytes received before the protocol was attached
+        down.on_body = self._down_event
+        while not down.events.empty():
+            self._down_event(down.events.get_nowait())
+
+    def start(self) -> None:
+        self._sender = asyncio.get_running_loop().create_task(self._send_loop())
+        for data in self._queued:
+            self.deliver(data)
+        self._queued.clear()
+
+    # ------------------------------------------------------------------ downlink
+    def _down_event(self, event: h11.Event | BaseException) -> None:
+        if isinstance(event, h11.Data):
+            if self._sender is None:
+                self._queued.append(bytes(event.data))
+            else:
+                self.deliver(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            self._end(None)  # the server closed the stream
+        elif isinstance(event, BaseException):
+            self._end(None if self._closing else TransportError(f"downlink lost: {event}"))
+
+    def _hold_reading(self, hold: bool) -> None:
+        assert self.down.transport is not None
+        if hold:
+            self.down.transport.pause_reading()
+        else:
+            self.down.transport.resume_reading()
+
+    # ------------------------------------------------------------------ uplink
+    def _send(self, data: bytes) -> None:
+        self._out += data
+        self._wake.set()
+        if len(self._out) > UPLINK_HIGH_WATER:
+            self.output_full()
+
+    async def _send_loop(self) -> None:
+        try:
+            while True:
+                while self._out and len(self._in_flight) < wire.MAX_POSTS_IN_FLIGHT:
+                    packet = bytes(self._out[:wire.MAX_POST_BYTES])
+                    del self._out[:wire.MAX_POST_BYTES]
+                    task = asyncio.get_running_loop().create_task(self._post(self._seq, packet))
+                    self._seq += 1
+                    self._in_flight.add(task)
+                    task.add_done_callback(self._posted)
+                if len(self._out) <= UPLINK_HIGH_WATER // 2:
+                    self.output_drained()
+                if self._closing and not self._out and not self._in_flight:
+                    break
+                self._wake.clear()
+                await self._wake.wait()
+        except asyncio.CancelledError:
+            return
+        self._release_uplinks()
+        if self.down.transport is not None:
+            self.down.transport.close()  # the server's session ends with the GET
+
+    def _posted(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._wake.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._end(exc if isinstance(exc, Exception) else TransportError(str(exc)))
+
+    async def _post(self, seq: int, packet: bytes) -> None:
+        http = self._idle.pop() if self._idle else await self._connect_uplink()
+        target = f"{self.connector.url.path}{self.session}/{seq}".encode()
+        http.send(h11.Request(method=b"POST", target=target, headers=self.connector.headers(
+                      (b"Content-Length", str(len(packet)).encode()),
+                      (b"Content-Type", b"application/octet-stream"))),
+                  h11.Data(data=packet), h11.EndOfMessage())
+        response = await asyncio.wait_for(http.response(), POST_TIMEOUT_S)
+        if response.status_code != 200:
+            raise TransportError(f"uplink packet {seq} answered {response.status_code}")
+        while not isinstance(await asyncio.wait_for(http.next(), POST_TIMEOUT_S),
+                             h11.EndOfMessage):
+            pass
+        if http.h11.our_state is h11.DONE and http.h11.their_state is h11.DONE:
+            http.h11.start_next_cycle()
+            self._idle.append(http)
+        else:
+            self._drop(http)
+
+    async def _connect_uplink(self) -> _Http:
+        http = await self.connector.connect()
+        self._open.add(http)
+        return http
+
+    def _drop(self, http: _Http) -> None:
+        self._open.discard(http)
+        if http.transport is not None:
+            http.transport.close()
+
+    def _release_uplinks(self, abort: bool = False) -> None:
+        for http in list(self._open):
+            self._open.discard(http)
+            if http.transport is not None:
+                (http.transport.abort if abort else http.transport.close)()
+        self._idle.clear()
+
+    # ------------------------------------------------------------------ ending
+    def _finish(self) -> None:
+        self._wake.set()  # the send loop posts what is left, then closes the GET
+
+    def _cut(self) -> None:
+        self._end(TransportError("aborted"), abort=True)
+
+    def _end(self, exc: Exception | None, *, abort: bool = False) -> None:
+        if self._sender is not None and not self._sender.done():
+            self._sender.cancel()
+        for task in list(self._in_flight):
+            task.cancel()
+        self._release_uplinks(abort=abort or exc is not None)
+        if self.down.transport is not None:
+            (self.down.transport.abort if abort or exc is not None
+             else self.down.transport.close)()
+        self.lost(exc)

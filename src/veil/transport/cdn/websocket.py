@@ -1,0 +1,123 @@
+"""The WebSocket variant (RFC 6455 framing by wsproto, sans-IO) on both sides.
+
+Each ``write`` is one binary message; a message's frames reach the protocol as they arrive
+(wsproto hands data over frame by frame, so nothing waits for a whole message). ``close()``
+sends a Close frame (1000) and closes the connection once the peer's Close arrives, or after
+CLOSE_HANDSHAKE_TIMEOUT_S; a connection that ends without a Close frame is an abort
+(``connection_lost`` with an error). Text messages are a protocol error (1003).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Event, Message, Ping, TextMessage
+from wsproto.frame_protocol import CloseReason
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from veil.errors import TransportError
+from veil.transport.cdn.stream import ByteStream
+
+#: How long a closing side waits for the peer's Close frame before it cuts the connection
+#: (a peer or CDN that lost it must not keep the socket): a round trip through a CDN is
+#: well under a second.
+CLOSE_HANDSHAKE_TIMEOUT_S = 5.0
+
+
+class WebSocketStream(ByteStream, asyncio.Protocol):
+    """The stream over one WebSocket connection; also the protocol of that connection."""
+
+    def __init__(self, raw: asyncio.Transport, *, client: bool, trailing: bytes = b"") -> None:
+        ByteStream.__init__(self, "websocket", {"peername": raw.get_extra_info("peername"),
+                                                "sockname": raw.get_extra_info("sockname")})
+        self._raw = raw
+        self._ws = Connection(ConnectionType.CLIENT if client else ConnectionType.SERVER)
+        self._trailing = trailing
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    def start(self, protocol: asyncio.Protocol) -> None:
+        """Become the connection's protocol and hand ``protocol`` the stream."""
+        self._raw.set_protocol(self)
+        self.attach(protocol)
+        if self._trailing:
+            trailing, self._trailing = self._trailing, b""
+            self.data_received(trailing)
+
+    # ---------------------------------------------------------------- the connection's side
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._ws.receive_data(bytes(data))
+            self._events()
+        except (RemoteProtocolError, LocalProtocolError) as exc:
+            self._fail(TransportError(f"WebSocket: {exc}"))
+
+    def _events(self) -> None:
+        for event in self._ws.events():
+            if isinstance(event, BytesMessage):
+                self.deliver(bytes(event.data))
+            elif isinstance(event, CloseConnection):
+                if self._ws.state is ConnectionState.REMOTE_CLOSING:
+                    self._put(event.response())  # answer, then the connection ends
+                self._end(None)
+                return
+            elif isinstance(event, Ping):
+                self._put(event.response())
+            elif isinstance(event, TextMessage):
+                self._put(CloseConnection(code=CloseReason.UNSUPPORTED_DATA))
+                self._end(TransportError("WebSocket: a text message on a binary carrier"))
+                return
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        if exc is None and self._ws.state is not ConnectionState.CLOSED:
+            exc = TransportError("the WebSocket connection ended without a Close frame")
+        self.lost(exc)
+
+    def pause_writing(self) -> None:
+        self.output_full()
+
+    def resume_writing(self) -> None:
+        self.output_drained()
+
+    # ---------------------------------------------------------------- the stream's side
+    def _put(self, event: Event) -> None:
+        if not self._raw.is_closing():
+            self._raw.write(self._ws.send(event))
+
+    def _send(self, data: bytes) -> None:
+        if self._ws.state is ConnectionState.OPEN:
+            self._put(Message(data=data))
+
+    def _finish(self) -> None:
+        if self._ws.state is not ConnectionState.OPEN:
+            return
+        self._put(CloseConnection(code=CloseReason.NORMAL_CLOSURE))
+        self._close_timer = asyncio.get_running_loop().call_later(
+            CLOSE_HANDSHAKE_TIMEOUT_S, self._raw.abort)
+
+    def _cut(self) -> None:
+        self._raw.abort()
+
+    def _hold_reading(self, hold: bool) -> None:
+        if hold:
+            self._raw.pause_reading()
+        elif not self._raw.is_closing():
+            self._raw.resume_reading()
+
+    def _end(self, exc: Exception | None) -> None:
+        """The close handshake is over (or failed): close the connection, end the stream."""
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        self._raw.close()
+        self.lost(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        self._raw.abort()
+        self.lost(exc)
+

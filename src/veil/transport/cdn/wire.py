@@ -1,0 +1,188 @@
+"""The carrier's shapes on the wire, sans-IO: paths, requests, packet-up reordering.
+
+One secret path per server, ``/<token>/`` (``token``: 16 random bytes, base64url without
+padding, 22 characters). Under it:
+
+- ``GET /<token>/`` with a WebSocket upgrade (RFC 6455, version 13): the WebSocket variant;
+- ``GET /<token>/<session>``: packet-up's downlink, one long chunked response;
+- ``POST /<token>/<session>/<seq>``: packet-up's uplink, one packet per request (``seq``
+  counts from 0 per session, decimal).
+
+``session`` is 16 random bytes the client draws, base64url (22 characters). Anything else,
+including a POST for a session the server does not hold, is not claimed: the cover serves it
+as it serves any unknown path (nginx's 404, byte for byte).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from veil.errors import TransportError
+
+#: Random bytes in a secret path and in a session id: unguessable (128 bits).
+TOKEN_BYTES = 16
+#: One uplink packet. A CDN buffers each request body whole before it forwards it (nginx's
+#: proxy_request_buffering, Cloudflare's default), so a packet's bytes wait at the CDN until
+#: its last one arrives: small packets keep that latency low. Under nginx's default
+#: client_max_body_size (1 MiB), which a CDN in front of veil is likely to keep.
+MAX_POST_BYTES = 64 * 1024
+#: Uplink POSTs a client has unanswered at once (one per uplink connection): a CDN forwards
+#: requests on parallel connections, so packets may reach the server out of order.
+MAX_POSTS_IN_FLIGHT = 4
+#: Out-of-order packets the server holds per session before it gives up on the session: the
+#: client never has more than MAX_POSTS_IN_FLIGHT outstanding, so a packet this far ahead of
+#: the one awaited is a broken or hostile client; bounds the memory a session holds to
+#: MAX_HELD_POSTS * MAX_POST_BYTES (2 MiB).
+MAX_HELD_POSTS = 32
+#: Digits of a packet's sequence number: 10**12 packets of up to 64 KiB outlast any session.
+MAX_SEQ_DIGITS = 12
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
+_TOKEN = rb"[A-Za-z0-9_-]{22}"
+_SESSION_PATH = re.compile(rb"(" + _TOKEN + rb")(?:/([0-9]{1,%d}))?" % MAX_SEQ_DIGITS)
+
+#: Headers a judge of the carrier's requests needs to see.
+HEADER_NAMES = frozenset({b"upgrade", b"connection", b"sec-websocket-key",
+                          b"sec-websocket-version", b"content-length", b"transfer-encoding"})
+
+
+def new_token() -> str:
+    """16 random bytes, base64url without padding (22 characters)."""
+    return base64.urlsafe_b64encode(os.urandom(TOKEN_BYTES)).rstrip(b"=").decode("ascii")
+
+
+def new_secret_path() -> str:
+    """A fresh secret path, ``/<token>/``."""
+    return f"/{new_token()}/"
+
+
+def check_secret_path(path: str) -> bytes:
+    """``path`` as the server matches it; raises TransportError unless it is ``/.../`` with
+    a long enough random part to stay unguessable (an operator's ``--via`` path included)."""
+    raw = path.encode("utf-8")
+    if not raw.startswith(b"/") or not raw.endswith(b"/") or len(raw) < 2 + 16:
+        raise TransportError("a carrier path must look like /SECRET/ with at least 16 "
+                             "characters of secret")
+    if not re.fullmatch(rb"/[A-Za-z0-9_\-/.~]+/", raw) or b"//" in raw or b"/." in raw:
+        raise TransportError("a carrier path may hold only letters, digits and -_.~/ and "
+                             "no empty or dot segments (the cover normalises those away)")
+    return raw
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketOpen:
+    """``GET /<token>/`` with a WebSocket upgrade."""
+
+    key: bytes  # Sec-WebSocket-Key as sent
+
+    def accept_response(self) -> bytes:
+        accept = base64.b64encode(hashlib.sha1(self.key + _WS_GUID).digest())  # noqa: S324 - RFC 6455
+        return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+
+
+@dataclass(frozen=True, slots=True)
+class DownlinkOpen:
+    """``GET /<token>/<session>``: the server's bytes, as one chunked response."""
+
+    session: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkPacket:
+    """``POST /<token>/<session>/<seq>`` with a ``length``-byte body."""
+
+    session: bytes
+    seq: int
+    length: int
+    close: bool  # the request said Connection: close
+
+
+CarrierRequest = WebSocketOpen | DownlinkOpen | UplinkPacket
+
+# The server's answer heads. X-Accel-Buffering tells nginx (and CDNs built on it) to pass
+# the downlink on as it comes instead of filling its proxy buffers first.
+DOWNLINK_RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Cache-Control: no-store\r\nX-Accel-Buffering: no\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+UPLINK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nCache-Control: no-store\r\n\r\n"
+UPLINK_RESPONSE_CLOSE = (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nCache-Control: no-store\r\n"
+                         b"Connection: close\r\n\r\n")
+DOWNLINK_END = b"0\r\n\r\n"
+
+
+def chunk(data: bytes | bytearray | memoryview) -> bytes:
+    """``data`` as one chunk of a chunked body (never an empty chunk: that ends the body)."""
+    return b"%x\r\n" % len(data) + bytes(data) + b"\r\n"
+
+
+def _tokens(value: bytes) -> set[bytes]:
+    return {t.strip().lower() for t in value.split(b",")}
+
+
+def judge(method: bytes, path: bytes, headers: Mapping[bytes, bytes],
+          secret_paths: frozenset[bytes]) -> CarrierRequest | None:
+    """The carrier request this is, or None (then the cover serves it)."""
+    prefix = next((p for p in secret_paths if path.startswith(p)), None)
+    if prefix is None:
+        return None
+    tail = path[len(prefix):]
+    upgrade = headers.get(b"upgrade")
+    has_body = b"content-length" in headers or b"transfer-encoding" in headers
+    if not tail:
+        if (method != b"GET" or upgrade is None or upgrade.lower() != b"websocket"
+                or b"upgrade" not in _tokens(headers.get(b"connection", b""))
+                or headers.get(b"sec-websocket-version") != b"13" or has_body):
+            return None
+        key = headers.get(b"sec-websocket-key", b"")
+        try:
+            if len(base64.b64decode(key, validate=True)) != 16:
+                return None
+        except (binascii.Error, ValueError):
+            return None
+        return WebSocketOpen(key)
+    match = _SESSION_PATH.fullmatch(tail)
+    if match is None or upgrade is not None:
+        return None
+    session, seq = match.group(1), match.group(2)
+    if seq is None:
+        return DownlinkOpen(session) if method == b"GET" and not has_body else None
+    length = headers.get(b"content-length", b"")
+    if (method != b"POST" or b"transfer-encoding" in headers or not length.isdigit()
+            or not 0 < int(length) <= MAX_POST_BYTES):
+        return None
+    close = b"close" in _tokens(headers.get(b"connection", b""))
+    return UplinkPacket(session, int(seq), int(length), close)
+
+
+class Reorder:
+    """Packet-up's uplink in order: packets in by sequence number, bytes out in order."""
+
+    def __init__(self) -> None:
+        self.next_seq = 0
+        self._held: dict[int, bytes] = {}
+
+    def push(self, seq: int, data: bytes) -> list[bytes]:
+        """The packets now deliverable, in order. Raises TransportError for a packet seen
+        before or too far ahead (MAX_HELD_POSTS)."""
+        if seq < self.next_seq or seq in self._held:
+            raise TransportError(f"packet {seq} arrived twice")
+        if seq >= self.next_seq + MAX_HELD_POSTS:
+            raise TransportError(f"packet {seq} is more than {MAX_HELD_POSTS} ahead of "
+                                 f"{self.next_seq}")
+        self._held[seq] = data
+        ready = []
+        while self.next_seq in self._held:
+            ready.append(self._held.pop(self.next_seq))
+            self.next_seq += 1
+        return ready
+
+    @property
+    def held(self) -> int:
+        return len(self._held)

@@ -1,0 +1,133 @@
+"""A real nginx set up as a CDN in front of veil: its own certificate (from a test CA the
+client trusts through a CA file), request buffering on, a 100 s read timeout, HTTP/1.1 and
+WebSocket upgrade headers towards veil's port over https."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.support import procs
+
+CDN_NAME = "cdn.test"
+
+CDN_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        server_name {name};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_certificate {prefix}/cdn-cert.pem;
+        ssl_certificate_key {prefix}/cdn-key.pem;
+        location / {{
+            proxy_pass https://127.0.0.1:{origin};
+            proxy_http_version 1.1;
+            proxy_set_header Host $host;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_request_buffering on;
+            proxy_read_timeout 100s;
+            proxy_send_timeout 100s;
+        }}
+    }}
+}}
+"""
+
+
+@dataclass
+class Cdn:
+    port: int
+    ca_file: Path
+    prefix: Path
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def make_ca_and_leaf(directory: Path, name: str) -> Path:
+    """A CA (ca.pem) and a leaf for ``name`` it signed (cdn-cert.pem, cdn-key.pem)."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "veil test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                       False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                         critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    (directory / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (directory / "cdn-cert.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    (directory / "cdn-key.pem").write_bytes(_pem_key(key))
+    return directory / "ca.pem"
+
+
+@contextlib.contextmanager
+def cdn_nginx(origin_port: int) -> Iterator[Cdn]:
+    """nginx as a CDN on a loopback port, in front of https://127.0.0.1:``origin_port``."""
+    prefix = Path(tempfile.mkdtemp(prefix="veil-cdn-"))
+    try:
+        ca_file = make_ca_and_leaf(prefix, CDN_NAME)
+        for attempt in range(procs.NGINX_BIND_ATTEMPTS):
+            port = procs.unused_port()
+            (prefix / "nginx.conf").write_text(CDN_CONF.format(
+                prefix=prefix, port=port, name=CDN_NAME, origin=origin_port))
+            proc = subprocess.Popen([procs.NGINX, "-p", str(prefix), "-c",
+                                     str(prefix / "nginx.conf")],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                procs.wait_port(port, proc=proc)
+                break
+            except RuntimeError:
+                procs.stop(proc)
+                if attempt == procs.NGINX_BIND_ATTEMPTS - 1:
+                    raise
+        try:
+            yield Cdn(port, ca_file, prefix)
+        finally:
+            procs.stop(proc)
+    finally:
+        shutil.rmtree(prefix, ignore_errors=True)
