@@ -19,7 +19,7 @@ from tests.support import procs
 from tests.support.cdn import CDN_NAME, cdn_nginx
 from tests.support.wait import wait_until_async
 from veil.cover.backends import BuiltinCover
-from veil.errors import TransportError
+from veil.errors import AuthError, TransportError
 from veil.net.noise_channel import NoiseClientChannel, NoiseServerChannel, SealedTransport
 from veil.protocol.noise import generate_static_keypair
 from veil.server.gate import Gate
@@ -41,9 +41,9 @@ async def origin(listener: socket.socket, tmp: Path, secret: str, static_private
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
 
-    def on_request(payload: bytes, binding: bytes) -> Callable[[SealedTransport], None] | None:
+    def on_request(payload: bytes, binding: bytes) -> Callable[[SealedTransport], None] | str:
         if payload != GOOD_AUTH + binding:
-            return None
+            return "replayed"
 
         def accept(sealed: SealedTransport) -> None:
             peer = Peer(b"welcome")
@@ -113,8 +113,9 @@ def test_a_key_holder_gets_a_sealed_channel_and_strangers_get_nothing(
                 with pytest.raises(TransportError):
                     await dial(cdn.port, cdn.ca_file, secret, other_key.public,
                                lambda binding: GOOD_AUTH + binding, variant)
-                # The right key but an authenticator the server refuses (a replay, say).
-                with pytest.raises(TransportError):
+                # The right key but an authenticator the server refuses (a replay, say): the
+                # answer, sealed, says so.
+                with pytest.raises(AuthError, match="refused the key .replayed"):
                     await dial(cdn.port, cdn.ca_file, secret, server_key.public,
                                lambda binding: GOOD_AUTH + bytes(len(binding)), variant)
                 assert len(sessions) == 1

@@ -106,15 +106,16 @@ def make_ca_and_leaf(directory: Path, name: str) -> Path:
 
 
 @contextlib.contextmanager
-def cdn_nginx(origin_port: int) -> Iterator[Cdn]:
-    """nginx as a CDN on a loopback port, in front of https://127.0.0.1:``origin_port``."""
+def cdn_nginx(origin_port: int, name: str = CDN_NAME) -> Iterator[Cdn]:
+    """nginx as a CDN on a loopback port, in front of https://127.0.0.1:``origin_port``,
+    with a certificate for ``name`` (``localhost`` for a client that resolves the name)."""
     prefix = Path(tempfile.mkdtemp(prefix="veil-cdn-"))
     try:
-        ca_file = make_ca_and_leaf(prefix, CDN_NAME)
+        ca_file = make_ca_and_leaf(prefix, name)
         for attempt in range(procs.NGINX_BIND_ATTEMPTS):
             port = procs.unused_port()
             (prefix / "nginx.conf").write_text(CDN_CONF.format(
-                prefix=prefix, port=port, name=CDN_NAME, origin=origin_port))
+                prefix=prefix, port=port, name=name, origin=origin_port))
             proc = subprocess.Popen([procs.NGINX, "-p", str(prefix), "-c",
                                      str(prefix / "nginx.conf")],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

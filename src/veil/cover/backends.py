@@ -202,6 +202,9 @@ class _Hold(asyncio.Protocol):
         self.early.append(data)
 
 
-def make_cover(url: str | None, seed: SiteSeed | None = None) -> Cover:
-    """The cover for ``--cover URL``, or the install's own built-in site for ``seed``."""
-    return BuiltinCover(seed) if url is None else UrlCover(url, seed)
+def make_cover(url: str | None, seed: SiteSeed | None = None,
+               claim: RequestClaim | None = None) -> Cover:
+    """The cover for ``--cover URL``, or the install's own built-in site for ``seed``;
+    ``claim`` takes the requests it wants (the CDN carrier's secret paths) from the built-in
+    site (a URL cover relays bytes it does not parse: it takes none)."""
+    return BuiltinCover(seed, claim=claim) if url is None else UrlCover(url, seed)

@@ -31,7 +31,7 @@ import json
 import os
 import ssl
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +42,10 @@ from cryptography.x509.oid import NameOID
 
 from veil.errors import ConfigError
 from veil.manage.libssl import match_nginx_sessions
-from veil.protocol.accesskey import AccessKey, default_sni, spki_pin
+from veil.protocol.accesskey import NOISE_KEY_SIZE, AccessKey, default_sni, spki_pin
 from veil.protocol.address import Address, parse_host_port
 from veil.protocol.endpoint import Endpoint, parse_endpoint, tls_endpoint
+from veil.protocol.noise import generate_static_keypair, public_key_from_private
 from veil.protocol.seeded import SEED_BYTES, Draw, SiteSeed
 from veil.protocol.trojan import password_hash_for_secret
 from veil.store import open_store
@@ -53,6 +54,7 @@ from veil.store.base import SecretBox, User, UserStore
 CONFIG_NAME = "config.json"
 STORE_KEY_NAME = "store.key"
 SEED_NAME = "site.seed"
+NOISE_KEY_NAME = "noise.key"
 # A certificate is renewed when a third of its life is left, and at most this early: a
 # 90-day one (Let's Encrypt's lifetime) 30 days before it expires, a 398-day one too.
 CERT_RENEW_BEFORE = datetime.timedelta(days=30)
@@ -91,6 +93,16 @@ class ServerState:
     trojan: bool | None = None
     #: The further ways in every key names after ``public`` (``veil serve --via``).
     via: tuple[Endpoint, ...] = ()
+    #: The Noise static private key (DIR/noise.key) the CDN ways in answer with.
+    noise_private: bytes | None = None
+
+    @property
+    def noise_public(self) -> bytes | None:
+        return None if self.noise_private is None else public_key_from_private(self.noise_private)
+
+    @property
+    def cdn_ways(self) -> tuple[Endpoint, ...]:
+        return tuple(way for way in self.via if way.through_cdn)
 
     def open_store(self) -> UserStore:
         return open_store(self.db or self.directory / "users.db",
@@ -98,7 +110,10 @@ class ServerState:
                           box=SecretBox(_store_key(self.directory)))
 
     def access_key(self, user: User) -> AccessKey:
-        return AccessKey(self.public, user.secret, self.pin, self.sni, user.name, self.via)
+        # The Noise key only where a way needs it: keys without CDN ways stay as they were.
+        noise_key = self.noise_public if self.cdn_ways else None
+        return AccessKey(self.public, user.secret, self.pin, self.sni, user.name, self.via,
+                         noise_key)
 
     def ways(self) -> tuple[Endpoint, ...]:
         """Every way in keys name, the public address first."""
@@ -219,24 +234,39 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def _store_key(directory: Path) -> bytes:
-    path = directory / STORE_KEY_NAME
+def _private_file(path: Path, make: Callable[[], bytes]) -> bytes:
+    """A secret kept in ``path`` (mode 0600), made by ``make`` on first use."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
         pass
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    key = os.urandom(SecretBox.KEY_SIZE)
-    # O_EXCL: two processes creating it at once must not end with two different keys.
+    secret = make()
+    # O_EXCL: two processes creating it at once must not end with two different secrets.
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         return path.read_bytes()
     with os.fdopen(fd, "wb") as f:
-        f.write(key)
+        f.write(secret)
         f.flush()
         os.fsync(f.fileno())
+    return secret
+
+
+def _store_key(directory: Path) -> bytes:
+    return _private_file(directory / STORE_KEY_NAME, lambda: os.urandom(SecretBox.KEY_SIZE))
+
+
+def _noise_key(directory: Path) -> bytes:
+    """The server's Noise static private key (the CDN ways in, veil.net.noise_channel): made
+    on first use, so a state from before CDN ways gets one at its next start."""
+    key = _private_file(directory / NOISE_KEY_NAME, lambda: generate_static_keypair().private)
+    if len(key) != NOISE_KEY_SIZE:
+        raise ConfigError(f"{directory / NOISE_KEY_NAME} is damaged (not {NOISE_KEY_SIZE} "
+                          "bytes); keys with CDN ways in name its public half, so restore it "
+                          "from a backup rather than delete it")
     return key
 
 
@@ -401,7 +431,8 @@ def load_state(directory: Path, db: str | None = None) -> ServerState:
     trojan = config.get("trojan")
     return ServerState(directory, public, sni, cert_path, key_path, spki_pin(cert),
                        db or config.get("db"), site_seed,
-                       trojan if isinstance(trojan, bool) else None, via)
+                       trojan if isinstance(trojan, bool) else None, via,
+                       _noise_key(directory))
 
 
 def record_start(directory: Path, *, trojan: bool, via: Sequence[Endpoint] = ()) -> None:

@@ -36,13 +36,14 @@ import ssl
 import time
 from collections.abc import Callable
 
-from veil.errors import AuthError
+from veil.errors import AuthError, TransportError
 from veil.net.dialer import DatagramHandler, Dialer, UdpFlow
 from veil.net.driver import DatagramStreamHandler, SessionDriver, TcpRelay
+from veil.net.noise_channel import KEY_REFUSED, NoiseClientChannel
 from veil.protocol.accesskey import AccessKey, pin_of_der
 from veil.protocol.address import Address
 from veil.protocol.auth import Credential, build_auth
-from veil.protocol.endpoint import Endpoint
+from veil.protocol.endpoint import CDN_VARIANTS, Endpoint
 from veil.protocol.events import SessionClosed
 from veil.protocol.failover import FailoverConfig, Failure, Switched, WayChooser
 from veil.protocol.frames import (
@@ -56,6 +57,7 @@ from veil.protocol.frames import (
 )
 from veil.protocol.session import IDLE_CLOSE_REASON, Session, SessionConfig
 from veil.transport.browser_tls import open_browser_tls_connection
+from veil.transport.cdn.client import open_carrier
 from veil.transport.tls import TlsHandshakeError, open_tls_connection
 
 log = logging.getLogger("veil.client")
@@ -202,8 +204,13 @@ class ClientTunnel(Dialer):
             raise ValueError(f"tls_stack must be one of {TLS_STACKS}, not {tls_stack!r}")
         self.key = key
         # The ways this client can use, in the key's order; the others are named at start.
-        self.ways = tuple(way for way in key.ways() if way.known)
-        self.skipped_ways = tuple(way for way in key.ways() if not way.known)
+        # A way through a CDN needs the server's Noise key (nk=): without it nothing could
+        # tell veil's server from the CDN's, so such a way is skipped.
+        usable = [way.known and (key.noise_key is not None or not way.through_cdn)
+                  for way in key.ways()]
+        self.ways = tuple(way for way, ok in zip(key.ways(), usable, strict=True) if ok)
+        self.skipped_ways = tuple(way for way, ok in zip(key.ways(), usable, strict=True)
+                                  if not ok)
         self.chooser = WayChooser(len(self.ways), failover or FailoverConfig())
         self.handshake_timeout = handshake_timeout or (
             WAY_HANDSHAKE_TIMEOUT_S if len(self.ways) > 1 else HANDSHAKE_TIMEOUT_S)
@@ -250,6 +257,8 @@ class ClientTunnel(Dialer):
         session = Session(client=True, now=loop.time(), config=self.session_config)
         driver = _ClientDriver(session)
         driver.way = self.chooser.current if way is None else way
+        if self.ways[driver.way].through_cdn:
+            return await self._connect_through_cdn(self.ways[driver.way], driver)
         server = self.ways[driver.way].address
         assert server is not None  # every usable way has one
         transport: asyncio.Transport
@@ -289,6 +298,39 @@ class ClientTunnel(Dialer):
         session.send_padding(random.randint(low, high))
         # The authenticator and the first frames go out in one write: one TLS record.
         transport.write(auth + session.data_to_send())
+        return driver
+
+    async def _connect_through_cdn(self, way: Endpoint, driver: _ClientDriver) -> _ClientDriver:
+        """A session through a CDN way in: the carrier to the CDN (whose certificate the web
+        PKI vouches for, or SSL_CERT_FILE's CAs), Noise NK inside to the key's server key
+        (which is what authenticates veil's server here), the authenticator in Noise's first
+        message, bound to this handshake; then the session as on the TLS port."""
+        noise_key = self.key.noise_key
+        assert noise_key is not None  # ways through a CDN are usable only with one
+        credential = self.credential
+        channel = NoiseClientChannel(
+            noise_key, lambda binding: build_auth(credential, binding, time.time()))
+        url = "https://" + way.url.partition("://")[2]
+        try:
+            carrier = await open_carrier(url, lambda: channel, variant=CDN_VARIANTS[way.scheme],
+                                         timeout=self.handshake_timeout)
+        except TransportError as exc:
+            raise ConnectionError(f"{way}: {exc}") from exc
+        try:
+            sealed = await asyncio.wait_for(channel.ready, self.handshake_timeout)
+        except TransportError as exc:
+            carrier.abort()
+            raise ConnectionError(str(exc)) from exc
+        except BaseException:
+            carrier.abort()
+            raise
+        session = driver.session
+        sealed.set_protocol(driver)
+        driver.connection_made(sealed)
+        sealed.release()
+        low, high = FIRST_PADDING_RANGE
+        session.send_padding(random.randint(low, high))
+        sealed.write(session.data_to_send())
         return driver
 
     def _want(self) -> None:
@@ -396,6 +438,10 @@ class ClientTunnel(Dialer):
             except AuthError as exc:
                 self.last_error = str(exc)
                 log.error("%s", exc)
+                if exc.code == KEY_REFUSED:  # the server itself said no: not a blocked way
+                    await asyncio.sleep(rejected_backoff)
+                    rejected_backoff = min(rejected_backoff * 2, BACKOFF_REJECTED_MAX_S)
+                    continue
                 if self._failed(way, Failure.FOREIGN):
                     continue
                 await asyncio.sleep(BACKOFF_REJECTED_MAX_S)

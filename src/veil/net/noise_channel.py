@@ -20,7 +20,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from veil.errors import TransportError
+from veil.errors import AuthError, TransportError
 from veil.protocol.noise import (
     FrameDecoder,
     NoiseError,
@@ -194,9 +194,15 @@ class _Channel(asyncio.Protocol):
 
 
 #: The server's decision on a handshake's authenticator (its payload, and the client's
-#: ephemeral key as the binding): None refuses (the carrier is cut), else a callable that
-#: takes the sealed transport over (sets its protocol, then calls its ``release``).
-OnRequest = Callable[[bytes, bytes], "Callable[[SealedTransport], None] | None"]
+#: ephemeral key as the binding): a callable that takes the sealed transport over (sets its
+#: protocol, then calls its ``release``), or why the key is refused, which the answer
+#: carries inside Noise (only the holder of the server's key could have written it, and only
+#: whoever knows that key, a key holder, can have asked).
+OnRequest = Callable[[bytes, bytes], "Callable[[SealedTransport], None] | str"]
+#: AuthError's code when the server answered that it refuses the key.
+KEY_REFUSED = "key_refused"
+#: How a refusal's answer payload starts; the reason follows.
+REFUSED = b"refused "
 
 
 class NoiseServerChannel(_Channel):
@@ -227,8 +233,10 @@ class NoiseServerChannel(_Channel):
             carrier.abort()  # not for this server's key, or not Noise at all
             return
         accept = self._on_request(payload, self._responder.remote_ephemeral)
-        if accept is None:
-            carrier.abort()
+        if isinstance(accept, str):
+            answer, _ = self._responder.write_response(REFUSED + accept.encode()[:64])
+            carrier.write(frame(answer))
+            carrier.close()
             return
         answer, noise = self._responder.write_response()
         carrier.write(frame(answer))
@@ -263,11 +271,18 @@ class NoiseClientChannel(_Channel):
             if not messages:
                 return
             answer, *early = messages
-            _, noise = self._initiator.read_response(answer)
+            payload, noise = self._initiator.read_response(answer)
         except NoiseError as exc:
             carrier.abort()
             self._fail(TransportError(f"the server behind the CDN is not the one the access "
                                       f"key names ({exc})"))
+            return
+        if payload.startswith(REFUSED):
+            carrier.close()
+            reason = payload[len(REFUSED):].decode("ascii", "replace")
+            self._fail(AuthError(f"the server refused the key ({reason}: revoked, expired or "
+                                 "over its limit, or this clock is off by minutes)",
+                                 code=KEY_REFUSED))
             return
         sealed = SealedTransport(carrier, noise, self.decoder)
         self.sealed = sealed
@@ -276,10 +291,10 @@ class NoiseClientChannel(_Channel):
             self.ready.set_result(sealed)
 
     def handshake_lost(self, exc: Exception | None) -> None:
-        self._fail(TransportError(f"the CDN path closed during the handshake"
-                                  f"{f': {exc}' if exc else ''} (a refused key, or another "
-                                  f"server's path)"))
+        self._fail(TransportError(f"the CDN path closed during the Noise handshake"
+                                  f"{f' ({exc})' if exc else ''}: a server that does not hold "
+                                  "the key's nk, or a cut path"))
 
-    def _fail(self, error: TransportError) -> None:
+    def _fail(self, error: TransportError | AuthError) -> None:
         if not self.ready.done():
             self.ready.set_exception(error)

@@ -10,6 +10,9 @@
   The client trusts the server only if its TLS key matches: never the web PKI.
 - sni: the TLS server name to present; omitted when the server is reached by IP, as a
   browser would (no SNI for IP literals).
+- nk: the server's Noise static public key (X25519, base64url), present when a via goes
+  through a CDN (``https://``, ``wss://``): there TLS ends at the CDN, and the client
+  authenticates the server by this key instead of the pin (veil.net.noise_channel).
 - via: another way in to the same server (repeatable, in order of preference after
   HOST:PORT), e.g. ``via=tls://203.0.113.7:8443`` (veil.protocol.endpoint). Schemes this
   client does not speak are kept and skipped, so future kinds of ways in break no old client;
@@ -42,6 +45,7 @@ from veil.protocol.uri import (
 
 SCHEME = "veil"
 PIN_SIZE = 32
+NOISE_KEY_SIZE = 32  # an X25519 public key
 # What each shape error of protocol.uri says about an access key ("{}": urlsplit's reason).
 _URI_ERRORS = {
     "unreadable": "invalid access key: {}",
@@ -60,6 +64,8 @@ class AccessKey:
     label: str = ""
     #: The ways in after ``server``, in order of preference (``via=``).
     via: tuple[Endpoint, ...] = ()
+    #: The server's Noise static public key (``nk=``), for the ways through a CDN.
+    noise_key: bytes | None = None
 
     def ways(self) -> tuple[Endpoint, ...]:
         """Every way in, the preferred (``server``) first."""
@@ -70,6 +76,8 @@ class AccessKey:
         if self.sni:
             params.append(f"sni={quote(self.sni, safe='')}")
         # ":" and "/" may stand in a query (RFC 3986): left as they are, tls://HOST:PORT reads.
+        if self.noise_key is not None:
+            params.append(f"nk={b64url_encode(self.noise_key)}")
         params += [f"via={quote(way.url, safe=':/')}" for way in self.via]
         return format_authority_uri(SCHEME, b64url_encode(self.secret), str(self.server), params,
                                     self.label)
@@ -103,8 +111,17 @@ class AccessKey:
         if len(pin) != PIN_SIZE:
             raise ConfigError("invalid access key: wrong pin length")
         sni = query.get("sni", [None])[0]
+        noise_key = None
+        if "nk" in query:
+            try:
+                noise_key = b64url_decode(query["nk"][0])
+            except (binascii.Error, ValueError) as exc:
+                raise ConfigError("invalid access key: bad nk (the server's Noise key)") from exc
+            if len(noise_key) != NOISE_KEY_SIZE:
+                raise ConfigError("invalid access key: wrong nk length (truncated copy?)")
         server = Address(parts.host, parts.port)
-        return cls(server, secret, pin, sni, parts.fragment, _parse_via(server, query))
+        return cls(server, secret, pin, sni, parts.fragment, _parse_via(server, query),
+                   noise_key)
 
 
 def _parse_via(server: Address, query: dict[str, list[str]]) -> tuple[Endpoint, ...]:

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from veil.config import ServerOptions
@@ -16,7 +17,9 @@ from veil.errors import ConfigError
 from veil.manage.state import ServerState, load_state, record_start, server_ssl_context
 from veil.manage.users import UserManager
 from veil.net.driver import SessionDriver
+from veil.net.noise_channel import NoiseServerChannel, SealedTransport
 from veil.protocol.address import Address
+from veil.protocol.auth import AUTH_SIZE
 from veil.protocol.events import StreamOpened
 from veil.protocol.frames import SERVER_FIRST_PADDING, CloseCode, ResetCode, StreamKind
 from veil.protocol.session import Session, SessionConfig
@@ -29,6 +32,7 @@ from veil.server.policy import DestinationPolicy, local_addresses, server_resolv
 from veil.server.status import BoundCounts, ConnectionStatus, GateCounts, ServerStatus
 from veil.server.trojan import TrojanService, TrojanWayIn
 from veil.store.base import User
+from veil.transport.cdn.server import CarrierServer
 
 if TYPE_CHECKING:
     from veil.server.tun import TunServer
@@ -81,7 +85,20 @@ class VeilServer:
         self.live = Live(state.open_store, trojan_hash=password_hash_for_secret,
                          max_sessions_per_user=options.max_sessions_per_user,
                          max_sessions=options.max_sessions, user_rate=options.user_rate)
-        self.cover = cover or make_cover(options.cover_url, state.site_seed)
+        # The CDN ways in: their secret paths on the built-in site's HTTP/1.1, each carrier
+        # a Noise channel to a session (veil.net.noise_channel).
+        self.carriers: CarrierServer | None = None
+        cdn_paths = [way.path for way in options.via if way.through_cdn]
+        if cdn_paths:
+            if options.cover_url is not None:
+                raise ConfigError("--via https:// or wss:// needs the built-in cover site: a "
+                                  "--cover URL relays the CDN's requests without reading "
+                                  "them, so no secret path could be served")
+            noise_private = state.noise_private
+            assert noise_private is not None  # load_state makes one
+            self.carriers = CarrierServer(
+                cdn_paths, lambda: NoiseServerChannel(noise_private, self._cdn_request))
+        self.cover = cover or make_cover(options.cover_url, state.site_seed, self.carriers)
         policy = DestinationPolicy.for_server(
             options.allow_private,
             [options.listen.host, *(a.host for a in options.also_listen), state.public.host,
@@ -143,7 +160,7 @@ class VeilServer:
                  self.options.cover_url or "built-in site")
         if self.state.via:
             log.info("keys name these ways in after %s: %s", self.state.public,
-                     ", ".join(way.url for way in self.state.via))
+                     ", ".join(map(str, self.state.via)))  # no secret paths in logs
         if self.options.trojan:
             if "h2" in self.cover.alpn_protocols:
                 log.info("Trojan way in on: a stranger's h2 connection that says nothing gets "
@@ -162,7 +179,24 @@ class VeilServer:
                 "(--public NAME[:PORT], then hand out the keys again), or the borrowed-identity "
                 "mode once it exists (issue #18)", self.state.public.host)
 
-    def _start_session(self, transport: asyncio.Transport, user: User, rest: bytes) -> None:
+    def _cdn_request(self, auth: bytes, binding: bytes) -> Callable[[SealedTransport], None] | str:
+        """A Noise handshake through a CDN way in: its authenticator, bound to the client's
+        ephemeral key, decides as on the TLS port (the same users, replay filter and
+        refusals); a refusal is answered inside Noise, which only the key's holder reads."""
+        if len(auth) != AUTH_SIZE:
+            return "malformed"
+        user, reason = self._authenticator.check(auth, binding)
+        if user is None:
+            log.info("CDN way in: key refused (%s)", reason)
+            return reason
+
+        def start(sealed: SealedTransport) -> None:
+            self._start_session(sealed, user, b"", way_in="cdn")
+            sealed.release()
+        return start
+
+    def _start_session(self, transport: asyncio.Transport, user: User, rest: bytes,
+                       way_in: str = "veil") -> None:
         loop = asyncio.get_running_loop()
         idle = self.options.idle_close
         config = dataclasses.replace(SERVER_SESSION_CONFIG, idle_close=(idle, idle))
@@ -172,7 +206,7 @@ class VeilServer:
         driver = SessionDriver(session, on_stream_opened=lambda ev: self._open(driver, ev),
                                on_closed=self._session_closed)
         self.sessions[driver] = self.live.register(
-            user, "veil", transport,
+            user, way_in, transport,
             close=lambda reason: driver.close(CloseCode.REVOKED, reason),
             streams=lambda: len(driver.handlers))
         log.info("session started for user %s", user.name)
@@ -241,6 +275,8 @@ class VeilServer:
         if self.tun is not None:
             await self.tun.stop()
         self.trojan.close()
+        if self.carriers is not None:
+            self.carriers.close()
         self.cover.close()
         await self.live.stop()
         self.store.close()

@@ -317,6 +317,12 @@ class PacketUpClient(ByteStream):
             self.down.transport.resume_reading()
 
     # ------------------------------------------------------------------ uplink
+    def get_write_buffer_size(self) -> int:
+        return len(self._out)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return UPLINK_HIGH_WATER // 2, UPLINK_HIGH_WATER
+
     def _send(self, data: bytes) -> None:
         self._out += data
         self._wake.set()

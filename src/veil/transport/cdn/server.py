@@ -187,6 +187,12 @@ class PacketUpSession(ByteStream):
         if not hold:
             self._drain()
 
+    def get_write_buffer_size(self) -> int:
+        return self._down.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._down.get_write_buffer_limits()
+
     def downlink_lost(self, exc: Exception | None) -> None:
         self.server.sessions.pop(self.id, None)
         readers, self._unanswered = self._unanswered, []

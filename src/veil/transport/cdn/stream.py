@@ -71,6 +71,14 @@ class ByteStream(asyncio.Transport, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def _hold_reading(self, hold: bool) -> None: ...
 
+    @abc.abstractmethod
+    def get_write_buffer_size(self) -> int:
+        """Bytes written and not yet sent on (what the variant holds, or its socket's)."""
+
+    @abc.abstractmethod
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        """(low, high): ``pause_writing`` past high, ``resume_writing`` at or under low."""
+
     # -------------------------------------------------------------- asyncio.Transport
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if data and not self._closing:

@@ -103,6 +103,12 @@ class WebSocketStream(ByteStream, asyncio.Protocol):
     def _cut(self) -> None:
         self._raw.abort()
 
+    def get_write_buffer_size(self) -> int:
+        return self._raw.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._raw.get_write_buffer_limits()
+
     def _hold_reading(self, hold: bool) -> None:
         if hold:
             self._raw.pause_reading()

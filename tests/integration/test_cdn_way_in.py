@@ -1,0 +1,144 @@
+"""The CDN way in, end to end: ``veil serve --via https://CDN/SECRET/`` (and ``wss://``) behind
+a real nginx set up as a CDN (tests/support/cdn.py: its own certificate, request buffering on,
+HTTP/1.1 to the origin); a client whose key's direct way is refused moves to the CDN way by
+itself, and requests through its SOCKS5 inbound arrive byte-exact, 100 streams at once. The
+server is authenticated by the key's Noise key, not by the CDN's certificate: a key with
+another server's Noise key never gets a session."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from tests.support import procs
+from tests.support.cdn import cdn_nginx
+from tests.support.wait import wait_until_async
+from veil.client.socks5 import Socks5Inbound
+from veil.config import ServerOptions
+from veil.manage.state import init_state
+from veil.net.client_session import ClientTunnel
+from veil.protocol.accesskey import AccessKey
+from veil.protocol.address import Address
+from veil.protocol.endpoint import parse_endpoint
+from veil.protocol.failover import FailoverConfig
+from veil.protocol.noise import generate_static_keypair
+from veil.server.service import VeilServer
+from veil.transport.cdn import wire
+
+T = TypeVar("T")
+TIMEOUT = 30.0
+STREAMS = 100
+BODY = 64 * 1024
+pytestmark = pytest.mark.skipif(not Path(procs.NGINX).exists(), reason="needs nginx 1.22")
+
+
+async def echo_target() -> asyncio.Server:
+    """Echoes every byte back, then closes on the client's FIN."""
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+    return await asyncio.start_server(echo, "127.0.0.1", 0)
+
+
+async def through_socks(socks: Address, target: int, payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(socks.host, socks.port)
+    try:
+        writer.write(b"\x05\x01\x00")
+        assert await reader.readexactly(2) == b"\x05\x00"
+        writer.write(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + target.to_bytes(2, "big"))
+        reply = await reader.readexactly(10)
+        assert reply[:2] == b"\x05\x00", reply
+        writer.write(payload)
+        writer.write_eof()
+        return await reader.read(-1)
+    finally:
+        writer.close()
+
+
+def refused_port() -> int:
+    return procs.unused_port()  # nothing listens there: the direct way is "blocked"
+
+
+async def with_cdn_server(tmp: Path, scheme: str,
+                          body: Callable[[AccessKey, Address], Awaitable[T]]) -> T:
+    port = procs.unused_port()
+    secret = wire.new_secret_path()
+    with cdn_nginx(port, name="localhost") as cdn:
+        os.environ["SSL_CERT_FILE"] = str(cdn.ca_file)  # the CDN's CA, as the web PKI's
+        try:
+            via = parse_endpoint(f"{scheme}://localhost:{cdn.port}{secret}")
+            listen = Address("127.0.0.1", port)
+            state = init_state(tmp / "state", listen=listen)[0]
+            server = VeilServer(state, ServerOptions(listen=listen, allow_private=True,
+                                                     via=(via,)))
+            await server.start()
+            try:
+                key = AccessKey.parse(server.users.access_key(server.users.add("alice")))
+                assert key.noise_key is not None and key.via == (via,)
+                target = await echo_target()
+                try:
+                    return await body(key, Address("127.0.0.1",
+                                                   target.sockets[0].getsockname()[1]))
+                finally:
+                    target.close()
+            finally:
+                await server.stop()
+        finally:
+            del os.environ["SSL_CERT_FILE"]
+
+
+async def tunnel_through(key: AccessKey, use: Callable[[Address], Awaitable[T]]) -> T:
+    """A client whose direct way is refused: it must move to the CDN way by itself."""
+    blocked = dataclasses.replace(key, server=Address("127.0.0.1", refused_port()))
+    tunnel = ClientTunnel(blocked, failover=FailoverConfig())
+    socks = Socks5Inbound(tunnel, Address("127.0.0.1", 0))
+    await socks.start()
+    tunnel.start()
+    try:
+        assert await tunnel.wait_ready(TIMEOUT), tunnel.last_error
+        return await use(socks.address)
+    finally:
+        await socks.close()
+        await tunnel.close()
+
+
+@pytest.mark.parametrize("scheme", ["https", "wss"])
+def test_a_blocked_direct_way_moves_to_the_cdn_and_100_streams_arrive_byte_exact(
+        scheme: str, tmp_path: Path) -> None:
+    async def body(key: AccessKey, target: Address) -> None:
+        async def use(socks: Address) -> None:
+            payloads = [os.urandom(BODY) for _ in range(STREAMS)]
+            answers = await asyncio.wait_for(asyncio.gather(
+                *(through_socks(socks, target.port, p) for p in payloads)), TIMEOUT)
+            assert answers == payloads
+        await tunnel_through(key, use)
+
+    asyncio.run(with_cdn_server(tmp_path, scheme, body))
+
+
+def test_a_key_naming_another_servers_noise_key_gets_no_session(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The CDN's certificate is valid either way: only the Noise key tells veil's server."""
+    async def body(key: AccessKey, target: Address) -> None:
+        impostor = dataclasses.replace(key, noise_key=generate_static_keypair().public)
+        blocked = dataclasses.replace(impostor, server=Address("127.0.0.1", refused_port()))
+        tunnel = ClientTunnel(blocked, failover=FailoverConfig())
+        tunnel.start()
+        try:
+            assert not await tunnel.wait_ready(5.0)
+            await wait_until_async(lambda: "closed during the Noise handshake" in caplog.text,
+                                   TIMEOUT, lambda: f"the CDN way's failure: {caplog.text}")
+        finally:
+            await tunnel.close()
+
+    asyncio.run(with_cdn_server(tmp_path, "https", body))
