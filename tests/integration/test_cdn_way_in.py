@@ -28,12 +28,15 @@ from veil.protocol.address import Address
 from veil.protocol.endpoint import parse_endpoint
 from veil.protocol.failover import FailoverConfig
 from veil.protocol.noise import generate_static_keypair
+from veil.server import service
 from veil.server.service import VeilServer
 from veil.transport.cdn import wire
 
 T = TypeVar("T")
 TIMEOUT = 30.0
 STREAMS = 100
+#: Idle past the 2 s the CDN's idle-timeout test gives nginx.
+IDLE_S = 3.5
 BODY = 64 * 1024
 pytestmark = pytest.mark.skipif(not Path(procs.NGINX).exists(), reason="needs nginx 1.22")
 
@@ -70,10 +73,11 @@ def refused_port() -> int:
 
 
 async def with_cdn_server(tmp: Path, scheme: str,
-                          body: Callable[[AccessKey, Address], Awaitable[T]]) -> T:
+                          body: Callable[[AccessKey, Address], Awaitable[T]],
+                          cdn_read_timeout: int = 100) -> T:
     port = procs.unused_port()
     secret = wire.new_secret_path()
-    with cdn_nginx(port, name="localhost") as cdn:
+    with cdn_nginx(port, name="localhost", read_timeout=cdn_read_timeout) as cdn:
         os.environ["SSL_CERT_FILE"] = str(cdn.ca_file)  # the CDN's CA, as the web PKI's
         try:
             via = parse_endpoint(f"{scheme}://localhost:{cdn.port}{secret}")
@@ -142,3 +146,34 @@ def test_a_key_naming_another_servers_noise_key_gets_no_session(
             await tunnel.close()
 
     asyncio.run(with_cdn_server(tmp_path, "https", body))
+
+
+@pytest.mark.parametrize("scheme", ["https", "wss"])
+def test_an_idle_stream_outlives_the_cdns_idle_timeout(
+        scheme: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CDN cuts a request silent for its timeout (100 s at Cloudflare; 2 s here): the server
+    pings a CDN session with a stream open before that (scaled the same), so an idle login
+    lives on. Positive control: without the pings the CDN cuts it."""
+    async def body(key: AccessKey, target: Address) -> None:
+        async def use(socks: Address) -> None:
+            reader, writer = await asyncio.open_connection(socks.host, socks.port)
+            try:
+                writer.write(b"\x05\x01\x00")
+                assert await reader.readexactly(2) == b"\x05\x00"
+                writer.write(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + target.port.to_bytes(2, "big"))
+                assert (await reader.readexactly(10))[:2] == b"\x05\x00"
+                for _ in range(2):
+                    await asyncio.sleep(IDLE_S)  # idle past the CDN's timeout
+                    writer.write(b"still there?")
+                    got = await asyncio.wait_for(reader.readexactly(12), TIMEOUT)
+                    assert got == b"still there?"
+            finally:
+                writer.close()
+        await tunnel_through(key, use)
+
+    monkeypatch.setattr(service, "CDN_IDLE_PING_S", 1.0)
+    asyncio.run(with_cdn_server(tmp_path, scheme, body, cdn_read_timeout=2))
+    # The control: no idle pings, and the same idle stream is cut with its carrier.
+    monkeypatch.setattr(service, "CDN_IDLE_PING_S", None)
+    with pytest.raises((asyncio.IncompleteReadError, ConnectionError, TimeoutError)):
+        asyncio.run(with_cdn_server(tmp_path / "control", scheme, body, cdn_read_timeout=2))

@@ -50,8 +50,8 @@ http {{
             proxy_set_header Upgrade $http_upgrade;
             proxy_set_header Connection $connection_upgrade;
             proxy_request_buffering on;
-            proxy_read_timeout 100s;
-            proxy_send_timeout 100s;
+            proxy_read_timeout {read_timeout}s;
+            proxy_send_timeout {read_timeout}s;
         }}
     }}
 }}
@@ -106,16 +106,18 @@ def make_ca_and_leaf(directory: Path, name: str) -> Path:
 
 
 @contextlib.contextmanager
-def cdn_nginx(origin_port: int, name: str = CDN_NAME) -> Iterator[Cdn]:
+def cdn_nginx(origin_port: int, name: str = CDN_NAME, read_timeout: int = 100) -> Iterator[Cdn]:
     """nginx as a CDN on a loopback port, in front of https://127.0.0.1:``origin_port``,
-    with a certificate for ``name`` (``localhost`` for a client that resolves the name)."""
+    with a certificate for ``name`` (``localhost`` for a client that resolves the name),
+    cutting a request silent for ``read_timeout`` seconds (Cloudflare's 100 s)."""
     prefix = Path(tempfile.mkdtemp(prefix="veil-cdn-"))
     try:
         ca_file = make_ca_and_leaf(prefix, name)
         for attempt in range(procs.NGINX_BIND_ATTEMPTS):
             port = procs.unused_port()
             (prefix / "nginx.conf").write_text(CDN_CONF.format(
-                prefix=prefix, port=port, name=name, origin=origin_port))
+                prefix=prefix, port=port, name=name, origin=origin_port,
+                read_timeout=read_timeout))
             proc = subprocess.Popen([procs.NGINX, "-p", str(prefix), "-c",
                                      str(prefix / "nginx.conf")],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -463,3 +463,30 @@ def test_a_session_idle_near_the_servers_close_takes_no_new_stream() -> None:
     assert Session(client=True, now=0.0, config=SessionConfig(reuse_limit=None)).reusable(1e9)
     client.close()
     assert not client.reusable(100.0)
+
+
+def test_an_idle_ping_keeps_a_cdn_carried_session_with_streams_open_alive() -> None:
+    """SessionConfig.idle_ping (the server's, on CDN ways): a PING after a jittered silence
+    while streams are open, none with no stream open; the answer clears it."""
+    client = Session(client=True, now=0.0)
+    server = Session(client=False, now=0.0, config=SessionConfig(keepalive_interval=None,
+                                                                 idle_ping=40.0,
+                                                                 idle_close=None))
+    assert server.get_timer() is None  # no stream open: nothing to keep
+    sid = client.open_stream(StreamKind.TCP, DEST)
+    transfer(client, server)
+    due = server.get_timer()
+    assert due is not None and 30.0 <= due <= 50.0  # 40 s x 0.75-1.25
+    assert server.handle_timer(due - 0.01) == [] and server.data_to_send() == b""
+    server.handle_timer(due)
+    wire = server.data_to_send()
+    assert frames_of(wire)[0] == FrameType.PING  # (then the first writes' padding)
+    client.receive_data(wire, due)
+    assert server.receive_data(client.data_to_send(), due + 0.1) == [PongReceived(
+        pytest.approx(0.1))]
+    later = server.get_timer()
+    assert later is not None and due + 0.1 + 30.0 <= later <= due + 0.1 + 50.0
+    client.reset(sid)
+    transfer(client, server, due + 1)
+    server.handle_timer(due + 1)
+    assert server.get_timer() is None  # the stream went: no more pings

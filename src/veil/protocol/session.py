@@ -73,6 +73,8 @@ MAX_WINDOW = 2**31 - 1
 # idle. The server sets no interval: nginx never pings.
 DEFAULT_KEEPALIVE_INTERVAL = 10.0
 DEFAULT_KEEPALIVE_TIMEOUT = 10.0
+#: The spread of each idle ping's wait (SessionConfig.idle_ping), as factors of it: no period.
+IDLE_PING_JITTER = (0.75, 1.25)
 #: nginx's keepalive_timeout (75 s, its default, which nginx 1.22 applies to HTTP/2 as well:
 #: http2_idle_timeout is obsolete since 1.19.7). A connection to "nginx" with no request in
 #: flight never outlives it: nginx closes it then.
@@ -122,6 +124,12 @@ class SessionConfig:
     keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL
     #: Declare the peer dead when nothing arrives this long after a PING (seconds).
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
+    #: While streams are open, PING after about this long without receiving anything (each
+    #: wait drawn from IDLE_PING_JITTER times it); None: never while idle (the TLS way in, as
+    #: Chromium). For carriers whose proxies cut a silent connection: a CDN drops a request
+    #: that carries nothing for ~100 s (Cloudflare; nginx's proxy_read_timeout), and a
+    #: WebSocket app's idle pings are what browsers' apps send through CDNs.
+    idle_ping: float | None = None
     #: Which writes are padded, and how (see veil.protocol.shaping).
     shaping: ShapingPolicy = DEFAULT_SHAPING
     #: Close the session after this long with no stream open (seconds, drawn once per
@@ -185,6 +193,7 @@ class Session:
         self._data_stream: _Stream | None = None
         # Keepalive, and the idle close (see get_timer).
         self._last_received = now
+        self._idle_ping_wait = self._draw_idle_ping_wait()
         idle = self.config.idle_close
         self._idle_close_after = None if idle is None else _RANDOM.uniform(*idle)
         self._idle_since: float | None = now  # when the last stream went; None: streams open
@@ -397,10 +406,7 @@ class Session:
         if (now is not None and interval is not None and self._ping_sent_at is None
                 and not self._closed and now - self._last_received >= interval):
             self._clock = now
-            self._ping_counter += 1
-            self._ping_sent_at = now
-            self._ping_payload = self._ping_counter.to_bytes(8, "big")
-            out.insert(0, frame(FrameType.PING, 0, self._ping_payload))
+            self._send_ping(now, first=True)
         # The last write (ending with CLOSE) is not grown: nothing after it needs hiding, and
         # a page-sized record just before close_notify is no website's.
         if (self._shape_this_write or self._shaped_writes) and not self._closed:
@@ -408,6 +414,13 @@ class Session:
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
         return data
+
+    def _send_ping(self, now: float, first: bool = False) -> None:
+        self._ping_counter += 1
+        self._ping_sent_at = now
+        self._ping_payload = self._ping_counter.to_bytes(8, "big")
+        self._out.insert(0 if first else len(self._out),
+                         frame(FrameType.PING, 0, self._ping_payload))
 
     def _shape(self, out: list[bytes | memoryview]) -> None:
         """Grow this write to the policy's size with a PADDING frame (see shaping.py)."""
@@ -421,6 +434,10 @@ class Session:
             out.append(frame(FrameType.PADDING, 0, bytes(pad)))
 
     # ------------------------------------------------------------------ timers
+    def _draw_idle_ping_wait(self) -> float | None:
+        interval = self.config.idle_ping
+        return None if interval is None else interval * _RANDOM.uniform(*IDLE_PING_JITTER)
+
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` must next be called, or None."""
         if self._closed:
@@ -434,6 +451,8 @@ class Session:
         deadlines: list[float] = []
         if self._ping_sent_at is not None:
             deadlines.append(self._ping_sent_at + self.config.keepalive_timeout)
+        elif self._streams and self._idle_ping_wait is not None:
+            deadlines.append(self._last_received + self._idle_ping_wait)
         if self._idle_since is not None and self._idle_close_after is not None:
             deadlines.append(self._idle_since + self._idle_close_after)
         return min(deadlines, default=None)
@@ -442,7 +461,8 @@ class Session:
         """Declare the peer dead when nothing came within the keepalive timeout of a PING;
         with no stream open, close the session once it has been idle for its idle close (the
         CLOSE frame says why; the caller then closes the connection, TLS close_notify and
-        FIN). Never sends a PING: those go with the user's writes (:meth:`data_to_send`)."""
+        FIN). Sends a PING only with an ``idle_ping`` configured (a CDN's carrier); the
+        keepalive PINGs go with the user's writes (:meth:`data_to_send`)."""
         if self._closed:
             return []
         self._clock = now
@@ -460,6 +480,11 @@ class Session:
                 and now >= self._idle_since + self._idle_close_after):
             self.close(CloseCode.NORMAL, IDLE_CLOSE_REASON)
             return [SessionClosed(CloseCode.NORMAL, IDLE_CLOSE_REASON, False)]
+        wait = self._idle_ping_wait
+        if (self._ping_sent_at is None and self._streams and wait is not None
+                and now >= self._last_received + wait):
+            self._send_ping(now)
+            self._idle_ping_wait = self._draw_idle_ping_wait()
         return []
 
     # ------------------------------------------------------------------ receiving

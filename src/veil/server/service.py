@@ -46,6 +46,11 @@ log = logging.getLogger("veil.server")
 # connection; veil's clients leave that close to the server, as browsers leave it to nginx
 # (veil.protocol.session.DEFAULT_REUSE_LIMIT).
 SERVER_SESSION_CONFIG = SessionConfig(keepalive_interval=None)
+# Through a CDN the server pings a session with streams open after ~45 s of silence (34-56 s):
+# CDNs cut a request that carries nothing for ~100 s (Cloudflare's limit; nginx's
+# proxy_read_timeout), which would end an idle SSH login; a WebSocket or a streaming response
+# with a heartbeat is what web apps behind CDNs look like anyway.
+CDN_IDLE_PING_S = 45.0
 # The first frame after acceptance is PADDING of a random length in this range, so that the
 # server's first record is not of one fixed size.
 # How long shutdown waits for sessions to close after saying CLOSE.
@@ -191,15 +196,16 @@ class VeilServer:
             return reason
 
         def start(sealed: SealedTransport) -> None:
-            self._start_session(sealed, user, b"", way_in="cdn")
+            self._start_session(sealed, user, b"", way_in="cdn", idle_ping=CDN_IDLE_PING_S)
             sealed.release()
         return start
 
     def _start_session(self, transport: asyncio.Transport, user: User, rest: bytes,
-                       way_in: str = "veil") -> None:
+                       way_in: str = "veil", idle_ping: float | None = None) -> None:
         loop = asyncio.get_running_loop()
         idle = self.options.idle_close
-        config = dataclasses.replace(SERVER_SESSION_CONFIG, idle_close=(idle, idle))
+        config = dataclasses.replace(SERVER_SESSION_CONFIG, idle_close=(idle, idle),
+                                     idle_ping=idle_ping)
         if not self.options.shaping:
             config = dataclasses.replace(config, shaping=NO_SHAPING)
         session = Session(client=False, now=loop.time(), config=config)
