@@ -18,7 +18,7 @@ from veil.protocol.endpoint import MAX_VIA
 from veil.store.base import User
 
 LISTEN = Address("127.0.0.1", 443)
-VIAS = parse_via(["tls://203.0.113.7:8443", "https://cdn.example.org/x"])
+VIAS = parse_via(["tls://203.0.113.7:8443", "https://cdn.example.org/Zm9vYmFyYmF6cXV4cXV1eA/"])
 
 
 def user() -> User:
@@ -43,7 +43,7 @@ def test_via_and_extra_listen_addresses_are_checked() -> None:
 def test_the_state_remembers_the_ways_in_and_every_key_names_them(tmp_path: Path) -> None:
     state, _ = init_state(tmp_path, listen=LISTEN, via=VIAS)
     assert json.loads((tmp_path / "config.json").read_text())["via"] == [
-        "tls://203.0.113.7:8443", "https://cdn.example.org/x"]
+        "tls://203.0.113.7:8443", "https://cdn.example.org/Zm9vYmFyYmF6cXV4cXV1eA/"]
     state = load_state(tmp_path)
     assert state.via == VIAS
     key = AccessKey.parse(export_user(state, user(), "veil").text)

@@ -96,9 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--via", action="append", default=[], metavar="URL",
                        help="another way in to this server, written into every key after the "
                             "public address: tls://HOST:PORT (an extra --listen port, or an "
-                            "address your firewall forwards here). Repeatable, in order of "
-                            "preference; clients move to the next when one is blocked. Only "
-                            "announced (listening is --listen's); remembered in DIR/config.json")
+                            "address your firewall forwards here), or https://CDNHOST/SECRET/ "
+                            "(wss:// for a WebSocket) through a CDN or reverse proxy that "
+                            "forwards /SECRET/ to this port (SECRET: 16+ random characters, e.g. "
+                            "`openssl rand -hex 12`; docs/operations.md, \"Behind a CDN\"). "
+                            "Repeatable, in order of preference; clients move to the next when "
+                            "one is blocked. Only announced (listening is --listen's); "
+                            "remembered in DIR/config.json")
     serve.add_argument("--public", metavar="HOST[:PORT]",
                        help="address clients use, written into access keys "
                             "(default: the listen address)")

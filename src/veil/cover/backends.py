@@ -17,6 +17,7 @@ import abc
 import asyncio
 import socket
 import ssl
+import weakref
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -100,6 +101,14 @@ class BuiltinCover(Cover):
         self.keepalive_timeout = keepalive_timeout
         self.lingering_timeout = lingering_timeout
         self.lingering_time = lingering_time
+        # The TLS connections served, weakly: close() cuts those still open (a proxy's idle
+        # keep-alive connections, the CDN ways' carriers), as a stopping nginx does.
+        self._served: weakref.WeakSet[asyncio.Transport] = weakref.WeakSet()
+
+    def close(self) -> None:
+        for transport in list(self._served):
+            if not transport.is_closing():
+                transport.abort()
 
     async def serve_plain(self, sock: socket.socket, started_at: float) -> None:
         loop = asyncio.get_running_loop()
@@ -115,6 +124,7 @@ class BuiltinCover(Cover):
 
     def serve_tls(self, transport: asyncio.Transport, initial: bytes, started_at: float,
                   *, greeted: bool = False) -> None:
+        self._served.add(transport)
         if negotiated_alpn(transport) == "h2":
             H2CoverProtocol.take_over(
                 transport, initial, self.site, started_at=started_at, preface_sent=greeted,

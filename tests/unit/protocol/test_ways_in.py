@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -14,6 +15,7 @@ from veil.protocol.endpoint import MAX_VIA, parse_endpoint, tls_endpoint
 SECRET = "A" * 43
 PIN = "A" * 43
 OLD_KEY = f"veil://{SECRET}@198.51.100.1:443?pin={PIN}#alice"
+CDN_PATH = "/Zm9vYmFyYmF6cXV4cXV1eA/"
 
 
 def key_with(*via: str) -> AccessKey:
@@ -23,16 +25,18 @@ def key_with(*via: str) -> AccessKey:
 
 def test_a_key_with_ways_in_round_trips_on_one_line() -> None:
     key = key_with("tls://203.0.113.7:8443", "tls://[2001:db8::7]:443",
-                   "https://cdn.example.org/p?a=1&b=2#x")
+                   "h3://cdn.example.org/p?a=1&b=2#x", f"https://cdn.example.org{CDN_PATH}")
     uri = key.to_uri()
     assert "\n" not in uri and " " not in uri
     assert "&via=tls://203.0.113.7:8443&via=tls://%5B2001:db8::7%5D:443&" in uri
-    # What could end the parameter or the key is escaped: & # ? + in a future CDN URL.
-    assert "via=https://cdn.example.org/p%3Fa%3D1%26b%3D2%23x#alice" in uri
+    # What could end the parameter or the key is escaped: & # ? + in a future scheme's URL.
+    assert "via=h3://cdn.example.org/p%3Fa%3D1%26b%3D2%23x&" in uri
+    assert uri.endswith(f"via=https://cdn.example.org{CDN_PATH}#alice")
     assert AccessKey.parse(uri) == key
     assert [str(way) for way in key.ways()] == [
         "198.51.100.1:443", "203.0.113.7:8443", "[2001:db8::7]:443",
-        "https://cdn.example.org/p?a=1&b=2#x"]
+        "h3://cdn.example.org/p?a=1&b=2#x",
+        "https://cdn.example.org/..."]  # logs name a CDN way without its secret path
 
 
 def test_the_briefs_fully_escaped_form_reads_the_same() -> None:
@@ -86,3 +90,24 @@ def test_a_repeated_way_in_and_too_many_are_refused() -> None:
     many = "".join(f"&via=tls://203.0.113.7:{port}" for port in range(1, MAX_VIA + 2))
     with pytest.raises(ConfigError, match=f"at most {MAX_VIA}"):
         AccessKey.parse(base + many)
+
+
+@pytest.mark.parametrize(("via", "reason"), [
+    ("https://cdn.example.org/short/", "at least 16 characters"),
+    ("https://cdn.example.org/Zm9vYmFyYmF6cXV4cXV1eA", "at least 16 characters"),
+    ("wss://cdn.example.org/Zm9vYmFy//YmF6cXV4cXV1eA/", "at least 16 characters"),
+    ("https://user@cdn.example.org/Zm9vYmFyYmF6cXV4cXV1eA/", "HOST[:PORT]/SECRET/"),
+    ("https://cdn.example.org/Zm9vYmFyYmF6cXV4cXV1eA/?x=1", "HOST[:PORT]/SECRET/"),
+])
+def test_a_cdn_way_needs_a_secret_path_and_nothing_else(via: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(reason)):
+        parse_endpoint(via)
+
+
+def test_a_cdn_way_reads_its_host_port_and_path() -> None:
+    way = parse_endpoint("WSS://CDN.example.org:8443/Zm9vYmFyYmF6cXV4cXV1eA/")
+    assert (way.scheme, way.address, way.path, way.through_cdn) == (
+        "wss", Address("cdn.example.org", 8443), "/Zm9vYmFyYmF6cXV4cXV1eA/", True)
+    assert way.url == "wss://cdn.example.org:8443/Zm9vYmFyYmF6cXV4cXV1eA/"
+    assert parse_endpoint("https://[2001:db8::1]/Zm9vYmFyYmF6cXV4cXV1eA/").address == Address(
+        "2001:db8::1", 443)
