@@ -238,3 +238,90 @@ def test_user_show_prints_warns_and_writes_png(tmp_path: Path) -> None:
     missing = subprocess.run([*procs.VEIL, "user", "show", "nobody", "--state",
                               str(server_state)], capture_output=True, text=True, timeout=30)
     assert missing.returncode == 1 and "no user named 'nobody'" in missing.stderr
+
+
+# ------------------------------------------------------------------ the CDN ways (wss://)
+WS_PATH = "/Zm9vYmFyYmF6cXV4cXV1eA/"
+VIA = ("wss://cdn.example.org" + WS_PATH, "https://cdn2.example.org/c2VjcmV0c2VjcmV0c2Vj/",
+       "tls://203.0.113.9:8443")
+
+
+@pytest.fixture
+def cdn_state(state: ServerState) -> ServerState:
+    """The state as ``veil serve --trojan --via ...`` (a wss://, an https://, a tls:// way)
+    leaves it."""
+    from veil.protocol.endpoint import parse_endpoint
+
+    record_start(state.directory, trojan=True, via=[parse_endpoint(url) for url in VIA])
+    return load_state(state.directory)
+
+
+def test_a_wss_way_is_a_trojan_ws_link_in_the_share_link_convention(cdn_state: ServerState,
+                                                                    user: User) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    exported = export_user(cdn_state, user, "trojan")
+    direct, ws = exported.text.split("\n")
+    assert not exported.one_line
+    assert TrojanLink.parse(direct).server == cdn_state.public  # as before, first
+    parts = urlsplit(ws)
+    assert parts.scheme == "trojan" and parts.hostname == "cdn.example.org"
+    assert parts.port == 443 and parts.username == password_for_secret(SECRET)
+    query = parse_qs(parts.query)
+    assert query == {"security": ["tls"], "sni": ["cdn.example.org"], "type": ["ws"],
+                     "path": [WS_PATH], "host": ["cdn.example.org"], "alpn": ["http/1.1"],
+                     "fp": ["chrome"]}
+    assert "allowInsecure" not in ws and "pin=" not in ws  # the CDN's certificate: web PKI
+    assert any("TLS ends at the CDN" in w for w in exported.warnings)
+    assert any("cdn2.example.org" in w and "203.0.113.9" in w for w in exported.warnings)
+
+
+def test_clash_gets_a_ws_proxy_per_wss_way_and_a_fallback_group(cdn_state: ServerState,
+                                                                user: User) -> None:
+    config = yaml.safe_load(export_user(cdn_state, user, "clash").text)
+    jsonschema.validate(config, schema("clash-trojan.schema.json"))
+    direct, ws = config["proxies"]
+    assert direct["name"] == "alice" and "network" not in direct
+    assert ws == {"name": "alice via cdn.example.org", "type": "trojan",
+                  "server": "cdn.example.org", "port": 443,
+                  "password": password_for_secret(SECRET), "udp": True,
+                  "sni": "cdn.example.org", "alpn": ["http/1.1"],
+                  "client-fingerprint": "chrome", "skip-cert-verify": False, "network": "ws",
+                  "ws-opts": {"path": WS_PATH, "headers": {"Host": "cdn.example.org"}}}
+    (group,) = config["proxy-groups"]
+    assert group["type"] == "fallback" and group["proxies"] == ["alice", ws["name"]]
+    assert config["rules"] == [f"MATCH,{group['name']}"]
+
+
+def test_sing_box_gets_a_ws_outbound_per_wss_way_and_a_urltest(cdn_state: ServerState,
+                                                               user: User,
+                                                               tmp_path: Path) -> None:
+    exported = export_user(cdn_state, user, "sing-box").text
+    config = json.loads(exported)
+    jsonschema.validate(config, schema("sing-box-trojan.schema.json"))
+    auto, direct, ws = config["outbounds"]
+    assert auto == {"type": "urltest", "tag": "alice (auto)",
+                    "outbounds": ["alice", "alice via cdn.example.org"]}
+    assert direct["tag"] == "alice" and "transport" not in direct
+    assert ws["server"] == "cdn.example.org" and ws["server_port"] == 443
+    assert ws["transport"] == {"type": "ws", "path": WS_PATH,
+                               "headers": {"Host": "cdn.example.org"}}
+    assert ws["tls"] == {"enabled": True, "server_name": "cdn.example.org",
+                         "alpn": ["http/1.1"],
+                         "utls": {"enabled": True, "fingerprint": "chrome"}}
+    binary = singbox.binary()
+    generated = json.loads(subprocess.run([binary, "schema"], capture_output=True, text=True,
+                                          check=True, timeout=singbox.COMMAND_TIMEOUT_S).stdout)
+    jsonschema.validate(config, generated)
+    path = tmp_path / "alice.json"
+    path.write_text(exported if singbox.has_utls(binary) else singbox.without_utls(exported))
+    check = subprocess.run([binary, "check", "-c", str(path)], capture_output=True, text=True,
+                           timeout=singbox.COMMAND_TIMEOUT_S)
+    assert check.returncode == 0, check.stderr
+
+
+def test_without_a_wss_way_the_exports_are_as_before(state: ServerState, user: User) -> None:
+    exported = export_user(state, user, "trojan")
+    assert exported.one_line and "\n" not in exported.text
+    assert "proxy-groups" not in yaml.safe_load(export_user(state, user, "clash").text)
+    assert len(json.loads(export_user(state, user, "sing-box").text)["outbounds"]) == 1

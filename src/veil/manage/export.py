@@ -14,6 +14,19 @@ is renewed (same key) every 60 days: ``fingerprint`` and ``certificate`` must th
 exported again, and the warnings say so. With a CA-issued certificate (``--cert``) nothing of
 this is needed and the exports use the web PKI.
 
+Through a CDN: each ``wss://`` way in (``veil serve --via wss://CDN/SECRET/``) is exported
+too, as Trojan over WebSocket on that secret path (the server tells it from veil's own
+carriers by its first bytes: ``server/trojan.py``): a ``trojan://`` link with ``type=ws``,
+``path`` and ``host`` (the share-link convention of v2rayN and Xray), a Clash Meta proxy with
+``network: ws`` and ``ws-opts``, a sing-box outbound with a ``ws`` transport; the CDN's
+certificate is trusted by the web PKI, and the ClientHello offers ``http/1.1`` only, as a
+browser's WebSocket connection does. The CDN ends that TLS, so it reads the password and
+the traffic (the apps' design; veil's own key puts Noise inside): the export warns. With
+several ways, Clash Meta gets a ``fallback`` group and sing-box a ``urltest`` outbound over
+them, so the app moves to the CDN way when the direct one is blocked. The apps' gRPC and
+HTTP/2 variants need h2 from the CDN to the origin, which the carrier does not serve (CDNs
+reach origins over HTTP/1.1; docs/cdn.md): not exported.
+
 Only when the server takes Trojan: the Trojan formats need a server started with
 ``veil serve --trojan`` (off by default, docs/operations.md), which each start records in the
 state (``ServerState.trojan``). A server that runs without it, or a state no server has started
@@ -31,15 +44,19 @@ and apps have it.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from veil.errors import ConfigError
 from veil.manage.state import ServerState
-from veil.protocol.trojan import TrojanLink, password_for_secret
+from veil.protocol.endpoint import Endpoint
+from veil.protocol.trojan import SCHEME, TrojanLink, password_for_secret
+from veil.protocol.uri import format_authority_uri
 from veil.store.base import User
 
 FORMATS = ("veil", "trojan", "clash", "sing-box")
@@ -47,6 +64,13 @@ FORMATS = ("veil", "trojan", "clash", "sing-box")
 # most common browser's (the name is the same in mihomo, sing-box and the links' ``fp``).
 ALPN = ("h2", "http/1.1")
 CLIENT_FINGERPRINT = "chrome"
+# What a Trojan-over-WebSocket export offers in ALPN: WebSocket rides HTTP/1.1 (RFC 6455), and
+# an app offering h2 to a CDN gets h2, which its WebSocket client does not speak.
+WS_ALPN = ("http/1.1",)
+# Clash Meta's fallback group: the URL its health check fetches through each proxy (mihomo's
+# own default), and how often (seconds): a blocked way is left within one interval.
+HEALTH_CHECK_URL = "https://www.gstatic.com/generate_204"
+HEALTH_CHECK_INTERVAL_S = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +95,49 @@ class ServerCertificate:
         der = cert.public_bytes(serialization.Encoding.DER)
         return cls(cert.public_bytes(serialization.Encoding.PEM).decode(),
                    hashlib.sha256(der).hexdigest(), cert.issuer == cert.subject)
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketWay:
+    """A ``wss://`` way in as a Trojan-over-WebSocket app sees it."""
+
+    host: str  # the CDN's name (or address): where to connect, SNI and Host
+    port: int
+    path: str  # the secret path
+    label: str  # the proxy's name in the app
+
+    @property
+    def sni(self) -> str | None:
+        """The name for SNI; None for an IP literal (SNI carries names only)."""
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return self.host
+        return None
+
+    @classmethod
+    def of(cls, way: Endpoint, user: User) -> WebSocketWay:
+        assert way.address is not None  # a wss:// way always has one (protocol/endpoint.py)
+        return cls(way.address.host, way.address.port, way.path,
+                   f"{user.name} via {way.address.host}")
+
+
+def websocket_ways(state: ServerState, user: User) -> list[WebSocketWay]:
+    """The CDN ways in an app's trojan-ws can take: the ``wss://`` ones. (``https://`` ways
+    are packet-up, which no Trojan app speaks.)"""
+    return [WebSocketWay.of(way, user) for way in state.via
+            if way.scheme == "wss" and way.address is not None]
+
+
+def websocket_link(way: WebSocketWay, password: str) -> str:
+    """A ``trojan://`` link for Trojan over WebSocket, as v2rayN and Xray share them."""
+    params = ["security=tls", "type=ws", f"path={quote(way.path, safe='')}",
+              f"host={quote(way.host, safe='')}", f"alpn={quote(','.join(WS_ALPN), safe='')}",
+              f"fp={quote(CLIENT_FINGERPRINT, safe='')}"]
+    if way.sni:
+        params.insert(1, f"sni={quote(way.sni, safe='')}")
+    authority = f"[{way.host}]:{way.port}" if ":" in way.host else f"{way.host}:{way.port}"
+    return format_authority_uri(SCHEME, quote(password, safe=""), authority, params, way.label)
 
 
 def trojan_link(state: ServerState, user: User, cert: ServerCertificate) -> TrojanLink:
@@ -105,9 +172,16 @@ def export_user(state: ServerState, user: User, fmt: str) -> Export:
         warnings.append(f"user {user.name!r} is revoked: the server refuses this key")
     if fmt == "veil":
         return Export(state.access_key(user).to_uri(), tuple(warnings))
-    if state.via:
-        warnings.append(f"this format names {state.public} only; the further ways in "
-                        f"({', '.join(way.url for way in state.via)}) are in the veil key")
+    ws_ways = websocket_ways(state, user)
+    others = [way for way in state.via if way.scheme != "wss"]
+    if others:
+        warnings.append(f"this format names {state.public}"
+                        f"{' and the wss:// ways' if ws_ways else ''} only; the further ways "
+                        f"in ({', '.join(way.url for way in others)}) are in the veil key")
+    if ws_ways:
+        warnings.append("through a CDN (the wss:// ways) TLS ends at the CDN: it reads the "
+                        "Trojan password and every byte (veil's own key puts Noise inside; "
+                        "docs/operations.md)")
     cert = ServerCertificate.load(state)
     renew = ("the server's certificate is self-signed and renewed every 60 days (same key): "
              "export this again after a renewal")
@@ -118,7 +192,10 @@ def export_user(state: ServerState, user: User, fmt: str) -> Export:
                 "it says allowInsecure=1, so apps other than veil do not authenticate the "
                 "server (an interceptor could learn the password); prefer --format clash or "
                 "sing-box, or give the server a CA-issued certificate (--cert)")
-        return Export(trojan_link(state, user, cert).to_uri(), tuple(warnings))
+        password = password_for_secret(user.secret)
+        links = [trojan_link(state, user, cert).to_uri(),
+                 *(websocket_link(way, password) for way in ws_ways)]
+        return Export("\n".join(links), tuple(warnings), one_line=len(links) == 1)
     if cert.self_signed:
         warnings.append(renew)
     if fmt == "clash":
@@ -153,7 +230,40 @@ def clash_config(state: ServerState, user: User, cert: ServerCertificate) -> str
     if cert.self_signed:
         lines.append(f"    fingerprint: {_q(cert.sha256)}")
     lines.append("    skip-cert-verify: false")
-    lines += ["rules:", f"  - {_q('MATCH,' + user.name)}"]
+    ways = websocket_ways(state, user)
+    for way in ways:
+        lines += [
+            f"  - name: {_q(way.label)}",
+            "    type: trojan",
+            f"    server: {_q(way.host)}",
+            f"    port: {way.port}",
+            f"    password: {_q(password_for_secret(user.secret))}",
+            "    udp: true",
+        ]
+        if way.sni:
+            lines.append(f"    sni: {_q(way.sni)}")
+        lines += [
+            f"    alpn: [{', '.join(_q(a) for a in WS_ALPN)}]",
+            f"    client-fingerprint: {_q(CLIENT_FINGERPRINT)}",
+            "    skip-cert-verify: false",  # the CDN's certificate, by the web PKI
+            "    network: ws",
+            "    ws-opts:",
+            f"      path: {_q(way.path)}",
+            "      headers:",
+            f"        Host: {_q(way.host)}",
+        ]
+    target = user.name
+    if ways:
+        target = f"{user.name} (fallback)"
+        lines += [
+            "proxy-groups:",
+            f"  - name: {_q(target)}",
+            "    type: fallback",
+            f"    proxies: [{', '.join(_q(n) for n in (user.name, *(w.label for w in ways)))}]",
+            f"    url: {_q(HEALTH_CHECK_URL)}",
+            f"    interval: {HEALTH_CHECK_INTERVAL_S}",
+        ]
+    lines += ["rules:", f"  - {_q('MATCH,' + target)}"]
     return "\n".join(lines)
 
 
@@ -175,4 +285,19 @@ def sing_box_config(state: ServerState, user: User, cert: ServerCertificate) -> 
     outbound = {"type": "trojan", "tag": user.name, "server": state.public.host,
                 "server_port": state.public.port,
                 "password": password_for_secret(user.secret), "tls": tls}
-    return json.dumps({"outbounds": [outbound]}, indent=2)
+    outbounds: list[dict[str, object]] = [outbound]
+    for way in websocket_ways(state, user):
+        ws_tls: dict[str, object] = {"enabled": True}  # the CDN's certificate: web PKI
+        if way.sni:
+            ws_tls["server_name"] = way.sni
+        ws_tls["alpn"] = list(WS_ALPN)
+        ws_tls["utls"] = {"enabled": True, "fingerprint": CLIENT_FINGERPRINT}
+        outbounds.append({
+            "type": "trojan", "tag": way.label, "server": way.host, "server_port": way.port,
+            "password": password_for_secret(user.secret), "tls": ws_tls,
+            "transport": {"type": "ws", "path": way.path, "headers": {"Host": way.host}}})
+    if len(outbounds) > 1:
+        # The first outbound is the default route: the way that answers, the fastest first.
+        outbounds.insert(0, {"type": "urltest", "tag": f"{user.name} (auto)",
+                             "outbounds": [o["tag"] for o in outbounds]})
+    return json.dumps({"outbounds": outbounds}, indent=2)

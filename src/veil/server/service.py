@@ -30,7 +30,7 @@ from veil.server.live import Live, LiveConnection
 from veil.server.outbound import Outbound
 from veil.server.policy import DestinationPolicy, local_addresses, server_resolver
 from veil.server.status import BoundCounts, ConnectionStatus, GateCounts, ServerStatus
-from veil.server.trojan import TrojanService, TrojanWayIn
+from veil.server.trojan import TrojanOrNoise, TrojanService, TrojanWayIn
 from veil.store.base import User
 from veil.transport.cdn.server import CarrierServer
 
@@ -101,8 +101,15 @@ class VeilServer:
                                   "them, so no secret path could be served")
             noise_private = state.noise_private
             assert noise_private is not None  # load_state makes one
-            self.carriers = CarrierServer(
-                cdn_paths, lambda: NoiseServerChannel(noise_private, self._cdn_request))
+            def noise() -> asyncio.Protocol:
+                return NoiseServerChannel(noise_private, self._cdn_request)
+            factory = noise
+            if options.trojan:  # the apps' trojan-ws on the same paths (server/trojan.py)
+                cdn_trojan = TrojanWayIn(self.live, self._serve_trojan_cdn)
+
+                def factory() -> asyncio.Protocol:
+                    return TrojanOrNoise(cdn_trojan, noise)
+            self.carriers = CarrierServer(cdn_paths, factory)
         self.cover = cover or make_cover(options.cover_url, state.site_seed, self.carriers)
         policy = DestinationPolicy.for_server(
             options.allow_private,
@@ -246,9 +253,13 @@ class VeilServer:
             log.info("session ended for user %s", conn.user.name)
 
     def _serve_trojan(self, transport: asyncio.Transport, user: User, request: TrojanRequest,
-                      rest: bytes) -> None:
-        self.live.register(user, "trojan", transport, close=lambda _reason: transport.close())
+                      rest: bytes, way_in: str = "trojan") -> None:
+        self.live.register(user, way_in, transport, close=lambda _reason: transport.close())
         self.trojan.serve(transport, user, request, rest)
+
+    def _serve_trojan_cdn(self, transport: asyncio.Transport, user: User,
+                          request: TrojanRequest, rest: bytes) -> None:
+        self._serve_trojan(transport, user, request, rest, way_in="trojan-cdn")
 
     async def reload(self) -> None:
         """Re-read the certificate (new handshakes use it; renews a self-signed one that is

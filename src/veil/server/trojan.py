@@ -15,6 +15,13 @@ Serving (:class:`TrojanService`):
 * UDP ASSOCIATE: the rest of the connection is a stream of Trojan UDP packets; each goes out
   through one UDP flow under the same policy, and replies come back framed the same way.
 
+Through a CDN (:class:`TrojanOrNoise`): with ``--trojan``, a carrier on a CDN way's secret
+path (``veil.transport.cdn``) whose first bytes are a Trojan request - what an app's
+trojan-ws sends as its first WebSocket message - is served here too, as
+:class:`CarrierTrojan`; any other first bytes go to veil's Noise channel, as they do without
+``--trojan``. The CDN ends TLS, so it reads the password hash and every byte relayed: the
+apps' design, and why veil's own clients use Noise there (docs/operations.md).
+
 What is not handled: a request whose first record ends before the request does *and* before
 the password hash is complete (one or two records of a few bytes each). Clients write the
 request, usually with the first payload, in one TLS record; the gate waits for the rest only
@@ -26,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from veil.errors import RemoteProtocolError
 from veil.net.dialer import UdpFlow
@@ -41,11 +49,12 @@ from veil.protocol.trojan import (
     encode_udp_packet,
     parse_request,
 )
-from veil.server.gate import Accept, Reject, UserLookup, Verdict, Wait, WayIn
+from veil.server.gate import MAX_WAIT_BYTES, Accept, Reject, UserLookup, Verdict, Wait, WayIn
 from veil.server.live import UDP_ASSOCIATION_SLOTS, OutboundSlot, OutboundSlots
 from veil.server.outbound import CONNECT_TIMEOUT_S, BoundLog, IdleTimeout, policy_resolver
 from veil.server.policy import DestinationPolicy
 from veil.store.base import User
+from veil.transport.ratelimit import TokenBucket
 
 log = logging.getLogger("veil.server")
 
@@ -182,3 +191,228 @@ class TrojanUdpAssociation(asyncio.Protocol):
     def close(self) -> None:
         if self._finish():
             self.transport.close()
+
+
+# ------------------------------------------------------------------ through a CDN
+class TrojanOrNoise(asyncio.Protocol):
+    """A CDN carrier's first protocol when the Trojan way in is on: tells an app's trojan-ws
+    from veil's client by the first bytes.
+
+    A Trojan request begins with 56 lowercase hex characters and CRLF; veil's Noise channel
+    begins with a 2-byte frame length whose first byte is 0 (its first message is 112 bytes;
+    an ASCII hex digit there would take one over 12 KB). So the first byte decides, and at most
+    the 58 bytes of a hash and its CRLF are read before the request is judged as on the TLS
+    port (:class:`TrojanWayIn`: the same users, refusals and limits). A request it accepts
+    gets the carrier (:class:`CarrierTrojan`); anything else - not Trojan-shaped, a wrong or
+    revoked password, a request cut short past MAX_WAIT_BYTES - goes with every byte read to
+    the Noise channel that ``noise`` makes, exactly as on a server without ``--trojan``: a
+    holder of the secret path learns nothing from a wrong password.
+    """
+
+    def __init__(self, way_in: TrojanWayIn, noise: Callable[[], asyncio.Protocol]) -> None:
+        self._way_in = way_in
+        self._noise_factory = noise
+        self._stream: asyncio.Transport | None = None
+        self._first = bytearray()  # bounded by MAX_WAIT_BYTES (see data_received)
+        self._noise: asyncio.Protocol | None = None
+        self._trojan: CarrierTrojan | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._stream = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._trojan is not None:
+            self._trojan.received(data)
+            return
+        if self._noise is not None:
+            self._noise.data_received(data)
+            return
+        self._first += data
+        parsed = parse_request(self._first)
+        if isinstance(parsed, Incomplete) and parsed.password_hash is None:
+            return  # hex so far, under the hash and its CRLF (58 bytes): read on
+        stream = self._stream
+        assert stream is not None
+        verdict = self._way_in.check(bytes(self._first), stream)
+        if isinstance(verdict, Wait) and len(self._first) <= MAX_WAIT_BYTES:
+            return  # a known password's request, not whole yet
+        if isinstance(verdict, Accept):
+            self._first = bytearray()
+            self._trojan = CarrierTrojan(stream)
+            verdict.take_over(self._trojan)
+            return
+        if isinstance(verdict, Reject) and verdict.reason is not None:
+            log.info("CDN way in: Trojan request refused (%s)", verdict.reason)
+        first, self._first = bytes(self._first), bytearray()
+        self._noise = self._noise_factory()
+        self._noise.connection_made(stream)
+        self._noise.data_received(first)
+
+    def eof_received(self) -> bool | None:
+        if self._trojan is not None:
+            return self._trojan.app.eof_received()
+        if self._noise is not None:
+            return self._noise.eof_received()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._trojan is not None:
+            self._trojan.app.connection_lost(exc)
+        elif self._noise is not None:
+            self._noise.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._trojan is not None:
+            self._trojan.congested(True)
+        elif self._noise is not None:
+            self._noise.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._trojan is not None:
+            self._trojan.congested(False)
+        elif self._noise is not None:
+            self._noise.resume_writing()
+
+
+class CarrierTrojan(asyncio.Transport):
+    """A CDN carrier as an accepted Trojan connection's transport.
+
+    What :class:`TrojanService` relays on, as it relays on a TLS connection: writes, closes
+    and flow control go to the carrier; the protocol the relay sets is kept here (the
+    carrier's own protocol stays :class:`TrojanOrNoise`, which hands the bytes on), and the
+    application bytes are counted both ways (``byte_counts``, the user's usage) and held to
+    the user's rate limits (``set_rate_limits``), as the TLS port's connections are.
+    """
+
+    def __init__(self, stream: asyncio.Transport) -> None:
+        super().__init__()
+        self._stream = stream
+        self._app: asyncio.Protocol | None = None
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self._read_limit: TokenBucket | None = None
+        self._write_limit: TokenBucket | None = None
+        self._reading_held = False  # by the relay (its peer is congested)
+        self._read_throttled = False  # by the user's rate limit
+        self._congested = False  # the carrier's own write buffer is full
+        self._write_throttled = False
+
+    @property
+    def app(self) -> asyncio.Protocol:
+        """The relay's protocol; until the service sets one, a sink (it sets one at once)."""
+        return self._app if self._app is not None else _SINK
+
+    # ------------------------------------------------------------------ from the carrier
+    def received(self, data: bytes) -> None:
+        self.bytes_received += len(data)
+        if self._read_limit is not None and (wait := self._read_limit.take(len(data))) > 0:
+            self._throttle_read(wait)
+        self.app.data_received(data)
+
+    def congested(self, full: bool) -> None:
+        was_paused = self._congested or self._write_throttled
+        self._congested = full
+        self._tell_app(was_paused)
+
+    # ------------------------------------------------------------------ rate limits
+    def set_rate_limits(self, read: TokenBucket | None, write: TokenBucket | None) -> None:
+        """Hold this connection to these buckets (the user's, shared with their others)."""
+        self._read_limit, self._write_limit = read, write
+
+    def _throttle_read(self, wait: float) -> None:
+        if not self._read_throttled:
+            self._read_throttled = True
+            self._apply_reading()
+            asyncio.get_running_loop().call_later(wait, self._end_read_throttle)
+
+    def _end_read_throttle(self) -> None:
+        # Bytes that were already on their way while paused count too: wait off that debt.
+        if self._read_limit is not None and (wait := self._read_limit.take(0)) > 0:
+            asyncio.get_running_loop().call_later(wait, self._end_read_throttle)
+            return
+        self._read_throttled = False
+        self._apply_reading()
+
+    def _end_write_throttle(self) -> None:
+        if self._write_limit is not None and (wait := self._write_limit.take(0)) > 0:
+            asyncio.get_running_loop().call_later(wait, self._end_write_throttle)
+            return
+        self._write_throttled = False
+        self._tell_app(True)
+
+    def _apply_reading(self) -> None:
+        if self._stream.is_closing():
+            return
+        if self._reading_held or self._read_throttled:
+            self._stream.pause_reading()
+        else:
+            self._stream.resume_reading()
+
+    def _tell_app(self, was_paused: bool) -> None:
+        paused = self._congested or self._write_throttled
+        if paused and not was_paused:
+            self.app.pause_writing()
+        elif was_paused and not paused:
+            self.app.resume_writing()
+
+    # ------------------------------------------------------------------ asyncio.Transport
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data or self._stream.is_closing():
+            return
+        self.bytes_sent += len(data)
+        self._stream.write(data)
+        if self._write_limit is not None and (wait := self._write_limit.take(len(data))) > 0 \
+                and not self._write_throttled:
+            was_paused = self._congested
+            self._write_throttled = True
+            self._tell_app(was_paused)
+            asyncio.get_running_loop().call_later(wait, self._end_write_throttle)
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return False  # the carrier cannot half-close (nor can Trojan over TLS)
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("the carrier cannot half-close")
+
+    def is_closing(self) -> bool:
+        return self._stream.is_closing()
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def abort(self) -> None:
+        self._stream.abort()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._app = protocol  # type: ignore[assignment]
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.app
+
+    def is_reading(self) -> bool:
+        return not (self._reading_held or self._read_throttled)
+
+    def pause_reading(self) -> None:
+        self._reading_held = True
+        self._apply_reading()
+
+    def resume_reading(self) -> None:
+        self._reading_held = False
+        self._apply_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self._stream.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._stream.get_write_buffer_limits()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "byte_counts":
+            return (self.bytes_received, self.bytes_sent)
+        return self._stream.get_extra_info(name, default)
+
+
+_SINK = asyncio.Protocol()
