@@ -7,6 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from veil.admin.pages import health_page
 from veil.protocol.report import BlockedWay
 from veil.server.blocks import (
     ALERT_COOLDOWN_S,
@@ -112,3 +113,13 @@ def test_the_alert_command_runs_without_a_shell_with_the_alert_in_its_env(
     alert = BlockAlert(DIRECT, "reset", 3, 4, T0 + 0.7)
     asyncio.run(run_alert_command([sys.executable, "-c", script, str(out)], alert))
     assert out.read_text() == f"{DIRECT} reset 3 4 {int(T0)}"
+
+
+def test_the_panel_shows_a_table_of_the_reported_ways() -> None:
+    blocks = tracker()
+    blocks.active("b", T0)
+    blocks.reported("a", report(first_min=2), T0)
+    page = health_page([("Version", "veil")], "csrf", blocks.snapshot(T0))
+    row = page.split('<table id="blocked">')[1]
+    assert DIRECT in row and "1 of 2" in row and "reset 1" in row
+    assert "No client reported" in health_page([], "csrf")

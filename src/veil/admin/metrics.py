@@ -230,11 +230,11 @@ def _block_metrics(ways: tuple[WayBlockStatus, ...]) -> Iterable[Metric]:
     yield reports
     yield users
     yield alerts
-    yield GaugeMetricFamily(
-        "veil_users_active_recent",
-        "Distinct users with a veil session in the last hour (the reference for "
-        "veil_way_in_blocked_users; 0 until a way in was reported)",
-        value=ways[0].active_users if ways else 0)
+    if ways:  # the reference for the lines above, absent like them until a report came
+        yield GaugeMetricFamily(
+            "veil_users_active_recent",
+            "Distinct users with a veil session in the last hour (the reference for "
+            "veil_way_in_blocked_users)", value=ways[0].active_users)
 
 
 def make_registry(source: StatusSource) -> CollectorRegistry:
