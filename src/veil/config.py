@@ -376,6 +376,9 @@ class ServerOptions:
     #: operator's DNAT to this server). Only announced: the server listens where ``--listen``
     #: says.
     via: tuple[Endpoint, ...] = ()
+    #: ``--on-block CMD``: a command (argv, run without a shell) the server runs when most
+    #: active users report a way in blocked (veil.server.blocks); empty: none.
+    on_block: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):

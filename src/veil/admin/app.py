@@ -657,7 +657,8 @@ async def health_page(request: web.Request) -> web.StreamResponse:
              f"{pages.when(cert['not_after'])} (in {cert['days_left']:.0f} days)"),
             ("Live sessions", str(h["sessions_active"])), ("User store", h["store"]),
             ("Store read failures", str(h["store_refresh_failures"]))]
-    return web.Response(text=pages.health_page(rows, _session(request).csrf),
+    blocked = admin.server.status().blocked_ways
+    return web.Response(text=pages.health_page(rows, _session(request).csrf, blocked),
                         content_type="text/html")
 
 

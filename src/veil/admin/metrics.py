@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 from veil import __version__
 
 if TYPE_CHECKING:
-    from veil.server.status import BoundCounts, StatusSource
+    from veil.server.status import BoundCounts, StatusSource, WayBlockStatus
 
 #: The content type of :func:`render` (Prometheus text format 0.0.4).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -146,6 +146,7 @@ class ServerCollector(Collector):
                                   "stayed in force)", value=status.store_refresh_failures)
 
         yield from _bound_metrics(status.bounds)
+        yield from _block_metrics(status.blocked_ways)
 
         not_after = self._certificate.not_after(status.state.cert_path)
         if not_after is not None:
@@ -204,6 +205,36 @@ def _bound_metrics(bounds: BoundCounts) -> Iterable[Metric]:
     tun.add_metric(["congested"], bounds.tun_dropped)
     tun.add_metric(["spoofed"], bounds.tun_spoofed)
     yield tun
+
+
+def _block_metrics(ways: tuple[WayBlockStatus, ...]) -> Iterable[Metric]:
+    """What clients reported of the ways in (veil.server.blocks): an operator alerts on
+    veil_way_in_blocked_users / veil_users_active_recent, or lets --on-block do it."""
+    reports = CounterMetricFamily(
+        "veil_way_in_blocked_reports",
+        "Block reports from clients, by way in (scheme://host:port, no secret path; other: a "
+        "way this server does not announce) and what failed; one user's reports of one way "
+        "and kind count once per 5 minutes", labels=["way_in", "kind"])
+    users = GaugeMetricFamily(
+        "veil_way_in_blocked_users",
+        "Distinct users who reported the way in blocked in the last hour", labels=["way_in"])
+    alerts = CounterMetricFamily(
+        "veil_way_in_block_alerts",
+        "Times the share of active users reporting the way in blocked crossed the alert "
+        "threshold (and --on-block ran, if given)", labels=["way_in"])
+    for way in ways:
+        for kind, count in sorted(way.reports.items()):
+            reports.add_metric([way.way_in, kind], count)
+        users.add_metric([way.way_in], way.users)
+        alerts.add_metric([way.way_in], way.alerts)
+    yield reports
+    yield users
+    yield alerts
+    if ways:  # the reference for the lines above, absent like them until a report came
+        yield GaugeMetricFamily(
+            "veil_users_active_recent",
+            "Distinct users with a veil session in the last hour (the reference for "
+            "veil_way_in_blocked_users)", value=ways[0].active_users)
 
 
 def make_registry(source: StatusSource) -> CollectorRegistry:

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import segno
 
 from veil.manage.users import UserReport, format_bytes
+from veil.server.status import WayBlockStatus
 
 # QR codes: medium error correction, as `veil user show` prints them; 4 px modules fit a
 # veil key (~120 characters) in under 300 px.
@@ -234,10 +235,27 @@ def traffic_page(chart: str, totals: Sequence[tuple[str, int, int]], hours: int,
 
 
 # ------------------------------------------------------------------ health
-def health_page(rows: Sequence[tuple[str, str]], csrf: str) -> str:
+def health_page(rows: Sequence[tuple[str, str]], csrf: str,
+                blocked: Sequence[WayBlockStatus] = ()) -> str:
     facts = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in rows)
-    return layout("Server health", f'<dl class="card" id="health">{facts}</dl>', csrf=csrf,
-                  active="health")
+    return layout("Server health", f'<dl class="card" id="health">{facts}</dl>'
+                  + _blocked_table(blocked), csrf=csrf, active="health")
+
+
+def _blocked_table(ways: Sequence[WayBlockStatus]) -> str:
+    """Ways in that clients reported blocked: for how many of the active users, since when."""
+    rows = "".join(
+        f'<tr><td>{_e(w.way_in)}</td>'
+        f'<td class="num">{w.users} of {w.active_users}</td>'
+        f"<td>{_e(when(w.since))}</td>"
+        f"<td>{_e(', '.join(f'{k} {n}' for k, n in sorted(w.reports.items())))}</td>"
+        f'<td class="num">{w.alerts}</td></tr>'
+        for w in ways)
+    return ('<h2>Ways in reported blocked</h2><table id="blocked"><thead><tr><th>Way in</th>'
+            "<th class=num>Users (last hour)</th><th>Since</th><th>Reports</th>"
+            "<th class=num>Alerts</th></tr></thead><tbody>"
+            + (rows or '<tr><td colspan="5">No client reported a blocked way in.</td></tr>')
+            + "</tbody></table>")
 
 
 def error_page(status: int, message: str, csrf: str | None) -> str:

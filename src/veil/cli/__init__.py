@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -103,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "Repeatable, in order of preference; clients move to the next when "
                             "one is blocked. Only announced (listening is --listen's); "
                             "remembered in DIR/config.json")
+    serve.add_argument("--on-block", metavar="CMD",
+                       help="run CMD (split like a shell's words, run without a shell) when "
+                            "at least half the users active in the last hour report a way in "
+                            "blocked; it gets VEIL_WAY_IN, VEIL_KIND, VEIL_USERS, "
+                            "VEIL_ACTIVE_USERS and VEIL_SINCE; at most once an hour per way "
+                            "(docs/operations.md, \"Blocked ways in\")")
     serve.add_argument("--public", metavar="HOST[:PORT]",
                        help="address clients use, written into access keys "
                             "(default: the listen address)")
@@ -331,6 +338,19 @@ def _show_user(state: ServerState, user: User | None, args: argparse.Namespace) 
             raise VeilError(f"cannot write {args.png}: {exc.strerror or exc}") from exc
 
 
+def _command(text: str | None) -> tuple[str, ...]:
+    """``--on-block CMD``: its words (quoted as in a shell), run later without a shell."""
+    if text is None:
+        return ()
+    try:
+        words = tuple(shlex.split(text))
+    except ValueError as exc:
+        raise ConfigError(f"--on-block: {exc}") from exc
+    if not words:
+        raise ConfigError("--on-block needs a command")
+    return words
+
+
 # --------------------------------------------------------------------- commands
 def cmd_serve(args: argparse.Namespace) -> None:
     from veil.manage.state import init_state
@@ -343,7 +363,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         allow_private=args.allow_private, shaping=args.shaping,
         max_sessions_per_user=args.max_sessions_per_user, max_sessions=args.max_sessions,
         user_rate=parse_rate(args.max_user_rate) if args.max_user_rate else None,
-        tun=args.tun, pool=args.pool, pool6=args.pool6, trojan=args.trojan)
+        tun=args.tun, pool=args.pool, pool6=args.pool6, trojan=args.trojan,
+        on_block=_command(args.on_block))
     if args.admin is not None:
         from veil.admin.listen import check_admin_listen
 

@@ -55,6 +55,7 @@ from veil.protocol.frames import (
     ResetCode,
     StreamKind,
 )
+from veil.protocol.report import BlockLog, way_label
 from veil.protocol.session import IDLE_CLOSE_REASON, Session, SessionConfig
 from veil.transport.browser_tls import open_browser_tls_connection
 from veil.transport.cdn.client import open_carrier
@@ -212,6 +213,8 @@ class ClientTunnel(Dialer):
         self.skipped_ways = tuple(way for way, ok in zip(key.ways(), usable, strict=True)
                                   if not ok)
         self.chooser = WayChooser(len(self.ways), failover or FailoverConfig())
+        # Blocks to report to the server through another way (_report_blocks).
+        self.block_log = BlockLog([(key.ways().index(way), way_label(way)) for way in self.ways])
         self.handshake_timeout = handshake_timeout or (
             WAY_HANDSHAKE_TIMEOUT_S if len(self.ways) > 1 else HANDSHAKE_TIMEOUT_S)
         # Resolved (and replaced) whenever the way in use changes: wakes the slots whose
@@ -372,10 +375,22 @@ class ClientTunnel(Dialer):
 
     def _failed(self, way: int, failure: Failure) -> bool:
         """Tell the chooser; True when the way in use changed (try the new one at once)."""
-        return self._note(self.chooser.failed(way, failure, asyncio.get_running_loop().time()))
+        now = asyncio.get_running_loop().time()
+        switched = self.chooser.failed(way, failure, now)
+        self.block_log.failed(way, failure, now, blocked=self.chooser.blocked(way))
+        return self._note(switched)
 
     def _succeeded(self, way: int) -> None:
+        self.block_log.succeeded(way)
         self._note(self.chooser.succeeded(way, asyncio.get_running_loop().time()))
+
+    def _report_blocks(self, driver: _ClientDriver) -> None:
+        """Tell the server, on a session that came up, which other ways were blocked
+        (veil.protocol.report): once per way per block episode."""
+        report = self.block_log.take(driver.way, asyncio.get_running_loop().time())
+        if report is not None and not driver.session.closed:
+            driver.session.send_report(report)
+            driver.flush()
 
     def _forget(self, driver: SessionDriver) -> None:
         if driver in self._drivers:
@@ -464,6 +479,7 @@ class ClientTunnel(Dialer):
                 rejected_backoff = BACKOFF_REJECTED_INITIAL_S
                 backoff = BACKOFF_INITIAL_S
                 self._succeeded(way)
+                self._report_blocks(driver)
                 self._demand_met()
                 while not driver.closed.done() and driver.way == self.chooser.current:
                     await asyncio.wait([driver.closed, self._changed()],

@@ -23,6 +23,7 @@ from veil.protocol.events import (
     DataReceived,
     Event,
     PacketReceived,
+    ReportReceived,
     SessionClosed,
     StreamEnded,
     StreamOpened,
@@ -104,7 +105,8 @@ class SessionDriver(asyncio.Protocol):
 
     ``on_stream_opened`` is called for streams the peer opens (server side) and must register
     a handler with :meth:`attach` or reset the stream. ``on_closed`` is called once, when the
-    session and its transport are gone.
+    session and its transport are gone. ``on_report`` gets each block report the peer sent
+    (server side; without it reports are ignored, like padding).
     """
 
     accepts_views = True
@@ -112,8 +114,10 @@ class SessionDriver(asyncio.Protocol):
     def __init__(self, session: Session, *,
                  on_stream_opened: Callable[[StreamOpened], None] | None = None,
                  on_closed: Callable[[SessionDriver], None] | None = None,
-                 on_bytes: Callable[[int, int], None] | None = None) -> None:
+                 on_bytes: Callable[[int, int], None] | None = None,
+                 on_report: Callable[[bytes], None] | None = None) -> None:
         self.session = session
+        self._on_report = on_report
         self.handlers: dict[int, StreamHandler] = {}
         self._on_stream_opened = on_stream_opened
         self._on_closed = on_closed
@@ -297,6 +301,9 @@ class SessionDriver(asyncio.Protocol):
                     self.session.reset(event.stream_id, ResetCode.REFUSED_DESTINATION)
                 else:
                     self._on_stream_opened(event)
+            elif isinstance(event, ReportReceived):
+                if self._on_report is not None:
+                    self._on_report(event.payload)
             elif isinstance(event, SessionClosed):
                 self._peer_closed = self._peer_closed or event.remote
                 log.debug("session closed (%s, remote=%s): %s", event.code.name, event.remote,

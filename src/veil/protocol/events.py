@@ -75,6 +75,14 @@ class PongReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class ReportReceived:
+    """A client sent a block report (server side): ``payload`` is the PADDING payload, tag
+    included, for veil.protocol.report.decode_report."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class SessionClosed:
     """The session is over; no further events follow. ``remote`` tells who closed it."""
 
@@ -84,4 +92,4 @@ class SessionClosed:
 
 
 Event = (StreamOpened | DataReceived | StreamEnded | StreamReset | StreamWritable
-         | DatagramReceived | PacketReceived | PongReceived | SessionClosed)
+         | DatagramReceived | PacketReceived | PongReceived | ReportReceived | SessionClosed)

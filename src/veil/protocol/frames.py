@@ -82,6 +82,10 @@ MAX_DATAGRAM_PAYLOAD = 65_535 + 259
 # The frame limit must admit it whole: segmenting is left to the receiving kernel.
 MAX_IP_PACKET = 40 + 65_535
 MAX_PADDING_PAYLOAD = 16 * 1024
+# A PADDING payload that begins with these bytes is a block report from a client
+# (veil.protocol.report). veil pads with zero bytes, so no padding of veil's begins so, and a
+# peer that does not read reports ignores it like any padding: the carrier old servers accept.
+REPORT_TAG = b"VRPT"
 # A session the server accepted starts with a PADDING frame on stream 0 whose length is in
 # this range (random, so that the first record has no fixed size). The client tells an
 # accepted session from a cover site's answer by it: "HTTP/1.1 ..." starts with no 0x00, and

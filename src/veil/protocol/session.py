@@ -28,6 +28,7 @@ from veil.protocol.events import (
     Event,
     PacketReceived,
     PongReceived,
+    ReportReceived,
     SessionClosed,
     StreamEnded,
     StreamOpened,
@@ -40,6 +41,7 @@ from veil.protocol.frames import (
     HEADER_SIZE,
     MAX_DATA_PAYLOAD,
     MAX_PAYLOAD,
+    REPORT_TAG,
     SESSION_FRAMES,
     CloseCode,
     FrameType,
@@ -110,6 +112,12 @@ _RANDOM = random.SystemRandom()
 #: the per-user session and replay bounds hold.
 UNPRODUCTIVE_FRAME_BURST = 1000
 UNPRODUCTIVE_FRAMES_PER_S = 100.0
+#: Block reports (PADDING frames tagged REPORT_TAG, veil.protocol.report) a server reads per
+#: session. A client sends one, on a session that came up after a block (it holds every
+#: blocked way); a few more cover blocks it learns of while the session lives. Past this
+#: they are padding again (ignored, not an error): a client cannot make the server parse
+#: and count without end by sending reports instead of padding.
+MAX_REPORTS_PER_SESSION = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +223,7 @@ class Session:
         self._held_input: memoryview | None = None
         #: Why this session closed itself for a flood ("PING flood", ...), None if it did not.
         self.flood: str | None = None
+        self._reports_left = 0 if client else MAX_REPORTS_PER_SESSION
 
     # ------------------------------------------------------------------ state
     @property
@@ -381,6 +390,16 @@ class Session:
         self._check_open()
         length = min(length, MAX_PAYLOAD[FrameType.PADDING])
         self._out.append(frame(FrameType.PADDING, 0, bytes(length)))
+
+    def send_report(self, payload: bytes) -> None:
+        """Queue a block report (client only; ``payload`` from veil.protocol.report): a
+        PADDING frame, which a server that does not read reports ignores."""
+        self._check_open()
+        if not self.client:
+            raise LocalProtocolError("only the client reports blocks")
+        if not payload.startswith(REPORT_TAG) or len(payload) > MAX_PAYLOAD[FrameType.PADDING]:
+            raise LocalProtocolError("not a block report")
+        self._out.append(frame(FrameType.PADDING, 0, payload))
 
     def close(self, code: CloseCode = CloseCode.NORMAL, reason: str = "") -> None:
         """End the session: a CLOSE frame is queued and nothing more is accepted."""
@@ -643,7 +662,10 @@ class Session:
             reason = payload[1:].decode("utf-8", "replace")
             self._shut()
             events.append(SessionClosed(code, reason, True))
-        # PADDING: nothing to do, by design.
+        elif self._reports_left and payload[:len(REPORT_TAG)] == REPORT_TAG:
+            # PADDING that is a client's block report; any other PADDING: nothing to do.
+            self._reports_left -= 1
+            events.append(ReportReceived(payload))
 
     def _known(self, stream_id: int) -> _Stream | None:
         """The stream, None for a stream that existed and is gone; error for one that never did."""

@@ -20,11 +20,14 @@ from veil.net.driver import SessionDriver
 from veil.net.noise_channel import NoiseServerChannel, SealedTransport
 from veil.protocol.address import Address
 from veil.protocol.auth import AUTH_SIZE
+from veil.protocol.endpoint import tls_endpoint
 from veil.protocol.events import StreamOpened
 from veil.protocol.frames import SERVER_FIRST_PADDING, CloseCode, ResetCode, StreamKind
+from veil.protocol.report import decode_report, way_label
 from veil.protocol.session import Session, SessionConfig
 from veil.protocol.shaping import NO_SHAPING
 from veil.protocol.trojan import TrojanRequest, password_hash_for_secret
+from veil.server.blocks import BlockAlert, BlockTracker, run_alert_command
 from veil.server.gate import Authenticator, Gate, VeilWayIn, WayIn
 from veil.server.live import Live, LiveConnection
 from veil.server.outbound import Outbound
@@ -128,6 +131,9 @@ class VeilServer:
                          handshake_timeout=options.handshake_timeout)
         self.sessions: dict[SessionDriver, LiveConnection] = {}
         self._flood_closes = 0  # sessions closed for a flood of frames that do nothing
+        # Blocks the clients report, per way in (veil.server.blocks), and --on-block's runs.
+        self.blocks = BlockTracker(self._way_labels())
+        self._alert_tasks: set[asyncio.Task[None]] = set()
         self._listeners: list[socket.socket] = []
         self._serve_tasks: list[asyncio.Task[None]] = []
         self.tun: TunServer | None = None
@@ -168,6 +174,7 @@ class VeilServer:
             log.error("%s: `veil user show` may say the wrong thing", exc)
         self.state = self.users.state = dataclasses.replace(
             self.state, trojan=self.options.trojan, via=self.options.via)
+        self.blocks.set_ways(self._way_labels())
         log.info("listening on %s (cover: %s)", ", ".join(map(str, self.addresses)),
                  self.options.cover_url or "built-in site")
         if self.state.via:
@@ -207,6 +214,33 @@ class VeilServer:
             sealed.release()
         return start
 
+    def _way_labels(self) -> list[str]:
+        """The ways in keys name, as block reports name them (no secret paths)."""
+        return [way_label(way) for way in (tls_endpoint(self.state.public), *self.options.via)]
+
+    def _report(self, user: User, payload: bytes) -> None:
+        """A block report from one of ``user``'s sessions."""
+        try:
+            entries = decode_report(payload)
+        except ValueError as exc:
+            log.debug("ignored a malformed block report from user %s: %s", user.name, exc)
+            return
+        if entries is None:
+            return  # a newer version: padding to us
+        log.debug("user %s reports blocked: %s", user.name,
+                  ", ".join(f"{e.endpoint or e.way} ({e.kind})" for e in entries))
+        self._alert(self.blocks.reported(user.name, entries, time.time()))
+
+    def _alert(self, alerts: list[BlockAlert]) -> None:
+        for alert in alerts:
+            hook = self.options.on_block
+            log.warning("%s%s", alert.describe(),
+                        f"; running {hook[0]}" if hook else " (no --on-block command)")
+            if hook:
+                task = asyncio.get_running_loop().create_task(run_alert_command(hook, alert))
+                self._alert_tasks.add(task)
+                task.add_done_callback(self._alert_tasks.discard)
+
     def _start_session(self, transport: asyncio.Transport, user: User, rest: bytes,
                        way_in: str = "veil", idle_ping: float | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -217,7 +251,9 @@ class VeilServer:
             config = dataclasses.replace(config, shaping=NO_SHAPING)
         session = Session(client=False, now=loop.time(), config=config)
         driver = SessionDriver(session, on_stream_opened=lambda ev: self._open(driver, ev),
-                               on_closed=self._session_closed)
+                               on_closed=self._session_closed,
+                               on_report=lambda payload: self._report(user, payload))
+        self._alert(self.blocks.active(user.name, time.time()))
         self.sessions[driver] = self.live.register(
             user, way_in, transport,
             close=lambda reason: driver.close(CloseCode.REVOKED, reason),
@@ -251,6 +287,7 @@ class VeilServer:
         if conn is not None:
             self.live.unregister(conn)
             log.info("session ended for user %s", conn.user.name)
+            self._alert(self.blocks.active(conn.user.name, time.time()))
 
     def _serve_trojan(self, transport: asyncio.Transport, user: User, request: TrojanRequest,
                       rest: bytes, way_in: str = "trojan") -> None:
@@ -272,6 +309,7 @@ class VeilServer:
         # server change what it offers once a day).
         self.gate.ssl_context = server_ssl_context(state, self.cover.alpn_protocols)
         self.state = self.users.state = state
+        self.blocks.set_ways(self._way_labels())
         await self.live.tick()
         log.info("reloaded the certificate and %d user(s)", len(self.live.directory.by_name))
 
@@ -289,6 +327,9 @@ class VeilServer:
         if drivers:
             await asyncio.wait([d.closed for d in drivers], timeout=SHUTDOWN_GRACE_S)
         self.outbound.close()
+        for task in list(self._alert_tasks):
+            task.cancel()
+        await asyncio.gather(*self._alert_tasks, return_exceptions=True)
         if self.tun is not None:
             await self.tun.stop()
         self.trojan.close()
@@ -322,7 +363,7 @@ class VeilServer:
             gate=GateCounts(accepted=dict(stats.accepted), cover_plain=stats.cover_plain,
                             cover_foreign_sni=stats.cover_foreign_sni, silent=stats.silent,
                             rejected=dict(stats.rejected or {}), tls_failed=stats.tls_failed),
-            bounds=self._bound_counts())
+            bounds=self._bound_counts(), blocked_ways=self.blocks.snapshot(time.time()))
 
     def _bound_counts(self) -> BoundCounts:
         slots, resolver = self.live.outbound_slots, server_resolver()

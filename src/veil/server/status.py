@@ -92,6 +92,26 @@ class BoundCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class WayBlockStatus:
+    """What clients reported of one of the server's ways in (veil.server.blocks): blocked for
+    how many users, since when."""
+
+    #: The way in as ``scheme://host:port`` (no secret path), or "other" for ways the server
+    #: does not announce (an old key's address).
+    way_in: str
+    #: Distinct users who reported it blocked within the report window (the last hour).
+    users: int
+    #: Distinct users with a veil session within the same window (the reporters included).
+    active_users: int
+    #: The earliest failure those users reported, in unix seconds (minute precision).
+    since: float | None = None
+    #: Reports counted since the server started, by failure kind ("reset", "timeout", ...).
+    reports: Mapping[str, int] = field(default_factory=dict)
+    #: Times the ``--on-block`` alert fired for it.
+    alerts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ServerStatus:
     """A snapshot of one server; nothing in it changes after it was taken."""
 
@@ -119,6 +139,9 @@ class ServerStatus:
     store_refresh_failures: int = 0
     gate: GateCounts = field(default_factory=GateCounts)
     bounds: BoundCounts = field(default_factory=BoundCounts)
+    #: Ways in that clients reported blocked (any report since the server started), in the
+    #: server's order of its ways.
+    blocked_ways: tuple[WayBlockStatus, ...] = ()
 
 
 class StatusSource(Protocol):
