@@ -30,7 +30,8 @@ class WebSocketStream(ByteStream, asyncio.Protocol):
 
     def __init__(self, raw: asyncio.Transport, *, client: bool, trailing: bytes = b"") -> None:
         ByteStream.__init__(self, "websocket", {"peername": raw.get_extra_info("peername"),
-                                                "sockname": raw.get_extra_info("sockname")})
+                                                "sockname": raw.get_extra_info("sockname"),
+                                                "http": "http/1.1"})
         self._raw = raw
         self._ws = Connection(ConnectionType.CLIENT if client else ConnectionType.SERVER)
         self._trailing = trailing
