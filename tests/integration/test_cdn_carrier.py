@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from h2.settings import SettingCodes
 
 from tests.support import procs
 from tests.support.cdn import CDN_NAME, Cdn, cdn_nginx
@@ -23,7 +24,8 @@ from veil.cover.backends import BuiltinCover
 from veil.errors import TransportError
 from veil.server.gate import Gate
 from veil.transport.cdn import wire
-from veil.transport.cdn.client import open_carrier
+from veil.transport.cdn.client import PacketUpClient, open_carrier
+from veil.transport.cdn.h2client import CHROME_SETTINGS, H2Stream
 from veil.transport.cdn.server import CarrierServer
 
 TIMEOUT = 30.0
@@ -249,4 +251,72 @@ def test_the_wrong_token_or_shape_gets_the_covers_404(tmp_path: Path) -> None:
                         await open_carrier(f"https://{CDN_NAME}:{cdn.port}{wrong}", Peer,
                                            variant=variant, ca_file=str(cdn.ca_file),
                                            connect_to=("127.0.0.1", cdn.port))
+        asyncio.run(main())
+
+
+def test_packet_up_over_h2_moves_its_posts_to_a_new_connection_after_goaway(
+        tmp_path: Path) -> None:
+    """nginx sends GOAWAY after keepalive_requests requests (1,000; 5 here): the GET stays on
+    its connection and the POSTs go on over a new h2 connection, byte-exact."""
+    listener = listening()
+    secret = wire.new_secret_path()
+    down = os.urandom(MIB)
+    up = os.urandom(MIB)  # 16 POSTs of 64 KiB: three GOAWAYs
+    with listener, cdn_nginx(listener.getsockname()[1], http2=True,
+                             keepalive_requests=5) as cdn:
+        async def main() -> None:
+            async with origin(listener, secret, lambda: down, tmp_path) as server:
+                client = await carry(cdn.port, cdn.ca_file, secret, "packet-up", up, server,
+                                     MIB, cdn_h2=True)
+                assert bytes(client.data) == down
+                (peer,) = server.peers
+                assert await asyncio.wait_for(peer.lost, TIMEOUT) is None
+                assert bytes(peer.data) == up
+        asyncio.run(main())
+        assert_cdn_spoke(cdn, "h2")
+        assert sum(line.endswith("POST 200") for line in cdn.requests()) == 16
+
+
+class PausedPeer(Peer):
+    """A client that does not read until told to (its protocol paused reading)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        transport.pause_reading()  # type: ignore[attr-defined]
+
+
+def test_a_paused_reader_stops_the_h2_downlink_by_flow_control(tmp_path: Path) -> None:
+    """Over h2 the client holds the GET's DATA unacknowledged while its protocol has paused
+    reading, so the CDN stops at the stream's window (6 MiB, Chrome's) and the client holds
+    no more than that; resumed, everything arrives byte-exact."""
+    listener = listening()
+    secret = wire.new_secret_path()
+    down = os.urandom(16 * MIB)
+    with listener, cdn_nginx(listener.getsockname()[1], http2=True) as cdn:
+        async def main() -> None:
+            async with origin(listener, secret, lambda: down, tmp_path):
+                client = PausedPeer()
+                stream = await open_carrier(f"https://{CDN_NAME}:{cdn.port}{secret}",
+                                            lambda: client, variant="packet-up",
+                                            ca_file=str(cdn.ca_file),
+                                            connect_to=("127.0.0.1", cdn.port))
+                try:
+                    assert isinstance(stream, PacketUpClient)
+                    assert isinstance(stream.down, H2Stream)
+                    window = CHROME_SETTINGS[SettingCodes.INITIAL_WINDOW_SIZE]
+                    held = stream.down.held_bytes
+                    # (what came before the protocol paused was acknowledged already)
+                    await wait_until_async(lambda: held() >= window // 2, TIMEOUT,
+                                           lambda: f"{held()} bytes held")
+                    await asyncio.sleep(0.5)  # nothing more may come
+                    before = held()
+                    await asyncio.sleep(0.5)
+                    assert held() == before <= window
+                    stream.resume_reading()
+                    await wait_until_async(lambda: len(client.data) >= len(down), TIMEOUT,
+                                           lambda: f"{len(client.data)} bytes down")
+                    assert bytes(client.data) == down
+                finally:
+                    stream.close()
+                assert await asyncio.wait_for(client.lost, TIMEOUT) is None
         asyncio.run(main())

@@ -46,6 +46,7 @@ http {{
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_certificate {prefix}/cdn-cert.pem;
         ssl_certificate_key {prefix}/cdn-key.pem;
+        keepalive_requests {keepalive_requests};
         location / {{
             proxy_pass https://127.0.0.1:{origin};
             proxy_http_version 1.1;
@@ -115,11 +116,12 @@ def make_ca_and_leaf(directory: Path, name: str) -> Path:
 
 @contextlib.contextmanager
 def cdn_nginx(origin_port: int, name: str = CDN_NAME, read_timeout: int = 100,
-              http2: bool = False) -> Iterator[Cdn]:
+              http2: bool = False, keepalive_requests: int = 1000) -> Iterator[Cdn]:
     """nginx as a CDN on a loopback port, in front of https://127.0.0.1:``origin_port``,
     with a certificate for ``name`` (``localhost`` for a client that resolves the name),
     cutting a request silent for ``read_timeout`` seconds (Cloudflare's 100 s), offering h2
-    in ALPN when ``http2`` (``listen ... ssl http2``)."""
+    in ALPN when ``http2`` (``listen ... ssl http2``), and closing a client connection (h2:
+    GOAWAY) after ``keepalive_requests`` requests (nginx's default 1,000)."""
     prefix = Path(tempfile.mkdtemp(prefix="veil-cdn-"))
     try:
         ca_file = make_ca_and_leaf(prefix, name)
@@ -127,7 +129,8 @@ def cdn_nginx(origin_port: int, name: str = CDN_NAME, read_timeout: int = 100,
             port = procs.unused_port()
             (prefix / "nginx.conf").write_text(CDN_CONF.format(
                 prefix=prefix, port=port, name=name, origin=origin_port,
-                read_timeout=read_timeout, http2=" http2" if http2 else ""))
+                read_timeout=read_timeout, http2=" http2" if http2 else "",
+                keepalive_requests=keepalive_requests))
             proc = subprocess.Popen([procs.NGINX, "-p", str(prefix), "-c",
                                      str(prefix / "nginx.conf")],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

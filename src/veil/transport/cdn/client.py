@@ -40,7 +40,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from veil.errors import TransportError
 from veil.transport.browser_tls import BrowserTlsTransport, open_browser_tls_connection
 from veil.transport.cdn import wire
-from veil.transport.cdn.h2client import H2Connection, H2Stream
+from veil.transport.cdn.h2client import H2Connection, H2Stream, StreamUnprocessed
 from veil.transport.cdn.stream import ByteStream
 from veil.transport.cdn.websocket import WebSocketStream
 from veil.transport.tls13 import CHROME, ClientHelloSpec
@@ -62,6 +62,10 @@ POST_TIMEOUT_S = 100.0
 #: Client bytes buffered before the protocol is told to pause (four packets in flight and
 #: as much again waiting).
 UPLINK_HIGH_WATER = 2 * wire.MAX_POSTS_IN_FLIGHT * wire.MAX_POST_BYTES
+#: Times one uplink packet is sent again after the CDN left its h2 stream unprocessed (a
+#: GOAWAY that crossed it, a REFUSED_STREAM): each retry goes on a fresh connection, so a
+#: CDN that refuses that often is refusing the carrier.
+MAX_UNPROCESSED_RETRIES = 3
 #: A response head larger than this is not the carrier's (h11's bound on what it buffers).
 MAX_RESPONSE_HEAD = 16 * 1024
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -471,15 +475,22 @@ class PacketUpClient(ByteStream):
             self._drop(http)
 
     async def _post_h2(self, seq: int, target: bytes, packet: bytes) -> None:
-        connection = await self._h2_uplink()
-        stream = connection.request(self.connector.h2_headers(
-            b"POST", target, (b"content-length", str(len(packet)).encode()),
-            (b"content-type", b"application/octet-stream")), packet)
-        stream.consume(lambda _data: None, lambda _exc: None)  # an empty answer
-        status = await asyncio.wait_for(stream.status, POST_TIMEOUT_S)
-        if status != 200:
-            raise TransportError(f"uplink packet {seq} answered {status}")
-        await asyncio.wait_for(stream.ended, POST_TIMEOUT_S)
+        for attempt in range(MAX_UNPROCESSED_RETRIES + 1):
+            connection = await self._h2_uplink()
+            stream = connection.request(self.connector.h2_headers(
+                b"POST", target, (b"content-length", str(len(packet)).encode()),
+                (b"content-type", b"application/octet-stream")), packet)
+            stream.consume(lambda _data: None, lambda _exc: None)  # an empty answer
+            try:
+                status = await asyncio.wait_for(stream.status, POST_TIMEOUT_S)
+            except StreamUnprocessed:
+                if attempt == MAX_UNPROCESSED_RETRIES:
+                    raise
+                continue  # not seen by the server: send it again
+            if status != 200:
+                raise TransportError(f"uplink packet {seq} answered {status}")
+            await asyncio.wait_for(stream.ended, POST_TIMEOUT_S)
+            return
 
     async def _h2_uplink(self) -> H2Connection:
         """The h2 connection for the next POST: the current one, or, once the CDN said

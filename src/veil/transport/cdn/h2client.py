@@ -52,6 +52,27 @@ CHROME_CONNECTION_WINDOW_INCREMENT = 15663105
 FETCH_PRIORITY_WEIGHT = 220
 
 
+class StreamUnprocessed(TransportError):
+    """The CDN did not process this stream (above a GOAWAY's last stream id, or refused
+    with REFUSED_STREAM): it may be sent again on another connection (RFC 9113, 8.7)."""
+
+
+class _DrainingStateMachine(h2.connection.H2ConnectionStateMachine):
+    """h2 closes the whole connection when a GOAWAY arrives and then refuses every frame,
+    where RFC 9113 (6.8) lets the streams the GOAWAY covers finish: the GET's DATA and the
+    POSTs' answers still come. Here the connection stays open; :class:`H2Connection` opens
+    no stream after a GOAWAY (``going_away``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._transitions = {
+            **h2.connection.H2ConnectionStateMachine._transitions,
+            (h2.connection.ConnectionState.CLIENT_OPEN,
+             h2.connection.ConnectionInputs.RECV_GOAWAY):
+                (None, h2.connection.ConnectionState.CLIENT_OPEN),
+        }
+
+
 class _ChromeSettings(h2.settings.Settings):
     """Settings that announce only Chrome's four, in Chrome's order; h2 still knows the
     defaults of the others (MAX_FRAME_SIZE 16384 and so on), as the peer does."""
@@ -79,13 +100,16 @@ class H2Stream:
         self._consumer: Callable[[bytes], None] | None = None
         self._on_end: Callable[[BaseException | None], None] | None = None
         self.held = False  # the consumer paused reading: body bytes wait, unacknowledged
+        self._end_told = False
 
     def consume(self, on_data: Callable[[bytes], None],
                 on_end: Callable[[BaseException | None], None]) -> None:
         self._consumer, self._on_end = on_data, on_end
         self._release()
-        if self.ended.done():
-            on_end(self.ended.exception())
+
+    def held_bytes(self) -> int:
+        """Body bytes received and not yet handed to the consumer."""
+        return sum(len(data) for data, _flow in self._queued)
 
     def hold(self, hold: bool) -> None:
         """Stop acknowledging (and handing up) body bytes while held: the CDN stops sending
@@ -99,6 +123,14 @@ class H2Stream:
             data, flow = self._queued.pop(0)
             self.connection.acknowledge(self.stream_id, flow)
             self._consumer(data)
+        self._tell_end()
+
+    def _tell_end(self) -> None:
+        """The consumer learns of the end once it has had every byte before it."""
+        if (self._on_end is not None and self.ended.done() and not self._queued
+                and not self._end_told):
+            self._end_told = True
+            self._on_end(self.ended.exception())
 
     def data(self, data: bytes, flow: int) -> None:
         if self._consumer is None or self.held or self._queued:
@@ -115,8 +147,7 @@ class H2Stream:
                 self.ended.set_result(None)
             else:
                 self.ended.set_exception(exc)
-            if self._on_end is not None and not self._queued:
-                self._on_end(exc)
+            self._tell_end()
 
     def reset(self) -> None:
         """Cancel the stream (RST_STREAM CANCEL, as Chrome does for an aborted fetch)."""
@@ -136,6 +167,7 @@ class H2Connection(asyncio.Protocol):
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
         self.h2 = h2.connection.H2Connection(config=config)
         self.h2.local_settings = _ChromeSettings(client=True, initial_values=CHROME_SETTINGS)
+        self.h2.state_machine = _DrainingStateMachine()
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}
         self.going_away = False
@@ -176,14 +208,21 @@ class H2Connection(asyncio.Protocol):
             stream.end(None)
         elif isinstance(event, h2.events.StreamReset) and stream is not None:
             self.streams.pop(stream.stream_id, None)
-            stream.end(TransportError(f"the CDN reset the stream ({event.error_code!r})"))
+            refused = event.error_code == ErrorCodes.REFUSED_STREAM
+            stream.end((StreamUnprocessed if refused else TransportError)(
+                f"the CDN reset the stream ({event.error_code!r})"))
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self._pump()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.going_away = True
             last = event.last_stream_id or 0
             for stream_id, gone in list(self.streams.items()):
-                if stream_id > last or event.error_code != ErrorCodes.NO_ERROR:
+                if stream_id > last:
+                    self.streams.pop(stream_id, None)
+                    gone.end(StreamUnprocessed(f"the CDN is closing the connection "
+                                               f"({event.error_code!r}) before stream "
+                                               f"{stream_id}"))
+                elif event.error_code != ErrorCodes.NO_ERROR:
                     self.streams.pop(stream_id, None)
                     gone.end(TransportError(
                         f"the CDN closed the connection ({event.error_code!r})"))
