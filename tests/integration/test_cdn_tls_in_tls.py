@@ -24,13 +24,17 @@ from tests.support import procs
 from tests.support.cdn import cdn_nginx
 from tests.support.relay import RecordingRelay
 from veil.lab import tlsintls
-from veil.lab.flow import Flow
+from veil.lab.fingerprint import ja4
+from veil.lab.flow import Chunk, Direction, Endpoint, Flow
+from veil.lab.tls import read_handshake
 from veil.lab.verdict import Verdict
 from veil.protocol.accesskey import AccessKey
 from veil.protocol.address import Address
 from veil.protocol.session import SessionConfig
 from veil.protocol.shaping import NO_SHAPING
 from veil.transport.cdn import wire
+from veil.transport.cdn.client import CHROME_HTTP1
+from veil.transport.tls13 import CHROME, ClientHelloSpec, TlsClient
 
 TIMEOUT = 30.0
 #: The relay's delay each way: a censor's vantage a few milliseconds from the client.
@@ -116,6 +120,26 @@ async def capture(tmp: Path, scheme: str, http2: bool, shaping: bool) -> list[Fl
         return relay.flows
 
 
+def expected_ja4(spec: ClientHelloSpec) -> str:
+    """The JA4 of ``spec``'s ClientHello, as veil's direct way sends it (CHROME)."""
+    tls = TlsClient("localhost", spec=spec)
+    tls.connect()
+    flow = Flow("tcp", Endpoint("127.0.0.1", 1), Endpoint("127.0.0.1", 2), 0.0,
+                chunks=[Chunk(Direction.CLIENT, 0.0, tls.data_to_send())])
+    handshake = read_handshake(flow)
+    assert handshake is not None and handshake.client_hello is not None
+    return str(ja4(handshake.client_hello))
+
+
+def client_ja4s(flows: list[Flow]) -> set[str]:
+    found = set()
+    for flow in flows:
+        handshake = read_handshake(flow)
+        assert handshake is not None and handshake.client_hello is not None
+        found.add(str(ja4(handshake.client_hello)))
+    return found
+
+
 def verdicts(flows: list[Flow]) -> list[Verdict]:
     assert flows, "no client->CDN connection recorded"
     return [tlsintls.detect(flow) for flow in flows]
@@ -129,7 +153,11 @@ def show(found: list[Verdict]) -> str:
 def test_no_inner_tls_handshake_shows_on_the_client_cdn_leg(
         scheme: str, http2: bool, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     way = request.node.callspec.id
-    found = verdicts(asyncio.run(capture(tmp_path, scheme, http2, shaping=True)))
+    flows = asyncio.run(capture(tmp_path, scheme, http2, shaping=True))
+    # packet-up sends the direct way's ClientHello (Chrome's, ALPN h2): the same JA4;
+    # a WebSocket Chrome's for a WebSocket (ALPN http/1.1 only).
+    assert client_ja4s(flows) == {expected_ja4(CHROME if scheme == "https" else CHROME_HTTP1)}
+    found = verdicts(flows)
     print(show(found))
     assert not any(v.flagged for v in found), show(found)
     if way not in BOTH_DIRECTIONS_ON_ONE_CONNECTION:

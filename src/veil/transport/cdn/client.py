@@ -454,10 +454,12 @@ class PacketUpClient(ByteStream):
 
     async def _post(self, seq: int, packet: bytes) -> None:
         target = f"{self.connector.url.path}{self.session}/{seq}".encode()
+        if self._h2_up is None and not self._idle:
+            await self._connect_uplink()
         if self._h2_up is not None:
             await self._post_h2(seq, target, packet)
             return
-        http = self._idle.pop() if self._idle else await self._connect_uplink()
+        http = self._idle.pop()
         http.send(h11.Request(method=b"POST", target=target, headers=self.connector.headers(
                       (b"Content-Length", str(len(packet)).encode()),
                       (b"Content-Type", b"application/octet-stream"))),
@@ -519,10 +521,18 @@ class PacketUpClient(ByteStream):
             return fresh
         return await asyncio.shield(self._h2_connecting)
 
-    async def _connect_uplink(self) -> _Http:
-        http = await self.connector.connect_http1()
+    async def _connect_uplink(self) -> None:
+        """One more uplink connection, with the GET's ClientHello (a browser sends one
+        ClientHello to a site): kept-alive HTTP/1.1, or, should the CDN pick h2 this time,
+        the connection every later POST goes on."""
+        http = await self.connector.connect(CHROME)
+        if isinstance(http, H2Connection):
+            self._h2_all.append(http)
+            if self._h2_up is None:
+                self._h2_up = http
+            return
         self._open.add(http)
-        return http
+        self._idle.append(http)
 
     def _drop(self, http: _Http) -> None:
         self._open.discard(http)
