@@ -15,20 +15,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from h2.settings import SettingCodes
 
 from tests.support import procs
-from tests.support.cdn import CDN_NAME, cdn_nginx
+from tests.support.cdn import CDN_NAME, Cdn, cdn_nginx
 from tests.support.wait import wait_until_async
 from veil.cover.backends import BuiltinCover
 from veil.errors import TransportError
 from veil.server.gate import Gate
 from veil.transport.cdn import wire
-from veil.transport.cdn.client import open_carrier
+from veil.transport.cdn.client import PacketUpClient, open_carrier
+from veil.transport.cdn.h2client import CHROME_SETTINGS, H2Stream
 from veil.transport.cdn.server import CarrierServer
 
 TIMEOUT = 30.0
 MIB = 1024 * 1024
 VARIANTS = ["websocket", "packet-up"]
+#: (variant, the CDN offers h2): a browser's CDN speaks h2, and packet-up then rides it; a
+#: WebSocket stays on HTTP/1.1 whatever the CDN offers.
+WAYS = [("websocket", False), ("packet-up", False), ("websocket", True), ("packet-up", True)]
+WAY_IDS = ["websocket", "packet-up", "websocket-h2cdn", "packet-up-h2"]
+
+
+def expected_http(variant: str, cdn_h2: bool) -> str:
+    return "h2" if variant == "packet-up" and cdn_h2 else "http/1.1"
+
+
+def assert_cdn_spoke(cdn: Cdn, http: str) -> None:
+    """The CDN's own log: every request came in the HTTP the client should have got."""
+    protocols = {line.split()[0] for line in cdn.requests()}
+    assert protocols == {"HTTP/2.0" if http == "h2" else "HTTP/1.1"}, cdn.requests()
 
 pytestmark = pytest.mark.skipif(not Path(procs.NGINX).exists(), reason="needs nginx 1.22")
 
@@ -105,13 +121,14 @@ def listening() -> socket.socket:
 
 
 async def carry(cdn_port: int, ca_file: Path, secret: str, variant: str, up: bytes,
-                server: Origin, down_len: int) -> Peer:
+                server: Origin, down_len: int, cdn_h2: bool = False) -> Peer:
     """One carrier: ``up`` goes up, ``down_len`` bytes come down; closed by the client."""
     client = Peer(up)
     stream = await open_carrier(f"https://{CDN_NAME}:{cdn_port}{secret}", lambda: client,
                                 variant=variant, ca_file=str(ca_file),
                                 connect_to=("127.0.0.1", cdn_port))
     try:
+        assert stream.get_extra_info("http") == expected_http(variant, cdn_h2)
         await wait_until_async(lambda: len(client.data) >= down_len, TIMEOUT,
                                lambda: f"{down_len} bytes down, got {len(client.data)}")
     finally:
@@ -120,16 +137,17 @@ async def carry(cdn_port: int, ca_file: Path, secret: str, variant: str, up: byt
     return client
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_one_mib_each_way_byte_exact(variant: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("variant", "cdn_h2"), WAYS, ids=WAY_IDS)
+def test_one_mib_each_way_byte_exact(variant: str, cdn_h2: bool, tmp_path: Path) -> None:
     listener = listening()
     secret = wire.new_secret_path()
     down = os.urandom(MIB)
     up = os.urandom(MIB)
-    with listener, cdn_nginx(listener.getsockname()[1]) as cdn:
+    with listener, cdn_nginx(listener.getsockname()[1], http2=cdn_h2) as cdn:
         async def main() -> None:
             async with origin(listener, secret, lambda: down, tmp_path) as server:
-                client = await carry(cdn.port, cdn.ca_file, secret, variant, up, server, MIB)
+                client = await carry(cdn.port, cdn.ca_file, secret, variant, up, server, MIB,
+                                     cdn_h2)
                 assert bytes(client.data) == down
                 (peer,) = server.peers
                 assert await asyncio.wait_for(peer.lost, TIMEOUT) is None  # a clean close
@@ -139,14 +157,15 @@ def test_one_mib_each_way_byte_exact(variant: str, tmp_path: Path) -> None:
                 print(f"{variant}: {server.carriers.out_of_order} packets out of order")
                 assert not server.carriers.sessions and not server.carriers.websockets
         asyncio.run(main())
+        assert_cdn_spoke(cdn, expected_http(variant, cdn_h2))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_twenty_carriers_at_once(variant: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("variant", "cdn_h2"), WAYS, ids=WAY_IDS)
+def test_twenty_carriers_at_once(variant: str, cdn_h2: bool, tmp_path: Path) -> None:
     listener = listening()
     secret = wire.new_secret_path()
     size = 64 * 1024
-    with listener, cdn_nginx(listener.getsockname()[1]) as cdn:
+    with listener, cdn_nginx(listener.getsockname()[1], http2=cdn_h2) as cdn:
         async def main() -> None:
             blobs = [os.urandom(size) for _ in range(20)]
             async with origin(listener, secret, lambda: b"", tmp_path) as server:
@@ -168,7 +187,10 @@ def test_twenty_carriers_at_once(variant: str, tmp_path: Path) -> None:
                 for peer in server.peers:
                     assert await asyncio.wait_for(peer.lost, TIMEOUT) is None
                 assert server.carriers.opened[variant] == 20
+                assert {s.get_extra_info("http") for s in streams} == {
+                    expected_http(variant, cdn_h2)}
         asyncio.run(main())
+        assert_cdn_spoke(cdn, expected_http(variant, cdn_h2))
 
 
 def _raw_request(port: int, request: bytes) -> bytes:
@@ -229,4 +251,72 @@ def test_the_wrong_token_or_shape_gets_the_covers_404(tmp_path: Path) -> None:
                         await open_carrier(f"https://{CDN_NAME}:{cdn.port}{wrong}", Peer,
                                            variant=variant, ca_file=str(cdn.ca_file),
                                            connect_to=("127.0.0.1", cdn.port))
+        asyncio.run(main())
+
+
+def test_packet_up_over_h2_moves_its_posts_to_a_new_connection_after_goaway(
+        tmp_path: Path) -> None:
+    """nginx sends GOAWAY after keepalive_requests requests (1,000; 5 here): the GET stays on
+    its connection and the POSTs go on over a new h2 connection, byte-exact."""
+    listener = listening()
+    secret = wire.new_secret_path()
+    down = os.urandom(MIB)
+    up = os.urandom(MIB)  # 16 POSTs of 64 KiB: three GOAWAYs
+    with listener, cdn_nginx(listener.getsockname()[1], http2=True,
+                             keepalive_requests=5) as cdn:
+        async def main() -> None:
+            async with origin(listener, secret, lambda: down, tmp_path) as server:
+                client = await carry(cdn.port, cdn.ca_file, secret, "packet-up", up, server,
+                                     MIB, cdn_h2=True)
+                assert bytes(client.data) == down
+                (peer,) = server.peers
+                assert await asyncio.wait_for(peer.lost, TIMEOUT) is None
+                assert bytes(peer.data) == up
+        asyncio.run(main())
+        assert_cdn_spoke(cdn, "h2")
+        assert sum(line.endswith("POST 200") for line in cdn.requests()) == 16
+
+
+class PausedPeer(Peer):
+    """A client that does not read until told to (its protocol paused reading)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        transport.pause_reading()  # type: ignore[attr-defined]
+
+
+def test_a_paused_reader_stops_the_h2_downlink_by_flow_control(tmp_path: Path) -> None:
+    """Over h2 the client holds the GET's DATA unacknowledged while its protocol has paused
+    reading, so the CDN stops at the stream's window (6 MiB, Chrome's) and the client holds
+    no more than that; resumed, everything arrives byte-exact."""
+    listener = listening()
+    secret = wire.new_secret_path()
+    down = os.urandom(16 * MIB)
+    with listener, cdn_nginx(listener.getsockname()[1], http2=True) as cdn:
+        async def main() -> None:
+            async with origin(listener, secret, lambda: down, tmp_path):
+                client = PausedPeer()
+                stream = await open_carrier(f"https://{CDN_NAME}:{cdn.port}{secret}",
+                                            lambda: client, variant="packet-up",
+                                            ca_file=str(cdn.ca_file),
+                                            connect_to=("127.0.0.1", cdn.port))
+                try:
+                    assert isinstance(stream, PacketUpClient)
+                    assert isinstance(stream.down, H2Stream)
+                    window = CHROME_SETTINGS[SettingCodes.INITIAL_WINDOW_SIZE]
+                    held = stream.down.held_bytes
+                    # (what came before the protocol paused was acknowledged already)
+                    await wait_until_async(lambda: held() >= window // 2, TIMEOUT,
+                                           lambda: f"{held()} bytes held")
+                    await asyncio.sleep(0.5)  # nothing more may come
+                    before = held()
+                    await asyncio.sleep(0.5)
+                    assert held() == before <= window
+                    stream.resume_reading()
+                    await wait_until_async(lambda: len(client.data) >= len(down), TIMEOUT,
+                                           lambda: f"{len(client.data)} bytes down")
+                    assert bytes(client.data) == down
+                finally:
+                    stream.close()
+                assert await asyncio.wait_for(client.lost, TIMEOUT) is None
         asyncio.run(main())

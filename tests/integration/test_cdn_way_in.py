@@ -17,7 +17,7 @@ from typing import TypeVar
 import pytest
 
 from tests.support import procs
-from tests.support.cdn import cdn_nginx
+from tests.support.cdn import Cdn, cdn_nginx
 from tests.support.wait import wait_until_async
 from veil.client.socks5 import Socks5Inbound
 from veil.config import ServerOptions
@@ -28,6 +28,7 @@ from veil.protocol.address import Address
 from veil.protocol.endpoint import parse_endpoint
 from veil.protocol.failover import FailoverConfig
 from veil.protocol.noise import generate_static_keypair
+from veil.protocol.session import SessionConfig
 from veil.server import service
 from veil.server.service import VeilServer
 from veil.transport.cdn import wire
@@ -74,37 +75,53 @@ def refused_port() -> int:
 
 async def with_cdn_server(tmp: Path, scheme: str,
                           body: Callable[[AccessKey, Address], Awaitable[T]],
-                          cdn_read_timeout: int = 100) -> T:
+                          cdn_read_timeout: int = 100, http2: bool = False,
+                          cdn_log: list[str] | None = None) -> T:
+    """``body`` with a key whose extra way in is ``scheme``://nginx-as-CDN/SECRET/ (h2 to
+    clients when ``http2``); the CDN's access log lines go into ``cdn_log``."""
     port = procs.unused_port()
     secret = wire.new_secret_path()
-    with cdn_nginx(port, name="localhost", read_timeout=cdn_read_timeout) as cdn:
-        os.environ["SSL_CERT_FILE"] = str(cdn.ca_file)  # the CDN's CA, as the web PKI's
+    with cdn_nginx(port, name="localhost", read_timeout=cdn_read_timeout, http2=http2) as cdn:
         try:
-            via = parse_endpoint(f"{scheme}://localhost:{cdn.port}{secret}")
-            listen = Address("127.0.0.1", port)
-            state = init_state(tmp / "state", listen=listen)[0]
-            server = VeilServer(state, ServerOptions(listen=listen, allow_private=True,
-                                                     via=(via,)))
-            await server.start()
-            try:
-                key = AccessKey.parse(server.users.access_key(server.users.add("alice")))
-                assert key.noise_key is not None and key.via == (via,)
-                target = await echo_target()
-                try:
-                    return await body(key, Address("127.0.0.1",
-                                                   target.sockets[0].getsockname()[1]))
-                finally:
-                    target.close()
-            finally:
-                await server.stop()
+            return await _with_server(tmp, scheme, body, port, secret, cdn)
         finally:
-            del os.environ["SSL_CERT_FILE"]
+            if cdn_log is not None:
+                cdn_log += cdn.requests()
 
 
-async def tunnel_through(key: AccessKey, use: Callable[[Address], Awaitable[T]]) -> T:
+async def _with_server(tmp: Path, scheme: str, body: Callable[[AccessKey, Address], Awaitable[T]],
+                       port: int, secret: str, cdn: Cdn, via_port: int | None = None,
+                       shaping: bool = True) -> T:
+    """veil's server on ``port`` behind ``cdn``, announcing the CDN way in on ``via_port``
+    (the CDN's own unless something sits in front of it)."""
+    os.environ["SSL_CERT_FILE"] = str(cdn.ca_file)  # the CDN's CA, as the web PKI's
+    try:
+        via = parse_endpoint(f"{scheme}://localhost:{via_port or cdn.port}{secret}")
+        listen = Address("127.0.0.1", port)
+        state = init_state(tmp / "state", listen=listen)[0]
+        server = VeilServer(state, ServerOptions(listen=listen, allow_private=True,
+                                                 via=(via,), shaping=shaping))
+        await server.start()
+        try:
+            key = AccessKey.parse(server.users.access_key(server.users.add("alice")))
+            assert key.noise_key is not None and key.via == (via,)
+            target = await echo_target()
+            try:
+                return await body(key, Address("127.0.0.1",
+                                               target.sockets[0].getsockname()[1]))
+            finally:
+                target.close()
+        finally:
+            await server.stop()
+    finally:
+        del os.environ["SSL_CERT_FILE"]
+
+
+async def tunnel_through(key: AccessKey, use: Callable[[Address], Awaitable[T]],
+                         session_config: SessionConfig | None = None) -> T:
     """A client whose direct way is refused: it must move to the CDN way by itself."""
     blocked = dataclasses.replace(key, server=Address("127.0.0.1", refused_port()))
-    tunnel = ClientTunnel(blocked, failover=FailoverConfig())
+    tunnel = ClientTunnel(blocked, failover=FailoverConfig(), session_config=session_config)
     socks = Socks5Inbound(tunnel, Address("127.0.0.1", 0))
     await socks.start()
     tunnel.start()
@@ -116,9 +133,13 @@ async def tunnel_through(key: AccessKey, use: Callable[[Address], Awaitable[T]])
         await tunnel.close()
 
 
-@pytest.mark.parametrize("scheme", ["https", "wss"])
+@pytest.mark.parametrize(("scheme", "http2"), [("https", False), ("wss", False),
+                                              ("https", True), ("wss", True)],
+                         ids=["https", "wss", "https-h2", "wss-h2cdn"])
 def test_a_blocked_direct_way_moves_to_the_cdn_and_100_streams_arrive_byte_exact(
-        scheme: str, tmp_path: Path) -> None:
+        scheme: str, http2: bool, tmp_path: Path) -> None:
+    """Through a CDN that speaks h2 to clients, packet-up rides h2 (its log says HTTP/2.0 for
+    every request) and a WebSocket stays on HTTP/1.1."""
     async def body(key: AccessKey, target: Address) -> None:
         async def use(socks: Address) -> None:
             payloads = [os.urandom(BODY) for _ in range(STREAMS)]
@@ -127,7 +148,10 @@ def test_a_blocked_direct_way_moves_to_the_cdn_and_100_streams_arrive_byte_exact
             assert answers == payloads
         await tunnel_through(key, use)
 
-    asyncio.run(with_cdn_server(tmp_path, scheme, body))
+    cdn_log: list[str] = []
+    asyncio.run(with_cdn_server(tmp_path, scheme, body, http2=http2, cdn_log=cdn_log))
+    protocols = {line.split()[0] for line in cdn_log}
+    assert protocols == {"HTTP/2.0" if http2 and scheme == "https" else "HTTP/1.1"}, cdn_log
 
 
 def test_a_key_naming_another_servers_noise_key_gets_no_session(

@@ -1,6 +1,8 @@
 """A real nginx set up as a CDN in front of veil: its own certificate (from a test CA the
 client trusts through a CA file), request buffering on, a 100 s read timeout, HTTP/1.1 and
-WebSocket upgrade headers towards veil's port over https."""
+WebSocket upgrade headers towards veil's port over https; optionally h2 towards clients (as a
+CDN speaks to browsers). Its access log (``Cdn.requests()``) says which HTTP each request
+came in."""
 
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
-    access_log off;
+    log_format cdn '$server_protocol $request_method $status';
+    access_log {prefix}/access.log cdn;
     client_body_temp_path {prefix}/body;
     proxy_temp_path {prefix}/proxy;
     fastcgi_temp_path {prefix}/fastcgi;
@@ -38,11 +41,12 @@ http {{
     scgi_temp_path {prefix}/scgi;
     map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
     server {{
-        listen 127.0.0.1:{port} ssl;
+        listen 127.0.0.1:{port} ssl{http2};
         server_name {name};
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_certificate {prefix}/cdn-cert.pem;
         ssl_certificate_key {prefix}/cdn-key.pem;
+        keepalive_requests {keepalive_requests};
         location / {{
             proxy_pass https://127.0.0.1:{origin};
             proxy_http_version 1.1;
@@ -63,6 +67,11 @@ class Cdn:
     port: int
     ca_file: Path
     prefix: Path
+
+    def requests(self) -> list[str]:
+        """``PROTOCOL METHOD STATUS`` per request the CDN has finished (``HTTP/2.0 POST 200``)."""
+        log = self.prefix / "access.log"
+        return log.read_text().splitlines() if log.exists() else []
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -106,10 +115,13 @@ def make_ca_and_leaf(directory: Path, name: str) -> Path:
 
 
 @contextlib.contextmanager
-def cdn_nginx(origin_port: int, name: str = CDN_NAME, read_timeout: int = 100) -> Iterator[Cdn]:
+def cdn_nginx(origin_port: int, name: str = CDN_NAME, read_timeout: int = 100,
+              http2: bool = False, keepalive_requests: int = 1000) -> Iterator[Cdn]:
     """nginx as a CDN on a loopback port, in front of https://127.0.0.1:``origin_port``,
     with a certificate for ``name`` (``localhost`` for a client that resolves the name),
-    cutting a request silent for ``read_timeout`` seconds (Cloudflare's 100 s)."""
+    cutting a request silent for ``read_timeout`` seconds (Cloudflare's 100 s), offering h2
+    in ALPN when ``http2`` (``listen ... ssl http2``), and closing a client connection (h2:
+    GOAWAY) after ``keepalive_requests`` requests (nginx's default 1,000)."""
     prefix = Path(tempfile.mkdtemp(prefix="veil-cdn-"))
     try:
         ca_file = make_ca_and_leaf(prefix, name)
@@ -117,7 +129,8 @@ def cdn_nginx(origin_port: int, name: str = CDN_NAME, read_timeout: int = 100) -
             port = procs.unused_port()
             (prefix / "nginx.conf").write_text(CDN_CONF.format(
                 prefix=prefix, port=port, name=name, origin=origin_port,
-                read_timeout=read_timeout))
+                read_timeout=read_timeout, http2=" http2" if http2 else "",
+                keepalive_requests=keepalive_requests))
             proc = subprocess.Popen([procs.NGINX, "-p", str(prefix), "-c",
                                      str(prefix / "nginx.conf")],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -65,3 +65,26 @@ def test_secret_paths_must_be_unguessable_and_normal() -> None:
                 "/aaaaaaaaaaaaaaaaaa//bbb/"):
         with pytest.raises(TransportError):
             wire.check_secret_path(bad)
+
+
+def test_the_downlink_preamble_is_dropped_however_it_is_split() -> None:
+    """Every downlink opens with random padding of random length (so a proxy that holds a
+    response's head until its body starts, as nginx does on h2, passes the 200 at once);
+    the client drops it, in whatever pieces it arrives."""
+    sizes = set()
+    for _ in range(50):
+        body = wire.downlink_preamble()
+        size, rest = body.split(b"\r\n", 1)
+        preamble = rest[:int(size, 16)]
+        sizes.add(len(preamble))
+        stream = preamble + b"the session's bytes"
+        for step in (1, 2, 3, 7, len(stream)):
+            reader = wire.PreambleReader()
+            out = b"".join(reader.feed(stream[i:i + step]) for i in range(0, len(stream), step))
+            assert out == b"the session's bytes"
+    assert len(sizes) > 10  # the first record's size varies
+
+
+def test_a_downlink_without_the_preamble_is_not_a_veil_server() -> None:
+    with pytest.raises(TransportError, match="preamble"):
+        wire.PreambleReader().feed(b"\xff\xffsomething else")

@@ -1,14 +1,19 @@
 """The client's side: reach ``https://CDNHOST[:PORT]/SECRET/`` and get a byte stream.
 
-:func:`open_carrier` connects with veil's browser-shaped TLS client (Chrome's ClientHello,
-ALPN ``http/1.1`` only, as Chrome offers for a WebSocket), checks the CDN's certificate
-against the web PKI (the system's CA bundle) or ``ca_file``, and speaks HTTP/1.1 (h11):
+:func:`open_carrier` connects with veil's browser-shaped TLS client, checks the CDN's
+certificate against the web PKI (the system's CA bundle) or ``ca_file``, and speaks:
 
-- ``websocket``: one connection, ``GET /SECRET/`` with an upgrade, then binary messages;
-- ``packet-up``: a ``GET /SECRET/<session>`` whose chunked response carries the server's
+- ``websocket``: HTTP/1.1 (h11) on one connection whose ClientHello offers ALPN
+  ``http/1.1`` only and no ALPS, as Chrome opens a WebSocket (RFC 8441's WebSocket over
+  h2 is rare at CDNs, and nginx 1.22 lacks it): ``GET /SECRET/`` with an upgrade, then
+  binary messages;
+- ``packet-up``: Chrome's own ClientHello (ALPN ``h2``, ``http/1.1``, ALPS for h2), as the
+  direct way sends it. A ``GET /SECRET/<session>`` whose response carries the server's
   bytes, and ``POST /SECRET/<session>/<seq>`` packets of up to MAX_POST_BYTES for the
-  client's, over up to MAX_POSTS_IN_FLIGHT kept-alive connections (a CDN that buffers
-  request bodies passes this, where it would hold a streaming upload).
+  client's, at most MAX_POSTS_IN_FLIGHT unanswered (a CDN that buffers request bodies
+  passes this, where it would hold a streaming upload). When the CDN picks h2, the GET and
+  the POSTs are streams of one connection shaped as Chrome's (:mod:`.h2client`); when it
+  picks HTTP/1.1, the GET has its connection and the POSTs kept-alive ones of their own.
 
 The CDN's certificate says nothing about veil's server: whoever runs the CDN sees the bytes.
 The layer above must authenticate the server and encrypt end to end (Noise, issue #16).
@@ -35,9 +40,10 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from veil.errors import TransportError
 from veil.transport.browser_tls import BrowserTlsTransport, open_browser_tls_connection
 from veil.transport.cdn import wire
+from veil.transport.cdn.h2client import H2Connection, H2Stream, StreamUnprocessed
 from veil.transport.cdn.stream import ByteStream
 from veil.transport.cdn.websocket import WebSocketStream
-from veil.transport.tls13 import CHROME
+from veil.transport.tls13 import CHROME, ClientHelloSpec
 from veil.transport.tls13.wire import ExtensionType
 
 #: Chrome's ClientHello for a connection that will carry a WebSocket: ALPN http/1.1 only
@@ -56,6 +62,10 @@ POST_TIMEOUT_S = 100.0
 #: Client bytes buffered before the protocol is told to pause (four packets in flight and
 #: as much again waiting).
 UPLINK_HIGH_WATER = 2 * wire.MAX_POSTS_IN_FLIGHT * wire.MAX_POST_BYTES
+#: Times one uplink packet is sent again after the CDN left its h2 stream unprocessed (a
+#: GOAWAY that crossed it, a REFUSED_STREAM): each retry goes on a fresh connection, so a
+#: CDN that refuses that often is refusing the carrier.
+MAX_UNPROCESSED_RETRIES = 3
 #: A response head larger than this is not the carrier's (h11's bound on what it buffers).
 MAX_RESPONSE_HEAD = 16 * 1024
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -176,32 +186,74 @@ class _Http(asyncio.Protocol):
                 return event
 
 
+class _Chosen(asyncio.Protocol):
+    """The protocol for whichever HTTP the CDN picked in ALPN: h2's or HTTP/1.1's, made
+    when the handshake is done and everything passed on to it."""
+
+    def __init__(self) -> None:
+        self.http: _Http | H2Connection | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        h2 = transport.get_extra_info("alpn_protocol") == "h2"
+        self.http = H2Connection() if h2 else _Http()
+        self.http.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.http is not None
+        self.http.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        assert self.http is not None
+        return self.http.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.http is not None:
+            self.http.connection_lost(exc)
+
+
 class _Connector:
-    """Opens verified HTTP/1.1 connections to one CDN URL."""
+    """Opens verified connections to one CDN URL."""
 
     def __init__(self, url: CarrierUrl, *, ca_file: str | None, connect_to: tuple[str, int] | None,
                  timeout: float) -> None:
         self.url, self.ca_file, self.timeout = url, ca_file, timeout
         self.address = connect_to or (url.host, url.port)
 
-    async def connect(self) -> _Http:
-        http = _Http()
+    async def connect(self, spec: ClientHelloSpec = CHROME_HTTP1) -> _Http | H2Connection:
+        """A connection with ``spec``'s ClientHello; h2 if the CDN picked it from ``spec``'s
+        ALPN, else HTTP/1.1."""
+        chosen = _Chosen()
         host, port = self.address
         transport = await open_browser_tls_connection(
-            host, port, lambda: http, server_hostname=self.url.host,
-            handshake_timeout=self.timeout, spec=CHROME_HTTP1)
+            host, port, lambda: chosen, server_hostname=self.url.host,
+            handshake_timeout=self.timeout, spec=spec)
         try:
             tls = transport.get_extra_info("tls_client")
             verify_certificate(tls.peer_certificate_chain_der, self.url.host, self.ca_file)
         except BaseException:
             transport.abort()
             raise
+        assert chosen.http is not None
+        return chosen.http
+
+    async def connect_http1(self) -> _Http:
+        http = await self.connect()
+        assert isinstance(http, _Http)  # CHROME_HTTP1 offers nothing else
         return http
 
     def headers(self, *extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
         return [(b"Host", self.url.authority), *extra, (b"User-Agent", _USER_AGENT),
                 (b"Accept-Encoding", b"gzip, deflate, br, zstd"),
                 (b"Accept-Language", b"en-US,en;q=0.9")]
+
+    def h2_headers(self, method: bytes, target: bytes,
+                   *extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+        """A ``fetch``'s headers in Chrome's h2 order (pseudo-headers m,a,s,p; lower case)."""
+        return [(b":method", method), (b":authority", self.url.authority),
+                (b":scheme", b"https"), (b":path", target), *extra,
+                (b"user-agent", _USER_AGENT), (b"accept", b"*/*"),
+                (b"accept-encoding", b"gzip, deflate, br, zstd"),
+                (b"accept-language", b"en-US,en;q=0.9"), (b"priority", b"u=1, i")]
 
 
 async def open_carrier(url: str, protocol_factory: Callable[[], asyncio.Protocol], *,
@@ -222,7 +274,7 @@ async def open_carrier(url: str, protocol_factory: Callable[[], asyncio.Protocol
 
 async def _open_websocket(connector: _Connector,
                           protocol_factory: Callable[[], asyncio.Protocol]) -> ByteStream:
-    http = await connector.connect()
+    http = await connector.connect_http1()
     assert http.transport is not None
     try:
         key = base64.b64encode(os.urandom(16))
@@ -251,45 +303,63 @@ async def _open_websocket(connector: _Connector,
 async def _open_packet_up(connector: _Connector,
                           protocol_factory: Callable[[], asyncio.Protocol]) -> ByteStream:
     session = wire.new_token()
-    down = await connector.connect()
-    assert down.transport is not None
+    target = f"{connector.url.path}{session}".encode()
+    down = await connector.connect(CHROME)
     try:
-        down.send(h11.Request(method=b"GET",
-                              target=f"{connector.url.path}{session}".encode(),
-                              headers=connector.headers((b"Cache-Control", b"no-cache"))),
-                  h11.EndOfMessage())
-        response = await down.response()
-        if response.status_code != 200:
-            raise TransportError(f"the carrier path answered {response.status_code}: wrong "
+        if isinstance(down, H2Connection):
+            stream = down.request(connector.h2_headers(b"GET", target,
+                                                       (b"cache-control", b"no-cache")))
+            status = await stream.status
+        else:
+            down.send(h11.Request(method=b"GET", target=target,
+                                  headers=connector.headers((b"Cache-Control", b"no-cache"))),
+                      h11.EndOfMessage())
+            status = (await down.response()).status_code
+        if status != 200:
+            raise TransportError(f"the carrier path answered {status}: wrong "
                                  f"path, or no carrier behind this CDN")
     except BaseException:
+        assert down.transport is not None
         down.transport.abort()
         raise
-    stream = PacketUpClient(connector, session, down)
-    stream.attach(protocol_factory())
-    stream.start()
-    return stream
+    client = PacketUpClient(connector, session, stream if isinstance(down, H2Connection) else down)
+    client.attach(protocol_factory())
+    client.start()
+    return client
 
 
 class PacketUpClient(ByteStream):
-    """packet-up's client: the downlink GET, and POSTs of what the protocol writes."""
+    """packet-up's client: the downlink GET, and POSTs of what the protocol writes; over
+    one h2 connection (``down`` is the GET's stream), or HTTP/1.1 connections."""
 
-    def __init__(self, connector: _Connector, session: str, down: _Http) -> None:
-        assert down.transport is not None
-        super().__init__("packet-up", {"peername": down.transport.get_extra_info("peername"),
-                                       "sockname": down.transport.get_extra_info("sockname")})
+    def __init__(self, connector: _Connector, session: str, down: _Http | H2Stream) -> None:
+        transport = down.connection.transport if isinstance(down, H2Stream) else down.transport
+        assert transport is not None
+        super().__init__("packet-up", {
+            "peername": transport.get_extra_info("peername"),
+            "sockname": transport.get_extra_info("sockname"),
+            "http": "h2" if isinstance(down, H2Stream) else "http/1.1"})
         self.connector, self.session, self.down = connector, session, down
         self._out = bytearray()
         self._seq = 0
-        self._idle: list[_Http] = []  # kept-alive uplink connections
-        self._open: set[_Http] = set()  # every uplink connection, for close/abort
+        self._idle: list[_Http] = []  # kept-alive HTTP/1.1 uplink connections
+        self._open: set[_Http] = set()  # every HTTP/1.1 uplink connection, for close/abort
+        # h2: the connection the POSTs go on (the GET's until the CDN says GOAWAY on it),
+        # and every h2 connection this stream opened.
+        self._h2_up = down.connection if isinstance(down, H2Stream) else None
+        self._h2_all = [self._h2_up] if self._h2_up is not None else []
+        self._h2_connecting: asyncio.Future[H2Connection] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self._queued: list[bytes] = []  # downlink bytes received before the protocol was attached
-        down.on_body = self._down_event
-        while not down.events.empty():
-            self._down_event(down.events.get_nowait())
+        self._preamble = wire.PreambleReader()
+        if isinstance(down, H2Stream):
+            down.consume(self._down_data, self._down_end)
+        else:
+            down.on_body = self._down_event
+            while not down.events.empty():
+                self._down_event(down.events.get_nowait())
 
     def start(self) -> None:
         self._sender = asyncio.get_running_loop().create_task(self._send_loop())
@@ -300,16 +370,35 @@ class PacketUpClient(ByteStream):
     # ------------------------------------------------------------------ downlink
     def _down_event(self, event: h11.Event | BaseException) -> None:
         if isinstance(event, h11.Data):
-            if self._sender is None:
-                self._queued.append(bytes(event.data))
-            else:
-                self.deliver(bytes(event.data))
+            self._down_data(bytes(event.data))
         elif isinstance(event, h11.EndOfMessage):
-            self._end(None)  # the server closed the stream
+            self._down_end(None)  # the server closed the stream
         elif isinstance(event, BaseException):
-            self._end(None if self._closing else TransportError(f"downlink lost: {event}"))
+            self._down_end(event)
+
+    def _down_data(self, data: bytes) -> None:
+        try:
+            data = self._preamble.feed(data)
+        except TransportError as exc:
+            self._end(exc, abort=True)
+            return
+        if not data:
+            return
+        if self._sender is None:
+            self._queued.append(data)
+        else:
+            self.deliver(data)
+
+    def _down_end(self, exc: BaseException | None) -> None:
+        if exc is None:
+            self._end(None)
+        else:
+            self._end(None if self._closing else TransportError(f"downlink lost: {exc}"))
 
     def _hold_reading(self, hold: bool) -> None:
+        if isinstance(self.down, H2Stream):
+            self.down.hold(hold)  # flow control stops the GET; the POSTs' answers go on
+            return
         assert self.down.transport is not None
         if hold:
             self.down.transport.pause_reading()
@@ -347,9 +436,15 @@ class PacketUpClient(ByteStream):
                 await self._wake.wait()
         except asyncio.CancelledError:
             return
+        # The server's session ends with the GET: cancel it (as Chrome aborts a fetch) and
+        # close the connections.
+        if isinstance(self.down, H2Stream):
+            self.down.reset()
+            self._end(None)  # nothing more comes on the cancelled stream
+            return
         self._release_uplinks()
         if self.down.transport is not None:
-            self.down.transport.close()  # the server's session ends with the GET
+            self.down.transport.close()
 
     def _posted(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
@@ -358,8 +453,13 @@ class PacketUpClient(ByteStream):
             self._end(exc if isinstance(exc, Exception) else TransportError(str(exc)))
 
     async def _post(self, seq: int, packet: bytes) -> None:
-        http = self._idle.pop() if self._idle else await self._connect_uplink()
         target = f"{self.connector.url.path}{self.session}/{seq}".encode()
+        if self._h2_up is None and not self._idle:
+            await self._connect_uplink()
+        if self._h2_up is not None:
+            await self._post_h2(seq, target, packet)
+            return
+        http = self._idle.pop()
         http.send(h11.Request(method=b"POST", target=target, headers=self.connector.headers(
                       (b"Content-Length", str(len(packet)).encode()),
                       (b"Content-Type", b"application/octet-stream"))),
@@ -376,10 +476,63 @@ class PacketUpClient(ByteStream):
         else:
             self._drop(http)
 
-    async def _connect_uplink(self) -> _Http:
-        http = await self.connector.connect()
+    async def _post_h2(self, seq: int, target: bytes, packet: bytes) -> None:
+        for attempt in range(MAX_UNPROCESSED_RETRIES + 1):
+            connection = await self._h2_uplink()
+            stream = connection.request(self.connector.h2_headers(
+                b"POST", target, (b"content-length", str(len(packet)).encode()),
+                (b"content-type", b"application/octet-stream")), packet)
+            stream.consume(lambda _data: None, lambda _exc: None)  # an empty answer
+            try:
+                status = await asyncio.wait_for(stream.status, POST_TIMEOUT_S)
+            except StreamUnprocessed:
+                if attempt == MAX_UNPROCESSED_RETRIES:
+                    raise
+                continue  # not seen by the server: send it again
+            if status != 200:
+                raise TransportError(f"uplink packet {seq} answered {status}")
+            await asyncio.wait_for(stream.ended, POST_TIMEOUT_S)
+            return
+
+    async def _h2_uplink(self) -> H2Connection:
+        """The h2 connection for the next POST: the current one, or, once the CDN said
+        GOAWAY on it (nginx does after 1,000 requests), a new one; the GET stays where it
+        is. A CDN that answers the new one in HTTP/1.1 ends the carrier."""
+        assert self._h2_up is not None
+        if self._h2_up.usable:
+            return self._h2_up
+        if self._h2_connecting is None:
+            self._h2_connecting = asyncio.get_running_loop().create_future()
+            try:
+                fresh = await self.connector.connect(CHROME)
+                if not isinstance(fresh, H2Connection):
+                    assert fresh.transport is not None
+                    fresh.transport.abort()
+                    raise TransportError("the CDN stopped offering h2 during a session")
+                self._h2_all.append(fresh)
+                self._h2_up = fresh
+                self._h2_connecting.set_result(fresh)
+            except BaseException as exc:
+                self._h2_connecting.set_exception(exc)
+                self._h2_connecting.exception()  # retrieved: the waiters re-raise it
+                raise
+            finally:
+                self._h2_connecting = None
+            return fresh
+        return await asyncio.shield(self._h2_connecting)
+
+    async def _connect_uplink(self) -> None:
+        """One more uplink connection, with the GET's ClientHello (a browser sends one
+        ClientHello to a site): kept-alive HTTP/1.1, or, should the CDN pick h2 this time,
+        the connection every later POST goes on."""
+        http = await self.connector.connect(CHROME)
+        if isinstance(http, H2Connection):
+            self._h2_all.append(http)
+            if self._h2_up is None:
+                self._h2_up = http
+            return
         self._open.add(http)
-        return http
+        self._idle.append(http)
 
     def _drop(self, http: _Http) -> None:
         self._open.discard(http)
@@ -392,6 +545,8 @@ class PacketUpClient(ByteStream):
             if http.transport is not None:
                 (http.transport.abort if abort else http.transport.close)()
         self._idle.clear()
+        for connection in self._h2_all:
+            (connection.abort if abort else connection.close)()
 
     # ------------------------------------------------------------------ ending
     def _finish(self) -> None:
@@ -401,12 +556,13 @@ class PacketUpClient(ByteStream):
         self._end(TransportError("aborted"), abort=True)
 
     def _end(self, exc: Exception | None, *, abort: bool = False) -> None:
-        if self._sender is not None and not self._sender.done():
+        if (self._sender is not None and not self._sender.done()
+                and self._sender is not asyncio.current_task()):
             self._sender.cancel()
         for task in list(self._in_flight):
             task.cancel()
         self._release_uplinks(abort=abort or exc is not None)
-        if self.down.transport is not None:
+        if isinstance(self.down, _Http) and self.down.transport is not None:
             (self.down.transport.abort if abort or exc is not None
              else self.down.transport.close)()
         self.lost(exc)

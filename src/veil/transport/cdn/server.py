@@ -144,7 +144,7 @@ class PacketUpSession(ByteStream):
         self._unanswered: list[_UplinkReader] = []  # uplink 200s held while paused
         downlink.set_protocol(_Downlink(self))
         downlink.set_write_buffer_limits(high=DOWNLINK_HIGH_WATER)
-        downlink.write(wire.DOWNLINK_RESPONSE)
+        downlink.write(wire.DOWNLINK_RESPONSE + wire.downlink_preamble())
 
     def packet(self, seq: int, data: bytes, reader: _UplinkReader) -> None:
         """A whole uplink packet; its POST is answered at once unless reading is paused

@@ -117,6 +117,48 @@ UPLINK_RESPONSE_CLOSE = (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nCache-Control
 DOWNLINK_END = b"0\r\n\r\n"
 
 
+#: The downlink's body opens with a preamble the client drops: 2 bytes (big-endian) of
+#: length, then that many random bytes. A proxy may hold a response's head until its body
+#: starts (nginx does on h2), and the client waits for that head before its first packet,
+#: while the server has nothing to say before the client's first packet (Noise's initiator
+#: speaks first): without bytes from the server first, neither side would move. A random
+#: length, so the first downlink record has no fixed size.
+PREAMBLE_PADDING = range(16, 257)
+_PREAMBLE_LENGTH_BYTES = 2
+
+
+def downlink_preamble() -> bytes:
+    """The first chunk of every downlink (see PREAMBLE_PADDING)."""
+    spread = len(PREAMBLE_PADDING)
+    length = PREAMBLE_PADDING.start + int.from_bytes(os.urandom(2), "big") % spread
+    return chunk(length.to_bytes(_PREAMBLE_LENGTH_BYTES, "big") + os.urandom(length))
+
+
+class PreambleReader:
+    """The client's side of the downlink preamble: :meth:`feed` returns what follows it."""
+
+    def __init__(self) -> None:
+        self._head = bytearray()  # the preamble's length field, until it is whole
+        self._skip: int | None = None  # preamble bytes still to drop, once known
+
+    def feed(self, data: bytes) -> bytes:
+        if self._skip is None:
+            need = _PREAMBLE_LENGTH_BYTES - len(self._head)
+            self._head += data[:need]
+            data = data[need:]
+            if len(self._head) < _PREAMBLE_LENGTH_BYTES:
+                return b""
+            self._skip = int.from_bytes(self._head, "big")
+            if self._skip not in PREAMBLE_PADDING:
+                raise TransportError(f"the downlink's preamble says {self._skip} bytes: "
+                                     "not a veil server")
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
+        return data
+
+
 def chunk(data: bytes | bytearray | memoryview) -> bytes:
     """``data`` as one chunk of a chunked body (never an empty chunk: that ends the body)."""
     return b"%x\r\n" % len(data) + bytes(data) + b"\r\n"
