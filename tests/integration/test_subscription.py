@@ -11,6 +11,7 @@ import base64
 import json
 import re
 import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -337,3 +338,32 @@ def test_a_client_starts_from_the_cache_when_no_url_answers(tmp_path: Path) -> N
 
 def json_key_secret(cache: Path) -> bytes:
     return AccessKey.parse(json.loads(cache.read_bytes())["key"]).secret
+
+
+def test_the_cli_prints_the_urls_and_connect_follows_one(tmp_path: Path) -> None:
+    """``veil user show --subscription`` / ``--json``, then ``veil connect URL`` as a user
+    runs it: connected through the key it fetched, with the answer cached."""
+    # on a known port: the key a running server serves names the address it started with
+    server = procs.start_veil_server(tmp_path / "server", port=procs.unused_port())
+    try:
+        server.add_user("bob")
+        show = subprocess.run([*procs.VEIL, "user", "show", "bob", "--subscription", "--state",
+                               str(server.state)], capture_output=True, text=True, timeout=30,
+                              check=True)
+        (url,) = show.stdout.split()
+        assert url.startswith(f"https://127.0.0.1:{server.port}/s/") and "#pin=" in url
+        shown = json.loads(subprocess.run(
+            [*procs.VEIL, "user", "show", "bob", "--json", "--state", str(server.state)],
+            capture_output=True, text=True, timeout=30, check=True).stdout)
+        assert shown["subscription_urls"] == [url]
+        cache = tmp_path / "bob.json"
+        client = procs.start_veil_client(tmp_path, url,
+                                         extra=("--subscription-cache", str(cache)))
+        try:
+            doc = json.loads(cache.read_bytes())
+            assert doc["key"] == shown["key"] and doc["version"] == 1
+            assert "connected to" in client.log_text()
+        finally:
+            procs.stop(client.proc)
+    finally:
+        procs.stop(server.proc)

@@ -48,20 +48,30 @@ class SubscriptionResponder:
         self._tokens: dict[bytes, bytes] = {}
         self.served = 0  # answers given (tests, status)
 
+    def _rebuild(self, directory: UserDirectory) -> None:
+        tokens = {user.key_id: self._tokens.get(user.key_id) or user_token(self._key, user).encode()
+                  for user in directory.by_name.values()}
+        self._tokens = tokens
+        self._by_token = {tokens[user.key_id]: name for name, user in directory.by_name.items()}
+        self._seen = directory
+
     def _lookup(self, token: bytes) -> tuple[User, Usage] | None:
         directory = self._live.directory
-        if directory is not self._seen:
-            tokens = {user.key_id: self._tokens.get(user.key_id)
-                      or user_token(self._key, user).encode()
-                      for user in directory.by_name.values()}
-            self._tokens = tokens
-            self._by_token = {tokens[user.key_id]: name
-                              for name, user in directory.by_name.items()}
-            self._seen = directory
         name = self._by_token.get(token)
-        if name is None or directory.refused.get(name) == "revoked":
+        if name is None and directory is not self._seen:
+            # A token the last map did not have may be a user added since: the map is
+            # rebuilt at most once per snapshot, and only on a miss (a hit needs no O(users)
+            # work, so a user's fetch costs a dictionary lookup).
+            self._rebuild(directory)
+            name = self._by_token.get(token)
+        if name is None:
             return None
-        return directory.by_name[name], directory.period_parts.get(name, Usage())
+        user = directory.by_name.get(name)
+        # Gone, rotated since the map was made (its token is another now), or revoked: 404.
+        if (user is None or self._tokens.get(user.key_id) != token
+                or directory.refused.get(name) == "revoked"):
+            return None
+        return user, directory.period_parts.get(name, Usage())
 
     def answer(self, req: Request) -> Answer | None:
         state = self._state()
