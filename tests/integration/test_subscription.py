@@ -28,6 +28,7 @@ from tests.support.cdn import cdn_nginx
 from veil.client.socks5 import Socks5Inbound
 from veil.client.subscription import Follower, FollowingTunnel, SubscriptionUrl, fetch
 from veil.config import ServerOptions, SubscriptionOptions
+from veil.errors import AuthError, TransportError
 from veil.manage.state import init_state, load_state
 from veil.manage.subscription import subscription_urls
 from veil.net.client_session import ClientTunnel
@@ -152,7 +153,12 @@ def test_each_format_over_http1_and_http2(tmp_path: Path) -> None:
             status, headers, got = split(await h1_get(port, f"{path}?format={fmt}"))
             assert status == 200, got
             h2_headers, h2_body = await h2_get(port, f"{path}?format={fmt}")
-            assert h2_headers[b":status"] == b"200" and h2_body == got
+            assert h2_headers[b":status"] == b"200"
+            if fmt == "veil":  # signatures are randomised (ECDSA's nonce, PSS's salt)
+                assert (json.loads(h2_body) | {"signature": None}
+                        == json.loads(got) | {"signature": None})
+            else:
+                assert h2_body == got
             assert headers[b"server"] == b"nginx/1.22.1"
             for h in (headers, h2_headers):
                 assert h[b"subscription-userinfo"] == (
@@ -221,16 +227,25 @@ def test_served_on_a_cdn_ways_secret_path_through_nginx_as_a_cdn(tmp_path: Path)
             user = await add(server, "alice")
             urls = subscription_urls(server.state, user)
             assert len(urls) == 2 and "#pin=" in urls[0]
-            assert urls[1] == f"https://localhost:{cdn.port}{secret}s/" + urls[0].split(
-                "/s/")[1].partition("#")[0]
-            sub, _ = await fetch(SubscriptionUrl.parse(urls[1]), ca_file=str(cdn.ca_file))
+            token = urls[0].split("/s/")[1].partition("#")[0]
+            pin = urls[0].partition("#")[2]
+            assert urls[1] == f"https://localhost:{cdn.port}{secret}s/{token}#{pin}"
+            # through the CDN: its certificate by the web PKI, the answer by the server's key
+            sub, body = await fetch(SubscriptionUrl.parse(urls[1]), ca_file=str(cdn.ca_file))
             assert sub.key == AccessKey.parse(server.users.access_key(user))
-            assert sub.urls == tuple(urls)
+            assert sub.urls == tuple(urls) and b'"signature"' in body
+            # a CDN handing out an answer the pinned key did not sign is refused: here the
+            # client pins another server's key, as if the CDN's answer were a stranger's
+            other = init_state(tmp_path / "other", listen=Address("127.0.0.1", 1))[0]
+            with pytest.raises(AuthError, match="another key"):
+                await fetch(SubscriptionUrl.parse(urls[1]), ca_file=str(cdn.ca_file),
+                            pin=other.pin)
             direct, _ = await fetch(SubscriptionUrl.parse(urls[0]))
             assert direct.key == sub.key
             # a wrong token through the CDN: the cover's 404, which the client reports
-            with pytest.raises(Exception, match="404"):
-                await fetch(SubscriptionUrl.parse(urls[1][:-2] + "zz"), ca_file=str(cdn.ca_file))
+            wrong = urls[1].replace(token, token[:-2] + ("zz" if token[-2:] != "zz" else "yy"))
+            with pytest.raises(TransportError, match="404"):
+                await fetch(SubscriptionUrl.parse(wrong), ca_file=str(cdn.ca_file))
 
         asyncio.run(with_server(tmp_path, body, via=(f"https://localhost:{cdn.port}{secret}",),
                                 port=port))

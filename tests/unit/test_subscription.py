@@ -4,6 +4,7 @@ the args it is given on both protocols), tokens, paths, formats and URLs."""
 from __future__ import annotations
 
 import base64
+import json
 import re
 from pathlib import Path
 
@@ -137,7 +138,7 @@ def test_paths_urls_and_formats(state) -> None:  # type: ignore[no-untyped-def]
     pin = base64.urlsafe_b64encode(state.pin).rstrip(b"=").decode()
     assert urls == [f"https://vpn.example.org:8443/s/{t}#pin={pin}",
                     f"https://203.0.113.7:443/s/{t}#pin={pin}&sni=vpn.example.org",
-                    f"https://cdn.example.net/abcdefghijklmnopqrstuv/s/{t}"]
+                    f"https://cdn.example.net/abcdefghijklmnopqrstuv/s/{t}#pin={pin}"]
     assert choose_format(b"format=clash", b"v2rayN/7", trojan=True) == "clash"
     assert choose_format(b"format=nope", None, trojan=True) is None
     assert choose_format(b"", b"clash.meta/1.18", trojan=True) == "clash"
@@ -155,3 +156,29 @@ def test_app_formats_need_trojan_and_userinfo_says_zero_for_none(  # type: ignor
     no_trojan, _ = init_state(tmp_path / "other", listen=Address("127.0.0.1", 8443))
     assert render(no_trojan, user, Usage(), "clash", cert) is None
     assert render(no_trojan, user, Usage(), "veil", cert) is not None
+
+
+def test_the_veil_answer_is_signed_by_the_pinned_key_and_tampering_is_refused(  # type: ignore[no-untyped-def]
+        state, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from veil.client.subscription import Subscription
+    from veil.errors import AuthError
+
+    signer = serialization.load_pem_private_key(state.key_path.read_bytes(), None)
+    rendered = render(state, alice(), Usage(), "veil", None, signer)  # type: ignore[arg-type]
+    assert rendered is not None
+    assert Subscription.parse(rendered.body, signed_by=state.pin).key.secret == SECRET
+    doc = json.loads(rendered.body)
+    doc["key"] = doc["key"].replace("vpn.example.org", "evil.example.org")
+    with pytest.raises(AuthError, match="does not verify"):
+        Subscription.parse(json.dumps(doc).encode(), signed_by=state.pin)
+    doc.pop("signature")
+    with pytest.raises(AuthError, match="not signed"):
+        Subscription.parse(json.dumps(doc).encode(), signed_by=state.pin)
+    other, _ = init_state(tmp_path / "other", listen=Address("127.0.0.1", 8443))
+    with pytest.raises(AuthError, match="another key"):
+        Subscription.parse(rendered.body, signed_by=other.pin)
+    # fields a newer server adds are ignored; the signature still holds
+    newer = json.loads(rendered.body) | {"version": 2, "routing": {"rules": []}}
+    assert Subscription.parse(json.dumps(newer).encode(), signed_by=state.pin).version == 2

@@ -8,11 +8,14 @@ does not stop the refresh). When the key changed (a way in added or moved, a rot
 credential) it starts a tunnel with the new key and retires the old one; streams open on the
 old one end with it. If no fetch works at start, the cached answer is used.
 
-Trusting the answer: the answer holds the user's secret, so it is fetched only from a server
-that proves itself. A URL with ``#pin=`` (what ``veil user show --subscription`` prints for
-the server's own ports, whose certificate is self-signed) must present that key; one
-without (a CDN's) must have a certificate the web PKI vouches for (the system's bundle, or
-SSL_CERT_FILE's). The fetch uses veil's browser-shaped TLS (Chrome's ClientHello, as the
+Trusting the answer: it holds the user's secret and says where to connect, so it is taken
+only from the server itself. ``#pin=`` (every URL ``veil user show --subscription`` prints;
+after the first answer, the key's pin) names the server's key: a server that presents it
+in TLS is veil's (its own ports: a self-signed certificate); any other certificate must
+verify by the web PKI (the system's bundle, or SSL_CERT_FILE's: a CDN's), and the answer
+must then be signed by the pinned key (veil.protocol.subscription), so a CDN cannot hand
+out another server's key. A URL without a pin, fetched first, is trusted by the web PKI
+alone. The fetch uses veil's browser-shaped TLS (Chrome's ClientHello, as the
 CDN carrier) and a browser's User-Agent.
 """
 
@@ -33,11 +36,12 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 
 from veil.config import SubscriptionOptions
-from veil.errors import ConfigError, TransportError, VeilError
+from veil.errors import AuthError, ConfigError, TransportError, VeilError
 from veil.net.client_session import ClientTunnel
 from veil.net.dialer import DatagramHandler, Dialer, UdpFlow
 from veil.protocol.accesskey import AccessKey, pin_of_der
 from veil.protocol.address import Address
+from veil.protocol.subscription import check_signature, signed_part
 from veil.protocol.uri import b64url_decode
 from veil.transport.browser_tls import open_browser_tls_connection
 from veil.transport.cdn.client import CHROME_HTTP1, verify_certificate
@@ -115,7 +119,9 @@ class Subscription:
     document: dict[str, object]
 
     @classmethod
-    def parse(cls, body: bytes) -> Subscription:
+    def parse(cls, body: bytes, *, signed_by: bytes | None = None) -> Subscription:
+        """Read an answer; ``signed_by``: the pin whose key must have signed it (AuthError
+        otherwise)."""
         try:
             doc = json.loads(body)
             version = doc["version"]
@@ -126,6 +132,15 @@ class Subscription:
             refresh = doc.get("refresh_s")
         except (ValueError, KeyError, TypeError, ConfigError) as exc:
             raise TransportError(f"not a veil subscription: {exc}") from exc
+        if signed_by is not None:
+            signature = doc.get("signature")
+            try:
+                spki = b64url_decode(signature["spki"])
+                value = b64url_decode(signature["value"])
+            except (TypeError, KeyError, ValueError) as exc:
+                raise AuthError("the subscription came through a CDN and is not signed by "
+                                "the server's key: not taken", code="unsigned") from exc
+            check_signature(spki, signed_by, signed_part(doc), value)
         return cls(version, key, urls,
                    float(refresh) if isinstance(refresh, int | float) and refresh > 0 else None,
                    doc)
@@ -183,10 +198,15 @@ class _Answer(asyncio.Protocol):
 
 
 async def fetch(url: SubscriptionUrl, *, timeout: float = FETCH_TIMEOUT_S,
-                ca_file: str | None = None) -> tuple[Subscription, bytes]:
+                ca_file: str | None = None,
+                pin: bytes | None = None) -> tuple[Subscription, bytes]:
     """Fetch and read one subscription URL: the answer read, and its bytes (for the cache).
-    Raises TransportError when it cannot, VeilError when the server is not the pinned one
-    or the CDN's certificate does not verify."""
+
+    Trust: ``pin`` (else the URL's ``#pin=``) is the server's key. A server that presents it
+    in TLS is veil's; any other TLS certificate must verify by the web PKI (a CDN's), and
+    then, with a pin known, the answer must be signed by the pinned key. Raises
+    TransportError when it cannot fetch, AuthError/TransportError when trust fails."""
+    pin = pin or url.pin
     answer = _Answer()
     try:
         async with asyncio.timeout(timeout):
@@ -195,12 +215,10 @@ async def fetch(url: SubscriptionUrl, *, timeout: float = FETCH_TIMEOUT_S,
                 handshake_timeout=timeout, spec=CHROME_HTTP1)
             try:
                 tls = transport.get_extra_info("tls_client")
-                if url.pin is not None:
-                    der = transport.get_extra_info("peer_certificate_der")
-                    if not der or pin_of_der(der) != url.pin:
-                        raise VeilError(f"{url.host}:{url.port} did not present the pinned "
-                                        "key (interception or wrong server): not asking")
-                else:
+                der = transport.get_extra_info("peer_certificate_der")
+                pinned = pin is not None and bool(der) and pin_of_der(der) == pin
+                if not pinned:
+                    # the secret must not reach an interceptor: the web PKI or nothing
                     verify_certificate(tls.peer_certificate_chain_der, url.host, ca_file)
                 target = url.target + ("&" if "?" in url.target else "?") + "format=veil"
                 request = h11.Request(method="GET", target=target.encode(), headers=[
@@ -215,7 +233,7 @@ async def fetch(url: SubscriptionUrl, *, timeout: float = FETCH_TIMEOUT_S,
         raise TransportError(f"no answer within {timeout:g} s") from exc
     except OSError as exc:
         raise TransportError(str(exc)) from exc
-    return Subscription.parse(body), body
+    return Subscription.parse(body, signed_by=None if pinned else pin), body
 
 
 def default_cache_path(url: str) -> Path:
@@ -260,6 +278,13 @@ class Follower:
         self.current: Subscription | None = None
         self.fetches = 0  # answers fetched (tests)
 
+    @property
+    def pin(self) -> bytes | None:
+        """The server's key as this client knows it: the URL's ``#pin=``, else the key's."""
+        if self.first.pin is not None:
+            return self.first.pin
+        return self.current.key.pin if self.current is not None else None
+
     def urls(self) -> list[str]:
         """The URL given, then the others the last answer named."""
         seen = [self.options.url]
@@ -273,7 +298,8 @@ class Follower:
         for text in self.urls():
             try:
                 url = SubscriptionUrl.parse(text)
-                sub, body = await fetch(url, timeout=self.fetch_timeout, ca_file=self.ca_file)
+                sub, body = await fetch(url, timeout=self.fetch_timeout, ca_file=self.ca_file,
+                                        pin=self.pin)
             except (VeilError, ConfigError) as exc:
                 log.info("subscription: %s: %s", urlsplit(text).hostname, exc)
                 continue

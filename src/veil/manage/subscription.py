@@ -24,6 +24,8 @@ The answer, by ``?format=`` or else by the app's User-Agent (as 3x-ui and Marzba
     total, expire; 0 for none) and ``profile-update-interval`` (hours).
 
 Versions
+    The JSON is signed by the server's TLS key (veil.protocol.subscription), so an answer
+    that came through a CDN is taken only if veil's server made it.
     The JSON's ``version`` grows when fields are added; a client reads the fields it knows
     and ignores the rest, so old clients keep working. A change an old client could not
     read safely would get a new format name, never a reused one.
@@ -43,6 +45,7 @@ from veil.manage.export import (
     trojan_link,
 )
 from veil.manage.state import ServerState
+from veil.protocol.subscription import SigningKey, sign, signed_part, spki_of
 from veil.protocol.uri import b64url_encode
 from veil.store.base import Usage, User
 
@@ -92,18 +95,20 @@ def token_of_path(path: bytes, prefixes: tuple[bytes, ...]) -> bytes | None:
 
 
 def subscription_urls(state: ServerState, user: User) -> list[str]:
-    """The user's subscription URL on every way in, in the key's order. A direct port's
-    URL carries ``#pin=`` (the server's certificate is pinned, not vouched for by the web
-    PKI; a client has no key yet to take the pin from) and ``sni=`` when the server has a
-    name other than the URL's host; a CDN's is checked by the web PKI."""
+    """The user's subscription URL on every way in, in the key's order, each with
+    ``#pin=`` (the server's key, which a client has no access key yet to take from): on the
+    server's own ports its certificate must have that key, through a CDN (whose certificate
+    the web PKI vouches for) the answer must be signed by it (veil.protocol.subscription).
+    ``sni=`` when the server has a name other than a direct URL's host."""
     token = user_token(state.subscription_key(), user)
+    pin = f"pin={b64url_encode(state.pin)}"
     urls: list[str] = []
     for way in state.ways():
         if way.through_cdn:
             host = way.url.partition("://")[2][: -len(way.path)]
-            url = f"https://{host}{way.path}{PATH_SEGMENT}/{token}"
+            url = f"https://{host}{way.path}{PATH_SEGMENT}/{token}#{pin}"
         elif way.address is not None:
-            fragment = f"pin={b64url_encode(state.pin)}"
+            fragment = pin
             if state.sni and state.sni != way.address.host:
                 fragment += f"&sni={state.sni}"
             url = f"https://{way.address}/{PATH_SEGMENT}/{token}#{fragment}"
@@ -151,7 +156,11 @@ def veil_document(state: ServerState, user: User, used: Usage) -> dict[str, obje
         {"version": 1, "key": "veil://...", "label": NAME,
          "ways_in": [URL, ...], "subscription_urls": [URL, ...], "refresh_s": SECONDS,
          "usage": {"upload": N, "download": N, "limit_bytes": N|null, "limit_period": P},
-         "expires_at": UNIX|null}
+         "expires_at": UNIX|null,
+         "signature": {"spki": B64URL, "value": B64URL}}
+
+    ``signature`` (veil.protocol.subscription) is added by :func:`render` when it is given
+    the server's key.
     """
     return {"version": SUBSCRIPTION_VERSION, "key": state.access_key(user).to_uri(),
             "label": user.name, "ways_in": [way.url for way in state.ways()],
@@ -163,14 +172,20 @@ def veil_document(state: ServerState, user: User, used: Usage) -> dict[str, obje
 
 
 def render(state: ServerState, user: User, used: Usage, fmt: str,
-           cert: ServerCertificate | None) -> Rendered | None:
+           cert: ServerCertificate | None, signer: SigningKey | None = None) -> Rendered | None:
     """The subscription in ``fmt``; None when it cannot be given (an app format without
-    the Trojan way in, or ``cert``)."""
+    the Trojan way in, or ``cert``). ``signer``: the server's TLS key, which signs veil's
+    format (clients that know the pin refuse it unsigned)."""
     headers = ((b"subscription-userinfo", userinfo(used, user)),
                (b"profile-update-interval", b"%d" % REFRESH_HOURS),
                (b"Cache-Control", b"no-store"))
     if fmt == "veil":
-        body = json.dumps(veil_document(state, user, used), indent=2).encode() + b"\n"
+        document = veil_document(state, user, used)
+        if signer is not None:
+            document["signature"] = {
+                "spki": b64url_encode(spki_of(signer)),
+                "value": b64url_encode(sign(signer, signed_part(document)))}
+        body = json.dumps(document, indent=2).encode() + b"\n"
         return Rendered(body, b"application/json", headers)
     if not state.trojan or cert is None:
         return None

@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
 from veil.cover.site import Answer, Request
 from veil.errors import ConfigError
 from veil.manage.export import ServerCertificate
@@ -22,6 +25,7 @@ from veil.manage.subscription import (
     token_of_path,
     user_token,
 )
+from veil.protocol.subscription import SigningKey
 from veil.server.live import Live, UserDirectory
 from veil.store.base import Usage, User
 
@@ -42,6 +46,19 @@ class SubscriptionResponder:
         except ConfigError as exc:
             log.warning("subscriptions give veil keys only: %s", exc)
             self._cert = None
+        self._signer: SigningKey | None = None
+        try:
+            key = serialization.load_pem_private_key(first.key_path.read_bytes(), None)
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("subscriptions go unsigned (cannot read %s: %s): clients take them "
+                        "from the server's own port only, not through a CDN",
+                        first.key_path, exc)
+        else:
+            if isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+                self._signer = key
+            else:
+                log.warning("subscriptions go unsigned (only EC and RSA keys sign): clients "
+                            "take them from the server's own port only, not through a CDN")
         self._seen: UserDirectory | None = None
         self._by_token: dict[bytes, str] = {}
         # key id -> token: an HMAC once per user and credential, not per snapshot
@@ -86,7 +103,7 @@ class SubscriptionResponder:
         fmt = choose_format(req.args, req.headers.get(b"user-agent"), trojan=bool(state.trojan))
         if fmt is None:
             return None
-        rendered = render(state, user, used, fmt, self._cert)
+        rendered = render(state, user, used, fmt, self._cert, self._signer)
         if rendered is None:
             return None
         self.served += 1
