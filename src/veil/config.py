@@ -78,6 +78,11 @@ DEFAULT_KEEPALIVE = (DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT)
 #: The range ``--keepalive`` figures must fall in (seconds): below it pings are traffic,
 #: above it a dead path goes unnoticed for an hour.
 KEEPALIVE_RANGE = (0.5, 3600.0)
+#: ``veil connect --refresh`` bounds: no faster than this (each fetch is a request a CDN and
+#: the server's logs see; tests use the floor) and no slower than a day (a new way in must
+#: reach users while the old one still works).
+MIN_SUBSCRIPTION_REFRESH_S = 1.0
+MAX_SUBSCRIPTION_REFRESH_S = 86_400.0
 #: Address pools of full-device (``--tun``) clients on the server.
 DEFAULT_TUN_POOL = "10.77.0.0/16"
 DEFAULT_TUN_POOL6 = "fd77::/64"
@@ -401,6 +406,25 @@ class ServerOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class SubscriptionOptions:
+    """``veil connect https://HOST/s/TOKEN``: follow a subscription (veil.client.subscription)
+    instead of holding one key."""
+
+    #: The subscription URL as given (``#pin=`` for a server's own port).
+    url: str
+    #: ``--subscription-cache``: where the last good answer is kept (None: the XDG cache).
+    cache: Path | None = None
+    #: ``--refresh``: seconds between fetches (None: what the subscription says).
+    refresh_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.refresh_s is not None and not (
+                MIN_SUBSCRIPTION_REFRESH_S <= self.refresh_s <= MAX_SUBSCRIPTION_REFRESH_S):
+            raise ConfigError(f"--refresh takes {MIN_SUBSCRIPTION_REFRESH_S:g} to "
+                              f"{MAX_SUBSCRIPTION_REFRESH_S:g} seconds")
+
+
+@dataclass(frozen=True, slots=True)
 class ClientOptions:
     """``veil connect``: one field per flag (:meth:`from_args` turns the flags' text into
     these values)."""
@@ -435,6 +459,8 @@ class ClientOptions:
     #: The range the client's idle close is drawn from (seconds, see
     #: veil.protocol.session.DEFAULT_IDLE_CLOSE; no flag: tests shorten it).
     idle_close: tuple[float, float] = DEFAULT_IDLE_CLOSE
+    #: Follow a subscription: ``key`` is its first answer (fetched or cached).
+    subscription: SubscriptionOptions | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.connections <= MAX_CONNECTIONS:

@@ -43,7 +43,7 @@ hpack = pytest.importorskip("hpack")
 
 from tests.support import procs  # noqa: E402
 from tests.support.biotls import bio_handshake  # noqa: E402
-from tests.support.strangers import NoUsers, never_accept  # noqa: E402
+from tests.support.strangers import NoUsers, OneSubscription, never_accept  # noqa: E402
 from veil.cover.backends import BuiltinCover, UrlCover  # noqa: E402
 from veil.cover.generate import SiteSeed, generate_site, write_site  # noqa: E402
 from veil.cover.http2 import CLIENT_PREFACE, SERVER_PREFACE  # noqa: E402
@@ -114,6 +114,7 @@ def servers(request: pytest.FixtureRequest) -> Iterator[Servers]:
     thread.start()
     cover = BuiltinCover(TEST_SEED, header_timeout=HEADER_TIMEOUT,
                          keepalive_timeout=KEEPALIVE_TIMEOUT)
+    cover.site.responder = OneSubscription()  # what it does not answer must stay nginx's
     users = cast(Any, NoUsers())
     ways_in = (VeilWayIn(Authenticator(users), never_accept), TrojanWayIn(users, never_accept))
     url_cover = UrlCover("http://127.0.0.1:9")

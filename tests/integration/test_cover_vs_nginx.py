@@ -35,6 +35,7 @@ import pytest
 
 from tests.support import procs
 from tests.support.biotls import bio_handshake
+from tests.support.strangers import OneSubscription
 from veil.cover.adapters import CoverProtocol
 from veil.cover.generate import SiteSeed, generate_site, write_site
 from veil.cover.http1 import CoverMode
@@ -58,6 +59,7 @@ INDEX_DATE_PLUS_1 = http_date(SITE_FILES["index.html"].mtime + 1).decode()
 
 HEADER_TIMEOUT = 2.0
 KEEPALIVE_TIMEOUT = 3.0
+
 LINGERING_TIMEOUT = 1.0
 TIMEOUTS = {
     "header_timeout": HEADER_TIMEOUT,
@@ -192,6 +194,9 @@ def servers(request: pytest.FixtureRequest,
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     live: set[asyncio.BaseTransport] = set()
     site = CoverSite.builtin(TEST_SEED)
+    # Every comparison runs with a responder in place (as on a veil server, whose
+    # subscriptions answer through one): what it does not answer must stay nginx's.
+    site.responder = OneSubscription()
     sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     sctx.load_cert_chain(d / "cert.pem", d / "key.pem")
 

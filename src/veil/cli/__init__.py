@@ -29,6 +29,7 @@ from veil.config import (
     MAX_CONNECTIONS,
     ClientOptions,
     ServerOptions,
+    SubscriptionOptions,
     parse_expiry,
     parse_key,
     parse_limit,
@@ -41,6 +42,8 @@ from veil.protocol.address import Address, parse_host_port
 if TYPE_CHECKING:
     from veil.admin.listen import AdminListen
     from veil.manage.state import ServerState
+    from veil.protocol.accesskey import AccessKey
+    from veil.protocol.trojan import TrojanLink
     from veil.server.service import VeilServer
     from veil.store.base import User
 
@@ -206,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("name")
     show.add_argument("--format", choices=("veil", "trojan", "clash", "sing-box"),
                       default="veil", help="what to print (default veil)")
+    show.add_argument("--subscription", action="store_true",
+                      help="print the user's subscription URL on each way in instead (apps "
+                           "and `veil connect URL` fetch the current key from it)")
     show.add_argument("--png", type=Path, metavar="FILE",
                       help="also write what is printed as a QR code, in a PNG file")
     for p in (lst, show):
@@ -222,8 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Connect to a veil server and offer local proxies. With no --socks, "
                     f"--http or --forward, a SOCKS5 proxy listens on {DEFAULT_SOCKS}.")
     connect.add_argument("key", metavar="KEY",
-                         help="access key (veil://...), or a trojan://PASSWORD@HOST:PORT link "
-                              "to any Trojan server (?sni=NAME, &allowInsecure=1, &pin=PIN)")
+                         help="access key (veil://...), a subscription URL "
+                              "(https://HOST/s/TOKEN#pin=..., from `veil user show "
+                              "--subscription`: followed as the operator changes the key), or "
+                              "a trojan://PASSWORD@HOST:PORT link to any Trojan server "
+                              "(?sni=NAME, &allowInsecure=1, &pin=PIN)")
+    connect.add_argument("--subscription-cache", type=Path, metavar="FILE",
+                         help="with a subscription URL: where its last good answer is kept "
+                              "(default: $XDG_CACHE_HOME/veil/)")
+    connect.add_argument("--refresh", type=float, metavar="SECONDS",
+                         help="with a subscription URL: fetch it again this often (default: "
+                              "what it says, 6 hours; jittered)")
     connect.add_argument("--socks", type=_address, metavar="HOST:PORT",
                          help="SOCKS5 proxy listen address (CONNECT and UDP ASSOCIATE)")
     connect.add_argument("--socks-auth", metavar="USER:PASSWORD",
@@ -520,11 +535,22 @@ def cmd_user(args: argparse.Namespace) -> None:
             if args.json:
                 report = next(r for r in manager.report() if r.name == args.name)
                 from veil.manage.export import export_user
+                from veil.manage.subscription import subscription_urls
 
                 print(json.dumps({**report.to_json(),
                                   "key": export_user(state, user, args.format).text,
-                                  "ways_in": [way.url for way in state.ways()]},
+                                  "ways_in": [way.url for way in state.ways()],
+                                  "subscription_urls": subscription_urls(state, user)},
                                  indent=2))
+                return
+            if args.subscription:
+                from veil.manage.subscription import subscription_urls
+
+                if not user.active:
+                    print(f"veil: warning: user {user.name!r} is revoked: its subscription "
+                          "answers 404", file=sys.stderr)
+                for url in subscription_urls(state, user):
+                    print(url, flush=True)
                 return
             _show_user(state, user, args)
     finally:
@@ -532,9 +558,35 @@ def cmd_user(args: argparse.Namespace) -> None:
 
 
 def cmd_connect(args: argparse.Namespace) -> None:
+    import dataclasses
+
     from veil.client.service import run_client
 
-    key = parse_key(args.key)
+    if args.key.strip().lower().startswith("https://"):
+        # A subscription: its first answer (fetched, or cached) is the key to start with.
+        from veil.client.subscription import Follower
+
+        follower = Follower(SubscriptionOptions(args.key, args.subscription_cache,
+                                                args.refresh))
+
+        async def follow(stop: asyncio.Event) -> None:
+            first = await follower.start()
+            options = dataclasses.replace(_connect_options(args, first.key),
+                                          subscription=follower.options)
+            await run_client(options, stop, follower=follower)
+
+        _run(follow)
+        return
+    options = _connect_options(args, parse_key(args.key))
+    if args.tun_cleanup:
+        from veil.client.service import tun_cleanup
+
+        print("restored" if tun_cleanup() else "nothing to restore")
+        return
+    _run(lambda stop: run_client(options, stop))
+
+
+def _connect_options(args: argparse.Namespace, key: AccessKey | TrojanLink) -> ClientOptions:
     connections = args.connections
     if args.deprecated_pool is not None:
         log.warning("connect --pool is deprecated: say --connections %d", args.deprecated_pool)
@@ -548,12 +600,7 @@ def cmd_connect(args: argparse.Namespace) -> None:
                                       tun_exclude=tuple(args.exclude),
                                       keepalive=args.keepalive, http_auth=args.http_auth,
                                       allow_lan=args.allow_lan)
-    if args.tun_cleanup:
-        from veil.client.service import tun_cleanup
-
-        print("restored" if tun_cleanup() else "nothing to restore")
-        return
-    _run(lambda stop: run_client(options, stop))
+    return options
 
 
 def cmd_lab(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ from typing import Protocol
 from veil.client.forward import start_forward
 from veil.client.http_proxy import HttpProxyInbound
 from veil.client.socks5 import Socks5Inbound
+from veil.client.subscription import Follower, FollowingTunnel
 from veil.config import ClientOptions
 from veil.errors import ConfigError, VeilError
 from veil.net.client_session import ClientTunnel
@@ -29,12 +30,21 @@ class Inbound(Protocol):
     async def close(self) -> None: ...
 
 
-async def run_client(options: ClientOptions, stop: asyncio.Event) -> None:
+async def run_client(options: ClientOptions, stop: asyncio.Event, *,
+                     follower: Follower | None = None) -> None:
+    """``follower``: the started subscription ``options.subscription`` names (its first
+    answer is ``options.key``); the tunnel then follows it (veil.client.subscription)."""
     if options.tun:
+        if follower is not None:
+            log.warning("--tun keeps the subscription's first key: it is not refreshed")
         await _run_tun(options, stop)
         return
-    tunnel: ClientTunnel | TrojanDialer
-    if isinstance(options.key, TrojanLink):
+    tunnel: ClientTunnel | TrojanDialer | FollowingTunnel
+    if follower is not None:
+        tunnel = FollowingTunnel(follower, lambda key: ClientTunnel(
+            key, pool_size=options.connections, tls_stack=options.tls_stack,
+            session_config=options.session_config()))
+    elif isinstance(options.key, TrojanLink):
         tunnel = TrojanDialer(options.key)  # a connection per stream: --connections does not apply
     else:
         tunnel = ClientTunnel(options.key, pool_size=options.connections,

@@ -678,6 +678,7 @@ class CoverConnection:
         else:
             uri = raw
         self._uri = uri
+        self._args = raw.partition(b"?")[2] if self._args_start >= 0 else b""
         if self._host_start >= 0:
             if validate_host(bytes(buf[self._host_start:self._host_end])) is None:
                 raise _ParseError(400, at_byte=False)
@@ -901,7 +902,7 @@ class CoverConnection:
                 or now - self._started > KEEPALIVE_TIME or self._keepalive_timeout <= 0):
             keepalive = False
         req = Request(self._method, self._uri, version, dict(headers), content_length,
-                      chunked, keepalive, self._padding)
+                      chunked, keepalive, self._padding, self._args)
         date = now + self._wall_offset
         if content_length > CLIENT_MAX_BODY_SIZE:
             resp = self._site.fail(req, 413, date=date)
@@ -1039,6 +1040,7 @@ class CoverConnection:
     _keepalive_after_discard = False
     _linger_flag = False
     _uri = b"/"
+    _args = b""
 
 
 class _ChunkState:

@@ -763,7 +763,7 @@ class H2CoverConnection:
             return
         assert req.method is not None and req.uri is not None
         request = Request(req.method, req.uri, 2000, req.headers, req.content_length, False,
-                          True, req.padding)
+                          True, req.padding, req.path.partition(b"?")[2] if req.path else b"")
         answer = self._site.respond(request, date=now + self._wall_offset)
         self._respond(sid, answer.data, req.end_stream)
 

@@ -12,8 +12,9 @@ The built-in site
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from veil.cover.generate import SiteSeed, fresh_seed, generate_site
 from veil.cover.nginx import (
@@ -26,7 +27,8 @@ from veil.cover.nginx import (
     parse_http_time,
 )
 
-__all__ = ["DEFAULT_MTIME", "CoverSite", "Request", "Response", "SiteFile"]
+__all__ = ["DEFAULT_MTIME", "Answer", "CoverSite", "Request", "Responder", "Response",
+           "SiteFile"]
 
 #: 2023-03-15 13:20:00 UTC: a fixed file time for sites built by hand (tests).
 DEFAULT_MTIME = 1678886400
@@ -86,6 +88,7 @@ class Request:
         chunked: Transfer-Encoding: chunked.
         keepalive: whether nginx would keep the connection after the response.
         msie_padding: whether error pages get the MSIE/Chrome padding.
+        args: the query string as sent, without its ``?`` (nginx's ``$args``).
     """
 
     method: bytes
@@ -96,6 +99,33 @@ class Request:
     chunked: bool = False
     keepalive: bool = False
     msie_padding: bool = False
+    args: bytes = b""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a :class:`Responder` serves instead of the site's files: a 200 with this body.
+
+    Attributes:
+        body: the response body.
+        content_type: its Content-Type.
+        headers: further ``(name, value)`` header lines, after nginx's own.
+    """
+
+    body: bytes
+    content_type: bytes
+    headers: Sequence[tuple[bytes, bytes]] = ()
+
+
+class Responder(Protocol):
+    """Something the built-in site asks about each GET or HEAD before it looks at its own
+    files, on HTTP/1.1 and HTTP/2 alike (the subscriptions, veil.server.subscription). A
+    request it does not answer (None) is served as always, so a responder that answers
+    nothing a stranger can send changes nothing a stranger sees."""
+
+    def answer(self, req: Request) -> Answer | None:
+        """The answer for ``req``, or None to leave it to the site. Called in the event
+        loop for every GET and HEAD: it must not block."""
 
 
 @dataclass
@@ -122,6 +152,8 @@ class CoverSite:
             if not name or "/" in name:
                 raise ValueError(f"cover site file names must be flat, got {name!r}")
         self._files = {("/" + name).encode(): f for name, f in files.items()}
+        #: Asked before the files (GET and HEAD that nginx would serve): None asks nobody.
+        self.responder: Responder | None = None
         # nginx's ngx_temp_number: multipart range boundaries count up from 1 per process.
         self._boundary = 0
 
@@ -177,6 +209,10 @@ class CoverSite:
         """
         method = req.method
         head = method == b"HEAD"
+        if self.responder is not None and method in (b"GET", b"HEAD") and req.version >= 1000:
+            answer = self.responder.answer(req)
+            if answer is not None:
+                return self._answered(req, answer, head=head, date=date)
         allowed = method in (b"GET", b"HEAD", b"POST")
         uri = req.uri
         if uri.endswith(b"/"):
@@ -237,6 +273,16 @@ class CoverSite:
         if not head:
             data += f.body
         return Response(data, 200, req.keepalive, continue_first=continue_first)
+
+    def _answered(self, req: Request, answer: Answer, *, head: bool, date: float) -> Response:
+        """A responder's answer, framed as nginx frames a 200 (no Last-Modified: a
+        generated answer, as from a proxied application)."""
+        extra = b"".join(name + b": " + value + CRLF for name, value in answer.headers)
+        data = self._header(200, answer.content_type, len(answer.body), date=date,
+                            last_modified=None, keepalive=req.keepalive, extra=extra)
+        if not head:
+            data += answer.body
+        return Response(data, 200, req.keepalive)
 
     @staticmethod
     def _if_range_ok(req: Request, f: SiteFile) -> bool:

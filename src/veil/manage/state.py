@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hmac
 import ipaddress
 import json
 import os
@@ -108,6 +109,12 @@ class ServerState:
         return open_store(self.db or self.directory / "users.db",
                           trojan_hash=password_hash_for_secret,
                           box=SecretBox(_store_key(self.directory)))
+
+    def subscription_key(self) -> bytes:
+        """The key subscription tokens are drawn with (veil.manage.subscription): derived
+        from DIR/store.key, so a fleet that shares the store key shares the tokens, and
+        nothing in the database alone gives them."""
+        return hmac.digest(_store_key(self.directory), b"veil subscription token", "sha256")
 
     def access_key(self, user: User) -> AccessKey:
         # The Noise key only where a way needs it: keys without CDN ways stay as they were.

@@ -28,7 +28,7 @@ import logging
 import resource
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, cast, runtime_checkable
 
 from veil.config import DEFAULT_MAX_SESSIONS, DEFAULT_MAX_SESSIONS_PER_USER
@@ -164,6 +164,8 @@ class UserDirectory:
     refused: dict[str, str]
     #: Usage counted against each user's limit, as stored (fleet-wide) at snapshot time.
     period_usage: dict[str, int]
+    #: The same, up and down apart (subscriptions report both).
+    period_parts: dict[str, Usage] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> UserDirectory:
@@ -481,19 +483,22 @@ def build_directory(users: Iterable[User], usage: dict[str, dict[str, Usage]], n
     by_name: dict[str, User] = {}
     refused: dict[str, str] = {}
     period_usage: dict[str, int] = {}
+    period_parts: dict[str, Usage] = {}
     cache = trojan_cache or {}
     pending = pending or {}
     for user in users:
         by_key_id[user.key_id] = user
         by_name[user.name] = user
         by_trojan[cache.get(user.key_id) or trojan_hash(user.secret)] = user
-        used = usage.get(user.limit_period, {}).get(user.name, Usage()).total
+        parts = usage.get(user.limit_period, {}).get(user.name, Usage())
+        used = parts.total
         period_usage[user.name] = used
+        period_parts[user.name] = parts
         unwritten = pending.get(user.name)
         status = user.status(now, used + (unwritten.total if unwritten else 0))
         if status != "active":
             refused[user.name] = status
-    return UserDirectory(by_key_id, by_trojan, by_name, refused, period_usage)
+    return UserDirectory(by_key_id, by_trojan, by_name, refused, period_usage, period_parts)
 
 
 def _terms(user: User) -> tuple[object, ...]:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from veil.config import ServerOptions
-from veil.cover.backends import Cover, make_cover
+from veil.cover.backends import BuiltinCover, Cover, make_cover
 from veil.errors import ConfigError
 from veil.manage.state import ServerState, load_state, record_start, server_ssl_context
 from veil.manage.users import UserManager
@@ -33,6 +33,7 @@ from veil.server.live import Live, LiveConnection
 from veil.server.outbound import Outbound
 from veil.server.policy import DestinationPolicy, local_addresses, server_resolver
 from veil.server.status import BoundCounts, ConnectionStatus, GateCounts, ServerStatus
+from veil.server.subscription import SubscriptionResponder
 from veil.server.trojan import TrojanOrNoise, TrojanService, TrojanWayIn
 from veil.store.base import User
 from veil.transport.cdn.server import CarrierServer
@@ -114,6 +115,12 @@ class VeilServer:
                     return TrojanOrNoise(cdn_trojan, noise)
             self.carriers = CarrierServer(cdn_paths, factory)
         self.cover = cover or make_cover(options.cover_url, state.site_seed, self.carriers)
+        # The users' subscriptions, on the built-in site of every way in (a URL cover relays
+        # bytes it does not read: it has none).
+        self.subscriptions: SubscriptionResponder | None = None
+        if isinstance(self.cover, BuiltinCover):
+            self.subscriptions = SubscriptionResponder(lambda: self.state, self.live)
+            self.cover.site.responder = self.subscriptions
         policy = DestinationPolicy.for_server(
             options.allow_private,
             [options.listen.host, *(a.host for a in options.also_listen), state.public.host,
