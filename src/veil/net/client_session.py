@@ -371,8 +371,13 @@ class ClientTunnel(Dialer):
         return self._way_changed
 
     def _failed(self, way: int, failure: Failure) -> bool:
-        """Tell the chooser; True when the way in use changed (try the new one at once)."""
-        return self._note(self.chooser.failed(way, failure, asyncio.get_running_loop().time()))
+        """Tell the chooser; True when the way in use changed to one not known to be blocked
+        (try it at once). With every way blocked the chooser rotates through them on each
+        failure: trying each at once would spin (two refused ways fail in microseconds, for
+        ever), so the caller backs off between them as it does with one way."""
+        changed = self._note(self.chooser.failed(way, failure,
+                                                 asyncio.get_running_loop().time()))
+        return changed and not self.chooser.blocked(self.chooser.current)
 
     def _succeeded(self, way: int) -> None:
         self._note(self.chooser.succeeded(way, asyncio.get_running_loop().time()))
