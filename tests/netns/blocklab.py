@@ -52,6 +52,14 @@ CDN_READ_TIMEOUT_S = 100
 # The "next download": big enough to be a download (many round trips, many TLS records),
 # small enough to take well under a second on either path.
 NEXT_SIZE = 1024 * 1024
+# Each attempt at the next download gets this long (~0.1 s on either way here); one whose
+# stream went onto a dead session before it was found dead hangs until then.
+ATTEMPT_S = 4.0
+# While none has worked, a new attempt starts this often (a user clicking again), so the
+# figure is when the tunnel works again, to within this, not when a hung attempt gave up.
+ATTEMPT_EVERY_S = 0.5
+# How often the attempts are looked at.
+POLL_S = 0.05
 # The long download that is running when the block comes: sparse, never finished.
 HUGE_SIZE = 1024 * 1024 * 1024
 # The censor reads its rules file every 0.1 s and says so; a busy 2-core box may take longer.
@@ -83,8 +91,11 @@ class BlockLab(Topology):
     """Three namespaces; veil's server, the CDN and a file server up; the middle and the
     client are started (and replaced) by the test."""
 
-    def __init__(self, keepalive: str | None = None) -> None:
+    def __init__(self, keepalive: str | None = None, cdn_locations: str = "") -> None:
+        """``keepalive``: the client's --keepalive (None: veil's default); ``cdn_locations``:
+        more nginx ``location`` blocks for the CDN's server (the bench's peer behind it)."""
         super().__init__(clients=0)
+        self.cdn_locations = cdn_locations
         tag = secrets.token_hex(3)
         self.ns = {role: f"veil-b-{tag}-{role}" for role in ("client", "middle", "server")}
         self.keepalive = keepalive
@@ -96,6 +107,7 @@ class BlockLab(Topology):
         self.key = ""
         self.next_sha256 = ""
         self.censor: Proc | None = None
+        self.bridged = False
         self.impair: BridgeProcess | None = None
         self.client: Proc | None = None
         self.server: Proc | None = None
@@ -138,6 +150,7 @@ class BlockLab(Topology):
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         self.www.mkdir()
         (self.www / "index.html").write_text("<html><body>behind the censor</body></html>\n")
+        (self.www / "1k").write_bytes(bytes(1024))  # bench/probe.py ttfb's page
         body = os.urandom(NEXT_SIZE)
         (self.www / "next.bin").write_bytes(body)
         self.next_sha256 = hashlib.sha256(body).hexdigest()
@@ -149,9 +162,13 @@ class BlockLab(Topology):
         self.wait_tcp("server", 80)
         self.cdn_dir.mkdir()
         self.ca_file = make_ca_and_leaf(self.cdn_dir, CDN_NAME)
-        (self.cdn_dir / "nginx.conf").write_text(CDN_CONF.format(
+        conf_text = CDN_CONF.format(
             prefix=self.cdn_dir, listen=f"{CDN_IP}:{CDN_PORT}", name=CDN_NAME,
-            origin=f"{SERVER_IP}:{SERVER_PORT}", read_timeout=CDN_READ_TIMEOUT_S))
+            origin=f"{SERVER_IP}:{SERVER_PORT}", read_timeout=CDN_READ_TIMEOUT_S)
+        # Other sites behind the same CDN go before its catch-all location (veil's origin).
+        conf_text = conf_text.replace("        location / {", self.cdn_locations
+                                      + "        location / {", 1)
+        (self.cdn_dir / "nginx.conf").write_text(conf_text)
         self.start("server", "cdn-nginx", [nginx, "-p", str(self.cdn_dir), "-c",
                                            str(self.cdn_dir / "nginx.conf")])
         self.wait_tcp("server", CDN_PORT)
@@ -165,6 +182,9 @@ class BlockLab(Topology):
 
     # ------------------------------------------------------------------ the middle
     def _stop_middle(self) -> None:
+        if self.bridged:
+            self.ip("middle", "link", "del", "br0")
+            self.bridged = False
         if self.censor is not None:
             self.stop(self.censor)
             self.censor = None
@@ -187,6 +207,16 @@ class BlockLab(Topology):
         self.censor = self.start("middle", "censor", [
             *VEIL, "lab", "censor", "--a", "mc", "--b", "ms", "--rules", str(self.rules)])
         self.wait_log(self.censor, "ready")
+
+    def use_kernel_bridge(self) -> None:
+        """A plain kernel bridge in the middle (nothing in the way: the bench's throughput)."""
+        self._stop_middle()
+        self._gso(GSO_MAX_SEGS_DEFAULT)
+        self.ip("middle", "link", "add", "br0", "type", "bridge")
+        for dev in ("mc", "ms"):
+            self.ip("middle", "link", "set", dev, "master", "br0")
+        self.ip("middle", "link", "set", "br0", "up")
+        self.bridged = True
 
     def use_impair(self, delay_ms: float, loss: float) -> BridgeProcess:
         """The delay/loss bridge in the middle instead (``delay_ms`` each way)."""
@@ -229,10 +259,11 @@ class BlockLab(Topology):
                                      check=False).stdout.strip(), UP_S, "veil listening")
         return self.key
 
-    def start_veil_client(self, *extra: str) -> Proc:
+    def start_veil_client(self, *extra: str, key: str | None = None) -> Proc:
+        """``veil connect`` with the server's key (or ``key``), logging at -v."""
         keepalive = ("--keepalive", self.keepalive) if self.keepalive else ()
         self.client = self.start("client", "client", [
-            "env", f"SSL_CERT_FILE={self.ca_file}", *VEIL, "-v", "connect", self.key,
+            "env", f"SSL_CERT_FILE={self.ca_file}", *VEIL, "-v", "connect", key or self.key,
             "--forward", f"127.0.0.1:{FORWARD_PORT}:127.0.0.1:80",
             "--socks", f"127.0.0.1:{SOCKS_PORT}", *keepalive, *extra])
         self.wait_log(self.client, "connected to ", timeout=UP_S)
@@ -259,6 +290,34 @@ class BlockLab(Topology):
     def is_next(self, out: Path) -> bool:
         """``out`` holds the whole next file, byte-exact."""
         return out.exists() and hashlib.sha256(out.read_bytes()).hexdigest() == self.next_sha256
+
+    def time_to_working(self, since: float, within: float) -> float:
+        """Start the next download every ATTEMPT_EVERY_S, as a user retrying would, until one
+        succeeds; seconds from ``since`` to the first success (AssertionError after
+        ``within``)."""
+        attempts: list[tuple[float, Proc, Path]] = []
+        try:
+            while time.monotonic() < since + within + ATTEMPT_S:
+                now = time.monotonic()
+                if now < since + within and (
+                        not attempts or now - since >= attempts[-1][0] + ATTEMPT_EVERY_S):
+                    out = self.dir / f"next-{len(attempts)}.out"
+                    out.unlink(missing_ok=True)
+                    curl = self.start("client", "curl-next",
+                                      self.curl_argv("next.bin", out, ATTEMPT_S))
+                    attempts.append((now - since, curl, out))
+                for started, proc, out in attempts:
+                    if not proc.alive() and proc.popen.returncode == 0 and self.is_next(out):
+                        took = time.monotonic() - since
+                        print(f"the next download: {len(attempts)} started, the first to work "
+                              f"started {started:.1f} s after the block, done at {took:.1f} s")
+                        return took
+                time.sleep(POLL_S)
+            raise AssertionError(f"no download worked within {within} s of the block:\n"
+                                 f"{self.log_since(0)[-3000:]}")
+        finally:
+            for _, proc, _ in attempts:
+                self.stop(proc)
 
     def received(self) -> dict[str, int]:
         """Bytes the client's namespace received from each address so far."""

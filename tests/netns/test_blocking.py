@@ -27,7 +27,6 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -43,7 +42,6 @@ from tests.netns.blocklab import (
     UDP_ECHO_PORT,
     BlockLab,
 )
-from tests.netns.topology import Proc
 from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -56,14 +54,8 @@ KEEPALIVE = "1:1"
 # (WAY_HANDSHAKE_TIMEOUT_S), then the CDN way, and one attempt interval). The margin over the
 # blackhole's figure, ~2.5 s, is for late timers and slow starts on a loaded 2-core box.
 BLOCK_TO_WORKING_S = 10.0
-# Each "next download" attempt (1 MiB): ~0.1 s on either way here, 0.5 s on a loaded box; one
-# whose stream went onto the dead session before it was found dead hangs until this.
+# One download of the next file (1 MiB): ~0.1 s on either way here, 0.5 s on a loaded box.
 ATTEMPT_S = 4.0
-# A new attempt starts this often while none has worked (a user clicking again), so the
-# figure is when the tunnel works again, to within this, not when a hung attempt gave up.
-ATTEMPT_EVERY_S = 0.5
-# How often the attempts are looked at.
-POLL_S = 0.05
 # After the block lifts: the prober's first try of the direct way comes probe_initial (5 s)
 # x 0.5-1.5 after the block, later ones after 10 s x 0.5-1.5 (FailoverConfig), so the direct
 # way is back within ~15 s of the block at worst; measured 2-6 s after the lift. Margin for a
@@ -135,33 +127,6 @@ def direct(lab: BlockLab) -> Iterator[BlockLab]:
         lab.set_rules("")
 
 
-def next_download_works(lab: BlockLab, since: float, within: float) -> float:
-    """Start the next download every ATTEMPT_EVERY_S, as a user retrying would, until one
-    succeeds; seconds from ``since`` to the first success."""
-    attempts: list[tuple[float, Proc, Path]] = []
-    try:
-        while time.monotonic() < since + within + ATTEMPT_S:
-            now = time.monotonic()
-            if now < since + within and (not attempts or
-                                         now - since >= attempts[-1][0] + ATTEMPT_EVERY_S):
-                out = lab.dir / f"next-{len(attempts)}.out"
-                out.unlink(missing_ok=True)
-                attempts.append((now - since, lab.start("client", "curl-next", lab.curl_argv(
-                    "next.bin", out, ATTEMPT_S)), out))
-            for started, proc, out in attempts:
-                if not proc.alive() and proc.popen.returncode == 0 and lab.is_next(out):
-                    took = time.monotonic() - since
-                    print(f"the next download: {len(attempts)} started, the first to work "
-                          f"started {started:.1f} s after the block, done at {took:.1f} s")
-                    return took
-            time.sleep(POLL_S)
-        raise AssertionError(f"no download worked within {within} s of the block:\n"
-                             f"{lab.log_since(0)[-3000:]}")
-    finally:
-        for _, proc, _ in attempts:
-            lab.stop(proc)
-
-
 @pytest.mark.parametrize("kind", sorted(BLOCKS))
 def test_a_blocked_server_moves_the_client_to_the_cdn_and_back(
         direct: BlockLab, kind: str) -> None:
@@ -174,7 +139,7 @@ def test_a_blocked_server_moves_the_client_to_the_cdn_and_back(
                    "the running download under way")
         mark = lab.log_mark()
         blocked = lab.set_rules(BLOCKS[kind])
-        took = next_download_works(lab, blocked, BLOCK_TO_WORKING_S)
+        took = lab.time_to_working(blocked, BLOCK_TO_WORKING_S)
         switched = SWITCHED_AWAY.search(lab.log_since(mark))
         assert switched, lab.log_since(mark)
         assert switched["to"].startswith(f"https://{CDN_NAME}/"), switched.group(0)
@@ -199,7 +164,7 @@ def test_udp_through_socks5_works_over_the_cdn_way(direct: BlockLab) -> None:
     lab = direct
     mark = lab.log_mark()
     blocked = lab.set_rules(BLOCKS["rst"])
-    next_download_works(lab, blocked, BLOCK_TO_WORKING_S)
+    lab.time_to_working(blocked, BLOCK_TO_WORKING_S)
     assert SWITCHED_AWAY.search(lab.log_since(mark)), lab.log_since(mark)
     before = lab.received()
     script = lab.dir / "udp_client.py"
