@@ -262,3 +262,41 @@ def test_veil_serve_listens_on_every_listen_and_keys_name_each_via(tmp_path: Pat
         assert shown()["ways_in"] == [f"tls://127.0.0.1:{server.port}"]
     finally:
         procs.stop(again.proc)
+
+
+#: How long the client is watched with every way refused, and the attempts it may make then:
+#: its backoff (0.25 s doubling, each wait x0.5-1.5) allows ~6 in 2 s; 20 leaves room for
+#: a late timer, while a client that retries at once makes thousands (one per ~0.5 ms).
+ALL_REFUSED_WATCH_S = 2.0
+ALL_REFUSED_MAX_ATTEMPTS = 20
+
+
+def test_with_every_way_refused_the_client_backs_off_instead_of_spinning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A censor that resets every connection to port 443 blocks a CDN on 443 too: both ways
+    refuse at once. Rotating between them without a pause would burn a core and flood the
+    log (found in tests/netns/test_blocking.py's lab)."""
+    caplog.set_level(logging.INFO, logger="veil.client")
+
+    async def main() -> int:
+        async with rig(tmp_path) as r:
+            nothing = [await asyncio.start_server(_echo, LOOPBACK, 0) for _ in range(2)]
+            ports = [server.sockets[0].getsockname()[1] for server in nothing]
+            for server in nothing:  # closed: both ports now refuse
+                server.close()
+                await server.wait_closed()
+            key = AccessKey(Address(LOOPBACK, ports[0]), r.key.secret, r.key.pin, None,
+                            "alice", (tls_endpoint(Address(LOOPBACK, ports[1])),))
+            tunnel = ClientTunnel(key, failover=FAST_FAILOVER,
+                                  handshake_timeout=FAST_HANDSHAKE_S)
+            tunnel.start()
+            try:
+                await asyncio.sleep(ALL_REFUSED_WATCH_S)
+            finally:
+                await tunnel.close()
+            return tunnel.chooser.blocked(0) + tunnel.chooser.blocked(1)
+
+    assert asyncio.run(main()) == 2
+    attempts = [r.getMessage() for r in caplog.records
+                if "connection refused" in r.getMessage()]
+    assert 2 <= len(attempts) <= ALL_REFUSED_MAX_ATTEMPTS, (len(attempts), attempts[:5])

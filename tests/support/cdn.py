@@ -41,14 +41,14 @@ http {{
     scgi_temp_path {prefix}/scgi;
     map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
     server {{
-        listen 127.0.0.1:{port} ssl{http2};
+        listen {listen} ssl{http2};
         server_name {name};
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_certificate {prefix}/cdn-cert.pem;
         ssl_certificate_key {prefix}/cdn-key.pem;
         keepalive_requests {keepalive_requests};
         location / {{
-            proxy_pass https://127.0.0.1:{origin};
+            proxy_pass https://{origin};
             proxy_http_version 1.1;
             proxy_set_header Host $host;
             proxy_set_header Upgrade $http_upgrade;
@@ -128,9 +128,9 @@ def cdn_nginx(origin_port: int, name: str = CDN_NAME, read_timeout: int = 100,
         for attempt in range(procs.NGINX_BIND_ATTEMPTS):
             port = procs.unused_port()
             (prefix / "nginx.conf").write_text(CDN_CONF.format(
-                prefix=prefix, port=port, name=name, origin=origin_port,
-                read_timeout=read_timeout, http2=" http2" if http2 else "",
-                keepalive_requests=keepalive_requests))
+                prefix=prefix, listen=f"127.0.0.1:{port}", name=name,
+                origin=f"127.0.0.1:{origin_port}", read_timeout=read_timeout,
+                http2=" http2" if http2 else "", keepalive_requests=keepalive_requests))
             proc = subprocess.Popen([procs.NGINX, "-p", str(prefix), "-c",
                                      str(prefix / "nginx.conf")],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -374,11 +374,15 @@ class ClientTunnel(Dialer):
         return self._way_changed
 
     def _failed(self, way: int, failure: Failure) -> bool:
-        """Tell the chooser; True when the way in use changed (try the new one at once)."""
+        """Tell the chooser; True when the way in use changed to one not known to be blocked
+        (try it at once). With every way blocked the chooser rotates through them on each
+        failure: trying each at once would spin (two refused ways fail in microseconds, for
+        ever), so the caller backs off between them as it does with one way."""
         now = asyncio.get_running_loop().time()
         switched = self.chooser.failed(way, failure, now)
         self.block_log.failed(way, failure, now, blocked=self.chooser.blocked(way))
-        return self._note(switched)
+        changed = self._note(switched)
+        return changed and not self.chooser.blocked(self.chooser.current)
 
     def _succeeded(self, way: int) -> None:
         self.block_log.succeeded(way)
