@@ -25,11 +25,11 @@ from tests.integration.test_failover import (
     FAST_FAILOVER,
     FAST_HANDSHAKE_S,
     FAST_SESSIONS,
-    _echo,
     request,
 )
 from tests.support import procs
 from tests.support.blocker import Blocker
+from tests.support.socks_echo import echo as echo_handler
 from tests.support.wait import wait_until
 from veil.client.forward import TcpForward
 from veil.net.client_session import ClientTunnel
@@ -63,7 +63,7 @@ class Rig:
 async def rig(tmp: Path) -> AsyncIterator[Rig]:
     blocker = Blocker(Address(LOOPBACK, 1))  # its upstream is set once the server listens
     await blocker.start()
-    echo = await asyncio.start_server(_echo, LOOPBACK, 0)
+    echo = await asyncio.start_server(echo_handler, LOOPBACK, 0)
     hook, alert_file = tmp / "hook.py", tmp / "alerts.txt"
     hook.write_text(HOOK)
     second = procs.unused_port()

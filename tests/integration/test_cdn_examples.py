@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_cdn_way_in import echo_target, through_socks, tunnel_through
+from tests.integration.test_cdn_way_in import tunnel_through
 from tests.support import procs
 from tests.support.cdn import make_ca_and_leaf
+from tests.support.socks_echo import echo_target, through_socks
 from veil.config import ServerOptions
 from veil.manage.state import init_state
 from veil.protocol.accesskey import AccessKey

@@ -18,6 +18,7 @@ import pytest
 
 from tests.support import procs
 from tests.support.cdn import Cdn, cdn_nginx
+from tests.support.socks_echo import echo_target, through_socks
 from tests.support.wait import wait_until_async
 from veil.client.socks5 import Socks5Inbound
 from veil.config import ServerOptions
@@ -40,33 +41,6 @@ STREAMS = 100
 IDLE_S = 3.5
 BODY = 64 * 1024
 pytestmark = pytest.mark.skipif(not Path(procs.NGINX).exists(), reason="needs nginx 1.22")
-
-
-async def echo_target() -> asyncio.Server:
-    """Echoes every byte back, then closes on the client's FIN."""
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        finally:
-            writer.close()
-    return await asyncio.start_server(echo, "127.0.0.1", 0)
-
-
-async def through_socks(socks: Address, target: int, payload: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection(socks.host, socks.port)
-    try:
-        writer.write(b"\x05\x01\x00")
-        assert await reader.readexactly(2) == b"\x05\x00"
-        writer.write(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + target.to_bytes(2, "big"))
-        reply = await reader.readexactly(10)
-        assert reply[:2] == b"\x05\x00", reply
-        writer.write(payload)
-        writer.write_eof()
-        return await reader.read(-1)
-    finally:
-        writer.close()
 
 
 def refused_port() -> int:

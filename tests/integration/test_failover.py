@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.blocker import SLOW_ONE_WAY_S, SLOW_STALL_S, Blocker
+from tests.support.socks_echo import echo as echo_handler
 from veil.client.forward import TcpForward
 from veil.config import ServerOptions
 from veil.manage.state import init_state
@@ -68,17 +69,6 @@ class Rig:
     echo_port: int
 
 
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()  # Python 3.11.2 does not close it for us
-
-
 @contextlib.asynccontextmanager
 async def rig(tmp: Path, server_idle_close: float = 75.0) -> AsyncIterator[Rig]:
     any_port = Address(LOOPBACK, 0)
@@ -87,7 +77,7 @@ async def rig(tmp: Path, server_idle_close: float = 75.0) -> AsyncIterator[Rig]:
                                              allow_private=True, idle_close=server_idle_close))
     user = server.users.add("alice")
     await server.start()
-    echo = await asyncio.start_server(_echo, LOOPBACK, 0)
+    echo = await asyncio.start_server(echo_handler, LOOPBACK, 0)
     first, second = server.addresses
     blocker = Blocker(first)
     await blocker.start()
@@ -280,7 +270,7 @@ def test_with_every_way_refused_the_client_backs_off_instead_of_spinning(
 
     async def main() -> int:
         async with rig(tmp_path) as r:
-            nothing = [await asyncio.start_server(_echo, LOOPBACK, 0) for _ in range(2)]
+            nothing = [await asyncio.start_server(echo_handler, LOOPBACK, 0) for _ in range(2)]
             ports = [server.sockets[0].getsockname()[1] for server in nothing]
             for server in nothing:  # closed: both ports now refuse
                 server.close()

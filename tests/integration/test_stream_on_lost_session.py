@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from tests.support.blocker import Blocker
+from tests.support.socks_echo import echo as echo_handler
 from veil.client.forward import TcpForward
 from veil.config import ServerOptions
 from veil.manage.state import init_state
@@ -27,17 +28,6 @@ LOOPBACK = "127.0.0.1"
 REQUEST_TIMEOUT_S = 5.0
 #: What the request may take: a reconnect, not a hang.
 WITHIN_S = 2.0
-
-
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
 
 
 async def _request(forward: TcpForward) -> bool:
@@ -61,7 +51,7 @@ def test_a_stream_right_after_a_reset_does_not_hang(tmp_path: Path) -> None:
         server = VeilServer(state, ServerOptions(listen=any_port, allow_private=True))
         user = server.users.add("alice")
         await server.start()
-        echo = await asyncio.start_server(_echo, LOOPBACK, 0)
+        echo = await asyncio.start_server(echo_handler, LOOPBACK, 0)
         blocker = Blocker(server.address)
         await blocker.start()
         key = AccessKey(blocker.address, user.secret, state.pin, None, "alice")

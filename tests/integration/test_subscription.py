@@ -25,6 +25,7 @@ import yaml
 
 from tests.support import procs
 from tests.support.cdn import cdn_nginx
+from tests.support.socks_echo import echo_target, through_socks
 from veil.client.socks5 import Socks5Inbound
 from veil.client.subscription import Follower, FollowingTunnel, SubscriptionUrl, fetch
 from veil.config import ServerOptions, SubscriptionOptions
@@ -249,31 +250,6 @@ def test_served_on_a_cdn_ways_secret_path_through_nginx_as_a_cdn(tmp_path: Path)
 
         asyncio.run(with_server(tmp_path, body, via=(f"https://localhost:{cdn.port}{secret}",),
                                 port=port))
-
-
-async def echo_target() -> asyncio.Server:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        finally:
-            writer.close()
-    return await asyncio.start_server(echo, "127.0.0.1", 0)
-
-
-async def through_socks(socks: Address, target: int, payload: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection(socks.host, socks.port)
-    try:
-        writer.write(b"\x05\x01\x00")
-        assert await reader.readexactly(2) == b"\x05\x00"
-        writer.write(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + target.to_bytes(2, "big"))
-        assert (await reader.readexactly(10))[:2] == b"\x05\x00"
-        writer.write(payload)
-        writer.write_eof()
-        return await asyncio.wait_for(reader.read(-1), TIMEOUT)
-    finally:
-        writer.close()
 
 
 def test_a_client_following_the_url_connects_and_picks_up_a_new_way_in(tmp_path: Path) -> None:
