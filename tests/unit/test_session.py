@@ -490,3 +490,41 @@ def test_an_idle_ping_keeps_a_cdn_carried_session_with_streams_open_alive() -> N
     transfer(client, server, due + 1)
     server.handle_timer(due + 1)
     assert server.get_timer() is None  # the stream went: no more pings
+
+
+def test_a_new_stream_that_hears_nothing_probes_the_path() -> None:
+    """A blackholed path under a live session: the user's new stream gets no answer, so a PING
+    goes 2 s after its OPEN, and the session is declared dead 5 s later without an answer."""
+    plain = SessionConfig(shaping=NO_SHAPING)
+    client = Session(client=True, now=0.0, config=plain)
+    server = Session(client=False, now=0.0)
+    client.open_stream(StreamKind.TCP, DEST)
+    server.receive_data(client.data_to_send(1.0), 1.0)
+    assert client.get_timer() == 1.0 + 2.0
+    # An answer within the 2 s cancels the probe.
+    server.send_data(1, b"hello")
+    client.receive_data(server.data_to_send(2.5), 2.5)
+    assert client.get_timer() is None
+    # The next stream hears nothing: PING at +2 s, dead at +2+5 s.
+    client.open_stream(StreamKind.TCP, DEST)
+    assert frames_of(client.data_to_send(4.0)) == [FrameType.OPEN]
+    assert client.get_timer() == 6.0
+    assert client.handle_timer(6.0) == []
+    assert frames_of(client.data_to_send(6.0)) == [FrameType.PING]
+    assert client.get_timer() == 11.0
+    events = client.handle_timer(11.0)
+    assert events == [SessionClosed(CloseCode.KEEPALIVE_TIMEOUT, "keepalive timeout", False)]
+
+
+def test_a_slow_target_is_asked_once_and_the_session_lives_on() -> None:
+    """A long poll: the server answers the probe, and nothing more is sent while it waits."""
+    client = Session(client=True, now=0.0, config=SessionConfig(shaping=NO_SHAPING))
+    server = Session(client=False, now=0.0)
+    client.open_stream(StreamKind.TCP, DEST)
+    server.receive_data(client.data_to_send(0.0), 0.0)
+    client.handle_timer(2.0)
+    server.receive_data(client.data_to_send(2.0), 2.0)
+    assert client.receive_data(server.data_to_send(), 2.1) == [PongReceived(pytest.approx(0.1))]
+    assert client.get_timer() is None
+    for now in (30.0, 300.0):
+        assert client.handle_timer(now) == [] and client.data_to_send(now) == b""

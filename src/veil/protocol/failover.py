@@ -44,8 +44,11 @@ class Failure(enum.Enum):
     SILENT = "the session stopped answering"
 
 
-#: Failures that cannot be a blip: one is enough to block the way.
-CONCLUSIVE = frozenset({Failure.FOREIGN})
+#: Failures that cannot be a blip: one is enough to block the way. A session that stopped
+#: answering has already been asked twice over (a PING, then its timeout, after the user's
+#: request went unanswered): a second attempt would cost a handshake timeout more, and a false
+#: switch costs only the way back (the better way is probed within seconds).
+CONCLUSIVE = frozenset({Failure.FOREIGN, Failure.SILENT})
 
 
 @dataclass(frozen=True, slots=True)

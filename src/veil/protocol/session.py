@@ -75,6 +75,16 @@ MAX_WINDOW = 2**31 - 1
 # idle. The server sets no interval: nginx never pings.
 DEFAULT_KEEPALIVE_INTERVAL = 10.0
 DEFAULT_KEEPALIVE_TIMEOUT = 10.0
+# One departure from Chromium, for the day a path is blackholed under a live session: a new
+# stream that has heard nothing back DEFAULT_OPEN_PROBE after its OPEN, on a session that has
+# received nothing since, gets a PING, and the session is declared dead if nothing answers it
+# within DEFAULT_OPEN_PROBE_TIMEOUT. Chromium would wait for TCP; veil's client has another
+# way in to move to (protocol.failover), so it asks once, within the user's own request (never
+# while idle), and finds a dead path ~7 s after the user's click instead of never. 2 s lets a
+# loaded server and a slow target answer first; 5 s for the PONG is many round trips even on
+# a lossy long link (a lost PING is retransmitted within ~1 s at 150 ms RTT).
+DEFAULT_OPEN_PROBE = 2.0
+DEFAULT_OPEN_PROBE_TIMEOUT = 5.0
 #: The spread of each idle ping's wait (SessionConfig.idle_ping), as factors of it: no period.
 IDLE_PING_JITTER = (0.75, 1.25)
 #: nginx's keepalive_timeout (75 s, its default, which nginx 1.22 applies to HTTP/2 as well:
@@ -132,6 +142,11 @@ class SessionConfig:
     keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL
     #: Declare the peer dead when nothing arrives this long after a PING (seconds).
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
+    #: PING when a stream opened this long ago has heard nothing back and nothing else was
+    #: received since (seconds; see DEFAULT_OPEN_PROBE); None: never.
+    open_probe: float | None = DEFAULT_OPEN_PROBE
+    #: Declare the peer dead when nothing answers that PING within this long (seconds).
+    open_probe_timeout: float = DEFAULT_OPEN_PROBE_TIMEOUT
     #: While streams are open, PING after about this long without receiving anything (each
     #: wait drawn from IDLE_PING_JITTER times it); None: never while idle (the TLS way in, as
     #: Chromium). For carriers whose proxies cut a silent connection: a CDN drops a request
@@ -207,6 +222,10 @@ class Session:
         self._idle_since: float | None = now  # when the last stream went; None: streams open
         self._clock = now  # the latest time the caller told us of
         self._ping_sent_at: float | None = None
+        self._ping_timeout = self.config.keepalive_timeout  # the outstanding PING's
+        # An OPEN went out: when (at its write), until anything is received.
+        self._opened_since_write = False
+        self._open_unanswered_at: float | None = None
         self._ping_counter = 0
         self._ping_payload = b""
         # The answer owed to the peer's latest PING, sent with the next output unless the
@@ -275,6 +294,7 @@ class Session:
         self._streams[stream_id] = _Stream(stream_id, kind,
                                            shaped_writes=self.config.shaping.stream_writes)
         self._out.append(frame(FrameType.OPEN, stream_id, bytes((kind,)) + destination.encode()))
+        self._opened_since_write = True
         return stream_id
 
     def send_credit(self, stream_id: int) -> int:
@@ -426,6 +446,10 @@ class Session:
                 and not self._closed and now - self._last_received >= interval):
             self._clock = now
             self._send_ping(now, first=True)
+        if self._opened_since_write:
+            self._opened_since_write = False
+            if now is not None and self._open_unanswered_at is None:
+                self._open_unanswered_at = now
         # The last write (ending with CLOSE) is not grown: nothing after it needs hiding, and
         # a page-sized record just before close_notify is no website's.
         if (self._shape_this_write or self._shaped_writes) and not self._closed:
@@ -434,9 +458,10 @@ class Session:
         out.clear()
         return data
 
-    def _send_ping(self, now: float, first: bool = False) -> None:
+    def _send_ping(self, now: float, first: bool = False, timeout: float | None = None) -> None:
         self._ping_counter += 1
         self._ping_sent_at = now
+        self._ping_timeout = self.config.keepalive_timeout if timeout is None else timeout
         self._ping_payload = self._ping_counter.to_bytes(8, "big")
         self._out.insert(0 if first else len(self._out),
                          frame(FrameType.PING, 0, self._ping_payload))
@@ -469,9 +494,12 @@ class Session:
             return self._clock
         deadlines: list[float] = []
         if self._ping_sent_at is not None:
-            deadlines.append(self._ping_sent_at + self.config.keepalive_timeout)
-        elif self._streams and self._idle_ping_wait is not None:
-            deadlines.append(self._last_received + self._idle_ping_wait)
+            deadlines.append(self._ping_sent_at + self._ping_timeout)
+        else:
+            if self._streams and self._idle_ping_wait is not None:
+                deadlines.append(self._last_received + self._idle_ping_wait)
+            if self._open_unanswered_at is not None and self.config.open_probe is not None:
+                deadlines.append(self._open_unanswered_at + self.config.open_probe)
         if self._idle_since is not None and self._idle_close_after is not None:
             deadlines.append(self._idle_since + self._idle_close_after)
         return min(deadlines, default=None)
@@ -480,8 +508,9 @@ class Session:
         """Declare the peer dead when nothing came within the keepalive timeout of a PING;
         with no stream open, close the session once it has been idle for its idle close (the
         CLOSE frame says why; the caller then closes the connection, TLS close_notify and
-        FIN). Sends a PING only with an ``idle_ping`` configured (a CDN's carrier); the
-        keepalive PINGs go with the user's writes (:meth:`data_to_send`)."""
+        FIN). Sends a PING for a new stream that heard nothing (``open_probe``) and, with an
+        ``idle_ping`` configured (a CDN's carrier), after a silence while streams are open;
+        the keepalive PINGs go with the user's writes (:meth:`data_to_send`)."""
         if self._closed:
             return []
         self._clock = now
@@ -492,13 +521,19 @@ class Session:
         if self._ping_sent_at is not None:
             if self._last_received > self._ping_sent_at:
                 self._ping_sent_at = None  # anything received proves the peer alive
-            elif now >= self._ping_sent_at + self.config.keepalive_timeout:
+            elif now >= self._ping_sent_at + self._ping_timeout:
                 self.close(CloseCode.KEEPALIVE_TIMEOUT, "keepalive timeout")
                 return [SessionClosed(CloseCode.KEEPALIVE_TIMEOUT, "keepalive timeout", False)]
         if (self._idle_since is not None and self._idle_close_after is not None
                 and now >= self._idle_since + self._idle_close_after):
             self.close(CloseCode.NORMAL, IDLE_CLOSE_REASON)
             return [SessionClosed(CloseCode.NORMAL, IDLE_CLOSE_REASON, False)]
+        probe = self.config.open_probe
+        if (self._ping_sent_at is None and self._open_unanswered_at is not None
+                and probe is not None and now >= self._open_unanswered_at + probe):
+            # A new stream heard nothing, nor did the session: is the path still there?
+            self._open_unanswered_at = None
+            self._send_ping(now, timeout=self.config.open_probe_timeout)
         wait = self._idle_ping_wait
         if (self._ping_sent_at is None and self._streams and wait is not None
                 and now >= self._last_received + wait):
@@ -533,6 +568,7 @@ class Session:
         if not data:
             return events
         self._last_received = self._clock = now
+        self._open_unanswered_at = None
         try:
             if max_frames is None:
                 self._parse(data, events, now)

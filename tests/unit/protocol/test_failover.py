@@ -16,7 +16,7 @@ def chooser(count: int = 3) -> WayChooser:
 
 
 @pytest.mark.parametrize("failure", [Failure.REFUSED, Failure.RESET, Failure.CUT,
-                                     Failure.TIMEOUT, Failure.SILENT, Failure.UNREACHABLE])
+                                     Failure.TIMEOUT, Failure.UNREACHABLE])
 def test_one_failure_is_a_blip_and_two_in_a_row_a_block(failure: Failure) -> None:
     ways = chooser()
     assert ways.failed(0, failure, 10.0) is None
@@ -35,9 +35,11 @@ def test_a_success_between_failures_clears_the_count() -> None:
     assert ways.next_probe() is None
 
 
-def test_someone_elses_certificate_blocks_at_once() -> None:
+@pytest.mark.parametrize("failure", [Failure.FOREIGN, Failure.SILENT])
+def test_someone_elses_certificate_or_a_session_gone_silent_blocks_at_once(
+        failure: Failure) -> None:
     ways = chooser()
-    assert ways.failed(0, Failure.FOREIGN, 1.0) == Switched(0, 1, Failure.FOREIGN)
+    assert ways.failed(0, failure, 1.0) == Switched(0, 1, failure)
 
 
 def test_the_blocked_preferred_way_is_probed_with_growing_jittered_waits() -> None:
