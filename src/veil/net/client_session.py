@@ -151,9 +151,11 @@ class _ClientDriver(SessionDriver):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.accepted.done():
             # Cut before the server said anything: the path, not a refusal (a refused key
-            # gets the cover site's answer, read above).
-            self.path_failure = (Failure.RESET if isinstance(exc, ConnectionResetError)
-                                 else Failure.CUT)
+            # gets the cover site's answer, read above). Bytes held undecided are an answer
+            # (the cover's HTTP/2 greeting, then its close): a refusal.
+            if not self._head:
+                self.path_failure = (Failure.RESET if isinstance(exc, ConnectionResetError)
+                                     else Failure.CUT)
             self.accepted.set_result(False)
         super().connection_lost(exc)
 
