@@ -32,6 +32,7 @@ from veil.protocol.noise import generate_static_keypair
 from veil.protocol.session import SessionConfig
 from veil.server import service
 from veil.server.service import VeilServer
+from veil.store.base import Usage
 from veil.transport.cdn import wire
 
 T = TypeVar("T")
@@ -50,14 +51,15 @@ def refused_port() -> int:
 async def with_cdn_server(tmp: Path, scheme: str,
                           body: Callable[[AccessKey, Address], Awaitable[T]],
                           cdn_read_timeout: int = 100, http2: bool = False,
-                          cdn_log: list[str] | None = None) -> T:
+                          cdn_log: list[str] | None = None,
+                          servers: list[VeilServer] | None = None) -> T:
     """``body`` with a key whose extra way in is ``scheme``://nginx-as-CDN/SECRET/ (h2 to
     clients when ``http2``); the CDN's access log lines go into ``cdn_log``."""
     port = procs.unused_port()
     secret = wire.new_secret_path()
     with cdn_nginx(port, name="localhost", read_timeout=cdn_read_timeout, http2=http2) as cdn:
         try:
-            return await _with_server(tmp, scheme, body, port, secret, cdn)
+            return await _with_server(tmp, scheme, body, port, secret, cdn, servers=servers)
         finally:
             if cdn_log is not None:
                 cdn_log += cdn.requests()
@@ -65,7 +67,7 @@ async def with_cdn_server(tmp: Path, scheme: str,
 
 async def _with_server(tmp: Path, scheme: str, body: Callable[[AccessKey, Address], Awaitable[T]],
                        port: int, secret: str, cdn: Cdn, via_port: int | None = None,
-                       shaping: bool = True) -> T:
+                       shaping: bool = True, servers: list[VeilServer] | None = None) -> T:
     """veil's server on ``port`` behind ``cdn``, announcing the CDN way in on ``via_port``
     (the CDN's own unless something sits in front of it)."""
     os.environ["SSL_CERT_FILE"] = str(cdn.ca_file)  # the CDN's CA, as the web PKI's
@@ -76,6 +78,8 @@ async def _with_server(tmp: Path, scheme: str, body: Callable[[AccessKey, Addres
         server = VeilServer(state, ServerOptions(listen=listen, allow_private=True,
                                                  via=(via,), shaping=shaping))
         await server.start()
+        if servers is not None:
+            servers.append(server)
         try:
             key = AccessKey.parse(server.users.access_key(server.users.add("alice")))
             assert key.noise_key is not None and key.via == (via,)
@@ -114,6 +118,8 @@ def test_a_blocked_direct_way_moves_to_the_cdn_and_100_streams_arrive_byte_exact
         scheme: str, http2: bool, tmp_path: Path) -> None:
     """Through a CDN that speaks h2 to clients, packet-up rides h2 (its log says HTTP/2.0 for
     every request) and a WebSocket stays on HTTP/1.1."""
+    servers: list[VeilServer] = []
+
     async def body(key: AccessKey, target: Address) -> None:
         async def use(socks: Address) -> None:
             payloads = [os.urandom(BODY) for _ in range(STREAMS)]
@@ -121,9 +127,14 @@ def test_a_blocked_direct_way_moves_to_the_cdn_and_100_streams_arrive_byte_exact
                 *(through_socks(socks, target.port, p) for p in payloads)), TIMEOUT)
             assert answers == payloads
         await tunnel_through(key, use)
+        # The session's bytes are alice's usage, as on the TLS port.
+        await wait_until_async(lambda: servers[0].live.user_bytes.get(
+            "alice", Usage()).total >= 2 * STREAMS * BODY, TIMEOUT,
+            lambda: f"alice's usage: {servers[0].live.user_bytes}")
 
     cdn_log: list[str] = []
-    asyncio.run(with_cdn_server(tmp_path, scheme, body, http2=http2, cdn_log=cdn_log))
+    asyncio.run(with_cdn_server(tmp_path, scheme, body, http2=http2, cdn_log=cdn_log,
+                                servers=servers))
     protocols = {line.split()[0] for line in cdn_log}
     assert protocols == {"HTTP/2.0" if http2 and scheme == "https" else "HTTP/1.1"}, cdn_log
 

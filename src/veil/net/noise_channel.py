@@ -54,14 +54,21 @@ class SealedTransport(asyncio.Transport):
         self._protocol: asyncio.Protocol | None = None
         # Plaintext that came before the protocol took over (see release).
         self._pending: list[bytes] = []
+        # The session's bytes each way, as the TLS way in counts them ("byte_counts": the
+        # user's usage and quota).
+        self._received = 0
+        self._sent = 0
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "byte_counts":
+            return (self._received, self._sent)
         mine = super().get_extra_info(name, None)
         return mine if mine is not None else self._carrier.get_extra_info(name, default)
 
     # -------------------------------------------------------------- asyncio.Transport
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if data and not self._carrier.is_closing():
+            self._sent += len(data)
             self._carrier.write(self._writer.encode(data))
 
     def writelines(self, list_of_data: Any) -> None:
@@ -141,6 +148,7 @@ class SealedTransport(asyncio.Transport):
     def _hand_up(self, plaintext: bytes) -> None:
         if self._carrier.is_closing() or not plaintext:
             return
+        self._received += len(plaintext)
         if self._protocol is None:
             self._pending.append(plaintext)
         else:
