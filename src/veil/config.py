@@ -181,7 +181,13 @@ def parse_tun_pools(pool: str | None, pool6: str | None,
 def parse_key(text: str) -> AccessKey | TrojanLink:
     """A veil access key (``veil://``) or a Trojan link (``trojan://``, any Trojan server)."""
     if text.strip().lower().startswith("trojan://"):
-        return TrojanLink.parse(text)
+        link = TrojanLink.parse(text)
+        if link.network != "tcp":
+            raise ConfigError(f"this trojan:// link is Trojan over {link.network} (type="
+                              f"{link.network}), for apps behind a CDN; veil's client speaks "
+                              "Trojan over TLS only, and reaches the same CDN way with the "
+                              "user's veil:// key (veil user show NAME)")
+        return link
     return AccessKey.parse(text)
 
 

@@ -99,3 +99,16 @@ def test_connect_pool_is_a_deprecated_alias_of_connections(
         main(["connect", "--help"])
     shown = capsys.readouterr().out
     assert "--connections N" in shown and "--pool" not in shown
+
+
+def test_connect_refuses_a_trojan_websocket_link_with_what_to_use_instead() -> None:
+    """The exports hand apps trojan://...&type=ws links for the CDN ways; veil's own Trojan
+    client speaks Trojan over TLS only, and says which key reaches that way."""
+    from veil.config import parse_key
+
+    plain = "trojan://pw@203.0.113.7:443?sni=example.org#alice"
+    assert parse_key(plain).server.port == 443
+    ws = ("trojan://pw@cdn.example.org:443?type=ws&path=%2FZm9vYmFyYmF6cXV4cXV1eA%2F"
+          "&host=cdn.example.org&sni=cdn.example.org#alice")
+    with pytest.raises(ConfigError, match=r"type=ws.*veil:// key"):
+        parse_key(ws)

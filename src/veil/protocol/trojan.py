@@ -215,6 +215,9 @@ class TrojanLink:
     pin: bytes | None = None
     label: str = ""
     fingerprint: str | None = None  # ``fp``: a uTLS ClientHello name ("chrome")
+    #: ``type``: the apps' transport ("tcp", or "ws" for Trojan over WebSocket through a
+    #: CDN, with ``path`` and ``host``); veil's own Trojan client speaks only "tcp".
+    network: str = "tcp"
 
     def to_uri(self) -> str:
         params = []
@@ -249,9 +252,10 @@ class TrojanLink:
             if len(pin) != 32:
                 raise ConfigError("invalid trojan link: wrong pin length")
         fingerprint = (query.get("fp") or [""])[0] or None
+        network = (query.get("type") or ["tcp"])[0].lower() or "tcp"
         host = parts.host
         with contextlib.suppress(ValueError):  # the canonical form of an IP literal
             host = str(ipaddress.ip_address(host))
         # All of the userinfo is the password: it may hold ":".
         return cls(Address(host, parts.port or 443), unquote(parts.userinfo), sni,
-                   insecure.lower() in ("1", "true"), pin, parts.fragment, fingerprint)
+                   insecure.lower() in ("1", "true"), pin, parts.fragment, fingerprint, network)
