@@ -52,21 +52,9 @@ def filled(text: str, origin_port: int, secret: str, name: str) -> str:
             .replace(SECRET, secret))
 
 
-NGINX_WRAPPER = """
-daemon off;
-master_process off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
+NGINX_WRAPPER = procs.NGINX_MAIN + """http {{
     access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-{http_part}
+""" + procs.NGINX_TEMP_PATHS + """{http_part}
     server {{
         listen 127.0.0.1:{port} ssl http2;
         server_name localhost;

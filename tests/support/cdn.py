@@ -24,21 +24,10 @@ from tests.support import procs
 
 CDN_NAME = "cdn.test"
 
-CDN_CONF = """
-daemon off;
-master_process off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
+CDN_CONF = procs.NGINX_MAIN + """http {{
     log_format cdn '$server_protocol $request_method $status';
     access_log {prefix}/access.log cdn;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
+""" + procs.NGINX_TEMP_PATHS + """\
     map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
     server {{
         listen {listen} ssl{http2};

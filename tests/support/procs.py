@@ -278,22 +278,29 @@ class Nginx:
     prefix: Path
 
 
-NGINX_CONF = """
+#: The top of every nginx.conf the tests write: one foreground process, everything under
+#: the test's own prefix directory (nothing of the system's nginx is touched).
+NGINX_MAIN = """
 daemon off;
 master_process off;
 worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 1024; }}
-http {{
-    include /etc/nginx/mime.types;
-    default_type application/octet-stream;
-    access_log off;
-    client_body_temp_path {prefix}/body;
+"""
+#: The http block's temporary paths, under the same prefix.
+NGINX_TEMP_PATHS = """    client_body_temp_path {prefix}/body;
     proxy_temp_path {prefix}/proxy;
     fastcgi_temp_path {prefix}/fastcgi;
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
+"""
+
+NGINX_CONF = NGINX_MAIN + """http {{
+    include /etc/nginx/mime.types;
+    default_type application/octet-stream;
+    access_log off;
+""" + NGINX_TEMP_PATHS + """\
     sendfile on;
     keepalive_timeout {keepalive_timeout}s;
     client_header_timeout {header_timeout}s;
