@@ -411,6 +411,13 @@ class ServerOptions:
             parse_tun_pools(self.pool, self.pool6)
 
 
+#: What ``veil user show --subscription`` prints: https://HOST[:PORT][/SECRET]/s/TOKEN, an
+#: optional query (``?format=``) and fragment (``#pin=``). Checked before anything is fetched,
+#: so a mistyped key is an error at once, not a connection to wherever it names.
+_SUBSCRIPTION_URL = re.compile(r"https://[^/?#@\s]+(/[A-Za-z0-9_\-./~]*)?/s/[A-Za-z0-9_-]{16,64}"
+                               r"(\?[^#\s]*)?(#\S*)?", re.IGNORECASE)
+
+
 @dataclass(frozen=True, slots=True)
 class SubscriptionOptions:
     """``veil connect https://HOST/s/TOKEN``: follow a subscription (veil.client.subscription)
@@ -424,6 +431,12 @@ class SubscriptionOptions:
     refresh_s: float | None = None
 
     def __post_init__(self) -> None:
+        if not _SUBSCRIPTION_URL.fullmatch(self.url.strip()):
+            shown = self.url if len(self.url) <= 60 else self.url[:60] + "..."
+            raise ConfigError(f"{shown!r} is neither an access key nor a subscription URL: an "
+                              "access key starts with veil:// (or trojan://), a subscription "
+                              "URL is https://HOST/s/TOKEN#pin=... (veil user show NAME "
+                              "--subscription)")
         if self.refresh_s is not None and not (
                 MIN_SUBSCRIPTION_REFRESH_S <= self.refresh_s <= MAX_SUBSCRIPTION_REFRESH_S):
             raise ConfigError(f"--refresh takes {MIN_SUBSCRIPTION_REFRESH_S:g} to "

@@ -112,3 +112,23 @@ def test_connect_refuses_a_trojan_websocket_link_with_what_to_use_instead() -> N
           "&host=cdn.example.org&sni=cdn.example.org#alice")
     with pytest.raises(ConfigError, match=r"type=ws.*veil:// key"):
         parse_key(ws)
+
+
+@pytest.mark.parametrize("url", [
+    "https://203.0.113.7/s/Zm9vYmFyYmF6cXV4cXV1eA#pin=" + "A" * 43,
+    "https://cdn.example.org/Zm9vYmFyYmF6cXV4cXV1eA/s/Zm9vYmFyYmF6cXV4cXV1eA?format=veil",
+    "https://[2001:db8::1]:8443/s/Zm9vYmFyYmF6cXV4cXV1eA",
+])
+def test_a_subscription_url_is_what_user_show_prints(url: str) -> None:
+    from veil.config import SubscriptionOptions
+
+    assert SubscriptionOptions(url).url == url
+
+
+@pytest.mark.parametrize("url", ["https://example.com", "https://example.com/s/",
+                                 "https://example.com/page", "https://u@h/s/Zm9vYmFyYmF6cXV4cXV1eA"])
+def test_anything_else_is_refused_before_a_fetch(url: str) -> None:
+    from veil.config import SubscriptionOptions
+
+    with pytest.raises(ConfigError, match="starts with veil://"):
+        SubscriptionOptions(url)
