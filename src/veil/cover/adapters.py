@@ -20,7 +20,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar, cast
+from typing import Generic, Protocol, TypeVar, cast, runtime_checkable
 
 from veil.cover.http1 import Claimed, CloseAction, CoverConnection, CoverMode, RequestJudge
 from veil.cover.http2 import H2CloseAction, H2CoverConnection
@@ -239,27 +239,22 @@ class CoverProtocol(_CoverAdapter[CoverConnection]):
         if action is CloseAction.LINGER and not self._eof_written:
             self._eof_written = True
             if tls:
-                # nginx: close_notify, then shutdown(SHUT_WR), then read on. asyncio's TLS
-                # transport cannot half-close, so send close_notify with close() (it keeps
-                # reading while it waits for the peer's) and shut the socket's write side.
-                transport.close()
-                _shutdown_write(transport)
+                _linger_tls(transport, close_notify=True)  # nginx: close_notify, FIN, read on
             elif transport.can_write_eof():
                 transport.write_eof()
             else:
                 transport.close()
         elif action is CloseAction.QUIET and tls:
             timer.cancel()
-            transport.abort()  # the socket closes (FIN) without a close_notify alert
+            _close_tls(transport, close_notify=False)  # FIN without a close_notify alert
         elif action in (CloseAction.CLOSE, CloseAction.RESET, CloseAction.QUIET):
             timer.cancel()
             if action is CloseAction.RESET:
                 _set_rst_on_close(transport)
-            transport.close()
             if tls:
-                # close() only queued close_notify and would wait up to 30 s for the peer's;
-                # nginx closes the socket right after sending it.
-                transport.abort()
+                _close_tls(transport, close_notify=True)
+            else:
+                transport.close()
         if action in (CloseAction.CLOSE, CloseAction.RESET, CloseAction.QUIET):
             return
         timer.set(conn.get_timer())
@@ -387,11 +382,11 @@ class H2CoverProtocol(_CoverAdapter[H2CoverConnection]):
         action = conn.close_action
         if action is H2CloseAction.QUIET:
             timer.cancel()
-            transport.abort()  # FIN, no close_notify (the writes above are on the socket)
+            _close_tls(transport, close_notify=False)  # FIN after the writes above
             return
         if action is H2CloseAction.LINGER and not self._shut:
             self._shut = True
-            _shutdown_write(transport)  # nginx's HTTP/2 lingering close: no close_notify
+            _linger_tls(transport, close_notify=False)  # nginx's HTTP/2 lingering close
         timer.set(conn.get_timer())
 
 
@@ -407,6 +402,42 @@ def _socket_copy(transport: asyncio.BaseTransport) -> socket.socket | None:
         return socket.socket(fileno=os.dup(sock.fileno()))
     except (OSError, ValueError):
         return None
+
+
+@runtime_checkable
+class _CarrierClose(Protocol):
+    """The closes of veil's own TLS transports (transport/carrier.py): each sends its FIN
+    after the bytes the event loop still holds (uvloop 0.19 queues writes until the end of
+    the loop's turn, so a shutdown() or an abort right after a write lost the answer)."""
+
+    def close_quietly(self) -> None: ...
+    def end_writing(self, *, close_notify: bool) -> None: ...
+
+
+def _linger_tls(transport: asyncio.BaseTransport, *, close_notify: bool) -> None:
+    """nginx's lingering close under TLS: (close_notify,) FIN, and read on."""
+    if isinstance(transport, _CarrierClose):
+        transport.end_writing(close_notify=close_notify)
+        return
+    # asyncio's own TLS transport (tests serve the cover with create_server(ssl=...)) cannot
+    # half-close: close() queues close_notify and reads on for the peer's.
+    if close_notify:
+        cast(asyncio.Transport, transport).close()
+    _shutdown_write(transport)
+
+
+def _close_tls(transport: asyncio.BaseTransport, *, close_notify: bool) -> None:
+    """nginx's close under TLS: (close_notify,) then FIN at once, not awaiting the peer's."""
+    if isinstance(transport, _CarrierClose):
+        if close_notify:
+            cast(asyncio.Transport, transport).close()
+        else:
+            transport.close_quietly()
+        return
+    # asyncio's own TLS transport would wait up to 30 s for the peer's close_notify.
+    if close_notify:
+        cast(asyncio.Transport, transport).close()
+    cast(asyncio.Transport, transport).abort()
 
 
 def _shutdown_write(transport: asyncio.BaseTransport) -> None:

@@ -39,10 +39,9 @@ How nginx closes, and what is emulated (each measured against nginx 1.22.1 on lo
       TCP when the last read filled its buffer. A body it still expects after answering is
       drained the same way (413 answers, then FIN after 5 s of silence).
     * Under TLS nginx sends close_notify before its FIN, except when a request it had
-      started reading times out (quiet shutdown). asyncio's TLS transport cannot half-close,
-      so a close is ``close()`` + ``abort()`` (close_notify, then the socket closes at once
-      instead of waiting 30 s for the peer's alert), a quiet close is ``abort()``, and a
-      lingering close is ``close()`` + ``shutdown(SHUT_WR)`` on the socket.
+      started reading times out (quiet shutdown). veil's TLS transports do each as nginx:
+      close_notify then FIN at once (the peer's alert is not awaited), FIN alone, and a
+      lingering close's close_notify, FIN and reading on (cover/adapters.py).
     * 412 is answered with "Connection: keep-alive" and then closed at once, as nginx does.
 
 Remaining differences (not emulated)
@@ -50,8 +49,6 @@ Remaining differences (not emulated)
       fraction of a millisecond, and nginx's once-a-second cached ``Date``. The ``Date``
       follows the event loop's clock from the connection's start (``wall_offset``), so a step
       of the system clock shows in the connections accepted after it.
-    * During a TLS lingering close asyncio's TLS layer reads on by itself, so the 5 s quiet
-      period is counted from the start of the linger, not from the peer's last byte.
     * The multipart/byteranges boundary counts up per process (00000000000000000001, ...)
       like nginx's; nginx also spends numbers on temporary files, so the sequences differ
       once a real nginx would have buffered request bodies to disk.

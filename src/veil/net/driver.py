@@ -32,6 +32,7 @@ from veil.protocol.events import (
 )
 from veil.protocol.frames import HEADER_SIZE, MAX_DATA_PAYLOAD, CloseCode, ResetCode
 from veil.protocol.session import Session, StreamState
+from veil.transport.carrier import CarrierTransport
 
 log = logging.getLogger("veil.net")
 
@@ -350,8 +351,12 @@ class SessionDriver(asyncio.Protocol):
             return
         if self._peer_closed:
             # Everything the peer sent has been read: the socket closes with a FIN, and no
-            # close_notify of ours follows the peer's (nginx's and Chromium's answer).
-            transport.abort()
+            # close_notify of ours follows the peer's (nginx's and Chromium's answer); on
+            # veil's TLS, after what we still hold (an abort would drop it).
+            if isinstance(transport, CarrierTransport):
+                transport.close_quietly()
+            else:
+                transport.abort()
         else:
             transport.close()
 

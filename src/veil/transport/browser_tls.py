@@ -167,7 +167,7 @@ class _BrowserTlsCarrier(CarrierProtocol):
 
     # ------------------------------------------------------------------ app side
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self.closing or self.raw is None or not data:
+        if self.closing or self.raw is None or not data or self._writing_ended:
             return
         self._write_raw(self.tls.send(data))
 

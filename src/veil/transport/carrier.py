@@ -65,6 +65,8 @@ class Carrier(Protocol):
     def release_reading(self, reason: ReadHold) -> None: ...
     def write(self, data: bytes | bytearray | memoryview) -> None: ...
     def close(self) -> None: ...
+    def close_quietly(self) -> None: ...
+    def end_writing(self, *, close_notify: bool) -> None: ...
     def abort(self) -> None: ...
 
 
@@ -81,6 +83,8 @@ class CarrierProtocol(asyncio.BufferedProtocol, metaclass=abc.ABCMeta):
     handshake: asyncio.Future[Any]
     # Why the socket is not being read (see ReadHold); starts reading.
     _read_holds: ReadHold = ReadHold.NONE
+    # Our FIN is queued (end_writing): nothing more may be written, reading goes on.
+    _writing_ended = False
 
     @abc.abstractmethod
     def _close_notify(self) -> None:
@@ -106,7 +110,7 @@ class CarrierProtocol(asyncio.BufferedProtocol, metaclass=abc.ABCMeta):
     def _write_raw(self, data: bytes | bytearray | memoryview) -> None:
         """Write ciphertext to the socket; stop reading it while too much is unsent."""
         raw = self.raw
-        if raw is None:
+        if raw is None or self._writing_ended:
             return
         raw.write(data)
         if (not self._read_holds & ReadHold.BACKLOG
@@ -142,6 +146,31 @@ class CarrierProtocol(asyncio.BufferedProtocol, metaclass=abc.ABCMeta):
         self._close_notify()
         self._flush()
         self.raw.close()
+
+    def close_quietly(self) -> None:
+        """Close the TCP connection without a close_notify (nginx's quiet shutdown), after
+        what was written before."""
+        self.closing = True
+        if self.raw is not None:
+            self.raw.close()
+
+    def end_writing(self, *, close_notify: bool) -> None:
+        """A lingering close's first half: our close_notify (or none, as nginx's HTTP/2
+        does), then FIN, and the socket is read on until the application closes.
+
+        The TCP transport's write_eof sends the FIN after the bytes it still holds; a
+        shutdown() on the socket itself would overtake them (uvloop 0.19 queues writes until
+        the end of the loop's turn: the peer got a bare FIN).
+        """
+        raw = self.raw
+        if raw is None or self.closing or self._writing_ended or raw.is_closing():
+            return
+        if close_notify:
+            self._close_notify()
+            self._flush()
+        self._writing_ended = True
+        if raw.can_write_eof():
+            raw.write_eof()
 
     def abort(self) -> None:
         self.closing = True
@@ -182,6 +211,14 @@ class CarrierTransport(asyncio.Transport):
 
     def close(self) -> None:
         self._carrier.close()
+
+    def close_quietly(self) -> None:
+        """FIN after what was written, without a close_notify."""
+        self._carrier.close_quietly()
+
+    def end_writing(self, *, close_notify: bool) -> None:
+        """(close_notify,) then FIN after what was written; reading goes on."""
+        self._carrier.end_writing(close_notify=close_notify)
 
     def abort(self) -> None:
         self._carrier.abort()

@@ -288,7 +288,7 @@ class _TlsCarrier(CarrierProtocol):
         self.app = protocol
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self.closing or self.raw is None:
+        if self.closing or self.raw is None or self._writing_ended:
             return
         try:
             self.sslobj.write(data)
