@@ -132,17 +132,78 @@ class _Http(asyncio.Protocol):
         self.transport: BrowserTlsTransport | None = None
         self.events: asyncio.Queue[h11.Event | BaseException] = asyncio.Queue()
         self.on_body: Callable[[h11.Event | BaseException], None] | None = None
+        # The downlink's body, read by wire.ChunkedReader instead of h11 (see
+        # stream_chunked_body); ``_head`` holds the response head until it is whole.
+        self._chunked_body = False
+        self._head = b""
+        self._chunks: wire.ChunkedReader | None = None
+        self._body_is_chunked = False
+
+    def stream_chunked_body(self) -> None:
+        """The next response's chunked body is read by wire.ChunkedReader, one Data event
+        per read instead of h11's one per chunk (the downlink's hot path); h11 still reads
+        its head, and any other body."""
+        self._chunked_body = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self._chunks is not None:
+            if not self._chunks.failed:
+                self._chunk_data(bytes(data))
+            return
+        if self._chunked_body:
+            self._head_data(bytes(data))
+            return
+        self._h11_data(bytes(data))
+
+    def _h11_data(self, data: bytes) -> None:
         try:
-            self.h11.receive_data(bytes(data))
+            self.h11.receive_data(data)
         except h11.RemoteProtocolError as exc:
             self._put(TransportError(f"the CDN's answer is not HTTP/1.1: {exc}"))
             return
         self._pump()
+
+    def _head_data(self, data: bytes) -> None:
+        """Up to the end of a response head: h11 reads each head (1xx ones too); after a 200
+        with a chunked body, the rest goes to the ChunkedReader."""
+        data = self._head + data
+        while (end := data.find(b"\r\n\r\n")) >= 0:
+            head, data = data[:end + 4], data[end + 4:]
+            self._head = b""
+            self._h11_data(head)
+            state = self.h11.their_state
+            if state is h11.SEND_BODY:
+                self._chunked_body = False
+                if self._body_is_chunked:
+                    self._chunks = wire.ChunkedReader()
+                    self._chunk_data(data)
+                else:
+                    self._h11_data(data)
+                return
+            if state is not h11.SEND_RESPONSE:  # an error, or a body-less final answer
+                self._chunked_body = False
+                self._h11_data(data)
+                return
+        if len(data) > MAX_RESPONSE_HEAD:
+            self._chunked_body = False
+            self._put(TransportError("the CDN's answer is not HTTP/1.1: its head is too long"))
+            return
+        self._head = data
+
+    def _chunk_data(self, data: bytes) -> None:
+        assert self._chunks is not None
+        try:
+            body = self._chunks.feed(data)
+        except TransportError as exc:
+            self._put(exc)  # the downlink ends; what follows is not read
+            return
+        if body:
+            self._put(h11.Data(data=body))
+        if self._chunks.done:
+            self._put(h11.EndOfMessage())
 
     def _pump(self) -> None:
         while True:
@@ -156,12 +217,21 @@ class _Http(asyncio.Protocol):
             self._put(event)  # type: ignore[arg-type]
 
     def _put(self, item: h11.Event | BaseException) -> None:
+        if isinstance(item, h11.Response) and self._chunked_body:
+            self._body_is_chunked = item.status_code == 200 and any(
+                name == b"transfer-encoding" and value.lower() == b"chunked"
+                for name, value in item.headers)
         if self.on_body is not None:
             self.on_body(item)
         else:
             self.events.put_nowait(item)
 
     def eof_received(self) -> bool:
+        if self._chunks is not None:
+            if not self._chunks.done and not self._chunks.failed:
+                self._chunks.failed = True
+                self._put(TransportError("the CDN closed the downlink inside its body"))
+            return False
         self.h11.receive_data(b"")
         self._pump()
         return False
@@ -311,6 +381,7 @@ async def _open_packet_up(connector: _Connector,
                                                        (b"cache-control", b"no-cache")))
             status = await stream.status
         else:
+            down.stream_chunked_body()
             down.send(h11.Request(method=b"GET", target=target,
                                   headers=connector.headers((b"Cache-Control", b"no-cache"))),
                       h11.EndOfMessage())

@@ -161,7 +161,98 @@ class PreambleReader:
 
 def chunk(data: bytes | bytearray | memoryview) -> bytes:
     """``data`` as one chunk of a chunked body (never an empty chunk: that ends the body)."""
-    return b"%x\r\n" % len(data) + bytes(data) + b"\r\n"
+    return b"".join((b"%x\r\n" % len(data), data, b"\r\n"))  # one copy of the data
+
+
+#: A chunk-size line's longest form (hex digits and any chunk extension a proxy adds), and a
+#: trailer section's: nginx and Cloudflare send neither beyond a few bytes; a longer one is
+#: not a CDN's answer, and must not grow the reader's buffer.
+MAX_CHUNK_LINE = 1024
+MAX_TRAILER_BYTES = 8 * 1024
+#: A chunk's size in hex digits: 2**60 bytes is past any body.
+_MAX_SIZE_DIGITS = 15
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+class ChunkedReader:
+    """packet-up's downlink body, chunked (RFC 9112, section 7.1), sans-IO: :meth:`feed`
+    returns the data the bytes carried, in one piece per call; ``done`` once the last chunk
+    and the trailer section are in. Raises TransportError on anything else.
+
+    h11 gives the same body as one event per chunk, and a CDN forwards the origin's stream in
+    small chunks (nginx: one per 4-8 KiB read): its per-event work was the downlink's hot
+    spot (measured: a third of the client's time at 227 Mbit/s through nginx).
+    """
+
+    def __init__(self) -> None:
+        self._pending = b""  # an incomplete size line, CRLF or trailer line
+        self._left = 0  # data bytes of the current chunk still to come
+        self._crlf = False  # the CRLF after a chunk's data is next
+        self._trailer: int | None = None  # trailer bytes so far, once the last chunk came
+        self.done = False
+        self.failed = False  # feed raised: the body is broken, nothing more is read
+
+    def feed(self, data: bytes) -> bytes:
+        try:
+            return self._feed(data)
+        except TransportError:
+            self.failed = True
+            raise
+
+    def _feed(self, data: bytes) -> bytes:
+        if self.failed:
+            raise TransportError("the downlink's chunked body is broken")
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        if self.done:
+            if data:
+                raise TransportError("bytes after the downlink's last chunk")
+            return b""
+        view = memoryview(data)
+        pieces: list[memoryview] = []
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._left:
+                take = min(self._left, end - pos)
+                pieces.append(view[pos:pos + take])
+                pos += take
+                self._left -= take
+                self._crlf = not self._left
+                continue
+            if self._crlf:
+                if end - pos < 2:
+                    break
+                if data[pos:pos + 2] != b"\r\n":
+                    raise TransportError("a chunk of the downlink does not end in CRLF")
+                pos += 2
+                self._crlf = False
+                continue
+            line_end = data.find(b"\r\n", pos, pos + MAX_CHUNK_LINE + 2)
+            if line_end < 0:
+                if end - pos > MAX_CHUNK_LINE:
+                    raise TransportError("a line of the downlink's chunked body is too long")
+                break
+            line = data[pos:line_end]
+            pos = line_end + 2
+            if self._trailer is not None:
+                self._trailer += len(line) + 2
+                if self._trailer > MAX_TRAILER_BYTES:
+                    raise TransportError("the downlink's trailer section is too long")
+                if not line:
+                    self.done = True
+                    if pos < end:
+                        raise TransportError("bytes after the downlink's last chunk")
+                continue
+            digits = line.split(b";", 1)[0].rstrip(b" \t")
+            if not digits or len(digits) > _MAX_SIZE_DIGITS or not _HEX.issuperset(digits):
+                raise TransportError(f"not a chunk size in the downlink: {line[:40]!r}")
+            size = int(digits, 16)
+            if size:
+                self._left = size
+            else:
+                self._trailer = 0
+        self._pending = data[pos:]
+        return b"".join(pieces)
 
 
 def _tokens(value: bytes) -> set[bytes]:
