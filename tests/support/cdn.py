@@ -28,7 +28,12 @@ CDN_CONF = procs.NGINX_MAIN + """http {{
     log_format cdn '$server_protocol $request_method $status';
     access_log {prefix}/access.log cdn;
 """ + procs.NGINX_TEMP_PATHS + """\
-    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}
+    # A CDN keeps its connections to an origin open for the next request (Cloudflare does).
+    upstream origin {{
+        server {origin};
+        keepalive 16;
+    }}
     server {{
         listen {listen} ssl{http2};
         server_name {name};
@@ -37,7 +42,7 @@ CDN_CONF = procs.NGINX_MAIN + """http {{
         ssl_certificate_key {prefix}/cdn-key.pem;
         keepalive_requests {keepalive_requests};
         location / {{
-            proxy_pass https://{origin};
+            proxy_pass https://origin;
             proxy_http_version 1.1;
             proxy_set_header Host $host;
             proxy_set_header Upgrade $http_upgrade;
