@@ -1,4 +1,5 @@
-"""The carrier's shapes on the wire, sans-IO: paths, requests, packet-up reordering.
+"""The carrier's shapes on the wire, sans-IO: paths, requests, packet-up reordering, the
+downlink's preamble and chunked body.
 
 One secret path per server, ``/<token>/`` (``token``: 16 random bytes, base64url without
 padding, 22 characters). Under it:
