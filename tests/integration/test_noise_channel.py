@@ -98,6 +98,11 @@ def test_a_key_holder_gets_a_sealed_channel_and_strangers_get_nothing(
                 # The key holder: its authenticator is bound to its own ephemeral key.
                 sealed, client = await dial(cdn.port, cdn.ca_file, secret, server_key.public,
                                             lambda binding: GOOD_AUTH + binding, variant)
+                # A full-device tunnel's IP stream asks for more write buffering, as it does
+                # on TLS; the carrier's bounds are fixed, and stay (it asked, and went on).
+                limits = sealed.get_write_buffer_limits()
+                sealed.set_write_buffer_limits(high=4 * 1024 * 1024)
+                assert sealed.get_write_buffer_limits() == limits
                 sealed.write(blob)
                 await wait_until_async(lambda: sessions and len(sessions[0][1].data)
                                        >= len(blob), TIMEOUT, "the blob up")

@@ -16,6 +16,10 @@ the CDN reachable, as a real CDN's edge is elsewhere. The client resolves cdn.te
 namespace's own /etc/hosts (``ip netns exec`` mounts /etc/netns/NAME/hosts) and trusts the
 CDN's test CA through SSL_CERT_FILE, as a real client trusts the web PKI.
 
+In TUN mode (tests/netns/test_blocking_tun.py: ``veil serve --tun``, ``start_tun_client``) the
+downloads go to TUNNEL_TARGET_IP on the server's loopback, which the client reaches only
+through its TUN device.
+
 Which address carried a download is read from nftables counters in the client's namespace
 (bytes received from each address), not from veil's log.
 """
@@ -47,6 +51,9 @@ CDN_PORT = 443
 FORWARD_PORT = 8080
 SOCKS_PORT = 1080
 UDP_ECHO_PORT = 7777
+# For a full-device tunnel (veil serve --tun): an address on the server's loopback, which the
+# client reaches only through the tunnel (it has no route there but the TUN's).
+TUNNEL_TARGET_IP = "198.51.100.80"
 # The CDN as Cloudflare's defaults: cuts a request silent for 100 s.
 CDN_READ_TIMEOUT_S = 100
 # The "next download": big enough to be a download (many round trips, many TLS records),
@@ -111,6 +118,9 @@ class BlockLab(Topology):
         self.impair: BridgeProcess | None = None
         self.client: Proc | None = None
         self.server: Proc | None = None
+        # Where the downloads go: through the client's --forward, or (TUN mode) straight to
+        # the target behind the tunnel.
+        self.base_url = f"http://127.0.0.1:{FORWARD_PORT}"
 
     def __enter__(self) -> BlockLab:
         super().__enter__()
@@ -248,11 +258,13 @@ class BlockLab(Topology):
                    if line.startswith("{") and json.loads(line).get("event") == "rules")
 
     # ------------------------------------------------------------------ veil
-    def start_veil_server(self) -> str:
+    def start_veil_server(self, *extra: str) -> str:
+        """``extra``: more ``veil serve`` options (``--tun``)."""
         fresh = not self.state.exists()
         self.server = self.start("server", "server", [
             *VEIL, "-v", "serve", "--state", str(self.state), "--listen",
-            f"{SERVER_IP}:{SERVER_PORT}", "--allow-private", "--via", self.via], stdout=fresh)
+            f"{SERVER_IP}:{SERVER_PORT}", "--allow-private", "--via", self.via, *extra],
+            stdout=fresh)
         if fresh:
             assert self.server.popen.stdout is not None
             self.key = self.server.popen.stdout.readline().decode().strip()
@@ -270,6 +282,22 @@ class BlockLab(Topology):
         self.wait_log(self.client, "connected to ", timeout=UP_S)
         return self.client
 
+    def start_tun_client(self) -> Proc:
+        """``veil connect KEY --tun`` (the server must run with ``--tun``); downloads go to
+        the target behind the tunnel from then on."""
+        self.ip("server", "addr", "add", f"{TUNNEL_TARGET_IP}/32", "dev", "lo", check=False)
+        # The client's own resolv.conf (ip netns exec mounts it over /etc/resolv.conf), which
+        # TUN mode rewrites: without it the rewrite would reach the root namespace's.
+        (Path("/etc/netns") / self.ns["client"] / "resolv.conf").write_text(
+            f"nameserver {SERVER_IP}\n")
+        self.base_url = f"http://{TUNNEL_TARGET_IP}"
+        keepalive = ("--keepalive", self.keepalive) if self.keepalive else ()
+        self.client = self.start("client", "client-tun", [
+            "env", f"SSL_CERT_FILE={self.ca_file}", *VEIL, "-v", "connect", self.key, "--tun",
+            *keepalive])
+        self.wait_log(self.client, "TUN veil0 up", timeout=UP_S)
+        return self.client
+
     def restart_client(self) -> Proc:
         if self.client is not None:
             self.stop(self.client)
@@ -278,7 +306,7 @@ class BlockLab(Topology):
     # ------------------------------------------------------------------ traffic
     def curl_argv(self, path: str, out: Path | str, max_time: float, *extra: str) -> list[str]:
         return ["curl", "-sS", "--max-time", f"{max_time:g}", "-o", str(out), *extra,
-                f"http://127.0.0.1:{FORWARD_PORT}/{path}"]
+                f"{self.base_url}/{path}"]
 
     def fetch_next(self, max_time: float) -> bool:
         """The 1 MiB file through the forward, byte-exact within ``max_time`` seconds."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import socket
 import sys
 from pathlib import Path
 
@@ -11,9 +13,18 @@ import pytest
 if sys.platform != "linux":
     pytest.skip("TUN mode is Linux only", allow_module_level=True)
 
-from veil.client.tun import KILLSWITCH_TABLE, TunClientOptions, TunState, killswitch_ruleset
+from veil.client.tun import (
+    KILLSWITCH_TABLE,
+    TunClientOptions,
+    TunState,
+    killswitch_ruleset,
+    resolve_ways,
+)
 from veil.errors import ConfigError
+from veil.net.tun_linux import TunError
+from veil.protocol.accesskey import AccessKey
 from veil.protocol.address import Address
+from veil.protocol.endpoint import parse_endpoint
 from veil.server.tun import AddressPool, TunServer, TunServerOptions, resolvers_from
 
 
@@ -83,17 +94,84 @@ def test_resolvers_skip_loopback_stubs(tmp_path: Path) -> None:
 
 def test_killswitch_ruleset() -> None:
     excl = TunClientOptions.parse(["192.168.1.0/24", "fd00::/8"]).exclude
-    rules = killswitch_ruleset("veil0", Address("203.0.113.9", 443), excl)
+    rules = killswitch_ruleset("veil0", [Address("203.0.113.9", 443)], excl)
     assert rules.startswith(f"table inet {KILLSWITCH_TABLE} {{")
     lines = [line.strip() for line in rules.splitlines()]
     assert lines.index('oifname "veil0" accept') < lines.index(
         "reject with icmpx type admin-prohibited")
     assert "ip daddr 203.0.113.9 tcp dport 443 accept" in lines
     assert "ip daddr 192.168.1.0/24 accept" in lines and "ip6 daddr fd00::/8 accept" in lines
-    v6 = killswitch_ruleset("veil0", Address("2001:db8::9", 8443), ())
+    v6 = killswitch_ruleset("veil0", [Address("2001:db8::9", 8443)], ())
     assert "ip6 daddr 2001:db8::9 tcp dport 8443 accept" in v6
     with pytest.raises(ConfigError):
         TunClientOptions.parse(["not-a-cidr"])
+
+
+def _output_rules(ruleset: str) -> list[str]:
+    lines = [line.strip() for line in ruleset.splitlines()]
+    return lines[lines.index("chain output {") + 2:lines.index("chain forward {") - 1]
+
+
+def test_killswitch_lets_every_way_in_through_and_nothing_else() -> None:
+    """Each way's ip:port, IPv4 and IPv6, once each (two ways on one address:port share a
+    rule); no rule that accepts more (no bare address, no other port)."""
+    ways = [Address("203.0.113.9", 8443), Address("198.51.100.7", 443),
+            Address("2001:db8::9", 443), Address("203.0.113.9", 443),
+            Address("198.51.100.7", 443)]
+    rules = _output_rules(killswitch_ruleset("veil0", ways, ()))
+    accepted = [r for r in rules if "daddr" in r]
+    assert accepted == ["ip daddr 203.0.113.9 tcp dport 8443 accept",
+                        "ip daddr 198.51.100.7 tcp dport 443 accept",
+                        "ip6 daddr 2001:db8::9 tcp dport 443 accept",
+                        "ip daddr 203.0.113.9 tcp dport 443 accept"]
+    assert rules[-1] == "reject with icmpx type admin-prohibited"
+
+
+SECRET_PATH = "/" + "s" * 22 + "/"
+
+
+def _key() -> AccessKey:
+    return AccessKey(Address("veil.example", 8443), bytes(32), bytes(32), via=(
+        parse_endpoint("tls://198.51.100.7:443"),
+        parse_endpoint(f"https://cdn.example{SECRET_PATH}"),
+        parse_endpoint(f"wss://cdn.example{SECRET_PATH}"),
+        parse_endpoint(f"https://gone.example{SECRET_PATH}"),
+        parse_endpoint("quic://later.example:443")), noise_key=bytes(32))
+
+
+def _fake_dns(monkeypatch: pytest.MonkeyPatch, names: dict[str, str]) -> list[str]:
+    asked: list[str] = []
+
+    def getaddrinfo(host: str, port: int, *args: object, **kwargs: object) -> list[object]:
+        asked.append(host)
+        if host not in names:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (names[host], port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+def test_every_way_is_resolved_once_and_a_name_that_fails_is_left_out(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    asked = _fake_dns(monkeypatch, {"veil.example": "203.0.113.9",
+                                    "cdn.example": "192.0.2.44"})
+    pinned, addresses = asyncio.run(resolve_ways(_key()))
+    assert pinned == {"veil.example": "203.0.113.9", "198.51.100.7": "198.51.100.7",
+                      "cdn.example": "192.0.2.44"}
+    assert addresses == [Address("203.0.113.9", 8443), Address("198.51.100.7", 443),
+                         Address("192.0.2.44", 443)]  # the https:// and wss:// way: one
+    assert sorted(asked) == ["cdn.example", "gone.example", "veil.example"]  # once per name
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "gone.example" in warnings[0], warnings
+
+
+def test_no_way_resolving_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_dns(monkeypatch, {})
+    key = AccessKey(Address("veil.example", 8443), bytes(32), bytes(32), via=(
+        parse_endpoint(f"https://cdn.example{SECRET_PATH}"),), noise_key=bytes(32))
+    with pytest.raises(TunError, match="cannot resolve any way in"):
+        asyncio.run(resolve_ways(key))
 
 
 def test_state_file_round_trip(tmp_path: Path) -> None:

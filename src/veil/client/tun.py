@@ -3,10 +3,16 @@
 What it changes on the machine (in its network namespace), in this order, each step written
 to a state file first so that a crash is undone by the next start (or ``--tun-cleanup``):
 
-1. a host route to the veil server via the gateway it is reached by now, and a route for
+0. every way in of the key (its HOST:PORT, each ``tls://`` way, each CDN way's host) is
+   resolved once, before anything below (afterwards the LAN's resolver is out of reach, or
+   the tunnel's is the only one); the tunnel dials those addresses and no others, whatever
+   DNS says later (ClientTunnel's ``pinned``; a CDN way keeps its name in SNI and Host), so
+   failover between the ways works here as in the proxy modes. A way whose name does not
+   resolve is left out with a warning; none resolving is an error;
+1. a host route to each way's address via the gateway it is reached by now, and a route for
    each ``--exclude`` range via its current gateway (so they stay outside the tunnel);
 2. the kill switch: nftables table ``veil-killswitch`` whose output chain lets packets leave
-   only through the TUN device, to the server's ip:port, on loopback, to excluded ranges and
+   only through the TUN device, to each way's ip:port, on loopback, to excluded ranges and
    for DHCP / IPv6 neighbour discovery; everything else is rejected locally, before it
    reaches a wire. It stays while the client reconnects, so nothing leaks around a dropped
    tunnel. Its forward chain does the same for what the machine forwards (containers, VMs,
@@ -21,13 +27,15 @@ to a state file first so that a crash is undone by the next start (or ``--tun-cl
 
 A clean exit (SIGINT, SIGTERM) undoes all of it in reverse order; closing the device removes
 its addresses and routes with it.
+
+The IP stream lives as long as the tunnel, on one session: when the way in use changes (a
+better way works again), it moves to a session on the new way once that one is up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import ipaddress
 import json
 import logging
@@ -39,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from veil.errors import ConfigError, LocalProtocolError, VeilError
-from veil.net.client_session import ClientTunnel
+from veil.net.client_session import ClientTunnel, usable_way
 from veil.net.driver import SessionDriver
 from veil.net.tun_linux import (
     PacketPump,
@@ -194,15 +202,15 @@ def _write_in_place(path: Path, text: str) -> None:
 
 
 # ---------------------------------------------------------------- the kill switch
-def killswitch_ruleset(device: str, server: Address, exclude: Iterable[IPNetwork],
+def killswitch_ruleset(device: str, servers: Iterable[Address], exclude: Iterable[IPNetwork],
                        mtu_clamp: bool = True) -> str:
-    server_ip = ipaddress.ip_address(server.host)
-    family = "ip" if server_ip.version == 4 else "ip6"
-    rules = [
-        'oifname "lo" accept',
-        f'oifname "{device}" accept',
-        f"{family} daddr {server_ip} tcp dport {server.port} accept",
-    ]
+    """The kill switch's table; ``servers``: the ip:port of each way in (the server's own
+    ports, a CDN's), the only connections allowed around the tunnel."""
+    rules = ['oifname "lo" accept', f'oifname "{device}" accept']
+    for server in dict.fromkeys(servers):  # each pair once, in order
+        server_ip = ipaddress.ip_address(server.host)
+        family = "ip" if server_ip.version == 4 else "ip6"
+        rules.append(f"{family} daddr {server_ip} tcp dport {server.port} accept")
     for net in exclude:
         rules.append(f"{'ip' if net.version == 4 else 'ip6'} daddr {net} accept")
     rules += [
@@ -255,18 +263,17 @@ class TunClient:
         self._link: _IpLink | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
+        # Before anything of ours is in the way: a crash's kill switch would block DNS.
         await asyncio.to_thread(cleanup, self.options)
-        server = await _resolve_server(self.key.server)
-        # The tunnel dials the address the kill switch lets through, whatever DNS says later,
-        # and only that one: the kill switch knows no further ways in.
-        if self.key.via:
-            log.warning("--tun uses %s only; the key's further ways in are not used in this "
-                        "mode yet", self.key.server)
-        key = dataclasses.replace(self.key, server=server, via=())
-        tunnel = ClientTunnel(key, pool_size=1, tls_stack=self.tls_stack,
-                              session_config=self.session_config)
+        # Every way in is resolved now, before the kill switch and resolv.conf's rewrite (then
+        # the LAN's resolver is out of reach, or the tunnel's is the only one); the tunnel
+        # dials these addresses, and only these, whatever DNS says later: they are what the
+        # kill switch lets through.
+        pinned, addresses = await resolve_ways(self.key)
+        tunnel = ClientTunnel(self.key, pool_size=1, tls_stack=self.tls_stack,
+                              session_config=self.session_config, pinned=pinned)
         try:
-            await asyncio.to_thread(self._prepare, server)
+            await asyncio.to_thread(self._prepare, addresses)
             self.device = TunDevice(self.options.device)
             self._pump = PacketPump(self.device, self._from_device,
                                     on_batch_end=self._flush)
@@ -286,17 +293,17 @@ class TunClient:
             await asyncio.to_thread(restore, self.state)
             log.warning("TUN mode ended; routes, firewall and DNS restored")
 
-    def _prepare(self, server: Address) -> None:
+    def _prepare(self, servers: list[Address]) -> None:
         """Host routes and the kill switch, before any packet of ours could leave."""
         self.state.save()
-        host_bits = 32 if ":" not in server.host else 128
-        self._route_like(f"{server.host}/{host_bits}", server.host)
+        for ip in dict.fromkeys(server.host for server in servers):
+            self._route_like(f"{ip}/{32 if ':' not in ip else 128}", ip)
         for net in self.options.exclude:
             self._route_like(str(net), str(net.network_address))
         self.state.nft_tables.append(KILLSWITCH_TABLE)
         self.state.save()
         nft_delete_table("inet", KILLSWITCH_TABLE)
-        nft(killswitch_ruleset(self.options.device, server, self.options.exclude))
+        nft(killswitch_ruleset(self.options.device, servers, self.options.exclude))
 
     def _route_like(self, destination: str, probe: str) -> None:
         """Route ``destination`` the way the kernel routes ``probe`` now (outside the tunnel)."""
@@ -344,8 +351,18 @@ class TunClient:
                     await self._apply(link.config)
                     link.start()
                     announced = False
-                    await asyncio.wait([stopping, driver.closed, link.done],
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    moved = asyncio.ensure_future(tunnel.moved_from(driver))
+                    try:
+                        await asyncio.wait([stopping, driver.closed, link.done, moved],
+                                           return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        moved.cancel()
+                    if moved.done() and not moved.cancelled():
+                        # Another way in is in use (a better one works again) and a session
+                        # on it is up: the IP stream moves there; this session, left without
+                        # streams, is closed.
+                        log.warning("moving the tunnel to the way in use")
+                        continue
             finally:
                 self._link = None
                 if self._pump is not None:
@@ -511,15 +528,40 @@ class _IpLink:
             self.client.resume_pump()
 
 
-async def _resolve_server(server: Address) -> Address:
-    if server.ip is not None:
-        return server
+async def resolve_ways(key: AccessKey) -> tuple[dict[str, str], list[Address]]:
+    """Each usable way in's host -> the address to dial for it, and the ip:port of every way.
+    A way whose name does not resolve is left out with a warning; none resolving is an
+    error."""
     loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise TunError(f"cannot resolve {server.host}: {exc}") from exc
-    return Address(str(infos[0][4][0]), server.port)
+    ways = [way for way in key.ways() if usable_way(key, way) and way.address is not None]
+    pinned: dict[str, str] = {}
+    addresses: list[Address] = []
+    failed: set[str] = set()
+    for way in ways:
+        address = way.address
+        assert address is not None
+        if address.host in failed:
+            continue
+        if address.host not in pinned:
+            if address.ip is not None:
+                pinned[address.host] = address.host
+            else:
+                try:
+                    infos = await loop.getaddrinfo(address.host, address.port,
+                                                   type=socket.SOCK_STREAM)
+                except OSError as exc:
+                    log.warning("cannot resolve %s (%s); --tun leaves the way in %s out",
+                                address.host, exc, way)
+                    failed.add(address.host)
+                    continue
+                pinned[address.host] = str(infos[0][4][0])
+        pair = Address(pinned[address.host], address.port)
+        if pair not in addresses:
+            addresses.append(pair)
+    if not pinned:
+        raise TunError("cannot resolve any way in of the key: "
+                       + ", ".join(sorted(failed)) + " (is DNS working?)")
+    return pinned, addresses
 
 
 async def run_tun(key: AccessKey, options: TunClientOptions, stop: asyncio.Event, *,

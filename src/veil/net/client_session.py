@@ -22,7 +22,10 @@ way after two failures in a row and names the next; sessions then open on it at 
 session lost with streams open reconnects there, new streams wait for it), while
 :meth:`ClientTunnel._probe` retries the better way in the background with jittered backoff, only
 while the tunnel is in use (an idle client sends nothing, as before), and moves back when it
-works. Sessions on the way left keep their streams until they end, and take no new ones.
+works. Sessions on the way left keep their streams until they end, and take no new ones
+(a stream as long-lived as a full-device tunnel's moves itself: :meth:`ClientTunnel.moved_from`).
+With ``pinned`` (``--tun``), each way's host is dialled at the address resolved at start,
+which is what the kill switch lets through.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from veil.errors import AuthError, TransportError
 from veil.net.dialer import DatagramHandler, Dialer, UdpFlow
@@ -194,6 +197,13 @@ def classify_failure(exc: BaseException) -> Failure:
     return Failure.CUT
 
 
+def usable_way(key: AccessKey, way: Endpoint) -> bool:
+    """Whether this client can use ``way``: a scheme it speaks, and a way through a CDN only
+    with the server's Noise key (nk=), without which nothing could tell veil's server from the
+    CDN's."""
+    return way.known and (key.noise_key is not None or not way.through_cdn)
+
+
 def _way_name(index: int, way: Endpoint) -> str:
     return f"direct path {way}" if index == 0 else f"way in {way}"
 
@@ -202,16 +212,20 @@ class ClientTunnel(Dialer):
     def __init__(self, key: AccessKey, *, pool_size: int = 1, tls_stack: str = "browser",
                  session_config: SessionConfig | None = None,
                  failover: FailoverConfig | None = None,
-                 handshake_timeout: float | None = None) -> None:
+                 handshake_timeout: float | None = None,
+                 pinned: Mapping[str, str] | None = None) -> None:
+        """``pinned``: each way's host name -> the IP address to dial for it, whatever DNS says
+        (a full-device tunnel's kill switch lets exactly those through); a way whose host it
+        lacks is not used. None: resolve names when dialling."""
         if tls_stack not in TLS_STACKS:
             raise ValueError(f"tls_stack must be one of {TLS_STACKS}, not {tls_stack!r}")
         self.key = key
+        self.pinned = pinned
         # The ways this client can use, in the key's order; the others are named at start.
-        # A way through a CDN needs the server's Noise key (nk=): without it nothing could
-        # tell veil's server from the CDN's, so such a way is skipped.
-        usable = [way.known and (key.noise_key is not None or not way.through_cdn)
-                  for way in key.ways()]
-        self.ways = tuple(way for way, ok in zip(key.ways(), usable, strict=True) if ok)
+        usable = [usable_way(key, way) for way in key.ways()]
+        self.ways = tuple(way for way, ok in zip(key.ways(), usable, strict=True)
+                          if ok and (pinned is None or (
+                              way.address is not None and way.address.host in pinned)))
         self.skipped_ways = tuple(way for way, ok in zip(key.ways(), usable, strict=True)
                                   if not ok)
         self.chooser = WayChooser(len(self.ways), failover or FailoverConfig())
@@ -266,15 +280,16 @@ class ClientTunnel(Dialer):
             return await self._connect_through_cdn(self.ways[driver.way], driver)
         server = self.ways[driver.way].address
         assert server is not None  # every usable way has one
+        host = self._dial_host(server)
         transport: asyncio.Transport
         try:
             if self.tls_stack == "browser":
                 transport = await open_browser_tls_connection(
-                    server.host, server.port, lambda: driver, server_hostname=self.key.sni,
+                    host, server.port, lambda: driver, server_hostname=self.key.sni,
                     handshake_timeout=self.handshake_timeout)
             else:
                 transport = await open_tls_connection(
-                    server.host, server.port, self._ssl, lambda: driver,
+                    host, server.port, self._ssl, lambda: driver,
                     server_hostname=self.key.sni, handshake_timeout=self.handshake_timeout)
         except TlsHandshakeError as exc:
             if isinstance(exc.__cause__, AuthError):
@@ -317,8 +332,13 @@ class ClientTunnel(Dialer):
             noise_key, lambda binding: build_auth(credential, binding, time.time()))
         url = "https://" + way.url.partition("://")[2]
         try:
+            address = way.address
+            assert address is not None  # every usable way has one
+            # The CDN's name still goes into SNI and Host; only where to dial is pinned.
+            connect_to = (None if self.pinned is None
+                          else (self._dial_host(address), address.port))
             carrier = await open_carrier(url, lambda: channel, variant=CDN_VARIANTS[way.scheme],
-                                         timeout=self.handshake_timeout)
+                                         connect_to=connect_to, timeout=self.handshake_timeout)
         except TransportError as exc:
             raise ConnectionError(f"{way}: {exc}") from exc
         try:
@@ -337,6 +357,10 @@ class ClientTunnel(Dialer):
         session.send_padding(random.randint(low, high))
         sealed.write(session.data_to_send())
         return driver
+
+    def _dial_host(self, address: Address) -> str:
+        """Where to connect for a way at ``address``: its pinned IP, else its host."""
+        return address.host if self.pinned is None else self.pinned[address.host]
 
     def _want(self) -> None:
         """A session is wanted until one is up, whoever waits for it."""
@@ -578,6 +602,20 @@ class ClientTunnel(Dialer):
         if not live:
             return None
         return min(live, key=lambda d: len(d.handlers))
+
+    async def moved_from(self, driver: SessionDriver) -> None:
+        """Return once the way in use is another than ``driver``'s and a session on it is up.
+        A stream that lives as long as the tunnel (a full-device tunnel's IP stream) moves
+        then: streams stay on the session they opened on, so it would never leave a way."""
+        way = getattr(driver, "way", self.chooser.current)
+        while True:
+            while self.chooser.current == way:
+                # Shielded: the future is shared (the prober and the slots wait on it too), and
+                # cancelling this wait must not cancel theirs.
+                await asyncio.shield(self._changed())
+            # Up to a handshake's budget at a time: the way in use may change again meanwhile.
+            if await self.wait_ready(self.handshake_timeout) and self.chooser.current != way:
+                return
 
     def open_tcp(self, dest: Address, local: asyncio.Transport, early_data: bytes = b"") -> None:
         driver = self._pick()

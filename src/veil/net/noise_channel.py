@@ -17,6 +17,7 @@ close and abort passed through to the carrier.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -116,7 +117,11 @@ class SealedTransport(asyncio.Transport):
         return self._carrier.get_write_buffer_limits()
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._carrier.set_write_buffer_limits(high, low)
+        # A CDN carrier's bounds are fixed (its uplink's or downlink's high water mark,
+        # veil.transport.cdn): a session that asks for more buffering (a full-device tunnel's
+        # IP stream, either end) keeps the carrier's instead of failing.
+        with contextlib.suppress(NotImplementedError):
+            self._carrier.set_write_buffer_limits(high, low)
 
     def release(self) -> None:
         """The protocol has been told of the connection: hand it what came before."""
