@@ -516,6 +516,42 @@ def test_a_new_stream_that_hears_nothing_probes_the_path() -> None:
     assert events == [SessionClosed(CloseCode.KEEPALIVE_TIMEOUT, "keepalive timeout", False)]
 
 
+def test_a_tuns_packets_after_a_silence_probe_the_path_as_a_new_stream_does() -> None:
+    """--tun's IP stream stays open for the session's life, so no OPEN ever probes a
+    blackholed path: the client's packets do (a PING when nothing came back within 2 s, dead
+    5 s after that); packets the server answers, and the server's own packets, probe
+    nothing."""
+    plain = SessionConfig(shaping=NO_SHAPING)
+    client = Session(client=True, now=0.0, config=plain)
+    server = Session(client=False, now=0.0, config=SessionConfig(keepalive_interval=None,
+                                                                 shaping=NO_SHAPING))
+    sid = client.open_stream(StreamKind.IP, DEST)
+    server.receive_data(client.data_to_send(0.0), 0.0)
+    server.send_packet(sid, b"p" * 40)
+    client.receive_data(server.data_to_send(0.5), 0.5)
+    assert client.get_timer() is None and server.get_timer() is None
+    # A packet the server answers within the 2 s: no probe.
+    client.send_packet(sid, b"q" * 40)
+    client.data_to_send(1.0)
+    assert client.get_timer() == 3.0
+    server.receive_data(client.data_to_send(1.0), 1.0)
+    server.send_packet(sid, b"a" * 40)
+    client.receive_data(server.data_to_send(1.1), 1.1)
+    assert client.get_timer() is None
+    # The server goes quiet (a blackhole); the user's next connection:
+    client.send_packet(sid, b"syn" * 20)
+    assert frames_of(client.data_to_send(3.0)) == [FrameType.DATAGRAM]
+    assert client.get_timer() == 5.0
+    assert client.handle_timer(5.0) == []
+    assert frames_of(client.data_to_send(5.0)) == [FrameType.PING]
+    events = client.handle_timer(10.0)
+    assert events == [SessionClosed(CloseCode.KEEPALIVE_TIMEOUT, "keepalive timeout", False)]
+    # The server's packets after its own silence never make it ping.
+    server.send_packet(sid, b"late" * 10)
+    server.data_to_send(100.0)
+    assert server.get_timer() is None
+
+
 def test_a_slow_target_is_asked_once_and_the_session_lives_on() -> None:
     """A long poll: the server answers the probe, and nothing more is sent while it waits."""
     client = Session(client=True, now=0.0, config=SessionConfig(shaping=NO_SHAPING))

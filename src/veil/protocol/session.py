@@ -83,6 +83,10 @@ DEFAULT_KEEPALIVE_TIMEOUT = 10.0
 # while idle), and finds a dead path ~7 s after the user's click instead of never. 2 s lets a
 # loaded server and a slow target answer first; 5 s for the PONG is many round trips even on
 # a lossy long link (a lost PING is retransmitted within ~1 s at 150 ms RTT).
+# A TUN's IP stream is open for the session's whole life, so the same probe applies to its
+# packets: when the client's packets are answered by nothing (no frame at all) within
+# DEFAULT_OPEN_PROBE, a PING goes. Inner TCP answers every segment it gets, so on a working
+# path this is a connection attempt to a host that does not answer: one PING per attempt.
 DEFAULT_OPEN_PROBE = 2.0
 DEFAULT_OPEN_PROBE_TIMEOUT = 5.0
 #: The spread of each idle ping's wait (SessionConfig.idle_ping), as factors of it: no period.
@@ -225,6 +229,7 @@ class Session:
         self._ping_timeout = self.config.keepalive_timeout  # the outstanding PING's
         # An OPEN went out: when (at its write), until anything is received.
         self._opened_since_write = False
+        self._packets_since_write = False  # IP packets queued since the last write (client)
         self._open_unanswered_at: float | None = None
         self._ping_counter = 0
         self._ping_payload = b""
@@ -404,6 +409,7 @@ class Session:
         out = self._out
         out.append(pack_header(FrameType.DATAGRAM, stream_id, size))
         out.append(packet)
+        self._packets_since_write = self.client  # the server's answers are not probed
 
     def send_padding(self, length: int) -> None:
         """Queue a PADDING frame whose payload is ``length`` bytes (for traffic shaping)."""
@@ -446,6 +452,10 @@ class Session:
                 and not self._closed and now - self._last_received >= interval):
             self._clock = now
             self._send_ping(now, first=True)
+        if self._packets_since_write:
+            # The client's IP packets count as a new stream's OPEN (DEFAULT_OPEN_PROBE).
+            self._packets_since_write = False
+            self._opened_since_write = True
         if self._opened_since_write:
             self._opened_since_write = False
             if now is not None and self._open_unanswered_at is None:
