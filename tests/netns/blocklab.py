@@ -248,11 +248,13 @@ class BlockLab(Topology):
                    if line.startswith("{") and json.loads(line).get("event") == "rules")
 
     # ------------------------------------------------------------------ veil
-    def start_veil_server(self) -> str:
+    def start_veil_server(self, *extra: str) -> str:
+        """``veil serve`` with the CDN way, and ``extra`` options (--admin, --on-block)."""
         fresh = not self.state.exists()
         self.server = self.start("server", "server", [
             *VEIL, "-v", "serve", "--state", str(self.state), "--listen",
-            f"{SERVER_IP}:{SERVER_PORT}", "--allow-private", "--via", self.via], stdout=fresh)
+            f"{SERVER_IP}:{SERVER_PORT}", "--allow-private", "--via", self.via, *extra],
+            stdout=fresh)
         if fresh:
             assert self.server.popen.stdout is not None
             self.key = self.server.popen.stdout.readline().decode().strip()
