@@ -24,11 +24,11 @@ import shlex
 import shutil
 import time
 from collections.abc import Iterator
+from datetime import datetime
 
 import pytest
 
 from tests.netns.blocklab import (
-    CDN_IP,
     CDN_NAME,
     CLIENT_IP,
     FORWARD_PORT,
@@ -71,10 +71,19 @@ THROTTLE = f"throttle-ip {SERVER_IP}\nthrottle-after {THROTTLE_AFTER}\nthrottle-
 FREEZE_TO_WORKING_S = 15.0
 # How long the client is watched under the freeze, with a user downloading all along.
 WATCH_S = 60.0
-# Switches allowed in WATCH_S: away at the freeze, and each return the prober makes (its waits
-# grow 5, 10, 20, 40 s x 0.5-1.5 while the way keeps freezing) followed by the way left again.
-# Before the backoff grew across returns, the way came back every 2.5-7.5 s.
-MAX_SWITCHES = 6
+# Under the freeze the client goes away (~7 s after it), back at the first probe (its
+# handshake fits in the free bytes: 5 s x 0.5-1.5 later), away again when the next download
+# freezes (~20 s: that download hangs until the one after it probes the session), back at the
+# next probe... Each stay on the CDN way must be longer than the last could be: probe_initial
+# x relapse_factor ** i, at least (jitter 0.5); a tenth less for timers on a busy box. Before
+# the relapse backoff every stay was 2.5-7.5 s (5-6 switches in 60 s).
+PROBE_INITIAL_S = 5.0
+RELAPSE_FACTOR = 4.0
+LEAST_STAY = [0.9 * 0.5 * PROBE_INITIAL_S * RELAPSE_FACTOR ** i for i in range(8)]
+# Switches in WATCH_S: with the stays above, at most away, back, away, back, away.
+MAX_SWITCHES = 5
+# The client's log lines start with their time.
+LOG_TIME = "%Y-%m-%d %H:%M:%S,%f"
 # Each download in the watch: 1 MiB takes ~0.1 s on the CDN way; one that hangs on a frozen
 # session waits for the freeze to be found.
 WATCH_ATTEMPT_S = 10.0
@@ -196,6 +205,20 @@ def test_a_block_is_reported_through_the_cdn_and_counted_per_way_and_kind(
 # ---------------------------------------------------------------------- the throttle
 
 
+def cdn_stays(log: str) -> list[float]:
+    """Seconds from each switch away from the direct way to the switch back after it."""
+    stays, left = [], None
+    for line in log.splitlines():
+        if SWITCHED_AWAY.search(line) or SWITCHED_BACK.search(line):
+            at = datetime.strptime(line[:23], LOG_TIME).timestamp()
+            if SWITCHED_AWAY.search(line):
+                left = at
+            elif left is not None:
+                stays.append(at - left)
+                left = None
+    return stays
+
+
 @pytest.fixture
 def throttle_lab() -> Iterator[BlockLab]:
     _needs_lab()
@@ -237,8 +260,15 @@ def test_a_freeze_after_n_bytes_moves_the_client_to_the_cdn_without_flapping(
     away = len(SWITCHED_AWAY.findall(log))
     back = len(SWITCHED_BACK.findall(log))
     assert away + back <= MAX_SWITCHES, log
+    # The client never flaps: each time the direct way is given back and freezes again, it
+    # stays on the CDN way longer before trying the direct way again.
+    stays = cdn_stays(log)
+    assert all(stay >= least for stay, least in zip(stays, LEAST_STAY, strict=False)), stays
     assert ok >= 3 * failed, (ok, failed, log)
     assert on_direct == 0, (on_direct, log)  # no 1 MiB gets through a freeze after 16 KiB
+    print("\n".join(line for line in log.splitlines()
+                    if SWITCHED_AWAY.search(line) or SWITCHED_BACK.search(line)))
     print(f"throttle (freeze after {THROTTLE_AFTER} B): downloads worked {took:.1f} s after "
           f"the freeze; {away + back} switches in {WATCH_S:.0f} s ({away} away, {back} back); "
-          f"{ok} downloads worked, {failed} failed")
+          f"{ok} downloads worked, {failed} failed; stays on the CDN way "
+          f"{[round(stay, 1) for stay in stays]} s")
