@@ -74,9 +74,9 @@ WATCH_S = 60.0
 # Under the freeze the client goes away (~7 s after it), back at the first probe (its
 # handshake fits in the free bytes: 5 s x 0.5-1.5 later), away again when the next download
 # freezes (~20 s: that download hangs until the one after it probes the session), back at the
-# next probe... Each stay on the CDN way must be longer than the last could be: probe_initial
-# x relapse_factor ** i, at least (jitter 0.5); a tenth less for timers on a busy box. Before
-# the relapse backoff every stay was 2.5-7.5 s (5-6 switches in 60 s).
+# next probe... The i-th stay on the CDN way lasts at least its probe wait at its shortest:
+# probe_initial x relapse_factor ** i x 0.5 (the jitter), less a tenth for timers on a busy
+# box. Before the relapse backoff every stay was 2.5-7.5 s (measured 3.5-7 s; 4-6 switches).
 PROBE_INITIAL_S = 5.0
 RELAPSE_FACTOR = 4.0
 LEAST_STAY = [0.9 * 0.5 * PROBE_INITIAL_S * RELAPSE_FACTOR ** i for i in range(8)]
