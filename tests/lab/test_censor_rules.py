@@ -352,6 +352,24 @@ def test_throttle_drops_after_n_bytes_per_connection() -> None:
                                                                 "10.0.0.2:443")]
 
 
+def test_throttle_ip_throttles_only_connections_to_those_addresses() -> None:
+    """TSPU freezes connections to foreign hosting, not to a CDN's edge."""
+    censor = Censor(rules=Rules.parse("throttle-after 10000\nthrottle-ip 10.0.0.2"))
+    assert censor.rules.throttle_ips == ("10.0.0.2/32",)
+    path = established(censor)
+    assert [path.server_says(bytes(1400)).forward for _ in range(10)] == [True] * 5 + [False] * 5
+    # Negative control: a connection to another address carries on past the bytes.
+    other = Path(censor, server=OTHER_SERVER)
+    other.connect()
+    assert all(other.server_says(bytes(1400)).forward for _ in range(20))
+    # The file's throttle comes with its addresses; a throttle without them takes every one.
+    merged = Rules(throttle_after=5, throttle_ips=("10.0.0.9",)).merged(censor.rules)
+    assert merged.throttle_ips == ("10.0.0.2/32",)
+    assert Rules(throttle_ips=("10.0.0.9",)).merged(Rules(throttle_after=5)).throttle_ips == ()
+    with pytest.raises(ValueError, match="throttle-ip: 'nowhere'"):
+        Rules.parse("throttle-ip nowhere")
+
+
 def test_throttle_drops_the_given_share() -> None:
     censor = Censor(seed=7, rules=Rules(throttle_after=0, throttle_drop=0.3))
     datagrams = [censor.packet(udp(CLIENT, Endpoint(SERVER.ip, 9000), bytes(100)), 0.0)

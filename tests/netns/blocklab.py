@@ -259,7 +259,7 @@ class BlockLab(Topology):
 
     # ------------------------------------------------------------------ veil
     def start_veil_server(self, *extra: str) -> str:
-        """``extra``: more ``veil serve`` options (``--tun``)."""
+        """``veil serve`` with the CDN way, and ``extra`` options (--tun, --admin, --on-block)."""
         fresh = not self.state.exists()
         self.server = self.start("server", "server", [
             *VEIL, "-v", "serve", "--state", str(self.state), "--listen",

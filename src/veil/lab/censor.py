@@ -15,7 +15,9 @@ directions, as the GFW's port-443 blocking of 20 Aug 2025), ``block-sni`` (a nam
 the GFW's SNI filter), ``inject-rst`` (blocked TCP connections are reset instead of
 silenced: forged RST+ACKs to both ends, with the sequence numbers each end expects) and
 ``throttle-after``/``throttle-drop`` (after a connection carried N bytes, drop that share of
-its packets: Iran's throttling; with a share of 1, Russia's TSPU "freeze after 16 KB").
+its packets: Iran's throttling; with a share of 1, Russia's TSPU "freeze after 16 KB"), for
+every connection or, with ``throttle-ip``, only those to or from the addresses listed (TSPU
+freezes connections to foreign hosting, not to a CDN's edge).
 
 The byte-level I/O (an AF_PACKET bridge between two veths) is :mod:`veil.lab.bridge`;
 everything here takes bytes and a clock value, so it is tested without a network.
@@ -73,6 +75,7 @@ RULE_BLOCK_SNI = "block-sni"
 RULE_INJECT_RST = "inject-rst"
 RULE_THROTTLE_AFTER = "throttle-after"
 RULE_THROTTLE_DROP = "throttle-drop"
+RULE_THROTTLE_IP = "throttle-ip"
 RULE_THROTTLE = "throttle"  # the events' name for the pair above
 # A connection that matched block-sni keeps its triple blocked this long, as the GFW's SNI
 # filter does (90 s, Rambert et al. 2021), unless --residual says otherwise or the rule is
@@ -148,7 +151,8 @@ class Rules:
     ``block_ports`` server ports (TCP and UDP); ``block_sni`` names, each with its
     subdomains; ``inject_rst`` resets blocked TCP connections instead of silencing them
     (except ``block_ips``, always a blackhole); ``throttle_after`` bytes a connection may
-    carry (both directions) before ``throttle_drop`` of its packets are dropped.
+    carry (both directions) before ``throttle_drop`` of its packets are dropped; with
+    ``throttle_ips``, only connections to or from those addresses and networks are throttled.
     """
 
     block_ips: tuple[str, ...] = ()
@@ -157,16 +161,18 @@ class Rules:
     inject_rst: bool = False
     throttle_after: int | None = None
     throttle_drop: float = 1.0
+    throttle_ips: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        networks = []
-        for text in self.block_ips:
-            try:
-                networks.append(str(ipaddress.ip_network(text.strip(), strict=False)))
-            except ValueError as exc:
-                raise ValueError(f"{RULE_BLOCK_IP}: {text!r} is not an address or network"
-                                 ) from exc
-        object.__setattr__(self, "block_ips", tuple(dict.fromkeys(networks)))
+        for name, rule in (("block_ips", RULE_BLOCK_IP), ("throttle_ips", RULE_THROTTLE_IP)):
+            networks = []
+            for text in getattr(self, name):
+                try:
+                    networks.append(str(ipaddress.ip_network(text.strip(), strict=False)))
+                except ValueError as exc:
+                    raise ValueError(f"{rule}: {text!r} is not an address or network"
+                                     ) from exc
+            object.__setattr__(self, name, tuple(dict.fromkeys(networks)))
         bad_ports = sorted(p for p in self.block_ports if not 0 < p < 65536)
         if bad_ports:
             raise ValueError(f"{RULE_BLOCK_PORT}: {bad_ports[0]} is not a port (1-65535)")
@@ -176,7 +182,8 @@ class Rules:
             raise ValueError(f"{RULE_THROTTLE_AFTER} takes a number of bytes >= 0")
         if not 0.0 <= self.throttle_drop <= 1.0:
             raise ValueError(f"{RULE_THROTTLE_DROP} takes a share from 0 to 1")
-        if len(self.block_ips) + len(self.block_ports) + len(self.block_sni) > MAX_RULE_ENTRIES:
+        if (len(self.block_ips) + len(self.block_ports) + len(self.block_sni)
+                + len(self.throttle_ips) > MAX_RULE_ENTRIES):
             raise ValueError(f"more than {MAX_RULE_ENTRIES} addresses, ports and names")
 
     @classmethod
@@ -184,7 +191,8 @@ class Rules:
         """The rules file's format: one rule a line, its values after it, ``#`` comments.
 
         ``block-ip ADDR|NET...``, ``block-port PORT...``, ``block-sni NAME...``,
-        ``inject-rst``, ``throttle-after BYTES``, ``throttle-drop SHARE``.
+        ``inject-rst``, ``throttle-after BYTES``, ``throttle-drop SHARE``,
+        ``throttle-ip ADDR|NET...``.
         """
         ips: list[str] = []
         ports: set[int] = set()
@@ -192,6 +200,7 @@ class Rules:
         inject = False
         after: int | None = None
         drop = 1.0
+        throttled: list[str] = []
         for number, line in enumerate(text.splitlines(), 1):
             words = line.split("#", 1)[0].split()
             if not words:
@@ -210,27 +219,51 @@ class Rules:
                     after = int(values[0])
                 elif rule == RULE_THROTTLE_DROP and len(values) == 1:
                     drop = float(values[0])
+                elif rule == RULE_THROTTLE_IP and values:
+                    throttled += values
                 else:
                     raise ValueError(f"cannot read {line.strip()!r}")
             except ValueError as exc:
                 raise ValueError(f"line {number}: {exc}") from exc
         try:
-            return cls(tuple(ips), frozenset(ports), frozenset(names), inject, after, drop)
+            return cls(tuple(ips), frozenset(ports), frozenset(names), inject, after, drop,
+                       tuple(throttled))
         except ValueError as exc:
             raise ValueError(f"rules: {exc}") from exc
 
     def merged(self, other: Rules) -> Rules:
-        """These rules and ``other``'s together; ``other``'s throttle wins when it has one."""
+        """These rules and ``other``'s together; ``other``'s throttle (with its addresses)
+        wins when it has one."""
         throttled = other if other.throttle_after is not None else self
         return Rules(self.block_ips + other.block_ips, self.block_ports | other.block_ports,
                      self.block_sni | other.block_sni, self.inject_rst or other.inject_rst,
-                     throttled.throttle_after, throttled.throttle_drop)
+                     throttled.throttle_after, throttled.throttle_drop, throttled.throttle_ips)
 
     def to_json(self) -> dict[str, object]:
         return {RULE_BLOCK_IP: list(self.block_ips), RULE_BLOCK_PORT: sorted(self.block_ports),
                 RULE_BLOCK_SNI: sorted(self.block_sni), RULE_INJECT_RST: self.inject_rst,
                 RULE_THROTTLE_AFTER: self.throttle_after,
-                RULE_THROTTLE_DROP: self.throttle_drop}
+                RULE_THROTTLE_DROP: self.throttle_drop,
+                RULE_THROTTLE_IP: list(self.throttle_ips)}
+
+
+class _AddressSet:
+    """Addresses and networks (a rule's), matched against a packet's either end."""
+
+    def __init__(self, networks: tuple[str, ...]) -> None:
+        self._hosts = frozenset(n.split("/")[0] for n in networks
+                                if n.endswith(("/32", "/128")))
+        self._networks = tuple(ipaddress.ip_network(n) for n in networks
+                               if not n.endswith(("/32", "/128")))
+
+    def holds(self, packet: Packet) -> bool:
+        if packet.src.ip in self._hosts or packet.dst.ip in self._hosts:
+            return True
+        if self._networks:
+            addresses = (ipaddress.ip_address(packet.src.ip), ipaddress.ip_address(packet.dst.ip))
+            return any(a in n for n in self._networks for a in addresses
+                       if a.version == n.version)
+        return False
 
 
 @dataclass(frozen=True)
@@ -359,10 +392,8 @@ class Censor:
         flows and their residual triples) is let go, and the new ones apply from the next
         packet."""
         self.rules = rules
-        self._ip_hosts = frozenset(n.split("/")[0] for n in rules.block_ips
-                                   if n.endswith(("/32", "/128")))
-        self._ip_networks = tuple(ipaddress.ip_network(n) for n in rules.block_ips
-                                  if not n.endswith(("/32", "/128")))
+        self._ip_block = _AddressSet(rules.block_ips)
+        self._ip_throttle = _AddressSet(rules.throttle_ips)
         self._sni_rule = sni.BlockList(rules.block_sni)
         def lifted(name: str | None) -> bool:
             return name is not None and self._sni_rule.match(name) is None
@@ -373,15 +404,7 @@ class Censor:
                 decided.blocked, decided.sni_rule = False, None
 
     def _ip_blocked(self, packet: Packet) -> bool:
-        if not self.rules.block_ips:
-            return False
-        if packet.src.ip in self._ip_hosts or packet.dst.ip in self._ip_hosts:
-            return True
-        if self._ip_networks:
-            addresses = (ipaddress.ip_address(packet.src.ip), ipaddress.ip_address(packet.dst.ip))
-            return any(a in n for n in self._ip_networks for a in addresses
-                       if a.version == n.version)
-        return False
+        return self._ip_block.holds(packet)
 
     # ------------------------------------------------------------------ packets
     def packet(self, data: bytes, now: float) -> bool:
@@ -402,7 +425,8 @@ class Censor:
         if self.rules.block_ports & {packet.src.port, packet.dst.port}:
             return self._block(packet, connection, RULE_BLOCK_PORT, now)
         after = self.rules.throttle_after
-        if after is not None and connection.carried >= after:
+        if (after is not None and connection.carried >= after
+                and (not self.rules.throttle_ips or self._ip_throttle.holds(packet))):
             self._report(connection, RULE_THROTTLE, f"drop {self.rules.throttle_drop:g}", now)
             if self._throttle_rng.random() < self.rules.throttle_drop:
                 return self._drop()

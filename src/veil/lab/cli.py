@@ -40,7 +40,7 @@ rules, after THREATS.md section 8:
   --block-port      the GFW's 20 Aug 2025 blocking of TCP/443 (with --inject-rst: RST+ACK both ways)
   --block-sni       the GFW's SNI filter (RSTs with --inject-rst, then the triple for 90 s)
   --throttle-after  Iran's throttling; with the default --throttle-drop 1, Russia's freeze
-                    after ~16 KB
+                    after ~16 KB (--throttle-ip: only connections to those addresses)
 --inject-rst applies to every block but --block-ip: port, SNI and detector blocks.
 
 The rules file (--rules) has one rule a line, the options' names without dashes:
@@ -50,6 +50,7 @@ The rules file (--rules) has one rule a line, the options' names without dashes:
   inject-rst
   throttle-after 16384
   throttle-drop 0.5          # comment
+  throttle-ip 203.0.113.7    # only connections to or from it
 The rules in force are the command line's plus the file's (the file's throttle wins). The
 file is compared with what was applied every 0.1 s; each change prints {"event": "rules",
 ...} once applied. Lifting a rule lets go at once of what it blocks (an SNI residual too).
@@ -170,6 +171,9 @@ def add_lab_parser(sub: Any) -> None:
     rules.add_argument("--throttle-drop", type=float, metavar="SHARE",
                        help="share of a throttled connection's packets dropped (0 to 1; "
                             "default 1: the connection freezes)")
+    rules.add_argument("--throttle-ip", action="append", default=[], metavar="ADDR[/LEN]",
+                       help="throttle only connections to or from this address or network "
+                            "(repeatable; default: every connection)")
     rules.add_argument("--rules", type=Path, metavar="FILE",
                        help="more rules, read again whenever the file changes (a missing file "
                             "holds none)")

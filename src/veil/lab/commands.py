@@ -95,11 +95,14 @@ def _censor(args: argparse.Namespace) -> int:
         raise ConfigError("--residual must be >= 0")
     if args.throttle_drop is not None and args.throttle_after is None:
         raise ConfigError("--throttle-drop needs --throttle-after")
+    if args.throttle_ip and args.throttle_after is None:
+        raise ConfigError("--throttle-ip needs --throttle-after")
     block = tuple(name.strip() for name in args.block.split(",") if name.strip())
     try:
         rules = Rules(tuple(args.block_ip), frozenset(args.block_port),
                       frozenset(args.block_sni), args.inject_rst, args.throttle_after,
-                      1.0 if args.throttle_drop is None else args.throttle_drop)
+                      1.0 if args.throttle_drop is None else args.throttle_drop,
+                      tuple(args.throttle_ip))
         censor = Censor(block=block, residual=args.residual, blocklist=_blocklist(args.blocklist),
                         probability=args.probability, seed=args.seed, rules=rules)
         if args.rules is not None and args.rules.exists():

@@ -21,6 +21,11 @@ The rules:
   (``probe_initial`` doubling to ``probe_max``, each wait times a factor from ``jitter``, so
   clients blocked together do not probe together); a probe that succeeds unblocks the way and,
   being better, makes it the way in use again.
+- A way blocked again soon after a probe gave it back (within ``relapse_window``) did not come
+  back: a throttle that freezes each connection after N bytes lets every handshake, so every
+  probe, through, and only the user's next download finds the freeze again. Its probe wait
+  then goes on from where it was, times ``relapse_factor``, up to ``relapse_max``, so such a
+  way is given back ever more rarely instead of every few seconds.
 - When every way is blocked (the network is down, or all are), the way in use rotates through
   them on each further failure, so every one keeps being tried; the first that works is used.
 """
@@ -62,12 +67,27 @@ class FailoverConfig:
     probe_max: float = 60.0
     #: Each probe wait is multiplied by a factor drawn from this range.
     jitter: tuple[float, float] = (0.5, 1.5)
+    #: A way blocked again within this long (seconds) of a probe giving it back relapsed: its
+    #: probe's success proved nothing (a throttle that freezes after N bytes passes every
+    #: handshake). Five minutes: a freeze shows up within the user's next downloads, while a
+    #: block that lifted and came back later is a new block, probed from probe_initial again.
+    relapse_window: float = 300.0
+    #: On a relapse the probe wait is multiplied by this: each return costs the user a frozen
+    #: download (~10-20 s until it is found), so returns must get rare fast: 5 s, then
+    #: 20 s, 80 s, 320 s (each times the jitter).
+    relapse_factor: float = 4.0
+    #: The longest wait before probing a way that keeps relapsing (seconds): a throttled way
+    #: costs one frozen download per ten minutes at most, and a throttle that was lifted is
+    #: found within ten minutes.
+    relapse_max: float = 600.0
 
     def __post_init__(self) -> None:
         if self.block_after < 1:
             raise ValueError("block_after must be at least 1")
-        if not 0 < self.probe_initial <= self.probe_max:
-            raise ValueError("need 0 < probe_initial <= probe_max")
+        if not 0 < self.probe_initial <= self.probe_max <= self.relapse_max:
+            raise ValueError("need 0 < probe_initial <= probe_max <= relapse_max")
+        if self.relapse_factor < 1 or self.relapse_window < 0:
+            raise ValueError("need relapse_factor >= 1 and relapse_window >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +107,8 @@ class _Way:
     blocked: bool = False
     probe_wait: float = 0.0
     probe_at: float = 0.0
+    #: When a probe's success last gave it back after a block (None: never).
+    returned_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -115,13 +137,20 @@ class WayChooser:
         state = self._ways[way]
         state.failures += 1
         state.last_failure = failure
+        config = self.config
         if state.blocked:
-            # A probe (or a straggler) failed: wait longer before the next probe.
-            state.probe_wait = min(state.probe_wait * 2, self.config.probe_max)
+            # A probe (or a straggler) failed: wait longer before the next probe (never
+            # shorter than a relapse made it).
+            state.probe_wait = max(state.probe_wait,
+                                   min(state.probe_wait * 2, config.probe_max))
             state.probe_at = now + self._jittered(state.probe_wait)
-        elif state.failures >= self.config.block_after or failure in CONCLUSIVE:
+        elif state.failures >= config.block_after or failure in CONCLUSIVE:
             state.blocked = True
-            state.probe_wait = self.config.probe_initial
+            if state.returned_at is not None and now - state.returned_at <= config.relapse_window:
+                state.probe_wait = min(state.probe_wait * config.relapse_factor,
+                                       config.relapse_max)
+            else:
+                state.probe_wait = config.probe_initial
             state.probe_at = now + self._jittered(state.probe_wait)
         if way != self.current or not state.blocked:
             return None
@@ -136,6 +165,8 @@ class WayChooser:
         """An attempt on ``way`` reached our server (the pin matched, the session began)."""
         state = self._ways[way]
         state.failures = 0
+        if state.blocked:
+            state.returned_at = now  # its probe wait is kept, in case it relapses
         state.blocked = False
         if way < self.current or self._ways[self.current].blocked:
             old, self.current = self.current, way

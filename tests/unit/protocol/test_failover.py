@@ -71,6 +71,41 @@ def test_a_probe_that_works_moves_back_to_the_preferred_way() -> None:
     assert ways.current == 0 and not ways.blocked(0) and ways.next_probe() is None
 
 
+def test_a_way_that_freezes_again_after_each_return_is_given_back_ever_more_rarely() -> None:
+    """A throttle that freezes each connection after N bytes: every probe handshakes fine,
+    and the user's next download on the way goes silent again. Each return waits 4x
+    longer (5, 20, 80, 320, then 600 s, each times the jitter), not 5 s every time."""
+    ways = chooser(2)
+    now = 0.0
+    assert ways.failed(0, Failure.SILENT, now) == Switched(0, 1, Failure.SILENT)
+    waits = []
+    for _ in range(6):
+        planned = ways.next_probe()
+        assert planned is not None
+        waits.append(planned[1] - now)
+        now = planned[1]
+        assert ways.succeeded(0, now) == Switched(1, 0, None)  # the probe handshakes fine
+        now += 8.0  # the next download freezes; found ~8 s later
+        assert ways.failed(0, Failure.SILENT, now) == Switched(0, 1, Failure.SILENT)
+    for wait, base in zip(waits, (5, 20, 80, 320, 600, 600), strict=True):
+        assert 0.5 * base <= wait <= 1.5 * base, waits
+    # A failed probe of a relapsed way does not shorten its wait back to probe_max.
+    now = ways.next_probe()[1]  # type: ignore[index]
+    ways.failed(0, Failure.RESET, now)
+    assert ways.next_probe()[1] - now >= 0.5 * 600  # type: ignore[index]
+
+
+def test_a_way_blocked_long_after_it_came_back_starts_over() -> None:
+    """A block that lifted and a new block later: probed from probe_initial again."""
+    ways = chooser(2)
+    ways.failed(0, Failure.SILENT, 0.0)
+    now = ways.next_probe()[1]  # type: ignore[index]
+    ways.succeeded(0, now)
+    now += 301.0  # relapse_window is 300 s
+    ways.failed(0, Failure.SILENT, now)
+    assert ways.next_probe()[1] - now <= 1.5 * CONFIG.probe_initial  # type: ignore[index]
+
+
 def test_the_next_unblocked_way_in_key_order_is_used() -> None:
     ways = chooser(3)
     ways.failed(0, Failure.RESET, 0.0)
