@@ -131,6 +131,8 @@ def test_a_blocked_direct_way_moves_to_the_cdn_and_100_streams_arrive_byte_exact
         await wait_until_async(lambda: servers[0].live.user_bytes.get(
             "alice", Usage()).total >= 2 * STREAMS * BODY, TIMEOUT,
             lambda: f"alice's usage: {servers[0].live.user_bytes}")
+        # And the session counts as a handshake accepted on the CDN way in (the metric).
+        assert servers[0].gate.stats.accepted.get("cdn", 0) >= 1, servers[0].gate.stats
 
     cdn_log: list[str] = []
     asyncio.run(with_cdn_server(tmp_path, scheme, body, http2=http2, cdn_log=cdn_log,

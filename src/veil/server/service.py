@@ -55,6 +55,9 @@ SERVER_SESSION_CONFIG = SessionConfig(keepalive_interval=None)
 # proxy_read_timeout), which would end an idle SSH login; a WebSocket or a streaming response
 # with a heartbeat is what web apps behind CDNs look like anyway.
 CDN_IDLE_PING_S = 45.0
+#: How the CDN carriers' sessions and Trojan connections are named in metrics and logs.
+CDN_WAY_IN = "cdn"
+TROJAN_CDN_WAY_IN = "trojan-cdn"
 # The first frame after acceptance is PADDING of a random length in this range, so that the
 # server's first record is not of one fixed size.
 # How long shutdown waits for sessions to close after saying CLOSE.
@@ -217,9 +220,19 @@ class VeilServer:
             return reason
 
         def start(sealed: SealedTransport) -> None:
-            self._start_session(sealed, user, b"", way_in="cdn", idle_ping=CDN_IDLE_PING_S)
+            self.gate.stats.accept(CDN_WAY_IN)
+            self._start_session(sealed, user, b"", way_in=CDN_WAY_IN, idle_ping=CDN_IDLE_PING_S)
             sealed.release()
         return start
+
+    def _way_in_names(self) -> tuple[str, ...]:
+        """The ways in as metrics name them: the TLS port's, then the CDN carriers'."""
+        names = [w.name for w in self.gate.ways_in]
+        if self.carriers is not None:
+            names.append(CDN_WAY_IN)
+            if self.options.trojan:
+                names.append(TROJAN_CDN_WAY_IN)
+        return tuple(names)
 
     def _way_labels(self) -> list[str]:
         """The ways in keys name, as block reports name them (no secret paths)."""
@@ -303,7 +316,8 @@ class VeilServer:
 
     def _serve_trojan_cdn(self, transport: asyncio.Transport, user: User,
                           request: TrojanRequest, rest: bytes) -> None:
-        self._serve_trojan(transport, user, request, rest, way_in="trojan-cdn")
+        self.gate.stats.accept(TROJAN_CDN_WAY_IN)
+        self._serve_trojan(transport, user, request, rest, way_in=TROJAN_CDN_WAY_IN)
 
     async def reload(self) -> None:
         """Re-read the certificate (new handshakes use it; renews a self-signed one that is
@@ -364,7 +378,7 @@ class VeilServer:
         return ServerStatus(
             state=self.state, started_at=self.started_at, listen=str(listen),
             cover_url=self.options.cover_url, tun=self.options.tun,
-            ways_in=tuple(w.name for w in self.gate.ways_in), connections=connections,
+            ways_in=self._way_in_names(), connections=connections,
             user_bytes=dict(live.user_bytes), users=users,
             store_refresh_failures=live.refresh_failures,
             gate=GateCounts(accepted=dict(stats.accepted), cover_plain=stats.cover_plain,
