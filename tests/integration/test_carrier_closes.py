@@ -71,6 +71,11 @@ def _client(port: int, late: bool, result: dict[str, object]) -> None:
             result["end"] = "close_notify"
         except ssl.SSLEOFError:
             result["end"] = "fin"
+        except ssl.SSLError as exc:
+            # Python 3.11.2 (Debian's) reports a bare FIN as this SSLError, later ones as
+            # SSLEOFError.
+            bare_fin = getattr(exc, "reason", None) == "UNEXPECTED_EOF_WHILE_READING"
+            result["end"] = "fin" if bare_fin else repr(exc)
         except OSError as exc:
             result["end"] = repr(exc)
         result["received"] = bytes(received)
