@@ -186,10 +186,11 @@ def _lines(text: str) -> Iterable[tuple[int, str]]:
         yield number, line
 
 
-def load_clash_list(path: Path) -> list[Condition]:
+def load_clash_list(path: Path, origin: str = "") -> list[Condition]:
     """A Clash classical rule list (``TYPE,VALUE`` a line, or a YAML ``payload:`` list of
-    them); one condition a line."""
-    text = _read_text(path, str(path))
+    them); one condition a line. ``origin``: the line that named the file, for a read
+    error."""
+    text = _read_text(path, origin or str(path))
     conditions: list[Condition] = []
     in_payload = False
     for number, raw_line in _lines(text):
@@ -231,14 +232,15 @@ def _strings(value: Any, origin: str, key: str) -> list[str]:
     return [str(v) for v in values]
 
 
-def load_singbox_source(path: Path) -> list[Condition]:
+def load_singbox_source(path: Path, origin: str = "") -> list[Condition]:
     """A sing-box rule-set source file (version 1 to 3), one condition per headless rule.
 
     Logical rules and ``invert`` are refused (veil's conditions do not negate), as are fields
     that need what a proxy client does not know here (process names, source addresses, ...).
+    ``origin``: the line that named the file, for a read error.
     """
     try:
-        document = json.loads(_read_text(path, str(path)))
+        document = json.loads(_read_text(path, origin or str(path)))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}: not JSON: {exc.msg}") from exc
     if not isinstance(document, dict):
@@ -296,8 +298,8 @@ def load_rule_set_file(path: Path, origin: str = "") -> list[Condition]:
     if path.suffix.lower() in BINARY_SUFFIXES:
         _read_text(path, origin or str(path))  # raises the binary-format error
     if path.suffix.lower() == ".json":
-        return load_singbox_source(path)
-    return load_clash_list(path)
+        return load_singbox_source(path, origin)
+    return load_clash_list(path, origin)
 
 
 # -- veil's rules file ---------------------------------------------------------------------------
@@ -311,7 +313,9 @@ def _action(text: str, origin: str) -> Action:
 
 def parse_rules_file(path: Path) -> list[Rule]:
     """veil's rules file (see the module docstring)."""
-    if path.suffix.lower() in (".json", *BINARY_SUFFIXES):
+    if path.suffix.lower() in BINARY_SUFFIXES:
+        _read_text(path, str(path))  # raises the binary-format error
+    if path.suffix.lower() == ".json":
         raise ConfigError(f"{path}: this is a rule set, which carries no action; pull it in "
                           f"from a rules file with a line such as RULE-SET,{path},DIRECT")
     text = _read_text(path, str(path))
