@@ -338,7 +338,7 @@ class RuleSet:
             if self._holds(index, port, network):
                 best = index
                 break
-        ip = dest.ip
+        ip = _ip_of(dest.host)
         if ip is None:
             name = normalize_name(dest.host)
             best = self._best(self._full.get(name), best, port, network)
@@ -424,6 +424,18 @@ class RuleSet:
         lines.append(f"(no rule matched: tunnel): {self.default_hits} "
                      f"hit{'s' if self.default_hits != 1 else ''}")
         return lines
+
+
+def _ip_of(host: str) -> _IP | None:
+    """``host`` as an address, or None for a name. Half the cost of a decision was
+    ``ip_address`` failing on names: a name's last label is not all digits (RFC 3696 2), and
+    only IPv6 has colons, so most names skip the parse."""
+    if ":" not in host and not host[-1:].isdigit():
+        return None
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
 
 
 def _index_spans(items: list[tuple[int, int, int]]) -> tuple[_Ranges, list[tuple[int, ...]]]:
