@@ -58,9 +58,8 @@ __all__ = [
 #: keeping a wrong path (a disk image, a log) from filling memory.
 MAX_RULE_FILE_BYTES = 64 * 1024 * 1024
 
-#: RULE-SET lines may nest (a rules file pulling in a rules file is not allowed, but a rule set
-#: is read once per reference); more references than this in one configuration are a loop or
-#: a mistake.
+#: RULE-SET lines one rules file may have. Each reads and holds a whole rule set (rule sets do
+#: not nest); real configurations name a handful, so more than this is a mistake.
 MAX_RULE_SET_REFERENCES = 256
 
 BINARY_SUFFIXES = (".srs", ".mrs")
