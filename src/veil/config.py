@@ -480,6 +480,9 @@ class ClientOptions:
     idle_close: tuple[float, float] = DEFAULT_IDLE_CLOSE
     #: Follow a subscription: ``key`` is its first answer (fetched or cached).
     subscription: SubscriptionOptions | None = None
+    #: ``--rules`` (repeatable, in order): rules files, or ``cn`` for the built-in preset
+    #: (split routing, veil.client.rules; SOCKS5, HTTP proxy and forwards, not --tun yet).
+    rules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 1 <= self.connections <= MAX_CONNECTIONS:
@@ -490,6 +493,9 @@ class ClientOptions:
         if not all(low <= figure <= high for figure in self.keepalive):
             raise ConfigError(f"--keepalive: both figures must be between {low:g} and "
                               f"{high:g} seconds")
+        if self.rules and self.tun:
+            raise ConfigError("--rules applies to --socks, --http and --forward; --tun does "
+                              "not route by rules yet")
         if self.allow_lan:
             return
         open_ = []
@@ -516,7 +522,7 @@ class ClientOptions:
                   shaping: bool = True, tun: bool = False,
                   tun_exclude: tuple[str, ...] = (),
                   keepalive: str | None = None, http_auth: str | None = None,
-                  allow_lan: bool = False) -> ClientOptions:
+                  allow_lan: bool = False, rules: tuple[str, ...] = ()) -> ClientOptions:
         """The options ``veil connect`` flags describe, as typed (``default_socks`` is where
         the SOCKS5 proxy listens when no inbound is named)."""
         specs = tuple(parse_forward_spec(text) for text in forwards)
@@ -528,4 +534,5 @@ class ClientOptions:
                    http_credentials=parse_credentials("--http-auth", http_auth),
                    allow_lan=allow_lan, connections=connections, tls_stack=tls_stack,
                    shaping=shaping, tun=tun, tun_exclude=tun_exclude,
-                   keepalive=parse_keepalive(keepalive) if keepalive else DEFAULT_KEEPALIVE)
+                   keepalive=parse_keepalive(keepalive) if keepalive else DEFAULT_KEEPALIVE,
+                   rules=rules)

@@ -280,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     connect.add_argument("--exclude", action="append", default=[], metavar="CIDR",
                          help="with --tun: keep this range outside the tunnel, e.g. the LAN "
                               "(repeatable)")
+    connect.add_argument("--rules", action="append", default=[], metavar="FILE|cn",
+                         help="split routing: a rules file (TYPE,VALUE,ACTION lines; actions "
+                              "TUNNEL, DIRECT, BLOCK; RULE-SET pulls in sing-box .json or "
+                              "Clash lists), or cn for the China preset; repeatable, first "
+                              "match wins, no match = tunnel (docs/routing.md)")
+    connect.add_argument("--explain", action="append", default=[], metavar="HOST[:PORT]",
+                         help="with --rules: print which rule sends HOST (port 443 unless "
+                              "said) where and why, then exit without connecting")
     connect.add_argument("--tun-cleanup", action="store_true",
                          help="undo what a --tun client that crashed left (routes, firewall, "
                               "DNS) and exit; --tun does this by itself when it starts")
@@ -577,6 +585,9 @@ def cmd_connect(args: argparse.Namespace) -> None:
 
         _run(follow)
         return
+    if args.explain:
+        _explain(args.rules, args.explain)
+        return
     options = _connect_options(args, parse_key(args.key))
     if args.tun_cleanup:
         from veil.client.service import tun_cleanup
@@ -584,6 +595,22 @@ def cmd_connect(args: argparse.Namespace) -> None:
         print("restored" if tun_cleanup() else "nothing to restore")
         return
     _run(lambda stop: run_client(options, stop))
+
+
+#: The port --explain assumes when HOST has none: most new connections are HTTPS.
+EXPLAIN_DEFAULT_PORT = 443
+
+
+def _explain(rule_sources: list[str], hosts: list[str]) -> None:
+    """``connect --rules ... --explain HOST``: the deciding rule per host, no connection."""
+    from veil.client.service import load_client_rules
+
+    if not rule_sources:
+        raise ConfigError("--explain needs --rules: without rules everything goes through "
+                          "the tunnel")
+    rules = load_client_rules(tuple(rule_sources))
+    for host in hosts:
+        print(rules.explain(parse_host_port(host, EXPLAIN_DEFAULT_PORT)))
 
 
 def _connect_options(args: argparse.Namespace, key: AccessKey | TrojanLink) -> ClientOptions:
@@ -599,7 +626,7 @@ def _connect_options(args: argparse.Namespace, key: AccessKey | TrojanLink) -> C
                                       tls_stack=args.tls, shaping=args.shaping, tun=args.tun,
                                       tun_exclude=tuple(args.exclude),
                                       keepalive=args.keepalive, http_auth=args.http_auth,
-                                      allow_lan=args.allow_lan)
+                                      allow_lan=args.allow_lan, rules=tuple(args.rules))
     return options
 
 

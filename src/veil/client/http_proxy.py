@@ -51,6 +51,7 @@ __all__ = [
     "ProxyRequest",
     "TunnelRequest",
     "error_response",
+    "forbidden_response",
 ]
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,14 @@ def error_response(code: str) -> bytes:
     challenge = b'Proxy-Authenticate: Basic realm="veil"\r\n' if status == 407 else b""
     return (b"HTTP/1.1 %d %s\r\n%sContent-Length: 0\r\nConnection: close\r\n\r\n"
             % (status, reason, challenge))
+
+
+def forbidden_response(reason: str) -> bytes:
+    """403 with ``reason`` as a one-line plain-text body (a routing rule blocked the
+    destination); the connection then closes."""
+    body = reason.replace("\r", " ").replace("\n", " ").encode("utf-8", "replace") + b"\n"
+    return (b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
 
 
 def _bad(message: str) -> RemoteProtocolError:
@@ -368,6 +377,12 @@ class _HttpProxyProtocol(HandshakeConnection[HttpProxyInbound]):
 
     async def _handover(self, request: ProxyRequest) -> None:
         transport = cast(asyncio.Transport, self._transport)
+        refusal = self._inbound.dialer.refusal(request.dest, "tcp")
+        if refusal is not None:
+            log.debug("http proxy: %s", refusal)
+            transport.write(forbidden_response(refusal))
+            transport.close()
+            return
         ready = await self._wait_ready()
         if transport.is_closing():
             return

@@ -7,13 +7,18 @@ import logging
 import sys
 from typing import Protocol
 
+from veil.client import rulefiles
 from veil.client.forward import start_forward
 from veil.client.http_proxy import HttpProxyInbound
+from veil.client.routing import RoutingDialer
+from veil.client.rules import RuleSet
 from veil.client.socks5 import Socks5Inbound
 from veil.client.subscription import Follower, FollowingTunnel
 from veil.config import ClientOptions
 from veil.errors import ConfigError, VeilError
 from veil.net.client_session import ClientTunnel
+from veil.net.dialer import Dialer
+from veil.net.direct import DirectDialer
 from veil.net.trojan_client import TrojanDialer
 from veil.protocol.accesskey import AccessKey
 from veil.protocol.trojan import TrojanLink
@@ -39,6 +44,8 @@ async def run_client(options: ClientOptions, stop: asyncio.Event, *,
             log.warning("--tun keeps the subscription's first key: it is not refreshed")
         await _run_tun(options, stop)
         return
+    # Rules first: a bad line is reported before anything connects.
+    rules = load_client_rules(options.rules) if options.rules else None
     tunnel: ClientTunnel | TrojanDialer | FollowingTunnel
     if follower is not None:
         tunnel = FollowingTunnel(follower, lambda key: ClientTunnel(
@@ -50,12 +57,36 @@ async def run_client(options: ClientOptions, stop: asyncio.Event, *,
         tunnel = ClientTunnel(options.key, pool_size=options.connections,
                               tls_stack=options.tls_stack,
                               session_config=options.session_config())
+    dialer: Dialer = tunnel
+    routing: RoutingDialer | None = None
+    if rules is not None:
+        direct = DirectDialer()
+        dialer = routing = RoutingDialer(rules, tunnel, direct, close_direct=direct.close)
+        log.warning("split routing: %d rules from %s", len(routing.rules),
+                    ", ".join(options.rules))
+    try:
+        await _run_inbounds(options, stop, tunnel, dialer)
+    finally:
+        if routing is not None:
+            routing.close()
+            for line in routing.rules.counters():
+                log.info("rule %s", line)
+
+
+def load_client_rules(sources: tuple[str, ...]) -> RuleSet:
+    """The rule set ``--rules`` names; ConfigError (naming file:line) when one is bad."""
+    return rulefiles.load_rules(sources, cn_data=rulefiles.CN_DATA)
+
+
+async def _run_inbounds(options: ClientOptions, stop: asyncio.Event,
+                        tunnel: ClientTunnel | TrojanDialer | FollowingTunnel,
+                        dialer: Dialer) -> None:
     inbounds: list[Socks5Inbound | HttpProxyInbound] = []
     if options.socks is not None:
-        inbounds.append(Socks5Inbound(tunnel, options.socks,
+        inbounds.append(Socks5Inbound(dialer, options.socks,
                                       credentials=options.socks_credentials))
     if options.http is not None:
-        inbounds.append(HttpProxyInbound(tunnel, options.http,
+        inbounds.append(HttpProxyInbound(dialer, options.http,
                                          credentials=options.http_credentials))
     started: list[Inbound] = []
     try:
@@ -67,7 +98,7 @@ async def run_client(options: ClientOptions, stop: asyncio.Event, *,
             started.append(inbound)
         for spec in options.forwards:
             try:
-                started.append(await start_forward(tunnel, spec))
+                started.append(await start_forward(dialer, spec))
             except OSError as exc:
                 raise VeilError(f"cannot listen for --forward {spec}: "
                                 f"{exc.strerror or exc}") from exc

@@ -438,6 +438,11 @@ class _Socks5Protocol(HandshakeConnection[Socks5Inbound]):
 
     async def _connect(self, dest: Address) -> None:
         transport = cast(asyncio.Transport, self._transport)
+        refusal = self._inbound.dialer.refusal(dest, "tcp")
+        if refusal is not None:
+            log.debug("socks5: %s", refusal)
+            self._refuse(transport, Reply.NOT_ALLOWED)
+            return
         ready = await self._wait_ready()
         if transport.is_closing():
             return

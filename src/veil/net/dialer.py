@@ -75,6 +75,12 @@ class Dialer(abc.ABC):
         ``pause_reading``/``resume_reading``. Must be called from the event loop's thread.
         """
 
+    def refusal(self, dest: Address, network: str = "tcp") -> str | None:
+        """Why a new ``network`` (``tcp``/``udp``) stream to ``dest`` is refused by policy (a
+        routing rule says block), or None. Inbounds ask before they answer their client, so
+        a refusal can be told (SOCKS5 0x02, HTTP 403); the default refuses nothing."""
+        return None
+
     @abc.abstractmethod
     def open_udp(self, on_datagram: DatagramHandler, on_close: Callable[[], None]) -> UdpFlow:
         """Start a UDP association; ``on_datagram(source, payload)`` gets each reply."""

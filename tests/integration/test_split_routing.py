@@ -1,0 +1,389 @@
+"""Split routing end to end: a real `veil serve`, a real `veil connect --rules`, loopback.
+
+Who reached a destination is read from the kernel, not guessed: the destination servers here
+look up which process holds the socket that connected to them (/proc/net and /proc/PID/fd), so
+"direct" means the client's own socket arrived (the server saw no stream) and "tunnel" means
+the server's did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import procs
+from tests.support.wait import wait_until
+from veil.client.routing import RoutingDialer
+from veil.client.rulefiles import load_rules
+from veil.client.socks5 import Socks5Inbound
+from veil.net.client_session import ClientTunnel
+from veil.net.direct import DirectDialer
+from veil.protocol.accesskey import AccessKey
+from veil.protocol.address import Address
+
+pytestmark = pytest.mark.slow
+
+#: Each socket operation of these tests gives up after this long: a stream or datagram that is
+#: not answered by then is taken as refused or dropped.
+IO_TIMEOUT_S = 10.0
+#: How long a blocked datagram is given to (wrongly) come back before it counts as dropped; the
+#: allowed ones on the same association answer within milliseconds on loopback.
+DROPPED_WAIT_S = 1.0
+BLOCKED_IP = "127.0.0.3"
+
+
+def sockets_of(pid: int) -> set[int]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(int(target[len("socket:["):-1]))
+    return inodes
+
+
+def owner_of_port(port: int, kind: str, pids: dict[str, int]) -> str:
+    """Which of ``pids`` holds the ``kind`` (tcp/udp) socket with local port ``port``."""
+    inodes = set()
+    for table in (kind, kind + "6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rpartition(":")[2], 16) == port:
+                inodes.add(int(fields[9]))
+    for name, pid in pids.items():
+        if inodes & sockets_of(pid):
+            return name
+    return "unknown"
+
+
+class WhoAmI:
+    """A TCP and a UDP server on one port that answer every peer with who it is
+    (``server``/``client``, by process)."""
+
+    def __init__(self) -> None:
+        self.pids: dict[str, int] = {}
+        self.tcp = socket.create_server(("127.0.0.1", 0))
+        self.port = self.tcp.getsockname()[1]
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", self.port))
+        self.seen: list[str] = []
+        self._threads = [threading.Thread(target=self._serve_tcp, daemon=True),
+                         threading.Thread(target=self._serve_udp, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _serve_tcp(self) -> None:
+        while True:
+            try:
+                conn, peer = self.tcp.accept()
+            except OSError:
+                return
+            with conn:
+                who = owner_of_port(peer[1], "tcp", self.pids)
+                self.seen.append(who)
+                with contextlib.suppress(OSError):
+                    conn.sendall(who.encode())
+
+    def _serve_udp(self) -> None:
+        while True:
+            try:
+                data, peer = self.udp.recvfrom(65536)
+            except OSError:
+                return
+            who = owner_of_port(peer[1], "udp", self.pids)
+            self.seen.append(who)
+            self.udp.sendto(data + b" " + who.encode(), peer)
+
+    def close(self) -> None:
+        self.tcp.close()
+        self.udp.close()
+        for thread in self._threads:
+            thread.join(IO_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def whoami() -> Iterator[WhoAmI]:
+    server = WhoAmI()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def rules_file(directory: Path) -> Path:
+    path = directory / "rules.txt"
+    path.write_text(f"""# split routing test rules
+DOMAIN,blocked.test,BLOCK
+IP-CIDR,{BLOCKED_IP}/32,BLOCK
+IP-CIDR,127.0.0.1/32,DIRECT
+GEOIP,PRIVATE,DIRECT
+MATCH,TUNNEL
+""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def routed_client(module_dir: Path, veil_server: procs.VeilServer,
+                  whoami: WhoAmI) -> Iterator[procs.VeilClient]:
+    client = procs.start_veil_client(module_dir, veil_server.key, http=True,
+                                     extra=("--rules", str(rules_file(module_dir))))
+    whoami.pids.update(server=veil_server.proc.pid, client=client.proc.pid)
+    try:
+        yield client
+    finally:
+        procs.stop(client.proc)
+
+
+def socks_connect(port: int, host: str, dest_port: int) -> tuple[socket.socket, bytes]:
+    """A SOCKS5 CONNECT (by name or IPv4); the socket and the reply's first two bytes."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT_S)
+    try:
+        sock.sendall(b"\x05\x01\x00")
+        assert sock.recv(2) == b"\x05\x00"
+        try:
+            target = b"\x01" + socket.inet_aton(host)
+        except OSError:
+            target = b"\x03" + bytes((len(host),)) + host.encode()
+        sock.sendall(b"\x05\x01\x00" + target + struct.pack("!H", dest_port))
+        reply = recv_exactly(sock, 10)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, reply[:2]
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_socks5_tcp_direct_tunnel_and_block(routed_client: procs.VeilClient,
+                                            whoami: WhoAmI) -> None:
+    assert routed_client.socks is not None
+    # An IP a DIRECT rule names: the client's own socket reaches it, the server sees nothing.
+    sock, reply = socks_connect(routed_client.socks, "127.0.0.1", whoami.port)
+    with sock:
+        assert reply == b"\x05\x00"
+        assert read_all(sock) == b"client"
+    # A name no domain rule matches goes through the tunnel, even though it would resolve to
+    # an address the IP rules send direct: it is not resolved here to find out.
+    sock, reply = socks_connect(routed_client.socks, "localhost", whoami.port)
+    with sock:
+        assert reply == b"\x05\x00"
+        assert read_all(sock) == b"server"
+    for host in ("blocked.test", BLOCKED_IP):
+        sock, reply = socks_connect(routed_client.socks, host, whoami.port)
+        with sock:
+            assert reply == b"\x05\x02", host  # connection not allowed by ruleset
+            assert read_all(sock) == b""
+
+
+def http_proxy(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT_S) as sock:
+        sock.sendall(request)
+        return read_all(sock)
+
+
+def test_http_proxy_direct_tunnel_and_block(routed_client: procs.VeilClient,
+                                            whoami: WhoAmI) -> None:
+    assert routed_client.http is not None
+    port = whoami.port
+    answer = http_proxy(routed_client.http, f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n"
+                        f"Host: 127.0.0.1:{port}\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\nclient")
+    answer = http_proxy(routed_client.http, f"CONNECT localhost:{port} HTTP/1.1\r\n"
+                        f"Host: localhost:{port}\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\nserver")
+    # A plain request is routed the same way (the whoami answers before reading it).
+    answer = http_proxy(routed_client.http, f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\n"
+                        f"Host: 127.0.0.1:{port}\r\n\r\n".encode())
+    assert answer == b"client"
+    answer = http_proxy(routed_client.http, f"GET http://localhost:{port}/ HTTP/1.1\r\n"
+                        f"Host: localhost:{port}\r\n\r\n".encode())
+    assert answer == b"server"
+    for request in (b"CONNECT blocked.test:443 HTTP/1.1\r\nHost: blocked.test:443\r\n\r\n",
+                    b"GET http://blocked.test/ HTTP/1.1\r\nHost: blocked.test\r\n\r\n"):
+        answer = http_proxy(routed_client.http, request)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 403 Forbidden"), answer
+        assert body.count(b"\n") == 1 and b"blocked by rule" in body
+        assert b"DOMAIN,blocked.test,BLOCK" in body
+
+
+def socks_udp(port: int) -> tuple[socket.socket, tuple[str, int]]:
+    ctrl = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT_S)
+    try:
+        ctrl.sendall(b"\x05\x01\x00")
+        assert ctrl.recv(2) == b"\x05\x00"
+        ctrl.sendall(b"\x05\x03\x00\x01" + bytes(6))
+        reply = recv_exactly(ctrl, 10)
+        assert reply[:2] == b"\x05\x00", reply
+    except BaseException:
+        ctrl.close()
+        raise
+    return ctrl, (socket.inet_ntoa(reply[4:8]), struct.unpack("!H", reply[8:10])[0])
+
+
+def udp_header(host: str, port: int) -> bytes:
+    try:
+        target = b"\x01" + socket.inet_aton(host)
+    except OSError:
+        target = b"\x03" + bytes((len(host),)) + host.encode()
+    return b"\x00\x00\x00" + target + struct.pack("!H", port)
+
+
+def test_socks5_udp_direct_tunnel_and_block(routed_client: procs.VeilClient,
+                                            whoami: WhoAmI) -> None:
+    assert routed_client.socks is not None
+    ctrl, relay = socks_udp(routed_client.socks)
+    with ctrl, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.settimeout(IO_TIMEOUT_S)
+
+        def ask(host: str, payload: bytes) -> bytes:
+            udp.sendto(udp_header(host, whoami.port) + payload, relay)
+            data, _ = udp.recvfrom(65536)
+            return data[len(udp_header("127.0.0.1", whoami.port)):]
+
+        # One association, three routes: direct, tunnel, and dropped by a block rule.
+        assert ask("127.0.0.1", b"one") == b"one client"
+        udp.sendto(udp_header(BLOCKED_IP, whoami.port) + b"blocked", relay)
+        udp.sendto(udp_header("localhost", whoami.port) + b"two", relay)
+        data, _ = udp.recvfrom(65536)
+        assert data.endswith(b"two server"), data
+        udp.settimeout(DROPPED_WAIT_S)
+        with pytest.raises(TimeoutError):
+            udp.recvfrom(65536)
+        assert b"blocked" not in b" ".join(w.encode() for w in whoami.seen)
+
+
+def test_hit_counters_are_logged_at_exit(module_dir: Path, veil_server: procs.VeilServer,
+                                         whoami: WhoAmI) -> None:
+    client = procs.start_veil_client(module_dir, veil_server.key,
+                                     extra=("--rules", str(rules_file(module_dir))))
+    try:
+        assert client.socks is not None
+        for host in ("blocked.test", "blocked.test", "127.0.0.1"):
+            sock, _ = socks_connect(client.socks, host, whoami.port)
+            with sock:
+                read_all(sock)
+    finally:
+        procs.stop(client.proc)
+    log = client.log_text()
+    assert "split routing: 5 rules from" in log
+    assert "DOMAIN,blocked.test,BLOCK: 2 hits" in log
+    assert "IP-CIDR,127.0.0.1/32,DIRECT: 1 hit" in log
+    assert "MATCH,TUNNEL: 0 hits" in log
+
+
+def test_explain_prints_the_rule_and_does_not_connect(module_dir: Path) -> None:
+    rules = rules_file(module_dir)
+    out = subprocess.run([*procs.VEIL, "connect", "veil://not-even-parsed", "--rules", str(rules),
+                          "--explain", "BLOCKED.test.", "--explain", "127.0.0.1:80",
+                          "--explain", "example.org"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("BLOCKED.test.:443 -> block:") and f"{rules}:2" in lines[0]
+    assert lines[1].startswith("127.0.0.1:80 -> direct:") and "ip_cidr 127.0.0.1/32" in lines[1]
+    assert lines[2].startswith("example.org:443 -> tunnel (resolved by the server):")
+    assert "MATCH,TUNNEL" in lines[2]
+
+
+def test_bad_rules_and_the_missing_cn_data_are_told_before_connecting(module_dir: Path) -> None:
+    bad = module_dir / "bad.txt"
+    bad.write_text("DOMAIN,a.org,DIRECT\nDOMAIN-SUFFIX,b.org,SOMETIMES\n")
+    for rules, expected in ((str(bad), f"{bad}:2: action 'SOMETIMES'"),
+                            ("cn", "--rules cn needs the China rule data")):
+        out = subprocess.run([*procs.VEIL, "connect", "veil://x@127.0.0.1:9", "--rules", rules,
+                              "--explain", "a.org"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and expected in out.stderr, out.stderr
+
+
+# -- the local resolver never sees a tunnelled name ----------------------------------------------
+
+class ResolverSpy:
+    """Records the names this process asks its resolver about (socket.getaddrinfo)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.names: list[str] = []
+        real = socket.getaddrinfo
+
+        def spying(host: object, *args: object, **kwargs: object) -> object:
+            if isinstance(host, bytes):
+                host = host.decode()
+            if isinstance(host, str):
+                try:
+                    socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+                except OSError:
+                    self.names.append(host)
+            return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(socket, "getaddrinfo", spying)
+
+
+async def fetch_through(rules_text: str, directory: Path, key: str, port: int) -> bytes:
+    """Run a SOCKS5 inbound in this process, routed by ``rules_text``, and fetch the whoami
+    at ``localhost:port`` through it."""
+    path = directory / "spy-rules.txt"
+    path.write_text(rules_text)
+    tunnel = ClientTunnel(AccessKey.parse(key), tls_stack="openssl")
+    direct = DirectDialer()
+    inbound = Socks5Inbound(RoutingDialer(load_rules([str(path)]), tunnel, direct),
+                            Address("127.0.0.1", 0))
+    await inbound.start()
+    tunnel.start()
+    try:
+        def exchange() -> bytes:
+            sock, reply = socks_connect(inbound.address.port, "localhost", port)
+            with sock:
+                assert reply == b"\x05\x00"
+                return read_all(sock)
+
+        return await asyncio.to_thread(exchange)
+    finally:
+        await inbound.close()
+        direct.close()
+        await tunnel.close()
+
+
+def test_a_name_without_a_domain_rule_is_never_resolved_here(
+        module_dir: Path, veil_server: procs.VeilServer, whoami: WhoAmI,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    whoami.pids.update(server=veil_server.proc.pid, client=os.getpid())
+    spy = ResolverSpy(monkeypatch)
+    # IP rules that localhost's address matches: a client that resolved names to test them
+    # would ask its resolver, and send it direct.
+    answer = asyncio.run(fetch_through("IP-CIDR,127.0.0.0/8,DIRECT\nGEOIP,PRIVATE,DIRECT\n"
+                                       "MATCH,TUNNEL\n", module_dir, veil_server.key,
+                                       whoami.port))
+    assert answer == b"server"
+    assert "localhost" not in spy.names
+    # The positive control: a DIRECT domain rule does resolve here, and the spy sees it.
+    answer = asyncio.run(fetch_through("DOMAIN,localhost,DIRECT\nMATCH,TUNNEL\n", module_dir,
+                                       veil_server.key, whoami.port))
+    assert answer == b"client"
+    assert "localhost" in spy.names
+    wait_until(lambda: whoami.seen[-2:] == ["server", "client"], IO_TIMEOUT_S,
+               lambda: f"the whoami to see both: {whoami.seen}")

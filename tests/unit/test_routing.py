@@ -1,0 +1,146 @@
+"""RoutingDialer (veil.client.routing): each stream and datagram goes where the rules say."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from veil.client import routing
+from veil.client.routing import RoutingDialer
+from veil.client.rules import Action, Condition, Rule, RuleSet
+from veil.errors import TransportError
+from veil.net.dialer import DatagramHandler, Dialer, UdpFlow
+from veil.protocol.address import Address
+
+
+class RecordingFlow(UdpFlow):
+    def __init__(self) -> None:
+        self.sent: list[tuple[Address, bytes]] = []
+        self.closed = False
+
+    def send(self, dest: Address, payload: bytes) -> None:
+        self.sent.append((dest, payload))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class RecordingDialer(Dialer):
+    """Remembers what it was asked to carry."""
+
+    def __init__(self, *, udp_fails: bool = False) -> None:
+        self.tcp: list[Address] = []
+        self.flows: list[RecordingFlow] = []
+        self.on_close: list[Callable[[], None]] = []
+        self._udp_fails = udp_fails
+
+    async def wait_ready(self, timeout: float) -> bool:
+        return True
+
+    def open_tcp(self, dest: Address, local: asyncio.Transport, early_data: bytes = b"") -> None:
+        self.tcp.append(dest)
+
+    def open_udp(self, on_datagram: DatagramHandler, on_close: Callable[[], None]) -> UdpFlow:
+        if self._udp_fails:
+            raise TransportError("tunnel down")
+        flow = RecordingFlow()
+        self.flows.append(flow)
+        self.on_close.append(on_close)
+        return flow
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def rules() -> RuleSet:
+    return RuleSet([
+        Rule(Action.BLOCK, (Condition(suffixes=("ads.test",)),), "r:1",
+             "DOMAIN-SUFFIX,ads.test,BLOCK"),
+        Rule(Action.DIRECT, (Condition(suffixes=("home.test",)),), "r:2",
+             "DOMAIN-SUFFIX,home.test,DIRECT"),
+        Rule(Action.TUNNEL, (Condition(),), "r:3", "MATCH,TUNNEL"),
+    ])
+
+
+def make() -> tuple[RoutingDialer, RecordingDialer, RecordingDialer]:
+    tunnel, direct = RecordingDialer(), RecordingDialer()
+    return RoutingDialer(rules(), tunnel, direct), tunnel, direct
+
+
+def test_tcp_goes_where_the_rules_say_and_a_block_aborts() -> None:
+    dialer, tunnel, direct = make()
+    dialer.open_tcp(Address("www.home.test", 443), FakeTransport())
+    dialer.open_tcp(Address("example.org", 443), FakeTransport())
+    blocked = FakeTransport()
+    dialer.open_tcp(Address("x.ads.test", 443), blocked)
+    assert direct.tcp == [Address("www.home.test", 443)]
+    assert tunnel.tcp == [Address("example.org", 443)]
+    assert blocked.aborted
+    assert dialer.rules.hits == [1, 1, 1]
+
+
+def test_refusal_names_the_rule_and_counts_only_blocks() -> None:
+    dialer, _, _ = make()
+    assert dialer.refusal(Address("home.test", 80)) is None
+    assert dialer.refusal(Address("ads.test", 80)) == (
+        "blocked by rule r:1 DOMAIN-SUFFIX,ads.test,BLOCK")
+    assert dialer.rules.hits == [1, 0, 0]
+
+
+def test_udp_routes_each_destination_opens_each_carrier_once_and_drops_blocks() -> None:
+    dialer, tunnel, direct = make()
+    flow = dialer.open_udp(lambda source, payload: None, lambda: None)
+    home, away, ads = Address("dns.home.test", 53), Address("1.1.1.1", 53), Address("ads.test", 1)
+    for _ in range(3):
+        flow.send(home, b"h")
+        flow.send(away, b"a")
+        flow.send(ads, b"x")
+    assert [f.sent for f in direct.flows] == [[(home, b"h")] * 3]
+    assert [f.sent for f in tunnel.flows] == [[(away, b"a")] * 3]
+    assert dialer.rules.hits == [1, 1, 1]  # once per destination, not per datagram
+    flow.close()
+    assert direct.flows[0].closed and tunnel.flows[0].closed
+
+
+def test_a_carrier_ending_ends_the_association_once() -> None:
+    dialer, tunnel, direct = make()
+    ended: list[bool] = []
+    flow = dialer.open_udp(lambda source, payload: None, lambda: ended.append(True))
+    flow.send(Address("a.home.test", 53), b"1")
+    flow.send(Address("example.org", 53), b"2")
+    tunnel.on_close[0]()
+    tunnel.on_close[0]()
+    assert ended == [True]
+    assert direct.flows[0].closed
+
+
+def test_a_tunnel_that_cannot_open_udp_loses_that_datagram_only() -> None:
+    tunnel, direct = RecordingDialer(udp_fails=True), RecordingDialer()
+    dialer = RoutingDialer(rules(), tunnel, direct)
+    flow = dialer.open_udp(lambda source, payload: None, lambda: None)
+    flow.send(Address("example.org", 53), b"lost")
+    flow.send(Address("a.home.test", 53), b"kept")
+    assert direct.flows[0].sent == [(Address("a.home.test", 53), b"kept")]
+
+
+def test_the_remembered_routes_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(routing, "MAX_UDP_ROUTES_PER_FLOW", 4)
+    dialer, _, _ = make()
+    flow = dialer.open_udp(lambda source, payload: None, lambda: None)
+    for port in range(10):
+        flow.send(Address("example.org", port), b"")
+    assert len(flow._routes) == 4  # type: ignore[attr-defined]
+    flow.send(Address("example.org", 0), b"")  # forgotten: decided (and counted) again
+    assert dialer.rules.hits[2] == 11
+
+
+def test_the_base_dialer_refuses_nothing() -> None:
+    assert RecordingDialer().refusal(Address("anything", 1)) is None
