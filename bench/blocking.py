@@ -103,6 +103,12 @@ def block_runs(lab: BlockLab, kind: str, runs: int) -> dict[str, Any]:
     never = 0
     for run in range(runs):
         lab.set_rules("")
+        if run:
+            # Each run is a client with no history: a way blocked again within minutes of
+            # its return waits 4x longer before the next return (FailoverConfig's relapse
+            # rule, against a censor that freezes every new connection), which would
+            # stretch each run's return and time that rule instead of one block.
+            lab.restart_client()
         wait_until(lambda: lab.carrier_of_next(4.0) == SERVER_IP, BACK_WITHIN_S,
                    "the client on the direct way", poll=0.2)
         running = lab.start("client", "curl-running", lab.curl_argv(
