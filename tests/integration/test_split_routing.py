@@ -311,14 +311,29 @@ def test_explain_prints_the_rule_and_does_not_connect(module_dir: Path) -> None:
     assert "MATCH,TUNNEL" in lines[2]
 
 
-def test_bad_rules_and_the_missing_cn_data_are_told_before_connecting(module_dir: Path) -> None:
+def test_bad_rules_are_told_before_connecting(module_dir: Path) -> None:
     bad = module_dir / "bad.txt"
     bad.write_text("DOMAIN,a.org,DIRECT\nDOMAIN-SUFFIX,b.org,SOMETIMES\n")
-    for rules, expected in ((str(bad), f"{bad}:2: action 'SOMETIMES'"),
-                            ("cn", "--rules cn needs the China rule data")):
-        out = subprocess.run([*procs.VEIL, "connect", "veil://x@127.0.0.1:9", "--rules", rules,
-                              "--explain", "a.org"], capture_output=True, text=True, timeout=60)
-        assert out.returncode == 2 and expected in out.stderr, out.stderr
+    out = subprocess.run([*procs.VEIL, "connect", "veil://x@127.0.0.1:9", "--rules", str(bad),
+                          "--explain", "a.org"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and f"{bad}:2: action 'SOMETIMES'" in out.stderr, out.stderr
+
+
+def test_the_cn_preset_with_the_packaged_data(module_dir: Path) -> None:
+    """``--rules cn``: China's domains and networks direct, Google's and the rest tunnelled,
+    private ranges direct; --explain says how old the data is and credits DB-IP."""
+    hosts = {"www.baidu.com": "direct", "www.google.com": "tunnel", "fonts.gstatic.com":
+             "tunnel", "114.114.114.114:53": "direct", "8.8.8.8:53": "tunnel",
+             "192.168.1.1:80": "direct"}
+    argv = [*procs.VEIL, "connect", "veil://x@127.0.0.1:9", "--rules", "cn"]
+    for host in hosts:
+        argv += ["--explain", host]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for line, (host, action) in zip(lines, hosts.items(), strict=False):
+        assert line.startswith(f"{host.partition(':')[0]}:") and f" -> {action}" in line, line
+    assert any("data of 20" in line and "DB-IP" in line for line in lines[len(hosts):]), lines
 
 
 # -- the local resolver never sees a tunnelled name ----------------------------------------------

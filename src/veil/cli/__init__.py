@@ -611,6 +611,13 @@ def _explain(rule_sources: list[str], hosts: list[str]) -> None:
     rules = load_client_rules(tuple(rule_sources))
     for host in hosts:
         print(rules.explain(parse_host_port(host, EXPLAIN_DEFAULT_PORT)))
+    if "cn" in rule_sources:
+        from veil.client import ruledata
+
+        # How old the preset's data is, and the attribution DB-IP's licence asks for.
+        for kind, about in ruledata.info().items():
+            print(f"cn {kind}: {about['source']} {about['version'][:12]}, data of "
+                  f"{about['data_date']} ({about['licence']}; {about['attribution']})")
 
 
 def _connect_options(args: argparse.Namespace, key: AccessKey | TrojanLink) -> ClientOptions:

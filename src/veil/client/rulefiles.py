@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from veil.client import ruledata
 from veil.client.rules import (
     PRIVATE_COUNTRY,
     Action,
@@ -76,9 +77,14 @@ _ACTIONS = {"TUNNEL": Action.TUNNEL, "PROXY": Action.TUNNEL, "DIRECT": Action.DI
 CnData = Callable[[], tuple[Iterable[str], Iterable[str]]]
 
 
-#: Where ``--rules cn`` gets its data: None until the China rule data ships with veil (the
-#: data's module sets this, or the client passes its own ``cn_data`` to :func:`load_rules`).
-CN_DATA: CnData | None = None
+def packaged_cn_data() -> tuple[list[str], list[str]]:
+    """The China rule data packaged with veil (veil.client.ruledata, docs/routing.md)."""
+    return ruledata.cn_domains(), ruledata.cn_networks()
+
+
+#: Where ``--rules cn`` gets its data: the packaged lists (a caller may pass its own
+#: ``cn_data`` to :func:`load_rules`, e.g. newer data from a subscription).
+CN_DATA: CnData | None = packaged_cn_data
 
 
 def _read_text(path: Path, origin: str) -> str:
