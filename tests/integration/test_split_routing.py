@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from tests.support import procs
 from tests.support.wait import wait_until
+from veil.client.http_proxy import HttpProxyInbound
 from veil.client.routing import RoutingDialer
 from veil.client.rulefiles import load_rules
 from veil.client.socks5 import Socks5Inbound
@@ -402,3 +406,73 @@ def test_a_name_without_a_domain_rule_is_never_resolved_here(
     assert "localhost" in spy.names
     wait_until(lambda: whoami.seen[-2:] == ["server", "client"], IO_TIMEOUT_S,
                lambda: f"the whoami to see both: {whoami.seen}")
+
+
+# -- direct destinations do not wait for the tunnel ----------------------------------------------
+
+#: How long the inbounds of the next test wait for a tunnel that cannot come (the real default,
+#: READY_TIMEOUT, is 15 s: a tunnelled stream fails after this, as it always has).
+TUNNEL_WAIT_S = 2.0
+#: A direct stream must be answered well before TUNNEL_WAIT_S: it never needed the tunnel.
+DIRECT_AT_ONCE_S = 1.0
+
+
+def dead_server_key(key: str) -> str:
+    """``key`` with its server moved to a loopback port where nothing listens (a stopped
+    server: every connection is refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    parsed = AccessKey.parse(key)
+    return dataclasses.replace(parsed, server=Address("127.0.0.1", dead_port)).to_uri()
+
+
+async def with_a_dead_server(directory: Path, key: str, port: int) -> dict[str, object]:
+    """SOCKS5 and HTTP inbounds routed by rules (127.0.0.1 direct, the rest tunnelled) in front
+    of a tunnel whose server is down; what each stream got, and how long it took."""
+    path = directory / "dead-server-rules.txt"
+    path.write_text("IP-CIDR,127.0.0.1/32,DIRECT\nMATCH,TUNNEL\n")
+    tunnel = ClientTunnel(AccessKey.parse(dead_server_key(key)), tls_stack="openssl")
+    direct = DirectDialer()
+    dialer = RoutingDialer(load_rules([str(path)]), tunnel, direct)
+    socks = Socks5Inbound(dialer, Address("127.0.0.1", 0), ready_timeout=TUNNEL_WAIT_S)
+    http = HttpProxyInbound(dialer, Address("127.0.0.1", 0), ready_timeout=TUNNEL_WAIT_S)
+    await socks.start()
+    await http.start()
+    tunnel.start()
+    try:
+        def exchanges() -> dict[str, object]:
+            seen: dict[str, object] = {}
+            for host in ("127.0.0.1", "localhost"):
+                started = time.monotonic()
+                sock, reply = socks_connect(socks.address.port, host, port)
+                with sock:
+                    seen[f"socks {host}"] = (reply, read_all(sock), time.monotonic() - started)
+                started = time.monotonic()
+                answer = http_proxy(http.address.port, f"CONNECT {host}:{port} HTTP/1.1\r\n"
+                                    f"Host: {host}:{port}\r\n\r\n".encode())
+                seen[f"http {host}"] = (answer, time.monotonic() - started)
+            return seen
+
+        return await asyncio.to_thread(exchanges)
+    finally:
+        await socks.close()
+        await http.close()
+        direct.close()
+        await tunnel.close()
+
+
+def test_direct_destinations_do_not_wait_for_a_stopped_server(
+        module_dir: Path, veil_server: procs.VeilServer, whoami: WhoAmI) -> None:
+    whoami.pids.update(client=os.getpid())
+    seen = asyncio.run(with_a_dead_server(module_dir, veil_server.key, whoami.port))
+    reply, body, took = cast(tuple[bytes, bytes, float], seen["socks 127.0.0.1"])
+    assert (reply, body) == (b"\x05\x00", b"client") and took < DIRECT_AT_ONCE_S, seen
+    answer, took = cast(tuple[bytes, float], seen["http 127.0.0.1"])
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\nclient"), seen
+    assert took < DIRECT_AT_ONCE_S, seen
+    # A tunnelled destination fails as it always has: after the inbound's wait for the tunnel.
+    reply, body, took = cast(tuple[bytes, bytes, float], seen["socks localhost"])
+    assert (reply, body) == (b"\x05\x01", b"") and took >= TUNNEL_WAIT_S, seen
+    answer, took = cast(tuple[bytes, float], seen["http localhost"])
+    assert answer.startswith(b"HTTP/1.1 502") and took >= TUNNEL_WAIT_S, seen

@@ -30,14 +30,17 @@ class RecordingFlow(UdpFlow):
 class RecordingDialer(Dialer):
     """Remembers what it was asked to carry."""
 
-    def __init__(self, *, udp_fails: bool = False) -> None:
+    def __init__(self, *, udp_fails: bool = False, ready: bool = True) -> None:
         self.tcp: list[Address] = []
+        self.waits: list[float] = []
+        self._ready = ready
         self.flows: list[RecordingFlow] = []
         self.on_close: list[Callable[[], None]] = []
         self._udp_fails = udp_fails
 
     async def wait_ready(self, timeout: float) -> bool:
-        return True
+        self.waits.append(timeout)
+        return self._ready
 
     def open_tcp(self, dest: Address, local: asyncio.Transport, early_data: bytes = b"") -> None:
         self.tcp.append(dest)
@@ -144,3 +147,22 @@ def test_the_remembered_routes_are_bounded(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_the_base_dialer_refuses_nothing() -> None:
     assert RecordingDialer().refusal(Address("anything", 1)) is None
+
+
+def test_only_tunnelled_destinations_wait_for_the_tunnel() -> None:
+    tunnel, direct = RecordingDialer(ready=False), RecordingDialer()
+    dialer = RoutingDialer(rules(), tunnel, direct)
+
+    async def waits() -> list[bool]:
+        return [await dialer.wait_ready_for(Address("www.home.test", 443), 5.0),
+                await dialer.wait_ready_for(Address("example.org", 443), 5.0)]
+
+    assert asyncio.run(waits()) == [True, False]
+    assert tunnel.waits == [5.0]  # asked for example.org only
+    assert dialer.rules.hits == [0, 0, 0]  # the stream that follows counts
+
+
+def test_the_base_dialer_waits_for_itself_for_any_destination() -> None:
+    dialer = RecordingDialer(ready=False)
+    assert asyncio.run(dialer.wait_ready_for(Address("anything", 1), 3.0)) is False
+    assert dialer.waits == [3.0]

@@ -73,7 +73,7 @@ async def start_forward(dialer: Dialer, spec: ForwardSpec) -> TcpForward | UdpFo
 class TcpForward(TcpInbound):
     """Listens on ``listen`` and relays every accepted connection to ``dest``.
 
-    Each connection waits (paused) for ``dialer.wait_ready``; if the tunnel is not ready in
+    Each connection waits (paused) for ``dialer.wait_ready_for(dest)``; if it is not ready in
     ``ready_timeout`` it is closed, else it is handed to ``dialer.open_tcp``. ``close()`` stops
     accepting and aborts connections not yet handed over.
     """
@@ -135,7 +135,7 @@ class _TcpForwardProtocol(asyncio.Protocol):
         forward = self._forward
         transport = cast(asyncio.Transport, self._transport)
         try:
-            ready = await forward.dialer.wait_ready(forward.ready_timeout)
+            ready = await forward.dialer.wait_ready_for(forward.dest, forward.ready_timeout)
         except VeilError as exc:
             log.debug("tcp forward: dialer not ready: %s", exc.code)
             ready = False

@@ -383,7 +383,7 @@ class _HttpProxyProtocol(HandshakeConnection[HttpProxyInbound]):
             transport.write(forbidden_response(refusal))
             transport.close()
             return
-        ready = await self._wait_ready()
+        ready = await self._wait_ready(request.dest)
         if transport.is_closing():
             return
         if not ready:

@@ -157,10 +157,15 @@ class HandshakeConnection(asyncio.Protocol, Generic[InboundT]):
         self._cancel_timer()
         self._task = self._inbound._spawn(coro, self.abort)
 
-    async def _wait_ready(self) -> bool:
-        """Whether the dialer became ready within the inbound's ``ready_timeout``."""
+    async def _wait_ready(self, dest: Address | None = None) -> bool:
+        """Whether the dialer became ready within the inbound's ``ready_timeout``: for a
+        stream to ``dest``, or (None) for anything (a UDP association)."""
+        dialer = self._inbound.dialer
+        timeout = self._inbound.ready_timeout
         try:
-            return await self._inbound.dialer.wait_ready(self._inbound.ready_timeout)
+            if dest is None:
+                return await dialer.wait_ready(timeout)
+            return await dialer.wait_ready_for(dest, timeout)
         except VeilError as exc:
             self._log.debug("%s: dialer not ready: %s", self.log_name, exc.code)
             return False

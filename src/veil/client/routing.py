@@ -33,8 +33,9 @@ class RoutingDialer(Dialer):
     """Tunnel, direct or refuse, per stream and per datagram destination, by ``rules``.
 
     ``tunnel`` is the veil session (or Trojan) dialer, ``direct`` connects from this host.
-    ``wait_ready`` is the tunnel's: inbounds wait for it before any stream. ``close()`` closes
-    ``direct`` (the caller owns and closes the tunnel).
+    ``wait_ready`` is the tunnel's; ``wait_ready_for`` waits for it only when the destination
+    goes through it, so a direct destination is served at once while the tunnel is down or
+    still connecting. ``close()`` closes ``direct`` (the caller owns and closes the tunnel).
     """
 
     def __init__(self, rules: RuleSet, tunnel: Dialer, direct: Dialer,
@@ -45,6 +46,13 @@ class RoutingDialer(Dialer):
         self._close_direct = close_direct
 
     async def wait_ready(self, timeout: float) -> bool:
+        return await self._tunnel.wait_ready(timeout)
+
+    async def wait_ready_for(self, dest: Address, timeout: float) -> bool:
+        # Not counted: open_tcp counts the stream. A blocked destination was refused by the
+        # inbound before this; a forward to one is refused by open_tcp, at once.
+        if self.rules.decide(dest, "tcp", count=False).action is not Action.TUNNEL:
+            return True
         return await self._tunnel.wait_ready(timeout)
 
     def refusal(self, dest: Address, network: str = "tcp") -> str | None:

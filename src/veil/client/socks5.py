@@ -7,8 +7,10 @@ Two layers:
   UDP ASSOCIATE; BIND is answered "command not supported"). Anything outside the state table
   is an error that carries the reply to send (if any) and means "close".
 * :class:`Socks5Inbound` is a thin asyncio listener (``asyncio.Protocol``, no streams) that
-  feeds the parser and, once it has a destination, waits for the :class:`Dialer` to be ready,
-  replies success optimistically and hands the transport over with ``Dialer.open_tcp``.
+  feeds the parser and, once it has a destination, waits for the :class:`Dialer` to be ready
+  for it (``wait_ready_for``: a split-routing dialer does not wait for the tunnel for a direct
+  destination), replies success optimistically and hands the transport over with
+  ``Dialer.open_tcp``.
 
 UDP ASSOCIATE binds a UDP socket on the address the client reached us on, accepts datagrams
 only from the client's IP (and one source port, learnt from the request or the first
@@ -443,7 +445,7 @@ class _Socks5Protocol(HandshakeConnection[Socks5Inbound]):
             log.debug("socks5: %s", refusal)
             self._refuse(transport, Reply.NOT_ALLOWED)
             return
-        ready = await self._wait_ready()
+        ready = await self._wait_ready(dest)
         if transport.is_closing():
             return
         if not ready:

@@ -64,6 +64,14 @@ class Dialer(abc.ABC):
     async def wait_ready(self, timeout: float) -> bool:
         """Wait until new streams can be opened; False if that did not happen in ``timeout``."""
 
+    async def wait_ready_for(self, dest: Address, timeout: float) -> bool:
+        """Wait until a new TCP stream to ``dest`` can be opened; False if not in ``timeout``.
+
+        A dialer with one way out waits for it (:meth:`wait_ready`, the default). A dialer with
+        several (split routing) waits only for the one ``dest`` takes: a direct destination
+        must not wait for a tunnel it does not use."""
+        return await self.wait_ready(timeout)
+
     @abc.abstractmethod
     def open_tcp(self, dest: Address, local: asyncio.Transport, early_data: bytes = b"") -> None:
         """Relay ``local`` to ``dest`` from now on, starting with ``early_data``.
