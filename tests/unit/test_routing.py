@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from veil.client import routing
 from veil.client.routing import RoutingDialer
+from veil.client.rulefiles import load_rules
 from veil.client.rules import Action, Condition, Rule, RuleSet
 from veil.errors import TransportError
 from veil.net.dialer import DatagramHandler, Dialer, UdpFlow
@@ -166,3 +168,19 @@ def test_the_base_dialer_waits_for_itself_for_any_destination() -> None:
     dialer = RecordingDialer(ready=False)
     assert asyncio.run(dialer.wait_ready_for(Address("anything", 1), 3.0)) is False
     assert dialer.waits == [3.0]
+
+
+def test_a_quic_block_drops_udp_443_and_keeps_the_rest_of_the_association(
+        tmp_path: Path) -> None:
+    path = tmp_path / "rules.txt"
+    path.write_text("QUIC,BLOCK\nDOMAIN-SUFFIX,home.test,DIRECT\nMATCH,TUNNEL\n")
+    tunnel, direct = RecordingDialer(), RecordingDialer()
+    dialer = RoutingDialer(load_rules([str(path)]), tunnel, direct)
+    flow = dialer.open_udp(lambda source, payload: None, lambda: None)
+    flow.send(Address("www.home.test", 443), b"quic initial")
+    flow.send(Address("example.org", 443), b"quic initial")
+    flow.send(Address("dns.home.test", 53), b"query")
+    flow.send(Address("example.org", 3478), b"stun")
+    assert [f.sent for f in direct.flows] == [[(Address("dns.home.test", 53), b"query")]]
+    assert [f.sent for f in tunnel.flows] == [[(Address("example.org", 3478), b"stun")]]
+    assert flow.blocked == 2  # type: ignore[attr-defined]

@@ -188,3 +188,24 @@ def test_the_cn_preset_through_load_rules_and_without_data(tmp_path: Path) -> No
         load_rules(["cn"])
     with pytest.raises(ConfigError, match="empty"):
         load_rules(["cn"], cn_data=lambda: ([], []))
+
+
+def test_quic_is_udp_to_443_only(tmp_path: Path) -> None:
+    """``QUIC,BLOCK``: browsers fall back to TCP where UDP is throttled; nothing else is hit."""
+    path = write(tmp_path / "rules.txt", "QUIC,BLOCK\nDOMAIN-SUFFIX,home.test,DIRECT\n"
+                 "MATCH,TUNNEL\n")
+    rules = load_rules([str(path)])
+    assert action(rules, "www.home.test", 443, "udp") is Action.BLOCK
+    assert action(rules, "2001:db8::1", 443, "udp") is Action.BLOCK
+    assert action(rules, "www.home.test", 443, "tcp") is Action.DIRECT
+    assert action(rules, "www.home.test", 53, "udp") is Action.DIRECT
+    assert action(rules, "example.org", 8443, "udp") is Action.TUNNEL
+    explained = rules.explain(Address("example.org", 443), "udp")
+    assert f"{path}:1 QUIC,BLOCK" in explained and "port 443 and network udp" in explained
+
+
+@pytest.mark.parametrize("line", ["QUIC", "QUIC,443,BLOCK", "QUIC,FAST"])
+def test_a_bad_quic_line(tmp_path: Path, line: str) -> None:
+    path = write(tmp_path / "rules.txt", f"{line}\n")
+    with pytest.raises(ConfigError, match=f"{path}:1: .*(QUIC,ACTION|not TUNNEL)"):
+        load_rules([str(path)])

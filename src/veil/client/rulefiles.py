@@ -7,7 +7,8 @@ veil's rules file (``veil connect --rules FILE``) is Clash-style, one rule a lin
     DOMAIN-KEYWORD,ads,BLOCK
     IP-CIDR,10.0.0.0/8,DIRECT,no-resolve
     GEOIP,CN,DIRECT
-    NETWORK,UDP,BLOCK              # e.g. QUIC falls back to TCP
+    NETWORK,UDP,BLOCK              # every datagram
+    QUIC,BLOCK                     # UDP to port 443 only: browsers fall back to TCP
     RULE-SET,lists/cn.json,DIRECT  # a sing-box source rule set or a Clash list, path
                                    # relative to this file
     MATCH,TUNNEL
@@ -45,6 +46,7 @@ __all__ = [
     "CN_DATA",
     "MAX_RULE_FILE_BYTES",
     "PRIVATE_NETWORKS",
+    "QUIC_PORT",
     "CnData",
     "cn_preset",
     "load_clash_list",
@@ -172,7 +174,7 @@ def _clash_condition(kind: str, value: str, origin: str) -> Condition:
         return Condition(origin=origin)
     raise ConfigError(f"{origin}: rule type {kind!r} is not supported (veil knows DOMAIN, "
                       "DOMAIN-SUFFIX, DOMAIN-KEYWORD, DOMAIN-REGEX, IP-CIDR, IP-CIDR6, GEOIP, "
-                      "DST-PORT, NETWORK, MATCH, RULE-SET)")
+                      "DST-PORT, NETWORK, MATCH, RULE-SET, and QUIC in a rules file)")
 
 
 def _split_options(fields: list[str], origin: str) -> list[str]:
@@ -316,6 +318,19 @@ def _action(text: str, origin: str) -> Action:
     return action
 
 
+#: HTTP/3's port. QUIC on it is what a ``QUIC`` rule means: browsers try it first and fall back
+#: to TCP when it is dropped, so blocking it helps where a firewall throttles UDP.
+QUIC_PORT = 443
+
+#: Rule types of veil's rules file that take no value: ``TYPE,ACTION``. ``QUIC`` is veil's
+#: own (Clash needs ``AND,((NETWORK,UDP),(DST-PORT,443))`` for it, which veil does not read;
+#: a sing-box rule set can say ``{"network": "udp", "port": 443}``).
+_VALUELESS: dict[str, Callable[[str], Condition]] = {
+    "MATCH": lambda origin: Condition(origin=origin),
+    "QUIC": lambda origin: Condition(ports=(QUIC_PORT,), networks=("udp",), origin=origin),
+}
+
+
 def parse_rules_file(path: Path) -> list[Rule]:
     """veil's rules file (see the module docstring)."""
     if path.suffix.lower() in BINARY_SUFFIXES:
@@ -331,11 +346,11 @@ def parse_rules_file(path: Path) -> list[Rule]:
         line = raw_line.split(" #", 1)[0].strip()  # a comment after the rule
         fields = _split_options(line.split(","), origin)
         kind = fields[0].strip().upper()
-        if kind == "MATCH":
+        if kind in _VALUELESS:
             if len(fields) != 2:
-                raise ConfigError(f"{origin}: expected MATCH,ACTION, got {line!r}")
-            rules.append(Rule(_action(fields[1], origin), (Condition(origin=origin),), origin,
-                              line))
+                raise ConfigError(f"{origin}: expected {kind},ACTION, got {line!r}")
+            condition = _VALUELESS[kind](origin)
+            rules.append(Rule(_action(fields[1], origin), (condition,), origin, line))
             continue
         if len(fields) != 3:
             raise ConfigError(f"{origin}: expected TYPE,VALUE,ACTION, got {line!r}")
