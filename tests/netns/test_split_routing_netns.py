@@ -24,10 +24,13 @@ but the TLS connection to the veil server.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.topology import NGINX_CONF, VEIL, Packet, Proc, Topology
+from tests.netns.topology import NGINX_CONF, UDP_ECHO, VEIL, Packet, Proc, Topology
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -52,6 +55,9 @@ BLOCKED_NAME = "ads.home.test"
 #: What the domestic resolver answers for the foreign name: an address on the domestic network,
 #: so a leak would also fetch the wrong page.
 LIE_IP = "198.51.100.66"
+#: UDP echo servers on the foreign host: one where QUIC would go, one for anything else.
+QUIC_PORT = 443
+ECHO_PORT = 7777
 SOCKS_PORT = 1080
 HTTP_PORT = 8118
 #: curl's whole-transfer limit. A direct fetch is answered in milliseconds; a tunnelled one
@@ -65,6 +71,7 @@ RULES = f"""# the domestic domain direct, an ad domain blocked, the rest tunnell
 DOMAIN-SUFFIX,{BLOCKED_NAME},BLOCK
 DOMAIN-SUFFIX,home.test,DIRECT
 QUIC,BLOCK
+IP-CIDR,198.51.100.0/24,DIRECT
 MATCH,TUNNEL
 """
 
@@ -117,6 +124,8 @@ class SplitLab(Topology):
                     f"--address=/abroad.test/{LIE_IP}"])
         self._site("foreign", FOREIGN_IP, "hello from abroad",
                    [f"--address=/abroad.test/{FOREIGN_IP}"])
+        for port in (QUIC_PORT, ECHO_PORT):
+            self.start("foreign", f"udp-echo-{port}", [sys.executable, "-c", UDP_ECHO, str(port)])
 
     def _site(self, role: str, ip: str, page: str, answers: list[str]) -> None:
         """nginx on ``ip``:80 serving ``page``, and dnsmasq on ``ip``:53 logging each query."""
@@ -247,6 +256,73 @@ def test_domestic_direct_foreign_tunnelled_blocked_refused(lab: Lab, proxy: str)
         assert page.stdout.endswith("\n403") and "blocked by rule" in page.stdout, page
     assert not seen - {(CLIENT_IP, SERVER_IP, SERVER_PORT)}, seen
     assert BLOCKED_NAME not in topo.queries("domestic")
+
+
+#: How long a datagram is given to come back before it counts as dropped: the others on the
+#: same association are answered in milliseconds.
+DROPPED_WAIT_S = 2.0
+
+#: SOCKS5 UDP ASSOCIATE from the client's namespace: sends each case's datagram through the
+#: relay, one at a time, and prints the reply to each (hex) or null.
+UDP_THROUGH_SOCKS = """
+import json, socket, struct, sys
+port, wait, cases = int(sys.argv[1]), float(sys.argv[2]), json.loads(sys.argv[3])
+ctrl = socket.create_connection(("127.0.0.1", port), timeout=10)
+ctrl.sendall(b"\\x05\\x01\\x00")
+assert ctrl.recv(2) == b"\\x05\\x00"
+ctrl.sendall(b"\\x05\\x03\\x00\\x01" + bytes(6))
+reply = b""
+while len(reply) < 10:
+    reply += ctrl.recv(10 - len(reply))
+assert reply[1] == 0, reply
+relay = (socket.inet_ntoa(reply[4:8]), struct.unpack("!H", reply[8:10])[0])
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.settimeout(wait)
+answers = {}
+for label, host, dport, payload in cases:
+    try:
+        target = b"\\x01" + socket.inet_aton(host)
+    except OSError:
+        target = b"\\x03" + bytes([len(host)]) + host.encode()
+    udp.sendto(b"\\x00\\x00\\x00" + target + struct.pack("!H", dport)
+               + bytes.fromhex(payload), relay)
+    try:
+        answers[label] = udp.recvfrom(65535)[0].hex()
+    except TimeoutError:
+        answers[label] = None
+print(json.dumps(answers))
+"""
+
+
+def dns_query(name: str) -> bytes:
+    """A DNS question for ``name``'s A record (id 0x5eed, recursion desired)."""
+    labels = b"".join(bytes((len(part),)) + part.encode() for part in name.split("."))
+    return bytes.fromhex("5eed01000001000000000000") + labels + b"\x00\x00\x01\x00\x01"
+
+
+def test_socks5_udp_dns_direct_and_quic_dropped(lab: Lab) -> None:
+    """One association: a DNS query to the domestic resolver goes direct, a datagram to the
+    foreign host's port 7777 through the tunnel, and QUIC (UDP to 443) is dropped by
+    ``QUIC,BLOCK`` whichever way it would have gone: it never reaches the wire."""
+    topo = lab.topo
+    cases = [("dns", DOMESTIC_IP, 53, dns_query(DOMESTIC_NAME).hex()),
+             ("echo", FOREIGN_NAME, ECHO_PORT, b"tunnelled".hex()),
+             ("quic abroad", FOREIGN_NAME, QUIC_PORT, b"quic initial".hex()),
+             ("quic at home", DOMESTIC_IP, QUIC_PORT, b"quic initial".hex())]
+    capture = topo.capture("router", "r1")
+    out = topo.exec("client", sys.executable, "-c", UDP_THROUGH_SOCKS, str(SOCKS_PORT),
+                    str(DROPPED_WAIT_S), json.dumps(cases), check=False, timeout=60)
+    packets = capture.packets()
+    assert out.returncode == 0, out.stderr
+    answers = json.loads(out.stdout)
+    assert answers["dns"] is not None, answers
+    assert socket.inet_aton(DOMESTIC_IP) in bytes.fromhex(answers["dns"])  # the A record
+    assert bytes.fromhex(answers["echo"]).endswith(b"tunnelled"), answers
+    assert answers["quic abroad"] is None and answers["quic at home"] is None, answers
+    udp = {(p.src, p.dst, p.sport, p.dport) for p in packets if p.kind == "ip" and p.proto == 17}
+    assert any(dst == DOMESTIC_IP and dport == 53 for _, dst, _, dport in udp), udp
+    assert not any(QUIC_PORT in (sport, dport) for *_, sport, dport in udp), udp
+    assert FOREIGN_NAME not in topo.queries("domestic")
 
 
 def test_the_foreign_site_is_reachable_only_through_the_tunnel(lab: Lab) -> None:
