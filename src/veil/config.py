@@ -84,6 +84,9 @@ KEEPALIVE_RANGE = (0.5, 3600.0)
 MIN_SUBSCRIPTION_REFRESH_S = 1.0
 MAX_SUBSCRIPTION_REFRESH_S = 86_400.0
 #: Address pools of full-device (``--tun``) clients on the server.
+#: ``veil serve --routing``: "none" (the app exports send everything through veil) or "cn"
+#: (they carry the rules of ``veil connect --rules cn``; veil.manage.rules).
+ROUTING_PRESETS = ("none", "cn")
 DEFAULT_TUN_POOL = "10.77.0.0/16"
 DEFAULT_TUN_POOL6 = "fd77::/64"
 #: Where a forward listens when the spec gives no LHOST: never the LAN unless asked.
@@ -390,6 +393,9 @@ class ServerOptions:
     #: ``--on-block CMD``: a command (argv, run without a shell) the server runs when most
     #: active users report a way in blocked (veil.server.blocks); empty: none.
     on_block: tuple[str, ...] = ()
+    #: ``--routing``: the rules the Clash Meta and sing-box exports carry, one of
+    #: :data:`ROUTING_PRESETS` (veil.manage.rules); "none": everything through veil.
+    routing: str = "none"
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -409,6 +415,9 @@ class ServerOptions:
                               "carry anything (at least 1 KB/s)")
         if self.pool is not None or self.pool6 is not None:
             parse_tun_pools(self.pool, self.pool6)
+        if self.routing not in ROUTING_PRESETS:
+            raise ConfigError(f"--routing takes one of {', '.join(ROUTING_PRESETS)}, not "
+                              f"{self.routing!r}")
 
 
 #: What ``veil user show --subscription`` prints: https://HOST[:PORT][/SECRET]/s/TOKEN, an

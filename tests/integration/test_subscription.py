@@ -116,14 +116,14 @@ def split(answer: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
 
 async def with_server(tmp: Path, body: Callable[[VeilServer], Awaitable[T]], *,
                       via: tuple[str, ...] = (), port: int | None = None,
-                      state_dir: Path | None = None) -> T:
+                      state_dir: Path | None = None, routing: str = "none") -> T:
     listen = Address("127.0.0.1", port or procs.unused_port())
     directory = state_dir or tmp / "state"
     state = (load_state(directory) if (directory / "config.json").exists()
              else init_state(directory, listen=listen)[0])
     server = VeilServer(state, ServerOptions(
         listen=listen, allow_private=True, trojan=True,
-        via=tuple(parse_endpoint(v) for v in via)))
+        via=tuple(parse_endpoint(v) for v in via), routing=routing))
     await server.start()
     try:
         return await body(server)

@@ -325,3 +325,117 @@ def test_without_a_wss_way_the_exports_are_as_before(state: ServerState, user: U
     assert exported.one_line and "\n" not in exported.text
     assert "proxy-groups" not in yaml.safe_load(export_user(state, user, "clash").text)
     assert len(json.loads(export_user(state, user, "sing-box").text)["outbounds"]) == 1
+
+
+# -- routing rules (veil serve --routing cn; docs/routing.md, "Apps") --------------------------
+
+def with_routing(state: ServerState, via: tuple[str, ...] = ()) -> ServerState:
+    """The state as ``veil serve --trojan --routing cn [--via ...]`` leaves it."""
+    from veil.protocol.endpoint import parse_endpoint
+
+    record_start(state.directory, trojan=True, via=[parse_endpoint(url) for url in via],
+                 routing="cn")
+    return load_state(state.directory)
+
+
+def rules_base(state: ServerState, user: User, *, cdn: bool) -> str:
+    """The subscription URL the rule files hang under: the CDN way's when asked."""
+    from veil.manage.subscription import subscription_urls
+
+    urls = [url.partition("#")[0] for url in subscription_urls(state, user)]
+    return next(url for url in urls if ("cdn.example.org" in url) == cdn)
+
+
+PRIVATE_RULES = [f"{kind},{net},DIRECT,no-resolve" for kind, net in (
+    ("IP-CIDR", "10.0.0.0/8"), ("IP-CIDR", "172.16.0.0/12"), ("IP-CIDR", "192.168.0.0/16"),
+    ("IP-CIDR", "127.0.0.0/8"), ("IP-CIDR", "169.254.0.0/16"), ("IP-CIDR", "100.64.0.0/10"),
+    ("IP-CIDR6", "::1/128"), ("IP-CIDR6", "fc00::/7"), ("IP-CIDR6", "fe80::/10"))]
+
+
+def test_routing_is_recorded_by_a_start_and_off_by_default(tmp_path: Path) -> None:
+    from veil.config import ServerOptions
+
+    state, _ = init_state(tmp_path / "state", listen=Address("127.0.0.1", 8443))
+    assert state.routing == "none"
+    record_start(state.directory, trojan=True, routing="cn")
+    assert load_state(state.directory).routing == "cn"
+    record_start(state.directory, trojan=True)  # a start without --routing
+    assert load_state(state.directory).routing == "none"
+    assert "routing" not in json.loads((state.directory / "config.json").read_text())
+    assert ServerOptions(listen=Address("127.0.0.1", 8443)).routing == "none"
+    with pytest.raises(ConfigError, match="--routing"):
+        ServerOptions(listen=Address("127.0.0.1", 8443), routing="ru")
+
+
+def test_clash_routes_like_rules_cn_with_lists_from_the_subscription(state: ServerState,
+                                                                     user: User) -> None:
+    routed = with_routing(state)
+    exported = export_user(routed, user, "clash")
+    config = yaml.safe_load(exported.text)
+    jsonschema.validate(config, schema("clash-trojan.schema.json"))
+    base = rules_base(routed, user, cdn=False)
+    assert config["rule-providers"] == {
+        "veil-cn-domains": {"type": "http", "behavior": "classical", "format": "text",
+                            "url": f"{base}/rules/cn-domains.txt",
+                            "path": "./veil/cn-domains.txt", "interval": 86400},
+        "veil-cn-networks": {"type": "http", "behavior": "classical", "format": "text",
+                             "url": f"{base}/rules/cn-networks.txt",
+                             "path": "./veil/cn-networks.txt", "interval": 86400}}
+    # veil connect --rules cn's order; no rule resolves a name; the rest to veil's proxy
+    assert config["rules"] == [*PRIVATE_RULES, "RULE-SET,veil-cn-domains,DIRECT",
+                               "RULE-SET,veil-cn-networks,DIRECT,no-resolve", "MATCH,alice"]
+    assert config["proxies"][0]["name"] == "alice"
+    # self-signed and no CDN way: the app cannot download the lists, and is told so
+    assert any("web PKI" in w for w in exported.warnings)
+    # without --routing: as before
+    assert yaml.safe_load(export_user(state, user, "clash").text)["rules"] == ["MATCH,alice"]
+
+
+def test_with_a_cdn_way_the_lists_come_through_it_and_match_goes_to_the_group(
+        state: ServerState, user: User) -> None:
+    routed = with_routing(state, VIA)
+    exported = export_user(routed, user, "clash")
+    config = yaml.safe_load(exported.text)
+    jsonschema.validate(config, schema("clash-trojan.schema.json"))
+    (group,) = config["proxy-groups"]
+    assert config["rules"][-1] == f"MATCH,{group['name']}"
+    base = rules_base(routed, user, cdn=True)
+    assert base.startswith("https://cdn.example.org/")
+    assert {p["url"] for p in config["rule-providers"].values()} == {
+        f"{base}/rules/cn-domains.txt", f"{base}/rules/cn-networks.txt"}
+    assert not any("web PKI" in w for w in exported.warnings)
+    singbox_config = json.loads(export_user(routed, user, "sing-box").text)
+    assert singbox_config["route"]["final"] == "alice (auto)"
+    assert {s["url"] for s in singbox_config["route"]["rule_set"]} == {
+        f"{base}/rules/cn-domains.json", f"{base}/rules/cn-networks.json"}
+
+
+def test_sing_box_routes_like_rules_cn_and_sing_box_accepts_it(state: ServerState, user: User,
+                                                               tmp_path: Path) -> None:
+    from veil.client.rulefiles import PRIVATE_NETWORKS
+
+    routed = with_routing(state)
+    exported = export_user(routed, user, "sing-box").text
+    config = json.loads(exported)
+    jsonschema.validate(config, schema("sing-box-trojan.schema.json"))
+    proxy, direct = config["outbounds"]
+    assert proxy["tag"] == "alice" and direct == {"type": "direct", "tag": "direct"}
+    base = rules_base(routed, user, cdn=False)
+    assert config["route"] == {
+        "rules": [{"ip_cidr": list(PRIVATE_NETWORKS), "outbound": "direct"},
+                  {"rule_set": ["veil-cn-domains", "veil-cn-networks"], "outbound": "direct"}],
+        "rule_set": [{"type": "remote", "tag": "veil-cn-domains", "format": "source",
+                      "url": f"{base}/rules/cn-domains.json", "update_interval": "24h"},
+                     {"type": "remote", "tag": "veil-cn-networks", "format": "source",
+                      "url": f"{base}/rules/cn-networks.json", "update_interval": "24h"}],
+        "final": "alice"}
+    assert "route" not in json.loads(export_user(state, user, "sing-box").text)
+    binary = singbox.binary()
+    generated = json.loads(subprocess.run([binary, "schema"], capture_output=True, text=True,
+                                          check=True, timeout=singbox.COMMAND_TIMEOUT_S).stdout)
+    jsonschema.validate(config, generated)
+    path = tmp_path / "alice.json"
+    path.write_text(exported if singbox.has_utls(binary) else singbox.without_utls(exported))
+    check = subprocess.run([binary, "check", "-c", str(path)], capture_output=True, text=True,
+                           timeout=singbox.COMMAND_TIMEOUT_S)
+    assert check.returncode == 0, check.stderr

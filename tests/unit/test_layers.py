@@ -25,8 +25,11 @@ ALLOWED = {
 }
 # Single modules a layer may import from a layer it may not: the panel sees the server only
 # through the status the server publishes, never its runtime.
+# manage/ reads the packaged China lists (pure data, no runtime) to serve and export the
+# rules `veil connect --rules cn` uses, so that apps route the same way.
 ALLOWED_MODULES = {
     "admin": {"veil.server.status"},
+    "manage": {"veil.client.ruledata"},
 }
 FORBIDDEN_IN_PROTOCOL = {"asyncio", "socket", "ssl", "time", "selectors", "threading"}
 

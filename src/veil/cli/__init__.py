@@ -27,6 +27,7 @@ from veil.config import (
     DEFAULT_TUN_POOL,
     DEFAULT_TUN_POOL6,
     MAX_CONNECTIONS,
+    ROUTING_PRESETS,
     ClientOptions,
     ServerOptions,
     SubscriptionOptions,
@@ -139,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "Off by default: it costs a gap a prober can measure (a "
                             "stranger's HTTP/2 SETTINGS ~10 ms after the handshake instead "
                             "of at once as from nginx); docs/operations.md")
+    serve.add_argument("--routing", choices=ROUTING_PRESETS, default="none",
+                       help="routing rules for the apps: with 'cn', `veil user show --format "
+                            "clash|sing-box` and the subscriptions route as `veil connect "
+                            "--rules cn` (China direct, the rest through veil), with lists "
+                            "this server serves on each user's subscription path; 'none' "
+                            "(default): everything through veil. Each start writes it "
+                            "to DIR/config.json for `veil user show`; docs/routing.md, \"Apps\"")
     serve.add_argument("--tun", action="store_true",
                        help="also serve full-device tunnels (veil connect --tun; Linux, root): "
                             "a TUN device, an address per session, NAT to the outside")
@@ -387,7 +395,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_sessions_per_user=args.max_sessions_per_user, max_sessions=args.max_sessions,
         user_rate=parse_rate(args.max_user_rate) if args.max_user_rate else None,
         tun=args.tun, pool=args.pool, pool6=args.pool6, trojan=args.trojan,
-        on_block=_command(args.on_block))
+        on_block=_command(args.on_block), routing=args.routing)
     if args.admin is not None:
         from veil.admin.listen import check_admin_listen
 

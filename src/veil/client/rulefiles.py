@@ -67,10 +67,9 @@ MAX_RULE_SET_REFERENCES = 256
 
 BINARY_SUFFIXES = (".srs", ".mrs")
 
-#: Kept out of the tunnel by the ``cn`` preset: private, loopback, link-local and CGNAT
-#: ranges (a LAN printer or router must not be asked for through a server abroad).
-PRIVATE_NETWORKS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8",
-                    "169.254.0.0/16", "100.64.0.0/10", "::1/128", "fc00::/7", "fe80::/10")
+#: Kept out of the tunnel by the ``cn`` preset (defined with its data, which the app exports
+#: share: veil.client.ruledata).
+PRIVATE_NETWORKS = ruledata.PRIVATE_NETWORKS
 
 _ACTIONS = {"TUNNEL": Action.TUNNEL, "PROXY": Action.TUNNEL, "DIRECT": Action.DIRECT,
             "BLOCK": Action.BLOCK, "REJECT": Action.BLOCK}

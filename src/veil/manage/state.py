@@ -6,7 +6,9 @@ into access keys.
     DIR/config.json   {"public": "host:port", "sni": name-or-null, "cert": ..., "key": ...,
                       "trojan": whether the last start that succeeded had its Trojan way in
                       on (``veil serve --trojan``), absent until a server has started,
-                      "via": the further ways in keys name (``veil serve --via``), in order}
+                      "via": the further ways in keys name (``veil serve --via``), in order,
+                      "routing": the rules the app exports carry (``veil serve --routing``),
+                      "none" when absent}
     DIR/key.pem       the TLS private key (0600); its public key is what clients pin
     DIR/cert.pem      a self-signed certificate for that key and the public name, renewed
                       before it expires and when ``--public`` renames the server
@@ -96,6 +98,10 @@ class ServerState:
     via: tuple[Endpoint, ...] = ()
     #: The Noise static private key (DIR/noise.key) the CDN ways in answer with.
     noise_private: bytes | None = None
+    #: The routing rules the Clash Meta and sing-box exports carry (``veil serve --routing``,
+    #: written down by :func:`record_start`): "none" or "cn" (veil.manage.rules); anything
+    #: else exports no rules.
+    routing: str = "none"
 
     @property
     def noise_public(self) -> bytes | None:
@@ -436,25 +442,36 @@ def load_state(directory: Path, db: str | None = None) -> ServerState:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read certificate {cert_path}: {exc}") from exc
     trojan = config.get("trojan")
+    # A value this veil does not know (a newer one's preset) means no routing rules.
+    routing = config.get("routing", "none")
+    if not isinstance(routing, str):
+        routing = "none"
     return ServerState(directory, public, sni, cert_path, key_path, spki_pin(cert),
                        db or config.get("db"), site_seed,
                        trojan if isinstance(trojan, bool) else None, via,
-                       _noise_key(directory))
+                       _noise_key(directory), routing)
 
 
-def record_start(directory: Path, *, trojan: bool, via: Sequence[Endpoint] = ()) -> None:
+def record_start(directory: Path, *, trojan: bool, via: Sequence[Endpoint] = (),
+                 routing: str = "none") -> None:
     """Write down what a server that has just started listening serves, for the CLI and the
     panel that hand out links (a start that failed must not get here: it serves nothing):
-    whether it takes Trojan, and the further ways in its keys name."""
+    whether it takes Trojan, the further ways in its keys name, and the routing rules its
+    app exports carry."""
     config_path = directory / CONFIG_NAME
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot update {config_path}: {exc}") from exc
     urls = [way.url for way in via]
-    if config.get("trojan") is not trojan or config.get("via", []) != urls:
+    if (config.get("trojan") is not trojan or config.get("via", []) != urls
+            or config.get("routing", "none") != routing):
         config["trojan"] = trojan
         config["via"] = urls
+        if routing == "none":  # the default, absent: a state from before stays as it was
+            config.pop("routing", None)
+        else:
+            config["routing"] = routing
         _check_via(config)
         try:
             _write_config(config_path, config)

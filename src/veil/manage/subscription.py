@@ -23,6 +23,11 @@ The answer, by ``?format=`` or else by the app's User-Agent (as 3x-ui and Marzba
     not served (404). Every answer carries ``subscription-userinfo`` (upload, download,
     total, expire; 0 for none) and ``profile-update-interval`` (hours).
 
+The rule files
+    ``.../s/TOKEN/rules/NAME``: the China lists the exports' routing rules name, in Clash's
+    and sing-box's forms, and their provenance (veil.manage.rules), with the same token and
+    the same 404 for a wrong one; served whether or not ``--routing`` is on.
+
 Versions
     The JSON is signed by the server's TLS key (veil.protocol.subscription), so an answer
     that came through a CDN is taken only if veil's server made it.
@@ -41,9 +46,11 @@ from dataclasses import dataclass
 from veil.manage.export import (
     ServerCertificate,
     clash_config,
+    routing_url,
     sing_box_config,
     trojan_link,
 )
+from veil.manage.rules import RULE_FILE_NAMES, RULES_SEGMENT
 from veil.manage.state import ServerState
 from veil.protocol.subscription import SigningKey, sign, signed_part, spki_of
 from veil.protocol.uri import b64url_encode
@@ -94,15 +101,33 @@ def token_of_path(path: bytes, prefixes: tuple[bytes, ...]) -> bytes | None:
     return None
 
 
+def rule_file_of_path(path: bytes, prefixes: tuple[bytes, ...]) -> tuple[bytes, str] | None:
+    """(token, file name) of a request for a rule file (``.../s/TOKEN/rules/NAME``,
+    veil.manage.rules), else None."""
+    head, sep, name = path.rpartition(b"/" + RULES_SEGMENT.encode() + b"/")
+    if not sep:
+        return None
+    text = name.decode("ascii", "replace")
+    if text not in RULE_FILE_NAMES:
+        return None
+    token = token_of_path(head, prefixes)
+    return None if token is None else (token, text)
+
+
 def subscription_urls(state: ServerState, user: User) -> list[str]:
     """The user's subscription URL on every way in, in the key's order, each with
     ``#pin=`` (the server's key, which a client has no access key yet to take from): on the
     server's own ports its certificate must have that key, through a CDN (whose certificate
     the web PKI vouches for) the answer must be signed by it (veil.protocol.subscription).
     ``sni=`` when the server has a name other than a direct URL's host."""
+    return [url for _through_cdn, url in _urls_by_way(state, user)]
+
+
+def _urls_by_way(state: ServerState, user: User) -> list[tuple[bool, str]]:
+    """(through a CDN, URL) per way in, as :func:`subscription_urls` lists them."""
     token = user_token(state.subscription_key(), user)
     pin = f"pin={b64url_encode(state.pin)}"
-    urls: list[str] = []
+    urls: list[tuple[bool, str]] = []
     for way in state.ways():
         if way.through_cdn:
             host = way.url.partition("://")[2][: -len(way.path)]
@@ -114,9 +139,20 @@ def subscription_urls(state: ServerState, user: User) -> list[str]:
             url = f"https://{way.address}/{PATH_SEGMENT}/{token}#{fragment}"
         else:
             continue  # a scheme this veil does not speak
-        if url not in urls:
-            urls.append(url)
+        if url not in (known for _, known in urls):
+            urls.append((way.through_cdn, url))
     return urls
+
+
+def rules_base_url(state: ServerState, user: User, *, self_signed: bool) -> str:
+    """The subscription URL (no fragment) under which an app fetches the rule files
+    (veil.manage.rules): apps check that download's certificate by the web PKI alone, so with
+    a self-signed certificate the first CDN way's URL when there is one (the CDN's certificate
+    passes), else the server's own."""
+    urls = _urls_by_way(state, user)
+    if self_signed:
+        urls = [way for way in urls if way[0]] or urls
+    return urls[0][1].partition("#")[0]
 
 
 def choose_format(args: bytes, user_agent: bytes | None, *, trojan: bool) -> str | None:
@@ -190,11 +226,11 @@ def render(state: ServerState, user: User, used: Usage, fmt: str,
     if not state.trojan or cert is None:
         return None
     if fmt == "clash":
-        return Rendered(clash_config(state, user, cert).encode() + b"\n",
-                        b"text/yaml; charset=utf-8", headers)
+        return Rendered(clash_config(state, user, cert, routing_url(state, user, cert)).encode()
+                        + b"\n", b"text/yaml; charset=utf-8", headers)
     if fmt == "sing-box":
-        return Rendered(sing_box_config(state, user, cert).encode() + b"\n",
-                        b"application/json", headers)
+        return Rendered(sing_box_config(state, user, cert, routing_url(state, user, cert))
+                        .encode() + b"\n", b"application/json", headers)
     link = trojan_link(state, user, cert).to_uri() + "\n"
     return Rendered(base64.b64encode(link.encode()) + b"\n", b"text/plain; charset=utf-8",
                     headers)

@@ -122,7 +122,8 @@ class VeilServer:
         # bytes it does not read: it has none).
         self.subscriptions: SubscriptionResponder | None = None
         if isinstance(self.cover, BuiltinCover):
-            self.subscriptions = SubscriptionResponder(lambda: self.state, self.live)
+            self.subscriptions = SubscriptionResponder(lambda: self.state, self.live,
+                                                       routing=options.routing != "none")
             self.cover.site.responder = self.subscriptions
         policy = DestinationPolicy.for_server(
             options.allow_private,
@@ -179,11 +180,13 @@ class VeilServer:
         self._serve_tasks = [loop.create_task(self.gate.serve(sock)) for sock in self._listeners]
         try:  # before "listening on": whoever waits for that line may export links at once
             await asyncio.to_thread(record_start, self.state.directory,
-                                    trojan=self.options.trojan, via=self.options.via)
+                                    trojan=self.options.trojan, via=self.options.via,
+                                    routing=self.options.routing)
         except ConfigError as exc:
             log.error("%s: `veil user show` may say the wrong thing", exc)
         self.state = self.users.state = dataclasses.replace(
-            self.state, trojan=self.options.trojan, via=self.options.via)
+            self.state, trojan=self.options.trojan, via=self.options.via,
+            routing=self.options.routing)
         self.blocks.set_ways(self._way_labels())
         log.info("listening on %s (cover: %s)", ", ".join(map(str, self.addresses)),
                  self.options.cover_url or "built-in site")

@@ -16,12 +16,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from veil.cover.site import Answer, Request
 from veil.errors import ConfigError
+from veil.manage import rules
 from veil.manage.export import ServerCertificate
 from veil.manage.state import ServerState
 from veil.manage.subscription import (
     choose_format,
     path_prefixes,
     render,
+    rule_file_of_path,
     token_of_path,
     user_token,
 )
@@ -36,7 +38,10 @@ class SubscriptionResponder:
     """Answers subscription requests of active (and expired or over-limit: they still learn
     why) users; everything else, revoked users included, is left to the site."""
 
-    def __init__(self, state: Callable[[], ServerState], live: Live) -> None:
+    def __init__(self, state: Callable[[], ServerState], live: Live, *,
+                 routing: bool = False) -> None:
+        """``routing``: the server runs with ``--routing`` (the exports name the rule files),
+        so they are built now (~0.2 s), not in the event loop at the first request."""
         self._state = state
         self._live = live
         first = state()
@@ -64,6 +69,9 @@ class SubscriptionResponder:
         # key id -> token: an HMAC once per user and credential, not per snapshot
         self._tokens: dict[bytes, bytes] = {}
         self.served = 0  # answers given (tests, status)
+        self.rule_files_served = 0  # rule files given (tests, status)
+        if routing:
+            rules.rule_files()
 
     def _rebuild(self, directory: UserDirectory) -> None:
         tokens = {user.key_id: self._tokens.get(user.key_id) or user_token(self._key, user).encode()
@@ -95,7 +103,7 @@ class SubscriptionResponder:
         prefixes = tuple(p.encode() for p in path_prefixes(state))
         token = token_of_path(req.uri, prefixes)
         if token is None:
-            return None
+            return self._rule_file(req, prefixes)
         found = self._lookup(token)
         if found is None:
             return None
@@ -108,3 +116,14 @@ class SubscriptionResponder:
             return None
         self.served += 1
         return Answer(rendered.body, rendered.content_type, rendered.headers)
+
+    def _rule_file(self, req: Request, prefixes: tuple[bytes, ...]) -> Answer | None:
+        """A rule file under a valid token's path (veil.manage.rules), else None (the
+        site's 404). Built on first use when ``--routing`` is off: a one-time ~0.2 s."""
+        asked = rule_file_of_path(req.uri, prefixes)
+        if asked is None or self._lookup(asked[0]) is None:
+            return None
+        served, etag = rules.rule_files()[asked[1]]
+        self.rule_files_served += 1
+        return Answer(served.body, served.content_type,
+                      ((b"ETag", etag), (b"Cache-Control", b"no-cache")))

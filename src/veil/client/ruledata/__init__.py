@@ -17,6 +17,12 @@ NETWORKS_FILE = "cn_networks.txt.gz"
 DOMAINS_FILE = "cn_domains.txt.gz"
 PROVENANCE_FILE = "provenance.json"
 
+#: Kept out of the tunnel by the ``cn`` preset, and by the app exports' rules
+#: (veil.manage.rules): private, loopback, link-local and CGNAT ranges (a LAN printer or
+#: router must not be asked for through a server abroad).
+PRIVATE_NETWORKS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8",
+                    "169.254.0.0/16", "100.64.0.0/10", "::1/128", "fc00::/7", "fe80::/10")
+
 # What info() reports about each source: enough for --explain to say where the data comes
 # from, under which licence, and how old it is.
 INFO_FIELDS = ("source", "url", "version", "data_date", "licence", "attribution")
