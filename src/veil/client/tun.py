@@ -254,7 +254,9 @@ def ip_batch(lines: Sequence[str]) -> list[str]:
 
 def flush_proto_routes() -> None:
     """Remove every route of split routing (protocol ROUTE_PROTO), both families."""
-    ip_batch([f"-4 route flush proto {ROUTE_PROTO}", f"-6 route flush proto {ROUTE_PROTO}"])
+    for family in ("-4", "-6"):  # ip -batch takes no family option per line
+        subprocess.run([_ip_command(), family, "route", "flush", "proto", str(ROUTE_PROTO)],
+                       capture_output=True, timeout=COMMAND_TIMEOUT_S, check=False)
 
 
 def original_route(destination: str) -> tuple[str | None, str] | None:
