@@ -25,6 +25,29 @@ to a state file first so that a crash is undone by the next start (or ``--tun-cl
 4. /etc/resolv.conf, rewritten in place (its previous content is in the state file) to name
    the resolvers the server announced, which are reached through the tunnel.
 
+With ``--rules`` (split routing, docs/routing.md "TUN mode"; the plan is
+veil.client.tun_rules, sans-IO):
+
+1'. the rules' DIRECT ranges (first match wins, private ranges of ``GEOIP,PRIVATE`` and the
+   ``cn`` preset's networks included) get routes via the original default gateway, all in
+   one ``ip -batch`` and all with protocol ROUTE_PROTO, so one flush removes them (on exit
+   and after a crash: the state file says ``proto_routes``); the original resolver (the
+   first non-loopback nameserver of resolv.conf) gets a host route the same way;
+2'. the kill switch holds the DIRECT ranges and BLOCK ranges as nftables interval sets
+   (thousands of elements, one lookup): blocked ranges are rejected, direct ones let out, the
+   original resolver is reachable on port 53; the ``dns_direct`` sets hold the addresses of
+   DIRECT names (below), let out before blocked ranges are refused (the name decided);
+4'. resolv.conf names veil's own resolver (veil.client.tun_dns, on 127.0.77.53): a name a
+   DIRECT rule matches is resolved by the original resolver outside the tunnel, and each
+   address of its answer gets a host route via the original gateway and a ``dns_direct`` set
+   entry before the answer is handed back (held for its TTL within 30 min .. 24 h, at most
+   4,096 at once: tun_rules.DirectHosts); a BLOCK name gets NXDOMAIN; every other name is
+   asked of the server's resolvers, whose addresses get host routes into the TUN device so no
+   direct range can take a query around the tunnel.
+
+Rules a route cannot apply (port or network tests, MATCH other than TUNNEL, GEOIP other than
+PRIVATE) are refused before anything changes.
+
 A clean exit (SIGINT, SIGTERM) undoes all of it in reverse order; closing the device removes
 its addresses and routes with it.
 
