@@ -37,7 +37,8 @@ veil.client.tun_rules, sans-IO):
    (thousands of elements, one lookup): blocked ranges are rejected, direct ones let out, the
    original resolver is reachable on port 53; the ``dns_direct`` sets hold the addresses of
    DIRECT names (below), let out before blocked ranges are refused (the name decided);
-4'. resolv.conf names veil's own resolver (veil.client.tun_dns, on 127.0.77.53): a name a
+4'. resolv.conf names veil's own resolver (veil.client.tun_dns, on 127.0.77.53, UDP and
+   TCP; dnspython is imported only then): a name a
    DIRECT rule matches is resolved by the original resolver outside the tunnel, and each
    address of its answer gets a host route via the original gateway and a ``dns_direct`` set
    entry before the answer is handed back (held for its TTL within 30 min .. 24 h, at most
@@ -70,11 +71,10 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from veil.client.rules import RuleSet
-from veil.client.tun_dns import LISTEN_HOST, SplitResolver
-from veil.client.tun_rules import DirectHosts, TunRoutePlan, plan_routes
+from veil.client.tun_rules import RESOLVER_HOST, DirectHosts, TunRoutePlan, plan_routes
 from veil.errors import ConfigError, LocalProtocolError, VeilError
 from veil.net.client_session import ClientTunnel, usable_way
 from veil.net.driver import SessionDriver
@@ -96,6 +96,9 @@ from veil.protocol.address import Address, NeedMoreData
 from veil.protocol.frames import ResetCode, StreamKind
 from veil.protocol.ip import MAX_CONFIG_SIZE, IpConfig
 from veil.protocol.session import SessionConfig
+
+if TYPE_CHECKING:
+    from veil.client.tun_dns import SplitResolver
 
 log = logging.getLogger("veil.client")
 
@@ -429,6 +432,9 @@ class TunClient:
         try:
             await asyncio.to_thread(self._prepare, addresses)
             if self.options.rules is not None:
+                # Imported here: only split routing needs a DNS library (dnspython).
+                from veil.client.tun_dns import SplitResolver  # noqa: PLC0415
+
                 self._resolver = SplitResolver(self.options.rules, self._direct_resolver,
                                                self._route_direct_names)
                 await self._resolver.start()
@@ -665,7 +671,7 @@ class TunClient:
             for ip in dns:
                 add_route(f"{ip}/{32 if ip.version == 4 else 128}", oif=index, replace=True)
             self._resolver.tunnel_servers = [str(ip) for ip in dns]
-            self._set_resolvers([ipaddress.ip_address(LISTEN_HOST)])
+            self._set_resolvers([ipaddress.ip_address(RESOLVER_HOST)])
         elif dns:
             self._set_resolvers(dns)
 

@@ -34,6 +34,7 @@ __all__ = [
     "DIRECT_HOLD_MAX_S",
     "DIRECT_HOLD_MIN_S",
     "MAX_DIRECT_HOSTS",
+    "RESOLVER_HOST",
     "DirectHosts",
     "TunRoutePlan",
     "dns_action",
@@ -43,6 +44,10 @@ __all__ = [
 _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NETWORK = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+#: Where TUN mode's own resolver listens (veil.client.tun_dns): a loopback address of its own
+#: (all of 127/8 is local on Linux), so that a resolver the machine already runs on
+#: 127.0.0.1:53 or 127.0.0.53:53 is left be; the kill switch lets loopback through.
+RESOLVER_HOST = "127.0.77.53"
 #: Addresses answered for DIRECT names that keep a host route and a kill-switch entry at once.
 #: Each is a kernel route and a set element; a browsing day touches a few hundred domestic
 #: hosts, and a program resolving random names must not grow the routing table without bound:
