@@ -170,3 +170,19 @@ def test_rules_routes_cannot_apply_are_refused_before_anything_changes(
                     check=False)
     assert out.returncode == 2 and "port or network" in out.stderr, out.stderr
     assert topo.snapshot("client1") == before
+
+
+def test_the_cn_preset_adds_thousands_of_routes_and_a_clean_exit_removes_them(
+        topo: Topology, key: str, domestic_log: Path) -> None:
+    before = topo.snapshot("client1")
+    client = topo.start_client(key, "client1", "--rules", "cn")
+    try:
+        routes = topo.ip("client1", "route", "show", "proto", "118").splitlines()
+        assert len(routes) > 5000, len(routes)
+        assert any(line.startswith("1.0.1.0/24 via 10.0.11.1") for line in routes)
+        # Still a tunnel: a name no rule matches is resolved and fetched through it.
+        page = curl(topo, f"http://{WEB_NAME}/")
+        assert "hello from the internet" in page.stdout, page.stderr
+    finally:
+        assert topo.stop(client) == 0
+    assert topo.snapshot("client1") == before
