@@ -490,7 +490,7 @@ class ClientOptions:
     #: Follow a subscription: ``key`` is its first answer (fetched or cached).
     subscription: SubscriptionOptions | None = None
     #: ``--rules`` (repeatable, in order): rules files, or ``cn`` for the built-in preset
-    #: (split routing, veil.client.rules; SOCKS5, HTTP proxy and forwards, not --tun yet).
+    #: (split routing, veil.client.rules; SOCKS5, HTTP proxy, forwards and --tun).
     rules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -502,9 +502,6 @@ class ClientOptions:
         if not all(low <= figure <= high for figure in self.keepalive):
             raise ConfigError(f"--keepalive: both figures must be between {low:g} and "
                               f"{high:g} seconds")
-        if self.rules and self.tun:
-            raise ConfigError("--rules applies to --socks, --http and --forward; --tun does "
-                              "not route by rules yet")
         if self.allow_lan:
             return
         open_ = []

@@ -135,7 +135,13 @@ async def _run_tun(options: ClientOptions, stop: asyncio.Event) -> None:
         raise ConfigError("--tun needs a veil:// key (Trojan has no IP tunnel)")
     if options.socks or options.http or options.forwards:
         raise ConfigError("--tun replaces --socks, --http and --forward: use one or the other")
-    await run_tun(options.key, TunClientOptions.parse(options.tun_exclude), stop,
+    # Rules first: a bad line, or one routes cannot apply (ports), is reported before anything
+    # on the machine changes.
+    rules = load_client_rules(options.rules) if options.rules else None
+    tun_options = TunClientOptions.parse(options.tun_exclude, rules)
+    if rules is not None:
+        log.warning("split routing: %d rules from %s", len(rules), ", ".join(options.rules))
+    await run_tun(options.key, tun_options, stop,
                   tls_stack=options.tls_stack, session_config=options.session_config())
 
 

@@ -25,6 +25,30 @@ to a state file first so that a crash is undone by the next start (or ``--tun-cl
 4. /etc/resolv.conf, rewritten in place (its previous content is in the state file) to name
    the resolvers the server announced, which are reached through the tunnel.
 
+With ``--rules`` (split routing, docs/routing.md "TUN mode"; the plan is
+veil.client.tun_rules, sans-IO):
+
+1'. the rules' DIRECT ranges (first match wins, private ranges of ``GEOIP,PRIVATE`` and the
+   ``cn`` preset's networks included) get routes via the original default gateway, all in
+   one ``ip -batch`` and all with protocol ROUTE_PROTO, so one flush removes them (on exit
+   and after a crash: the state file says ``proto_routes``); the original resolver (the
+   first non-loopback nameserver of resolv.conf) gets a host route the same way;
+2'. the kill switch holds the DIRECT ranges and BLOCK ranges as nftables interval sets
+   (thousands of elements, one lookup): blocked ranges are rejected, direct ones let out, the
+   original resolver is reachable on port 53; the ``dns_direct`` sets hold the addresses of
+   DIRECT names (below), let out before blocked ranges are refused (the name decided);
+4'. resolv.conf names veil's own resolver (veil.client.tun_dns, on 127.0.77.53, UDP and
+   TCP; dnspython is imported only then): a name a
+   DIRECT rule matches is resolved by the original resolver outside the tunnel, and each
+   address of its answer gets a host route via the original gateway and a ``dns_direct`` set
+   entry before the answer is handed back (held for its TTL within 30 min .. 24 h, at most
+   4,096 at once: tun_rules.DirectHosts); a BLOCK name gets NXDOMAIN; every other name is
+   asked of the server's resolvers, whose addresses get host routes into the TUN device so no
+   direct range can take a query around the tunnel.
+
+Rules a route cannot apply (port or network tests, MATCH other than TUNNEL, GEOIP other than
+PRIVATE) are refused before anything changes.
+
 A clean exit (SIGINT, SIGTERM) undoes all of it in reverse order; closing the device removes
 its addresses and routes with it.
 
@@ -40,12 +64,17 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import socket
-from collections.abc import Iterable
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from veil.client.rules import RuleSet
+from veil.client.tun_rules import RESOLVER_HOST, DirectHosts, TunRoutePlan, plan_routes
 from veil.errors import ConfigError, LocalProtocolError, VeilError
 from veil.net.client_session import ClientTunnel, usable_way
 from veil.net.driver import SessionDriver
@@ -68,6 +97,9 @@ from veil.protocol.frames import ResetCode, StreamKind
 from veil.protocol.ip import MAX_CONFIG_SIZE, IpConfig
 from veil.protocol.session import SessionConfig
 
+if TYPE_CHECKING:
+    from veil.client.tun_dns import SplitResolver
+
 log = logging.getLogger("veil.client")
 
 DEVICE_NAME = "veil0"
@@ -88,6 +120,20 @@ LINK_RETRY_S = 5.0
 # A session's TLS write buffer may hold this much before the device stops being read.
 SESSION_WRITE_HIGH_WATER = 4 * 1024 * 1024
 ANY = Address("0.0.0.0", 0)
+#: The routing protocol number veil's split-routing routes carry (``ip route ... proto 118``):
+#: all of them, thousands with ``--rules cn``, are removed by one flush of this number, also
+#: after a crash; a route someone else made never has it. Not in iproute2's rt_protos list.
+ROUTE_PROTO = 118
+#: Where a lookup of the original route per family starts, when no way in is of that family:
+#: any public address does; no packet is sent.
+ROUTE_PROBES = {4: "1.0.0.1", 6: "2400::1"}
+#: Kill-switch sets of the rules' direct and blocked ranges, and of DIRECT names' addresses.
+DIRECT_SETS = {4: "direct4", 6: "direct6"}
+BLOCK_SETS = {4: "block4", 6: "block6"}
+DNS_DIRECT_SETS = {4: "dns_direct4", 6: "dns_direct6"}
+# How often the addresses of DIRECT names are looked at for expiry (their hold is >= 30 min).
+DIRECT_SWEEP_S = 60.0
+COMMAND_TIMEOUT_S = 30.0
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -98,16 +144,21 @@ class TunClientOptions:
     device: str = DEVICE_NAME
     state_dir: Path = STATE_DIR
     resolv_conf: Path = RESOLV_CONF
+    #: ``--rules``: split routing (veil.client.tun_rules); None sends everything in.
+    rules: RuleSet | None = None
+    #: What ``rules`` make of addresses (computed by :meth:`parse`).
+    plan: TunRoutePlan = field(default_factory=TunRoutePlan)
 
     @classmethod
-    def parse(cls, exclude: Iterable[str]) -> TunClientOptions:
+    def parse(cls, exclude: Iterable[str], rules: RuleSet | None = None) -> TunClientOptions:
         nets: list[IPNetwork] = []
         for text in exclude:
             try:
                 nets.append(ipaddress.ip_network(text, strict=False))
             except ValueError as exc:
                 raise ConfigError(f"--exclude takes a CIDR: {exc}") from exc
-        return cls(tuple(nets))
+        plan = plan_routes(rules) if rules is not None else TunRoutePlan()
+        return cls(tuple(nets), rules=rules, plan=plan)
 
 
 # ---------------------------------------------------------------- the state file
@@ -121,10 +172,13 @@ class TunState:
     nft_tables: list[str] = field(default_factory=list)
     resolv_conf: str | None = None  # path of the file we rewrote
     resolv_backup: str | None = None  # its content before
+    #: Routes with protocol ROUTE_PROTO may exist (split routing): flushed on restore.
+    proto_routes: bool = False
 
     def save(self) -> None:
         data = {"pid": self.pid, "routes": self.routes, "nft_tables": self.nft_tables,
-                "resolv_conf": self.resolv_conf, "resolv_backup": self.resolv_backup}
+                "resolv_conf": self.resolv_conf, "resolv_backup": self.resolv_backup,
+                "proto_routes": self.proto_routes}
         tmp = self.path.with_suffix(".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -143,7 +197,7 @@ class TunState:
             raise VeilError(f"unreadable TUN state file {path}: {exc}") from exc
         return cls(path, int(data.get("pid", 0)), list(data.get("routes", [])),
                    list(data.get("nft_tables", [])), data.get("resolv_conf"),
-                   data.get("resolv_backup"))
+                   data.get("resolv_backup"), bool(data.get("proto_routes", False)))
 
 
 def state_path(options: TunClientOptions) -> Path:
@@ -164,6 +218,9 @@ def restore(state: TunState) -> None:
     for table in reversed(state.nft_tables):
         nft_delete_table("inet", table)
     state.nft_tables.clear()
+    if state.proto_routes:
+        flush_proto_routes()
+        state.proto_routes = False
     for route in reversed(state.routes):
         delete_route(route["dst"], oif=route.get("oif"), gateway=route.get("gateway"))
     state.routes.clear()
@@ -201,12 +258,103 @@ def _write_in_place(path: Path, text: str) -> None:
         f.truncate()
 
 
+# ---------------------------------------------------------------- split routing's routes
+def _ip_command() -> str:
+    program = shutil.which("ip") or "/usr/sbin/ip"
+    if not Path(program).exists():
+        raise TunError("--tun --rules needs iproute2's ip")
+    return program
+
+
+def ip_batch(lines: Sequence[str]) -> list[str]:
+    """Run ``ip`` commands in one process (``ip -force -batch -``: thousands of routes in a
+    fraction of a second, where one netlink round trip each takes seconds); the error lines of
+    those that failed (a route already there is left as it is)."""
+    if not lines:
+        return []
+    proc = subprocess.run([_ip_command(), "-force", "-batch", "-"], input="".join(
+        line + "\n" for line in lines), capture_output=True, text=True,
+        timeout=COMMAND_TIMEOUT_S, check=False)
+    return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+def flush_proto_routes() -> None:
+    """Remove every route of split routing (protocol ROUTE_PROTO), both families."""
+    for family in ("-4", "-6"):  # ip -batch takes no family option per line
+        subprocess.run([_ip_command(), family, "route", "flush", "proto", str(ROUTE_PROTO)],
+                       capture_output=True, timeout=COMMAND_TIMEOUT_S, check=False)
+
+
+def original_route(destination: str) -> tuple[str | None, str] | None:
+    """(gateway or None when on-link, device name) the kernel uses for ``destination`` now,
+    None when there is no route."""
+    proc = subprocess.run([_ip_command(), "-j", "route", "get", destination],
+                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
+                          check=False)
+    try:
+        found = json.loads(proc.stdout)[0] if proc.returncode == 0 else None
+    except (ValueError, IndexError):
+        found = None
+    if not found or "dev" not in found:
+        return None
+    return found.get("gateway"), str(found["dev"])
+
+
+def route_lines(verb: str, networks: Iterable[IPNetwork | str],
+                via: tuple[str | None, str]) -> list[str]:
+    """``ip -batch`` lines that add (or delete) ``networks`` via ``via`` with veil's
+    protocol number."""
+    gateway, dev = via
+    hop = f"via {gateway} dev {dev}" if gateway else f"dev {dev}"
+    return [f"route {verb} {net} {hop} proto {ROUTE_PROTO}" for net in networks]
+
+
+def _set_block(name: str, version: int, elements: Sequence[IPNetwork], *,
+               interval: bool) -> list[str]:
+    kind = "ipv4_addr" if version == 4 else "ipv6_addr"
+    flags = "flags interval; " if interval else ""
+    body = f"  set {name} {{ type {kind}; {flags}"
+    if elements:
+        body += "elements = { " + ", ".join(map(str, elements)) + " }; "
+    return [body + "}"]
+
+
 # ---------------------------------------------------------------- the kill switch
 def killswitch_ruleset(device: str, servers: Iterable[Address], exclude: Iterable[IPNetwork],
-                       mtu_clamp: bool = True) -> str:
+                       mtu_clamp: bool = True, *, plan: TunRoutePlan | None = None,
+                       direct_resolvers: Sequence[str] = ()) -> str:
     """The kill switch's table; ``servers``: the ip:port of each way in (the server's own
-    ports, a CDN's), the only connections allowed around the tunnel."""
-    rules = ['oifname "lo" accept', f'oifname "{device}" accept']
+    ports, a CDN's), the only connections allowed around the tunnel. With ``plan`` (split
+    routing): its direct ranges and the addresses of DIRECT names (the dns_direct sets,
+    filled at run time) are let out, its blocked ranges rejected, and ``direct_resolvers``
+    (the original resolvers) are reachable on port 53."""
+    rules = ['oifname "lo" accept']
+    sets: list[str] = []
+    forward_split: list[str] = []
+    if plan is not None:
+        for version, family in ((4, "ip"), (6, "ip6")):
+            direct, block = plan.family(version)
+            sets += _set_block(DIRECT_SETS[version], version, direct, interval=True)
+            sets += _set_block(BLOCK_SETS[version], version, block, interval=True)
+            sets += _set_block(DNS_DIRECT_SETS[version], version, (), interval=False)
+            # A DIRECT name's addresses go out first (the name decided, as in the proxy
+            # modes), then blocked ranges are refused, then direct ranges leave.
+            rules.append(f"{family} daddr @{DNS_DIRECT_SETS[version]} accept")
+            rules.append(f"{family} daddr @{BLOCK_SETS[version]} reject with icmpx type "
+                         "admin-prohibited")
+            rules.append(f"{family} daddr @{DIRECT_SETS[version]} accept")
+            forward_split += [
+                f"{family} daddr @{BLOCK_SETS[version]} reject with icmpx type "
+                "admin-prohibited",
+                f"{family} daddr @{DIRECT_SETS[version]} accept",
+                f"{family} saddr @{DIRECT_SETS[version]} accept",
+                f"{family} daddr @{DNS_DIRECT_SETS[version]} accept",
+                f"{family} saddr @{DNS_DIRECT_SETS[version]} accept"]
+        for resolver in dict.fromkeys(direct_resolvers):
+            family = "ip" if ipaddress.ip_address(resolver).version == 4 else "ip6"
+            rules.append(f"{family} daddr {resolver} meta l4proto {{ tcp, udp }} th dport 53 "
+                         "accept")
+    rules.append(f'oifname "{device}" accept')
     for server in dict.fromkeys(servers):  # each pair once, in order
         server_ip = ipaddress.ip_address(server.host)
         family = "ip" if server_ip.version == 4 else "ip6"
@@ -228,12 +376,14 @@ def killswitch_ruleset(device: str, servers: Iterable[Address], exclude: Iterabl
     # What this machine forwards for others (containers, VMs, a hotspot) leaves the same ways
     # as its own traffic, never around the tunnel: also before the TUN device is up, while
     # the client reconnects, and for IPv6 when the server gives none.
+    forward += forward_split
     forward += [f'oifname "{device}" accept', f'iifname "{device}" accept']
     for net in exclude:
         family_ = "ip" if net.version == 4 else "ip6"
         forward += [f"{family_} daddr {net} accept", f"{family_} saddr {net} accept"]
     forward.append("reject with icmpx type admin-prohibited")
     lines = [f"table inet {KILLSWITCH_TABLE} {{",
+             *sets,
              "  chain output {",
              "    type filter hook output priority filter; policy accept;",
              *(f"    {r}" for r in rules),
@@ -261,6 +411,13 @@ class TunClient:
         self.config: IpConfig | None = None
         self._pump: PacketPump | None = None
         self._link: _IpLink | None = None
+        # Split routing (--rules): the original route per family, the original resolver,
+        # the resolver of ours that resolv.conf names, and the addresses of DIRECT names.
+        self._original: dict[int, tuple[str | None, str]] = {}
+        self._direct_resolver: str | None = None
+        self._resolver: SplitResolver | None = None
+        self.direct_hosts = DirectHosts()
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         # Before anything of ours is in the way: a crash's kill switch would block DNS.
@@ -274,6 +431,14 @@ class TunClient:
                               session_config=self.session_config, pinned=pinned)
         try:
             await asyncio.to_thread(self._prepare, addresses)
+            if self.options.rules is not None:
+                # Imported here: only split routing needs a DNS library (dnspython).
+                from veil.client.tun_dns import SplitResolver  # noqa: PLC0415
+
+                self._resolver = SplitResolver(self.options.rules, self._direct_resolver,
+                                               self._route_direct_names)
+                await self._resolver.start()
+                self._sweeper = asyncio.ensure_future(self._sweep_direct_names())
             self.device = TunDevice(self.options.device)
             self._pump = PacketPump(self.device, self._from_device,
                                     on_batch_end=self._flush)
@@ -284,6 +449,17 @@ class TunClient:
             finally:
                 stopping.cancel()
         finally:
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._sweeper
+            if self._resolver is not None:
+                await self._resolver.close()
+                log.info("dns: %s", ", ".join(f"{what} {count}" for what, count
+                                                in self._resolver.counts.items()))
+            if self.options.rules is not None:
+                for line in self.options.rules.counters():
+                    log.info("rule %s", line)
             await tunnel.close()
             if self._pump is not None:
                 self._pump.pause()
@@ -300,10 +476,104 @@ class TunClient:
             self._route_like(f"{ip}/{32 if ':' not in ip else 128}", ip)
         for net in self.options.exclude:
             self._route_like(str(net), str(net.network_address))
+        plan: TunRoutePlan | None = None
+        resolvers: list[str] = []
+        if self.options.rules is not None:
+            plan = self.options.plan
+            self._prepare_split(servers, plan)
+            if self._direct_resolver is not None:
+                resolvers.append(self._direct_resolver)
         self.state.nft_tables.append(KILLSWITCH_TABLE)
         self.state.save()
         nft_delete_table("inet", KILLSWITCH_TABLE)
-        nft(killswitch_ruleset(self.options.device, servers, self.options.exclude))
+        nft(killswitch_ruleset(self.options.device, servers, self.options.exclude,
+                               plan=plan, direct_resolvers=resolvers))
+
+    def _prepare_split(self, servers: list[Address], plan: TunRoutePlan) -> None:
+        """The rules' direct ranges routed the way the kernel routes each family now (via
+        the original default gateway; more specific routes, like the LAN's, still win),
+        and the original resolver reachable outside the tunnel."""
+        for version in (4, 6):
+            probe = next((s.host for s in servers if ipaddress.ip_address(s.host).version
+                          == version), ROUTE_PROBES[version])
+            found = original_route(probe)
+            if found is not None:
+                self._original[version] = found
+        self.state.proto_routes = True
+        self.state.save()
+        lines: list[str] = []
+        for version in (4, 6):
+            direct, _ = plan.family(version)
+            if direct and version not in self._original:
+                log.warning("no IPv%d route now: the rules' %d direct IPv%d ranges stay "
+                            "blocked", version, len(direct), version)
+            elif direct:
+                lines += route_lines("add", direct, self._original[version])
+        errors = ip_batch(lines)
+        if errors:
+            log.info("split routing: %d direct ranges already had a route (left as they "
+                     "are)", len([e for e in errors if "exists" in e]))
+        log.warning("split routing: %d direct and %d blocked ranges", len(plan.direct),
+                    len(plan.block))
+        self._direct_resolver = self._original_resolver()
+        if self._direct_resolver is not None:
+            ip = self._direct_resolver
+            self._route_like(f"{ip}/{32 if ':' not in ip else 128}", ip)
+        else:
+            log.warning("split routing: resolv.conf names no resolver outside this machine; "
+                        "names DIRECT rules match are resolved through the tunnel")
+
+    def _original_resolver(self) -> str | None:
+        """The first non-loopback nameserver of resolv.conf before veil rewrites it."""
+        try:
+            text = self.options.resolv_conf.read_text()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            fields = line.split()
+            if len(fields) >= 2 and fields[0] == "nameserver":
+                try:
+                    ip = ipaddress.ip_address(fields[1].split("%")[0])
+                except ValueError:
+                    continue
+                if not ip.is_loopback:
+                    return str(ip)
+        return None
+
+    async def _route_direct_names(self, answered: list[tuple[ipaddress.IPv4Address
+                                                             | ipaddress.IPv6Address, int]]
+                                  ) -> None:
+        """Host routes and kill-switch entries for the addresses of a DIRECT name, before
+        its answer is handed to the application."""
+        usable = [(ip, ttl) for ip, ttl in answered if ip.version in self._original]
+        new, evicted = self.direct_hosts.add(usable, time.monotonic())
+        if new or evicted:
+            await asyncio.to_thread(self._change_direct_hosts, new, evicted)
+
+    def _change_direct_hosts(self, new: Sequence[ipaddress.IPv4Address
+                                                 | ipaddress.IPv6Address],
+                             gone: Sequence[ipaddress.IPv4Address
+                                            | ipaddress.IPv6Address]) -> None:
+        lines: list[str] = []
+        nft_lines: list[str] = []
+        for verb, ips in (("del", gone), ("add", new)):
+            for ip in ips:
+                prefix = 32 if ip.version == 4 else 128
+                lines += route_lines(verb, [f"{ip}/{prefix}"], self._original[ip.version])
+                element = "delete" if verb == "del" else "add"
+                nft_lines.append(f"{element} element inet {KILLSWITCH_TABLE} "
+                                 f"{DNS_DIRECT_SETS[ip.version]} {{ {ip} }}")
+        ip_batch(lines)
+        for line in nft_lines:  # one by one: deleting an element already gone must not
+            with contextlib.suppress(TunError):  # undo the others
+                nft(line)
+
+    async def _sweep_direct_names(self) -> None:
+        while True:
+            await asyncio.sleep(DIRECT_SWEEP_S)
+            gone = self.direct_hosts.expire(time.monotonic())
+            if gone:
+                await asyncio.to_thread(self._change_direct_hosts, [], gone)
 
     def _route_like(self, destination: str, probe: str) -> None:
         """Route ``destination`` the way the kernel routes ``probe`` now (outside the tunnel)."""
@@ -395,7 +665,14 @@ class TunClient:
         for dst in splits:
             add_route(dst, oif=index, replace=True)  # removed with the device
         dns = [ip for ip in config.dns if ip.version == 4 or config.ipv6 is not None]
-        if dns:
+        if self._resolver is not None:
+            # Split routing: our resolver answers, and asks the server's resolvers through
+            # the tunnel (a host route each, so no direct range can take them around it).
+            for ip in dns:
+                add_route(f"{ip}/{32 if ip.version == 4 else 128}", oif=index, replace=True)
+            self._resolver.tunnel_servers = [str(ip) for ip in dns]
+            self._set_resolvers([ipaddress.ip_address(RESOLVER_HOST)])
+        elif dns:
             self._set_resolvers(dns)
 
     def _set_resolvers(self, dns: list[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from veil.errors import ConfigError
 from veil.protocol.accesskey import AccessKey
@@ -18,7 +19,7 @@ class TunClientOptions:
     exclude: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, exclude: Iterable[str]) -> TunClientOptions:
+    def parse(cls, exclude: Iterable[str], rules: Any = None) -> TunClientOptions:
         return cls(tuple(exclude))
 
 

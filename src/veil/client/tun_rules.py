@@ -1,0 +1,235 @@
+"""Split routing in TUN mode (``veil connect KEY --tun --rules ...``), sans-IO.
+
+In TUN mode the client sees packets, not connections, so the rules are applied where the
+kernel decides: by routes and the kill switch for addresses, and by the client's own DNS
+resolver for names. This module turns a :class:`~veil.client.rules.RuleSet` into
+
+* a :class:`TunRoutePlan`: the address ranges that go direct (routes via the original
+  gateway, and the kill switch's allowance) and the ranges that are blocked (rejected by the
+  kill switch). First match wins exactly as in :meth:`RuleSet.decide`: the address space is
+  cut at every boundary of every CIDR (and of the private ranges for ``GEOIP,PRIVATE``), each
+  piece is decided by the rule set, and neighbouring pieces with the same action are merged;
+* :func:`dns_action`: what the resolver does with a query's name (domain rules only, as in
+  the proxy modes: a name no rule sends direct or blocks is resolved through the tunnel);
+* :class:`DirectHosts`: the addresses that DIRECT names resolved to, each kept (route and
+  kill-switch entry) for its answer's TTL within bounds, a bounded count of them.
+
+Rules that a route cannot express are refused with a ConfigError naming the line: port and
+network tests (a route sees neither), ``MATCH`` with an action other than TUNNEL (everything
+direct is not a tunnel), and GEOIP countries other than PRIVATE (whose networks could not be
+listed here).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from veil.client.rules import PRIVATE_COUNTRY, Action, RuleSet
+from veil.errors import ConfigError
+from veil.protocol.address import Address
+
+__all__ = [
+    "DIRECT_HOLD_MAX_S",
+    "DIRECT_HOLD_MIN_S",
+    "MAX_DIRECT_HOSTS",
+    "RESOLVER_HOST",
+    "DirectHosts",
+    "TunRoutePlan",
+    "dns_action",
+    "plan_routes",
+]
+
+_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+_NETWORK = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Where TUN mode's own resolver listens (veil.client.tun_dns): a loopback address of its own
+#: (all of 127/8 is local on Linux), so that a resolver the machine already runs on
+#: 127.0.0.1:53 or 127.0.0.53:53 is left be; the kill switch lets loopback through.
+RESOLVER_HOST = "127.0.77.53"
+#: Addresses answered for DIRECT names that keep a host route and a kill-switch entry at once.
+#: Each is a kernel route and a set element; a browsing day touches a few hundred domestic
+#: hosts, and a program resolving random names must not grow the routing table without bound:
+#: past it the entry that expires first is dropped (its connections then go into the
+#: tunnel's route and fail: the server refuses a source address that is not the tunnel's).
+MAX_DIRECT_HOSTS = 4096
+#: The shortest time a DIRECT name's address keeps its route, whatever the TTL: many
+#: answers carry TTLs of seconds to a minute, while a connection opened to the address lives
+#: on (a download, a video); removing the route under it would break it.
+DIRECT_HOLD_MIN_S = 30 * 60
+#: The longest: an address a domestic site stopped using must not stay direct for days.
+DIRECT_HOLD_MAX_S = 24 * 3600
+
+#: Never routed via the original gateway even when a DIRECT rule covers them: the kernel
+#: keeps these local or on the link (loopback, link-local, multicast, "this network").
+_NOT_ROUTED = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "255.255.255.255/32",
+    "::/127", "fe80::/10", "ff00::/8"))
+
+
+def _private_boundaries() -> list[_NETWORK]:
+    """The ranges ``GEOIP,PRIVATE`` tests (rules._is_private: Python's is_private, loopback,
+    link-local, multicast): their edges are where a PRIVATE rule's answer can change."""
+    nets: list[_NETWORK] = []
+    for constants in ("_IPv4Constants", "_IPv6Constants"):
+        holder = getattr(ipaddress, constants, None)
+        nets += list(getattr(holder, "_private_networks", ()))
+    nets += [ipaddress.ip_network(n) for n in (
+        "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")]
+    nets += list(_NOT_ROUTED)
+    return nets
+
+
+@dataclass(frozen=True, slots=True)
+class TunRoutePlan:
+    """What the rules make of addresses in TUN mode; each list holds disjoint networks."""
+
+    direct: tuple[_NETWORK, ...] = ()
+    block: tuple[_NETWORK, ...] = ()
+
+    def family(self, version: int) -> tuple[list[_NETWORK], list[_NETWORK]]:
+        return ([n for n in self.direct if n.version == version],
+                [n for n in self.block if n.version == version])
+
+
+def check_tun_rules(rules: RuleSet) -> None:
+    """ConfigError for the first rule that routes and the kill switch cannot apply."""
+    for rule in rules.rules:
+        for condition in rule.conditions:
+            where = f"{rule.origin} {rule.text}".strip()
+            if condition.ports or condition.port_ranges or condition.networks:
+                raise ConfigError(
+                    f"{where}: --tun routes by address and name only; a port or network "
+                    "(tcp/udp) test cannot be applied to packets by routes (use this rule "
+                    "with --socks/--http, or drop it for --tun)")
+            if not condition.has_address and rule.action is not Action.TUNNEL:
+                raise ConfigError(f"{where}: with --tun only MATCH,TUNNEL can be the catch-all "
+                                  "(everything direct or blocked is no tunnel)")
+            countries = [c for c in condition.countries if c != PRIVATE_COUNTRY]
+            if countries:
+                raise ConfigError(f"{where}: --tun cannot route GEOIP {countries[0]} (its "
+                                  "networks are not listed); use IP-CIDR rules or --rules cn")
+
+
+def plan_routes(rules: RuleSet) -> TunRoutePlan:
+    """The direct and blocked address ranges, first match wins (see the module docstring).
+    Raises ConfigError for rules TUN mode cannot apply (:func:`check_tun_rules`)."""
+    check_tun_rules(rules)
+    spans: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+    private = False
+    for rule in rules.rules:
+        for condition in rule.conditions:
+            for net in condition.networks_ip:
+                spans[net.version].append(_span(net))
+            private = private or PRIVATE_COUNTRY in condition.countries
+    if private:
+        for net in _private_boundaries():
+            spans[net.version].append(_span(net))
+    if not spans[4] and not spans[6]:
+        return TunRoutePlan()  # no address rule: the routes stay as without --rules
+    for net in _NOT_ROUTED:
+        spans[net.version].append(_span(net))
+    not_routed = {version: [_span(n) for n in _NOT_ROUTED if n.version == version]
+                  for version in (4, 6)}
+    direct: list[_NETWORK] = []
+    block: list[_NETWORK] = []
+    for version, items in spans.items():
+        runs: list[tuple[int, int, Action]] = []
+        for start, end in _pieces(items):
+            action = rules.decide(Address(str(_address(version, start)), 0), count=False).action
+            if action is Action.DIRECT and any(low <= start and end <= high
+                                               for low, high in not_routed[version]):
+                continue
+            if action is Action.TUNNEL:
+                continue
+            if runs and runs[-1][2] is action and runs[-1][1] + 1 == start:
+                runs[-1] = (runs[-1][0], end, action)
+            else:
+                runs.append((start, end, action))
+        for start, end, action in runs:
+            nets = ipaddress.summarize_address_range(_address(version, start),
+                                                     _address(version, end))
+            (direct if action is Action.DIRECT else block).extend(nets)
+    return TunRoutePlan(tuple(direct), tuple(block))
+
+
+def _span(net: _NETWORK) -> tuple[int, int]:
+    return int(net.network_address), int(net.broadcast_address)
+
+
+def _address(version: int, value: int) -> _IP:
+    return ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value)
+
+
+def _pieces(spans: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """The elementary pieces (inclusive) that ``spans`` cut the covered numbers into: inside a
+    piece every address is in the same spans, so one decision holds for all of it."""
+    points = sorted({start for start, _ in spans} | {end + 1 for _, end in spans})
+    depth: dict[int, int] = {}
+    for start, end in spans:
+        depth[start] = depth.get(start, 0) + 1
+        depth[end + 1] = depth.get(end + 1, 0) - 1
+    running = 0
+    for index in range(len(points) - 1):
+        running += depth.get(points[index], 0)
+        if running > 0:
+            yield points[index], points[index + 1] - 1
+
+
+def dns_action(rules: RuleSet, name: str) -> Action:
+    """What TUN mode's resolver does with a query for ``name``: DIRECT = ask the original
+    (domestic) resolver outside the tunnel, BLOCK = answer NXDOMAIN, TUNNEL = ask the
+    server's resolver through the tunnel. Counts the hit, as a proxy-mode stream does."""
+    if not name or name == ".":
+        return Action.TUNNEL
+    return rules.decide(Address(name.rstrip(".") or ".", 0)).action
+
+
+@dataclass(slots=True)
+class DirectHosts:
+    """Addresses of DIRECT names that have a route outside the tunnel, until when.
+
+    Sans-IO: :meth:`add` and :meth:`expire` take ``now`` and say which addresses to route and
+    which to unroute; the caller changes the kernel. At most ``limit`` at once; a new one past
+    it pushes out the entry that would expire first.
+    """
+
+    limit: int = MAX_DIRECT_HOSTS
+    hold_min: float = DIRECT_HOLD_MIN_S
+    hold_max: float = DIRECT_HOLD_MAX_S
+    until: dict[_IP, float] = field(default_factory=dict)
+
+    def hold(self, ttl: int) -> float:
+        return min(max(float(ttl), self.hold_min), self.hold_max)
+
+    def add(self, ips: Iterable[tuple[_IP, int]], now: float) -> tuple[list[_IP], list[_IP]]:
+        """Record answered (address, TTL) pairs: (new addresses to route, addresses evicted
+        to make room, to unroute). A known address only has its time extended."""
+        new: list[_IP] = []
+        evicted: list[_IP] = []
+        for ip, ttl in ips:
+            deadline = now + self.hold(ttl)
+            if ip in self.until:
+                self.until[ip] = max(self.until[ip], deadline)
+                continue
+            if len(self.until) >= self.limit:
+                oldest = min(self.until, key=self.until.__getitem__)
+                del self.until[oldest]
+                if oldest in new:
+                    new.remove(oldest)
+                else:
+                    evicted.append(oldest)
+            self.until[ip] = deadline
+            new.append(ip)
+        return new, evicted
+
+    def expire(self, now: float) -> list[_IP]:
+        """Addresses whose time is up (removed here; the caller unroutes them)."""
+        gone = [ip for ip, deadline in self.until.items() if deadline <= now]
+        for ip in gone:
+            del self.until[ip]
+        return gone
+
+    def next_deadline(self) -> float | None:
+        return min(self.until.values()) if self.until else None

@@ -1,0 +1,184 @@
+"""Split routing in TUN mode, the sans-IO parts: the route plan from rules (first match wins
+across overlapping CIDRs), rules routes cannot apply, the DNS decision and answers, the bounded
+table of DIRECT names' addresses, and the kill switch's sets."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from pathlib import Path
+
+import dns.message
+import dns.rcode
+import dns.rrset
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from veil.client.rulefiles import cn_preset, load_rules
+from veil.client.rules import Action, Condition, Rule, RuleSet
+from veil.client.tun_dns import answer_addresses, blocked_answer, query_name
+from veil.client.tun_rules import DirectHosts, TunRoutePlan, dns_action, plan_routes
+from veil.errors import ConfigError
+from veil.protocol.address import Address
+
+
+def net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text)
+
+
+def cidr_rule(action: Action, *cidrs: str) -> Rule:
+    return Rule(action, (Condition(networks_ip=tuple(net(c) for c in cidrs)),),
+                "rules.txt:1", f"IP-CIDR,{cidrs[0]},{action.value.upper()}")
+
+
+def rules_from(tmp_path: Path, text: str) -> RuleSet:
+    path = tmp_path / "rules.txt"
+    path.write_text(text)
+    return load_rules([str(path)])
+
+
+def test_first_match_wins_across_nested_cidrs_unlike_longest_prefix() -> None:
+    # The /8 is blocked first: its /16 is blocked too, although a longer prefix says DIRECT
+    # (kernel routes alone would pick the /16).
+    plan = plan_routes(RuleSet([cidr_rule(Action.BLOCK, "10.0.0.0/8"),
+                                cidr_rule(Action.DIRECT, "10.1.0.0/16", "198.51.100.0/24")]))
+    assert plan.block == (net("10.0.0.0/8"),)
+    assert plan.direct == (net("198.51.100.0/24"),)
+
+
+def test_a_tunnel_rule_carves_a_hole_out_of_a_later_direct_range() -> None:
+    plan = plan_routes(RuleSet([cidr_rule(Action.TUNNEL, "192.0.2.128/25"),
+                                cidr_rule(Action.DIRECT, "192.0.2.0/24", "2001:db8::/32")]))
+    assert plan.direct == (net("192.0.2.0/25"), net("2001:db8::/32"))
+    assert plan.block == ()
+
+
+def test_loopback_link_local_and_multicast_are_never_routed_direct() -> None:
+    plan = plan_routes(RuleSet([cidr_rule(Action.DIRECT, "0.0.0.0/0", "::/0")]))
+    direct = set(plan.direct)
+    for local in ("127.0.0.1", "169.254.1.1", "224.0.0.251", "::1", "fe80::1", "ff02::1"):
+        ip = ipaddress.ip_address(local)
+        assert not any(ip in n for n in direct if n.version == ip.version), local
+    assert any(ipaddress.ip_address("8.8.8.8") in n for n in direct if n.version == 4)
+
+
+def test_geoip_private_is_planned_from_pythons_own_private_ranges(tmp_path: Path) -> None:
+    plan = plan_routes(rules_from(tmp_path, "GEOIP,PRIVATE,DIRECT\n"))
+    for inside in ("10.1.2.3", "192.168.1.1", "172.20.0.1", "fd00::1"):
+        ip = ipaddress.ip_address(inside)
+        assert any(ip in n for n in plan.direct if n.version == ip.version), inside
+    assert not any(ipaddress.ip_address("8.8.8.8") in n for n in plan.direct if n.version == 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(8, 32),
+                          st.sampled_from([Action.DIRECT, Action.BLOCK, Action.TUNNEL])),
+                min_size=1, max_size=6),
+       st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=20))
+def test_the_plan_agrees_with_decide_for_every_address(
+        specs: list[tuple[int, int, Action]], probes: list[int]) -> None:
+    rules = [cidr_rule(action, str(ipaddress.IPv4Network((base, prefix), strict=False)))
+             for base, prefix, action in specs]
+    rule_set = RuleSet(rules)
+    plan = plan_routes(rule_set)
+    edges = [int(n.network_address) for r in rules for c in r.conditions
+             for n in c.networks_ip] + probes
+    for value in edges:
+        ip = ipaddress.IPv4Address(value)
+        if ip.is_loopback or ip.is_link_local or ip.is_multicast or value >> 24 == 0 or (
+                value == 2**32 - 1):
+            continue  # never routed, whatever the rules say
+        expected = rule_set.decide(Address(str(ip), 0), count=False).action
+        got = (Action.DIRECT if any(ip in n for n in plan.direct) else
+               Action.BLOCK if any(ip in n for n in plan.block) else Action.TUNNEL)
+        assert got is expected, ip
+
+
+def test_the_cn_preset_plans_thousands_of_direct_ranges_quickly() -> None:
+    import time
+
+    from veil.client.rulefiles import packaged_cn_data
+
+    domains, networks = packaged_cn_data()
+    started = time.perf_counter()
+    plan = plan_routes(RuleSet(cn_preset(domains, networks)))
+    took = time.perf_counter() - started
+    assert len(plan.direct) > 10000 and plan.block == ()
+    assert any(ipaddress.ip_address("10.0.0.1") in n for n in plan.direct if n.version == 4)
+    assert took < 10.0, took  # about 1 s on the development machine
+
+
+@pytest.mark.parametrize("line", ["DST-PORT,443,BLOCK", "NETWORK,UDP,BLOCK",
+                                  "DOMAIN-SUFFIX,example.com,DIRECT\nMATCH,DIRECT",
+                                  "MATCH,BLOCK"])
+def test_rules_routes_cannot_apply_are_refused_with_their_line(tmp_path: Path,
+                                                               line: str) -> None:
+    with pytest.raises(ConfigError, match=r"rules\.txt:\d"):
+        plan_routes(rules_from(tmp_path, line + "\n"))
+
+
+def test_match_tunnel_and_name_rules_are_fine(tmp_path: Path) -> None:
+    rules = rules_from(tmp_path, "DOMAIN-SUFFIX,example.cn,DIRECT\nDOMAIN,ads.example,BLOCK\n"
+                                 "MATCH,TUNNEL\n")
+    assert plan_routes(rules) == TunRoutePlan()
+    assert dns_action(rules, "www.example.cn.") is Action.DIRECT
+    assert dns_action(rules, "ads.example") is Action.BLOCK
+    assert dns_action(rules, "badexample.cn") is Action.TUNNEL
+    assert dns_action(rules, "") is Action.TUNNEL
+
+
+def test_dns_messages() -> None:
+    query = dns.message.make_query("www.Example.cn.", "A")
+    parsed = query_name(query.to_wire())
+    assert parsed is not None and parsed[1] == "www.Example.cn"
+    assert query_name(b"\x00\x01garbage") is None
+    blocked = dns.message.from_wire(blocked_answer(query))
+    assert blocked.rcode() == dns.rcode.NXDOMAIN and blocked.id == query.id
+    response = dns.message.make_response(query)
+    response.answer.append(dns.rrset.from_text("www.example.cn.", 60, "IN", "CNAME",
+                                               "cdn.example.cn."))
+    response.answer.append(dns.rrset.from_text("cdn.example.cn.", 120, "IN", "A",
+                                               "198.51.100.7", "198.51.100.8"))
+    # Sorted: dnspython shuffles the records of a set when it writes them.
+    assert sorted(answer_addresses(response.to_wire())) == [
+        (ipaddress.ip_address("198.51.100.7"), 120), (ipaddress.ip_address("198.51.100.8"), 120)]
+    assert query_name(response.to_wire()) is None  # an answer is not a query
+
+
+def test_direct_hosts_hold_within_bounds_and_stay_bounded() -> None:
+    hosts = DirectHosts(limit=2, hold_min=100, hold_max=1000)
+    a, b, c = (ipaddress.ip_address(f"198.51.100.{i}") for i in (1, 2, 3))
+    assert hosts.add([(a, 5)], now=0) == ([a], [])  # held 100 s, not 5
+    assert hosts.add([(b, 10**6)], now=0) == ([b], [])  # held 1000 s, not days
+    assert hosts.add([(a, 500)], now=50) == ([], [])  # known: extended to 550, no new route
+    assert hosts.until[a] == 550
+    assert hosts.add([(c, 100)], now=60) == ([c], [a])  # full: the first to expire goes
+    assert hosts.expire(now=159) == []
+    assert hosts.expire(now=160) == [c]
+    assert hosts.next_deadline() == 1000
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="TUN mode is Linux only")
+def test_killswitch_sets_put_direct_names_before_blocks_and_blocks_before_the_tunnel() -> None:
+    from veil.client.tun import killswitch_ruleset, route_lines
+
+    plan = TunRoutePlan(direct=(net("198.51.100.0/24"), net("2001:db8::/32")),
+                        block=(net("192.0.2.0/24"),))
+    text = killswitch_ruleset("veil0", [Address("10.0.2.2", 443)], [], plan=plan,
+                              direct_resolvers=["10.0.11.1"])
+    assert "set direct4 { type ipv4_addr; flags interval; elements = { 198.51.100.0/24 }; }" \
+        in text
+    assert "set block4 { type ipv4_addr; flags interval; elements = { 192.0.2.0/24 }; }" in text
+    assert "set dns_direct6 { type ipv6_addr; }" in text
+    output = text.split("chain output")[1].split("chain forward")[0]
+    order = [output.index(s) for s in ("@dns_direct4 accept", "@block4 reject",
+                                       "@direct4 accept", 'oifname "veil0" accept')]
+    assert order == sorted(order)
+    assert "ip daddr 10.0.11.1 meta l4proto { tcp, udp } th dport 53 accept" in output
+    forward = text.split("chain forward")[1]
+    assert forward.index("@block4 reject") < forward.index('oifname "veil0" accept')
+    assert route_lines("add", [net("198.51.100.0/24")], ("10.0.11.1", "c0")) == [
+        "route add 198.51.100.0/24 via 10.0.11.1 dev c0 proto 118"]
+    assert route_lines("del", ["10.0.11.1/32"], (None, "c0")) == [
+        "route del 10.0.11.1/32 dev c0 proto 118"]
