@@ -99,6 +99,26 @@ def outside(packets: list[Packet]) -> list[Packet]:
         or (p.src, p.dst, p.sport) == (SERVER_IP, CLIENT_IP, SERVER_PORT))]
 
 
+#: A DNS query for a tunnelled name sent straight to the domestic resolver by some process:
+#: prints "refused" when the kill switch rejects it (ICMP admin-prohibited: ECONNREFUSED or
+#: EPERM on a connected UDP socket), "answered" if it got through.
+LEAK_QUERY = """
+import socket, struct
+q = struct.pack('>HHHHHH', 0x1234, 0x0100, 1, 0, 0, 0)
+q += b''.join(bytes([len(p)]) + p.encode() for p in '{name}'.split('.')) + b'\\0'
+q += struct.pack('>HH', 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.connect(('{resolver}', 53))
+try:
+    s.send(q)
+    s.recv(512)
+    print('answered')
+except (ConnectionRefusedError, PermissionError, TimeoutError) as exc:
+    print('refused', type(exc).__name__)
+"""
+
+
 def test_rules_in_tun_mode_route_direct_tunnel_and_block(
         topo: Topology, key: str, domestic_log: Path) -> None:
     rules = topo.dir / "rules.txt"
@@ -126,6 +146,11 @@ def test_rules_in_tun_mode_route_direct_tunnel_and_block(
         assert blocked.returncode == 6, blocked.stderr  # could not resolve host
         blocked = curl(topo, f"http://{BLOCKED_IP}/", timeout=3)
         assert blocked.returncode == 7, blocked.stderr  # refused at once, not a timeout
+        # Another process asking the domestic resolver itself is refused by the kill
+        # switch: only veil's resolver's (marked) queries may reach it.
+        leak = topo.exec("client1", "python3", "-c", LEAK_QUERY.format(
+            resolver=LAN_RESOLVER, name=WEB_NAME), check=False)
+        assert leak.returncode == 0 and "refused" in leak.stdout, (leak.stdout, leak.stderr)
     finally:
         assert topo.stop(client) == 0
         packets = capture.packets()

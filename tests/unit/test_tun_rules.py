@@ -146,6 +146,29 @@ def test_dns_messages() -> None:
     assert query_name(response.to_wire()) is None  # an answer is not a query
 
 
+def test_a_direct_answer_routes_only_its_own_names_addresses_and_few_of_them() -> None:
+    """The domestic resolver is the censor's: records for another name, addresses no host is
+    reached at, and more than MAX_DIRECT_ADDRESSES_PER_ANSWER never leave outside the tunnel."""
+    from veil.client.tun_dns import MAX_DIRECT_ADDRESSES_PER_ANSWER
+
+    query = dns.message.make_query("www.example.cn.", "A")
+    response = dns.message.make_response(query)
+    response.answer.append(dns.rrset.from_text("www.example.cn.", 60, "IN", "CNAME",
+                                               "cdn.example.cn."))
+    response.answer.append(dns.rrset.from_text("cdn.example.cn.", 60, "IN", "A",
+                                               "198.51.100.7", "127.0.0.1", "224.0.0.1"))
+    # An address for a name nobody asked about (a foreign service's, say): not routed.
+    response.answer.append(dns.rrset.from_text("telegram.org.", 60, "IN", "A", "149.154.167.99"))
+    wire = response.to_wire()
+    assert answer_addresses(wire, "www.example.cn") == [(ipaddress.ip_address("198.51.100.7"), 60)]
+    many = dns.message.make_response(query)
+    many.answer.append(dns.rrset.from_text("www.example.cn.", 60, "IN", "A",
+                                           *(f"198.51.{i // 250}.{i % 250 + 1}"
+                                             for i in range(4000))))
+    assert len(answer_addresses(many.to_wire(), "www.example.cn")) == \
+        MAX_DIRECT_ADDRESSES_PER_ANSWER
+
+
 def test_direct_hosts_hold_within_bounds_and_stay_bounded() -> None:
     hosts = DirectHosts(limit=2, hold_min=100, hold_max=1000)
     a, b, c = (ipaddress.ip_address(f"198.51.100.{i}") for i in (1, 2, 3))
@@ -175,7 +198,9 @@ def test_killswitch_sets_put_direct_names_before_blocks_and_blocks_before_the_tu
     order = [output.index(s) for s in ("@dns_direct4 accept", "@block4 reject",
                                        "@direct4 accept", 'oifname "veil0" accept')]
     assert order == sorted(order)
-    assert "ip daddr 10.0.11.1 meta l4proto { tcp, udp } th dport 53 accept" in output
+    # Only veil's own resolver's (marked) queries reach the domestic resolver.
+    assert ("meta mark 0x7665696c ip daddr 10.0.11.1 meta l4proto { tcp, udp } th dport 53 "
+            "accept") in output
     forward = text.split("chain forward")[1]
     assert forward.index("@block4 reject") < forward.index('oifname "veil0" accept')
     assert route_lines("add", [net("198.51.100.0/24")], ("10.0.11.1", "c0")) == [

@@ -127,6 +127,9 @@ ROUTE_PROTO = 118
 #: Where a lookup of the original route per family starts, when no way in is of that family:
 #: any public address does; no packet is sent.
 ROUTE_PROBES = {4: "1.0.0.1", 6: "2400::1"}
+#: SO_MARK of the split-routing resolver's queries to the domestic resolver: the kill switch
+#: lets port 53 out to it with this mark only (any value; "veil" in ASCII, unlikely to clash).
+DIRECT_RESOLVER_MARK = 0x7665696C
 #: Kill-switch sets of the rules' direct and blocked ranges, and of DIRECT names' addresses.
 DIRECT_SETS = {4: "direct4", 6: "direct6"}
 BLOCK_SETS = {4: "block4", 6: "block6"}
@@ -352,8 +355,10 @@ def killswitch_ruleset(device: str, servers: Iterable[Address], exclude: Iterabl
                 f"{family} saddr @{DNS_DIRECT_SETS[version]} accept"]
         for resolver in dict.fromkeys(direct_resolvers):
             family = "ip" if ipaddress.ip_address(resolver).version == 4 else "ip6"
-            rules.append(f"{family} daddr {resolver} meta l4proto {{ tcp, udp }} th dport 53 "
-                         "accept")
+            # Only veil's own resolver's queries (marked): any other process asking the
+            # domestic resolver directly would leak the names it asks about.
+            rules.append(f"meta mark {DIRECT_RESOLVER_MARK:#x} {family} daddr {resolver} "
+                         "meta l4proto { tcp, udp } th dport 53 accept")
     rules.append(f'oifname "{device}" accept')
     for server in dict.fromkeys(servers):  # each pair once, in order
         server_ip = ipaddress.ip_address(server.host)
@@ -437,6 +442,9 @@ class TunClient:
 
                 self._resolver = SplitResolver(self.options.rules, self._direct_resolver,
                                                self._route_direct_names)
+                self._resolver.direct_mark = DIRECT_RESOLVER_MARK
+                # The ways in never get a direct host route from a DIRECT answer.
+                self._resolver.never_direct |= {address.host for address in addresses}
                 await self._resolver.start()
                 self._sweeper = asyncio.ensure_future(self._sweep_direct_names())
             self.device = TunDevice(self.options.device)
@@ -671,6 +679,7 @@ class TunClient:
             for ip in dns:
                 add_route(f"{ip}/{32 if ip.version == 4 else 128}", oif=index, replace=True)
             self._resolver.tunnel_servers = [str(ip) for ip in dns]
+            self._resolver.never_direct |= {str(ip) for ip in dns}
             self._set_resolvers([ipaddress.ip_address(RESOLVER_HOST)])
         elif dns:
             self._set_resolvers(dns)

@@ -30,11 +30,13 @@ from typing import Any
 import dns.exception
 import dns.flags
 import dns.message
+import dns.name
 import dns.rcode
 import dns.rdatatype
 
 from veil.client.rules import Action, RuleSet
 from veil.client.tun_rules import RESOLVER_HOST, dns_action
+from veil.protocol.address import Address
 
 log = logging.getLogger("veil.client")
 
@@ -54,6 +56,11 @@ MAX_TCP_CLIENTS = 64
 TCP_IDLE_S = 10.0
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: Addresses one DIRECT answer may route around the tunnel: a name has a handful (CDNs give
+#: 2-8); the domestic resolver is the censor's, and each address it names leaves outside the
+#: tunnel for the answer's lifetime, so it gets no more than this (measured: ~4,000 records
+#: in one TCP answer held the event loop for 7.8 s).
+MAX_DIRECT_ADDRESSES_PER_ANSWER = 16
 OnDirect = Callable[[list[tuple[IP, int]]], Awaitable[None]]
 
 
@@ -82,19 +89,44 @@ def failure_answer(query: dns.message.Message) -> bytes:
     return response.to_wire()
 
 
-def answer_addresses(wire: bytes) -> list[tuple[IP, int]]:
-    """Every A/AAAA address in an answer with its TTL (CNAME chains included: the addresses
-    are what the application will connect to)."""
+def answer_addresses(wire: bytes, qname: str | None = None) -> list[tuple[IP, int]]:
+    """The A/AAAA addresses an answer gives for ``qname`` (following its CNAME chain: the
+    addresses the application will connect to), with their TTLs; records for other names are
+    ignored (an answer may carry any, and each address named here leaves outside the tunnel),
+    and so are addresses no host is reached at (loopback, unspecified, multicast,
+    link-local, reserved). At most MAX_DIRECT_ADDRESSES_PER_ANSWER."""
     try:
         message = dns.message.from_wire(wire)
     except (dns.exception.DNSException, ValueError):
         return []
+    owners: set[dns.name.Name] | None = None
+    if qname is not None:
+        try:
+            owner = dns.name.from_text(qname)
+        except (dns.exception.DNSException, ValueError):
+            return []
+        owners = {owner}
+        for _ in range(len(message.answer)):  # a chain is never longer than the answer
+            targets = {rdata.target for rrset in message.answer
+                       if rrset.rdtype == dns.rdatatype.CNAME and rrset.name in owners
+                       for rdata in rrset} - owners
+            if not targets:
+                break
+            owners |= targets
     found: list[tuple[IP, int]] = []
     for rrset in message.answer:
         if rrset.rdtype not in (dns.rdatatype.A, dns.rdatatype.AAAA):
             continue
+        if owners is not None and rrset.name not in owners:
+            continue
         for rdata in rrset:
-            found.append((ipaddress.ip_address(rdata.address), int(rrset.ttl)))
+            address = ipaddress.ip_address(rdata.address)
+            if (address.is_loopback or address.is_unspecified or address.is_multicast
+                    or address.is_link_local or address.is_reserved):
+                continue
+            found.append((address, int(rrset.ttl)))
+            if len(found) >= MAX_DIRECT_ADDRESSES_PER_ANSWER:
+                return found
     return found
 
 
@@ -111,15 +143,33 @@ class _Upstream(asyncio.DatagramProtocol):
             self.answer.set_exception(exc)
 
 
+def _marked_socket(server: str, kind: socket.SocketKind, mark: int | None) -> socket.socket:
+    """A socket for an upstream query; with ``mark``, SO_MARK set, so that the kill switch
+    lets exactly this resolver's queries reach the domestic resolver (not any process's)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET, kind)
+    try:
+        if mark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 async def ask(server: str, wire: bytes, timeout: float = UPSTREAM_TIMEOUT_S,
-              port: int = DNS_PORT) -> bytes:
+              port: int = DNS_PORT, mark: int | None = None) -> bytes:
     """One query to ``server``:53 over UDP from a fresh socket (a random source port per
     query, as stub resolvers do); TimeoutError or OSError when no answer."""
     loop = asyncio.get_running_loop()
     answer: asyncio.Future[bytes] = loop.create_future()
-    transport, _ = await loop.create_datagram_endpoint(
-        lambda: _Upstream(answer), remote_addr=(server, port),
-        family=socket.AF_INET6 if ":" in server else socket.AF_INET)
+    sock = _marked_socket(server, socket.SOCK_DGRAM, mark)
+    try:
+        sock.connect((server, port))
+    except OSError:
+        sock.close()
+        raise
+    transport, _ = await loop.create_datagram_endpoint(lambda: _Upstream(answer), sock=sock)
     try:
         transport.sendto(wire)
         return await asyncio.wait_for(answer, timeout)
@@ -128,10 +178,16 @@ async def ask(server: str, wire: bytes, timeout: float = UPSTREAM_TIMEOUT_S,
 
 
 async def ask_tcp(server: str, wire: bytes, timeout: float = UPSTREAM_TIMEOUT_S,
-                  port: int = DNS_PORT) -> bytes:
+                  port: int = DNS_PORT, mark: int | None = None) -> bytes:
     """One query to ``server``:53 over TCP (RFC 7766: a two-byte length, then the message)."""
     async def exchange() -> bytes:
-        reader, writer = await asyncio.open_connection(server, port)
+        sock = _marked_socket(server, socket.SOCK_STREAM, mark)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (server, port))
+        except BaseException:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_connection(sock=sock)
         try:
             writer.write(len(wire).to_bytes(2, "big") + wire)
             size = int.from_bytes(await reader.readexactly(2), "big")
@@ -157,6 +213,12 @@ class SplitResolver(asyncio.DatagramProtocol):
         self.direct_server = direct_server
         self.tunnel_servers: list[str] = tunnel_servers or []
         self.on_direct = on_direct
+        #: Addresses a DIRECT answer may never route around the tunnel (the ways in, the
+        #: tunnel's resolvers): set by the TUN client.
+        self.never_direct: set[str] = set()
+        #: SO_MARK of the queries to ``direct_server`` (the kill switch's DIRECT_RESOLVER_MARK);
+        #: None where nothing filters by it (tests on loopback).
+        self.direct_mark: int | None = None
         self.transport: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._tcp_clients = 0
@@ -238,7 +300,11 @@ class SplitResolver(asyncio.DatagramProtocol):
         elif action is Action.DIRECT and self.direct_server is not None:
             reply = await self._upstream(self.direct_server, data, tcp)
             if reply is not None:
-                addresses = answer_addresses(reply)
+                # Never around the tunnel: what the rules block, or send through it by
+                # address (the server's ways, the tunnel's resolvers are not direct either).
+                addresses = [(address, ttl) for address, ttl in answer_addresses(reply, name)
+                             if self.rules.decide(Address(str(address), 0), count=False).action
+                             is not Action.BLOCK and str(address) not in self.never_direct]
                 if addresses:
                     try:
                         await self.on_direct(addresses)
@@ -260,10 +326,13 @@ class SplitResolver(asyncio.DatagramProtocol):
         return None
 
     async def _upstream(self, server: str, data: bytes, tcp: bool) -> bytes | None:
+        # Queries to the domestic resolver carry the mark the kill switch lets out; those
+        # through the tunnel need none.
+        mark = self.direct_mark if server == self.direct_server else None
         try:
             port = self.upstream_port
-            return await (ask_tcp(server, data, port=port) if tcp else
-                          ask(server, data, port=port))
+            return await (ask_tcp(server, data, port=port, mark=mark) if tcp else
+                          ask(server, data, port=port, mark=mark))
         except (TimeoutError, OSError) as exc:
             log.debug("dns: no answer from %s: %s", server, exc)
             self.counts["dropped"] += 1
