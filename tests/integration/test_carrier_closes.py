@@ -132,3 +132,46 @@ def test_a_lingering_close_reads_on(tmp_path: Path) -> None:
     result, read_after = _run(tmp_path, lambda t: t.end_writing(close_notify=False), late=True)
     assert result["end"] == "fin" and result["received"] == ANSWER
     assert read_after > 0  # the client's late record reached the application
+
+
+def test_a_closed_connection_whose_peer_reads_nothing_is_cut_after_the_flush_timeout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a close still holds is sent first, but not for ever: a peer that reads nothing
+    would keep the socket and its buffer (nginx's send_timeout)."""
+    from veil.transport import carrier
+    from veil.transport.tls import start_tls_server
+
+    monkeypatch.setattr(carrier, "CLOSE_FLUSH_TIMEOUT_S", 0.5)
+    served: list[_Answers] = []
+    release = threading.Event()
+
+    def silent_client(port: int) -> None:
+        context = client_context()
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as raw, \
+                context.wrap_socket(raw):
+            release.wait(TIMEOUT_S)  # connected, and never reads
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        client = threading.Thread(target=silent_client, args=(listener.getsockname()[1],))
+        client.start()
+        try:
+            sock, _ = await loop.sock_accept(listener)
+            listener.close()
+
+            def answers() -> _Answers:
+                served.append(_Answers(lambda t: t.close_quietly()))
+                return served[-1]
+
+            started = loop.time()
+            await start_tls_server(sock, server_context(tmp_path), answers, TIMEOUT_S)
+            await asyncio.wait_for(served[0].lost, TIMEOUT_S)
+            return loop.time() - started
+        finally:
+            release.set()
+            await asyncio.to_thread(client.join, TIMEOUT_S)
+
+    took = asyncio.run(main())
+    assert took < 5.0, took

@@ -39,6 +39,11 @@ class ReadHold(enum.Flag):
 
 T = TypeVar("T")
 
+#: How long a closed connection may take to send what it still holds before it is cut: a
+#: peer that stops reading would otherwise keep the socket and its buffer for ever (nginx's
+#: send_timeout, 60 s).
+CLOSE_FLUSH_TIMEOUT_S = 60.0
+
 
 async def finish_handshake(raw: asyncio.Transport, handshake: asyncio.Future[T],
                            timeout: float) -> T:
@@ -145,14 +150,21 @@ class CarrierProtocol(asyncio.BufferedProtocol, metaclass=abc.ABCMeta):
         self.closing = True
         self._close_notify()
         self._flush()
-        self.raw.close()
+        self._close_raw(self.raw)
 
     def close_quietly(self) -> None:
         """Close the TCP connection without a close_notify (nginx's quiet shutdown), after
         what was written before."""
         self.closing = True
         if self.raw is not None:
-            self.raw.close()
+            self._close_raw(self.raw)
+
+    def _close_raw(self, raw: asyncio.Transport) -> None:
+        """Close ``raw`` once what it holds is sent, and cut it if a peer that reads nothing
+        keeps that from happening for CLOSE_FLUSH_TIMEOUT_S (nginx's send_timeout)."""
+        raw.close()
+        if raw.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(CLOSE_FLUSH_TIMEOUT_S, raw.abort)
 
     def end_writing(self, *, close_notify: bool) -> None:
         """A lingering close's first half: our close_notify (or none, as nginx's HTTP/2
