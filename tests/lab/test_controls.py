@@ -126,8 +126,14 @@ def test_shadowsocks_libev_is_caught(tmp_path: Path, nginx: procs.Nginx) -> None
         procs.stop(server)
     reports = flows_to(analyse_pcap(pcap), port)
     assert len(reports) == 3
+    # Random first bytes pass the GFW's exemptions now and then by chance, as they do on the
+    # real firewall (Ex2, six printable bytes: 1 flow in ~400; Ex1, popcount: rarer still).
+    # One chance exemption in three flows is allowed; two would be a broken detector.
+    verdicts = [report.verdict("fully-encrypted") for report in reports]
+    assert sum(v.flagged for v in verdicts) >= 2, verdicts
+    for verdict in verdicts:
+        assert verdict.flagged or verdict.evidence[0].startswith(("Ex1", "Ex2")), verdict
     for report in reports:
-        assert report.verdict("fully-encrypted").flagged
         assert flagged_labels(report, "protocol-signatures") == ("random-stream",)
 
 
