@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from veil.client.routing import RoutingDialer
 from veil.client.rulefiles import load_rules
 from veil.client.rules import Action, Condition, Rule, RuleSet
 from veil.errors import TransportError
-from veil.net.dialer import DatagramHandler, Dialer, UdpFlow
+from veil.net.dialer import DatagramHandler, Dialer, IPAddress, UdpFlow
 from veil.protocol.address import Address
 
 
@@ -184,3 +185,145 @@ def test_a_quic_block_drops_udp_443_and_keeps_the_rest_of_the_association(
     assert [f.sent for f in direct.flows] == [[(Address("dns.home.test", 53), b"query")]]
     assert [f.sent for f in tunnel.flows] == [[(Address("example.org", 3478), b"stun")]]
     assert flow.blocked == 2  # type: ignore[attr-defined]
+
+
+# -- names decided by the address the server resolves them to -------------------------------------
+
+class ResolvingTunnel(RecordingDialer):
+    """A tunnel whose server resolves names from ``answers`` (None: no answer)."""
+
+    def __init__(self, answers: dict[str, tuple[str, ...] | None], delay: float = 0.0) -> None:
+        super().__init__()
+        self.answers = answers
+        self.asked: list[str] = []
+        self.delay = delay
+
+    async def resolve(self, name: str, timeout: float) -> tuple[IPAddress, ...] | None:
+        self.asked.append(name)
+        if self.delay:
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.sleep(self.delay)
+            except TimeoutError:
+                return None
+        found = self.answers.get(name)
+        return None if found is None else tuple(ipaddress.ip_address(a) for a in found)
+
+
+def address_rules() -> RuleSet:
+    return RuleSet([
+        Rule(Action.DIRECT, (Condition(suffixes=("home.test",)),), "r:1",
+             "DOMAIN-SUFFIX,home.test,DIRECT"),
+        Rule(Action.BLOCK, (Condition(networks_ip=(ipaddress.ip_network("198.51.100.0/24"),)),),
+             "r:2", "IP-CIDR,198.51.100.0/24,BLOCK"),
+        Rule(Action.DIRECT, (Condition(networks_ip=(ipaddress.ip_network("192.0.2.0/24"),)),),
+             "r:3", "IP-CIDR,192.0.2.0/24,DIRECT"),
+        Rule(Action.TUNNEL, (Condition(),), "r:4", "MATCH,TUNNEL"),
+    ])
+
+
+async def route(dialer: RoutingDialer, host: str) -> tuple[bool, FakeTransport]:
+    dest = Address(host, 443)
+    ready = await dialer.wait_ready_for(dest, 1.0)
+    local = FakeTransport()
+    if ready:
+        dialer.open_tcp(dest, local)
+    return ready, local
+
+
+def test_a_name_goes_where_the_address_the_server_resolved_says() -> None:
+    async def main() -> None:
+        tunnel, direct = ResolvingTunnel({
+            "shop.test": ("2001:db8::1", "192.0.2.10"),  # IPv4 preferred: 192.0.2.10, direct
+            "news.test": ("203.0.113.5",),  # no address rule: tunnel, as a name
+            "ads.test": ("198.51.100.1",),  # blocked by its address
+            "broken.test": None,  # no answer: tunnel, as a name
+        }), RecordingDialer()
+        dialer = RoutingDialer(address_rules(), tunnel, direct)
+        for host in ("shop.test", "news.test", "broken.test", "a.home.test"):
+            ready, local = await route(dialer, host)
+            assert ready and not local.aborted, host
+        ready, _ = await route(dialer, "ads.test")
+        assert not ready  # the inbound says it cannot connect
+        # Direct by address: the direct dialer gets the address, never the name.
+        assert direct.tcp == [Address("192.0.2.10", 443), Address("a.home.test", 443)]
+        assert tunnel.tcp == [Address("news.test", 443), Address("broken.test", 443)]
+        # A name a domain rule decides is never asked about.
+        assert sorted(tunnel.asked) == ["ads.test", "broken.test", "news.test", "shop.test"]
+        # Each stream counted once, by the rule that decided it.
+        assert dialer.rules.hits == [1, 0, 1, 2] and dialer.rules.default_hits == 0
+        assert (dialer.resolved, dialer.unresolved) == (4, 1)
+
+    asyncio.run(main())
+
+
+def test_answers_are_remembered_and_shared_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(routing, "MAX_RESOLVED_NAMES", 3)
+
+    async def main() -> None:
+        tunnel = ResolvingTunnel({f"n{i}.test": ("192.0.2.1",) for i in range(5)}, delay=0.01)
+        dialer = RoutingDialer(address_rules(), tunnel, RecordingDialer())
+        # Six connections to one name at once: one question.
+        await asyncio.gather(*(route(dialer, "n0.test") for _ in range(6)))
+        assert tunnel.asked == ["n0.test"]
+        await route(dialer, "n0.test")
+        assert tunnel.asked == ["n0.test"]  # remembered
+        for i in range(1, 5):
+            await route(dialer, f"n{i}.test")
+        assert len(dialer._answers) == 3  # the least recently used went first
+        await route(dialer, "n0.test")
+        assert tunnel.asked.count("n0.test") == 2
+
+    asyncio.run(main())
+
+
+def test_an_answer_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(routing, "RESOLVED_TTL_S", 0.05)
+
+    async def main() -> None:
+        tunnel = ResolvingTunnel({"a.test": ("192.0.2.1",)})
+        dialer = RoutingDialer(address_rules(), tunnel, RecordingDialer())
+        await route(dialer, "a.test")
+        await route(dialer, "a.test")
+        await asyncio.sleep(0.1)
+        await route(dialer, "a.test")
+        assert tunnel.asked == ["a.test", "a.test"]
+
+    asyncio.run(main())
+
+
+def test_a_slow_server_costs_the_resolve_timeout_then_the_name_is_tunnelled() -> None:
+    async def main() -> None:
+        tunnel, direct = ResolvingTunnel({"slow.test": ("192.0.2.1",)}, delay=5.0), (
+            RecordingDialer())
+        dialer = RoutingDialer(address_rules(), tunnel, direct, resolve_timeout=0.05)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ready, _ = await route(dialer, "slow.test")
+        assert ready and loop.time() - started < 2.0
+        assert tunnel.tcp == [Address("slow.test", 443)] and direct.tcp == []
+
+    asyncio.run(main())
+
+
+def test_a_tunnel_that_cannot_resolve_tunnels_the_name() -> None:
+    async def main() -> None:
+        tunnel, direct = RecordingDialer(), RecordingDialer()  # the base Dialer: no resolve
+        dialer = RoutingDialer(address_rules(), tunnel, direct)
+        ready, _ = await route(dialer, "shop.test")
+        assert ready and tunnel.tcp == [Address("shop.test", 443)]
+
+    asyncio.run(main())
+
+
+def test_too_many_names_at_once_are_tunnelled_unasked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(routing, "MAX_PENDING_RESOLVES", 2)
+
+    async def main() -> None:
+        tunnel = ResolvingTunnel({f"n{i}.test": ("192.0.2.1",) for i in range(4)}, delay=0.05)
+        dialer = RoutingDialer(address_rules(), tunnel, RecordingDialer())
+        await asyncio.gather(*(route(dialer, f"n{i}.test") for i in range(4)))
+        assert len(tunnel.asked) == 2
+        assert len(tunnel.tcp) == 2  # the two unasked names went as names
+
+    asyncio.run(main())

@@ -240,3 +240,85 @@ def test_explain_names_the_rule_and_the_test() -> None:
 def test_normalize_name() -> None:
     assert normalize_name("WWW.Example.COM.") == "www.example.com"
     assert normalize_name("xn--fiqs8s.") == "xn--fiqs8s"
+
+
+# -- address_may_decide: when resolving a name could change the decision --------------------------
+
+def test_a_name_no_domain_rule_decides_may_be_decided_by_an_earlier_address_rule() -> None:
+    rules = RuleSet([
+        rule(Action.BLOCK, domains=("ads.test",)),
+        rule(Action.DIRECT, suffixes=("home.test",)),
+        rule(Action.DIRECT, networks_ip=(ipaddress.ip_network("1.0.1.0/24"),)),
+        rule(Action.TUNNEL),
+    ])
+    assert rules.address_may_decide(Address("foreign.test", 443))
+    # A domain rule decides, whatever its action: never resolved to test address rules.
+    for name in ("ads.test", "a.home.test"):
+        assert not rules.address_may_decide(Address(name, 443))
+    # An address is not a name: decided as it is.
+    assert not rules.address_may_decide(Address("1.0.1.7", 443))
+    assert not rules.address_may_decide(Address("::1", 443))
+
+
+def test_a_rule_before_every_address_rule_decides_alone() -> None:
+    rules = RuleSet([
+        rule(Action.DIRECT, ports=(22,)),
+        rule(Action.DIRECT, countries=("PRIVATE",)),
+        rule(Action.TUNNEL),
+    ])
+    assert not rules.address_may_decide(Address("git.test", 22))  # DST-PORT,22 decides first
+    assert rules.address_may_decide(Address("git.test", 443))
+    # An address rule that cannot hold for the port or network decides nothing.
+    narrow = RuleSet([rule(Action.DIRECT, countries=("PRIVATE",), networks=("udp",)),
+                      rule(Action.TUNNEL)])
+    assert not narrow.address_may_decide(Address("a.test", 443), "tcp")
+    assert narrow.address_may_decide(Address("a.test", 443), "udp")
+
+
+def test_without_address_rules_nothing_is_resolved() -> None:
+    rules = RuleSet([rule(Action.DIRECT, suffixes=("cn",)), rule(Action.TUNNEL)])
+    assert not rules.address_may_decide(Address("example.com", 443))
+    assert not RuleSet([]).address_may_decide(Address("example.com", 443))
+    # Address rules after the one that decides (MATCH first) cannot change it either.
+    late = RuleSet([rule(Action.TUNNEL), rule(Action.DIRECT, countries=("PRIVATE",))])
+    assert not late.address_may_decide(Address("example.com", 443))
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=NAME, ip=st.integers(0, 2**32 - 1), actions=st.lists(ACTIONS, min_size=4,
+                                                                   max_size=4),
+       order=st.permutations(range(4)))
+def test_the_address_decides_exactly_when_address_may_decide_says_it_can(
+        name: str, ip: int, actions: list[Action], order: list[int]) -> None:
+    """Resolving is worth it only when it can matter: when address_may_decide is False,
+    deciding by any address gives the name's own decision; when it is True and the name's
+    decision is not a domain rule's, deciding by the address is what first-match-wins says
+    for a rule list where the name "has" that address."""
+    address = str(ipaddress.IPv4Address(ip))
+    pool = [rule(actions[0], suffixes=(name.split(".")[-1],)),
+            rule(actions[1], networks_ip=(ipaddress.ip_network(f"{address}/32"),)),
+            rule(actions[2], ports=(443,)),
+            rule(actions[3])]
+    rules = RuleSet([pool[i] for i in order])
+    by_name = rules.decide(Address(name, 443), count=False)
+    by_address = rules.decide(Address(address, 443), count=False)
+    if not rules.address_may_decide(Address(name, 443)):
+        if by_name.rule is None or not by_name.rule.conditions[0].has_address:
+            assert by_address.rule is by_name.rule
+    else:
+        assert by_name.rule is None or not by_name.rule.conditions[0].has_address
+        assert by_address.rule is pool[1]  # the /32 comes before what decided the name
+
+
+def test_explain_says_a_name_is_decided_after_the_server_resolves_it() -> None:
+    rules = RuleSet([
+        Rule(Action.DIRECT, (Condition(suffixes=("cn",)),), "r:1", "DOMAIN-SUFFIX,cn,DIRECT"),
+        Rule(Action.DIRECT, (Condition(countries=("PRIVATE",)),), "r:2", "GEOIP,PRIVATE,DIRECT"),
+        Rule(Action.TUNNEL, (Condition(),), "r:3", "MATCH,TUNNEL"),
+    ])
+    line = rules.explain(Address("www.example.top", 443))
+    assert line.startswith("www.example.top:443 -> decided after the server resolves it")
+    assert "r:2 GEOIP,PRIVATE,DIRECT" in line and "tunnel (r:3 MATCH,TUNNEL)" in line
+    assert "resolved by this host" not in line.split(";")[0]
+    # A domain rule's decision is told as before.
+    assert "direct (resolved by this host's resolver)" in rules.explain(Address("a.cn", 443))

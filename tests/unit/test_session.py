@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from veil.errors import RemoteProtocolError
 from veil.protocol.address import Address
 from veil.protocol.events import (
     DatagramReceived,
@@ -19,7 +21,22 @@ from veil.protocol.events import (
     StreamReset,
     StreamWritable,
 )
-from veil.protocol.frames import CloseCode, FrameType, ResetCode, StreamKind, frame, pack_u32
+from veil.protocol.frames import (
+    FEATURE_RESOLVE,
+    FEATURES_TAG,
+    CloseCode,
+    FrameType,
+    ResetCode,
+    StreamKind,
+    frame,
+    pack_u32,
+)
+from veil.protocol.resolve import (
+    MAX_ANSWER_BYTES,
+    MAX_RESOLVED_ADDRESSES,
+    decode_answer,
+    encode_answer,
+)
 from veil.protocol.session import (
     INITIAL_SESSION_WINDOW,
     INITIAL_STREAM_WINDOW,
@@ -564,3 +581,67 @@ def test_a_slow_target_is_asked_once_and_the_session_lives_on() -> None:
     assert client.get_timer() is None
     for now in (30.0, 300.0):
         assert client.handle_timer(now) == [] and client.data_to_send(now) == b""
+
+
+# -- features and RESOLVE streams ---------------------------------------------------------------
+
+def test_the_server_announces_its_features_in_a_padding_an_old_client_ignores() -> None:
+    client, server = pair()
+    assert client.peer_features == 0
+    server.announce_features(FEATURE_RESOLVE, 100)
+    wire = bytes(server.data_to_send())
+    # A PADDING of the asked length, on stream 0: to a client before features, padding.
+    assert wire[:8] == frame(FrameType.PADDING, 0, bytes(100))[:8]
+    assert wire[8:8 + len(FEATURES_TAG) + 1] == FEATURES_TAG + bytes((FEATURE_RESOLVE,))
+    assert client.receive_data(wire, 0) == []
+    assert client.peer_features == FEATURE_RESOLVE
+    # Plain padding (an older server's) names no feature.
+    old_client, old_server = pair()
+    old_server.send_padding(100)
+    assert transfer(old_server, old_client) == []
+    assert old_client.peer_features == 0
+
+
+def test_an_open_of_an_unknown_kind_is_reset_and_the_session_lives() -> None:
+    client, server = pair()
+    sid = client.open_stream(StreamKind.TCP, DEST)
+    wire = bytearray(client.data_to_send())
+    opening = frame(FrameType.OPEN, sid, bytes((StreamKind.TCP,)) + DEST.encode())
+    at = wire.index(opening)
+    wire[at + 8] = 99  # a kind of a newer client's
+    assert server.receive_data(bytes(wire), 0) == []
+    assert not server.closed
+    assert transfer(server, client) == [StreamReset(sid, ResetCode.REFUSED_DESTINATION, True)]
+    # The session goes on: the next stream opens as usual.
+    other = client.open_stream(StreamKind.TCP, DEST)
+    assert transfer(client, server) == [StreamOpened(other, StreamKind.TCP, DEST)]
+
+
+def test_a_resolve_stream_asks_with_open_and_fin_and_gets_data_then_fin() -> None:
+    client, server = pair()
+    sid = client.open_stream(StreamKind.RESOLVE, Address("example.com", 0))
+    client.send_eof(sid)
+    events = transfer(client, server)
+    assert events == [StreamOpened(sid, StreamKind.RESOLVE, Address("example.com", 0)),
+                      StreamEnded(sid)]
+    answer = encode_answer([ipaddress.ip_address("192.0.2.7"),
+                            ipaddress.ip_address("2001:db8::7")])
+    server.send_data(sid, answer)
+    server.send_eof(sid)
+    events = transfer(server, client)
+    assert events == [DataReceived(sid, answer), StreamEnded(sid)]
+    assert client.stream_count == 0 and server.stream_count == 0  # closed both ways
+    assert decode_answer(answer) == (ipaddress.ip_address("192.0.2.7"),
+                                     ipaddress.ip_address("2001:db8::7"))
+
+
+def test_a_resolve_answer_is_bounded_and_checked() -> None:
+    many = [ipaddress.ip_address(f"192.0.2.{i}") for i in range(1, 30)]
+    answer = encode_answer(many + many)
+    assert answer[0] == MAX_RESOLVED_ADDRESSES
+    assert len(answer) <= MAX_ANSWER_BYTES
+    assert decode_answer(answer) == tuple(many[:MAX_RESOLVED_ADDRESSES])
+    for bad in (b"", b"\x00", b"\x01", b"\x01\x05" + bytes(4), b"\x01\x04" + bytes(3),
+                b"\x01\x04" + bytes(5), bytes((MAX_RESOLVED_ADDRESSES + 1,)) + b"\x04" * 200):
+        with pytest.raises(RemoteProtocolError):
+            decode_answer(bad)

@@ -14,9 +14,10 @@ Semantics, the same whatever file format a rule came from:
   alternatives, and the port tests and the network test must hold as well; an empty group
   holds for everything. ``Condition()`` matches everything (``MATCH``).
 * A destination given by name is never resolved here: IP and country tests do not match it.
-  So a name reaches ``direct`` only through a rule that matches the name itself (a domain
-  rule, or a port/network/``MATCH`` rule the user wrote); names no such rule sends direct
-  go through the tunnel and the server resolves them.
+  :meth:`RuleSet.address_may_decide` tells the caller when the name's addresses could still
+  decide (no domain test decided it, and an IP or country test comes before the rule that
+  did); the caller may then resolve it (through the tunnel: veil.client.routing) and
+  :meth:`RuleSet.decide` for the address instead.
 * Names compare case-insensitively with one trailing dot ignored; IDNA names are compared in
   the form given (``xn--`` labels match ``xn--`` rules). A suffix matches on label
   boundaries: ``example.com`` matches ``example.com`` and ``a.example.com``, never
@@ -289,6 +290,8 @@ class RuleSet:
         self._regexes: list[tuple[int, re.Pattern[str]]] = []
         self._country: dict[str, list[int]] = {}
         self._generic: list[int] = []  # conditions with no address test
+        #: Conditions with an IP or country test, ascending: what a name's addresses can match.
+        self._by_address: list[int] = []
         #: Conditions with port/network tests (others hold for any port and network).
         self._narrow: set[int] = set()
         spans: dict[int, list[tuple[int, int, int]]] = {4: [], 6: []}
@@ -297,6 +300,8 @@ class RuleSet:
                 self._narrow.add(index)
             if not condition.has_address:
                 self._generic.append(index)
+            if condition.networks_ip or condition.countries:
+                self._by_address.append(index)
             for name in condition.domains:
                 self._full.setdefault(name, []).append(index)
             for name in condition.suffixes:
@@ -328,6 +333,45 @@ class RuleSet:
             self.hits[rule_index] += 1
         rule = self.rules[rule_index]
         return Decision(rule.action, rule, self._conditions[index])
+
+    def address_may_decide(self, dest: Address, network: str = "tcp") -> bool:
+        """Whether ``dest``'s addresses could decide where the name alone does not.
+
+        True when ``dest`` is a name, no domain test (full, suffix, keyword, regex) decides
+        it, and a condition with an IP or country test whose port and network tests hold
+        comes before the rule that does decide (or there is none): resolving the name and
+        deciding for its address may then give another action, and that decision equals the
+        name's whenever the address matches no such condition. A name a domain rule decides
+        (``DIRECT``, ``TUNNEL`` or ``BLOCK``) is never resolved to test address rules.
+        """
+        if _ip_of(dest.host) is not None or not self._by_address:
+            return False
+        index = self._first(dest, network)
+        if index >= 0 and self._conditions[index].has_address:
+            return False  # a domain test decided it (a name passes no IP or country test)
+        limit = index if index >= 0 else len(self._conditions)
+        for candidate in self._by_address:
+            if candidate >= limit:
+                return False
+            if self._holds(candidate, dest.port, network):
+                return True
+        return False
+
+    def address_rules(self, dest: Address, network: str = "tcp") -> list[Rule]:
+        """The rules whose IP or country tests could decide ``dest`` once resolved (those
+        :meth:`address_may_decide` looks for), in order; for --explain."""
+        if not self.address_may_decide(dest, network):
+            return []
+        index = self._first(dest, network)
+        limit = index if index >= 0 else len(self._conditions)
+        found: list[Rule] = []
+        for candidate in self._by_address:
+            if candidate >= limit:
+                break
+            rule = self.rules[self._owner[candidate]]
+            if self._holds(candidate, dest.port, network) and all(r is not rule for r in found):
+                found.append(rule)
+        return found
 
     def _first(self, dest: Address, network: str) -> int:
         port = dest.port
@@ -401,6 +445,19 @@ class RuleSet:
     def explain(self, dest: Address, network: str = "tcp") -> str:
         """Which rule decides for ``dest`` and why, in one line (counts nothing)."""
         decision = self.decide(dest, network, count=False)
+        by_address = self.address_rules(dest, network)
+        if by_address:
+            otherwise = ("tunnel (no rule matches: the default)" if decision.rule is None
+                         else f"{decision.action.value} ({decision.rule.origin} "
+                         f"{decision.rule.text})")
+            shown = "; ".join(f"{rule.origin} {rule.text}" for rule in by_address[:3])
+            if len(by_address) > 3:
+                shown += f"; +{len(by_address) - 3} more"
+            return (f"{dest} -> decided after the server resolves it (no domain rule matches):"
+                    f" its first address goes where the address rules say ({shown}); direct "
+                    "means connected to from here, and this host's resolver never sees the "
+                    f"name; an address they do not match: {otherwise}; no answer from the "
+                    "server: tunnel")
         if decision.rule is None:
             return (f"{dest} -> tunnel: no rule matches (the default; a name is resolved by "
                     "the server)")

@@ -38,7 +38,7 @@ import h11
 from veil.config import SubscriptionOptions
 from veil.errors import AuthError, ConfigError, TransportError, VeilError
 from veil.net.client_session import ClientTunnel
-from veil.net.dialer import DatagramHandler, Dialer, UdpFlow
+from veil.net.dialer import DatagramHandler, Dialer, IPAddress, UdpFlow
 from veil.protocol.accesskey import AccessKey, pin_of_der
 from veil.protocol.address import Address
 from veil.protocol.subscription import check_signature, signed_part
@@ -383,6 +383,9 @@ class FollowingTunnel(Dialer):
     # Dialer
     async def wait_ready(self, timeout: float) -> bool:
         return await self.tunnel.wait_ready(timeout)
+
+    async def resolve(self, name: str, timeout: float) -> tuple[IPAddress, ...] | None:
+        return await self.tunnel.resolve(name, timeout)
 
     def open_tcp(self, dest: Address, local: asyncio.Transport, early_data: bytes = b"") -> None:
         self.tunnel.open_tcp(dest, local, early_data)

@@ -39,8 +39,8 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 
-from veil.errors import AuthError, TransportError
-from veil.net.dialer import DatagramHandler, Dialer, UdpFlow
+from veil.errors import AuthError, RemoteProtocolError, TransportError, VeilError
+from veil.net.dialer import DatagramHandler, Dialer, IPAddress, UdpFlow
 from veil.net.driver import DatagramStreamHandler, SessionDriver, TcpRelay
 from veil.net.noise_channel import KEY_REFUSED, NoiseClientChannel
 from veil.protocol.accesskey import AccessKey, pin_of_der
@@ -51,6 +51,7 @@ from veil.protocol.events import SessionClosed
 from veil.protocol.failover import FailoverConfig, Failure, Switched, WayChooser
 from veil.protocol.frames import (
     COVER_H2_GREETING,
+    FEATURE_RESOLVE,
     HEADER_SIZE,
     SERVER_FIRST_PADDING,
     CloseCode,
@@ -59,6 +60,7 @@ from veil.protocol.frames import (
     StreamKind,
 )
 from veil.protocol.report import BlockLog, way_label
+from veil.protocol.resolve import MAX_ANSWER_BYTES, decode_answer
 from veil.protocol.session import IDLE_CLOSE_REASON, Session, SessionConfig
 from veil.transport.browser_tls import open_browser_tls_connection
 from veil.transport.cdn.client import open_carrier
@@ -635,6 +637,71 @@ class ClientTunnel(Dialer):
         driver = self._pick()
         flow = ClientUdpFlow(driver, on_datagram, on_close)
         return flow
+
+    async def resolve(self, name: str, timeout: float) -> tuple[IPAddress, ...] | None:
+        """Ask the server's resolver (a RESOLVE stream, veil.protocol.resolve), on a session
+        whose server announced FEATURE_RESOLVE; None from an older server, on a refusal, a
+        failure, or after ``timeout`` (which includes waiting for a session)."""
+        try:
+            async with asyncio.timeout(timeout):
+                if not await self.wait_ready(timeout):
+                    return None
+                driver = self._pick()
+                if driver is None or not driver.session.peer_features & FEATURE_RESOLVE:
+                    return None
+                request = _ResolveRequest(driver, Address(name, 0))
+                try:
+                    return await asyncio.shield(request.answer)
+                finally:
+                    request.close()
+        except (TimeoutError, VeilError, ValueError):
+            return None  # ValueError: a name Address cannot encode (over 255 bytes, bad IDNA)
+
+
+class _ResolveRequest(DatagramStreamHandler):
+    """The client's end of one RESOLVE stream: OPEN and FIN leave together; ``answer`` gets
+    the addresses at the server's FIN, or None at a RESET or a malformed answer."""
+
+    def __init__(self, driver: SessionDriver, name: Address) -> None:
+        self.driver = driver
+        self.answer: asyncio.Future[tuple[IPAddress, ...] | None] = (
+            asyncio.get_running_loop().create_future())
+        self._data = bytearray()
+        self.stream_id = driver.session.open_stream(StreamKind.RESOLVE, name)
+        driver.attach(self.stream_id, self)
+        driver.session.send_eof(self.stream_id)
+        driver.flush()
+
+    def close(self) -> None:
+        """Done with the stream: reset it if the server has not finished it (a timeout)."""
+        if not self.answer.done():
+            self.answer.set_result(None)
+            self.driver.cancel(self.stream_id)
+
+    def on_data(self, data: bytes) -> None:
+        self.driver.session.consume(self.stream_id, len(data))
+        if len(self._data) + len(data) > MAX_ANSWER_BYTES:
+            self._finish(None)
+            self.driver.cancel(self.stream_id, ResetCode.PROTOCOL_ERROR)
+            return
+        self._data += data
+
+    def on_eof(self) -> None:
+        self.driver.detach(self.stream_id)
+        try:
+            self._finish(decode_answer(bytes(self._data)))
+        except RemoteProtocolError:
+            self._finish(None)
+
+    def on_reset(self, code: ResetCode) -> None:
+        self._finish(None)
+
+    def on_datagram(self, address: Address, payload: bytes) -> None:
+        pass
+
+    def _finish(self, result: tuple[IPAddress, ...] | None) -> None:
+        if not self.answer.done():
+            self.answer.set_result(result)
 
 
 class ClientUdpFlow(DatagramStreamHandler, UdpFlow):

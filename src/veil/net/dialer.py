@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import ipaddress
 from collections.abc import Callable
 
 from veil.protocol.address import Address
 
 DatagramHandler = Callable[[Address, bytes], None]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class UdpFlow(abc.ABC):
@@ -82,6 +84,13 @@ class Dialer(abc.ABC):
         finishes, ``local`` gets ``write_eof()``; flow control is applied with
         ``pause_reading``/``resume_reading``. Must be called from the event loop's thread.
         """
+
+    async def resolve(self, name: str, timeout: float) -> tuple[IPAddress, ...] | None:
+        """``name``'s addresses as the far end's resolver sees them (split routing asks the
+        server, so this host's resolver never sees the name), or None when they cannot be had
+        within ``timeout``: the name did not resolve, the far end refused it or cannot
+        resolve for us (the default: a Trojan server, an older veil server)."""
+        return None
 
     def refusal(self, dest: Address, network: str = "tcp") -> str | None:
         """Why a new ``network`` (``tcp``/``udp``) stream to ``dest`` is refused by policy (a

@@ -40,6 +40,10 @@ class StreamKind(enum.IntEnum):
     UDP = 2
     #: Full-device tunnel: DATAGRAM frames carry IP packets (docs/protocol.md, "IP streams").
     IP = 3
+    #: Name resolution through the tunnel: the OPEN carries a name, the server answers with its
+    #: addresses as DATA, then FIN (docs/protocol.md, "Resolve streams"). Only sent to a server
+    #: that announced FEATURE_RESOLVE: an older one closes the session on a kind it does not know.
+    RESOLVE = 4
 
 
 class ResetCode(enum.IntEnum):
@@ -86,6 +90,14 @@ MAX_PADDING_PAYLOAD = 16 * 1024
 # (veil.protocol.report). veil pads with zero bytes, so no padding of veil's begins so, and a
 # peer that does not read reports ignores it like any padding: the carrier old servers accept.
 REPORT_TAG = b"VRPT"
+# A PADDING payload from the server that begins with these bytes names what the server can do:
+# the byte after the tag holds FEATURE_* bits. veil pads with zero bytes and clients before
+# features ignore every PADDING payload, so an old client takes it for padding. The server
+# sends it as its first PADDING (whose length stays random in SERVER_FIRST_PADDING).
+FEATURES_TAG = b"VFEA"
+#: The server answers OPENs of kind RESOLVE, and resets (instead of closing the session on) an
+#: OPEN of a kind it does not know.
+FEATURE_RESOLVE = 0x01
 # A session the server accepted starts with a PADDING frame on stream 0 whose length is in
 # this range (random, so that the first record has no fixed size). The client tells an
 # accepted session from a cover site's answer by it: "HTTP/1.1 ..." starts with no 0x00, and

@@ -37,6 +37,7 @@ from veil.protocol.events import (
 )
 from veil.protocol.frames import (
     EXACT_LENGTH,
+    FEATURES_TAG,
     HEADER,
     HEADER_SIZE,
     MAX_DATA_PAYLOAD,
@@ -248,6 +249,9 @@ class Session:
         #: Why this session closed itself for a flood ("PING flood", ...), None if it did not.
         self.flood: str | None = None
         self._reports_left = 0 if client else MAX_REPORTS_PER_SESSION
+        #: FEATURE_* bits the server announced (client side; 0 until it does, and for ever
+        #: with a server older than features).
+        self.peer_features = 0
 
     # ------------------------------------------------------------------ state
     @property
@@ -416,6 +420,17 @@ class Session:
         self._check_open()
         length = min(length, MAX_PAYLOAD[FrameType.PADDING])
         self._out.append(frame(FrameType.PADDING, 0, bytes(length)))
+
+    def announce_features(self, features: int, length: int) -> None:
+        """Queue a PADDING frame of ``length`` bytes that names ``features`` (server only;
+        FEATURE_* bits): FEATURES_TAG, the bits, zeros. A client that does not read it takes
+        it for padding."""
+        self._check_open()
+        if self.client:
+            raise LocalProtocolError("only the server announces features")
+        head = FEATURES_TAG + bytes((features & 0xFF,))
+        length = min(max(length, len(head)), MAX_PAYLOAD[FrameType.PADDING])
+        self._out.append(frame(FrameType.PADDING, 0, head + bytes(length - len(head))))
 
     def send_report(self, payload: bytes) -> None:
         """Queue a block report (client only; ``payload`` from veil.protocol.report): a
@@ -708,6 +723,10 @@ class Session:
             reason = payload[1:].decode("utf-8", "replace")
             self._shut()
             events.append(SessionClosed(code, reason, True))
+        elif self.client:
+            # PADDING from the server: it may name the server's features; else nothing to do.
+            if len(payload) > len(FEATURES_TAG) and payload.startswith(FEATURES_TAG):
+                self.peer_features = payload[len(FEATURES_TAG)]
         elif self._reports_left and payload[:len(REPORT_TAG)] == REPORT_TAG:
             # PADDING that is a client's block report; any other PADDING: nothing to do.
             self._reports_left -= 1
@@ -753,7 +772,7 @@ class Session:
             raise RemoteProtocolError(f"unexpected OPEN for stream {stream_id}")
         self._last_peer_stream_id = stream_id
         try:
-            kind = StreamKind(payload[0])
+            kind_byte = payload[0]
             destination, used = Address.decode(payload, 1)
         except RemoteProtocolError as exc:
             if exc.code == "bad_address" and _well_framed_domain_open(payload):
@@ -767,6 +786,14 @@ class Session:
             raise RemoteProtocolError("malformed OPEN") from exc
         if used != len(payload):
             raise RemoteProtocolError("trailing bytes in OPEN")
+        try:
+            kind = StreamKind(kind_byte)
+        except ValueError:
+            # A kind of a newer client's: refuse that stream, not the session (the client
+            # learns what this server reads from its FEATURE_* announcement).
+            self._out.append(frame(FrameType.RESET, stream_id,
+                                   bytes((ResetCode.REFUSED_DESTINATION,))))
+            return
         if len(self._streams) >= self.config.max_streams:
             self._out.append(frame(FrameType.RESET, stream_id,
                                    bytes((ResetCode.TOO_MANY_STREAMS,))))

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import time
 from collections.abc import Callable
 
+from veil.errors import VeilError
 from veil.net.dialer import UdpFlow
 from veil.net.direct import DirectDialer, DroppedDatagrams, Resolver
 from veil.net.driver import DatagramStreamHandler, SessionDriver, TcpRelay
 from veil.protocol.address import Address
 from veil.protocol.events import StreamOpened
 from veil.protocol.frames import ResetCode, StreamKind
+from veil.protocol.resolve import encode_answer
 from veil.server.live import UDP_ASSOCIATION_SLOTS, OutboundSlot, OutboundSlots
 from veil.server.policy import DestinationPolicy, RefusedDestination, ResolveError, resolve
 
@@ -126,6 +129,45 @@ class Outbound:
         else:
             driver.attach(event.stream_id, UdpRelay(driver, event.stream_id, self._udp, slot))
 
+    def resolve(self, driver: SessionDriver, event: StreamOpened) -> None:
+        """Answer a RESOLVE stream: the name's addresses the policy allows, then FIN
+        (veil.protocol.resolve). It holds no descriptor, so no outbound slot: the session's
+        stream limit and the resolver's own bound on pending lookups are its limits."""
+        handler = _ResolveStream(driver, event.stream_id)
+        driver.attach(event.stream_id, handler)
+        task = asyncio.get_running_loop().create_task(
+            self._answer(driver, handler, event.destination.host))
+        handler.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, driver: SessionDriver, handler: _ResolveStream, host: str) -> None:
+        stream_id = handler.stream_id
+        try:
+            addresses = await resolve(host, 0, self.policy)
+        except RefusedDestination:
+            # Which name stays out of the log: it is the user's browsing history.
+            log.info("stream %d: refused to resolve (private or loopback addresses only)",
+                     stream_id)
+            code = ResetCode.REFUSED_DESTINATION
+        except ResolveError:
+            code = ResetCode.RESOLVE_FAILED
+        else:
+            if driver.handlers.get(stream_id) is not handler:
+                return  # the client gave up while we were resolving
+            driver.detach(stream_id)
+            answer = encode_answer(ipaddress.ip_address(ip.split("%", maxsplit=1)[0])
+                                   for _family, ip in addresses)
+            try:
+                driver.session.send_data(stream_id, answer)
+                driver.session.send_eof(stream_id)
+            except VeilError:  # the session ended meanwhile
+                return
+            driver.flush()
+            return
+        if driver.handlers.get(stream_id) is handler:
+            driver.cancel(stream_id, code)
+
     async def _connect(self, driver: SessionDriver, relay: TcpRelay, dest: Address,
                        slot: OutboundSlot) -> None:
         code = ResetCode.CONNECT_FAILED
@@ -171,6 +213,29 @@ class Outbound:
         for task in list(self._tasks):
             task.cancel()
         self._udp.close()
+
+
+class _ResolveStream(DatagramStreamHandler):
+    """The server's end of a RESOLVE stream while its lookup runs: the client sends nothing
+    but FIN; a RESET from it cancels the lookup's wait."""
+
+    def __init__(self, driver: SessionDriver, stream_id: int) -> None:
+        self.driver = driver
+        self.stream_id = stream_id
+        self.task: asyncio.Task[None] | None = None
+
+    def on_data(self, data: bytes) -> None:
+        self.driver.session.consume(self.stream_id, len(data))  # nothing is defined: ignored
+
+    def on_eof(self) -> None:
+        pass
+
+    def on_reset(self, code: ResetCode) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    def on_datagram(self, address: Address, payload: bytes) -> None:
+        pass
 
 
 class _CountedTcpRelay(TcpRelay):

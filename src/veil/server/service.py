@@ -22,7 +22,13 @@ from veil.protocol.address import Address
 from veil.protocol.auth import AUTH_SIZE
 from veil.protocol.endpoint import tls_endpoint
 from veil.protocol.events import StreamOpened
-from veil.protocol.frames import SERVER_FIRST_PADDING, CloseCode, ResetCode, StreamKind
+from veil.protocol.frames import (
+    FEATURE_RESOLVE,
+    SERVER_FIRST_PADDING,
+    CloseCode,
+    ResetCode,
+    StreamKind,
+)
 from veil.protocol.report import decode_report, way_label
 from veil.protocol.session import Session, SessionConfig
 from veil.protocol.shaping import NO_SHAPING
@@ -283,7 +289,8 @@ class VeilServer:
             streams=lambda: len(driver.handlers))
         log.info("session started for user %s", user.name)
         low, high = SERVER_FIRST_PADDING
-        session.send_padding(low + int.from_bytes(os.urandom(2), "big") % (high - low))
+        session.announce_features(FEATURE_RESOLVE,
+                                  low + int.from_bytes(os.urandom(2), "big") % (high - low))
         transport.set_protocol(driver)
         driver.connection_made(transport)
         if rest:
@@ -298,6 +305,9 @@ class VeilServer:
                 driver.flush()
             else:
                 self.tun.open(driver, event, conn.user.name)
+            return
+        if event.kind is StreamKind.RESOLVE:
+            self.outbound.resolve(driver, event)
             return
         self.outbound.open(driver, event, conn.user.name if conn is not None else "")
 
