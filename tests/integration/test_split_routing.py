@@ -190,12 +190,14 @@ def test_socks5_tcp_direct_tunnel_and_block(routed_client: procs.VeilClient,
     with sock:
         assert reply == b"\x05\x00"
         assert read_all(sock) == b"client"
-    # A name no domain rule matches goes through the tunnel, even though it would resolve to
-    # an address the IP rules send direct: it is not resolved here to find out.
+    # A name no domain rule matches, while IP rules could decide it: the server resolves it
+    # (127.0.0.1: the test server allows private addresses) and the IP-CIDR DIRECT rule sends
+    # it direct, to that address. (That this host's resolver never sees the name:
+    # test_a_name_without_a_domain_rule_is_resolved_by_the_server.)
     sock, reply = socks_connect(routed_client.socks, "localhost", whoami.port)
     with sock:
         assert reply == b"\x05\x00"
-        assert read_all(sock) == b"server"
+        assert read_all(sock) == b"client"
     for host in ("blocked.test", BLOCKED_IP):
         sock, reply = socks_connect(routed_client.socks, host, whoami.port)
         with sock:
@@ -216,16 +218,17 @@ def test_http_proxy_direct_tunnel_and_block(routed_client: procs.VeilClient,
     answer = http_proxy(routed_client.http, f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n"
                         f"Host: 127.0.0.1:{port}\r\n\r\n".encode())
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\nclient")
+    # A name: resolved by the server, then decided by its address (direct: see the SOCKS5 test).
     answer = http_proxy(routed_client.http, f"CONNECT localhost:{port} HTTP/1.1\r\n"
                         f"Host: localhost:{port}\r\n\r\n".encode())
-    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\nserver")
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\nclient")
     # A plain request is routed the same way (the whoami answers before reading it).
     answer = http_proxy(routed_client.http, f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\n"
                         f"Host: 127.0.0.1:{port}\r\n\r\n".encode())
     assert answer == b"client"
     answer = http_proxy(routed_client.http, f"GET http://localhost:{port}/ HTTP/1.1\r\n"
                         f"Host: localhost:{port}\r\n\r\n".encode())
-    assert answer == b"server"
+    assert answer == b"client"
     for request in (b"CONNECT blocked.test:443 HTTP/1.1\r\nHost: blocked.test:443\r\n\r\n",
                     b"GET http://blocked.test/ HTTP/1.1\r\nHost: blocked.test\r\n\r\n"):
         answer = http_proxy(routed_client.http, request)
@@ -311,7 +314,10 @@ def test_explain_prints_the_rule_and_does_not_connect(module_dir: Path) -> None:
     assert len(lines) == 3
     assert lines[0].startswith("BLOCKED.test.:443 -> block:") and f"{rules}:2" in lines[0]
     assert lines[1].startswith("127.0.0.1:80 -> direct:") and "ip_cidr 127.0.0.1/32" in lines[1]
-    assert lines[2].startswith("example.org:443 -> tunnel (resolved by the server):")
+    # A name no domain rule decides, with IP rules that could: decided once the server
+    # resolves it (explain does not connect, so it cannot resolve).
+    assert lines[2].startswith("example.org:443 -> decided after the server resolves it")
+    assert "IP-CIDR,127.0.0.1/32,DIRECT" in lines[2] and "else tunnel (" in lines[2]
     assert "MATCH,TUNNEL" in lines[2]
 
 
@@ -324,10 +330,14 @@ def test_bad_rules_are_told_before_connecting(module_dir: Path) -> None:
 
 
 def test_the_cn_preset_with_the_packaged_data(module_dir: Path) -> None:
-    """``--rules cn``: China's domains and networks direct, Google's and the rest tunnelled,
-    private ranges direct; --explain says how old the data is and credits DB-IP."""
-    hosts = {"www.baidu.com": "direct", "www.google.com": "tunnel", "fonts.gstatic.com":
-             "tunnel", "114.114.114.114:53": "direct", "8.8.8.8:53": "tunnel",
+    """``--rules cn``: China's domains and networks direct, other names decided by the
+    address the server resolves them to, other addresses tunnelled, private ranges direct;
+    --explain says how old the data is and credits DB-IP."""
+    # A name the domain list lacks is decided by the address the server resolves it to
+    # (mainland China's networks direct, the rest tunnelled).
+    later = "decided after the server resolves it"
+    hosts = {"www.baidu.com": "direct", "www.google.com": later, "fonts.gstatic.com": later,
+             "114.114.114.114:53": "direct", "8.8.8.8:53": "tunnel",
              "192.168.1.1:80": "direct"}
     argv = [*procs.VEIL, "connect", "veil://x@127.0.0.1:9", "--rules", "cn"]
     for host in hosts:
@@ -387,16 +397,21 @@ async def fetch_through(rules_text: str, directory: Path, key: str, port: int) -
         await tunnel.close()
 
 
-def test_a_name_without_a_domain_rule_is_never_resolved_here(
+def test_a_name_without_a_domain_rule_is_resolved_by_the_server(
         module_dir: Path, veil_server: procs.VeilServer, whoami: WhoAmI,
         monkeypatch: pytest.MonkeyPatch) -> None:
     whoami.pids.update(server=veil_server.proc.pid, client=os.getpid())
     spy = ResolverSpy(monkeypatch)
-    # IP rules that localhost's address matches: a client that resolved names to test them
-    # would ask its resolver, and send it direct.
-    answer = asyncio.run(fetch_through("IP-CIDR,127.0.0.0/8,DIRECT\nGEOIP,PRIVATE,DIRECT\n"
-                                       "MATCH,TUNNEL\n", module_dir, veil_server.key,
-                                       whoami.port))
+    # An IP rule that localhost's address matches: the server resolves the name (through the
+    # tunnel), its address 127.0.0.1 is sent direct, and this host's resolver is never asked.
+    answer = asyncio.run(fetch_through("IP-CIDR,127.0.0.1/32,DIRECT\nMATCH,TUNNEL\n",
+                                       module_dir, veil_server.key, whoami.port))
+    assert answer == b"client"
+    assert "localhost" not in spy.names
+    # An IP rule its address does not match: resolved by the server all the same, and then
+    # tunnelled as a name (the server connects, as before).
+    answer = asyncio.run(fetch_through("IP-CIDR,127.0.0.2/32,DIRECT\nMATCH,TUNNEL\n",
+                                       module_dir, veil_server.key, whoami.port))
     assert answer == b"server"
     assert "localhost" not in spy.names
     # The positive control: a DIRECT domain rule does resolve here, and the spy sees it.
@@ -404,8 +419,8 @@ def test_a_name_without_a_domain_rule_is_never_resolved_here(
                                        veil_server.key, whoami.port))
     assert answer == b"client"
     assert "localhost" in spy.names
-    wait_until(lambda: whoami.seen[-2:] == ["server", "client"], IO_TIMEOUT_S,
-               lambda: f"the whoami to see both: {whoami.seen}")
+    wait_until(lambda: whoami.seen[-3:] == ["client", "server", "client"], IO_TIMEOUT_S,
+               lambda: f"the whoami to see all three: {whoami.seen}")
 
 
 # -- direct destinations do not wait for the tunnel ----------------------------------------------

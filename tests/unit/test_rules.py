@@ -318,7 +318,7 @@ def test_explain_says_a_name_is_decided_after_the_server_resolves_it() -> None:
     ])
     line = rules.explain(Address("www.example.top", 443))
     assert line.startswith("www.example.top:443 -> decided after the server resolves it")
-    assert "r:2 GEOIP,PRIVATE,DIRECT" in line and "tunnel (r:3 MATCH,TUNNEL)" in line
+    assert "r:2 GEOIP,PRIVATE,DIRECT" in line and "else tunnel (r:3 MATCH,TUNNEL)" in line
     assert "resolved by this host" not in line.split(";")[0]
     # A domain rule's decision is told as before.
     assert "direct (resolved by this host's resolver)" in rules.explain(Address("a.cn", 443))

@@ -453,11 +453,10 @@ class RuleSet:
             shown = "; ".join(f"{rule.origin} {rule.text}" for rule in by_address[:3])
             if len(by_address) > 3:
                 shown += f"; +{len(by_address) - 3} more"
-            return (f"{dest} -> decided after the server resolves it (no domain rule matches):"
-                    f" its first address goes where the address rules say ({shown}); direct "
-                    "means connected to from here, and this host's resolver never sees the "
-                    f"name; an address they do not match: {otherwise}; no answer from the "
-                    "server: tunnel")
+            return (f"{dest} -> decided after the server resolves it (no domain rule "
+                    f"matches): its address is matched by {shown} (direct: connected to that "
+                    f"address from here; this host's resolver never sees the name), else "
+                    f"{otherwise}; no answer: tunnel")
         if decision.rule is None:
             return (f"{dest} -> tunnel: no rule matches (the default; a name is resolved by "
                     "the server)")
