@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import os
 import socket
 import struct
@@ -33,6 +34,7 @@ from veil.net.client_session import ClientTunnel
 from veil.net.direct import DirectDialer
 from veil.protocol.accesskey import AccessKey
 from veil.protocol.address import Address
+from veil.protocol.frames import FEATURE_RESOLVE
 
 pytestmark = pytest.mark.slow
 
@@ -421,6 +423,31 @@ def test_a_name_without_a_domain_rule_is_resolved_by_the_server(
     assert "localhost" in spy.names
     wait_until(lambda: whoami.seen[-3:] == ["client", "server", "client"], IO_TIMEOUT_S,
                lambda: f"the whoami to see all three: {whoami.seen}")
+
+
+def test_the_tunnel_resolves_only_on_a_server_that_announced_it(
+        veil_server: procs.VeilServer) -> None:
+    """ClientTunnel.resolve asks the real server; on a session whose server announced no
+    FEATURE_RESOLVE (every server before it, which would close the whole session on an OPEN
+    of an unknown kind) it sends nothing and answers None, so the name is tunnelled."""
+
+    async def main() -> None:
+        tunnel = ClientTunnel(AccessKey.parse(veil_server.key), tls_stack="openssl")
+        tunnel.start()
+        try:
+            answer = await tunnel.resolve("localhost", IO_TIMEOUT_S)
+            assert answer is not None and ipaddress.ip_address("127.0.0.1") in answer
+            driver = tunnel._pick()
+            assert driver is not None and driver.session.peer_features & FEATURE_RESOLVE
+            driver.session.peer_features = 0  # what an older server's padding says
+            sent_before = driver.session._next_stream_id
+            assert await tunnel.resolve("localhost", IO_TIMEOUT_S) is None
+            assert driver.session._next_stream_id == sent_before  # no stream was opened
+            assert not driver.session.closed
+        finally:
+            await tunnel.close()
+
+    asyncio.run(main())
 
 
 # -- direct destinations do not wait for the tunnel ----------------------------------------------

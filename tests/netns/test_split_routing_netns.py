@@ -52,6 +52,10 @@ SERVER_FOREIGN_SIDE = "203.0.113.1"
 DOMESTIC_NAME = "shop.home.test"
 FOREIGN_NAME = "news.abroad.test"
 BLOCKED_NAME = "ads.home.test"
+#: A domestic site that no domain rule names (the domain list lacks it): the server's resolver
+#: gives its domestic address, which the IP-CIDR rule sends direct; the domestic resolver must
+#: never hear of it (it would answer LIE_IP).
+UNLISTED_NAME = "bank.unlisted.test"
 #: What the domestic resolver answers for the foreign name: an address on the domestic network,
 #: so a leak would also fetch the wrong page.
 LIE_IP = "198.51.100.66"
@@ -121,9 +125,11 @@ class SplitLab(Topology):
         self.exec("router", "sysctl", "-qw", "net.ipv4.ip_forward=1")
         self._site("domestic", DOMESTIC_IP, "hello from home",
                    [f"--address=/home.test/{DOMESTIC_IP}",
-                    f"--address=/abroad.test/{LIE_IP}"])
+                    f"--address=/abroad.test/{LIE_IP}",
+                    f"--address=/unlisted.test/{LIE_IP}"])
         self._site("foreign", FOREIGN_IP, "hello from abroad",
-                   [f"--address=/abroad.test/{FOREIGN_IP}"])
+                   [f"--address=/abroad.test/{FOREIGN_IP}",
+                    f"--address=/unlisted.test/{DOMESTIC_IP}"])
         for port in (QUIC_PORT, ECHO_PORT):
             self.start("foreign", f"udp-echo-{port}", [sys.executable, "-c", UDP_ECHO, str(port)])
 
@@ -256,6 +262,23 @@ def test_domestic_direct_foreign_tunnelled_blocked_refused(lab: Lab, proxy: str)
         assert page.stdout.endswith("\n403") and "blocked by rule" in page.stdout, page
     assert not seen - {(CLIENT_IP, SERVER_IP, SERVER_PORT)}, seen
     assert BLOCKED_NAME not in topo.queries("domestic")
+
+
+@pytest.mark.parametrize("proxy", list(PROXIES))
+def test_a_name_no_domain_rule_names_is_resolved_by_the_server_and_goes_direct(
+        lab: Lab, proxy: str) -> None:
+    """The issue's "a name that no domain rule matches is resolved through the tunnel, never
+    by the domestic resolver": the server's resolver answers with a domestic address, the
+    IP-CIDR DIRECT rule matches it, and the client fetches from there itself."""
+    topo = lab.topo
+    capture = topo.capture("router", "r1")
+    page = fetch(topo, proxy, UNLISTED_NAME)
+    seen = flows(capture.packets())
+    assert page.stdout == "hello from home\n\n200", page.stderr
+    assert (CLIENT_IP, DOMESTIC_IP, 80) in seen, seen
+    assert (CLIENT_IP, LIE_IP, 80) not in seen, seen
+    assert UNLISTED_NAME not in topo.queries("domestic")
+    assert f"query[A] {UNLISTED_NAME} from {SERVER_FOREIGN_SIDE}" in topo.queries("foreign")
 
 
 #: How long a datagram is given to come back before it counts as dropped: the others on the

@@ -647,6 +647,13 @@ class ClientTunnel(Dialer):
                 if not await self.wait_ready(timeout):
                     return None
                 driver = self._pick()
+                # A session is picked as soon as it is connected; what its server can do is
+                # known once its first bytes were judged: the announcing PADDING is the
+                # first frame, parsed in the same call (a server writes it alone, in one
+                # record). Should it come in pieces, the name is tunnelled: never wrong.
+                if isinstance(driver, _ClientDriver) and not await asyncio.shield(
+                        driver.accepted):
+                    return None
                 if driver is None or not driver.session.peer_features & FEATURE_RESOLVE:
                     return None
                 request = _ResolveRequest(driver, Address(name, 0))
