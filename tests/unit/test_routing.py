@@ -327,3 +327,28 @@ def test_too_many_names_at_once_are_tunnelled_unasked(monkeypatch: pytest.Monkey
         assert len(tunnel.tcp) == 2  # the two unasked names went as names
 
     asyncio.run(main())
+
+
+def test_a_name_only_an_address_rule_may_let_through_is_not_refused_before_the_answer() -> None:
+    """An allow-list (GEOIP/IP-CIDR direct, then MATCH,BLOCK): a name is blocked only if its
+    address is not allowed; refusing it by the name's MATCH would block every name."""
+    allow_list = RuleSet([
+        Rule(Action.DIRECT, (Condition(networks_ip=(ipaddress.ip_network("192.0.2.0/24"),)),),
+             "r:1", "IP-CIDR,192.0.2.0/24,DIRECT"),
+        Rule(Action.BLOCK, (Condition(),), "r:2", "MATCH,BLOCK"),
+    ])
+
+    async def main() -> None:
+        tunnel = ResolvingTunnel({"home.test": ("192.0.2.1",), "far.test": ("203.0.113.1",)})
+        direct = RecordingDialer()
+        dialer = RoutingDialer(allow_list, tunnel, direct)
+        for name in ("home.test", "far.test"):
+            assert dialer.refusal(Address(name, 443)) is None
+        ready, local = await route(dialer, "home.test")
+        assert ready and not local.aborted and direct.tcp == [Address("192.0.2.1", 443)]
+        ready, _ = await route(dialer, "far.test")
+        assert not ready  # blocked by its address, once the server answered
+        # UDP names are decided by the name: refused at once by the MATCH.
+        assert dialer.refusal(Address("far.test", 443), "udp") is not None
+
+    asyncio.run(main())

@@ -112,6 +112,8 @@ class RoutingDialer(Dialer):
         return await self._tunnel.wait_ready(timeout)
 
     def refusal(self, dest: Address, network: str = "tcp") -> str | None:
+        if network == "tcp" and self.rules.address_may_decide(dest, network):
+            return None  # the server's answer decides (wait_ready_for), a block included
         decision = self.rules.decide(dest, network, count=False)
         if decision.action is not Action.BLOCK:
             return None
