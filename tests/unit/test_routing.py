@@ -352,3 +352,18 @@ def test_a_name_only_an_address_rule_may_let_through_is_not_refused_before_the_a
         assert dialer.refusal(Address("far.test", 443), "udp") is not None
 
     asyncio.run(main())
+
+
+def test_a_name_the_answer_would_decide_waits_for_the_tunnel_like_a_tunnelled_one() -> None:
+    async def main() -> None:
+        tunnel = ResolvingTunnel({"shop.test": ("192.0.2.10",)})
+        tunnel._ready = False  # the server cannot be reached
+        direct = RecordingDialer()
+        dialer = RoutingDialer(address_rules(), tunnel, direct)
+        assert not await dialer.wait_ready_for(Address("shop.test", 443), 0.5)
+        assert tunnel.waits == [0.5] and tunnel.asked == []  # one wait, no question
+        # A name a domain rule sends direct does not wait.
+        assert await dialer.wait_ready_for(Address("a.home.test", 443), 0.5)
+        assert tunnel.waits == [0.5]
+
+    asyncio.run(main())

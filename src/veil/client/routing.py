@@ -43,16 +43,17 @@ log = logging.getLogger(__name__)
 #: spraying datagrams at random destinations must not grow this without bound: past it the
 #: oldest entry is forgotten.
 MAX_UDP_ROUTES_PER_FLOW = 256
-#: How long the client waits for the server's answer to a name (a session up or not) before it
-#: tunnels the name instead. A resolver answers in milliseconds and the round trip is one; the
-#: stream waits for it before it opens, so this is what a dead or slow path adds to it.
+#: How long the client waits for the server's answer to a name, once a session is up, before
+#: it tunnels the name instead. A resolver answers in milliseconds and the round trip is one;
+#: the stream waits for it before it opens, so this is what a dead or slow path adds to it.
 RESOLVE_TIMEOUT_S = 3.0
 #: How long a name's answer is used. getaddrinfo gives no TTL; a minute spares a page's dozens
 #: of connections a round trip each, and is short enough that a CDN's moving addresses, or a
 #: name that changes countries, are followed.
 RESOLVED_TTL_S = 60.0
 #: How long "no answer" is remembered for a name (it is then tunnelled without asking again):
-#: shorter, so a name that failed while the tunnel was coming up is asked again soon.
+#: shorter, so a failure of the moment (a server restarting, its resolver timing out) is
+#: asked again soon.
 UNRESOLVED_TTL_S = 10.0
 #: Names whose answer is remembered (least recently used dropped first): a browsing session
 #: touches hundreds of names in a minute; a client opening streams to random names must not
@@ -103,6 +104,12 @@ class RoutingDialer(Dialer):
         # Not counted: open_tcp counts the stream. A blocked destination was refused by the
         # inbound before this; a forward to one is refused by open_tcp, at once.
         if self.rules.address_may_decide(dest, "tcp"):
+            # Such a name needs the tunnel whatever the answer says: to be resolved, or to be
+            # tunnelled without one. So it waits for a session as a tunnelled stream does (a
+            # session still coming up must not make it tunnelled by mistake), then at most
+            # resolve_timeout for the answer itself.
+            if not await self._tunnel.wait_ready(timeout):
+                return False
             await self._resolve(dest.host)
         action = self._route(dest, count=False)[0]
         if action is Action.BLOCK:
