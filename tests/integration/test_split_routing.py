@@ -303,6 +303,7 @@ def test_hit_counters_are_logged_at_exit(module_dir: Path, veil_server: procs.Ve
     assert "DOMAIN,blocked.test,BLOCK: 2 hits" in log
     assert "IP-CIDR,127.0.0.1/32,DIRECT: 1 hit" in log
     assert "MATCH,TUNNEL: 0 hits" in log
+    assert "names asked of the server's resolver: 0 (no answer, so tunnelled: 0)" in log
 
 
 def test_explain_prints_the_rule_and_does_not_connect(module_dir: Path) -> None:

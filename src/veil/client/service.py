@@ -71,6 +71,8 @@ async def run_client(options: ClientOptions, stop: asyncio.Event, *,
             routing.close()
             for line in routing.rules.counters():
                 log.info("rule %s", line)
+            log.info("names asked of the server's resolver: %d (no answer, so tunnelled: %d)",
+                     routing.resolved, routing.unresolved)
 
 
 def load_client_rules(sources: tuple[str, ...]) -> RuleSet:
