@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import dns.message
+import dns.name
 import dns.rcode
 import dns.rrset
 import pytest
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from veil.client.rulefiles import cn_preset, load_rules
 from veil.client.rules import Action, Condition, Rule, RuleSet
-from veil.client.tun_dns import answer_addresses, blocked_answer, query_name
+from veil.client.tun_dns import answer_addresses, answers, blocked_answer, query_name
 from veil.client.tun_rules import DirectHosts, TunRoutePlan, dns_action, plan_routes
 from veil.errors import ConfigError
 from veil.protocol.address import Address
@@ -126,6 +127,36 @@ def test_match_tunnel_and_name_rules_are_fine(tmp_path: Path) -> None:
     assert dns_action(rules, "ads.example") is Action.BLOCK
     assert dns_action(rules, "badexample.cn") is Action.TUNNEL
     assert dns_action(rules, "") is Action.TUNNEL
+
+
+def test_a_query_name_that_is_no_host_name_never_goes_direct(tmp_path: Path) -> None:
+    """As text (dnspython's escapes), a label holding a dot reads like two labels: never
+    decided by a domain rule, so never sent to the domestic resolver."""
+    rules = rules_from(tmp_path, "DOMAIN-SUFFIX,example.cn,DIRECT\n")
+    for labels in ([b"a.example", b"cn"], [b"www", b"example\\", b"cn"],
+                   [b"w\xc3\xa9b", b"example", b"cn"], [b"*", b"example", b"cn"]):
+        name = dns.name.Name([*labels, b""]).to_text(omit_final_dot=True)
+        assert dns_action(rules, name) is Action.TUNNEL, name
+    for name in ("www.example.cn", "_dmarc.example.cn", "xn--fiqs8s.example.cn", "EXAMPLE.CN."):
+        assert dns_action(rules, name) is Action.DIRECT, name
+
+
+def test_an_upstream_answer_counts_only_for_its_own_query() -> None:
+    query = dns.message.make_query("www.example.cn", "A")
+    good = dns.message.make_response(query)
+    assert answers(query, good.to_wire())
+    good.question[0].name = dns.name.from_text("WWW.Example.CN")  # 0x20 case is the same name
+    assert answers(query, good.to_wire())
+    other_id = dns.message.make_response(query)
+    other_id.id ^= 1
+    other_type = dns.message.make_response(dns.message.make_query("www.example.cn", "AAAA"))
+    other_type.id = query.id
+    no_question = dns.message.make_response(query)
+    no_question.question = []
+    no_question.set_rcode(dns.rcode.SERVFAIL)
+    for wrong in (other_id.to_wire(), other_type.to_wire(), no_question.to_wire(),
+                  query.to_wire(), b"\x00\x01junk"):
+        assert not answers(query, wrong)
 
 
 def test_dns_messages() -> None:
