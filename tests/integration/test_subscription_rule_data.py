@@ -16,16 +16,22 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_subscription import add, with_server
+from tests.support import procs
+from tests.support.cdn import cdn_nginx
+from tests.support.socks_echo import echo
+from tests.support.wait import wait_until_async
 from veil.cli import main
 from veil.client import ruledata, subscription
 from veil.client.rules import Action
-from veil.client.service import load_client_rules
+from veil.client.service import load_client_rules, run_client
 from veil.client.subscription import Follower
-from veil.config import SubscriptionOptions
+from veil.config import ClientOptions, ServerOptions, SubscriptionOptions
 from veil.manage import rules as served_rules
+from veil.manage.state import init_state
 from veil.manage.subscription import subscription_urls
-from veil.protocol.address import Address
+from veil.protocol.address import Address, parse_host_port
 from veil.server.service import VeilServer
+from veil.transport.cdn import wire
 
 #: Only in the served data: a name the packaged data sends through the tunnel.
 SERVED_ONLY = "veil-served-only.example"
@@ -178,3 +184,121 @@ def test_a_bad_answer_keeps_the_data_in_use(tmp_path: Path, served_dir: Path, fa
         assert reloaded.current.dates() == (SERVED_DATE, SERVED_DATE)
 
     asyncio.run(with_server(tmp_path, body, routing="cn"))
+
+
+async def echoed_by_name(socks: Address, host: str, port: int, payload: bytes) -> bytes:
+    """``payload`` to ``host``:``port`` (given by name) through the SOCKS5 proxy, then a FIN:
+    what came back (nothing when the stream was refused, at once or by the server)."""
+    reader, writer = await asyncio.open_connection(socks.host, socks.port)
+    try:
+        writer.write(b"\x05\x01\x00")
+        assert await reader.readexactly(2) == b"\x05\x00"
+        name = host.encode()
+        writer.write(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + port.to_bytes(2, "big"))
+        head = await asyncio.wait_for(reader.readexactly(4), IO_TIMEOUT_S)
+        if head[1] != 0:
+            return b""
+        await reader.readexactly({1: 4, 4: 16}[head[3]] + 2)  # the bound address
+        writer.write(payload)
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(-1), IO_TIMEOUT_S)
+    finally:
+        writer.close()
+
+
+#: A SOCKS answer or a refresh that takes longer has failed (loopback answers in ms).
+IO_TIMEOUT_S = 20.0
+
+
+def test_a_running_client_swaps_newer_data_in_for_new_connections(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``localhost`` is in the second data set only. The server relays to no private address,
+    so through the tunnel it is refused and only a DIRECT decision reaches the local echo
+    server: after the refresh that brings the second set, new connections to it succeed; a
+    connection opened before keeps going."""
+
+    second = tmp_path / "second"
+    write_data(second, date="2099-02-01")
+    lines = [SERVED_ONLY, "example.cn", "localhost"]
+    (second / ruledata.DOMAINS_FILE).write_bytes(gzip.compress("\n".join(lines).encode(),
+                                                               mtime=0))
+    monkeypatch.setenv(served_rules.RULEDATA_DIR_ENV, str(write_data(tmp_path / "first")))
+    listen = Address("127.0.0.1", procs.unused_port())
+    state = init_state(tmp_path / "state", listen=listen)[0]
+
+    async def run() -> None:
+        target = await asyncio.start_server(echo, "127.0.0.1", 0)
+        target_port = target.sockets[0].getsockname()[1]
+        server = VeilServer(state, ServerOptions(listen=listen, allow_private=False,
+                                                 routing="cn"))
+        await server.start()
+        stop = asyncio.Event()
+        client: asyncio.Task[None] | None = None
+        try:
+            user = await add(server, "alice")
+            url = subscription_urls(server.state, user)[0]
+            follower = Follower(SubscriptionOptions(url, tmp_path / "sub.json", refresh_s=1.0),
+                                rule_data=True)
+            first = await follower.start()
+            options = ClientOptions.from_args(
+                first.key, socks=Address("127.0.0.1", 0), http=None, forwards=[],
+                socks_auth=None, connections=1, default_socks=Address("127.0.0.1", 0),
+                rules=("cn",))
+            with caplog.at_level(logging.INFO, "veil.client"):
+                client = asyncio.ensure_future(run_client(options, stop, follower=follower))
+                socks = parse_host_port(await wait_until_async(
+                    lambda: next((r.getMessage().rsplit(" ", 1)[1] for r in caplog.records
+                                  if r.getMessage().startswith("SOCKS5 proxy on")), None),
+                    IO_TIMEOUT_S, "the SOCKS5 proxy"))
+                # through the tunnel: the server relays to no private address
+                assert await echoed_by_name(socks, "localhost", target_port, b"one") == b""
+                held_reader, held = await asyncio.open_connection(socks.host, socks.port)
+                held.write(b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01"
+                           + target_port.to_bytes(2, "big"))
+                assert (await held_reader.readexactly(12))[2:4] == b"\x05\x00"
+                monkeypatch.setenv(served_rules.RULEDATA_DIR_ENV, str(second))
+                assert follower.rule_data is not None
+                await wait_until_async(lambda: follower.rule_data.updates == 2,  # type: ignore[union-attr]
+                                       IO_TIMEOUT_S, "the refresh with the second data")
+                assert await echoed_by_name(socks, "localhost", target_port, b"two") == b"two"
+                held.write(b"still here")
+                assert await held_reader.readexactly(10) == b"still here"
+                held.close()
+                assert any("cn data from the subscription" in r.getMessage()
+                           for r in caplog.records)
+        finally:
+            stop.set()
+            if client is not None:
+                await asyncio.wait_for(client, IO_TIMEOUT_S)
+            await server.stop()
+            target.close()
+            await target.wait_closed()
+
+    asyncio.run(run())
+
+
+def test_through_a_cdn_the_data_is_taken_only_as_the_server_signed_it(
+        tmp_path: Path, served_dir: Path) -> None:
+    """Through a CDN (nginx here), TLS ends at the CDN: the list of files must carry the
+    server's signature (``signature.rules``), and the files the CDN hands over must match it."""
+
+    if not Path(procs.NGINX).exists():
+        pytest.skip("needs nginx 1.22")
+    port = procs.unused_port()
+    secret = wire.new_secret_path()
+    with cdn_nginx(port, name="localhost") as cdn:
+        async def body(server: VeilServer) -> None:
+            user = await add(server, "alice")
+            cdn_url = subscription_urls(server.state, user)[1]
+            assert cdn_url.startswith(f"https://localhost:{cdn.port}{secret}")
+            follower = Follower(SubscriptionOptions(cdn_url, tmp_path / "sub.json"),
+                                ca_file=str(cdn.ca_file), rule_data=True)
+            await follower.start()
+            assert follower.rule_data is not None and follower.rule_data.updates == 1
+            assert follower.rule_data.current.dates() == (SERVED_DATE, SERVED_DATE)
+            assert follower.rule_data.current.origin.startswith(
+                "from the subscription (localhost)")
+
+        asyncio.run(with_server(tmp_path, body, via=(f"https://localhost:{cdn.port}{secret}",),
+                                port=port, routing="cn"))
