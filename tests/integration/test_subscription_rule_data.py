@@ -302,3 +302,19 @@ def test_through_a_cdn_the_data_is_taken_only_as_the_server_signed_it(
 
         asyncio.run(with_server(tmp_path, body, via=(f"https://localhost:{cdn.port}{secret}",),
                                 port=port, routing="cn"))
+
+
+def test_a_bad_data_directory_stops_the_server_at_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not at each subscription request, which would stop every client's refresh."""
+    from veil.errors import ConfigError
+
+    bad = write_data(tmp_path / "bad")
+    (bad / ruledata.NETWORKS_FILE).write_bytes(b"not gzip")
+    monkeypatch.setenv(served_rules.RULEDATA_DIR_ENV, str(bad))
+
+    async def body(server: VeilServer) -> None:
+        raise AssertionError("started")
+
+    with pytest.raises(ConfigError, match=r"VEIL_RULEDATA_DIR=.*not gzip"):
+        asyncio.run(with_server(tmp_path, body))
