@@ -42,6 +42,7 @@ from veil.protocol.address import Address, parse_host_port
 
 if TYPE_CHECKING:
     from veil.admin.listen import AdminListen
+    from veil.client.ruledata import RuleData
     from veil.manage.state import ServerState
     from veil.protocol.accesskey import AccessKey
     from veil.protocol.trojan import TrojanLink
@@ -582,8 +583,13 @@ def cmd_connect(args: argparse.Namespace) -> None:
         # A subscription: its first answer (fetched, or cached) is the key to start with.
         from veil.client.subscription import Follower
 
+        # --rules cn: the preset's data follows the subscription too
         follower = Follower(SubscriptionOptions(args.key, args.subscription_cache,
-                                                args.refresh))
+                                                args.refresh), rule_data="cn" in args.rules)
+        if args.explain:  # no connection: the data a start would use (the cached copy)
+            _explain(args.rules, args.explain,
+                     follower.rule_data.current if follower.rule_data is not None else None)
+            return
 
         async def follow(stop: asyncio.Event) -> None:
             first = await follower.start()
@@ -609,23 +615,31 @@ def cmd_connect(args: argparse.Namespace) -> None:
 EXPLAIN_DEFAULT_PORT = 443
 
 
-def _explain(rule_sources: list[str], hosts: list[str]) -> None:
-    """``connect --rules ... --explain HOST``: the deciding rule per host, no connection."""
+def _explain(rule_sources: list[str], hosts: list[str], data: RuleData | None = None) -> None:
+    """``connect --rules ... --explain HOST``: the deciding rule per host, no connection.
+    ``data``: the ``cn`` preset's (a subscription's cached copy), else the packaged data."""
+    import datetime
+
+    from veil.client import ruledata
     from veil.client.service import load_client_rules
 
     if not rule_sources:
         raise ConfigError("--explain needs --rules: without rules everything goes through "
                           "the tunnel")
-    rules = load_client_rules(tuple(rule_sources))
+    data = data or ruledata.packaged()
+    rules = load_client_rules(tuple(rule_sources), data.cn_data)
     for host in hosts:
         print(rules.explain(parse_host_port(host, EXPLAIN_DEFAULT_PORT)))
     if "cn" in rule_sources:
-        from veil.client import ruledata
-
-        # How old the preset's data is, and the attribution DB-IP's licence asks for.
-        for kind, about in ruledata.info().items():
+        # Where the preset's data comes from, how old it is, and the attribution DB-IP's
+        # licence asks for.
+        print(f"cn data: {data.origin}")
+        today = datetime.datetime.now(datetime.UTC).date()
+        for kind, about in data.info().items():
+            age = (today - datetime.date.fromisoformat(about["data_date"])).days
             print(f"cn {kind}: {about['source']} {about['version'][:12]}, data of "
-                  f"{about['data_date']} ({about['licence']}; {about['attribution']})")
+                  f"{about['data_date']} ({age} days old; {about['licence']}; "
+                  f"{about['attribution']})")
 
 
 def _connect_options(args: argparse.Namespace, key: AccessKey | TrojanLink) -> ClientOptions:
