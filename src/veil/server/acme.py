@@ -125,4 +125,8 @@ class CertificateRenewer:
                 self._challenges[name] = context
 
         assert self._loop is not None
-        asyncio.run_coroutine_threadsafe(apply(), self._loop).result(PUBLISH_TIMEOUT_S)
+        try:
+            future = asyncio.run_coroutine_threadsafe(apply(), self._loop)
+        except RuntimeError:  # the loop is closed: the server stopped during the order
+            return
+        future.result(PUBLISH_TIMEOUT_S)
