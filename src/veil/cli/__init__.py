@@ -129,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cert", type=Path, metavar="FILE",
                        help="certificate chain (PEM) to use instead of a self-signed one")
     serve.add_argument("--key", type=Path, metavar="FILE", help="private key (PEM) for --cert")
+    serve.add_argument("--acme-directory", metavar="URL",
+                       help="ACME CA to get the certificate for a --public DNS name from, "
+                            "validated on this port (TLS-ALPN-01) (default: Let's Encrypt for "
+                            "a public name; docs/operations.md, \"Certificates\")")
+    serve.add_argument("--acme-ca-bundle", type=Path, metavar="FILE",
+                       help="CA certificates (PEM) that check --acme-directory's TLS")
+    serve.add_argument("--acme-email", metavar="ADDR",
+                       help="contact address the ACME CA may write to (optional)")
+    serve.add_argument("--self-signed", action="store_true",
+                       help="present the state's self-signed certificate, no ACME, even for "
+                            "a DNS name")
     serve.add_argument("--allow-private", action="store_true",
                        help="let clients reach private, loopback and link-local addresses "
                             "(off by default: it exposes the server's own network)")
@@ -396,7 +407,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_sessions_per_user=args.max_sessions_per_user, max_sessions=args.max_sessions,
         user_rate=parse_rate(args.max_user_rate) if args.max_user_rate else None,
         tun=args.tun, pool=args.pool, pool6=args.pool6, trojan=args.trojan,
-        on_block=_command(args.on_block), routing=args.routing)
+        on_block=_command(args.on_block), routing=args.routing,
+        acme_directory=args.acme_directory, acme_ca_bundle=args.acme_ca_bundle,
+        acme_email=args.acme_email, self_signed=args.self_signed)
     if args.admin is not None:
         from veil.admin.listen import check_admin_listen
 
