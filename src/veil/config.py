@@ -396,10 +396,25 @@ class ServerOptions:
     #: ``--routing``: the rules the Clash Meta and sing-box exports carry, one of
     #: :data:`ROUTING_PRESETS` (veil.manage.rules); "none": everything through veil.
     routing: str = "none"
+    #: ``--acme-directory URL``: the ACME CA the certificate for a ``--public`` DNS name comes
+    #: from; None: Let's Encrypt for a name a public CA may issue for (veil.server.acme).
+    acme_directory: str | None = None
+    #: ``--acme-ca-bundle FILE``: the CA certificates that check the directory's TLS (a
+    #: private CA's); None: the system's.
+    acme_ca_bundle: Path | None = None
+    #: ``--acme-email ADDR``: the contact the CA may write to about the certificate.
+    acme_email: str | None = None
+    #: ``--self-signed``: no ACME; the state's self-signed certificate, even with a name.
+    self_signed: bool = False
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
             raise ConfigError("--cert and --key go together")
+        if self.acme_directory is not None and not self.acme_directory.startswith("https://"):
+            raise ConfigError(f"--acme-directory takes an https:// URL, not "
+                              f"{self.acme_directory!r}")
+        if self.self_signed and (self.acme_directory or self.acme_ca_bundle or self.acme_email):
+            raise ConfigError("--self-signed asks for no ACME: drop the --acme-* options")
         # Port 0 (the system picks one) may be asked for more than once.
         listens = [a for a in (self.listen, *self.also_listen) if a.port]
         if len(set(listens)) != len(listens):

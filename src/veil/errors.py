@@ -20,6 +20,7 @@
     ├── StoreError               the user store failed or was asked something impossible
     ├── ConfigError              user input (flags, files, access keys) is invalid
     │   └── UriError                     (protocol.uri) a veil:// or trojan:// URI's shape
+    ├── AcmeError                (manage.acme) an ACME order failed: unreachable, refused, invalid
     └── TunError                 (net.tun_linux) the TUN device or its routes failed
 
 Each error carries a machine-readable ``code`` (a short snake_case string) so callers and

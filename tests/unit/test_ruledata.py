@@ -224,3 +224,41 @@ def test_excluded_services_are_all_tunnelled_by_the_test_too(script: ModuleType)
     # The script may exclude more than this test checks, never less.
     for name in MUST_STAY_TUNNELLED:
         assert any(name == s or name.endswith("." + s) for s in script.FOREIGN_SERVICES), name
+
+
+def test_rule_data_received_is_checked_before_use() -> None:
+    """What a client receives through its subscription must be the packaged form: a gzip
+    bomb, a truncated or trailing-garbage file, a line that is not a suffix or a network, or
+    a provenance without ISO dates is refused (ValueError)."""
+    import gzip
+    import zlib
+
+    packaged = ruledata.packaged()
+    packaged.check()
+
+    def data(domains: bytes = gzip.compress(b"example.cn\n", mtime=0),
+             networks: bytes = gzip.compress(b"1.0.1.0/24\n", mtime=0),
+             date: str = "2099-01-01") -> ruledata.RuleData:
+        provenance = {kind: dict(about, data_date=date) for kind, about in
+                      packaged.info().items()}
+        return ruledata.RuleData(domains, networks, provenance)
+
+    data().check()
+    bomb = zlib.compressobj(wbits=31)
+    big = bomb.compress(b"a" * (ruledata.MAX_EXPANDED_BYTES + 1)) + bomb.flush()
+    good = gzip.compress(b"example.cn\n", mtime=0)
+    for spoiled, reason in ((big, "once decompressed"), (good[:-3], "truncated"),
+                            (good + b"x", "truncated, or followed"), (b"x" * 40, "not gzip"),
+                            (gzip.compress(b"example.cn\nex ample\xff\n"), "not ASCII"),
+                            (gzip.compress(b"-bad.cn\n"), "not a domain suffix"),
+                            (gzip.compress(b""), "empty")):
+        with pytest.raises(ValueError, match=reason):
+            data(domains=spoiled).check()
+    with pytest.raises(ValueError, match=r"1\.0\.1\.1/24"):
+        data(networks=gzip.compress(b"1.0.1.1/24\n")).check()
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        data(date="soon").check()
+    assert data().is_newer_than(packaged) and not packaged.is_newer_than(data())
+    assert not data(date="2001-01-01").is_newer_than(packaged)
+    # one list newer, the other older: not taken (the lists are judged together)
+    assert not ruledata.is_newer(("2099-01-01", "2001-01-01"), packaged.dates())

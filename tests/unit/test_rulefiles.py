@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import veil
 from veil.client.rulefiles import (
     cn_preset,
     load_clash_list,
@@ -209,3 +213,70 @@ def test_a_bad_quic_line(tmp_path: Path, line: str) -> None:
     path = write(tmp_path / "rules.txt", f"{line}\n")
     with pytest.raises(ConfigError, match=f"{path}:1: .*(QUIC,ACTION|not TUNNEL)"):
         load_rules([str(path)])
+
+
+# The patterns Python's re backtracks on exponentially (nested quantifiers, a quantified group
+# that can match the same text in many ways), each against the longest name DNS allows.
+CATASTROPHIC = [(r"(a+)+$", "a" * 252 + "!"), (r"(.*a){20}", "b" * 253),
+                (r"^(a|aa)+$", "a" * 252 + "!"), (r"(\w+\.?)+x$", "a" * 253)]
+
+
+def test_regex_rules_decide_in_linear_time_even_on_catastrophic_patterns(tmp_path: Path) -> None:
+    """DOMAIN-REGEX and domain_regex come from files other people write (rule sets, a server's
+    subscription): a pattern that backtracks must not freeze the client's event loop. Run in a
+    child process, so that a matcher that backtracks fails this test by its timeout instead of
+    hanging the suite (Python's re does not let go of a match in progress)."""
+    rules_text = "".join(f"DOMAIN-REGEX,{pattern},BLOCK\n" for pattern, _ in CATASTROPHIC)
+    write(tmp_path / "rules.txt", rules_text + "MATCH,TUNNEL\n")
+    write(tmp_path / "set.json", json.dumps({"version": 2, "rules": [
+        {"domain_regex": [pattern for pattern, _ in CATASTROPHIC]}]}))
+    write(tmp_path / "sub.txt", "RULE-SET,set.json,BLOCK\n")
+    child = f"""
+import sys, time
+from veil.client.rulefiles import load_rules
+from veil.protocol.address import Address
+worst = 0.0
+for source in {[str(tmp_path / "rules.txt"), str(tmp_path / "sub.txt")]!r}:
+    rules = load_rules([source])
+    for name in {[name for _, name in CATASTROPHIC]!r}:
+        start = time.perf_counter()
+        rules.decide(Address(name, 443))
+        worst = max(worst, time.perf_counter() - start)
+print(worst)
+"""
+    src = Path(veil.__file__).parents[1]
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(src)}, timeout=30, check=True)
+    # Python's re takes ~0.5 s at 22 characters and doubles per character; RE2 takes
+    # microseconds. A second allows for any load on the machine running the tests.
+    assert float(done.stdout) < 1.0, done.stdout
+
+
+def test_ordinary_regex_rules_still_match(tmp_path: Path) -> None:
+    rules = load_rules([str(write(tmp_path / "rules.txt",
+                                  "DOMAIN-REGEX,^ad[0-9]+\\.,BLOCK\n"
+                                  "DOMAIN-REGEX,(^|\\.)ads?\\.,BLOCK\n"))])
+    for blocked in ("ad12.example.com", "AD7.Example.com", "ads.example.com", "ad.example.com",
+                    "x.ads.example.com"):
+        assert action(rules, blocked) is Action.BLOCK, blocked
+    for tunnelled in ("adx.example.com", "badads.example.com", "example.ad"):
+        assert action(rules, tunnelled) is Action.TUNNEL, tunnelled
+    assert "domain_regex ^ad[0-9]+\\." in rules.explain(Address("ad1.example.com", 443))
+
+
+@pytest.mark.parametrize(("pattern", "why"), [
+    ("^(?=ads).*", "no look-around"),  # Python's re has it, RE2 (and Go's, sing-box's) not
+    ("(ad)\\1", "no back-references"),
+    ("a" * 1025, "over the 1024"),
+])
+def test_regexes_rules_cannot_use_are_refused_with_their_line(tmp_path: Path, pattern: str,
+                                                              why: str) -> None:
+    path = write(tmp_path / "rules.txt", f"DOMAIN,ok.org,DIRECT\nDOMAIN-REGEX,{pattern},BLOCK\n")
+    with pytest.raises(ConfigError, match=why) as caught:
+        load_rules([str(path)])
+    assert f"{path}:2" in str(caught.value)
+    rule_set = write(tmp_path / "set.json", json.dumps({"version": 2, "rules": [
+        {"domain": "fine.org"}, {"domain_regex": pattern}]}))
+    with pytest.raises(ConfigError, match=why) as caught:
+        load_singbox_source(rule_set)
+    assert f"{rule_set}:rules[1]" in str(caught.value)

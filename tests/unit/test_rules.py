@@ -6,7 +6,7 @@ import ipaddress
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from veil.client.rules import (
@@ -122,13 +122,22 @@ def test_cidr_edges_v4(base: int, prefix: int) -> None:
 
 
 @given(st.integers(0, 2**128 - 1), st.integers(0, 128))
+@example(0, 80)  # ::/80 ends at ::ffff:ffff:ffff, an IPv4-mapped address (found by hypothesis)
 def test_cidr_edges_v6_and_no_cross_family_match(base: int, prefix: int) -> None:
     net = ipaddress.IPv6Network((base, prefix), strict=False)
     rules = [rule(Action.BLOCK, networks_ip=(net,))]
     first, last = int(net.network_address), int(net.broadcast_address)
-    assert decide(rules, str(ipaddress.IPv6Address(first))) is Action.BLOCK
-    assert decide(rules, str(ipaddress.IPv6Address(last))) is Action.BLOCK
-    if last < 2**128 - 1:
+
+    def unmapped(value: int) -> bool:
+        # An IPv4-mapped address (::ffff:a.b.c.d) is tested as the IPv4 address it is (as
+        # sing-box unmaps), so v6 rules do not see it: test_an_ipv4_mapped_v6_address_...
+        return ipaddress.IPv6Address(value).ipv4_mapped is None
+
+    if unmapped(first):
+        assert decide(rules, str(ipaddress.IPv6Address(first))) is Action.BLOCK
+    if unmapped(last):
+        assert decide(rules, str(ipaddress.IPv6Address(last))) is Action.BLOCK
+    if last < 2**128 - 1 and unmapped(last + 1):
         assert decide(rules, str(ipaddress.IPv6Address(last + 1))) is Action.TUNNEL
     if prefix > 0:  # ::/0 aside, a v4 address is never inside a v6 network
         assert decide(rules, "10.0.0.1") is Action.TUNNEL

@@ -182,3 +182,46 @@ def test_the_veil_answer_is_signed_by_the_pinned_key_and_tampering_is_refused(  
     # fields a newer server adds are ignored; the signature still holds
     newer = json.loads(rendered.body) | {"version": 2, "routing": {"rules": []}}
     assert Subscription.parse(json.dumps(newer).encode(), signed_by=state.pin).version == 2
+
+
+def test_the_rule_data_list_is_trusted_as_the_key_is(  # type: ignore[no-untyped-def]
+        state, tmp_path: Path) -> None:
+    """The answer's ``rules`` (each file's SHA-256, which the client checks the files
+    against) is taken from a server that presented the pinned key, or signed by that key
+    (``signature.rules``, for a CDN); never by the web PKI alone."""
+    from cryptography.hazmat.primitives import serialization
+
+    from veil.client.subscription import rule_data_manifest
+    from veil.errors import AuthError, TransportError
+    from veil.manage.rules import client_manifest
+
+    signer = serialization.load_pem_private_key(state.key_path.read_bytes(), None)
+    rendered = render(state, alice(), Usage(), "veil", None, signer)  # type: ignore[arg-type]
+    assert rendered is not None
+    doc = json.loads(rendered.body)
+    expected = client_manifest()["cn"]
+    assert rule_data_manifest(doc, pinned=False, pin=state.pin) == expected
+    assert rule_data_manifest(doc, pinned=True, pin=state.pin) == expected
+    with pytest.raises(AuthError, match="web PKI alone"):
+        rule_data_manifest(doc, pinned=False, pin=None)
+    other, _ = init_state(tmp_path / "other", listen=Address("127.0.0.1", 8443))
+    with pytest.raises(AuthError, match="another key"):
+        rule_data_manifest(doc, pinned=False, pin=other.pin)
+    # a CDN swapping the list (another file, newer dates) breaks the signature...
+    tampered = json.loads(rendered.body)
+    tampered["rules"]["cn"]["data"]["domains"]["data_date"] = "2099-12-31"
+    with pytest.raises(AuthError, match="does not verify"):
+        rule_data_manifest(tampered, pinned=False, pin=state.pin)
+    # ... and so does lifting the key's signature onto it: the two cover different texts
+    tampered["signature"]["rules"] = tampered["signature"]["value"]
+    with pytest.raises(AuthError, match="does not verify"):
+        rule_data_manifest(tampered, pinned=False, pin=state.pin)
+    unsigned = json.loads(rendered.body)
+    del unsigned["signature"]["rules"]  # an answer signed by an older server: key only
+    with pytest.raises(AuthError, match="not signed"):
+        rule_data_manifest(unsigned, pinned=False, pin=state.pin)
+    assert rule_data_manifest({"key": doc["key"]}, pinned=True, pin=None) is None
+    broken = json.loads(rendered.body)
+    broken["rules"]["cn"]["files"].popitem()
+    with pytest.raises(TransportError, match="malformed"):
+        rule_data_manifest(broken, pinned=True, pin=state.pin)

@@ -4,11 +4,14 @@ table of DIRECT names' addresses, and the kill switch's sets."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import logging
 import sys
 from pathlib import Path
 
 import dns.message
+import dns.name
 import dns.rcode
 import dns.rrset
 import pytest
@@ -17,7 +20,7 @@ from hypothesis import strategies as st
 
 from veil.client.rulefiles import cn_preset, load_rules
 from veil.client.rules import Action, Condition, Rule, RuleSet
-from veil.client.tun_dns import answer_addresses, blocked_answer, query_name
+from veil.client.tun_dns import answer_addresses, answers, blocked_answer, query_name
 from veil.client.tun_rules import DirectHosts, TunRoutePlan, dns_action, plan_routes
 from veil.errors import ConfigError
 from veil.protocol.address import Address
@@ -128,6 +131,36 @@ def test_match_tunnel_and_name_rules_are_fine(tmp_path: Path) -> None:
     assert dns_action(rules, "") is Action.TUNNEL
 
 
+def test_a_query_name_that_is_no_host_name_never_goes_direct(tmp_path: Path) -> None:
+    """As text (dnspython's escapes), a label holding a dot reads like two labels: never
+    decided by a domain rule, so never sent to the domestic resolver."""
+    rules = rules_from(tmp_path, "DOMAIN-SUFFIX,example.cn,DIRECT\n")
+    for labels in ([b"a.example", b"cn"], [b"www", b"example\\", b"cn"],
+                   [b"w\xc3\xa9b", b"example", b"cn"], [b"*", b"example", b"cn"]):
+        name = dns.name.Name([*labels, b""]).to_text(omit_final_dot=True)
+        assert dns_action(rules, name) is Action.TUNNEL, name
+    for name in ("www.example.cn", "_dmarc.example.cn", "xn--fiqs8s.example.cn", "EXAMPLE.CN."):
+        assert dns_action(rules, name) is Action.DIRECT, name
+
+
+def test_an_upstream_answer_counts_only_for_its_own_query() -> None:
+    query = dns.message.make_query("www.example.cn", "A")
+    good = dns.message.make_response(query)
+    assert answers(query, good.to_wire())
+    good.question[0].name = dns.name.from_text("WWW.Example.CN")  # 0x20 case is the same name
+    assert answers(query, good.to_wire())
+    other_id = dns.message.make_response(query)
+    other_id.id ^= 1
+    other_type = dns.message.make_response(dns.message.make_query("www.example.cn", "AAAA"))
+    other_type.id = query.id
+    no_question = dns.message.make_response(query)
+    no_question.question = []
+    no_question.set_rcode(dns.rcode.SERVFAIL)
+    for wrong in (other_id.to_wire(), other_type.to_wire(), no_question.to_wire(),
+                  query.to_wire(), b"\x00\x01junk"):
+        assert not answers(query, wrong)
+
+
 def test_dns_messages() -> None:
     query = dns.message.make_query("www.Example.cn.", "A")
     parsed = query_name(query.to_wire())
@@ -207,3 +240,131 @@ def test_killswitch_sets_put_direct_names_before_blocks_and_blocks_before_the_tu
         "route add 198.51.100.0/24 via 10.0.11.1 dev c0 proto 118"]
     assert route_lines("del", ["10.0.11.1/32"], (None, "c0")) == [
         "route del 10.0.11.1/32 dev c0 proto 118"]
+
+
+class _Recorder:
+    """Stands in for ``nft`` and ``ip -batch`` (the kernel is the netns tests' business): the
+    runs, each with its input; ``fail_nft`` makes every nft run fail as a refused batch does."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, fail_nft: bool = False) -> None:
+        from veil.client import tun
+        from veil.net.tun_linux import TunError
+
+        self.nft: list[str] = []
+        self.ip: list[list[str]] = []
+
+        def nft(ruleset: str) -> None:
+            self.nft.append(ruleset)
+            if fail_nft:
+                raise TunError("nft failed: Error: Could not process rule")
+
+        def ip_batch(lines: list[str]) -> list[str]:
+            self.ip.append(list(lines))
+            return []
+
+        monkeypatch.setattr(tun, "nft", nft)
+        monkeypatch.setattr(tun, "ip_batch", ip_batch)
+
+
+def _tun_client(tmp_path: Path) -> object:
+    from veil.client.tun import TunClient, TunClientOptions
+    from veil.protocol.accesskey import AccessKey
+
+    client = TunClient(AccessKey(Address("veil.example", 8443), bytes(32), bytes(32)),
+                       TunClientOptions(state_dir=tmp_path))
+    client._original = {4: ("10.0.11.1", "c0"), 6: (None, "c0")}
+    return client
+
+
+ANSWERED = [(ipaddress.ip_address("198.51.100.7"), 60), (ipaddress.ip_address("198.51.100.8"), 60),
+            (ipaddress.ip_address("2001:db8::7"), 60)]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="TUN mode is Linux only")
+def test_one_answers_addresses_take_one_nft_run_and_one_sweeps_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    runs = _Recorder(monkeypatch)
+    client = _tun_client(tmp_path)
+    asyncio.run(client._route_direct_names(ANSWERED))  # type: ignore[attr-defined]
+    assert runs.nft == ["add element inet veil-killswitch dns_direct4 { 198.51.100.7 }\n"
+                        "add element inet veil-killswitch dns_direct4 { 198.51.100.8 }\n"
+                        "add element inet veil-killswitch dns_direct6 { 2001:db8::7 }\n"]
+    assert runs.ip == [["route add 198.51.100.7/32 via 10.0.11.1 dev c0 proto 118",
+                        "route add 198.51.100.8/32 via 10.0.11.1 dev c0 proto 118",
+                        "route add 2001:db8::7/128 dev c0 proto 118"]]
+    runs.nft.clear()
+    runs.ip.clear()
+    gone = [ip for ip, _ in ANSWERED]
+    client._unroute_direct_hosts(gone)  # type: ignore[attr-defined]
+    # Routes go first; each element is added before it is deleted, so that one already
+    # gone does not fail (and so undo) the whole batch.
+    assert len(runs.ip) == 1 and len(runs.ip[0]) == 3 and runs.ip[0][0].startswith("route del")
+    assert len(runs.nft) == 1
+    assert runs.nft[0].splitlines()[:2] == [
+        "add element inet veil-killswitch dns_direct4 { 198.51.100.7 }",
+        "delete element inet veil-killswitch dns_direct4 { 198.51.100.7 }"]
+    assert len(runs.nft[0].splitlines()) == 6
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="TUN mode is Linux only")
+def test_an_answer_the_kill_switch_refused_is_not_routed_nor_remembered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from veil.net.tun_linux import TunError
+
+    runs = _Recorder(monkeypatch, fail_nft=True)
+    client = _tun_client(tmp_path)
+    with pytest.raises(TunError):  # the resolver logs it; the addresses stay in the tunnel
+        asyncio.run(client._route_direct_names(ANSWERED))  # type: ignore[attr-defined]
+    assert len(runs.nft) == 1 and runs.ip == []  # no route around a kill switch that refuses
+    assert client.direct_hosts.until == {}  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="TUN mode is Linux only")
+def test_the_sweeper_outlives_a_failed_sweep_and_logs_a_run_of_them_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    from veil.client import tun
+
+    monkeypatch.setattr(tun, "DIRECT_SWEEP_S", 0.001)
+    client = _tun_client(tmp_path)
+    outcomes: list[Exception | None] = [RuntimeError("one"), RuntimeError("two"), None,
+                                        RuntimeError("three"), None]
+    sweeps: list[float] = []
+
+    async def run() -> None:
+        done = asyncio.Event()
+
+        def expire(now: float) -> list[object]:
+            sweeps.append(now)
+            outcome = outcomes[len(sweeps) - 1] if len(sweeps) <= len(outcomes) else None
+            if len(sweeps) == len(outcomes):
+                done.set()
+            if outcome is not None:
+                raise outcome
+            return []
+
+        class FlakyHosts:  # DirectHosts whose sweeps fail as ``outcomes`` say
+            pass
+
+        hosts = FlakyHosts()
+        hosts.expire = expire  # type: ignore[attr-defined]
+        client.direct_hosts = hosts  # type: ignore[attr-defined]
+        sweeper = asyncio.ensure_future(client._sweep_direct_names())  # type: ignore[attr-defined]
+        try:
+            await asyncio.wait_for(done.wait(), 10)
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+
+    with caplog.at_level(logging.WARNING, logger="veil.client"):
+        asyncio.run(run())
+    warnings = [r for r in caplog.records if "sweep" in r.getMessage()]
+    # Two runs of failures (one, two; three): two lines, each with its exception.
+    assert [str(r.exc_info[1]) for r in warnings if r.exc_info] == ["one", "three"]
+    assert len(warnings) == 2

@@ -42,6 +42,7 @@ from veil.protocol.address import Address, parse_host_port
 
 if TYPE_CHECKING:
     from veil.admin.listen import AdminListen
+    from veil.client.ruledata import RuleData
     from veil.manage.state import ServerState
     from veil.protocol.accesskey import AccessKey
     from veil.protocol.trojan import TrojanLink
@@ -128,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cert", type=Path, metavar="FILE",
                        help="certificate chain (PEM) to use instead of a self-signed one")
     serve.add_argument("--key", type=Path, metavar="FILE", help="private key (PEM) for --cert")
+    serve.add_argument("--acme-directory", metavar="URL",
+                       help="ACME CA to get the certificate for a --public DNS name from, "
+                            "validated on this port (TLS-ALPN-01) (default: Let's Encrypt for "
+                            "a public name; docs/operations.md, \"Certificates\")")
+    serve.add_argument("--acme-ca-bundle", type=Path, metavar="FILE",
+                       help="CA certificates (PEM) that check --acme-directory's TLS")
+    serve.add_argument("--acme-email", metavar="ADDR",
+                       help="contact address the ACME CA may write to (optional)")
+    serve.add_argument("--self-signed", action="store_true",
+                       help="present the state's self-signed certificate, no ACME, even for "
+                            "a DNS name")
     serve.add_argument("--allow-private", action="store_true",
                        help="let clients reach private, loopback and link-local addresses "
                             "(off by default: it exposes the server's own network)")
@@ -395,7 +407,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_sessions_per_user=args.max_sessions_per_user, max_sessions=args.max_sessions,
         user_rate=parse_rate(args.max_user_rate) if args.max_user_rate else None,
         tun=args.tun, pool=args.pool, pool6=args.pool6, trojan=args.trojan,
-        on_block=_command(args.on_block), routing=args.routing)
+        on_block=_command(args.on_block), routing=args.routing,
+        acme_directory=args.acme_directory, acme_ca_bundle=args.acme_ca_bundle,
+        acme_email=args.acme_email, self_signed=args.self_signed)
     if args.admin is not None:
         from veil.admin.listen import check_admin_listen
 
@@ -582,8 +596,13 @@ def cmd_connect(args: argparse.Namespace) -> None:
         # A subscription: its first answer (fetched, or cached) is the key to start with.
         from veil.client.subscription import Follower
 
+        # --rules cn: the preset's data follows the subscription too
         follower = Follower(SubscriptionOptions(args.key, args.subscription_cache,
-                                                args.refresh))
+                                                args.refresh), rule_data="cn" in args.rules)
+        if args.explain:  # no connection: the data a start would use (the cached copy)
+            _explain(args.rules, args.explain,
+                     follower.rule_data.current if follower.rule_data is not None else None)
+            return
 
         async def follow(stop: asyncio.Event) -> None:
             first = await follower.start()
@@ -609,23 +628,31 @@ def cmd_connect(args: argparse.Namespace) -> None:
 EXPLAIN_DEFAULT_PORT = 443
 
 
-def _explain(rule_sources: list[str], hosts: list[str]) -> None:
-    """``connect --rules ... --explain HOST``: the deciding rule per host, no connection."""
+def _explain(rule_sources: list[str], hosts: list[str], data: RuleData | None = None) -> None:
+    """``connect --rules ... --explain HOST``: the deciding rule per host, no connection.
+    ``data``: the ``cn`` preset's (a subscription's cached copy), else the packaged data."""
+    import datetime
+
+    from veil.client import ruledata
     from veil.client.service import load_client_rules
 
     if not rule_sources:
         raise ConfigError("--explain needs --rules: without rules everything goes through "
                           "the tunnel")
-    rules = load_client_rules(tuple(rule_sources))
+    data = data or ruledata.packaged()
+    rules = load_client_rules(tuple(rule_sources), data.cn_data)
     for host in hosts:
         print(rules.explain(parse_host_port(host, EXPLAIN_DEFAULT_PORT)))
     if "cn" in rule_sources:
-        from veil.client import ruledata
-
-        # How old the preset's data is, and the attribution DB-IP's licence asks for.
-        for kind, about in ruledata.info().items():
+        # Where the preset's data comes from, how old it is, and the attribution DB-IP's
+        # licence asks for.
+        print(f"cn data: {data.origin}")
+        today = datetime.datetime.now(datetime.UTC).date()
+        for kind, about in data.info().items():
+            age = (today - datetime.date.fromisoformat(about["data_date"])).days
             print(f"cn {kind}: {about['source']} {about['version'][:12]}, data of "
-                  f"{about['data_date']} ({about['licence']}; {about['attribution']})")
+                  f"{about['data_date']} ({age} days old; {about['licence']}; "
+                  f"{about['attribution']})")
 
 
 def _connect_options(args: argparse.Namespace, key: AccessKey | TrojanLink) -> ClientOptions:

@@ -22,6 +22,11 @@ Semantics, the same whatever file format a rule came from:
   the form given (``xn--`` labels match ``xn--`` rules). A suffix matches on label
   boundaries: ``example.com`` matches ``example.com`` and ``a.example.com``, never
   ``badexample.com``.
+* Regex rules run on RE2 (google-re2), whose time is linear in the name's length whatever
+  the pattern: the patterns come from files other people write (rule sets, a server's
+  subscription), and Python's ``re`` backtracks exponentially on ``(a+)+$`` and its kind,
+  which would freeze the client. RE2's syntax is Go's (sing-box's ``domain_regex`` is Go's
+  regexp); look-around and back-references are refused at load, with ``file:line``.
 
 Cost per decision is flat in the number of domain and CIDR rules: a dictionary probe per
 label of the name, a bisect in a table of address ranges; keyword and regex rules are
@@ -33,15 +38,17 @@ from __future__ import annotations
 import bisect
 import enum
 import ipaddress
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
+
+import re2  # type: ignore[import-untyped]  # google-re2 ships no type information
 
 from veil.errors import ConfigError
 from veil.protocol.address import Address
 
 __all__ = [
+    "MAX_REGEX_CHARS",
     "NETWORKS",
     "PRIVATE_COUNTRY",
     "Action",
@@ -51,6 +58,7 @@ __all__ = [
     "Decision",
     "Rule",
     "RuleSet",
+    "compile_regex",
     "normalize_name",
 ]
 
@@ -62,6 +70,41 @@ PRIVATE_COUNTRY = "PRIVATE"
 
 _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NETWORK = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: The longest regex a rule may have. A name is at most 253 characters and real patterns are a
+#: few dozen; each compiled pattern holds memory in proportion to its length, and a rule set
+#: from someone else's server must not make the client hold megabytes per rule.
+MAX_REGEX_CHARS = 1024
+#: RE2's memory budget per compiled pattern (its program and its DFA cache). RE2's default,
+#: 8 MiB, is sized for searching any text; names are short, and hundreds of patterns at the
+#: default could hold gigabytes. A pattern whose program does not fit is refused at load; a
+#: search whose DFA would need more falls back to RE2's NFA (slower, still linear).
+REGEX_MAX_MEM = 1 << 20
+
+
+class _Pattern(Protocol):
+    """What veil uses of a compiled RE2 pattern."""
+
+    def search(self, text: str) -> object | None: ...
+
+
+def compile_regex(pattern: str, origin: str = "") -> _Pattern:
+    """``pattern`` compiled by RE2 (linear time in the name, see the module docstring);
+    ConfigError naming ``origin`` (``file:line``) when it is too long or not RE2 syntax."""
+    if len(pattern) > MAX_REGEX_CHARS:
+        raise ConfigError(f"{origin}: regex of {len(pattern)} characters, over the "
+                          f"{MAX_REGEX_CHARS} a rule may have")
+    options = re2.Options()
+    options.log_errors = False  # the ConfigError says it, with the line
+    options.max_mem = REGEX_MAX_MEM
+    try:
+        return cast(_Pattern, re2.compile(pattern, options))
+    except re2.error as exc:
+        why = exc.args[0] if exc.args else exc
+        if isinstance(why, bytes):
+            why = why.decode("utf-8", "replace")
+        raise ConfigError(f"{origin}: bad regex {pattern!r}: {why} (RE2 syntax, as Go's and "
+                          "sing-box's: no look-around, no back-references)") from exc
 
 
 class Action(enum.Enum):
@@ -112,10 +155,7 @@ class Condition:
             if network not in NETWORKS:
                 raise ConfigError(f"{self.origin}: network must be tcp or udp, not {network!r}")
         for pattern in self.regexes:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"{self.origin}: bad regex {pattern!r}: {exc}") from exc
+            compile_regex(pattern, self.origin)
 
     @property
     def has_address(self) -> bool:
@@ -287,7 +327,7 @@ class RuleSet:
         self._full: dict[str, list[int]] = {}
         self._suffix: dict[str, list[int]] = {}
         self._keywords: list[tuple[int, str]] = []
-        self._regexes: list[tuple[int, re.Pattern[str]]] = []
+        self._regexes: list[tuple[int, _Pattern]] = []
         self._country: dict[str, list[int]] = {}
         self._generic: list[int] = []  # conditions with no address test
         #: Conditions with an IP or country test, ascending: what a name's addresses can match.
@@ -307,7 +347,8 @@ class RuleSet:
             for name in condition.suffixes:
                 self._suffix.setdefault(name, []).append(index)
             self._keywords += [(index, keyword) for keyword in condition.keywords]
-            self._regexes += [(index, re.compile(pattern)) for pattern in condition.regexes]
+            self._regexes += [(index, compile_regex(pattern, condition.origin))
+                              for pattern in condition.regexes]
             for country in condition.countries:
                 if country != PRIVATE_COUNTRY and countries is None:
                     raise ConfigError(f"{condition.origin}: GEOIP {country} needs country "
@@ -537,7 +578,7 @@ def _why(condition: Condition, dest: Address) -> str:
             if keyword in name:
                 return f"domain_keyword {keyword}{tail}"
         for pattern in condition.regexes:
-            if re.search(pattern, name):
+            if compile_regex(pattern).search(name) is not None:
                 return f"domain_regex {pattern}{tail}"
     else:
         for net in condition.networks_ip:

@@ -312,6 +312,21 @@ def route_lines(verb: str, networks: Iterable[IPNetwork | str],
     return [f"route {verb} {net} {hop} proto {ROUTE_PROTO}" for net in networks]
 
 
+def direct_elements_batch(ips: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address], *,
+                          remove: bool) -> str:
+    """One nftables batch (atomic: all or nothing) that adds ``ips`` to, or removes them
+    from, the kill switch's sets of DIRECT names' addresses. A removal adds each element
+    first: ``delete`` fails on an element that is not there, and one failing line would undo
+    the whole batch (nft 1.0.6, Debian 12's, has no ``destroy``)."""
+    lines: list[str] = []
+    for ip in ips:
+        element = f"inet {KILLSWITCH_TABLE} {DNS_DIRECT_SETS[ip.version]} {{ {ip} }}"
+        lines.append(f"add element {element}")
+        if remove:
+            lines.append(f"delete element {element}")
+    return "".join(line + "\n" for line in lines)
+
+
 def _set_block(name: str, version: int, elements: Sequence[IPNetwork], *,
                interval: bool) -> list[str]:
     kind = "ipv4_addr" if version == 4 else "ipv6_addr"
@@ -562,26 +577,56 @@ class TunClient:
                                                  | ipaddress.IPv6Address],
                              gone: Sequence[ipaddress.IPv4Address
                                             | ipaddress.IPv6Address]) -> None:
-        lines: list[str] = []
-        nft_lines: list[str] = []
-        for verb, ips in (("del", gone), ("add", new)):
-            for ip in ips:
-                prefix = 32 if ip.version == 4 else 128
-                lines += route_lines(verb, [f"{ip}/{prefix}"], self._original[ip.version])
-                element = "delete" if verb == "del" else "add"
-                nft_lines.append(f"{element} element inet {KILLSWITCH_TABLE} "
-                                 f"{DNS_DIRECT_SETS[ip.version]} {{ {ip} }}")
-        ip_batch(lines)
-        for line in nft_lines:  # one by one: deleting an element already gone must not
-            with contextlib.suppress(TunError):  # undo the others
-                nft(line)
+        """Unroute ``gone`` (a failure is logged: they are forgotten either way), then route
+        ``new``: one ``ip`` and one ``nft`` run for each, whatever their count. Raises
+        TunError when the kill switch refused ``new``: then none of them is routed and
+        ``direct_hosts`` forgets them, so their connections go into the tunnel (the answer
+        is not direct) and a later answer tries them again."""
+        if gone:
+            try:
+                self._unroute_direct_hosts(gone)
+            except (TunError, OSError, subprocess.SubprocessError) as exc:
+                log.warning("split routing: cannot unroute %d direct addresses: %s",
+                            len(gone), exc)
+        if new:
+            try:
+                nft(direct_elements_batch(new, remove=False))
+            except TunError:
+                for ip in new:
+                    self.direct_hosts.until.pop(ip, None)
+                raise
+            # After the kill switch's entries: until then a new address's packets go into
+            # the tunnel, never to a gateway the kill switch would refuse.
+            ip_batch([line for ip in new for line in route_lines(
+                "add", [f"{ip}/{32 if ip.version == 4 else 128}"], self._original[ip.version])])
+
+    def _unroute_direct_hosts(self, gone: Sequence[ipaddress.IPv4Address
+                                                   | ipaddress.IPv6Address]) -> None:
+        """Routes first, then the kill switch's entries (one ``ip``, one ``nft`` run): in
+        between, packets to a gone address go into the tunnel, not refused at the gateway."""
+        ip_batch([line for ip in gone for line in route_lines(
+            "del", [f"{ip}/{32 if ip.version == 4 else 128}"], self._original[ip.version])])
+        nft(direct_elements_batch(gone, remove=True))
 
     async def _sweep_direct_names(self) -> None:
+        """Every DIRECT_SWEEP_S, unroute the DIRECT names' addresses whose time is up, until
+        cancelled. A sweep that fails does not end the sweeping (the task would die, and
+        addresses would stay direct for good): its exception is logged, once for a run of
+        failed sweeps (each would log the same every minute), and the next sweep goes on."""
+        failing = False
         while True:
             await asyncio.sleep(DIRECT_SWEEP_S)
-            gone = self.direct_hosts.expire(time.monotonic())
-            if gone:
-                await asyncio.to_thread(self._change_direct_hosts, [], gone)
+            try:
+                gone = self.direct_hosts.expire(time.monotonic())
+                if gone:
+                    await asyncio.to_thread(self._unroute_direct_hosts, gone)
+            except Exception:
+                if not failing:
+                    log.warning("split routing: a sweep of direct addresses failed; the next "
+                                "ones go on (a run of failures is logged once)", exc_info=True)
+                failing = True
+            else:
+                failing = False
 
     def _route_like(self, destination: str, probe: str) -> None:
         """Route ``destination`` the way the kernel routes ``probe`` now (outside the tunnel)."""

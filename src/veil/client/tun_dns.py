@@ -13,6 +13,15 @@ the name is decided by the rules' domain rules (:func:`veil.client.tun_rules.dns
   answer is handed back, so the first connection already goes direct.
 * BLOCK: NXDOMAIN, nothing is sent anywhere.
 
+A name whose labels hold bytes no host name has (a ``.`` inside a label, spaces, non-ASCII
+bytes: :func:`veil.client.tun_rules.dns_action`) is resolved through the tunnel whatever the
+rules say: as text it would read like another name (``a\\.example.cn``, whose labels are
+``a.example`` and ``cn``, like a name under ``example.cn``). A request other than a standard
+query (NOTIFY, UPDATE, ...) gets NOTIMP and is sent nowhere. An upstream answer counts only
+if it answers the very query sent (its ID and its question): anything else (a late answer,
+an off-path spoofer's guess) is dropped, and the real answer is waited for until
+UPSTREAM_TIMEOUT_S.
+
 It listens on UDP and TCP (a client that got a truncated answer retries over TCP); a query
 that came over TCP is asked upstream over TCP too, so its answer is whole.
 """
@@ -31,6 +40,7 @@ import dns.exception
 import dns.flags
 import dns.message
 import dns.name
+import dns.opcode
 import dns.rcode
 import dns.rdatatype
 
@@ -64,16 +74,52 @@ MAX_DIRECT_ADDRESSES_PER_ANSWER = 16
 OnDirect = Callable[[list[tuple[IP, int]]], Awaitable[None]]
 
 
-def query_name(wire: bytes) -> tuple[dns.message.Message, str] | None:
-    """The parsed query and its question's name (text, no trailing dot), None if it is not a
-    query with one question."""
+def _request(wire: bytes) -> dns.message.Message | None:
+    """``wire`` parsed, None if it does not parse or is a response (QR set)."""
     try:
         message = dns.message.from_wire(wire)
     except (dns.exception.DNSException, ValueError):
         return None
-    if message.flags & dns.flags.QR or len(message.question) != 1:
+    return None if message.flags & dns.flags.QR else message
+
+
+def query_name(wire: bytes) -> tuple[dns.message.Message, str] | None:
+    """The parsed query and its question's name (text, no trailing dot; dnspython's escapes
+    for bytes no host name has, such as ``\\.`` for a dot inside a label), None if it is not
+    a standard query (opcode QUERY) with one question."""
+    message = _request(wire)
+    if (message is None or message.opcode() != dns.opcode.QUERY
+            or len(message.question) != 1):
         return None
     return message, message.question[0].name.to_text(omit_final_dot=True)
+
+
+def not_implemented(wire: bytes) -> bytes | None:
+    """NOTIMP for a request of another opcode than QUERY (NOTIFY, UPDATE, ...): a stub
+    resolver has no business forwarding those anywhere. None for anything else."""
+    message = _request(wire)
+    if message is None or message.opcode() == dns.opcode.QUERY:
+        return None
+    try:
+        response = dns.message.make_response(message)
+        response.set_rcode(dns.rcode.NOTIMP)
+        return response.to_wire()
+    except (dns.exception.DNSException, ValueError):
+        return None
+
+
+def answers(query: dns.message.Message, wire: bytes) -> bool:
+    """Whether ``wire`` is an answer to ``query``: a response, with its ID and opcode, and
+    its one question (name case-insensitively, type, class). Stricter than dnspython's
+    ``is_response``, which takes an error with no question at all."""
+    try:
+        reply = dns.message.from_wire(wire)
+    except (dns.exception.DNSException, ValueError):
+        return False
+    return bool(reply.flags & dns.flags.QR and reply.id == query.id
+                and reply.opcode() == query.opcode()
+                and len(reply.question) == len(query.question) == 1
+                and reply.question[0] == query.question[0])
 
 
 def blocked_answer(query: dns.message.Message) -> bytes:
@@ -131,11 +177,14 @@ def answer_addresses(wire: bytes, qname: str | None = None) -> list[tuple[IP, in
 
 
 class _Upstream(asyncio.DatagramProtocol):
-    def __init__(self, answer: asyncio.Future[bytes]) -> None:
+    def __init__(self, answer: asyncio.Future[bytes], query: dns.message.Message) -> None:
         self.answer = answer
+        self.query = query
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        if not self.answer.done():
+        # The socket is connected, so only the resolver's address and port get here; that
+        # still leaves a late answer to another query, or a spoofer who guessed the port.
+        if not self.answer.done() and answers(self.query, data):
             self.answer.set_result(data)
 
     def error_received(self, exc: Exception) -> None:
@@ -157,10 +206,19 @@ def _marked_socket(server: str, kind: socket.SocketKind, mark: int | None) -> so
     return sock
 
 
+def _parsed(wire: bytes) -> dns.message.Message:
+    try:
+        return dns.message.from_wire(wire)
+    except (dns.exception.DNSException, ValueError) as exc:
+        raise ValueError("not a DNS message") from exc
+
+
 async def ask(server: str, wire: bytes, timeout: float = UPSTREAM_TIMEOUT_S,
               port: int = DNS_PORT, mark: int | None = None) -> bytes:
     """One query to ``server``:53 over UDP from a fresh socket (a random source port per
-    query, as stub resolvers do); TimeoutError or OSError when no answer."""
+    query, as stub resolvers do); the first datagram that :func:`answers` it, TimeoutError
+    when none came in ``timeout``, OSError when the network refused."""
+    query = _parsed(wire)
     loop = asyncio.get_running_loop()
     answer: asyncio.Future[bytes] = loop.create_future()
     sock = _marked_socket(server, socket.SOCK_DGRAM, mark)
@@ -169,7 +227,8 @@ async def ask(server: str, wire: bytes, timeout: float = UPSTREAM_TIMEOUT_S,
     except OSError:
         sock.close()
         raise
-    transport, _ = await loop.create_datagram_endpoint(lambda: _Upstream(answer), sock=sock)
+    transport, _ = await loop.create_datagram_endpoint(lambda: _Upstream(answer, query),
+                                                      sock=sock)
     try:
         transport.sendto(wire)
         return await asyncio.wait_for(answer, timeout)
@@ -179,7 +238,10 @@ async def ask(server: str, wire: bytes, timeout: float = UPSTREAM_TIMEOUT_S,
 
 async def ask_tcp(server: str, wire: bytes, timeout: float = UPSTREAM_TIMEOUT_S,
                   port: int = DNS_PORT, mark: int | None = None) -> bytes:
-    """One query to ``server``:53 over TCP (RFC 7766: a two-byte length, then the message)."""
+    """One query to ``server``:53 over TCP (RFC 7766: a two-byte length, then the message);
+    messages that do not :func:`answers` it are skipped until ``timeout``."""
+    query = _parsed(wire)
+
     async def exchange() -> bytes:
         sock = _marked_socket(server, socket.SOCK_STREAM, mark)
         try:
@@ -190,8 +252,11 @@ async def ask_tcp(server: str, wire: bytes, timeout: float = UPSTREAM_TIMEOUT_S,
         reader, writer = await asyncio.open_connection(sock=sock)
         try:
             writer.write(len(wire).to_bytes(2, "big") + wire)
-            size = int.from_bytes(await reader.readexactly(2), "big")
-            return await reader.readexactly(size)
+            while True:
+                size = int.from_bytes(await reader.readexactly(2), "big")
+                reply = await reader.readexactly(size)
+                if answers(query, reply):
+                    return reply
         finally:
             writer.close()
 
@@ -223,8 +288,10 @@ class SplitResolver(asyncio.DatagramProtocol):
         self._tcp: asyncio.Server | None = None
         self._tcp_clients = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Queries per action, and those dropped (bad, too many at once, upstream silent).
-        self.counts: dict[str, int] = {"tunnel": 0, "direct": 0, "block": 0, "dropped": 0}
+        #: Queries per action, those dropped (bad, too many at once, upstream silent), and
+        #: requests of other opcodes (answered NOTIMP).
+        self.counts: dict[str, int] = {"tunnel": 0, "direct": 0, "block": 0, "dropped": 0,
+                                       "notimp": 0}
 
     async def start(self, host: str = LISTEN_HOST, port: int = DNS_PORT) -> None:
         loop = asyncio.get_running_loop()
@@ -289,8 +356,9 @@ class SplitResolver(asyncio.DatagramProtocol):
         """The answer to one query (None: not a query, nothing to answer)."""
         parsed = query_name(data)
         if parsed is None:
-            self.counts["dropped"] += 1
-            return None
+            refusal = not_implemented(data)
+            self.counts["dropped" if refusal is None else "notimp"] += 1
+            return refusal
         query, name = parsed
         action = dns_action(self.rules, name)
         self.counts[action.value] += 1

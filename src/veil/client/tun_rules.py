@@ -23,6 +23,7 @@ listed here).
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -177,11 +178,22 @@ def _pieces(spans: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
             yield points[index], points[index + 1] - 1
 
 
+#: A query name as text whose labels hold only what host names hold (letters, digits, hyphens;
+#: and underscores, which service names use: ``_sip._tcp``, ``_dmarc``). dnspython writes any
+#: other byte of a label escaped (``\.`` for a dot inside a label, ``\032`` for a space),
+#: so a backslash never matches here.
+_HOST_NAME_TEXT = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
+
+
 def dns_action(rules: RuleSet, name: str) -> Action:
     """What TUN mode's resolver does with a query for ``name``: DIRECT = ask the original
     (domestic) resolver outside the tunnel, BLOCK = answer NXDOMAIN, TUNNEL = ask the
-    server's resolver through the tunnel. Counts the hit, as a proxy-mode stream does."""
-    if not name or name == ".":
+    server's resolver through the tunnel. Counts the hit, as a proxy-mode stream does.
+
+    A name that is no host name (:data:`_HOST_NAME_TEXT`) is TUNNEL without asking the rules:
+    matched as text, ``a\\.example.cn`` (labels ``a.example`` and ``cn``) would pass for a
+    name under ``example.cn`` and be sent to the domestic resolver."""
+    if not name or name == "." or _HOST_NAME_TEXT.fullmatch(name) is None:
         return Action.TUNNEL
     return rules.decide(Address(name.rstrip(".") or ".", 0)).action
 

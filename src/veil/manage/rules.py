@@ -17,21 +17,29 @@ attribution and the SHA-256 of each served file), each Clash list's ``#`` header
 ``ETag`` (the file's SHA-256) on every answer, so apps and clients can tell newer data. The
 sing-box source files carry nothing but rules: sing-box refuses unknown fields.
 
-A ``veil connect`` following a subscription ignores these files for now: it uses its own
-``--rules``.
+``veil connect --rules cn`` following a subscription takes the same data as the packaged
+files (``cn_domains.txt.gz``, ``cn_networks.txt.gz``, 0.5 MB): the signed answer lists them
+(:func:`client_manifest`), and the client fetches them when they are newer than its own
+(veil.client.subscription).
+
+``VEIL_RULEDATA_DIR=DIR veil serve`` serves the data in DIR (the three files
+scripts/update-ruledata writes) instead of the packaged data: newer data without a new veil.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 # The one module of client/ manage/ may import (tests/unit/test_layers.py): the packaged lists
 # and private ranges that `veil connect --rules cn` uses, so the apps route the same way.
 from veil.client import ruledata
-from veil.client.ruledata import PRIVATE_NETWORKS
+from veil.client.ruledata import PRIVATE_NETWORKS, RuleData
+from veil.errors import ConfigError
 
 #: The path segment after the subscription's token under which the rule files are served.
 RULES_SEGMENT = "rules"
@@ -45,7 +53,11 @@ NETWORKS_TAG = "veil-cn-networks"
 DIRECT_TAG = "direct"
 #: What a request may ask for under ``/rules/`` (:func:`rule_files` builds them).
 RULE_FILE_NAMES = frozenset(("cn-domains.txt", "cn-networks.txt", "cn-domains.json",
-                             "cn-networks.json", "provenance.json"))
+                             "cn-networks.json", "provenance.json", ruledata.DOMAINS_FILE,
+                             ruledata.NETWORKS_FILE))
+#: The environment variable naming a directory of rule data to serve instead of the packaged
+#: data (the files scripts/update-ruledata writes).
+RULEDATA_DIR_ENV = "VEIL_RULEDATA_DIR"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +76,39 @@ def _file(body: bytes, content_type: bytes) -> tuple[RuleFile, bytes]:
     return served, b'"%s"' % served.sha256.encode()
 
 
-def _clash_list(kind: str, lines: list[str]) -> bytes:
-    about = ruledata.info()[kind]
+def served_data() -> RuleData:
+    """The data this server serves: ``$VEIL_RULEDATA_DIR``'s, else the packaged data
+    (ConfigError when the directory's is not usable)."""
+    return _data_of(os.environ.get(RULEDATA_DIR_ENV) or None)
+
+
+@cache
+def _data_of(directory: str | None) -> RuleData:
+    if directory is None:
+        return ruledata.packaged()
+    try:
+        return ruledata.from_dir(Path(directory))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{RULEDATA_DIR_ENV}={directory}: not usable rule data: {exc}") from exc
+
+
+def client_manifest() -> dict[str, object]:
+    """What veil's subscription answer lists under ``rules`` (signed with it): per preset,
+    the data's provenance and the packaged-form files with their SHA-256 and size, which a
+    client fetches from ``rules/NAME`` and checks against this list."""
+    return _manifest_of(served_data())
+
+
+@cache
+def _manifest_of(data: RuleData) -> dict[str, object]:
+    return {"cn": {"data": data.info(),
+                   "files": {name: {"sha256": digest, "bytes": len(body)}
+                             for (name, digest), body in zip(
+                                 data.file_hashes().items(), (data.domains_gz, data.networks_gz),
+                                 strict=True)}}}
+
+
+def _clash_list(about: dict[str, str], kind: str, lines: list[str]) -> bytes:
     header = [f"# veil {kind} ({about['source']}, version {about['version']}, data of "
               f"{about['data_date']}, {about['licence']}): {about['attribution']}",
               f"# {len(lines)} rules"]
@@ -81,26 +124,35 @@ def _singbox_source(field: str, values: list[str]) -> bytes:
     return json.dumps({"version": 1, "rules": [{field: values}]}, separators=(",", ":")).encode()
 
 
-@cache
 def rule_files() -> dict[str, tuple[RuleFile, bytes]]:
     """Every served file by name, with its ETag, built once per process (~0.2 s of CPU and
     ~5 MB: the server builds them before it listens when ``--routing`` is on, else at the
     first request for one)."""
-    domains, networks = ruledata.cn_domains(), ruledata.cn_networks()
+    return _files_of(served_data())
+
+
+@cache
+def _files_of(data: RuleData) -> dict[str, tuple[RuleFile, bytes]]:
+    domains, networks = data.cn_domains(), data.cn_networks()
+    about = data.info()
     text = b"text/plain; charset=utf-8"
     files = {
-        "cn-domains.txt": _file(_clash_list("domains", [f"DOMAIN-SUFFIX,{d}" for d in domains]),
-                                text),
-        "cn-networks.txt": _file(_clash_list("networks", _networks_clash(networks)), text),
+        "cn-domains.txt": _file(_clash_list(about["domains"], "domains",
+                                            [f"DOMAIN-SUFFIX,{d}" for d in domains]), text),
+        "cn-networks.txt": _file(_clash_list(about["networks"], "networks",
+                                             _networks_clash(networks)), text),
         "cn-domains.json": _file(_singbox_source("domain_suffix", domains), b"application/json"),
         "cn-networks.json": _file(_singbox_source("ip_cidr", networks), b"application/json"),
     }
-    provenance = {"version": 1, "data": ruledata.info(),
+    provenance = {"version": 1, "data": about,
                   "counts": {"domains": len(domains), "networks": len(networks)},
                   "files": {name: {"sha256": f.sha256, "bytes": len(f.body)}
                             for name, (f, _) in files.items()}}
     files["provenance.json"] = _file(json.dumps(provenance, indent=2).encode() + b"\n",
                                      b"application/json")
+    # veil's own clients fetch the data as packaged: 0.5 MB instead of 3.3 MB of lists
+    files[ruledata.DOMAINS_FILE] = _file(data.domains_gz, b"application/gzip")
+    files[ruledata.NETWORKS_FILE] = _file(data.networks_gz, b"application/gzip")
     return files
 
 

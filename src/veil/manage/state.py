@@ -12,6 +12,9 @@ into access keys.
     DIR/key.pem       the TLS private key (0600); its public key is what clients pin
     DIR/cert.pem      a self-signed certificate for that key and the public name, renewed
                       before it expires and when ``--public`` renames the server
+    DIR/acme-cert.pem the CA-issued chain for DIR/key.pem, when ACME obtained one
+                      (veil.manage.acme): presented instead of cert.pem while it names the
+                      public name and is not expired; cert.pem stays the fallback
     DIR/users.db      the SQLite user store (or "db": a postgresql:// URL in config.json)
     DIR/store.key     the key that seals secrets in the store (0600; docs/store.md): a fleet
                       of servers on one PostgreSQL shares one copy of it
@@ -58,6 +61,7 @@ CONFIG_NAME = "config.json"
 STORE_KEY_NAME = "store.key"
 SEED_NAME = "site.seed"
 NOISE_KEY_NAME = "noise.key"
+ACME_CERT_NAME = "acme-cert.pem"
 # A certificate is renewed when a third of its life is left, and at most this early: a
 # 90-day one (Let's Encrypt's lifetime) 30 days before it expires, a 398-day one too.
 CERT_RENEW_BEFORE = datetime.timedelta(days=30)
@@ -102,6 +106,9 @@ class ServerState:
     #: written down by :func:`record_start`): "none" or "cn" (veil.manage.rules); anything
     #: else exports no rules.
     routing: str = "none"
+    #: Where the certificate presented comes from: "operator" (``--cert``/``--key``), "acme"
+    #: (DIR/acme-cert.pem) or "self-signed" (DIR/cert.pem).
+    cert_source: str = "self-signed"
 
     @property
     def noise_public(self) -> bytes | None:
@@ -241,7 +248,8 @@ def _key_type(key: ServerKey) -> str:
     return "P-384" if key.curve.name == "secp384r1" else "P-256"
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``, readable by the owner only (0600): keys and secrets."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
@@ -334,7 +342,7 @@ def _ensure_certificate(directory: Path, name: str, profile: CertificateProfile)
         profile = dataclasses.replace(profile, key_type=_key_type(key))
     else:
         key = profile.new_key()
-        _write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
+        write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
                                                    serialization.PrivateFormat.PKCS8,
                                                    serialization.NoEncryption()))
     if cert_path.exists():
@@ -413,7 +421,7 @@ def _check_via(config: Mapping[str, object]) -> None:
 def _write_config(path: Path, config: Mapping[str, object]) -> None:
     # 0600: with a PostgreSQL store the config holds the database URL and its password.
     tmp = path.with_suffix(".tmp")
-    _write_private(tmp, (json.dumps(config, indent=2) + "\n").encode())
+    write_private(tmp, (json.dumps(config, indent=2) + "\n").encode())
     tmp.replace(path)
 
 
@@ -432,11 +440,15 @@ def load_state(directory: Path, db: str | None = None) -> ServerState:
         raise ConfigError(f"{config_path} is damaged: {exc}") from exc
     sni = config.get("sni")
     site_seed = _site_seed(directory)
+    cert_source = "self-signed"
     if config.get("cert") and config.get("key"):
         cert_path, key_path = Path(config["cert"]), Path(config["key"])
+        cert_source = "operator"
     else:
         _ensure_certificate(directory, sni or public.host, CertificateProfile.for_seed(site_seed))
         cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+        if sni is not None and current_ca_certificate(directory, sni) is not None:
+            cert_path, cert_source = directory / ACME_CERT_NAME, "acme"
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except (OSError, ValueError) as exc:
@@ -449,7 +461,23 @@ def load_state(directory: Path, db: str | None = None) -> ServerState:
     return ServerState(directory, public, sni, cert_path, key_path, spki_pin(cert),
                        db or config.get("db"), site_seed,
                        trojan if isinstance(trojan, bool) else None, via,
-                       _noise_key(directory), routing)
+                       _noise_key(directory), routing, cert_source)
+
+
+def current_ca_certificate(directory: Path, name: str) -> x509.Certificate | None:
+    """The leaf of DIR/acme-cert.pem if it may be presented: for the state's key (the pin),
+    naming ``name``, and not expired; None otherwise (absent, damaged, for another name)."""
+    try:
+        cert = x509.load_pem_x509_certificate((directory / ACME_CERT_NAME).read_bytes())
+        key = serialization.load_pem_private_key((directory / "key.pem").read_bytes(), None)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return None
+    now = datetime.datetime.now(datetime.UTC)
+    if (cert.public_key() != key.public_key() or name not in san.get_values_for_type(x509.DNSName)
+            or not cert.not_valid_before_utc <= now < cert.not_valid_after_utc):
+        return None
+    return cert
 
 
 def record_start(directory: Path, *, trojan: bool, via: Sequence[Endpoint] = (),

@@ -50,9 +50,9 @@ from veil.manage.export import (
     sing_box_config,
     trojan_link,
 )
-from veil.manage.rules import RULE_FILE_NAMES, RULES_SEGMENT
+from veil.manage.rules import RULE_FILE_NAMES, RULES_SEGMENT, client_manifest
 from veil.manage.state import ServerState
-from veil.protocol.subscription import SigningKey, sign, signed_part, spki_of
+from veil.protocol.subscription import SigningKey, sign, signed_part, signed_rules_part, spki_of
 from veil.protocol.uri import b64url_encode
 from veil.store.base import Usage, User
 
@@ -193,10 +193,14 @@ def veil_document(state: ServerState, user: User, used: Usage) -> dict[str, obje
          "ways_in": [URL, ...], "subscription_urls": [URL, ...], "refresh_s": SECONDS,
          "usage": {"upload": N, "download": N, "limit_bytes": N|null, "limit_period": P},
          "expires_at": UNIX|null,
-         "signature": {"spki": B64URL, "value": B64URL}}
+         "rules": {"cn": {"data": {"domains": INFO, "networks": INFO},
+                          "files": {NAME: {"sha256": HEX, "bytes": N}, ...}}},
+         "signature": {"spki": B64URL, "value": B64URL, "rules": B64URL}}
 
-    ``signature`` (veil.protocol.subscription) is added by :func:`render` when it is given
-    the server's key.
+    ``rules``: the rule data this server serves under ``rules/NAME`` (veil.manage.rules),
+    which ``veil connect --rules cn`` takes when it is newer than its own. ``signature``
+    (veil.protocol.subscription) is added by :func:`render` when it is given the server's
+    key; ``signature.rules`` signs ``rules``.
     """
     return {"version": SUBSCRIPTION_VERSION, "key": state.access_key(user).to_uri(),
             "label": user.name, "ways_in": [way.url for way in state.ways()],
@@ -204,7 +208,7 @@ def veil_document(state: ServerState, user: User, used: Usage) -> dict[str, obje
             "refresh_s": REFRESH_HOURS * 3600,
             "usage": {"upload": used.up, "download": used.down,
                       "limit_bytes": user.limit_bytes, "limit_period": user.limit_period},
-            "expires_at": user.expires_at}
+            "expires_at": user.expires_at, "rules": client_manifest()}
 
 
 def render(state: ServerState, user: User, used: Usage, fmt: str,
@@ -220,7 +224,8 @@ def render(state: ServerState, user: User, used: Usage, fmt: str,
         if signer is not None:
             document["signature"] = {
                 "spki": b64url_encode(spki_of(signer)),
-                "value": b64url_encode(sign(signer, signed_part(document)))}
+                "value": b64url_encode(sign(signer, signed_part(document))),
+                "rules": b64url_encode(sign(signer, signed_rules_part(document)))}
         body = json.dumps(document, indent=2).encode() + b"\n"
         return Rendered(body, b"application/json", headers)
     if not state.trojan or cert is None:

@@ -173,7 +173,10 @@ class _ClientDriver(SessionDriver):
         self.flush()
 
     def _finish(self, why: str) -> None:
-        if not self._done:
+        if not self._done and not self.closed_as_idle_by_peer:
+            # The server's idle close with streams open here: each destination had closed
+            # while idle, the close held by the server (net.driver.TcpRelay): nothing to
+            # reconnect for.
             self.streams_at_close = len(self.handlers)
         super()._finish(why)
 
@@ -597,8 +600,10 @@ class ClientTunnel(Dialer):
                 continue
             if not driver.session.reusable(now):
                 # Idle so long that the server's close may be on its way: an OPEN could cross
-                # it. Close it ourselves; the stream goes on a new session.
-                driver.close(CloseCode.NORMAL, IDLE_CLOSE_REASON)
+                # it. The stream goes on a new session; an idle one we close ourselves (with
+                # streams open, quiet ones, it is left to them and to the server).
+                if not driver.handlers:
+                    driver.close(CloseCode.NORMAL, IDLE_CLOSE_REASON)
                 continue
             live.append(driver)
         if not live:

@@ -31,7 +31,8 @@ from veil.protocol.events import (
     StreamWritable,
 )
 from veil.protocol.frames import HEADER_SIZE, MAX_DATA_PAYLOAD, CloseCode, ResetCode
-from veil.protocol.session import Session, StreamState
+from veil.protocol.idleclose import MAX_CLOSE_BYTES, CloseShape, idle_close_shape
+from veil.protocol.session import IDLE_CLOSE_REASON, Session, StreamState
 from veil.transport.carrier import CarrierTransport
 
 log = logging.getLogger("veil.net")
@@ -60,6 +61,15 @@ FRAMES_PER_TURN = 1024
 #: FIN) before closing anyway: its last records are a round trip away at most, and a peer
 #: that says CLOSE and then keeps the connection open is owed no more.
 PEER_CLOSE_GRACE_S = 5.0
+#: A destination's close is held (server side, ``TcpRelay(hold_idle_close=True)``) only after
+#: this much silence on its stream, either way: a site's idle close comes seconds to minutes
+#: after its last answer (Apache 5 s, nginx 75 s); a close sooner than a second follows what
+#: the user just did, and crosses as the answer it is.
+HOLD_AFTER_SILENCE_S = 1.0
+#: How long bytes shaped like an idle close wait for the FIN that makes them one; a site
+#: writes its GOAWAY, close_notify and FIN together (nginx: within a millisecond). Past it
+#: they go out: at worst, 2-byte output after a silence is that much late.
+CLOSE_FIN_WAIT_S = 0.25
 
 
 class StreamHandler(Protocol):
@@ -135,9 +145,16 @@ class SessionDriver(asyncio.Protocol):
         # as nginx and Chromium answer a peer's close, with our FIN alone, no close_notify.
         self._peer_closed = False
         self._peer_eof = False
+        #: The peer closed the session as idle (CLOSE NORMAL, IDLE_CLOSE_REASON): a server
+        #: does that only when every stream's destination had closed while idle (its closes
+        #: held, TcpRelay.hold_idle_close), so streams still open here are over too.
+        self.closed_as_idle_by_peer = False
         self._quiet_close: asyncio.TimerHandle | None = None
         self.closed = self._loop.create_future()
         self._read_buffer: memoryview | None = None
+        # Streams whose destination closed while idle, their close held until the peer next
+        # speaks (TcpRelay.hold_idle_close); woken by the peer's next bytes.
+        self._dormant: dict[int, TcpRelay] = {}
 
     @property
     def read_buffer(self) -> memoryview:
@@ -160,6 +177,11 @@ class SessionDriver(asyncio.Protocol):
         if self._on_bytes is not None:
             self._on_bytes(len(data), 0)
         self._dispatch(self.session.receive_data(data, self._loop.time(), FRAMES_PER_TURN))
+        if self._dormant:
+            # The peer spoke: the closes held since are answers now, not moments of our own.
+            dormant, self._dormant = self._dormant, {}
+            for relay in dormant.values():
+                relay.wake()
         self._hold_unparsed()
         self.flush()
 
@@ -239,6 +261,15 @@ class SessionDriver(asyncio.Protocol):
 
     def detach(self, stream_id: int) -> None:
         self.handlers.pop(stream_id, None)
+        self._dormant.pop(stream_id, None)
+
+    def hold_close(self, relay: TcpRelay, last_active: float) -> None:
+        """``relay``'s destination closed it after a silence: hold that close (its bytes and
+        FIN stay with the relay) until the peer next speaks; the session counts the stream
+        as idle since ``last_active``."""
+        self._dormant[relay.stream_id] = relay
+        self.session.set_dormant(relay.stream_id, last_active)
+        self.flush()  # re-arm the timer: the idle close may be due now
 
     def cancel(self, stream_id: int, code: ResetCode = ResetCode.CANCELLED) -> None:
         """Stop handling ``stream_id`` and reset it with ``code``, written out at once."""
@@ -307,6 +338,9 @@ class SessionDriver(asyncio.Protocol):
                     self._on_report(event.payload)
             elif isinstance(event, SessionClosed):
                 self._peer_closed = self._peer_closed or event.remote
+                if (event.remote and event.code is CloseCode.NORMAL
+                        and event.reason == IDLE_CLOSE_REASON):
+                    self.closed_as_idle_by_peer = True
                 log.debug("session closed (%s, remote=%s): %s", event.code.name, event.remote,
                           event.reason)
                 if event.remote and event.code is not CloseCode.NORMAL:
@@ -330,7 +364,12 @@ class SessionDriver(asyncio.Protocol):
         self._timer.cancel()
         handlers, self.handlers = self.handlers, {}
         for handler in handlers.values():
-            handler.on_reset(ResetCode.CANCELLED)
+            if self.closed_as_idle_by_peer and isinstance(handler, TcpRelay):
+                # Its destination had closed it while idle (the server held that close):
+                # end it as a site ends an idle connection, with a FIN, not a reset.
+                handler.close_local()
+            else:
+                handler.on_reset(ResetCode.CANCELLED)
         if self._peer_closed and not self._peer_eof:
             # Its close_notify and FIN follow its CLOSE: closing now could meet them with a
             # reset (bytes arriving at a closed socket). Close when they come.
@@ -371,11 +410,20 @@ class TcpRelay(asyncio.BufferedProtocol):
     """
 
     def __init__(self, driver: SessionDriver, stream_id: int,
-                 transport: asyncio.Transport | None = None) -> None:
+                 transport: asyncio.Transport | None = None, *,
+                 hold_idle_close: bool = False) -> None:
         self.driver = driver
         self.session = driver.session
         self.stream_id = stream_id
         self.transport = transport
+        # Server side: a destination's own idle close (veil.protocol.idleclose) is held until
+        # the client next speaks, so the tunnel shows no moment the server opens.
+        self._hold_idle_close = hold_idle_close
+        self._loop = driver._loop
+        self._last_active = self._loop.time()
+        self._held: bytearray | None = None  # a close's bytes, while they wait for the FIN
+        self._held_timer: asyncio.TimerHandle | None = None
+        self._dormant = False  # the whole close (and its FIN) is held
         self._local_paused = False  # local transport's write buffer is full
         self._unacked = 0  # bytes written locally while paused, acknowledged on resume
         self._blocked = False  # the stream has no send window
@@ -395,6 +443,8 @@ class TcpRelay(asyncio.BufferedProtocol):
         return self.driver.read_buffer[HEADER_SIZE : HEADER_SIZE + max(1, credit)]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._hold_idle_close and self._holding(nbytes):
+            return
         try:
             writable = self.session.send_frame(
                 self.stream_id, self.driver.read_buffer[: HEADER_SIZE + nbytes])
@@ -432,6 +482,15 @@ class TcpRelay(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         if self._eof_sent:
             return True  # reported again (uvloop does after pause/resume): already passed on
+        held = self._held
+        if held is not None:
+            if idle_close_shape(held) is CloseShape.YES:
+                self._go_dormant()
+                return True
+            self._release_held()
+        return self._send_eof()
+
+    def _send_eof(self) -> bool:
         self._eof_sent = True
         try:
             self.session.send_eof(self.stream_id)
@@ -461,8 +520,65 @@ class TcpRelay(asyncio.BufferedProtocol):
             self._unacked = 0
             self.driver.flush()
 
+    # --- holding a destination's idle close (server side)
+    def _holding(self, nbytes: int) -> bool:
+        """Whether this read (in the shared read buffer) is held as (part of) an idle close;
+        a read that turns out not to be one goes out now, after what was held."""
+        now = self._loop.time()
+        data = self.driver.read_buffer[HEADER_SIZE : HEADER_SIZE + nbytes]
+        held = self._held
+        if held is not None:
+            held += data
+            if idle_close_shape(held) is CloseShape.NO:
+                self._last_active = now
+                self._release_held()
+            return True
+        # A close is no activity: the stream stays idle since its last real byte.
+        quiet = now - self._last_active >= HOLD_AFTER_SILENCE_S
+        if not quiet or nbytes > MAX_CLOSE_BYTES or idle_close_shape(data) is CloseShape.NO:
+            self._last_active = now
+            return False
+        self._held = bytearray(data)
+        self._held_timer = self._loop.call_later(CLOSE_FIN_WAIT_S, self._release_held)
+        return True
+
+    def _release_held(self) -> None:
+        """Send what was held: it was not a close after all (or a dormant close wakes)."""
+        self._last_active = self._loop.time()
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        held, self._held = self._held, None
+        if not held or self._closed:
+            return
+        try:
+            writable = self.session.send_data(self.stream_id, bytes(held))
+        except LocalProtocolError:
+            self._abort()
+            return
+        self._after_send(writable)
+
+    def _go_dormant(self) -> None:
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        self._dormant = True
+        self.driver.hold_close(self, self._last_active)
+
+    def wake(self) -> None:
+        """The client spoke: deliver the held close, its bytes and then its FIN."""
+        if not self._dormant or self._closed:
+            return
+        self._dormant = False
+        self.session.wake(self.stream_id)
+        self._release_held()
+        if not self._closed:
+            self._send_eof()
+
     # --- session side (StreamHandler)
     def on_data(self, data: bytes) -> None:
+        if self._hold_idle_close:
+            self._last_active = self._loop.time()
         transport = self.transport
         if transport is None:
             self._early.append(data)
@@ -523,6 +639,15 @@ class TcpRelay(asyncio.BufferedProtocol):
             self._reading = True
             self.transport.resume_reading()
 
+    def close_local(self) -> None:
+        """End the local connection with a FIN after what it still holds (the session is
+        gone: nothing more is read from it)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.transport is not None:
+            self.transport.close()
+
     def _finish_closed(self) -> None:
         """Both directions finished cleanly: close the local socket politely."""
         self._closed = True
@@ -534,6 +659,10 @@ class TcpRelay(asyncio.BufferedProtocol):
         if self._closed:
             return
         self._closed = True
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        self._held = None
         if notify:
             self.driver.cancel(self.stream_id)
         else:

@@ -221,10 +221,14 @@ class Session:
         self._data_stream: _Stream | None = None
         # Keepalive, and the idle close (see get_timer).
         self._last_received = now
+        self._last_sent = now  # the latest write the caller gave a clock with
         self._idle_ping_wait = self._draw_idle_ping_wait()
         idle = self.config.idle_close
         self._idle_close_after = None if idle is None else _RANDOM.uniform(*idle)
         self._idle_since: float | None = now  # when the last stream went; None: streams open
+        # Streams whose destination closed them while idle, the close held until the peer next
+        # speaks (set_dormant): open, but they keep the session from being idle no longer.
+        self._dormant: set[int] = set()
         self._clock = now  # the latest time the caller told us of
         self._ping_sent_at: float | None = None
         self._ping_timeout = self.config.keepalive_timeout  # the outstanding PING's
@@ -260,12 +264,40 @@ class Session:
 
     def reusable(self, now: float) -> bool:
         """Whether a new stream may be opened here at ``now``: open, and not idle so long
-        that the peer's idle close may already be on its way (``reuse_limit``)."""
+        that the peer's idle close may already be on its way (``reuse_limit``). Open streams
+        that carried nothing either way for as long count as idle: the server may hold their
+        destinations' closes (:meth:`set_dormant`) and close the session as idle."""
         limit = self.config.reuse_limit
         if self._closed:
             return False
-        idle_since = None if self._streams else self._idle_since
-        return limit is None or idle_since is None or now - idle_since < limit
+        if limit is None:
+            return True
+        if self._has_live_streams():
+            return now - max(self._last_received, self._last_sent) < limit
+        return self._idle_since is None or now - self._idle_since < limit
+
+    def _has_live_streams(self) -> bool:
+        if not self._dormant:
+            return bool(self._streams)
+        self._dormant.intersection_update(self._streams)  # forget streams that went since
+        return len(self._streams) > len(self._dormant)
+
+    def set_dormant(self, stream_id: int, last_active: float) -> None:
+        """The destination closed ``stream_id`` after a silence, and the caller holds that
+        close until the peer next speaks (``veil.protocol.idleclose``): the stream stays
+        open, but counts as idle since ``last_active`` (its last byte either way, or the
+        peer's last frame if later). If no other stream is open the idle close is then due
+        ``idle_close`` after that moment, as nginx's keepalive_timeout runs from the last
+        request, not from a stream's end."""
+        if stream_id not in self._streams:
+            return
+        self._dormant.add(stream_id)
+        if not self._has_live_streams():
+            self._idle_since = max(last_active, self._last_received)
+
+    def wake(self, stream_id: int) -> None:
+        """``stream_id``'s held close is being delivered: it is an open stream again."""
+        self._dormant.discard(stream_id)
 
     @property
     def stream_count(self) -> int:
@@ -462,6 +494,8 @@ class Session:
             self._pong_owed = None
         if not out:
             return b""
+        if now is not None:
+            self._last_sent = now
         interval = self.config.keepalive_interval
         if (now is not None and interval is not None and self._ping_sent_at is None
                 and not self._closed and now - self._last_received >= interval):
@@ -511,7 +545,8 @@ class Session:
         """When :meth:`handle_timer` must next be called, or None."""
         if self._closed:
             return None
-        if self._streams:
+        live = self._has_live_streams()
+        if live:
             self._idle_since = None
         elif self._idle_since is None:
             # The last stream just went: handle_timer notes when, at once (the latest time
@@ -521,7 +556,7 @@ class Session:
         if self._ping_sent_at is not None:
             deadlines.append(self._ping_sent_at + self._ping_timeout)
         else:
-            if self._streams and self._idle_ping_wait is not None:
+            if live and self._idle_ping_wait is not None:
                 deadlines.append(self._last_received + self._idle_ping_wait)
             if self._open_unanswered_at is not None and self.config.open_probe is not None:
                 deadlines.append(self._open_unanswered_at + self.config.open_probe)
@@ -539,7 +574,8 @@ class Session:
         if self._closed:
             return []
         self._clock = now
-        if self._streams:
+        live = self._has_live_streams()
+        if live:
             self._idle_since = None
         elif self._idle_since is None:
             self._idle_since = now
@@ -560,7 +596,7 @@ class Session:
             self._open_unanswered_at = None
             self._send_ping(now, timeout=self.config.open_probe_timeout)
         wait = self._idle_ping_wait
-        if (self._ping_sent_at is None and self._streams and wait is not None
+        if (self._ping_sent_at is None and live and wait is not None
                 and now >= self._last_received + wait):
             self._send_ping(now)
             self._idle_ping_wait = self._draw_idle_ping_wait()

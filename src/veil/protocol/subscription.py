@@ -10,6 +10,11 @@ pin takes an answer only if that key signed it, whichever way it came.
 What is signed: the JSON text of ``{"key": ..., "subscription_urls": [...]}`` with sorted keys
 and no spaces (what decides where the client connects and fetches next). The signature is
 ECDSA with SHA-256 for an EC key, RSA-PSS (MGF1, SHA-256, 32-byte salt) for an RSA key.
+
+The rule data's list (``rules``: each file's SHA-256, which a client checks the files it then
+fetches against) is signed apart, as ``signature.rules`` over the JSON of ``{"rules": ...}``
+the same way: clients older than it check the first signature only, and neither signed text
+can pass for the other (their only keys differ).
 """
 
 from __future__ import annotations
@@ -33,6 +38,12 @@ def signed_part(document: Mapping[str, object]) -> bytes:
     return json.dumps({"key": document.get("key"),
                        "subscription_urls": document.get("subscription_urls")},
                       sort_keys=True, separators=(",", ":")).encode()
+
+
+def signed_rules_part(document: Mapping[str, object]) -> bytes:
+    """The bytes ``signature.rules`` covers."""
+    return json.dumps({"rules": document.get("rules")}, sort_keys=True,
+                      separators=(",", ":")).encode()
 
 
 def spki_of(key: SigningKey) -> bytes:

@@ -44,6 +44,8 @@ from veil.transport.tls import start_tls_server
 
 log = logging.getLogger("veil.server")
 
+# The ALPN protocol of an ACME TLS-ALPN-01 validation (RFC 8737 6.2); a CA offers it alone.
+ACME_TLS_1 = b"acme-tls/1"
 # nginx waits client_header_timeout (60 s) for the first byte and for the handshake; so do we.
 DEFAULT_HANDSHAKE_TIMEOUT_S = 60.0
 # Credentials derived from secrets are cached so that an authentication costs one HMAC, not
@@ -90,6 +92,7 @@ class GateStats:
     tunnels: int = 0  # accepted connections, every way in
     cover_plain: int = 0
     cover_foreign_sni: int = 0
+    acme_validations: int = 0  # TLS-ALPN-01 handshakes answered with a challenge certificate
     tls_failed: int = 0
     silent: int = 0
     dropped: int = 0  # over max_pending
@@ -227,6 +230,10 @@ class Gate:
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
                  max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self.ssl_context = ssl_context
+        #: TLS-ALPN-01 challenges being validated (RFC 8737): the name an ACME order is for
+        #: -> the context with its challenge certificate, for a ClientHello naming it and
+        #: offering only ``acme-tls/1``; empty (no ClientHello read) the rest of the time.
+        self.acme_challenges: dict[str, ssl.SSLContext] = {}
         self.max_pending = max_pending
         self.cover = cover
         self.ways_in = tuple(ways_in)
@@ -292,6 +299,17 @@ class Gate:
             self.stats.cover_plain += 1
             await self.cover.serve_plain(sock, started_at)
             return
+        if self.acme_challenges:  # only while an ACME order waits for its validation
+            record = await _peek_client_hello(sock, self.handshake_timeout)
+            challenge = self.acme_challenges.get(clienthello.server_name(record) or "")
+            if challenge is not None and clienthello.alpn_protocols(record) == (ACME_TLS_1,):
+                self.stats.acme_validations += 1
+                try:
+                    await start_tls_server(sock, challenge, _ChallengeAnswered,
+                                           self.handshake_timeout)
+                except (OSError, TimeoutError, ConnectionError):
+                    self.stats.tls_failed += 1
+                return
         if self.cover.forwards_foreign_tls and self.own_names:
             name = await _peek_sni(sock, self.handshake_timeout)
             if name is not None and name not in self.own_names:
@@ -470,12 +488,24 @@ async def _peek(sock: socket.socket, size: int, timeout: float) -> bytes:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
-async def _peek_sni(sock: socket.socket, timeout: float) -> str | None:
+async def _peek_client_hello(sock: socket.socket, timeout: float) -> bytes:
+    """The first TLS record, left in the socket; empty if it is not a whole handshake record."""
     head = await _peek(sock, clienthello.RECORD_HEADER, timeout)
     total = clienthello.record_length(head)
     if total is None:
-        return None
+        return b""
     record = await _peek(sock, total, timeout)
-    if len(record) < total:
-        return None
-    return clienthello.server_name(record)
+    return record if len(record) == total else b""
+
+
+async def _peek_sni(sock: socket.socket, timeout: float) -> str | None:
+    record = await _peek_client_hello(sock, timeout)
+    return clienthello.server_name(record) if record else None
+
+
+class _ChallengeAnswered(asyncio.Protocol):
+    """A TLS-ALPN-01 validation's connection: the handshake was the answer, and the CA sends
+    nothing after it (RFC 8737 3), so it is closed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()

@@ -242,7 +242,9 @@ class _CountedTcpRelay(TcpRelay):
     """A TcpRelay whose outbound socket holds a descriptor slot until it is closed."""
 
     def __init__(self, driver: SessionDriver, stream_id: int, slot: OutboundSlot) -> None:
-        super().__init__(driver, stream_id)
+        # A destination's own idle close waits for the client's next bytes: sent when it
+        # happens, it would be a moment the server opens (veil.protocol.idleclose).
+        super().__init__(driver, stream_id, hold_idle_close=True)
         self._slot = slot
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -33,6 +33,7 @@ from veil.protocol.report import decode_report, way_label
 from veil.protocol.session import Session, SessionConfig
 from veil.protocol.shaping import NO_SHAPING
 from veil.protocol.trojan import TrojanRequest, password_hash_for_secret
+from veil.server.acme import CertificateRenewer, acme_directory_for
 from veil.server.blocks import BlockAlert, BlockTracker, run_alert_command
 from veil.server.gate import Authenticator, Gate, VeilWayIn, WayIn
 from veil.server.live import Live, LiveConnection
@@ -154,6 +155,13 @@ class VeilServer:
         self._listeners: list[socket.socket] = []
         self._serve_tasks: list[asyncio.Task[None]] = []
         self.tun: TunServer | None = None
+        # The CA certificate for a DNS name (veil.server.acme), None: not asked for.
+        directory_url = acme_directory_for(options, state)
+        self.acme: CertificateRenewer | None = None
+        if directory_url is not None:
+            self.acme = CertificateRenewer(directory_url, options, lambda: self.state,
+                                           self.gate.acme_challenges, self.reload)
+        self._acme_task: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> Address:
@@ -196,6 +204,9 @@ class VeilServer:
         self.blocks.set_ways(self._way_labels())
         log.info("listening on %s (cover: %s)", ", ".join(map(str, self.addresses)),
                  self.options.cover_url or "built-in site")
+        log.info("certificate: %s", self._certificate_plan())
+        if self.acme is not None:
+            self._acme_task = loop.create_task(self.acme.run())
         if self.state.via:
             log.info("keys name these ways in after %s: %s", self.state.public,
                      ", ".join(map(str, self.state.via)))  # no secret paths in logs
@@ -216,6 +227,22 @@ class VeilServer:
                 "and real websites rarely lack one. Remedies: give the server a DNS name "
                 "(--public NAME[:PORT], then hand out the keys again), or the borrowed-identity "
                 "mode once it exists (issue #18)", self.state.public.host)
+
+    def _certificate_plan(self) -> str:
+        """One line on what certificate strangers see and why (issue #18's defaults)."""
+        state = self.state
+        if state.cert_source == "operator":
+            return f"the operator's ({state.cert_path}, --cert)"
+        if self.acme is not None:
+            return (f"from the ACME CA {self.acme.directory_url} for {state.sni}, validated "
+                    f"on this port (TLS-ALPN-01), renewed with a third of its life left; now "
+                    f"presenting the {state.cert_source} one")
+        if state.sni is None:
+            return "self-signed (the public address is an IP address: no CA issues for it)"
+        if self.options.self_signed:
+            return f"self-signed for {state.sni} (--self-signed)"
+        return (f"self-signed for {state.sni} (no public CA issues for it; --acme-directory "
+                f"names a CA that does)")
 
     def _cdn_request(self, auth: bytes, binding: bytes) -> Callable[[SealedTransport], None] | str:
         """A Noise handshake through a CDN way in: its authenticator, bound to the client's
@@ -349,6 +376,9 @@ class VeilServer:
 
     async def stop(self) -> None:
         """Stop accepting, tell sessions to close, wait a little, then cut the rest."""
+        if self._acme_task is not None:
+            self._acme_task.cancel()
+            await asyncio.gather(self._acme_task, return_exceptions=True)
         for task in self._serve_tasks:
             task.cancel()
         await asyncio.gather(*self._serve_tasks, return_exceptions=True)

@@ -70,6 +70,9 @@ class SubscriptionResponder:
         self._tokens: dict[bytes, bytes] = {}
         self.served = 0  # answers given (tests, status)
         self.rule_files_served = 0  # rule files given (tests, status)
+        # the data every veil answer lists: a bad VEIL_RULEDATA_DIR stops the start (a
+        # ConfigError) instead of failing each subscription request
+        rules.served_data()
         if routing:
             rules.rule_files()
 

@@ -1,0 +1,132 @@
+"""Keeping a CA certificate for the server's DNS name: obtained over ACME at start (in a worker
+thread: the ``acme`` library blocks), renewed when a third of its life is left, and swapped in
+without a restart (new handshakes get it, live sessions keep theirs). A failed order is
+retried with a growing delay while the server serves the certificate it has: the previous CA
+one, or the self-signed one until the first succeeds."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+
+from veil.config import ServerOptions
+from veil.manage.acme import (
+    LETS_ENCRYPT_DIRECTORY,
+    AcmeError,
+    obtain_certificate,
+    public_ca_may_issue,
+)
+from veil.manage.state import ServerState, current_ca_certificate, renew_before
+
+log = logging.getLogger("veil.server")
+
+# The first retry after a failed order, doubled after each further failure up to
+# RETRY_MAX_S: soon enough to recover from a CA's blip or a DNS record just made, slow enough
+# to stay far below Let's Encrypt's limit of 5 failed validations per name an hour.
+RETRY_FIRST_S = 60.0
+RETRY_MAX_S = 6 * 3600.0
+# The longest sleep between looks at the certificate's renewal time: a certificate replaced
+# behind the server's back (a restored backup) is noticed within a day.
+RECHECK_S = 24 * 3600.0
+# How long the worker thread waits for the event loop to install or remove a challenge
+# certificate: the loop answers in microseconds unless it is stuck.
+PUBLISH_TIMEOUT_S = 10.0
+
+
+def acme_directory_for(options: ServerOptions, state: ServerState) -> str | None:
+    """The ACME directory the server's certificate comes from, or None for none: not with
+    ``--self-signed`` or ``--cert``, not for an IP address, and by default (Let's Encrypt)
+    only for a name a public CA may issue for."""
+    if options.self_signed or state.cert_source == "operator" or state.sni is None:
+        return None
+    if options.acme_directory is not None:
+        return options.acme_directory
+    return LETS_ENCRYPT_DIRECTORY if public_ca_may_issue(state.sni) else None
+
+
+class CertificateRenewer:
+    """Obtains and renews the certificate of ``state().sni`` from ``directory_url``; a
+    challenge is answered through ``challenges`` (the gate's), a new certificate put in force
+    with ``reload`` (the server's: it re-reads the state and builds a new TLS context)."""
+
+    def __init__(self, directory_url: str, options: ServerOptions,
+                 state: Callable[[], ServerState],
+                 challenges: dict[str, ssl.SSLContext],
+                 reload: Callable[[], Awaitable[None]]) -> None:
+        self.directory_url = directory_url
+        self.options = options
+        self._state = state
+        self._challenges = challenges
+        self._reload = reload
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Orders that failed in a row (the retry delay doubles with each).
+        self.failures = 0
+        #: Certificates obtained since start, each counted once in force.
+        self.obtained = 0
+        #: badNonce answers the CA gave in the orders that succeeded (each one retried).
+        self.bad_nonces = 0
+
+    def due_in(self) -> float:
+        """Seconds until the certificate should be renewed; 0 without a usable one."""
+        state = self._state()
+        assert state.sni is not None  # acme_directory_for
+        cert = current_ca_certificate(state.directory, state.sni)
+        if cert is None:
+            return 0.0
+        lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+        renew_at = cert.not_valid_after_utc - renew_before(lifetime)
+        return max(0.0, (renew_at - datetime.datetime.now(datetime.UTC)).total_seconds())
+
+    async def renew(self) -> None:
+        """One order, and the certificate in force once issued; raises :class:`AcmeError`."""
+        self._loop = asyncio.get_running_loop()
+        state = self._state()
+        assert state.sni is not None
+        obtained = await asyncio.to_thread(obtain_certificate, state.directory, state.sni,
+                                directory_url=self.directory_url,
+                                ca_bundle=self.options.acme_ca_bundle,
+                                email=self.options.acme_email, publish=self._publish)
+        self.bad_nonces += obtained.bad_nonces
+        await self._reload()
+        self.obtained += 1
+
+    async def run(self) -> None:
+        """Renew whenever due, until cancelled; failures are logged and retried."""
+        while True:
+            due = self.due_in()
+            if due > 0:
+                await asyncio.sleep(min(due, RECHECK_S))
+                continue
+            try:
+                await self.renew()
+            except AcmeError as exc:
+                self.failures += 1
+                delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self.failures - 1))
+                state = self._state()
+                log.error("ACME: no certificate for %s from %s: %s; still presenting the %s "
+                          "certificate; next try in %.0f s", state.sni, self.directory_url,
+                          exc, state.cert_source, delay)
+                await asyncio.sleep(delay)
+                continue
+            self.failures = 0
+            log.info("ACME: obtained a certificate for %s from %s; presenting it from now on",
+                     self._state().sni, self.directory_url)
+
+    def _publish(self, name: str, context: ssl.SSLContext | None) -> None:
+        """From the worker thread: the gate answers ``name``'s validations with ``context``
+        (None: no more), in force when this returns."""
+        async def apply() -> None:
+            if context is None:
+                self._challenges.pop(name, None)
+            else:
+                self._challenges[name] = context
+
+        assert self._loop is not None
+        try:
+            future = asyncio.run_coroutine_threadsafe(apply(), self._loop)
+        except RuntimeError:  # the loop is closed: the server stopped during the order
+            return
+        future.result(PUBLISH_TIMEOUT_S)
