@@ -115,3 +115,20 @@ def test_the_chart_buckets_and_escapes() -> None:
     assert "<script>" not in svg and "&lt;script&gt;" in svg and "a&amp;b" in svg
     assert svg.count("<polyline") == 1
     assert "no traffic" in line_chart([Series("idle", [0, 0])], start=0, step=3600, title="t")
+
+
+def test_verifications_in_parallel_threads_all_answer() -> None:
+    """cryptography 50.x (within veil's bounds) hangs or raises MemoryError when two Argon2
+    derivations run at once; the panel verifies in threads, so auth serialises them."""
+    import threading
+
+    stored = auth.hash_password("right")
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda p=p: results.append(auth.verify_password(p, stored)))
+               for p in ("right", "wrong", "right", "wrong")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "an Argon2 verification hung"
+    assert sorted(results) == [False, False, True, True]

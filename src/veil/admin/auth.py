@@ -21,6 +21,7 @@ import hmac
 import os
 import re
 import secrets
+import threading
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidKey
@@ -48,8 +49,13 @@ MAX_ITERATIONS = 16
 _PHC = re.compile(r"^\$argon2id\$v=19\$m=(\d+),t=(\d+),p=(\d+)\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+$")
 
 #: Argon2 verifications running at once: each holds its memory cost, so logins from many
-#: addresses cannot exhaust the server's memory or CPU.
-MAX_CONCURRENT_VERIFICATIONS = 2
+#: addresses cannot exhaust the server's memory or CPU. One: cryptography 50.x (which the
+#: bounds allow, and which pyOpenSSL 26, under acme, holds the lock at) deadlocks or raises
+#: MemoryError when two Argon2 derivations run at once in one process (measured: two
+#: threads hang 30 s and more; four raise at once; 51.0.1 runs them), so every Argon2 call
+#: here also takes :data:`_ARGON2_LOCK`.
+MAX_CONCURRENT_VERIFICATIONS = 1
+_ARGON2_LOCK = threading.Lock()
 
 # Sessions: idle for an hour or open for twelve, they end. The table is bounded; when full,
 # the least recently created session goes (an admin panel has a handful of users).
@@ -74,7 +80,8 @@ def hash_password(password: str, *, memory_kib: int = ARGON2_MEMORY_KIB,
     """The PHC string to store for ``password`` (a new random salt each time)."""
     kdf = Argon2id(salt=os.urandom(SALT_SIZE), length=HASH_SIZE, iterations=iterations,
                    lanes=lanes, memory_cost=memory_kib)
-    return kdf.derive_phc_encoded(password.encode())
+    with _ARGON2_LOCK:
+        return kdf.derive_phc_encoded(password.encode())
 
 
 def verify_password(password: str, encoded: str) -> bool:
@@ -87,7 +94,8 @@ def verify_password(password: str, encoded: str) -> bool:
     if memory > MAX_MEMORY_KIB or iterations > MAX_ITERATIONS:
         return False
     try:
-        Argon2id.verify_phc_encoded(password.encode(), encoded)
+        with _ARGON2_LOCK:
+            Argon2id.verify_phc_encoded(password.encode(), encoded)
     except (InvalidKey, ValueError):
         return False
     return True
