@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tests.netns.topology import (
     Packet,
     Topology,
 )
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -37,6 +39,8 @@ DOMESTIC_IP = "203.0.113.4"
 BLOCKED_IP = "203.0.113.3"
 DOMESTIC_NAME = "shop.domestic.test"
 BLOCKED_NAME = "ads.blocked.test"
+#: A UDP port no rule names (topology's UDP echo holds 7777 on every address).
+OTHER_UDP_PORT = 4443
 RULES = f"""\
 IP-CIDR,198.51.100.0/24,DIRECT
 IP-CIDR,{BLOCKED_IP}/32,BLOCK
@@ -186,10 +190,87 @@ def test_a_crash_leaves_split_routes_that_cleanup_removes(
     assert topo.snapshot("client1") == before
 
 
+#: One datagram to each HOST:PORT on a connected UDP socket: prints "answered", "refused"
+#: or "silent" per destination. Refused locally, the send itself fails (EPERM: netfilter
+#: refused it) and the ICMP port-unreachable the kill switch sends back is queued on the
+#: socket (ECONNREFUSED); from farther away only the ICMP error comes, and late.
+UDP_PROBE = """
+import socket, sys
+for target in sys.argv[1:]:
+    host, port = target.rsplit(':', 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    try:
+        s.connect((host, int(port)))
+        s.send(b'ping')
+        s.recv(64)
+        print(target, 'answered')
+    except (ConnectionRefusedError, PermissionError):
+        print(target, 'refused')
+    except TimeoutError:
+        print(target, 'silent')
+    finally:
+        s.close()
+"""
+
+
+#: A UDP echo on each HOST:PORT given, each socket bound to its address: the answer then
+#: comes from the address asked (topology's UDP_ECHO, bound to ::, answers from the
+#: interface's first address, which a connected socket asking DIRECT_NET_IP would not take).
+UDP_ECHOES = """
+import select, socket, sys
+socks = []
+for target in sys.argv[1:]:
+    host, port = target.rsplit(':', 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, int(port)))
+    socks.append(s)
+while True:
+    for s in select.select(socks, [], [])[0]:
+        data, addr = s.recvfrom(2048)
+        s.sendto(data, addr)
+"""
+
+
+def udp_probe(topo: Topology, role: str, *targets: str) -> dict[str, str]:
+    out = topo.exec(role, "python3", "-c", UDP_PROBE, *targets, timeout=20)
+    return dict(line.split() for line in out.stdout.splitlines())
+
+
+def test_quic_block_refuses_udp_443_through_the_tunnel_and_direct_and_nothing_else(
+        topo: Topology, key: str, domestic_log: Path) -> None:
+    """``QUIC,BLOCK`` in TUN mode: the kill switch refuses UDP to port 443 at once (ICMP
+    port-unreachable: a browser falls back to TCP), whether it would go through the tunnel
+    (INTERNET_IP) or direct (DIRECT_NET_IP); UDP to another port, the client's own TLS to
+    the server on TCP 443, and its resolver still work."""
+    quic = [f"{INTERNET_IP}:443", f"{DIRECT_NET_IP}:443"]
+    other = [f"{INTERNET_IP}:{OTHER_UDP_PORT}", f"{DIRECT_NET_IP}:{OTHER_UDP_PORT}"]
+    echo = topo.start("internet", "udpechoes", [sys.executable, "-c", UDP_ECHOES, *quic, *other])
+    rules = topo.dir / "rules-quic.txt"
+    rules.write_text("QUIC,BLOCK\n" + RULES)
+    client = None
+    try:
+        # The control: without veil (from the router), every echo answers.
+        wait_until(lambda: set(udp_probe(topo, "router", *quic, *other).values())
+                   == {"answered"}, 15, "the UDP echoes answering the router")
+        client = topo.start_client(key, "client1", "--rules", str(rules))
+        seen = udp_probe(topo, "client1", *quic, *other)
+        assert seen == {**dict.fromkeys(quic, "refused"), **dict.fromkeys(other, "answered")}
+        # TCP, the tunnel (its TLS is TCP 443) and names resolved through it still work.
+        page = curl(topo, f"http://{WEB_NAME}/")
+        assert "hello from the internet" in page.stdout, page.stderr
+        assert "udp dport 443 ct state new reject" in topo.exec(
+            "client1", "nft", "list", "chain", "inet", "veil-killswitch", "port_blocks").stdout
+    finally:
+        if client is not None:
+            assert topo.stop(client) == 0
+        topo.stop(echo)
+
+
 def test_rules_routes_cannot_apply_are_refused_before_anything_changes(
         topo: Topology, key: str) -> None:
     rules = topo.dir / "rules-port.txt"
-    rules.write_text("NETWORK,UDP,BLOCK\n")
+    rules.write_text("DST-PORT,22,DIRECT\n")
     before = topo.snapshot("client1")
     out = topo.exec("client1", *VEIL, "connect", key, "--tun", "--rules", str(rules),
                     check=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
 import sys
 from pathlib import Path
@@ -21,7 +22,14 @@ from hypothesis import strategies as st
 from veil.client.rulefiles import cn_preset, load_rules
 from veil.client.rules import Action, Condition, Rule, RuleSet
 from veil.client.tun_dns import answer_addresses, answers, blocked_answer, query_name
-from veil.client.tun_rules import DirectHosts, TunRoutePlan, dns_action, plan_routes
+from veil.client.tun_rules import (
+    DirectHosts,
+    PortBlock,
+    TunRoutePlan,
+    dns_action,
+    plan_routes,
+    split_port_blocks,
+)
 from veil.errors import ConfigError
 from veil.protocol.address import Address
 
@@ -112,13 +120,64 @@ def test_the_cn_preset_plans_thousands_of_direct_ranges_quickly() -> None:
     assert took < 10.0, took  # about 1 s on the development machine
 
 
-@pytest.mark.parametrize("line", ["DST-PORT,443,BLOCK", "NETWORK,UDP,BLOCK",
+@pytest.mark.parametrize("line", ["DST-PORT,443,DIRECT", "NETWORK,UDP,TUNNEL",
                                   "DOMAIN-SUFFIX,example.com,DIRECT\nMATCH,DIRECT",
                                   "MATCH,BLOCK"])
 def test_rules_routes_cannot_apply_are_refused_with_their_line(tmp_path: Path,
                                                                line: str) -> None:
     with pytest.raises(ConfigError, match=r"rules\.txt:\d"):
         plan_routes(rules_from(tmp_path, line + "\n"))
+
+
+def test_port_and_network_block_rules_become_the_kill_switchs_port_blocks(
+        tmp_path: Path) -> None:
+    """Before any rule that does not block, a port/network BLOCK rule is exact when applied
+    to all traffic; the address plan is made of the rules after it, as if it were not there
+    (a plan by ``decide(port 0, tcp)`` would have blocked everything under DST-PORT,0-1024)."""
+    rules = rules_from(tmp_path, "IP-CIDR,192.0.2.0/24,BLOCK\nQUIC,BLOCK\n"
+                                 "DST-PORT,6005-6020/22/6000-6010/0-1024,BLOCK\n"
+                                 "IP-CIDR,198.51.100.0/24,DIRECT\nMATCH,TUNNEL\n")
+    plan = plan_routes(rules)
+    assert plan.block == (net("192.0.2.0/24"),)
+    assert plan.direct == (net("198.51.100.0/24"),)
+    assert [(b.networks, b.ports) for b in plan.port_blocks] == [
+        (("udp",), ((443, 443),)), (("tcp", "udp"), ((0, 1024), (6000, 6020)))]
+    assert plan.port_blocks[0].origin.endswith("rules.txt:2 QUIC,BLOCK")
+    plan = plan_routes(rules_from(tmp_path, "NETWORK,UDP,BLOCK\n"))
+    assert plan == TunRoutePlan(port_blocks=(
+        PortBlock(("udp",), (), f"{tmp_path}/rules.txt:1 NETWORK,UDP,BLOCK"),))
+
+
+def test_a_block_rule_sets_port_tests_are_port_blocks_and_its_names_still_blocked(
+        tmp_path: Path) -> None:
+    (tmp_path / "block.json").write_text(json.dumps({"version": 1, "rules": [
+        {"network": "udp", "port": 443}, {"domain": ["ads.example"]},
+        {"network": ["tcp"], "port_range": ["25:25"]}]}))
+    rules = rules_from(tmp_path, "RULE-SET,block.json,BLOCK\nNETWORK,TCP,BLOCK\n"
+                                 "DOMAIN-SUFFIX,example.cn,DIRECT\n")
+    routed, blocks = split_port_blocks(rules)
+    assert [(b.networks, b.ports) for b in blocks] == [
+        (("udp",), ((443, 443),)), (("tcp",), ((25, 25),)), (("tcp",), ())]
+    assert "block.json:rules[0]" in blocks[0].origin
+    # A name is decided by what is left: NETWORK,TCP,BLOCK (the kill switch's) does not
+    # make every query NXDOMAIN, the rule set's domain still blocks.
+    assert dns_action(routed, "www.example.cn") is Action.DIRECT
+    assert dns_action(routed, "ads.example") is Action.BLOCK
+    assert dns_action(routed, "other.example") is Action.TUNNEL
+    assert split_port_blocks(routed) == (routed, ())  # nothing left to take out: as is
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("DOMAIN-SUFFIX,example.cn,DIRECT\nQUIC,BLOCK", "move this rule above"),
+    ("IP-CIDR,10.0.0.0/8,TUNNEL\nDST-PORT,22,BLOCK", "move this rule above"),
+    ("RULE-SET,mixed.json,BLOCK", "port or network"),
+    ("DST-PORT,443,DIRECT", "port or network")])
+def test_port_rules_the_kill_switch_cannot_apply_exactly_are_refused(
+        tmp_path: Path, text: str, why: str) -> None:
+    (tmp_path / "mixed.json").write_text(json.dumps({"version": 1, "rules": [
+        {"domain": ["a.example"], "port": 443}]}))
+    with pytest.raises(ConfigError, match=why):
+        plan_routes(rules_from(tmp_path, text + "\n"))
 
 
 def test_match_tunnel_and_name_rules_are_fine(tmp_path: Path) -> None:
@@ -240,6 +299,48 @@ def test_killswitch_sets_put_direct_names_before_blocks_and_blocks_before_the_tu
         "route add 198.51.100.0/24 via 10.0.11.1 dev c0 proto 118"]
     assert route_lines("del", ["10.0.11.1/32"], (None, "c0")) == [
         "route del 10.0.11.1/32 dev c0 proto 118"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="TUN mode is Linux only")
+def test_port_blocks_come_after_veils_own_flows_and_before_every_way_out(
+        tmp_path: Path) -> None:
+    from veil.client.tun import TunClientOptions, killswitch_ruleset
+
+    rules = rules_from(tmp_path, "QUIC,BLOCK\nNETWORK,TCP,BLOCK\n"
+                                 "DOMAIN-SUFFIX,example.cn,DIRECT\n"
+                                 "IP-CIDR,198.51.100.0/24,DIRECT\n")
+    options = TunClientOptions.parse(["192.168.0.0/16"], rules)
+    # The resolver decides names by the rules the kill switch does not apply.
+    assert options.rules is not None and len(options.rules) == 2
+    assert dns_action(options.rules, "www.example.cn") is Action.DIRECT
+    text = killswitch_ruleset("veil0", [Address("10.0.2.2", 443)], options.exclude,
+                              plan=options.plan, direct_resolvers=["10.0.11.1"])
+    chain = text.split("chain port_blocks {")[1].split("}\n")[0]
+    assert chain.split("\n")[1:4] == [
+        "    meta mark 0x7665696c return",
+        "    meta l4proto udp th dport { 443 } ct state new reject with icmpx type "
+        "port-unreachable",
+        "    meta l4proto tcp ct state new reject with tcp reset"]
+    output = text.split("chain output")[1].split("chain forward")[0]
+    # Loopback, the resolver's marked queries, the TLS to the server (TCP, here on 443),
+    # DHCP and --exclude are let out before any rule could refuse them.
+    order = [output.index(s) for s in (
+        'oifname "lo" accept', "meta mark 0x7665696c ip daddr 10.0.11.1",
+        "ip daddr 10.0.2.2 tcp dport 443 accept", "udp sport 68 udp dport 67 accept",
+        "ip daddr 192.168.0.0/16 accept", "jump port_blocks", "@dns_direct4 accept",
+        "@block4 reject", "@direct4 accept", 'oifname "veil0" accept')]
+    assert order == sorted(order)
+    assert output.count("jump port_blocks") == 1
+    forward = text.split("chain forward")[1]
+    # What containers send is refused alike, through the tunnel or direct.
+    assert forward.index('oifname "veil0" jump port_blocks') < forward.index(
+        'oifname "veil0" accept')
+    for where in ("ip daddr @direct4", "ip daddr @dns_direct4", "ip6 daddr @direct6"):
+        assert forward.index(f"{where} jump port_blocks") < forward.index(f"{where} accept")
+    # Without port blocks: no chain, no jump.
+    plain = killswitch_ruleset("veil0", [Address("10.0.2.2", 443)], [],
+                               plan=TunRoutePlan(direct=(net("198.51.100.0/24"),)))
+    assert "port_blocks" not in plain
 
 
 class _Recorder:

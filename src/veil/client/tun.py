@@ -74,7 +74,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from veil.client.rules import RuleSet
-from veil.client.tun_rules import RESOLVER_HOST, DirectHosts, TunRoutePlan, plan_routes
+from veil.client.tun_rules import (
+    RESOLVER_HOST,
+    DirectHosts,
+    PortBlock,
+    TunRoutePlan,
+    plan_routes,
+    split_port_blocks,
+)
 from veil.errors import ConfigError, LocalProtocolError, VeilError
 from veil.net.client_session import ClientTunnel, usable_way
 from veil.net.driver import SessionDriver
@@ -147,7 +154,9 @@ class TunClientOptions:
     device: str = DEVICE_NAME
     state_dir: Path = STATE_DIR
     resolv_conf: Path = RESOLV_CONF
-    #: ``--rules``: split routing (veil.client.tun_rules); None sends everything in.
+    #: ``--rules``: split routing (veil.client.tun_rules); None sends everything in. Without
+    #: its port/network BLOCK rules (the kill switch applies those: ``plan.port_blocks``), so
+    #: that the resolver decides a name as the traffic that is left (a query has no port).
     rules: RuleSet | None = None
     #: What ``rules`` make of addresses (computed by :meth:`parse`).
     plan: TunRoutePlan = field(default_factory=TunRoutePlan)
@@ -160,7 +169,11 @@ class TunClientOptions:
                 nets.append(ipaddress.ip_network(text, strict=False))
             except ValueError as exc:
                 raise ConfigError(f"--exclude takes a CIDR: {exc}") from exc
-        plan = plan_routes(rules) if rules is not None else TunRoutePlan()
+        plan = TunRoutePlan()
+        if rules is not None:
+            rules, port_blocks = split_port_blocks(rules)
+            plan = plan_routes(rules)
+            plan = TunRoutePlan(plan.direct, plan.block, port_blocks)
         return cls(tuple(nets), rules=rules, plan=plan)
 
 
@@ -338,18 +351,56 @@ def _set_block(name: str, version: int, elements: Sequence[IPNetwork], *,
 
 
 # ---------------------------------------------------------------- the kill switch
+def port_block_rules(blocks: Sequence[PortBlock]) -> list[str]:
+    """The rules of the ``port_blocks`` chain: each block's TCP refused with a reset, its UDP
+    with ICMP port-unreachable, so that the application learns at once (a browser's QUIC
+    attempt falls back to TCP without waiting for its timeout). Only new flows (a reply of a
+    server on this machine is no connection the rules decide), and never veil's own
+    resolver's queries (marked), which go through the tunnel to the server's resolvers."""
+    rules = [f"meta mark {DIRECT_RESOLVER_MARK:#x} return"]
+    for block in blocks:
+        ports = ""
+        if block.ports:
+            listed = ", ".join(str(low) if low == high else f"{low}-{high}"
+                               for low, high in block.ports)
+            ports = f" th dport {{ {listed} }}"
+        for network in block.networks:
+            how = "tcp reset" if network == "tcp" else "icmpx type port-unreachable"
+            rules.append(f"meta l4proto {network}{ports} ct state new reject with {how}")
+    return rules
+
+
 def killswitch_ruleset(device: str, servers: Iterable[Address], exclude: Iterable[IPNetwork],
                        mtu_clamp: bool = True, *, plan: TunRoutePlan | None = None,
                        direct_resolvers: Sequence[str] = ()) -> str:
     """The kill switch's table; ``servers``: the ip:port of each way in (the server's own
     ports, a CDN's), the only connections allowed around the tunnel. With ``plan`` (split
     routing): its direct ranges and the addresses of DIRECT names (the dns_direct sets,
-    filled at run time) are let out, its blocked ranges rejected, and ``direct_resolvers``
-    (the original resolvers) are reachable on port 53."""
+    filled at run time) are let out, its blocked ranges rejected, its port blocks rejected
+    whichever way they would leave (chain ``port_blocks``), and ``direct_resolvers`` (the
+    original resolvers) are reachable on port 53.
+
+    Order of the output chain: loopback, then veil's own flows (its marked queries to the
+    original resolver, its connections to the ways in), DHCP and neighbour discovery, the
+    ``--exclude`` ranges; then what the rules refuse or let out; then the TUN device; then
+    nothing. So no rule can block the client's own traffic, and ``--exclude`` takes
+    precedence over the rules."""
     rules = ['oifname "lo" accept']
     sets: list[str] = []
+    split: list[str] = []
     forward_split: list[str] = []
+    port_blocks = plan.port_blocks if plan is not None else ()
+    check_ports = ["jump port_blocks"] if port_blocks else []
     if plan is not None:
+        for resolver in dict.fromkeys(direct_resolvers):
+            family = "ip" if ipaddress.ip_address(resolver).version == 4 else "ip6"
+            # Only veil's own resolver's queries (marked): any other process asking the
+            # domestic resolver directly would leak the names it asks about.
+            rules.append(f"meta mark {DIRECT_RESOLVER_MARK:#x} {family} daddr {resolver} "
+                         "meta l4proto { tcp, udp } th dport 53 accept")
+        split += check_ports
+        if port_blocks:
+            forward_split.append(f'oifname "{device}" jump port_blocks')
         for version, family in ((4, "ip"), (6, "ip6")):
             direct, block = plan.family(version)
             sets += _set_block(DIRECT_SETS[version], version, direct, interval=True)
@@ -357,36 +408,37 @@ def killswitch_ruleset(device: str, servers: Iterable[Address], exclude: Iterabl
             sets += _set_block(DNS_DIRECT_SETS[version], version, (), interval=False)
             # A DIRECT name's addresses go out first (the name decided, as in the proxy
             # modes), then blocked ranges are refused, then direct ranges leave.
-            rules.append(f"{family} daddr @{DNS_DIRECT_SETS[version]} accept")
-            rules.append(f"{family} daddr @{BLOCK_SETS[version]} reject with icmpx type "
+            split.append(f"{family} daddr @{DNS_DIRECT_SETS[version]} accept")
+            split.append(f"{family} daddr @{BLOCK_SETS[version]} reject with icmpx type "
                          "admin-prohibited")
-            rules.append(f"{family} daddr @{DIRECT_SETS[version]} accept")
+            split.append(f"{family} daddr @{DIRECT_SETS[version]} accept")
+            forward_split.append(f"{family} daddr @{BLOCK_SETS[version]} reject with icmpx "
+                                 "type admin-prohibited")
+            if port_blocks:
+                forward_split += [f"{family} daddr @{DIRECT_SETS[version]} jump port_blocks",
+                                  f"{family} daddr @{DNS_DIRECT_SETS[version]} jump "
+                                  "port_blocks"]
             forward_split += [
-                f"{family} daddr @{BLOCK_SETS[version]} reject with icmpx type "
-                "admin-prohibited",
                 f"{family} daddr @{DIRECT_SETS[version]} accept",
                 f"{family} saddr @{DIRECT_SETS[version]} accept",
                 f"{family} daddr @{DNS_DIRECT_SETS[version]} accept",
                 f"{family} saddr @{DNS_DIRECT_SETS[version]} accept"]
-        for resolver in dict.fromkeys(direct_resolvers):
-            family = "ip" if ipaddress.ip_address(resolver).version == 4 else "ip6"
-            # Only veil's own resolver's queries (marked): any other process asking the
-            # domestic resolver directly would leak the names it asks about.
-            rules.append(f"meta mark {DIRECT_RESOLVER_MARK:#x} {family} daddr {resolver} "
-                         "meta l4proto { tcp, udp } th dport 53 accept")
-    rules.append(f'oifname "{device}" accept')
     for server in dict.fromkeys(servers):  # each pair once, in order
         server_ip = ipaddress.ip_address(server.host)
         family = "ip" if server_ip.version == 4 else "ip6"
         rules.append(f"{family} daddr {server_ip} tcp dport {server.port} accept")
-    for net in exclude:
-        rules.append(f"{'ip' if net.version == 4 else 'ip6'} daddr {net} accept")
     rules += [
         # The LAN lease must survive an hour-long tunnel; DHCP carries no user data.
         "udp sport 68 udp dport 67 accept",
         "udp sport 546 udp dport 547 accept",
         # Without neighbour discovery an IPv6 server (or gateway) is unreachable.
         "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept",
+    ]
+    for net in exclude:
+        rules.append(f"{'ip' if net.version == 4 else 'ip6'} daddr {net} accept")
+    rules += split
+    rules += [
+        f'oifname "{device}" accept',
         # Rejected locally: applications fail at once instead of timing out, and nothing
         # is sent.
         "reject with icmpx type admin-prohibited",
@@ -403,16 +455,20 @@ def killswitch_ruleset(device: str, servers: Iterable[Address], exclude: Iterabl
         forward += [f"{family_} daddr {net} accept", f"{family_} saddr {net} accept"]
     forward.append("reject with icmpx type admin-prohibited")
     lines = [f"table inet {KILLSWITCH_TABLE} {{",
-             *sets,
-             "  chain output {",
-             "    type filter hook output priority filter; policy accept;",
-             *(f"    {r}" for r in rules),
-             "  }",
-             "  chain forward {",
-             "    type filter hook forward priority filter; policy accept;",
-             *(f"    {r}" for r in forward),
-             "  }",
-             "}", ""]
+             *sets]
+    if port_blocks:
+        lines += ["  chain port_blocks {",
+                  *(f"    {r}" for r in port_block_rules(port_blocks)),
+                  "  }"]
+    lines += ["  chain output {",
+              "    type filter hook output priority filter; policy accept;",
+              *(f"    {r}" for r in rules),
+              "  }",
+              "  chain forward {",
+              "    type filter hook forward priority filter; policy accept;",
+              *(f"    {r}" for r in forward),
+              "  }",
+              "}", ""]
     return "\n".join(lines)
 
 
@@ -538,6 +594,9 @@ class TunClient:
                      "are)", len([e for e in errors if "exists" in e]))
         log.warning("split routing: %d direct and %d blocked ranges", len(plan.direct),
                     len(plan.block))
+        for block in plan.port_blocks:
+            log.warning("rule %s: the kill switch rejects it for all traffic, tunnelled or "
+                        "direct, before any routing (its hits are not counted)", block.origin)
         self._direct_resolver = self._original_resolver()
         if self._direct_resolver is not None:
             ip = self._direct_resolver

@@ -281,8 +281,9 @@ class SplitResolver(asyncio.DatagramProtocol):
         #: Addresses a DIRECT answer may never route around the tunnel (the ways in, the
         #: tunnel's resolvers): set by the TUN client.
         self.never_direct: set[str] = set()
-        #: SO_MARK of the queries to ``direct_server`` (the kill switch's DIRECT_RESOLVER_MARK);
-        #: None where nothing filters by it (tests on loopback).
+        #: SO_MARK of every upstream query (the kill switch's DIRECT_RESOLVER_MARK): only
+        #: marked queries reach ``direct_server``, and no port BLOCK rule refuses a marked
+        #: query to the tunnel's resolvers; None where nothing filters by it (loopback tests).
         self.direct_mark: int | None = None
         self.transport: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
@@ -394,9 +395,10 @@ class SplitResolver(asyncio.DatagramProtocol):
         return None
 
     async def _upstream(self, server: str, data: bytes, tcp: bool) -> bytes | None:
-        # Queries to the domestic resolver carry the mark the kill switch lets out; those
-        # through the tunnel need none.
-        mark = self.direct_mark if server == self.direct_server else None
+        # Every query carries the mark: the kill switch lets marked queries out to the
+        # domestic resolver (and only those), and exempts them from port BLOCK rules
+        # (NETWORK,UDP,BLOCK must not cut this resolver off from the tunnel's).
+        mark = self.direct_mark
         try:
             port = self.upstream_port
             return await (ask_tcp(server, data, port=port, mark=mark) if tcp else

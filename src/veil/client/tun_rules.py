@@ -14,10 +14,20 @@ resolver for names. This module turns a :class:`~veil.client.rules.RuleSet` into
 * :class:`DirectHosts`: the addresses that DIRECT names resolved to, each kept (route and
   kill-switch entry) for its answer's TTL within bounds, a bounded count of them.
 
-Rules that a route cannot express are refused with a ConfigError naming the line: port and
-network tests (a route sees neither), ``MATCH`` with an action other than TUNNEL (everything
-direct is not a tunnel), and GEOIP countries other than PRIVATE (whose networks could not be
-listed here).
+* :class:`PortBlock`: BLOCK rules that test only ports and/or the network (``QUIC,BLOCK``,
+  ``DST-PORT,...,BLOCK``, ``NETWORK,UDP,BLOCK``, a sing-box ``{"network": "udp", "port":
+  443}`` in a BLOCK rule set), which the kill switch rejects (veil.client.tun) whatever the
+  destination and whichever way it leaves (tunnel or direct). They are taken only where no
+  rule before them could let such traffic through: every rule before them must itself be a
+  BLOCK rule. Then "reject it before routing" is exactly first match wins: traffic they
+  match is blocked in the proxy modes too, and traffic they do not match is decided by the
+  remaining rules (:func:`split_port_blocks`), as routes and the resolver do.
+
+Rules that a route cannot express are refused with a ConfigError naming the line: other
+port and network tests (DIRECT or TUNNEL by port, a port test joined to an address test, a
+port BLOCK after a rule that does not block), ``MATCH`` with an action other than TUNNEL
+(everything direct is not a tunnel), and GEOIP countries other than PRIVATE (whose networks
+could not be listed here).
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from veil.client.rules import PRIVATE_COUNTRY, Action, RuleSet
+from veil.client.rules import NETWORKS, PRIVATE_COUNTRY, Action, Condition, Rule, RuleSet
 from veil.errors import ConfigError
 from veil.protocol.address import Address
 
@@ -37,9 +47,11 @@ __all__ = [
     "MAX_DIRECT_HOSTS",
     "RESOLVER_HOST",
     "DirectHosts",
+    "PortBlock",
     "TunRoutePlan",
     "dns_action",
     "plan_routes",
+    "split_port_blocks",
 ]
 
 _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -83,27 +95,55 @@ def _private_boundaries() -> list[_NETWORK]:
 
 
 @dataclass(frozen=True, slots=True)
+class PortBlock:
+    """Traffic the kill switch rejects before any routing: new connections and datagrams of
+    ``networks`` (``tcp``/``udp``) to a destination port in ``ports`` (inclusive, disjoint,
+    ascending ranges; empty: any port)."""
+
+    networks: tuple[str, ...]
+    ports: tuple[tuple[int, int], ...]
+    #: The rule, ``file:line TEXT`` (logged at start: these hits are not counted).
+    origin: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class TunRoutePlan:
     """What the rules make of addresses in TUN mode; each list holds disjoint networks."""
 
     direct: tuple[_NETWORK, ...] = ()
     block: tuple[_NETWORK, ...] = ()
+    port_blocks: tuple[PortBlock, ...] = ()
 
     def family(self, version: int) -> tuple[list[_NETWORK], list[_NETWORK]]:
         return ([n for n in self.direct if n.version == version],
                 [n for n in self.block if n.version == version])
 
 
+def _tests_port(condition: Condition) -> bool:
+    return bool(condition.ports or condition.port_ranges or condition.networks)
+
+
 def check_tun_rules(rules: RuleSet) -> None:
     """ConfigError for the first rule that routes and the kill switch cannot apply."""
+    not_blocking = ""  # the first rule that does not block, once seen
     for rule in rules.rules:
+        where = f"{rule.origin} {rule.text}".strip()
         for condition in rule.conditions:
-            where = f"{rule.origin} {rule.text}".strip()
-            if condition.ports or condition.port_ranges or condition.networks:
-                raise ConfigError(
-                    f"{where}: --tun routes by address and name only; a port or network "
-                    "(tcp/udp) test cannot be applied to packets by routes (use this rule "
-                    "with --socks/--http, or drop it for --tun)")
+            if _tests_port(condition):
+                if condition.has_address or rule.action is not Action.BLOCK:
+                    raise ConfigError(
+                        f"{where}: --tun routes by address and name only; a port or network "
+                        "(tcp/udp) test cannot be applied to packets by routes: only BLOCK "
+                        "rules testing nothing but ports and the network (QUIC,BLOCK; "
+                        "DST-PORT,...,BLOCK; NETWORK,UDP,BLOCK) are applied, by the kill "
+                        "switch (use this rule with --socks/--http, or drop it for --tun)")
+                if not_blocking:
+                    raise ConfigError(
+                        f"{where}: with --tun a port or network BLOCK rule is applied by the "
+                        "kill switch to all traffic, before routing, so it must come before "
+                        f"every rule that does not block, and {not_blocking} comes first: "
+                        "move this rule above it (e.g. --rules quic.txt --rules cn)")
+                continue
             if not condition.has_address and rule.action is not Action.TUNNEL:
                 raise ConfigError(f"{where}: with --tun only MATCH,TUNNEL can be the catch-all "
                                   "(everything direct or blocked is no tunnel)")
@@ -111,12 +151,55 @@ def check_tun_rules(rules: RuleSet) -> None:
             if countries:
                 raise ConfigError(f"{where}: --tun cannot route GEOIP {countries[0]} (its "
                                   "networks are not listed); use IP-CIDR rules or --rules cn")
+        if rule.action is not Action.BLOCK and not not_blocking:
+            not_blocking = where
+
+
+def _port_block(condition: Condition, origin: str) -> PortBlock:
+    spans = sorted([(port, port) for port in condition.ports] + list(condition.port_ranges))
+    merged: list[tuple[int, int]] = []
+    for low, high in spans:
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    networks = tuple(n for n in NETWORKS if not condition.networks or n in condition.networks)
+    return PortBlock(networks, tuple(merged), origin)
+
+
+def split_port_blocks(rules: RuleSet) -> tuple[RuleSet, tuple[PortBlock, ...]]:
+    """The rules without their port/network BLOCK conditions, and those as :class:`PortBlock`.
+
+    Raises ConfigError as :func:`check_tun_rules`. What is left decides the traffic the
+    kill switch did not reject, by address (the route plan) and by name (the resolver): the
+    port blocks come before every rule that does not block, so for that traffic the first
+    rule that matches is among those left. ``rules`` itself comes back when it has no port
+    blocks (a rule set is rebuilt only when there is something to take out)."""
+    check_tun_rules(rules)
+    blocks: list[PortBlock] = []
+    kept: list[Rule] = []
+    for rule in rules.rules:
+        conditions = [c for c in rule.conditions if not _tests_port(c)]
+        for condition in rule.conditions:
+            if _tests_port(condition):
+                origin = condition.origin if condition.origin != rule.origin else ""
+                text = f"{rule.origin} {rule.text}".strip()
+                blocks.append(_port_block(condition, f"{text} ({origin})" if origin else text))
+        if len(conditions) == len(rule.conditions):
+            kept.append(rule)
+        elif conditions:
+            kept.append(Rule(rule.action, tuple(conditions), rule.origin, rule.text))
+    if not blocks:
+        return rules, ()
+    # No country data: check_tun_rules refused every GEOIP test but PRIVATE's.
+    return RuleSet(kept), tuple(blocks)
 
 
 def plan_routes(rules: RuleSet) -> TunRoutePlan:
-    """The direct and blocked address ranges, first match wins (see the module docstring).
-    Raises ConfigError for rules TUN mode cannot apply (:func:`check_tun_rules`)."""
-    check_tun_rules(rules)
+    """The direct and blocked address ranges, first match wins (see the module docstring),
+    and the port blocks. Raises ConfigError for rules TUN mode cannot apply
+    (:func:`check_tun_rules`)."""
+    rules, port_blocks = split_port_blocks(rules)
     spans: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
     private = False
     for rule in rules.rules:
@@ -128,7 +211,8 @@ def plan_routes(rules: RuleSet) -> TunRoutePlan:
         for net in _private_boundaries():
             spans[net.version].append(_span(net))
     if not spans[4] and not spans[6]:
-        return TunRoutePlan()  # no address rule: the routes stay as without --rules
+        # no address rule: the routes stay as without --rules
+        return TunRoutePlan(port_blocks=port_blocks)
     for net in _NOT_ROUTED:
         spans[net.version].append(_span(net))
     not_routed = {version: [_span(n) for n in _NOT_ROUTED if n.version == version]
@@ -152,7 +236,7 @@ def plan_routes(rules: RuleSet) -> TunRoutePlan:
             nets = ipaddress.summarize_address_range(_address(version, start),
                                                      _address(version, end))
             (direct if action is Action.DIRECT else block).extend(nets)
-    return TunRoutePlan(tuple(direct), tuple(block))
+    return TunRoutePlan(tuple(direct), tuple(block), port_blocks)
 
 
 def _span(net: _NETWORK) -> tuple[int, int]:
