@@ -46,8 +46,13 @@ veil.client.tun_rules, sans-IO):
    asked of the server's resolvers, whose addresses get host routes into the TUN device so no
    direct range can take a query around the tunnel.
 
-Rules a route cannot apply (port or network tests, MATCH other than TUNNEL, GEOIP other than
-PRIVATE) are refused before anything changes.
+2''. port/network BLOCK rules (QUIC,BLOCK; DST-PORT/NETWORK with BLOCK) before any rule
+   that does not block are the kill switch's chain ``port_blocks``: TCP reset, ICMP
+   port-unreachable, for new flows leaving through the TUN device or direct, after veil's
+   own flows (ways in, marked resolver queries), DHCP and ``--exclude`` are let out.
+
+Rules a route cannot apply (other port or network tests, MATCH other than TUNNEL, GEOIP
+other than PRIVATE) are refused before anything changes.
 
 A clean exit (SIGINT, SIGTERM) undoes all of it in reverse order; closing the device removes
 its addresses and routes with it.
