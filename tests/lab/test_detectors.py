@@ -283,6 +283,16 @@ def test_inner_handshake_is_found() -> None:
     assert verdict.evidence[0].startswith("inner ClientHello: client 557 B")
 
 
+def test_an_inner_hello_after_the_tunnels_own_small_records_is_found() -> None:
+    """A naive CDN carrier measured in CI: its open request and framing (56, 32, 40) in the
+    same burst as the inner ClientHello (551); with at most 3 records a burst, it passed."""
+    tunnel = outer_tls13([(S, 250), (C, 17 + 56), (C, 17 + 32), (C, 17 + 40), (C, 17 + 551),
+                          (S, 17 + 28), (S, 17 + 760), (C, 17 + 171), (S, 17 + 3627)])
+    verdict = tlsintls.detect(synth.tcp_flow(tunnel))
+    assert verdict.flagged, verdict.evidence
+    assert verdict.evidence[0].startswith("inner ClientHello: client 679 B")
+
+
 @pytest.mark.parametrize("after", [
     [(S, 250), (C, 17 + 90), (S, 17 + 5000)],                       # curl: GET, response
     [(C, 17 + 90), (S, 17 + 5000), (C, 17 + 90), (S, 17 + 5000)],  # keep-alive
