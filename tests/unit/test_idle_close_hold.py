@@ -145,12 +145,18 @@ async def answered(bench: Bench, stream_id: int) -> None:
     assert data_of(bench.client_events()) == b"answer"
 
 
+async def quiet_stream(bench: Bench) -> int:
+    """A stream that was asked and answered, then silent long enough for a close to be held."""
+    stream_id = await bench.open()
+    await answered(bench, stream_id)
+    await asyncio.sleep(SILENCE_S * 2)
+    return stream_id
+
+
 def test_an_idle_close_waits_for_the_client_and_goes_with_its_next_bytes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(bench: Bench) -> None:
-        stream_id = await bench.open()
-        await answered(bench, stream_id)
-        await asyncio.sleep(SILENCE_S * 2)
+        stream_id = await quiet_stream(bench)
         assert bench.destination is not None
         bench.destination.sendall(GOAWAY + CLOSE_NOTIFY)
         bench.destination.shutdown(socket.SHUT_WR)
@@ -196,9 +202,7 @@ def test_a_session_whose_streams_all_closed_idle_ends_as_idle_without_them(
 
 def test_output_after_a_silence_is_never_held(monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(bench: Bench) -> None:
-        stream_id = await bench.open()
-        await answered(bench, stream_id)
-        await asyncio.sleep(SILENCE_S * 2)
+        await quiet_stream(bench)
         assert bench.destination is not None
         bench.destination.sendall(b"done\n")  # ssh host 'sleep 300; echo done'
         bench.destination.shutdown(socket.SHUT_WR)
@@ -212,9 +216,7 @@ def test_output_after_a_silence_is_never_held(monkeypatch: pytest.MonkeyPatch) -
 def test_a_close_shaped_write_without_its_fin_goes_out_after_the_fin_wait(
         monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(bench: Bench) -> None:
-        stream_id = await bench.open()
-        await answered(bench, stream_id)
-        await asyncio.sleep(SILENCE_S * 2)
+        await quiet_stream(bench)
         assert bench.destination is not None
         bench.destination.sendall(CLOSE_NOTIFY)  # 2 bytes of output, say, and no FIN
         await asyncio.sleep(driver_module.CLOSE_FIN_WAIT_S + 0.15)
