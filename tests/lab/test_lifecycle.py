@@ -22,8 +22,8 @@ crossed while idle, who closed it, when after the last activity, with which reco
 lists where veil's differs from the reference's. The positive control is the pre-#15
 heartbeat build (a session pinging at a fixed period and never closing, as test_idle.py makes
 it): listed as different. Where veil matches (connections on demand, the idle close and its
-records) is asserted, and ``test_veil_lives_like_chromium_and_nginx`` asserts that nothing
-differs at all.
+records) is asserted; what it still does differently is
+``test_veil_lives_like_chromium_and_nginx``, a strict xfail that fails the day veil matches.
 """
 
 from __future__ import annotations
@@ -368,11 +368,12 @@ def test_veil_sends_nothing_while_idle_as_chromium_and_nginx(lives: Lives) -> No
     assert all(summary.idle_moments == 0 for summary in summaries(lives.veil))
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "#15 item 2, open: the inner server's own idle close (its GOAWAY and close_notify) "
+    "crosses the tunnel when it happens, as a moment the server opens. Holding it "
+    "(server.outbound.HOLD_IDLE_CLOSES) removes that, but Chromium then opened a connection "
+    "with no page load in ~1 run of 3 (docs/lab.md, connection-lifecycle)."))
 def test_veil_lives_like_chromium_and_nginx(lives: Lives) -> None:
-    """Nothing tells veil's connections from Chromium's to nginx: as many, each on demand,
-    every moment opened by the client, nothing while idle, closed by the server as nginx
-    closes (when, and with which records). The site's own idle close no longer crosses when
-    it happens: the server holds it until the client next speaks (net.driver.TcpRelay)."""
     found = all_differences(lives.reference, lives.veil)
     print("\n".join(map(str, found)))
     assert found == []

@@ -366,8 +366,10 @@ class SessionDriver(asyncio.Protocol):
         for handler in handlers.values():
             if self.closed_as_idle_by_peer and isinstance(handler, TcpRelay):
                 # Its destination had closed it while idle (the server held that close):
-                # end it as a site ends an idle connection, with a FIN, not a reset.
-                handler.close_local()
+                # the application learns when it next uses the connection, as the server
+                # held it (closing now would be news no site's close brings: Chromium
+                # answered a bare FIN here with a new connection, with no user demand).
+                handler.orphan()
             else:
                 handler.on_reset(ResetCode.CANCELLED)
         if self._peer_closed and not self._peer_eof:
@@ -424,6 +426,7 @@ class TcpRelay(asyncio.BufferedProtocol):
         self._held: bytearray | None = None  # a close's bytes, while they wait for the FIN
         self._held_timer: asyncio.TimerHandle | None = None
         self._dormant = False  # the whole close (and its FIN) is held
+        self._orphaned = False  # the session ended as idle with this stream open (orphan)
         self._local_paused = False  # local transport's write buffer is full
         self._unacked = 0  # bytes written locally while paused, acknowledged on resume
         self._blocked = False  # the stream has no send window
@@ -439,10 +442,16 @@ class TcpRelay(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         # The socket reads straight into the payload part of a DATA frame (see send_frame),
         # and never more than the stream may send: nothing has to be held back and copied.
+        if self._orphaned:
+            return self.driver.read_buffer[HEADER_SIZE : HEADER_SIZE + 1]
         credit = self.session.send_credit(self.stream_id)
         return self.driver.read_buffer[HEADER_SIZE : HEADER_SIZE + max(1, credit)]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._orphaned:
+            if self.transport is not None:
+                self.transport.abort()
+            return
         if self._hold_idle_close and self._holding(nbytes):
             return
         try:
@@ -480,6 +489,8 @@ class TcpRelay(asyncio.BufferedProtocol):
         self.driver.flush()  # at once: the shared read buffer is reused by the next read
 
     def eof_received(self) -> bool:
+        if self._orphaned:
+            return False  # the application closed it: close ours
         if self._eof_sent:
             return True  # reported again (uvloop does after pause/resume): already passed on
         held = self._held
@@ -639,14 +650,18 @@ class TcpRelay(asyncio.BufferedProtocol):
             self._reading = True
             self.transport.resume_reading()
 
-    def close_local(self) -> None:
-        """End the local connection with a FIN after what it still holds (the session is
-        gone: nothing more is read from it)."""
+    def orphan(self) -> None:
+        """The session is gone, and with it this stream, whose destination had closed it
+        while idle: leave the local connection open and end it when the application next
+        writes (a reset: its request never left, so a browser retries it on a new
+        connection, as after any keep-alive race) or closes it."""
         if self._closed:
             return
-        self._closed = True
-        if self.transport is not None:
-            self.transport.close()
+        self._closed = self._orphaned = True
+        self.driver.detach(self.stream_id)
+        if self.transport is not None and not self._reading:
+            self._reading = True
+            self.transport.resume_reading()
 
     def _finish_closed(self) -> None:
         """Both directions finished cleanly: close the local socket politely."""

@@ -229,6 +229,10 @@ class Session:
         # Streams whose destination closed them while idle, the close held until the peer next
         # speaks (set_dormant): open, but they keep the session from being idle no longer.
         self._dormant: set[int] = set()
+        #: Whether the peer may hold its destinations' idle closes (it then may close the
+        #: session as idle with streams open): quiet streams then make it unreusable.
+        #: Off while servers hold no closes (server.outbound.HOLD_IDLE_CLOSES).
+        self._dormant_possible = False
         self._clock = now  # the latest time the caller told us of
         self._ping_sent_at: float | None = None
         self._ping_timeout = self.config.keepalive_timeout  # the outstanding PING's
@@ -273,6 +277,8 @@ class Session:
         if limit is None:
             return True
         if self._has_live_streams():
+            if not self._dormant_possible:
+                return True
             return now - max(self._last_received, self._last_sent) < limit
         return self._idle_since is None or now - self._idle_since < limit
 

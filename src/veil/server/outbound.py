@@ -238,13 +238,19 @@ class _ResolveStream(DatagramStreamHandler):
         pass
 
 
+#: Whether the server holds a destination's idle close (see _CountedTcpRelay).
+HOLD_IDLE_CLOSES = False
+
+
 class _CountedTcpRelay(TcpRelay):
     """A TcpRelay whose outbound socket holds a descriptor slot until it is closed."""
 
     def __init__(self, driver: SessionDriver, stream_id: int, slot: OutboundSlot) -> None:
-        # A destination's own idle close waits for the client's next bytes: sent when it
-        # happens, it would be a moment the server opens (veil.protocol.idleclose).
-        super().__init__(driver, stream_id, hold_idle_close=True)
+        # Not yet: holding a destination's own idle close until the client's next bytes
+        # (veil.protocol.idleclose) removes the moment the server opens, but in the
+        # lifecycle lab Chromium then opened one connection with no page load in ~1 run of
+        # 3, right as the session's idle close came (docs/lab.md): off until understood.
+        super().__init__(driver, stream_id, hold_idle_close=HOLD_IDLE_CLOSES)
         self._slot = slot
 
     def connection_lost(self, exc: Exception | None) -> None:
