@@ -339,7 +339,8 @@ class SessionDriver(asyncio.Protocol):
             elif isinstance(event, SessionClosed):
                 self._peer_closed = self._peer_closed or event.remote
                 if (event.remote and event.code is CloseCode.NORMAL
-                        and event.reason == IDLE_CLOSE_REASON):
+                        and event.reason == IDLE_CLOSE_REASON
+                        and self.session.peer_holds_idle_closes):
                     self.closed_as_idle_by_peer = True
                 log.debug("session closed (%s, remote=%s): %s", event.code.name, event.remote,
                           event.reason)

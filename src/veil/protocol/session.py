@@ -288,6 +288,13 @@ class Session:
         self._dormant.intersection_update(self._streams)  # forget streams that went since
         return len(self._streams) > len(self._dormant)
 
+    @property
+    def peer_holds_idle_closes(self) -> bool:
+        """Whether the peer may hold its destinations' idle closes and so end the session
+        as idle with streams open here (then over too). Otherwise streams open at the peer's
+        idle close crossed it, and are lost as on any other close."""
+        return self._dormant_possible
+
     def set_dormant(self, stream_id: int, last_active: float) -> None:
         """The destination closed ``stream_id`` after a silence, and the caller holds that
         close until the peer next speaks (``veil.protocol.idleclose``): the stream stays
