@@ -46,7 +46,7 @@ from veil.transport.tls13.errors import (
     TlsUsageError,
 )
 from veil.transport.tls13.events import ApplicationData, Event, HandshakeComplete, PeerClosed
-from veil.transport.tls13.hello import HelloContext, new_hello, retry_hello
+from veil.transport.tls13.hello import HelloContext, HelloSealer, new_hello, retry_hello
 from veil.transport.tls13.keys import (
     SUITES,
     SUPPORTED_GROUPS,
@@ -77,6 +77,7 @@ from veil.transport.tls13.wire import (
     DecodeError,
     ExtensionType,
     HandshakeType,
+    NamedGroup,
     Reader,
     extension,
     extensions,
@@ -132,7 +133,8 @@ class TlsClient:
     """One TLS 1.3 client connection; see the module docstring."""
 
     def __init__(self, host: str | None, *, spec: ClientHelloSpec = CHROME,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 sealer: HelloSealer | None = None) -> None:
         missing = [g for g in spec.key_share_groups if g != GREASE and g not in SUPPORTED_GROUPS]
         if missing:
             raise TlsUsageError(f"the {spec.name} profile sends key shares this cryptography "
@@ -140,6 +142,8 @@ class TlsClient:
                                 "X25519MLKEM768 needs cryptography >= 47")
         self.spec = spec
         self._host = host
+        self._sealer_of_hello = sealer
+        self._psk: bytes | None = None
         self._rng = rng
         self.state = State.START
         self._events: deque[Event] = deque()
@@ -180,10 +184,21 @@ class TlsClient:
         """Queue the ClientHello."""
         if self.state is not State.START:
             raise TlsUsageError("connect() twice")
-        self._hello, message = new_hello(self.spec, self._host, self._rng)
+        self._hello, message = new_hello(
+            self.spec, self._host, self._rng,
+            None if self._sealer_of_hello is None else self._seal_hello)
         self._transcript.add(message)
         self._out += _plain_record(ContentType.HANDSHAKE, message, self.spec.record_version)
         self.state = State.WAIT_SERVER_HELLO
+
+    def _seal_hello(self, hello: HelloContext) -> bytes:
+        sealer = self._sealer_of_hello
+        share = hello.key_shares.get(NamedGroup.X25519)
+        if sealer is None or share is None:
+            raise TlsUsageError("a sealed ClientHello needs an X25519 key share")
+        session_id, self._psk = sealer.seal(hello.client_random, share.public,
+                                            share.shared_secret)
+        return session_id
 
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
@@ -452,7 +467,7 @@ class TlsClient:
         if not self._retried:
             self._transcript.start(info.hash_name)
         self._transcript.add(message)
-        self._schedule = KeySchedule(info)
+        self._schedule = KeySchedule(info, self._psk)
         self._client_hs_secret, self._server_hs_secret = self._schedule.handshake_secrets(
             shared, self._transcript.digest())
         self._key_change_boundary()
@@ -619,11 +634,18 @@ class TlsClient:
         self._sealer = RecordSealer(info, self._client_ap_secret)
         self.tls_unique = verify_data
         self.state = State.CONNECTED
-        assert self._server_cert is not None
         self._events.append(HandshakeComplete(
             cipher_suite=int(info.suite), group=self.group, alpn=self.alpn,
-            peer_certificate_der=self._server_cert.leaf_der, tls_unique=verify_data,
+            peer_certificate_der=self.peer_certificate_der, tls_unique=verify_data,
             hello_retry=self._retried))
+
+    def _finished_sealed(self, message: bytes, r: Reader) -> None:
+        """A Finished with no certificate before it: only a server that shares the sealed
+        hello's secret (the key schedule's PSK input) could make its keys, so it proved that
+        secret; any other server must prove a certificate's key."""
+        if self._psk is None:
+            self._violation(A.UNEXPECTED_MESSAGE, "Finished without a certificate")
+        self._finished(message, r)
 
     def _new_session_ticket(self, message: bytes, r: Reader) -> None:
         # Parsed for well-formedness, then dropped: veil never resumes a session.
@@ -690,6 +712,7 @@ _TRANSITIONS: dict[State, dict[int, _Handler]] = {
         H.CERTIFICATE_REQUEST: TlsClient._certificate_request,
         H.CERTIFICATE: TlsClient._certificate,
         H.COMPRESSED_CERTIFICATE: TlsClient._compressed_certificate,
+        H.FINISHED: TlsClient._finished_sealed,
     },
     State.WAIT_CERTIFICATE: {
         H.CERTIFICATE: TlsClient._certificate,

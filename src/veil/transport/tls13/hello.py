@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from veil.transport.tls13.keys import KeyShare, new_key_share
 from veil.transport.tls13.profile import (
@@ -60,6 +62,16 @@ class HelloContext:
         return self.grease[slot]
 
 
+class HelloSealer(Protocol):
+    """Marks a ClientHello for a server that recognises its clients from it (a borrowed
+    identity: docs/protocol.md), in the legacy_session_id a browser fills with random bytes."""
+
+    def seal(self, client_random: bytes, x25519_public: bytes,
+             exchange: Callable[[bytes], bytes]) -> tuple[bytes, bytes]:
+        """(legacy_session_id, PSK input of the key schedule) for a hello with this random
+        and this X25519 key share; ``exchange(peer_public)`` is the share's X25519."""
+
+
 def _grease_values(rng: random.Random) -> list[int]:
     seeds = rng.randbytes(6)
     values = [((b & 0xF0) | 0x0A) * 0x0101 for b in seeds]
@@ -73,8 +85,14 @@ def _u16s(values: tuple[int, ...], grease: int) -> bytes:
 
 
 def new_hello(spec: ClientHelloSpec, host: str | None,
-              rng: random.Random | None = None) -> tuple[HelloContext, bytes]:
-    """The first ClientHello (a handshake message) and the context to finish the handshake."""
+              rng: random.Random | None = None,
+              seal: Callable[[HelloContext], bytes] | None = None,
+              ) -> tuple[HelloContext, bytes]:
+    """The first ClientHello (a handshake message) and the context to finish the handshake.
+
+    ``seal``, given the context with its random and key shares, returns the legacy_session_id
+    (instead of random bytes of the same length): a borrowed identity's mark (``client.py``).
+    """
     rng = rng or random.SystemRandom()
     order = list(spec.shuffled)
     if spec.shuffle:
@@ -87,6 +105,10 @@ def new_hello(spec: ClientHelloSpec, host: str | None,
     for group in spec.key_share_groups:
         if group != GREASE:
             ctx.key_shares[group] = new_key_share(group)
+    if seal is not None:
+        ctx.session_id = seal(ctx)
+        if len(ctx.session_id) != spec.session_id_len:
+            raise ValueError("a sealed session id must have the profile's length")
     if spec.ech_grease is not None:
         ech = spec.ech_grease
         ctx.ech_body = (b"\x00" + u16(ech.kdf_id) + u16(ech.aead_id) + rng.randbytes(1)

@@ -90,12 +90,17 @@ def finished_verify_data(info: SuiteInfo, base_key: bytes, transcript_hash: byte
 
 
 class KeySchedule:
-    """Early secret -> handshake secret -> master secret, without PSKs (RFC 8446 §7.1)."""
+    """Early secret -> handshake secret -> master secret (RFC 8446 §7.1).
 
-    def __init__(self, info: SuiteInfo) -> None:
+    ``psk``: a secret both ends hold beforehand, the input of the early secret as an external
+    PSK's would be (a borrowed identity's: ``server.py``); the handshake keys then prove it.
+    Without one, the early secret is from zeros, as in every handshake without a PSK.
+    """
+
+    def __init__(self, info: SuiteInfo, psk: bytes | None = None) -> None:
         self.info = info
         zeros = bytes(info.hash_len)
-        self.early_secret = hkdf_extract(info.hash_name, zeros, zeros)
+        self.early_secret = hkdf_extract(info.hash_name, zeros, psk or zeros)
         self.handshake_secret = b""
         self.master_secret = b""
 

@@ -98,6 +98,22 @@ class RecordSealer:
         return out
 
 
+    def seal_padded(self, content: bytes, content_type: int, length: int) -> bytes:
+        """One record of ``content`` whose body is exactly ``length`` bytes: the rest is the
+        zero padding of RFC 8446 §5.4 (a record the size of another server's)."""
+        inner_len = length - TAG
+        if not len(content) < inner_len <= MAX_PLAINTEXT + 1:
+            raise ValueError(f"{len(content)} bytes of content do not fit a {length}-byte "
+                             "record")
+        if self.seq + 1 >= _SEQ_LIMIT:
+            raise OverflowError("record sequence number exhausted; the connection must end")
+        header = bytes((APPLICATION_DATA, 3, 3, length >> 8, length & 0xFF))
+        inner = content + bytes((content_type,)) + bytes(inner_len - len(content) - 1)
+        sealed = self._aead.encrypt((self._iv ^ self.seq).to_bytes(12, "big"), inner, header)
+        self.seq += 1
+        return header + sealed
+
+
 class RecordOpener:
     """Decrypts the peer's records under one traffic secret."""
 
