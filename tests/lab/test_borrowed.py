@@ -22,17 +22,12 @@ from tests.support.borrow import (
     MarkedRandom,
     NaiveBorrowedServer,
     Target,
+    recorded_handshake,
     target_nginx,
-    tls13_handshake,
 )
-from tests.support.relay import RecordingRelay
-from tests.support.wait import wait_until_async
 from veil.lab import borrowed
 from veil.lab.flow import Flow
-from veil.protocol.address import Address
 from veil.transport.tls13 import TlsClient
-
-WAIT_S = 10.0
 
 
 @pytest.fixture(scope="module")
@@ -41,31 +36,6 @@ def target() -> Iterator[Target]:
         pytest.skip("nginx is not installed (apt-get install nginx; .ci/run installs it)")
     with target_nginx() as site:
         yield site
-
-
-def post_records(flow: Flow) -> int:
-    shape = borrowed.flow_shape(flow)
-    return len(shape.post_handshake or ()) if shape is not None else 0
-
-
-async def recorded_handshake(port: int, client: TlsClient,
-                             post: int = borrowed.POST_HANDSHAKE_RECORDS) -> Flow:
-    """One Chrome-shaped handshake to ``port`` through a recording relay, kept open until
-    ``post`` records came after the client's Finished (nginx: two tickets, its SETTINGS)."""
-    relay = RecordingRelay(Address("127.0.0.1", port), 0.0)
-    await relay.start()
-    try:
-        _tls, _reader, writer = await tls13_handshake(relay.port, client=client)
-        try:
-            flow = relay.flows[0]
-            await wait_until_async(lambda: post_records(flow) >= post, WAIT_S,
-                                   lambda: f"{post} post-handshake records: "
-                                           f"{borrowed.flow_shape(flow)}")
-        finally:
-            writer.close()
-    finally:
-        await relay.close()
-    return flow
 
 
 def test_a_naive_borrowed_server_is_caught_passively_and_by_replay(

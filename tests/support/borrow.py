@@ -14,7 +14,7 @@ import socket
 import ssl
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from tests.support import procs
+from tests.support.relay import RecordingRelay
+from tests.support.wait import wait_until_async
+from veil.lab import borrowed
+from veil.lab.flow import Flow
+from veil.protocol.address import Address
 from veil.server import clienthello
 from veil.server.gate import _peek_client_hello
 from veil.transport.tls import start_tls_server
@@ -240,3 +245,32 @@ def _session_id(record: bytes) -> bytes | None:
     if len(record) <= start:
         return None
     return record[start + 1:start + 1 + record[start]]
+
+
+def post_records(flow: Flow) -> int:
+    shape = borrowed.flow_shape(flow)
+    return len(shape.post_handshake or ()) if shape is not None else 0
+
+
+async def recorded_handshake(port: int, client: TlsClient,
+                             post: int = borrowed.POST_HANDSHAKE_RECORDS,
+                             then: Callable[[TlsClient], bytes] | None = None) -> Flow:
+    """One Chrome-shaped handshake to ``port`` through a recording relay, kept open until
+    ``post`` records came after the client's Finished (nginx: two tickets, its SETTINGS);
+    ``then`` gives what the client sends after its Finished."""
+    relay = RecordingRelay(Address("127.0.0.1", port), 0.0)
+    await relay.start()
+    try:
+        tls, _reader, writer = await tls13_handshake(relay.port, client=client)
+        try:
+            if then is not None:
+                writer.write(tls.send(then(tls)))
+            flow = relay.flows[0]
+            await wait_until_async(lambda: post_records(flow) >= post, HANDSHAKE_WAIT_S,
+                                   lambda: f"{post} post-handshake records: "
+                                           f"{borrowed.flow_shape(flow)}")
+        finally:
+            writer.close()
+    finally:
+        await relay.close()
+    return flow

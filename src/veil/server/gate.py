@@ -38,9 +38,12 @@ from typing import Protocol, cast
 from veil.cover.backends import Cover
 from veil.protocol.auth import AUTH_SIZE, Credential, ReplayFilter, peek_key_id, verify_auth
 from veil.server import clienthello
+from veil.server.borrow import Borrowed
 from veil.store.base import User
+from veil.transport.browser_tls import accept_mirrored_tls
 from veil.transport.tcp import SERVER_KEEPALIVE, set_keepalive
 from veil.transport.tls import start_tls_server
+from veil.transport.tls13.server import ShapeError, TlsServer
 
 log = logging.getLogger("veil.server")
 
@@ -92,6 +95,7 @@ class GateStats:
     tunnels: int = 0  # accepted connections, every way in
     cover_plain: int = 0
     cover_foreign_sni: int = 0
+    cover_borrowed: int = 0  # with --borrow: TLS connections relayed to the borrowed site
     acme_validations: int = 0  # TLS-ALPN-01 handshakes answered with a challenge certificate
     tls_failed: int = 0
     silent: int = 0
@@ -172,6 +176,16 @@ class Authenticator:
         self._clock = clock
         self._credentials: dict[bytes, Credential] = {}
 
+    def credential(self, user: User) -> Credential:
+        """The user's derived credential, from the cache when it is there."""
+        credential = self._credentials.get(user.key_id)
+        if credential is None:
+            credential = Credential.from_secret(user.secret)
+            if len(self._credentials) >= CREDENTIAL_CACHE_SIZE:
+                self._credentials.clear()
+            self._credentials[user.key_id] = credential
+        return credential
+
     def check(self, message: bytes, binding: bytes) -> tuple[User | None, str]:
         """(user, "ok") when accepted, else (None, reason)."""
         key_id = peek_key_id(message)
@@ -180,12 +194,7 @@ class Authenticator:
             return None, "unknown_key"
         if (refusal := self.users.refusal(user)) is not None:
             return None, refusal
-        credential = self._credentials.get(key_id)
-        if credential is None:
-            credential = Credential.from_secret(user.secret)
-            if len(self._credentials) >= CREDENTIAL_CACHE_SIZE:
-                self._credentials.clear()
-            self._credentials[key_id] = credential
+        credential = self.credential(user)
         unrecorded = self.replay.unrecorded
         reason = verify_auth(message, credential, binding, self._clock(), self.replay)
         if self.replay.unrecorded > unrecorded and unrecorded % REPLAY_FULL_LOG_EVERY == 0:
@@ -228,8 +237,12 @@ class Gate:
                  ways_in: Sequence[WayIn],
                  own_names: frozenset[str] = frozenset(),
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
-                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
+                 max_pending: int = DEFAULT_MAX_PENDING,
+                 borrow: Borrowed | None = None) -> None:
         self.ssl_context = ssl_context
+        #: A borrowed identity (``server/borrow.py``): every TLS connection but a fresh veil
+        #: ClientHello goes to the cover (the borrowed site) untouched.
+        self.borrow = borrow
         #: TLS-ALPN-01 challenges being validated (RFC 8737): the name an ACME order is for
         #: -> the context with its challenge certificate, for a ClientHello naming it and
         #: offering only ``acme-tls/1``; empty (no ClientHello read) the rest of the time.
@@ -310,6 +323,9 @@ class Gate:
                 except (OSError, TimeoutError, ConnectionError):
                     self.stats.tls_failed += 1
                 return
+        if self.borrow is not None:
+            await self._route_borrowed(sock, started_at)
+            return
         if self.cover.forwards_foreign_tls and self.own_names:
             name = await _peek_sni(sock, self.handshake_timeout)
             if name is not None and name not in self.own_names:
@@ -323,6 +339,78 @@ class Gate:
         except (OSError, TimeoutError, ConnectionError):
             # OpenSSL has already answered the client the way it answers anyone; as nginx.
             self.stats.tls_failed += 1
+
+
+    async def _route_borrowed(self, sock: socket.socket, started_at: float) -> None:
+        """A borrowed identity's routing: a fresh veil ClientHello gets a handshake in the
+        borrowed site's shape, anything else that site itself, byte for byte."""
+        borrow = self.borrow
+        veil = next((w for w in self.ways_in if isinstance(w, VeilWayIn)), None)
+        assert borrow is not None
+        record = await _peek_client_hello(sock, self.handshake_timeout)
+        recognised = (borrow.recognise(record, veil.authenticator)
+                      if record and veil is not None else None)
+        if recognised is not None and veil is not None:
+            try:
+                shape = await borrow.mirror(record)
+                tls = TlsServer(recognised.hello, shape, recognised.psk)
+            except (ShapeError, OSError, TimeoutError) as exc:
+                log.warning("borrowed identity: cannot answer in %s's shape (%s); relayed",
+                            borrow.target, exc)
+            else:
+                sock.recv(len(record))  # the hello was peeked; it is answered here
+                remaining = started_at + self.handshake_timeout - \
+                    asyncio.get_running_loop().time()
+                try:
+                    await accept_mirrored_tls(
+                        sock, tls, lambda: _BorrowedFirstRecord(self, veil),
+                        max(remaining, 0.001))
+                except (OSError, TimeoutError, ConnectionError):
+                    self.stats.tls_failed += 1
+                return
+        self.stats.cover_borrowed += 1
+        await self.cover.serve_raw(sock)
+
+
+class _BorrowedFirstRecord(asyncio.Protocol):
+    """A borrowed handshake's connection until its authenticator is in: the client proved its
+    key in the hello, so anything but its authenticator is a broken client, and is closed."""
+
+    def __init__(self, gate: Gate, veil: VeilWayIn) -> None:
+        self.gate = gate
+        self.veil = veil
+        self.transport: asyncio.Transport | None = None
+        self._received = b""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self._timer = asyncio.get_running_loop().call_later(
+            self.gate.cover.header_timeout, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        self._received += data
+        if len(self._received) < AUTH_SIZE:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        verdict = self.veil.check(self._received, transport)
+        if isinstance(verdict, Accept):
+            self.gate.stats.accept(self.veil.name)
+            verdict.take_over(transport)
+            return
+        self.gate.stats.reject(verdict.reason if isinstance(verdict, Reject) and verdict.reason
+                               else "unrecognised")
+        transport.close()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class _AwaitAuth(asyncio.Protocol):

@@ -20,6 +20,7 @@ without waiting for the server's (as browsers do).
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -40,6 +41,8 @@ from veil.transport.tls13 import (
     TlsClient,
 )
 from veil.transport.tls13.errors import TlsAlertReceived, TlsProtocolViolation, TlsServerAuthFailure
+from veil.transport.tls13.hello import HelloSealer
+from veil.transport.tls13.server import TlsServer
 from veil.transport.tls13.wire import CipherSuite
 
 # The socket is read into one reusable buffer; the TLS client copies only partial records.
@@ -50,7 +53,8 @@ _FAILURES = (TlsAlertReceived, TlsProtocolViolation, TlsServerAuthFailure)
 class _BrowserTlsCarrier(CarrierProtocol):
     """The protocol on the TCP transport: drives the TLS client, relays to the app protocol."""
 
-    def __init__(self, tls: TlsClient, app_factory: Callable[[], asyncio.BaseProtocol]) -> None:
+    def __init__(self, tls: TlsClient | TlsServer,
+                 app_factory: Callable[[], asyncio.BaseProtocol]) -> None:
         self.tls = tls
         self._app_factory = app_factory
         self.app: asyncio.Protocol | None = None
@@ -197,7 +201,7 @@ class BrowserTlsTransport(CarrierTransport):
             return CipherSuite(tls.cipher_suite).name, "TLSv1.3", None
         if name == "tls_group":
             return tls.group
-        if name == "tls_client":
+        if name == "tls_client" and isinstance(tls, TlsClient):
             return tls
         return NOT_MINE
 
@@ -205,13 +209,29 @@ class BrowserTlsTransport(CarrierTransport):
 async def open_browser_tls_connection(host: str, port: int,
                                       app_factory: Callable[[], asyncio.BaseProtocol], *,
                                       server_hostname: str | None, handshake_timeout: float,
-                                      spec: ClientHelloSpec = CHROME) -> BrowserTlsTransport:
+                                      spec: ClientHelloSpec = CHROME,
+                                      sealer: HelloSealer | None = None,
+                                      ) -> BrowserTlsTransport:
     """Connect and run a TLS 1.3 handshake with ``spec``'s ClientHello; raise on failure.
 
     ``server_hostname`` goes into the SNI unless it is an IP literal (as in a browser).
+    ``sealer``: the hello is sealed for a server with a borrowed identity, which proves itself
+    by the sealed hello's secret instead of a certificate (``tls13/server.py``).
     """
     loop = asyncio.get_running_loop()
-    carrier = _BrowserTlsCarrier(TlsClient(server_hostname, spec=spec), app_factory)
+    carrier = _BrowserTlsCarrier(TlsClient(server_hostname, spec=spec, sealer=sealer),
+                                 app_factory)
     raw, _ = await loop.create_connection(lambda: carrier, host, port)
     set_keepalive(raw.get_extra_info("socket"), CLIENT_KEEPALIVE)
+    return await finish_handshake(raw, carrier.handshake, handshake_timeout)
+
+
+async def accept_mirrored_tls(sock: socket.socket, tls: TlsServer,
+                              app_factory: Callable[[], asyncio.BaseProtocol],
+                              handshake_timeout: float) -> BrowserTlsTransport:
+    """Run a borrowed identity's server handshake (``tls13/server.py``) on an accepted socket
+    whose ClientHello ``tls`` was built from (and was consumed); raise on failure."""
+    loop = asyncio.get_running_loop()
+    carrier = _BrowserTlsCarrier(tls, app_factory)
+    raw, _ = await loop.connect_accepted_socket(lambda: carrier, sock)
     return await finish_handshake(raw, carrier.handshake, handshake_timeout)

@@ -1,0 +1,173 @@
+"""A borrowed identity (server/borrow.py) in front of a real nginx 1.22 with TLS 1.3, h2 and a
+test CA's certificate: strangers get nginx itself, a veil hello gets the tunnel in nginx's
+shape, a replayed veil hello gets nginx; the lab's borrowed-identity detector passes veil."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import x25519
+
+from tests.support import procs
+from tests.support.borrow import (
+    TARGET_NAME,
+    Target,
+    recorded_handshake,
+    target_nginx,
+    tls13_handshake,
+)
+from tests.support.wait import wait_until_async
+from veil.cover.backends import UrlCover
+from veil.lab import borrowed
+from veil.protocol.address import Address
+from veil.protocol.auth import Credential, build_auth, new_secret
+from veil.protocol.borrow import HelloSeal
+from veil.server.borrow import Borrowed
+from veil.server.gate import Authenticator, Gate, VeilWayIn
+from veil.store.base import User
+from veil.transport.tls13 import TlsClient
+
+WAIT_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[Target]:
+    if not Path(procs.NGINX).exists():
+        pytest.skip("nginx is not installed (apt-get install nginx; .ci/run installs it)")
+    with target_nginx() as site:
+        yield site
+
+
+class Users:
+    def __init__(self, user: User) -> None:
+        self.user = user
+
+    def find_by_key_id(self, key_id: bytes) -> User | None:
+        return self.user if key_id == self.user.key_id else None
+
+    def find_by_trojan_hash(self, password_hash: str) -> User | None:
+        return None
+
+    def refusal(self, user: User) -> str | None:
+        return None
+
+
+@dataclass
+class Server:
+    port: int
+    gate: Gate
+    credential: Credential
+    static_public: bytes
+    tunnels: list[tuple[asyncio.Transport, User, bytes]] = field(default_factory=list)
+
+    def seal(self) -> HelloSeal:
+        return HelloSeal(self.credential, self.static_public, time.time)
+
+
+@asynccontextmanager
+async def borrowed_server(target: Target, directory: Path) -> AsyncIterator[Server]:
+    secret = new_secret()
+    credential = Credential.from_secret(secret)
+    user = User("alice", secret, credential.key_id, time.time())
+    static = x25519.X25519PrivateKey.generate()
+    borrow = Borrowed(Address("127.0.0.1", target.port), TARGET_NAME, static)
+    await borrow.learn()
+    cert, key = procs.make_cert(directory)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    cover = UrlCover(f"https://127.0.0.1:{target.port}")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.setblocking(False)
+    tunnels: list[tuple[asyncio.Transport, User, bytes]] = []
+    gate = Gate(ssl_context=context, cover=cover, borrow=borrow, ways_in=[
+        VeilWayIn(Authenticator(Users(user)),
+                  lambda transport, who, rest: tunnels.append((transport, who, rest)))])
+    task = asyncio.get_running_loop().create_task(gate.serve(listener))
+    server = Server(listener.getsockname()[1], gate, credential,
+                    static.public_key().public_bytes_raw(), tunnels)
+    try:
+        yield server
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        gate.close()
+        for transport, _user, _rest in tunnels:
+            transport.abort()
+        cover.close()
+        listener.close()
+        await asyncio.sleep(0.05)  # aborted transports finish closing
+
+
+def authenticator_message(server: Server) -> Callable[[TlsClient], bytes]:
+    """What veil's client sends after its Finished: its authenticator, then frames."""
+    def then(tls: TlsClient) -> bytes:
+        return build_auth(server.credential, tls.tls_unique, time.time()) + b"frames"
+    return then
+
+
+def test_strangers_get_the_site_veil_gets_the_tunnel_replays_get_the_site(
+        target: Target, tmp_path: Path) -> None:
+    async def run() -> None:
+        async with borrowed_server(target, tmp_path) as server:
+            assert server.gate.borrow is not None and server.gate.borrow.profile is not None
+            # nginx's shape, learned: four flight records, two tickets and SETTINGS after.
+            assert server.gate.borrow.profile.flight_records == 4
+            assert len(server.gate.borrow.profile.post_handshake) == 3
+
+            reference = await recorded_handshake(target.port, TlsClient(TARGET_NAME))
+            stranger_tls, _r, writer = await tls13_handshake(server.port)
+            writer.close()
+            assert stranger_tls.peer_certificate_der == target.cert_der
+
+            then = authenticator_message(server)
+            veil = await recorded_handshake(
+                server.port, TlsClient(TARGET_NAME, sealer=server.seal()),
+                then=then)
+            await wait_until_async(lambda: len(server.tunnels) == 1, WAIT_S, "the tunnel")
+            assert server.tunnels[0][1].name == "alice" and server.tunnels[0][2] == b"frames"
+
+            ref_shape = borrowed.flow_shape(reference)
+            veil_shape = borrowed.flow_shape(veil)
+            assert ref_shape is not None and veil_shape is not None
+            verdict = borrowed.judge(ref_shape, veil_shape, "passive")
+            assert not verdict.flagged, verdict.evidence
+
+            # The prober replays veil's recorded hello: nginx answers it, not veil.
+            loop = asyncio.get_running_loop()
+            hello = borrowed.client_hello_records(veil)
+            relayed_before = server.gate.stats.cover_borrowed
+            answer = await loop.run_in_executor(None, borrowed.replay_hello, "127.0.0.1",
+                                                server.port, hello)
+            direct = await loop.run_in_executor(None, borrowed.replay_hello, "127.0.0.1",
+                                                target.port, hello)
+            verdict = borrowed.judge(borrowed.answer_shape(direct),
+                                     borrowed.answer_shape(answer), "replay")
+            assert not verdict.flagged, verdict.evidence
+            assert server.gate.stats.cover_borrowed == relayed_before + 1
+            assert len(server.tunnels) == 1
+
+            # curl, as any visitor: nginx's certificate (by the test CA) and its page.
+            ca = tmp_path / "ca.pem"
+            ca.write_bytes(target.ca_pem)
+            page = await loop.run_in_executor(None, _curl, server.port, ca)
+            assert "the borrowed site" in page
+
+    asyncio.run(run())
+
+
+def _curl(port: int, ca: Path) -> str:
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "10", "--cacert", str(ca), "--resolve",
+         f"{TARGET_NAME}:{port}:127.0.0.1", f"https://{TARGET_NAME}:{port}/"],
+        check=True, capture_output=True, text=True).stdout
