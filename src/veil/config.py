@@ -406,6 +406,9 @@ class ServerOptions:
     acme_email: str | None = None
     #: ``--self-signed``: no ACME; the state's self-signed certificate, even with a name.
     self_signed: bool = False
+    #: ``--borrow HOST[:PORT]`` (experimental): borrow that site's identity
+    #: (veil.server.borrow): every TLS connection but a veil client's goes to it untouched.
+    borrow: Address | None = None
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -430,6 +433,10 @@ class ServerOptions:
                               "carry anything (at least 1 KB/s)")
         if self.pool is not None or self.pool6 is not None:
             parse_tun_pools(self.pool, self.pool6)
+        if self.borrow is not None and (self.cover_url or self.trojan or self.cert
+                                        or any(way.through_cdn for way in self.via)):
+            raise ConfigError("--borrow shows the borrowed site to everyone but veil's "
+                              "clients: it takes no --cover, --cert, --trojan or CDN --via")
         if self.routing not in ROUTING_PRESETS:
             raise ConfigError(f"--routing takes one of {', '.join(ROUTING_PRESETS)}, not "
                               f"{self.routing!r}")

@@ -171,3 +171,31 @@ def _curl(port: int, ca: Path) -> str:
         ["curl", "-sS", "--max-time", "10", "--cacert", str(ca), "--resolve",
          f"{TARGET_NAME}:{port}:127.0.0.1", f"https://{TARGET_NAME}:{port}/"],
         check=True, capture_output=True, text=True).stdout
+
+
+def test_veil_serve_borrow_and_veil_connect(target: Target, tmp_path: Path) -> None:
+    """The option end to end: `veil serve --borrow`, its key (borrowed=1, the site's name as
+    SNI, nk), a stranger's curl getting the site's page, `veil connect` carrying bytes."""
+    echo = procs.TcpEcho()
+    server = procs.start_veil_server(tmp_path / "server", "--borrow",
+                                     f"localhost:{target.port}")
+    try:
+        assert "borrowed=1" in server.key and "sni=localhost" in server.key
+        assert "borrowed identity of localhost" in server.log.read_text()
+        page = subprocess.run(["curl", "-sSk", "--max-time", "10",
+                               f"https://127.0.0.1:{server.port}/"],
+                              check=True, capture_output=True, text=True).stdout
+        assert "the borrowed site" in page
+        spec = f"0:127.0.0.1:{echo.port}"
+        client = procs.start_veil_client(tmp_path, server.key, socks=False,
+                                         forwards=[spec])
+        try:
+            with socket.create_connection(("127.0.0.1", client.forwards[spec]),
+                                          timeout=WAIT_S) as conn:
+                conn.sendall(b"through the borrowed identity")
+                assert conn.recv(100) == b"through the borrowed identity"
+        finally:
+            procs.stop(client.proc)
+    finally:
+        procs.stop(server.proc)
+        echo.close()

@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--public", metavar="HOST[:PORT]",
                        help="address clients use, written into access keys "
                             "(default: the listen address)")
+    serve.add_argument("--borrow", metavar="HOST[:PORT]",
+                       help="EXPERIMENTAL: borrow this real site's identity (a server without "
+                            "a domain): every TLS connection but a veil client's is relayed "
+                            "to it untouched, and keys name it as their SNI; port 443 by "
+                            "default (docs/protocol.md, \"Borrowed identity\")")
     serve.add_argument("--cover", metavar="URL",
                        help="web server to show to everybody else, e.g. http://127.0.0.1:8080 "
                             "(default: a built-in static site)")
@@ -409,14 +414,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
         tun=args.tun, pool=args.pool, pool6=args.pool6, trojan=args.trojan,
         on_block=_command(args.on_block), routing=args.routing,
         acme_directory=args.acme_directory, acme_ca_bundle=args.acme_ca_bundle,
-        acme_email=args.acme_email, self_signed=args.self_signed)
+        acme_email=args.acme_email, self_signed=args.self_signed,
+        borrow=parse_host_port(args.borrow, 443) if args.borrow else None)
     if args.admin is not None:
         from veil.admin.listen import check_admin_listen
 
         check_admin_listen(args.admin.host, args.admin.tls)
     state, _created = init_state(args.state, listen=options.listen, public=args.public,
                                  cert=options.cert, key=options.key, db=args.db,
-                                 via=options.via)
+                                 via=options.via, borrow=options.borrow)
     users = UserManager(state, state.open_store())
     try:
         if not users.store.list_users():

@@ -109,6 +109,9 @@ class ServerState:
     #: Where the certificate presented comes from: "operator" (``--cert``/``--key``), "acme"
     #: (DIR/acme-cert.pem) or "self-signed" (DIR/cert.pem).
     cert_source: str = "self-signed"
+    #: ``veil serve --borrow HOST[:PORT]`` (experimental): the site whose identity the server
+    #: borrows, written into keys as their SNI (veil.server.borrow); None: its own.
+    borrow: Address | None = None
 
     @property
     def noise_public(self) -> bytes | None:
@@ -131,7 +134,10 @@ class ServerState:
 
     def access_key(self, user: User) -> AccessKey:
         # The Noise key only where a way needs it: keys without CDN ways stay as they were.
-        noise_key = self.noise_public if self.cdn_ways else None
+        noise_key = self.noise_public if self.cdn_ways or self.borrow else None
+        if self.borrow is not None:
+            return AccessKey(self.public, user.secret, self.pin, self.borrow.host, user.name,
+                             self.via, noise_key, borrowed=True)
         return AccessKey(self.public, user.secret, self.pin, self.sni, user.name, self.via,
                          noise_key)
 
@@ -369,11 +375,13 @@ def _ensure_certificate(directory: Path, name: str, profile: CertificateProfile)
 def init_state(directory: Path, *, listen: Address, public: str | None = None,
                cert: Path | None = None, key: Path | None = None,
                db: str | None = None,
-               via: Sequence[Endpoint] | None = None) -> tuple[ServerState, bool]:
+               via: Sequence[Endpoint] | None = None,
+               borrow: Address | bool | None = False) -> tuple[ServerState, bool]:
     """Create the state directory if needed, or load it. Returns (state, created).
 
     ``via`` replaces the ways in keys name after the public address (``veil serve`` says
-    them on every start, so a start without ``--via`` announces none); None keeps them."""
+    them on every start, so a start without ``--via`` announces none); None keeps them.
+    ``borrow`` likewise replaces the borrowed site (None: none); False keeps it."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     config_path = directory / CONFIG_NAME
     created = not config_path.exists()
@@ -385,6 +393,8 @@ def init_state(directory: Path, *, listen: Address, public: str | None = None,
         config = {"public": str(public_addr), "sni": default_sni(public_addr.host),
                   "cert": str(cert) if cert else None, "key": str(key) if key else None,
                   "db": db, "via": [way.url for way in via or ()]}
+        if isinstance(borrow, Address):
+            config["borrow"] = str(borrow)
         _check_via(config)
         _write_config(config_path, config)
     else:
@@ -402,6 +412,9 @@ def init_state(directory: Path, *, listen: Address, public: str | None = None,
             changed = True
         if via is not None and [way.url for way in via] != config.get("via", []):
             config["via"] = [way.url for way in via]
+            changed = True
+        if borrow is not False and config.get("borrow") != (borrow and str(borrow)):
+            config["borrow"] = str(borrow) if isinstance(borrow, Address) else None
             changed = True
         if changed:
             _check_via(config)
@@ -436,6 +449,7 @@ def load_state(directory: Path, db: str | None = None) -> ServerState:
         config = json.loads(config_path.read_text())
         public = parse_host_port(config["public"])
         via = tuple(parse_endpoint(text) for text in config.get("via") or [])
+        borrow = parse_host_port(config["borrow"], 443) if config.get("borrow") else None
     except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
         raise ConfigError(f"{config_path} is damaged: {exc}") from exc
     sni = config.get("sni")
@@ -461,7 +475,7 @@ def load_state(directory: Path, db: str | None = None) -> ServerState:
     return ServerState(directory, public, sni, cert_path, key_path, spki_pin(cert),
                        db or config.get("db"), site_seed,
                        trojan if isinstance(trojan, bool) else None, via,
-                       _noise_key(directory), routing, cert_source)
+                       _noise_key(directory), routing, cert_source, borrow)
 
 
 def current_ca_certificate(directory: Path, name: str) -> x509.Certificate | None:

@@ -46,6 +46,7 @@ from veil.net.noise_channel import KEY_REFUSED, NoiseClientChannel
 from veil.protocol.accesskey import AccessKey, pin_of_der
 from veil.protocol.address import Address
 from veil.protocol.auth import Credential, build_auth
+from veil.protocol.borrow import HelloSeal
 from veil.protocol.endpoint import CDN_VARIANTS, Endpoint
 from veil.protocol.events import SessionClosed
 from veil.protocol.failover import FailoverConfig, Failure, Switched, WayChooser
@@ -288,10 +289,14 @@ class ClientTunnel(Dialer):
         host = self._dial_host(server)
         transport: asyncio.Transport
         try:
-            if self.tls_stack == "browser":
+            if self.tls_stack == "browser" or self.key.borrowed:
+                # A borrowed identity's server knows us by a sealed hello, which only veil's
+                # own TLS stack writes (veil.protocol.borrow).
+                sealer = (HelloSeal(self.credential, self.key.noise_key, time.time)
+                          if self.key.borrowed and self.key.noise_key is not None else None)
                 transport = await open_browser_tls_connection(
                     host, server.port, lambda: driver, server_hostname=self.key.sni,
-                    handshake_timeout=self.handshake_timeout)
+                    handshake_timeout=self.handshake_timeout, sealer=sealer)
             else:
                 transport = await open_tls_connection(
                     host, server.port, self._ssl, lambda: driver,
@@ -304,7 +309,9 @@ class ClientTunnel(Dialer):
                                 code="server_auth") from exc
             raise ConnectionError(f"TLS with {server} failed: {exc}") from exc
         der = transport.get_extra_info("peer_certificate_der")
-        if not der or pin_of_der(der) != self.key.pin:
+        # A borrowed identity's server has no certificate to show: it proved the sealed
+        # hello's secret (only the server with nk's private key derives its handshake keys).
+        if not self.key.borrowed and (not der or pin_of_der(der) != self.key.pin):
             # Someone else's certificate: an interception proxy, or the wrong server. Send
             # nothing (the credential must not reach it) and say so.
             transport.abort()

@@ -17,6 +17,9 @@
   HOST:PORT), e.g. ``via=tls://203.0.113.7:8443`` (veil.protocol.endpoint). Schemes this
   client does not speak are kept and skipped, so future kinds of ways in break no old client;
   clients from before ``via`` read the key as before and use HOST:PORT alone.
+- borrowed: ``borrowed=1`` when the server has a borrowed identity (``veil serve --borrow``,
+  experimental): sni names the borrowed site, and the client seals its ClientHello for nk
+  (veil.protocol.borrow) and authenticates the server by that hello's secret, not the pin.
 - LABEL: a human name (the user's), percent-encoded; informational only.
 """
 
@@ -64,8 +67,16 @@ class AccessKey:
     label: str = ""
     #: The ways in after ``server``, in order of preference (``via=``).
     via: tuple[Endpoint, ...] = ()
-    #: The server's Noise static public key (``nk=``), for the ways through a CDN.
+    #: The server's Noise static public key (``nk=``), for the ways through a CDN and for a
+    #: borrowed identity's sealed hellos.
     noise_key: bytes | None = None
+    #: ``borrowed=1``: the server shows a borrowed site (``sni``) to everyone else; the client
+    #: seals its hello for ``noise_key`` (veil.protocol.borrow).
+    borrowed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.borrowed and (self.noise_key is None or not self.sni):
+            raise ConfigError("invalid access key: borrowed=1 needs nk= and sni=")
 
     def ways(self) -> tuple[Endpoint, ...]:
         """Every way in, the preferred (``server``) first."""
@@ -78,6 +89,8 @@ class AccessKey:
         # ":" and "/" may stand in a query (RFC 3986): left as they are, tls://HOST:PORT reads.
         if self.noise_key is not None:
             params.append(f"nk={b64url_encode(self.noise_key)}")
+        if self.borrowed:
+            params.append("borrowed=1")
         params += [f"via={quote(way.url, safe=':/')}" for way in self.via]
         return format_authority_uri(SCHEME, b64url_encode(self.secret), str(self.server), params,
                                     self.label)
@@ -120,8 +133,9 @@ class AccessKey:
             if len(noise_key) != NOISE_KEY_SIZE:
                 raise ConfigError("invalid access key: wrong nk length (truncated copy?)")
         server = Address(parts.host, parts.port)
+        borrowed = query.get("borrowed", ["0"])[0] == "1"
         return cls(server, secret, pin, sni, parts.fragment, _parse_via(server, query),
-                   noise_key)
+                   noise_key, borrowed)
 
 
 def _parse_via(server: Address, query: dict[str, list[str]]) -> tuple[Endpoint, ...]:

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from cryptography.hazmat.primitives.asymmetric import x25519
+
 from veil.config import ServerOptions
 from veil.cover.backends import BuiltinCover, Cover, make_cover
 from veil.errors import ConfigError
@@ -35,6 +37,7 @@ from veil.protocol.shaping import NO_SHAPING
 from veil.protocol.trojan import TrojanRequest, password_hash_for_secret
 from veil.server.acme import CertificateRenewer, acme_directory_for
 from veil.server.blocks import BlockAlert, BlockTracker, run_alert_command
+from veil.server.borrow import Borrowed
 from veil.server.gate import Authenticator, Gate, VeilWayIn, WayIn
 from veil.server.live import Live, LiveConnection
 from veil.server.outbound import Outbound
@@ -44,6 +47,7 @@ from veil.server.subscription import SubscriptionResponder
 from veil.server.trojan import TrojanOrNoise, TrojanService, TrojanWayIn
 from veil.store.base import User
 from veil.transport.cdn.server import CarrierServer
+from veil.transport.tls13.server import ShapeError
 
 if TYPE_CHECKING:
     from veil.server.tun import TunServer
@@ -124,7 +128,10 @@ class VeilServer:
                 def factory() -> asyncio.Protocol:
                     return TrojanOrNoise(cdn_trojan, noise)
             self.carriers = CarrierServer(cdn_paths, factory)
-        self.cover = cover or make_cover(options.cover_url, state.site_seed, self.carriers)
+        # A borrowed identity's cover is the borrowed site itself, relayed byte for byte.
+        cover_url = options.cover_url or (f"https://{options.borrow}" if options.borrow
+                                          else None)
+        self.cover = cover or make_cover(cover_url, state.site_seed, self.carriers)
         # The users' subscriptions, on the built-in site of every way in (a URL cover relays
         # bytes it does not read: it has none).
         self.subscriptions: SubscriptionResponder | None = None
@@ -146,7 +153,8 @@ class VeilServer:
         self.gate = Gate(ssl_context=server_ssl_context(state, self.cover.alpn_protocols),
                          cover=self.cover,
                          ways_in=ways_in, own_names=own_names,
-                         handshake_timeout=options.handshake_timeout)
+                         handshake_timeout=options.handshake_timeout,
+                         borrow=self._borrowed(state, options))
         self.sessions: dict[SessionDriver, LiveConnection] = {}
         self._flood_closes = 0  # sessions closed for a flood of frames that do nothing
         # Blocks the clients report, per way in (veil.server.blocks), and --on-block's runs.
@@ -174,8 +182,22 @@ class VeilServer:
         assert self._listeners
         return tuple(Address(*sock.getsockname()[:2]) for sock in self._listeners)
 
+    @staticmethod
+    def _borrowed(state: ServerState, options: ServerOptions) -> Borrowed | None:
+        if options.borrow is None:
+            return None
+        assert state.noise_private is not None  # load_state makes one
+        return Borrowed(options.borrow, options.borrow.host,
+                        x25519.X25519PrivateKey.from_private_bytes(state.noise_private))
+
     async def start(self) -> None:
         await self.live.start()
+        if self.gate.borrow is not None:
+            try:  # learnt again on the first veil client if the site is down now
+                await self.gate.borrow.learn()
+            except (OSError, TimeoutError, ShapeError) as exc:
+                log.warning("borrowed identity: cannot reach %s yet: %s",
+                            self.gate.borrow.target, exc)
         if self.options.tun:
             from veil.server.tun import TunServer, TunServerOptions  # Linux only  # noqa: PLC0415
 
@@ -203,7 +225,8 @@ class VeilServer:
             routing=self.options.routing)
         self.blocks.set_ways(self._way_labels())
         log.info("listening on %s (cover: %s)", ", ".join(map(str, self.addresses)),
-                 self.options.cover_url or "built-in site")
+                 f"borrowed identity of {self.options.borrow} (experimental)"
+                 if self.options.borrow else self.options.cover_url or "built-in site")
         log.info("certificate: %s", self._certificate_plan())
         if self.acme is not None:
             self._acme_task = loop.create_task(self.acme.run())
