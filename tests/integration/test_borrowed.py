@@ -28,6 +28,7 @@ from tests.support.borrow import (
 from tests.support.wait import wait_until_async
 from veil.cover.backends import UrlCover
 from veil.lab import borrowed
+from veil.lab.probe import ProbeReport, probe_server
 from veil.protocol.address import Address
 from veil.protocol.auth import Credential, build_auth, new_secret
 from veil.protocol.borrow import HelloSeal
@@ -199,3 +200,29 @@ def test_veil_serve_borrow_and_veil_connect(target: Target, tmp_path: Path) -> N
     finally:
         procs.stop(server.proc)
         echo.close()
+
+
+# The prober's wait for an answer: nginx answers every probe at once or not before its 60 s
+# header timeout, so a short wait tells the same apart.
+PROBE_WAIT_S = 2.0
+
+
+def test_the_prober_sees_the_borrowed_site(target: Target, tmp_path: Path) -> None:
+    """`veil lab probe`'s repertoire, replays of a veil hello included, against the borrowed
+    server and against the site itself: no difference, and the site's CA-issued certificate."""
+    async def run() -> ProbeReport:
+        async with borrowed_server(target, tmp_path) as server:
+            veil = await recorded_handshake(
+                server.port, TlsClient(TARGET_NAME, sealer=server.seal()),
+                then=authenticator_message(server))
+            hello = borrowed.client_hello_records(veil)
+            return await asyncio.get_running_loop().run_in_executor(
+                None, lambda: probe_server(f"127.0.0.1:{server.port}",
+                                           f"127.0.0.1:{target.port}", wait=PROBE_WAIT_S,
+                                           replay=hello, sni=TARGET_NAME, workers=48))
+
+    report = asyncio.run(run())
+    assert report.differences == [], "\n".join(report.differences)
+    assert {"replay", "replay-byte0", "tls-http-get"} <= {r.probe.name for r in report.results}
+    assert report.certificate is not None and not report.certificate.flagged, \
+        report.certificate.evidence
