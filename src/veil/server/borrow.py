@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import struct
 import time
 from collections.abc import Callable
@@ -64,6 +65,11 @@ LEARN_QUIET_S = 1.0
 # Records the target may send unprompted after the client's Finished before the learning
 # connection stops counting (OpenSSL: 2 tickets; nginx's h2: one SETTINGS record).
 MAX_POST_RECORDS = 16
+# Learning connections made at once: enough to see a size that varies between connections
+# (nginx's two tickets: 282 or 298 bytes each), few enough to cost the target nothing.
+LEARN_SAMPLES = 4
+# Which sample a borrowed handshake mirrors: not predictable from outside.
+_draw = random.SystemRandom()
 RECORD_HEADER = 5
 
 
@@ -73,8 +79,9 @@ class TargetProfile:
 
     flight_records: int
     """Encrypted records of its first flight, to a Chrome-shaped hello."""
-    post_handshake: tuple[int, ...]
-    """Body lengths of the records it sends unprompted after the client's Finished."""
+    post_handshake: tuple[tuple[int, ...], ...]
+    """Body lengths of the records it sends unprompted after the client's Finished, one
+    sample per learning connection."""
     alpn: bytes | None
     """What it selects when offered h2 and http/1.1."""
 
@@ -160,12 +167,27 @@ class Borrowed:
             except asyncio.IncompleteReadError as exc:
                 raise ShapeError("the target closed during its first flight") from exc
             finally:
-                writer.transport.abort()  # as a client that gave up: no Finished
-        return MirrorShape(server_hello, ccs, tuple(flight), profile.post_handshake,
-                           profile.alpn)
+                writer.close()  # as a client that gave up: no Finished
+        return MirrorShape(server_hello, ccs, tuple(flight),
+                           _draw.choice(profile.post_handshake), profile.alpn)
 
     async def learn(self) -> TargetProfile:
-        """Complete a Chrome-shaped handshake with the target and note its shape."""
+        """Complete :data:`LEARN_SAMPLES` Chrome-shaped handshakes with the target at once and
+        note its shape: what it sends after the client's Finished may vary between
+        connections (nginx's tickets are 282 or 298 bytes), so each borrowed handshake draws
+        one of the samples rather than always the same sizes."""
+        samples = await asyncio.gather(*(self._learn_once() for _ in range(LEARN_SAMPLES)))
+        flights = {flight for flight, _post, _alpn in samples}
+        if len(flights) != 1:
+            raise ShapeError(f"the target's first flight varies: {sorted(flights)} records")
+        alpn = samples[0][2]
+        self.profile = TargetProfile(flights.pop(), tuple(post for _f, post, _a in samples),
+                                     alpn)
+        log.info("borrowed identity: %s answers with %d flight records, then %s", self.target,
+                 self.profile.flight_records, sorted(set(self.profile.post_handshake)))
+        return self.profile
+
+    async def _learn_once(self) -> tuple[int, tuple[int, ...], bytes | None]:
         tls = TlsClient(self.server_name, spec=CHROME)
         async with asyncio.timeout(TARGET_WAIT_S + LEARN_QUIET_S * 2):
             reader, writer = await asyncio.open_connection(self.target.host, self.target.port)
@@ -196,11 +218,7 @@ class Borrowed:
                 writer.write(tls.data_to_send())
             finally:
                 writer.close()
-        alpn = tls.alpn.encode() if tls.alpn else None
-        self.profile = TargetProfile(flight, tuple(post), alpn)
-        log.info("borrowed identity: %s answers with %d flight records, then %s", self.target,
-                 flight, list(post))
-        return self.profile
+        return flight, tuple(post), tls.alpn.encode() if tls.alpn else None
 
 
 async def _read_record(reader: asyncio.StreamReader) -> tuple[int, bytes]:
