@@ -121,3 +121,35 @@ def test_answers_that_cannot_be_mirrored_are_refused_before_a_byte() -> None:
         Pair(hrr=True)
     with pytest.raises(ShapeError, match="do not fit"):
         Pair(flight=(20, 20))
+
+
+def test_records_split_anywhere_and_batched_reach_the_server_whole() -> None:
+    """The client's flight and data fed byte by byte, then many records in one read, with a
+    KeyUpdate among them: every byte arrives, in order."""
+    pair = Pair()
+    client, server = pair.client, pair.server
+    server.connect()
+    client.receive_data(server.data_to_send())
+    assert isinstance(client.next_event(), HandshakeComplete)
+    finished = client.data_to_send()
+    for i in range(len(finished)):
+        server.receive_data(finished[i:i + 1])
+    assert isinstance(server.next_event(), HandshakeComplete)
+    chunks = [os.urandom(n) for n in (1, 700, 16384, 40000)]
+    wire = bytearray()
+    for chunk in chunks[:2]:
+        wire += client.send(chunk)
+    client.update_keys(request_peer=True)
+    for chunk in chunks[2:]:
+        wire += client.send(chunk)
+    received = bytearray()
+    for start in range(0, len(wire), 5000):
+        server.receive_data(wire[start:start + 5000])
+        while (event := server.next_event()) is not None:
+            assert isinstance(event, ApplicationData)
+            received += event.data
+    assert bytes(received) == b"".join(chunks)
+    # The server answered the KeyUpdate: the client reads the server's records after it.
+    client.receive_data(server.send(b"after the update"))
+    event = client.next_event()
+    assert isinstance(event, ApplicationData) and bytes(event.data) == b"after the update"

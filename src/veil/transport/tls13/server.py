@@ -95,6 +95,13 @@ _RECORD_ERRORS = (BadRecordMac, RecordOverflow, EmptyRecord)
 MAX_HANDSHAKE_BUFFER = 64 * 1024
 
 
+def _alert_for(exc: Exception) -> int:
+    """The alert a record that would not open calls for (RFC 8446 §5.2, §5.4)."""
+    if isinstance(exc, RecordOverflow):
+        return A.RECORD_OVERFLOW
+    return A.UNEXPECTED_MESSAGE if isinstance(exc, EmptyRecord) else A.BAD_RECORD_MAC
+
+
 class ShapeError(TlsUsageError):
     """The target's answer cannot be mirrored for this ClientHello (a HelloRetryRequest, a
     group or cipher suite this server cannot answer with, a flight too small to carry ours):
@@ -292,6 +299,7 @@ class TlsServer:
         self._events: deque[Event] = deque()
         self._out = bytearray()
         self._in = bytearray()
+        self._plain = bytearray(64 * 1024)
         self._hs = bytearray()
         self._ccs_seen = False
         self._peer_closed = False
@@ -337,10 +345,14 @@ class TlsServer:
         self.state = State.CLOSED
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Process bytes from the client; take the events before the next call."""
+        """Process bytes from the client. Take the events before the next call: the data of
+        :class:`ApplicationData` events lives in a buffer that the next call reuses."""
         if self.state in (State.CLOSED, State.START) or self._peer_closed:
             return
         self._in += data
+        # Plaintext is never longer than its records: one buffer holds a call's worth.
+        if len(self._plain) < len(self._in):
+            self._plain = bytearray(len(self._in))
         try:
             self._process()
         except (TlsProtocolViolation, TlsAlertReceived):
@@ -350,17 +362,39 @@ class TlsServer:
 
     # ------------------------------------------------------------------ records
     def _process(self) -> None:
+        """Handle every complete record of ``_in``; what is left is one incomplete record."""
         buf = self._in
-        pos = 0
-        plain = bytearray()
+        view = memoryview(buf)
+        plain = memoryview(self._plain)
+        pos = filled = 0
         try:
             while len(buf) - pos >= HEADER and not self._peer_closed:
+                if self.state is State.CONNECTED and buf[pos] == ContentType.APPLICATION_DATA:
+                    # The hot path: a run of application data, opened into one buffer.
+                    batch = filled
+                    try:
+                        pos, filled, inner, size = self._opener.open_run(view, pos, plain,
+                                                                         filled)
+                    except _RECORD_ERRORS as exc:
+                        self._violation(_alert_for(exc), str(exc))
+                    if filled > batch:
+                        self._events.append(ApplicationData(plain[batch:filled]))
+                    if inner >= 0:
+                        self._inner(inner, bytes(plain[filled:filled + size]))
+                        continue
+                    if len(buf) - pos < HEADER or len(buf) - pos - HEADER < (
+                            (buf[pos + 3] << 8) | buf[pos + 4]):
+                        break  # an incomplete record: wait for more
+                    if buf[pos] == ContentType.APPLICATION_DATA:
+                        continue
                 ctype = buf[pos]
                 length = (buf[pos + 3] << 8) | buf[pos + 4]
                 if length > MAX_CIPHERTEXT:
                     self._violation(A.RECORD_OVERFLOW, f"record of {length} bytes")
                 if len(buf) - pos - HEADER < length:
                     break
+                # Handshake-time and rare records: copies, so no view of ``_in`` outlives
+                # this loop (it is cut below).
                 header = memoryview(bytes(buf[pos:pos + HEADER]))
                 body = memoryview(bytes(buf[pos + HEADER:pos + HEADER + length]))
                 pos += HEADER + length
@@ -372,35 +406,31 @@ class TlsServer:
                     continue
                 if ctype == ContentType.ALERT and self.state is State.WAIT_FINISHED:
                     self._alert(bytes(body))
+                    continue
                 if ctype != ContentType.APPLICATION_DATA:
                     self._violation(A.UNEXPECTED_MESSAGE, f"record of type {ctype}")
-                out = bytearray(length)
                 try:
-                    inner, size = self._opener.open_into(header, body, memoryview(out))
+                    inner, size = self._opener.open_into(header, body, plain[filled:])
                 except _RECORD_ERRORS as exc:
-                    alert = (A.RECORD_OVERFLOW if isinstance(exc, RecordOverflow)
-                             else A.UNEXPECTED_MESSAGE if isinstance(exc, EmptyRecord)
-                             else A.BAD_RECORD_MAC)
-                    self._violation(alert, str(exc))
-                content = bytes(out[:size])
-                if inner == ContentType.APPLICATION_DATA and self.state is State.CONNECTED:
-                    plain += content
-                    continue
-                if plain:
-                    self._events.append(ApplicationData(memoryview(bytes(plain))))
-                    plain = bytearray()
-                if inner == ContentType.HANDSHAKE:
-                    self._handshake_bytes(content)
-                elif inner == ContentType.ALERT:
-                    self._alert(content)
-                else:
-                    self._violation(A.UNEXPECTED_MESSAGE, f"inner content type {inner}")
+                    self._violation(_alert_for(exc), str(exc))
+                if inner == ContentType.APPLICATION_DATA:
+                    self._violation(A.UNEXPECTED_MESSAGE, "application data before the "
+                                    "client's Finished")
+                self._inner(inner, bytes(plain[filled:filled + size]))
         finally:
+            view.release()
             del buf[:pos]
-        if plain:
-            self._events.append(ApplicationData(memoryview(bytes(plain))))
         if len(buf) > MAX_HANDSHAKE_BUFFER and self.state is State.WAIT_FINISHED:
             self._violation(A.UNEXPECTED_MESSAGE, "too much before the client's Finished")
+
+    def _inner(self, inner: int, content: bytes) -> None:
+        """A decrypted record that is not application data."""
+        if inner == ContentType.HANDSHAKE:
+            self._handshake_bytes(content)
+        elif inner == ContentType.ALERT:
+            self._alert(content)
+        else:
+            self._violation(A.UNEXPECTED_MESSAGE, f"inner content type {inner}")
 
     def _alert(self, content: bytes) -> None:
         if len(content) != 2:
