@@ -226,3 +226,27 @@ def test_the_prober_sees_the_borrowed_site(target: Target, tmp_path: Path) -> No
     assert {"replay", "replay-byte0", "tls-http-get"} <= {r.probe.name for r in report.results}
     assert report.certificate is not None and not report.certificate.flagged, \
         report.certificate.evidence
+
+
+def test_a_silent_borrowed_connection_counts_as_pending_and_ends_with_the_gate(
+        target: Target, tmp_path: Path) -> None:
+    async def run() -> None:
+        async with borrowed_server(target, tmp_path) as server:
+            _tls, reader, writer = await tls13_handshake(
+                server.port, client=TlsClient(TARGET_NAME, sealer=server.seal()))
+            try:
+                # Through the handshake and waiting for its authenticator, as _AwaitAuth's.
+                await wait_until_async(lambda: len(server.gate._awaiting) == 1, WAIT_S,
+                                       "the connection to wait for its first record")
+                assert server.gate.pending == 1
+                server.gate.close()
+                await wait_until_async(lambda: server.gate.pending == 0, WAIT_S,
+                                       lambda: f"no pending connection: {server.gate.pending}")
+                async with asyncio.timeout(WAIT_S):
+                    while await reader.read(65536):
+                        pass  # the post-handshake records, then the cut
+            finally:
+                writer.close()
+            assert not server.tunnels
+
+    asyncio.run(run())

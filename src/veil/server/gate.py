@@ -255,7 +255,8 @@ class Gate:
         self.greeting_grace = max((w.greeting_grace for w in self.ways_in), default=0.0)
         self.stats = GateStats()
         self._tasks: set[asyncio.Task[None]] = set()  # accepted, not through TLS yet
-        self._awaiting: set[_AwaitAuth] = set()  # through TLS, first record not judged yet
+        # Through TLS, first record not judged yet (a borrowed handshake's too).
+        self._awaiting: set[_AwaitAuth | _BorrowedFirstRecord] = set()
 
     @property
     def pending(self) -> int:
@@ -385,8 +386,11 @@ class _BorrowedFirstRecord(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        # Counted with the gate's other pending connections, and closed if silent as long as
+        # a stranger would be.
+        self.gate._awaiting.add(self)
         self._timer = asyncio.get_running_loop().call_later(
-            self.gate.cover.header_timeout, self.transport.close)
+            self.gate.cover.header_timeout, self.abort)
 
     def data_received(self, data: bytes) -> None:
         transport = self.transport
@@ -394,8 +398,7 @@ class _BorrowedFirstRecord(asyncio.Protocol):
         self._received += data
         if len(self._received) < AUTH_SIZE:
             return
-        if self._timer is not None:
-            self._timer.cancel()
+        self._leave_gate()
         verdict = self.veil.check(self._received, transport)
         if isinstance(verdict, Accept):
             self.gate.stats.accept(self.veil.name)
@@ -405,12 +408,23 @@ class _BorrowedFirstRecord(asyncio.Protocol):
                                else "unrecognised")
         transport.close()
 
+    def _leave_gate(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.gate._awaiting.discard(self)
+
+    def abort(self) -> None:
+        """Silent too long, or the server is stopping (the gate's close())."""
+        self._leave_gate()
+        if self.transport is not None:
+            self.transport.abort()
+
     def eof_received(self) -> bool:
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._leave_gate()
 
 
 class _AwaitAuth(asyncio.Protocol):
