@@ -24,10 +24,11 @@ prober's side: send a recorded ClientHello and read the first flight.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from veil.lab.flow import Direction, Flow
 from veil.lab.tls import (
@@ -99,6 +100,10 @@ class HandshakeShape:
     Finished; None where the client never sent one (a prober)."""
     alert: bool = False
     """The server sent a clear alert (a refused hello)."""
+    answer_delay: float | None = field(default=None, compare=False)
+    """Seconds from the client's hello to the server's first byte (recorded connections):
+    reported, not judged (loopback and a loaded machine jitter by more than a nearby
+    target's round trip, which is all a server of its own would save)."""
 
 
 def parse_server_hello(body: bytes) -> ServerHelloShape | None:
@@ -170,7 +175,9 @@ def flow_shape(flow: Flow) -> HandshakeShape | None:
         return None
     server, _ = split_records(flow, Direction.SERVER)
     finished = next((r.order for r in client if r.content_type == APPLICATION_DATA), None)
-    return _shape(server, finished)
+    shape = _shape(server, finished)
+    delay = (server[0].time - client[0].time) if server else None
+    return dataclasses.replace(shape, answer_delay=delay)
 
 
 def answer_shape(data: bytes) -> HandshakeShape:
@@ -238,6 +245,8 @@ def judge(reference: HandshakeShape, candidate: HandshakeShape, what: str) -> Ve
                    (f"borrowed-{what}",) if found else (),
                    details={"flight": list(candidate.flight),
                             "reference_flight": list(reference.flight),
+                            "answer_delay": candidate.answer_delay,
+                            "reference_answer_delay": reference.answer_delay,
                             "post_handshake": list(candidate.post_handshake or ()),
                             "reference_post_handshake": list(reference.post_handshake or ())})
 
