@@ -166,7 +166,7 @@ class VeilServer:
         # The CA certificate for a DNS name (veil.server.acme), None: not asked for.
         directory_url = acme_directory_for(options, state)
         self.acme: CertificateRenewer | None = None
-        if directory_url is not None:
+        if directory_url is not None and options.borrow is None:  # a borrowed site shows its own
             self.acme = CertificateRenewer(directory_url, options, lambda: self.state,
                                            self.gate.acme_challenges, self.reload)
         self._acme_task: asyncio.Task[None] | None = None
@@ -254,6 +254,9 @@ class VeilServer:
     def _certificate_plan(self) -> str:
         """One line on what certificate strangers see and why (issue #18's defaults)."""
         state = self.state
+        if self.options.borrow is not None:
+            return (f"none of its own: {self.options.borrow}'s, relayed to everyone but veil's "
+                    f"clients (--borrow, experimental)")
         if state.cert_source == "operator":
             return f"the operator's ({state.cert_path}, --cert)"
         if self.acme is not None:
