@@ -5,6 +5,7 @@ shape, a replayed veil hello gets nginx; the lab's borrowed-identity detector pa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import ssl
 import subprocess
@@ -25,10 +26,11 @@ from tests.support.borrow import (
     target_nginx,
     tls13_handshake,
 )
-from tests.support.wait import wait_until_async
+from tests.support.wait import wait_until, wait_until_async
 from veil.cover.backends import UrlCover
 from veil.lab import borrowed
 from veil.lab.probe import ProbeReport, probe_server
+from veil.protocol.accesskey import AccessKey
 from veil.protocol.address import Address
 from veil.protocol.auth import Credential, build_auth, new_secret
 from veil.protocol.borrow import HelloSeal
@@ -198,6 +200,16 @@ def test_veil_serve_borrow_and_veil_connect(target: Target, tmp_path: Path) -> N
                 assert conn.recv(100) == b"through the borrowed identity"
         finally:
             procs.stop(client.proc)
+        # A key the server does not know: its hello is relayed to the site like a stranger's,
+        # and the client says the key was refused (not that the way is blocked).
+        wrong = dataclasses.replace(AccessKey.parse(server.key), secret=new_secret())
+        stranger = procs.start_veil_client(tmp_path, wrong.to_uri(), forwards=[spec],
+                                           socks=False, wait=False)
+        try:
+            wait_until(lambda: "answered as localhost: it refused the key"
+                       in stranger.log.read_text(), WAIT_S, "the refusal in the client's log")
+        finally:
+            procs.stop(stranger.proc)
     finally:
         procs.stop(server.proc)
         echo.close()

@@ -66,6 +66,8 @@ from veil.protocol.session import IDLE_CLOSE_REASON, Session, SessionConfig
 from veil.transport.browser_tls import open_browser_tls_connection
 from veil.transport.cdn.client import open_carrier
 from veil.transport.tls import TlsHandshakeError, open_tls_connection
+from veil.transport.tls13.errors import TlsProtocolViolation
+from veil.transport.tls13.wire import AlertDescription
 
 log = logging.getLogger("veil.client")
 
@@ -302,6 +304,16 @@ class ClientTunnel(Dialer):
                     host, server.port, self._ssl, lambda: driver,
                     server_hostname=self.key.sni, handshake_timeout=self.handshake_timeout)
         except TlsHandshakeError as exc:
+            cause = exc.__cause__
+            if (self.key.borrowed and isinstance(cause, TlsProtocolViolation)
+                    and cause.alert == AlertDescription.BAD_RECORD_MAC):
+                # The first encrypted record was not under the sealed hello's keys: the
+                # server relayed us to the site it borrows, as it does every hello it does
+                # not accept. A refusal, not a blocked way.
+                raise AuthError(f"the server at {server} answered as {self.key.sni}: it "
+                                "refused the key (revoked, expired or over its limit, a wrong "
+                                "key, or this clock is off by minutes), or it is not veil's",
+                                code=KEY_REFUSED) from exc
             if isinstance(exc.__cause__, AuthError):
                 # The server could not prove it holds its certificate's key: someone is in
                 # the middle. Nothing was sent; treat it like a pin mismatch.
