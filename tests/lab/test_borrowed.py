@@ -107,3 +107,11 @@ def test_shapes_read_from_bytes() -> None:
     found = borrowed.differences(shape, refused)
     assert found[0] == "one answered with a ServerHello, the other did not"
     assert borrowed.parse_server_hello(hello_body[:-1]) is None
+
+
+def test_a_name_that_does_not_resolve_to_the_server_is_reported() -> None:
+    """What no code can fix, reported: the borrowed name's addresses against the server's
+    (positive control: a server on 127.0.0.2 naming localhost)."""
+    assert not borrowed.judge_name("127.0.0.1", "localhost").flagged
+    verdict = borrowed.judge_name("127.0.0.2", "localhost")
+    assert verdict.flagged and verdict.labels == ("sni-dns-mismatch",)

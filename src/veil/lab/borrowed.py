@@ -287,3 +287,23 @@ def client_hello_records(flow: Flow) -> bytes:
         out += struct.pack("!BHH", record.content_type, record.version, record.length)
         out += record.body
     return bytes(out)
+
+
+def judge_name(server_host: str, name: str) -> Verdict:
+    """Does ``name`` (the SNI a borrowed identity's clients send) resolve to the server?
+
+    No code can make it so: a censor that resolves the SNI of a connection and finds other
+    addresses sees a server that is not the site it names. Reported so an operator can choose
+    a site whose addresses are at least near the server's (docs/operations.md)."""
+    try:
+        infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as exc:
+        return Verdict("sni-dns", True, (f"{name} does not resolve: {exc}",),
+                       ("sni-unresolvable",), details={"name": name, "addresses": []})
+    addresses = sorted({str(info[4][0]) for info in infos})
+    if server_host in addresses:
+        return Verdict("sni-dns", False, (f"{name} resolves to {server_host}",),
+                       details={"name": name, "addresses": addresses})
+    return Verdict("sni-dns", True, (f"{name} resolves to {', '.join(addresses)}, not to the "
+                                     f"server {server_host}",),
+                   ("sni-dns-mismatch",), details={"name": name, "addresses": addresses})
