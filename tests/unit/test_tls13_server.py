@@ -13,6 +13,7 @@ from veil.protocol.auth import Credential, new_secret
 from veil.protocol.borrow import HelloSeal, unmask
 from veil.transport.tls13 import ApplicationData, HandshakeComplete, TlsClient
 from veil.transport.tls13.errors import TlsProtocolViolation
+from veil.transport.tls13.keys import HAVE_MLKEM
 from veil.transport.tls13.server import MirrorShape, ShapeError, TlsServer, parse_client_hello
 from veil.transport.tls13.wire import HRR_RANDOM, NamedGroup
 
@@ -22,9 +23,10 @@ FLIGHT = (36, 1497, 281, 69)
 POST = (298, 282, 57)
 
 
-def target_server_hello(session_id: bytes, random: bytes | None = None) -> bytes:
-    exts = (b"\x00\x2b\x00\x02\x03\x04"
-            + b"\x00\x33\x00\x24\x00\x1d\x00\x20" + os.urandom(32))
+def target_server_hello(session_id: bytes, random: bytes | None = None,
+                        group: int = NamedGroup.X25519, share_len: int = 32) -> bytes:
+    share = struct.pack("!HH", group, share_len) + os.urandom(share_len)
+    exts = b"\x00\x2b\x00\x02\x03\x04" + b"\x00\x33" + struct.pack("!H", len(share)) + share
     body = (b"\x03\x03" + (random or os.urandom(32)) + bytes((len(session_id),)) + session_id
             + b"\x13\x02\x00" + struct.pack("!H", len(exts)) + exts)
     return b"\x02" + len(body).to_bytes(3, "big") + body
@@ -43,7 +45,8 @@ def records(data: bytes) -> list[tuple[int, int]]:
 
 class Pair:
     def __init__(self, *, static: x25519.X25519PrivateKey | None = None,
-                 flight: tuple[int, ...] = FLIGHT, hrr: bool = False) -> None:
+                 flight: tuple[int, ...] = FLIGHT, hrr: bool = False,
+                 group: int = NamedGroup.X25519, share_len: int = 32) -> None:
         self.static = x25519.X25519PrivateKey.generate()
         self.credential = Credential.from_secret(new_secret())
         seal = HelloSeal(self.credential, self.static.public_key().public_bytes_raw(),
@@ -59,7 +62,8 @@ class Pair:
         self.unmasked = unmasked
         psk = unmasked.verify(self.credential) or os.urandom(32)
         self.shape = MirrorShape(
-            target_server_hello(parsed.session_id, HRR_RANDOM if hrr else None), True,
+            target_server_hello(parsed.session_id, HRR_RANDOM if hrr else None, group,
+                                share_len), True,
             flight, POST, b"h2")
         self.server = TlsServer(self.hello, self.shape, psk)
 
@@ -94,6 +98,19 @@ def test_a_sealed_hello_gets_a_handshake_in_the_targets_shape() -> None:
     server.receive_data(client.send(b"from the client"))
     event = server.next_event()
     assert isinstance(event, ApplicationData) and bytes(event.data) == b"from the client"
+
+
+@pytest.mark.skipif(not HAVE_MLKEM, reason="this cryptography has no ML-KEM (needs >= 47)")
+def test_a_target_choosing_the_hybrid_group_is_answered_with_it() -> None:
+    """X25519MLKEM768, as Cloudflare's and Google's servers choose for Chrome: our share is
+    an ML-KEM ciphertext and an X25519 key, 1,120 bytes like theirs."""
+    pair = Pair(group=NamedGroup.X25519MLKEM768, share_len=1088 + 32)
+    pair.server.connect()
+    flight = pair.server.data_to_send()
+    assert records(flight)[0][1] == len(pair.shape.server_hello)
+    pair.client.receive_data(flight)
+    assert isinstance(pair.client.next_event(), HandshakeComplete)
+    assert pair.client.group == NamedGroup.X25519MLKEM768
 
 
 def test_a_server_without_the_static_key_cannot_answer() -> None:
