@@ -29,6 +29,7 @@ from tests.support.borrow import (
 from tests.support.wait import wait_until, wait_until_async
 from veil.cover.backends import UrlCover
 from veil.lab import borrowed
+from veil.lab.passive import analyse
 from veil.lab.probe import ProbeReport, probe_server
 from veil.protocol.accesskey import AccessKey
 from veil.protocol.address import Address
@@ -145,6 +146,9 @@ def test_strangers_get_the_site_veil_gets_the_tunnel_replays_get_the_site(
             assert ref_shape is not None and veil_shape is not None
             verdict = borrowed.judge(ref_shape, veil_shape, "passive")
             assert not verdict.flagged, verdict.evidence
+            # Every passive detector of the lab on the same connection, for the lab table.
+            [report] = analyse([veil])
+            assert not report.flagged, [v.evidence for v in report.flagged]
 
             # The prober replays veil's recorded hello: nginx answers it, not veil.
             loop = asyncio.get_running_loop()
