@@ -154,10 +154,10 @@ def test_strangers_get_the_site_veil_gets_the_tunnel_replays_get_the_site(
             loop = asyncio.get_running_loop()
             hello = borrowed.client_hello_records(veil)
             relayed_before = server.gate.stats.cover_borrowed
-            answer = await loop.run_in_executor(None, borrowed.replay_hello, "127.0.0.1",
-                                                server.port, hello)
-            direct = await loop.run_in_executor(None, borrowed.replay_hello, "127.0.0.1",
-                                                target.port, hello)
+            # Both at once: each waits for its server to go quiet.
+            answer, direct = await asyncio.gather(*(
+                loop.run_in_executor(None, borrowed.replay_hello, "127.0.0.1", port, hello)
+                for port in (server.port, target.port)))
             verdict = borrowed.judge(borrowed.answer_shape(direct),
                                      borrowed.answer_shape(answer), "replay")
             assert not verdict.flagged, verdict.evidence

@@ -68,10 +68,10 @@ def test_a_naive_borrowed_server_is_caught_passively_and_by_replay(
             loop = asyncio.get_running_loop()
             for flow, caught in ((stranger, False), (own, True)):
                 hello = borrowed.client_hello_records(flow)
-                answer = await loop.run_in_executor(None, borrowed.replay_hello, "127.0.0.1",
-                                                    naive.port, hello)
-                direct = await loop.run_in_executor(None, borrowed.replay_hello, "127.0.0.1",
-                                                    target.port, hello)
+                # Both at once: each waits for its server to go quiet.
+                answer, direct = await asyncio.gather(*(
+                    loop.run_in_executor(None, borrowed.replay_hello, "127.0.0.1", port, hello)
+                    for port in (naive.port, target.port)))
                 verdict = borrowed.judge(borrowed.answer_shape(direct),
                                          borrowed.answer_shape(answer), "replay")
                 assert verdict.flagged is caught, verdict.evidence

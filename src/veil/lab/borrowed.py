@@ -61,10 +61,12 @@ HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e
 EXT_KEY_SHARE = 51
 EXT_SUPPORTED_VERSIONS = 43
 # A replay prober's wait for the first flight, and the quiet after which it is over: a server
-# sends its flight in one go and then waits for the client's Finished, which never comes.
+# sends its flight in one go and then waits for the client's Finished, which never comes (a
+# second of quiet: a loaded machine may pause between the records of one flight, never that
+# long).
 REPLAY_CONNECT_TIMEOUT = 5.0
 REPLAY_FIRST_BYTE_WAIT = 5.0
-REPLAY_QUIET = 0.5
+REPLAY_QUIET = 1.0
 # ... and a server that trickles bytes to keep it reading is given up on after this long.
 REPLAY_TOTAL_WAIT = 10.0
 # A first flight is a few KiB (a certificate chain); more than this is not a handshake.
