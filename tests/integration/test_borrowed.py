@@ -30,7 +30,14 @@ from tests.support.wait import wait_until, wait_until_async
 from veil.cover.backends import UrlCover
 from veil.lab import borrowed
 from veil.lab.passive import analyse
-from veil.lab.probe import ProbeReport, probe_server
+from veil.lab.probe import (
+    Probe,
+    ProbeReport,
+    ProbeResult,
+    differences,
+    probe_server,
+    run_probe,
+)
 from veil.protocol.accesskey import AccessKey
 from veil.protocol.address import Address
 from veil.protocol.auth import Credential, build_auth, new_secret
@@ -267,3 +274,31 @@ def test_a_silent_borrowed_connection_counts_as_pending_and_ends_with_the_gate(
             assert not server.tunnels
 
     asyncio.run(run())
+
+
+def test_silence_and_partial_hellos_meet_the_sites_own_timeout(tmp_path: Path) -> None:
+    """The site hears every connection from its first byte: a silent prober, or one that
+    sends part of a hello, is closed when the site closes it (here nginx with a 1 s
+    client_header_timeout), not by a timeout of veil's."""
+    if not Path(procs.NGINX).exists():
+        pytest.skip("nginx is not installed (apt-get install nginx; .ci/run installs it)")
+    probes = [Probe("silence", b""), Probe("part-of-a-hello", b"\x16\x03\x01\x02"),
+              Probe("garbage", b"\x00" * 7)]
+
+    async def run(site: Target) -> list[ProbeResult]:
+        async with borrowed_server(site, tmp_path) as server:
+            loop = asyncio.get_running_loop()
+
+            async def both(probe: Probe) -> ProbeResult:
+                mine, theirs = await asyncio.gather(*(
+                    loop.run_in_executor(None, run_probe, "127.0.0.1", port, probe, 3.0)
+                    for port in (server.port, site.port)))
+                return ProbeResult(probe, mine, theirs)
+
+            return list(await asyncio.gather(*(both(p) for p in probes)))
+
+    with target_nginx(header_timeout=1) as site:
+        results = asyncio.run(run(site))
+    assert differences(results) == []
+    for result in results:
+        assert result.target.close == "fin" and result.target.elapsed < 3.0, result

@@ -84,8 +84,10 @@ def _rsa_chain(prefix: Path, name: str) -> tuple[bytes, bytes]:
 
 
 @contextlib.contextmanager
-def target_nginx() -> Iterator[Target]:
-    """nginx 1.22 serving ``TARGET_NAME`` over TLS 1.3 with h2, as a site to borrow."""
+def target_nginx(header_timeout: int = 60) -> Iterator[Target]:
+    """nginx 1.22 serving ``TARGET_NAME`` over TLS 1.3 with h2, as a site to borrow
+    (``header_timeout``: its client_header_timeout, which also bounds its wait for a
+    ClientHello)."""
     prefix = Path(tempfile.mkdtemp(prefix="veil-target-"))
     root = prefix / "www"
     root.mkdir()
@@ -96,7 +98,7 @@ def target_nginx() -> Iterator[Target]:
             http_port, https_port = procs.unused_port(), procs.unused_port()
             (prefix / "nginx.conf").write_text(procs.NGINX_CONF.format(
                 prefix=prefix, root=root, http_port=http_port, https_port=https_port,
-                header_timeout=60, keepalive_timeout=75, http2=" http2"))
+                header_timeout=header_timeout, keepalive_timeout=75, http2=" http2"))
             proc = subprocess.Popen([procs.NGINX, "-p", str(prefix), "-c",
                                      str(prefix / "nginx.conf")],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

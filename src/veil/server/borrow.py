@@ -27,9 +27,10 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from veil.protocol.address import Address
 from veil.protocol.auth import ACCEPT_WINDOW
 from veil.protocol.borrow import unmask
+from veil.server import clienthello
 from veil.store.base import User
 from veil.transport.tls13 import CHROME, HandshakeComplete, TlsClient
 from veil.transport.tls13.errors import (
@@ -45,7 +47,7 @@ from veil.transport.tls13.errors import (
     TlsProtocolViolation,
     TlsServerAuthFailure,
 )
-from veil.transport.tls13.server import MirrorShape, ShapeError, parse_client_hello
+from veil.transport.tls13.server import MirrorShape, ShapeError, TlsServer, parse_client_hello
 from veil.transport.tls13.wire import DecodeError, NamedGroup
 
 if TYPE_CHECKING:  # the gate imports this module
@@ -71,6 +73,10 @@ LEARN_SAMPLES = 4
 # Which sample a borrowed handshake mirrors: not predictable from outside.
 _draw = random.SystemRandom()
 RECORD_HEADER = 5
+# One read of a relayed connection, either way.
+RELAY_READ = 64 * 1024
+# What is peeked of a client before its first record is judged: one whole record at most.
+PEEK_LIMIT = clienthello.MAX_RECORD + RECORD_HEADER
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +111,7 @@ class Borrowed:
         self.static_key = static_key
         self.profile: TargetProfile | None = None
         self._clock = clock
+        self._relays: set[asyncio.Task[None]] = set()  # strangers' connections, relayed
 
     # ------------------------------------------------------------------ recognition
     def recognise(self, record: bytes, authenticator: Authenticator) -> Recognised | None:
@@ -137,40 +144,119 @@ class Borrowed:
             return None  # a replay (or a key flooding handshakes): the target answers it
         return Recognised(user, psk, message)
 
-    # ------------------------------------------------------------------ the target
-    async def mirror(self, record: bytes) -> MirrorShape:
-        """The target's answer to this ClientHello record, up to its first flight's end."""
-        profile = self.profile or await self.learn()
-        async with asyncio.timeout(TARGET_WAIT_S):
-            reader, writer = await asyncio.open_connection(self.target.host, self.target.port)
-            try:
-                writer.write(record)
-                server_hello = b""
-                ccs = False
-                flight: list[int] = []
-                received = 0
-                while len(flight) < profile.flight_records:
-                    head = await reader.readexactly(RECORD_HEADER)
-                    ctype, _version, length = struct.unpack("!BHH", head)
-                    body = await reader.readexactly(length)
-                    received += RECORD_HEADER + length
-                    if received > MAX_FLIGHT_BYTES:
-                        raise ShapeError("the target's first flight is too long")
-                    if ctype == 22 and not server_hello:
-                        server_hello = body
-                    elif ctype == 20 and not flight:
-                        ccs = True
-                    elif ctype == 23 and server_hello:
-                        flight.append(length)
-                    else:
-                        raise ShapeError(f"the target answered with a record of type {ctype}")
-            except asyncio.IncompleteReadError as exc:
-                raise ShapeError("the target closed during its first flight") from exc
-            finally:
-                writer.close()  # as a client that gave up: no Finished
-        return MirrorShape(server_hello, ccs, tuple(flight),
-                           _draw.choice(profile.post_handshake), profile.alpn)
+    # ------------------------------------------------------------------ routing
+    async def route(self, sock: socket.socket, authenticator: Authenticator,
+                    answer: Callable[[socket.socket, TlsServer], Awaitable[None]],
+                    timeout: float) -> str:
+        """Route one accepted connection; return what became of it ("veil", "relayed",
+        "target_down").
 
+        The target hears from the first moment: a connection to it is opened at once and
+        every byte the client sends is passed on as it comes, so silence, a partial hello or
+        garbage meets the target's own timeouts and answers. Only the first record is looked
+        at on the way: a fresh veil ClientHello (:meth:`recognise`) is the last thing the
+        target gets; its answer to it is read to the end of its first flight and mirrored
+        (``answer``: the gate runs ``transport/tls13/server.py`` on the socket, whose hello
+        is consumed); anything else is relayed both ways from there on."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(TARGET_WAIT_S):
+                reader, writer = await asyncio.open_connection(self.target.host,
+                                                               self.target.port)
+        except (OSError, TimeoutError) as exc:
+            log.warning("borrowed identity: %s cannot be reached (%s): connection closed",
+                        self.target, exc)
+            sock.close()
+            return "target_down"
+        forwarded = 0
+        record = b""
+        target_read: asyncio.Task[bytes] = loop.create_task(reader.read(RELAY_READ))
+        try:
+            try:
+                async with asyncio.timeout(timeout):
+                    # Until the target speaks first (its timeout, an alert) or a first record
+                    # is in.
+                    while not target_read.done():
+                        # Peeked bytes stay readable: wake for more of them (or a FIN) only.
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, forwarded + 1)
+                        readable = loop.create_task(_wait_readable(sock))
+                        await asyncio.wait({readable, target_read},
+                                           return_when=asyncio.FIRST_COMPLETED)
+                        readable.cancel()
+                        if target_read.done():
+                            break
+                        seen = _peek_all(sock)
+                        if len(seen) <= forwarded:  # the client's FIN (or reset)
+                            writer.write_eof()
+                            break
+                        writer.write(seen[forwarded:])
+                        forwarded = len(seen)
+                        total = clienthello.record_length(seen)
+                        if len(seen) >= clienthello.RECORD_HEADER and total is None:
+                            break  # not a TLS handshake record: the target's business
+                        if total is not None and forwarded >= total:
+                            record = seen[:total] if forwarded == total else b""
+                            break
+            except TimeoutError:
+                pass  # the gate's own limit: whatever the target makes of it, relayed
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            if record and not target_read.done():
+                recognised = self.recognise(record, authenticator)
+                if recognised is not None:
+                    # A pending read gives up nothing when cancelled: the target's answer
+                    # stays in the reader for _answer_veil.
+                    target_read.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await target_read
+                    if await self._answer_veil(sock, record, recognised, reader, writer,
+                                               answer):
+                        return "veil"
+                    return "relayed"
+        except BaseException:
+            target_read.cancel()
+            writer.transport.abort()
+            sock.close()
+            raise
+        # A stranger: what the target got stays got; the rest is relayed as it comes.
+        _consume(sock, forwarded)
+        self._relay(_splice(sock, reader, writer, target_read, b""))
+        return "relayed"
+
+    def _relay(self, splice: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(splice)
+        self._relays.add(task)
+        task.add_done_callback(self._relays.discard)
+
+    async def _answer_veil(self, sock: socket.socket, record: bytes, recognised: Recognised,
+                           reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           answer: Callable[[socket.socket, TlsServer], Awaitable[None]],
+                           ) -> bool:
+        """Read the target's answer to the veil hello it was sent and answer in its shape;
+        False if it cannot be mirrored (then the connection is relayed as it stands)."""
+        raw = bytearray()
+        try:
+            profile = self.profile or await self.learn()
+            async with asyncio.timeout(TARGET_WAIT_S):
+                shape = await _read_flight(reader, raw, profile)
+            tls = TlsServer(recognised.hello, shape, recognised.psk)
+        except (ShapeError, OSError, TimeoutError) as exc:
+            log.warning("borrowed identity: cannot answer in %s's shape (%s); relayed",
+                        self.target, exc)
+            _consume(sock, len(record))
+            self._relay(_splice(sock, reader, writer, None, bytes(raw)))
+            return False
+        writer.close()  # as a client that gave up: no Finished
+        _consume(sock, len(record))
+        await answer(sock, tls)
+        return True
+
+    def close(self) -> None:
+        """The server is stopping: cut the relays."""
+        for task in list(self._relays):
+            task.cancel()
+
+    # ------------------------------------------------------------------ the target
     async def learn(self) -> TargetProfile:
         """Complete :data:`LEARN_SAMPLES` Chrome-shaped handshakes with the target at once and
         note its shape: what it sends after the client's Finished may vary between
@@ -225,3 +311,114 @@ async def _read_record(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     head = await reader.readexactly(RECORD_HEADER)
     (length,) = struct.unpack_from("!H", head, 3)
     return head[0], head + await reader.readexactly(length)
+
+
+async def _read_flight(reader: asyncio.StreamReader, raw: bytearray,
+                       profile: TargetProfile) -> MirrorShape:
+    """The target's ServerHello, change_cipher_spec and encrypted first flight (as many
+    records as it sent when learnt); every byte read is kept in ``raw``."""
+    server_hello = b""
+    ccs = False
+    flight: list[int] = []
+    try:
+        while len(flight) < profile.flight_records:
+            ctype, record = await _read_record(reader)
+            raw += record
+            if len(raw) > MAX_FLIGHT_BYTES:
+                raise ShapeError("the target's first flight is too long")
+            length = len(record) - RECORD_HEADER
+            if ctype == 22 and not server_hello:
+                server_hello = record[RECORD_HEADER:]
+            elif ctype == 20 and not flight:
+                ccs = True
+            elif ctype == 23 and server_hello:
+                flight.append(length)
+            else:
+                raise ShapeError(f"the target answered with a record of type {ctype}")
+    except asyncio.IncompleteReadError as exc:
+        raw += exc.partial
+        raise ShapeError("the target closed during its first flight") from exc
+    return MirrorShape(server_hello, ccs, tuple(flight),
+                       _draw.choice(profile.post_handshake), profile.alpn)
+
+
+async def _wait_readable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    def on_readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), on_readable)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+def _peek_all(sock: socket.socket) -> bytes:
+    """What the client sent so far, left in the socket (at most a whole first record)."""
+    try:
+        return sock.recv(PEEK_LIMIT, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        return b""
+    except OSError:
+        return b""
+
+
+def _consume(sock: socket.socket, count: int) -> None:
+    """Take ``count`` bytes that were peeked (and passed on) out of the socket."""
+    while count > 0:
+        try:
+            data = sock.recv(count)
+        except (BlockingIOError, InterruptedError, OSError):
+            return
+        if not data:
+            return
+        count -= len(data)
+
+
+async def _splice(sock: socket.socket, reader: asyncio.StreamReader,
+                  writer: asyncio.StreamWriter, target_read: asyncio.Task[bytes] | None,
+                  from_target: bytes) -> None:
+    """Relay the client's socket and the target's connection both ways until both ends
+    closed; a reset on one side resets the other. ``target_read``: a read of the target
+    already under way; ``from_target``: bytes of the target's not yet passed on."""
+    try:
+        c_reader, c_writer = await asyncio.open_connection(sock=sock)
+    except OSError:
+        sock.close()
+        writer.transport.abort()
+        return
+    try:
+        if target_read is not None:
+            first = await target_read
+            if not first:
+                from_target += first
+                c_writer.write(from_target)
+                if c_writer.can_write_eof():
+                    c_writer.write_eof()
+                from_target = b""
+            else:
+                from_target += first
+        if from_target:
+            c_writer.write(from_target)
+        await asyncio.gather(_pipe(c_reader, writer), _pipe(reader, c_writer))
+    finally:
+        c_writer.close()
+        writer.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One direction, with the writer's backpressure; a FIN passes as a FIN, a reset as a
+    reset."""
+    try:
+        while data := await reader.read(RELAY_READ):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except ConnectionResetError:
+        writer.transport.abort()
+    except OSError:
+        writer.transport.abort()

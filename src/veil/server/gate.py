@@ -43,7 +43,7 @@ from veil.store.base import User
 from veil.transport.browser_tls import accept_mirrored_tls
 from veil.transport.tcp import SERVER_KEEPALIVE, set_keepalive
 from veil.transport.tls import start_tls_server
-from veil.transport.tls13.server import ShapeError, TlsServer
+from veil.transport.tls13.server import TlsServer
 
 log = logging.getLogger("veil.server")
 
@@ -82,6 +82,11 @@ GREETING_GRACE_S = 0.01
 # Bytes wait in the socket right behind the Finished but no whole record came yet: the
 # client's first record is arriving; the greeting waits this much for it.
 FIRST_RECORD_WAIT_S = 0.001
+
+# With a borrowed identity, how long the gate looks at a connection's first bytes (passing them
+# on to the borrowed site as they come) before it only relays: longer than any site waits for
+# a ClientHello (nginx: 60 s), so the site's own timeout is what a silent prober meets.
+BORROWED_LOOKAHEAD_S = 180.0
 
 # A way in may hold a connection back for more bytes only up to this much (a Trojan request
 # is at most 320 bytes); past it, the cover gets the connection.
@@ -289,6 +294,8 @@ class Gate:
     def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        if self.borrow is not None:
+            self.borrow.close()
         for waiting in list(self._awaiting):
             waiting.abort()
 
@@ -304,6 +311,9 @@ class Gate:
 
     async def _route(self, sock: socket.socket) -> None:
         started_at = asyncio.get_running_loop().time()
+        if self.borrow is not None:
+            await self._route_borrowed(sock, started_at)
+            return
         first = await _peek(sock, 1, self.handshake_timeout)
         if not first:
             self.stats.silent += 1
@@ -324,9 +334,6 @@ class Gate:
                 except (OSError, TimeoutError, ConnectionError):
                     self.stats.tls_failed += 1
                 return
-        if self.borrow is not None:
-            await self._route_borrowed(sock, started_at)
-            return
         if self.cover.forwards_foreign_tls and self.own_names:
             name = await _peek_sni(sock, self.handshake_timeout)
             if name is not None and name not in self.own_names:
@@ -343,34 +350,27 @@ class Gate:
 
 
     async def _route_borrowed(self, sock: socket.socket, started_at: float) -> None:
-        """A borrowed identity's routing: a fresh veil ClientHello gets a handshake in the
-        borrowed site's shape, anything else that site itself, byte for byte."""
+        """A borrowed identity's routing (``server/borrow.py``): the borrowed site hears the
+        connection from its first byte; a fresh veil ClientHello is answered here, in the
+        site's shape, and its first record goes to the veil way in."""
         borrow = self.borrow
         veil = next((w for w in self.ways_in if isinstance(w, VeilWayIn)), None)
-        assert borrow is not None
-        record = await _peek_client_hello(sock, self.handshake_timeout)
-        recognised = (borrow.recognise(record, veil.authenticator)
-                      if record and veil is not None else None)
-        if recognised is not None and veil is not None:
+        assert borrow is not None and veil is not None
+
+        async def answer(client: socket.socket, tls: TlsServer) -> None:
+            remaining = started_at + self.handshake_timeout - asyncio.get_running_loop().time()
             try:
-                shape = await borrow.mirror(record)
-                tls = TlsServer(recognised.hello, shape, recognised.psk)
-            except (ShapeError, OSError, TimeoutError) as exc:
-                log.warning("borrowed identity: cannot answer in %s's shape (%s); relayed",
-                            borrow.target, exc)
-            else:
-                sock.recv(len(record))  # the hello was peeked; it is answered here
-                remaining = started_at + self.handshake_timeout - \
-                    asyncio.get_running_loop().time()
-                try:
-                    await accept_mirrored_tls(
-                        sock, tls, lambda: _BorrowedFirstRecord(self, veil),
-                        max(remaining, 0.001))
-                except (OSError, TimeoutError, ConnectionError):
-                    self.stats.tls_failed += 1
-                return
-        self.stats.cover_borrowed += 1
-        await self.cover.serve_raw(sock)
+                await accept_mirrored_tls(client, tls,
+                                          lambda: _BorrowedFirstRecord(self, veil),
+                                          max(remaining, 0.001))
+            except (OSError, TimeoutError, ConnectionError):
+                self.stats.tls_failed += 1
+
+        outcome = await borrow.route(sock, veil.authenticator, answer, BORROWED_LOOKAHEAD_S)
+        if outcome == "relayed":
+            self.stats.cover_borrowed += 1
+        elif outcome == "target_down":
+            self.stats.tls_failed += 1
 
 
 class _BorrowedFirstRecord(asyncio.Protocol):
