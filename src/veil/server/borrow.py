@@ -1,15 +1,15 @@
 """A borrowed identity (``veil serve --borrow HOST[:PORT]``, experimental): the server shows
 a real site's TLS to everyone but its clients.
 
-Every TLS connection that is not a fresh, valid veil ClientHello is relayed to the target
-untouched (the cover is a :class:`~veil.cover.backends.UrlCover` for ``https://HOST:PORT``),
-so a prober gets the target's certificate, TLS stack and behaviour. A veil client is known
-from its ClientHello alone (``protocol/borrow.py``: a mark in legacy_session_id, bound to its
-key share, checked against the users and the replay filter); for it the server
+Every connection is passed to the target from its first byte (:meth:`Borrowed.route`), and
+every one whose first record is not a fresh, valid veil ClientHello is relayed from there on,
+so a prober gets the target's certificate, TLS stack, timeouts and behaviour. A veil client is
+known from its ClientHello alone (``protocol/borrow.py``: a mark in legacy_session_id, bound
+to its key share, checked against the users and the replay filter); for it the server
 
-1. sends that very ClientHello to the target and reads the target's answer to the end of its
-   first flight (:meth:`Borrowed.mirror`), then drops that connection: the client's handshake
-   waits one round trip to the target, as a relayed one does;
+1. reads the target's answer to that very ClientHello (the last thing the target got) to the
+   end of its first flight, then closes that connection: the client's handshake waits for the
+   target as a relayed one does;
 2. answers the client itself in the target's shape (``transport/tls13/server.py``): the
    target's ServerHello with its own random and key share, its own flight padded into the
    target's record sizes, and, after the client's Finished, padded records where the target
@@ -18,7 +18,7 @@ key share, checked against the users and the replay filter); for it the server
 3. hands the connection to the veil way in (its post-handshake authenticator, as ever).
 
 A target answer that cannot be mirrored (a HelloRetryRequest, a group this server cannot
-answer) is relayed like a stranger's: the client fails its handshake and retries.
+answer) is passed on and the connection relayed: the client fails its handshake and retries.
 """
 
 from __future__ import annotations
