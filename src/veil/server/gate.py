@@ -15,6 +15,11 @@ Order of decisions, each one made the way nginx would make it so that a prober l
    wrong, revoked, stale or replayed key, a wrong Trojan password - goes to the cover with
    every byte already read, so from its first byte the cover answers exactly as it would.
 
+With a borrowed identity (``veil serve --borrow``, ``server/borrow.py``) none of this
+applies: every connection is passed to the borrowed site from its first byte and relayed,
+except one whose first record is a fresh veil ClientHello, which is answered in the site's
+shape and then judged by the veil way in.
+
 A way in may also ask to wait for more bytes (:class:`Wait`), but only once the bytes it has
 prove a credential (a Trojan request split across TLS records after a known password's hash):
 a prober without a credential never makes the gate wait where the cover would have answered.
@@ -100,7 +105,7 @@ class GateStats:
     tunnels: int = 0  # accepted connections, every way in
     cover_plain: int = 0
     cover_foreign_sni: int = 0
-    cover_borrowed: int = 0  # with --borrow: TLS connections relayed to the borrowed site
+    cover_borrowed: int = 0  # with --borrow: connections relayed to the borrowed site
     acme_validations: int = 0  # TLS-ALPN-01 handshakes answered with a challenge certificate
     tls_failed: int = 0
     silent: int = 0
@@ -245,8 +250,9 @@ class Gate:
                  max_pending: int = DEFAULT_MAX_PENDING,
                  borrow: Borrowed | None = None) -> None:
         self.ssl_context = ssl_context
-        #: A borrowed identity (``server/borrow.py``): every TLS connection but a fresh veil
-        #: ClientHello goes to the cover (the borrowed site) untouched.
+        #: A borrowed identity (``server/borrow.py``): every connection goes to the borrowed
+        #: site from its first byte, and stays there unless it starts with a fresh veil
+        #: ClientHello (then the decisions below are not made).
         self.borrow = borrow
         #: TLS-ALPN-01 challenges being validated (RFC 8737): the name an ACME order is for
         #: -> the context with its challenge certificate, for a ClientHello naming it and
@@ -347,7 +353,6 @@ class Gate:
         except (OSError, TimeoutError, ConnectionError):
             # OpenSSL has already answered the client the way it answers anyone; as nginx.
             self.stats.tls_failed += 1
-
 
     async def _route_borrowed(self, sock: socket.socket, started_at: float) -> None:
         """A borrowed identity's routing (``server/borrow.py``): the borrowed site hears the
