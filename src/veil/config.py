@@ -41,6 +41,7 @@ __all__ = [
     "DEFAULT_KEEPALIVE",
     "DEFAULT_MAX_SESSIONS",
     "DEFAULT_MAX_SESSIONS_PER_USER",
+    "DEFAULT_REFUSED_TCP_PORTS",
     "DEFAULT_TUN_POOL",
     "DEFAULT_TUN_POOL6",
     "MAX_CONNECTIONS",
@@ -55,6 +56,7 @@ __all__ = [
     "parse_keepalive",
     "parse_key",
     "parse_limit",
+    "parse_port_list",
     "parse_rate",
     "parse_tun_pools",
     "parse_via",
@@ -87,6 +89,11 @@ MAX_SUBSCRIPTION_REFRESH_S = 86_400.0
 #: ``veil serve --routing``: "none" (the app exports send everything through veil) or "cn"
 #: (they carry the rules of ``veil connect --rules cn``; veil.manage.rules).
 ROUTING_PRESETS = ("none", "cn")
+#: TCP destination ports the server refuses unless ``--refuse-ports`` says otherwise: SMTP's
+#: 25, which VPS providers block or suspend servers for (a relay for spam gets the server's
+#: address blacklisted and the operator's account closed). Submission (587, 465) needs a
+#: login and is how mail clients send: not refused.
+DEFAULT_REFUSED_TCP_PORTS = (25,)
 DEFAULT_TUN_POOL = "10.77.0.0/16"
 DEFAULT_TUN_POOL6 = "fd77::/64"
 #: Where a forward listens when the spec gives no LHOST: never the LAN unless asked.
@@ -150,6 +157,26 @@ def parse_expiry(text: str) -> float | None:
         raise ConfigError(f"bad date {text!r}: use YYYY-MM-DD, an ISO 8601 time, or never") \
             from exc
     return moment.timestamp()
+
+
+def parse_port_list(text: str) -> tuple[int, ...]:
+    """``--refuse-ports``: ``25``, ``25,465,6881-6889``, or ``none``."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    ports: set[int] = set()
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        try:
+            first = int(low)
+            last = int(high) if dash else first
+        except ValueError:
+            raise ConfigError(f"--refuse-ports takes ports and ranges like 25,6881-6889 or "
+                              f"'none', not {text!r}") from None
+        if not 1 <= first <= last <= 65535:
+            raise ConfigError(f"--refuse-ports: {part.strip()!r} is not a port or a range "
+                              "of ports (1-65535)")
+        ports.update(range(first, last + 1))
+    return tuple(sorted(ports))
 
 
 def parse_keepalive(text: str) -> tuple[float, float]:
@@ -360,6 +387,8 @@ class ServerOptions:
     key: Path | None = None
     #: ``--allow-private``: let clients reach private, loopback and link-local addresses.
     allow_private: bool = False
+    #: ``--refuse-ports``: TCP destination ports no stream may reach (also ``--tun``'s).
+    refused_tcp_ports: tuple[int, ...] = DEFAULT_REFUSED_TCP_PORTS
     #: Seconds a connection may take to say whether it is a tunnel or a visitor.
     handshake_timeout: float = 60.0
     #: ``--no-shaping`` turns this off.

@@ -24,6 +24,7 @@ from veil.config import (
     DEFAULT_KEEPALIVE,
     DEFAULT_MAX_SESSIONS,
     DEFAULT_MAX_SESSIONS_PER_USER,
+    DEFAULT_REFUSED_TCP_PORTS,
     DEFAULT_TUN_POOL,
     DEFAULT_TUN_POOL6,
     MAX_CONNECTIONS,
@@ -34,6 +35,7 @@ from veil.config import (
     parse_expiry,
     parse_key,
     parse_limit,
+    parse_port_list,
     parse_rate,
     parse_via,
 )
@@ -68,6 +70,13 @@ def _address(text: str) -> Address:
     try:
         return parse_host_port(text)
     except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _port_list(text: str) -> tuple[int, ...]:
+    try:
+        return parse_port_list(text)
+    except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
@@ -143,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-private", action="store_true",
                        help="let clients reach private, loopback and link-local addresses "
                             "(off by default: it exposes the server's own network)")
+    serve.add_argument("--refuse-ports", type=_port_list, metavar="PORTS",
+                       default=DEFAULT_REFUSED_TCP_PORTS,
+                       help="TCP destination ports no client may reach, e.g. 25,6881-6889, "
+                            "or 'none' (default: "
+                            f"{','.join(map(str, DEFAULT_REFUSED_TCP_PORTS))}, SMTP: VPS "
+                            "providers suspend servers that relay spam)")
     serve.add_argument("--no-shaping", dest="shaping", action="store_false",
                        help="do not pad the first writes of sessions and streams (measures "
                             "shaping's cost; makes tunnelled TLS handshakes visible)")
@@ -403,7 +418,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     options = ServerOptions(
         listen=args.listen[0], also_listen=tuple(args.listen[1:]), via=parse_via(args.via),
         cover_url=args.cover, cert=args.cert, key=args.key,
-        allow_private=args.allow_private, shaping=args.shaping,
+        allow_private=args.allow_private, refused_tcp_ports=args.refuse_ports,
+        shaping=args.shaping,
         max_sessions_per_user=args.max_sessions_per_user, max_sessions=args.max_sessions,
         user_rate=parse_rate(args.max_user_rate) if args.max_user_rate else None,
         tun=args.tun, pool=args.pool, pool6=args.pool6, trojan=args.trojan,

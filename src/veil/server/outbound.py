@@ -18,7 +18,13 @@ from veil.protocol.events import StreamOpened
 from veil.protocol.frames import ResetCode, StreamKind
 from veil.protocol.resolve import encode_answer
 from veil.server.live import UDP_ASSOCIATION_SLOTS, OutboundSlot, OutboundSlots
-from veil.server.policy import DestinationPolicy, RefusedDestination, ResolveError, resolve
+from veil.server.policy import (
+    DestinationPolicy,
+    RefusedDestination,
+    RefusedPort,
+    ResolveError,
+    resolve,
+)
 
 log = logging.getLogger("veil.server")
 
@@ -68,6 +74,10 @@ def policy_resolver(policy: DestinationPolicy, way_in: str) -> Resolver:
                               kind: socket.SocketKind) -> list[tuple[int, str]]:
         try:
             return await resolve(host, port, policy, kind)
+        except RefusedPort as exc:
+            # The port is the operator's list, not the user's history: it may be said.
+            log.info("%s: refused TCP port %s (--refuse-ports)", way_in, exc)
+            raise ConnectionRefusedError("destination port refused by policy") from exc
         except RefusedDestination as exc:
             # Which destination stays out of the log: it is the user's browsing history.
             log.info("%s: refused destination (private or loopback address)", way_in)
@@ -194,6 +204,10 @@ class Outbound:
                 if relay.stream_id not in driver.handlers:
                     transport.abort()
                 return
+        except RefusedPort as exc:
+            code = ResetCode.REFUSED_DESTINATION
+            # The port is the operator's list, not the user's history: it may be said.
+            log.info("stream %d: refused TCP port %s (--refuse-ports)", relay.stream_id, exc)
         except RefusedDestination:
             code = ResetCode.REFUSED_DESTINATION
             # Which destination stays out of the log: it is the user's browsing history.

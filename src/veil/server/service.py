@@ -135,7 +135,7 @@ class VeilServer:
         policy = DestinationPolicy.for_server(
             options.allow_private,
             [options.listen.host, *(a.host for a in options.also_listen), state.public.host,
-             *local_addresses()])
+             *local_addresses()], options.refused_tcp_ports)
         self.outbound = Outbound(policy, self.live.outbound_slots)
         self.trojan = TrojanService(policy, self.live.outbound_slots)
         own_names = frozenset(n for n in (state.sni,) if n)
@@ -180,7 +180,8 @@ class VeilServer:
             from veil.server.tun import TunServer, TunServerOptions  # Linux only  # noqa: PLC0415
 
             self.tun = TunServer(TunServerOptions.parse(
-                self.options.pool, self.options.pool6, allow_private=self.options.allow_private))
+                self.options.pool, self.options.pool6, allow_private=self.options.allow_private,
+                refused_tcp_ports=self.options.refused_tcp_ports))
             await self.tun.start()
         try:
             for listen in (self.options.listen, *self.options.also_listen):
