@@ -389,6 +389,9 @@ class ServerOptions:
     allow_private: bool = False
     #: ``--refuse-ports``: TCP destination ports no stream may reach (also ``--tun``'s).
     refused_tcp_ports: tuple[int, ...] = DEFAULT_REFUSED_TCP_PORTS
+    #: ``--block-bittorrent``: refuse streams and datagrams that are BitTorrent (its
+    #: handshake, tracker requests, DHT, uTP; veil.protocol.bittorrent). Not for ``--tun``.
+    block_bittorrent: bool = False
     #: Seconds a connection may take to say whether it is a tunnel or a visitor.
     handshake_timeout: float = 60.0
     #: ``--no-shaping`` turns this off.

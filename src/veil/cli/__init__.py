@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "or 'none' (default: "
                             f"{','.join(map(str, DEFAULT_REFUSED_TCP_PORTS))}, SMTP: VPS "
                             "providers suspend servers that relay spam)")
+    serve.add_argument("--block-bittorrent", action="store_true",
+                       help="refuse BitTorrent (peer handshakes, tracker requests, DHT and uTP) "
+                            "on veil and Trojan streams: swarms see the server's address, and "
+                            "copyright notices go to its owner (not --tun's packets; encrypted "
+                            "BitTorrent is not recognised)")
     serve.add_argument("--no-shaping", dest="shaping", action="store_false",
                        help="do not pad the first writes of sessions and streams (measures "
                             "shaping's cost; makes tunnelled TLS handshakes visible)")
@@ -419,6 +424,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         listen=args.listen[0], also_listen=tuple(args.listen[1:]), via=parse_via(args.via),
         cover_url=args.cover, cert=args.cert, key=args.key,
         allow_private=args.allow_private, refused_tcp_ports=args.refuse_ports,
+        block_bittorrent=args.block_bittorrent,
         shaping=args.shaping,
         max_sessions_per_user=args.max_sessions_per_user, max_sessions=args.max_sessions,
         user_rate=parse_rate(args.max_user_rate) if args.max_user_rate else None,

@@ -136,8 +136,10 @@ class VeilServer:
             options.allow_private,
             [options.listen.host, *(a.host for a in options.also_listen), state.public.host,
              *local_addresses()], options.refused_tcp_ports)
-        self.outbound = Outbound(policy, self.live.outbound_slots)
-        self.trojan = TrojanService(policy, self.live.outbound_slots)
+        self.outbound = Outbound(policy, self.live.outbound_slots,
+                                 block_bittorrent=options.block_bittorrent)
+        self.trojan = TrojanService(policy, self.live.outbound_slots,
+                                    block_bittorrent=options.block_bittorrent)
         own_names = frozenset(n for n in (state.sni,) if n)
         self._authenticator = Authenticator(self.live)
         ways_in: list[WayIn] = [VeilWayIn(self._authenticator, self._start_session)]
