@@ -25,6 +25,7 @@ from veil.config import (
     DEFAULT_MAX_SESSIONS,
     DEFAULT_MAX_SESSIONS_PER_USER,
     DEFAULT_REFUSED_TCP_PORTS,
+    DEFAULT_SYSTEM_PROXY_HTTP,
     DEFAULT_TUN_POOL,
     DEFAULT_TUN_POOL6,
     MAX_CONNECTIONS,
@@ -285,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="require this username/password on the SOCKS5 port")
     connect.add_argument("--http", type=_address, metavar="HOST:PORT",
                          help="HTTP proxy listen address (CONNECT and plain requests)")
+    connect.add_argument("--system-proxy", action="store_true",
+                         help="point this desktop's proxy settings at veil while it runs and "
+                              "put them back on exit (GNOME, KDE, macOS, Windows): HTTP and "
+                              "HTTPS to the HTTP proxy (--http, default "
+                              f"{DEFAULT_SYSTEM_PROXY_HTTP}), SOCKS to the SOCKS5 proxy; "
+                              "settings left by a killed client are restored at the next "
+                              "start")
     connect.add_argument("--http-auth", metavar="USER:PASSWORD",
                          help="require this username/password on the HTTP proxy "
                               "(Proxy-Authorization: Basic)")
@@ -690,7 +698,8 @@ def _connect_options(args: argparse.Namespace, key: AccessKey | TrojanLink) -> C
                                       tls_stack=args.tls, shaping=args.shaping, tun=args.tun,
                                       tun_exclude=tuple(args.exclude),
                                       keepalive=args.keepalive, http_auth=args.http_auth,
-                                      allow_lan=args.allow_lan, rules=tuple(args.rules))
+                                      allow_lan=args.allow_lan, rules=tuple(args.rules),
+                                      system_proxy=args.system_proxy)
     return options
 
 
