@@ -365,7 +365,10 @@ def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except NotImplementedError:  # Windows' event loops have no signal handlers
+                signal.signal(sig, lambda _sig, _frame: loop.call_soon_threadsafe(stop.set))
         await main(stop)
 
     try:
