@@ -379,6 +379,8 @@ class VeilServer:
         if self._acme_task is not None:
             self._acme_task.cancel()
             await asyncio.gather(self._acme_task, return_exceptions=True)
+        if self.acme is not None:  # after the task: an order it abandons is no failure
+            await self.acme.stop()
         for task in self._serve_tasks:
             task.cancel()
         await asyncio.gather(*self._serve_tasks, return_exceptions=True)
