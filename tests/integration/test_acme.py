@@ -10,6 +10,8 @@ import asyncio
 import dataclasses
 import logging
 import socket
+import threading
+import time
 import ssl
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
@@ -20,12 +22,14 @@ import pytest
 from cryptography import x509
 
 from tests.support import procs
+from tests.support.acme_stub import RATE_LIMITED, RateLimitingCa
 from tests.support.pebble import PEBBLE, NameServer, Pebble, pebble
 from tests.support.wait import wait_until_async
 from veil.config import ServerOptions
-from veil.manage.state import init_state
+from veil.manage.state import init_state, load_state
 from veil.protocol.accesskey import AccessKey, spki_pin
 from veil.protocol.address import Address
+from veil.server.acme import CertificateRenewer
 from veil.server.service import VeilServer
 
 NAME = "www.veil-acme.org"
@@ -35,6 +39,8 @@ ORDER_TIMEOUT_S = 30.0
 # Renewals tried at most for the badNonce test to have met at least one rejection: at 50 % per
 # request and ~10 requests an order, P(none in 5 orders) ~ 2^-50.
 MAX_RENEWALS_FOR_A_REJECTION = 5
+# The first retry's delay in the tests that watch retries (60 s in service).
+QUICK_RETRY_S = 0.2
 # _ssl's DER constant (ssl does not re-export it): 3.11's ssl has no public way to the chain a
 # server sent, only its leaf; the private get_unverified_chain (3.10+) gives it all.
 _ENCODING_DER = 2
@@ -61,17 +67,43 @@ def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 
 @asynccontextmanager
-async def acme_server(tmp_path: Path, ca: Pebble, port: int) -> AsyncIterator[VeilServer]:
-    state, _ = init_state(tmp_path / "state", listen=Address("127.0.0.1", port),
-                          public=f"{NAME}:{port}")
+async def acme_server(tmp_path: Path, ca: Pebble | RateLimitingCa, port: int, *,
+                      directory: str | None = None,
+                      tune: Callable[[CertificateRenewer], None] | None = None,
+                      ) -> AsyncIterator[VeilServer]:
+    """A server on ``port`` whose certificate comes from ``ca`` (or the CA at ``directory``,
+    checked with ``ca``'s bundle); ``tune`` adjusts its renewer before it starts. The state
+    is tmp_path/state, made on first use and kept: a second server on it starts with what the
+    first obtained."""
+    state_dir = tmp_path / "state"
+    if (state_dir / "config.json").exists():
+        state = load_state(state_dir)
+    else:
+        state, _ = init_state(state_dir, listen=Address("127.0.0.1", port),
+                              public=f"{NAME}:{port}")
     server = VeilServer(state, ServerOptions(
         listen=Address("127.0.0.1", port), allow_private=True,
-        acme_directory=ca.directory, acme_ca_bundle=ca.ca_bundle))
+        acme_directory=directory or ca.directory, acme_ca_bundle=ca.ca_bundle))
+    assert server.acme is not None
+    if tune is not None:
+        tune(server.acme)
     await server.start()
     try:
         yield server
     finally:
         await server.stop()
+
+
+def acme_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The ERROR lines the server logged about ACME orders, one per failed order."""
+    return [r.getMessage() for r in caplog.records if r.name == "veil.server"
+            and r.levelno == logging.ERROR and r.getMessage().startswith("ACME")]
+
+
+def quick_retries(acme: CertificateRenewer) -> None:
+    """Retries after 0.2 s, 0.4 s, 0.8 s ... instead of 1 min, 2 min, 4 min ... (the same
+    doubling, in a test's time)."""
+    acme.retry_first_s = QUICK_RETRY_S
 
 
 @dataclasses.dataclass
@@ -202,3 +234,201 @@ def test_renewals_survive_injected_bad_nonces_and_keep_live_sessions(
                 procs.stop(client.proc)
 
     run(test)
+
+
+def test_a_failed_validation_is_retried_with_a_doubling_delay(
+        tmp_path: Path, ca: Ca, caplog: pytest.LogCaptureFixture) -> None:
+    ca.dns.addresses[NAME] = "127.0.0.2"  # no veil there: every validation fails
+
+    async def test() -> None:
+        async with acme_server(tmp_path, ca.pebble, ca.port, tune=quick_retries) as server:
+            acme = server.acme
+            assert acme is not None
+            before = await asyncio.to_thread(presented_chain, ca.port, None)
+            await wait_until_async(lambda: acme.failures >= 3, ORDER_TIMEOUT_S,
+                                   lambda: ca.pebble.log.read_text()[-2000:])
+            # Each failure waits twice as long as the one before, and the server presents
+            # what it had all along.
+            assert acme.retry_delays[:3] == [QUICK_RETRY_S, 2 * QUICK_RETRY_S,
+                                             4 * QUICK_RETRY_S]
+            assert acme.obtained == 0 and server.state.cert_source == "self-signed"
+            assert (await asyncio.to_thread(presented_chain, ca.port, None))[0] == before[0]
+
+    with caplog.at_level(logging.ERROR, logger="veil.server"):
+        run(test)
+    errors = acme_errors(caplog)
+    print("\n".join(errors))
+    assert len(errors) >= 3  # one line per failed order, no more
+    assert all(f"could not validate {NAME}" in e for e in errors)
+    assert [e.rsplit("next try in ", 1)[1] for e in errors[:3]] == ["0.2 s", "0.4 s", "0.8 s"]
+
+
+def test_a_rate_limit_answer_is_obeyed_no_retry_before_its_retry_after(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Pebble has no rate limits: a stub CA answers every order as Let's Encrypt does past
+    one (429, rateLimited, Retry-After). The backoff alone would retry after 0.2 s."""
+    retry_after = 2
+    stub = RateLimitingCa(tmp_path / "ca", retry_after)
+
+    async def test() -> None:
+        async with acme_server(tmp_path, stub, procs.unused_port(),
+                               tune=quick_retries) as server:
+            acme = server.acme
+            assert acme is not None
+            await wait_until_async(lambda: len(stub.orders) >= 2, ORDER_TIMEOUT_S,
+                                   lambda: f"a second order, {acme.retry_delays}")
+            assert acme.retry_delays[0] == retry_after
+            assert server.state.cert_source == "self-signed"
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="veil.server"):
+            run(test)
+    finally:
+        stub.close()
+    gap = stub.orders[1] - stub.orders[0]
+    errors = acme_errors(caplog)
+    print(f"second order {gap:.2f} s after the first; {errors[0]}")
+    assert gap >= retry_after
+    assert RATE_LIMITED.rsplit(":", 1)[1] in errors[0]
+    assert f"asks to wait {retry_after} s" in errors[0]
+    assert errors[0].endswith(f"next try in {retry_after} s")
+
+
+class SilentListener:
+    """A TCP listener on ``host``:``port`` that accepts and never says a word: a CA that hangs,
+    or a validation that waits. :attr:`peers` are the connections it holds open."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.create_server((host, port))
+        self.peers: list[socket.socket] = []
+        self._closing = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if self._closing:
+                conn.close()
+                return
+            self.peers.append(conn)
+
+    @staticmethod
+    def still_open(conn: socket.socket) -> bool:
+        """Whether ``conn``'s peer has not closed it (what it sent is read and dropped)."""
+        conn.setblocking(False)
+        try:
+            while conn.recv(65536):
+                pass
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False  # an end of stream: the peer closed
+
+    def close(self) -> None:
+        self._closing = True
+        with socket.create_connection(self.sock.getsockname()[:2], timeout=5):
+            pass  # wakes accept()
+        self._thread.join(timeout=5)
+        self.sock.close()
+        for conn in self.peers:
+            conn.close()
+
+
+@pytest.mark.parametrize("down", ["refused", "hanging"])
+def test_a_ca_that_is_down_leaves_the_ca_certificate_in_force(
+        tmp_path: Path, ca: Ca, down: str, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first server gets a certificate from Pebble; the next start on the same state finds
+    it due and its CA down (nothing listens, or a listener that never answers): it keeps
+    presenting the CA's chain, retries with a doubling delay, and says why in one line each."""
+    ca.dns.addresses[NAME] = "127.0.0.1"
+    root = ca.pebble.issuing_root()
+    dead_port = procs.unused_port()
+    hanging = SilentListener("127.0.0.1", dead_port) if down == "hanging" else None
+
+    def ca_down(acme: CertificateRenewer) -> None:
+        quick_retries(acme)
+        acme.request_timeout_s = 0.5  # the hanging CA's request times out in a test's time
+        monkeypatch.setattr(acme, "due_in", lambda: 0.0)
+
+    async def test() -> None:
+        async with acme_server(tmp_path, ca.pebble, ca.port) as first:
+            acme = first.acme
+            assert acme is not None
+            await wait_until_async(lambda: acme.obtained, ORDER_TIMEOUT_S,
+                                   lambda: ca.pebble.log.read_text()[-2000:])
+        issued = (await asyncio.to_thread(presented_chain_at_rest, tmp_path))
+        async with acme_server(tmp_path, ca.pebble, ca.port,
+                               directory=f"https://localhost:{dead_port}/dir",
+                               tune=ca_down) as server:
+            acme = server.acme
+            assert acme is not None and server.state.cert_source == "acme"
+            await wait_until_async(lambda: acme.failures >= 3, ORDER_TIMEOUT_S,
+                                   lambda: f"three failures, {acme.retry_delays}")
+            assert acme.retry_delays[:3] == [QUICK_RETRY_S, 2 * QUICK_RETRY_S,
+                                             4 * QUICK_RETRY_S]
+            chain = await asyncio.to_thread(presented_chain, ca.port, root)
+            assert chain[0] == issued and server.state.cert_source == "acme"
+            client = await asyncio.to_thread(procs.start_veil_client, tmp_path,
+                                             client_key(server))
+            procs.stop(client.proc)
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="veil.server"):
+            run(test)
+    finally:
+        if hanging is not None:
+            hanging.close()
+    errors = acme_errors(caplog)
+    print("\n".join(errors))
+    assert len(errors) >= 3
+    assert all("cannot reach the CA" in e and "still presenting the acme certificate" in e
+               for e in errors)
+    assert ("Connection refused" if down == "refused" else "no answer within") in errors[0]
+
+
+def presented_chain_at_rest(tmp_path: Path) -> x509.Certificate:
+    """The leaf of the CA chain a server left in its state."""
+    return x509.load_pem_x509_certificate((tmp_path / "state" / "acme-cert.pem").read_bytes())
+
+
+def test_stopping_during_a_pending_order_abandons_it_at_once(
+        tmp_path: Path, ca: Ca, caplog: pytest.LogCaptureFixture) -> None:
+    """The name points at a listener that accepts Pebble's validation and never answers, so
+    the order stays pending; the server stops meanwhile: it neither waits for the CA's
+    validation to time out nor leaves a thread polling, and logs no error."""
+    ca.dns.addresses[NAME] = "127.0.0.3"
+    waiting = SilentListener("127.0.0.3", ca.port)
+    stopped_at: list[float] = []
+
+    async def test() -> None:
+        async with acme_server(tmp_path, ca.pebble, ca.port) as server:
+            acme = server.acme
+            assert acme is not None
+            await wait_until_async(lambda: waiting.peers, ORDER_TIMEOUT_S,
+                                   lambda: ca.pebble.log.read_text()[-2000:])
+            assert server.gate.acme_challenges  # the order waits for its validation
+            worker = acme._worker  # noqa: SLF001 - the order's thread
+            stopped_at.append(time.monotonic())
+        assert worker is not None and not worker.is_alive()
+        assert server.gate.acme_challenges == {}
+
+    try:
+        with caplog.at_level(logging.INFO, logger="veil.server"):
+            run(test)  # asyncio.run returns: no executor thread holds the exit either
+        ended = time.monotonic()
+        # Pebble's validation is still waiting on its connection: the stop did not wait
+        # for the CA to give up.
+        assert waiting.still_open(waiting.peers[0])
+    finally:
+        waiting.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "veil.server"]
+    print(f"exit {ended - stopped_at[0]:.2f} s after the stop; "
+          f"{[m for m in messages if m.startswith('ACME')]}")
+    assert acme_errors(caplog) == []
+    assert f"ACME: the order for {NAME} under way was abandoned at stop" in messages

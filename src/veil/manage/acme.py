@@ -266,6 +266,17 @@ def _csr(key_pem: bytes, name: str) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
+def _why_unreachable(exc: BaseException) -> str:
+    """The cause of a failed request in a few words: requests wraps it in urllib3's pool and
+    retry errors, whose text names the pool before the reason."""
+    if isinstance(exc, requests.Timeout):
+        return f"no answer within the request timeout ({exc.__class__.__name__})"
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    if reason is not None:  # urllib3's MaxRetryError: the reason is the last attempt's error
+        return str(reason).rsplit("): ", 1)[-1]
+    return str(exc)
+
+
 def obtain_certificate(directory: Path, name: str, *, directory_url: str,
                        ca_bundle: Path | None = None, email: str | None = None,
                        publish: Publish, cancelled: threading.Event | None = None,
@@ -320,7 +331,7 @@ def obtain_certificate(directory: Path, name: str, *, directory_url: str,
         raise AcmeError(f"the CA refused: {exc.code or exc.typ}: {exc.detail}{after}",
                         code="acme_refused", retry_after=retry_after) from exc
     except (requests.RequestException, errors.Error, OSError, ValueError) as exc:
-        raise AcmeError(f"cannot reach the CA at {directory_url}: {exc}",
+        raise AcmeError(f"cannot reach the CA at {directory_url}: {_why_unreachable(exc)}",
                         code="acme_unreachable") from exc
     finally:
         if published:
