@@ -10,9 +10,9 @@ import asyncio
 import dataclasses
 import logging
 import socket
+import ssl
 import threading
 import time
-import ssl
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -413,7 +413,7 @@ def test_stopping_during_a_pending_order_abandons_it_at_once(
             await wait_until_async(lambda: waiting.peers, ORDER_TIMEOUT_S,
                                    lambda: ca.pebble.log.read_text()[-2000:])
             assert server.gate.acme_challenges  # the order waits for its validation
-            worker = acme._worker  # noqa: SLF001 - the order's thread
+            worker = acme._worker  # the order's thread
             stopped_at.append(time.monotonic())
         assert worker is not None and not worker.is_alive()
         assert server.gate.acme_challenges == {}

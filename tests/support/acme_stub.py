@@ -35,7 +35,7 @@ class RateLimitingCa:
         stub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: object) -> None:
                 pass  # quiet: the test prints what it needs
 
             def _answer(self, status: int, body: dict[str, object] | None,
