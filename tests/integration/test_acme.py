@@ -24,7 +24,8 @@ from cryptography import x509
 from tests.support import procs
 from tests.support.acme_stub import RATE_LIMITED, RateLimitingCa
 from tests.support.pebble import PEBBLE, NameServer, Pebble, pebble
-from tests.support.wait import wait_until_async
+from tests.support.socks_echo import ROUND_TRIP_TIMEOUT_S, echo_target
+from tests.support.wait import wait_until, wait_until_async
 from veil.config import ServerOptions
 from veil.manage.state import init_state, load_state
 from veil.protocol.accesskey import AccessKey, spki_pin
@@ -432,3 +433,168 @@ def test_stopping_during_a_pending_order_abandons_it_at_once(
           f"{[m for m in messages if m.startswith('ACME')]}")
     assert acme_errors(caplog) == []
     assert f"ACME: the order for {NAME} under way was abandoned at stop" in messages
+
+
+# Load across a renewal: tunnelled streams (through a veil client's SOCKS5 port, to an echo
+# server) and strangers' keep-alive HTTPS connections to the cover site, each going round
+# trip after round trip; every one must finish ROUNDS_AFTER more after the new certificate is
+# in force, over the same connection.
+LOAD_STREAMS = 4
+LOAD_STRANGERS = 4
+LOAD_CHUNK = 64 * 1024
+ROUNDS_AFTER = 3
+
+
+async def tunnelled_stream(socks_port: int, target: int, mark: int, rounds: list[int],
+                           renewed: asyncio.Event) -> None:
+    """Echo round trips of LOAD_CHUNK through the tunnel, each checked byte for byte, until
+    ROUNDS_AFTER of them came after ``renewed``; ``rounds[mark]`` counts them all."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", socks_port)
+    try:
+        writer.write(b"\x05\x01\x00")
+        assert await reader.readexactly(2) == b"\x05\x00"
+        writer.write(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + target.to_bytes(2, "big"))
+        assert (await reader.readexactly(10))[:2] == b"\x05\x00"
+        after = 0
+        while after < ROUNDS_AFTER:
+            was_renewed = renewed.is_set()
+            payload = bytes([mark, rounds[mark] % 256]) * (LOAD_CHUNK // 2)
+            writer.write(payload)
+            got = await asyncio.wait_for(reader.readexactly(len(payload)),
+                                         ROUND_TRIP_TIMEOUT_S)
+            assert got == payload
+            rounds[mark] += 1
+            after += was_renewed
+    finally:
+        writer.close()
+
+
+async def stranger_fetches(port: int, root: bytes, mark: int, rounds: list[int],
+                           renewed: asyncio.Event) -> x509.Certificate:
+    """A stranger's one TLS connection (verifying the CA's chain) fetching the cover's front
+    page again and again, as above; returns the certificate it was given at its handshake."""
+    context = ssl.create_default_context(cadata=root.decode())
+    context.set_alpn_protocols(["http/1.1"])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context,
+                                                   server_hostname=NAME)
+    try:
+        tls = writer.get_extra_info("ssl_object")
+        leaf = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+        after = 0
+        while after < ROUNDS_AFTER:
+            was_renewed = renewed.is_set()
+            writer.write(f"GET / HTTP/1.1\r\nHost: {NAME}\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), ROUND_TRIP_TIMEOUT_S)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            await asyncio.wait_for(reader.readexactly(length), ROUND_TRIP_TIMEOUT_S)
+            rounds[mark] += 1
+            after += was_renewed
+        return leaf
+    finally:
+        writer.close()
+
+
+def test_a_renewal_under_load_drops_nothing_and_keys_from_before_connect(
+        tmp_path: Path, ca: Ca) -> None:
+    ca.dns.addresses[NAME] = "127.0.0.1"
+    root = ca.pebble.issuing_root()
+
+    async def test() -> None:
+        target = await echo_target()
+        try:
+            async with acme_server(tmp_path, ca.pebble, ca.port) as server:
+                acme = server.acme
+                assert acme is not None
+                await wait_until_async(lambda: acme.obtained, ORDER_TIMEOUT_S,
+                                       lambda: ca.pebble.log.read_text()[-2000:])
+                first = (await asyncio.to_thread(presented_chain, ca.port, root))[0]
+                key_before = client_key(server)
+                client = await asyncio.to_thread(procs.start_veil_client, tmp_path,
+                                                 key_before)
+                try:
+                    await load_across_a_renewal(server, client, target, root, first)
+                    # A key handed out before the renewal still connects (it pins the key).
+                    again = await asyncio.to_thread(procs.start_veil_client, tmp_path,
+                                                    key_before)
+                    procs.stop(again.proc)
+                finally:
+                    procs.stop(client.proc)
+        finally:
+            target.close()
+            await target.wait_closed()
+
+    run(test)
+
+
+async def load_across_a_renewal(server: VeilServer, client: procs.VeilClient,
+                                target: asyncio.Server, root: bytes,
+                                first: x509.Certificate) -> None:
+    acme = server.acme
+    assert acme is not None and client.socks is not None
+    sessions = set(server.live.connections)
+    assert len(sessions) == 1
+    target_port = target.sockets[0].getsockname()[1]
+    rounds = [0] * (LOAD_STREAMS + LOAD_STRANGERS)
+    renewed = asyncio.Event()
+    streams = [asyncio.create_task(tunnelled_stream(client.socks, target_port, i, rounds,
+                                                    renewed)) for i in range(LOAD_STREAMS)]
+    strangers = [asyncio.create_task(stranger_fetches(server.address.port, root, i, rounds,
+                                                      renewed))
+                 for i in range(LOAD_STREAMS, LOAD_STREAMS + LOAD_STRANGERS)]
+    everything = [*streams, *strangers]
+    try:
+        # Every connection open and moving before the renewal starts.
+        await wait_until_async(lambda: all(rounds) or any(t.done() for t in everything),
+                               ORDER_TIMEOUT_S, lambda: f"round trips {rounds}")
+        before = list(rounds)
+        await acme.renew()
+        renewed.set()
+        await asyncio.wait_for(asyncio.gather(*everything), ORDER_TIMEOUT_S)
+    finally:
+        for task in everything:
+            task.cancel()
+        await asyncio.gather(*everything, return_exceptions=True)
+    given = {t.result() for t in strangers}
+    print(f"round trips before the renewal {before}, in all {rounds}")
+    # The strangers kept the certificate of their handshake, the one before the renewal ...
+    assert given == {first}
+    # ... new handshakes get the new one, for the same key ...
+    renewed_leaf = (await asyncio.to_thread(presented_chain, server.address.port, root))[0]
+    assert renewed_leaf.serial_number != first.serial_number
+    assert spki_pin(renewed_leaf) == spki_pin(first) == server.state.pin
+    # ... and the tunnel's session is the one from before.
+    assert set(server.live.connections) == sessions
+    assert client.proc.poll() is None and client.log_text().count("connected to") == 1
+
+
+def test_veil_serve_with_a_name_gets_and_presents_the_ca_certificate(
+        tmp_path: Path, ca: Ca) -> None:
+    """The command line as an operator types it, as a process: the start-up line says where
+    the certificate comes from, the next that it came, and strangers then get the CA's chain;
+    the first key works; a stop ends cleanly."""
+    ca.dns.addresses[NAME] = "127.0.0.1"
+    root = ca.pebble.issuing_root()
+    server = procs.start_veil_server(
+        tmp_path, "--public", f"{NAME}:{ca.port}", "--acme-directory", ca.pebble.directory,
+        "--acme-ca-bundle", str(ca.pebble.ca_bundle), port=ca.port)
+    try:
+        obtained = f"ACME: obtained a certificate for {NAME} from {ca.pebble.directory}"
+        wait_until(lambda: obtained in server.log_text() or server.proc.poll() is not None,
+                   ORDER_TIMEOUT_S, lambda: server.log_text()[-2000:])
+        log = server.log_text()
+        (line,) = [x for x in log.splitlines() if "certificate: " in x]
+        print(line)
+        assert f"certificate: a CA's for {NAME}, over ACME from {ca.pebble.directory}" in line
+        assert obtained in log
+        chain = presented_chain(ca.port, root)
+        assert chain[0].issuer != chain[0].subject
+        assert spki_pin(chain[0]) == AccessKey.parse(server.key).pin
+        key = AccessKey.parse(server.key)
+        client = procs.start_veil_client(tmp_path, dataclasses.replace(
+            key, server=Address("127.0.0.1", ca.port)).to_uri())
+        procs.stop(client.proc)
+    finally:
+        status = procs.stop(server.proc)
+    assert status == 0 and "Traceback" not in server.log_text()
