@@ -440,6 +440,10 @@ LOAD_STREAMS = 4
 LOAD_STRANGERS = 4
 LOAD_CHUNK = 64 * 1024
 ROUNDS_AFTER = 3
+# A stranger's pause between two page loads: the cover closes a keep-alive connection after
+# KEEPALIVE_REQUESTS (1,000, nginx's keepalive_requests) as nginx does; at 20 a second that
+# takes 50 s, past the renewal's own bound (ORDER_TIMEOUT_S).
+STRANGER_PAUSE_S = 0.05
 
 
 async def tunnelled_stream(socks_port: int, target: int, mark: int, rounds: list[int],
@@ -488,6 +492,7 @@ async def stranger_fetches(port: int, root: bytes, mark: int, rounds: list[int],
             await asyncio.wait_for(reader.readexactly(length), ROUND_TRIP_TIMEOUT_S)
             rounds[mark] += 1
             after += was_renewed
+            await asyncio.sleep(STRANGER_PAUSE_S)
         return leaf
     finally:
         writer.close()
