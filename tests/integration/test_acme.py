@@ -237,9 +237,48 @@ def test_renewals_survive_injected_bad_nonces_and_keep_live_sessions(
     run(test)
 
 
+class WrongAnswer:
+    """A TLS server at 127.0.0.4:``port`` that agrees on ``acme-tls/1`` and presents an
+    ordinary certificate for NAME, not the challenge's: what a CA meets when the name points
+    at another server on port 443."""
+
+    def __init__(self, workdir: Path, port: int) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        cert, key = procs.make_cert(workdir, NAME)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.context.set_alpn_protocols(["acme-tls/1"])
+        self.sock = socket.create_server(("127.0.0.4", port))
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    with self.context.wrap_socket(conn, server_side=True):
+                        pass  # the handshake is the answer
+                except OSError:  # the validator hangs up on what it sees
+                    pass
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        self.sock.close()
+        self._thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("elsewhere", ["nothing there", "a wrong answer"])
 def test_a_failed_validation_is_retried_with_a_doubling_delay(
-        tmp_path: Path, ca: Ca, caplog: pytest.LogCaptureFixture) -> None:
-    ca.dns.addresses[NAME] = "127.0.0.2"  # no veil there: every validation fails
+        tmp_path: Path, ca: Ca, elsewhere: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The name resolves to an address where no veil is: nothing listens there, or another
+    TLS server answers with its own certificate. Every validation fails."""
+    wrong = WrongAnswer(tmp_path / "other", ca.port) if elsewhere == "a wrong answer" else None
+    ca.dns.addresses[NAME] = "127.0.0.4" if wrong is not None else "127.0.0.2"
 
     async def test() -> None:
         async with acme_server(tmp_path, ca.pebble, ca.port, tune=quick_retries) as server:
@@ -255,8 +294,12 @@ def test_a_failed_validation_is_retried_with_a_doubling_delay(
             assert acme.obtained == 0 and server.state.cert_source == "self-signed"
             assert (await asyncio.to_thread(presented_chain, ca.port, None))[0] == before[0]
 
-    with caplog.at_level(logging.ERROR, logger="veil.server"):
-        run(test)
+    try:
+        with caplog.at_level(logging.ERROR, logger="veil.server"):
+            run(test)
+    finally:
+        if wrong is not None:
+            wrong.close()
     errors = acme_errors(caplog)
     print("\n".join(errors))
     assert len(errors) >= 3  # one line per failed order, no more
