@@ -643,3 +643,27 @@ def test_veil_serve_with_a_name_gets_and_presents_the_ca_certificate(
     finally:
         status = procs.stop(server.proc)
     assert status == 0 and "Traceback" not in server.log_text()
+
+
+def test_veil_serve_stopped_during_a_pending_order_exits_at_once(
+        tmp_path: Path, ca: Ca) -> None:
+    """SIGTERM while Pebble's validation waits on a listener that never answers: the process
+    exits cleanly (status 0, no traceback) within procs.stop's 5 s, long before Pebble gives
+    up on that validation."""
+    ca.dns.addresses[NAME] = "127.0.0.3"
+    waiting = SilentListener("127.0.0.3", ca.port)
+    try:
+        server = procs.start_veil_server(
+            tmp_path, "--public", f"{NAME}:{ca.port}", "--acme-directory",
+            ca.pebble.directory, "--acme-ca-bundle", str(ca.pebble.ca_bundle), port=ca.port)
+        try:
+            wait_until(lambda: waiting.peers or server.proc.poll() is not None,
+                       ORDER_TIMEOUT_S, lambda: server.log_text()[-2000:])
+        finally:
+            status = procs.stop(server.proc)
+        assert waiting.still_open(waiting.peers[0])
+    finally:
+        waiting.close()
+    log = server.log_text()
+    assert status == 0 and "Traceback" not in log, log[-2000:]
+    assert f"ACME: the order for {NAME} under way was abandoned at stop" in log
