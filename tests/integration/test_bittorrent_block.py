@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import procs
+from tests.support.toyserver import ToyServer
 from veil.protocol.address import Address
 from veil.protocol.trojan import Command, TrojanLink, build_request, password_hash
 
@@ -25,34 +25,18 @@ HANDSHAKE = b"\x13BitTorrent protocol" + bytes(8) + INFOHASH + b"-qB4650-" + os.
 DHT_PING = b"d1:ad2:id20:" + bytes(20) + b"e1:q4:ping1:t2:aa1:y1:qe"
 
 
-class Recorder:
+class Recorder(ToyServer):
     """A TCP server that keeps every byte each connection sent (and echoes it)."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
         self.received = bytearray()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        super().__init__(self._record)
+        self.port = int(self.address.rsplit(":", 1)[1])
 
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            while data := conn.recv(65536):
-                self.received += data
-                conn.sendall(data)
-
-    def close(self) -> None:
-        self.sock.close()
+    def _record(self, conn: socket.socket) -> None:
+        while data := conn.recv(65536):
+            self.received += data
+            conn.sendall(data)
 
 
 @pytest.fixture(scope="module")
