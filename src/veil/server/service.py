@@ -35,6 +35,7 @@ from veil.protocol.shaping import NO_SHAPING
 from veil.protocol.trojan import TrojanRequest, password_hash_for_secret
 from veil.server.acme import CertificateRenewer, acme_directory_for
 from veil.server.blocks import BlockAlert, BlockTracker, run_alert_command
+from veil.server.fleet import Facts, HostSampler, heartbeat_info, server_id
 from veil.server.gate import Authenticator, Gate, VeilWayIn, WayIn
 from veil.server.live import Live, LiveConnection
 from veil.server.outbound import Outbound
@@ -103,7 +104,10 @@ class VeilServer:
         self.users = UserManager(state, self.store)
         self.live = Live(state.open_store, trojan_hash=password_hash_for_secret,
                          max_sessions_per_user=options.max_sessions_per_user,
-                         max_sessions=options.max_sessions, user_rate=options.user_rate)
+                         max_sessions=options.max_sessions, user_rate=options.user_rate,
+                         server_id=server_id(str(options.listen)))
+        self.host = HostSampler()  # the heartbeat's own: rates are between two heartbeats
+        self.live.heartbeat = self._heartbeat
         # The CDN ways in: their secret paths on the built-in site's HTTP/1.1, each carrier
         # a Noise channel to a session (veil.net.noise_channel).
         self.carriers: CarrierServer | None = None
@@ -404,6 +408,10 @@ class VeilServer:
         self.store.close()
         log.info("stopped; %d session(s) closed", len(drivers))
 
+    def _heartbeat(self) -> Callable[[], str]:
+        facts, host = Facts.of(self.status()), self.host
+        return lambda: heartbeat_info(facts, host.sample())
+
     def status(self) -> ServerStatus:
         """What the admin panel and ``/metrics`` see of this server
         (:class:`veil.server.status.StatusSource`): a snapshot, no I/O."""
@@ -420,6 +428,7 @@ class VeilServer:
             for c in sorted(live.connections.values(), key=lambda c: c.id))
         return ServerStatus(
             state=self.state, started_at=self.started_at, listen=str(listen),
+            server_id=self.live.server_id,
             cover_url=self.options.cover_url, tun=self.options.tun,
             ways_in=self._way_in_names(), connections=connections,
             user_bytes=dict(live.user_bytes), users=users,
