@@ -30,6 +30,9 @@ PROC = Path("/proc")
 #: A server whose heartbeat is older than this shows as not responding: a few missed beats
 #: (a store round trip stalled, a loaded box), not one late one.
 STALE_AFTER_S = 30.0
+#: Rates over a shorter window are noise (the kernel counts CPU time in 10 ms ticks): a reading
+#: sooner than this after the previous one gives the previous one's figures again.
+MIN_SAMPLE_INTERVAL_S = 1.0
 #: /proc files are a few kB (net/dev grows with interfaces): a bound on what is read of each.
 MAX_PROC_READ = 256 * 1024
 
@@ -108,9 +111,12 @@ class HostSampler:
     def __init__(self, proc: Path = PROC) -> None:
         self._proc = proc
         self._last: tuple[float, tuple[int, int] | None, tuple[int, int] | None] | None = None
+        self._load = HostLoad()
 
     def sample(self) -> HostLoad:
         now = time.monotonic()
+        if self._last is not None and now - self._last[0] < MIN_SAMPLE_INTERVAL_S:
+            return self._load
         stat = _read(self._proc / "stat")
         cpu = cpu_times(stat) if stat is not None else None
         meminfo = _read(self._proc / "meminfo")
@@ -127,12 +133,13 @@ class HostSampler:
                 rx_rate = max(net[0] - last_net[0], 0) / elapsed
                 tx_rate = max(net[1] - last_net[1], 0) / elapsed
         self._last = (now, cpu, net)
-        return HostLoad(cpu_percent=cpu_percent, cpus=_cpus(stat),
+        self._load = HostLoad(cpu_percent=cpu_percent, cpus=_cpus(stat),
                         memory_total_bytes=mem[0] if mem else None,
                         memory_used_bytes=mem[1] if mem else None,
                         net_rx_bytes_per_s=rx_rate, net_tx_bytes_per_s=tx_rate,
                         net_rx_bytes=net[0] if net else None,
                         net_tx_bytes=net[1] if net else None)
+        return self._load
 
 
 def _cpus(stat: str | None) -> int | None:

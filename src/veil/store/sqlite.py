@@ -166,8 +166,8 @@ class SqliteUserStore(SqlUserStore):
     def _has_panel_tables(self) -> bool:
         try:
             found = self._db.execute(
-                f"SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN "
-                f"({', '.join('?' for _ in PANEL_TABLE_NAMES)})", PANEL_TABLE_NAMES).fetchone()
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN (?, ?)",
+                PANEL_TABLE_NAMES).fetchone()
         except sqlite3.Error as exc:
             raise self._error("open it", exc) from exc
         return bool(found[0] == len(PANEL_TABLE_NAMES))
