@@ -107,7 +107,8 @@ def test_parallel_wrong_passwords_are_not_all_tried(harness: Harness,
         reply = client.request("POST", "/login", form={"csrf_token": token, "password": "x"})
         statuses.append(reply.status)
 
-    threads = [threading.Thread(target=attempt, args=pair) for pair in zip(clients, forms, strict=True)]
+    threads = [threading.Thread(target=attempt, args=pair)
+               for pair in zip(clients, forms, strict=True)]
     for thread in threads:
         thread.start()
     for thread in threads:
