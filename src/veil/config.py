@@ -393,6 +393,9 @@ class ServerOptions:
     #: ``--on-block CMD``: a command (argv, run without a shell) the server runs when most
     #: active users report a way in blocked (veil.server.blocks); empty: none.
     on_block: tuple[str, ...] = ()
+    #: ``--alert-webhook URL``: where the server posts alerts (a user at 80% of the limit, the
+    #: certificate near expiry: veil.server.alerts); None: none.
+    alert_webhook: str | None = None
     #: ``--routing``: the rules the Clash Meta and sing-box exports carry, one of
     #: :data:`ROUTING_PRESETS` (veil.manage.rules); "none": everything through veil.
     routing: str = "none"

@@ -469,3 +469,10 @@ def test_heartbeats_of_a_fleet_are_kept_per_server(backend: Backend, store: User
                                ServerBeat("b", NOW + 2, '{"n": 3}')]
     store.beat("b", NOW + 2 + SERVER_KEEP_S, "{}")  # a is gone for longer than the keep time
     assert [s.id for s in other.servers()] == ["b"]
+
+
+def test_a_setting_is_claimed_once_across_stores(backend: Backend, store: UserStore) -> None:
+    other = backend.open()
+    assert store.claim_setting("alert:x", "1") is True
+    assert other.claim_setting("alert:x", "2") is False
+    assert other.get_setting("alert:x") == "1"

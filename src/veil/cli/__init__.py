@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "blocked; it gets VEIL_WAY_IN, VEIL_KIND, VEIL_USERS, "
                             "VEIL_ACTIVE_USERS and VEIL_SINCE; at most once an hour per way "
                             "(docs/operations.md, \"Blocked ways in\")")
+    serve.add_argument("--alert-webhook", metavar="URL",
+                       help="POST a JSON alert to URL when a user reaches 80%% of the limit "
+                            "or the certificate expires within 14 days (docs/operations.md, "
+                            "\"Alerts\")")
     serve.add_argument("--public", metavar="HOST[:PORT]",
                        help="address clients use, written into access keys "
                             "(default: the listen address)")
@@ -408,6 +412,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         user_rate=parse_rate(args.max_user_rate) if args.max_user_rate else None,
         tun=args.tun, pool=args.pool, pool6=args.pool6, trojan=args.trojan,
         on_block=_command(args.on_block), routing=args.routing,
+        alert_webhook=args.alert_webhook,
         acme_directory=args.acme_directory, acme_ca_bundle=args.acme_ca_bundle,
         acme_email=args.acme_email, self_signed=args.self_signed)
     if args.admin is not None:

@@ -34,6 +34,7 @@ from veil.protocol.session import Session, SessionConfig
 from veil.protocol.shaping import NO_SHAPING
 from veil.protocol.trojan import TrojanRequest, password_hash_for_secret
 from veil.server.acme import CertificateRenewer, acme_directory_for
+from veil.server.alerts import Alerts, Webhook
 from veil.server.blocks import BlockAlert, BlockTracker, run_alert_command
 from veil.server.fleet import Facts, HostSampler, heartbeat_info, server_id
 from veil.server.gate import Authenticator, Gate, VeilWayIn, WayIn
@@ -108,6 +109,11 @@ class VeilServer:
                          server_id=server_id(str(options.listen)))
         self.host = HostSampler()  # the heartbeat's own: rates are between two heartbeats
         self.live.heartbeat = self._heartbeat
+        self.alerts: Alerts | None = None
+        if options.alert_webhook is not None:
+            self.alerts = Alerts(Webhook(options.alert_webhook), lambda: self.state,
+                                 lambda: self.live.directory, self.live.server_id)
+        self._alerts_task: asyncio.Task[None] | None = None
         # The CDN ways in: their secret paths on the built-in site's HTTP/1.1, each carrier
         # a Noise channel to a session (veil.net.noise_channel).
         self.carriers: CarrierServer | None = None
@@ -211,6 +217,8 @@ class VeilServer:
         log.info("certificate: %s", self._certificate_plan())
         if self.acme is not None:
             self._acme_task = loop.create_task(self.acme.run())
+        if self.alerts is not None:
+            self._alerts_task = loop.create_task(self.alerts.run())
         if self.state.via:
             log.info("keys name these ways in after %s: %s", self.state.public,
                      ", ".join(map(str, self.state.via)))  # no secret paths in logs
@@ -380,9 +388,10 @@ class VeilServer:
 
     async def stop(self) -> None:
         """Stop accepting, tell sessions to close, wait a little, then cut the rest."""
-        if self._acme_task is not None:
-            self._acme_task.cancel()
-            await asyncio.gather(self._acme_task, return_exceptions=True)
+        for background in (self._acme_task, self._alerts_task):
+            if background is not None:
+                background.cancel()
+                await asyncio.gather(background, return_exceptions=True)
         for task in self._serve_tasks:
             task.cancel()
         await asyncio.gather(*self._serve_tasks, return_exceptions=True)

@@ -395,6 +395,14 @@ class SqlUserStore(UserStore):
 
         return self._run("read the fleet's heartbeats", work, write=False)
 
+    def claim_setting(self, key: str, value: str) -> bool:
+        def work(cur: Cursor) -> bool:
+            cur.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
+                        "ON CONFLICT (key) DO NOTHING", (key, value))
+            return cur.rowcount == 1
+
+        return self._run(f"claim setting {key!r}", work)
+
     # ------------------------------------------------------------------ settings
     def get_setting(self, key: str) -> str | None:
         def work(cur: Cursor) -> str | None:

@@ -271,4 +271,9 @@ class UserStore(abc.ABC):
         """Set a server-wide setting; None deletes it."""
 
     @abc.abstractmethod
+    def claim_setting(self, key: str, value: str) -> bool:
+        """Set ``key`` only if it is unset; True for the one caller (of every process on the
+        store) that set it: how a fleet's servers agree which one sends an alert."""
+
+    @abc.abstractmethod
     def close(self) -> None: ...
