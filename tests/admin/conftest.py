@@ -213,6 +213,16 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
         h.close()
 
 
+@pytest.fixture(scope="module")
+def trojan_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    """A harness whose server takes Trojan (``--trojan``): every export is on a user's page."""
+    h = Harness(tmp_path_factory.mktemp("admin-trojan"), trojan=True)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
 @pytest.fixture
 def logged_in(harness: Harness) -> Client:
     client = harness.client()

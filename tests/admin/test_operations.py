@@ -52,15 +52,6 @@ def _card(page: str, card_id: str) -> str:
                 if '<div class="card"' in page[start + 1:] else len(page)]
 
 
-@pytest.fixture(scope="module")
-def trojan_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
-    h = Harness(tmp_path_factory.mktemp("admin-trojan"), trojan=True)
-    try:
-        yield h
-    finally:
-        h.close()
-
-
 # ------------------------------------------------------------------ item 1: exports
 def test_a_users_page_has_every_export_each_with_its_qr(trojan_harness: Harness) -> None:
     h = trojan_harness
