@@ -164,7 +164,7 @@ class Alerts:
     the store, posts the ones it claimed."""
 
     def __init__(self, webhook: Webhook, state: Callable[[], ServerState],
-                 directory: Callable[[], UserDirectory], server_id: str, *,
+                 directory: Callable[[], UserDirectory], server_id: Callable[[], str], *,
                  interval: float = CHECK_INTERVAL_S, cert_days: float = CERT_ALERT_DAYS,
                  clock: Callable[[], float] = time.time) -> None:
         self.webhook = webhook
@@ -205,10 +205,11 @@ class Alerts:
             return
         store = self._store
         assert store is not None
+        server = self.server_id()
         claimed = await asyncio.to_thread(
-            lambda: [a for a in alerts if store.claim_setting(a.key, self.server_id)])
+            lambda: [a for a in alerts if store.claim_setting(a.key, server)])
         for alert in claimed:
-            body = {**alert.body, "server": self.server_id, "at": now}
+            body = {**alert.body, "server": server, "at": now}
             task = asyncio.get_running_loop().create_task(self.webhook.post(body))
             self._posts.add(task)
             task.add_done_callback(self._posts.discard)

@@ -105,14 +105,12 @@ class VeilServer:
         self.users = UserManager(state, self.store)
         self.live = Live(state.open_store, trojan_hash=password_hash_for_secret,
                          max_sessions_per_user=options.max_sessions_per_user,
-                         max_sessions=options.max_sessions, user_rate=options.user_rate,
-                         server_id=server_id(str(options.listen)))
+                         max_sessions=options.max_sessions, user_rate=options.user_rate)
         self.host = HostSampler()  # the heartbeat's own: rates are between two heartbeats
-        self.live.heartbeat = self._heartbeat
         self.alerts: Alerts | None = None
         if options.alert_webhook is not None:
             self.alerts = Alerts(Webhook(options.alert_webhook), lambda: self.state,
-                                 lambda: self.live.directory, self.live.server_id)
+                                 lambda: self.live.directory, lambda: self.live.server_id)
         self._alerts_task: asyncio.Task[None] | None = None
         # The CDN ways in: their secret paths on the built-in site's HTTP/1.1, each carrier
         # a Noise channel to a session (veil.net.noise_channel).
@@ -200,6 +198,10 @@ class VeilServer:
                 sock.close()
             self._listeners = []
             raise
+        # Named by the address bound (a --listen port 0 is a port now), the server joins the
+        # fleet's table at the next refresh.
+        self.live.server_id = server_id(str(self.address))
+        self.live.heartbeat = self._heartbeat
         loop = asyncio.get_running_loop()
         self._serve_tasks = [loop.create_task(self.gate.serve(sock)) for sock in self._listeners]
         try:  # before "listening on": whoever waits for that line may export links at once
