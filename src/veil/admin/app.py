@@ -45,10 +45,10 @@ from veil.admin.metrics import CONTENT_TYPE, certificate_not_after, make_registr
 from veil.config import parse_expiry, parse_limit
 from veil.errors import ConfigError, StoreError, VeilError
 from veil.manage.export import check_trojan_on, export_user
+from veil.manage.fleet import STALE_AFTER_S, HostSampler
 from veil.manage.state import server_ssl_context
 from veil.manage.subscription import subscription_urls
 from veil.manage.users import UserManager, UserReport
-from veil.server.fleet import STALE_AFTER_S, HostSampler
 from veil.store.base import HOUR_S, ServerBeat, SessionEnd, Usage, User, period_start
 
 if TYPE_CHECKING:

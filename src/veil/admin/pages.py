@@ -358,7 +358,7 @@ def _rate(value: float | None) -> str:
 
 
 def host_rows(host: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The Health page's rows for the host's load (veil.server.fleet.HostLoad)."""
+    """The Health page's rows for the host's load (veil.manage.fleet.HostLoad)."""
     cpus = host.get("cpus")
     total, used = host.get("memory_total_bytes"), host.get("memory_used_bytes")
     memory = ("unknown" if total is None or used is None else

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 from veil import __version__
 from veil.errors import ConfigError, StoreError
-from veil.server.fleet import certificate_not_after
+from veil.manage.fleet import certificate_not_after
 from veil.store.base import UserStore, period_start
 
 if TYPE_CHECKING:

@@ -45,7 +45,7 @@ log = logging.getLogger("veil.server")
 #: The issue asks for changes to take effect within one second; half of it leaves room for
 #: the store round trip and the close.
 REFRESH_INTERVAL_S = 0.5
-#: A server writes its heartbeat to the store (the fleet's table, veil.server.fleet) this often:
+#: A server writes its heartbeat to the store (the fleet's table, veil.manage.fleet) this often:
 #: a fleet panel's figures are at most this old, and a PostgreSQL fleet of 20 servers costs
 #: the database 4 small writes a second, not 40.
 HEARTBEAT_INTERVAL_S = 5.0

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from veil.config import ServerOptions
 from veil.cover.backends import BuiltinCover, Cover, make_cover
 from veil.errors import ConfigError
+from veil.manage.fleet import Facts, HostSampler, heartbeat_info, server_id
 from veil.manage.state import ServerState, load_state, record_start, server_ssl_context
 from veil.manage.users import UserManager
 from veil.net.driver import SessionDriver
@@ -36,7 +37,6 @@ from veil.protocol.trojan import TrojanRequest, password_hash_for_secret
 from veil.server.acme import CertificateRenewer, acme_directory_for
 from veil.server.alerts import Alerts, Webhook
 from veil.server.blocks import BlockAlert, BlockTracker, run_alert_command
-from veil.server.fleet import Facts, HostSampler, heartbeat_info, server_id
 from veil.server.gate import Authenticator, Gate, VeilWayIn, WayIn
 from veil.server.live import Live, LiveConnection
 from veil.server.outbound import Outbound
@@ -420,7 +420,11 @@ class VeilServer:
         log.info("stopped; %d session(s) closed", len(drivers))
 
     def _heartbeat(self) -> Callable[[], str]:
-        facts, host = Facts.of(self.status()), self.host
+        live = self.live
+        facts = Facts(str(self.address), str(self.state.public), self.started_at,
+                      len(live.connections), sum(u.up for u in live.user_bytes.values()),
+                      sum(u.down for u in live.user_bytes.values()), self.state.cert_path)
+        host = self.host
         return lambda: heartbeat_info(facts, host.sample())
 
     def status(self) -> ServerStatus:

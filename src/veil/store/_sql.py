@@ -64,7 +64,7 @@ PANEL_TABLES = (
     """CREATE TABLE IF NOT EXISTS servers (
         id      TEXT PRIMARY KEY,
         seen_at {time} NOT NULL,
-        info    TEXT NOT NULL                -- JSON: veil.server.fleet.heartbeat_info
+        info    TEXT NOT NULL                -- JSON: veil.manage.fleet.heartbeat_info
     )""",
 )
 PANEL_TABLE_NAMES = ("session_ends", "servers")

@@ -1,5 +1,6 @@
 """What a server says about itself: its host's CPU, memory and network (from /proc), and the
-heartbeat it writes to the store so that any server's panel shows the whole fleet.
+heartbeat it writes to the store so that any server's panel shows the whole fleet. (In
+``manage``: the server writes the heartbeat, the panel reads it and the host's load.)
 
 Servers of a fleet share one store (PostgreSQL, or SQLite on one machine). Each writes a
 heartbeat every few seconds (veil.server.live: ``HEARTBEAT_INTERVAL_S``) into the store's
@@ -24,7 +25,6 @@ from pathlib import Path
 from cryptography import x509
 
 from veil import __version__
-from veil.server.status import ServerStatus
 
 PROC = Path("/proc")
 #: A server whose heartbeat is older than this shows as not responding: a few missed beats
@@ -169,12 +169,6 @@ class Facts:
     bytes_up: int
     bytes_down: int
     cert_path: Path
-
-    @classmethod
-    def of(cls, status: ServerStatus) -> Facts:
-        return cls(status.listen, str(status.state.public), status.started_at,
-                   len(status.connections), sum(u.up for u in status.user_bytes.values()),
-                   sum(u.down for u in status.user_bytes.values()), status.state.cert_path)
 
 
 def heartbeat_info(facts: Facts, host: HostLoad) -> str:
