@@ -199,8 +199,9 @@ async def _add_over_limit(h: Harness) -> None:
 
 @contextlib.contextmanager
 def _tunnel(h: Harness, module_dir: Path, echo: procs.TcpEcho, name: str
-            ) -> Iterator[socket.socket]:
-    """A real veil client for ``name`` with one connection through it, echoed."""
+            ) -> Iterator[tuple[socket.socket, int]]:
+    """A real veil client for ``name`` with one connection through it, echoed; and the port
+    of its forward, for more."""
     key = h.run(_key_of(h, name))
     wait_until(lambda: name in h.server.live.directory.by_name, WAIT_S, f"{name} loaded")
     spec = f"0:127.0.0.1:{echo.port}"
@@ -210,7 +211,7 @@ def _tunnel(h: Harness, module_dir: Path, echo: procs.TcpEcho, name: str
         sock = socket.create_connection(("127.0.0.1", client.forwards[spec]), timeout=10)
         sock.sendall(b"ping")
         assert sock.recv(4) == b"ping"
-        yield sock
+        yield sock, client.forwards[spec]
     finally:
         if sock is not None:
             sock.close()
@@ -230,7 +231,7 @@ def _sessions_of(h: Harness, name: str) -> list[int]:
 
 def test_ending_a_users_sessions_closes_them_within_a_second(
         harness: Harness, module_dir: Path, tcp_echo: procs.TcpEcho) -> None:
-    with _tunnel(harness, module_dir, tcp_echo, "gus") as sock:
+    with _tunnel(harness, module_dir, tcp_echo, "gus") as (sock, _port):
         wait_until(lambda: _sessions_of(harness, "gus"), WAIT_S, "gus's session")
         client = _logged_in(harness)
         page = client.get("/users/gus").text
@@ -255,7 +256,7 @@ def test_end_this_session_on_the_sessions_page_and_in_the_api(
         harness: Harness, module_dir: Path, tcp_echo: procs.TcpEcho) -> None:
     spec = Spec()
     client = _logged_in(harness)
-    with _tunnel(harness, module_dir, tcp_echo, "hal"):
+    with _tunnel(harness, module_dir, tcp_echo, "hal") as (_sock, forward):
         wait_until(lambda: _sessions_of(harness, "hal"), WAIT_S, "hal's session")
         [session] = _sessions_of(harness, "hal")
         page = client.get("/sessions").text
@@ -267,7 +268,11 @@ def test_end_this_session_on_the_sessions_page_and_in_the_api(
         wait_until(lambda: session not in _sessions_of(harness, "hal"), WAIT_S,
                    "hal's session to end")
         assert time.monotonic() - asked < ACT_WITHIN_S
-        # The client connects again (the key works); the API ends that one too.
+        # The key still works: a new connection through the client opens a new session; the
+        # API ends that one too.
+        with socket.create_connection(("127.0.0.1", forward), timeout=10) as more:
+            more.sendall(b"pong")
+            assert more.recv(4) == b"pong"
         wait_until(lambda: _sessions_of(harness, "hal"), WAIT_S, "hal's next session")
         [again] = _sessions_of(harness, "hal")
         body = spec.check("/api/sessions/{id}/end", "post", client.request(
