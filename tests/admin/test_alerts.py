@@ -183,3 +183,17 @@ def test_a_webhook_needs_an_http_url() -> None:
     for bad in ("file:///etc/passwd", "ftp://example.org/x", "https://"):
         with pytest.raises(ConfigError):
             Webhook(bad)
+
+
+def test_serve_refuses_a_bad_webhook_before_it_writes_anything(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.support.procs import VEIL
+
+    state = tmp_path / "state"
+    result = subprocess.run([*VEIL, "serve", "--state", str(state), "--listen", "127.0.0.1:0",
+                             "--alert-webhook", "file:///etc/passwd"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "--alert-webhook needs an http:// or https:// URL" in result.stderr
+    assert not state.exists()

@@ -36,6 +36,7 @@ from veil.config import (
     parse_limit,
     parse_rate,
     parse_via,
+    parse_webhook_url,
 )
 from veil.errors import ConfigError, StoreError, VeilError
 from veil.protocol.address import Address, parse_host_port
@@ -68,6 +69,13 @@ def _address(text: str) -> Address:
     try:
         return parse_host_port(text)
     except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _webhook_url(text: str) -> str:
+    try:
+        return parse_webhook_url(text)
+    except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
@@ -115,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "blocked; it gets VEIL_WAY_IN, VEIL_KIND, VEIL_USERS, "
                             "VEIL_ACTIVE_USERS and VEIL_SINCE; at most once an hour per way "
                             "(docs/operations.md, \"Blocked ways in\")")
-    serve.add_argument("--alert-webhook", metavar="URL",
+    serve.add_argument("--alert-webhook", metavar="URL", type=_webhook_url,
                        help="POST a JSON alert to URL when a user reaches 80%% of the limit "
                             "or the certificate expires within 14 days (docs/operations.md, "
                             "\"Alerts\")")

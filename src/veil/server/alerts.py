@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from veil import __version__
-from veil.errors import ConfigError, StoreError
+from veil.config import parse_webhook_url
+from veil.errors import StoreError
 from veil.manage.fleet import certificate_not_after
 from veil.store.base import UserStore, period_start
 
@@ -65,14 +66,6 @@ POST_TIMEOUT_S = 10.0
 MAX_REPLY = 4096
 
 
-def check_webhook_url(url: str) -> str:
-    """An http:// or https:// URL with a host; ConfigError otherwise."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError("--alert-webhook needs an http:// or https:// URL")
-    return url
-
-
 def webhook_label(url: str) -> str:
     """The webhook as logs name it: scheme and host, never the path or query (a token)."""
     parts = urlsplit(url)
@@ -90,14 +83,14 @@ class Webhook:
 
     def __init__(self, url: str, *, retry_delays: tuple[float, ...] = RETRY_DELAYS_S,
                  timeout: float = POST_TIMEOUT_S) -> None:
-        self.url = check_webhook_url(url)
+        self.url = parse_webhook_url(url)
         self.retry_delays = retry_delays
         self.timeout = timeout
         self.sent = 0
         self.failed = 0
 
     def _post_once(self, data: bytes) -> int:
-        request = urllib.request.Request(  # noqa: S310 (http/https only: check_webhook_url)
+        request = urllib.request.Request(  # noqa: S310 (http/https only: parse_webhook_url)
             self.url, data=data, method="POST",
             headers={"Content-Type": "application/json", "User-Agent": f"veil/{__version__}"})
         context = ssl.create_default_context() if self.url.startswith("https:") else None
