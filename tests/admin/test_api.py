@@ -165,6 +165,13 @@ def test_changes_with_the_cookie_need_the_csrf_token(harness: Harness,
     reply = logged_in.request("POST", "/users", form={"name": "csrf-victim", "csrf_token": csrf},
                               headers={"Sec-Fetch-Site": "cross-site"})
     assert reply.status == 403
+    # The panel's newer actions are held to the same rule (forms, and the API with the cookie).
+    for path in ("/users/alice/reset-usage", "/users/alice/end-sessions", "/sessions/1/end",
+                 "/api/users/alice/reset-usage", "/api/users/alice/end-sessions",
+                 "/api/sessions/1/end"):
+        assert logged_in.request("POST", path, form={"csrf_token": "forged"}).status == 403, path
+    assert logged_in.request("POST", "/users/alice/end-sessions", form={"csrf_token": csrf},
+                             headers={"Origin": "https://evil.example"}).status == 403
     names = [u["name"] for u in logged_in.get("/api/users").json()["users"]]
     assert "csrf-victim" not in names
     assert harness.server.users.get("alice").revoked_at is None
