@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from veil.errors import ConfigError
 from veil.protocol.accesskey import AccessKey
@@ -429,6 +430,9 @@ class ServerOptions:
     #: ``--on-block CMD``: a command (argv, run without a shell) the server runs when most
     #: active users report a way in blocked (veil.server.blocks); empty: none.
     on_block: tuple[str, ...] = ()
+    #: ``--alert-webhook URL`` (:func:`parse_webhook_url`): where the server posts alerts (a
+    #: user at 80% of the limit, the certificate near expiry: veil.server.alerts); None: none.
+    alert_webhook: str | None = None
     #: ``--routing``: the rules the Clash Meta and sing-box exports carry, one of
     #: :data:`ROUTING_PRESETS` (veil.manage.rules); "none": everything through veil.
     routing: str = "none"
@@ -610,3 +614,12 @@ class ClientOptions:
                    shaping=shaping, tun=tun, tun_exclude=tun_exclude,
                    keepalive=parse_keepalive(keepalive) if keepalive else DEFAULT_KEEPALIVE,
                    rules=rules, system_proxy=system_proxy)
+
+
+def parse_webhook_url(url: str) -> str:
+    """``--alert-webhook URL``: an http:// or https:// URL with a host; ConfigError otherwise
+    (a file: or ftp: URL would read or post where an alert has no business)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("--alert-webhook needs an http:// or https:// URL")
+    return url

@@ -39,6 +39,7 @@ from veil.config import (
     parse_port_list,
     parse_rate,
     parse_via,
+    parse_webhook_url,
 )
 from veil.errors import ConfigError, StoreError, VeilError
 from veil.protocol.address import Address, parse_host_port
@@ -71,6 +72,13 @@ def _address(text: str) -> Address:
     try:
         return parse_host_port(text)
     except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _webhook_url(text: str) -> str:
+    try:
+        return parse_webhook_url(text)
+    except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
@@ -125,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "blocked; it gets VEIL_WAY_IN, VEIL_KIND, VEIL_USERS, "
                             "VEIL_ACTIVE_USERS and VEIL_SINCE; at most once an hour per way "
                             "(docs/operations.md, \"Blocked ways in\")")
+    serve.add_argument("--alert-webhook", metavar="URL", type=_webhook_url,
+                       help="POST a JSON alert to URL when a user reaches 80%% of the limit "
+                            "or the certificate expires within 14 days (docs/operations.md, "
+                            "\"Alerts\")")
     serve.add_argument("--public", metavar="HOST[:PORT]",
                        help="address clients use, written into access keys "
                             "(default: the listen address)")
@@ -441,6 +453,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         user_rate=parse_rate(args.max_user_rate) if args.max_user_rate else None,
         tun=args.tun, pool=args.pool, pool6=args.pool6, trojan=args.trojan,
         on_block=_command(args.on_block), routing=args.routing,
+        alert_webhook=args.alert_webhook,
         acme_directory=args.acme_directory, acme_ca_bundle=args.acme_ca_bundle,
         acme_email=args.acme_email, self_signed=args.self_signed)
     if args.admin is not None:

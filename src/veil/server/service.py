@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from veil.config import ServerOptions
 from veil.cover.backends import BuiltinCover, Cover, make_cover
 from veil.errors import ConfigError
+from veil.manage.fleet import Facts, HostSampler, heartbeat_info, server_id
 from veil.manage.state import ServerState, load_state, record_start, server_ssl_context
 from veil.manage.users import UserManager
 from veil.net.driver import SessionDriver
@@ -34,6 +35,7 @@ from veil.protocol.session import Session, SessionConfig
 from veil.protocol.shaping import NO_SHAPING
 from veil.protocol.trojan import TrojanRequest, password_hash_for_secret
 from veil.server.acme import CertificateRenewer, acme_directory_for
+from veil.server.alerts import Alerts, Webhook
 from veil.server.blocks import BlockAlert, BlockTracker, run_alert_command
 from veil.server.gate import Authenticator, Gate, VeilWayIn, WayIn
 from veil.server.live import Live, LiveConnection
@@ -108,6 +110,12 @@ class VeilServer:
         self.live = Live(state.open_store, trojan_hash=password_hash_for_secret,
                          max_sessions_per_user=options.max_sessions_per_user,
                          max_sessions=options.max_sessions, user_rate=options.user_rate)
+        self.host = HostSampler()  # the heartbeat's own: rates are between two heartbeats
+        self.alerts: Alerts | None = None
+        if options.alert_webhook is not None:
+            self.alerts = Alerts(Webhook(options.alert_webhook), lambda: self.state,
+                                 lambda: self.live.directory, lambda: self.live.server_id)
+        self._alerts_task: asyncio.Task[None] | None = None
         # The CDN ways in: their secret paths on the built-in site's HTTP/1.1, each carrier
         # a Noise channel to a session (veil.net.noise_channel).
         self.carriers: CarrierServer | None = None
@@ -197,6 +205,10 @@ class VeilServer:
                 sock.close()
             self._listeners = []
             raise
+        # Named by the address bound (a --listen port 0 is a port now), the server joins the
+        # fleet's table at the next refresh.
+        self.live.server_id = server_id(str(self.address))
+        self.live.heartbeat = self._heartbeat
         loop = asyncio.get_running_loop()
         self._serve_tasks = [loop.create_task(self.gate.serve(sock)) for sock in self._listeners]
         try:  # before "listening on": whoever waits for that line may export links at once
@@ -215,6 +227,8 @@ class VeilServer:
         log.log(level, "certificate: %s", plan)
         if self.acme is not None:
             self._acme_task = loop.create_task(self.acme.run())
+        if self.alerts is not None:
+            self._alerts_task = loop.create_task(self.alerts.run())
         if self.state.via:
             log.info("keys name these ways in after %s: %s", self.state.public,
                      ", ".join(map(str, self.state.via)))  # no secret paths in logs
@@ -388,9 +402,10 @@ class VeilServer:
 
     async def stop(self) -> None:
         """Stop accepting, tell sessions to close, wait a little, then cut the rest."""
-        if self._acme_task is not None:
-            self._acme_task.cancel()
-            await asyncio.gather(self._acme_task, return_exceptions=True)
+        for background in (self._acme_task, self._alerts_task):
+            if background is not None:
+                background.cancel()
+                await asyncio.gather(background, return_exceptions=True)
         if self.acme is not None:  # after the task: an order it abandons is no failure
             await self.acme.stop()
         for task in self._serve_tasks:
@@ -418,6 +433,14 @@ class VeilServer:
         self.store.close()
         log.info("stopped; %d session(s) closed", len(drivers))
 
+    def _heartbeat(self) -> Callable[[], str]:
+        live = self.live
+        facts = Facts(str(self.address), str(self.state.public), self.started_at,
+                      len(live.connections), sum(u.up for u in live.user_bytes.values()),
+                      sum(u.down for u in live.user_bytes.values()), self.state.cert_path)
+        host = self.host
+        return lambda: heartbeat_info(facts, host.sample())
+
     def status(self) -> ServerStatus:
         """What the admin panel and ``/metrics`` see of this server
         (:class:`veil.server.status.StatusSource`): a snapshot, no I/O."""
@@ -434,6 +457,7 @@ class VeilServer:
             for c in sorted(live.connections.values(), key=lambda c: c.id))
         return ServerStatus(
             state=self.state, started_at=self.started_at, listen=str(listen),
+            server_id=self.live.server_id,
             cover_url=self.options.cover_url, tun=self.options.tun,
             ways_in=self._way_in_names(), connections=connections,
             user_bytes=dict(live.user_bytes), users=users,
