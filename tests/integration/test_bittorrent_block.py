@@ -5,7 +5,6 @@ traffic on the same session passes. Without the flag the same bytes pass (the co
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from veil.protocol.trojan import Command, TrojanLink, build_request, password_ha
 pytestmark = pytest.mark.slow
 
 INFOHASH = bytes(range(100, 120))
-HANDSHAKE = b"\x13BitTorrent protocol" + bytes(8) + INFOHASH + b"-qB4650-" + os.urandom(12)
+HANDSHAKE = b"\x13BitTorrent protocol" + bytes(8) + INFOHASH + b"-qB4650-" + bytes(range(12))
 DHT_PING = b"d1:ad2:id20:" + bytes(20) + b"e1:q4:ping1:t2:aa1:y1:qe"
 
 

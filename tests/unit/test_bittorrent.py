@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import random
 
 import pytest
 
@@ -14,9 +14,12 @@ from veil.protocol.bittorrent import (
     stream_is_bittorrent,
 )
 
-PEER_HANDSHAKE = HANDSHAKE + bytes(8) + os.urandom(20) + b"-qB4650-" + os.urandom(12)
+# Test parameters must be the same in every pytest-xdist worker: arbitrary bytes, drawn once
+# from a fixed seed.
+_BYTES = random.Random(1913)
+PEER_HANDSHAKE = HANDSHAKE + bytes(8) + _BYTES.randbytes(20) + b"-qB4650-" + _BYTES.randbytes(12)
 ANNOUNCE = b"GET /announce?info_hash=%12%34&peer_id=-TR3000-&port=51413 HTTP/1.1\r\nHost: t\r\n\r\n"
-CLIENT_HELLO_START = bytes.fromhex("160301020001") + os.urandom(40)
+CLIENT_HELLO_START = bytes.fromhex("160301020001") + _BYTES.randbytes(40)
 
 
 @pytest.mark.parametrize("first", [PEER_HANDSHAKE, HANDSHAKE, ANNOUNCE,
@@ -70,8 +73,8 @@ def test_a_tracker_request_line_split_in_two_reads() -> None:
 @pytest.mark.parametrize("datagram", [
     b"d1:ad2:id20:" + bytes(20) + b"e1:q4:ping1:t2:aa1:y1:qe",
     b"d1:rd2:id20:" + bytes(20) + b"e1:t2:aa1:y1:re",
-    bytes.fromhex("0000041727101980") + bytes(4) + os.urandom(4),  # UDP tracker connect
-    bytes([0x41, 0x00]) + os.urandom(18),  # uTP SYN
+    bytes.fromhex("0000041727101980") + bytes(4) + _BYTES.randbytes(4),  # UDP tracker connect
+    bytes([0x41, 0x00]) + _BYTES.randbytes(18),  # uTP SYN
 ])
 def test_bittorrent_datagrams_are_recognised(datagram: bytes) -> None:
     assert datagram_is_bittorrent(datagram)
@@ -79,8 +82,8 @@ def test_bittorrent_datagrams_are_recognised(datagram: bytes) -> None:
 
 @pytest.mark.parametrize("datagram", [
     bytes.fromhex("12340100000100000000000006676f6f676c6503636f6d0000010001"),  # DNS query
-    bytes([0xC3, 0, 0, 0, 1]) + os.urandom(1195),  # a QUIC Initial
-    bytes([0x41, 0x00]) + os.urandom(30),  # a QUIC short-header packet that starts alike
+    bytes([0xC3, 0, 0, 0, 1]) + _BYTES.randbytes(1195),  # a QUIC Initial
+    bytes([0x41, 0x00]) + _BYTES.randbytes(30),  # a QUIC short-header packet that starts alike
     b"d1:xe",
 ])
 def test_other_datagrams_are_not(datagram: bytes) -> None:
