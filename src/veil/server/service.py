@@ -49,6 +49,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("veil.server")
 
+# What the start-up line tells the operator of a server without a DNS name to do.
+_NO_NAME_REMEDY = ("give it a DNS name (--public NAME[:PORT]: a CA certificate over ACME; then "
+                   "hand out the keys again), or use borrowed identity (coming)")
+
 # The server never pings, as nginx never does: a client pings with its own writes after a
 # silence (veil.protocol.session), and a client that vanished is found by TCP keepalive
 # (veil.transport.tcp.SERVER_KEEPALIVE). A session with no stream open is closed after
@@ -134,9 +138,11 @@ class VeilServer:
         policy = DestinationPolicy.for_server(
             options.allow_private,
             [options.listen.host, *(a.host for a in options.also_listen), state.public.host,
-             *local_addresses()])
-        self.outbound = Outbound(policy, self.live.outbound_slots)
-        self.trojan = TrojanService(policy, self.live.outbound_slots)
+             *local_addresses()], options.refused_tcp_ports)
+        self.outbound = Outbound(policy, self.live.outbound_slots,
+                                 block_bittorrent=options.block_bittorrent)
+        self.trojan = TrojanService(policy, self.live.outbound_slots,
+                                    block_bittorrent=options.block_bittorrent)
         own_names = frozenset(n for n in (state.sni,) if n)
         self._authenticator = Authenticator(self.live)
         ways_in: list[WayIn] = [VeilWayIn(self._authenticator, self._start_session)]
@@ -179,7 +185,8 @@ class VeilServer:
             from veil.server.tun import TunServer, TunServerOptions  # Linux only  # noqa: PLC0415
 
             self.tun = TunServer(TunServerOptions.parse(
-                self.options.pool, self.options.pool6, allow_private=self.options.allow_private))
+                self.options.pool, self.options.pool6, allow_private=self.options.allow_private,
+                refused_tcp_ports=self.options.refused_tcp_ports))
             await self.tun.start()
         try:
             for listen in (self.options.listen, *self.options.also_listen):
@@ -203,7 +210,8 @@ class VeilServer:
         self.blocks.set_ways(self._way_labels())
         log.info("listening on %s (cover: %s)", ", ".join(map(str, self.addresses)),
                  self.options.cover_url or "built-in site")
-        log.info("certificate: %s", self._certificate_plan())
+        level, plan = self._certificate_plan()
+        log.log(level, "certificate: %s", plan)
         if self.acme is not None:
             self._acme_task = loop.create_task(self.acme.run())
         if self.state.via:
@@ -219,29 +227,33 @@ class VeilServer:
             else:
                 log.info("Trojan way in on (the cover offers no h2, so strangers see no "
                          "difference; docs/operations.md, \"The Trojan way in\")")
-        if self.state.sni is None:  # the public address is an IP literal (state.default_sni)
-            log.warning(
-                "keys name this server by its IP address %s, so clients send no server name "
-                "(SNI) in their TLS ClientHello: a censor sees that (nDPI flags \"Missing SNI\"), "
-                "and real websites rarely lack one. Remedies: give the server a DNS name "
-                "(--public NAME[:PORT], then hand out the keys again), or the borrowed-identity "
-                "mode once it exists (issue #18)", self.state.public.host)
 
-    def _certificate_plan(self) -> str:
-        """One line on what certificate strangers see and why (issue #18's defaults)."""
+    def _certificate_plan(self) -> tuple[int, str]:
+        """(log level, one line): what certificate strangers see and why, and, when it is not
+        the most unremarkable there is, what a censor sees and what to do (issue #18)."""
         state = self.state
         if state.cert_source == "operator":
-            return f"the operator's ({state.cert_path}, --cert)"
+            return logging.INFO, f"the operator's ({state.cert_path}, --cert)"
         if self.acme is not None:
-            return (f"from the ACME CA {self.acme.directory_url} for {state.sni}, validated "
-                    f"on this port (TLS-ALPN-01), renewed with a third of its life left; now "
-                    f"presenting the {state.cert_source} one")
-        if state.sni is None:
-            return "self-signed (the public address is an IP address: no CA issues for it)"
+            return logging.INFO, (
+                f"a CA's for {state.sni}, over ACME from {self.acme.directory_url} (validated "
+                f"on this port with TLS-ALPN-01, renewed with a third of its life left), as a "
+                f"public website has; presenting the {state.cert_source} one until it comes")
+        if state.sni is None:  # the public address is an IP literal (state.default_sni)
+            return logging.WARNING, (
+                f"self-signed, and keys name this server by its IP address "
+                f"{state.public.host}: a censor sees a self-signed certificate and TLS "
+                f"ClientHellos with no server name (SNI; nDPI flags \"Missing SNI\"), which "
+                f"public websites rarely show. To look unremarkable: {_NO_NAME_REMEDY}")
         if self.options.self_signed:
-            return f"self-signed for {state.sni} (--self-signed)"
-        return (f"self-signed for {state.sni} (no public CA issues for it; --acme-directory "
-                f"names a CA that does)")
+            return logging.INFO, (
+                f"self-signed for {state.sni}, as asked (--self-signed): a censor who fetches "
+                f"it sees a certificate no public website shows; without --self-signed it "
+                f"comes from a CA over ACME")
+        return logging.WARNING, (
+            f"self-signed for {state.sni}: no public CA issues for that name, so a censor who "
+            f"fetches it sees a certificate no public website shows; --acme-directory names "
+            f"a CA that does, or use a public DNS name")
 
     def _cdn_request(self, auth: bytes, binding: bytes) -> Callable[[SealedTransport], None] | str:
         """A Noise handshake through a CDN way in: its authenticator, bound to the client's
@@ -378,6 +390,8 @@ class VeilServer:
         if self._acme_task is not None:
             self._acme_task.cancel()
             await asyncio.gather(self._acme_task, return_exceptions=True)
+        if self.acme is not None:  # after the task: an order it abandons is no failure
+            await self.acme.stop()
         for task in self._serve_tasks:
             task.cancel()
         await asyncio.gather(*self._serve_tasks, return_exceptions=True)
