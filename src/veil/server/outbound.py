@@ -16,7 +16,12 @@ from veil.net.driver import DatagramStreamHandler, SessionDriver, TcpRelay
 from veil.protocol.address import Address
 from veil.protocol.bittorrent import StreamSniffer, datagram_is_bittorrent
 from veil.protocol.events import StreamOpened
-from veil.protocol.frames import ResetCode, StreamKind
+from veil.protocol.frames import (
+    FEATURE_HOLDS_IDLE_CLOSES,
+    FEATURE_RESOLVE,
+    ResetCode,
+    StreamKind,
+)
 from veil.protocol.resolve import encode_answer
 from veil.server.live import UDP_ASSOCIATION_SLOTS, OutboundSlot, OutboundSlots
 from veil.server.policy import (
@@ -259,8 +264,14 @@ class _ResolveStream(DatagramStreamHandler):
         pass
 
 
-#: Whether the server holds a destination's idle close (see _CountedTcpRelay).
-HOLD_IDLE_CLOSES = False
+#: Whether the server holds a destination's idle close (see _CountedTcpRelay); it says so to
+#: its clients (FEATURE_HOLDS_IDLE_CLOSES).
+HOLD_IDLE_CLOSES = True
+
+
+def session_features() -> int:
+    """The FEATURE_* bits a session of this server announces (Session.announce_features)."""
+    return FEATURE_RESOLVE | (FEATURE_HOLDS_IDLE_CLOSES if HOLD_IDLE_CLOSES else 0)
 
 
 class _CountedTcpRelay(TcpRelay):
@@ -268,10 +279,8 @@ class _CountedTcpRelay(TcpRelay):
 
     def __init__(self, driver: SessionDriver, stream_id: int, slot: OutboundSlot,
                  sniffer: StreamSniffer | None = None) -> None:
-        # Not yet: holding a destination's own idle close until the client's next bytes
-        # (veil.protocol.idleclose) removes the moment the server opens, but in the
-        # lifecycle lab Chromium then opened one connection with no page load in ~1 run of
-        # 3, right as the session's idle close came (docs/lab.md): off until understood.
+        # A destination's own idle close waits for the client's next bytes: sent when it
+        # happens, it would be a moment the server opens (veil.protocol.idleclose).
         super().__init__(driver, stream_id, hold_idle_close=HOLD_IDLE_CLOSES)
         self._slot = slot
         self._sniffer = sniffer  # --block-bittorrent, until the stream's beginning is known

@@ -24,7 +24,6 @@ from veil.protocol.auth import AUTH_SIZE
 from veil.protocol.endpoint import tls_endpoint
 from veil.protocol.events import StreamOpened
 from veil.protocol.frames import (
-    FEATURE_RESOLVE,
     SERVER_FIRST_PADDING,
     CloseCode,
     ResetCode,
@@ -39,7 +38,7 @@ from veil.server.alerts import Alerts, Webhook
 from veil.server.blocks import BlockAlert, BlockTracker, run_alert_command
 from veil.server.gate import Authenticator, Gate, VeilWayIn, WayIn
 from veil.server.live import Live, LiveConnection
-from veil.server.outbound import Outbound
+from veil.server.outbound import Outbound, session_features
 from veil.server.policy import DestinationPolicy, local_addresses, server_resolver
 from veil.server.status import BoundCounts, ConnectionStatus, GateCounts, ServerStatus
 from veil.server.subscription import SubscriptionResponder
@@ -342,7 +341,7 @@ class VeilServer:
             streams=lambda: len(driver.handlers))
         log.info("session started for user %s", user.name)
         low, high = SERVER_FIRST_PADDING
-        session.announce_features(FEATURE_RESOLVE,
+        session.announce_features(session_features(),
                                   low + int.from_bytes(os.urandom(2), "big") % (high - low))
         transport.set_protocol(driver)
         driver.connection_made(transport)
