@@ -22,6 +22,7 @@ from veil.protocol.events import (
     StreamWritable,
 )
 from veil.protocol.frames import (
+    FEATURE_HOLDS_IDLE_CLOSES,
     FEATURE_RESOLVE,
     FEATURES_TAG,
     CloseCode,
@@ -476,7 +477,7 @@ def test_a_session_idle_near_the_servers_close_takes_no_new_stream() -> None:
     assert client.reusable(500.0)  # a stream is open: not idle
     # Where the server may hold its destinations' idle closes, a stream quiet as long as the
     # reuse limit counts as idle: the server may end the session as idle (set_dormant).
-    client._dormant_possible = True
+    client.peer_features |= FEATURE_HOLDS_IDLE_CLOSES  # the server said so
     client.data_to_send(400.0)  # the stream's OPEN goes out at 400
     assert client.reusable(469.9)
     assert not client.reusable(470.0)

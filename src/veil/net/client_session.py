@@ -249,7 +249,13 @@ class ClientTunnel(Dialer):
         self.pool_size = pool_size
         self.session_config = session_config
         self._drivers: list[SessionDriver] = []
-        self._ready = asyncio.Event()
+        # Resolved (and replaced) whenever a session is added or forgotten: wakes wait_ready,
+        # which otherwise has nothing to do but wait (no polling).
+        self._sessions_changed: asyncio.Future[None] | None = None
+        # Resolved (and replaced) when a stream is wanted and every live session takes no
+        # new one (Session.reusable: quiet streams, while the server may hold closes): wakes
+        # the slots holding those sessions to open a new one beside them.
+        self._outgrown: asyncio.Future[None] | None = None
         # Demand for a session: set while someone waits in wait_ready, and from start() or a
         # session lost with streams open until a session is up (_wanted). Without it the
         # slots open nothing.
@@ -449,8 +455,29 @@ class ClientTunnel(Dialer):
     def _forget(self, driver: SessionDriver) -> None:
         if driver in self._drivers:
             self._drivers.remove(driver)
-        if not self._drivers:
-            self._ready.clear()
+            self._note_sessions_changed()
+
+    def _note_sessions_changed(self) -> None:
+        changed, self._sessions_changed = self._sessions_changed, None
+        if changed is not None and not changed.done():
+            changed.set_result(None)
+
+    def _next_sessions_change(self) -> asyncio.Future[None]:
+        if self._sessions_changed is None:
+            self._sessions_changed = asyncio.get_running_loop().create_future()
+        return self._sessions_changed
+
+    def _outgrow(self) -> None:
+        """A stream is wanted and no live session takes it: the slots whose sessions are
+        live but take no new stream open another beside them."""
+        outgrown, self._outgrown = self._outgrown, None
+        if outgrown is not None and not outgrown.done():
+            outgrown.set_result(None)
+
+    def _next_outgrown(self) -> asyncio.Future[None]:
+        if self._outgrown is None:
+            self._outgrown = asyncio.get_running_loop().create_future()
+        return self._outgrown
 
     def _forgotten(self, driver: SessionDriver, _closed: asyncio.Future[str]) -> None:
         self._forget(driver)
@@ -526,7 +553,7 @@ class ClientTunnel(Dialer):
                 continue
             self._drivers.append(driver)
             driver.closed.add_done_callback(functools.partial(self._forgotten, driver))
-            self._ready.set()
+            self._note_sessions_changed()
             accepted = await driver.accepted
             if accepted:
                 log.info("connected to %s (session %d)", server, slot)
@@ -535,12 +562,15 @@ class ClientTunnel(Dialer):
                 self._succeeded(way)
                 self._report_blocks(driver)
                 self._demand_met()
-                while not driver.closed.done() and driver.way == self.chooser.current:
-                    await asyncio.wait([driver.closed, self._changed()],
+                while (not driver.closed.done() and driver.way == self.chooser.current
+                       and not self._outgrown_by_demand(driver)):
+                    await asyncio.wait([driver.closed, self._changed(), self._next_outgrown()],
                                        return_when=asyncio.FIRST_COMPLETED)
                 if not driver.closed.done():
-                    # The way in use changed under a live session: it keeps its streams until
-                    # they end (_pick gives it no new ones and closes it once idle).
+                    # The way in use changed under a live session, or a stream is wanted that
+                    # it takes no more (quiet streams, Session.reusable): it keeps its streams
+                    # until they end or the server closes it (_pick gives it no new ones and
+                    # closes it once idle), and this slot opens a session for the new ones.
                     if not driver.handlers:
                         driver.close(CloseCode.NORMAL, IDLE_CLOSE_REASON)
                     continue
@@ -589,10 +619,13 @@ class ClientTunnel(Dialer):
         try:
             async with asyncio.timeout(timeout):
                 while self._pick() is None:
-                    await self._ready.wait()
-                    if self._pick() is None:
-                        # A session that is closing still counts as ready: let it go.
-                        await asyncio.sleep(0)
+                    # Sessions that take no new stream but live on (quiet streams) leave
+                    # their slots waiting: have them open another. Then wait for a session to
+                    # come or go (a closing one goes once its connection does).
+                    self._outgrow()
+                    # Not awaited itself: the future is shared, and the timeout's cancel must
+                    # not cancel it for the other waiters.
+                    await asyncio.wait([self._next_sessions_change()])
         except TimeoutError:
             return False
         finally:
@@ -602,6 +635,11 @@ class ClientTunnel(Dialer):
             if not self._waiting and not self._wanted:
                 self._demand.clear()
         return True
+
+    def _outgrown_by_demand(self, driver: SessionDriver) -> bool:
+        """Whether someone waits for a stream that ``driver`` (live) takes no more."""
+        return (self._waiting > 0
+                and not driver.session.reusable(asyncio.get_running_loop().time()))
 
     def _pick(self) -> SessionDriver | None:
         now = asyncio.get_running_loop().time()

@@ -364,14 +364,19 @@ class SessionDriver(asyncio.Protocol):
         self._done = True
         self._timer.cancel()
         handlers, self.handlers = self.handlers, {}
+        crossed_since = self._idle_close_crossed_since()
         for handler in handlers.values():
-            if self.closed_as_idle_by_peer and isinstance(handler, TcpRelay):
+            if (crossed_since is not None and isinstance(handler, TcpRelay)
+                    and handler.last_sent < crossed_since):
                 # Its destination had closed it while idle (the server held that close):
                 # the application learns when it next uses the connection, as the server
                 # held it (closing now would be news no site's close brings: Chromium
                 # answered a bare FIN here with a new connection, with no user demand).
                 handler.orphan()
             else:
+                # Open or written to while the server's idle close was on its way (or not
+                # such a close): what it sent is lost. A reset at once, so the application
+                # fails fast (a browser retries a request on a reused connection).
                 handler.on_reset(ResetCode.CANCELLED)
         if self._peer_closed and not self._peer_eof:
             # Its close_notify and FIN follow its CLOSE: closing now could meet them with a
@@ -386,6 +391,20 @@ class SessionDriver(asyncio.Protocol):
         if self._on_closed is not None:
             self._on_closed(self)
 
+
+    def _idle_close_crossed_since(self) -> float | None:
+        """After the peer's idle close (closed_as_idle_by_peer): streams that sent anything
+        since the moment returned crossed that close and were lost; the others' destinations
+        had closed while idle (their closes held). None: not such a close, every stream lost.
+
+        A server closes as idle only when nothing came from us for its idle close (75 s), so
+        each of our writes either reached it that long before its CLOSE or crossed it, one
+        round trip before the CLOSE arrived at most. The reuse limit (70 s), under the
+        server's idle close by design, falls between the two."""
+        limit = self.session.config.reuse_limit
+        if not self.closed_as_idle_by_peer or limit is None:
+            return None
+        return self._loop.time() - limit
 
     def _close_transport(self) -> None:
         transport = self._transport
@@ -424,6 +443,8 @@ class TcpRelay(asyncio.BufferedProtocol):
         self._hold_idle_close = hold_idle_close
         self._loop = driver._loop
         self._last_active = self._loop.time()
+        #: When this stream last sent to the peer (its OPEN, on the client, or data).
+        self.last_sent = self._last_active
         self._held: bytearray | None = None  # a close's bytes, while they wait for the FIN
         self._held_timer: asyncio.TimerHandle | None = None
         self._dormant = False  # the whole close (and its FIN) is held
@@ -455,6 +476,7 @@ class TcpRelay(asyncio.BufferedProtocol):
             return
         if self._hold_idle_close and self._holding(nbytes):
             return
+        self.last_sent = self._loop.time()
         try:
             writable = self.session.send_frame(
                 self.stream_id, self.driver.read_buffer[: HEADER_SIZE + nbytes])
@@ -476,6 +498,7 @@ class TcpRelay(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes) -> None:
         """Bytes read before the relay took over (early data)."""
+        self.last_sent = self._loop.time()
         try:
             writable = self.session.send_data(self.stream_id, data)
         except LocalProtocolError:

@@ -98,6 +98,11 @@ FEATURES_TAG = b"VFEA"
 #: The server answers OPENs of kind RESOLVE, and resets (instead of closing the session on) an
 #: OPEN of a kind it does not know.
 FEATURE_RESOLVE = 0x01
+#: The server holds a destination's own idle close until the client next speaks, and may then
+#: close the session as idle with streams open (veil.protocol.idleclose): the client counts
+#: quiet streams as idle (Session.reusable) and leaves such streams' applications their
+#: connections until they next write (net.driver.TcpRelay.orphan).
+FEATURE_HOLDS_IDLE_CLOSES = 0x02
 # A session the server accepted starts with a PADDING frame on stream 0 whose length is in
 # this range (random, so that the first record has no fixed size). The client tells an
 # accepted session from a cover site's answer by it: "HTTP/1.1 ..." starts with no 0x00, and

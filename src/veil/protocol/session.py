@@ -37,6 +37,7 @@ from veil.protocol.events import (
 )
 from veil.protocol.frames import (
     EXACT_LENGTH,
+    FEATURE_HOLDS_IDLE_CLOSES,
     FEATURES_TAG,
     HEADER,
     HEADER_SIZE,
@@ -229,10 +230,6 @@ class Session:
         # Streams whose destination closed them while idle, the close held until the peer next
         # speaks (set_dormant): open, but they keep the session from being idle no longer.
         self._dormant: set[int] = set()
-        #: Whether the peer may hold its destinations' idle closes (it then may close the
-        #: session as idle with streams open): quiet streams then make it unreusable.
-        #: Off while servers hold no closes (server.outbound.HOLD_IDLE_CLOSES).
-        self._dormant_possible = False
         self._clock = now  # the latest time the caller told us of
         self._ping_sent_at: float | None = None
         self._ping_timeout = self.config.keepalive_timeout  # the outstanding PING's
@@ -277,7 +274,7 @@ class Session:
         if limit is None:
             return True
         if self._has_live_streams():
-            if not self._dormant_possible:
+            if not self.peer_holds_idle_closes:
                 return True
             return now - max(self._last_received, self._last_sent) < limit
         return self._idle_since is None or now - self._idle_since < limit
@@ -292,8 +289,9 @@ class Session:
     def peer_holds_idle_closes(self) -> bool:
         """Whether the peer may hold its destinations' idle closes and so end the session
         as idle with streams open here (then over too). Otherwise streams open at the peer's
-        idle close crossed it, and are lost as on any other close."""
-        return self._dormant_possible
+        idle close crossed it, and are lost as on any other close. The server says so in
+        its features (FEATURE_HOLDS_IDLE_CLOSES)."""
+        return bool(self.peer_features & FEATURE_HOLDS_IDLE_CLOSES)
 
     def set_dormant(self, stream_id: int, last_active: float) -> None:
         """The destination closed ``stream_id`` after a silence, and the caller holds that
