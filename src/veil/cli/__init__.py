@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from veil.admin.listen import AdminListen
     from veil.client.ruledata import RuleData
     from veil.manage.state import ServerState
+    from veil.manage.users import UserManager
     from veil.protocol.accesskey import AccessKey
     from veil.protocol.trojan import TrojanLink
     from veil.server.service import VeilServer
@@ -187,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         "user", help="manage users, their access keys, limits and usage",
         description="Manage users. Works while the server runs: a running server picks every "
                     "change up within a second (a revoked, rotated, expired or over-limit "
-                    "user's live sessions are closed).")
+                    "user's live sessions are closed), and a change returns once every "
+                    "running server on the store has it (or says which did not).")
     user_sub = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
     add = user_sub.add_parser("add", help="create a user and print its access key",
                               description="Create a user and print its access key URI "
@@ -203,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Revoke a user: live sessions are closed and new "
                                              "connections with its key get the cover site.")
     revoke.add_argument("name")
+    restore = user_sub.add_parser("restore", help="undo a revocation",
+                                  description="Restore a revoked user: its key (the one it "
+                                              "had) works again.")
+    restore.add_argument("name")
+    delete = user_sub.add_parser("delete", help="remove a revoked user and its usage",
+                                 description="Delete a revoked user and its usage, so that "
+                                             "the name can be used again (revoke it first).")
+    delete.add_argument("name")
     rotate = user_sub.add_parser(
         "rotate", help="give a user a new key; the old one stops working",
         description="Replace a user's credential and print the new access key. Sessions "
@@ -236,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also write what is printed as a QR code, in a PNG file")
     for p in (lst, show):
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    for p in (add, lst, revoke, rotate, limit, show):
+    for p in (add, lst, revoke, restore, delete, rotate, limit, show):
         p.add_argument("--state", type=Path, default=DEFAULT_STATE, metavar="DIR",
                        help=f"state directory (default {DEFAULT_STATE})")
         p.add_argument("--db", metavar="URL", default=os.environ.get("VEIL_DB"),
@@ -510,6 +520,26 @@ def _when(moment: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(moment))
 
 
+def _expiry(moment: float | None) -> str:
+    """An expiry as it was given: ``--expires 2027-06-30`` is stored as the end of that day
+    (2027-07-01 00:00 UTC) and shown as ``2027-06-30``; another time in UTC."""
+    import datetime
+
+    if moment is None:
+        return "never"
+    end = datetime.datetime.fromtimestamp(moment, datetime.UTC)
+    if end.time() == datetime.time():
+        return (end.date() - datetime.timedelta(days=1)).isoformat()
+    return end.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _confirm(manager: UserManager) -> None:
+    """Wait until the running servers on the store have the edit; say so when not all do."""
+    missing = manager.confirm().describe()
+    if missing is not None:
+        print(f"veil: note: {missing}", file=sys.stderr, flush=True)
+
+
 def cmd_user(args: argparse.Namespace) -> None:
     import json
 
@@ -530,6 +560,7 @@ def cmd_user(args: argparse.Namespace) -> None:
             user = manager.add(args.name, limit_bytes=limit[0] if limit else None,
                                limit_period=limit[1] if limit else "month",
                                expires_at=expires)
+            _confirm(manager)  # the key is printed once the running servers accept it
             _print_key(manager.access_key(user))
         elif command == "list":
             rows = manager.report()
@@ -537,17 +568,28 @@ def cmd_user(args: argparse.Namespace) -> None:
                 print(json.dumps([r.to_json() for r in rows], indent=2))
                 return
             print(f"{'NAME':<20} {'CREATED':<16} {'USED':>10} {'LIMIT':>16} "
-                  f"{'LAST SEEN':<16} STATUS")
+                  f"{'EXPIRES':<20} {'LAST SEEN':<16} STATUS")
             for r in rows:
                 limit_text = ("-" if r.limit_bytes is None
                               else f"{format_bytes(r.limit_bytes)}/{r.limit_period}")
                 print(f"{r.name:<20} {_when(r.created_at):<16} {format_bytes(r.used.total):>10} "
-                      f"{limit_text:>16} {_when(r.last_seen):<16} {r.status}")
+                      f"{limit_text:>16} {_expiry(r.expires_at):<20} "
+                      f"{_when(r.last_seen):<16} {r.status}")
         elif command == "revoke":
             manager.revoke(args.name)
+            _confirm(manager)
             print(f"revoked {args.name}")
+        elif command == "restore":
+            manager.restore(args.name)
+            _confirm(manager)
+            print(f"restored {args.name}: its key works again")
+        elif command == "delete":
+            manager.delete(args.name)
+            _confirm(manager)
+            print(f"deleted {args.name}")
         elif command == "rotate":
             user = manager.rotate(args.name)
+            _confirm(manager)
             _print_key(manager.access_key(user))
         elif command == "limit":
             if limit is None and args.expires is None:
@@ -556,10 +598,11 @@ def cmd_user(args: argparse.Namespace) -> None:
                 manager.set_limit(args.name, *limit)
             if args.expires is not None:
                 manager.set_expiry(args.name, expires)
+            _confirm(manager)
             report = next(r for r in manager.report() if r.name == args.name)
             print(f"{args.name}: limit "
                   f"{format_bytes(report.limit_bytes)}/{report.limit_period}, "
-                  f"expires {_when(report.expires_at)}, status {report.status}")
+                  f"expires {_expiry(report.expires_at)}, status {report.status}")
         elif command == "show":
             user = manager.get(args.name)
             if args.json:

@@ -13,13 +13,18 @@ across the network), does three things in order:
    new credential, or deleted.
 
 So a change made with ``veil user ...`` or the admin panel, on any server of a fleet, reaches
-every server within one interval plus one store round trip. If the store cannot be reached the
-last snapshot stays in force (fail static) and unwritten usage is kept for the next tick.
+every server within one interval plus one store round trip. Each tick reads the store's change
+token before the users and, when it changed (or every few seconds), writes this server's
+presence with the token it has loaded (:mod:`veil.manage.presence`): ``veil user add`` waits
+for that before it prints a key, so a key is never refused for being newer than a snapshot.
+If the store cannot be reached the last snapshot stays in force (fail static) and unwritten
+usage is kept for the next tick.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -33,6 +38,7 @@ from typing import Protocol, cast, runtime_checkable
 
 from veil.config import DEFAULT_MAX_SESSIONS, DEFAULT_MAX_SESSIONS_PER_USER
 from veil.errors import StoreError
+from veil.manage import presence
 from veil.store.base import Usage, User, UserStore, period_start
 from veil.transport.ratelimit import TokenBucket
 
@@ -279,6 +285,10 @@ class Live:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.refresh_failures = 0
+        #: This process in the store's presence settings (veil.manage.presence).
+        self.server_id = presence.new_server_id()
+        self._seen_token = -1  # the change token the directory was last loaded with
+        self._presence_at = -presence.HEARTBEAT_S  # when this server last said it runs
 
     # ------------------------------------------------------------------ lifetime
     async def start(self) -> None:
@@ -305,6 +315,11 @@ class Live:
                     await self._flush_usage(self._clock())
                 except StoreError as exc:
                     log.warning("could not write the last usage: %s", exc)
+                # Stopped: no edit should wait for this server (a crash leaves the entry,
+                # which goes stale in presence.LIVE_WINDOW_S).
+                with contextlib.suppress(StoreError):
+                    await asyncio.to_thread(presence.forget_presence, self._store,
+                                            self.server_id)
                 await asyncio.to_thread(self._store.close)
             self._store = None
 
@@ -380,7 +395,7 @@ class Live:
             now = self._clock()
             try:
                 await self._flush_usage(now)
-                users, usage = await asyncio.to_thread(self._read, now)
+                token, users, usage = await asyncio.to_thread(self._read, now)
             except StoreError as exc:
                 self.refresh_failures += 1
                 log.warning("user store unavailable, keeping the last snapshot: %s", exc)
@@ -393,7 +408,22 @@ class Live:
                 # data in a log.
                 log.debug("user directory: %d users, %d refused",
                           len(self.directory.by_name), len(self.directory.refused))
+            await self._say_present(token, now)
             self._release_memory()
+
+    async def _say_present(self, token: int, now: float) -> None:
+        """Tell edits waiting in the store that this directory has the change ``token``
+        names (and that this server runs); only when it is news, or a heartbeat is due."""
+        if token == self._seen_token and now - self._presence_at < presence.HEARTBEAT_S:
+            return
+        assert self._store is not None
+        try:
+            await asyncio.to_thread(presence.write_presence, self._store, self.server_id,
+                                    token, now)
+        except StoreError as exc:
+            log.warning("could not write this server's presence: %s", exc)
+            return
+        self._seen_token, self._presence_at = token, now
 
     async def _flush_usage(self, now: float) -> None:
         if not self._pending or self._store is None:
@@ -409,13 +439,15 @@ class Live:
             else:
                 self._pending[name] = left
 
-    def _read(self, now: float) -> tuple[list[User], dict[str, dict[str, Usage]]]:
+    def _read(self, now: float) -> tuple[int, list[User], dict[str, dict[str, Usage]]]:
         assert self._store is not None
+        # The token first: every change made before it was written is in what follows.
+        token = presence.read_token(self._store)
         users = self._store.list_users()
         usage = {"month": self._store.usage_by_user(period_start("month", now))}
         if any(u.limit_bytes is not None and u.limit_period == "total" for u in users):
             usage["total"] = self._store.usage_by_user(None)
-        return users, usage
+        return token, users, usage
 
     def _snapshot(self, users: Iterable[User], usage: dict[str, dict[str, Usage]],
                   now: float) -> UserDirectory:
