@@ -407,8 +407,6 @@ def _command(text: str | None) -> tuple[str, ...]:
 # --------------------------------------------------------------------- commands
 def cmd_serve(args: argparse.Namespace) -> None:
     from veil.manage.state import init_state
-    from veil.manage.users import UserManager
-    from veil.server.service import VeilServer
 
     options = ServerOptions(
         listen=args.listen[0], also_listen=tuple(args.listen[1:]), via=parse_via(args.via),
@@ -424,9 +422,88 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from veil.admin.listen import check_admin_listen
 
         check_admin_listen(args.admin.host, args.admin.tls)
-    state, _created = init_state(args.state, listen=options.listen, public=args.public,
-                                 cert=options.cert, key=options.key, db=args.db,
-                                 via=options.via)
+    # A start that cannot listen must not initialise anything: the first start records the
+    # address keys name, and a wrong one would outlive the failure in every key.
+    for listen in (options.listen, *options.also_listen):
+        _check_can_listen(listen)
+    existed = args.state.exists()
+    before = set(os.listdir(args.state)) if existed and args.state.is_dir() else set()
+    try:
+        state, created = init_state(args.state, listen=options.listen, public=args.public,
+                                    cert=options.cert, key=options.key, db=args.db,
+                                    via=options.via)
+    except BaseException:
+        if not existed or not before:
+            _undo_first_start(args.state, before, existed)
+        raise
+    _say_address_mismatch(state.public, (options.listen, *options.also_listen))
+    serving = asyncio.Event()  # set once the server listens (and the admin panel, if any)
+    try:
+        _serve(args, options, state, serving)
+    except BaseException:
+        if created and not serving.is_set():
+            _undo_first_start(args.state, before, existed)
+        raise
+
+
+def _check_can_listen(listen: Address) -> None:
+    """Raise VeilError now when ``listen`` cannot be bound (in use, not this host's address,
+    a privileged port): the server binds it again a moment later, with the same options."""
+    from veil.server.service import _listening_socket
+
+    if listen.port == 0:
+        return  # the system picks a free port
+    try:
+        _listening_socket(listen).close()
+    except OSError as exc:
+        raise VeilError(f"cannot listen on {listen}: {exc.strerror}") from exc
+
+
+def _undo_first_start(directory: Path, before: set[str], existed: bool) -> None:
+    """Remove what a failed first start created in ``directory`` (and it, if it made it)."""
+    import shutil
+
+    with contextlib.suppress(OSError):
+        for name in set(os.listdir(directory)) - before:
+            path = directory / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if not existed:
+            directory.rmdir()
+
+
+def _say_address_mismatch(public: Address, listens: Sequence[Address]) -> None:
+    """Warn when keys name a port (or an IP address) this server does not listen on: right
+    only when something forwards it here (a NAT or firewall rule, a load balancer)."""
+    import ipaddress
+
+    ports = {listen.port for listen in listens}
+    if 0 in ports:
+        return  # the system picks the port: nothing to compare yet
+    if public.port not in ports:
+        log.warning("keys name %s, but this server listens on %s: clients reach it only if "
+                    "something forwards port %d here (else start with --public HOST:PORT, "
+                    "then hand out the keys again)", public,
+                    ", ".join(map(str, listens)), public.port)
+        return
+    try:
+        ipaddress.ip_address(public.host)
+    except ValueError:
+        return  # a name: where it points is DNS's business
+    hosts = {listen.host for listen in listens}
+    if public.host not in hosts and not hosts & {"0.0.0.0", "::"}:
+        log.warning("keys name %s, but this server listens on %s: clients reach it only if "
+                    "something forwards that address here", public,
+                    ", ".join(map(str, listens)))
+
+
+def _serve(args: argparse.Namespace, options: ServerOptions, state: ServerState,
+           serving: asyncio.Event) -> None:
+    from veil.manage.users import UserManager
+    from veil.server.service import VeilServer
+
     users = UserManager(state, state.open_store())
     try:
         if not users.store.list_users():
@@ -461,6 +538,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             except BaseException:
                 await server.stop()
                 raise
+        serving.set()
         await _serve_until_stopped(server, stop)
         if admin is not None:
             await admin.stop()
