@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="veil", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"veil {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more logging (-vv for debug)")
+                        help="more logging: INFO by default, -v adds veil's DEBUG, -vv every "
+                             "library's too (asyncio...); may come after the command")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = sub.add_parser(
@@ -335,9 +336,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbosity: int) -> None:
-    level = logging.WARNING - 10 * min(verbosity + 1, 2)
-    logging.basicConfig(level=level, stream=sys.stderr,
+    """INFO by default; ``-v``: veil's own DEBUG lines; ``-vv``: every library's too."""
+    logging.basicConfig(level=logging.DEBUG if verbosity >= 2 else logging.INFO,
+                        stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbosity >= 1:
+        logging.getLogger("veil").setLevel(logging.DEBUG)
+
+
+def _take_verbosity(argv: Sequence[str]) -> tuple[list[str], int]:
+    """``-v``/``-vv``/``--verbose`` wherever they are (before ``--``): a user who types
+    ``veil serve ... -v`` means the same as ``veil -v serve ...``. Never an option's value:
+    argparse takes no value that starts with "-" but a negative number."""
+    rest: list[str] = []
+    count = 0
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            rest += argv[index:]
+            break
+        if arg == "--verbose":
+            count += 1
+        elif len(arg) > 1 and arg.startswith("-") and set(arg[1:]) == {"v"}:
+            count += len(arg) - 1
+        else:
+            rest.append(arg)
+    return rest, count
 
 
 def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -805,6 +828,12 @@ def cmd_lab(args: argparse.Namespace) -> None:
 def cmd_admin(args: argparse.Namespace) -> None:
     from veil.admin.cli import run_admin
 
+    if (args.admin_command == "passwd" and not args.password_stdin
+            and not sys.stdin.isatty()):
+        # getpass would fall back to reading stdin with a warning, then end at its EOF.
+        raise ConfigError("no terminal to ask for the password on: pipe it in with "
+                          "--password-stdin")
+
     run_admin(args)
 
 
@@ -823,8 +852,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv, verbosity = _take_verbosity(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose + verbosity)
     try:
         COMMANDS[args.command](args)
     except (ConfigError, StoreError, ValueError) as exc:
@@ -833,6 +863,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VeilError as exc:
         print(f"veil: error: {exc}", file=sys.stderr)
         return 1
+    except EOFError:
+        # input() with nothing to read: no terminal, and no --password-stdin or the like.
+        # After the prompt, which has no newline of its own.
+        print("\nveil: error: nothing more to read on stdin", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # stdout closed early (`veil user list | head`): nothing more to say, to anyone.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - flushed at exit, then gone
+        return 141
     except KeyboardInterrupt:
         return 130
     with contextlib.suppress(Exception):

@@ -256,6 +256,8 @@ class ClientTunnel(Dialer):
         self._tasks: list[asyncio.Task[None]] = []
         self._ssl = client_ssl_context()
         self.last_error: str | None = None
+        # last_error while the last attempt failed; None once a session is accepted.
+        self._failing: str | None = None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -486,7 +488,7 @@ class ClientTunnel(Dialer):
             try:
                 driver = await asyncio.wait_for(self.connect_once(way), budget)
             except AuthError as exc:
-                self.last_error = str(exc)
+                self.last_error = self._failing = str(exc)
                 log.error("%s", exc)
                 if exc.code == KEY_REFUSED:  # the server itself said no: not a blocked way
                     await asyncio.sleep(rejected_backoff)
@@ -498,6 +500,7 @@ class ClientTunnel(Dialer):
                 continue
             except (OSError, TimeoutError, ConnectionError) as exc:
                 self.last_error = f"cannot reach {server}: {exc or type(exc).__name__}"
+                self._failing = self.last_error
                 if self._failed(way, classify_failure(exc)):
                     backoff = BACKOFF_INITIAL_S
                     continue
@@ -510,6 +513,7 @@ class ClientTunnel(Dialer):
             self._ready.set()
             accepted = await driver.accepted
             if accepted:
+                self._failing = None
                 log.info("connected to %s (session %d)", server, slot)
                 rejected_backoff = BACKOFF_REJECTED_INITIAL_S
                 backoff = BACKOFF_INITIAL_S
@@ -529,6 +533,7 @@ class ClientTunnel(Dialer):
             self._forget(driver)
             if not accepted and driver.path_failure is not None:
                 self.last_error = f"cannot reach {server}: {driver.path_failure.value}"
+                self._failing = self.last_error
                 if self._failed(way, driver.path_failure):
                     continue
                 log.warning("%s; retrying in %.1f s", self.last_error, backoff)
@@ -539,6 +544,7 @@ class ClientTunnel(Dialer):
                 self.last_error = (f"the server at {server} refused the key (revoked, "
                                    "expired or over its limit, a wrong key, or this clock is off "
                                    f"by minutes); trying again in {rejected_backoff:.0f} s")
+                self._failing = self.last_error
                 log.error("%s", self.last_error)
                 await asyncio.sleep(rejected_backoff)
                 rejected_backoff = min(rejected_backoff * 2, BACKOFF_REJECTED_MAX_S)
@@ -572,8 +578,14 @@ class ClientTunnel(Dialer):
                 while self._pick() is None:
                     await self._ready.wait()
                     if self._pick() is None:
-                        # A session that is closing still counts as ready: let it go.
-                        await asyncio.sleep(0)
+                        # A session not yet accepted after a failure: wait for its answer.
+                        # Else one that is closing still counts as ready: let it go.
+                        answers = [d.accepted for d in self._drivers
+                                   if isinstance(d, _ClientDriver) and not d.accepted.done()]
+                        if answers:
+                            await asyncio.wait(answers, return_when=asyncio.FIRST_COMPLETED)
+                        else:
+                            await asyncio.sleep(0)
         except TimeoutError:
             return False
         finally:
@@ -583,6 +595,9 @@ class ClientTunnel(Dialer):
             if not self._waiting and not self._wanted:
                 self._demand.clear()
         return True
+
+    def why_not_ready(self) -> str | None:
+        return self._failing if self._pick() is None else None
 
     def _pick(self) -> SessionDriver | None:
         now = asyncio.get_running_loop().time()
@@ -604,6 +619,12 @@ class ClientTunnel(Dialer):
                 # streams open, quiet ones, it is left to them and to the server).
                 if not driver.handlers:
                     driver.close(CloseCode.NORMAL, IDLE_CLOSE_REASON)
+                continue
+            if (self._failing is not None and isinstance(driver, _ClientDriver)
+                    and not (driver.accepted.done() and not driver.accepted.cancelled()
+                             and driver.accepted.result())):
+                # After a refusal or a failure, a session is used once accepted: a stream
+                # handed to one the server refuses again would be told "connected", then cut.
                 continue
             live.append(driver)
         if not live:
