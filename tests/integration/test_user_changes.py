@@ -104,3 +104,57 @@ def test_user_list_shows_the_expiry_as_given(tmp_path: Path) -> None:
     rows = json.loads(veil_user(state, "list", "--json").stdout)
     # JSON keeps the moment access ends: the end of that day, UTC.
     assert rows[0]["expires_at"] == 1_814_400_000.0
+
+
+# A traffic limit is overshot by what is in flight when the user's allowance runs out on the
+# server (server/live.py, Allowance): a read and a write per connection, at most a few hundred
+# KiB, whatever the line's speed (before: up to the speed times the 0.5 s between two looks at
+# the store; 21 MB for a 10 MB limit measured, 31 MB here on loopback).
+LIMIT_BYTES = 4_000_000
+OVERSHOOT_BOUND = 1024 * 1024
+# A download far past the limit, sent as fast as loopback takes it.
+SOURCE_BYTES = 256 * 1024 * 1024
+
+
+def test_a_limit_is_overshot_by_at_most_what_is_in_flight(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    source = socket.create_server(("127.0.0.1", 0))
+
+    def send_fast() -> None:
+        chunk = bytes(256 * 1024)
+        try:
+            conn, _ = source.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                for _ in range(SOURCE_BYTES // len(chunk)):
+                    conn.sendall(chunk)
+            except OSError:
+                pass  # cut by the limit
+
+    sender = threading.Thread(target=send_fast, daemon=True)
+    sender.start()
+    server = procs.start_veil_server(tmp_path)
+    client = None
+    try:
+        key = veil_user(server.state, "add", "capped", "--limit", "4MB").stdout.strip()
+        spec = f"0:127.0.0.1:{source.getsockname()[1]}"
+        client = procs.start_veil_client(tmp_path, key, socks=False, forwards=[spec])
+        received = 0
+        with socket.create_connection(("127.0.0.1", client.forwards[spec]), timeout=30) as s:
+            try:
+                while data := s.recv(1 << 20):
+                    received += len(data)
+            except ConnectionResetError:
+                pass
+        print(f"\nlimit {LIMIT_BYTES} B: {received} B received before the cut")
+        assert LIMIT_BYTES - OVERSHOOT_BOUND <= received <= LIMIT_BYTES + OVERSHOOT_BOUND
+    finally:
+        if client is not None:
+            procs.stop(client.proc)
+        procs.stop(server.proc)
+        source.close()
+        sender.join(10)

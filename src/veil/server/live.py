@@ -40,7 +40,7 @@ from veil.config import DEFAULT_MAX_SESSIONS, DEFAULT_MAX_SESSIONS_PER_USER
 from veil.errors import StoreError
 from veil.manage import presence
 from veil.store.base import Usage, User, UserStore, period_start
-from veil.transport.ratelimit import TokenBucket
+from veil.transport.ratelimit import Limiter, Limits, TokenBucket
 
 log = logging.getLogger("veil.server")
 
@@ -156,7 +156,32 @@ class OutboundSlots:
 class RateLimited(Protocol):
     """A transport that can be held to token buckets (the server's TLS transport)."""
 
-    def set_rate_limits(self, read: TokenBucket | None, write: TokenBucket | None) -> None: ...
+    def set_rate_limits(self, read: Limiter | None, write: Limiter | None) -> None: ...
+
+
+#: An allowance with no limit behind it (the limit was removed while connections were open).
+UNLIMITED = 1 << 62
+
+
+class Allowance:
+    """The bytes one user may still move through this server (both directions, all their
+    connections) before the next tick looks at the store again: a :class:`Limiter` that
+    pauses the user's connections once it is spent, so a traffic limit is overshot by what
+    is in flight then (a read and a write per connection), not by an interval's worth of the
+    line's speed. The tick then cuts the user (over the limit) or tops the allowance up (the
+    limit was raised, or another server's bytes were fewer than feared)."""
+
+    __slots__ = ("pause", "remaining", "taken")
+
+    def __init__(self, remaining: int, pause: float) -> None:
+        self.remaining = remaining
+        self.pause = pause  # until the next tick: it decides
+        self.taken = 0  # every byte moved, for the tick's reckoning
+
+    def take(self, amount: int) -> float:
+        self.taken += amount
+        self.remaining -= amount
+        return 0.0 if self.remaining > 0 else self.pause
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +291,7 @@ class Live:
         #: Bytes per second each user may move in each direction, over all their sessions.
         self.user_rate = user_rate
         self._buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
+        self._allowances: dict[str, Allowance] = {}  # users with a traffic limit
         self._per_user: dict[str, int] = {}
         self._churn = 0  # connections and streams opened since the last trim
         self._churn_seen = 0  # _churn at the previous tick
@@ -353,13 +379,39 @@ class Live:
         self.connections[conn.id] = conn
         self._churn += 1
         self._per_user[user.name] = self._per_user.get(user.name, 0) + 1
-        if self.user_rate is not None and isinstance(transport, RateLimited):
+        if not isinstance(transport, RateLimited):
+            return conn
+        read: list[Limiter] = []
+        write: list[Limiter] = []
+        if self.user_rate is not None:
             buckets = self._buckets.get(user.name)
             if buckets is None:
                 buckets = self._buckets[user.name] = (TokenBucket(self.user_rate),
                                                       TokenBucket(self.user_rate))
-            transport.set_rate_limits(*buckets)
+            read.append(buckets[0])
+            write.append(buckets[1])
+        if user.limit_bytes is not None:
+            allowance = self._allowances.get(user.name)
+            if allowance is None:
+                allowance = self._allowances[user.name] = Allowance(
+                    self._remaining(user.name), self.interval)
+            read.append(allowance)
+            write.append(allowance)
+        if read:
+            transport.set_rate_limits(read[0] if len(read) == 1 else Limits(*read),
+                                      write[0] if len(write) == 1 else Limits(*write))
         return conn
+
+    def _remaining(self, name: str) -> int:
+        """What ``name`` may still move by the directory and this server's unwritten bytes."""
+        user = self.directory.by_name.get(name)
+        if user is None:
+            return 0
+        if user.limit_bytes is None:
+            return UNLIMITED
+        pending = self._pending.get(name)
+        used = self.directory.period_usage.get(name, 0) + (pending.total if pending else 0)
+        return user.limit_bytes - used
 
     def unregister(self, conn: LiveConnection) -> None:
         if self.connections.pop(conn.id, None) is not None:
@@ -374,6 +426,7 @@ class Live:
         else:
             self._per_user.pop(name, None)
             self._buckets.pop(name, None)
+            self._allowances.pop(name, None)
 
     def _count(self, conn: LiveConnection) -> None:
         delta = conn.take_delta()
@@ -392,6 +445,9 @@ class Live:
                     self.unregister(conn)
                 else:
                     self._count(conn)
+            # What each allowance had taken when the bytes were counted: what it takes from
+            # here on is not in the usage read below.
+            marks = {name: a.taken for name, a in self._allowances.items()}
             now = self._clock()
             try:
                 await self._flush_usage(now)
@@ -401,6 +457,9 @@ class Live:
                 log.warning("user store unavailable, keeping the last snapshot: %s", exc)
                 return
             previous, self.directory = self.directory, self._snapshot(users, usage, now)
+            for name, allowance in self._allowances.items():
+                since = allowance.taken - marks.get(name, allowance.taken)
+                allowance.remaining = self._remaining(name) - since
             self._enforce()
             if not previous.same_users(self.directory):
                 # The one sign that a change made elsewhere (``veil user``, the panel, another
