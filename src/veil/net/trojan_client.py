@@ -105,7 +105,7 @@ class _ServerCheck(asyncio.Protocol):
             client = tls.get_extra_info("tls_client")
             try:
                 verify_certificate(client.peer_certificate_chain_der, self.host,
-                                   os.environ.get("SSL_CERT_FILE"))
+                                   os.environ.get("SSL_CERT_FILE"), party="the server")
             except TransportError as exc:
                 self.untrusted = str(exc)
                 tls.abort()
