@@ -21,10 +21,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from veil.errors import ConfigError
 from veil.protocol.accesskey import AccessKey
-from veil.protocol.address import Address
+from veil.protocol.address import Address, parse_host_port
 from veil.protocol.endpoint import MAX_VIA, Endpoint, parse_endpoint
 from veil.protocol.session import (
     DEFAULT_IDLE_CLOSE,
@@ -41,6 +42,8 @@ __all__ = [
     "DEFAULT_KEEPALIVE",
     "DEFAULT_MAX_SESSIONS",
     "DEFAULT_MAX_SESSIONS_PER_USER",
+    "DEFAULT_REFUSED_TCP_PORTS",
+    "DEFAULT_SYSTEM_PROXY_HTTP",
     "DEFAULT_TUN_POOL",
     "DEFAULT_TUN_POOL6",
     "MAX_CONNECTIONS",
@@ -55,6 +58,7 @@ __all__ = [
     "parse_keepalive",
     "parse_key",
     "parse_limit",
+    "parse_port_list",
     "parse_rate",
     "parse_tun_pools",
     "parse_via",
@@ -87,6 +91,14 @@ MAX_SUBSCRIPTION_REFRESH_S = 86_400.0
 #: ``veil serve --routing``: "none" (the app exports send everything through veil) or "cn"
 #: (they carry the rules of ``veil connect --rules cn``; veil.manage.rules).
 ROUTING_PRESETS = ("none", "cn")
+#: TCP destination ports the server refuses unless ``--refuse-ports`` says otherwise: SMTP's
+#: 25, which VPS providers block or suspend servers for (a relay for spam gets the server's
+#: address blacklisted and the operator's account closed). Submission (587, 465) needs a
+#: login and is how mail clients send: not refused.
+DEFAULT_REFUSED_TCP_PORTS = (25,)
+#: Where ``veil connect --system-proxy`` puts the HTTP proxy when ``--http`` does not say:
+#: every desktop's proxy settings take an HTTP proxy; 1081 sits beside SOCKS5's 1080.
+DEFAULT_SYSTEM_PROXY_HTTP = "127.0.0.1:1081"
 DEFAULT_TUN_POOL = "10.77.0.0/16"
 DEFAULT_TUN_POOL6 = "fd77::/64"
 #: Where a forward listens when the spec gives no LHOST: never the LAN unless asked.
@@ -150,6 +162,26 @@ def parse_expiry(text: str) -> float | None:
         raise ConfigError(f"bad date {text!r}: use YYYY-MM-DD, an ISO 8601 time, or never") \
             from exc
     return moment.timestamp()
+
+
+def parse_port_list(text: str) -> tuple[int, ...]:
+    """``--refuse-ports``: ``25``, ``25,465,6881-6889``, or ``none``."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    ports: set[int] = set()
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        try:
+            first = int(low)
+            last = int(high) if dash else first
+        except ValueError:
+            raise ConfigError(f"--refuse-ports takes ports and ranges like 25,6881-6889 or "
+                              f"'none', not {text!r}") from None
+        if not 1 <= first <= last <= 65535:
+            raise ConfigError(f"--refuse-ports: {part.strip()!r} is not a port or a range "
+                              "of ports (1-65535)")
+        ports.update(range(first, last + 1))
+    return tuple(sorted(ports))
 
 
 def parse_keepalive(text: str) -> tuple[float, float]:
@@ -360,6 +392,11 @@ class ServerOptions:
     key: Path | None = None
     #: ``--allow-private``: let clients reach private, loopback and link-local addresses.
     allow_private: bool = False
+    #: ``--refuse-ports``: TCP destination ports no stream may reach (also ``--tun``'s).
+    refused_tcp_ports: tuple[int, ...] = DEFAULT_REFUSED_TCP_PORTS
+    #: ``--block-bittorrent``: refuse streams and datagrams that are BitTorrent (its
+    #: handshake, tracker requests, DHT, uTP; veil.protocol.bittorrent). Not for ``--tun``.
+    block_bittorrent: bool = False
     #: Seconds a connection may take to say whether it is a tunnel or a visitor.
     handshake_timeout: float = 60.0
     #: ``--no-shaping`` turns this off.
@@ -393,6 +430,9 @@ class ServerOptions:
     #: ``--on-block CMD``: a command (argv, run without a shell) the server runs when most
     #: active users report a way in blocked (veil.server.blocks); empty: none.
     on_block: tuple[str, ...] = ()
+    #: ``--alert-webhook URL`` (:func:`parse_webhook_url`): where the server posts alerts (a
+    #: user at 80% of the limit, the certificate near expiry: veil.server.alerts); None: none.
+    alert_webhook: str | None = None
     #: ``--routing``: the rules the Clash Meta and sing-box exports carry, one of
     #: :data:`ROUTING_PRESETS` (veil.manage.rules); "none": everything through veil.
     routing: str = "none"
@@ -507,6 +547,9 @@ class ClientOptions:
     #: ``--rules`` (repeatable, in order): rules files, or ``cn`` for the built-in preset
     #: (split routing, veil.client.rules; SOCKS5, HTTP proxy, forwards and --tun).
     rules: tuple[str, ...] = ()
+    #: ``--system-proxy``: point the desktop's proxy settings at the HTTP proxy (and SOCKS5
+    #: where the desktop has a slot for it) while running (veil.client.sysproxy).
+    system_proxy: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.connections <= MAX_CONNECTIONS:
@@ -517,6 +560,16 @@ class ClientOptions:
         if not all(low <= figure <= high for figure in self.keepalive):
             raise ConfigError(f"--keepalive: both figures must be between {low:g} and "
                               f"{high:g} seconds")
+        if self.system_proxy:
+            if self.tun:
+                raise ConfigError("--system-proxy points applications at the local proxies; "
+                                  "--tun takes the whole device instead: use one or the other")
+            if self.http is None:
+                raise ConfigError("--system-proxy needs the HTTP proxy (--http)")
+            if self.http_credentials is not None or self.socks_credentials is not None:
+                raise ConfigError("--system-proxy cannot hand applications a proxy password: "
+                                  "drop --http-auth/--socks-auth (the proxies listen on this "
+                                  "machine only)")
         if self.allow_lan:
             return
         open_ = []
@@ -544,12 +597,16 @@ class ClientOptions:
                   shaping: bool = True, tun: bool = False,
                   tun_exclude: tuple[str, ...] = (),
                   keepalive: str | None = None, http_auth: str | None = None,
-                  allow_lan: bool = False, rules: tuple[str, ...] = ()) -> ClientOptions:
+                  allow_lan: bool = False, rules: tuple[str, ...] = (),
+                  system_proxy: bool = False) -> ClientOptions:
         """The options ``veil connect`` flags describe, as typed (``default_socks`` is where
-        the SOCKS5 proxy listens when no inbound is named)."""
+        the SOCKS5 proxy listens when no inbound is named; ``--system-proxy`` adds the HTTP
+        proxy on :data:`DEFAULT_SYSTEM_PROXY_HTTP` when ``--http`` does not say)."""
         specs = tuple(parse_forward_spec(text) for text in forwards)
         if socks is None and http is None and not specs and not tun:
             socks = default_socks
+        if system_proxy and http is None and not tun:
+            http = parse_host_port(DEFAULT_SYSTEM_PROXY_HTTP)
         return cls(key, socks=socks,
                    socks_credentials=parse_credentials("--socks-auth", socks_auth),
                    http=http, forwards=specs,
@@ -557,4 +614,13 @@ class ClientOptions:
                    allow_lan=allow_lan, connections=connections, tls_stack=tls_stack,
                    shaping=shaping, tun=tun, tun_exclude=tun_exclude,
                    keepalive=parse_keepalive(keepalive) if keepalive else DEFAULT_KEEPALIVE,
-                   rules=rules)
+                   rules=rules, system_proxy=system_proxy)
+
+
+def parse_webhook_url(url: str) -> str:
+    """``--alert-webhook URL``: an http:// or https:// URL with a host; ConfigError otherwise
+    (a file: or ftp: URL would read or post where an alert has no business)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("--alert-webhook needs an http:// or https:// URL")
+    return url

@@ -40,8 +40,9 @@ _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 class Harness:
     """A VeilServer with an admin panel, on a loop in a thread of its own."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, trojan: bool = False) -> None:
         self.directory = directory
+        self.trojan = trojan
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
@@ -66,7 +67,7 @@ class Harness:
     async def _start_server(self, port: int) -> VeilServer:
         # Built on the loop's thread: the server's store belongs to the thread that opened it.
         server = VeilServer(self.state, ServerOptions(listen=Address("127.0.0.1", port),
-                                                      allow_private=True))
+                                                      allow_private=True, trojan=self.trojan))
         await server.start()
         return server
 
@@ -206,6 +207,16 @@ def plain_http_probe(port: int) -> bytes:
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     h = Harness(tmp_path_factory.mktemp("admin"))
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture(scope="module")
+def trojan_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    """A harness whose server takes Trojan (``--trojan``): every export is on a user's page."""
+    h = Harness(tmp_path_factory.mktemp("admin-trojan"), trojan=True)
     try:
         yield h
     finally:

@@ -140,3 +140,63 @@ def test_add_user_see_qr_connect_revoke_and_watch_the_session_vanish(
             tunnelled.close()
         procs.stop(client.proc)
     page.close()
+
+
+def test_a_users_exports_render_with_their_qr_codes_and_the_list_is_searched(
+        trojan_harness: Harness, browser: Browser) -> None:
+    """Every export on a user's page is drawn, with a QR code a phone can scan (over 100 px),
+    the configurations open without a script, and the subscription rotates from the page."""
+    h = trojan_harness
+    h.run(_add_users(h, [f"team{i:02d}" for i in range(60)]))
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    page.set_default_timeout(10_000)
+    base = h.admin.url
+    page.goto(f"{base}/login")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button:has-text('Log in')")
+    expect(page).to_have_url(f"{base}/users")
+
+    expect(page.locator("#users tbody tr")).to_have_count(50)
+    page.fill("#search input[name=q]", "team05")
+    page.click("#search button")
+    expect(page).to_have_url(f"{base}/users?q=team05")
+    expect(page.locator("#users tbody tr")).to_have_count(1)
+    page.goto(f"{base}/users")
+    page.click("nav.pages a[rel=next]")
+    expect(page).to_have_url(f"{base}/users?page=2")
+    expect(page.locator("#users tbody tr")).to_have_count(11)
+    shot(page, "9-users-page-2")
+
+    page.goto(f"{base}/users/alice")
+    for card in ("access-key", "subscription", "trojan", "clash", "sing-box"):
+        qr = page.locator(f"#{card} .qr svg")
+        expect(qr).to_have_count(1)
+        expect(qr).to_be_visible()
+        box = qr.bounding_box()
+        assert box is not None and box["width"] > 100, (card, box)
+    config = page.locator("#sing-box pre.config")
+    expect(config).not_to_be_visible()
+    page.click("#sing-box details summary")
+    expect(config).to_be_visible()
+    expect(config).to_contain_text('"mixed"')
+    shot(page, "10-user-exports")
+
+    old = page.locator("#subscription code.key").first.inner_text()
+    page.click("button[data-action=rotate-subscription]")
+    expect(page).to_have_url(f"{base}/users/alice?done=rotated")
+    assert page.locator("#subscription code.key").first.inner_text() != old
+    page.click("button[data-action=reset-usage]")
+    expect(page).to_have_url(f"{base}/users/alice?done=usage_reset")
+    page.click("button[data-action=end-sessions]")
+    expect(page).to_have_url(f"{base}/users/alice?done=sessions_ended")
+
+    page.goto(f"{base}/health")
+    expect(page.locator("#health")).to_contain_text("Memory in use")
+    expect(page.locator("#fleet tr[data-server]")).to_have_count(1)
+    shot(page, "11-health-fleet")
+    page.close()
+
+
+async def _add_users(h: Harness, names: list[str]) -> None:
+    for name in names:
+        h.server.users.add(name)

@@ -120,3 +120,75 @@ def test_a_server_with_another_store_key_refuses_to_start(tmp_path: Path,
     assert "store key" in second.stderr and len(second.stderr.strip().splitlines()) == 1
     password = url.split(":")[2].split("@")[0]
     assert password not in second.stderr
+
+
+def test_any_servers_panel_shows_the_fleet_and_ends_a_session_on_another_server(
+        tmp_path: Path, pg: PostgresServer) -> None:
+    """Two `veil serve` processes on one PostgreSQL, the panel on the first: its /api/fleet
+    lists both (each with its own live sessions), and ending a user's sessions there closes
+    the one open on the second server within a second."""
+    import urllib.request
+
+    url = pg.create_database("fleet_panel")
+    echo = TcpEcho()
+    servers: list[VeilServer] = []
+    client: procs.VeilClient | None = None
+    admin_port = procs.unused_port()
+    try:
+        first = procs.start_veil_server(tmp_path / "a", "--db", url,
+                                        "--admin", f"127.0.0.1:{admin_port}")
+        servers.append(first)
+        (tmp_path / "b" / "state").mkdir(parents=True, mode=0o700)
+        shutil.copy(first.state / "store.key", tmp_path / "b" / "state" / "store.key")
+        second = procs.start_veil_server(tmp_path / "b", "--db", url)
+        servers.append(second)
+        token = subprocess.run([*VEIL, "admin", "token", "--state", str(first.state)],
+                               capture_output=True, text=True, check=True,
+                               timeout=30).stdout.strip()
+
+        def api(method: str, path: str) -> dict[str, object]:
+            request = urllib.request.Request(f"http://127.0.0.1:{admin_port}{path}",
+                                             method=method,
+                                             headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                return json.loads(reply.read())  # type: ignore[no-any-return]
+
+        veil_user(first.state, "add", "lee")
+        key_b = veil_user(second.state, "show", "lee").stdout.strip()
+        spec = f"0:127.0.0.1:{echo.port}"
+        client = procs.start_veil_client(tmp_path, key_b, socks=False, forwards=[spec])
+        sock = send_through(client.forwards[spec], 100_000)
+        try:
+            def fleet() -> list[dict[str, object]] | None:
+                listed = api("GET", "/api/fleet")["servers"]
+                assert isinstance(listed, list)
+                by_port = {int(str(s["listen"]).rsplit(":", 1)[1]): s for s in listed}
+                if set(by_port) == {first.port, second.port} and \
+                        by_port[second.port]["sessions_active"] == 1:
+                    return listed
+                return None
+
+            # Heartbeats come every 5 s.
+            servers_seen = wait_until(fleet, 20, "both servers, lee's session on the second")
+            assert all(s["responding"] for s in servers_seen)
+            assert [s["this"] for s in servers_seen].count(True) == 1
+
+            api("POST", "/api/users/lee/end-sessions")
+            start = time.monotonic()
+            sock.settimeout(5)
+            try:
+                while sock.recv(65536):
+                    pass
+            except (ConnectionResetError, TimeoutError):
+                pass
+            took = time.monotonic() - start
+            print(f"end sessions on server a -> server b closed lee's session: {took:.2f} s")
+            assert took < 1.5
+        finally:
+            sock.close()
+    finally:
+        if client is not None:
+            procs.stop(client.proc)
+        for server in servers:
+            procs.stop(server.proc)
+        echo.close()

@@ -132,6 +132,17 @@ def test_server_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert procs.stop(server.proc) == 0
 
 
+def send_hello(port: int) -> bytes:
+    """Send "hello" to a local forward: what comes back first (b"" for a close or reset)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.settimeout(10)
+        s.sendall(b"hello")
+        try:
+            return s.recv(100)
+        except ConnectionResetError:
+            return b""
+
+
 def test_private_destinations_are_refused_by_default(tmp_path: Path) -> None:
     """Without --allow-private the server relays nothing to its own loopback: the stream is
     reset at once (no hang), the session survives, and the target sees no connection."""
@@ -146,14 +157,7 @@ def test_private_destinations_are_refused_by_default(tmp_path: Path) -> None:
         try:
             for _ in range(3):
                 started = time.monotonic()
-                with socket.create_connection(("127.0.0.1", fwd), timeout=10) as s:
-                    s.settimeout(10)
-                    s.sendall(b"hello")
-                    try:
-                        data = s.recv(100)
-                    except ConnectionResetError:
-                        data = b""
-                assert data == b""
+                assert send_hello(fwd) == b""
                 assert time.monotonic() - started < 5
             assert echo.accepted == 0
             assert "refused destination (private or loopback address)" in log.read_text()
@@ -163,3 +167,25 @@ def test_private_destinations_are_refused_by_default(tmp_path: Path) -> None:
     finally:
         procs.stop(server)
         echo.close()
+
+
+def test_refused_ports_are_refused_even_with_allow_private(tmp_path: Path) -> None:
+    """--refuse-ports (SMTP's 25 by default) refuses a TCP port on every address, before
+    any lookup: the stream is reset at once, the target sees no connection, the same
+    session still reaches another port, and the log says which option refused it."""
+    refused, allowed = procs.TcpEcho(), procs.TcpEcho()
+    started = procs.start_veil_server(tmp_path / "srv", "--refuse-ports", f"25,{refused.port}")
+    try:
+        specs = [f"0:127.0.0.1:{refused.port}", f"0:127.0.0.1:{allowed.port}"]
+        client = procs.start_veil_client(tmp_path, started.key, socks=False, forwards=specs)
+        try:
+            assert send_hello(client.forwards[specs[1]]) == b"hello"
+            assert send_hello(client.forwards[specs[0]]) == b""
+            assert refused.accepted == 0 and allowed.accepted == 1
+            assert f"refused TCP port {refused.port} (--refuse-ports)" in started.log.read_text()
+        finally:
+            procs.stop(client.proc)
+    finally:
+        procs.stop(started.proc)
+        refused.close()
+        allowed.close()

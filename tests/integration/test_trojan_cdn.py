@@ -136,12 +136,13 @@ def test_sing_box_runs_the_exported_trojan_ws_through_nginx_as_a_cdn(
         config = json.loads(exported)
         (cdn_tag,) = [o["tag"] for o in config["outbounds"] if "transport" in o]
         exported_path = tmp_path / "exported.json"
-        exported_path.write_text(exported if singbox.has_utls(binary)
-                                 else singbox.without_utls(exported))
+        runnable = json.loads(exported if singbox.has_utls(binary)
+                              else singbox.without_utls(exported))
+        # The export's own inbound, moved off its fixed port 2080 (another program may hold it).
         socks = procs.unused_port()
+        runnable["inbounds"][0]["listen_port"] = socks
+        exported_path.write_text(json.dumps(runnable))
         (tmp_path / "local.json").write_text(json.dumps({
-            "log": {"level": "warn"},
-            "inbounds": [{"type": "mixed", "listen": "127.0.0.1", "listen_port": socks}],
             "route": {"final": cdn_tag}}))  # the CDN way, not the urltest's pick
         log = tmp_path / "sing-box.log"
         with open(log, "wb") as out:

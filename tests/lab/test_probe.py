@@ -4,43 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
+from tests.support.toyserver import Handler, ToyServer
 from veil.lab import probe
 
 WAIT = 0.6
-Handler = Callable[[socket.socket], None]
-
-
-class ToyServer:
-    """A loopback TCP server running ``handler`` on every connection, in threads."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.handler = handler
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            self.handler(conn)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @contextlib.contextmanager

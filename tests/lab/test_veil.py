@@ -19,14 +19,22 @@ import pytest
 
 from tests.lab import realtraffic as rt
 from tests.support import procs
+from tests.support.pebble import PEBBLE, NameServer, pebble
+from tests.support.wait import wait_until
+from veil.lab.certs import judge_certificate
 from veil.lab.passive import FlowReport, analyse_pcap
 from veil.lab.pcap import read_flows
-from veil.lab.probe import ProbeReport, probe_server
+from veil.lab.probe import ProbeReport, fetch_certificate, probe_server
+from veil.lab.verdict import Verdict
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 PROBE_WAIT = 2.0
 SHOULD_PASS = ("fully-encrypted", "protocol-signatures", "sni", "certificate")
+# The DNS name of the lab's server in ACME mode, resolved by the lab's name server alone.
+ACME_NAME = "www.veil-lab-acme.org"
+# Pebble validates and issues in about a second; this leaves room for a loaded machine.
+ACME_ORDER_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -129,11 +137,64 @@ def test_inner_https_handshake_is_hidden(veil_traffic: VeilTraffic) -> None:
     assert not verdict.flagged, verdict.evidence
 
 
+@pytest.fixture(scope="module")
+def acme_mode(module_dir: Path, nginx: procs.Nginx) -> Iterator[procs.VeilServer]:
+    """``veil serve --public NAME`` as an operator starts it with a DNS name (the default:
+    ACME), its CA a real Pebble that validates the name over TLS-ALPN-01 on veil's port,
+    through a name server that points NAME at loopback."""
+    if not Path(PEBBLE).exists():
+        pytest.skip("needs Debian's pebble (scripts/install-deps installs it)")
+    workdir = module_dir / "lab-veil-acme"
+    port = procs.unused_port()
+    dns = NameServer({ACME_NAME: "127.0.0.1"})
+    try:
+        with pebble(workdir / "pebble", port, dns.port) as ca:
+            server = procs.start_veil_server(
+                workdir, "--public", f"{ACME_NAME}:{port}", "--acme-directory", ca.directory,
+                "--acme-ca-bundle", str(ca.ca_bundle),
+                "--cover", f"http://127.0.0.1:{nginx.http_port}", port=port)
+            try:
+                obtained = f"ACME: obtained a certificate for {ACME_NAME}"
+                wait_until(lambda: obtained in server.log_text()
+                           or server.proc.poll() is not None, ACME_ORDER_TIMEOUT_S,
+                           lambda: server.log_text()[-2000:])
+                assert obtained in server.log_text(), server.log_text()[-2000:]
+                yield server
+            finally:
+                procs.stop(server.proc)
+    finally:
+        dns.close()
+
+
+def probed_certificate(port: int, sni: str | None) -> Verdict:
+    """The certificate a prober fetches with this SNI, scored as ``veil lab probe`` does."""
+    der = fetch_certificate("127.0.0.1", port, sni)
+    assert der is not None
+    verdict = judge_certificate(der, sni)
+    print(f"certificate for SNI {sni}: {'FLAGGED' if verdict.flagged else 'ok'}: "
+          f"{'; '.join(verdict.evidence)}")
+    return verdict
+
+
+def test_probed_certificate_in_acme_mode_is_unremarkable(acme_mode: procs.VeilServer) -> None:
+    """A server with a DNS name presents its CA's chain: nothing a prober flags."""
+    verdict = probed_certificate(acme_mode.port, ACME_NAME)
+    assert not verdict.flagged, verdict.evidence
+
+
+def test_the_certificate_probe_flags_the_self_signed_default(
+        veil_traffic: VeilTraffic) -> None:
+    """The positive control, and the known-bad mode: a server without a DNS name (the lab's
+    server names 127.0.0.1) presents its self-signed certificate, and the probe says so."""
+    verdict = probed_certificate(veil_traffic.server.port, None)
+    assert verdict.flagged and "self-signed" in verdict.labels, verdict.evidence
+
+
 @pytest.mark.xfail(strict=True, reason=(
-    "known gap: by default veil serves a self-signed certificate (state/cert.pem); a prober "
-    "fetching it sees what no public website shows. `veil serve --cert/--key` with a "
-    "CA-issued certificate fixes it"))
-def test_probed_certificate_is_unremarkable(probed: ProbeReport) -> None:
+    "known gap: a server without a DNS name presents a self-signed certificate (state/cert.pem) "
+    "that no public website shows; borrowed identity (#18 part 2) is to close it; with a name "
+    "the default is ACME, test_probed_certificate_in_acme_mode_is_unremarkable"))
+def test_probed_certificate_without_a_name_is_unremarkable(probed: ProbeReport) -> None:
     assert probed.certificate is not None
     assert not probed.certificate.flagged, probed.certificate.evidence
 

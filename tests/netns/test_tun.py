@@ -144,6 +144,14 @@ def test_everything_goes_through_the_tunnel_and_only_tls_leaves(
         out = topo.exec("client1", "curl", "-sS", "-m", "20", "-o", "/dev/null", "-w",
                         "%{http_code} %{size_download}", f"http://[{INTERNET_IP6}]/big.bin")
         assert out.stdout == f"200 {16 * 1024 * 1024}"
+        # SMTP's port is refused to clients (--refuse-ports' default), with a reset at once;
+        # the server itself reaches the same listener.
+        smtp = f"http://{INTERNET_IP}:25/"
+        refused = topo.exec("client1", "curl", "-sS", "-m", "5", "-o", "/dev/null", smtp,
+                            check=False)
+        assert refused.returncode == 7, refused  # curl: could not connect
+        assert topo.exec("server", "curl", "-sS", "-m", "5", "-o", "/dev/null", smtp,
+                         check=False).returncode == 0
         # The TCP MSS is clamped to the tunnel's MTU on forwarded SYNs (the server's table).
         assert "maxseg size set rt mtu" in topo.exec("server", "nft", "list", "table", "inet",
                                                      "veil").stdout

@@ -384,6 +384,8 @@ http {{
     server {{
         listen 80;
         listen [::]:80;
+        # SMTP's port, which the server refuses to its clients by default (--refuse-ports).
+        listen 25;
         root {root};
     }}
 }}

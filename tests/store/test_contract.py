@@ -453,3 +453,62 @@ def test_close_waits_for_the_call_in_flight_and_later_calls_are_store_errors(
         store.list_users()
     assert caught.value.code == "closed"
     store.close()  # a second close is harmless
+
+
+# ---------------------------------------------------------------------- the panel's actions
+def test_reset_usage_forgets_the_period_and_keeps_what_came_before(store: UserStore) -> None:
+    add(store, "alice")
+    add(store, "bob")
+    store.add_usage({"alice": Usage(5, 6), "bob": Usage(1, 1)}, JAN_31_2330)
+    store.add_usage({"alice": Usage(7, 8)}, FEB_1_0030)
+    store.reset_usage("alice", FEB_1_0030 - 1800)  # February's first hour on
+    assert store.usage_by_user(None) == {"alice": Usage(5, 6), "bob": Usage(1, 1)}
+    store.reset_usage("alice", None)
+    assert store.usage_by_user(None) == {"bob": Usage(1, 1)}
+    with pytest.raises(StoreError) as caught:
+        store.reset_usage("nobody", None)
+    assert caught.value.code == "not_found"
+
+
+def test_sessions_to_end_reach_another_store_and_the_latest_wins(backend: Backend,
+                                                                  store: UserStore) -> None:
+    from veil.store.base import SESSION_END_KEEP_S, SessionEnd
+
+    add(store, "alice")
+    other = backend.open()
+    store.end_sessions(SessionEnd("alice", NOW), NOW)
+    store.end_sessions(SessionEnd("alice", NOW + 5), NOW + 5)  # the same row, moved on
+    store.end_sessions(SessionEnd("alice", NOW + 6, "host 127.0.0.1:443", 7), NOW + 6)
+    ends = sorted(other.session_ends(), key=lambda e: e.session)
+    assert ends == [SessionEnd("alice", NOW + 5), SessionEnd("alice", NOW + 6,
+                                                             "host 127.0.0.1:443", 7)]
+    assert ends[0].applies("any", 3, NOW + 5) and not ends[0].applies("any", 3, NOW + 5.5)
+    assert ends[1].applies("host 127.0.0.1:443", 7, NOW) and not ends[1].applies("x", 7, NOW)
+    # Rows older than the keep time go when the next one is written.
+    add(store, "bob")
+    store.end_sessions(SessionEnd("bob", NOW + SESSION_END_KEEP_S + 10),
+                       NOW + SESSION_END_KEEP_S + 10)
+    assert [e.name for e in other.session_ends()] == ["bob"]
+    with pytest.raises(StoreError) as caught:
+        store.end_sessions(SessionEnd("nobody", NOW), NOW)
+    assert caught.value.code == "not_found"
+
+
+def test_heartbeats_of_a_fleet_are_kept_per_server(backend: Backend, store: UserStore) -> None:
+    from veil.store.base import SERVER_KEEP_S, ServerBeat
+
+    other = backend.open()
+    store.beat("b", NOW, '{"n": 1}')
+    other.beat("a", NOW + 1, '{"n": 2}')
+    store.beat("b", NOW + 2, '{"n": 3}')
+    assert other.servers() == [ServerBeat("a", NOW + 1, '{"n": 2}'),
+                               ServerBeat("b", NOW + 2, '{"n": 3}')]
+    store.beat("b", NOW + 2 + SERVER_KEEP_S, "{}")  # a is gone for longer than the keep time
+    assert [s.id for s in other.servers()] == ["b"]
+
+
+def test_a_setting_is_claimed_once_across_stores(backend: Backend, store: UserStore) -> None:
+    other = backend.open()
+    assert store.claim_setting("alert:x", "1") is True
+    assert other.claim_setting("alert:x", "2") is False
+    assert other.get_setting("alert:x") == "1"

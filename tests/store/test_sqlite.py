@@ -249,3 +249,18 @@ def test_kill_9_while_adding_usage_loses_no_returned_call(tmp_path: Path) -> Non
         check.close()
     finally:
         store.close()
+
+
+def test_a_schema_3_file_from_before_the_panels_tables_gets_them(tmp_path: Path) -> None:
+    path = tmp_path / "users.db"
+    open_sqlite(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE session_ends")
+        db.execute("DROP TABLE servers")
+    db.close()
+    store = open_sqlite(path)
+    try:
+        store.beat("a", 1.0, "{}")
+        assert [s.id for s in store.servers()] == ["a"] and store.session_ends() == []
+    finally:
+        store.close()

@@ -34,6 +34,9 @@ from tests.support.cdn import make_ca_and_leaf
 PEBBLE = shutil.which("pebble") or "/usr/bin/pebble"
 # Tries at starting Pebble on ports that turn out taken (procs.unused_port) before giving up.
 PEBBLE_BIND_ATTEMPTS = 3
+# The lifetime of the certificates Pebble issues: Let's Encrypt's 90 days, not Pebble's default
+# of 5 years (which a censor's certificate check flags: public CAs issue at most 398 days).
+CERTIFICATE_VALIDITY_S = 90 * 24 * 3600
 # A DNS query fits one datagram (RFC 1035: 512 bytes without EDNS; Go's resolver asks with
 # EDNS 1232).
 DNS_DATAGRAM = 4096
@@ -123,7 +126,8 @@ def pebble(workdir: Path, tls_port: int, dns_port: int, *,
             "certificate": str(workdir / "cdn-cert.pem"),
             "privateKey": str(workdir / "cdn-key.pem"),
             "httpPort": procs.unused_port(), "tlsPort": tls_port,
-            "ocspResponderURL": "", "externalAccountBindingRequired": False}}))
+            "ocspResponderURL": "", "externalAccountBindingRequired": False,
+            "certificateValidityPeriod": CERTIFICATE_VALIDITY_S}}))
         log = procs.new_log(workdir, "pebble")
         with open(log, "wb") as out:
             proc = subprocess.Popen([PEBBLE, "-config", str(config),

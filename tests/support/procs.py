@@ -216,7 +216,7 @@ class VeilClient:
 
 def start_veil_client(workdir: Path, key: str, *, socks: bool = True, http: bool = False,
                       forwards: list[str] | None = None, extra: tuple[str, ...] = (),
-                      wait: bool = True) -> VeilClient:
+                      wait: bool = True, env: dict[str, str] | None = None) -> VeilClient:
     """Start ``veil connect``; its proxies listen on ports the system picks, read back from its
     log, and so do ``forwards`` given LPORT 0 (``0:127.0.0.1:7``): the client's ``forwards``
     holds each spec's port. With ``wait`` (the default), return once it is connected to the
@@ -230,7 +230,8 @@ def start_veil_client(workdir: Path, key: str, *, socks: bool = True, http: bool
         args += ["--forward", spec]
     log = new_log(workdir, "client")
     with open(log, "wb") as err:
-        proc = subprocess.Popen([*args, *extra], stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen([*args, *extra], stdout=subprocess.DEVNULL, stderr=err,
+                                env=env)
     try:
         # The proxies are listening when the client names them, connected to the server or not.
         socks_port = bound_port(log, "SOCKS5 proxy on", proc) if socks else None

@@ -3,6 +3,7 @@ challenge certificate (RFC 8737), and the gate's reading of a ClientHello's ALPN
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import ssl
 from pathlib import Path
@@ -14,8 +15,10 @@ from veil.config import ServerOptions
 from veil.manage.acme import (
     ID_PE_ACME_IDENTIFIER,
     LETS_ENCRYPT_DIRECTORY,
+    RETRY_AFTER_MAX_S,
     challenge_certificate,
     public_ca_may_issue,
+    retry_after_seconds,
 )
 from veil.manage.state import init_state
 from veil.protocol.address import Address
@@ -74,3 +77,18 @@ def test_the_alpn_offer_and_the_name_are_read_from_a_client_hello() -> None:
     assert clienthello.alpn_protocols(client_hello(["h2", "http/1.1"])) == (b"h2", b"http/1.1")
     assert clienthello.alpn_protocols(client_hello(None)) == ()
     assert clienthello.alpn_protocols(record[:60]) == ()  # cut short: nothing, no error
+
+
+NOW = datetime.datetime(2026, 12, 7, 12, 0, tzinfo=datetime.UTC)
+
+
+@pytest.mark.parametrize(("header", "seconds"), [
+    ("120", 120.0), (" 7 ", 7.0),                                     # delta-seconds
+    ("Mon, 07 Dec 2026 12:05:00 GMT", 300.0),                         # an HTTP date
+    ("Mon, 07 Dec 2026 11:00:00 GMT", 0.0),                           # already past
+    ("Mon, 07 Dec 2027 12:00:00 GMT", RETRY_AFTER_MAX_S),             # a year: capped
+    ("99999999999", RETRY_AFTER_MAX_S),
+    ("soon", None), ("", None), (None, None), ("-5", None)])
+def test_a_retry_after_header_is_read_as_seconds_from_now(header: str | None,
+                                                          seconds: float | None) -> None:
+    assert retry_after_seconds(header, NOW) == seconds

@@ -13,6 +13,7 @@ from veil.config import (
     ServerOptions,
     parse_keepalive,
     parse_limit,
+    parse_port_list,
     parse_rate,
 )
 from veil.errors import ConfigError
@@ -132,3 +133,16 @@ def test_anything_else_is_refused_before_a_fetch(url: str) -> None:
 
     with pytest.raises(ConfigError, match="starts with veil://"):
         SubscriptionOptions(url)
+
+
+@pytest.mark.parametrize("text, ports", [
+    ("25", (25,)), ("none", ()), ("", ()), ("465,25", (25, 465)),
+    ("6881-6883, 25", (25, 6881, 6882, 6883))])
+def test_refused_port_lists_parse(text: str, ports: tuple[int, ...]) -> None:
+    assert parse_port_list(text) == ports
+
+
+@pytest.mark.parametrize("text", ["smtp", "0", "65536", "30-20", "25,", "-5"])
+def test_bad_refused_port_lists_are_one_clear_error(text: str) -> None:
+    with pytest.raises(ConfigError, match="--refuse-ports"):
+        parse_port_list(text)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 
+import pytest
+
 from tests.unit.test_driver_turns import RecordingTransport
 from veil.net.driver import SessionDriver
 from veil.protocol.address import Address
@@ -73,5 +75,23 @@ def test_private_addresses_are_refused_as_for_connects_and_the_session_lives() -
         # The other stream on the same session is answered.
         assert [decode_answer(e.data) for e in events if isinstance(e, DataReceived)] == [
             (ipaddress.ip_address("192.0.2.9"),)]
+
+    asyncio.run(main())
+
+
+def test_a_refused_tcp_port_is_refused_before_any_lookup_and_udp_is_not() -> None:
+    import socket
+
+    from veil.server.policy import RefusedPort, resolve
+
+    policy = DestinationPolicy(allow_private=True, refused_tcp_ports=frozenset({25}))
+
+    async def main() -> None:
+        with pytest.raises(RefusedPort):
+            # A name that cannot resolve: the port is refused before it is looked up.
+            await resolve("does-not-exist.invalid", 25, policy)
+        assert await resolve("127.0.0.1", 26, policy) == [(socket.AF_INET, "127.0.0.1")]
+        assert await resolve("127.0.0.1", 25, policy, socket.SOCK_DGRAM) == [
+            (socket.AF_INET, "127.0.0.1")]
 
     asyncio.run(main())

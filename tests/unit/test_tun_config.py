@@ -82,6 +82,9 @@ def test_server_ruleset() -> None:
     assert "192.168.0.0/16" in rules and "tcp option maxseg size set rt mtu" in rules
     open_rules = TunServer(TunServerOptions.parse(None, None, allow_private=True)).ruleset("t")
     assert "192.168.0.0/16" not in open_rules and 'iifname "t" drop' not in open_rules
+    assert "dport" not in open_rules  # no port refused unless asked
+    smtp = TunServer(TunServerOptions.parse(None, None, refused_tcp_ports=(25, 465)))
+    assert 'iifname "t" tcp dport { 25, 465 } reject with tcp reset' in smtp.ruleset("t")
 
 
 def test_resolvers_skip_loopback_stubs(tmp_path: Path) -> None:

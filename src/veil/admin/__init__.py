@@ -6,7 +6,7 @@ listener (``--admin HOST:PORT``, off by default).
     app.py       the aiohttp application, its listener (loopback, or TLS), the JSON API
     auth.py      the admin password (Argon2id), sessions, CSRF, login rate limit, API token
     backend.py   the user store, owned by one worker thread: the tunnel's loop never waits
-    pages.py     server-rendered HTML (no external assets), the QR code as inline SVG
+    pages.py     server-rendered HTML (no external assets), the QR codes as inline SVG
     chart.py     the traffic chart, drawn server-side as inline SVG
     metrics.py   Prometheus ``/metrics``, read from the running server at scrape time
     openapi.yaml the JSON API, as OpenAPI 3.1 (the tests validate responses against it)

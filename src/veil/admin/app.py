@@ -23,6 +23,7 @@ lives. The panel needs nothing else of the server, so it can be built around a s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.resources
 import ipaddress
 import json
@@ -43,9 +44,12 @@ from veil.admin.listen import check_admin_listen, is_loopback
 from veil.admin.metrics import CONTENT_TYPE, certificate_not_after, make_registry, render
 from veil.config import parse_expiry, parse_limit
 from veil.errors import ConfigError, StoreError, VeilError
+from veil.manage.export import check_trojan_on, export_user
+from veil.manage.fleet import STALE_AFTER_S, HostSampler
 from veil.manage.state import server_ssl_context
+from veil.manage.subscription import subscription_urls
 from veil.manage.users import UserManager, UserReport
-from veil.store.base import HOUR_S, Usage
+from veil.store.base import HOUR_S, ServerBeat, SessionEnd, Usage, User, period_start
 
 if TYPE_CHECKING:
     from veil.manage.state import ServerState
@@ -66,6 +70,13 @@ DAY_S = 86400
 # Lines on the traffic chart: the users with the most traffic in the range.
 TRAFFIC_CHART_USERS = 8
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# The users list: a page of this many rows (a table a screen or two long); the API's pages
+# are at most MAX_PER_PAGE (a response stays well under a megabyte).
+USERS_PER_PAGE = 50
+MAX_PER_PAGE = 1000
+MAX_PAGE = 1_000_000
+# A search is a substring of names: names are at most 64 characters.
+MAX_SEARCH = 64
 # At shutdown, requests in flight get this long (as the server's sessions do).
 SHUTDOWN_GRACE_S = 2.0
 
@@ -76,10 +87,18 @@ STATUS_BY_CODE = {"not_found": 404, "exists": 409, "already_revoked": 409, "bad_
 DONE_MESSAGES = {"added": "User added: give them the key below (or let them scan the QR code).",
                  "revoked": "User revoked: their connections are being closed.",
                  "rotated": "New key made: the old one no longer works.",
-                 "limit": "Limit set.", "expiry": "Expiry set."}
+                 "limit": "Limit set.", "expiry": "Expiry set.",
+                 "usage_reset": "Usage reset: this period's traffic is forgotten.",
+                 "sessions_ended": "Sessions ended: every server closes them within a second "
+                                   "(the app may connect again: revoke or rotate to keep it "
+                                   "out).",
+                 "session_ended": "Session ended: its server closes it within a second."}
 
 DONE_BY_ACTION = {"revoke": "revoked", "rotate": "rotated", "limit": "limit",
-                  "expiry": "expiry"}
+                  "expiry": "expiry", "reset-usage": "usage_reset",
+                  "end-sessions": "sessions_ended"}
+# The formats a user's page offers as files to download.
+DOWNLOADS = {"clash": ("text/yaml", "yaml"), "sing-box": ("application/json", "json")}
 
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
@@ -126,6 +145,10 @@ class Admin:
         self.limiter = auth.LoginLimiter()
         self.verifications = asyncio.Semaphore(auth.MAX_CONCURRENT_VERIFICATIONS)
         self.registry = make_registry(server)
+        # The Health page's own: its CPU and traffic rates are since the previous view
+        # (the first view's since the panel started).
+        self.host = HostSampler()
+        self.host.sample()
 
     async def password_tag(self) -> str:
         return auth.password_tag(await self.backend.setting(auth.PASSWORD_SETTING))
@@ -171,7 +194,9 @@ def make_admin_app(server: StatusSource, *, metrics_open: bool,
     r.add_get("/users/{name}", user_page)
     for action in DONE_BY_ACTION:
         r.add_post(f"/users/{{name}}/{action}", user_action_form)
+    r.add_get("/users/{name}/export/{format}", user_download)
     r.add_get("/sessions", sessions_page)
+    r.add_post("/sessions/{id}/end", session_end_form)
     r.add_get("/traffic", traffic_page)
     r.add_get("/health", health_page)
     r.add_get("/metrics", metrics)
@@ -185,8 +210,13 @@ def make_admin_app(server: StatusSource, *, metrics_open: bool,
     r.add_put("/api/users/{name}/limit", api_limit)
     r.add_put("/api/users/{name}/expiry", api_expiry)
     r.add_get("/api/users/{name}/usage", api_usage)
+    r.add_get("/api/users/{name}/exports", api_exports)
+    r.add_post("/api/users/{name}/reset-usage", api_reset_usage)
+    r.add_post("/api/users/{name}/end-sessions", api_end_sessions)
     r.add_get("/api/sessions", api_sessions)
+    r.add_post("/api/sessions/{id}/end", api_end_session)
     r.add_get("/api/health", api_health)
+    r.add_get("/api/fleet", api_fleet)
     return app
 
 
@@ -463,18 +493,98 @@ def user_json(report: UserReport) -> dict[str, Any]:
             "used_up_bytes": report.used.up, "used_down_bytes": report.used.down}
 
 
-def _report_of(users: UserManager, name: str) -> UserReport:
-    users.get(name)  # StoreError not_found
-    for report in users.report():
-        if report.name == name:
-            return report
-    raise StoreError(f"no user named {name!r}", code="not_found")
+def _report(users: UserManager, user: User, used: Usage, now: float) -> UserReport:
+    return UserReport(user.name, user.created_at, user.status(now, used.total), used,
+                      user.limit_bytes, user.limit_period, user.expires_at, user.last_seen,
+                      user.revoked_at)
 
 
-def _report_and_key(users: UserManager, name: str) -> tuple[UserReport, str | None]:
+def _report_and_key(users: UserManager, name: str, now: float) -> tuple[UserReport, str | None]:
     user = users.get(name)
-    report = _report_of(users, name)
+    report = _report(users, user, users.store.period_usage(user, now), now)
     return report, (users.access_key(user) if user.revoked_at is None else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """A page of the users list: the rows, how many users match, which page of how many."""
+
+    reports: list[UserReport]
+    total: int
+    page: int
+    per_page: int
+
+    @property
+    def pages(self) -> int:
+        return max(math.ceil(self.total / self.per_page), 1)
+
+
+def list_users(users: UserManager, now: float, search: str = "", page: int = 1,
+               per_page: int | None = None) -> Listing:
+    """Users whose name contains ``search`` (any case), oldest first, page ``page`` of
+    ``per_page`` (None: all): usage is looked up for that page only."""
+    needle = search.lower()
+    matched = [u for u in users.store.list_users() if needle in u.name.lower()]
+    size = per_page or max(len(matched), 1)
+    chunk = matched[(page - 1) * size:page * size]
+    by_period = {period: users.store.usage_by_user(period_start(period, now))
+                 for period in {u.limit_period for u in chunk}}
+    reports = [_report(users, u, by_period[u.limit_period].get(u.name, Usage()), now)
+               for u in chunk]
+    return Listing(reports, len(matched), page, size)
+
+
+@dataclass(frozen=True, slots=True)
+class UserExports:
+    """What a user's page offers: the veil key, the subscription URLs, and the app formats
+    when the server takes Trojan (else ``unavailable`` says why)."""
+
+    veil: str
+    subscription_urls: tuple[str, ...]
+    trojan: str | None = None
+    clash: str | None = None
+    sing_box: str | None = None
+    unavailable: str | None = None
+    warnings: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"veil": self.veil, "subscription_urls": list(self.subscription_urls),
+                "trojan": self.trojan, "clash": self.clash, "sing_box": self.sing_box,
+                "unavailable": self.unavailable, "warnings": list(self.warnings)}
+
+
+def user_exports(state: ServerState, user: User) -> UserExports:
+    veil = export_user(state, user, "veil").text
+    urls = tuple(subscription_urls(state, user))
+    try:
+        check_trojan_on(state)
+        formats = {fmt: export_user(state, user, fmt) for fmt in ("trojan", "clash", "sing-box")}
+    except ConfigError as exc:  # Trojan off, or the certificate unreadable
+        return UserExports(veil, urls, unavailable=str(exc))
+    warnings = tuple(dict.fromkeys(w for e in formats.values() for w in e.warnings))
+    return UserExports(veil, urls, formats["trojan"].text, formats["clash"].text,
+                       formats["sing-box"].text, warnings=warnings)
+
+
+def with_format(url: str, fmt: str) -> str:
+    """A subscription URL that asks for ``fmt`` whatever the app's User-Agent."""
+    base, sep, fragment = url.partition("#")
+    return f"{base}?format={fmt}{sep}{fragment}"
+
+
+def fleet_json(beats: list[ServerBeat], this: str, now: float) -> list[dict[str, Any]]:
+    """Every server's last heartbeat (openapi.yaml, schema Server)."""
+    servers = []
+    for beat in beats:
+        try:
+            info = json.loads(beat.info)
+        except json.JSONDecodeError:
+            info = {}
+        if not isinstance(info, dict):
+            info = {}
+        servers.append({**info, "id": beat.id, "seen_at": beat.seen_at, "this": beat.id == this,
+                        "responding": now - beat.seen_at <= STALE_AFTER_S})
+    return servers
 
 
 def sessions_json(admin: Admin) -> list[dict[str, Any]]:
@@ -503,6 +613,8 @@ def health_json(admin: Admin) -> dict[str, Any]:
         "sessions_active": len(status.connections),
         "store": "postgresql" if state.db else "sqlite",
         "store_refresh_failures": status.store_refresh_failures,
+        "server_id": status.server_id,
+        "host": dataclasses.asdict(admin.host.sample()),
     }
 
 
@@ -535,12 +647,22 @@ async def users_page(request: web.Request) -> web.StreamResponse:
     return await _users_page(request, _flash(request), error=False, status=200)
 
 
+def _search(request: web.Request) -> str:
+    search = request.query.get("q", "").strip()
+    if len(search) > MAX_SEARCH:
+        raise ApiError("bad_request", f"a search is at most {MAX_SEARCH} characters")
+    return search
+
+
 async def _users_page(request: web.Request, flash: str | None, *, error: bool,
                       status: int) -> web.Response:
     admin = request.app[ADMIN]
-    reports = await admin.backend.call(lambda u: u.report())
-    return web.Response(text=pages.users_page(reports, _session(request).csrf, flash=flash,
-                                              error=error),
+    search, page = _search(request), _int_query(request, "page", 1, 1, MAX_PAGE)
+    now = admin.clock()
+    listing = await admin.backend.call(
+        lambda u: list_users(u, now, search, page, USERS_PER_PAGE))
+    return web.Response(text=pages.users_page(listing, search, _session(request).csrf,
+                                              flash=flash, error=error),
                         status=status, content_type="text/html")
 
 
@@ -575,17 +697,22 @@ async def _user_page(request: web.Request, flash: str | None, *, error: bool,
     name = request.match_info["name"]
     start, step, count = _usage_window(USER_CHART_HOURS, admin.clock())
 
-    def load(users: UserManager) -> tuple[UserReport, str | None, list[tuple[int, Usage]]]:
-        report, key = _report_and_key(users, name)
-        return report, key, _series(users, name, start)
+    now, state = admin.clock(), admin.server.status().state
 
-    report, key, series = await admin.backend.call(load)
+    def load(users: UserManager) -> tuple[UserReport, UserExports | None,
+                                          list[tuple[int, Usage]]]:
+        user = users.get(name)
+        report = _report(users, user, users.store.period_usage(user, now), now)
+        exports = user_exports(state, user) if user.revoked_at is None else None
+        return report, exports, _series(users, name, start)
+
+    report, exports, series = await admin.backend.call(load)
     svg = chart.line_chart(
         [chart.Series("up", chart.bucketize(((t, u.up) for t, u in series), start, step, count)),
          chart.Series("down", chart.bucketize(((t, u.down) for t, u in series), start, step,
                                               count))],
         start=start, step=step, title=f"Traffic of {name}")
-    return web.Response(text=pages.user_page(report, key, svg, _session(request).csrf,
+    return web.Response(text=pages.user_page(report, exports, svg, _session(request).csrf,
                                              flash=flash, error=error),
                         status=status, content_type="text/html")
 
@@ -604,6 +731,10 @@ async def user_action_form(request: web.Request) -> web.StreamResponse:
         elif action == "limit":
             limit, period = parse_limit(str(form.get("limit", "")).strip() or "none")
             await admin.backend.call(lambda u: u.set_limit(name, limit, period))
+        elif action == "reset-usage":
+            await _reset_usage(admin, name)
+        elif action == "end-sessions":
+            await _end_sessions(admin, name)
         else:
             expires = parse_expiry(str(form.get("expires", "")).strip() or "never")
             await admin.backend.call(lambda u: u.set_expiry(name, expires))
@@ -616,10 +747,67 @@ async def user_action_form(request: web.Request) -> web.StreamResponse:
     return _redirect(f"/users/{name}?done={DONE_BY_ACTION[action]}")
 
 
+async def _reset_usage(admin: Admin, name: str) -> None:
+    now = admin.clock()
+
+    def reset(users: UserManager) -> None:
+        user = users.get(name)
+        users.store.reset_usage(name, period_start(user.limit_period, now))
+
+    await admin.backend.call(reset)
+
+
+async def _end_sessions(admin: Admin, name: str, session: int = 0) -> None:
+    """Every server (the one with ``session`` alone, when given) ends the sessions, within a
+    tick of its user directory (veil.server.live)."""
+    end = SessionEnd(name, admin.clock(), admin.server.status().server_id if session else "",
+                     session)
+    await admin.backend.call(lambda u: u.store.end_sessions(end, end.before))
+
+
+def _this_session(admin: Admin, text: str) -> tuple[str, int]:
+    """(user, id) of the live session ``text`` names on this server; ApiError not_found."""
+    if text.isdigit():
+        for conn in admin.server.status().connections:
+            if conn.id == int(text):
+                return conn.user, conn.id
+    raise ApiError("not_found", f"no live session {text!r} on this server")
+
+
+async def session_end_form(request: web.Request) -> web.StreamResponse:
+    admin = request.app[ADMIN]
+    _session(request)
+    user, session = _this_session(admin, request.match_info["id"])
+    await _end_sessions(admin, user, session)
+    log.info("admin: a session of user %s ended", user)
+    return _redirect("/sessions?done=session_ended")
+
+
+async def user_download(request: web.Request) -> web.StreamResponse:
+    """A user's Clash Meta or sing-box configuration as a file to import."""
+    admin = request.app[ADMIN]
+    _session(request)
+    name, fmt = request.match_info["name"], request.match_info["format"]
+    if fmt not in DOWNLOADS:
+        raise ApiError("not_found", f"no export named {fmt!r}")
+    state = admin.server.status().state
+
+    def load(users: UserManager) -> str:
+        user = users.get(name)
+        if user.revoked_at is not None:
+            raise ApiError("not_found", f"user {name!r} is revoked")
+        return export_user(state, user, fmt).text + "\n"
+
+    text = await admin.backend.call(load)
+    content_type, suffix = DOWNLOADS[fmt]
+    return web.Response(text=text, content_type=content_type, headers={
+        "Content-Disposition": f'attachment; filename="{name}-{fmt}.{suffix}"'})
+
+
 async def sessions_page(request: web.Request) -> web.StreamResponse:
     admin = request.app[ADMIN]
     return web.Response(text=pages.sessions_page(sessions_json(admin), _session(request).csrf,
-                                                 admin.clock()),
+                                                 admin.clock(), flash=_flash(request)),
                         content_type="text/html")
 
 
@@ -656,10 +844,17 @@ async def health_page(request: web.Request) -> web.StreamResponse:
             ("Certificate expires", "unreadable" if cert["not_after"] is None else
              f"{pages.when(cert['not_after'])} (in {cert['days_left']:.0f} days)"),
             ("Live sessions", str(h["sessions_active"])), ("User store", h["store"]),
-            ("Store read failures", str(h["store_refresh_failures"]))]
+            ("Store read failures", str(h["store_refresh_failures"])),
+            *pages.host_rows(h["host"])]
     blocked = admin.server.status().blocked_ways
-    return web.Response(text=pages.health_page(rows, _session(request).csrf, blocked),
+    fleet = await _fleet(admin)
+    return web.Response(text=pages.health_page(rows, _session(request).csrf, blocked, fleet),
                         content_type="text/html")
+
+
+async def _fleet(admin: Admin) -> list[dict[str, Any]]:
+    beats = await admin.backend.call(lambda u: u.store.servers())
+    return fleet_json(beats, admin.server.status().server_id, admin.clock())
 
 
 def _int_query(request: web.Request, key: str, default: int, low: int, high: int) -> int:
@@ -731,8 +926,14 @@ def _limit_from(body: dict[str, Any]) -> tuple[int | None, Any]:
 
 async def api_users(request: web.Request) -> web.StreamResponse:
     admin = request.app[ADMIN]
-    reports = await admin.backend.call(lambda u: u.report())
-    return web.json_response({"users": [user_json(r) for r in reports]})
+    search, page = _search(request), _int_query(request, "page", 1, 1, MAX_PAGE)
+    per_page = (_int_query(request, "per_page", 1, 1, MAX_PER_PAGE)
+                if "per_page" in request.query else None)
+    now = admin.clock()
+    listing = await admin.backend.call(lambda u: list_users(u, now, search, page, per_page))
+    return web.json_response({"users": [user_json(r) for r in listing.reports],
+                              "total": listing.total, "page": listing.page,
+                              "per_page": listing.per_page})
 
 
 async def api_add_user(request: web.Request) -> web.StreamResponse:
@@ -746,8 +947,9 @@ async def api_add_user(request: web.Request) -> web.StreamResponse:
 
     def add(users: UserManager) -> tuple[UserReport, str | None]:
         users.add(name, limit_bytes=limit, limit_period=period, expires_at=expires)
-        return _report_and_key(users, name)
+        return _report_and_key(users, name, now)
 
+    now = admin.clock()
     report, key = await admin.backend.call(add)
     log.info("admin: user %s added (API)", name)
     return web.json_response({"user": user_json(report), "access_key": key}, status=201)
@@ -756,7 +958,8 @@ async def api_add_user(request: web.Request) -> web.StreamResponse:
 async def api_user(request: web.Request) -> web.StreamResponse:
     admin = request.app[ADMIN]
     name = request.match_info["name"]
-    report, key = await admin.backend.call(lambda u: _report_and_key(u, name))
+    now = admin.clock()
+    report, key = await admin.backend.call(lambda u: _report_and_key(u, name, now))
     return web.json_response({"user": user_json(report), "access_key": key})
 
 
@@ -767,8 +970,9 @@ async def _change(request: web.Request, action: str,
 
     def run(users: UserManager) -> tuple[UserReport, str | None]:
         change(users)
-        return _report_and_key(users, name)
+        return _report_and_key(users, name, now)
 
+    now = admin.clock()
     report, key = await admin.backend.call(run)
     log.info("admin: user %s: %s (API)", name, action)
     body: dict[str, Any] = {"user": user_json(report)}
@@ -817,6 +1021,46 @@ async def api_usage(request: web.Request) -> web.StreamResponse:
     return web.json_response({
         "name": name, "since": since, "step_seconds": HOUR_S,
         "buckets": [{"start": t, "up_bytes": u.up, "down_bytes": u.down} for t, u in series]})
+
+
+async def api_exports(request: web.Request) -> web.StreamResponse:
+    admin = request.app[ADMIN]
+    name, state = request.match_info["name"], admin.server.status().state
+
+    def load(users: UserManager) -> UserExports:
+        user = users.get(name)
+        if user.revoked_at is not None:
+            raise ApiError("not_found", f"user {name!r} is revoked: it has no credentials")
+        return user_exports(state, user)
+
+    exports = await admin.backend.call(load)
+    return web.json_response({"name": name, **exports.to_json()})
+
+
+async def api_reset_usage(request: web.Request) -> web.StreamResponse:
+    admin = request.app[ADMIN]
+    name = request.match_info["name"]
+    await _reset_usage(admin, name)
+    return await _change(request, "reset usage", lambda _u: None)
+
+
+async def api_end_sessions(request: web.Request) -> web.StreamResponse:
+    admin = request.app[ADMIN]
+    name = request.match_info["name"]
+    await _end_sessions(admin, name)
+    return await _change(request, "end sessions", lambda _u: None)
+
+
+async def api_end_session(request: web.Request) -> web.StreamResponse:
+    admin = request.app[ADMIN]
+    user, session = _this_session(admin, request.match_info["id"])
+    await _end_sessions(admin, user, session)
+    log.info("admin: a session of user %s ended (API)", user)
+    return web.json_response({"ended": session, "user": user})
+
+
+async def api_fleet(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"servers": await _fleet(request.app[ADMIN])})
 
 
 async def api_sessions(request: web.Request) -> web.StreamResponse:

@@ -7,11 +7,16 @@ from __future__ import annotations
 import datetime
 import html
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 import segno
 
 from veil.manage.users import UserReport, format_bytes
 from veil.server.status import WayBlockStatus
+
+if TYPE_CHECKING:
+    from veil.admin.app import Listing, UserExports
 
 # QR codes: medium error correction, as `veil user show` prints them; 4 px modules fit a
 # veil key (~120 characters) in under 300 px.
@@ -40,6 +45,10 @@ button{padding:.3em .8em;cursor:pointer}button.danger{color:#a40e26}
 dl{display:grid;grid-template-columns:max-content auto;gap:.3em 1.2em}dt{font-weight:600}
 .card{background:#fff;border:1px solid #e4e4e4;padding:.8em 1em;margin:1em 0}
 svg.chart{display:block;max-width:100%;height:auto;margin-top:.5em}
+.exports{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:1em}
+.exports .card{margin:0}pre.config{max-height:20em;overflow:auto;background:#fff;
+ border:1px solid #ddd;padding:.5em;font-size:12px}.note{color:#555;font-size:13px}
+nav.pages{margin:.6em 0}nav.pages a,nav.pages strong{margin-right:.6em}
 """
 
 
@@ -118,20 +127,47 @@ def _limit(report: UserReport) -> str:
     return f"{format_bytes(report.limit_bytes)}/{per}"
 
 
-def users_page(reports: Sequence[UserReport], csrf: str, *, flash: str | None = None,
+def _users_href(search: str, page: int) -> str:
+    query = {k: v for k, v in (("q", search), ("page", str(page))) if v and v != "1"}
+    return "/users" + (f"?{urlencode(query)}" if query else "")
+
+
+def _page_links(listing: Listing, search: str) -> str:
+    """Previous, a window of page numbers around this one, next."""
+    if listing.pages <= 1:
+        return ""
+    page, last = listing.page, listing.pages
+    numbers = sorted({1, last, *range(max(page - 2, 1), min(page + 2, last) + 1)})
+    links = []
+    if page > 1:
+        links.append(f'<a href="{_e(_users_href(search, page - 1))}" rel="prev">Previous</a>')
+    previous = 0
+    for n in numbers:
+        if n > previous + 1:
+            links.append("<span>...</span>")
+        links.append(f"<strong>{n}</strong>" if n == page
+                     else f'<a href="{_e(_users_href(search, n))}">{n}</a>')
+        previous = n
+    if page < last:
+        links.append(f'<a href="{_e(_users_href(search, page + 1))}" rel="next">Next</a>')
+    return f'<nav class="pages" aria-label="pages">{"".join(links)}</nav>'
+
+
+def users_page(listing: Listing, search: str, csrf: str, *, flash: str | None = None,
                error: bool = False) -> str:
     rows = []
-    for r in reports:
+    for r in listing.reports:
         rows.append(
             f'<tr data-user="{_e(r.name)}"><td><a href="/users/{_e(r.name)}">{_e(r.name)}</a>'
             f'</td><td class="status-{_e(r.status)}">{_e(r.status)}</td>'
             f'<td class="num">{_e(format_bytes(r.used.total))}</td><td>{_e(_limit(r))}</td>'
             f"<td>{_e(when(r.expires_at))}</td><td>{_e(when(r.last_seen))}</td>"
             f"<td>{_e(when(r.created_at))}</td></tr>")
+    empty = "No user matches." if search else "No users yet."
     table = ('<table id="users"><thead><tr><th>Name</th><th>Status</th>'
              '<th class="num">Used this period</th><th>Limit</th><th>Expires</th>'
              "<th>Last seen</th><th>Created</th></tr></thead><tbody>"
-             + ("".join(rows) or '<tr><td colspan="7">No users yet.</td></tr>')
+             + ("".join(rows) or f'<tr><td colspan="7">{empty}</td></tr>')
              + "</tbody></table>")
     form = (f'<form method="post" action="/users" class="card" id="add-user">'
             f"{_csrf_field(csrf)}<strong>Add a user</strong> "
@@ -140,7 +176,16 @@ def users_page(reports: Sequence[UserReport], csrf: str, *, flash: str | None = 
             f'<label>Limit <input type="text" name="limit" placeholder="50GB/month"></label> '
             f'<label>Expires <input type="text" name="expires" placeholder="YYYY-MM-DD">'
             f"</label> <button>Add</button></form>")
-    return layout("Users", form + table, csrf=csrf, active="users", flash=flash, error=error)
+    first = (listing.page - 1) * listing.per_page + 1
+    shown = (f"{first}-{first + len(listing.reports) - 1} of {listing.total}"
+             if listing.reports else f"0 of {listing.total}")
+    find = (f'<form method="get" action="/users" id="search" role="search">'
+            f'<label>Find <input type="search" name="q" value="{_e(search)}" maxlength="64" '
+            f'placeholder="part of a name"></label> <button>Search</button> '
+            f'<span class="note" id="shown">{_e(shown)} users</span></form>')
+    pager = _page_links(listing, search)
+    return layout("Users", form + find + pager + table + pager, csrf=csrf, active="users",
+                  flash=flash, error=error)
 
 
 def qr_svg(text: str) -> str:
@@ -148,12 +193,70 @@ def qr_svg(text: str) -> str:
     return str(segno.make(text, error=QR_ERROR).svg_inline(scale=QR_SCALE, title="QR code"))
 
 
-def user_page(report: UserReport, access_key: str | None, chart: str, csrf: str, *,
+def _with_format(url: str, fmt: str) -> str:
+    base, sep, fragment = url.partition("#")
+    return f"{base}?format={fmt}{sep}{fragment}"
+
+
+def _export_cards(name: str, exports: UserExports, csrf: str) -> str:
+    """The key, the subscription, and the apps' formats, each with its QR code: a URI's own,
+    and for the configuration files (a QR of a YAML file is no use: too long, and no app
+    scans one) the subscription URL that serves that format."""
+    base = f"/users/{name}"
+    cards = [f'<div class="card" id="access-key"><strong>veil access key</strong> '
+             f"<span class=note>(for <code>veil connect</code>; anyone who has it can use "
+             f"this server as {_e(name)})</span>"
+             f'<code class="key">{_e(exports.veil)}</code>'
+             f'<div class="qr">{qr_svg(exports.veil)}</div></div>']
+    if exports.subscription_urls:
+        first, *others = exports.subscription_urls
+        more = "".join(f'<code class="key">{_e(url)}</code>' for url in others)
+        cards.append(
+            f'<div class="card" id="subscription"><strong>Subscription URL</strong> '
+            f"<span class=note>(apps import it and fetch it again every few hours, so a new "
+            f"way in reaches them; it serves the key, so it is as secret as the key)</span>"
+            f'<code class="key">{_e(first)}</code>'
+            + (f"<p class=note>Through the other ways in:</p>{more}" if more else "")
+            + f'<div class="qr">{qr_svg(first)}</div><p>'
+            + _button_form(f"{base}/rotate", "Rotate subscription URL and key", csrf,
+                           name="rotate-subscription")
+            + "</p><p class=note>The URL is made from the key: a new URL needs a new key "
+            "(a leaked URL gives the key away), so the old key and URL both stop working."
+            "</p></div>")
+    if exports.unavailable is not None:
+        cards.append(f'<div class="card" id="app-formats"><strong>Trojan, Clash Meta and '
+                     f"sing-box</strong><p>{_e(exports.unavailable)}</p></div>")
+    else:
+        assert exports.trojan and exports.clash and exports.sing_box and exports.subscription_urls
+        links = exports.trojan.splitlines()
+        cards.append(
+            '<div class="card" id="trojan"><strong>Trojan link</strong> '
+            "<span class=note>(v2rayN, v2rayNG, Shadowrocket, NekoBox...)</span>"
+            + "".join(f'<code class="key">{_e(link)}</code><div class="qr">{qr_svg(link)}</div>'
+                      for link in links) + "</div>")
+        sub = exports.subscription_urls[0]
+        for fmt, card_id, title, text in (("clash", "clash", "Clash Meta (mihomo)",
+                                           exports.clash),
+                                          ("sing-box", "sing-box", "sing-box", exports.sing_box)):
+            url = _with_format(sub, fmt)
+            cards.append(
+                f'<div class="card" id="{card_id}"><strong>{title}</strong> '
+                f'<a href="{_e(base)}/export/{fmt}" download>Download</a>'
+                f"<p class=note>Scan to import it as a subscription (it stays up to date):"
+                f'</p><code class="key">{_e(url)}</code><div class="qr">{qr_svg(url)}</div>'
+                f'<details><summary>Configuration</summary><pre class="config">{_e(text)}'
+                f"</pre></details></div>")
+    warnings = "".join(f"<li>{_e(w)}</li>" for w in exports.warnings)
+    notes = f'<ul class="note" id="export-warnings">{warnings}</ul>' if warnings else ""
+    return f'<div class="exports">{"".join(cards)}</div>{notes}'
+
+
+def user_page(report: UserReport, exports: UserExports | None, chart: str, csrf: str, *,
               flash: str | None = None, error: bool = False) -> str:
     base = f"/users/{report.name}"
     facts = (f"<dl><dt>Status</dt><dd class=\"status-{_e(report.status)}\">"
              f"{_e(report.status)}</dd>"
-             f"<dt>Used this period</dt><dd>{_e(format_bytes(report.used.total))} "
+             f"<dt>Used this period</dt><dd id=\"used\">{_e(format_bytes(report.used.total))} "
              f"(up {_e(format_bytes(report.used.up))}, down "
              f"{_e(format_bytes(report.used.down))})</dd>"
              f"<dt>Limit</dt><dd>{_e(_limit(report))}</dd>"
@@ -161,11 +264,8 @@ def user_page(report: UserReport, access_key: str | None, chart: str, csrf: str,
              f"<dt>Last seen</dt><dd>{_e(when(report.last_seen))}</dd>"
              f"<dt>Created</dt><dd>{_e(when(report.created_at))}</dd>"
              f"<dt>Revoked</dt><dd>{_e(when(report.revoked_at))}</dd></dl>")
-    if access_key is not None:
-        key = (f'<div class="card" id="access-key"><strong>Access key</strong> (anyone who '
-               f"has it can use this server as {_e(report.name)})"
-               f'<code class="key">{_e(access_key)}</code>'
-               f'<div class="qr">{qr_svg(access_key)}</div></div>')
+    if exports is not None:
+        key = _export_cards(report.name, exports, csrf)
     else:
         key = '<p class="card">This user is revoked: its key no longer works.</p>'
     actions = ""
@@ -179,6 +279,12 @@ def user_page(report: UserReport, access_key: str | None, chart: str, csrf: str,
             f"{_csrf_field(csrf)}<label>Expires <input type=\"text\" name=\"expires\" "
             f'placeholder="YYYY-MM-DD or never"></label> <button>Set expiry</button></form>'
             f"</p><p>"
+            + _button_form(f"{base}/reset-usage", "Reset usage (this period)", csrf,
+                           name="reset-usage")
+            + " "
+            + _button_form(f"{base}/end-sessions", "End this user's sessions", csrf,
+                           name="end-sessions")
+            + " "
             + _button_form(f"{base}/rotate", "Rotate key (the old one stops working)", csrf,
                            name="rotate")
             + " "
@@ -191,7 +297,8 @@ def user_page(report: UserReport, access_key: str | None, chart: str, csrf: str,
 
 
 # ------------------------------------------------------------------ sessions
-def sessions_page(sessions: Iterable[Mapping[str, object]], csrf: str, now: float) -> str:
+def sessions_page(sessions: Iterable[Mapping[str, object]], csrf: str, now: float, *,
+                  flash: str | None = None) -> str:
     rows = []
     for s in sessions:
         started = float(str(s["started_at"]))
@@ -202,13 +309,18 @@ def sessions_page(sessions: Iterable[Mapping[str, object]], csrf: str, now: floa
             f"<td>{_e(duration(now - started))}</td>"
             f'<td class="num">{_e(format_bytes(int(str(s["bytes_up"]))))}</td>'
             f'<td class="num">{_e(format_bytes(int(str(s["bytes_down"]))))}</td>'
-            f'<td class="num">{_e(s["streams"])}</td></tr>')
+            f'<td class="num">{_e(s["streams"])}</td><td>'
+            + _button_form(f"/sessions/{s['id']}/end", "End this session", csrf,
+                           name="end-session")
+            + "</td></tr>")
     table = ('<table id="sessions"><thead><tr><th>#</th><th>User</th><th>Way in</th>'
              "<th>Peer</th><th>Started</th><th>For</th><th class=num>Up</th>"
-             "<th class=num>Down</th><th class=num>Streams</th></tr></thead><tbody>"
-             + ("".join(rows) or '<tr><td colspan="9">Nobody is connected.</td></tr>')
+             "<th class=num>Down</th><th class=num>Streams</th><th></th></tr></thead><tbody>"
+             + ("".join(rows) or '<tr><td colspan="10">Nobody is connected.</td></tr>')
              + "</tbody></table>")
-    return layout("Live sessions", table, csrf=csrf, active="sessions")
+    note = ("<p class=note>Ending a session closes it; the app may connect again with the "
+            "same key (revoke or rotate the user to keep it out).</p>")
+    return layout("Live sessions", note + table, csrf=csrf, active="sessions", flash=flash)
 
 
 # ------------------------------------------------------------------ traffic
@@ -235,11 +347,61 @@ def traffic_page(chart: str, totals: Sequence[tuple[str, int, int]], hours: int,
 
 
 # ------------------------------------------------------------------ health
+def _percent(part: float | None, whole: float | None = 100.0) -> str:
+    if part is None or not whole:
+        return "unknown"
+    return f"{100.0 * part / whole:.0f}%"
+
+
+def _rate(value: float | None) -> str:
+    return "unknown" if value is None else f"{format_bytes(int(value))}/s"
+
+
+def host_rows(host: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The Health page's rows for the host's load (veil.manage.fleet.HostLoad)."""
+    cpus = host.get("cpus")
+    total, used = host.get("memory_total_bytes"), host.get("memory_used_bytes")
+    memory = ("unknown" if total is None or used is None else
+              f"{format_bytes(used)} of {format_bytes(total)} ({_percent(used, total)})")
+    return [("CPU (since the last view)",
+             _percent(host.get("cpu_percent")) + (f" of {cpus} CPUs" if cpus else "")),
+            ("Memory in use", memory),
+            ("Network in / out (since the last view)",
+             f"{_rate(host.get('net_rx_bytes_per_s'))} / {_rate(host.get('net_tx_bytes_per_s'))}")]
+
+
+def _fleet_table(servers: Sequence[Mapping[str, Any]]) -> str:
+    rows = []
+    for s in servers:
+        host = s.get("host") if isinstance(s.get("host"), dict) else {}
+        assert isinstance(host, dict)
+        cert = s.get("certificate_not_after")
+        memory = _percent(host.get("memory_used_bytes"), host.get("memory_total_bytes"))
+        state = "up" if s.get("responding") else f"not responding (last {when(s.get('seen_at'))})"
+        rows.append(
+            f'<tr data-server="{_e(s["id"])}"><td>{_e(s["id"])}'
+            f'{" (this one)" if s.get("this") else ""}</td><td>{_e(state)}</td>'
+            f'<td>{_e(s.get("version", "?"))}</td>'
+            f"<td>{_e(when(cert) if isinstance(cert, int | float) else 'unreadable')}</td>"
+            f'<td class="num">{_e(s.get("sessions_active", "?"))}</td>'
+            f'<td class="num">{_e(format_bytes(s.get("bytes_up")))} / '
+            f'{_e(format_bytes(s.get("bytes_down")))}</td>'
+            f'<td class="num">{_e(_percent(host.get("cpu_percent")))}</td>'
+            f'<td class="num">{_e(memory)}</td></tr>')
+    return ('<h2>Servers on this store</h2><table id="fleet"><thead><tr><th>Server</th>'
+            "<th>State</th><th>Version</th><th>Certificate expires</th>"
+            "<th class=num>Live sessions</th><th class=num>Up / down since start</th>"
+            "<th class=num>CPU</th><th class=num>Memory</th></tr></thead><tbody>"
+            + ("".join(rows) or '<tr><td colspan="8">No heartbeat yet.</td></tr>')
+            + "</tbody></table>")
+
+
 def health_page(rows: Sequence[tuple[str, str]], csrf: str,
-                blocked: Sequence[WayBlockStatus] = ()) -> str:
+                blocked: Sequence[WayBlockStatus] = (),
+                fleet: Sequence[Mapping[str, Any]] = ()) -> str:
     facts = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in rows)
     return layout("Server health", f'<dl class="card" id="health">{facts}</dl>'
-                  + _blocked_table(blocked), csrf=csrf, active="health")
+                  + _fleet_table(fleet) + _blocked_table(blocked), csrf=csrf, active="health")
 
 
 def _blocked_table(ways: Sequence[WayBlockStatus]) -> str:

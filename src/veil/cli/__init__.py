@@ -24,6 +24,8 @@ from veil.config import (
     DEFAULT_KEEPALIVE,
     DEFAULT_MAX_SESSIONS,
     DEFAULT_MAX_SESSIONS_PER_USER,
+    DEFAULT_REFUSED_TCP_PORTS,
+    DEFAULT_SYSTEM_PROXY_HTTP,
     DEFAULT_TUN_POOL,
     DEFAULT_TUN_POOL6,
     MAX_CONNECTIONS,
@@ -34,8 +36,10 @@ from veil.config import (
     parse_expiry,
     parse_key,
     parse_limit,
+    parse_port_list,
     parse_rate,
     parse_via,
+    parse_webhook_url,
 )
 from veil.errors import ConfigError, StoreError, VeilError
 from veil.protocol.address import Address, parse_host_port
@@ -69,6 +73,20 @@ def _address(text: str) -> Address:
     try:
         return parse_host_port(text)
     except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _webhook_url(text: str) -> str:
+    try:
+        return parse_webhook_url(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _port_list(text: str) -> tuple[int, ...]:
+    try:
+        return parse_port_list(text)
+    except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
@@ -117,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "blocked; it gets VEIL_WAY_IN, VEIL_KIND, VEIL_USERS, "
                             "VEIL_ACTIVE_USERS and VEIL_SINCE; at most once an hour per way "
                             "(docs/operations.md, \"Blocked ways in\")")
+    serve.add_argument("--alert-webhook", metavar="URL", type=_webhook_url,
+                       help="POST a JSON alert to URL when a user reaches 80%% of the limit "
+                            "or the certificate expires within 14 days (docs/operations.md, "
+                            "\"Alerts\")")
     serve.add_argument("--public", metavar="HOST[:PORT]",
                        help="address clients use, written into access keys "
                             "(default: the listen address)")
@@ -145,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-private", action="store_true",
                        help="let clients reach private, loopback and link-local addresses "
                             "(off by default: it exposes the server's own network)")
+    serve.add_argument("--refuse-ports", type=_port_list, metavar="PORTS",
+                       default=DEFAULT_REFUSED_TCP_PORTS,
+                       help="TCP destination ports no client may reach, e.g. 25,6881-6889, "
+                            "or 'none' (default: "
+                            f"{','.join(map(str, DEFAULT_REFUSED_TCP_PORTS))}, SMTP: VPS "
+                            "providers suspend servers that relay spam)")
+    serve.add_argument("--block-bittorrent", action="store_true",
+                       help="refuse BitTorrent (peer handshakes, tracker requests, DHT and uTP) "
+                            "on veil and Trojan streams: swarms see the server's address, and "
+                            "copyright notices go to its owner (not --tun's packets; encrypted "
+                            "BitTorrent is not recognised)")
     serve.add_argument("--no-shaping", dest="shaping", action="store_false",
                        help="do not pad the first writes of sessions and streams (measures "
                             "shaping's cost; makes tunnelled TLS handshakes visible)")
@@ -276,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="require this username/password on the SOCKS5 port")
     connect.add_argument("--http", type=_address, metavar="HOST:PORT",
                          help="HTTP proxy listen address (CONNECT and plain requests)")
+    connect.add_argument("--system-proxy", action="store_true",
+                         help="point this desktop's proxy settings at veil while it runs and "
+                              "put them back on exit (GNOME, KDE, macOS, Windows): HTTP and "
+                              "HTTPS to the HTTP proxy (--http, default "
+                              f"{DEFAULT_SYSTEM_PROXY_HTTP}), SOCKS to the SOCKS5 proxy; "
+                              "settings left by a killed client are restored at the next "
+                              "start")
     connect.add_argument("--http-auth", metavar="USER:PASSWORD",
                          help="require this username/password on the HTTP proxy "
                               "(Proxy-Authorization: Basic)")
@@ -370,7 +410,10 @@ def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except NotImplementedError:  # Windows' event loops have no signal handlers
+                signal.signal(sig, lambda _sig, _frame: loop.call_soon_threadsafe(stop.set))
         await main(stop)
 
     try:
@@ -434,11 +477,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     options = ServerOptions(
         listen=args.listen[0], also_listen=tuple(args.listen[1:]), via=parse_via(args.via),
         cover_url=args.cover, cert=args.cert, key=args.key,
-        allow_private=args.allow_private, shaping=args.shaping,
+        allow_private=args.allow_private, refused_tcp_ports=args.refuse_ports,
+        block_bittorrent=args.block_bittorrent,
+        shaping=args.shaping,
         max_sessions_per_user=args.max_sessions_per_user, max_sessions=args.max_sessions,
         user_rate=parse_rate(args.max_user_rate) if args.max_user_rate else None,
         tun=args.tun, pool=args.pool, pool6=args.pool6, trojan=args.trojan,
         on_block=_command(args.on_block), routing=args.routing,
+        alert_webhook=args.alert_webhook,
         acme_directory=args.acme_directory, acme_ca_bundle=args.acme_ca_bundle,
         acme_email=args.acme_email, self_signed=args.self_signed)
     if args.admin is not None:
@@ -812,7 +858,8 @@ def _connect_options(args: argparse.Namespace, key: AccessKey | TrojanLink) -> C
                                       tls_stack=args.tls, shaping=args.shaping, tun=args.tun,
                                       tun_exclude=tuple(args.exclude),
                                       keepalive=args.keepalive, http_auth=args.http_auth,
-                                      allow_lan=args.allow_lan, rules=tuple(args.rules))
+                                      allow_lan=args.allow_lan, rules=tuple(args.rules),
+                                      system_proxy=args.system_proxy)
     return options
 
 

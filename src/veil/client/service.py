@@ -8,7 +8,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from veil.client import rulefiles
+from veil.client import rulefiles, sysproxy
 from veil.client.forward import start_forward
 from veil.client.http_proxy import HttpProxyInbound
 from veil.client.routing import RoutingDialer
@@ -16,6 +16,7 @@ from veil.client.ruledata import RuleData
 from veil.client.rules import RuleSet
 from veil.client.socks5 import Socks5Inbound
 from veil.client.subscription import Follower, FollowingTunnel
+from veil.client.sysproxy import SystemProxy
 from veil.config import ClientOptions, is_local
 from veil.errors import ConfigError, VeilError
 from veil.net.client_session import ClientTunnel
@@ -23,6 +24,7 @@ from veil.net.dialer import Dialer
 from veil.net.direct import DirectDialer
 from veil.net.trojan_client import TrojanDialer
 from veil.protocol.accesskey import AccessKey
+from veil.protocol.address import Address
 from veil.protocol.trojan import TrojanLink
 
 log = logging.getLogger("veil.client")
@@ -120,6 +122,7 @@ async def _run_inbounds(options: ClientOptions, stop: asyncio.Event,
         inbounds.append(HttpProxyInbound(dialer, options.http,
                                          credentials=options.http_credentials))
     started: list[Inbound] = []
+    system_proxy: SystemProxy | None = None
     try:
         for inbound in inbounds:
             try:
@@ -146,6 +149,8 @@ async def _run_inbounds(options: ClientOptions, stop: asyncio.Event,
                 log.warning("the %s proxy on %s takes anyone who can reach it, with no "
                             "password: an open proxy into the tunnel (add --%s-auth)", what,
                             proxy.address, "socks" if what == "SOCKS5" else "http")
+        if options.system_proxy:
+            system_proxy = _set_system_proxy(inbounds)
         # A stop (SIGTERM) while the first connection is still being tried ends at once.
         ready = asyncio.ensure_future(tunnel.wait_ready(FIRST_CONNECT_REPORT_S))
         stopping = asyncio.ensure_future(stop.wait())
@@ -158,9 +163,25 @@ async def _run_inbounds(options: ClientOptions, stop: asyncio.Event,
         ready.cancel()
         await stopping
     finally:
+        if system_proxy is not None:
+            system_proxy.close()  # before the proxies go: applications then go direct
         for running in started:
             await running.close()
         await tunnel.close()
+
+
+def _set_system_proxy(inbounds: list[Socks5Inbound | HttpProxyInbound]) -> SystemProxy:
+    """--system-proxy: the desktop's settings pointed at the proxies as bound (a wildcard
+    listen address is reached at loopback)."""
+    def reachable(address: Address) -> Address:
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
+        return Address(host, address.port)
+
+    http = next(reachable(p.address) for p in inbounds if isinstance(p, HttpProxyInbound))
+    socks = next((reachable(p.address) for p in inbounds if isinstance(p, Socks5Inbound)), None)
+    system_proxy = SystemProxy(sysproxy.detect(), sysproxy.saved_path())
+    system_proxy.apply(sysproxy.ProxySettings(http, socks))
+    return system_proxy
 
 
 async def _run_tun(options: ClientOptions, stop: asyncio.Event,

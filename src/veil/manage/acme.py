@@ -21,6 +21,7 @@ library's own base classes; the JOSE, nonces, polling and finalisation are the l
 from __future__ import annotations
 
 import datetime
+import email.utils
 import hashlib
 import ipaddress
 import json
@@ -28,6 +29,7 @@ import logging
 import os
 import ssl
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,10 @@ ACME_REQUEST_TIMEOUT_S = 30
 # A whole order, from the validation to the issued certificate: Let's Encrypt validates from
 # several places in seconds; past this the attempt fails and is retried later.
 ACME_ORDER_DEADLINE_S = 120.0
+# The longest Retry-After a CA's error answer is obeyed for: Let's Encrypt's rate limits name at
+# most a week (certificates per registered domain); a later time is taken as this, so that a
+# wrong date cannot stop renewals for good.
+RETRY_AFTER_MAX_S = 7 * 24 * 3600.0
 # badNonce answers retried for one request, each at once with the fresh nonce the error
 # carried (RFC 8555 6.5): a CA sends one when its nonce store rotated, Pebble on purpose a set
 # share of the time (PEBBLE_WFE_NONCEREJECT); a run of this many means something else is wrong.
@@ -83,10 +89,37 @@ class Obtained:
 
 class AcmeError(VeilError):
     """An ACME order failed: the CA refused or could not validate, or could not be reached.
-    ``code``: ``acme_unreachable``, ``acme_refused`` (an error answer, e.g. rateLimited) or
-    ``acme_validation`` (the CA could not see the challenge at the name)."""
+    ``code``: ``acme_unreachable``, ``acme_refused`` (an error answer, e.g. rateLimited),
+    ``acme_validation`` (the CA could not see the challenge at the name) or ``acme_cancelled``
+    (the server stopped during the order). ``retry_after``: the seconds the CA asked the next
+    try to wait (its Retry-After header, at most :data:`RETRY_AFTER_MAX_S`), or None."""
 
     code = "acme_failed"
+
+    def __init__(self, message: str, *, code: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+def retry_after_seconds(value: str | None, now: datetime.datetime) -> float | None:
+    """A Retry-After header's wait in seconds (delta-seconds or an HTTP date, RFC 9110
+    10.2.3), at most :data:`RETRY_AFTER_MAX_S`; None without a header or for one that does
+    not parse."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # an HTTP date is GMT; a date without a zone is taken so
+            when = when.replace(tzinfo=datetime.UTC)
+        seconds = (when - now).total_seconds()
+    return min(RETRY_AFTER_MAX_S, max(0.0, seconds))
 
 
 class TLSALPN01Response(challenges.KeyAuthorizationChallengeResponse):
@@ -162,16 +195,34 @@ def challenge_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
 
 
 class _Network(client.ClientNetwork):
-    """acme's network layer with a CA bundle for the directory's TLS (``--acme-ca-bundle``)
-    and badNonce retried up to :data:`BAD_NONCE_RETRIES` times (the library tries twice)."""
+    """acme's network layer with a CA bundle for the directory's TLS (``--acme-ca-bundle``),
+    badNonce retried up to :data:`BAD_NONCE_RETRIES` times (the library tries twice), the
+    Retry-After of the last error answer kept, and no request started once ``cancelled``."""
 
-    def __init__(self, key: jwk.JWK, ca_bundle: Path | None) -> None:
-        super().__init__(key, alg=jwa.ES256, timeout=ACME_REQUEST_TIMEOUT_S)
+    def __init__(self, key: jwk.JWK, ca_bundle: Path | None, timeout: float,
+                 cancelled: threading.Event) -> None:
+        # requests takes a float timeout; the library's annotation says int.
+        super().__init__(key, alg=jwa.ES256, timeout=timeout)  # type: ignore[arg-type]
         if ca_bundle is not None:
             # requests' `verify` takes a CA file's path as well as a bool.
             self.verify_ssl = str(ca_bundle)  # type: ignore[assignment]
+        self.cancelled = cancelled
         #: badNonce answers retried so far (tests read it).
         self.bad_nonces = 0
+        #: The Retry-After (seconds) of the last error answer, None if it had none.
+        self.retry_after: float | None = None
+
+    def _send_request(self, method: str, url: str, *args: Any,
+                      **kwargs: Any) -> requests.Response:
+        # Between requests is where an order can stop: the library's polls sleep 1 s between
+        # them, and a request lasts at most the timeout.
+        if self.cancelled.is_set():
+            raise AcmeError("the server is stopping", code="acme_cancelled")
+        response = super()._send_request(method, url, *args, **kwargs)
+        if not response.ok:
+            self.retry_after = retry_after_seconds(response.headers.get("Retry-After"),
+                                                   datetime.datetime.now(datetime.UTC))
+        return response
 
     def post(self, *args: Any, **kwargs: Any) -> requests.Response:
         for _ in range(BAD_NONCE_RETRIES):
@@ -215,18 +266,33 @@ def _csr(key_pem: bytes, name: str) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
+def _why_unreachable(exc: BaseException) -> str:
+    """The cause of a failed request in a few words: requests wraps it in urllib3's pool and
+    retry errors, whose text names the pool before the reason."""
+    if isinstance(exc, requests.Timeout):
+        return f"no answer within the request timeout ({exc.__class__.__name__})"
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    if reason is not None:  # urllib3's MaxRetryError: the reason is the last attempt's error
+        return str(reason).rsplit("): ", 1)[-1]
+    return str(exc)
+
+
 def obtain_certificate(directory: Path, name: str, *, directory_url: str,
                        ca_bundle: Path | None = None, email: str | None = None,
-                       publish: Publish) -> Obtained:
+                       publish: Publish, cancelled: threading.Event | None = None,
+                       request_timeout: float = ACME_REQUEST_TIMEOUT_S) -> Obtained:
     """Order a certificate for ``name`` and the state's key from the CA at ``directory_url``,
     answer its TLS-ALPN-01 challenge through ``publish``, and write the chain into
     DIR/acme-cert.pem, atomically. Blocking (seconds; each request at most
-    :data:`ACME_REQUEST_TIMEOUT_S`, the order at most :data:`ACME_ORDER_DEADLINE_S`).
-    Raises :class:`AcmeError` and leaves DIR/acme-cert.pem as it was."""
+    ``request_timeout``, the order at most :data:`ACME_ORDER_DEADLINE_S`); once ``cancelled``
+    is set, no further request is made (AcmeError ``acme_cancelled``; a pending order is left
+    to expire at the CA, as RFC 8555 lets it). Raises :class:`AcmeError` and leaves
+    DIR/acme-cert.pem as it was."""
     published = False
     net: _Network | None = None
     try:
-        net = _Network(_account_key(directory, directory_url), ca_bundle)
+        net = _Network(_account_key(directory, directory_url), ca_bundle, request_timeout,
+                       cancelled or threading.Event())
         acme = client.ClientV2(client.ClientV2.get_directory(directory_url, net), net)
         registration = messages.NewRegistration.from_data(email=email,
                                                           terms_of_service_agreed=True)
@@ -260,10 +326,12 @@ def obtain_certificate(directory: Path, name: str, *, directory_url: str,
                         f"address the name resolves to): {problems}",
                         code="acme_validation") from exc
     except messages.Error as exc:
-        raise AcmeError(f"the CA refused: {exc.code or exc.typ}: {exc.detail}",
-                        code="acme_refused") from exc
+        retry_after = net.retry_after if net is not None else None
+        after = f" (it asks to wait {retry_after:.0f} s)" if retry_after is not None else ""
+        raise AcmeError(f"the CA refused: {exc.code or exc.typ}: {exc.detail}{after}",
+                        code="acme_refused", retry_after=retry_after) from exc
     except (requests.RequestException, errors.Error, OSError, ValueError) as exc:
-        raise AcmeError(f"cannot reach the CA at {directory_url}: {exc}",
+        raise AcmeError(f"cannot reach the CA at {directory_url}: {_why_unreachable(exc)}",
                         code="acme_unreachable") from exc
     finally:
         if published:

@@ -3,7 +3,8 @@
 * ``veil``: the veil access key (``veil://``), for ``veil connect``;
 * ``trojan``: a ``trojan://`` link (v2rayN, Shadowrocket, NekoBox, ``veil connect``...);
 * ``clash``: a Clash Meta (mihomo) configuration with the user's Trojan proxy;
-* ``sing-box``: a sing-box configuration with the user's Trojan outbound.
+* ``sing-box``: a sing-box configuration that runs as it is: a local mixed (SOCKS5/HTTP)
+  inbound, the user's Trojan outbound, and the routing rules when the server has them.
 
 Trusting the server: veil keys pin the server's public key, always. The Trojan formats carry
 what each client needs when the certificate is self-signed (veil's default): mihomo checks
@@ -80,6 +81,12 @@ WS_ALPN = ("http/1.1",)
 # own default), and how often (seconds): a blocked way is left within one interval.
 HEALTH_CHECK_URL = "https://www.gstatic.com/generate_204"
 HEALTH_CHECK_INTERVAL_S = 300
+# sing-box's local proxy: a ``mixed`` inbound (SOCKS5 and HTTP on one port), the inbound
+# desktop sing-box and its GUIs point browsers at. Loopback only: on 0.0.0.0 it would be an open
+# proxy for the whole network. 2080 is the port sing-box's own examples use for it.
+SING_BOX_INBOUND_TAG = "mixed-in"
+SING_BOX_INBOUND_LISTEN = "127.0.0.1"
+SING_BOX_INBOUND_PORT = 2080
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,11 +313,12 @@ def clash_config(state: ServerState, user: User, cert: ServerCertificate,
 
 def sing_box_config(state: ServerState, user: User, cert: ServerCertificate,
                     rules_url: str | None = None) -> str:
-    """A sing-box configuration with the Trojan outbound (the default route), and with
-    ``rules_url`` (:func:`routing_url`) a ``direct`` outbound and the ``cn`` rules' route.
-
-    Add inbounds (``tun``, ``mixed``) as the app needs; sing-box merges configuration files
-    given together (``sing-box run -c this.json -c inbounds.json``).
+    """A sing-box configuration that runs as it is (``sing-box run -c this.json``): a
+    ``mixed`` inbound on 127.0.0.1:2080 (SOCKS5 and HTTP, :data:`SING_BOX_INBOUND_PORT`), the
+    Trojan outbound (the default route), and with ``rules_url`` (:func:`routing_url`) a
+    ``direct`` outbound and the ``cn`` rules' route. Apps on phones (SFA, SFI) put their own
+    ``tun`` inbound in front of a remote profile; on a desktop the mixed inbound is the proxy
+    to point the browser or the OS at.
     """
     tls: dict[str, object] = {"enabled": True}
     if state.sni:
@@ -339,7 +347,12 @@ def sing_box_config(state: ServerState, user: User, cert: ServerCertificate,
         # The first outbound is the default route: the way that answers, the fastest first.
         outbounds.insert(0, {"type": "urltest", "tag": f"{user.name} (auto)",
                              "outbounds": [o["tag"] for o in outbounds]})
-    config: dict[str, object] = {"outbounds": outbounds}
+    config: dict[str, object] = {
+        "log": {"level": "warn"},
+        "inbounds": [{"type": "mixed", "tag": SING_BOX_INBOUND_TAG,
+                      "listen": SING_BOX_INBOUND_LISTEN,
+                      "listen_port": SING_BOX_INBOUND_PORT}],
+        "outbounds": outbounds}
     if rules_url is not None:
         final = str(outbounds[0]["tag"])
         outbounds.append({"type": "direct", "tag": rules.DIRECT_TAG})

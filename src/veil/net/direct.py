@@ -171,6 +171,26 @@ class _Half(asyncio.Protocol):
             peer.abort()
 
 
+class _InspectedHalf(_Half):
+    """A local side whose bytes ``refuse`` sees before they pass (``--block-bittorrent`` on
+    Trojan connections): when it answers True, both sides are aborted."""
+
+    __slots__ = ("_refuse",)
+
+    def __init__(self, relays: set[_Half], linger: float | None,
+                 refuse: Callable[[bytes], bool]) -> None:
+        super().__init__(relays, linger)
+        self._refuse = refuse
+
+    def data_received(self, data: bytes) -> None:
+        if self._refuse(data):
+            for half in (self, self.peer):
+                if half.transport is not None:
+                    half.transport.abort()
+            return
+        super().data_received(data)
+
+
 class _RemoteHalf(_Half):
     """The outbound side: on connect it sends the early data and lets the local side read.
 
@@ -273,11 +293,15 @@ class DirectDialer(Dialer):
         return True
 
     def open_tcp(self, dest: Address, local: asyncio.Transport, early_data: bytes = b"",
-                 on_closed: Callable[[], None] | None = None) -> None:
+                 on_closed: Callable[[], None] | None = None,
+                 refuse: Callable[[bytes], bool] | None = None) -> None:
         """See :meth:`Dialer.open_tcp`; ``on_closed`` runs once the outbound socket is gone
-        or failed to open (the server gives back its descriptor slot)."""
+        or failed to open (the server gives back its descriptor slot); ``refuse`` sees the
+        local side's later bytes before they pass and ends the relay when it says so (the
+        caller checks ``early_data`` itself)."""
         local.pause_reading()
-        local_half = _Half(self._relays, self._linger)
+        local_half = (_Half(self._relays, self._linger) if refuse is None
+                      else _InspectedHalf(self._relays, self._linger, refuse))
         remote_half = _RemoteHalf(self._relays, early_data, self._linger, on_closed)
         _link(local_half, remote_half)
         local_half.transport = local

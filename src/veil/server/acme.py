@@ -1,21 +1,26 @@
 """Keeping a CA certificate for the server's DNS name: obtained over ACME at start (in a worker
 thread: the ``acme`` library blocks), renewed when a third of its life is left, and swapped in
 without a restart (new handshakes get it, live sessions keep theirs). A failed order is
-retried with a growing delay while the server serves the certificate it has: the previous CA
-one, or the self-signed one until the first succeeds."""
+retried with a growing delay (never sooner than the CA's Retry-After) while the server serves
+the certificate it has: the previous CA one, or the self-signed one until the first succeeds.
+At stop, an order under way is abandoned: its thread makes no further request."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import ssl
+import threading
 from collections.abc import Awaitable, Callable
 
 from veil.config import ServerOptions
 from veil.manage.acme import (
+    ACME_REQUEST_TIMEOUT_S,
     LETS_ENCRYPT_DIRECTORY,
     AcmeError,
+    Obtained,
     obtain_certificate,
     public_ca_may_issue,
 )
@@ -34,6 +39,11 @@ RECHECK_S = 24 * 3600.0
 # How long the worker thread waits for the event loop to install or remove a challenge
 # certificate: the loop answers in microseconds unless it is stuck.
 PUBLISH_TIMEOUT_S = 10.0
+# How long stop() waits for an order's thread to see it is cancelled: it looks before each
+# request, and the library polls once a second; a request to a CA that hangs may last
+# ACME_REQUEST_TIMEOUT_S, and the stop does not wait that out (the thread is a daemon, ends
+# when the request does and touches nothing of the server's after).
+STOP_GRACE_S = 2.0
 
 
 def acme_directory_for(options: ServerOptions, state: ServerState) -> str | None:
@@ -68,6 +78,16 @@ class CertificateRenewer:
         self.obtained = 0
         #: badNonce answers the CA gave in the orders that succeeded (each one retried).
         self.bad_nonces = 0
+        #: The first retry's delay, doubled per failure up to ``retry_max_s`` (tests shorten
+        #: it), and one request's timeout.
+        self.retry_first_s = RETRY_FIRST_S
+        self.retry_max_s = RETRY_MAX_S
+        self.request_timeout_s: float = ACME_REQUEST_TIMEOUT_S
+        #: The delays waited after each failure, in order (what the log said).
+        self.retry_delays: list[float] = []
+        # Set at stop: the order's thread makes no further request.
+        self._cancelled = threading.Event()
+        self._worker: threading.Thread | None = None
 
     def due_in(self) -> float:
         """Seconds until the certificate should be renewed; 0 without a usable one."""
@@ -82,13 +102,38 @@ class CertificateRenewer:
 
     async def renew(self) -> None:
         """One order, and the certificate in force once issued; raises :class:`AcmeError`."""
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         state = self._state()
         assert state.sni is not None
-        obtained = await asyncio.to_thread(obtain_certificate, state.directory, state.sni,
-                                directory_url=self.directory_url,
-                                ca_bundle=self.options.acme_ca_bundle,
-                                email=self.options.acme_email, publish=self._publish)
+        sni = state.sni
+        done: asyncio.Future[Obtained] = loop.create_future()
+
+        def settle(outcome: Obtained | BaseException) -> None:
+            if done.done():  # cancelled by stop()
+                return
+            if isinstance(outcome, BaseException):
+                done.set_exception(outcome)
+            else:
+                done.set_result(outcome)
+
+        def order() -> None:
+            outcome: Obtained | BaseException
+            try:
+                outcome = obtain_certificate(
+                    state.directory, sni, directory_url=self.directory_url,
+                    ca_bundle=self.options.acme_ca_bundle, email=self.options.acme_email,
+                    publish=self._publish, cancelled=self._cancelled,
+                    request_timeout=self.request_timeout_s)
+            except BaseException as exc:  # handed to the loop and raised there
+                outcome = exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed: stopped long ago
+                loop.call_soon_threadsafe(settle, outcome)
+
+        # A daemon thread of its own, not asyncio.to_thread: the default executor is waited
+        # for when the loop ends, and a request to a CA that hangs would hold the exit.
+        self._worker = threading.Thread(target=order, name="veil-acme", daemon=True)
+        self._worker.start()
+        obtained = await done
         self.bad_nonces += obtained.bad_nonces
         await self._reload()
         self.obtained += 1
@@ -104,10 +149,13 @@ class CertificateRenewer:
                 await self.renew()
             except AcmeError as exc:
                 self.failures += 1
-                delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self.failures - 1))
+                delay = min(self.retry_max_s, self.retry_first_s * 2 ** (self.failures - 1))
+                # A CA's Retry-After (a rate limit) is obeyed even past the backoff's cap.
+                delay = round(max(delay, exc.retry_after or 0.0), 1)
+                self.retry_delays.append(delay)
                 state = self._state()
                 log.error("ACME: no certificate for %s from %s: %s; still presenting the %s "
-                          "certificate; next try in %.0f s", state.sni, self.directory_url,
+                          "certificate; next try in %g s", state.sni, self.directory_url,
                           exc, state.cert_source, delay)
                 await asyncio.sleep(delay)
                 continue
@@ -115,18 +163,42 @@ class CertificateRenewer:
             log.info("ACME: obtained a certificate for %s from %s; presenting it from now on",
                      self._state().sni, self.directory_url)
 
+    async def stop(self) -> None:
+        """Abandon an order under way: its thread makes no further request, and its challenge
+        certificate is withdrawn. Waits at most :data:`STOP_GRACE_S` for the thread."""
+        self._cancelled.set()
+        worker = self._worker
+        if worker is None or not worker.is_alive():
+            return
+        await asyncio.to_thread(worker.join, STOP_GRACE_S)
+        self._challenges.clear()  # whatever the thread could not withdraw itself
+        state = self._state()
+        if worker.is_alive():
+            log.info("ACME: stopped while a request to %s was under way; the order for %s is "
+                     "abandoned (it ends with that request, within %g s)", self.directory_url,
+                     state.sni, self.request_timeout_s)
+        else:
+            log.info("ACME: the order for %s under way was abandoned at stop", state.sni)
+
     def _publish(self, name: str, context: ssl.SSLContext | None) -> None:
         """From the worker thread: the gate answers ``name``'s validations with ``context``
-        (None: no more), in force when this returns."""
-        async def apply() -> None:
+        (None: no more), in force when this returns. Nothing is published once stopping."""
+        if context is not None and self._cancelled.is_set():
+            raise AcmeError("the server is stopping", code="acme_cancelled")
+        applied = threading.Event()
+
+        def apply() -> None:
             if context is None:
                 self._challenges.pop(name, None)
             else:
                 self._challenges[name] = context
+            applied.set()
 
         assert self._loop is not None
         try:
-            future = asyncio.run_coroutine_threadsafe(apply(), self._loop)
+            self._loop.call_soon_threadsafe(apply)
         except RuntimeError:  # the loop is closed: the server stopped during the order
             return
-        future.result(PUBLISH_TIMEOUT_S)
+        if not applied.wait(PUBLISH_TIMEOUT_S) and context is not None:
+            raise AcmeError("the server did not install the challenge certificate",
+                            code="acme_cancelled")

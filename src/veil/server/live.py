@@ -10,7 +10,11 @@ across the network), does three things in order:
    logs ``user directory: N users, M refused`` at DEBUG when the users in it changed;
 3. closes every live connection whose user may no longer connect: revoked, expired, over the
    limit (usage of the whole fleet plus what this server has not written yet), rotated to a
-   new credential, or deleted.
+   new credential, or deleted; and every session an admin asked to end (the store's
+   ``session_ends``: a user's sessions, or one session of one server).
+
+Every :data:`HEARTBEAT_INTERVAL_S` the same task also writes this server's heartbeat (what
+``heartbeat`` says about it) to the store, for the fleet's view in any server's panel.
 
 So a change made with ``veil user ...`` or the admin panel, on any server of a fleet, reaches
 every server within one interval plus one store round trip. Each tick reads the store's change
@@ -39,7 +43,7 @@ from typing import Protocol, cast, runtime_checkable
 from veil.config import DEFAULT_MAX_SESSIONS, DEFAULT_MAX_SESSIONS_PER_USER
 from veil.errors import StoreError
 from veil.manage import presence
-from veil.store.base import Usage, User, UserStore, period_start
+from veil.store.base import SessionEnd, Usage, User, UserStore, period_start
 from veil.transport.ratelimit import Limiter, Limits, TokenBucket
 
 log = logging.getLogger("veil.server")
@@ -47,6 +51,10 @@ log = logging.getLogger("veil.server")
 #: The issue asks for changes to take effect within one second; half of it leaves room for
 #: the store round trip and the close.
 REFRESH_INTERVAL_S = 0.5
+#: A server writes its heartbeat to the store (the fleet's table, veil.manage.fleet) this often:
+#: a fleet panel's figures are at most this old, and a PostgreSQL fleet of 20 servers costs
+#: the database 4 small writes a second, not 40.
+HEARTBEAT_INTERVAL_S = 5.0
 #: Trim the allocator once this many connections and streams came and went (and at most
 #: once per interval: a collection of a large heap costs milliseconds of the loop).
 TRIM_AFTER_CHURN = 1000
@@ -283,7 +291,17 @@ class Live:
                  max_sessions: int = DEFAULT_MAX_SESSIONS,
                  user_rate: float | None = None,
                  outbound_slots: OutboundSlots | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, server_id: str = "") -> None:
+        #: This server's id in the store's fleet table and in sessions asked to end.
+        self.server_id = server_id
+        #: Called on the loop for a heartbeat: takes what it needs of the server there and
+        #: returns the function the store's thread calls for the JSON (it may read files).
+        #: None: no heartbeat.
+        self.heartbeat: Callable[[], Callable[[], str]] | None = None
+        self.heartbeat_interval = HEARTBEAT_INTERVAL_S
+        self._beat_at: float | None = None
+        #: The sessions admins asked to end, by user (the store's, as of the last tick).
+        self.session_ends: dict[str, list[SessionEnd]] = {}
         self.max_sessions_per_user = max_sessions_per_user
         #: Outbound descriptors per user and for the server (streams, Trojan, UDP).
         self.outbound_slots = outbound_slots or OutboundSlots.for_this_process()
@@ -312,7 +330,7 @@ class Live:
         self._lock = asyncio.Lock()
         self.refresh_failures = 0
         #: This process in the store's presence settings (veil.manage.presence).
-        self.server_id = presence.new_server_id()
+        self._presence_id = presence.new_server_id()
         self._seen_token = -1  # the change token the directory was last loaded with
         self._presence_at = -presence.HEARTBEAT_S  # when this server last said it runs
 
@@ -345,7 +363,7 @@ class Live:
                 # which goes stale in presence.LIVE_WINDOW_S).
                 with contextlib.suppress(StoreError):
                     await asyncio.to_thread(presence.forget_presence, self._store,
-                                            self.server_id)
+                                            self._presence_id)
                 await asyncio.to_thread(self._store.close)
             self._store = None
 
@@ -451,7 +469,13 @@ class Live:
             now = self._clock()
             try:
                 await self._flush_usage(now)
-                token, users, usage = await asyncio.to_thread(self._read, now)
+                beat = None
+                if self.heartbeat is not None and (
+                        self._beat_at is None or now - self._beat_at >= self.heartbeat_interval):
+                    beat = self.heartbeat()
+                token, users, usage, ends = await asyncio.to_thread(self._read, now, beat)
+                if beat is not None:
+                    self._beat_at = now
             except StoreError as exc:
                 self.refresh_failures += 1
                 log.warning("user store unavailable, keeping the last snapshot: %s", exc)
@@ -460,6 +484,9 @@ class Live:
             for name, allowance in self._allowances.items():
                 since = allowance.taken - marks.get(name, allowance.taken)
                 allowance.remaining = self._remaining(name) - since
+            self.session_ends = {}
+            for end in ends:
+                self.session_ends.setdefault(end.name, []).append(end)
             self._enforce()
             if not previous.same_users(self.directory):
                 # The one sign that a change made elsewhere (``veil user``, the panel, another
@@ -477,7 +504,7 @@ class Live:
             return
         assert self._store is not None
         try:
-            await asyncio.to_thread(presence.write_presence, self._store, self.server_id,
+            await asyncio.to_thread(presence.write_presence, self._store, self._presence_id,
                                     token, now)
         except StoreError as exc:
             log.warning("could not write this server's presence: %s", exc)
@@ -498,15 +525,18 @@ class Live:
             else:
                 self._pending[name] = left
 
-    def _read(self, now: float) -> tuple[int, list[User], dict[str, dict[str, Usage]]]:
+    def _read(self, now: float, beat: Callable[[], str] | None = None
+              ) -> tuple[int, list[User], dict[str, dict[str, Usage]], list[SessionEnd]]:
         assert self._store is not None
+        if beat is not None:
+            self._store.beat(self.server_id, now, beat())
         # The token first: every change made before it was written is in what follows.
         token = presence.read_token(self._store)
         users = self._store.list_users()
         usage = {"month": self._store.usage_by_user(period_start("month", now))}
         if any(u.limit_bytes is not None and u.limit_period == "total" for u in users):
             usage["total"] = self._store.usage_by_user(None)
-        return token, users, usage
+        return token, users, usage, self._store.session_ends()
 
     def _snapshot(self, users: Iterable[User], usage: dict[str, dict[str, Usage]],
                   now: float) -> UserDirectory:
@@ -556,6 +586,9 @@ class Live:
 
             else:
                 reason = directory.refusal(current) or ""
+            if not reason and any(end.applies(self.server_id, conn.id, conn.started_at)
+                                  for end in self.session_ends.get(conn.user.name, ())):
+                reason = "ended by an admin"
             if reason:
                 log.info("closing a connection of user %s: %s", conn.user.name, reason)
                 self.connections.pop(conn.id, None)

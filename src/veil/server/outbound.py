@@ -14,11 +14,18 @@ from veil.net.dialer import UdpFlow
 from veil.net.direct import DirectDialer, DroppedDatagrams, Resolver
 from veil.net.driver import DatagramStreamHandler, SessionDriver, TcpRelay
 from veil.protocol.address import Address
+from veil.protocol.bittorrent import StreamSniffer, datagram_is_bittorrent
 from veil.protocol.events import StreamOpened
 from veil.protocol.frames import ResetCode, StreamKind
 from veil.protocol.resolve import encode_answer
 from veil.server.live import UDP_ASSOCIATION_SLOTS, OutboundSlot, OutboundSlots
-from veil.server.policy import DestinationPolicy, RefusedDestination, ResolveError, resolve
+from veil.server.policy import (
+    DestinationPolicy,
+    RefusedDestination,
+    RefusedPort,
+    ResolveError,
+    resolve,
+)
 
 log = logging.getLogger("veil.server")
 
@@ -68,6 +75,10 @@ def policy_resolver(policy: DestinationPolicy, way_in: str) -> Resolver:
                               kind: socket.SocketKind) -> list[tuple[int, str]]:
         try:
             return await resolve(host, port, policy, kind)
+        except RefusedPort as exc:
+            # The port is the operator's list, not the user's history: it may be said.
+            log.info("%s: refused TCP port %s (--refuse-ports)", way_in, exc)
+            raise ConnectionRefusedError("destination port refused by policy") from exc
         except RefusedDestination as exc:
             # Which destination stays out of the log: it is the user's browsing history.
             log.info("%s: refused destination (private or loopback address)", way_in)
@@ -98,9 +109,13 @@ class Outbound:
     """Opens TCP connections and UDP sockets for one server, under a destination policy and
     the outbound descriptor bounds (``slots``)."""
 
-    def __init__(self, policy: DestinationPolicy, slots: OutboundSlots) -> None:
+    def __init__(self, policy: DestinationPolicy, slots: OutboundSlots, *,
+                 block_bittorrent: bool = False) -> None:
         self.policy = policy
         self.slots = slots
+        #: ``--block-bittorrent``: streams and datagrams that are BitTorrent are refused
+        #: (veil.protocol.bittorrent).
+        self.block_bittorrent = block_bittorrent
         self._tasks: set[asyncio.Task[None]] = set()
         self._udp = DirectDialer(resolver=policy_resolver(policy, "udp"))
         self._bound_log = BoundLog()
@@ -120,14 +135,16 @@ class Outbound:
             driver.flush()
             return
         if tcp:
-            relay = _CountedTcpRelay(driver, event.stream_id, slot)
+            relay = _CountedTcpRelay(driver, event.stream_id, slot,
+                                     StreamSniffer() if self.block_bittorrent else None)
             driver.attach(event.stream_id, relay)
             task = asyncio.get_running_loop().create_task(
                 self._connect(driver, relay, event.destination, slot))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
-            driver.attach(event.stream_id, UdpRelay(driver, event.stream_id, self._udp, slot))
+            driver.attach(event.stream_id, UdpRelay(driver, event.stream_id, self._udp, slot,
+                                                    block_bittorrent=self.block_bittorrent))
 
     def resolve(self, driver: SessionDriver, event: StreamOpened) -> None:
         """Answer a RESOLVE stream: the name's addresses the policy allows, then FIN
@@ -194,6 +211,10 @@ class Outbound:
                 if relay.stream_id not in driver.handlers:
                     transport.abort()
                 return
+        except RefusedPort as exc:
+            code = ResetCode.REFUSED_DESTINATION
+            # The port is the operator's list, not the user's history: it may be said.
+            log.info("stream %d: refused TCP port %s (--refuse-ports)", relay.stream_id, exc)
         except RefusedDestination:
             code = ResetCode.REFUSED_DESTINATION
             # Which destination stays out of the log: it is the user's browsing history.
@@ -245,13 +266,29 @@ HOLD_IDLE_CLOSES = False
 class _CountedTcpRelay(TcpRelay):
     """A TcpRelay whose outbound socket holds a descriptor slot until it is closed."""
 
-    def __init__(self, driver: SessionDriver, stream_id: int, slot: OutboundSlot) -> None:
+    def __init__(self, driver: SessionDriver, stream_id: int, slot: OutboundSlot,
+                 sniffer: StreamSniffer | None = None) -> None:
         # Not yet: holding a destination's own idle close until the client's next bytes
         # (veil.protocol.idleclose) removes the moment the server opens, but in the
         # lifecycle lab Chromium then opened one connection with no page load in ~1 run of
         # 3, right as the session's idle close came (docs/lab.md): off until understood.
         super().__init__(driver, stream_id, hold_idle_close=HOLD_IDLE_CLOSES)
         self._slot = slot
+        self._sniffer = sniffer  # --block-bittorrent, until the stream's beginning is known
+
+    def on_data(self, data: bytes) -> None:
+        sniffer = self._sniffer
+        # Before the outbound connection is made, data waits in the relay and comes back
+        # here once it is: it is looked at then, once.
+        if sniffer is not None and self.transport is not None:
+            if sniffer.feed(data):
+                self._sniffer = None
+                log.info("stream %d: refused BitTorrent (--block-bittorrent)", self.stream_id)
+                self._abort()  # the client's stream is reset, the outbound socket aborted
+                return
+            if sniffer.done:
+                self._sniffer = None
+        super().on_data(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._slot.release()
@@ -266,8 +303,10 @@ class UdpRelay(DatagramStreamHandler):
     dialer's UDP flow's, shared with Trojan's UDP (``veil.net.direct``)."""
 
     def __init__(self, driver: SessionDriver, stream_id: int, dialer: DirectDialer,
-                 slot: OutboundSlot) -> None:
+                 slot: OutboundSlot, *, block_bittorrent: bool = False) -> None:
         self.driver = driver
+        self._block_bittorrent = block_bittorrent
+        self._said_bittorrent = False
         self.stream_id = stream_id
         self._slot = slot
         self._closed = False
@@ -277,6 +316,12 @@ class UdpRelay(DatagramStreamHandler):
     # --- session side
     def on_datagram(self, address: Address, payload: bytes) -> None:
         self._idle.touch()
+        if self._block_bittorrent and datagram_is_bittorrent(payload):
+            if not self._said_bittorrent:  # once per association: DHT is a stream of them
+                self._said_bittorrent = True
+                log.info("stream %d: refused BitTorrent datagrams (--block-bittorrent)",
+                         self.stream_id)
+            return
         self._flow.send(address, payload)
 
     def reply(self, source: Address, data: bytes) -> None:

@@ -3,7 +3,9 @@
 A VPN server that relays to its own loopback or to the private network it sits in hands that
 network to every key holder (and to anyone who steals a key). So the address ranges below —
 private, loopback, link-local, multicast, reserved, documentation, cloud host endpoints — and
-the server's own addresses are refused unless the operator says ``--allow-private``. Names are
+the server's own addresses are refused unless the operator says ``--allow-private``. TCP
+ports the operator lists (``--refuse-ports``, SMTP's 25 by default) are refused whatever the
+address, before any lookup. Names are
 resolved here, at the server, so clients leak no DNS, and the check runs on every address a
 name resolves to (a public name pointing at 127.0.0.1 is still loopback).
 
@@ -113,14 +115,17 @@ def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 
 @dataclass(frozen=True, slots=True)
 class DestinationPolicy:
-    """``allow_private`` lets everything through (tests, and operators who mean it);
-    otherwise the ranges above and ``own_addresses`` (the server's own) are refused."""
+    """``allow_private`` lets every address through (tests, and operators who mean it);
+    otherwise the ranges above and ``own_addresses`` (the server's own) are refused.
+    ``refused_tcp_ports`` are refused on every address (``--allow-private`` included)."""
 
     allow_private: bool = False
     own_addresses: frozenset[IPAddress] = frozenset()
+    refused_tcp_ports: frozenset[int] = frozenset()
 
     @classmethod
-    def for_server(cls, allow_private: bool, own: Iterable[str]) -> DestinationPolicy:
+    def for_server(cls, allow_private: bool, own: Iterable[str],
+                   refused_tcp_ports: Iterable[int] = ()) -> DestinationPolicy:
         """A policy refusing ``own`` too: the addresses the server listens on and is reached
         at (those that are IP literals) and its interfaces' addresses."""
         addresses = set()
@@ -129,7 +134,7 @@ class DestinationPolicy:
                 addresses.add(ipaddress.ip_address(text.split("%", maxsplit=1)[0]))
             except ValueError:
                 continue  # a name: its addresses are not the server's to know
-        return cls(allow_private, frozenset(addresses))
+        return cls(allow_private, frozenset(addresses), frozenset(refused_tcp_ports))
 
     def allows(self, ip: IPAddress) -> bool:
         if self.allow_private:
@@ -169,6 +174,13 @@ def local_addresses() -> list[str]:
             return []
 
 
+class RefusedPort(TransportError):
+    """The policy refuses the destination's TCP port (``--refuse-ports``); the message is
+    the port."""
+
+    code = "port_refused"
+
+
 class ResolveError(TransportError):
     """The destination's name did not resolve; the message is the name."""
 
@@ -185,9 +197,11 @@ async def resolve(host: str, port: int, policy: DestinationPolicy,
                   kind: socket.SocketKind = socket.SOCK_STREAM) -> list[tuple[int, str]]:
     """(family, ip) pairs for ``host`` that the policy allows, in resolver order.
 
-    Raises ResolveError when the name does not resolve and RefusedDestination when every
-    address it resolves to is refused.
+    Raises RefusedPort for a refused TCP port (no lookup made), ResolveError when the name
+    does not resolve and RefusedDestination when every address it resolves to is refused.
     """
+    if kind == socket.SOCK_STREAM and port in policy.refused_tcp_ports:
+        raise RefusedPort(str(port))
     try:
         literal = ipaddress.ip_address(host)
     except ValueError:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from veil.config import ServerOptions
 from veil.cover.backends import BuiltinCover, Cover, make_cover
 from veil.errors import ConfigError
+from veil.manage.fleet import Facts, HostSampler, heartbeat_info, server_id
 from veil.manage.state import ServerState, load_state, record_start, server_ssl_context
 from veil.manage.users import UserManager
 from veil.net.driver import SessionDriver
@@ -34,6 +35,7 @@ from veil.protocol.session import Session, SessionConfig
 from veil.protocol.shaping import NO_SHAPING
 from veil.protocol.trojan import TrojanRequest, password_hash_for_secret
 from veil.server.acme import CertificateRenewer, acme_directory_for
+from veil.server.alerts import Alerts, Webhook
 from veil.server.blocks import BlockAlert, BlockTracker, run_alert_command
 from veil.server.gate import Authenticator, Gate, VeilWayIn, WayIn
 from veil.server.live import Live, LiveConnection
@@ -49,6 +51,10 @@ if TYPE_CHECKING:
     from veil.server.tun import TunServer
 
 log = logging.getLogger("veil.server")
+
+# What the start-up line tells the operator of a server without a DNS name to do.
+_NO_NAME_REMEDY = ("give it a DNS name (--public NAME[:PORT]: a CA certificate over ACME; then "
+                   "hand out the keys again), or use borrowed identity (coming)")
 
 # The server never pings, as nginx never does: a client pings with its own writes after a
 # silence (veil.protocol.session), and a client that vanished is found by TCP keepalive
@@ -104,6 +110,12 @@ class VeilServer:
         self.live = Live(state.open_store, trojan_hash=password_hash_for_secret,
                          max_sessions_per_user=options.max_sessions_per_user,
                          max_sessions=options.max_sessions, user_rate=options.user_rate)
+        self.host = HostSampler()  # the heartbeat's own: rates are between two heartbeats
+        self.alerts: Alerts | None = None
+        if options.alert_webhook is not None:
+            self.alerts = Alerts(Webhook(options.alert_webhook), lambda: self.state,
+                                 lambda: self.live.directory, lambda: self.live.server_id)
+        self._alerts_task: asyncio.Task[None] | None = None
         # The CDN ways in: their secret paths on the built-in site's HTTP/1.1, each carrier
         # a Noise channel to a session (veil.net.noise_channel).
         self.carriers: CarrierServer | None = None
@@ -135,9 +147,11 @@ class VeilServer:
         policy = DestinationPolicy.for_server(
             options.allow_private,
             [options.listen.host, *(a.host for a in options.also_listen), state.public.host,
-             *local_addresses()])
-        self.outbound = Outbound(policy, self.live.outbound_slots)
-        self.trojan = TrojanService(policy, self.live.outbound_slots)
+             *local_addresses()], options.refused_tcp_ports)
+        self.outbound = Outbound(policy, self.live.outbound_slots,
+                                 block_bittorrent=options.block_bittorrent)
+        self.trojan = TrojanService(policy, self.live.outbound_slots,
+                                    block_bittorrent=options.block_bittorrent)
         own_names = frozenset(n for n in (state.sni,) if n)
         self._authenticator = Authenticator(self.live)
         ways_in: list[WayIn] = [VeilWayIn(self._authenticator, self._start_session)]
@@ -180,7 +194,8 @@ class VeilServer:
             from veil.server.tun import TunServer, TunServerOptions  # Linux only  # noqa: PLC0415
 
             self.tun = TunServer(TunServerOptions.parse(
-                self.options.pool, self.options.pool6, allow_private=self.options.allow_private))
+                self.options.pool, self.options.pool6, allow_private=self.options.allow_private,
+                refused_tcp_ports=self.options.refused_tcp_ports))
             await self.tun.start()
         try:
             for listen in (self.options.listen, *self.options.also_listen):
@@ -190,6 +205,10 @@ class VeilServer:
                 sock.close()
             self._listeners = []
             raise
+        # Named by the address bound (a --listen port 0 is a port now), the server joins the
+        # fleet's table at the next refresh.
+        self.live.server_id = server_id(str(self.address))
+        self.live.heartbeat = self._heartbeat
         loop = asyncio.get_running_loop()
         self._serve_tasks = [loop.create_task(self.gate.serve(sock)) for sock in self._listeners]
         try:  # before "listening on": whoever waits for that line may export links at once
@@ -204,9 +223,12 @@ class VeilServer:
         self.blocks.set_ways(self._way_labels())
         log.info("listening on %s (cover: %s)", ", ".join(map(str, self.addresses)),
                  self.options.cover_url or "built-in site")
-        log.info("certificate: %s", self._certificate_plan())
+        level, plan = self._certificate_plan()
+        log.log(level, "certificate: %s", plan)
         if self.acme is not None:
             self._acme_task = loop.create_task(self.acme.run())
+        if self.alerts is not None:
+            self._alerts_task = loop.create_task(self.alerts.run())
         if self.state.via:
             log.info("keys name these ways in after %s: %s", self.state.public,
                      ", ".join(map(str, self.state.via)))  # no secret paths in logs
@@ -220,29 +242,33 @@ class VeilServer:
             else:
                 log.info("Trojan way in on (the cover offers no h2, so strangers see no "
                          "difference; docs/operations.md, \"The Trojan way in\")")
-        if self.state.sni is None:  # the public address is an IP literal (state.default_sni)
-            log.warning(
-                "keys name this server by its IP address %s, so clients send no server name "
-                "(SNI) in their TLS ClientHello: a censor sees that (nDPI flags \"Missing SNI\"), "
-                "and real websites rarely lack one. Remedies: give the server a DNS name "
-                "(--public NAME[:PORT], then hand out the keys again), or the borrowed-identity "
-                "mode once it exists (issue #18)", self.state.public.host)
 
-    def _certificate_plan(self) -> str:
-        """One line on what certificate strangers see and why (issue #18's defaults)."""
+    def _certificate_plan(self) -> tuple[int, str]:
+        """(log level, one line): what certificate strangers see and why, and, when it is not
+        the most unremarkable there is, what a censor sees and what to do (issue #18)."""
         state = self.state
         if state.cert_source == "operator":
-            return f"the operator's ({state.cert_path}, --cert)"
+            return logging.INFO, f"the operator's ({state.cert_path}, --cert)"
         if self.acme is not None:
-            return (f"from the ACME CA {self.acme.directory_url} for {state.sni}, validated "
-                    f"on this port (TLS-ALPN-01), renewed with a third of its life left; now "
-                    f"presenting the {state.cert_source} one")
-        if state.sni is None:
-            return "self-signed (the public address is an IP address: no CA issues for it)"
+            return logging.INFO, (
+                f"a CA's for {state.sni}, over ACME from {self.acme.directory_url} (validated "
+                f"on this port with TLS-ALPN-01, renewed with a third of its life left), as a "
+                f"public website has; presenting the {state.cert_source} one until it comes")
+        if state.sni is None:  # the public address is an IP literal (state.default_sni)
+            return logging.WARNING, (
+                f"self-signed, and keys name this server by its IP address "
+                f"{state.public.host}: a censor sees a self-signed certificate and TLS "
+                f"ClientHellos with no server name (SNI; nDPI flags \"Missing SNI\"), which "
+                f"public websites rarely show. To look unremarkable: {_NO_NAME_REMEDY}")
         if self.options.self_signed:
-            return f"self-signed for {state.sni} (--self-signed)"
-        return (f"self-signed for {state.sni} (no public CA issues for it; --acme-directory "
-                f"names a CA that does)")
+            return logging.INFO, (
+                f"self-signed for {state.sni}, as asked (--self-signed): a censor who fetches "
+                f"it sees a certificate no public website shows; without --self-signed it "
+                f"comes from a CA over ACME")
+        return logging.WARNING, (
+            f"self-signed for {state.sni}: no public CA issues for that name, so a censor who "
+            f"fetches it sees a certificate no public website shows; --acme-directory names "
+            f"a CA that does, or use a public DNS name")
 
     def _cdn_request(self, auth: bytes, binding: bytes) -> Callable[[SealedTransport], None] | str:
         """A Noise handshake through a CDN way in: its authenticator, bound to the client's
@@ -376,9 +402,12 @@ class VeilServer:
 
     async def stop(self) -> None:
         """Stop accepting, tell sessions to close, wait a little, then cut the rest."""
-        if self._acme_task is not None:
-            self._acme_task.cancel()
-            await asyncio.gather(self._acme_task, return_exceptions=True)
+        for background in (self._acme_task, self._alerts_task):
+            if background is not None:
+                background.cancel()
+                await asyncio.gather(background, return_exceptions=True)
+        if self.acme is not None:  # after the task: an order it abandons is no failure
+            await self.acme.stop()
         for task in self._serve_tasks:
             task.cancel()
         await asyncio.gather(*self._serve_tasks, return_exceptions=True)
@@ -404,6 +433,14 @@ class VeilServer:
         self.store.close()
         log.info("stopped; %d session(s) closed", len(drivers))
 
+    def _heartbeat(self) -> Callable[[], str]:
+        live = self.live
+        facts = Facts(str(self.address), str(self.state.public), self.started_at,
+                      len(live.connections), sum(u.up for u in live.user_bytes.values()),
+                      sum(u.down for u in live.user_bytes.values()), self.state.cert_path)
+        host = self.host
+        return lambda: heartbeat_info(facts, host.sample())
+
     def status(self) -> ServerStatus:
         """What the admin panel and ``/metrics`` see of this server
         (:class:`veil.server.status.StatusSource`): a snapshot, no I/O."""
@@ -420,6 +457,7 @@ class VeilServer:
             for c in sorted(live.connections.values(), key=lambda c: c.id))
         return ServerStatus(
             state=self.state, started_at=self.started_at, listen=str(listen),
+            server_id=self.live.server_id,
             cover_url=self.options.cover_url, tun=self.options.tun,
             ways_in=self._way_in_names(), connections=connections,
             user_bytes=dict(live.user_bytes), users=users,

@@ -122,6 +122,8 @@ class ServerStatus:
     started_at: float
     #: The address the tunnel port listens on, as "host:port" ("[host]:port" for IPv6).
     listen: str
+    #: This server's id in a fleet (veil.manage.fleet.server_id): sessions to end name it.
+    server_id: str = ""
     #: The cover site's URL, or None for the built-in site.
     cover_url: str | None = None
     #: Whether full-device tunnels (``--tun``) are on.

@@ -39,6 +39,7 @@ from veil.errors import RemoteProtocolError
 from veil.net.dialer import UdpFlow
 from veil.net.direct import DirectDialer
 from veil.protocol.address import Address
+from veil.protocol.bittorrent import StreamSniffer, datagram_is_bittorrent
 from veil.protocol.trojan import (
     MAX_UDP_PAYLOAD,
     Command,
@@ -93,7 +94,9 @@ class TrojanWayIn(WayIn):
 class TrojanService:
     """Serves accepted Trojan connections: TCP relays and UDP associations."""
 
-    def __init__(self, policy: DestinationPolicy, slots: OutboundSlots) -> None:
+    def __init__(self, policy: DestinationPolicy, slots: OutboundSlots, *,
+                 block_bittorrent: bool = False) -> None:
+        self.block_bittorrent = block_bittorrent
         self.dialer = DirectDialer(connect_timeout=CONNECT_TIMEOUT_S, happy_eyeballs_delay=None,
                                    resolver=policy_resolver(policy, "trojan"))
         self.slots = slots
@@ -113,9 +116,20 @@ class TrojanService:
             transport.close()
             return
         if connect:
-            self.dialer.open_tcp(request.destination, transport, rest, on_closed=slot.release)
+            refuse = None
+            if self.block_bittorrent:
+                sniffer = StreamSniffer()
+                if sniffer.feed(rest):
+                    _refused_bittorrent("trojan")
+                    slot.release()
+                    transport.abort()
+                    return
+                refuse = _bittorrent_refuser(sniffer)
+            self.dialer.open_tcp(request.destination, transport, rest, on_closed=slot.release,
+                                 refuse=refuse)
         else:
-            association = TrojanUdpAssociation(transport, self.dialer, self._associations, slot)
+            association = TrojanUdpAssociation(transport, self.dialer, self._associations, slot,
+                                               block_bittorrent=self.block_bittorrent)
             self._associations.add(association)
             transport.set_protocol(association)
             if rest:
@@ -128,6 +142,22 @@ class TrojanService:
             association.close()
 
 
+def _refused_bittorrent(way_in: str) -> None:
+    log.info("%s: refused BitTorrent (--block-bittorrent)", way_in)
+
+
+def _bittorrent_refuser(sniffer: StreamSniffer) -> Callable[[bytes], bool]:
+    def refuse(data: bytes) -> bool:
+        if sniffer.done:
+            return False
+        if sniffer.feed(data):
+            _refused_bittorrent("trojan")
+            return True
+        return False
+
+    return refuse
+
+
 class TrojanUdpAssociation(asyncio.Protocol):
     """One UDP ASSOCIATE connection: Trojan UDP packets on TLS <-> one UDP flow.
 
@@ -137,8 +167,11 @@ class TrojanUdpAssociation(asyncio.Protocol):
     """
 
     def __init__(self, transport: asyncio.Transport, dialer: DirectDialer,
-                 registry: set[TrojanUdpAssociation], slot: OutboundSlot) -> None:
+                 registry: set[TrojanUdpAssociation], slot: OutboundSlot, *,
+                 block_bittorrent: bool = False) -> None:
         self.transport = transport
+        self._block_bittorrent = block_bittorrent
+        self._said_bittorrent = False
         self._slot = slot
         self._registry = registry
         self._decoder = UdpPacketDecoder()
@@ -155,6 +188,11 @@ class TrojanUdpAssociation(asyncio.Protocol):
             self.close()
             return
         for address, payload in packets:
+            if self._block_bittorrent and datagram_is_bittorrent(payload):
+                if not self._said_bittorrent:  # once per association: DHT is a stream of them
+                    self._said_bittorrent = True
+                    _refused_bittorrent("trojan udp")
+                continue
             self._flow.send(address, payload)
 
     def _reply(self, source: Address, payload: bytes) -> None:

@@ -66,17 +66,19 @@ class TunServerOptions:
     pool6: ipaddress.IPv6Network | None = field(default_factory=lambda: ipaddress.IPv6Network(
         DEFAULT_TUN_POOL6))
     allow_private: bool = False
+    #: TCP destination ports refused to clients (``--refuse-ports``), as streams are.
+    refused_tcp_ports: tuple[int, ...] = ()
     #: Let clients reach each other's tunnel addresses.
     client_to_client: bool = False
     dns: tuple[IPAddress, ...] | None = None  # None: from /etc/resolv.conf
     device: str = DEVICE_NAME
 
     @classmethod
-    def parse(cls, pool: str | None, pool6: str | None, *,
-              allow_private: bool = False) -> TunServerOptions:
+    def parse(cls, pool: str | None, pool6: str | None, *, allow_private: bool = False,
+              refused_tcp_ports: tuple[int, ...] = ()) -> TunServerOptions:
         """From the CLI's ``--pool``/``--pool6`` (``none`` turns IPv6 off)."""
         net4, net6 = parse_tun_pools(pool, pool6)
-        return cls(net4, net6, allow_private)
+        return cls(net4, net6, allow_private, refused_tcp_ports)
 
 
 class AddressPool:
@@ -223,6 +225,11 @@ class TunServer:
             forward.append(f'iifname "{name}" ip6 daddr {{ {", ".join(PRIVATE_V6)} }} drop')
             # The server itself is a private destination too (its other services).
             input_rules.append(f'iifname "{name}" drop')
+        if opts.refused_tcp_ports:
+            # A reset, as a refused stream gets: the application fails at once, not after
+            # its connect timeout.
+            ports = ", ".join(map(str, opts.refused_tcp_ports))
+            forward.append(f'iifname "{name}" tcp dport {{ {ports} }} reject with tcp reset')
         forward.append("tcp flags syn tcp option maxseg size set rt mtu")
         nat = [f'oifname != "{name}" ip saddr {opts.pool} masquerade']
         if opts.pool6 is not None:

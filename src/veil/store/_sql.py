@@ -16,8 +16,12 @@ from typing import Any, Literal, Protocol, TypeVar, cast
 
 from veil.errors import StoreError
 from veil.store.base import (
+    SERVER_KEEP_S,
+    SESSION_END_KEEP_S,
     LimitPeriod,
     SecretBox,
+    ServerBeat,
+    SessionEnd,
     Usage,
     User,
     UserStore,
@@ -44,6 +48,31 @@ _KEY_CHECK_PLAIN = b"veil store key check"
 _KEY_CHECK_AD = b"meta"
 
 T = TypeVar("T")
+
+#: Tables added after schema 3 without a new version (an older veil sharing the store ignores
+#: them, so a fleet can be upgraded one server at a time): created on every open, in both
+#: back ends. ``until`` (not ``before``, an SQL keyword) is the SessionEnd's ``before``. ``{time}``
+#: is the back end's type for unix seconds (PostgreSQL's REAL is 4 bytes: minutes off).
+PANEL_TABLES = (
+    """CREATE TABLE IF NOT EXISTS session_ends (
+        name    TEXT NOT NULL,
+        server  TEXT NOT NULL DEFAULT '',  -- '' = on every server
+        session INTEGER NOT NULL DEFAULT 0,  -- 0 = every session of the user
+        until   {time} NOT NULL,           -- sessions started at or before this end
+        PRIMARY KEY (name, server, session)
+    )""",
+    """CREATE TABLE IF NOT EXISTS servers (
+        id      TEXT PRIMARY KEY,
+        seen_at {time} NOT NULL,
+        info    TEXT NOT NULL                -- JSON: veil.manage.fleet.heartbeat_info
+    )""",
+)
+PANEL_TABLE_NAMES = ("session_ends", "servers")
+
+
+def panel_tables(time_type: str) -> tuple[str, ...]:
+    return tuple(statement.replace("{time}", time_type) for statement in PANEL_TABLES)
+
 
 # Byte counts are 64-bit signed integers in both databases (SQLite INTEGER, BIGINT): a larger
 # value would fail in the driver with an error that is not a StoreError (SQLite's
@@ -343,6 +372,64 @@ class SqlUserStore(UserStore):
             return [(int(hour), Usage(int(up), int(down))) for hour, up, down in cur.fetchall()]
 
         return self._run(f"read {name!r}'s usage", work, write=False)
+
+    def reset_usage(self, name: str, since: float | None) -> None:
+        def work(cur: Cursor) -> None:
+            self._existing(cur, name)
+            if since is None:
+                cur.execute("DELETE FROM usage WHERE name = ?", (name,))
+            else:
+                cur.execute("DELETE FROM usage WHERE name = ? AND hour >= ?",
+                            (name, math.ceil(since)))
+
+        self._run(f"reset {name!r}'s usage", work)
+
+    # ------------------------------------------------------------------ ending sessions
+    def end_sessions(self, end: SessionEnd, now: float) -> None:
+        def work(cur: Cursor) -> None:
+            self._existing(cur, end.name)
+            cur.execute("DELETE FROM session_ends WHERE until < ?",
+                        (now - SESSION_END_KEEP_S,))
+            cur.execute("INSERT INTO session_ends (name, server, session, until) "
+                        "VALUES (?, ?, ?, ?) ON CONFLICT (name, server, session) "
+                        "DO UPDATE SET until = excluded.until",
+                        (end.name, end.server, end.session, float(end.before)))
+
+        self._run(f"end {end.name!r}'s sessions", work)
+
+    def session_ends(self) -> list[SessionEnd]:
+        def work(cur: Cursor) -> list[SessionEnd]:
+            cur.execute("SELECT name, server, session, until FROM session_ends")
+            return [SessionEnd(str(name), float(until), str(server), int(session))
+                    for name, server, session, until in cur.fetchall()]
+
+        return self._run("read the sessions to end", work, write=False)
+
+    # ------------------------------------------------------------------ fleet
+    def beat(self, server: str, now: float, info: str) -> None:
+        def work(cur: Cursor) -> None:
+            cur.execute("DELETE FROM servers WHERE seen_at < ?", (now - SERVER_KEEP_S,))
+            cur.execute("INSERT INTO servers (id, seen_at, info) VALUES (?, ?, ?) "
+                        "ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at, "
+                        "info = excluded.info", (server, float(now), info))
+
+        self._run("write this server's heartbeat", work)
+
+    def servers(self) -> list[ServerBeat]:
+        def work(cur: Cursor) -> list[ServerBeat]:
+            cur.execute("SELECT id, seen_at, info FROM servers ORDER BY id")
+            return [ServerBeat(str(i), float(seen), str(info))
+                    for i, seen, info in cur.fetchall()]
+
+        return self._run("read the fleet's heartbeats", work, write=False)
+
+    def claim_setting(self, key: str, value: str) -> bool:
+        def work(cur: Cursor) -> bool:
+            cur.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
+                        "ON CONFLICT (key) DO NOTHING", (key, value))
+            return cur.rowcount == 1
+
+        return self._run(f"claim setting {key!r}", work)
 
     # ------------------------------------------------------------------ settings
     def get_setting(self, key: str) -> str | None:

@@ -105,6 +105,39 @@ class Usage:
         return self.up + self.down
 
 
+#: A row of ``session_ends`` is kept this long: every server that can reach the store acts on it
+#: within a second, so a day is for one cut off from the store meanwhile.
+SESSION_END_KEEP_S = 86400.0
+#: A server that has not beaten for this long leaves the fleet's table (a week: long enough
+#: that an outage shows as "last seen 3 days ago", not as a server that never existed).
+SERVER_KEEP_S = 7 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnd:
+    """An admin's "end the sessions": ``name``'s sessions that started at or before
+    ``before`` end, on every server (``server`` "") or on the one whose id it is, every one
+    (``session`` 0) or the one with that id there."""
+
+    name: str
+    before: float
+    server: str = ""
+    session: int = 0
+
+    def applies(self, server: str, session: int, started_at: float) -> bool:
+        return (started_at <= self.before and self.server in ("", server)
+                and self.session in (0, session))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerBeat:
+    """A server's last heartbeat in a shared store: its id, when, and what it said (JSON)."""
+
+    id: str
+    seen_at: float
+    info: str
+
+
 class SecretBox:
     """Seals secrets and keys indexes with the store key (32 bytes, kept out of the database)."""
 
@@ -214,6 +247,30 @@ class UserStore(abc.ABC):
         since = period_start(user.limit_period, now)
         return self.usage_by_user(since).get(user.name, Usage())
 
+    @abc.abstractmethod
+    def reset_usage(self, name: str, since: float | None) -> None:
+        """Forget ``name``'s usage in buckets from ``since`` on (None: all of it): the admin's
+        "reset usage". StoreError(code="not_found")."""
+
+    # ------------------------------------------------------------------ ending sessions
+    @abc.abstractmethod
+    def end_sessions(self, end: SessionEnd, now: float) -> None:
+        """Ask every server to end the sessions ``end`` names (they read
+        :meth:`session_ends` every tick). StoreError(code="not_found")."""
+
+    @abc.abstractmethod
+    def session_ends(self) -> list[SessionEnd]:
+        """The sessions asked to end within the last :data:`SESSION_END_KEEP_S`."""
+
+    # ------------------------------------------------------------------ fleet
+    @abc.abstractmethod
+    def beat(self, server: str, now: float, info: str) -> None:
+        """Record server ``server``'s heartbeat (``info``: JSON it says about itself)."""
+
+    @abc.abstractmethod
+    def servers(self) -> list[ServerBeat]:
+        """Every server's last heartbeat (within :data:`SERVER_KEEP_S`), by id."""
+
     # ------------------------------------------------------------------ settings
     @abc.abstractmethod
     def get_setting(self, key: str) -> str | None:
@@ -226,6 +283,11 @@ class UserStore(abc.ABC):
     @abc.abstractmethod
     def settings_with_prefix(self, prefix: str) -> dict[str, str]:
         """Every setting whose key starts with ``prefix``, by key."""
+
+    @abc.abstractmethod
+    def claim_setting(self, key: str, value: str) -> bool:
+        """Set ``key`` only if it is unset; True for the one caller (of every process on the
+        store) that set it: how a fleet's servers agree which one sends an alert."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -17,7 +17,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from veil.errors import StoreError
-from veil.store._sql import SCHEMA_VERSION, Cursor, SqlUserStore, T, TrojanHash
+from veil.store._sql import SCHEMA_VERSION, Cursor, SqlUserStore, T, TrojanHash, panel_tables
 from veil.store.base import SecretBox
 
 __all__ = ["PostgresUserStore"]
@@ -101,7 +101,7 @@ class PostgresUserStore(SqlUserStore):
         cur.execute(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
         # "relation already exists, skipping" notices are noise on every start.
         cur.execute("SET LOCAL client_min_messages = warning")
-        for statement in _CREATE:
+        for statement in (*_CREATE, *panel_tables("DOUBLE PRECISION")):
             cur.execute(statement)
         cur.execute("SELECT value FROM meta WHERE key = 'schema_version'")
         row = cur.fetchone()

@@ -15,7 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from veil.errors import StoreError
-from veil.store._sql import SCHEMA_VERSION, Cursor, SqlUserStore, T, TrojanHash
+from veil.store._sql import (
+    PANEL_TABLE_NAMES,
+    SCHEMA_VERSION,
+    Cursor,
+    SqlUserStore,
+    T,
+    TrojanHash,
+    panel_tables,
+)
 from veil.store.base import SecretBox
 
 __all__ = ["SCHEMA_VERSION", "SqliteUserStore", "TrojanHash"]
@@ -146,7 +154,7 @@ class SqliteUserStore(SqlUserStore):
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.Error as exc:
             raise self._error("open it", exc) from exc
-        if version == SCHEMA_VERSION:
+        if version == SCHEMA_VERSION and self._has_panel_tables():
             return
         self._run("upgrade its schema", self._upgrade)
         # Push the sealed pages into the main file and empty the WAL, so the old plaintext
@@ -155,16 +163,29 @@ class SqliteUserStore(SqlUserStore):
         with contextlib.suppress(sqlite3.Error):
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
+    def _has_panel_tables(self) -> bool:
+        try:
+            found = self._db.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN (?, ?)",
+                PANEL_TABLE_NAMES).fetchone()
+        except sqlite3.Error as exc:
+            raise self._error("open it", exc) from exc
+        return bool(found[0] == len(PANEL_TABLE_NAMES))
+
     def _upgrade(self, cur: Cursor) -> None:
         cur.execute("PRAGMA user_version")
         version = cur.fetchone()[0]
         if version == SCHEMA_VERSION:
-            return  # another process migrated while this one waited for the lock
+            # another process migrated while this one waited for the lock, or a file of this
+            # schema from before the panel's tables (added without a new version)
+            for statement in panel_tables("REAL"):
+                cur.execute(statement)
+            return
         if version > SCHEMA_VERSION:
             raise StoreError(f"the user store {self._path} was made by a newer veil "
                              f"(schema {version}; this veil knows {SCHEMA_VERSION})",
                              code="schema_too_new")
-        for statement in _CREATE:
+        for statement in (*_CREATE, *panel_tables("REAL")):
             cur.execute(statement)
         cur.execute("PRAGMA table_info(users)")
         columns = {row[1] for row in cur.fetchall()}
