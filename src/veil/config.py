@@ -335,7 +335,7 @@ def _port(text: str, what: str, *, lowest: int = 1) -> int:
     return int(text)
 
 
-def _local(address: Address) -> bool:
+def is_local(address: Address) -> bool:
     """Only this machine can connect: a loopback address or name."""
     if address.host == "localhost":
         return True
@@ -580,11 +580,12 @@ class ClientOptions:
         if self.allow_lan:
             return
         open_ = []
-        if self.socks is not None and self.socks_credentials is None and not _local(self.socks):
+        if self.socks is not None and self.socks_credentials is None and not is_local(self.socks):
             open_.append(f"--socks {self.socks} (add --socks-auth)")
-        if self.http is not None and self.http_credentials is None and not _local(self.http):
+        if self.http is not None and self.http_credentials is None and not is_local(self.http):
             open_.append(f"--http {self.http} (add --http-auth)")
-        open_ += [f"--forward {spec.listen}" for spec in self.forwards if not _local(spec.listen)]
+        open_ += [f"--forward {spec.listen}" for spec in self.forwards
+                  if not is_local(spec.listen)]
         if open_:
             raise ConfigError("these listen beyond this machine with no password, an open proxy "
                               "into the tunnel for anyone who can reach them: "

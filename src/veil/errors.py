@@ -12,7 +12,8 @@
     │       └── TlsProtocolViolation     (transport.tls13.errors)
     ├── AuthError                a credential or server identity did not check out
     │   ├── TlsServerAuthFailure         (transport.tls13.errors)
-    │   └── PinMismatchError             (net.trojan_client; also a ConnectionError)
+    │   ├── PinMismatchError             (net.trojan_client; also a ConnectionError)
+    │   └── UntrustedServerError         (net.trojan_client; also a ConnectionError)
     ├── TransportError           a connection could not be made or was lost
     │   ├── TlsHandshakeError            (transport.tls; also a ConnectionError)
     │   ├── ResolveError                 (server.policy) a destination's name did not resolve

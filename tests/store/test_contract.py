@@ -133,13 +133,49 @@ def test_rotate_replaces_the_credential(store: UserStore) -> None:
     assert store.get_user("alice") == new
 
 
-def test_rotating_a_revoked_user_keeps_it_revoked(store: UserStore) -> None:
-    add(store, "alice")
-    store.revoke("alice", NOW)
+def test_rotating_a_revoked_user_is_refused(store: UserStore) -> None:
+    # Its new key could not work: a rotation that printed one was a dead end (#19).
+    old = add(store, "alice")
+    revoked = store.revoke("alice", NOW)
     secret, key_id = credential()
-    rotated = store.rotate("alice", secret, key_id, NOW + 1)
-    assert rotated.revoked_at == NOW
-    assert store.find_by_key_id(key_id) == rotated
+    with pytest.raises(StoreError) as err:
+        store.rotate("alice", secret, key_id, NOW + 1)
+    assert err.value.code == "already_revoked"
+    assert store.find_by_key_id(key_id) is None
+    assert store.find_by_key_id(old.key_id) == revoked
+
+
+def test_a_revoked_user_can_be_restored(store: UserStore) -> None:
+    alice = add(store, "alice")
+    with pytest.raises(StoreError) as err:
+        store.restore("alice")
+    assert err.value.code == "not_revoked"
+    store.revoke("alice", NOW)
+    restored = store.restore("alice")
+    assert restored.active and restored.key_id == alice.key_id
+    assert store.get_user("alice") == restored
+
+
+def test_a_revoked_user_can_be_deleted_and_the_name_used_again(store: UserStore) -> None:
+    add(store, "alice")
+    store.add_usage({"alice": Usage(5, 7)}, NOW)
+    with pytest.raises(StoreError) as err:
+        store.delete("alice")
+    assert err.value.code == "not_revoked"
+    store.revoke("alice", NOW)
+    store.delete("alice")
+    assert store.get_user("alice") is None and store.usage_by_user(None) == {}
+    with pytest.raises(StoreError) as err:
+        store.delete("alice")
+    assert err.value.code == "not_found"
+    assert add(store, "alice").active
+
+
+def test_settings_with_a_prefix(store: UserStore) -> None:
+    store.set_setting("server.a_1", "x")
+    store.set_setting("server.b%", "y")
+    store.set_setting("serverless", "z")
+    assert store.settings_with_prefix("server.") == {"server.a_1": "x", "server.b%": "y"}
 
 
 def test_set_and_remove_limit_and_expiry(store: UserStore) -> None:

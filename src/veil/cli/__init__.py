@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from veil.admin.listen import AdminListen
     from veil.client.ruledata import RuleData
     from veil.manage.state import ServerState
+    from veil.manage.users import UserManager
     from veil.protocol.accesskey import AccessKey
     from veil.protocol.trojan import TrojanLink
     from veil.server.service import VeilServer
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="veil", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"veil {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more logging (-vv for debug)")
+                        help="more logging: INFO by default, -v adds veil's DEBUG, -vv every "
+                             "library's too (asyncio...); may come after the command")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = sub.add_parser(
@@ -225,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         "user", help="manage users, their access keys, limits and usage",
         description="Manage users. Works while the server runs: a running server picks every "
                     "change up within a second (a revoked, rotated, expired or over-limit "
-                    "user's live sessions are closed).")
+                    "user's live sessions are closed), and a change returns once every "
+                    "running server on the store has it (or says which did not).")
     user_sub = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
     add = user_sub.add_parser("add", help="create a user and print its access key",
                               description="Create a user and print its access key URI "
@@ -241,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Revoke a user: live sessions are closed and new "
                                              "connections with its key get the cover site.")
     revoke.add_argument("name")
+    restore = user_sub.add_parser("restore", help="undo a revocation",
+                                  description="Restore a revoked user: its key (the one it "
+                                              "had) works again.")
+    restore.add_argument("name")
+    delete = user_sub.add_parser("delete", help="remove a revoked user and its usage",
+                                 description="Delete a revoked user and its usage, so that "
+                                             "the name can be used again (revoke it first).")
+    delete.add_argument("name")
     rotate = user_sub.add_parser(
         "rotate", help="give a user a new key; the old one stops working",
         description="Replace a user's credential and print the new access key. Sessions "
@@ -274,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also write what is printed as a QR code, in a PNG file")
     for p in (lst, show):
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    for p in (add, lst, revoke, rotate, limit, show):
+    for p in (add, lst, revoke, restore, delete, rotate, limit, show):
         p.add_argument("--state", type=Path, default=DEFAULT_STATE, metavar="DIR",
                        help=f"state directory (default {DEFAULT_STATE})")
         p.add_argument("--db", metavar="URL", default=os.environ.get("VEIL_DB"),
@@ -370,9 +381,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbosity: int) -> None:
-    level = logging.WARNING - 10 * min(verbosity + 1, 2)
-    logging.basicConfig(level=level, stream=sys.stderr,
+    """INFO by default; ``-v``: veil's own DEBUG lines; ``-vv``: every library's too."""
+    logging.basicConfig(level=logging.DEBUG if verbosity >= 2 else logging.INFO,
+                        stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbosity >= 1:
+        logging.getLogger("veil").setLevel(logging.DEBUG)
+
+
+def _take_verbosity(argv: Sequence[str]) -> tuple[list[str], int]:
+    """``-v``/``-vv``/``--verbose`` wherever they are (before ``--``): a user who types
+    ``veil serve ... -v`` means the same as ``veil -v serve ...``. Never an option's value:
+    argparse takes no value that starts with "-" but a negative number."""
+    rest: list[str] = []
+    count = 0
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            rest += argv[index:]
+            break
+        if arg == "--verbose":
+            count += 1
+        elif len(arg) > 1 and arg.startswith("-") and set(arg[1:]) == {"v"}:
+            count += len(arg) - 1
+        else:
+            rest.append(arg)
+    return rest, count
 
 
 def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -445,8 +478,6 @@ def _command(text: str | None) -> tuple[str, ...]:
 # --------------------------------------------------------------------- commands
 def cmd_serve(args: argparse.Namespace) -> None:
     from veil.manage.state import init_state
-    from veil.manage.users import UserManager
-    from veil.server.service import VeilServer
 
     options = ServerOptions(
         listen=args.listen[0], also_listen=tuple(args.listen[1:]), via=parse_via(args.via),
@@ -466,9 +497,88 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from veil.admin.listen import check_admin_listen
 
         check_admin_listen(args.admin.host, args.admin.tls)
-    state, _created = init_state(args.state, listen=options.listen, public=args.public,
-                                 cert=options.cert, key=options.key, db=args.db,
-                                 via=options.via, borrow=options.borrow)
+    # A start that cannot listen must not initialise anything: the first start records the
+    # address keys name, and a wrong one would outlive the failure in every key.
+    for listen in (options.listen, *options.also_listen):
+        _check_can_listen(listen)
+    existed = args.state.exists()
+    before = set(os.listdir(args.state)) if existed and args.state.is_dir() else set()
+    try:
+        state, created = init_state(args.state, listen=options.listen, public=args.public,
+                                    cert=options.cert, key=options.key, db=args.db,
+                                    via=options.via, borrow=options.borrow)
+    except BaseException:
+        if not existed or not before:
+            _undo_first_start(args.state, before, existed)
+        raise
+    _say_address_mismatch(state.public, (options.listen, *options.also_listen))
+    serving = asyncio.Event()  # set once the server listens (and the admin panel, if any)
+    try:
+        _serve(args, options, state, serving)
+    except BaseException:
+        if created and not serving.is_set():
+            _undo_first_start(args.state, before, existed)
+        raise
+
+
+def _check_can_listen(listen: Address) -> None:
+    """Raise VeilError now when ``listen`` cannot be bound (in use, not this host's address,
+    a privileged port): the server binds it again a moment later, with the same options."""
+    from veil.server.service import _listening_socket
+
+    if listen.port == 0:
+        return  # the system picks a free port
+    try:
+        _listening_socket(listen).close()
+    except OSError as exc:
+        raise VeilError(f"cannot listen on {listen}: {exc.strerror}") from exc
+
+
+def _undo_first_start(directory: Path, before: set[str], existed: bool) -> None:
+    """Remove what a failed first start created in ``directory`` (and it, if it made it)."""
+    import shutil
+
+    with contextlib.suppress(OSError):
+        for name in set(os.listdir(directory)) - before:
+            path = directory / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if not existed:
+            directory.rmdir()
+
+
+def _say_address_mismatch(public: Address, listens: Sequence[Address]) -> None:
+    """Warn when keys name a port (or an IP address) this server does not listen on: right
+    only when something forwards it here (a NAT or firewall rule, a load balancer)."""
+    import ipaddress
+
+    ports = {listen.port for listen in listens}
+    if 0 in ports:
+        return  # the system picks the port: nothing to compare yet
+    if public.port not in ports:
+        log.warning("keys name %s, but this server listens on %s: clients reach it only if "
+                    "something forwards port %d here (else start with --public HOST:PORT, "
+                    "then hand out the keys again)", public,
+                    ", ".join(map(str, listens)), public.port)
+        return
+    try:
+        ipaddress.ip_address(public.host)
+    except ValueError:
+        return  # a name: where it points is DNS's business
+    hosts = {listen.host for listen in listens}
+    if public.host not in hosts and not hosts & {"0.0.0.0", "::"}:
+        log.warning("keys name %s, but this server listens on %s: clients reach it only if "
+                    "something forwards that address here", public,
+                    ", ".join(map(str, listens)))
+
+
+def _serve(args: argparse.Namespace, options: ServerOptions, state: ServerState,
+           serving: asyncio.Event) -> None:
+    from veil.manage.users import UserManager
+    from veil.server.service import VeilServer
+
     users = UserManager(state, state.open_store())
     try:
         if not users.store.list_users():
@@ -503,6 +613,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             except BaseException:
                 await server.stop()
                 raise
+        serving.set()
         await _serve_until_stopped(server, stop)
         if admin is not None:
             await admin.stop()
@@ -562,6 +673,26 @@ def _when(moment: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(moment))
 
 
+def _expiry(moment: float | None) -> str:
+    """An expiry as it was given: ``--expires 2027-06-30`` is stored as the end of that day
+    (2027-07-01 00:00 UTC) and shown as ``2027-06-30``; another time in UTC."""
+    import datetime
+
+    if moment is None:
+        return "never"
+    end = datetime.datetime.fromtimestamp(moment, datetime.UTC)
+    if end.time() == datetime.time():
+        return (end.date() - datetime.timedelta(days=1)).isoformat()
+    return end.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _confirm(manager: UserManager) -> None:
+    """Wait until the running servers on the store have the edit; say so when not all do."""
+    missing = manager.confirm().describe()
+    if missing is not None:
+        print(f"veil: note: {missing}", file=sys.stderr, flush=True)
+
+
 def cmd_user(args: argparse.Namespace) -> None:
     import json
 
@@ -582,6 +713,7 @@ def cmd_user(args: argparse.Namespace) -> None:
             user = manager.add(args.name, limit_bytes=limit[0] if limit else None,
                                limit_period=limit[1] if limit else "month",
                                expires_at=expires)
+            _confirm(manager)  # the key is printed once the running servers accept it
             _print_key(manager.access_key(user))
         elif command == "list":
             rows = manager.report()
@@ -589,17 +721,28 @@ def cmd_user(args: argparse.Namespace) -> None:
                 print(json.dumps([r.to_json() for r in rows], indent=2))
                 return
             print(f"{'NAME':<20} {'CREATED':<16} {'USED':>10} {'LIMIT':>16} "
-                  f"{'LAST SEEN':<16} STATUS")
+                  f"{'EXPIRES':<20} {'LAST SEEN':<16} STATUS")
             for r in rows:
                 limit_text = ("-" if r.limit_bytes is None
                               else f"{format_bytes(r.limit_bytes)}/{r.limit_period}")
                 print(f"{r.name:<20} {_when(r.created_at):<16} {format_bytes(r.used.total):>10} "
-                      f"{limit_text:>16} {_when(r.last_seen):<16} {r.status}")
+                      f"{limit_text:>16} {_expiry(r.expires_at):<20} "
+                      f"{_when(r.last_seen):<16} {r.status}")
         elif command == "revoke":
             manager.revoke(args.name)
+            _confirm(manager)
             print(f"revoked {args.name}")
+        elif command == "restore":
+            manager.restore(args.name)
+            _confirm(manager)
+            print(f"restored {args.name}: its key works again")
+        elif command == "delete":
+            manager.delete(args.name)
+            _confirm(manager)
+            print(f"deleted {args.name}")
         elif command == "rotate":
             user = manager.rotate(args.name)
+            _confirm(manager)
             _print_key(manager.access_key(user))
         elif command == "limit":
             if limit is None and args.expires is None:
@@ -608,10 +751,11 @@ def cmd_user(args: argparse.Namespace) -> None:
                 manager.set_limit(args.name, *limit)
             if args.expires is not None:
                 manager.set_expiry(args.name, expires)
+            _confirm(manager)
             report = next(r for r in manager.report() if r.name == args.name)
             print(f"{args.name}: limit "
                   f"{format_bytes(report.limit_bytes)}/{report.limit_period}, "
-                  f"expires {_when(report.expires_at)}, status {report.status}")
+                  f"expires {_expiry(report.expires_at)}, status {report.status}")
         elif command == "show":
             user = manager.get(args.name)
             if args.json:
@@ -737,6 +881,12 @@ def cmd_lab(args: argparse.Namespace) -> None:
 def cmd_admin(args: argparse.Namespace) -> None:
     from veil.admin.cli import run_admin
 
+    if (args.admin_command == "passwd" and not args.password_stdin
+            and not sys.stdin.isatty()):
+        # getpass would fall back to reading stdin with a warning, then end at its EOF.
+        raise ConfigError("no terminal to ask for the password on: pipe it in with "
+                          "--password-stdin")
+
     run_admin(args)
 
 
@@ -755,8 +905,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv, verbosity = _take_verbosity(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose + verbosity)
     try:
         COMMANDS[args.command](args)
     except (ConfigError, StoreError, ValueError) as exc:
@@ -765,6 +916,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VeilError as exc:
         print(f"veil: error: {exc}", file=sys.stderr)
         return 1
+    except EOFError:
+        # input() with nothing to read: no terminal, and no --password-stdin or the like.
+        # After the prompt, which has no newline of its own.
+        print("\nveil: error: nothing more to read on stdin", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # stdout closed early (`veil user list | head`): nothing more to say, to anyone.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - flushed at exit, then gone
+        return 141
     except KeyboardInterrupt:
         return 130
     with contextlib.suppress(Exception):

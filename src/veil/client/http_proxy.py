@@ -122,16 +122,18 @@ class ForwardRequest:
 ProxyRequest = TunnelRequest | ForwardRequest
 
 
-def error_response(code: str) -> bytes:
+def error_response(code: str, why: str = "") -> bytes:
     """The response for a refused request (by error ``code``); the connection then closes.
 
     ``not_implemented`` gives 501, ``head_too_large`` 431, ``bad_gateway`` 502 (tunnel not
-    ready), anything else 400.
+    ready), anything else 400. ``why``, if given, is the body (one line of text).
     """
     status, reason = _STATUS.get(code, (400, b"Bad Request"))
     challenge = b'Proxy-Authenticate: Basic realm="veil"\r\n' if status == 407 else b""
-    return (b"HTTP/1.1 %d %s\r\n%sContent-Length: 0\r\nConnection: close\r\n\r\n"
-            % (status, reason, challenge))
+    body = (why + "\n").encode() if why else b""
+    kind = b"Content-Type: text/plain; charset=utf-8\r\n" if body else b""
+    return (b"HTTP/1.1 %d %s\r\n%s%sContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (status, reason, challenge, kind, len(body), body))
 
 
 def forbidden_response(reason: str) -> bytes:
@@ -387,7 +389,7 @@ class _HttpProxyProtocol(HandshakeConnection[HttpProxyInbound]):
         if transport.is_closing():
             return
         if not ready:
-            transport.write(error_response("bad_gateway"))
+            transport.write(error_response("bad_gateway", f"veil: {self.why_not_ready()}"))
             transport.close()
             return
         if isinstance(request, TunnelRequest):

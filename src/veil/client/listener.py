@@ -17,6 +17,12 @@ from veil.protocol.address import Address
 
 log = logging.getLogger("veil.client")
 
+#: Once the dialer knows why it cannot open streams (the server down or unreachable, the key
+#: refused: Dialer.why_not_ready), a request waits this much longer for its next attempt
+#: (the first reconnect comes within a second) instead of the whole ready_timeout, then
+#: fails with that reason: an app that hangs 15 s tells its user nothing.
+FAIL_FAST_S = 1.0
+
 
 class Abortable(Protocol):
     def abort(self) -> None: ...
@@ -161,14 +167,37 @@ class HandshakeConnection(asyncio.Protocol, Generic[InboundT]):
         """Whether the dialer became ready within the inbound's ``ready_timeout``: for a
         stream to ``dest``, or (None) for anything (a UDP association)."""
         dialer = self._inbound.dialer
-        timeout = self._inbound.ready_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._inbound.ready_timeout
         try:
-            if dest is None:
-                return await dialer.wait_ready(timeout)
-            return await dialer.wait_ready_for(dest, timeout)
+            while True:
+                # In slices: once the dialer knows why it cannot serve (the server is down,
+                # refused the key), one more slice for its next attempt, then fail, saying why.
+                failing = dialer.why_not_ready() is not None
+                started = loop.time()
+                wait = min(FAIL_FAST_S, deadline - started)
+                if dest is None:
+                    ready = await dialer.wait_ready(wait)
+                else:
+                    ready = await dialer.wait_ready_for(dest, wait)
+                now = loop.time()
+                # A "no" long before the slice ran out is the dialer's last word (e.g. a
+                # blocked destination): asking again would only spin. (Half: timers may fire
+                # a clock tick early.)
+                if ready or failing or now >= deadline or now - started < wait / 2:
+                    break
         except VeilError as exc:
             self._log.debug("%s: dialer not ready: %s", self.log_name, exc.code)
             return False
+        if not ready:
+            # Why, without the destination (never logged): the tunnel's own reason.
+            self._log.info("%s: a request failed: %s", self.log_name, self.why_not_ready())
+        return ready
+
+    def why_not_ready(self) -> str:
+        """Why the last wait failed, as the client can be told."""
+        return (self._inbound.dialer.why_not_ready()
+                or f"no connection to the server within {self._inbound.ready_timeout:g} s")
 
     def _hand_over(self, transport: asyncio.Transport, dest: Address, early: bytes) -> None:
         """Give ``transport`` to the dialer: from here on it belongs to the dialer."""

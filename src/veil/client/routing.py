@@ -118,6 +118,9 @@ class RoutingDialer(Dialer):
             return True
         return await self._tunnel.wait_ready(timeout)
 
+    def why_not_ready(self) -> str | None:
+        return self._tunnel.why_not_ready()
+
     def refusal(self, dest: Address, network: str = "tcp") -> str | None:
         if network == "tcp" and self.rules.address_may_decide(dest, network):
             return None  # the server's answer decides (wait_ready_for), a block included

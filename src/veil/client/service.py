@@ -17,7 +17,7 @@ from veil.client.rules import RuleSet
 from veil.client.socks5 import Socks5Inbound
 from veil.client.subscription import Follower, FollowingTunnel
 from veil.client.sysproxy import SystemProxy
-from veil.config import ClientOptions
+from veil.config import ClientOptions, is_local
 from veil.errors import ConfigError, VeilError
 from veil.net.client_session import ClientTunnel
 from veil.net.dialer import Dialer
@@ -141,7 +141,14 @@ async def _run_inbounds(options: ClientOptions, stop: asyncio.Event,
         # port, and this line is how a caller (or a test) learns it.
         for proxy in inbounds:
             what = "SOCKS5" if isinstance(proxy, Socks5Inbound) else "HTTP"
-            log.warning("%s proxy on %s", what, proxy.address)
+            log.info("%s proxy on %s", what, proxy.address)
+            open_to = (options.socks_credentials if isinstance(proxy, Socks5Inbound)
+                       else options.http_credentials)
+            if open_to is None and not is_local(proxy.address):
+                # Allowed by --allow-lan, and still worth saying at every start.
+                log.warning("the %s proxy on %s takes anyone who can reach it, with no "
+                            "password: an open proxy into the tunnel (add --%s-auth)", what,
+                            proxy.address, "socks" if what == "SOCKS5" else "http")
         if options.system_proxy:
             system_proxy = _set_system_proxy(inbounds)
         # A stop (SIGTERM) while the first connection is still being tried ends at once.

@@ -449,7 +449,11 @@ class _Socks5Protocol(HandshakeConnection[Socks5Inbound]):
         if transport.is_closing():
             return
         if not ready:
-            self._refuse(transport, Reply.GENERAL_FAILURE)
+            # A tunnel known to be down (the reason is in the log): "network unreachable",
+            # which apps report as such; no answer in time: "general failure".
+            known = self._inbound.dialer.why_not_ready() is not None
+            self._refuse(transport, Reply.NETWORK_UNREACHABLE if known
+                         else Reply.GENERAL_FAILURE)
             return
         self._conn.send_reply(Reply.SUCCEEDED)
         transport.write(self._conn.data_to_send())

@@ -79,6 +79,10 @@ def _passive(args: argparse.Namespace) -> int:
 
 def _probe(args: argparse.Namespace) -> int:
     replay = _read_replay(args.replay) if args.replay else None
+    # The target only: a reference nothing answers on is a difference to report, as before.
+    if (why := probe.unreachable(args.target)) is not None:
+        print(f"veil: error: {why}", file=sys.stderr)
+        return 2
     result = probe.probe_server(args.target, args.reference, wait=args.wait, seed=args.seed,
                                 replay=replay, sni=args.sni, tls=not args.no_tls)
     if args.json:

@@ -360,6 +360,21 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def unreachable(target: str) -> str | None:
+    """Why ``target`` (HOST:PORT) takes no TCP connection at all, or None when it does: a
+    closed port is no website to compare, and a verdict on it would only mislead."""
+    host, port = split_host_port(target)
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
+    except ConnectionRefusedError:
+        return f"cannot connect to {target}: connection refused (nothing listens there)"
+    except TimeoutError:
+        return f"cannot connect to {target}: no answer within {CONNECT_TIMEOUT:g} s"
+    except OSError as exc:
+        return f"cannot connect to {target}: {exc.strerror or exc}"
+    return None
+
+
 def probe_server(target: str, reference: str | None = None, *, wait: float = DEFAULT_WAIT,
                  seed: int = 0, replay: bytes | None = None, sni: str | None = None,
                  tls: bool = True, workers: int = WORKERS) -> ProbeReport:

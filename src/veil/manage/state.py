@@ -382,7 +382,12 @@ def init_state(directory: Path, *, listen: Address, public: str | None = None,
     ``via`` replaces the ways in keys name after the public address (``veil serve`` says
     them on every start, so a start without ``--via`` announces none); None keeps them.
     ``borrow`` likewise replaces the borrowed site (None: none); False keeps it."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _check_directory(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(f"cannot make the state directory {directory}: "
+                          f"{exc.strerror or exc}") from exc
     config_path = directory / CONFIG_NAME
     created = not config_path.exists()
     if created:
@@ -438,8 +443,15 @@ def _write_config(path: Path, config: Mapping[str, object]) -> None:
     tmp.replace(path)
 
 
+def _check_directory(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"the state directory {directory} is a file, not a directory "
+                          "(say another --state DIR)")
+
+
 def load_state(directory: Path, db: str | None = None) -> ServerState:
     """Load an initialised state directory; ``db`` overrides the configured store."""
+    _check_directory(directory)
     config_path = directory / CONFIG_NAME
     if not config_path.exists():
         raise ConfigError(f"{directory} is not an initialised veil state directory "

@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from veil.errors import StoreError
+from veil.errors import ConfigError, StoreError
+from veil.manage import presence
 from veil.manage.state import ServerState
 from veil.protocol.auth import Credential, new_secret
 from veil.store.base import LimitPeriod, Usage, User, UserStore, period_start
@@ -49,11 +50,25 @@ class UserReport:
 
 
 class UserManager:
+    """Every edit of the users goes through here, and each one, once committed, moves the
+    store's change token (veil.manage.presence) so that :meth:`confirm` can wait for the
+    running servers to load it."""
+
     def __init__(self, state: ServerState, store: UserStore,
                  clock: Callable[[], float] = time.time) -> None:
         self.state = state
         self.store = store
         self._clock = clock
+        #: The change token of this manager's last edit (0: none yet).
+        self.last_change = 0
+
+    def _changed(self) -> None:
+        self.last_change = presence.note_change(self.store)
+
+    def confirm(self, timeout: float = presence.CONFIRM_TIMEOUT_S) -> presence.Confirmation:
+        """Wait until every running server on this store has loaded the last edit."""
+        return presence.wait_confirmed(self.store, self.last_change, timeout=timeout,
+                                       clock=self._clock)
 
     def get(self, name: str) -> User:
         user = self.store.get_user(name)
@@ -63,25 +78,52 @@ class UserManager:
 
     def add(self, name: str, *, limit_bytes: int | None = None,
             limit_period: LimitPeriod = "month", expires_at: float | None = None) -> User:
+        """Create a user. A key that could not work from the start is refused: a limit of
+        nothing, or an expiry already past (ConfigError)."""
+        if limit_bytes is not None and limit_bytes <= 0:
+            raise ConfigError("a limit of 0 lets nothing through: give a size, or none")
+        if expires_at is not None and expires_at <= self._clock():
+            raise ConfigError("that expiry is already past: the key would never work")
         secret = new_secret()
-        return self.store.add_user(name, secret, Credential.from_secret(secret).key_id,
+        user = self.store.add_user(name, secret, Credential.from_secret(secret).key_id,
                                    self._clock(), limit_bytes=limit_bytes,
                                    limit_period=limit_period, expires_at=expires_at)
+        self._changed()
+        return user
 
     def revoke(self, name: str) -> User:
-        return self.store.revoke(name, self._clock())
+        user = self.store.revoke(name, self._clock())
+        self._changed()
+        return user
+
+    def restore(self, name: str) -> User:
+        """Undo a revocation: the user's key (the one it had) works again."""
+        user = self.store.restore(name)
+        self._changed()
+        return user
+
+    def delete(self, name: str) -> None:
+        """Remove a revoked user and its usage; the name may be used again."""
+        self.store.delete(name)
+        self._changed()
 
     def rotate(self, name: str) -> User:
         secret = new_secret()
-        return self.store.rotate(name, secret, Credential.from_secret(secret).key_id,
+        user = self.store.rotate(name, secret, Credential.from_secret(secret).key_id,
                                  self._clock())
+        self._changed()
+        return user
 
     def set_limit(self, name: str, limit_bytes: int | None,
                   limit_period: LimitPeriod = "month") -> User:
-        return self.store.set_limit(name, limit_bytes, limit_period)
+        user = self.store.set_limit(name, limit_bytes, limit_period)
+        self._changed()
+        return user
 
     def set_expiry(self, name: str, expires_at: float | None) -> User:
-        return self.store.set_expiry(name, expires_at)
+        user = self.store.set_expiry(name, expires_at)
+        self._changed()
+        return user
 
     def access_key(self, user: User) -> str:
         return self.state.access_key(user).to_uri()

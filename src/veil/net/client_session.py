@@ -265,6 +265,8 @@ class ClientTunnel(Dialer):
         self._tasks: list[asyncio.Task[None]] = []
         self._ssl = client_ssl_context()
         self.last_error: str | None = None
+        # last_error while the last attempt failed; None once a session is accepted.
+        self._failing: str | None = None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -532,7 +534,7 @@ class ClientTunnel(Dialer):
             try:
                 driver = await asyncio.wait_for(self.connect_once(way), budget)
             except AuthError as exc:
-                self.last_error = str(exc)
+                self.last_error = self._failing = str(exc)
                 log.error("%s", exc)
                 if exc.code == KEY_REFUSED:  # the server itself said no: not a blocked way
                     await asyncio.sleep(rejected_backoff)
@@ -544,6 +546,7 @@ class ClientTunnel(Dialer):
                 continue
             except (OSError, TimeoutError, ConnectionError) as exc:
                 self.last_error = f"cannot reach {server}: {exc or type(exc).__name__}"
+                self._failing = self.last_error
                 if self._failed(way, classify_failure(exc)):
                     backoff = BACKOFF_INITIAL_S
                     continue
@@ -556,6 +559,9 @@ class ClientTunnel(Dialer):
             self._note_sessions_changed()
             accepted = await driver.accepted
             if accepted:
+                self._failing = None
+                # After a failure _pick took no unaccepted session: wake who waits for one.
+                self._note_sessions_changed()
                 log.info("connected to %s (session %d)", server, slot)
                 rejected_backoff = BACKOFF_REJECTED_INITIAL_S
                 backoff = BACKOFF_INITIAL_S
@@ -578,6 +584,7 @@ class ClientTunnel(Dialer):
             self._forget(driver)
             if not accepted and driver.path_failure is not None:
                 self.last_error = f"cannot reach {server}: {driver.path_failure.value}"
+                self._failing = self.last_error
                 if self._failed(way, driver.path_failure):
                     continue
                 log.warning("%s; retrying in %.1f s", self.last_error, backoff)
@@ -588,6 +595,7 @@ class ClientTunnel(Dialer):
                 self.last_error = (f"the server at {server} refused the key (revoked, "
                                    "expired or over its limit, a wrong key, or this clock is off "
                                    f"by minutes); trying again in {rejected_backoff:.0f} s")
+                self._failing = self.last_error
                 log.error("%s", self.last_error)
                 await asyncio.sleep(rejected_backoff)
                 rejected_backoff = min(rejected_backoff * 2, BACKOFF_REJECTED_MAX_S)
@@ -641,6 +649,9 @@ class ClientTunnel(Dialer):
         return (self._waiting > 0
                 and not driver.session.reusable(asyncio.get_running_loop().time()))
 
+    def why_not_ready(self) -> str | None:
+        return self._failing if self._pick() is None else None
+
     def _pick(self) -> SessionDriver | None:
         now = asyncio.get_running_loop().time()
         live = []
@@ -661,6 +672,12 @@ class ClientTunnel(Dialer):
                 # streams open, quiet ones, it is left to them and to the server).
                 if not driver.handlers:
                     driver.close(CloseCode.NORMAL, IDLE_CLOSE_REASON)
+                continue
+            if (self._failing is not None and isinstance(driver, _ClientDriver)
+                    and not (driver.accepted.done() and not driver.accepted.cancelled()
+                             and driver.accepted.result())):
+                # After a refusal or a failure, a session is used once accepted: a stream
+                # handed to one the server refuses again would be told "connected", then cut.
                 continue
             live.append(driver)
         if not live:

@@ -92,6 +92,11 @@ class Dialer(abc.ABC):
         resolve for us (the default: a Trojan server, an older veil server)."""
         return None
 
+    def why_not_ready(self) -> str | None:
+        """Why new streams cannot be opened now (the server is down, refused the key...), for
+        the inbounds to tell their clients; None when nothing is known to be wrong."""
+        return None
+
     def refusal(self, dest: Address, network: str = "tcp") -> str | None:
         """Why a new ``network`` (``tcp``/``udp``) stream to ``dest`` is refused by policy (a
         routing rule says block), or None. Inbounds ask before they answer their client, so

@@ -646,6 +646,11 @@ class TcpRelay(asyncio.BufferedProtocol):
             self._finish_closed()
 
     def on_reset(self, code: ResetCode) -> None:
+        if code is not ResetCode.CANCELLED:
+            # Why an application's connection was cut (a destination refused, unresolvable,
+            # unreachable...): the one place a user can learn it. Never the destination.
+            log.debug("stream %d reset by the peer: %s", self.stream_id,
+                      code.name.lower().replace("_", " "))
         self._abort(notify=False)
 
     def on_writable(self) -> None:

@@ -11,18 +11,24 @@ Server authentication, from the link:
 * ``pin``: the SHA-256 of the server certificate's public key must match (as with veil keys);
   checked *before* anything is written, so the password never reaches anyone else;
 * ``allowInsecure=1`` without a pin: no check at all (the password goes to whoever answers);
-* neither: the web PKI, with the system's CAs and the host name (``sni`` or the host).
+* neither: the web PKI, with the system's CAs (``SSL_CERT_FILE``'s, when set) and the host
+  name (``sni`` or the host).
+
+Every connection is veil's browser-shaped TLS 1.3 client (:mod:`veil.transport.browser_tls`,
+Chrome's ClientHello), as for veil sessions: a ClientHello from Python's OpenSSL matches no
+browser and is what a censor's fingerprint rule looks for. A Trojan server that only speaks
+TLS 1.2 cannot be reached (every TLS library a Trojan server is built on offers 1.3).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
-import ssl
 from collections.abc import Callable
 
-from veil.errors import AuthError, RemoteProtocolError
+from veil.errors import AuthError, RemoteProtocolError, TransportError
 from veil.net.dialer import DatagramHandler, Dialer, EndingUdpFlow, UdpFlow
 from veil.net.direct import DirectDialer
 from veil.protocol.accesskey import default_sni, pin_of_der
@@ -35,7 +41,8 @@ from veil.protocol.trojan import (
     encode_udp_packet,
     password_hash,
 )
-from veil.transport.tls import open_tls_connection
+from veil.transport.browser_tls import open_browser_tls_connection
+from veil.transport.cdn.client import verify_certificate
 
 log = logging.getLogger("veil.client")
 
@@ -66,34 +73,41 @@ class PinMismatchError(AuthError, ConnectionError):
     code = "pin_mismatch"
 
 
-def trojan_ssl_context(link: TrojanLink) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["h2", "http/1.1"])
-    if link.pin is not None or link.insecure:
-        # A pin is checked after the handshake instead of the web PKI; insecure checks nothing.
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    else:
-        context.load_default_certs()
-    return context
+class UntrustedServerError(AuthError, ConnectionError):
+    """The server's certificate does not verify for its name by the web PKI (a link with
+    neither a pin nor allowInsecure); nothing was sent to it. A ``ConnectionError`` for the
+    same reason as :class:`PinMismatchError`."""
+
+    code = "untrusted_certificate"
 
 
-class _PinCheck(asyncio.Protocol):
-    """Stands in front of the real protocol until the server's key is checked."""
+class _ServerCheck(asyncio.Protocol):
+    """Stands in front of the real protocol until the server is authenticated: by its pinned
+    key, else by the web PKI for ``host``, unless ``insecure`` (no pin) says not at all."""
 
-    def __init__(self, inner: asyncio.Protocol, pin: bytes | None) -> None:
+    def __init__(self, inner: asyncio.Protocol, link: TrojanLink, host: str) -> None:
         self.inner = inner
-        self.pin = pin
+        self.link = link
+        self.host = host
         self.mismatch = False
+        self.untrusted: str | None = None  # why the web PKI refused the certificate
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         tls = transport
         assert isinstance(tls, asyncio.Transport)
-        if self.pin is not None:
+        if self.link.pin is not None:
             der = tls.get_extra_info("peer_certificate_der")
-            if not der or pin_of_der(der) != self.pin:
+            if not der or pin_of_der(der) != self.link.pin:
                 self.mismatch = True
+                tls.abort()
+                return
+        elif not self.link.insecure:
+            client = tls.get_extra_info("tls_client")
+            try:
+                verify_certificate(client.peer_certificate_chain_der, self.host,
+                                   os.environ.get("SSL_CERT_FILE"), party="the server")
+            except TransportError as exc:
+                self.untrusted = str(exc)
                 tls.abort()
                 return
         tls.set_protocol(self.inner)
@@ -110,7 +124,6 @@ class TrojanDialer(Dialer):
         self.link = link
         self.last_error: str | None = None
         self.digest = password_hash(link.password)
-        self._ssl = trojan_ssl_context(link)
         self._sni = link.sni or default_sni(link.server.host)
         self._relay = DirectDialer(connect_timeout=CONNECT_TIMEOUT_S, connector=self._connect,
                                    linger=HALF_CLOSE_LINGER_S)
@@ -131,7 +144,7 @@ class TrojanDialer(Dialer):
         while True:
             try:
                 transport = await self.open_server(asyncio.Protocol())
-            except PinMismatchError:
+            except (PinMismatchError, UntrustedServerError):
                 await asyncio.sleep(CHECK_PIN_RETRY_S)  # open_server said why
                 continue
             except (OSError, TimeoutError) as exc:
@@ -166,16 +179,21 @@ class TrojanDialer(Dialer):
     # ------------------------------------------------------------------ connections
     async def open_server(self, protocol: asyncio.Protocol) -> asyncio.Transport:
         """A TLS connection to the server with ``protocol`` on it, server key checked."""
-        gate = _PinCheck(protocol, self.link.pin)
         server = self.link.server
-        transport = await open_tls_connection(
-            server.host, server.port, self._ssl, lambda: gate, server_hostname=self._sni,
+        gate = _ServerCheck(protocol, self.link, self.link.sni or server.host)
+        transport = await open_browser_tls_connection(
+            server.host, server.port, lambda: gate, server_hostname=self._sni,
             handshake_timeout=HANDSHAKE_TIMEOUT_S)
         if gate.mismatch:
             self.last_error = (f"the server at {server} did not present the pinned key (TLS "
                                "interception or wrong server); nothing was sent to it")
             log.error("%s", self.last_error)
             raise PinMismatchError(self.last_error)
+        if gate.untrusted is not None:
+            self.last_error = (f"the server at {server} is not trusted: {gate.untrusted}; "
+                               "nothing was sent to it")
+            log.error("%s", self.last_error)
+            raise UntrustedServerError(self.last_error)
         return transport
 
     async def _connect(self, dest: Address, protocol: asyncio.Protocol) -> None:

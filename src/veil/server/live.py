@@ -17,13 +17,18 @@ Every :data:`HEARTBEAT_INTERVAL_S` the same task also writes this server's heart
 ``heartbeat`` says about it) to the store, for the fleet's view in any server's panel.
 
 So a change made with ``veil user ...`` or the admin panel, on any server of a fleet, reaches
-every server within one interval plus one store round trip. If the store cannot be reached the
-last snapshot stays in force (fail static) and unwritten usage is kept for the next tick.
+every server within one interval plus one store round trip. Each tick reads the store's change
+token before the users and, when it changed (or every few seconds), writes this server's
+presence with the token it has loaded (:mod:`veil.manage.presence`): ``veil user add`` waits
+for that before it prints a key, so a key is never refused for being newer than a snapshot.
+If the store cannot be reached the last snapshot stays in force (fail static) and unwritten
+usage is kept for the next tick.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -37,8 +42,9 @@ from typing import Protocol, cast, runtime_checkable
 
 from veil.config import DEFAULT_MAX_SESSIONS, DEFAULT_MAX_SESSIONS_PER_USER
 from veil.errors import StoreError
+from veil.manage import presence
 from veil.store.base import SessionEnd, Usage, User, UserStore, period_start
-from veil.transport.ratelimit import TokenBucket
+from veil.transport.ratelimit import Limiter, Limits, TokenBucket
 
 log = logging.getLogger("veil.server")
 
@@ -158,7 +164,32 @@ class OutboundSlots:
 class RateLimited(Protocol):
     """A transport that can be held to token buckets (the server's TLS transport)."""
 
-    def set_rate_limits(self, read: TokenBucket | None, write: TokenBucket | None) -> None: ...
+    def set_rate_limits(self, read: Limiter | None, write: Limiter | None) -> None: ...
+
+
+#: An allowance with no limit behind it (the limit was removed while connections were open).
+UNLIMITED = 1 << 62
+
+
+class Allowance:
+    """The bytes one user may still move through this server (both directions, all their
+    connections) before the next tick looks at the store again: a :class:`Limiter` that
+    pauses the user's connections once it is spent, so a traffic limit is overshot by what
+    is in flight then (a read and a write per connection), not by an interval's worth of the
+    line's speed. The tick then cuts the user (over the limit) or tops the allowance up (the
+    limit was raised, or another server's bytes were fewer than feared)."""
+
+    __slots__ = ("pause", "remaining", "taken")
+
+    def __init__(self, remaining: int, pause: float) -> None:
+        self.remaining = remaining
+        self.pause = pause  # until the next tick: it decides
+        self.taken = 0  # every byte moved, for the tick's reckoning
+
+    def take(self, amount: int) -> float:
+        self.taken += amount
+        self.remaining -= amount
+        return 0.0 if self.remaining > 0 else self.pause
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +309,7 @@ class Live:
         #: Bytes per second each user may move in each direction, over all their sessions.
         self.user_rate = user_rate
         self._buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
+        self._allowances: dict[str, Allowance] = {}  # users with a traffic limit
         self._per_user: dict[str, int] = {}
         self._churn = 0  # connections and streams opened since the last trim
         self._churn_seen = 0  # _churn at the previous tick
@@ -297,6 +329,10 @@ class Live:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.refresh_failures = 0
+        #: This process in the store's presence settings (veil.manage.presence).
+        self._presence_id = presence.new_server_id()
+        self._seen_token = -1  # the change token the directory was last loaded with
+        self._presence_at = -presence.HEARTBEAT_S  # when this server last said it runs
 
     # ------------------------------------------------------------------ lifetime
     async def start(self) -> None:
@@ -323,6 +359,11 @@ class Live:
                     await self._flush_usage(self._clock())
                 except StoreError as exc:
                     log.warning("could not write the last usage: %s", exc)
+                # Stopped: no edit should wait for this server (a crash leaves the entry,
+                # which goes stale in presence.LIVE_WINDOW_S).
+                with contextlib.suppress(StoreError):
+                    await asyncio.to_thread(presence.forget_presence, self._store,
+                                            self._presence_id)
                 await asyncio.to_thread(self._store.close)
             self._store = None
 
@@ -356,13 +397,39 @@ class Live:
         self.connections[conn.id] = conn
         self._churn += 1
         self._per_user[user.name] = self._per_user.get(user.name, 0) + 1
-        if self.user_rate is not None and isinstance(transport, RateLimited):
+        if not isinstance(transport, RateLimited):
+            return conn
+        read: list[Limiter] = []
+        write: list[Limiter] = []
+        if self.user_rate is not None:
             buckets = self._buckets.get(user.name)
             if buckets is None:
                 buckets = self._buckets[user.name] = (TokenBucket(self.user_rate),
                                                       TokenBucket(self.user_rate))
-            transport.set_rate_limits(*buckets)
+            read.append(buckets[0])
+            write.append(buckets[1])
+        if user.limit_bytes is not None:
+            allowance = self._allowances.get(user.name)
+            if allowance is None:
+                allowance = self._allowances[user.name] = Allowance(
+                    self._remaining(user.name), self.interval)
+            read.append(allowance)
+            write.append(allowance)
+        if read:
+            transport.set_rate_limits(read[0] if len(read) == 1 else Limits(*read),
+                                      write[0] if len(write) == 1 else Limits(*write))
         return conn
+
+    def _remaining(self, name: str) -> int:
+        """What ``name`` may still move by the directory and this server's unwritten bytes."""
+        user = self.directory.by_name.get(name)
+        if user is None:
+            return 0
+        if user.limit_bytes is None:
+            return UNLIMITED
+        pending = self._pending.get(name)
+        used = self.directory.period_usage.get(name, 0) + (pending.total if pending else 0)
+        return user.limit_bytes - used
 
     def unregister(self, conn: LiveConnection) -> None:
         if self.connections.pop(conn.id, None) is not None:
@@ -377,6 +444,7 @@ class Live:
         else:
             self._per_user.pop(name, None)
             self._buckets.pop(name, None)
+            self._allowances.pop(name, None)
 
     def _count(self, conn: LiveConnection) -> None:
         delta = conn.take_delta()
@@ -395,6 +463,9 @@ class Live:
                     self.unregister(conn)
                 else:
                     self._count(conn)
+            # What each allowance had taken when the bytes were counted: what it takes from
+            # here on is not in the usage read below.
+            marks = {name: a.taken for name, a in self._allowances.items()}
             now = self._clock()
             try:
                 await self._flush_usage(now)
@@ -402,7 +473,7 @@ class Live:
                 if self.heartbeat is not None and (
                         self._beat_at is None or now - self._beat_at >= self.heartbeat_interval):
                     beat = self.heartbeat()
-                users, usage, ends = await asyncio.to_thread(self._read, now, beat)
+                token, users, usage, ends = await asyncio.to_thread(self._read, now, beat)
                 if beat is not None:
                     self._beat_at = now
             except StoreError as exc:
@@ -410,6 +481,9 @@ class Live:
                 log.warning("user store unavailable, keeping the last snapshot: %s", exc)
                 return
             previous, self.directory = self.directory, self._snapshot(users, usage, now)
+            for name, allowance in self._allowances.items():
+                since = allowance.taken - marks.get(name, allowance.taken)
+                allowance.remaining = self._remaining(name) - since
             self.session_ends = {}
             for end in ends:
                 self.session_ends.setdefault(end.name, []).append(end)
@@ -420,7 +494,22 @@ class Live:
                 # data in a log.
                 log.debug("user directory: %d users, %d refused",
                           len(self.directory.by_name), len(self.directory.refused))
+            await self._say_present(token, now)
             self._release_memory()
+
+    async def _say_present(self, token: int, now: float) -> None:
+        """Tell edits waiting in the store that this directory has the change ``token``
+        names (and that this server runs); only when it is news, or a heartbeat is due."""
+        if token == self._seen_token and now - self._presence_at < presence.HEARTBEAT_S:
+            return
+        assert self._store is not None
+        try:
+            await asyncio.to_thread(presence.write_presence, self._store, self._presence_id,
+                                    token, now)
+        except StoreError as exc:
+            log.warning("could not write this server's presence: %s", exc)
+            return
+        self._seen_token, self._presence_at = token, now
 
     async def _flush_usage(self, now: float) -> None:
         if not self._pending or self._store is None:
@@ -437,15 +526,17 @@ class Live:
                 self._pending[name] = left
 
     def _read(self, now: float, beat: Callable[[], str] | None = None
-              ) -> tuple[list[User], dict[str, dict[str, Usage]], list[SessionEnd]]:
+              ) -> tuple[int, list[User], dict[str, dict[str, Usage]], list[SessionEnd]]:
         assert self._store is not None
         if beat is not None:
             self._store.beat(self.server_id, now, beat())
+        # The token first: every change made before it was written is in what follows.
+        token = presence.read_token(self._store)
         users = self._store.list_users()
         usage = {"month": self._store.usage_by_user(period_start("month", now))}
         if any(u.limit_bytes is not None and u.limit_period == "total" for u in users):
             usage["total"] = self._store.usage_by_user(None)
-        return users, usage, self._store.session_ends()
+        return token, users, usage, self._store.session_ends()
 
     def _snapshot(self, users: Iterable[User], usage: dict[str, dict[str, Usage]],
                   now: float) -> UserDirectory:

@@ -55,7 +55,7 @@ from veil.server.live import UDP_ASSOCIATION_SLOTS, OutboundSlot, OutboundSlots
 from veil.server.outbound import CONNECT_TIMEOUT_S, BoundLog, IdleTimeout, policy_resolver
 from veil.server.policy import DestinationPolicy
 from veil.store.base import User
-from veil.transport.ratelimit import TokenBucket
+from veil.transport.ratelimit import Limiter
 
 log = logging.getLogger("veil.server")
 
@@ -328,8 +328,8 @@ class CarrierTrojan(asyncio.Transport):
         self._app: asyncio.Protocol | None = None
         self.bytes_received = 0
         self.bytes_sent = 0
-        self._read_limit: TokenBucket | None = None
-        self._write_limit: TokenBucket | None = None
+        self._read_limit: Limiter | None = None
+        self._write_limit: Limiter | None = None
         self._reading_held = False  # by the relay (its peer is congested)
         self._read_throttled = False  # by the user's rate limit
         self._congested = False  # the carrier's own write buffer is full
@@ -353,7 +353,7 @@ class CarrierTrojan(asyncio.Transport):
         self._tell_app(was_paused)
 
     # ------------------------------------------------------------------ rate limits
-    def set_rate_limits(self, read: TokenBucket | None, write: TokenBucket | None) -> None:
+    def set_rate_limits(self, read: Limiter | None, write: Limiter | None) -> None:
         """Hold this connection to these buckets (the user's, shared with their others)."""
         self._read_limit, self._write_limit = read, write
 

@@ -262,6 +262,29 @@ class SqlUserStore(UserStore):
 
         return self._run(f"revoke {name!r}", work)
 
+    def restore(self, name: str) -> User:
+        def work(cur: Cursor) -> User:
+            cur.execute("UPDATE users SET revoked_at = NULL WHERE name = ? "
+                        "AND revoked_at IS NOT NULL", (name,))
+            updated = cur.rowcount == 1
+            user = self._existing(cur, name)
+            if not updated:
+                raise StoreError(f"user {name!r} is not revoked", code="not_revoked")
+            return user
+
+        return self._run(f"restore {name!r}", work)
+
+    def delete(self, name: str) -> None:
+        def work(cur: Cursor) -> None:
+            if self._existing(cur, name).revoked_at is None:
+                raise StoreError(f"user {name!r} is not revoked: revoke it first (its "
+                                 "sessions end), then delete it", code="not_revoked")
+            cur.execute("DELETE FROM usage WHERE name = ?", (name,))
+            cur.execute("DELETE FROM users WHERE name = ? AND revoked_at IS NOT NULL",
+                        (name,))
+
+        self._run(f"delete {name!r}", work)
+
     def rotate(self, name: str, secret: bytes, key_id: bytes, now: float) -> User:
         # ``now`` is part of the interface for back ends that keep a history; this schema
         # keeps only the current credential (created_at stays the user's creation time).
@@ -270,8 +293,13 @@ class SqlUserStore(UserStore):
 
         def work(cur: Cursor) -> User:
             cur.execute("UPDATE users SET secret = ?, key_id = ?, trojan_hash = ? "
-                        "WHERE name = ?", row)
-            return self._existing(cur, name)
+                        "WHERE name = ? AND revoked_at IS NULL", row)
+            updated = cur.rowcount == 1
+            user = self._existing(cur, name)
+            if not updated:
+                raise StoreError(f"user {name!r} is revoked: a new key would not work "
+                                 "(restore it first)", code="already_revoked")
+            return user
 
         return self._run(f"rotate {name!r}'s key", work)
 
@@ -422,3 +450,12 @@ class SqlUserStore(UserStore):
                             (key, value))
 
         self._run(f"write setting {key!r}", work)
+
+    def settings_with_prefix(self, prefix: str) -> dict[str, str]:
+        def work(cur: Cursor) -> dict[str, str]:
+            # Filtered here, not by LIKE ("_" and "%" would be wildcards there) nor by a
+            # range (collations differ): the table holds a few rows per server.
+            cur.execute("SELECT key, value FROM settings")
+            return {str(k): str(v) for k, v in cur.fetchall() if str(k).startswith(prefix)}
+
+        return self._run(f"read settings {prefix}*", work, write=False)

@@ -203,9 +203,19 @@ class UserStore(abc.ABC):
         """Revoke a user; StoreError code "not_found" or "already_revoked"."""
 
     @abc.abstractmethod
+    def restore(self, name: str) -> User:
+        """Undo a revocation; StoreError code "not_found" or "not_revoked"."""
+
+    @abc.abstractmethod
+    def delete(self, name: str) -> None:
+        """Remove a revoked user and its usage, so the name can be used again; StoreError
+        code "not_found" or "not_revoked" (an active user is revoked first: its sessions
+        end before its usage is gone)."""
+
+    @abc.abstractmethod
     def rotate(self, name: str, secret: bytes, key_id: bytes, now: float) -> User:
-        """Give a user a new credential; the old one stops working. A revoked user stays
-        revoked. StoreError(code="not_found")."""
+        """Give a user a new credential; the old one stops working. StoreError code
+        "not_found", or "already_revoked" (its new key could not work: restore it first)."""
 
     @abc.abstractmethod
     def set_limit(self, name: str, limit_bytes: int | None,
@@ -269,6 +279,10 @@ class UserStore(abc.ABC):
     @abc.abstractmethod
     def set_setting(self, key: str, value: str | None) -> None:
         """Set a server-wide setting; None deletes it."""
+
+    @abc.abstractmethod
+    def settings_with_prefix(self, prefix: str) -> dict[str, str]:
+        """Every setting whose key starts with ``prefix``, by key."""
 
     @abc.abstractmethod
     def claim_setting(self, key: str, value: str) -> bool:

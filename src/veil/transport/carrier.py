@@ -115,7 +115,9 @@ class CarrierProtocol(asyncio.BufferedProtocol, metaclass=abc.ABCMeta):
     def _write_raw(self, data: bytes | bytearray | memoryview) -> None:
         """Write ciphertext to the socket; stop reading it while too much is unsent."""
         raw = self.raw
-        if raw is None or self._writing_ended:
+        if raw is None or self._writing_ended or raw.is_closing():
+            # A closed TCP transport takes nothing more (uvloop raises): what a close after
+            # the connection was lost would write (a close_notify) has nowhere to go.
             return
         raw.write(data)
         if (not self._read_holds & ReadHold.BACKLOG

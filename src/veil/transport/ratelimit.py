@@ -8,6 +8,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
+
+
+class Limiter(Protocol):
+    """What a carrier consults for every batch it moves (a :class:`TokenBucket`, or a user's
+    traffic allowance on the server): ``take(n)`` accounts for ``n`` bytes just moved and
+    says how many seconds to stop moving more (0: go on). Never blocks."""
+
+    def take(self, amount: int) -> float: ...
+
+
+class Limits:
+    """Several limiters as one: the longest pause any of them asks for."""
+
+    def __init__(self, *limiters: Limiter) -> None:
+        self.limiters = limiters
+
+    def take(self, amount: int) -> float:
+        return max(limiter.take(amount) for limiter in self.limiters)
 
 
 class TokenBucket:

@@ -34,7 +34,7 @@ from veil.transport.carrier import (
     ReadHold,
     finish_handshake,
 )
-from veil.transport.ratelimit import TokenBucket
+from veil.transport.ratelimit import Limiter
 from veil.transport.tcp import CLIENT_KEEPALIVE, set_keepalive
 
 # One SSL read returns at most one record's plaintext (16 KiB). Records are decrypted into one
@@ -105,8 +105,8 @@ class _TlsCarrier(CarrierProtocol):
         # Reading pauses while anything holds it (ReadHold: the app, the limiter, unsent
         # output); the app's sources pause while either the socket is congested or the
         # limiter says so.
-        self.read_limit: TokenBucket | None = None
-        self.write_limit: TokenBucket | None = None
+        self.read_limit: Limiter | None = None
+        self.write_limit: Limiter | None = None
         self._congested = False
         self._write_throttled = False
     # ------------------------------------------------------------------ TCP side
@@ -314,7 +314,7 @@ class TlsTransport(CarrierTransport):
 
     _carrier: _TlsCarrier
 
-    def set_rate_limits(self, read: TokenBucket | None, write: TokenBucket | None) -> None:
+    def set_rate_limits(self, read: Limiter | None, write: Limiter | None) -> None:
         """Hold this connection to these buckets (shared with other connections, or None)."""
         self._carrier.read_limit, self._carrier.write_limit = read, write
 

@@ -99,19 +99,20 @@ class CarrierUrl:
         return (host if self.port == 443 else f"{host}:{self.port}").encode("idna")
 
 
-def verify_certificate(chain: tuple[bytes, ...], host: str, ca_file: str | None) -> None:
-    """The CDN's chain must lead to a trusted root for ``host`` (the system's bundle unless
+def verify_certificate(chain: tuple[bytes, ...], host: str, ca_file: str | None, *,
+                       party: str = "the CDN") -> None:
+    """``party``'s chain must lead to a trusted root for ``host`` (the system's bundle unless
     ``ca_file``); raises TransportError."""
     bundle = ca_file or ssl.get_default_verify_paths().cafile
     if not bundle:
-        raise TransportError("no CA bundle to check the CDN's certificate with: pass ca_file")
+        raise TransportError(f"no CA bundle to check {party}'s certificate with: pass ca_file")
     try:
         roots = x509.load_pem_x509_certificates(Path(bundle).read_bytes())
         certs = [x509.load_der_x509_certificate(der) for der in chain]
     except (OSError, ValueError) as exc:
-        raise TransportError(f"cannot check the CDN's certificate: {exc}") from exc
+        raise TransportError(f"cannot check {party}'s certificate: {exc}") from exc
     if not certs:
-        raise TransportError("the CDN sent no certificate")
+        raise TransportError(f"{party} sent no certificate")
     try:
         name: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
@@ -120,7 +121,7 @@ def verify_certificate(chain: tuple[bytes, ...], host: str, ca_file: str | None)
     try:
         verifier.verify(certs[0], certs[1:])
     except VerificationError as exc:
-        raise TransportError(f"the CDN's certificate for {host} does not verify: {exc}") from exc
+        raise TransportError(f"{party}'s certificate for {host} does not verify: {exc}") from exc
 
 
 class _Http(asyncio.Protocol):

@@ -1,0 +1,64 @@
+"""A first ``veil serve`` that cannot listen persists nothing (no state that would record a
+wrong address in every key), and a start whose keys name another address says so."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.support import procs
+from tests.support.procs import VEIL
+
+# `veil serve` failing at start: Python's start and one bind.
+START_TIMEOUT_S = 30.0
+# An address no interface here has (TEST-NET-1, RFC 5737): bind() says EADDRNOTAVAIL.
+NOT_OURS = "192.0.2.1"
+
+
+def serve(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VEIL, "serve", "--state", str(state), "--allow-private", *args],
+                          capture_output=True, text=True, timeout=START_TIMEOUT_S,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("cause", ["port in use", "address not ours"])
+def test_a_failed_first_start_persists_nothing(tmp_path: Path, cause: str) -> None:
+    busy = socket.create_server(("127.0.0.1", 0))
+    try:
+        listen = (f"127.0.0.1:{busy.getsockname()[1]}" if cause == "port in use"
+                  else f"{NOT_OURS}:{busy.getsockname()[1]}")
+        fresh, empty = tmp_path / "fresh", tmp_path / "empty"
+        empty.mkdir()
+        for state in (fresh, empty):
+            failed = serve(state, "--listen", listen)
+            assert failed.returncode == 1, failed
+            assert failed.stderr.startswith(f"veil: error: cannot listen on {listen}")
+            assert "Traceback" not in failed.stderr and failed.stdout == ""  # no key printed
+        assert not fresh.exists()
+        assert list(empty.iterdir()) == []
+    finally:
+        busy.close()
+
+
+def test_keys_naming_another_port_are_said_at_start(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    named = procs.unused_port()
+    add = subprocess.run([*VEIL, "user", "add", "alice", "--state", str(state), "--public",
+                          f"127.0.0.1:{named}"], capture_output=True, text=True,
+                         timeout=START_TIMEOUT_S)
+    assert add.returncode == 0, add.stderr
+    server = procs.start_veil_server(tmp_path, port=procs.unused_port())
+    try:
+        log = server.log_text()
+        assert f"keys name 127.0.0.1:{named}, but this server listens on 127.0.0.1:" \
+               f"{server.port}" in log, log
+    finally:
+        procs.stop(server.proc)
+    same = procs.start_veil_server(tmp_path / "same", port=procs.unused_port())
+    try:
+        assert "but this server listens on" not in same.log_text()
+    finally:
+        procs.stop(same.proc)
