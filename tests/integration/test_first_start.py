@@ -18,9 +18,10 @@ START_TIMEOUT_S = 30.0
 NOT_OURS = "192.0.2.1"
 
 
-def serve(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*VEIL, "serve", "--state", str(state), "--allow-private", *args],
-                          capture_output=True, text=True, timeout=START_TIMEOUT_S,
+def serve(state: Path, *args: str, choice: tuple[str, ...] = ("--self-signed",)
+          ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VEIL, "serve", *choice, "--state", str(state), "--allow-private",
+                           *args], capture_output=True, text=True, timeout=START_TIMEOUT_S,
                           stdin=subprocess.DEVNULL)
 
 
@@ -62,3 +63,31 @@ def test_keys_naming_another_port_are_said_at_start(tmp_path: Path) -> None:
         assert "but this server listens on" not in same.log_text()
     finally:
         procs.stop(same.proc)
+
+
+@pytest.mark.parametrize("public, says", [
+    (None, "keys would name this server by its IP address 127.0.0.1"),
+    ("203.0.113.7:443", "keys would name this server by its IP address 203.0.113.7"),
+    ("vpn.internal:443", "no public CA issues a certificate for vpn.internal")])
+def test_a_first_start_does_not_pick_the_self_signed_certificate_by_itself(
+        tmp_path: Path, public: str | None, says: str) -> None:
+    """#18: self-signed only when asked for. A first start whose strangers would be shown a
+    self-signed certificate names the choices in one line and writes nothing; with
+    --self-signed it starts, and later starts keep that choice without being told again."""
+    state = tmp_path / "state"
+    port = procs.unused_port()
+    listen = ("--listen", f"127.0.0.1:{port}", *(("--public", public) if public else ()))
+    refused = serve(state, *listen, choice=())
+    assert refused.returncode == 2, refused
+    assert refused.stderr.startswith("veil: error: ") and says in refused.stderr
+    assert refused.stderr.count("\n") == 1 and refused.stdout == ""
+    assert not state.exists()
+    chosen = procs.start_veil_server(tmp_path / "chosen", "--self-signed", port=port)
+    procs.stop(chosen.proc)
+    again = subprocess.Popen([*VEIL, "serve", "--state", str(tmp_path / "chosen" / "state"),
+                              "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        procs.wait_port(port)  # listening: the earlier choice stands
+    finally:
+        procs.stop(again)

@@ -113,7 +113,7 @@ def test_a_server_with_another_store_key_refuses_to_start(tmp_path: Path,
     first = procs.start_veil_server(tmp_path / "a", "--db", url)
     procs.stop(first.proc)
     second = subprocess.run(
-        [*VEIL, "serve", "--state", str(tmp_path / "b"), "--listen",
+        [*VEIL, "serve", "--self-signed", "--state", str(tmp_path / "b"), "--listen",
          "127.0.0.1:0", "--db", url],
         capture_output=True, text=True, timeout=30)
     assert second.returncode == 1

@@ -255,7 +255,7 @@ def test_a_failed_start_with_trojan_records_nothing(tmp_path: Path,
     taken: the start fails, and the exports still say Trojan is off."""
     default = procs.start_veil_server(tmp_path / "default")
     procs.stop(default.proc)
-    failed = subprocess.run([*procs.VEIL, "serve", "--state", str(default.state), "--listen",
+    failed = subprocess.run([*procs.VEIL, "serve", "--self-signed", "--state", str(default.state), "--listen",
                              f"127.0.0.1:{veil_server.port}", "--trojan"],
                             capture_output=True, text=True, timeout=30)
     assert failed.returncode == 1 and "cannot listen on" in failed.stderr

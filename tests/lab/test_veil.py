@@ -4,9 +4,10 @@
 fetches, through veil's SOCKS5 port, a page and an 8 MiB file over plain HTTP, and then the
 same over HTTPS (inner TLS handshakes inside veil's TLS). veil must pass the fully-encrypted
 rule, every protocol signature and the SNI check, its ClientHello must be Chrome's, and an
-active prober must not tell it from the web server it covers for. The known gaps are
-``xfail(strict=True)``: when one is fixed the test passes unexpectedly and CI fails, so the
-marker is removed and the gap joins the gate.
+active prober must not tell it from the web server it covers for. The probed certificate
+passes in ACME mode (a DNS name) and with a borrowed identity (tests/integration/
+test_borrowed.py); a self-signed one, shown only when the operator asks for it
+(``--self-signed``), is the positive control the probe must flag.
 """
 
 from __future__ import annotations
@@ -188,15 +189,6 @@ def test_the_certificate_probe_flags_the_self_signed_default(
     server names 127.0.0.1) presents its self-signed certificate, and the probe says so."""
     verdict = probed_certificate(veil_traffic.server.port, None)
     assert verdict.flagged and "self-signed" in verdict.labels, verdict.evidence
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: a server without a DNS name presents a self-signed certificate (state/cert.pem) "
-    "that no public website shows; borrowed identity (#18 part 2) is to close it; with a name "
-    "the default is ACME, test_probed_certificate_in_acme_mode_is_unremarkable"))
-def test_probed_certificate_without_a_name_is_unremarkable(probed: ProbeReport) -> None:
-    assert probed.certificate is not None
-    assert not probed.certificate.flagged, probed.certificate.evidence
 
 
 def test_without_shaping_the_inner_handshake_shows(module_dir: Path, nginx: procs.Nginx) -> None:

@@ -262,7 +262,7 @@ class BlockLab(Topology):
         """``veil serve`` with the CDN way, and ``extra`` options (--tun, --admin, --on-block)."""
         fresh = not self.state.exists()
         self.server = self.start("server", "server", [
-            *VEIL, "-v", "serve", "--state", str(self.state), "--listen",
+            *VEIL, "-v", "serve", "--self-signed", "--state", str(self.state), "--listen",
             f"{SERVER_IP}:{SERVER_PORT}", "--allow-private", "--via", self.via, *extra],
             stdout=fresh)
         if fresh:

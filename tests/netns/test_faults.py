@@ -139,7 +139,7 @@ class FaultLab(Topology):
     def start_server(self, *extra: str) -> tuple[Proc, str]:
         fresh = not self.state.exists()
         proc = self.start("server", "server", [
-            *VEIL, "-v", "serve", "--state", str(self.state), "--listen",
+            *VEIL, "-v", "serve", "--self-signed", "--state", str(self.state), "--listen",
             f"{SERVER_IP}:{SERVER_PORT}", "--allow-private", *extra], stdout=fresh)
         if fresh:
             assert proc.popen.stdout is not None

@@ -159,7 +159,7 @@ class SplitLab(Topology):
 
     def start_veil_server(self) -> tuple[Proc, str]:
         proc = self.start("server", "veil-server", [
-            *VEIL, "-v", "serve", "--state", str(self.dir / "server-state"),
+            *VEIL, "-v", "serve", "--self-signed", "--state", str(self.dir / "server-state"),
             "--listen", f"{SERVER_IP}:{SERVER_PORT}"], stdout=True)
         assert proc.popen.stdout is not None
         key = proc.popen.stdout.readline().decode().strip()

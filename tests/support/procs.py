@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,6 +151,14 @@ class VeilServer:
         return out.stdout.strip()
 
 
+def certificate_choice(extra: Sequence[str]) -> list[str]:
+    """``--self-signed`` unless the options choose the certificate otherwise: a first start
+    on an IP address must say what strangers are shown (veil serve refuses to pick the
+    self-signed certificate by itself)."""
+    chosen = ("--self-signed", "--acme-directory", "--borrow", "--cert")
+    return [] if any(option in extra for option in chosen) else ["--self-signed"]
+
+
 def start_veil_server(workdir: Path, *extra: str, port: int | None = None,
                       allow_private: bool = True) -> VeilServer:
     """Start ``veil serve`` on loopback: on ``port`` if given (a restart on the port clients
@@ -162,7 +170,8 @@ def start_veil_server(workdir: Path, *extra: str, port: int | None = None,
     with open(log, "wb") as err:
         proc = subprocess.Popen([*VEIL, "-v", "serve", "--state", str(state), "--listen",
                                  f"127.0.0.1:{port or 0}",
-                                 *(["--allow-private"] if allow_private else []), *extra],
+                                 *(["--allow-private"] if allow_private else []),
+                                 *certificate_choice(extra), *extra],
                                 stdout=subprocess.PIPE, stderr=err)
     assert proc.stdout is not None
     try:

@@ -168,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="contact address the ACME CA may write to (optional)")
     serve.add_argument("--self-signed", action="store_true",
                        help="present the state's self-signed certificate, no ACME, even for "
-                            "a DNS name")
+                            "a DNS name; a first start on an IP address needs it (or --public "
+                            "NAME, or --borrow HOST): a prober sees a certificate no public "
+                            "website shows")
     serve.add_argument("--allow-private", action="store_true",
                        help="let clients reach private, loopback and link-local addresses "
                             "(off by default: it exposes the server's own network)")
@@ -477,7 +479,7 @@ def _command(text: str | None) -> tuple[str, ...]:
 
 # --------------------------------------------------------------------- commands
 def cmd_serve(args: argparse.Namespace) -> None:
-    from veil.manage.state import init_state
+    from veil.manage.state import CONFIG_NAME, init_state
 
     options = ServerOptions(
         listen=args.listen[0], also_listen=tuple(args.listen[1:]), via=parse_via(args.via),
@@ -501,6 +503,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # address keys name, and a wrong one would outlive the failure in every key.
     for listen in (options.listen, *options.also_listen):
         _check_can_listen(listen)
+    if not args.state.exists() or (args.state.is_dir()
+                                   and not (args.state / CONFIG_NAME).exists()):
+        _check_certificate_choice(options, args.public)
     existed = args.state.exists()
     before = set(os.listdir(args.state)) if existed and args.state.is_dir() else set()
     try:
@@ -519,6 +524,40 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if created and not serving.is_set():
             _undo_first_start(args.state, before, existed)
         raise
+
+
+def _check_certificate_choice(options: ServerOptions, public: str | None) -> None:
+    """Self-signed only when asked for (issue #18): a first start that would show strangers
+    a self-signed certificate names the choices instead of taking the one a censor sees."""
+    import ipaddress
+
+    from veil.manage.acme import public_ca_may_issue
+
+    if options.self_signed or options.cert is not None or options.borrow is not None:
+        return
+    try:
+        host = parse_host_port(public, options.listen.port).host if public else \
+            options.listen.host
+    except ValueError:
+        return  # init_state says what is wrong with --public
+    if host in ("0.0.0.0", "::"):
+        return  # init_state asks for --public
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if options.acme_directory is None and not public_ca_may_issue(host):
+            raise ConfigError(
+                f"no public CA issues a certificate for {host}, so strangers would be shown a "
+                f"self-signed one: name a CA that does (--acme-directory URL), bring one "
+                f"(--cert/--key), or say --self-signed") from None
+        return  # a certificate from a CA over ACME: the default with a name
+    raise ConfigError(
+        f"keys would name this server by its IP address {host}: strangers would be shown a "
+        f"self-signed certificate and clients would send no server name, which public "
+        f"websites rarely show. Choose one: --public NAME[:PORT] (a DNS name that points "
+        f"here: a CA's certificate over ACME), --borrow HOST (a real site's identity, "
+        f"experimental), or --self-signed (as it is, visibly); docs/operations.md, "
+        f"\"Certificates\"")
 
 
 def _check_can_listen(listen: Address) -> None:
