@@ -159,7 +159,8 @@ PEERS: tuple[Peer, ...] = (
     Peer(
         name="veil",
         title="veil",
-        server=("$veil", "serve", "--self-signed", "--state", "$dir/state", "--listen", "$server_ip:$server_port",
+        server=("$veil", "serve", "--self-signed",
+                "--state", "$dir/state", "--listen", "$server_ip:$server_port",
                 "--allow-private"),
         forward=("$veil", "connect", "$key", "--forward",
                  "127.0.0.1:$local_port:$target_host:$target_port"),
@@ -170,7 +171,8 @@ PEERS: tuple[Peer, ...] = (
     Peer(
         name="veil-noshape",
         title="veil, shaping off",
-        server=("$veil", "serve", "--self-signed", "--state", "$dir/state", "--listen", "$server_ip:$server_port",
+        server=("$veil", "serve", "--self-signed",
+                "--state", "$dir/state", "--listen", "$server_ip:$server_port",
                 "--allow-private", "--no-shaping"),
         forward=("$veil", "connect", "$key", "--no-shaping", "--forward",
                  "127.0.0.1:$local_port:$target_host:$target_port"),

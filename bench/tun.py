@@ -59,7 +59,8 @@ def wait_log(proc: Proc, text: str, timeout: float = UP_TIMEOUT_S) -> None:
 def setup_veil(topo: Topology, work: Path) -> str:
     state = work / "veil-state"
     server = topo.start("veil-server", topo.server, [
-        sys.executable, "-m", "veil", "-v", "serve", "--self-signed", "--state", str(state), "--listen",
+        sys.executable, "-m", "veil", "-v", "serve", "--self-signed",
+        "--state", str(state), "--listen",
         f"{SERVER_IP}:{VEIL_PORT}", "--tun", "--allow-private"], capture_stdout=True)
     key = server.wait_stdout(lambda line: line.startswith("veil://"), UP_TIMEOUT_S)
     if key is None:

@@ -404,6 +404,9 @@ class ServerOptions:
     #: ``--max-sessions-per-user`` and ``--max-sessions`` (each >= 1).
     max_sessions_per_user: int = DEFAULT_MAX_SESSIONS_PER_USER
     max_sessions: int = DEFAULT_MAX_SESSIONS
+    #: ``--max-devices-per-user``: client addresses one user may connect from at once
+    #: (>= 1); None: any number.
+    max_devices_per_user: int | None = None
     #: ``--max-user-rate``: bytes per second one user may move in each direction (all
     #: sessions), at least :data:`MIN_RATE`; None = no limit.
     user_rate: float | None = None
@@ -466,6 +469,8 @@ class ServerOptions:
             raise ConfigError(f"--via: at most {MAX_VIA} (a key is one line and a QR code)")
         if len(set(self.via)) != len(self.via):
             raise ConfigError("--via names the same way in twice")
+        if self.max_devices_per_user is not None and self.max_devices_per_user < 1:
+            raise ConfigError("--max-devices-per-user takes a number >= 1")
         if self.max_sessions_per_user < 1 or self.max_sessions < 1:
             raise ConfigError("--max-sessions and --max-sessions-per-user take a number >= 1")
         if self.user_rate is not None and not self.user_rate >= MIN_RATE:

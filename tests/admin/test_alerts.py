@@ -191,7 +191,8 @@ def test_serve_refuses_a_bad_webhook_before_it_writes_anything(tmp_path: Path) -
     from tests.support.procs import VEIL
 
     state = tmp_path / "state"
-    result = subprocess.run([*VEIL, "serve", "--self-signed", "--state", str(state), "--listen", "127.0.0.1:0",
+    result = subprocess.run([*VEIL, "serve", "--self-signed",
+                             "--state", str(state), "--listen", "127.0.0.1:0",
                              "--alert-webhook", "file:///etc/passwd"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2

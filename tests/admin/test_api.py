@@ -463,7 +463,8 @@ def test_veil_serve_admin_serves_the_panel_next_to_the_server(tmp_path: Path) ->
         assert procs.stop(server.proc) == 0
     log = server.log.read_text()
     assert f"admin panel on http://127.0.0.1:{admin_port}" in log
-    refused = subprocess.run([*VEIL, "serve", "--self-signed", "--state", str(tmp_path / "state"), "--listen",
+    refused = subprocess.run([*VEIL, "serve", "--self-signed",
+                              "--state", str(tmp_path / "state"), "--listen",
                               "127.0.0.1:0", "--admin", "0.0.0.0:8080"],
                              capture_output=True, text=True, timeout=30)
     assert refused.returncode == 2 and "without TLS" in refused.stderr

@@ -152,7 +152,8 @@ def test_under_systemd_the_first_key_stays_out_of_the_journal(tmp_path: Path) ->
     port = procs.unused_port()
     env = {**os.environ, "INVOCATION_ID": "0123456789abcdef0123456789abcdef"}
     with open(tmp_path / "out", "wb") as stdout, open(tmp_path / "err", "wb") as stderr:
-        proc = subprocess.Popen([*VEIL, "serve", "--self-signed", "--state", str(tmp_path / "state"),
+        proc = subprocess.Popen([*VEIL, "serve", "--self-signed",
+                                 "--state", str(tmp_path / "state"),
                                  "--listen", f"127.0.0.1:{port}", "--allow-private"],
                                 stdout=stdout, stderr=stderr, env=env)
     try:

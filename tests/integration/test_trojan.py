@@ -255,7 +255,8 @@ def test_a_failed_start_with_trojan_records_nothing(tmp_path: Path,
     taken: the start fails, and the exports still say Trojan is off."""
     default = procs.start_veil_server(tmp_path / "default")
     procs.stop(default.proc)
-    failed = subprocess.run([*procs.VEIL, "serve", "--self-signed", "--state", str(default.state), "--listen",
+    failed = subprocess.run([*procs.VEIL, "serve", "--self-signed",
+                             "--state", str(default.state), "--listen",
                              f"127.0.0.1:{veil_server.port}", "--trojan"],
                             capture_output=True, text=True, timeout=30)
     assert failed.returncode == 1 and "cannot listen on" in failed.stderr
@@ -474,3 +475,42 @@ def test_a_wrong_pin_sends_the_interceptor_nothing(tmp_path: Path,
     finally:
         procs.stop(client.proc)
         proxy.close()
+
+
+def test_a_device_limit_turns_a_further_address_away_to_the_cover(
+        tmp_path: Path, tcp_echo: procs.TcpEcho) -> None:
+    """--max-devices-per-user 1: the user's connections from one address (127.0.0.1) are
+    relayed, one from another (127.0.0.2) gets the cover site, as a stranger would, until the
+    first address has no connection left."""
+    server = procs.start_veil_server(tmp_path, "--trojan", "--max-devices-per-user", "1")
+    try:
+        link = TrojanLink.parse(show(server, "trojan"))
+        request = build_request(password_hash(link.password), Command.CONNECT,
+                                Address("127.0.0.1", tcp_echo.port))
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+
+        def connect(source: str) -> ssl.SSLSocket:
+            raw = socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                           source_address=(source, 0))
+            return context.wrap_socket(raw)
+
+        def relayed(tls: ssl.SSLSocket) -> bool:
+            tls.sendall(request + b"ping")
+            return tls.recv(100) == b"ping"
+
+        with connect("127.0.0.1") as first, connect("127.0.0.1") as second:
+            assert relayed(first) and relayed(second)  # one device, two connections
+            with connect("127.0.0.2") as other:
+                other.sendall(request + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_until_closed(other).startswith(b"HTTP/1.1 400")  # the cover's
+
+        def second_device_relayed() -> bool:
+            with connect("127.0.0.2") as other:
+                return relayed(other)
+
+        # The first device is gone once the server has heard both closes: this one may come.
+        wait_until(second_device_relayed, 10, lambda: "the second device to be relayed")
+    finally:
+        procs.stop(server.proc)

@@ -311,7 +311,8 @@ def test_user_rate_limit_holds_each_direction(tmp_path: Path, echo: TcpEcho) -> 
             procs.stop(client.proc)
     finally:
         procs.stop(server.proc)
-    bad = subprocess.run([*VEIL, "serve", "--self-signed", "--state", str(tmp_path / "x"), "--listen",
+    bad = subprocess.run([*VEIL, "serve", "--self-signed",
+                          "--state", str(tmp_path / "x"), "--listen",
                           "127.0.0.1:1", "--max-user-rate", "fast"],
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "bad rate 'fast'" in bad.stderr

@@ -154,7 +154,8 @@ def test_wireguard_is_blocked(path: rt.CensoredPath) -> None:
 def test_veil_gets_through(path: rt.CensoredPath) -> None:
     work = path.workdir
     server = path.server.start(
-        [sys.executable, "-m", "veil", "-v", "serve", "--self-signed", "--state", str(work / "veil-state"),
+        [sys.executable, "-m", "veil", "-v", "serve", "--self-signed",
+         "--state", str(work / "veil-state"),
          "--listen", f"{rt.SERVER_IP}:8443", "--allow-private"], work / "veil-server.log")
     rt.wait_for(work / "veil-server.log", "veil://", server)
     key = next(line for line in (work / "veil-server.log").read_text().splitlines()

@@ -244,7 +244,8 @@ class Topology:
     def start_server(self, *extra: str) -> tuple[Proc, str]:
         state = self.dir / "server-state"
         fresh = not state.exists()
-        proc = self.start("server", "server", [*VEIL, "-v", "serve", "--self-signed", "--state", str(state),
+        proc = self.start("server", "server", [*VEIL, "-v", "serve", "--self-signed",
+                                               "--state", str(state),
                                                "--listen", f"{SERVER_IP}:{SERVER_PORT}",
                                                "--tun", *extra], stdout=fresh)
         key = ""

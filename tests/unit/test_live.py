@@ -117,3 +117,44 @@ def test_a_changed_user_directory_is_logged_once_by_counts_only(
 
     with caplog.at_level(logging.DEBUG, logger="veil.server"):
         asyncio.run(scenario())
+
+
+class PeerTransport(CountingTransport):
+    def __init__(self, address: str) -> None:
+        super().__init__(0, 0)
+        self.address = address
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername":
+            return (self.address, 40000)
+        return super().get_extra_info(name, default)
+
+
+def test_a_device_limit_counts_client_addresses_not_connections(tmp_path: Path) -> None:
+    """--max-devices-per-user 2: any number of connections from two addresses; a third
+    address is refused until one of the two has none left; a CDN's edge is not counted."""
+    store = SqliteUserStore(tmp_path / "users.db", trojan_hash=trojan_hash, box=BOX)
+
+    async def scenario() -> None:
+        live = Live(lambda: store, trojan_hash=trojan_hash, interval=3600,
+                    max_devices_per_user=2)
+        await live.start()
+        user = store.add_user("alice", os.urandom(32), os.urandom(16), 1000.0)
+        await live.tick()
+        first = [live.register(user, "veil", PeerTransport("192.0.2.1"), close=lambda _r: None)
+                 for _ in range(3)]
+        assert live.refusal(user, "192.0.2.2") is None
+        live.register(user, "trojan", PeerTransport("192.0.2.2"), close=lambda _r: None)
+        assert live.refusal(user, "192.0.2.1") is None  # a known device: more connections
+        assert live.refusal(user, "198.51.100.7") == "too_many_devices"
+        assert live.refusal(user) is None  # the address unknown (a CDN): not counted
+        live.register(user, "cdn", PeerTransport("203.0.113.9"), close=lambda _r: None)
+        assert live.refusal(user, "198.51.100.7") == "too_many_devices"
+        for conn in first[:2]:
+            live.unregister(conn)
+        assert live.refusal(user, "198.51.100.7") == "too_many_devices"  # one is still there
+        live.unregister(first[2])
+        assert live.refusal(user, "198.51.100.7") is None
+        await live.stop()
+
+    asyncio.run(scenario())

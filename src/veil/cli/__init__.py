@@ -214,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sessions (veil sessions and Trojan connections) one user may "
                             "hold at once; more get the cover site "
                             f"(default {DEFAULT_MAX_SESSIONS_PER_USER})")
+    serve.add_argument("--max-devices-per-user", type=int, metavar="N",
+                       help="client addresses one user may be connected from at once (veil "
+                            "and Trojan, not through a CDN, whose address is its edge's); a "
+                            "further device gets the cover site until one disconnects "
+                            "(default: any number)")
     serve.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS, metavar="N",
                        help=f"sessions the server holds at once (default {DEFAULT_MAX_SESSIONS})")
     serve.add_argument("--max-user-rate", metavar="RATE",
@@ -488,6 +493,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         block_bittorrent=args.block_bittorrent,
         shaping=args.shaping,
         max_sessions_per_user=args.max_sessions_per_user, max_sessions=args.max_sessions,
+        max_devices_per_user=args.max_devices_per_user,
         user_rate=parse_rate(args.max_user_rate) if args.max_user_rate else None,
         tun=args.tun, pool=args.pool, pool6=args.pool6, trojan=args.trojan,
         on_block=_command(args.on_block), routing=args.routing,

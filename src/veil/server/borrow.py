@@ -101,6 +101,13 @@ class Recognised:
     hello: bytes  # the ClientHello handshake message
 
 
+def _peer_address(sock: socket.socket) -> str | None:
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:  # gone already: nobody to count
+        return None
+
+
 class Borrowed:
     """The borrowed identity: recognises veil's hellos and learns the target's shape."""
 
@@ -114,9 +121,11 @@ class Borrowed:
         self._relays: set[asyncio.Task[None]] = set()  # strangers' connections, relayed
 
     # ------------------------------------------------------------------ recognition
-    def recognise(self, record: bytes, authenticator: Authenticator) -> Recognised | None:
+    def recognise(self, record: bytes, authenticator: Authenticator,
+                  device: str | None = None) -> Recognised | None:
         """The user and PSK of a ClientHello record that is a fresh veil hello, else None
-        (the gate's authenticator: its users, credential cache and replay filter)."""
+        (the gate's authenticator: its users, credential cache and replay filter; ``device``
+        the client's address, for the device limit)."""
         if len(record) < RECORD_HEADER + 4:
             return None
         message = record[RECORD_HEADER:]
@@ -131,7 +140,7 @@ class Borrowed:
         if claim is None:
             return None
         user = authenticator.users.find_by_key_id(claim.key_id)
-        if user is None or authenticator.users.refusal(user) is not None:
+        if user is None or authenticator.users.refusal(user, device) is not None:
             return None
         psk = claim.verify(authenticator.credential(user))
         if psk is None:
@@ -202,7 +211,7 @@ class Borrowed:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
             if record and not target_read.done():
-                recognised = self.recognise(record, authenticator)
+                recognised = self.recognise(record, authenticator, _peer_address(sock))
                 if recognised is not None:
                     # A pending read gives up nothing when cancelled: the target's answer
                     # stays in the reader for _answer_veil.

@@ -44,6 +44,7 @@ from veil.cover.backends import Cover
 from veil.protocol.auth import AUTH_SIZE, Credential, ReplayFilter, peek_key_id, verify_auth
 from veil.server import clienthello
 from veil.server.borrow import Borrowed
+from veil.server.live import device_of
 from veil.store.base import User
 from veil.transport.browser_tls import accept_mirrored_tls
 from veil.transport.tcp import SERVER_KEEPALIVE, set_keepalive
@@ -173,8 +174,9 @@ class UserLookup(Protocol):
 
     def find_by_trojan_hash(self, password_hash: str) -> User | None: ...
 
-    def refusal(self, user: User) -> str | None:
-        """None if the user may connect, else why not ("revoked", "over_limit", ...)."""
+    def refusal(self, user: User, device: str | None = None) -> str | None:
+        """None if the user may connect from ``device`` (the client's address; None: not
+        known), else why not ("revoked", "over_limit", "too_many_devices", ...)."""
 
 
 class Authenticator:
@@ -196,13 +198,15 @@ class Authenticator:
             self._credentials[user.key_id] = credential
         return credential
 
-    def check(self, message: bytes, binding: bytes) -> tuple[User | None, str]:
-        """(user, "ok") when accepted, else (None, reason)."""
+    def check(self, message: bytes, binding: bytes,
+              device: str | None = None) -> tuple[User | None, str]:
+        """(user, "ok") when accepted, else (None, reason); ``device``: the client's address
+        where the device limit counts it."""
         key_id = peek_key_id(message)
         user = self.users.find_by_key_id(key_id)
         if user is None:
             return None, "unknown_key"
-        if (refusal := self.users.refusal(user)) is not None:
+        if (refusal := self.users.refusal(user, device)) is not None:
             return None, refusal
         credential = self.credential(user)
         unrecorded = self.replay.unrecorded
@@ -233,7 +237,8 @@ class VeilWayIn(WayIn):
         binding = transport.get_extra_info("tls_unique")
         if not binding:
             return Reject("no_binding")
-        user, reason = self.authenticator.check(data[:AUTH_SIZE], binding)
+        user, reason = self.authenticator.check(data[:AUTH_SIZE], binding,
+                                                device_of(transport))
         if user is None:
             return Reject(reason)
         rest = data[AUTH_SIZE:]

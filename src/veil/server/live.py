@@ -230,10 +230,19 @@ class UserDirectory:
                    for name, user in self.by_name.items())
 
 
+def device_of(transport: asyncio.BaseTransport, way_in: str = "veil") -> str | None:
+    """The client's address, as a device limit counts it: None through a CDN, where the
+    address is the CDN's edge (shared by its users, and changing under one)."""
+    if "cdn" in way_in.split("-"):
+        return None
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) else None
+
+
 class LiveConnection:
     """One accepted tunnel connection (a veil session or a Trojan connection)."""
 
-    __slots__ = ("_close", "_counted", "_streams", "_transport", "id", "peer",
+    __slots__ = ("_close", "_counted", "_streams", "_transport", "device", "id", "peer",
                  "started_at", "user", "way_in")
 
     def __init__(self, conn_id: int, user: User, way_in: str, transport: asyncio.BaseTransport,
@@ -244,6 +253,8 @@ class LiveConnection:
         self.way_in = way_in
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        #: The client's address as --max-devices-per-user counts it (None: not counted).
+        self.device = device_of(transport, way_in)
         self.started_at = started_at
         self._transport = transport
         self._close = close
@@ -289,6 +300,7 @@ class Live:
                  interval: float = REFRESH_INTERVAL_S,
                  max_sessions_per_user: int = DEFAULT_MAX_SESSIONS_PER_USER,
                  max_sessions: int = DEFAULT_MAX_SESSIONS,
+                 max_devices_per_user: int | None = None,
                  user_rate: float | None = None,
                  outbound_slots: OutboundSlots | None = None,
                  clock: Callable[[], float] = time.time, server_id: str = "") -> None:
@@ -303,6 +315,10 @@ class Live:
         #: The sessions admins asked to end, by user (the store's, as of the last tick).
         self.session_ends: dict[str, list[SessionEnd]] = {}
         self.max_sessions_per_user = max_sessions_per_user
+        #: ``--max-devices-per-user``: client addresses one user's live connections may come
+        #: from at once (None: any number); a new address past it gets the cover site.
+        self.max_devices_per_user = max_devices_per_user
+        self._devices: dict[str, dict[str, int]] = {}  # user -> address -> live connections
         #: Outbound descriptors per user and for the server (streams, Trojan, UDP).
         self.outbound_slots = outbound_slots or OutboundSlots.for_this_process()
         self.max_sessions = max_sessions
@@ -379,11 +395,17 @@ class Live:
     def find_by_trojan_hash(self, password_hash: str) -> User | None:
         return self.directory.find_by_trojan_hash(password_hash)
 
-    def refusal(self, user: User) -> str | None:
+    def refusal(self, user: User, device: str | None = None) -> str | None:
+        """Why ``user`` may not connect now (None: they may); ``device`` is the client's
+        address (:func:`device_of`), for ``max_devices_per_user``."""
         if (reason := self.directory.refusal(user)) is not None:
             return reason
         if self._per_user.get(user.name, 0) >= self.max_sessions_per_user:
             return "too_many_sessions"
+        if device is not None and self.max_devices_per_user is not None:
+            devices = self._devices.get(user.name, {})
+            if device not in devices and len(devices) >= self.max_devices_per_user:
+                return "too_many_devices"
         if len(self.connections) >= self.max_sessions:
             return "server_full"
         return None
@@ -397,6 +419,9 @@ class Live:
         self.connections[conn.id] = conn
         self._churn += 1
         self._per_user[user.name] = self._per_user.get(user.name, 0) + 1
+        if conn.device is not None:
+            devices = self._devices.setdefault(user.name, {})
+            devices[conn.device] = devices.get(conn.device, 0) + 1
         if not isinstance(transport, RateLimited):
             return conn
         read: list[Limiter] = []
@@ -438,6 +463,14 @@ class Live:
     def _forget(self, conn: LiveConnection) -> None:
         self._count(conn)
         name = conn.user.name
+        devices = self._devices.get(name)
+        if conn.device is not None and devices is not None:
+            if devices.get(conn.device, 1) > 1:
+                devices[conn.device] -= 1
+            else:
+                devices.pop(conn.device, None)
+                if not devices:
+                    del self._devices[name]
         left = self._per_user.get(name, 1) - 1
         if left:
             self._per_user[name] = left

@@ -113,6 +113,7 @@ class VeilServer:
         self.users = UserManager(state, self.store)
         self.live = Live(state.open_store, trojan_hash=password_hash_for_secret,
                          max_sessions_per_user=options.max_sessions_per_user,
+                         max_devices_per_user=options.max_devices_per_user,
                          max_sessions=options.max_sessions, user_rate=options.user_rate)
         self.host = HostSampler()  # the heartbeat's own: rates are between two heartbeats
         self.alerts: Alerts | None = None
@@ -135,7 +136,7 @@ class VeilServer:
                 return NoiseServerChannel(noise_private, self._cdn_request)
             factory = noise
             if options.trojan:  # the apps' trojan-ws on the same paths (server/trojan.py)
-                cdn_trojan = TrojanWayIn(self.live, self._serve_trojan_cdn)
+                cdn_trojan = TrojanWayIn(self.live, self._serve_trojan_cdn, through_cdn=True)
 
                 def factory() -> asyncio.Protocol:
                     return TrojanOrNoise(cdn_trojan, noise)

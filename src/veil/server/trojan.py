@@ -51,7 +51,7 @@ from veil.protocol.trojan import (
     parse_request,
 )
 from veil.server.gate import MAX_WAIT_BYTES, Accept, Reject, UserLookup, Verdict, Wait, WayIn
-from veil.server.live import UDP_ASSOCIATION_SLOTS, OutboundSlot, OutboundSlots
+from veil.server.live import UDP_ASSOCIATION_SLOTS, OutboundSlot, OutboundSlots, device_of
 from veil.server.outbound import CONNECT_TIMEOUT_S, BoundLog, IdleTimeout, policy_resolver
 from veil.server.policy import DestinationPolicy
 from veil.store.base import User
@@ -67,9 +67,12 @@ class TrojanWayIn(WayIn):
 
     name = "trojan"
 
-    def __init__(self, users: UserLookup, serve: ServeTrojan) -> None:
+    def __init__(self, users: UserLookup, serve: ServeTrojan, *,
+                 through_cdn: bool = False) -> None:
         self.users = users
         self.serve = serve
+        # Through a CDN the peer is the CDN's edge: no device limit can count it.
+        self._counts_devices = not through_cdn
 
     def check(self, data: bytes, transport: asyncio.Transport) -> Verdict:
         parsed = parse_request(data)
@@ -82,7 +85,8 @@ class TrojanWayIn(WayIn):
         user = self.users.find_by_trojan_hash(parsed.password_hash)
         if user is None:
             return Reject("trojan_unknown_password")
-        if (refusal := self.users.refusal(user)) is not None:
+        device = device_of(transport) if self._counts_devices else None
+        if (refusal := self.users.refusal(user, device)) is not None:
             return Reject(f"trojan_{refusal}")
         if isinstance(parsed, Incomplete):
             return Wait()
