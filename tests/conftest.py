@@ -7,8 +7,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.support import procs
+
+# Property tests check what holds for every input, not how fast inputs are drawn: on a
+# loaded machine (two pytest workers, servers, Chromium on two cores) generation and single
+# examples can take seconds, and a time-based health check or deadline would fail a correct
+# test by luck (CI saw "Input generation is slow" on tests/unit/test_rules.py).
+settings.register_profile("veil", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("veil")
 
 UNIT_TESTS = Path(__file__).parent / "unit"
 # Run from a systemd service, `veil serve` would keep its first key out of stdout (the
