@@ -17,7 +17,7 @@ class NoUsers:
     def find_by_trojan_hash(self, password_hash: str) -> None:
         return None
 
-    def refusal(self, user: object) -> str | None:
+    def refusal(self, user: object, device: str | None = None) -> str | None:
         return None
 
 

@@ -68,7 +68,7 @@ class Users:
     def find_by_trojan_hash(self, password_hash: str) -> User | None:
         return None
 
-    def refusal(self, user: User) -> str | None:
+    def refusal(self, user: User, device: str | None = None) -> str | None:
         return "revoked" if self.revoked else None
 
 

@@ -31,7 +31,7 @@ class Users:
     def find_by_trojan_hash(self, digest: str) -> User | None:
         return ALICE if digest == password_hash(PASSWORD) else None
 
-    def refusal(self, user: User) -> str | None:
+    def refusal(self, user: User, device: str | None = None) -> str | None:
         return self.refused
 
 

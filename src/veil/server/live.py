@@ -216,8 +216,9 @@ class UserDirectory:
     def find_by_trojan_hash(self, password_hash: str) -> User | None:
         return self.by_trojan_hash.get(password_hash)
 
-    def refusal(self, user: User) -> str | None:
-        """None if ``user`` (as found by a lookup) may connect, else the reason."""
+    def refusal(self, user: User, device: str | None = None) -> str | None:
+        """None if ``user`` (as found by a lookup) may connect, else the reason (the
+        directory knows the users, not their connections: ``device`` is Live's to count)."""
         return self.refused.get(user.name)
 
     def same_users(self, other: UserDirectory) -> bool:
