@@ -12,6 +12,7 @@ import argparse
 import http.client
 import json
 import os
+import ssl
 import sys
 from pathlib import Path
 
@@ -126,6 +127,10 @@ def _installs(args: argparse.Namespace) -> int:
             raise ConfigError(str(exc)) from exc
         try:
             views.append(sameinstall.scan(host, port, tls=tls))
+        except ssl.SSLError as exc:
+            hint = f"; a plain-HTTP site is http://{target}" if tls and "://" not in target else ""
+            raise ConfigError(f"cannot scan {target}: no TLS handshake "
+                              f"({exc.reason or exc}){hint}") from exc
         except (OSError, http.client.HTTPException) as exc:
             raise ConfigError(f"cannot scan {target}: {exc}") from exc
     result = report.InstallsResult(args.a, args.b, sameinstall.compare(*views))
