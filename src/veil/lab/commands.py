@@ -146,8 +146,13 @@ def _report(args: argparse.Namespace) -> int:
     rows = report.build_rows(inputs.flows, inputs.probes, inputs.installs)
     text = (report.format_html(rows, inputs.installs) if args.html
             else report.format_text(rows, inputs.installs) + "\n")
+    flagged = [r.name for r in rows if r.flagged]
     if args.output:
         args.output.write_text(text)
+        # The table went to the file: say where, and the gist, so the run is not silent.
+        print(f"veil: wrote {args.output}: "
+              + (f"flagged by {', '.join(flagged)}" if flagged else "nothing flagged"),
+              file=sys.stderr)
     else:
         _emit(text)
-    return 1 if any(r.flagged for r in rows) else 0
+    return 1 if flagged else 0
