@@ -202,6 +202,9 @@ def test_the_user_forms_change_users_and_show_errors(harness: Harness,
     user = logged_in.get("/api/users/frank").json()["user"]
     assert (user["limit_bytes"], user["limit_period"]) == (10 * 10**9, "month")
     assert user["expires_at"] == 1896134400  # the end of 2030-01-31, UTC
+    # Shown as given, on the user's page and in the list, as `veil user list` shows it.
+    for page_text in (logged_in.get("/users/frank").text, logged_in.get("/users").text):
+        assert "2030-01-31" in page_text and "2030-02-01" not in page_text
     reply = logged_in.request("POST", "/users/frank/limit", form={**form, "limit": "lots"})
     assert reply.status == 400 and "bad limit" in reply.text
     reply = logged_in.request("POST", "/users", form={**form, "name": "frank"})

@@ -120,3 +120,39 @@ def test_a_refused_destination_is_logged_with_its_reason(tmp_path: Path) -> None
     finally:
         echo.close()
         procs.stop(server.proc)
+
+
+def http_get_host(port: int, authority: str) -> bytes:
+    """A plain HTTP proxy request for http://authority/; the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=REPLY_TIMEOUT_S) as s:
+        s.sendall(b"GET http://%s/ HTTP/1.1\r\nHost: %s\r\n\r\n"
+                  % (authority.encode(), authority.encode()))
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_plain_http_request_the_server_cannot_serve_gets_502_saying_why(
+        tmp_path: Path) -> None:
+    # The server resets the stream before any response byte; the HTTP proxy can still answer,
+    # as Squid and Privoxy do, instead of an empty reply. (SOCKS5 cannot: its reply went out
+    # when the stream opened.)
+    refused_port, closed_port = procs.unused_port(), procs.unused_port()
+    server = procs.start_veil_server(tmp_path, "--refuse-ports", str(refused_port))
+    try:
+        client = procs.start_veil_client(tmp_path, server.key, http=True)
+        try:
+            assert client.http is not None
+            for authority, reason in [
+                    (f"127.0.0.1:{refused_port}", b"refused by the server's policy"),
+                    ("nothing-here.invalid", b"did not resolve"),
+                    (f"127.0.0.1:{closed_port}", b"could not connect")]:
+                answer = http_get_host(client.http, authority)
+                head, _, body = answer.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), (authority, answer)
+                assert reason in body and body.count(b"\n") == 1, (authority, answer)
+        finally:
+            procs.stop(client.proc)
+    finally:
+        procs.stop(server.proc)

@@ -52,6 +52,9 @@ def test_passive_text_and_json(capture: Path, tmp_path: Path,
     (json_file := tmp_path / "flows.json").write_text(json.dumps(flows))
 
     assert run(["lab", "report", str(json_file), "--html", "-o", str(tmp_path / "r.html")]) == 1
+    assert capsys.readouterr().err == (
+        f"veil: wrote {tmp_path / 'r.html'}: flagged by fully-encrypted, protocol-signatures, "
+        "clienthello-fingerprint\n")  # not silent
     page = (tmp_path / "r.html").read_text()
     assert "<h2 id='fully-encrypted'>" in page and "10.0.0.2:8388" in page
     assert run(["lab", "report", str(capture)]) == 1

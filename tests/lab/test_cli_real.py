@@ -11,9 +11,11 @@ nothing a scanner could use, and veil's idle-closing connection shows no heartbe
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,6 +106,23 @@ def test_installs_usage_errors() -> None:
     assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
     refused = veil_lab("installs", "127.0.0.1:1", "127.0.0.1:1")
     assert refused.returncode == 2 and "cannot scan 127.0.0.1:1" in refused.stderr
+
+
+def test_installs_of_a_plain_http_port_says_it_speaks_no_tls() -> None:
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    serving = threading.Thread(target=site.serve_forever, daemon=True)
+    serving.start()
+    try:
+        target = f"127.0.0.1:{site.server_address[1]}"
+        plain = veil_lab("installs", target, target)
+    finally:
+        site.shutdown()
+        site.server_close()
+        serving.join()
+    assert plain.returncode == 2, plain
+    # OpenSSL's reason (WRONG_VERSION_NUMBER here) may differ between its versions.
+    assert "no TLS handshake (" in plain.stderr, plain.stderr
+    assert f"a plain-HTTP site is http://{target}" in plain.stderr, plain.stderr
 
 
 # ------------------------------------------------------------------ the idle detector

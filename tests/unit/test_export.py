@@ -12,6 +12,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from cryptography import x509
 
 from tests.support import procs, singbox
 from veil.errors import ConfigError
@@ -132,7 +133,9 @@ def test_clash_config_matches_the_schema_pins_the_certificate_and_asks_for_chrom
     assert proxy.get("sni") == state.sni
     assert proxy["client-fingerprint"] == "chrome"
     assert config["rules"] == ["MATCH,alice"]
-    assert any("60 days" in w for w in exported.warnings)
+    expires = x509.load_pem_x509_certificate(state.cert_path.read_bytes()).not_valid_after_utc
+    assert any(f"expires on {expires.date().isoformat()}: export this again" in w
+               for w in exported.warnings)
 
 
 def test_sing_box_config_matches_the_schema_carries_the_certificate_and_asks_for_chrome(

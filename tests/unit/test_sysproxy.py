@@ -182,3 +182,15 @@ def test_options_add_the_http_proxy_and_refuse_what_cannot_work() -> None:
         ClientOptions.from_args(key, socks=None, http=None, forwards=[], socks_auth="a:b",
                                 connections=1, default_socks=Address("127.0.0.1", 1080),
                                 system_proxy=True)
+
+
+def test_a_clean_exit_restores_without_calling_itself_unclean(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    registry = FakeRegistry({})
+    proxy = sysproxy.SystemProxy(WindowsProxy(registry), tmp_path / "system-proxy.json")
+    with caplog.at_level("INFO", logger="veil.client"):
+        proxy.apply(SETTINGS)
+        proxy.close()
+    assert not (tmp_path / "system-proxy.json").exists()
+    assert "system proxy (windows) restored" in caplog.text
+    assert "did not exit cleanly" not in caplog.text

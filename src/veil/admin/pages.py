@@ -58,6 +58,17 @@ def when(moment: float | None) -> str:
     return datetime.datetime.fromtimestamp(moment, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def expiry(moment: float | None) -> str:
+    """An expiry as it was given (as `veil user list` shows it): ``2030-01-31`` is stored as
+    the end of that day (2030-02-01 00:00 UTC) and shown as that day; another time in UTC."""
+    if moment is None:
+        return "-"
+    end = datetime.datetime.fromtimestamp(moment, datetime.UTC)
+    if end.time() == datetime.time():
+        return (end.date() - datetime.timedelta(days=1)).isoformat()
+    return end.strftime("%Y-%m-%d %H:%M UTC")
+
+
 def duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     days, rest = divmod(seconds, 86400)
@@ -161,7 +172,7 @@ def users_page(listing: Listing, search: str, csrf: str, *, flash: str | None = 
             f'<tr data-user="{_e(r.name)}"><td><a href="/users/{_e(r.name)}">{_e(r.name)}</a>'
             f'</td><td class="status-{_e(r.status)}">{_e(r.status)}</td>'
             f'<td class="num">{_e(format_bytes(r.used.total))}</td><td>{_e(_limit(r))}</td>'
-            f"<td>{_e(when(r.expires_at))}</td><td>{_e(when(r.last_seen))}</td>"
+            f"<td>{_e(expiry(r.expires_at))}</td><td>{_e(when(r.last_seen))}</td>"
             f"<td>{_e(when(r.created_at))}</td></tr>")
     empty = "No user matches." if search else "No users yet."
     table = ('<table id="users"><thead><tr><th>Name</th><th>Status</th>'
@@ -260,7 +271,7 @@ def user_page(report: UserReport, exports: UserExports | None, chart: str, csrf:
              f"(up {_e(format_bytes(report.used.up))}, down "
              f"{_e(format_bytes(report.used.down))})</dd>"
              f"<dt>Limit</dt><dd>{_e(_limit(report))}</dd>"
-             f"<dt>Expires</dt><dd>{_e(when(report.expires_at))}</dd>"
+             f"<dt>Expires</dt><dd>{_e(expiry(report.expires_at))}</dd>"
              f"<dt>Last seen</dt><dd>{_e(when(report.last_seen))}</dd>"
              f"<dt>Created</dt><dd>{_e(when(report.created_at))}</dd>"
              f"<dt>Revoked</dt><dd>{_e(when(report.revoked_at))}</dd></dl>")

@@ -38,7 +38,9 @@ from veil.client.listener import HandshakeConnection, HandshakeInbound
 from veil.config import Credentials
 from veil.errors import LocalProtocolError, RemoteProtocolError
 from veil.net.dialer import Dialer
+from veil.net.driver import TcpRelay
 from veil.protocol.address import Address
+from veil.protocol.frames import ResetCode
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
@@ -99,6 +101,20 @@ _STATUS = {
     "head_too_large": (431, b"Request Header Fields Too Large"),
     "not_implemented": (501, b"Not Implemented"),
     "bad_gateway": (502, b"Bad Gateway"),
+    "gateway_timeout": (504, b"Gateway Timeout"),
+}
+
+# Why the server reset a plain request's stream before its first response byte, as the 502
+# (504) body says it; other codes (cancelled, a protocol error...) stay a bare cut.
+_RESET_ANSWERS = {
+    ResetCode.REFUSED_DESTINATION: ("bad_gateway", "veil: refused by the server's policy "
+                                    "(a private address or a refused port)"),
+    ResetCode.RESOLVE_FAILED: ("bad_gateway", "veil: the name did not resolve at the server"),
+    ResetCode.CONNECT_FAILED: ("bad_gateway", "veil: the server could not connect to it"),
+    # What the server says when the destination refused or could not be reached.
+    ResetCode.UNREACHABLE: ("bad_gateway", "veil: the server could not connect to it "
+                            "(refused or unreachable)"),
+    ResetCode.TIMEOUT: ("gateway_timeout", "veil: the server's connection to it timed out"),
 }
 
 
@@ -126,7 +142,8 @@ def error_response(code: str, why: str = "") -> bytes:
     """The response for a refused request (by error ``code``); the connection then closes.
 
     ``not_implemented`` gives 501, ``head_too_large`` 431, ``bad_gateway`` 502 (tunnel not
-    ready), anything else 400. ``why``, if given, is the body (one line of text).
+    ready, destination refused or failed), ``gateway_timeout`` 504, anything else 400.
+    ``why``, if given, is the body (one line of text).
     """
     status, reason = _STATUS.get(code, (400, b"Bad Request"))
     challenge = b'Proxy-Authenticate: Basic realm="veil"\r\n' if status == 407 else b""
@@ -325,7 +342,9 @@ class HttpProxyInbound(HandshakeInbound):
     handed-over connections belong to the dialer.
 
     ``CONNECT`` gets ``200 Connection established`` as soon as the dialer is ready (before the
-    remote end answers); if the remote end then fails, the connection is simply closed.
+    remote end answers); if the remote end then fails, the connection is simply closed. A plain
+    request whose stream the server resets before any response byte (destination refused,
+    unresolvable, unreachable) gets a 502 saying why.
     """
 
     name = "HTTP proxy inbound"
@@ -394,7 +413,16 @@ class _HttpProxyProtocol(HandshakeConnection[HttpProxyInbound]):
             return
         if isinstance(request, TunnelRequest):
             transport.write(_ESTABLISHED)
-            early = self._parser.trailing_data
-        else:
-            early = request.head + self._parser.trailing_data
-        self._hand_over(transport, request.dest, early)
+            self._hand_over(transport, request.dest, self._parser.trailing_data)
+            return
+        self._hand_over(transport, request.dest, request.head + self._parser.trailing_data)
+        relay = transport.get_protocol()
+        if isinstance(relay, TcpRelay):
+            # A tunnel stream: a refusal or failure at the server comes back as a reset before
+            # any response byte, which the client can still be told (no extra round trip).
+            relay.answer_early_reset = _answer_reset
+
+
+def _answer_reset(code: ResetCode) -> bytes | None:
+    answer = _RESET_ANSWERS.get(code)
+    return None if answer is None else error_response(*answer)

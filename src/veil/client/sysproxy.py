@@ -148,8 +148,9 @@ class SystemProxy:
                     self.backend.name, settings.http,
                     f" and SOCKS5 {settings.socks}" if settings.socks else "")
 
-    def recover(self) -> bool:
-        """Restore what a client that did not exit cleanly left behind; False if nothing."""
+    def recover(self, left_behind: bool = True) -> bool:
+        """Restore what a client that did not exit cleanly left behind; False if nothing.
+        ``left_behind=False``: this client's own settings, at its clean exit."""
         try:
             saved = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -161,8 +162,9 @@ class SystemProxy:
             raise ConfigError(f"--system-proxy: {self.path} holds {saved.get('backend')!r} "
                               f"settings, this desktop is {self.backend.name}: restore your "
                               "proxy settings by hand, then delete it")
-        log.warning("restoring the system proxy settings a veil client that did not exit "
-                    "cleanly left in place")
+        if left_behind:
+            log.warning("restoring the system proxy settings a veil client that did not exit "
+                        "cleanly left in place")
         self.backend.restore(saved["settings"])
         self.path.unlink()
         return True
@@ -173,7 +175,7 @@ class SystemProxy:
             return
         self._applied = False
         try:
-            self.recover()
+            self.recover(left_behind=False)
         except ConfigError as exc:
             log.error("%s; the settings found at start are in %s", exc, self.path)
         else:

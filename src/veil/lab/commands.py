@@ -12,6 +12,7 @@ import argparse
 import http.client
 import json
 import os
+import ssl
 import sys
 from pathlib import Path
 
@@ -126,6 +127,10 @@ def _installs(args: argparse.Namespace) -> int:
             raise ConfigError(str(exc)) from exc
         try:
             views.append(sameinstall.scan(host, port, tls=tls))
+        except ssl.SSLError as exc:
+            hint = f"; a plain-HTTP site is http://{target}" if tls and "://" not in target else ""
+            raise ConfigError(f"cannot scan {target}: no TLS handshake "
+                              f"({exc.reason or exc}){hint}") from exc
         except (OSError, http.client.HTTPException) as exc:
             raise ConfigError(f"cannot scan {target}: {exc}") from exc
     result = report.InstallsResult(args.a, args.b, sameinstall.compare(*views))
@@ -141,8 +146,13 @@ def _report(args: argparse.Namespace) -> int:
     rows = report.build_rows(inputs.flows, inputs.probes, inputs.installs)
     text = (report.format_html(rows, inputs.installs) if args.html
             else report.format_text(rows, inputs.installs) + "\n")
+    flagged = [r.name for r in rows if r.flagged]
     if args.output:
         args.output.write_text(text)
+        # The table went to the file: say where, and the gist, so the run is not silent.
+        print(f"veil: wrote {args.output}: "
+              + (f"flagged by {', '.join(flagged)}" if flagged else "nothing flagged"),
+              file=sys.stderr)
     else:
         _emit(text)
-    return 1 if any(r.flagged for r in rows) else 0
+    return 1 if flagged else 0

@@ -11,9 +11,10 @@ what each client needs when the certificate is self-signed (veil's default): mih
 the certificate's SHA-256 (``fingerprint``), sing-box trusts the certificate itself
 (``certificate``, PEM), and a ``trojan://`` link can only say ``allowInsecure=1`` (plus veil's
 ``pin``, which other clients ignore), so it comes with a warning. The self-signed certificate
-is renewed (same key) every 60 days: ``fingerprint`` and ``certificate`` must then be
-exported again, and the warnings say so. With a CA-issued certificate (``--cert``) nothing of
-this is needed and the exports use the web PKI.
+is renewed (same key) before it expires (its lifetime is drawn per install): ``fingerprint``
+and ``certificate`` must then be exported again, and the warnings say so, with its expiry.
+With a CA-issued certificate (``--cert``) nothing of this is needed and the exports use the
+web PKI.
 
 Through a CDN: each ``wss://`` way in (``veil serve --via wss://CDN/SECRET/``) is exported
 too, as Trojan over WebSocket on that secret path (the server tells it from veil's own
@@ -101,6 +102,7 @@ class ServerCertificate:
     pem: str
     sha256: str  # of the DER certificate, lowercase hex (what mihomo's ``fingerprint`` is)
     self_signed: bool
+    expires: str  # notAfter's date (UTC), YYYY-MM-DD
 
     @classmethod
     def load(cls, state: ServerState) -> ServerCertificate:
@@ -110,7 +112,8 @@ class ServerCertificate:
             raise ConfigError(f"cannot read certificate {state.cert_path}: {exc}") from exc
         der = cert.public_bytes(serialization.Encoding.DER)
         return cls(cert.public_bytes(serialization.Encoding.PEM).decode(),
-                   hashlib.sha256(der).hexdigest(), cert.issuer == cert.subject)
+                   hashlib.sha256(der).hexdigest(), cert.issuer == cert.subject,
+                   cert.not_valid_after_utc.date().isoformat())
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,8 +202,8 @@ def export_user(state: ServerState, user: User, fmt: str) -> Export:
                         "Trojan password and every byte (veil's own key puts Noise inside; "
                         "docs/operations.md)")
     cert = ServerCertificate.load(state)
-    renew = ("the server's certificate is self-signed and renewed every 60 days (same key): "
-             "export this again after a renewal")
+    renew = (f"the server's certificate is self-signed and renewed (same key) before it "
+             f"expires on {cert.expires}: export this again after a renewal")
     if fmt == "trojan":
         if cert.self_signed:
             warnings.append(

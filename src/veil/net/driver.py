@@ -459,6 +459,11 @@ class TcpRelay(asyncio.BufferedProtocol):
         self._early: list[bytes] = []
         self._early_eof = False
         self._eof_sent = False
+        self._answered = False  # the peer has sent data on this stream
+        #: Set by an inbound that can still tell its application why the stream failed (the
+        #: HTTP proxy's 502) while no byte has come back: the bytes to write before closing
+        #: when the peer resets the stream first, by reset code; None (or it gives None): a cut.
+        self.answer_early_reset: Callable[[ResetCode], bytes | None] | None = None
 
     # --- local transport callbacks
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -612,6 +617,7 @@ class TcpRelay(asyncio.BufferedProtocol):
 
     # --- session side (StreamHandler)
     def on_data(self, data: bytes) -> None:
+        self._answered = True
         if self._hold_idle_close:
             self._last_active = self._loop.time()
         transport = self.transport
@@ -651,7 +657,16 @@ class TcpRelay(asyncio.BufferedProtocol):
             # unreachable...): the one place a user can learn it. Never the destination.
             log.debug("stream %d reset by the peer: %s", self.stream_id,
                       code.name.lower().replace("_", " "))
+        transport, answer = self.transport, None
+        if self.answer_early_reset is not None and not self._answered and not self._closed:
+            answer = self.answer_early_reset(code)
+        if transport is None or answer is None:
+            self._abort(notify=False)
+            return
+        self.transport = None  # not aborted: the answer goes out, then the connection closes
         self._abort(notify=False)
+        transport.write(answer)
+        transport.close()
 
     def on_writable(self) -> None:
         self._blocked = False
