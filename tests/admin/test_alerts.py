@@ -113,6 +113,7 @@ async def _serve(state: ServerState, port: int, url: str, *, cert_days: float = 
     assert server.alerts is not None
     server.alerts.interval = 0.2  # the test's pace; a server checks once a minute
     server.alerts.cert_days = cert_days
+    server.alerts.cert_share = 1.0 if cert_days > 14 else server.alerts.cert_share
     server.alerts.webhook.retry_delays = (0.1, 0.2)
     await server.start()
     return server
@@ -198,3 +199,17 @@ def test_serve_refuses_a_bad_webhook_before_it_writes_anything(tmp_path: Path) -
     assert result.returncode == 2
     assert "--alert-webhook needs an http:// or https:// URL" in result.stderr
     assert not state.exists()
+
+
+@pytest.mark.parametrize("lifetime_days, left_days, due", [
+    (90, 29, False), (90, 15, False), (90, 13.9, True),  # ACME: renewed 30 days before
+    (30, 11, False), (30, 9, False), (30, 4.9, True),  # a short self-signed one: 10 days
+    (730, 20, False), (730, 13, True)])  # a long self-signed one: renewed 30 days before
+def test_a_certificate_alert_waits_until_its_renewal_is_overdue(
+        lifetime_days: float, left_days: float, due: bool) -> None:
+    from veil.server.alerts import certificate_alert
+
+    now = 1_800_000_000.0
+    not_after = now + left_days * 86400
+    validity = (not_after - lifetime_days * 86400, not_after)
+    assert (certificate_alert(validity, now) is not None) is due

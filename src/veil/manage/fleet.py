@@ -149,6 +149,16 @@ def _cpus(stat: str | None) -> int | None:
     return count or None
 
 
+def certificate_validity(path: Path) -> tuple[float, float] | None:
+    """When the PEM certificate at ``path`` starts and stops being valid (unix seconds);
+    None if unreadable."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+
+
 def certificate_not_after(path: Path) -> float | None:
     """When the PEM certificate at ``path`` expires (unix seconds); None if unreadable."""
     try:

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 from veil import __version__
 from veil.config import parse_webhook_url
 from veil.errors import StoreError
-from veil.manage.fleet import certificate_not_after
+from veil.manage.fleet import certificate_validity
 from veil.store.base import UserStore, period_start
 
 if TYPE_CHECKING:
@@ -50,10 +50,15 @@ log = logging.getLogger("veil.server")
 #: A user's alert fires at this share of their limit: room to raise the limit or warn them
 #: before the cut.
 USAGE_ALERT_SHARE = 0.8
-#: The certificate alert fires this many days before expiry: veil renews its own certificates
-#: well before (60 days for a self-signed one, 30 for ACME), so two weeks left means renewal
-#: failed, with time to fix it.
+#: The certificate alert fires this many days before expiry at most: veil renews its own
+#: certificates with a third of their life left (ACME; self-signed ones at most 30 days
+#: before, and their lifetime is drawn per install, 30-730 days), so two weeks left means a
+#: renewal failed, with time to fix it.
 CERT_ALERT_DAYS = 14.0
+#: ... and at most this share of the certificate's lifetime before expiry: half the renewal's
+#: third, so a short-lived certificate (30 days: renewed 10 days before) does not alert while
+#: its renewal is still to come.
+CERT_ALERT_SHARE = 1 / 6
 #: How often the conditions are checked (seconds): usage moves in minutes, certificates in
 #: days; a minute keeps the store's extra reads to one a minute.
 CHECK_INTERVAL_S = 60.0
@@ -143,9 +148,15 @@ def usage_alerts(directory: UserDirectory, now: float) -> list[Alert]:
     return alerts
 
 
-def certificate_alert(not_after: float | None, now: float,
-                      days: float = CERT_ALERT_DAYS) -> Alert | None:
-    if not_after is None or not_after - now > days * 86400:
+def certificate_alert(validity: tuple[float, float] | None, now: float,
+                      days: float = CERT_ALERT_DAYS,
+                      share: float = CERT_ALERT_SHARE) -> Alert | None:
+    """The alert for a certificate valid ``validity`` (not before, not after; unix seconds)
+    once its renewal is overdue: within ``days`` and ``share`` of its lifetime of expiry."""
+    if validity is None:
+        return None
+    not_before, not_after = validity
+    if not_after - now > min(days * 86400, (not_after - not_before) * share):
         return None
     return Alert(f"alert:certificate:{int(not_after)}", {
         "event": "certificate_expiring", "not_after": not_after,
@@ -159,6 +170,7 @@ class Alerts:
     def __init__(self, webhook: Webhook, state: Callable[[], ServerState],
                  directory: Callable[[], UserDirectory], server_id: Callable[[], str], *,
                  interval: float = CHECK_INTERVAL_S, cert_days: float = CERT_ALERT_DAYS,
+                 cert_share: float = CERT_ALERT_SHARE,
                  clock: Callable[[], float] = time.time) -> None:
         self.webhook = webhook
         self._state = state
@@ -166,6 +178,7 @@ class Alerts:
         self.server_id = server_id
         self.interval = interval
         self.cert_days = cert_days
+        self.cert_share = cert_share
         self._clock = clock
         self._store: UserStore | None = None
         self._posts: set[asyncio.Task[bool]] = set()
@@ -190,8 +203,8 @@ class Alerts:
         now = self._clock()
         state = self._state()
         alerts = usage_alerts(self._directory(), now)
-        not_after = await asyncio.to_thread(certificate_not_after, state.cert_path)
-        cert = certificate_alert(not_after, now, self.cert_days)
+        validity = await asyncio.to_thread(certificate_validity, state.cert_path)
+        cert = certificate_alert(validity, now, self.cert_days, self.cert_share)
         if cert is not None:
             alerts.append(cert)
         if not alerts:
