@@ -120,11 +120,15 @@ def _ss(name: str, method: str) -> Peer:
 # CA, as a real client would.
 
 _SB_LOG = '"log": {"level": "warn"}'
-_SB_TLS_SERVER = """"tls": {"enabled": true, "certificate_path": "$cert", "key_path": "$cert_key"$alpn}"""
-_SB_TLS_CLIENT = """"tls": {"enabled": true, "server_name": "$sni", "certificate_path": "$ca"$alpn}"""
+_SB_TLS_SERVER = """"tls": {"enabled": true, "certificate_path": "$cert",
+  "key_path": "$cert_key"$alpn}"""
+_SB_TLS_CLIENT = """"tls": {"enabled": true, "server_name": "$sni",
+  "certificate_path": "$ca"$alpn}"""
 _SB_FORWARD_IN = """{"type": "direct", "tag": "fwd", "listen": "127.0.0.1",
-  "listen_port": $local_port, "override_address": "$target_host", "override_port": $target_port}"""
-_SB_SOCKS_IN = """{"type": "mixed", "tag": "socks", "listen": "127.0.0.1", "listen_port": $socks_port}"""
+  "listen_port": $local_port, "override_address": "$target_host",
+  "override_port": $target_port}"""
+_SB_SOCKS_IN = """{"type": "mixed", "tag": "socks", "listen": "127.0.0.1",
+  "listen_port": $socks_port}"""
 
 
 def _sb_tls(template: str, alpn: str | None) -> str:
