@@ -1080,6 +1080,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Proc.stop_all()
         bench.close()
 
+    text = report(bench.results, bench.meta, args.rtt)  # also fills medians in
     doc = {
         "started": started.isoformat(timespec="seconds"),
         "finished": dt.datetime.now().isoformat(timespec="seconds"),
@@ -1099,7 +1100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = args.json or RESULTS_DIR / f"veilbench-{started:%Y%m%d-%H%M%S}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(report(bench.results, bench.meta, args.rtt))
+    print(text)
     other = doc["host"]["other_processes_cpu_pct"]
     if other > OTHER_CPU_WARN_PCT:
         print(f"\nwarning: other processes used ~{other:.0f}% of the CPUs during this run "
