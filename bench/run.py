@@ -404,6 +404,7 @@ class Bench:
         self.results: dict[str, dict[str, Any]] = {
             p.name: {"title": p.title, "errors": {}} for p in peers}
         self.meta: dict[str, Any] = {}
+        self.iperf_server: Proc  # the current link's; replaced after a failed run
         self.common = {
             "server_ip": SERVER_IP,
             "web_port": str(WEB_PORT),
@@ -549,9 +550,7 @@ class Bench:
                       loss_pct=prof.loss_pct, udp_budget_mb=budget) as topo:
             if prof.rtt_ms:
                 self.check_rtt(topo, prof.rtt_ms, f"ping_{prof.name}")
-            iperf_srv = topo.start("iperf3", topo.server,
-                                   ["iperf3", "-s", "-B", SERVER_IP, "-p", str(IPERF_PORT)])
-            wait_listen(iperf_srv, IPERF_PORT)
+            self.iperf_server = self.start_iperf_server(topo)
             with self.all_peers_up(topo, prof.name) as runs:
                 fwds: dict[str, Proc | None] = {p.name: None for p in self.peers if p.direct}
                 for pr in runs:
@@ -576,7 +575,14 @@ class Bench:
                         fwd = fwds.get(pr.peer.name)
                         if fwd:
                             res["rss_client_kib"] = fwd.peak_rss_kib()
-            iperf_srv.stop()
+            self.iperf_server.stop()
+
+    @staticmethod
+    def start_iperf_server(topo: Topology) -> Proc:
+        srv = topo.start("iperf3", topo.server,
+                         ["iperf3", "-s", "-B", SERVER_IP, "-p", str(IPERF_PORT)])
+        wait_listen(srv, IPERF_PORT)
+        return srv
 
     def _start_forward(self, pr: PeerRun, fwds: dict[str, Proc | None]) -> None:
         fwds[pr.peer.name] = pr.start_client("forward")
@@ -604,6 +610,10 @@ class Bench:
             cell["errors"].append(str(exc))
             res = None
             log(f"  [{prof.name}] {peer.name} {case} #{round_no + 1}: FAILED: {exc}")
+            # A test the client gave up on can keep the iperf3 server "busy" for the next
+            # peer: a fresh server for every run after a failure.
+            self.iperf_server.stop()
+            self.iperf_server = self.start_iperf_server(topo)
         cpu1 = [cpu_seconds(x.pid) for x in procs]
         counters = topo.bridge_counters()
         if prof.udp_cut:
@@ -832,7 +842,7 @@ def udp_verdict(cell: dict[str, Any], budget_mb: float) -> str:
     verdicts = []
     for u in runs:
         if u["udp_bytes"] < UDP_USE_BYTES:
-            verdicts.append("TCP, untouched")
+            verdicts.append("no UDP, run FAILED" if u["failed"] else "TCP, untouched")
         elif not u["udp_dropped"]:
             verdicts.append("UDP, budget not reached")
         elif u["failed"] or u["received_bytes"] <= budget_mb * 1e6 or not u["last_interval_bps"]:
