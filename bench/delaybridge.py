@@ -22,8 +22,15 @@ that namespace, e.g.::
     ip netns exec veilbench-1-middle python3 bench/delaybridge.py \\
         --a vbmc --b vbms --delay 50 --loss 0.5
 
+With ``--udp-budget MB`` it plays a network that throttles QUIC the way users
+of UDP tunnels report: UDP passes until that many megabytes (both directions
+together) have crossed, then every UDP frame is dropped; TCP is untouched.
+
 It prints ``ready`` on stdout once both sockets are bound, and a line of
-counters on stderr when it stops (SIGTERM or SIGINT).
+counters on stderr when it stops (SIGTERM or SIGINT). SIGUSR1 prints the
+counters as one JSON line on stdout and starts them (and the UDP budget) over:
+the bench sends it before each tunnel it measures, so each one meets a fresh
+budget.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import argparse
 import contextlib
 import errno
 import heapq
+import json
 import random
 import select
 import signal
@@ -47,6 +55,15 @@ PACKET_MR_PROMISC = 1
 PACKET_VNET_HDR = 15
 PACKET_IGNORE_OUTGOING = 23
 PACKET_OUTGOING = 4
+
+# Where a frame's headers sit after the virtio-net header PACKET_VNET_HDR puts
+# in front of it (struct virtio_net_hdr: 10 bytes).
+VNET_HDR_LEN = 10
+ETHERTYPE_AT = VNET_HDR_LEN + 12
+L3_AT = VNET_HDR_LEN + 14
+ETH_IPV4 = b"\x08\x00"
+ETH_IPV6 = b"\x86\xdd"
+IPPROTO_UDP = 17
 
 # A GSO frame from a veth can be up to 64 KiB of payload (more with BIG TCP);
 # one receive buffer this large is reused for every frame.
@@ -82,7 +99,8 @@ def open_end(ifname: str) -> socket.socket:
 class Bridge:
     """Two packet sockets and the departure heap between them."""
 
-    def __init__(self, a: str, b: str, delay_s: float, loss: float, seed: int | None) -> None:
+    def __init__(self, a: str, b: str, delay_s: float, loss: float, seed: int | None,
+                 udp_budget: int | None = None) -> None:
         self.ends = {}
         sa, sb = open_end(a), open_end(b)
         self.ends[sa.fileno()] = (sa, sb)
@@ -95,7 +113,28 @@ class Bridge:
         self.seq = 0
         self.buf = bytearray(MAX_FRAME)
         self.view = memoryview(self.buf)
-        self.stats = {"forwarded": 0, "lost": 0, "overflow": 0, "send_errors": 0}
+        self.udp_budget = udp_budget  # bytes of UDP let through; None: no limit
+        self.stats = self._zero()
+
+    @staticmethod
+    def _zero() -> dict[str, int]:
+        return {"forwarded": 0, "lost": 0, "overflow": 0, "send_errors": 0,
+                "udp_bytes": 0, "udp_dropped": 0}
+
+    def report_and_reset(self) -> None:
+        """SIGUSR1: the counters since the last reset, as JSON; the UDP budget starts over."""
+        print(json.dumps(self.stats), flush=True)
+        self.stats = self._zero()
+
+    def _is_udp(self, n: int) -> bool:
+        buf = self.buf
+        if n <= L3_AT + 9:
+            return False
+        ethertype = bytes(buf[ETHERTYPE_AT:ETHERTYPE_AT + 2])
+        if ethertype == ETH_IPV4:
+            return buf[L3_AT + 9] == IPPROTO_UDP
+        # IPv6: only a UDP next header right after the fixed header counts.
+        return ethertype == ETH_IPV6 and buf[L3_AT + 6] == IPPROTO_UDP
 
     def _drain(self, sock: socket.socket, out: socket.socket) -> None:
         while True:
@@ -106,6 +145,11 @@ class Bridge:
             now = time.monotonic()
             if addr[2] == PACKET_OUTGOING:
                 continue
+            if self.udp_budget is not None and self._is_udp(n):
+                if self.stats["udp_bytes"] >= self.udp_budget:
+                    self.stats["udp_dropped"] += 1
+                    continue
+                self.stats["udp_bytes"] += n - VNET_HDR_LEN
             if self.loss and self.rng.random() < self.loss:
                 self.stats["lost"] += 1
                 continue
@@ -150,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss", type=float, default=0.0,
                    help="percent of frames dropped, independently in each direction")
     p.add_argument("--seed", type=int, default=None, help="seed of the loss draws")
+    p.add_argument("--udp-budget", type=float, default=None, metavar="MB",
+                   help="drop every UDP frame once this many megabytes of UDP have crossed")
     args = p.parse_args(argv)
     if not 0.0 <= args.loss <= 100.0 or args.delay < 0:
         p.error("--loss must be within 0..100 and --delay >= 0")
@@ -159,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    bridge = Bridge(args.a, args.b, args.delay / 1000.0, args.loss / 100.0, args.seed)
+    budget = None if args.udp_budget is None else int(args.udp_budget * 1e6)
+    bridge = Bridge(args.a, args.b, args.delay / 1000.0, args.loss / 100.0, args.seed, budget)
+    signal.signal(signal.SIGUSR1, lambda _s, _f: bridge.report_and_reset())
     try:
         bridge.run()
     finally:

@@ -17,6 +17,7 @@ Topologies (client 10.199.0.1/24, server 10.199.0.2/24 in both)::
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -42,6 +43,8 @@ STOP_GRACE_S = 3.0
 # How long a daemon gets to start listening before it counts as failed
 # (python programs importing a crypto stack on a busy 2-core box need a few).
 LISTEN_TIMEOUT_S = 20.0
+# The bridge answers SIGUSR1 between two frames; a second is plenty even when busy.
+BRIDGE_REPLY_TIMEOUT_S = 5.0
 # Lines of a failed process's log quoted in the error.
 LOG_TAIL_LINES = 12
 
@@ -102,11 +105,13 @@ class Proc:
             self._log.write(b"[stdout] " + raw)
             self._log.flush()
 
-    def wait_stdout(self, pred: Callable[[str], bool], timeout: float) -> str | None:
-        """The first stdout line matching ``pred``, or None after ``timeout``."""
+    def wait_stdout(self, pred: Callable[[str], bool], timeout: float,
+                    after: int = 0) -> str | None:
+        """The first stdout line matching ``pred`` (from line ``after`` on), or None after
+        ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
-            for line in list(self.stdout_lines):
+            for line in self.stdout_lines[after:]:
                 if pred(line):
                     return line
             left = deadline - time.monotonic()
@@ -193,29 +198,47 @@ def read_vmhwm(pid: int) -> int | None:
     return None
 
 
-def listening_ports(pid: int) -> set[int]:
-    """TCP ports in LISTEN state in the network namespace of ``pid``."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of ``pid`` and its live descendants, each with its reaped
+    children's (``/proc/PID/stat`` utime, stime, cutime, cstime); 0 for a process gone."""
+    ticks = 0
+    for p in [pid, *descendants(pid)]:
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        # The command name (field 2) may hold spaces: fields are counted after its ")".
+        fields = stat[stat.rindex(")") + 2:].split()
+        ticks += sum(int(x) for x in fields[11:15])  # fields 14-17 of proc(5)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def listening_ports(pid: int, udp: bool = False) -> set[int]:
+    """TCP ports in LISTEN state (UDP: bound sockets) in the network namespace of ``pid``."""
     ports: set[int] = set()
-    for table in ("tcp", "tcp6"):
+    tables = ("udp", "udp6") if udp else ("tcp", "tcp6")
+    state = "07" if udp else "0A"  # TCP_CLOSE: an unconnected UDP socket; TCP_LISTEN
+    for table in tables:
         try:
             lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
         except OSError:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) > 3 and fields[3] == "0A":
+            if len(fields) > 3 and fields[3] == state:
                 ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
 
 
-def wait_listen(proc: Proc, port: int, timeout: float = LISTEN_TIMEOUT_S) -> None:
-    """Poll until something in ``proc``'s namespace listens on TCP ``port``."""
+def wait_listen(proc: Proc, port: int, timeout: float = LISTEN_TIMEOUT_S,
+                udp: bool = False) -> None:
+    """Poll until something in ``proc``'s namespace listens on TCP (or UDP) ``port``."""
     deadline = time.monotonic() + timeout
     delay = 0.01
     while time.monotonic() < deadline:
         if not proc.alive():
             raise proc.fail(f"died before listening on port {port}")
-        if port in listening_ports(proc.pid):
+        if port in listening_ports(proc.pid, udp):
             return
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
@@ -227,12 +250,14 @@ def wait_listen(proc: Proc, port: int, timeout: float = LISTEN_TIMEOUT_S) -> Non
 class Topology:
     """The namespaces of one phase of the bench; a context manager that always cleans up."""
 
-    def __init__(self, tag: str, log_dir: Path, delay_ms: float = 0.0, loss_pct: float = 0.0):
+    def __init__(self, tag: str, log_dir: Path, delay_ms: float = 0.0, loss_pct: float = 0.0,
+                 udp_budget_mb: float | None = None):
         self.tag = tag
         self.log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         self.delay_ms = delay_ms
         self.loss_pct = loss_pct
+        self.udp_budget_mb = udp_budget_mb
         self.client = f"{NS_PREFIX}-{tag}-client"
         self.server = f"{NS_PREFIX}-{tag}-server"
         self.middle = f"{NS_PREFIX}-{tag}-middle"
@@ -259,7 +284,7 @@ class Topology:
     def _build(self) -> None:
         self._add_ns(self.client)
         self._add_ns(self.server)
-        if self.delay_ms <= 0 and self.loss_pct <= 0:
+        if self.delay_ms <= 0 and self.loss_pct <= 0 and self.udp_budget_mb is None:
             run(["ip", "-n", self.client, "link", "add", "vbc", "mtu", str(MTU), "type", "veth",
                  "peer", "name", "vbs", "mtu", str(MTU), "netns", self.server])
         else:
@@ -283,13 +308,26 @@ class Topology:
         run(["ip", "-n", self.client, "link", "set", "vbc", "up"])
         run(["ip", "-n", self.server, "link", "set", "vbs", "up"])
         if self.middle in self.created:
-            self.bridge = self.start(
-                "delaybridge", self.middle,
-                [sys.executable, str(BENCH_DIR / "delaybridge.py"), "--a", "vbmc", "--b", "vbms",
-                 "--delay", str(self.delay_ms / 2), "--loss", str(self.loss_pct)],
-                capture_stdout=True)
+            argv = [sys.executable, str(BENCH_DIR / "delaybridge.py"), "--a", "vbmc", "--b",
+                    "vbms", "--delay", str(self.delay_ms / 2), "--loss", str(self.loss_pct)]
+            if self.udp_budget_mb is not None:
+                argv += ["--udp-budget", str(self.udp_budget_mb)]
+            self.bridge = self.start("delaybridge", self.middle, argv, capture_stdout=True)
             if self.bridge.wait_stdout(lambda s: s == "ready", LISTEN_TIMEOUT_S) is None:
                 raise self.bridge.fail("delay bridge did not start")
+
+    def bridge_counters(self) -> dict[str, int]:
+        """The bridge's counters since the last call (or its start), which also resets them
+        and its UDP budget; {} on a bare link."""
+        bridge = self.bridge
+        if bridge is None:
+            return {}
+        seen = len(bridge.stdout_lines)
+        os.kill(bridge.pid, signal.SIGUSR1)
+        line = bridge.wait_stdout(lambda s: s.startswith("{"), BRIDGE_REPLY_TIMEOUT_S, seen)
+        if line is None:
+            raise bridge.fail("no counters after SIGUSR1")
+        return dict(json.loads(line))
 
     def start(self, name: str, ns: str, argv: Sequence[str], capture_stdout: bool = False) -> Proc:
         proc = Proc(name, ns, argv, self.log_dir, capture_stdout=capture_stdout)

