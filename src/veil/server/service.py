@@ -229,9 +229,10 @@ class VeilServer:
             self._listeners = []
             raise
         # Named by the address bound (a --listen port 0 is a port now), the server joins the
-        # fleet's table at the next refresh.
+        # fleet's table now, before it says it listens: a panel asked at once lists it.
         self.live.server_id = server_id(str(self.address))
         self.live.heartbeat = self._heartbeat
+        await self.live.tick()
         loop = asyncio.get_running_loop()
         self._serve_tasks = [loop.create_task(self.gate.serve(sock)) for sock in self._listeners]
         try:  # before "listening on": whoever waits for that line may export links at once
