@@ -51,14 +51,14 @@ def test_keys_naming_another_port_are_said_at_start(tmp_path: Path) -> None:
                           f"127.0.0.1:{named}"], capture_output=True, text=True,
                          timeout=START_TIMEOUT_S)
     assert add.returncode == 0, add.stderr
-    server = procs.start_veil_server(tmp_path, port=procs.unused_port())
+    server = procs.start_veil_server_on_a_stated_port(tmp_path)
     try:
         log = server.log_text()
         assert f"keys name 127.0.0.1:{named}, but this server listens on 127.0.0.1:" \
                f"{server.port}" in log, log
     finally:
         procs.stop(server.proc)
-    same = procs.start_veil_server(tmp_path / "same", port=procs.unused_port())
+    same = procs.start_veil_server_on_a_stated_port(tmp_path / "same")
     try:
         assert "but this server listens on" not in same.log_text()
     finally:

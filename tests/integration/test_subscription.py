@@ -335,7 +335,7 @@ def test_the_cli_prints_the_urls_and_connect_follows_one(tmp_path: Path) -> None
     """``veil user show --subscription`` / ``--json``, then ``veil connect URL`` as a user
     runs it: connected through the key it fetched, with the answer cached."""
     # on a known port: the key a running server serves names the address it started with
-    server = procs.start_veil_server(tmp_path / "server", port=procs.unused_port())
+    server = procs.start_veil_server_on_a_stated_port(tmp_path / "server")
     try:
         server.add_user("bob")
         show = subprocess.run([*procs.VEIL, "user", "show", "bob", "--subscription", "--state",

@@ -188,6 +188,22 @@ def start_veil_server(workdir: Path, *extra: str, port: int | None = None,
     return VeilServer(proc, bound, state, key, log)
 
 
+def start_veil_server_on_a_stated_port(workdir: Path, *extra: str,
+                                       allow_private: bool = True) -> VeilServer:
+    """Start ``veil serve`` told its port in ``--listen`` (as an operator does), for tests of
+    what a server says about its port; port 0 would leave it nothing to compare.
+    The port comes from :func:`unused_port`, so another process may take it first: a start
+    that fails to bind writes no state, and is tried again on another port."""
+    for attempt in range(5):
+        try:
+            return start_veil_server(workdir, *extra, port=unused_port(),
+                                     allow_private=allow_private)
+        except RuntimeError as error:
+            if "Address already in use" not in str(error) or attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _publish_port(state: Path, key: str, port: int) -> str:
     """Keys name the address clients dial, recorded at the first run from ``--listen``: a
     first run on port 0 recorded port 0. Record the port the server got instead (what an
