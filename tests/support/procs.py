@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import json
 import os
+import random
 import re
 import select
 import shutil
@@ -37,15 +38,40 @@ def unused_port(kind: int = socket.SOCK_STREAM) -> int:
     expect it.
 
     The port is free only when this returns: another process may take it before the program
-    binds it. Linux spreads port-0 binds and outgoing connections over the whole ephemeral
-    range, so that is rare on a test machine; and a program that then fails to bind exits at
-    once, so callers retry with a new port (:func:`nginx`) or fail loudly, never hang.
+    binds it. It is picked below the system's ephemeral range, where port-0 binds and
+    outgoing connections never land (CI saw a server's port taken by one of the thousands
+    of connections the other test worker makes), so only another caller of this function
+    could take it: one in thousands of ports. A program that then fails to bind exits at
+    once, so callers retry with a new port (:func:`nginx`,
+    :func:`start_veil_server_on_a_stated_port`) or fail loudly, never hang.
     Programs that can listen on port 0 and report the port they got (veil serve and its
     admin panel, veil connect's proxies and forwards) do that instead (:func:`bound_port`).
     """
-    with socket.socket(socket.AF_INET, kind) as s:
+    low, _ = _ephemeral_range()
+    for _ in range(100):
+        port = _random.randrange(max(1024, low - _BELOW_EPHEMERAL), low)
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, kind) as s:  # that range is full: any free port
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+_random = random.SystemRandom()
+#: How many ports below the ephemeral range :func:`unused_port` picks from.
+_BELOW_EPHEMERAL = 12_000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0,
