@@ -91,3 +91,15 @@ def test_a_first_start_does_not_pick_the_self_signed_certificate_by_itself(
         procs.wait_port(port)  # listening: the earlier choice stands
     finally:
         procs.stop(again)
+
+
+def test_creating_the_first_user_and_stopping_are_info_not_warnings(tmp_path: Path) -> None:
+    """A first start and a SIGTERM are what an operator asked for: INFO, so that WARNING
+    lines in the journal stay the ones to read."""
+    server = procs.start_veil_server(tmp_path)
+    procs.stop(server.proc)
+    lines = server.log_text().splitlines()
+    created = [line for line in lines if "created user" in line]
+    stopping = [line for line in lines if line.endswith(": stopping")]
+    assert len(created) == 1 and " INFO veil: " in created[0], lines
+    assert len(stopping) == 1 and " INFO veil: " in stopping[0], lines

@@ -76,14 +76,14 @@ def test_user_commands_refuse_keys_that_cannot_work(tmp_path: Path) -> None:
 
     assert veil_user(state, "revoke", "alice").returncode == 0
     rotated = veil_user(state, "rotate", "alice")
-    assert rotated.returncode == 1 and "revoked" in rotated.stderr, rotated
+    assert rotated.returncode == 2 and "revoked" in rotated.stderr, rotated
     assert "veil://" not in rotated.stdout
     restored = veil_user(state, "restore", "alice")
     assert restored.returncode == 0, restored.stderr
     assert veil_user(state, "rotate", "alice").stdout.startswith("veil://")
 
     active = veil_user(state, "delete", "alice")
-    assert active.returncode == 1 and "revoke it first" in active.stderr, active
+    assert active.returncode == 2 and "revoke it first" in active.stderr, active
     assert veil_user(state, "revoke", "alice").returncode == 0
     assert veil_user(state, "delete", "alice").returncode == 0
     again = veil_user(state, "add", "alice")

@@ -271,7 +271,7 @@ def test_usage_survives_kill_9_within_a_second(tmp_path: Path, nginx: procs.Ngin
 
 def test_user_commands_explain_bad_input(veil_server: VeilServer) -> None:
     missing = veil_user(veil_server, "limit", "nobody", "--limit", "5GB", check=False)
-    assert missing.returncode == 1 and "no user named 'nobody'" in missing.stderr
+    assert missing.returncode == 2 and "no user named 'nobody'" in missing.stderr
     bad = veil_user(veil_server, "add", "someone", "--limit", "lots", check=False)
     assert bad.returncode == 2 and "bad limit 'lots'" in bad.stderr
     assert "someone" not in users_json(veil_server)

@@ -240,7 +240,7 @@ def test_user_show_prints_warns_and_writes_png(tmp_path: Path) -> None:
     assert default.stdout == add.stdout  # the same veil:// key `user add` printed
     missing = subprocess.run([*procs.VEIL, "user", "show", "nobody", "--state",
                               str(server_state)], capture_output=True, text=True, timeout=30)
-    assert missing.returncode == 1 and "no user named 'nobody'" in missing.stderr
+    assert missing.returncode == 2 and "no user named 'nobody'" in missing.stderr
 
 
 # ------------------------------------------------------------------ the CDN ways (wss://)

@@ -631,10 +631,10 @@ def _serve(args: argparse.Namespace, options: ServerOptions, state: ServerState,
             if os.environ.get("INVOCATION_ID") and not sys.stdout.isatty():
                 # A systemd service: stdout is the journal, which keeps it for months and
                 # shows it to every member of adm and systemd-journal. Say where it is.
-                log.warning("created user %r; show its access key with: veil user show %s "
+                log.info("created user %r; show its access key with: veil user show %s "
                             "--state %s", user.name, user.name, args.state)
             else:
-                log.warning("created user %r; its access key is printed on stdout", user.name)
+                log.info("created user %r; its access key is printed on stdout", user.name)
                 _print_key(users.access_key(user))
     finally:
         users.store.close()
@@ -696,7 +696,7 @@ async def _serve_until_stopped(server: VeilServer, stop: asyncio.Event) -> None:
             log.error("reload failed, still serving as before: %s", exc)
         loop.call_later(CERT_RELOAD_INTERVAL_S, reload.set)
         notify("READY=1", f"STATUS=listening on {server.address}")
-    log.warning("stopping")
+    log.info("stopping")
     notify("STOPPING=1")
 
 
@@ -948,6 +948,19 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "admin": cmd_admin, "doctor": cmd_doctor}
 
 
+#: Store answers that mean the request named something wrong (a user that does not exist, a
+#: name already taken), which exit 2 like a mistyped option, not 1 like a store that failed:
+#: a script can tell "fix the command" from "try again later".
+_WRONG_REQUEST_CODES = frozenset({"not_found", "exists", "already_revoked", "not_revoked",
+                                  "bad_usage"})
+
+
+def _is_a_wrong_request(exc: Exception) -> bool:
+    if isinstance(exc, ConfigError):
+        return True
+    return isinstance(exc, StoreError) and exc.code in _WRONG_REQUEST_CODES
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv, verbosity = _take_verbosity(sys.argv[1:] if argv is None else argv)
@@ -957,7 +970,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except (ConfigError, StoreError, ValueError) as exc:
         print(f"veil: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+        return 2 if _is_a_wrong_request(exc) else 1
     except VeilError as exc:
         print(f"veil: error: {exc}", file=sys.stderr)
         return 1

@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping
 
 from veil.errors import AuthError, RemoteProtocolError, TransportError, VeilError
 from veil.net.dialer import DatagramHandler, Dialer, IPAddress, UdpFlow
-from veil.net.driver import DatagramStreamHandler, SessionDriver, TcpRelay
+from veil.net.driver import DatagramStreamHandler, SessionDriver, TcpRelay, reset_reason
 from veil.net.noise_channel import KEY_REFUSED, NoiseClientChannel
 from veil.protocol.accesskey import AccessKey, pin_of_der
 from veil.protocol.address import Address
@@ -216,6 +216,35 @@ def _way_name(index: int, way: Endpoint) -> str:
     return f"direct path {way}" if index == 0 else f"way in {way}"
 
 
+#: How often the client says at INFO why the server cut its applications' connections, per
+#: reason: a browser whose page pulls fifty blocked trackers gets one line, not fifty.
+RESET_REPEAT_S = 10.0
+
+
+class ResetSayer:
+    """Tells the user why the server reset a stream (a refused destination, a name it could
+    not resolve, a destination that did not answer): an INFO line, never the destination,
+    once per reason per :data:`RESET_REPEAT_S`; the repeats in between at DEBUG, and
+    counted in the next INFO line."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._said: dict[ResetCode, float] = {}
+        self._unsaid: dict[ResetCode, int] = {}
+
+    def say(self, stream_id: int, code: ResetCode) -> None:
+        now = self._clock()
+        said = self._said.get(code)
+        if said is not None and now - said < RESET_REPEAT_S:
+            self._unsaid[code] = self._unsaid.get(code, 0) + 1
+            log.debug("stream %d reset by the server: %s", stream_id, reset_reason(code))
+            return
+        self._said[code] = now
+        more = self._unsaid.pop(code, 0)
+        log.info("a request failed: the server answered %s%s", reset_reason(code),
+                 f" (and {more} more since the last such line)" if more else "")
+
+
 class ClientTunnel(Dialer):
     def __init__(self, key: AccessKey, *, pool_size: int = 1, tls_stack: str = "browser",
                  session_config: SessionConfig | None = None,
@@ -247,6 +276,7 @@ class ClientTunnel(Dialer):
         self.tls_stack = tls_stack
         self.credential = Credential.from_secret(key.secret)
         self.pool_size = pool_size
+        self._reset_sayer = ResetSayer()
         self.session_config = session_config
         self._drivers: list[SessionDriver] = []
         # Resolved (and replaced) whenever a session is added or forgotten: wakes wait_ready,
@@ -705,6 +735,7 @@ class ClientTunnel(Dialer):
             return
         stream_id = driver.session.open_stream(StreamKind.TCP, dest)
         relay = TcpRelay(driver, stream_id, local)
+        relay.report_reset = self._reset_sayer.say
         local.set_protocol(relay)
         driver.attach(stream_id, relay)
         if early_data:

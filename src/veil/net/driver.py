@@ -422,6 +422,15 @@ class SessionDriver(asyncio.Protocol):
             transport.close()
 
 
+def reset_reason(code: ResetCode) -> str:
+    """A reset code as words: ``REFUSED_DESTINATION`` -> "refused destination"."""
+    return code.name.lower().replace("_", " ")
+
+
+def log_reset(stream_id: int, code: ResetCode) -> None:
+    log.debug("stream %d reset by the peer: %s", stream_id, reset_reason(code))
+
+
 class TcpRelay(asyncio.BufferedProtocol):
     """Relays one local TCP connection to one session stream, both ways, with backpressure.
 
@@ -464,6 +473,9 @@ class TcpRelay(asyncio.BufferedProtocol):
         #: HTTP proxy's 502) while no byte has come back: the bytes to write before closing
         #: when the peer resets the stream first, by reset code; None (or it gives None): a cut.
         self.answer_early_reset: Callable[[ResetCode], bytes | None] | None = None
+        #: Told why the peer reset this stream (not when it was cancelled): a DEBUG line by
+        #: default; the client says it where its user reads (``ClientTunnel``).
+        self.report_reset: Callable[[int, ResetCode], None] = log_reset
 
     # --- local transport callbacks
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -655,8 +667,7 @@ class TcpRelay(asyncio.BufferedProtocol):
         if code is not ResetCode.CANCELLED:
             # Why an application's connection was cut (a destination refused, unresolvable,
             # unreachable...): the one place a user can learn it. Never the destination.
-            log.debug("stream %d reset by the peer: %s", self.stream_id,
-                      code.name.lower().replace("_", " "))
+            self.report_reset(self.stream_id, code)
         transport, answer = self.transport, None
         if self.answer_early_reset is not None and not self._answered and not self._closed:
             answer = self.answer_early_reset(code)
