@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import procs
 from tests.support.procs import VEIL
 
 # Python's start and the command's own work (the probe: one refused connect).
@@ -53,3 +54,18 @@ def test_lab_probe_of_a_closed_port_says_connection_refused() -> None:
     result = veil("lab", "probe", f"127.0.0.1:{port}")
     assert_one_line(result, "connection refused")
     assert "FLAGGED" not in result.stdout
+
+
+def test_lab_probe_of_a_self_signed_server_is_flagged_by_its_certificate(
+        tmp_path: Path) -> None:
+    """The certificate's verdict counts: a server whose reactions pass but whose certificate
+    gives it away is FLAGGED, exit 1, not "passes" below a FLAGGED certificate."""
+    server = procs.start_veil_server(tmp_path, "--self-signed")
+    try:
+        result = veil("lab", "probe", f"127.0.0.1:{server.port}", "--wait", "0.5")
+    finally:
+        procs.stop(server.proc)
+    assert result.returncode == 1, result
+    lines = result.stdout.splitlines()
+    assert "certificate: FLAGGED" in lines and "reactions: pass" in lines, result.stdout
+    assert lines[-1] == "verdict: FLAGGED by the certificate", result.stdout

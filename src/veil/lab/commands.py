@@ -90,7 +90,7 @@ def _probe(args: argparse.Namespace) -> int:
         _emit(json.dumps(result.to_json(), indent=2) + "\n")
     else:
         _emit(probe.format_text(result) + "\n")
-    return 1 if result.verdict.flagged else 0
+    return 1 if result.flagged else 0
 
 
 def _censor(args: argparse.Namespace) -> int:

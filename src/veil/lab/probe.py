@@ -332,9 +332,16 @@ class ProbeReport:
                f"none of the proxy tells in {len(self.results)} probes")
         return Verdict(NAME, False, (why,), details={"probes": len(self.results)})
 
+    @property
+    def flagged(self) -> bool:
+        """Flagged by its reactions or by its certificate: either alone gives a server away."""
+        return self.verdict.flagged or (self.certificate is not None
+                                        and self.certificate.flagged)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "target": self.target, "reference": self.reference,
+            "flagged": self.flagged,
             "verdict": self.verdict.to_json(),
             "certificate": self.certificate.to_json() if self.certificate else None,
             "probes": [{"name": r.probe.name, "tls": r.probe.tls,
@@ -415,6 +422,9 @@ def format_text(report: ProbeReport) -> str:
         lines.append(f"certificate: {'FLAGGED' if c.flagged else 'ok'}")
         lines.extend(f"  - {e}" for e in c.evidence)
     v = report.verdict
-    lines.append(f"verdict: {'FLAGGED' if v.flagged else 'passes'}")
+    lines.append(f"reactions: {'FLAGGED' if v.flagged else 'pass'}")
     lines.extend(f"  - {e}" for e in v.evidence)
+    by = [what for what, verdict in (("the reactions", v), ("the certificate", report.certificate))
+          if verdict is not None and verdict.flagged]
+    lines.append(f"verdict: FLAGGED by {' and '.join(by)}" if by else "verdict: passes")
     return "\n".join(lines)
