@@ -11,14 +11,13 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from tests.support import procs
 from tests.support.wait import wait_until
+from tests.support.webhook import SECRET_PATH, Receiver, receiving
 from veil.config import ServerOptions
 from veil.errors import ConfigError
 from veil.manage.state import ServerState, init_state
@@ -29,52 +28,13 @@ from veil.server.alerts import Webhook
 from veil.server.service import VeilServer
 from veil.store.base import Usage
 
-# The receiver's secret path: a chat service's webhook carries its token this way.
-SECRET_PATH = "/hook/T0KEN-not-for-logs"
 WAIT_S = 10.0
-
-
-@dataclass
-class Receiver:
-    """A local HTTP server that records each POST and answers the next status in line."""
-
-    statuses: list[int] = field(default_factory=list)  # then 200 for ever
-    posts: list[tuple[str, dict[str, object]]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{SECRET_PATH}"
 
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    got = Receiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with got.lock:
-                got.posts.append((self.path, body))
-                status = got.statuses.pop(0) if got.statuses else 200
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    got.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with receiving() as got:
         yield got
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 class Loop:

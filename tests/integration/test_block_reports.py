@@ -1,6 +1,7 @@
 """A client blocked on its first way in tells the server through the second, and the operator
 hears of it: `/metrics` counts the report for the first way, and `veil serve --on-block CMD`
-ran CMD (a tiny script that writes its environment to a file).
+ran CMD (a tiny script that writes its environment to a file), and `--alert-webhook` got a
+`way_in_blocked` post: the users behind the censor are the outside vantage point.
 
 A real `veil serve` listens on two loopback ports (`--listen` twice, the second announced by
 `--via tls://`); keys name a test censor (tests/support/blocker.py) as the server's public
@@ -31,6 +32,7 @@ from tests.support import procs
 from tests.support.blocker import Blocker
 from tests.support.socks_echo import echo as echo_handler
 from tests.support.wait import wait_until
+from tests.support.webhook import Receiver, receiving
 from veil.client.forward import TcpForward
 from veil.net.client_session import ClientTunnel
 from veil.protocol.accesskey import AccessKey
@@ -57,6 +59,7 @@ class Rig:
     admin_port: int
     alert_file: Path
     echo_port: int
+    webhook: Receiver
 
 
 @contextlib.asynccontextmanager
@@ -68,19 +71,24 @@ async def rig(tmp: Path) -> AsyncIterator[Rig]:
     hook.write_text(HOOK)
     second = procs.unused_port()
     server = None
+    webhook = contextlib.ExitStack()
     try:
+        receiver = webhook.enter_context(receiving())
         server = procs.start_veil_server(
             tmp, "--listen", f"{LOOPBACK}:{second}", "--via", f"tls://{LOOPBACK}:{second}",
             "--public", str(blocker.address), "--admin", f"{LOOPBACK}:0",
-            "--on-block", f"{sys.executable} {hook} {alert_file}")
+            "--on-block", f"{sys.executable} {hook} {alert_file}",
+            "--alert-webhook", receiver.url)
         admin_port = procs.bound_port(server.log, "admin panel on", server.proc)
         blocker.upstream = Address(LOOPBACK, server.port)
         key = AccessKey.parse(server.key)
         assert [str(w) for w in key.ways()] == [str(blocker.address), f"{LOOPBACK}:{second}"]
-        yield Rig(blocker, key, admin_port, alert_file, echo.sockets[0].getsockname()[1])
+        yield Rig(blocker, key, admin_port, alert_file, echo.sockets[0].getsockname()[1],
+                  receiver)
     finally:
         if server is not None:
             procs.stop(server.proc)
+        webhook.close()
         echo.close()
         await blocker.close()
 
@@ -130,6 +138,10 @@ def test_a_blocked_way_is_reported_through_the_other_and_the_hook_runs(tmp_path:
                 metrics = await scrape(r.admin_port)
             wait_until(lambda: r.alert_file.exists() and r.alert_file.read_text(),
                        HOOK_WITHIN_S, "the --on-block hook to run")
+            wait_until(lambda: r.webhook.events(), HOOK_WITHIN_S, "the webhook's post")
+            ((_, posted),) = r.webhook.posts
+            assert posted["event"] == "way_in_blocked" and posted["way_in"] == direct, posted
+            assert (posted["kind"], posted["users"], posted["active_users"]) == ("reset", 1, 1)
             return metrics, r.alert_file.read_text().replace(direct, "DIRECT")
 
     metrics, alerts = asyncio.run(main())
@@ -156,7 +168,7 @@ def test_no_block_no_report(tmp_path: Path) -> None:
                 assert tunnel.chooser.current == 0 and r.blocker.relayed >= 1
                 metrics = await scrape(r.admin_port)
             await asyncio.sleep(NO_HOOK_GRACE_S)
-            assert not r.alert_file.exists()
+            assert not r.alert_file.exists() and r.webhook.posts == []
             return metrics
 
     metrics = asyncio.run(main())

@@ -16,8 +16,13 @@ failure (no connection, a timeout, another status) is tried again after
 :data:`RETRY_DELAYS_S`, then given up with one log line: an alert is news, and a receiver
 down for minutes must not pile up work in the server.
 
-"Unreachable from outside" needs a vantage point outside the server's network, which a server
-cannot be for itself: ``veil lab probe`` from another machine, or an uptime service, does that
+* a way in is unreachable from outside for most of its users: the clients behind a censor
+  are the vantage point that matters, and those that moved to another way in report the
+  block (server/blocks.py); when the tracker's threshold is crossed, the alert is posted
+  (claimed once per way in and :data:`~veil.server.blocks.ALERT_COOLDOWN_S` fleet-wide).
+
+A server down for everybody cannot post about itself, and its clients cannot reach it to
+report: an uptime service, or ``veil lab probe`` from another machine, watches for that
 (docs/operations.md).
 """
 
@@ -43,6 +48,7 @@ from veil.store.base import UserStore, period_start
 
 if TYPE_CHECKING:
     from veil.manage.state import ServerState
+    from veil.server.blocks import BlockAlert
     from veil.server.live import UserDirectory
 
 log = logging.getLogger("veil.server")
@@ -163,6 +169,14 @@ def certificate_alert(validity: tuple[float, float] | None, now: float,
         "days_left": round((not_after - now) / 86400, 1)})
 
 
+def block_alert(alert: BlockAlert, cooldown: float) -> Alert:
+    """The alert for a way in most of its users report blocked: claimed once per way in and
+    ``cooldown`` window fleet-wide (every server of a fleet may hear the same reports)."""
+    return Alert(f"alert:blocked:{alert.way_in}:{int(alert.since // cooldown)}", {
+        "event": "way_in_blocked", "way_in": alert.way_in, "kind": alert.kind,
+        "users": alert.users, "active_users": alert.active_users, "since": alert.since})
+
+
 class Alerts:
     """The server's alert task: checks every :data:`CHECK_INTERVAL_S`, claims each alert in
     the store, posts the ones it claimed."""
@@ -181,7 +195,7 @@ class Alerts:
         self.cert_share = cert_share
         self._clock = clock
         self._store: UserStore | None = None
-        self._posts: set[asyncio.Task[bool]] = set()
+        self._posts: set[asyncio.Task[bool] | asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         self._store = await asyncio.to_thread(self._state().open_store)
@@ -207,13 +221,29 @@ class Alerts:
         cert = certificate_alert(validity, now, self.cert_days, self.cert_share)
         if cert is not None:
             alerts.append(cert)
+        await self._claim_and_post(alerts, now)
+
+    def blocked(self, alert: BlockAlert, cooldown: float) -> None:
+        """Post a way-in block now (the tracker decided it is news), not at the next check."""
+        if self._store is None:
+            return  # not running (starting or stopping): the log line stands for it
+        task = asyncio.get_running_loop().create_task(
+            self._claim_and_post([block_alert(alert, cooldown)], self._clock()))
+        self._posts.add(task)
+        task.add_done_callback(self._posts.discard)
+
+    async def _claim_and_post(self, alerts: list[Alert], now: float) -> None:
         if not alerts:
             return
         store = self._store
         assert store is not None
         server = self.server_id()
-        claimed = await asyncio.to_thread(
-            lambda: [a for a in alerts if store.claim_setting(a.key, server)])
+        try:
+            claimed = await asyncio.to_thread(
+                lambda: [a for a in alerts if store.claim_setting(a.key, server)])
+        except StoreError as exc:
+            log.warning("alerts: the user store is unavailable: %s", exc)
+            return
         for alert in claimed:
             body = {**alert.body, "server": server, "at": now}
             task = asyncio.get_running_loop().create_task(self.webhook.post(body))

@@ -37,7 +37,7 @@ from veil.protocol.shaping import NO_SHAPING
 from veil.protocol.trojan import TrojanRequest, password_hash_for_secret
 from veil.server.acme import CertificateRenewer, acme_directory_for
 from veil.server.alerts import Alerts, Webhook
-from veil.server.blocks import BlockAlert, BlockTracker, run_alert_command
+from veil.server.blocks import ALERT_COOLDOWN_S, BlockAlert, BlockTracker, run_alert_command
 from veil.server.borrow import Borrowed
 from veil.server.gate import Authenticator, Gate, VeilWayIn, WayIn
 from veil.server.live import Live, LiveConnection
@@ -346,6 +346,8 @@ class VeilServer:
             hook = self.options.on_block
             log.warning("%s%s", alert.describe(),
                         f"; running {hook[0]}" if hook else " (no --on-block command)")
+            if self.alerts is not None:
+                self.alerts.blocked(alert, ALERT_COOLDOWN_S)
             if hook:
                 task = asyncio.get_running_loop().create_task(run_alert_command(hook, alert))
                 self._alert_tasks.add(task)
