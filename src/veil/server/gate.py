@@ -513,6 +513,14 @@ class _AwaitAuth(asyncio.Protocol):
         wait = False
         for way_in in gate.ways_in:
             verdict = way_in.check(data, transport)
+            if isinstance(verdict, Accept) and self._greeted and way_in.greeting_grace:
+                # The greeting went before this request came (past the grace: a request
+                # retransmitted on a lossy link, a client on a loaded machine), and this way
+                # in's clients cannot skip it: a tunnel now would hand the app those bytes as
+                # its first data. The cover answers, as nginx answers a preface that is not
+                # HTTP/2's, and the app connects again.
+                reason, wait = f"{way_in.name}_after_greeting", False
+                break
             if isinstance(verdict, Accept):
                 self._leave_gate()
                 gate.stats.accept(way_in.name)
