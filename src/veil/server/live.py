@@ -36,7 +36,7 @@ import itertools
 import logging
 import resource
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, cast, runtime_checkable
 
@@ -304,7 +304,8 @@ class Live:
                  max_devices_per_user: int | None = None,
                  user_rate: float | None = None,
                  outbound_slots: OutboundSlots | None = None,
-                 clock: Callable[[], float] = time.time, server_id: str = "") -> None:
+                 clock: Callable[[], float] = time.time, server_id: str = "",
+                 ids: Iterator[int] | None = None) -> None:
         #: This server's id in the store's fleet table and in sessions asked to end.
         self.server_id = server_id
         #: Called on the loop for a heartbeat: takes what it needs of the server there and
@@ -341,7 +342,9 @@ class Live:
         #: Bytes per user counted by this process since it started (for metrics).
         self.user_bytes: dict[str, Usage] = {}
         self._pending: dict[str, Usage] = {}  # counted, not yet in the store
-        self._ids = itertools.count(1)
+        #: Connection ids; workers of one server draw from disjoint ones (every Nth), so an
+        #: id names one connection of the whole server (a session an admin ends, the panel).
+        self._ids = ids or itertools.count(1)
         self._store: UserStore | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
