@@ -42,8 +42,8 @@ _SESSION = re.compile(r"\[worker (\d+) pid (\d+)\]: session started for user (\S
 _WORKERS = re.compile(r"listening on \S+ \(2 workers: (\d+) (\d+)\)")
 
 
-def _start(directory: Path) -> Iterator[VeilServer]:
-    server = procs.start_veil_server(directory, "--workers", "2")
+def _start(directory: Path, *extra: str) -> Iterator[VeilServer]:
+    server = procs.start_veil_server(directory, "--workers", "2", *extra)
     try:
         wait_until(lambda: _WORKERS.search(server.log_text()), 30, "both workers to start")
         yield server
@@ -55,7 +55,7 @@ def _start(directory: Path) -> Iterator[VeilServer]:
 def shared(module_dir: Path) -> Iterator[VeilServer]:
     """A server the tests that leave it running share (each with its own user where it
     counts or changes one)."""
-    yield from _start(module_dir / "shared")
+    yield from _start(module_dir / "shared", "--max-devices-per-user", "1")
 
 
 @pytest.fixture
@@ -84,20 +84,8 @@ class Session:
     def __init__(self, server: VeilServer, key: str, context: ssl.SSLContext,
                  ticket: ssl.SSLSession | None = None, padding: int = 0) -> None:
         before = len(_SESSION.findall(server.log_text()))
-        raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        self.tls = authenticate(server, key, context, ticket=ticket, padding=padding)
         try:
-            self.tls = context.wrap_socket(raw, session=ticket)
-        except BaseException:
-            raw.close()
-            raise
-        try:
-            binding = self.tls.get_channel_binding("tls-unique")
-            assert binding is not None
-            secret = AccessKey.parse(key).secret
-            message = build_auth(Credential.from_secret(secret), binding, time.time())
-            if padding:
-                message += frame(FrameType.PADDING, 0, bytes(padding))
-            self.tls.sendall(message)
             assert self.tls.recv(1) == bytes([FrameType.PADDING]), "the key must open a session"
             self.resumed = self.tls.session_reused
             self.ticket = self.tls.session
@@ -110,6 +98,31 @@ class Session:
 
     def close(self) -> None:
         self.tls.close()
+
+
+def authenticate(server: VeilServer, key: str, context: ssl.SSLContext, *,
+                 ticket: ssl.SSLSession | None = None, padding: int = 0,
+                 source: str = "127.0.0.1") -> ssl.SSLSocket:
+    """A TLS connection from ``source`` that has sent ``key``'s authenticator."""
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                   source_address=(source, 0))
+    try:
+        tls = context.wrap_socket(raw, session=ticket)
+    except BaseException:
+        raw.close()
+        raise
+    try:
+        binding = tls.get_channel_binding("tls-unique")
+        assert binding is not None
+        secret = AccessKey.parse(key).secret
+        message = build_auth(Credential.from_secret(secret), binding, time.time())
+        if padding:
+            message += frame(FrameType.PADDING, 0, bytes(padding))
+        tls.sendall(message)
+    except BaseException:
+        tls.close()
+        raise
+    return tls
 
 
 @contextlib.contextmanager
@@ -209,6 +222,29 @@ def test_a_revoked_user_is_cut_on_every_worker_within_a_second(shared: VeilServe
                 while session.tls.recv(4096):
                     pass
             assert time.monotonic() - returned < CUT_WITHIN_S, f"worker {session.worker}"
+
+
+def test_a_second_device_is_refused_by_every_worker(shared: VeilServer) -> None:
+    """--max-devices-per-user 1: with one device (127.0.0.1) connected to one worker, a
+    second (127.0.0.2) is refused on MAX_DRAWS connections, which reach the other worker
+    too (a worker counting only its own devices would let it in there); once the first
+    device is gone, the second gets in."""
+    key = shared.add_user("one-device")
+    context = client_context()
+    first = Session(shared, key, context)
+    try:
+        for _ in range(MAX_DRAWS):
+            with authenticate(shared, key, context, source="127.0.0.2") as tls:
+                answer = tls.recv(1)
+            assert answer != bytes([FrameType.PADDING]), "a second device got a session"
+    finally:
+        first.close()
+    wait_until(lambda: _opens(shared, key, "127.0.0.2"), 10, "the second device to get in")
+
+
+def _opens(server: VeilServer, key: str, source: str) -> bool:
+    with authenticate(server, key, client_context(), source=source) as tls:
+        return tls.recv(1) == bytes([FrameType.PADDING])
 
 
 def test_a_killed_worker_is_replaced_and_sigterm_stops_all(workers: VeilServer) -> None:

@@ -742,7 +742,8 @@ def _serve_worker(args: argparse.Namespace, options: ServerOptions) -> None:
         report_to_parent,
     )
 
-    index, count, channel_fd, replay_fd, listener_fds = parse_worker_argument(args.worker_of)
+    index, count, channel_fd, replay_fd, users_fd, listener_fds = parse_worker_argument(
+        args.worker_of)
     # Every line says which worker wrote it: they share the parent's stderr.
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter(
@@ -750,7 +751,7 @@ def _serve_worker(args: argparse.Namespace, options: ServerOptions) -> None:
             f"%(message)s"))
     channel = socket.socket(fileno=channel_fd)
     role = WorkerRole(index, count, tuple(socket.socket(fileno=fd) for fd in listener_fds),
-                      replay_fd, receive_ticket_keys(channel))
+                      replay_fd, receive_ticket_keys(channel), users_fd)
     state = load_state(args.state, args.db)
     _raise_open_file_limit()
 

@@ -38,13 +38,16 @@ import resource
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
 
 from veil.config import DEFAULT_MAX_SESSIONS, DEFAULT_MAX_SESSIONS_PER_USER
 from veil.errors import StoreError
 from veil.manage import presence
 from veil.store.base import SessionEnd, Usage, User, UserStore, period_start
 from veil.transport.ratelimit import Limiter, Limits, TokenBucket
+
+if TYPE_CHECKING:
+    from veil.server.shared import SharedUsers
 
 log = logging.getLogger("veil.server")
 
@@ -321,6 +324,9 @@ class Live:
         #: from at once (None: any number); a new address past it gets the cover site.
         self.max_devices_per_user = max_devices_per_user
         self._devices: dict[str, dict[str, int]] = {}  # user -> address -> live connections
+        #: One worker of several (--workers): the sessions and devices of every worker, which
+        #: the per-user limits then count (veil.server.shared); None: this process's alone.
+        self.shared: SharedUsers | None = None
         #: Outbound descriptors per user and for the server (streams, Trojan, UDP).
         self.outbound_slots = outbound_slots or OutboundSlots.for_this_process()
         self.max_sessions = max_sessions
@@ -404,9 +410,14 @@ class Live:
         address (:func:`device_of`), for ``max_devices_per_user``."""
         if (reason := self.directory.refusal(user)) is not None:
             return reason
-        if self._per_user.get(user.name, 0) >= self.max_sessions_per_user:
+        if self.shared is not None:  # one worker of several: the whole server's counts
+            reason = self.shared.refusal(user.name, device, self.max_sessions_per_user,
+                                         self.max_devices_per_user)
+            if reason is not None:
+                return reason
+        elif self._per_user.get(user.name, 0) >= self.max_sessions_per_user:
             return "too_many_sessions"
-        if device is not None and self.max_devices_per_user is not None:
+        elif device is not None and self.max_devices_per_user is not None:
             devices = self._devices.get(user.name, {})
             if device not in devices and len(devices) >= self.max_devices_per_user:
                 return "too_many_devices"
@@ -426,6 +437,8 @@ class Live:
         if conn.device is not None:
             devices = self._devices.setdefault(user.name, {})
             devices[conn.device] = devices.get(conn.device, 0) + 1
+        if self.shared is not None:
+            self.shared.add(user.name, conn.device)
         if not isinstance(transport, RateLimited):
             return conn
         read: list[Limiter] = []
@@ -467,6 +480,8 @@ class Live:
     def _forget(self, conn: LiveConnection) -> None:
         self._count(conn)
         name = conn.user.name
+        if self.shared is not None:
+            self.shared.remove(name, conn.device)
         devices = self._devices.get(name)
         if conn.device is not None and devices is not None:
             if devices.get(conn.device, 1) > 1:

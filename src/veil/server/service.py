@@ -46,7 +46,7 @@ from veil.server.gate import Authenticator, Gate, VeilWayIn, WayIn
 from veil.server.live import Live, LiveConnection
 from veil.server.outbound import Outbound, session_features
 from veil.server.policy import DestinationPolicy, local_addresses, server_resolver
-from veil.server.shared import SharedReplayFilter, WorkerRole
+from veil.server.shared import SharedReplayFilter, SharedUsers, WorkerRole
 from veil.server.status import BoundCounts, ConnectionStatus, GateCounts, ServerStatus
 from veil.server.subscription import SubscriptionResponder
 from veil.server.trojan import TrojanOrNoise, TrojanService, TrojanWayIn
@@ -171,6 +171,8 @@ class VeilServer:
                                     block_bittorrent=options.block_bittorrent)
         own_names = frozenset(n for n in (state.sni,) if n)
         self._replay = SharedReplayFilter(worker.replay_fd) if worker is not None else None
+        if worker is not None:
+            self.live.shared = SharedUsers(worker.users_fd, worker.index)
         self._authenticator = Authenticator(self.live, replay=self._replay)
         ways_in: list[WayIn] = [VeilWayIn(self._authenticator, self._start_session)]
         if options.trojan:
@@ -483,6 +485,8 @@ class VeilServer:
         await self.live.stop()
         if self._replay is not None:
             self._replay.close()
+        if self.live.shared is not None:
+            self.live.shared.close()
         self.store.close()
         log.info("stopped; %d session(s) closed", len(drivers))
 

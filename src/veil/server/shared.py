@@ -1,4 +1,5 @@
-"""What worker processes (``veil serve --workers N``) share through memory: the replay filter.
+"""What worker processes (``veil serve --workers N``) share through memory: the replay filter,
+and each user's sessions and devices (:class:`SharedUsers`).
 
 One process's replay filter (:class:`veil.protocol.auth.ReplayFilter`) stops an authenticator
 replayed to that process. With several workers behind one port a replay may reach another
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import mmap
 import os
 import socket
@@ -138,6 +140,177 @@ class SharedReplayFilter:
                    for r in range(GENERATIONS))
 
 
+#: Users the shared session/device table holds rows for at once (a row stays with its user
+#: while the server runs): past it, a new user's sessions and devices are counted by each
+#: worker alone (logged once), so the limits hold per worker for them.
+MAX_SHARED_USERS = 1 << 16
+#: The table's size bound, whatever --workers and --max-devices-per-user say: its rows shrink
+#: in number to fit (pages are held only as rows are touched).
+MAX_USERS_TABLE_BYTES = 64 << 20
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") or 1
+
+
+class SharedUsers:
+    """Each user's sessions and client addresses (devices) over all the workers, so that
+    ``--max-sessions-per-user`` and ``--max-devices-per-user`` hold for the whole server.
+
+    A row per user (open addressing by a hash of the name; rows are never freed while the
+    server runs, a user's row is reused for their next connections): the user's hash, the
+    user's sessions per worker, then ``devices`` slots of (address hash, connections per
+    worker). Counts are per worker so that a worker started in a dead one's place zeroes
+    that worker's column (its connections died with it) and nothing else. Checking is one
+    row read under the lock; a check and the count that follows it are two steps, so two
+    new devices reaching two workers within the same few microseconds may both get in."""
+
+    def __init__(self, fd: int, index: int) -> None:
+        self._fd = fd
+        self._index = index
+        header = os.pread(fd, 24, 0)
+        self._workers, self._devices, self._rows = struct.unpack("=QQQ", header)
+        self._row_words = 1 + self._workers + self._devices * (1 + self._workers)
+        self._map = mmap.mmap(fd, _HEADER_SIZE + self._rows * self._row_words * 8)
+        self._words = memoryview(self._map)[_HEADER_SIZE:].cast("Q")
+        self._full_logged = False
+        with self._locked():
+            self._zero_column()
+
+    @staticmethod
+    def create(workers: int, devices: int) -> int:
+        """A new table for ``workers`` and ``devices`` slots per user: its descriptor."""
+        row_bytes = 8 * (1 + workers + devices * (1 + workers))
+        rows = max(1, min(MAX_SHARED_USERS, MAX_USERS_TABLE_BYTES // row_bytes))
+        fd = os.memfd_create("veil-users", os.MFD_CLOEXEC)
+        os.ftruncate(fd, _HEADER_SIZE + rows * row_bytes)
+        os.pwrite(fd, struct.pack("=QQQ", workers, devices, rows), 0)
+        return fd
+
+    def close(self) -> None:
+        self._words.release()
+        self._map.close()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def _zero_column(self) -> None:
+        """This worker's counts to 0: a new worker in a dead one's place holds nothing."""
+        words, width = self._words, self._row_words
+        for row in range(self._rows):
+            base = row * width
+            if not words[base]:
+                continue
+            words[base + 1 + self._index] = 0
+            for slot in range(self._devices):
+                words[base + 1 + self._workers + slot * (1 + self._workers) + 1
+                      + self._index] = 0
+
+    def _row(self, user: str, create: bool) -> int | None:
+        """The word offset of ``user``'s row; None if absent (or the table is full)."""
+        key, words, width = _hash64(user), self._words, self._row_words
+        start = key % self._rows
+        for step in range(self._rows):
+            base = ((start + step) % self._rows) * width
+            held = words[base]
+            if held == key:
+                return int(base)
+            if held == 0:
+                if not create:
+                    return None
+                words[base] = key
+                return int(base)
+        if not self._full_logged:
+            self._full_logged = True
+            logging.getLogger("veil.server").warning(
+                "the workers' user table is full (%d users): limits of further users hold "
+                "per worker", self._rows)
+        return None
+
+    def _total(self, offset: int) -> int:
+        return sum(self._words[offset:offset + self._workers])
+
+    def sessions(self, user: str) -> int:
+        """``user``'s sessions on all the workers."""
+        with self._locked():
+            row = self._row(user, create=False)
+            return 0 if row is None else self._total(row + 1)
+
+    def devices(self, user: str) -> set[int]:
+        """Hashes of the addresses ``user`` is connected from, on all the workers."""
+        with self._locked():
+            row = self._row(user, create=False)
+            return set() if row is None else set(self._live_devices(row))
+
+    def _live_devices(self, row: int) -> dict[int, int]:
+        """Device hash -> slot offset, for the devices with a connection."""
+        found = {}
+        for slot in range(self._devices):
+            offset = row + 1 + self._workers + slot * (1 + self._workers)
+            if self._words[offset] and self._total(offset + 1):
+                found[self._words[offset]] = offset
+        return found
+
+    def add(self, user: str, device: str | None) -> None:
+        """A connection of ``user`` from ``device`` (None: not counted as a device) began here."""
+        with self._locked():
+            row = self._row(user, create=True)
+            if row is None:
+                return
+            self._words[row + 1 + self._index] += 1
+            if device is None:
+                return
+            key = _hash64(device)
+            live = self._live_devices(row)
+            offset = live.get(key)
+            if offset is None:  # a slot no device holds now (a full row: not counted)
+                for slot in range(self._devices):
+                    candidate = row + 1 + self._workers + slot * (1 + self._workers)
+                    if candidate not in live.values():
+                        offset = candidate
+                        for w in range(self._workers):
+                            self._words[offset + 1 + w] = 0
+                        self._words[offset] = key
+                        break
+            if offset is not None:
+                self._words[offset + 1 + self._index] += 1
+
+    def remove(self, user: str, device: str | None) -> None:
+        """A connection :meth:`add` counted ended."""
+        with self._locked():
+            row = self._row(user, create=False)
+            if row is None:
+                return
+            column = row + 1 + self._index
+            self._words[column] = max(0, self._words[column] - 1)
+            if device is None:
+                return
+            offset = self._live_devices(row).get(_hash64(device))
+            if offset is not None:
+                held = offset + 1 + self._index
+                self._words[held] = max(0, self._words[held] - 1)
+
+    def refusal(self, user: str, device: str | None, max_sessions: int,
+                max_devices: int | None) -> str | None:
+        """As Live.refusal's per-user part, for the whole server."""
+        with self._locked():
+            row = self._row(user, create=False)
+            if row is None:
+                return None
+            if self._total(row + 1) >= max_sessions:
+                return "too_many_sessions"
+            if device is not None and max_devices is not None:
+                live = self._live_devices(row)
+                if _hash64(device) not in live and len(live) >= max_devices:
+                    return "too_many_devices"
+        return None
+
+
 @dataclass(frozen=True)
 class WorkerRole:
     """What makes a server one worker of several (``veil serve --workers N``): given by the
@@ -154,3 +327,5 @@ class WorkerRole:
     replay_fd: int
     #: The TLS session-ticket keys every worker uses (veil.manage.libssl.set_ticket_keys).
     ticket_keys: bytes
+    #: The users' sessions and devices over all workers (:meth:`SharedUsers.create`).
+    users_fd: int

@@ -48,7 +48,7 @@ from veil.manage.libssl import TICKET_KEYS_SIZE
 from veil.manage.state import ServerState
 from veil.protocol.address import Address
 from veil.server.service import LISTEN_BACKLOG, SHUTDOWN_GRACE_S, VeilServer
-from veil.server.shared import create_replay_table
+from veil.server.shared import SharedUsers, create_replay_table
 from veil.server.status import (
     BoundCounts,
     GateCounts,
@@ -101,15 +101,15 @@ def reuseport_group(listen: Address, count: int) -> list[socket.socket]:
     return sockets
 
 
-def worker_argument(index: int, count: int, channel: int, replay: int,
+def worker_argument(index: int, count: int, channel: int, replay: int, users: int,
                     listeners: Sequence[int]) -> str:
     """The hidden ``--worker-of`` value: the worker's place and its inherited descriptors."""
-    return ",".join(map(str, (index, count, channel, replay, *listeners)))
+    return ",".join(map(str, (index, count, channel, replay, users, *listeners)))
 
 
-def parse_worker_argument(text: str) -> tuple[int, int, int, int, tuple[int, ...]]:
-    index, count, channel, replay, *listeners = (int(part) for part in text.split(","))
-    return index, count, channel, replay, tuple(listeners)
+def parse_worker_argument(text: str) -> tuple[int, int, int, int, int, tuple[int, ...]]:
+    index, count, channel, replay, users, *listeners = (int(part) for part in text.split(","))
+    return index, count, channel, replay, users, tuple(listeners)
 
 
 def _worker_environment() -> dict[str, str]:
@@ -144,7 +144,7 @@ class WorkerPool:
         self.started_at = time.time()
         self._workers = [_Worker(i) for i in range(count)]
         self._listeners: list[list[socket.socket]] = []  # per --listen, one per worker
-        self._replay_fd = -1
+        self._replay_fd = self._users_fd = -1
         self._ticket_keys = os.urandom(TICKET_KEYS_SIZE)
         self._stopping = False
         self._watch: asyncio.Task[None] | None = None
@@ -168,6 +168,8 @@ class WorkerPool:
             for listen in (self.options.listen, *self.options.also_listen):
                 self._listeners.append(reuseport_group(listen, self.count))
             self._replay_fd = create_replay_table()
+            self._users_fd = SharedUsers.create(self.count,
+                                                self.options.max_devices_per_user or 0)
             for worker in self._workers:
                 self._spawn(worker)
             await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in self._workers)),
@@ -184,11 +186,12 @@ class WorkerPool:
         parent_end, child_end = socket.socketpair()
         fds = [group[worker.index].fileno() for group in self._listeners]
         argument = worker_argument(worker.index, self.count, child_end.fileno(),
-                                   self._replay_fd, fds)
+                                   self._replay_fd, self._users_fd, fds)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "veil", *self.command, "--worker-of", argument],
-                pass_fds=(child_end.fileno(), self._replay_fd, *fds), stdin=subprocess.DEVNULL,
+                pass_fds=(child_end.fileno(), self._replay_fd, self._users_fd, *fds),
+                stdin=subprocess.DEVNULL,
                 env=_worker_environment())
         finally:
             child_end.close()
@@ -280,9 +283,10 @@ class WorkerPool:
             for sock in group:
                 sock.close()
         self._listeners = []
-        if self._replay_fd >= 0:
-            os.close(self._replay_fd)
-            self._replay_fd = -1
+        for fd in (self._replay_fd, self._users_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._replay_fd = self._users_fd = -1
         log.info("stopped %d worker(s)", len(running))
 
     def status(self) -> ServerStatus:
