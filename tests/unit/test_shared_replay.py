@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from veil.protocol.auth import ACCEPT_WINDOW, Credential, ReplayFilter, build_auth, verify_auth
-from veil.server.shared import SharedReplayFilter, create_replay_table
+from veil.server.shared import SharedReplayFilter, SharedUsers, create_replay_table
 
 NOW = 1_800_000_000.0
 KEY = b"k" * 8
@@ -108,3 +108,46 @@ def test_cost_per_handshake(table: int) -> None:
         shared.close()
     print(f"\nreplay check per handshake: shared {costs['shared']:.1f} us, "
           f"one process {costs['one process']:.1f} us")
+
+
+# ------------------------------------------------------------------ sessions and devices
+def test_two_workers_count_a_users_sessions_and_devices_together() -> None:
+    fd = SharedUsers.create(workers=2, devices=2)
+    one, other = SharedUsers(fd, 0), SharedUsers(fd, 1)
+    try:
+        one.add("ann", "10.0.0.1")
+        other.add("ann", "10.0.0.2")
+        other.add("ann", None)  # through a CDN: a session, no device
+        assert one.sessions("ann") == other.sessions("ann") == 3
+        assert len(one.devices("ann")) == 2
+        assert one.refusal("ann", "10.0.0.3", max_sessions=64, max_devices=2) \
+            == "too_many_devices"
+        assert other.refusal("ann", "10.0.0.1", max_sessions=64, max_devices=2) is None
+        assert one.refusal("ann", "10.0.0.1", max_sessions=3, max_devices=None) \
+            == "too_many_sessions"
+        assert one.refusal("bob", "10.0.0.1", max_sessions=1, max_devices=1) is None
+        one.remove("ann", "10.0.0.1")
+        assert other.refusal("ann", "10.0.0.3", max_sessions=64, max_devices=2) is None
+    finally:
+        one.close()
+        other.close()
+        os.close(fd)
+
+
+def test_a_worker_started_in_a_dead_ones_place_holds_nothing() -> None:
+    fd = SharedUsers.create(workers=2, devices=1)
+    dead, living = SharedUsers(fd, 1), SharedUsers(fd, 0)
+    try:
+        dead.add("ann", "10.0.0.1")
+        living.add("ann", None)
+        dead.close()  # killed: nothing removed
+        replacement = SharedUsers(fd, 1)
+        try:
+            assert living.sessions("ann") == 1
+            assert living.devices("ann") == set()
+            assert living.refusal("ann", "10.0.0.9", max_sessions=8, max_devices=1) is None
+        finally:
+            replacement.close()
+    finally:
+        living.close()
+        os.close(fd)
