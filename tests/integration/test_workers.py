@@ -19,10 +19,12 @@ import socket
 import ssl
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import procs
 from tests.support.procs import VEIL, VeilServer
@@ -36,6 +38,8 @@ from veil.protocol.frames import FrameType, frame
 MAX_DRAWS = 64
 #: The issue's bound for a change to reach live sessions.
 CUT_WITHIN_S = 1.0
+#: How long a server with two workers may take to start on a loaded machine.
+START_TIMEOUT_S = 60.0
 #: Bytes of PADDING each counted session sends after its authenticator.
 PADDING = 1000
 _SESSION = re.compile(r"\[worker (\d+) pid (\d+)\]: session started for user (\S+)")
@@ -43,9 +47,12 @@ _WORKERS = re.compile(r"listening on \S+ \(2 workers: (\d+) (\d+)\)")
 
 
 def _start(directory: Path, *extra: str) -> Iterator[VeilServer]:
-    server = procs.start_veil_server(directory, "--workers", "2", *extra)
+    # Three interpreters start (~1.2 s of CPU each): on a loaded 2-core machine, many seconds.
+    server = procs.start_veil_server(directory, "--workers", "2", *extra,
+                                     start_timeout=START_TIMEOUT_S)
     try:
-        wait_until(lambda: _WORKERS.search(server.log_text()), 30, "both workers to start")
+        wait_until(lambda: _WORKERS.search(server.log_text()), START_TIMEOUT_S,
+                   "both workers to start")
         yield server
     finally:
         procs.stop(server.proc, timeout=15)
@@ -55,7 +62,8 @@ def _start(directory: Path, *extra: str) -> Iterator[VeilServer]:
 def shared(module_dir: Path) -> Iterator[VeilServer]:
     """A server the tests that leave it running share (each with its own user where it
     counts or changes one)."""
-    yield from _start(module_dir / "shared", "--max-devices-per-user", "1")
+    yield from _start(module_dir / "shared", "--max-devices-per-user", "1",
+                      "--admin", "127.0.0.1:0")
 
 
 @pytest.fixture
@@ -161,6 +169,22 @@ def test_connections_spread_over_the_workers_and_each_serves(shared: VeilServer)
         assert int(fields[11]) + int(fields[12]) > 0  # utime + stime, in clock ticks
 
 
+def test_the_panels_metrics_sum_the_workers(shared: VeilServer) -> None:
+    """One admin panel, in the parent: /metrics counts the sessions of both workers."""
+    port = procs.bound_port(shared.log, "admin panel on", shared.proc)
+
+    def sessions_active() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        return sum(sample.value for family in text_string_to_metric_families(text)
+                   for sample in family.samples if sample.name == "veil_sessions_active")
+
+    with sessions_on_both(shared, shared.key, client_context()):
+        # Each worker sends its status every second.
+        wait_until(lambda: sessions_active() == 2, 10,
+                   lambda: f"2 sessions in /metrics, not {sessions_active()}")
+
+
 def test_a_ticket_from_one_worker_resumes_on_the_other(shared: VeilServer) -> None:
     context = client_context()
     first = Session(shared, shared.key, context)
@@ -253,6 +277,9 @@ def test_a_killed_worker_is_replaced_and_sigterm_stops_all(workers: VeilServer) 
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: len(worker_pids(workers) - {victim}) == 2, 15,
                lambda: f"a new worker: {workers.log_text()[-1500:]}")
+    (new,) = worker_pids(workers) - pids
+    wait_until(lambda: f"pid {new}]: listening on" in workers.log_text(), START_TIMEOUT_S,
+               "the new worker to serve")
     # The new worker serves: sessions reach both workers again.
     with sessions_on_both(workers, workers.key, client_context()) as both:
         assert victim not in {s.pid for s in both.values()}

@@ -761,7 +761,7 @@ def _serve_worker(args: argparse.Namespace, options: ServerOptions) -> None:
         reporter = asyncio.get_running_loop().create_task(
             report_to_parent(server, channel, stop))
         try:
-            await _serve_until_stopped(server, stop)
+            await _serve_until_stopped(server, stop, daily=False)
         finally:
             reporter.cancel()
             await asyncio.gather(reporter, return_exceptions=True)
@@ -775,14 +775,17 @@ def _serve_worker(args: argparse.Namespace, options: ServerOptions) -> None:
 CERT_RELOAD_INTERVAL_S = 24 * 3600.0
 
 
-async def _serve_until_stopped(server: VeilServer | WorkerPool, stop: asyncio.Event) -> None:
-    """Tell systemd we are ready, reload on SIGHUP (and daily), return on SIGINT/SIGTERM."""
+async def _serve_until_stopped(server: VeilServer | WorkerPool, stop: asyncio.Event, *,
+                               daily: bool = True) -> None:
+    """Tell systemd we are ready, reload on SIGHUP (and daily unless not ``daily``: a worker's
+    parent reloads it), return on SIGINT/SIGTERM."""
     from veil.server.systemd import notify
 
     loop = asyncio.get_running_loop()
     reload = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, reload.set)
-    loop.call_later(CERT_RELOAD_INTERVAL_S, reload.set)
+    if daily:
+        loop.call_later(CERT_RELOAD_INTERVAL_S, reload.set)
     notify("READY=1", f"STATUS=listening on {server.address}")
     stopping = loop.create_task(stop.wait())
     while True:
@@ -797,7 +800,8 @@ async def _serve_until_stopped(server: VeilServer | WorkerPool, stop: asyncio.Ev
             await server.reload()
         except VeilError as exc:  # e.g. a damaged certificate: keep serving with the old one
             log.error("reload failed, still serving as before: %s", exc)
-        loop.call_later(CERT_RELOAD_INTERVAL_S, reload.set)
+        if daily:
+            loop.call_later(CERT_RELOAD_INTERVAL_S, reload.set)
         notify("READY=1", f"STATUS=listening on {server.address}")
     log.warning("stopping")
     notify("STOPPING=1")

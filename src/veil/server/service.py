@@ -253,7 +253,7 @@ class VeilServer:
         # Named by the address bound (a --listen port 0 is a port now), the server joins the
         # fleet's table now, before it says it listens: a panel asked at once lists it.
         self.live.server_id = server_id(str(self.address))
-        if self.worker is None or self.worker.index == 0:  # one heartbeat per server
+        if self.worker is None:  # a worker's parent beats for the whole server
             self.live.heartbeat = self._heartbeat
         await self.live.tick()
         loop = asyncio.get_running_loop()

@@ -44,9 +44,12 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 
 from veil.config import ServerOptions
+from veil.errors import StoreError
+from veil.manage.fleet import Facts, HostSampler, heartbeat_info, server_id
 from veil.manage.libssl import TICKET_KEYS_SIZE
-from veil.manage.state import ServerState
+from veil.manage.state import ServerState, load_state
 from veil.protocol.address import Address
+from veil.server.live import HEARTBEAT_INTERVAL_S
 from veil.server.service import LISTEN_BACKLOG, SHUTDOWN_GRACE_S, VeilServer
 from veil.server.shared import SharedUsers, create_replay_table
 from veil.server.status import (
@@ -55,7 +58,7 @@ from veil.server.status import (
     ServerStatus,
     WayBlockStatus,
 )
-from veil.store.base import Usage
+from veil.store.base import Usage, UserStore
 
 log = logging.getLogger("veil.server")
 
@@ -148,6 +151,9 @@ class WorkerPool:
         self._ticket_keys = os.urandom(TICKET_KEYS_SIZE)
         self._stopping = False
         self._watch: asyncio.Task[None] | None = None
+        self._beating: asyncio.Task[None] | None = None
+        self._store: UserStore | None = None
+        self._host = HostSampler()  # rates between two heartbeats
         #: Workers started again after they exited, for the log and tests.
         self.restarts = 0
 
@@ -177,7 +183,12 @@ class WorkerPool:
         except BaseException:
             await self.stop()
             raise
-        self._watch = asyncio.get_running_loop().create_task(self._watch_workers())
+        loop = asyncio.get_running_loop()
+        self._watch = loop.create_task(self._watch_workers())
+        # In the fleet's table before "listening on", as a single server joins it.
+        self._store = await asyncio.to_thread(self.state.open_store)
+        await self._beat()
+        self._beating = loop.create_task(self._beat_forever())
         log.info("listening on %s (%d workers: %s)", ", ".join(map(str, self.addresses)),
                  self.count, " ".join(map(str, self.pids)))
 
@@ -226,6 +237,26 @@ class WorkerPool:
         finally:
             writer.close()
 
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            try:
+                await self._beat()
+            except StoreError as exc:
+                log.warning("could not write the heartbeat: %s", exc)
+
+    async def _beat(self) -> None:
+        """The whole server's heartbeat in the fleet's table (the workers write none), from
+        the statuses they sent."""
+        status = self.status()
+        facts = Facts(status.listen, str(self.state.public), self.started_at,
+                      len(status.connections), sum(u.up for u in status.user_bytes.values()),
+                      sum(u.down for u in status.user_bytes.values()), self.state.cert_path)
+        store, host = self._store, self._host
+        assert store is not None
+        await asyncio.to_thread(lambda: store.beat(server_id(status.listen), time.time(),
+                                                   heartbeat_info(facts, host.sample())))
+
     async def _watch_workers(self) -> None:
         while not self._stopping:
             await asyncio.sleep(WATCH_INTERVAL_S)
@@ -254,7 +285,10 @@ class WorkerPool:
             worker.reader = None
 
     async def reload(self) -> None:
-        """SIGHUP to every worker: each re-reads the certificate and users (VeilServer.reload)."""
+        """SIGHUP to every worker: each re-reads the certificate and users (VeilServer.reload).
+        The parent loads the state first, so a self-signed certificate that is due is renewed
+        once, here, not by every worker at once (they would write the same file)."""
+        self.state = await asyncio.to_thread(load_state, self.state.directory, self.state.db)
         for worker in self._workers:
             if worker.proc is not None and worker.proc.poll() is None:
                 worker.proc.send_signal(signal.SIGHUP)
@@ -262,9 +296,10 @@ class WorkerPool:
     async def stop(self) -> None:
         """SIGTERM every worker, wait for them (SIGKILL after the grace), close the sockets."""
         self._stopping = True
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
+        for task in (self._watch, self._beating):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         running = [w.proc for w in self._workers if w.proc is not None and w.proc.poll() is None]
         for proc in running:
             proc.send_signal(signal.SIGTERM)
@@ -287,6 +322,9 @@ class WorkerPool:
             if fd >= 0:
                 os.close(fd)
         self._replay_fd = self._users_fd = -1
+        if self._store is not None:
+            await asyncio.to_thread(self._store.close)
+            self._store = None
         log.info("stopped %d worker(s)", len(running))
 
     def status(self) -> ServerStatus:
@@ -294,7 +332,8 @@ class WorkerPool:
         (:func:`merge_statuses`), each at most STATUS_INTERVAL_S old."""
         statuses = [w.status for w in self._workers if w.status is not None]
         listen = str(self.address) if self._listeners else str(self.options.listen)
-        return merge_statuses(self.state, listen, self.started_at, statuses)
+        merged = merge_statuses(self.state, listen, self.started_at, statuses)
+        return dataclasses.replace(merged, server_id=server_id(listen))
 
 
 def merge_statuses(state: ServerState, listen: str, started_at: float,
