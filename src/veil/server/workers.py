@@ -202,8 +202,10 @@ class WorkerPool:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "veil", *self.command, "--worker-of", argument],
                 pass_fds=(child_end.fileno(), self._replay_fd, self._users_fd, *fds),
-                stdin=subprocess.DEVNULL,
-                env=_worker_environment())
+                stdin=subprocess.DEVNULL, env=_worker_environment(),
+                # A terminal's Ctrl-C reaches the parent alone, which stops the workers in
+                # order (a worker's own SIGINT would look like a crash to restart).
+                process_group=0)
         finally:
             child_end.close()
         worker.proc = proc
