@@ -11,6 +11,7 @@ workers is 2**-63)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -27,12 +28,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import procs
+from tests.support.borrow import Target, recorded_handshake, target_nginx
 from tests.support.procs import VEIL, VeilServer
 from tests.support.wait import wait_until
+from veil.lab import borrowed
 from veil.manage.state import load_state
 from veil.protocol.accesskey import AccessKey
 from veil.protocol.auth import AUTH_SIZE, Credential, build_auth
+from veil.protocol.borrow import HelloSeal
 from veil.protocol.frames import FrameType, frame
+from veil.transport.tls13 import TlsClient
 
 #: Connections a test may open to reach both workers (see the module docstring).
 MAX_DRAWS = 64
@@ -46,7 +51,9 @@ _SESSION = re.compile(r"\[worker (\d+) pid (\d+)\]: session started for user (\S
 _WORKERS = re.compile(r"listening on \S+ \(2 workers: (\d+) (\d+)\)")
 
 
-def _start(directory: Path, *extra: str) -> Iterator[VeilServer]:
+@contextlib.contextmanager
+def running(directory: Path, *extra: str) -> Iterator[VeilServer]:
+    """``veil serve --workers 2`` with ``extra``, once both workers serve; stopped after."""
     # Three interpreters start (~1.2 s of CPU each): on a loaded 2-core machine, many seconds.
     server = procs.start_veil_server(directory, "--workers", "2", *extra,
                                      start_timeout=START_TIMEOUT_S)
@@ -62,14 +69,16 @@ def _start(directory: Path, *extra: str) -> Iterator[VeilServer]:
 def shared(module_dir: Path) -> Iterator[VeilServer]:
     """A server the tests that leave it running share (each with its own user where it
     counts or changes one)."""
-    yield from _start(module_dir / "shared", "--max-devices-per-user", "1",
-                      "--admin", "127.0.0.1:0")
+    with running(module_dir / "shared", "--max-devices-per-user", "1",
+                 "--admin", "127.0.0.1:0") as server:
+        yield server
 
 
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[VeilServer]:
     """A server of its own, for a test that kills part of it."""
-    yield from _start(tmp_path)
+    with running(tmp_path) as server:
+        yield server
 
 
 def worker_pids(server: VeilServer) -> set[int]:
@@ -297,6 +306,60 @@ def test_a_parent_killed_outright_leaves_no_worker(workers: VeilServer) -> None:
     # its sessions and writes its last usage first).
     wait_until(lambda: not any(Path(f"/proc/{pid}").exists() and not _zombie(pid)
                                for pid in pids), 15, "the workers to stop")
+
+
+# ------------------------------------------------------------------ a replay to the other worker
+_REPLAY_REFUSED = re.compile(r"\[worker (\d+) pid \d+\]: borrowed identity: a veil hello "
+                             r"refused \(replay\)")
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[Target]:
+    if not Path(procs.NGINX).exists():
+        pytest.skip("nginx is not installed (apt-get install nginx; .ci/run installs it)")
+    with target_nginx() as site:
+        yield site
+
+
+def test_a_replay_reaching_the_other_worker_gets_the_site(target: Target, tmp_path: Path) -> None:
+    """An authenticator is bound to its TLS connection on the plain port, so a replay fails
+    there on any worker anyway; a borrowed identity's sealed hello is what a prober can
+    replay whole (its claim is only as fresh as the replay filter says). The hello of a
+    session on one worker, replayed until a replay reaches the other worker, is refused by
+    that worker too (relayed to the borrowed site, as to a stranger): one table for both.
+    Positive control: with a filter per worker, the other worker takes the replay for a
+    fresh hello, logs no refusal, and this test times out."""
+    with running(tmp_path, "--borrow", f"localhost:{target.port}") as server:
+        key = AccessKey.parse(server.key)
+        assert key.noise_key is not None and key.sni == "localhost"
+        credential = Credential.from_secret(key.secret)
+        before = len(_SESSION.findall(server.log_text()))
+
+        def then(tls: TlsClient) -> bytes:
+            return build_auth(credential, tls.tls_unique, time.time())
+
+        flow = asyncio.run(recorded_handshake(
+            server.port, TlsClient(key.sni, sealer=HelloSeal(credential, key.noise_key,
+                                                              time.time)), then=then))
+        wait_until(lambda: len(_SESSION.findall(server.log_text())) > before, 10,
+                   "the sealed hello's session")
+        accepted_by = int(_SESSION.findall(server.log_text())[before][0])
+        hello = borrowed.client_hello_records(flow)
+        for _ in range(MAX_DRAWS):
+            if _replay_refused_by(server, hello) != accepted_by:
+                break
+        else:
+            raise AssertionError(f"{MAX_DRAWS} connections all reached one worker")
+
+
+def _replay_refused_by(server: VeilServer, hello: bytes) -> int:
+    """Replay ``hello`` on a fresh connection: the worker that refused it."""
+    refusals = len(_REPLAY_REFUSED.findall(server.log_text()))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(hello)
+        wait_until(lambda: len(_REPLAY_REFUSED.findall(server.log_text())) > refusals,
+                   10, lambda: f"the replay refused: {server.log_text()[-1500:]}")
+    return int(_REPLAY_REFUSED.findall(server.log_text())[refusals])
 
 
 def _zombie(pid: int) -> bool:
