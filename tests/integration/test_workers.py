@@ -264,6 +264,23 @@ def test_a_revoked_user_is_cut_on_every_worker_within_a_second(shared: VeilServe
             assert time.monotonic() - returned < CUT_WITHIN_S, f"worker {session.worker}"
 
 
+def test_a_traffic_limit_counts_the_bytes_of_every_worker(shared: VeilServer) -> None:
+    """A 100 KB limit, 60 KB through each worker: neither worker alone reaches the limit, the
+    store's total does, and both cut the user within a refresh or two."""
+    key = shared._change_users("add", "quota", "--limit", "100KB")
+    with sessions_on_both(shared, key, client_context()) as both:
+        for session in both.values():
+            for _ in range(4):
+                session.tls.sendall(frame(FrameType.PADDING, 0, bytes(15_000)))
+        for session in both.values():
+            session.tls.settimeout(10)
+            with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+                while session.tls.recv(4096):
+                    pass
+    with authenticate(shared, key, client_context()) as tls:
+        assert tls.recv(1) != bytes([FrameType.PADDING]), "over the limit, yet a session"
+
+
 def test_a_second_device_is_refused_by_every_worker(shared: VeilServer) -> None:
     """--max-devices-per-user 1: with one device (127.0.0.1) connected to one worker, a
     second (127.0.0.2) is refused on MAX_DRAWS connections, which reach the other worker
