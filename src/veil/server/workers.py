@@ -44,7 +44,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 
 from veil.config import ServerOptions
-from veil.errors import StoreError
+from veil.errors import StoreError, VeilError
 from veil.manage.fleet import Facts, HostSampler, heartbeat_info, server_id
 from veil.manage.libssl import TICKET_KEYS_SIZE
 from veil.manage.state import ServerState, load_state
@@ -178,8 +178,7 @@ class WorkerPool:
                                                 self.options.max_devices_per_user or 0)
             for worker in self._workers:
                 self._spawn(worker)
-            await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in self._workers)),
-                                   WORKER_START_TIMEOUT_S)
+            await self._wait_ready()
         except BaseException:
             await self.stop()
             raise
@@ -191,6 +190,20 @@ class WorkerPool:
         self._beating = loop.create_task(self._beat_forever())
         log.info("listening on %s (%d workers: %s)", ", ".join(map(str, self.addresses)),
                  self.count, " ".join(map(str, self.pids)))
+
+    async def _wait_ready(self) -> None:
+        """Until every worker said it serves; a worker that exits first (a store it cannot
+        open, say: it logged why) fails the start at once."""
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        while not all(w.ready.is_set() for w in self._workers):
+            for worker in self._workers:
+                if worker.proc is not None and worker.proc.poll() is not None:
+                    raise VeilError(f"worker {worker.index} exited with status "
+                                    f"{worker.proc.returncode} while starting (its error is "
+                                    f"above)")
+            if time.monotonic() > deadline:
+                raise VeilError(f"the workers did not start in {WORKER_START_TIMEOUT_S:.0f} s")
+            await asyncio.sleep(WATCH_INTERVAL_S)
 
     def _spawn(self, worker: _Worker) -> int:
         """Start ``worker``'s process; its pid."""
@@ -278,13 +291,13 @@ class WorkerPool:
                 log.info("worker %d started again: pid %d", worker.index, pid)
 
     async def _close_channel(self, worker: _Worker) -> None:
-        if worker.channel is not None:
-            worker.channel.close()  # the reader's transport owns it too; closing twice is fine
-            worker.channel = None
-        if worker.reader is not None:
+        if worker.reader is not None:  # its transport closes the socket
             worker.reader.cancel()
             await asyncio.gather(worker.reader, return_exceptions=True)
             worker.reader = None
+        if worker.channel is not None:
+            worker.channel.close()  # closed already unless the reader never got to open it
+            worker.channel = None
 
     async def reload(self) -> None:
         """SIGHUP to every worker: each re-reads the certificate and users (VeilServer.reload).
