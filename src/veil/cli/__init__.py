@@ -235,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "sessions: e.g. 100Mbit or 20MB (per second; default unlimited)")
     serve.add_argument("--workers", type=_workers, default=1, metavar="N",
                        help="server processes sharing the port, to use N cores: a number, or "
-                            "'auto' for one per CPU (default 1: one process). The per-user "
-                            "rate and session limits hold per worker (docs/operations.md, "
+                            "'auto' for one per CPU (default 1: one process). They share the "
+                            "replay filter, TLS tickets, usage and per-user limits; "
+                            "--max-sessions holds per worker (docs/operations.md, "
                             "\"Workers\")")
     # A worker of --workers, started by its parent: its place and inherited descriptors.
     serve.add_argument("--worker-of", help=argparse.SUPPRESS)

@@ -448,6 +448,7 @@ class Live:
             if buckets is None:
                 buckets = self._buckets[user.name] = (TokenBucket(self.user_rate),
                                                       TokenBucket(self.user_rate))
+            self._share_rate(user.name, buckets)
             read.append(buckets[0])
             write.append(buckets[1])
         if user.limit_bytes is not None:
@@ -461,6 +462,18 @@ class Live:
             transport.set_rate_limits(read[0] if len(read) == 1 else Limits(*read),
                                       write[0] if len(write) == 1 else Limits(*write))
         return conn
+
+    def _share_rate(self, name: str, buckets: tuple[TokenBucket, TokenBucket]) -> None:
+        """One worker of several: ``name``'s buckets here get the user's rate times this
+        worker's share of the user's sessions, so that all workers together allow the rate
+        (a user on one worker gets all of it). Shares are set at each connection here and
+        at each tick, so for up to one interval after the user's sessions moved between
+        workers the sum may pass the rate (docs/operations.md, "Workers")."""
+        if self.shared is None or self.user_rate is None:
+            return
+        mine, total = self.shared.session_share(name)
+        rate = self.user_rate * mine / total if mine and total else self.user_rate
+        buckets[0].rate = buckets[1].rate = rate
 
     def _remaining(self, name: str) -> int:
         """What ``name`` may still move by the directory and this server's unwritten bytes."""
@@ -536,6 +549,8 @@ class Live:
             for name, allowance in self._allowances.items():
                 since = allowance.taken - marks.get(name, allowance.taken)
                 allowance.remaining = self._remaining(name) - since
+            for name, buckets in self._buckets.items():
+                self._share_rate(name, buckets)
             self.session_ends = {}
             for end in ends:
                 self.session_ends.setdefault(end.name, []).append(end)

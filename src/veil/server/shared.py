@@ -241,6 +241,14 @@ class SharedUsers:
             row = self._row(user, create=False)
             return 0 if row is None else self._total(row + 1)
 
+    def session_share(self, user: str) -> tuple[int, int]:
+        """(``user``'s sessions on this worker, on all the workers)."""
+        with self._locked():
+            row = self._row(user, create=False)
+            if row is None:
+                return 0, 0
+            return self._words[row + 1 + self._index], self._total(row + 1)
+
     def devices(self, user: str) -> set[int]:
         """Hashes of the addresses ``user`` is connected from, on all the workers."""
         with self._locked():

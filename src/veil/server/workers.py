@@ -18,9 +18,11 @@ statuses the workers send it every :data:`STATUS_INTERVAL_S` (:func:`merge_statu
 Each worker is a whole server on the same store: it writes only its own connections' bytes
 (each byte once: the store adds them up, as for a fleet), reloads the users every 0.5 s
 (revocation within a second everywhere), and checks authenticators against the shared table.
-What is per worker, and so N times the option across the server: ``--max-user-rate``,
-``--max-sessions-per-user``, ``--max-sessions`` and the descriptor budget; a traffic limit
-is overshot by at most what the other workers moved in one refresh interval
+Each user's sessions and devices are counted over all workers (veil.server.shared), and so
+are ``--max-sessions-per-user``, ``--max-devices-per-user`` and ``--max-user-rate`` (each
+worker's share of the rate follows its share of the user's sessions). What is per worker, and
+so N times the option across the server: ``--max-sessions`` and the descriptor budget; a
+traffic limit is overshot by at most what the other workers moved in one refresh interval
 (docs/operations.md, "Workers").
 
 A worker learns that the parent is gone from its channel's end of file, and stops: no
