@@ -284,6 +284,9 @@ class WorkerPool:
                 log.warning("worker %d (pid %d) exited with status %d; starting another",
                             worker.index, proc.pid, proc.returncode)
                 await self._close_channel(worker)
+                # Its connections died with it: they count against no user's limits from now
+                # (its replacement would zero them too, a second or more later).
+                SharedUsers(self._users_fd, worker.index).close()
                 if time.monotonic() - worker.started_at < RESTART_BACKOFF_S:
                     await asyncio.sleep(RESTART_BACKOFF_S)
                 if self._stopping:
