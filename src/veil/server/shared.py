@@ -160,8 +160,9 @@ class SharedUsers:
     A row per user (open addressing by a hash of the name; rows are never freed while the
     server runs, a user's row is reused for their next connections): the user's hash, the
     user's sessions per worker, then ``devices`` slots of (address hash, connections per
-    worker). Counts are per worker so that a worker started in a dead one's place zeroes
-    that worker's column (its connections died with it) and nothing else. Checking is one
+    worker). Counts are per worker so that a dead worker's column can be zeroed (its
+    connections died with it) and nothing else: by the parent when it sees the worker exit,
+    and by the worker started in its place. Checking is one
     row read under the lock; a check and the count that follows it are two steps, so two
     new devices reaching two workers within the same few microseconds may both get in."""
 
