@@ -144,6 +144,9 @@ class SharedReplayFilter:
 #: while the server runs): past it, a new user's sessions and devices are counted by each
 #: worker alone (logged once), so the limits hold per worker for them.
 MAX_SHARED_USERS = 1 << 16
+#: Rows a lookup probes before it takes the table for full: a nearly full table must not make
+#: every handshake walk all of it (at 90% full a miss probes ~50 rows on average).
+MAX_ROW_PROBES = 512
 #: The table's size bound, whatever --workers and --max-devices-per-user say: its rows shrink
 #: in number to fit (pages are held only as rows are touched).
 MAX_USERS_TABLE_BYTES = 64 << 20
@@ -216,7 +219,7 @@ class SharedUsers:
         """The word offset of ``user``'s row; None if absent (or the table is full)."""
         key, words, width = _hash64(user), self._words, self._row_words
         start = key % self._rows
-        for step in range(self._rows):
+        for step in range(min(self._rows, MAX_ROW_PROBES)):
             base = ((start + step) % self._rows) * width
             held = words[base]
             if held == key:
