@@ -194,14 +194,15 @@ _VEIL = ("$python", "-m", "veil")
 
 
 def _veil(name: str, title: str, *, both: tuple[str, ...] = (), client: tuple[str, ...] = (),
-          extra: bool = False) -> Peer:
-    """veil with ``both`` added to server and client options, ``client`` to the client's."""
+          server: tuple[str, ...] = (), extra: bool = False) -> Peer:
+    """veil with ``both`` added to server and client options, ``client`` to the client's,
+    ``server`` to the server's."""
     opts = (*both, *client)
     return Peer(
         name=name,
         title=title,
         server=(*_VEIL, "serve", "--self-signed", "--state", "$dir/state", "--listen",
-                "$server_ip:$server_port", "--allow-private", *both),
+                "$server_ip:$server_port", "--allow-private", *both, *server),
         forward=(*_VEIL, "connect", "$key", *opts, "--forward",
                  "127.0.0.1:$local_port:$target_host:$target_port"),
         socks=(*_VEIL, "connect", "$key", *opts, "--socks", "127.0.0.1:$socks_port"),
@@ -269,6 +270,9 @@ PEERS: tuple[Peer, ...] = (
     _veil("veil-noshape", "veil, shaping off", both=("--no-shaping",), extra=True),
     _veil("veil-pool4", "veil, 4 connections", client=("--connections", "4"),
           extra=True),
+    # The many-users phase's question (issue #20): does a server use every core? CPU s/GB of
+    # the server counts the parent and its workers (netns.cpu_seconds: the process tree).
+    _veil("veil-w2", "veil, 2 workers", server=("--workers", "2"), extra=True),
 )
 
 BY_NAME: dict[str, Peer] = {p.name: p for p in PEERS}

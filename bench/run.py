@@ -931,12 +931,24 @@ def report(results: dict[str, dict[str, Any]], meta: dict[str, Any], rtt: float)
 
         keys = [f"{c} clients" for c in counts]
         rows = ratio_rows(many_names, keys, many_of)
+        header = ["clients", *many_names, "best peer", "veil/best"]
+        # veil with --workers (peer veil-wN): its own ratio to the best peer, and to veil.
+        worker_names = [n for n in many_names if n.startswith("veil-w")]
+        for row, key in zip(rows, keys, strict=True):
+            for name in worker_names:
+                best = best_peer({n: c for n in many_names
+                                  if (c := many_of(n, key)) is not None})[1]
+                cell = many_of(name, key) or {}
+                row += [ratio(cell.get("median_mbps"), best),
+                        ratio(cell.get("median_mbps"),
+                              (many_of("veil", key) or {}).get("median_mbps"))]
+        for name in worker_names:
+            header += [f"{name}/best", f"{name}/veil"]
         out += ["== many users, one server (clean link): aggregate Mbit/s, one stream per "
-                "client, median (± half the range)",
-                table(rows, ["clients", *many_names, "best peer", "veil/best"])]
+                "client, median (± half the range)", table(rows, header)]
         cpu_rows = [[k, *(cpu_cell(many_of(n, k)) for n in many_names)] for k in keys]
-        out += ["CPU s/GB, all tunnel clients/server:",
-                table(cpu_rows, ["clients", *many_names]), ""]
+        out += ["CPU s/GB, all tunnel clients/server (a server with workers: the parent and "
+                "its workers):", table(cpu_rows, ["clients", *many_names]), ""]
 
     ttfb_names = [n for n in names if results[n].get("ttfb_bare") or results[n].get("ttfb_delayed")
                   or results[n].get("rss_server_kib")]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,21 @@ def parse_limit(text: str) -> tuple[int | None, LimitPeriod]:
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KkMmGg]?)(bit|b|B)(?:/s|ps)?\s*$")
 _RATE_SCALE = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+#: The largest ``--workers``: each worker is a whole server process (~60 MiB resident).
+MAX_WORKERS = 64
+
+
+def parse_workers(text: str) -> int:
+    """``--workers``: a number, or ``auto`` for one per CPU this process may run on."""
+    if text == "auto":
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count() or 1)
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--workers takes a number or auto, not {text!r}") from None
 
 
 def parse_rate(text: str) -> float:
@@ -452,6 +468,9 @@ class ServerOptions:
     #: ``--borrow HOST[:PORT]`` (experimental): borrow that site's identity
     #: (veil.server.borrow): every TLS connection but a veil client's goes to it untouched.
     borrow: Address | None = None
+    #: ``--workers N``: server processes sharing the port (veil.server.workers), from 1 (one
+    #: process, no parent: the path as it always was) to :data:`MAX_WORKERS`.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -478,6 +497,12 @@ class ServerOptions:
                               "carry anything (at least 1 KB/s)")
         if self.pool is not None or self.pool6 is not None:
             parse_tun_pools(self.pool, self.pool6)
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"--workers takes a number from 1 to {MAX_WORKERS}, or auto")
+        if self.workers > 1 and self.tun:
+            # One TUN device and address pool per server: workers would hand out the same
+            # addresses.
+            raise ConfigError("--tun runs in one process: drop --workers, or --tun")
         if self.borrow is not None and (self.cover_url or self.trojan or self.cert
                                         or any(way.through_cdn for way in self.via)):
             raise ConfigError("--borrow shows the borrowed site to everyone but veil's "

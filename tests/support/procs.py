@@ -186,10 +186,12 @@ def certificate_choice(extra: Sequence[str]) -> list[str]:
 
 
 def start_veil_server(workdir: Path, *extra: str, port: int | None = None,
-                      allow_private: bool = True) -> VeilServer:
+                      allow_private: bool = True, start_timeout: float = 15.0) -> VeilServer:
     """Start ``veil serve`` on loopback: on ``port`` if given (a restart on the port clients
     know), else on a port the system picks, read back from the server's log.
-    ``allow_private`` lets it relay to loopback, where the tests' echo servers are."""
+    ``allow_private`` lets it relay to loopback, where the tests' echo servers are;
+    ``start_timeout`` is how long it may take to say it listens (``--workers`` start
+    several interpreters)."""
     workdir.mkdir(parents=True, exist_ok=True)
     state = workdir / "state"
     log = new_log(workdir, "server")
@@ -202,7 +204,7 @@ def start_veil_server(workdir: Path, *extra: str, port: int | None = None,
     assert proc.stdout is not None
     try:
         # "listening on" is logged once the socket listens: connections from here on queue.
-        bound = bound_port(log, "listening on", proc)
+        bound = bound_port(log, "listening on", proc, start_timeout)
         # A first run prints the first user's key before it listens; later runs print nothing.
         ready, _, _ = select.select([proc.stdout], [], [], 0.2)
         key = proc.stdout.readline().decode().strip() if ready else ""

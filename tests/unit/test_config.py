@@ -146,3 +146,20 @@ def test_refused_port_lists_parse(text: str, ports: tuple[int, ...]) -> None:
 def test_bad_refused_port_lists_are_one_clear_error(text: str) -> None:
     with pytest.raises(ConfigError, match="--refuse-ports"):
         parse_port_list(text)
+
+
+# ------------------------------------------------------------------ --workers
+def test_workers_take_a_number_or_auto_and_refuse_tun() -> None:
+    from veil.config import MAX_WORKERS, parse_workers
+
+    assert parse_workers("3") == 3
+    assert parse_workers("auto") == len(os.sched_getaffinity(0))
+    with pytest.raises(ConfigError, match="a number or auto"):
+        parse_workers("many")
+    listen = Address("127.0.0.1", 0)
+    assert ServerOptions(listen=listen).workers == 1  # one process: the path as before
+    for count in (0, MAX_WORKERS + 1):
+        with pytest.raises(ConfigError, match="--workers takes a number from 1"):
+            ServerOptions(listen=listen, workers=count)
+    with pytest.raises(ConfigError, match="--tun runs in one process"):
+        ServerOptions(listen=listen, workers=2, tun=True)

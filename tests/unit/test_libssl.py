@@ -196,3 +196,27 @@ def test_missing_symbols_leave_the_context_as_it_is(
     session = _connect(context, _client_context()).session
     assert session is not None
     assert session.ticket_lifetime_hint == libssl.OPENSSL_DEFAULT_TIMEOUT
+
+
+# ------------------------------------------------------------------ shared ticket keys
+@pytest.mark.parametrize("maximum", [None, ssl.TLSVersion.TLSv1_2], ids=["tls1.3", "tls1.2"])
+def test_contexts_given_the_same_ticket_keys_resume_each_others_tickets(
+        tmp_path: Path, maximum: ssl.TLSVersion | None) -> None:
+    """--workers: each worker builds its own context; with the parent's keys a ticket one
+    issued resumes on another (the positive control is the test above: without, it does
+    not), and the ticket keeps nginx's lifetime and length."""
+    state, _ = init_state(tmp_path / "state", listen=LISTEN)
+    keys = bytes(range(libssl.TICKET_KEYS_SIZE))
+    one, other = server_ssl_context(state), server_ssl_context(state)
+    plain = server_ssl_context(state)
+    assert libssl.set_ticket_keys(one, keys) and libssl.set_ticket_keys(other, keys)
+    client = _client_context(maximum=maximum)
+    session = _connect(one, client).session
+    assert session is not None and session.ticket_lifetime_hint == libssl.NGINX_SESSION_TIMEOUT
+    assert _connect(other, client, session=session).session_reused
+    assert len(session.id) == len(_connect(plain, client).session.id)  # type: ignore[union-attr]
+
+
+def test_ticket_keys_of_the_wrong_size_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="80 bytes"):
+        libssl.set_ticket_keys(_server_context(tmp_path), bytes(48))

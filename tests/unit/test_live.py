@@ -158,3 +158,55 @@ def test_a_device_limit_counts_client_addresses_not_connections(tmp_path: Path) 
         await live.stop()
 
     asyncio.run(scenario())
+
+
+class LimitedTransport(PeerTransport):
+    """A transport the server can hold to token buckets (as its TLS transport is)."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self.read: Any = None
+
+    def set_rate_limits(self, read: Any, write: Any) -> None:
+        self.read = read
+
+
+def test_workers_split_a_users_rate_by_their_sessions(tmp_path: Path) -> None:
+    """--workers with --max-user-rate: a user with sessions on two workers gets the rate in
+    all, split by sessions (3 here, 1 there: 3/4 and 1/4); alone on one worker, all of it;
+    each worker's tick follows where the sessions are."""
+    from veil.server.shared import SharedUsers
+
+    store = SqliteUserStore(tmp_path / "users.db", trojan_hash=trojan_hash, box=BOX)
+    table = SharedUsers.create(workers=2, devices=0)
+
+    async def scenario() -> None:
+        lives = [Live(lambda: store, trojan_hash=trojan_hash, interval=3600,
+                      user_rate=1_000_000) for _ in range(2)]
+        for index, live in enumerate(lives):
+            live.shared = SharedUsers(table, index)
+            await live.start()
+        user = store.add_user("alice", os.urandom(32), os.urandom(16), 1000.0)
+        for live in lives:
+            await live.tick()
+        here = [LimitedTransport("192.0.2.1") for _ in range(3)]
+        conns = [lives[0].register(user, "veil", t, close=lambda _r: None) for t in here]
+        assert here[0].read.rate == 1_000_000  # alone on worker 0: the whole rate
+        there = LimitedTransport("192.0.2.1")
+        lives[1].register(user, "veil", there, close=lambda _r: None)
+        assert there.read.rate == 250_000  # at once, from the shared counts
+        await lives[0].tick()  # worker 0 learns of worker 1's session at its tick
+        assert here[0].read.rate == 750_000
+        for conn in conns:
+            lives[0].unregister(conn)
+        await lives[1].tick()
+        assert there.read.rate == 1_000_000
+        for live in lives:
+            await live.stop()
+            assert live.shared is not None
+            live.shared.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        os.close(table)

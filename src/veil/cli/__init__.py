@@ -40,6 +40,7 @@ from veil.config import (
     parse_rate,
     parse_via,
     parse_webhook_url,
+    parse_workers,
 )
 from veil.errors import ConfigError, StoreError, VeilError
 from veil.protocol.address import Address, parse_host_port
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from veil.protocol.accesskey import AccessKey
     from veil.protocol.trojan import TrojanLink
     from veil.server.service import VeilServer
+    from veil.server.workers import WorkerPool
     from veil.store.base import User
 
 log = logging.getLogger("veil")
@@ -73,6 +75,13 @@ def _address(text: str) -> Address:
     try:
         return parse_host_port(text)
     except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _workers(text: str) -> int:
+    try:
+        return parse_workers(text)
+    except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
@@ -224,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-user-rate", metavar="RATE",
                        help="bandwidth one user may use in each direction, over all their "
                             "sessions: e.g. 100Mbit or 20MB (per second; default unlimited)")
+    serve.add_argument("--workers", type=_workers, default=1, metavar="N",
+                       help="server processes sharing the port, to use N cores: a number, or "
+                            "'auto' for one per CPU (default 1: one process). They share the "
+                            "replay filter, TLS tickets, usage and per-user limits; "
+                            "--max-sessions holds per worker (docs/operations.md, "
+                            "\"Workers\")")
+    # A worker of --workers, started by its parent: its place and inherited descriptors.
+    serve.add_argument("--worker-of", help=argparse.SUPPRESS)
     serve.add_argument("--db", metavar="URL", default=os.environ.get("VEIL_DB"),
                        help="keep users in PostgreSQL (postgresql://USER:PASSWORD@HOST/DB) "
                             "instead of DIR/users.db, so several servers share them; "
@@ -500,7 +517,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         alert_webhook=args.alert_webhook,
         acme_directory=args.acme_directory, acme_ca_bundle=args.acme_ca_bundle,
         acme_email=args.acme_email, self_signed=args.self_signed,
-        borrow=parse_host_port(args.borrow, 443) if args.borrow else None)
+        borrow=parse_host_port(args.borrow, 443) if args.borrow else None,
+        workers=args.workers)
+    if args.worker_of is not None:
+        _serve_worker(args, options)
+        return
     if args.admin is not None:
         from veil.admin.listen import check_admin_listen
 
@@ -640,6 +661,10 @@ def _serve(args: argparse.Namespace, options: ServerOptions, state: ServerState,
         users.store.close()
     _raise_open_file_limit()
 
+    if options.workers > 1:
+        _serve_workers(args, options, state, serving)
+        return
+
     async def main(stop: asyncio.Event) -> None:
         server = VeilServer(state, options)
         try:
@@ -667,19 +692,101 @@ def _serve(args: argparse.Namespace, options: ServerOptions, state: ServerState,
     _run(main)
 
 
+def _serve_workers(args: argparse.Namespace, options: ServerOptions, state: ServerState,
+                   serving: asyncio.Event) -> None:
+    """``--workers N``: the parent (veil.server.workers), which runs the admin panel."""
+    from veil.server.acme import acme_directory_for
+    from veil.server.workers import WorkerPool
+
+    if acme_directory_for(options, state) is not None and options.borrow is None:
+        # A CA's validation connection may reach any worker, and only the one that ordered
+        # holds the challenge.
+        raise ConfigError("--workers with a certificate over ACME is not supported yet: use "
+                          "--cert/--key, --self-signed, or one worker")
+    command = [*(["-" + "v" * args.verbosity] if args.verbosity else []), "serve",
+               *args.serve_argv]
+
+    async def main(stop: asyncio.Event) -> None:
+        pool = WorkerPool(state, options, options.workers, command)
+        try:
+            await pool.start()
+        except OSError as exc:
+            raise VeilError(f"cannot listen on {exc.filename or options.listen}: "
+                            f"{exc.strerror}") from exc
+        admin = None
+        try:
+            if args.admin is not None:
+                from veil.admin.app import admin_ssl_context, start_admin
+
+                admin = await start_admin(
+                    pool, args.admin, tls=admin_ssl_context(state) if args.admin.tls else None)
+            serving.set()
+            await _serve_until_stopped(pool, stop)
+        finally:
+            if admin is not None:
+                await admin.stop()
+            await pool.stop()
+
+    _run(main)
+
+
+def _serve_worker(args: argparse.Namespace, options: ServerOptions) -> None:
+    """One worker of ``--workers N``, started by the parent with ``--worker-of``."""
+    import socket
+
+    from veil.manage.state import load_state
+    from veil.server.service import VeilServer
+    from veil.server.shared import WorkerRole
+    from veil.server.workers import (
+        parse_worker_argument,
+        receive_ticket_keys,
+        report_to_parent,
+    )
+
+    index, count, channel_fd, replay_fd, users_fd, listener_fds = parse_worker_argument(
+        args.worker_of)
+    # Every line says which worker wrote it: they share the parent's stderr.
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(
+            f"%(asctime)s %(levelname)s %(name)s [worker {index} pid {os.getpid()}]: "
+            f"%(message)s"))
+    channel = socket.socket(fileno=channel_fd)
+    role = WorkerRole(index, count, tuple(socket.socket(fileno=fd) for fd in listener_fds),
+                      replay_fd, receive_ticket_keys(channel), users_fd)
+    state = load_state(args.state, args.db)
+    _raise_open_file_limit()
+
+    async def main(stop: asyncio.Event) -> None:
+        server = VeilServer(state, options, worker=role)
+        await server.start()
+        reporter = asyncio.get_running_loop().create_task(
+            report_to_parent(server, channel, stop))
+        try:
+            await _serve_until_stopped(server, stop, daily=False)
+        finally:
+            reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)
+            await server.stop()
+
+    _run(main)
+
+
 # The self-signed certificate is renewed when a third of its life is left; a server that runs
 # for months re-reads it daily so the renewal happens without a restart.
 CERT_RELOAD_INTERVAL_S = 24 * 3600.0
 
 
-async def _serve_until_stopped(server: VeilServer, stop: asyncio.Event) -> None:
-    """Tell systemd we are ready, reload on SIGHUP (and daily), return on SIGINT/SIGTERM."""
+async def _serve_until_stopped(server: VeilServer | WorkerPool, stop: asyncio.Event, *,
+                               daily: bool = True) -> None:
+    """Tell systemd we are ready, reload on SIGHUP (and daily unless not ``daily``: a worker's
+    parent reloads it), return on SIGINT/SIGTERM."""
     from veil.server.systemd import notify
 
     loop = asyncio.get_running_loop()
     reload = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, reload.set)
-    loop.call_later(CERT_RELOAD_INTERVAL_S, reload.set)
+    if daily:
+        loop.call_later(CERT_RELOAD_INTERVAL_S, reload.set)
     notify("READY=1", f"STATUS=listening on {server.address}")
     stopping = loop.create_task(stop.wait())
     while True:
@@ -694,7 +801,8 @@ async def _serve_until_stopped(server: VeilServer, stop: asyncio.Event) -> None:
             await server.reload()
         except VeilError as exc:  # e.g. a damaged certificate: keep serving with the old one
             log.error("reload failed, still serving as before: %s", exc)
-        loop.call_later(CERT_RELOAD_INTERVAL_S, reload.set)
+        if daily:
+            loop.call_later(CERT_RELOAD_INTERVAL_S, reload.set)
         notify("READY=1", f"STATUS=listening on {server.address}")
     log.info("stopping")
     notify("STOPPING=1")
@@ -965,7 +1073,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv, verbosity = _take_verbosity(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose + verbosity)
+    args.verbosity = args.verbose + verbosity
+    if args.command == "serve":  # what --workers starts its workers with
+        args.serve_argv = argv[argv.index("serve") + 1:]
+    _setup_logging(args.verbosity)
     try:
         COMMANDS[args.command](args)
     except (ConfigError, StoreError, ValueError) as exc:

@@ -68,6 +68,11 @@ OPENSSL_DEFAULT_CACHE_MODE = SSL_SESS_CACHE_SERVER
 SSL_CTRL_SET_SESS_CACHE_SIZE = 42
 SSL_CTRL_SET_SESS_CACHE_MODE = 44
 SSL_CTRL_GET_SESS_CACHE_MODE = 45
+# SSL_CTX_get/set_tlsext_ticket_keys are macros over SSL_CTX_ctrl with these commands; the
+# keys are a 16-byte key name, a 32-byte HMAC key and a 32-byte AES key (OpenSSL 1.1 and 3).
+SSL_CTRL_GET_TLSEXT_TICKET_KEYS = 58
+SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
+TICKET_KEYS_SIZE = 80
 
 # What a prober sees when the settings could not be applied, for the warning.
 DIFFERENCES = (f"ticket lifetime ({OPENSSL_DEFAULT_TIMEOUT} s, nginx {NGINX_SESSION_TIMEOUT} s), "
@@ -212,4 +217,33 @@ def match_nginx_sessions(context: ssl.SSLContext, certificate_der: bytes, *,
             reason = "libssl did not take them all"
     log.warning("nginx's TLS session settings not applied, so a prober can tell veil from "
                 "nginx by the %s: %s", DIFFERENCES, reason)
+    return False
+
+
+def set_ticket_keys(context: ssl.SSLContext, keys: bytes, *,
+                    library: str | None = SSL_MODULE_LIBRARY) -> bool:
+    """Give the server ``context`` these session-ticket keys (:data:`TICKET_KEYS_SIZE`
+    bytes) instead of the random ones each SSL_CTX draws: worker processes that share them
+    resume each other's tickets, as nginx's workers do (they inherit the master's SSL_CTX).
+    The ticket's shape does not change (the same 16-byte key name, AES and HMAC). True if
+    libssl took them and reads them back; False, with a WARNING, if not: then a ticket
+    resumes only on the worker that issued it and a full handshake happens elsewhere."""
+    if len(keys) != TICKET_KEYS_SIZE:
+        raise ValueError(f"ticket keys are {TICKET_KEYS_SIZE} bytes")
+    lib = load_libssl(library)
+    reason = lib if isinstance(lib, str) else None
+    if not isinstance(lib, str):
+        pointer = context_pointer(context)
+        if not pointer or lib.get_options(pointer) != context.options:
+            reason = "no SSL_CTX where CPython keeps it"
+        else:
+            given = ctypes.create_string_buffer(keys, TICKET_KEYS_SIZE)
+            read = ctypes.create_string_buffer(TICKET_KEYS_SIZE)
+            if (lib.ctrl(pointer, SSL_CTRL_SET_TLSEXT_TICKET_KEYS, TICKET_KEYS_SIZE, given) == 1
+                    and lib.ctrl(pointer, SSL_CTRL_GET_TLSEXT_TICKET_KEYS, TICKET_KEYS_SIZE,
+                                 read) == 1 and read.raw == keys):
+                return True
+            reason = "libssl did not take them"
+    log.warning("shared TLS ticket keys not set, so a ticket resumes only on the worker that "
+                "issued it: %s", reason)
     return False

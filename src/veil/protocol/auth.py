@@ -23,6 +23,7 @@ import os
 import struct
 from array import array
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -134,6 +135,19 @@ def _empty_slots(count: int) -> array[int]:
     return array("Q", (0,)) * count
 
 
+class ReplayCheck(Protocol):
+    """What :func:`verify_auth` needs of a replay filter: :class:`ReplayFilter`, or the one
+    worker processes share (``veil.server.shared``)."""
+
+    #: Handshakes accepted without being remembered (the filter was full).
+    unrecorded: int
+
+    def check_and_add(self, key_id: bytes, nonce: bytes, timestamp: float,
+                      now: float) -> str | None: ...
+
+    def __len__(self) -> int: ...
+
+
 class ReplayFilter:
     """Remembers accepted authenticators for as long as their timestamp is acceptable.
 
@@ -206,7 +220,7 @@ class ReplayFilter:
 
 
 def verify_auth(message: bytes, credential: Credential, binding: bytes, now: float,
-                replay: ReplayFilter, window: float = ACCEPT_WINDOW) -> str | None:
+                replay: ReplayCheck, window: float = ACCEPT_WINDOW) -> str | None:
     """Check a client's message against the credential its key id named.
 
     Returns None when accepted, else a short reason for logs and metrics ("bad_tag",

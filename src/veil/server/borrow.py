@@ -148,9 +148,12 @@ class Borrowed:
         now = self._clock()
         if abs(now - claim.timestamp) > ACCEPT_WINDOW:
             return None
-        if authenticator.replay.check_and_add(claim.key_id, claim.nonce, claim.timestamp,
-                                              now) is not None:
-            return None  # a replay (or a key flooding handshakes): the target answers it
+        reason = authenticator.replay.check_and_add(claim.key_id, claim.nonce, claim.timestamp,
+                                                    now)
+        if reason is not None:  # a replay (or a key flooding handshakes): the target answers
+            log.debug("borrowed identity: a veil hello refused (%s), relayed to the site",
+                      reason)
+            return None
         return Recognised(user, psk, message)
 
     # ------------------------------------------------------------------ routing

@@ -41,7 +41,14 @@ from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 from veil.cover.backends import Cover
-from veil.protocol.auth import AUTH_SIZE, Credential, ReplayFilter, peek_key_id, verify_auth
+from veil.protocol.auth import (
+    AUTH_SIZE,
+    Credential,
+    ReplayCheck,
+    ReplayFilter,
+    peek_key_id,
+    verify_auth,
+)
 from veil.server import clienthello
 from veil.server.borrow import Borrowed
 from veil.server.live import device_of
@@ -182,9 +189,11 @@ class UserLookup(Protocol):
 class Authenticator:
     """Checks authentication messages against the users, with a replay filter."""
 
-    def __init__(self, users: UserLookup, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, users: UserLookup, clock: Callable[[], float] = time.time,
+                 replay: ReplayCheck | None = None) -> None:
         self.users = users
-        self.replay = ReplayFilter()
+        #: This process's filter, or one the workers share (veil.server.shared).
+        self.replay: ReplayCheck = replay if replay is not None else ReplayFilter()
         self._clock = clock
         self._credentials: dict[bytes, Credential] = {}
 

@@ -36,15 +36,18 @@ import itertools
 import logging
 import resource
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
 
 from veil.config import DEFAULT_MAX_SESSIONS, DEFAULT_MAX_SESSIONS_PER_USER
 from veil.errors import StoreError
 from veil.manage import presence
 from veil.store.base import SessionEnd, Usage, User, UserStore, period_start
 from veil.transport.ratelimit import Limiter, Limits, TokenBucket
+
+if TYPE_CHECKING:
+    from veil.server.shared import SharedUsers
 
 log = logging.getLogger("veil.server")
 
@@ -304,7 +307,8 @@ class Live:
                  max_devices_per_user: int | None = None,
                  user_rate: float | None = None,
                  outbound_slots: OutboundSlots | None = None,
-                 clock: Callable[[], float] = time.time, server_id: str = "") -> None:
+                 clock: Callable[[], float] = time.time, server_id: str = "",
+                 ids: Iterator[int] | None = None) -> None:
         #: This server's id in the store's fleet table and in sessions asked to end.
         self.server_id = server_id
         #: Called on the loop for a heartbeat: takes what it needs of the server there and
@@ -320,6 +324,9 @@ class Live:
         #: from at once (None: any number); a new address past it gets the cover site.
         self.max_devices_per_user = max_devices_per_user
         self._devices: dict[str, dict[str, int]] = {}  # user -> address -> live connections
+        #: One worker of several (--workers): the sessions and devices of every worker, which
+        #: the per-user limits then count (veil.server.shared); None: this process's alone.
+        self.shared: SharedUsers | None = None
         #: Outbound descriptors per user and for the server (streams, Trojan, UDP).
         self.outbound_slots = outbound_slots or OutboundSlots.for_this_process()
         self.max_sessions = max_sessions
@@ -341,7 +348,9 @@ class Live:
         #: Bytes per user counted by this process since it started (for metrics).
         self.user_bytes: dict[str, Usage] = {}
         self._pending: dict[str, Usage] = {}  # counted, not yet in the store
-        self._ids = itertools.count(1)
+        #: Connection ids; workers of one server draw from disjoint ones (every Nth), so an
+        #: id names one connection of the whole server (a session an admin ends, the panel).
+        self._ids = ids or itertools.count(1)
         self._store: UserStore | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -401,9 +410,14 @@ class Live:
         address (:func:`device_of`), for ``max_devices_per_user``."""
         if (reason := self.directory.refusal(user)) is not None:
             return reason
-        if self._per_user.get(user.name, 0) >= self.max_sessions_per_user:
+        if self.shared is not None:  # one worker of several: the whole server's counts
+            reason = self.shared.refusal(user.name, device, self.max_sessions_per_user,
+                                         self.max_devices_per_user)
+            if reason is not None:
+                return reason
+        elif self._per_user.get(user.name, 0) >= self.max_sessions_per_user:
             return "too_many_sessions"
-        if device is not None and self.max_devices_per_user is not None:
+        elif device is not None and self.max_devices_per_user is not None:
             devices = self._devices.get(user.name, {})
             if device not in devices and len(devices) >= self.max_devices_per_user:
                 return "too_many_devices"
@@ -423,6 +437,8 @@ class Live:
         if conn.device is not None:
             devices = self._devices.setdefault(user.name, {})
             devices[conn.device] = devices.get(conn.device, 0) + 1
+        if self.shared is not None:
+            self.shared.add(user.name, conn.device)
         if not isinstance(transport, RateLimited):
             return conn
         read: list[Limiter] = []
@@ -432,6 +448,7 @@ class Live:
             if buckets is None:
                 buckets = self._buckets[user.name] = (TokenBucket(self.user_rate),
                                                       TokenBucket(self.user_rate))
+            self._share_rate(user.name, buckets)
             read.append(buckets[0])
             write.append(buckets[1])
         if user.limit_bytes is not None:
@@ -445,6 +462,18 @@ class Live:
             transport.set_rate_limits(read[0] if len(read) == 1 else Limits(*read),
                                       write[0] if len(write) == 1 else Limits(*write))
         return conn
+
+    def _share_rate(self, name: str, buckets: tuple[TokenBucket, TokenBucket]) -> None:
+        """One worker of several: ``name``'s buckets here get the user's rate times this
+        worker's share of the user's sessions, so that all workers together allow the rate
+        (a user on one worker gets all of it). Shares are set at each connection here and
+        at each tick, so for up to one interval after the user's sessions moved between
+        workers the sum may pass the rate (docs/operations.md, "Workers")."""
+        if self.shared is None or self.user_rate is None:
+            return
+        mine, total = self.shared.session_share(name)
+        rate = self.user_rate * mine / total if mine and total else self.user_rate
+        buckets[0].rate = buckets[1].rate = rate
 
     def _remaining(self, name: str) -> int:
         """What ``name`` may still move by the directory and this server's unwritten bytes."""
@@ -464,6 +493,8 @@ class Live:
     def _forget(self, conn: LiveConnection) -> None:
         self._count(conn)
         name = conn.user.name
+        if self.shared is not None:
+            self.shared.remove(name, conn.device)
         devices = self._devices.get(name)
         if conn.device is not None and devices is not None:
             if devices.get(conn.device, 1) > 1:
@@ -518,6 +549,8 @@ class Live:
             for name, allowance in self._allowances.items():
                 since = allowance.taken - marks.get(name, allowance.taken)
                 allowance.remaining = self._remaining(name) - since
+            for name, buckets in self._buckets.items():
+                self._share_rate(name, buckets)
             self.session_ends = {}
             for end in ends:
                 self.session_ends.setdefault(end.name, []).append(end)

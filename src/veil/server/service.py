@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -17,6 +19,7 @@ from veil.config import ServerOptions
 from veil.cover.backends import BuiltinCover, Cover, make_cover
 from veil.errors import ConfigError
 from veil.manage.fleet import Facts, HostSampler, heartbeat_info, server_id
+from veil.manage.libssl import set_ticket_keys
 from veil.manage.state import ServerState, load_state, record_start, server_ssl_context
 from veil.manage.users import UserManager
 from veil.net.driver import SessionDriver
@@ -43,6 +46,7 @@ from veil.server.gate import Authenticator, Gate, VeilWayIn, WayIn
 from veil.server.live import Live, LiveConnection
 from veil.server.outbound import Outbound, session_features
 from veil.server.policy import DestinationPolicy, local_addresses, server_resolver
+from veil.server.shared import SharedReplayFilter, SharedUsers, WorkerRole
 from veil.server.status import BoundCounts, ConnectionStatus, GateCounts, ServerStatus
 from veil.server.subscription import SubscriptionResponder
 from veil.server.trojan import TrojanOrNoise, TrojanService, TrojanWayIn
@@ -103,9 +107,12 @@ class VeilServer:
     """One listening port: tunnel for key holders, cover site for everybody else."""
 
     def __init__(self, state: ServerState, options: ServerOptions,
-                 cover: Cover | None = None) -> None:
+                 cover: Cover | None = None, worker: WorkerRole | None = None) -> None:
         self.state = state
         self.options = options
+        #: One worker of several (``--workers N``): its sockets, shared replay table and
+        #: ticket keys come from the parent (veil.server.workers); None: the only process.
+        self.worker = worker
         self.started_at = time.time()
         # User management for in-process callers (tests, embedding); the admin panel and the
         # live view each open their own store and use it from a worker thread.
@@ -114,7 +121,9 @@ class VeilServer:
         self.live = Live(state.open_store, trojan_hash=password_hash_for_secret,
                          max_sessions_per_user=options.max_sessions_per_user,
                          max_devices_per_user=options.max_devices_per_user,
-                         max_sessions=options.max_sessions, user_rate=options.user_rate)
+                         max_sessions=options.max_sessions, user_rate=options.user_rate,
+                         ids=itertools.count(worker.index + 1, worker.count)
+                         if worker is not None else None)
         self.host = HostSampler()  # the heartbeat's own: rates are between two heartbeats
         self.alerts: Alerts | None = None
         if options.alert_webhook is not None:
@@ -161,11 +170,14 @@ class VeilServer:
         self.trojan = TrojanService(policy, self.live.outbound_slots,
                                     block_bittorrent=options.block_bittorrent)
         own_names = frozenset(n for n in (state.sni,) if n)
-        self._authenticator = Authenticator(self.live)
+        self._replay = SharedReplayFilter(worker.replay_fd) if worker is not None else None
+        if worker is not None:
+            self.live.shared = SharedUsers(worker.users_fd, worker.index)
+        self._authenticator = Authenticator(self.live, replay=self._replay)
         ways_in: list[WayIn] = [VeilWayIn(self._authenticator, self._start_session)]
         if options.trojan:
             ways_in.append(TrojanWayIn(self.live, self._serve_trojan))
-        self.gate = Gate(ssl_context=server_ssl_context(state, self.cover.alpn_protocols),
+        self.gate = Gate(ssl_context=self._ssl_context(state),
                          cover=self.cover,
                          ways_in=ways_in, own_names=own_names,
                          handshake_timeout=options.handshake_timeout,
@@ -185,6 +197,13 @@ class VeilServer:
             self.acme = CertificateRenewer(directory_url, options, lambda: self.state,
                                            self.gate.acme_challenges, self.reload)
         self._acme_task: asyncio.Task[None] | None = None
+
+    def _ssl_context(self, state: ServerState) -> ssl.SSLContext:
+        """The tunnel port's TLS context; a worker's with the ticket keys all workers share."""
+        context = server_ssl_context(state, self.cover.alpn_protocols)
+        if self.worker is not None:
+            set_ticket_keys(context, self.worker.ticket_keys)
+        return context
 
     @property
     def address(self) -> Address:
@@ -221,8 +240,11 @@ class VeilServer:
                 refused_tcp_ports=self.options.refused_tcp_ports))
             await self.tun.start()
         try:
-            for listen in (self.options.listen, *self.options.also_listen):
-                self._listeners.append(_listening_socket(listen))
+            if self.worker is not None:
+                self._listeners = list(self.worker.listeners)
+            else:
+                for listen in (self.options.listen, *self.options.also_listen):
+                    self._listeners.append(_listening_socket(listen))
         except OSError:
             for sock in self._listeners:
                 sock.close()
@@ -231,14 +253,16 @@ class VeilServer:
         # Named by the address bound (a --listen port 0 is a port now), the server joins the
         # fleet's table now, before it says it listens: a panel asked at once lists it.
         self.live.server_id = server_id(str(self.address))
-        self.live.heartbeat = self._heartbeat
+        if self.worker is None:  # a worker's parent beats for the whole server
+            self.live.heartbeat = self._heartbeat
         await self.live.tick()
         loop = asyncio.get_running_loop()
         self._serve_tasks = [loop.create_task(self.gate.serve(sock)) for sock in self._listeners]
         try:  # before "listening on": whoever waits for that line may export links at once
-            await asyncio.to_thread(record_start, self.state.directory,
-                                    trojan=self.options.trojan, via=self.options.via,
-                                    routing=self.options.routing)
+            if self.worker is None or self.worker.index == 0:  # one writer of config.json
+                await asyncio.to_thread(record_start, self.state.directory,
+                                        trojan=self.options.trojan, via=self.options.via,
+                                        routing=self.options.routing)
         except ConfigError as exc:
             log.error("%s: `veil user show` may say the wrong thing", exc)
         self.state = self.users.state = dataclasses.replace(
@@ -424,7 +448,7 @@ class VeilServer:
                         "working; hand out new keys with `veil user show`")
         # The same ALPN as at start: a reload must not turn h2 off (a prober would see the
         # server change what it offers once a day).
-        self.gate.ssl_context = server_ssl_context(state, self.cover.alpn_protocols)
+        self.gate.ssl_context = self._ssl_context(state)
         self.state = self.users.state = state
         self.blocks.set_ways(self._way_labels())
         await self.live.tick()
@@ -441,8 +465,9 @@ class VeilServer:
         for task in self._serve_tasks:
             task.cancel()
         await asyncio.gather(*self._serve_tasks, return_exceptions=True)
-        for sock in self._listeners:
-            sock.close()
+        if self.worker is None:  # a worker's belong to the parent, which keeps them open
+            for sock in self._listeners:
+                sock.close()
         self.gate.close()
         drivers = list(self.sessions)
         for driver in drivers:
@@ -460,6 +485,10 @@ class VeilServer:
             self.carriers.close()
         self.cover.close()
         await self.live.stop()
+        if self._replay is not None:
+            self._replay.close()
+        if self.live.shared is not None:
+            self.live.shared.close()
         self.store.close()
         log.info("stopped; %d session(s) closed", len(drivers))
 
