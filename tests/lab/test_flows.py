@@ -8,7 +8,8 @@ import pytest
 
 from tests.lab import synth
 from veil.errors import ConfigError
-from veil.lab.flow import Direction, Endpoint, FlowTable, Packet
+from veil.lab import lifecycle
+from veil.lab.flow import Chunk, Direction, Endpoint, Flow, FlowTable, Packet
 from veil.lab.pcap import read_flows
 from veil.lab.tls import flow_records
 
@@ -91,3 +92,26 @@ def test_not_a_capture(tmp_path: Path) -> None:
         read_flows(bad)
     with pytest.raises(ConfigError, match="cannot read"):
         read_flows(tmp_path / "missing.pcap")
+
+
+def _record(length: int) -> bytes:
+    return bytes((23, 3, 3)) + length.to_bytes(2, "big") + bytes(length)
+
+
+def test_a_late_answer_is_not_the_server_speaking_first() -> None:
+    """The lifecycle's server-first count: an answer that comes 0.4 s after its request (a
+    loaded server, past the 0.3 s moment gap) is the client's moment answered late; the same
+    bytes 3 s after the client's last record are the server speaking first (a held close
+    that crossed, a heartbeat): the positive control."""
+    def life(answer_after: float) -> lifecycle.Lifecycle:
+        flow = Flow("tcp", Endpoint("10.0.0.2", 40000), Endpoint("10.0.0.1", 443), 0.0,
+                    saw_handshake=True)
+        flow.chunks += [Chunk(Direction.CLIENT, 0.0, _record(517)),
+                        Chunk(Direction.SERVER, 0.05, _record(2000)),
+                        Chunk(Direction.CLIENT, 1.0, _record(48)),
+                        Chunk(Direction.SERVER, 1.0 + answer_after, _record(1935))]
+        return lifecycle.summarize(flow, moment_gap=0.3, answer_window=1.0)
+
+    assert life(0.05).server_first == 0  # one moment: request and answer
+    assert life(0.4).server_first == 0  # two moments, the second a late answer
+    assert life(3.0).server_first == 1

@@ -22,6 +22,7 @@ script). Only TLS record sizes, directions and times are used, and the FINs.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from veil.lab.flow import Direction, Flow
@@ -38,6 +39,11 @@ MOMENT_GAP = 1.0
 #: How far two close times (after the last activity) may differ and still be one behaviour:
 #: nginx's timer fires on its own schedule, and the lab's loop on two shared cores is late.
 CLOSE_TIME_TOLERANCE = 1.0
+#: A moment the server opens within this long of the client's last record is that record's
+#: answer, come late (a slow backend; a server on a loaded machine): websites answer late
+#: too. Past it the server spoke first: a held close that crossed, a heartbeat, a push. Far
+#: below any keepalive timeout (nginx: 75 s), which is when a site's own close comes.
+ANSWER_WINDOW = 5.0
 
 
 @dataclass(frozen=True)
@@ -107,9 +113,11 @@ def _moments(flow: Flow, gap: float) -> list[Moment]:
     return found
 
 
-def summarize(flow: Flow, *, moment_gap: float = MOMENT_GAP) -> Lifecycle:
+def summarize(flow: Flow, *, moment_gap: float = MOMENT_GAP,
+              answer_window: float = ANSWER_WINDOW) -> Lifecycle:
     """The life of one TCP connection as a capture (or the lab's relay) recorded it."""
     found = _moments(flow, moment_gap)
+    client_times = [r.time for r in flow_records(flow) if r.direction is Direction.CLIENT]
     closer = min(flow.ends, key=flow.ends.__getitem__) if flow.ends else None
     closed_at = flow.ends[closer] if closer is not None else None
     closing_moment = None
@@ -122,7 +130,15 @@ def summarize(flow: Flow, *, moment_gap: float = MOMENT_GAP) -> Lifecycle:
         closing=closing_moment.records if closing_moment is not None else (),
         last_busy=busy[-1].end if busy else flow.start,
         idle_moments=sum(1 for m in living if m.quiet),
-        server_first=sum(1 for m in living[1:] if m.opener is Direction.SERVER))
+        server_first=sum(1 for m in living[1:] if m.opener is Direction.SERVER
+                         and not _answers(m, client_times, answer_window)))
+
+
+def _answers(moment: Moment, client_times: list[float], window: float) -> bool:
+    """Whether ``moment`` (opened by the server) comes within ``window`` of the client's
+    last record before it: a late answer, not the server speaking first."""
+    before = bisect.bisect_right(client_times, moment.start)
+    return before > 0 and moment.start - client_times[before - 1] < window
 
 
 @dataclass(frozen=True)
