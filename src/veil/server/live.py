@@ -662,7 +662,7 @@ def build_directory(users: Iterable[User], usage: dict[str, dict[str, Usage]], n
 def _terms(user: User) -> tuple[object, ...]:
     """What a user may do, as :meth:`UserDirectory.same_users` compares it."""
     return (user.key_id, user.created_at, user.revoked_at, user.limit_bytes, user.limit_period,
-            user.expires_at)
+            user.expires_at, user.sites, user.reach)
 
 
 def _add(a: Usage | None, b: Usage) -> Usage:
