@@ -18,7 +18,7 @@ from veil.cover.backends import BuiltinCover, Cover, make_cover
 from veil.errors import ConfigError
 from veil.manage.fleet import Facts, HostSampler, heartbeat_info, server_id
 from veil.manage.state import ServerState, load_state, record_start, server_ssl_context
-from veil.manage.users import UserManager
+from veil.manage.users import TUN_POOLS_SETTING, UserManager
 from veil.net.driver import SessionDriver
 from veil.net.noise_channel import NoiseServerChannel, SealedTransport
 from veil.protocol.address import Address
@@ -40,7 +40,7 @@ from veil.server.alerts import Alerts, Webhook
 from veil.server.blocks import BlockAlert, BlockTracker, run_alert_command
 from veil.server.borrow import Borrowed
 from veil.server.gate import Authenticator, Gate, VeilWayIn, WayIn
-from veil.server.live import Live, LiveConnection
+from veil.server.live import Live, LiveConnection, UserDirectory
 from veil.server.outbound import Outbound, session_features
 from veil.server.policy import DestinationPolicy, local_addresses, server_resolver
 from veil.server.status import BoundCounts, ConnectionStatus, GateCounts, ServerStatus
@@ -220,6 +220,8 @@ class VeilServer:
                 self.options.pool, self.options.pool6, allow_private=self.options.allow_private,
                 refused_tcp_ports=self.options.refused_tcp_ports))
             await self.tun.start()
+            self.tun.set_users(self.live.directory.by_name.values())
+            self.live.on_directory = self._tun_users
         try:
             for listen in (self.options.listen, *self.options.also_listen):
                 self._listeners.append(_listening_socket(listen))
@@ -231,6 +233,12 @@ class VeilServer:
         # Named by the address bound (a --listen port 0 is a port now), the server joins the
         # fleet's table now, before it says it listens: a panel asked at once lists it.
         self.live.server_id = server_id(str(self.address))
+        if self.tun is not None:
+            # Sites overlapping this pool are refused by `veil user add --site` from now on.
+            pools = " ".join(str(p) for p in (self.tun.options.pool, self.tun.options.pool6)
+                             if p is not None)
+            await asyncio.to_thread(self.store.set_setting,
+                                    TUN_POOLS_SETTING + self.live.server_id, pools)
         self.live.heartbeat = self._heartbeat
         await self.live.tick()
         loop = asyncio.get_running_loop()
@@ -391,6 +399,10 @@ class VeilServer:
             self.outbound.resolve(driver, event)
             return
         self.outbound.open(driver, event, conn.user.name if conn is not None else "")
+
+    def _tun_users(self, directory: UserDirectory) -> None:
+        if self.tun is not None:
+            self.tun.set_users(directory.by_name.values())
 
     def _session_closed(self, driver: SessionDriver) -> None:
         conn = self.sessions.pop(driver, None)
