@@ -63,8 +63,10 @@ def test_sites_reach_sites_users_only_what_they_are_given() -> None:
 
 
 def test_gateways_are_told_the_subnets_they_reach() -> None:
+    # A revoked site's subnets stay announced (its traffic is dropped at the server): a
+    # route withdrawn would let the LAN's packets for it out by the default route.
     assert TABLE.routes_for("sh") == nets("192.168.20.0/24", "192.168.20.128/25",
-                                          "10.9.0.0/16")
+                                          "10.9.0.0/16", "172.16.0.0/24")
     # lab reaches sh only, but bj reaches every site, lab's included: the replies to bj's
     # hosts must go back through the tunnel too.
     assert TABLE.routes_for("lab") == nets("192.168.10.0/24", "fd10::/64",

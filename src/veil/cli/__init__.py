@@ -370,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="send all of this machine's traffic through the tunnel (Linux, "
                               "root): a TUN device, routes, DNS and a kill switch, all undone "
                               "on exit")
+    connect.add_argument("--site", action="store_true",
+                         help="with --tun: be an office's gateway (the key is a site's, `veil "
+                              "user add NAME --site CIDR`): route only the other sites' "
+                              "subnets into the tunnel, never the default route, and forward "
+                              "for this LAN (docs/site-to-site.md)")
     connect.add_argument("--exclude", action="append", default=[], metavar="CIDR",
                          help="with --tun: keep this range outside the tunnel, e.g. the LAN "
                               "(repeatable)")
@@ -939,7 +944,7 @@ def _connect_options(args: argparse.Namespace, key: AccessKey | TrojanLink) -> C
                                       tun_exclude=tuple(args.exclude),
                                       keepalive=args.keepalive, http_auth=args.http_auth,
                                       allow_lan=args.allow_lan, rules=tuple(args.rules),
-                                      system_proxy=args.system_proxy)
+                                      system_proxy=args.system_proxy, tun_site=args.site)
     return options
 
 

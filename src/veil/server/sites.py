@@ -40,6 +40,11 @@ class SiteTable:
         pools = tuple(pools)
         #: Each site's subnets (those that do not overlap the server's pools).
         self.subnets: dict[str, tuple[IPNetwork, ...]] = {}
+        # Revoked (or expired...) sites' subnets: still announced to the gateways that
+        # reach them, so those keep routing them into the tunnel, where they are dropped:
+        # withdrawn, the routes would let the LAN's packets for them out by the default
+        # route, to the Internet.
+        self._dormant: dict[str, tuple[IPNetwork, ...]] = {}
         self._reach: dict[str, _Reach] = {}
         # Per address length (4 or 16 bytes): (prefix length, {masked address: site}),
         # longest prefix first: one dict lookup per distinct prefix length.
@@ -55,7 +60,10 @@ class SiteTable:
                     except ValueError:
                         names.add(value)
                 self._reach[user.name] = _Reach(tuple(nets), frozenset(names))
-            if not user.sites or not user.active:
+            if not user.sites:
+                continue
+            if not user.active:
+                self._dormant[user.name] = tuple(map(ipaddress.ip_network, user.sites))
                 continue
             mine: list[IPNetwork] = []
             for value in user.sites:
@@ -121,7 +129,7 @@ class SiteTable:
         into the tunnel. A reach CIDR inside a site's subnet is announced as itself."""
         routes: list[IPNetwork] = []
         reach = self._reach.get(user)
-        for site, nets in self.subnets.items():
+        for site, nets in (*self.subnets.items(), *self._dormant.items()):
             if site == user:
                 continue
             whole = (reach is None and self.is_site(user)) or (

@@ -1,0 +1,208 @@
+"""Site-to-site (docs/site-to-site.md) in network namespaces::
+
+    [hostA] 10.0.31.2 -- [gwA] -- r1 [router] rs -- [server] veil serve --tun
+    [hostB] 10.0.32.2 -- [gwB] -- r2 /
+    [roam]  10.0.13.2 -------- r3 /
+
+gwA and gwB run ``veil connect KEY --tun --site`` with the keys of sites ``site-a``
+(10.0.31.0/24) and ``site-b`` (10.0.32.0/24). The router routes both LANs too, so a packet
+that went around the tunnel would arrive, and the captures on r1 and r2 would see it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.netns.test_tun import _require
+from tests.netns.topology import SERVER_IP, SERVER_PORT, UDP_ECHO, VEIL, Packet, Proc, Topology
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+HOST_A = "10.0.31.2"
+HOST_B = "10.0.32.2"
+GW_A = "10.0.11.2"
+GW_B = "10.0.12.2"
+SITE_A = "10.0.31.0/24"
+SITE_B = "10.0.32.0/24"
+HTTP_PORT = 8080
+ECHO_PORT = 7777
+BIG = 16 * 1024 * 1024
+
+
+class SiteTopology(Topology):
+    """The TUN tests' small Internet with a host behind client2 too (guest2, hostB) and a
+    third client (the roaming user)."""
+
+    def __init__(self) -> None:
+        super().__init__(clients=3, guest=True)
+        self.ns["guest2"] = self.ns["router"].removesuffix("router") + "guest2"
+
+    def _build(self) -> None:
+        super()._build()
+        self._veth("client2", "cg", "guest2", "g0")
+        self._addr("client2", "cg", "10.0.32.1/24")
+        self._addr("guest2", "g0", f"{HOST_B}/24")
+        self.ip("guest2", "route", "add", "default", "via", "10.0.32.1")
+        self.ip("router", "route", "add", SITE_B, "via", GW_B)
+
+    def veil_user(self, *args: str) -> str:
+        return self.exec("server", *VEIL, "user", *args, "--state",
+                         str(self.dir / "server-state")).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def topo() -> Iterator[SiteTopology]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces (CI runs as root)")
+    _require()
+    with SiteTopology() as topology:
+        yield topology
+
+
+@pytest.fixture(scope="module")
+def sites(topo: SiteTopology) -> Iterator[dict[str, str]]:
+    """The server, the two sites' users and the roaming user, the hosts' servers; keys by
+    user name."""
+    server, _ = topo.start_server()
+    keys = {"site-a": topo.veil_user("add", "site-a", "--site", SITE_A),
+            "site-b": topo.veil_user("add", "site-b", "--site", SITE_B),
+            "roam": topo.veil_user("add", "roam")}
+    www = topo.dir / "lan-www"
+    www.mkdir()
+    (www / "big.bin").write_bytes(os.urandom(BIG))
+    for role, host in (("guest1", HOST_A), ("guest2", HOST_B)):
+        topo.start(role, f"http-{role}", [sys.executable, "-m", "http.server", "--bind", host,
+                                          "--directory", str(www), str(HTTP_PORT)])
+        topo.start(role, f"echo-{role}", [sys.executable, "-c", UDP_ECHO, str(ECHO_PORT)])
+        topo.wait_tcp(role, HTTP_PORT)
+    yield keys
+    topo.stop(server)
+
+
+def gateway(topo: SiteTopology, key: str, role: str, wait: str = SITE_A) -> Proc:
+    proc = topo.start(role, f"{role}-gw", [*VEIL, "-v", "connect", key, "--tun", "--site"])
+    topo.wait_log(proc, "site gateway, routes")
+    topo.wait_log(proc, wait)  # the other site's subnet, announced by the server
+    return proc
+
+
+def ping(topo: SiteTopology, role: str, host: str, wait: float = 2) -> bool:
+    return topo.exec(role, "ping", "-c", "1", "-W", str(wait), host,
+                     check=False).returncode == 0
+
+
+def udp_echo(topo: SiteTopology, role: str, host: str) -> bool:
+    code = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "s.settimeout(1)\n"
+            "for _ in range(3):\n"
+            f"    s.sendto(b'x' * 3000, ('{host}', {ECHO_PORT}))\n"
+            "    try:\n"
+            "        assert len(s.recv(65535)) == 3000; break\n"
+            "    except TimeoutError: pass\n"
+            "else: raise SystemExit(1)")
+    return topo.exec(role, "python3", "-c", code, check=False).returncode == 0
+
+
+def fetch_sha256(topo: SiteTopology, role: str, host: str, timeout: float = 30) -> str:
+    out = topo.exec(role, "sh", "-c", f"curl -sS -m {timeout} http://{host}:{HTTP_PORT}/big.bin"
+                    " | sha256sum", timeout=timeout + 5)
+    return out.stdout.split()[0]
+
+
+def leaks(packets: list[Packet], gateway_ip: str) -> list[Packet]:
+    """Every IP packet that is not the gateway's TLS connection to the server."""
+    return [p for p in packets if p.kind not in ("arp", "link-local") and not (
+        (p.src, p.dst, p.dport) == (gateway_ip, SERVER_IP, SERVER_PORT)
+        or (p.src, p.dst, p.sport) == (SERVER_IP, gateway_ip, SERVER_PORT))]
+
+
+def test_two_offices_reach_each_other_by_lan_address_and_only_tls_leaves(
+        topo: SiteTopology, sites: dict[str, str]) -> None:
+    captures = {GW_A: topo.capture("router", "r1"), GW_B: topo.capture("router", "r2")}
+    gw_a = gateway(topo, sites["site-a"], "client1", wait=SITE_B)
+    gw_b = gateway(topo, sites["site-b"], "client2", wait=SITE_A)
+    try:
+        # The gateways route the other site only: their default routes are untouched.
+        assert "default via 10.0.11.1" in topo.ip("client1", "route", "show")
+        assert f"{SITE_B} dev veil0" in topo.ip("client1", "route", "show")
+        for role, other in (("guest1", HOST_B), ("guest2", HOST_A)):
+            assert ping(topo, role, other), f"{role} -> {other}"
+            assert udp_echo(topo, role, other), f"{role} -> {other} UDP"
+        expected = hashlib.sha256((topo.dir / "lan-www" / "big.bin").read_bytes()).hexdigest()
+        assert fetch_sha256(topo, "guest1", HOST_B) == expected
+        assert fetch_sha256(topo, "guest2", HOST_A) == expected
+        # No NAT: each host saw the other's LAN address.
+        logs = {p.name: p.text() for p in topo.procs}
+        assert f"{HOST_A} - - " in logs["http-guest2"]
+        assert f"{HOST_B} - - " in logs["http-guest1"]
+    finally:
+        topo.stop(gw_a)
+        topo.stop(gw_b)
+    for gateway_ip, capture in captures.items():
+        seen = capture.packets()
+        assert any(p.dport == SERVER_PORT for p in seen)
+        assert leaks(seen, gateway_ip) == []
+    # A clean exit leaves no trace: the kill switch's table is gone, forwarding as before.
+    assert "veil" not in topo.exec("client2", "nft", "list", "ruleset").stdout
+    assert topo.exec("client2", "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "0"
+
+
+def test_a_roaming_user_reaches_a_site_only_when_allowed(
+        topo: SiteTopology, sites: dict[str, str]) -> None:
+    gw_a = gateway(topo, sites["site-a"], "client1", wait=SITE_B)
+    roam = topo.start("client3", "roam", [*VEIL, "-v", "connect", sites["roam"], "--tun"])
+    try:
+        topo.wait_log(roam, "TUN veil0 up")
+        assert not ping(topo, "client3", HOST_A, wait=1)
+        topo.veil_user("limit", "roam", "--reach", "site-a")  # returns once the server has it
+        assert ping(topo, "client3", HOST_A)
+        assert not ping(topo, "client3", HOST_B, wait=1)  # site-b was not given
+        topo.veil_user("limit", "roam", "--reach", "none")
+        assert not ping(topo, "client3", HOST_A, wait=1)
+    finally:
+        topo.stop(roam)
+        topo.stop(gw_a)
+
+
+def test_revoking_a_site_cuts_it_at_once_and_its_lan_does_not_leak(
+        topo: SiteTopology, sites: dict[str, str]) -> None:
+    gw_a = gateway(topo, sites["site-a"], "client1", wait=SITE_B)
+    gw_b = gateway(topo, sites["site-b"], "client2", wait=SITE_A)
+    capture = topo.capture("router", "r2")
+    try:
+        assert ping(topo, "guest1", HOST_B)
+        started = time.monotonic()
+        topo.veil_user("revoke", "site-b")  # returns once the server has the change
+        # Cut by then: the server closed gwB's session in the tick that loaded it.
+        assert not ping(topo, "guest1", HOST_B, wait=1)
+        took = time.monotonic() - started
+        # While gwB's tunnel is down its LAN's packets for site A go nowhere (not around).
+        assert not ping(topo, "guest2", HOST_A, wait=1)
+        assert gw_b.alive()  # still trying, traffic blocked
+        print(f"revocation: cut within {took:.2f} s of `veil user revoke` starting")
+        # A crash takes the device and its routes: the kill switch's table stays and
+        # keeps the LAN's packets for site A from the default route.
+        topo.stop(gw_b, signal.SIGKILL)
+        assert f"{SITE_A} dev veil0" not in topo.ip("client2", "route", "show")
+        assert not ping(topo, "guest2", HOST_A, wait=1)
+    finally:
+        topo.stop(gw_b, signal.SIGTERM)
+        topo.stop(gw_a)
+        topo.veil_user("restore", "site-b")
+    assert leaks(capture.packets(), GW_B) == []
+    topo.exec("client2", *VEIL, "connect", sites["site-b"], "--tun-cleanup")
+    assert "veil" not in topo.exec("client2", "nft", "list", "ruleset").stdout
+    # ... and with nothing of veil's left, the same packets would leave (the control: a
+    # crashed gateway forwards, as veil had turned forwarding on).
+    topo.exec("client2", "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    try:
+        assert ping(topo, "guest2", HOST_A)
+    finally:
+        topo.exec("client2", "sysctl", "-qw", "net.ipv4.ip_forward=0")
