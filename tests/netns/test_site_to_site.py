@@ -2,6 +2,7 @@
 
     [hostA] 10.0.31.2 -- [gwA] -- r1 [router] rs -- [server] veil serve --tun
     [hostB] 10.0.32.2 -- [gwB] -- r2 /
+         (br0)  +------ [gwB2] -- r4 /      (site B standby gateway)
     [roam]  10.0.13.2 -------- r3 /
 
 gwA and gwB run ``veil connect KEY --tun --site`` with the keys of sites ``site-a``
@@ -22,6 +23,7 @@ import pytest
 
 from tests.netns.test_tun import _require
 from tests.netns.topology import SERVER_IP, SERVER_PORT, UDP_ECHO, VEIL, Packet, Proc, Topology
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -29,6 +31,8 @@ HOST_A = "10.0.31.2"
 HOST_B = "10.0.32.2"
 GW_A = "10.0.11.2"
 GW_B = "10.0.12.2"
+GW_B_LAN = "10.0.32.1"
+GW_B2_LAN = "10.0.32.3"
 SITE_A = "10.0.31.0/24"
 SITE_B = "10.0.32.0/24"
 HTTP_PORT = 8080
@@ -41,15 +45,23 @@ class SiteTopology(Topology):
     third client (the roaming user)."""
 
     def __init__(self) -> None:
-        super().__init__(clients=3, guest=True)
+        super().__init__(clients=4, guest=True)
         self.ns["guest2"] = self.ns["router"].removesuffix("router") + "guest2"
+
+    def _start_internet(self) -> None:
+        pass  # the offices talk to each other: no web, DNS or iperf3 server "out there"
 
     def _build(self) -> None:
         super()._build()
-        self._veth("client2", "cg", "guest2", "g0")
-        self._addr("client2", "cg", "10.0.32.1/24")
-        self._addr("guest2", "g0", f"{HOST_B}/24")
-        self.ip("guest2", "route", "add", "default", "via", "10.0.32.1")
+        # LAN B is a bridge (in hostB's namespace) with both of site B's gateways on it.
+        self.ip("guest2", "link", "add", "br0", "type", "bridge")
+        self.ip("guest2", "link", "set", "br0", "up")
+        for gw, port, address in (("client2", "g0", GW_B_LAN), ("client4", "g1", GW_B2_LAN)):
+            self._veth(gw, "cg", "guest2", port)
+            self._addr(gw, "cg", f"{address}/24")
+            self.ip("guest2", "link", "set", port, "master", "br0")
+        self._addr("guest2", "br0", f"{HOST_B}/24")
+        self.ip("guest2", "route", "add", "default", "via", GW_B_LAN)
         self.ip("router", "route", "add", SITE_B, "via", GW_B)
 
     def veil_user(self, *args: str) -> str:
@@ -206,3 +218,38 @@ def test_revoking_a_site_cuts_it_at_once_and_its_lan_does_not_leak(
         assert ping(topo, "guest2", HOST_A)
     finally:
         topo.exec("client2", "sysctl", "-qw", "net.ipv4.ip_forward=0")
+
+
+def veil0_packets(topo: SiteTopology, role: str) -> int:
+    """Packets veil wrote to a gateway's TUN device: what came out of the tunnel (the kernel
+    counts them as received on the device). ``ip netns exec`` mounts the namespace's own
+    /sys."""
+    return int(topo.exec(role, "cat", "/sys/class/net/veil0/statistics/rx_packets").stdout)
+
+
+def test_a_standby_gateway_takes_over_when_the_active_one_drops(
+        topo: SiteTopology, sites: dict[str, str]) -> None:
+    gw_a = gateway(topo, sites["site-a"], "client1", wait=SITE_B)
+    gw_b = gateway(topo, sites["site-b"], "client2", wait=SITE_A)
+    gw_b2: Proc | None = None
+    try:
+        assert ping(topo, "guest1", HOST_B)
+        # The newest session of a site carries its traffic: gwB2's device now delivers
+        # site A's packets to LAN B (hostB answers through gwB, its default route: the
+        # server takes a site's packets from any of its sessions).
+        gw_b2 = gateway(topo, sites["site-b"], "client4", wait=SITE_A)
+        before = veil0_packets(topo, "client4")
+        assert ping(topo, "guest1", HOST_B)
+        assert veil0_packets(topo, "client4") > before
+        # The active gateway drops (the process dies; its kernel closes the connection):
+        # the standby's session carries the site again, at once.
+        topo.stop(gw_b2, signal.SIGKILL)
+        started = time.monotonic()
+        wait_until(lambda: ping(topo, "guest1", HOST_B, wait=1), 5,
+                   "site B reachable through the standby gateway")
+        print(f"standby took over within {time.monotonic() - started:.2f} s")
+    finally:
+        for proc in (gw_b2, gw_b, gw_a):
+            if proc is not None:
+                topo.stop(proc)
+        topo.exec("client4", *VEIL, "connect", sites["site-b"], "--tun-cleanup", check=False)

@@ -10,6 +10,12 @@ from pathlib import Path
 import pytest
 
 from veil.cli import main
+from veil.config import DEFAULT_TUN_POOL, DEFAULT_TUN_POOL6
+from veil.manage.users import DEFAULT_POOLS
+
+
+def test_the_pools_sites_are_kept_out_of_are_the_servers_defaults() -> None:
+    assert DEFAULT_POOLS == (DEFAULT_TUN_POOL, DEFAULT_TUN_POOL6)
 
 
 def veil(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from veil.config import DEFAULT_TUN_POOL, DEFAULT_TUN_POOL6
 from veil.errors import ConfigError, StoreError
 from veil.manage import presence
 from veil.manage.state import ServerState
@@ -19,6 +18,10 @@ from veil.store.base import LimitPeriod, NetworkKind, Usage, User, UserStore, pe
 #: ``tun_pools:<server id>`` = "10.77.0.0/16 fd77::/64"), so that a site overlapping a
 #: running server's pool is refused when it is added, not found out by its packets.
 TUN_POOLS_SETTING = "tun_pools:"
+#: ``veil serve --tun``'s default pools (veil.config.DEFAULT_TUN_POOL/6, which manage/ may not
+#: import: tests/unit/test_site_users.py keeps them equal): refused to sites even before a
+#: server has recorded its own.
+DEFAULT_POOLS = ("10.77.0.0/16", "fd77::/64")
 
 
 def site_networks(values: Iterable[str], what: str = "--site") -> tuple[str, ...]:
@@ -132,7 +135,7 @@ class UserManager:
         """Refuse subnets that overlap a server's address pool or another site's (the store
         checks the sites again in its transaction: this is for adding a user, which must
         not leave a user behind when its sites are refused)."""
-        pools = [DEFAULT_TUN_POOL, DEFAULT_TUN_POOL6]
+        pools = list(DEFAULT_POOLS)
         for value in self.store.settings_with_prefix(TUN_POOLS_SETTING).values():
             pools += value.split()
         taken = [(ipaddress.ip_network(p), "the tunnel address pool") for p in pools]

@@ -38,7 +38,13 @@ from veil.net.tun_linux import (
 from veil.protocol.address import Address
 from veil.protocol.events import StreamOpened
 from veil.protocol.frames import ResetCode
-from veil.protocol.ip import IPAddress, IpConfig, packet_destination, packet_source
+from veil.protocol.ip import (
+    MAX_ROUTES,
+    IPAddress,
+    IpConfig,
+    packet_destination,
+    packet_source,
+)
 from veil.server.policy import REFUSED_V4, REFUSED_V6_ALL
 from veil.server.sites import SiteTable
 from veil.store.base import User
@@ -280,7 +286,7 @@ class TunServer:
             return
         v4, v6 = self.pool.interfaces(index)
         relay = _IpRelay(self, driver, event.stream_id, index, v4, v6, user)
-        relay.routes = self.sites.routes_for(user)
+        relay.routes = self._routes_for(user)
         config = IpConfig(v4, v6, TUN_MTU, self.dns, relay.routes)
         driver.attach(event.stream_id, relay)
         transport = driver.transport
@@ -305,10 +311,18 @@ class TunServer:
         pools = [net for net in (self.options.pool, self.options.pool6) if net is not None]
         self.sites = SiteTable(users, pools)
         for relay in list(self._relays):
-            routes = self.sites.routes_for(relay.user)
+            routes = self._routes_for(relay.user)
             if routes != relay.routes:
                 relay.routes = routes
                 relay.send_config(IpConfig(relay.v4, relay.v6, TUN_MTU, self.dns, routes))
+
+    def _routes_for(self, user: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
+                                              ...]:
+        routes = self.sites.routes_for(user)
+        if len(routes) > MAX_ROUTES:
+            log.error("user %s reaches %d site subnets; its tunnel is told the first %d "
+                      "(join subnets)", user, len(routes), MAX_ROUTES)
+        return routes[:MAX_ROUTES]
 
     def forget(self, relay: _IpRelay) -> None:
         self._relays.discard(relay)
