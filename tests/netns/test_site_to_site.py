@@ -98,6 +98,16 @@ def sites(topo: SiteTopology) -> Iterator[dict[str, str]]:
     topo.stop(server)
 
 
+@pytest.fixture(scope="module")
+def gateways(topo: SiteTopology, sites: dict[str, str]) -> Iterator[dict[str, Proc]]:
+    """gwA and gwB, up for the whole module (a test that stops one says so)."""
+    procs = {"a": gateway(topo, sites["site-a"], "client1", wait=SITE_B),
+             "b": gateway(topo, sites["site-b"], "client2", wait=SITE_A)}
+    yield procs
+    for proc in procs.values():
+        topo.stop(proc)
+
+
 def gateway(topo: SiteTopology, key: str, role: str, wait: str = SITE_A) -> Proc:
     proc = topo.start(role, f"{role}-gw", [*VEIL, "-v", "connect", key, "--tun", "--site"])
     topo.wait_log(proc, "site gateway, routes")
@@ -136,39 +146,29 @@ def leaks(packets: list[Packet], gateway_ip: str) -> list[Packet]:
 
 
 def test_two_offices_reach_each_other_by_lan_address_and_only_tls_leaves(
-        topo: SiteTopology, sites: dict[str, str]) -> None:
+        topo: SiteTopology, gateways: dict[str, Proc]) -> None:
     captures = {GW_A: topo.capture("router", "r1"), GW_B: topo.capture("router", "r2")}
-    gw_a = gateway(topo, sites["site-a"], "client1", wait=SITE_B)
-    gw_b = gateway(topo, sites["site-b"], "client2", wait=SITE_A)
-    try:
-        # The gateways route the other site only: their default routes are untouched.
-        assert "default via 10.0.11.1" in topo.ip("client1", "route", "show")
-        assert f"{SITE_B} dev veil0" in topo.ip("client1", "route", "show")
-        for role, other in (("guest1", HOST_B), ("guest2", HOST_A)):
-            assert ping(topo, role, other), f"{role} -> {other}"
-            assert udp_echo(topo, role, other), f"{role} -> {other} UDP"
-        expected = hashlib.sha256((topo.dir / "lan-www" / "big.bin").read_bytes()).hexdigest()
-        assert fetch_sha256(topo, "guest1", HOST_B) == expected
-        assert fetch_sha256(topo, "guest2", HOST_A) == expected
-        # No NAT: each host saw the other's LAN address.
-        logs = {p.name: p.text() for p in topo.procs}
-        assert f"{HOST_A} - - " in logs["http-guest2"]
-        assert f"{HOST_B} - - " in logs["http-guest1"]
-    finally:
-        topo.stop(gw_a)
-        topo.stop(gw_b)
+    # The gateways route the other site only: their default routes are untouched.
+    routes = topo.ip("client1", "route", "show")
+    assert "default via 10.0.11.1" in routes and f"{SITE_B} dev veil0" in routes
+    for role, other in (("guest1", HOST_B), ("guest2", HOST_A)):
+        assert ping(topo, role, other), f"{role} -> {other}"
+        assert udp_echo(topo, role, other), f"{role} -> {other} UDP"
+    expected = hashlib.sha256((topo.dir / "lan-www" / "big.bin").read_bytes()).hexdigest()
+    assert fetch_sha256(topo, "guest1", HOST_B) == expected
+    assert fetch_sha256(topo, "guest2", HOST_A) == expected
+    # No NAT: each host saw the other's LAN address.
+    logs = {p.name: p.text() for p in topo.procs}
+    assert f"{HOST_A} - - " in logs["http-guest2"]
+    assert f"{HOST_B} - - " in logs["http-guest1"]
     for gateway_ip, capture in captures.items():
         seen = capture.packets()
         assert any(p.dport == SERVER_PORT for p in seen)
         assert leaks(seen, gateway_ip) == []
-    # A clean exit leaves no trace: the kill switch's table is gone, forwarding as before.
-    assert "veil" not in topo.exec("client2", "nft", "list", "ruleset").stdout
-    assert topo.exec("client2", "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "0"
 
 
 def test_a_roaming_user_reaches_a_site_only_when_allowed(
-        topo: SiteTopology, sites: dict[str, str]) -> None:
-    gw_a = gateway(topo, sites["site-a"], "client1", wait=SITE_B)
+        topo: SiteTopology, sites: dict[str, str], gateways: dict[str, Proc]) -> None:
     roam = topo.start("client3", "roam", [*VEIL, "-v", "connect", sites["roam"], "--tun"])
     try:
         topo.wait_log(roam, "TUN veil0 up")
@@ -180,13 +180,41 @@ def test_a_roaming_user_reaches_a_site_only_when_allowed(
         assert not ping(topo, "client3", HOST_A, wait=1)
     finally:
         topo.stop(roam)
-        topo.stop(gw_a)
+
+
+def veil0_packets(topo: SiteTopology, role: str) -> int:
+    """Packets veil wrote to a gateway's TUN device: what came out of the tunnel (the kernel
+    counts them as received on the device). ``ip netns exec`` mounts the namespace's own
+    /sys."""
+    return int(topo.exec(role, "cat", "/sys/class/net/veil0/statistics/rx_packets").stdout)
+
+
+def test_a_standby_gateway_takes_over_when_the_active_one_drops(
+        topo: SiteTopology, sites: dict[str, str], gateways: dict[str, Proc]) -> None:
+    # The newest session of a site carries its traffic: gwB2's device now delivers site A's
+    # packets to LAN B (hostB answers through gwB, its default route: the server takes a
+    # site's packets from any of its sessions).
+    gw_b2 = gateway(topo, sites["site-b"], "client4", wait=SITE_A)
+    try:
+        before = veil0_packets(topo, "client4")
+        assert ping(topo, "guest1", HOST_B)
+        assert veil0_packets(topo, "client4") > before
+        # The active gateway drops (the process dies; its kernel closes the connection):
+        # the standby's session carries the site again, at once.
+        topo.stop(gw_b2, signal.SIGKILL)
+        started = time.monotonic()
+        wait_until(lambda: ping(topo, "guest1", HOST_B, wait=1), 5,
+                   "site B reachable through the standby gateway")
+        print(f"standby took over within {time.monotonic() - started:.2f} s")
+    finally:
+        topo.stop(gw_b2)
+        topo.exec("client4", *VEIL, "connect", sites["site-b"], "--tun-cleanup", check=False)
 
 
 def test_revoking_a_site_cuts_it_at_once_and_its_lan_does_not_leak(
-        topo: SiteTopology, sites: dict[str, str]) -> None:
-    gw_a = gateway(topo, sites["site-a"], "client1", wait=SITE_B)
-    gw_b = gateway(topo, sites["site-b"], "client2", wait=SITE_A)
+        topo: SiteTopology, sites: dict[str, str], gateways: dict[str, Proc]) -> None:
+    """Last in the module: it revokes site B and stops both gateways."""
+    gw_a, gw_b = gateways["a"], gateways["b"]
     capture = topo.capture("router", "r2")
     try:
         assert ping(topo, "guest1", HOST_B)
@@ -205,51 +233,20 @@ def test_revoking_a_site_cuts_it_at_once_and_its_lan_does_not_leak(
         assert f"{SITE_A} dev veil0" not in topo.ip("client2", "route", "show")
         assert not ping(topo, "guest2", HOST_A, wait=1)
     finally:
-        topo.stop(gw_b, signal.SIGTERM)
-        topo.stop(gw_a)
+        topo.stop(gw_b)
         topo.veil_user("restore", "site-b")
     assert leaks(capture.packets(), GW_B) == []
     topo.exec("client2", *VEIL, "connect", sites["site-b"], "--tun-cleanup")
     assert "veil" not in topo.exec("client2", "nft", "list", "ruleset").stdout
-    # ... and with nothing of veil's left, the same packets would leave (the control: a
-    # crashed gateway forwards, as veil had turned forwarding on).
+    assert topo.exec("client2", "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "0"
+    # A clean exit leaves nothing: gwA's table and routes go with it.
+    topo.stop(gw_a)
+    assert "veil" not in topo.exec("client1", "nft", "list", "ruleset").stdout
+    assert "veil0" not in topo.ip("client1", "link", "show")
+    # ... and with nothing of veil's left, the packets held back above would leave (the
+    # control: a crashed gateway forwards, as veil had turned forwarding on).
     topo.exec("client2", "sysctl", "-qw", "net.ipv4.ip_forward=1")
     try:
         assert ping(topo, "guest2", HOST_A)
     finally:
         topo.exec("client2", "sysctl", "-qw", "net.ipv4.ip_forward=0")
-
-
-def veil0_packets(topo: SiteTopology, role: str) -> int:
-    """Packets veil wrote to a gateway's TUN device: what came out of the tunnel (the kernel
-    counts them as received on the device). ``ip netns exec`` mounts the namespace's own
-    /sys."""
-    return int(topo.exec(role, "cat", "/sys/class/net/veil0/statistics/rx_packets").stdout)
-
-
-def test_a_standby_gateway_takes_over_when_the_active_one_drops(
-        topo: SiteTopology, sites: dict[str, str]) -> None:
-    gw_a = gateway(topo, sites["site-a"], "client1", wait=SITE_B)
-    gw_b = gateway(topo, sites["site-b"], "client2", wait=SITE_A)
-    gw_b2: Proc | None = None
-    try:
-        assert ping(topo, "guest1", HOST_B)
-        # The newest session of a site carries its traffic: gwB2's device now delivers
-        # site A's packets to LAN B (hostB answers through gwB, its default route: the
-        # server takes a site's packets from any of its sessions).
-        gw_b2 = gateway(topo, sites["site-b"], "client4", wait=SITE_A)
-        before = veil0_packets(topo, "client4")
-        assert ping(topo, "guest1", HOST_B)
-        assert veil0_packets(topo, "client4") > before
-        # The active gateway drops (the process dies; its kernel closes the connection):
-        # the standby's session carries the site again, at once.
-        topo.stop(gw_b2, signal.SIGKILL)
-        started = time.monotonic()
-        wait_until(lambda: ping(topo, "guest1", HOST_B, wait=1), 5,
-                   "site B reachable through the standby gateway")
-        print(f"standby took over within {time.monotonic() - started:.2f} s")
-    finally:
-        for proc in (gw_b2, gw_b, gw_a):
-            if proc is not None:
-                topo.stop(proc)
-        topo.exec("client4", *VEIL, "connect", sites["site-b"], "--tun-cleanup", check=False)
