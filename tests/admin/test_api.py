@@ -289,6 +289,18 @@ def test_every_api_operation_matches_the_openapi_document(harness: Harness) -> N
                     json_body={"expires_at": 4102444800})
     assert expiring["user"]["expires_at"] == 4102444800  # type: ignore[index]
     call("PUT", "/api/users/{name}/expiry", "/api/users/bob/expiry", json_body={})
+    # Site-to-site (docs/site-to-site.md): a site's subnets, and what a user may reach.
+    sited = call("PUT", "/api/users/{name}/sites", "/api/users/bob/sites",
+                 json_body={"sites": ["192.168.10.0/24"]})
+    assert sited["user"]["sites"] == ["192.168.10.0/24"]  # type: ignore[index]
+    assert call("PUT", "/api/users/{name}/sites", "/api/users/alice/sites",
+                json_body={"sites": ["192.168.0.0/16"]}
+                )["error"] == "config_error"  # type: ignore[index]
+    call("PUT", "/api/users/{name}/sites", "/api/users/bob/sites", json_body={})
+    reaching = call("PUT", "/api/users/{name}/reach", "/api/users/alice/reach",
+                    json_body={"reach": ["bob"]})
+    assert reaching["user"]["reach"] == ["bob"]  # type: ignore[index]
+    call("PUT", "/api/users/{name}/reach", "/api/users/alice/reach", json_body={"reach": 1})
     rotated = call("POST", "/api/users/{name}/rotate", "/api/users/bob/rotate")
     assert rotated["access_key"] != added["access_key"]  # type: ignore[index]
     usage = call("GET", "/api/users/{name}/usage", "/api/users/bob/usage?hours=24")
