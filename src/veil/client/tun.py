@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -644,12 +645,15 @@ class TunClient:
         self.state.save()
         nft_delete_table("inet", SITE_TABLE)
         nft(site_ruleset(self.options.device))
-        for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
-            old = read_sysctl(key)
-            if old != "1":
-                self.state.sysctls[key] = old
-                self.state.save()
-                write_sysctl(key, "1")
+        self._forward("net.ipv4.ip_forward")
+
+    def _forward(self, key: str) -> None:
+        """Turn forwarding on (recorded first: restored on exit or by the next start)."""
+        old = read_sysctl(key)
+        if old != "1":
+            self.state.sysctls[key] = old
+            self.state.save()
+            write_sysctl(key, "1")
 
     def _prepare_split(self, servers: list[Address], plan: TunRoutePlan) -> None:
         """The rules' direct ranges routed the way the kernel routes each family now (via
@@ -853,6 +857,9 @@ class TunClient:
                             config.ipv4 or "", f" {config.ipv6}" if config.ipv6 else "",
                             " ".join(map(str, config.routes)) or "none (no other site)")
                 return
+            if self.config is not None and dataclasses.replace(
+                    config, routes=self.config.routes) == self.config:
+                return  # only the sites changed: covered by the split routes already
             await asyncio.to_thread(self._configure, self.device.name, config)
             self.config = config
             log.warning("TUN %s up: %s%s, MTU %d, DNS %s", self.device.name, config.ipv4 or "",
@@ -886,6 +893,10 @@ class TunClient:
         else:
             index = self._device_index
         self._device_index = index
+        if any(net.version == 6 for net in config.routes):
+            # Only when there is an IPv6 site to reach: forwarding makes Linux ignore router
+            # advertisements (accept_ra 1), which may be how this gateway has its IPv6.
+            self._forward("net.ipv6.conf.all.forwarding")
         wanted = set(config.routes)
         for net in self._site_routes - wanted:
             delete_route(str(net), oif=index)
