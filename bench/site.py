@@ -15,7 +15,8 @@ bench/results/. Needs root. Usage::
 
     python3 bench/site.py [--duration 10] [--profiles clean,lossy] [--only veil,wireguard-go]
 
-OpenVPN (a server with ``client-config-dir`` iroutes per office) is not here yet.
+OpenVPN runs as a server (``--mode server``, a ``client-config-dir`` iroute per office)
+with each gateway its client, over UDP and over TCP.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ RESULTS_DIR = BENCH_DIR / "results"
 IPERF_PORT = 5201
 VEIL_PORT = 8443
 WG_PORT = 51820
+OVPN_PORT = 1194
 HOST_A, HOST_B = "10.0.31.2", "10.0.32.2"
 SITE_A, SITE_B = "10.0.31.0/24", "10.0.32.0/24"
 # How long a tunnel gets to come up (Python start-up on a busy 2-core box, TLS handshakes).
@@ -214,9 +216,87 @@ def setup_wireguard(topo: SiteTopology, work: Path) -> None:
     run(ns_exec(topo.ns["hub"], ["sysctl", "-qw", "net.ipv4.ip_forward=1"]))
 
 
+def write_pki(directory: Path, clients: tuple[str, ...]) -> dict[str, Path]:
+    """A CA, the server's certificate and one per client (its common name: OpenVPN's
+    client-config-dir file name)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+
+    def cert(cn: str, key: ec.EllipticCurvePrivateKey, ca: bool,
+             usage: x509.ObjectIdentifier | None) -> bytes:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(days=1))
+                   .not_valid_after(now + dt.timedelta(days=2))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if usage is not None:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    out = {"ca": directory / "ca.pem"}
+    out["ca"].write_bytes(cert("bench CA", ca_key, True, None))
+    for name in ("server", *clients):
+        key = ec.generate_private_key(ec.SECP256R1())
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if name == "server" else (
+            ExtendedKeyUsageOID.CLIENT_AUTH)
+        out[name] = directory / f"{name}.pem"
+        out[name].write_bytes(cert(name, key, False, usage))
+        out[f"{name}_key"] = directory / f"{name}.key"
+        out[f"{name}_key"].write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        out[f"{name}_key"].chmod(0o600)
+    return out
+
+
+def setup_openvpn(proto: str) -> Callable[[SiteTopology, Path], None]:
+    def setup(topo: SiteTopology, work: Path) -> None:
+        openvpn = shutil.which("openvpn")
+        if openvpn is None:
+            raise BenchError("openvpn is not installed (bench/setup.sh)")
+        pki = write_pki(work, ("gwA", "gwB"))
+        ccd = work / "ccd"
+        ccd.mkdir()
+        (ccd / "gwA").write_text("iroute 10.0.31.0 255.255.255.0\n")
+        (ccd / "gwB").write_text("iroute 10.0.32.0 255.255.255.0\n")
+        udp = proto == "udp"
+        common = ["--dev", "tun", "--verb", "3", "--ca", str(pki["ca"]), "--ping", "10",
+                  "--topology", "subnet"]
+        run(ns_exec(topo.ns["hub"], ["sysctl", "-qw", "net.ipv4.ip_forward=1"]))
+        topo.start(f"openvpn-{proto}-server", "hub", [
+            openvpn, *common, "--mode", "server", "--tls-server", "--dh", "none",
+            "--cert", str(pki["server"]), "--key", str(pki["server_key"]),
+            "--ifconfig", "10.89.0.1", "255.255.255.0",
+            "--ifconfig-pool", "10.89.0.2", "10.89.0.20", "--push", "topology subnet",
+            "--push", "route-gateway 10.89.0.1",
+            "--client-config-dir", str(ccd), "--client-to-client",
+            "--route", "10.0.31.0", "255.255.255.0", "--route", "10.0.32.0", "255.255.255.0",
+            "--lport", str(OVPN_PORT), "--proto", "udp4" if udp else "tcp4-server"])
+        time.sleep(0.5)
+        for role, n, other in (("gwA", 1, "10.0.32.0"), ("gwB", 2, "10.0.31.0")):
+            run(ns_exec(topo.ns[role], ["sysctl", "-qw", "net.ipv4.ip_forward=1"]))
+            client = topo.start(f"openvpn-{proto}-{role}", role, [
+                openvpn, *common, "--client", "--tls-client", "--cert", str(pki[role]),
+                "--key", str(pki[f"{role}_key"]), "--nobind", "--connect-retry", "1",
+                "--remote", f"10.198.{n}.1", str(OVPN_PORT),
+                "--proto", "udp4" if udp else "tcp4-client",
+                "--route", other, "255.255.255.0"])
+            wait_log(client, "Initialization Sequence Completed")
+    return setup
+
+
 TUNNELS: dict[str, Callable[[SiteTopology, Path], None]] = {
     "veil": setup_veil,
     "wireguard-go": setup_wireguard,
+    "openvpn-udp": setup_openvpn("udp"),
+    "openvpn-tcp": setup_openvpn("tcp"),
 }
 
 
@@ -224,8 +304,14 @@ def iperf(topo: SiteTopology, duration: float, reverse: bool) -> float:
     argv = ["iperf3", "-c", HOST_B, "-p", str(IPERF_PORT), "-t", str(duration), "-J"]
     if reverse:
         argv.append("-R")
-    out = run(ns_exec(topo.ns["hostA"], argv), timeout=duration + 60)
-    return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e6
+    out = run(ns_exec(topo.ns["hostA"], argv), check=False, timeout=duration + 60)
+    try:
+        report = json.loads(out)
+    except ValueError:
+        raise BenchError(f"iperf3 printed no JSON: {out[:200]}") from None
+    if "error" in report:  # e.g. the control connection lost
+        raise BenchError(f"iperf3: {report['error']}")
+    return float(report["end"]["sum_received"]["bits_per_second"]) / 1e6
 
 
 def measure(name: str, profile: str, duration: float, log_dir: Path) -> dict[str, object]:
