@@ -16,7 +16,8 @@ bench/results/. Needs root. Usage::
     python3 bench/site.py [--duration 10] [--profiles clean,lossy] [--only veil,wireguard-go]
 
 OpenVPN runs as a server (``--mode server``, a ``client-config-dir`` iroute per office)
-with each gateway its client, over UDP and over TCP.
+with each gateway its client, over UDP (``openvpn-tcp`` is there too but not run by default:
+here its server resets a gateway's connection during the first transfer, not yet understood).
 """
 
 from __future__ import annotations
@@ -341,7 +342,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench/site.py needs root (network namespaces, TUN devices)", file=sys.stderr)
         return 2
-    names = list(TUNNELS) if not args.only else args.only.split(",")
+    names = [n for n in TUNNELS if n != "openvpn-tcp"] if not args.only else args.only.split(",")
     log_dir = Path(tempfile.mkdtemp(prefix=f"{netns.NS_PREFIX}-{os.getpid()}-logs-"))
     results: dict[str, dict[str, dict[str, object]]] = {}
     try:
