@@ -520,4 +520,5 @@ class VeilServer:
             resolver_refused=resolver.refused, resolver_timed_out=resolver.timed_out,
             sessions_flooding=self._flood_closes, udp_dropped=udp,
             tun_dropped=self.tun.dropped if self.tun is not None else 0,
-            tun_spoofed=self.tun.spoofed if self.tun is not None else 0)
+            tun_spoofed=self.tun.spoofed if self.tun is not None else 0,
+            tun_filtered=self.tun.filtered if self.tun is not None else 0)
