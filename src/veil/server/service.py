@@ -233,14 +233,14 @@ class VeilServer:
         # Named by the address bound (a --listen port 0 is a port now), the server joins the
         # fleet's table now, before it says it listens: a panel asked at once lists it.
         self.live.server_id = server_id(str(self.address))
+        self.live.heartbeat = self._heartbeat
+        await self.live.tick()
         if self.tun is not None:
             # Sites overlapping this pool are refused by `veil user add --site` from now on.
             pools = " ".join(str(p) for p in (self.tun.options.pool, self.tun.options.pool6)
                              if p is not None)
             await asyncio.to_thread(self.store.set_setting,
                                     TUN_POOLS_SETTING + self.live.server_id, pools)
-        self.live.heartbeat = self._heartbeat
-        await self.live.tick()
         loop = asyncio.get_running_loop()
         self._serve_tasks = [loop.create_task(self.gate.serve(sock)) for sock in self._listeners]
         try:  # before "listening on": whoever waits for that line may export links at once
