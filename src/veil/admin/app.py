@@ -88,6 +88,7 @@ DONE_MESSAGES = {"added": "User added: give them the key below (or let them scan
                  "revoked": "User revoked: their connections are being closed.",
                  "rotated": "New key made: the old one no longer works.",
                  "limit": "Limit set.", "expiry": "Expiry set.",
+                 "sites": "Site subnets set.", "reach": "Reach set.",
                  "usage_reset": "Usage reset: this period's traffic is forgotten.",
                  "sessions_ended": "Sessions ended: every server closes them within a second "
                                    "(the app may connect again: revoke or rotate to keep it "
@@ -96,7 +97,7 @@ DONE_MESSAGES = {"added": "User added: give them the key below (or let them scan
 
 DONE_BY_ACTION = {"revoke": "revoked", "rotate": "rotated", "limit": "limit",
                   "expiry": "expiry", "reset-usage": "usage_reset",
-                  "end-sessions": "sessions_ended"}
+                  "end-sessions": "sessions_ended", "sites": "sites", "reach": "reach"}
 # The formats a user's page offers as files to download.
 DOWNLOADS = {"clash": ("text/yaml", "yaml"), "sing-box": ("application/json", "json")}
 
@@ -738,6 +739,13 @@ async def user_action_form(request: web.Request) -> web.StreamResponse:
             await _reset_usage(admin, name)
         elif action == "end-sessions":
             await _end_sessions(admin, name)
+        elif action in ("sites", "reach"):
+            # Space- or comma-separated, as `veil user limit --site/--reach` takes them.
+            values = str(form.get(action, "")).replace(",", " ").split()
+            if action == "sites":
+                await admin.backend.call(lambda u: u.set_sites(name, values))
+            else:
+                await admin.backend.call(lambda u: u.set_reach(name, values))
         else:
             expires = parse_expiry(str(form.get("expires", "")).strip() or "never")
             await admin.backend.call(lambda u: u.set_expiry(name, expires))
