@@ -250,6 +250,12 @@ def test_revoking_a_site_cuts_it_at_once_and_its_lan_does_not_leak(
         topo.stop(gw_b, signal.SIGKILL)
         assert f"{SITE_A} dev veil0" not in topo.ip("client2", "route", "show")
         assert not ping(topo, "guest2", HOST_A, wait=1)
+        # Started again (and refused: site B is revoked), the gateway blocks what the crashed
+        # run had learnt at once, without a word from the server.
+        gw_b = topo.start("client2", "client2-gw-again", [*VEIL, "-v", "connect",
+                                                          sites["site-b"], "--tun", "--site"])
+        topo.wait_log(gw_b, f"site gateway: {SITE_A} blocked")
+        assert not ping(topo, "guest2", HOST_A, wait=1)
     finally:
         topo.stop(gw_b)
         topo.veil_user("restore", "site-b")

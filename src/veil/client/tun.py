@@ -207,11 +207,16 @@ class TunState:
     proto_routes: bool = False
     #: Sysctls changed (a site gateway's forwarding): name -> the value before.
     sysctls: dict[str, str] = field(default_factory=dict)
+    #: A site gateway's last announced subnets: the next start blocks them at once, before
+    #: the server is reached again (after a crash the LAN's packets for them would otherwise
+    #: take the default route until then).
+    site_routes: list[str] = field(default_factory=list)
 
     def save(self) -> None:
         data = {"pid": self.pid, "routes": self.routes, "nft_tables": self.nft_tables,
                 "resolv_conf": self.resolv_conf, "resolv_backup": self.resolv_backup,
-                "proto_routes": self.proto_routes, "sysctls": self.sysctls}
+                "proto_routes": self.proto_routes, "sysctls": self.sysctls,
+                "site_routes": self.site_routes}
         tmp = self.path.with_suffix(".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -231,7 +236,8 @@ class TunState:
         return cls(path, int(data.get("pid", 0)), list(data.get("routes", [])),
                    list(data.get("nft_tables", [])), data.get("resolv_conf"),
                    data.get("resolv_backup"), bool(data.get("proto_routes", False)),
-                   {str(k): str(v) for k, v in dict(data.get("sysctls", {})).items()})
+                   {str(k): str(v) for k, v in dict(data.get("sysctls", {})).items()},
+                   [str(net) for net in data.get("site_routes", [])])
 
 
 def state_path(options: TunClientOptions) -> Path:
@@ -560,8 +566,13 @@ class TunClient:
         self._device_index = 0
         self._applying = asyncio.Lock()
         self._updates: set[asyncio.Future[None]] = set()
+        self._remembered: list[str] = []
 
     async def run(self, stop: asyncio.Event) -> None:
+        if self.options.site:
+            # What a crashed run had learnt, blocked again by _prepare_site.
+            previous = await asyncio.to_thread(TunState.load, self.state.path)
+            self._remembered = previous.site_routes if previous is not None else []
         # Before anything of ours is in the way: a crash's kill switch would block DNS.
         await asyncio.to_thread(cleanup, self.options)
         # Every way in is resolved now, before the kill switch and resolv.conf's rewrite (then
@@ -605,6 +616,8 @@ class TunClient:
             if self.options.rules is not None:
                 for line in self.options.rules.counters():
                     log.info("rule %s", line)
+            # A route update in flight finishes first: restore() must come after it.
+            await asyncio.gather(*self._updates, return_exceptions=True)
             await tunnel.close()
             if self._pump is not None:
                 self._pump.pause()
@@ -645,6 +658,12 @@ class TunClient:
         self.state.save()
         nft_delete_table("inet", SITE_TABLE)
         nft(site_ruleset(self.options.device))
+        if self._remembered:
+            self.state.site_routes = self._remembered
+            self.state.save()
+            nft(site_elements_batch(ipaddress.ip_network(net) for net in self._remembered))
+            log.warning("site gateway: %s blocked until the server says what is reachable",
+                        " ".join(self._remembered))
         self._forward("net.ipv4.ip_forward")
 
     def _forward(self, key: str) -> None:
@@ -904,6 +923,8 @@ class TunClient:
             add_route(str(net), oif=index, replace=True)  # removed with the device
         self._site_routes = wanted
         nft(site_elements_batch(config.routes))
+        self.state.site_routes = [str(net) for net in config.routes]
+        self.state.save()
 
     def _configure(self, name: str, config: IpConfig) -> None:
         if self.config is not None:
