@@ -73,3 +73,9 @@ def test_a_site_is_added_changed_listed_and_overlaps_are_refused(
     code, out, err = veil(capsys, "user", "limit", "office-bj", "--site", "none",
                           "--state", state)
     assert code == 0 and "site -" in out
+    # A gateway's flag is a mode of --tun, and routes only what the server announces.
+    key = veil(capsys, "user", "show", "office-sh", "--state", state)[1].strip()
+    for flags, says in ((["--site"], "--site is a mode of --tun"),
+                        (["--tun", "--site", "--exclude", "10.0.0.0/8"], "do not apply")):
+        code, out, err = veil(capsys, "connect", key, *flags)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1
