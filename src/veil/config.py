@@ -573,6 +573,8 @@ class ClientOptions:
     tun: bool = False
     #: ``--exclude`` (with ``--tun``): CIDRs kept outside the tunnel.
     tun_exclude: tuple[str, ...] = ()
+    #: ``--site`` (with ``--tun``): an office's gateway (docs/site-to-site.md).
+    tun_site: bool = False
     #: ``--keepalive``: ping after this many idle seconds; the server is dead after the second
     #: figure more. Both within :data:`KEEPALIVE_RANGE`.
     keepalive: tuple[float, float] = DEFAULT_KEEPALIVE
@@ -635,11 +637,16 @@ class ClientOptions:
                   tun_exclude: tuple[str, ...] = (),
                   keepalive: str | None = None, http_auth: str | None = None,
                   allow_lan: bool = False, rules: tuple[str, ...] = (),
-                  system_proxy: bool = False) -> ClientOptions:
+                  system_proxy: bool = False, tun_site: bool = False) -> ClientOptions:
         """The options ``veil connect`` flags describe, as typed (``default_socks`` is where
         the SOCKS5 proxy listens when no inbound is named; ``--system-proxy`` adds the HTTP
         proxy on :data:`DEFAULT_SYSTEM_PROXY_HTTP` when ``--http`` does not say)."""
         specs = tuple(parse_forward_spec(text) for text in forwards)
+        if tun_site and not tun:
+            raise ConfigError("--site is a mode of --tun: say --tun --site")
+        if tun_site and (tun_exclude or rules):
+            raise ConfigError("--tun --site routes only the other sites into the tunnel: "
+                              "--exclude and --rules do not apply")
         if socks is None and http is None and not specs and not tun:
             socks = default_socks
         if system_proxy and http is None and not tun:
@@ -649,7 +656,7 @@ class ClientOptions:
                    http=http, forwards=specs,
                    http_credentials=parse_credentials("--http-auth", http_auth),
                    allow_lan=allow_lan, connections=connections, tls_stack=tls_stack,
-                   shaping=shaping, tun=tun, tun_exclude=tun_exclude,
+                   shaping=shaping, tun=tun, tun_exclude=tun_exclude, tun_site=tun_site,
                    keepalive=parse_keepalive(keepalive) if keepalive else DEFAULT_KEEPALIVE,
                    rules=rules, system_proxy=system_proxy)
 

@@ -199,6 +199,16 @@ def test_the_user_forms_change_users_and_show_errors(harness: Harness,
                              form={**form, "limit": "10GB/month"}).status == 303
     assert logged_in.request("POST", "/users/frank/expiry",
                              form={**form, "expires": "2030-01-31"}).status == 303
+    # Site-to-site: frank becomes a site, and the seed's alice may reach it.
+    assert logged_in.request("POST", "/users/frank/sites",
+                             form={**form, "sites": "192.168.10.0/24, fd10::/64"}).status == 303
+    assert logged_in.request("POST", "/users/alice/reach",
+                             form={**form, "reach": "frank"}).status == 303
+    assert "192.168.10.0/24 fd10::/64" in logged_in.get("/users/frank?done=sites").text
+    reply = logged_in.request("POST", "/users/alice/sites",
+                              form={**form, "sites": "192.168.0.0/16"})
+    assert reply.status == 400 and "overlaps 192.168.10.0/24 of site" in reply.text
+    assert logged_in.get("/api/users/alice").json()["user"]["reach"] == ["frank"]
     user = logged_in.get("/api/users/frank").json()["user"]
     assert (user["limit_bytes"], user["limit_period"]) == (10 * 10**9, "month")
     assert user["expires_at"] == 1896134400  # the end of 2030-01-31, UTC
@@ -289,6 +299,18 @@ def test_every_api_operation_matches_the_openapi_document(harness: Harness) -> N
                     json_body={"expires_at": 4102444800})
     assert expiring["user"]["expires_at"] == 4102444800  # type: ignore[index]
     call("PUT", "/api/users/{name}/expiry", "/api/users/bob/expiry", json_body={})
+    # Site-to-site (docs/site-to-site.md): a site's subnets, and what a user may reach.
+    sited = call("PUT", "/api/users/{name}/sites", "/api/users/bob/sites",
+                 json_body={"sites": ["192.168.77.0/24"]})
+    assert sited["user"]["sites"] == ["192.168.77.0/24"]  # type: ignore[index]
+    assert call("PUT", "/api/users/{name}/sites", "/api/users/alice/sites",
+                json_body={"sites": ["192.168.0.0/16"]}
+                )["error"] == "config_error"  # type: ignore[index]
+    call("PUT", "/api/users/{name}/sites", "/api/users/bob/sites", json_body={})
+    reaching = call("PUT", "/api/users/{name}/reach", "/api/users/alice/reach",
+                    json_body={"reach": ["bob"]})
+    assert reaching["user"]["reach"] == ["bob"]  # type: ignore[index]
+    call("PUT", "/api/users/{name}/reach", "/api/users/alice/reach", json_body={"reach": 1})
     rotated = call("POST", "/api/users/{name}/rotate", "/api/users/bob/rotate")
     assert rotated["access_key"] != added["access_key"]  # type: ignore[index]
     usage = call("GET", "/api/users/{name}/usage", "/api/users/bob/usage?hours=24")

@@ -297,7 +297,7 @@ def test_metrics_of_a_stand_in_status_source(tmp_path: Path) -> None:
                            resolver_timed_out=16,
                            udp_dropped={"veil": {"resolving": 17, "queue_full": 18},
                                         "trojan": {"send_buffer_full": 19}},
-                           tun_dropped=20, tun_spoofed=21)))
+                           tun_dropped=20, tun_spoofed=21, tun_filtered=22)))
 
     async def scrape_app() -> str:
         client = TestClient(TestServer(make_admin_app(source, metrics_open=True)))
@@ -353,5 +353,6 @@ def test_metrics_of_a_stand_in_status_source(tmp_path: Path) -> None:
          [("reason", "send_buffer_full"), ("way_in", "trojan")], 19.0),
         ("veil_tun_packets_dropped_total", [("reason", "congested")], 20.0),
         ("veil_tun_packets_dropped_total", [("reason", "spoofed")], 21.0),
+        ("veil_tun_packets_dropped_total", [("reason", "not_allowed")], 22.0),
         ("veil_certificate_expiry_timestamp_seconds", [], not_after),
     ])

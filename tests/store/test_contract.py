@@ -512,3 +512,47 @@ def test_a_setting_is_claimed_once_across_stores(backend: Backend, store: UserSt
     assert store.claim_setting("alert:x", "1") is True
     assert other.claim_setting("alert:x", "2") is False
     assert other.get_setting("alert:x") == "1"
+
+
+# ---------------------------------------------------------------------- site-to-site
+def test_sites_and_reach_are_stored_read_back_and_reach_another_store(
+        backend: Backend, store: UserStore) -> None:
+    add(store, "office-sh")
+    add(store, "alice")
+    site = store.set_networks("office-sh", "site", ("192.168.10.0/24", "fd10::/64"))
+    assert site.sites == ("192.168.10.0/24", "fd10::/64")
+    store.set_networks("alice", "reach", ("office-sh", "10.9.0.0/16"))
+    other = backend.open()
+    by_name = {u.name: u for u in other.list_users()}
+    assert by_name["office-sh"].sites == ("192.168.10.0/24", "fd10::/64")
+    assert by_name["alice"].reach == ("10.9.0.0/16", "office-sh")
+    assert other.find_by_key_id(by_name["alice"].key_id) == by_name["alice"]
+    # Replaced, not added to; an empty list makes an ordinary user again.
+    assert store.set_networks("office-sh", "site", ("192.168.11.0/24",)).sites == (
+        "192.168.11.0/24",)
+    assert store.set_networks("office-sh", "site", ()).sites == ()
+    store.revoke("alice", NOW)
+    store.delete("alice")
+    add(store, "alice")
+    assert store.get_user("alice").reach == ()  # type: ignore[union-attr]
+
+
+def test_overlapping_site_subnets_are_refused(store: UserStore) -> None:
+    add(store, "office-sh")
+    add(store, "office-bj")
+    store.set_networks("office-sh", "site", ("192.168.10.0/24",))
+    with pytest.raises(StoreError) as caught:
+        store.set_networks("office-bj", "site", ("192.168.0.0/16",))
+    assert caught.value.code == "overlap"
+    assert "office-sh" in str(caught.value)
+    with pytest.raises(StoreError) as caught:
+        store.set_networks("office-bj", "site", ("10.1.0.0/16", "10.1.2.0/24"))
+    assert caught.value.code == "overlap"
+    assert store.get_user("office-bj").sites == ()  # type: ignore[union-attr]
+    # The same site may change its own subnets to overlapping ones of its own past.
+    assert store.set_networks("office-sh", "site", ("192.168.0.0/16",)).sites == (
+        "192.168.0.0/16",)
+    for bad in ("192.168.10.5/24", "not-a-net", "300.1.1.0/24"):
+        with pytest.raises(StoreError) as caught:
+            store.set_networks("office-bj", "site", (bad,))
+        assert caught.value.code == "bad_network"

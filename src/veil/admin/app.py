@@ -88,6 +88,7 @@ DONE_MESSAGES = {"added": "User added: give them the key below (or let them scan
                  "revoked": "User revoked: their connections are being closed.",
                  "rotated": "New key made: the old one no longer works.",
                  "limit": "Limit set.", "expiry": "Expiry set.",
+                 "sites": "Site subnets set.", "reach": "Reach set.",
                  "usage_reset": "Usage reset: this period's traffic is forgotten.",
                  "sessions_ended": "Sessions ended: every server closes them within a second "
                                    "(the app may connect again: revoke or rotate to keep it "
@@ -96,7 +97,7 @@ DONE_MESSAGES = {"added": "User added: give them the key below (or let them scan
 
 DONE_BY_ACTION = {"revoke": "revoked", "rotate": "rotated", "limit": "limit",
                   "expiry": "expiry", "reset-usage": "usage_reset",
-                  "end-sessions": "sessions_ended"}
+                  "end-sessions": "sessions_ended", "sites": "sites", "reach": "reach"}
 # The formats a user's page offers as files to download.
 DOWNLOADS = {"clash": ("text/yaml", "yaml"), "sing-box": ("application/json", "json")}
 
@@ -209,6 +210,8 @@ def make_admin_app(server: StatusSource, *, metrics_open: bool,
     r.add_post("/api/users/{name}/rotate", api_rotate)
     r.add_put("/api/users/{name}/limit", api_limit)
     r.add_put("/api/users/{name}/expiry", api_expiry)
+    r.add_put("/api/users/{name}/sites", api_sites)
+    r.add_put("/api/users/{name}/reach", api_reach)
     r.add_get("/api/users/{name}/usage", api_usage)
     r.add_get("/api/users/{name}/exports", api_exports)
     r.add_post("/api/users/{name}/reset-usage", api_reset_usage)
@@ -490,13 +493,14 @@ def user_json(report: UserReport) -> dict[str, Any]:
             "revoked_at": report.revoked_at, "expires_at": report.expires_at,
             "last_seen": report.last_seen, "limit_bytes": report.limit_bytes,
             "limit_period": report.limit_period, "used_bytes": report.used.total,
-            "used_up_bytes": report.used.up, "used_down_bytes": report.used.down}
+            "used_up_bytes": report.used.up, "used_down_bytes": report.used.down,
+            "sites": list(report.sites), "reach": list(report.reach)}
 
 
 def _report(users: UserManager, user: User, used: Usage, now: float) -> UserReport:
     return UserReport(user.name, user.created_at, user.status(now, used.total), used,
                       user.limit_bytes, user.limit_period, user.expires_at, user.last_seen,
-                      user.revoked_at)
+                      user.revoked_at, user.sites, user.reach)
 
 
 def _report_and_key(users: UserManager, name: str, now: float) -> tuple[UserReport, str | None]:
@@ -735,6 +739,13 @@ async def user_action_form(request: web.Request) -> web.StreamResponse:
             await _reset_usage(admin, name)
         elif action == "end-sessions":
             await _end_sessions(admin, name)
+        elif action in ("sites", "reach"):
+            # Space- or comma-separated, as `veil user limit --site/--reach` takes them.
+            values = str(form.get(action, "")).replace(",", " ").split()
+            if action == "sites":
+                await admin.backend.call(lambda u: u.set_sites(name, values))
+            else:
+                await admin.backend.call(lambda u: u.set_reach(name, values))
         else:
             expires = parse_expiry(str(form.get("expires", "")).strip() or "never")
             await admin.backend.call(lambda u: u.set_expiry(name, expires))
@@ -1004,6 +1015,25 @@ async def api_expiry(request: web.Request) -> web.StreamResponse:
         raise ApiError("bad_request", "expires_at (a unix time or null) is required")
     expires = _optional(body, "expires_at", (int, float))
     return await _change(request, "expiry", lambda u: u.set_expiry(name, expires))
+
+
+def _string_list(body: dict[str, Any], field: str) -> list[str]:
+    value = body.get(field)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ApiError("bad_request", f"{field} (a list of strings) is required")
+    return value
+
+
+async def api_sites(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    sites = _string_list(await _json_body(request), "sites")
+    return await _change(request, "sites", lambda u: u.set_sites(name, sites))
+
+
+async def api_reach(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    reach = _string_list(await _json_body(request), "reach")
+    return await _change(request, "reach", lambda u: u.set_reach(name, reach))
 
 
 async def api_usage(request: web.Request) -> web.StreamResponse:

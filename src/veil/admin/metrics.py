@@ -200,10 +200,12 @@ def _bound_metrics(bounds: BoundCounts) -> Iterable[Metric]:
     tun = CounterMetricFamily(
         "veil_tun_packets_dropped",
         "Full-device tunnel packets dropped: for a congested or missing session "
-        "(reason=congested) or a source address not the client's (reason=spoofed)",
+        "(reason=congested), a source address not the client's (reason=spoofed), or "
+        "site-to-site traffic its --reach does not allow (reason=not_allowed)",
         labels=["reason"])
     tun.add_metric(["congested"], bounds.tun_dropped)
     tun.add_metric(["spoofed"], bounds.tun_spoofed)
+    tun.add_metric(["not_allowed"], bounds.tun_filtered)
     yield tun
 
 

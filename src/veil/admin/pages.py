@@ -272,6 +272,8 @@ def user_page(report: UserReport, exports: UserExports | None, chart: str, csrf:
              f"{_e(format_bytes(report.used.down))})</dd>"
              f"<dt>Limit</dt><dd>{_e(_limit(report))}</dd>"
              f"<dt>Expires</dt><dd>{_e(expiry(report.expires_at))}</dd>"
+             f"<dt>Site subnets</dt><dd>{_e(' '.join(report.sites) or '-')}</dd>"
+             f"<dt>Reaches</dt><dd>{_e(' '.join(report.reach) or 'the default')}</dd>"
              f"<dt>Last seen</dt><dd>{_e(when(report.last_seen))}</dd>"
              f"<dt>Created</dt><dd>{_e(when(report.created_at))}</dd>"
              f"<dt>Revoked</dt><dd>{_e(when(report.revoked_at))}</dd></dl>")
@@ -289,6 +291,16 @@ def user_page(report: UserReport, exports: UserExports | None, chart: str, csrf:
             f'<form class="inline" method="post" action="{_e(base)}/expiry">'
             f"{_csrf_field(csrf)}<label>Expires <input type=\"text\" name=\"expires\" "
             f'placeholder="YYYY-MM-DD or never"></label> <button>Set expiry</button></form>'
+            f"</p><p>"
+            # Site-to-site (docs/site-to-site.md): space-separated, empty for none.
+            f'<form class="inline" method="post" action="{_e(base)}/sites">'
+            f"{_csrf_field(csrf)}<label>Site subnets <input type=\"text\" name=\"sites\" "
+            f'value="{_e(" ".join(report.sites))}" placeholder="192.168.10.0/24">'
+            f"</label> <button>Set site</button></form> "
+            f'<form class="inline" method="post" action="{_e(base)}/reach">'
+            f"{_csrf_field(csrf)}<label>Reaches <input type=\"text\" name=\"reach\" "
+            f'value="{_e(" ".join(report.reach))}" placeholder="office-sh 10.9.0.0/16">'
+            f"</label> <button>Set reach</button></form>"
             f"</p><p>"
             + _button_form(f"{base}/reset-usage", "Reset usage (this period)", csrf,
                            name="reset-usage")

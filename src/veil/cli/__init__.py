@@ -282,9 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "using the old key are closed.")
     rotate.add_argument("name")
     limit = user_sub.add_parser(
-        "limit", help="set or remove a user's traffic limit and expiry",
-        description="Set a user's traffic limit (up + down) and/or expiry date.")
+        "limit", help="set or remove a user's traffic limit, expiry, site and reach",
+        description="Set a user's traffic limit (up + down), expiry date, site subnets "
+                    "and/or what it may reach among the sites (docs/site-to-site.md).")
     limit.add_argument("name")
+    limit.add_argument("--reach", action="append", metavar="CIDR|SITE",
+                       help="site subnets this user may reach: a CIDR or a site's name "
+                            "(repeatable; replaces the list; 'none' empties it). Without: a "
+                            "site reaches every other site, a user none")
+    for p in (add, limit):
+        p.add_argument("--site", action="append", metavar="CIDR",
+                       help="make the user a site (an office's gateway, `veil connect KEY "
+                            "--tun --site`) whose LAN is this subnet (repeatable; replaces "
+                            "the list; 'none' makes it an ordinary user again)")
     for p in (add, limit):
         p.add_argument("--limit", metavar="SIZE[/PERIOD]",
                        help="traffic allowed, up + down: e.g. 50GB (per month), 50GB/month, "
@@ -377,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="send all of this machine's traffic through the tunnel (Linux, "
                               "root): a TUN device, routes, DNS and a kill switch, all undone "
                               "on exit")
+    connect.add_argument("--site", action="store_true",
+                         help="with --tun: be an office's gateway (the key is a site's, `veil "
+                              "user add NAME --site CIDR`): route only the other sites' "
+                              "subnets into the tunnel, never the default route, and forward "
+                              "for this LAN (docs/site-to-site.md)")
     connect.add_argument("--exclude", action="append", default=[], metavar="CIDR",
                          help="with --tun: keep this range outside the tunnel, e.g. the LAN "
                               "(repeatable)")
@@ -846,6 +861,13 @@ def _confirm(manager: UserManager) -> None:
         print(f"veil: note: {missing}", file=sys.stderr, flush=True)
 
 
+def _networks_arg(values: list[str] | None) -> list[str]:
+    """``--site``/``--reach`` as given: each may hold several, comma-separated; ``none``
+    alone empties the list."""
+    found = [v.strip() for value in values or () for v in value.split(",") if v.strip()]
+    return [] if [v.lower() for v in found] == ["none"] else found
+
+
 def cmd_user(args: argparse.Namespace) -> None:
     import json
 
@@ -865,7 +887,7 @@ def cmd_user(args: argparse.Namespace) -> None:
         if command == "add":
             user = manager.add(args.name, limit_bytes=limit[0] if limit else None,
                                limit_period=limit[1] if limit else "month",
-                               expires_at=expires)
+                               expires_at=expires, sites=_networks_arg(args.site))
             _confirm(manager)  # the key is printed once the running servers accept it
             _print_key(manager.access_key(user))
         elif command == "list":
@@ -878,9 +900,13 @@ def cmd_user(args: argparse.Namespace) -> None:
             for r in rows:
                 limit_text = ("-" if r.limit_bytes is None
                               else f"{format_bytes(r.limit_bytes)}/{r.limit_period}")
+                # A site's subnets and a reach list, when there are any, after the status:
+                # the columns before keep their places for whoever reads them by position.
+                nets = (f" site {','.join(r.sites)}" if r.sites else "") + (
+                    f" reach {','.join(r.reach)}" if r.reach else "")
                 print(f"{r.name:<20} {_when(r.created_at):<16} {format_bytes(r.used.total):>10} "
                       f"{limit_text:>16} {_expiry(r.expires_at):<20} "
-                      f"{_when(r.last_seen):<16} {r.status}")
+                      f"{_when(r.last_seen):<16} {r.status}{nets}")
         elif command == "revoke":
             manager.revoke(args.name)
             _confirm(manager)
@@ -898,8 +924,14 @@ def cmd_user(args: argparse.Namespace) -> None:
             _confirm(manager)
             _print_key(manager.access_key(user))
         elif command == "limit":
-            if limit is None and args.expires is None:
-                raise ConfigError("say --limit SIZE[/PERIOD] and/or --expires DATE")
+            if (limit is None and args.expires is None and args.site is None
+                    and args.reach is None):
+                raise ConfigError("say --limit SIZE[/PERIOD], --expires DATE, --site CIDR "
+                                  "and/or --reach CIDR|SITE")
+            if args.site is not None:
+                manager.set_sites(args.name, _networks_arg(args.site))
+            if args.reach is not None:
+                manager.set_reach(args.name, _networks_arg(args.reach))
             if limit is not None:
                 manager.set_limit(args.name, *limit)
             if args.expires is not None:
@@ -908,7 +940,9 @@ def cmd_user(args: argparse.Namespace) -> None:
             report = next(r for r in manager.report() if r.name == args.name)
             print(f"{args.name}: limit "
                   f"{format_bytes(report.limit_bytes)}/{report.limit_period}, "
-                  f"expires {_expiry(report.expires_at)}, status {report.status}")
+                  f"expires {_expiry(report.expires_at)}, site "
+                  f"{' '.join(report.sites) or '-'}, reach {' '.join(report.reach) or '-'}, "
+                  f"status {report.status}")
         elif command == "show":
             user = manager.get(args.name)
             if args.json:
@@ -1018,7 +1052,7 @@ def _connect_options(args: argparse.Namespace, key: AccessKey | TrojanLink) -> C
                                       tun_exclude=tuple(args.exclude),
                                       keepalive=args.keepalive, http_auth=args.http_auth,
                                       allow_lan=args.allow_lan, rules=tuple(args.rules),
-                                      system_proxy=args.system_proxy)
+                                      system_proxy=args.system_proxy, tun_site=args.site)
     return options
 
 

@@ -198,7 +198,7 @@ async def _run_tun(options: ClientOptions, stop: asyncio.Event,
     # Rules first: a bad line, or one routes cannot apply (ports), is reported before anything
     # on the machine changes.
     rules = load_client_rules(options.rules, cn_data) if options.rules else None
-    tun_options = TunClientOptions.parse(options.tun_exclude, rules)
+    tun_options = TunClientOptions.parse(options.tun_exclude, rules, site=options.tun_site)
     if rules is not None:
         log.warning("split routing: %d rules from %s", len(rules), ", ".join(options.rules))
     await run_tun(options.key, tun_options, stop,

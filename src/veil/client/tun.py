@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -101,7 +102,9 @@ from veil.net.tun_linux import (
     netns_id,
     nft,
     nft_delete_table,
+    read_sysctl,
     route_get,
+    write_sysctl,
 )
 from veil.protocol.accesskey import AccessKey
 from veil.protocol.address import Address, NeedMoreData
@@ -116,6 +119,10 @@ log = logging.getLogger("veil.client")
 
 DEVICE_NAME = "veil0"
 KILLSWITCH_TABLE = "veil-killswitch"
+#: A site gateway's kill switch (``--tun --site``): the other sites' subnets leave through
+#: the TUN device or not at all. Its sets are filled from the server's config.
+SITE_TABLE = "veil-site"
+SITE_SETS = {4: "sites4", 6: "sites6"}
 STATE_DIR = Path("/run/veil")
 RESOLV_CONF = Path("/etc/resolv.conf")
 # Routes that together cover everything yet are more specific than any default route, so the
@@ -165,9 +172,12 @@ class TunClientOptions:
     rules: RuleSet | None = None
     #: What ``rules`` make of addresses (computed by :meth:`parse`).
     plan: TunRoutePlan = field(default_factory=TunRoutePlan)
+    #: ``--site``: an office's gateway (see :class:`TunClient`'s site mode).
+    site: bool = False
 
     @classmethod
-    def parse(cls, exclude: Iterable[str], rules: RuleSet | None = None) -> TunClientOptions:
+    def parse(cls, exclude: Iterable[str], rules: RuleSet | None = None, *,
+              site: bool = False) -> TunClientOptions:
         nets: list[IPNetwork] = []
         for text in exclude:
             try:
@@ -179,7 +189,7 @@ class TunClientOptions:
             rules, port_blocks = split_port_blocks(rules)
             plan = plan_routes(rules)
             plan = TunRoutePlan(plan.direct, plan.block, port_blocks)
-        return cls(tuple(nets), rules=rules, plan=plan)
+        return cls(tuple(nets), rules=rules, plan=plan, site=site)
 
 
 # ---------------------------------------------------------------- the state file
@@ -195,11 +205,18 @@ class TunState:
     resolv_backup: str | None = None  # its content before
     #: Routes with protocol ROUTE_PROTO may exist (split routing): flushed on restore.
     proto_routes: bool = False
+    #: Sysctls changed (a site gateway's forwarding): name -> the value before.
+    sysctls: dict[str, str] = field(default_factory=dict)
+    #: A site gateway's last announced subnets: the next start blocks them at once, before
+    #: the server is reached again (after a crash the LAN's packets for them would otherwise
+    #: take the default route until then).
+    site_routes: list[str] = field(default_factory=list)
 
     def save(self) -> None:
         data = {"pid": self.pid, "routes": self.routes, "nft_tables": self.nft_tables,
                 "resolv_conf": self.resolv_conf, "resolv_backup": self.resolv_backup,
-                "proto_routes": self.proto_routes}
+                "proto_routes": self.proto_routes, "sysctls": self.sysctls,
+                "site_routes": self.site_routes}
         tmp = self.path.with_suffix(".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -218,7 +235,9 @@ class TunState:
             raise VeilError(f"unreadable TUN state file {path}: {exc}") from exc
         return cls(path, int(data.get("pid", 0)), list(data.get("routes", [])),
                    list(data.get("nft_tables", [])), data.get("resolv_conf"),
-                   data.get("resolv_backup"), bool(data.get("proto_routes", False)))
+                   data.get("resolv_backup"), bool(data.get("proto_routes", False)),
+                   {str(k): str(v) for k, v in dict(data.get("sysctls", {})).items()},
+                   [str(net) for net in data.get("site_routes", [])])
 
 
 def state_path(options: TunClientOptions) -> Path:
@@ -245,6 +264,12 @@ def restore(state: TunState) -> None:
     for route in reversed(state.routes):
         delete_route(route["dst"], oif=route.get("oif"), gateway=route.get("gateway"))
     state.routes.clear()
+    for key, value in state.sysctls.items():
+        try:
+            write_sysctl(key, value)
+        except TunError as exc:
+            log.error("%s", exc)
+    state.sysctls.clear()
     with contextlib.suppress(FileNotFoundError):
         state.path.unlink()
 
@@ -477,6 +502,43 @@ def killswitch_ruleset(device: str, servers: Iterable[Address], exclude: Iterabl
     return "\n".join(lines)
 
 
+def site_ruleset(device: str) -> str:
+    """A site gateway's table: what is for another site leaves through the TUN device, or is
+    rejected (also while the tunnel is down, and after a crash, when the device and its
+    routes are gone but this table is not: then the default route would carry the LAN's
+    packets for the other offices to the Internet). The sets are filled at run time with
+    the subnets the server announces. MSS is clamped on the device as in the full tunnel."""
+    refuse = []
+    for version, family in ((4, "ip"), (6, "ip6")):
+        refuse.append(f'oifname != "{device}" {family} daddr @{SITE_SETS[version]} reject '
+                      "with icmpx type admin-prohibited")
+    return "\n".join([
+        f"table inet {SITE_TABLE} {{",
+        *_set_block(SITE_SETS[4], 4, (), interval=True),
+        *_set_block(SITE_SETS[6], 6, (), interval=True),
+        "  chain output {",
+        "    type filter hook output priority filter; policy accept;",
+        *(f"    {r}" for r in refuse),
+        "  }",
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy accept;",
+        f'    oifname "{device}" tcp flags syn tcp option maxseg size set rt mtu',
+        *(f"    {r}" for r in refuse),
+        "  }",
+        "}", ""])
+
+
+def site_elements_batch(networks: Iterable[IPNetwork]) -> str:
+    """One nftables batch (atomic) that makes the site sets hold exactly ``networks``."""
+    lines = [f"flush set inet {SITE_TABLE} {name}" for name in SITE_SETS.values()]
+    for version in (4, 6):
+        these = [str(net) for net in networks if net.version == version]
+        if these:
+            lines.append(f"add element inet {SITE_TABLE} {SITE_SETS[version]} "
+                         f"{{ {', '.join(these)} }}")
+    return "".join(line + "\n" for line in lines)
+
+
 # ---------------------------------------------------------------- the client
 class TunClient:
     """Runs the full-device tunnel over a :class:`ClientTunnel` until stopped."""
@@ -499,8 +561,18 @@ class TunClient:
         self._resolver: SplitResolver | None = None
         self.direct_hosts = DirectHosts()
         self._sweeper: asyncio.Task[None] | None = None
+        # Site mode: the routes of other sites on the device, and config updates in flight.
+        self._site_routes: set[IPNetwork] = set()
+        self._device_index = 0
+        self._applying = asyncio.Lock()
+        self._updates: set[asyncio.Future[None]] = set()
+        self._remembered: list[str] = []
 
     async def run(self, stop: asyncio.Event) -> None:
+        if self.options.site:
+            # What a crashed run had learnt, blocked again by _prepare_site.
+            previous = await asyncio.to_thread(TunState.load, self.state.path)
+            self._remembered = previous.site_routes if previous is not None else []
         # Before anything of ours is in the way: a crash's kill switch would block DNS.
         await asyncio.to_thread(cleanup, self.options)
         # Every way in is resolved now, before the kill switch and resolv.conf's rewrite (then
@@ -544,6 +616,8 @@ class TunClient:
             if self.options.rules is not None:
                 for line in self.options.rules.counters():
                     log.info("rule %s", line)
+            # A route update in flight finishes first: restore() must come after it.
+            await asyncio.gather(*self._updates, return_exceptions=True)
             await tunnel.close()
             if self._pump is not None:
                 self._pump.pause()
@@ -556,6 +630,9 @@ class TunClient:
     def _prepare(self, servers: list[Address]) -> None:
         """Host routes and the kill switch, before any packet of ours could leave."""
         self.state.save()
+        if self.options.site:
+            self._prepare_site()
+            return
         for ip in dict.fromkeys(server.host for server in servers):
             self._route_like(f"{ip}/{32 if ':' not in ip else 128}", ip)
         for net in self.options.exclude:
@@ -572,6 +649,30 @@ class TunClient:
         nft_delete_table("inet", KILLSWITCH_TABLE)
         nft(killswitch_ruleset(self.options.device, servers, self.options.exclude,
                                plan=plan, direct_resolvers=resolvers))
+
+    def _prepare_site(self) -> None:
+        """A site gateway: its kill switch (for the other sites only: the office's own
+        traffic to the Internet is not ours) and forwarding on. No host routes: the default
+        route stays, and the server is reached by it as before."""
+        self.state.nft_tables.append(SITE_TABLE)
+        self.state.save()
+        nft_delete_table("inet", SITE_TABLE)
+        nft(site_ruleset(self.options.device))
+        if self._remembered:
+            self.state.site_routes = self._remembered
+            self.state.save()
+            nft(site_elements_batch(ipaddress.ip_network(net) for net in self._remembered))
+            log.warning("site gateway: %s blocked until the server says what is reachable",
+                        " ".join(self._remembered))
+        self._forward("net.ipv4.ip_forward")
+
+    def _forward(self, key: str) -> None:
+        """Turn forwarding on (recorded first: restored on exit or by the next start)."""
+        old = read_sysctl(key)
+        if old != "1":
+            self.state.sysctls[key] = old
+            self.state.save()
+            write_sysctl(key, "1")
 
     def _prepare_split(self, servers: list[Address], plan: TunRoutePlan) -> None:
         """The rules' direct ranges routed the way the kernel routes each family now (via
@@ -764,14 +865,66 @@ class TunClient:
                 await asyncio.wait([stopping], timeout=LINK_RETRY_S)
 
     async def _apply(self, config: IpConfig) -> None:
-        if config == self.config:
-            return  # a reconnect that got the same addresses: nothing to change
-        assert self.device is not None
-        await asyncio.to_thread(self._configure, self.device.name, config)
-        self.config = config
-        log.warning("TUN %s up: %s%s, MTU %d, DNS %s", self.device.name,
-                    config.ipv4 or "", f" {config.ipv6}" if config.ipv6 else " (IPv6 blocked)",
-                    config.mtu, ", ".join(map(str, config.dns)) or "unchanged")
+        async with self._applying:
+            if config == self.config:
+                return  # a reconnect that got the same addresses: nothing to change
+            assert self.device is not None
+            if self.options.site:
+                await asyncio.to_thread(self._configure_site, self.device.name, config)
+                self.config = config
+                log.warning("TUN %s up: %s%s, site gateway, routes %s", self.device.name,
+                            config.ipv4 or "", f" {config.ipv6}" if config.ipv6 else "",
+                            " ".join(map(str, config.routes)) or "none (no other site)")
+                return
+            if self.config is not None and dataclasses.replace(
+                    config, routes=self.config.routes) == self.config:
+                return  # only the sites changed: covered by the split routes already
+            await asyncio.to_thread(self._configure, self.device.name, config)
+            self.config = config
+            log.warning("TUN %s up: %s%s, MTU %d, DNS %s", self.device.name, config.ipv4 or "",
+                        f" {config.ipv6}" if config.ipv6 else " (IPv6 blocked)",
+                        config.mtu, ", ".join(map(str, config.dns)) or "unchanged")
+
+    def new_config(self, link: _IpLink, config: IpConfig) -> None:
+        """The server sent the config again on a running link (the sites changed)."""
+        if link is self._link and self.options.site:
+            task = asyncio.ensure_future(self._apply(config))
+            self._updates.add(task)
+            task.add_done_callback(self._updated)
+
+    def _updated(self, task: asyncio.Future[None]) -> None:
+        self._updates.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cannot apply the server's new routes: %s", task.exception())
+
+    def _configure_site(self, name: str, config: IpConfig) -> None:
+        """Addresses (the pool's prefix routes the tunnel's clients, for replies to them),
+        then the routes of the other sites into the device and their kill-switch sets; a
+        route no longer announced is removed. Never a default route, never DNS."""
+        old = self.config
+        if old is None or (old.ipv4, old.ipv6, old.mtu) != (config.ipv4, config.ipv6,
+                                                             config.mtu):
+            if old is not None:
+                flush_addresses(name)
+            # The other sites' routes stay: they name the device, not an address.
+            index = configure_link(name, [a for a in (config.ipv4, config.ipv6)
+                                          if a is not None], config.mtu)
+        else:
+            index = self._device_index
+        self._device_index = index
+        if any(net.version == 6 for net in config.routes):
+            # Only when there is an IPv6 site to reach: forwarding makes Linux ignore router
+            # advertisements (accept_ra 1), which may be how this gateway has its IPv6.
+            self._forward("net.ipv6.conf.all.forwarding")
+        wanted = set(config.routes)
+        for net in self._site_routes - wanted:
+            delete_route(str(net), oif=index)
+        for net in wanted:
+            add_route(str(net), oif=index, replace=True)  # removed with the device
+        self._site_routes = wanted
+        nft(site_elements_batch(config.routes))
+        self.state.site_routes = [str(net) for net in config.routes]
+        self.state.save()
 
     def _configure(self, name: str, config: IpConfig) -> None:
         if self.config is not None:
@@ -879,22 +1032,27 @@ class _IpLink:
             device.write(packet)
 
     def on_data(self, data: bytes) -> None:
+        # The config comes first; the server sends it again when the sites a client reaches
+        # change (only its routes then differ).
         self.driver.session.consume(self.stream_id, len(data))
-        if self.config is not None:
-            return  # the config comes once; nothing else is defined on the stream yet
         self._buffer += data
-        try:
-            config, _ = IpConfig.decode(self._buffer)
-        except NeedMoreData:
-            if len(self._buffer) > MAX_CONFIG_SIZE + 2:
-                self._bad("IP config too long")
-            return
-        except ValueError as exc:
-            self._bad(f"bad IP config: {exc}")
-            return
-        self.config = config
-        self._buffer.clear()
-        self.configured.set_result(None)  # wakes _serve to apply it
+        while self._buffer:
+            try:
+                config, used = IpConfig.decode(self._buffer)
+            except NeedMoreData:
+                if len(self._buffer) > MAX_CONFIG_SIZE + 2:
+                    self._bad("IP config too long")
+                return
+            except ValueError as exc:
+                self._bad(f"bad IP config: {exc}")
+                return
+            del self._buffer[:used]
+            first = self.config is None
+            self.config = config  # before the link starts, _serve applies the latest
+            if first:
+                self.configured.set_result(None)  # wakes _serve to apply it
+            elif self._started:
+                self.client.new_config(self, config)
 
     def _bad(self, why: str) -> None:
         log.error("%s; reconnecting", why)

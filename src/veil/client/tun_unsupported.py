@@ -19,7 +19,8 @@ class TunClientOptions:
     exclude: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, exclude: Iterable[str], rules: Any = None) -> TunClientOptions:
+    def parse(cls, exclude: Iterable[str], rules: Any = None, *,
+              site: bool = False) -> TunClientOptions:
         return cls(tuple(exclude))
 
 

@@ -19,12 +19,19 @@ from veil.protocol.frames import MAX_DATAGRAM_PAYLOAD, MAX_IP_PACKET
 IPv4Interface = ipaddress.IPv4Interface
 IPv6Interface = ipaddress.IPv6Interface
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 CONFIG_VERSION = 1
 # length (u16) | version | mtu (u16) | v4 prefix | v4 address | v6 prefix | v6 address | n dns
+# | dns (family u8 + address)... | n routes (u8) | routes (family u8 + prefix u8 + address)...
+# The routes came later: a config without them ends after the resolvers, and a client that
+# does not know them skips them (bytes after the known fields).
 _CONFIG_FIXED = struct.Struct("!HBHB4sB16sB")
 # A config message is small; a larger one is a broken or hostile server.
 MAX_CONFIG_SIZE = 1024
+# Routes one config may carry: a site gateway's view of the other sites' subnets. 40 IPv6
+# routes (18 bytes each), 8 resolvers and the fixed part (883 bytes) fit MAX_CONFIG_SIZE.
+MAX_ROUTES = 40
 # The MTU range a tunnel may use: IPv6 needs 1280; a TSO super-packet is never above 64 KiB.
 MIN_MTU = 1280
 MAX_MTU = 65_535
@@ -82,6 +89,10 @@ class IpConfig:
     mtu: int = 1500
     #: Resolvers the client sends its DNS to, through the tunnel.
     dns: tuple[IPAddress, ...] = field(default_factory=tuple)
+    #: Subnets this client reaches through the tunnel besides the Internet: the other sites'
+    #: LANs, which a site gateway (``--tun --site``) routes into the tunnel and nothing else.
+    #: The server may send the config again on the stream when these change.
+    routes: tuple[IPNetwork, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if not MIN_MTU <= self.mtu <= MAX_MTU:
@@ -90,6 +101,8 @@ class IpConfig:
             raise ValueError("an IP config needs an IPv4 or an IPv6 address")
         if len(self.dns) > 8:
             raise ValueError("at most 8 resolvers")
+        if len(self.routes) > MAX_ROUTES:
+            raise ValueError(f"at most {MAX_ROUTES} routes")
 
     def encode(self) -> bytes:
         v4 = self.ipv4
@@ -101,6 +114,10 @@ class IpConfig:
             len(self.dns)))
         for ip in self.dns:
             body += bytes((ip.version,)) + ip.packed
+        if self.routes:
+            body.append(len(self.routes))
+            for net in self.routes:
+                body += bytes((net.version, net.prefixlen)) + net.network_address.packed
         struct.pack_into("!H", body, 0, len(body) - 2)
         return bytes(body)
 
@@ -134,9 +151,29 @@ class IpConfig:
                 raise ValueError("bad resolver address")
             dns.append(ipaddress.ip_address(bytes(buf[pos + 1 : pos + 1 + size])))
             pos += 1 + size
+        end = length + 2
+        routes: list[IPNetwork] = []
+        if pos < end:
+            count = buf[pos]
+            pos += 1
+            if count > MAX_ROUTES:
+                raise ValueError("too many routes")
+            for _ in range(count):
+                if pos + 2 > end:
+                    raise ValueError("truncated route list")
+                family, prefix = buf[pos], buf[pos + 1]
+                size = {4: 4, 6: 16}.get(family)
+                if size is None or pos + 2 + size > end or prefix > size * 8:
+                    raise ValueError("bad route")
+                try:
+                    routes.append(ipaddress.ip_network(
+                        (bytes(buf[pos + 2 : pos + 2 + size]), prefix)))
+                except ValueError as exc:
+                    raise ValueError(f"bad route: {exc}") from None
+                pos += 2 + size
         ipv4 = IPv4Interface((bytes(a4), p4)) if p4 else None
         ipv6 = IPv6Interface((bytes(a6), p6)) if p6 else None
-        return cls(ipv4, ipv6, mtu, tuple(dns)), length + 2
+        return cls(ipv4, ipv6, mtu, tuple(dns), tuple(routes)), end
 
 
 # ---------------------------------------------------------------- packet fields

@@ -317,6 +317,9 @@ class Live:
         self.heartbeat: Callable[[], Callable[[], str]] | None = None
         self.heartbeat_interval = HEARTBEAT_INTERVAL_S
         self._beat_at: float | None = None
+        #: Called on the loop with the new directory when the users changed (site-to-site
+        #: routes follow edits: veil.server.tun). None: nobody listens.
+        self.on_directory: Callable[[UserDirectory], None] | None = None
         #: The sessions admins asked to end, by user (the store's, as of the last tick).
         self.session_ends: dict[str, list[SessionEnd]] = {}
         self.max_sessions_per_user = max_sessions_per_user
@@ -555,6 +558,8 @@ class Live:
             for end in ends:
                 self.session_ends.setdefault(end.name, []).append(end)
             self._enforce()
+            if not previous.same_users(self.directory) and self.on_directory is not None:
+                self.on_directory(self.directory)
             if not previous.same_users(self.directory):
                 # The one sign that a change made elsewhere (``veil user``, the panel, another
                 # server) is in force here, cuts included. Counts only: names are personal
@@ -695,7 +700,7 @@ def build_directory(users: Iterable[User], usage: dict[str, dict[str, Usage]], n
 def _terms(user: User) -> tuple[object, ...]:
     """What a user may do, as :meth:`UserDirectory.same_users` compares it."""
     return (user.key_id, user.created_at, user.revoked_at, user.limit_bytes, user.limit_period,
-            user.expires_at)
+            user.expires_at, user.sites, user.reach)
 
 
 def _add(a: Usage | None, b: Usage) -> Usage:

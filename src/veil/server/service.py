@@ -21,7 +21,7 @@ from veil.errors import ConfigError
 from veil.manage.fleet import Facts, HostSampler, heartbeat_info, server_id
 from veil.manage.libssl import set_ticket_keys
 from veil.manage.state import ServerState, load_state, record_start, server_ssl_context
-from veil.manage.users import UserManager
+from veil.manage.users import TUN_POOLS_SETTING, UserManager
 from veil.net.driver import SessionDriver
 from veil.net.noise_channel import NoiseServerChannel, SealedTransport
 from veil.protocol.address import Address
@@ -43,7 +43,7 @@ from veil.server.alerts import Alerts, Webhook
 from veil.server.blocks import ALERT_COOLDOWN_S, BlockAlert, BlockTracker, run_alert_command
 from veil.server.borrow import Borrowed
 from veil.server.gate import Authenticator, Gate, VeilWayIn, WayIn
-from veil.server.live import Live, LiveConnection
+from veil.server.live import Live, LiveConnection, UserDirectory
 from veil.server.outbound import Outbound, session_features
 from veil.server.policy import DestinationPolicy, local_addresses, server_resolver
 from veil.server.shared import SharedReplayFilter, SharedUsers, WorkerRole
@@ -239,6 +239,8 @@ class VeilServer:
                 self.options.pool, self.options.pool6, allow_private=self.options.allow_private,
                 refused_tcp_ports=self.options.refused_tcp_ports))
             await self.tun.start()
+            self.tun.set_users(self.live.directory.by_name.values())
+            self.live.on_directory = self._tun_users
         try:
             if self.worker is not None:
                 self._listeners = list(self.worker.listeners)
@@ -256,6 +258,12 @@ class VeilServer:
         if self.worker is None:  # a worker's parent beats for the whole server
             self.live.heartbeat = self._heartbeat
         await self.live.tick()
+        if self.tun is not None:
+            # Sites overlapping this pool are refused by `veil user add --site` from now on.
+            pools = " ".join(str(p) for p in (self.tun.options.pool, self.tun.options.pool6)
+                             if p is not None)
+            await asyncio.to_thread(self.store.set_setting,
+                                    TUN_POOLS_SETTING + self.live.server_id, pools)
         loop = asyncio.get_running_loop()
         self._serve_tasks = [loop.create_task(self.gate.serve(sock)) for sock in self._listeners]
         try:  # before "listening on": whoever waits for that line may export links at once
@@ -418,6 +426,10 @@ class VeilServer:
             return
         self.outbound.open(driver, event, conn.user.name if conn is not None else "")
 
+    def _tun_users(self, directory: UserDirectory) -> None:
+        if self.tun is not None:
+            self.tun.set_users(directory.by_name.values())
+
     def _session_closed(self, driver: SessionDriver) -> None:
         conn = self.sessions.pop(driver, None)
         if driver.session.flood is not None:
@@ -539,4 +551,5 @@ class VeilServer:
             resolver_refused=resolver.refused, resolver_timed_out=resolver.timed_out,
             sessions_flooding=self._flood_closes, udp_dropped=udp,
             tun_dropped=self.tun.dropped if self.tun is not None else 0,
-            tun_spoofed=self.tun.spoofed if self.tun is not None else 0)
+            tun_spoofed=self.tun.spoofed if self.tun is not None else 0,
+            tun_filtered=self.tun.filtered if self.tun is not None else 0)

@@ -86,9 +86,11 @@ class BoundCounts:
     #: "send_buffer_full" (the outbound socket's), "queue_full" (waiting for a socket or a
     #: name), "resolving" (a new name while the association's lookups are at their bound).
     udp_dropped: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
-    #: Full-device tunnel packets dropped: a session congested or gone / a spoofed source.
+    #: Full-device tunnel packets dropped: a session congested or gone / a spoofed source /
+    #: site-to-site traffic --reach does not allow (docs/site-to-site.md).
     tun_dropped: int = 0
     tun_spoofed: int = 0
+    tun_filtered: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ import asyncio
 import ipaddress
 import logging
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +38,16 @@ from veil.net.tun_linux import (
 from veil.protocol.address import Address
 from veil.protocol.events import StreamOpened
 from veil.protocol.frames import ResetCode
-from veil.protocol.ip import IPAddress, IpConfig, packet_destination, packet_source
+from veil.protocol.ip import (
+    MAX_ROUTES,
+    IPAddress,
+    IpConfig,
+    packet_destination,
+    packet_source,
+)
 from veil.server.policy import REFUSED_V4, REFUSED_V6_ALL
+from veil.server.sites import SiteTable
+from veil.store.base import User
 
 log = logging.getLogger("veil.server")
 
@@ -178,9 +187,16 @@ class TunServer:
         self._routes: dict[bytes, _IpRelay] = {}  # packed client address -> its relay
         self._relays: set[_IpRelay] = set()
         self._dirty: set[SessionDriver] = set()
+        self._flush_scheduled = False
         self._sysctls: dict[str, str] = {}
+        #: Site-to-site (veil.server.sites): who owns which subnets, who reaches what.
+        self.sites = SiteTable(())
+        #: Each site's live relays, oldest first: the newest carries the site's traffic (a
+        #: gateway that just (re)connected is the one that works), the others stand by.
+        self._site_relays: dict[str, list[_IpRelay]] = {}
         self.spoofed = 0  # packets dropped for a wrong source address
         self.dropped = 0  # packets dropped for a congested session or no session
+        self.filtered = 0  # site packets dropped by --reach or for leaving the sites
 
     async def start(self) -> None:
         device = TunDevice(self.options.device)
@@ -269,8 +285,9 @@ class TunServer:
             driver.flush()
             return
         v4, v6 = self.pool.interfaces(index)
-        config = IpConfig(v4, v6, TUN_MTU, self.dns)
-        relay = _IpRelay(self, driver, event.stream_id, index, v4, v6)
+        relay = _IpRelay(self, driver, event.stream_id, index, v4, v6, user)
+        relay.routes = self._routes_for(user)
+        config = IpConfig(v4, v6, TUN_MTU, self.dns, relay.routes)
         driver.attach(event.stream_id, relay)
         transport = driver.transport
         if transport is not None:
@@ -281,34 +298,114 @@ class TunServer:
                 old.close()
             self._routes[key] = relay
         self._relays.add(relay)
+        self._site_relays.setdefault(user, []).append(relay)
         driver.session.send_data(event.stream_id, config.encode())
         driver.flush()
-        log.info("tunnel for user %s: %s%s", user, v4.ip, f", {v6.ip}" if v6 else "")
+        log.info("tunnel for user %s: %s%s%s", user, v4.ip, f", {v6.ip}" if v6 else "",
+                 f", site {' '.join(map(str, self.sites.subnets[user]))}"
+                 if self.sites.is_site(user) else "")
+
+    def set_users(self, users: Iterable[User]) -> None:
+        """A new directory: rebuild the site table, and send a config again to every tunnel
+        whose reachable subnets changed (a site gateway routes what it is told)."""
+        pools = [net for net in (self.options.pool, self.options.pool6) if net is not None]
+        self.sites = SiteTable(users, pools)
+        for relay in list(self._relays):
+            routes = self._routes_for(relay.user)
+            if routes != relay.routes:
+                relay.routes = routes
+                relay.send_config(IpConfig(relay.v4, relay.v6, TUN_MTU, self.dns, routes))
+
+    def _routes_for(self, user: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
+                                              ...]:
+        routes = self.sites.routes_for(user)
+        if len(routes) > MAX_ROUTES:
+            log.error("user %s reaches %d site subnets; its tunnel is told the first %d "
+                      "(join subnets)", user, len(routes), MAX_ROUTES)
+        return routes[:MAX_ROUTES]
 
     def forget(self, relay: _IpRelay) -> None:
         self._relays.discard(relay)
         for key in relay.keys:
             if self._routes.get(key) is relay:
                 del self._routes[key]
+        relays = self._site_relays.get(relay.user)
+        if relays is not None:
+            if relay in relays:
+                relays.remove(relay)
+            if not relays:
+                del self._site_relays[relay.user]
         self.pool.release(relay.index)
+
+    # ------------------------------------------------------------------ site-to-site
+    def from_session(self, relay: _IpRelay, packet: bytes) -> None:
+        """A packet from a client's IP stream, when there are sites (else on_packet's fast
+        path): to another session directly when it is for a site (or from one), else to
+        the device. Decided here, never by the kernel: no packet for a site subnet reaches
+        the server's own networks, whatever they are."""
+        sites = self.sites
+        source = packet_source(packet)
+        user = relay.user
+        if source not in relay.keys and sites.site_of(source) != user:
+            self.spoofed += 1  # neither its tunnel address nor its site's subnets
+            return
+        destination = packet_destination(packet)
+        site = sites.site_of(destination)
+        if site is not None:
+            target = self._site_relay(site)
+            if target is None or target.user == user:
+                self.dropped += 1  # the site's gateway is not connected
+            elif not sites.allowed(user, source, site, destination):
+                self.filtered += 1
+            else:
+                self._relay_to(target, packet)
+            return
+        if not sites.is_site(user):
+            self.write(packet)  # a device's tunnel: the Internet, as ever
+            return
+        # A site reaches the other sites and the tunnel's clients allowed to, nothing else:
+        # its LAN's traffic never leaves through the server (no NAT for it).
+        target = self._routes.get(destination)
+        if target is None or target.user == user or not (
+                sites.may_reach(target.user, user, source)
+                or (sites.is_site(target.user) and sites.may_reach(user, target.user,
+                                                                   destination))):
+            self.filtered += 1
+            return
+        self._relay_to(target, packet)
+
+    def _site_relay(self, site: str) -> _IpRelay | None:
+        relays = self._site_relays.get(site)
+        return relays[-1] if relays else None
+
+    def _relay_to(self, relay: _IpRelay, packet: bytes) -> None:
+        """Queue a packet on another session; sent once this batch of frames is handled."""
+        if self._send(relay, packet) and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_dirty)
 
     def _from_device(self, packet: bytes) -> None:
         relay = self._routes.get(packet_destination(packet))
         if relay is None:
             self.dropped += 1
             return
+        self._send(relay, packet)
+
+    def _send(self, relay: _IpRelay, packet: bytes) -> bool:
         driver = relay.driver
         if driver.writing_paused:
             self.dropped += 1  # congested: drop, as a router with a full queue does
-            return
+            return False
         try:
             driver.session.send_packet(relay.stream_id, packet)
         except LocalProtocolError:  # the session is closing: drop the packet
             self.dropped += 1
-            return
+            return False
         self._dirty.add(driver)
+        return True
 
     def _flush_dirty(self) -> None:
+        self._flush_scheduled = False
         dirty, self._dirty = self._dirty, set()
         for driver in dirty:
             driver.flush()
@@ -332,20 +429,39 @@ class _IpRelay(DatagramStreamHandler):
     """One client's IP stream on the server (a PacketHandler for the session driver)."""
 
     def __init__(self, server: TunServer, driver: SessionDriver, stream_id: int, index: int,
-                 v4: ipaddress.IPv4Interface, v6: ipaddress.IPv6Interface | None) -> None:
+                 v4: ipaddress.IPv4Interface, v6: ipaddress.IPv6Interface | None,
+                 user: str) -> None:
         self.server = server
         self.driver = driver
         self.stream_id = stream_id
         self.index = index
+        self.v4 = v4
+        self.v6 = v6
+        self.user = user
         self.keys = (v4.ip.packed,) + ((v6.ip.packed,) if v6 is not None else ())
+        #: The site subnets last announced to this client.
+        self.routes: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
         self._closed = False
 
     def on_packet(self, packet: bytes) -> None:
+        server = self.server
+        if server.sites:
+            server.from_session(self, packet)
         # Anti-spoofing: a client sends only from its own addresses.
-        if packet_source(packet) in self.keys:
-            self.server.write(packet)
+        elif packet_source(packet) in self.keys:
+            server.write(packet)
         else:
-            self.server.spoofed += 1
+            server.spoofed += 1
+
+    def send_config(self, config: IpConfig) -> None:
+        """Tell the client again (its reachable subnets changed)."""
+        if self._closed:
+            return
+        try:
+            self.driver.session.send_data(self.stream_id, config.encode())
+        except LocalProtocolError:
+            return  # closing
+        self.driver.flush()
 
     def close(self) -> None:
         if self._closed:

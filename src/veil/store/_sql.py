@@ -9,6 +9,9 @@ work in one transaction and turn its database's errors into :class:`StoreError`.
 from __future__ import annotations
 
 import abc
+import dataclasses
+import ipaddress
+import itertools
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +22,7 @@ from veil.store.base import (
     SERVER_KEEP_S,
     SESSION_END_KEEP_S,
     LimitPeriod,
+    NetworkKind,
     SecretBox,
     ServerBeat,
     SessionEnd,
@@ -66,8 +70,21 @@ PANEL_TABLES = (
         seen_at {time} NOT NULL,
         info    TEXT NOT NULL                -- JSON: veil.manage.fleet.heartbeat_info
     )""",
+    # Site-to-site (docs/site-to-site.md): a site's subnets, and what a user may reach.
+    """CREATE TABLE IF NOT EXISTS user_networks (
+        name  TEXT NOT NULL,
+        kind  TEXT NOT NULL,                 -- 'site' (a CIDR) or 'reach' (a CIDR or a site)
+        value TEXT NOT NULL,
+        PRIMARY KEY (name, kind, value)
+    )""",
 )
-PANEL_TABLE_NAMES = ("session_ends", "servers")
+PANEL_TABLE_NAMES = ("session_ends", "servers", "user_networks")
+#: A user's networks of each kind: a handful of office subnets is the use; more is a mistake
+#: (and every one is a route and a lookup on each gateway).
+MAX_NETWORKS = 64
+# The meta row whose lock serialises edits of sites: two overlapping sites added at once by
+# two processes must not both pass the overlap check (PostgreSQL reads committed rows only).
+_SITES_LOCK = "sites_lock"
 
 
 def panel_tables(time_type: str) -> tuple[str, ...]:
@@ -102,6 +119,46 @@ def check_limit(limit_bytes: int | None, limit_period: str) -> LimitPeriod:
         raise StoreError(f"a limit period is 'month' or 'total', not {limit_period!r}",
                          code="bad_limit")
     return cast(LimitPeriod, limit_period)
+
+
+def check_networks(kind: str, values: tuple[str, ...]) -> tuple[str, ...]:
+    """``values`` in the form they are stored (a CIDR as ``ipaddress`` writes it), sorted and
+    once each; StoreError(code="bad_network") for what a site or a reach cannot be."""
+    if kind not in ("site", "reach"):
+        raise StoreError(f"a network kind is 'site' or 'reach', not {kind!r}",
+                         code="bad_network")
+    if len(values) > MAX_NETWORKS:
+        raise StoreError(f"at most {MAX_NETWORKS} {kind} networks per user",
+                         code="bad_network")
+    out: set[str] = set()
+    for value in values:
+        try:
+            net = ipaddress.ip_network(value)
+        except ValueError:
+            if kind == "site" or "/" in value:
+                raise StoreError(f"{value!r} is not a subnet (e.g. 192.168.10.0/24, with no "
+                                 "host bits set)", code="bad_network") from None
+            out.add(check_name(value))  # a reach by site name
+            continue
+        out.add(str(net))
+    nets = sorted((ipaddress.ip_network(v) for v in out if "/" in v),
+                  key=lambda n: (n.version, n))
+    if kind == "site":
+        for a, b in itertools.pairwise(nets):
+            if a.version == b.version and a.overlaps(b):  # sorted: neighbours overlap first
+                raise StoreError(f"site subnets {a} and {b} overlap", code="overlap")
+    return tuple(sorted(out))
+
+
+def _with_networks(users: list[User], rows: Sequence[Sequence[Any]]) -> list[User]:
+    """``users`` with their rows of ``user_networks`` (name, kind, value) filled in."""
+    found: dict[tuple[str, str], list[str]] = {}
+    for name, kind, value in rows:
+        found.setdefault((str(name), str(kind)), []).append(str(value))
+    return [dataclasses.replace(user, sites=tuple(sorted(found.get((user.name, "site"), ()))),
+                                reach=tuple(sorted(found.get((user.name, "reach"), ()))))
+            if (user.name, "site") in found or (user.name, "reach") in found else user
+            for user in users]
 
 
 class SqlUserStore(UserStore):
@@ -195,7 +252,11 @@ class SqlUserStore(UserStore):
     def _select_one(self, cur: Cursor, where: Literal["name", "key_id", "trojan_hash"],
                     arg: object) -> User | None:
         cur.execute(f"{_SELECT_USER} WHERE {where} = ?", (arg,))
-        return self._user(cur.fetchone())
+        user = self._user(cur.fetchone())
+        if user is None:
+            return None
+        cur.execute("SELECT name, kind, value FROM user_networks WHERE name = ?", (user.name,))
+        return _with_networks([user], cur.fetchall())[0]
 
     def _existing(self, cur: Cursor, name: str) -> User:
         user = self._select_one(cur, "name", name)
@@ -246,7 +307,9 @@ class SqlUserStore(UserStore):
     def list_users(self) -> list[User]:
         def work(cur: Cursor) -> list[User]:
             cur.execute(f"{_SELECT_USER} ORDER BY created_at, name")
-            return [u for u in map(self._user, cur.fetchall()) if u is not None]
+            users = [u for u in map(self._user, cur.fetchall()) if u is not None]
+            cur.execute("SELECT name, kind, value FROM user_networks")
+            return _with_networks(users, cur.fetchall())
 
         return self._run("list users", work, write=False)
 
@@ -280,6 +343,7 @@ class SqlUserStore(UserStore):
                 raise StoreError(f"user {name!r} is not revoked: revoke it first (its "
                                  "sessions end), then delete it", code="not_revoked")
             cur.execute("DELETE FROM usage WHERE name = ?", (name,))
+            cur.execute("DELETE FROM user_networks WHERE name = ?", (name,))
             cur.execute("DELETE FROM users WHERE name = ? AND revoked_at IS NOT NULL",
                         (name,))
 
@@ -322,6 +386,30 @@ class SqlUserStore(UserStore):
             return self._existing(cur, name)
 
         return self._run(f"set {name!r}'s expiry", work)
+
+    def set_networks(self, name: str, kind: NetworkKind, values: tuple[str, ...]) -> User:
+        checked = check_networks(kind, values)
+
+        def work(cur: Cursor) -> User:
+            self._existing(cur, name)
+            if kind == "site":
+                cur.execute("INSERT INTO meta (key, value) VALUES (?, '') ON CONFLICT (key) "
+                            "DO UPDATE SET value = excluded.value", (_SITES_LOCK,))
+                cur.execute("SELECT name, value FROM user_networks WHERE kind = 'site' "
+                            "AND name <> ?", (name,))
+                for other, value in cur.fetchall():
+                    theirs = ipaddress.ip_network(value)
+                    for mine in map(ipaddress.ip_network, checked):
+                        if mine.version == theirs.version and mine.overlaps(theirs):
+                            raise StoreError(f"site subnet {mine} overlaps {theirs} of site "
+                                             f"{other!r}", code="overlap")
+            cur.execute("DELETE FROM user_networks WHERE name = ? AND kind = ?", (name, kind))
+            for value in checked:
+                cur.execute("INSERT INTO user_networks (name, kind, value) VALUES (?, ?, ?)",
+                            (name, kind, value))
+            return self._existing(cur, name)
+
+        return self._run(f"set {name!r}'s {kind} networks", work)
 
     # ------------------------------------------------------------------ usage
     def add_usage(self, deltas: Mapping[str, Usage], now: float) -> None:

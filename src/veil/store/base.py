@@ -40,6 +40,9 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 #: A limit applies to the calendar month (UTC) or to all time.
 LimitPeriod = Literal["month", "total"]
+#: What a user's networks are (the ``user_networks`` table): its site's subnets, or what it
+#: may reach.
+NetworkKind = Literal["site", "reach"]
 HOUR_S = 3600
 
 
@@ -78,6 +81,12 @@ class User:
     expires_at: float | None = None
     #: When a server last added usage for this user (None = never connected).
     last_seen: float | None = None
+    #: A site's subnets (CIDRs, docs/site-to-site.md): the user is an office's gateway and
+    #: the server routes these to its session. Empty: an ordinary user.
+    sites: tuple[str, ...] = ()
+    #: What the user may reach among the sites' subnets: CIDRs and site names. Empty: a
+    #: site reaches every other site, an ordinary user none.
+    reach: tuple[str, ...] = ()
 
     @property
     def active(self) -> bool:
@@ -225,6 +234,12 @@ class UserStore(abc.ABC):
     @abc.abstractmethod
     def set_expiry(self, name: str, expires_at: float | None) -> User:
         """Set (or with None remove) when a user's access ends. StoreError(code="not_found")."""
+
+    @abc.abstractmethod
+    def set_networks(self, name: str, kind: NetworkKind, values: tuple[str, ...]) -> User:
+        """Replace a user's site subnets (``kind`` "site": CIDRs, refused with
+        StoreError(code="overlap") when one overlaps another user's, checked in the same
+        transaction) or what it may reach ("reach": CIDRs and site names)."""
 
     # ------------------------------------------------------------------ usage
     @abc.abstractmethod

@@ -166,7 +166,7 @@ class SqliteUserStore(SqlUserStore):
     def _has_panel_tables(self) -> bool:
         try:
             found = self._db.execute(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN (?, ?)",
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN (?, ?, ?)",
                 PANEL_TABLE_NAMES).fetchone()
         except sqlite3.Error as exc:
             raise self._error("open it", exc) from exc

@@ -82,10 +82,32 @@ def test_config_exact_bytes_and_round_trip() -> None:
 def test_config_without_ipv6_and_with_later_fields() -> None:
     config = IpConfig(ipaddress.IPv4Interface("10.77.0.9/24"), None, 1400)
     wire = bytearray(config.encode())
-    wire += b"future"  # a later version's fields: skipped
+    wire += b"\x00future"  # no routes, then a later version's fields: skipped
     wire[0:2] = (len(wire) - 2).to_bytes(2, "big")
     decoded, used = IpConfig.decode(bytes(wire) + b"next")
     assert decoded == config and used == len(wire)
+
+
+def test_config_with_routes_round_trips_and_an_old_reader_skips_them() -> None:
+    routes = (ipaddress.ip_network("192.168.20.0/24"), ipaddress.ip_network("fd20::/64"),
+              ipaddress.ip_network("0.0.0.0/0"))
+    config = IpConfig(ipaddress.IPv4Interface("10.77.0.9/16"), None, 1500,
+                      (ipaddress.ip_address("1.1.1.1"),), routes)
+    wire = config.encode()
+    assert wire.endswith(b"\x03\x04\x18\xc0\xa8\x14\x00\x06\x40\xfd\x20" + bytes(14)
+                         + b"\x04\x00" + bytes(4))
+    assert IpConfig.decode(wire + b"next") == (config, len(wire))
+    # What a reader from before routes makes of it: the same config without them (the
+    # length covers them, and it skips what follows the resolvers).
+    without = IpConfig(config.ipv4, None, 1500, config.dns)
+    assert wire.startswith(without.encode()[2:], 2)
+    for cut in range(len(without.encode()) + 1, len(wire)):
+        truncated = bytearray(wire[:cut])
+        truncated[0:2] = (cut - 2).to_bytes(2, "big")
+        with pytest.raises(ValueError):
+            IpConfig.decode(bytes(truncated))
+    with pytest.raises(ValueError):
+        IpConfig(config.ipv4, None, routes=routes * 14)
 
 
 @pytest.mark.parametrize("mutate", [
