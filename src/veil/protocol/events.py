@@ -91,10 +91,6 @@ class SessionClosed:
     remote: bool
 
 
-Event = (StreamOpened | DataReceived | StreamEnded | StreamReset | StreamWritable
-         | DatagramReceived | PacketReceived | PongReceived | ReportReceived | SessionClosed)
-
-
 @dataclass(frozen=True, slots=True)
 class JoinRequested:
     """Server: the client says this session is ``member`` of its pool ``pool_id``
@@ -122,3 +118,8 @@ class ChunkReceived:
     offset: int
     fin: bool
     data: bytes
+
+
+Event = (StreamOpened | DataReceived | StreamEnded | StreamReset | StreamWritable
+         | DatagramReceived | PacketReceived | PongReceived | ReportReceived | SessionClosed
+         | JoinRequested | JoinAnswered | ChunkReceived)

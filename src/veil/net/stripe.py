@@ -1,0 +1,149 @@
+"""Striping meets asyncio: the sessions of one client's pool, grouped (veil.protocol.stripe).
+
+A :class:`StripeGroup` holds the drivers of one pool group at one end (the client's sessions
+whose server gave the same group token; the server's sessions of one user and pool id). It
+routes a CHUNK that one session carried to the session whose stream it belongs to, picks the
+session a piece of a striped stream goes on (:meth:`StripeGroup.carrier`: the least queued,
+so a connection in loss recovery is skipped), and resets every striped stream of the group
+when one of its sessions goes, since chunks in flight on it are lost with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import struct
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from veil.protocol.events import ChunkReceived
+from veil.protocol.frames import GROUP_TOKEN_SIZE
+from veil.protocol.stripe import MAX_POOL_MEMBERS
+
+if TYPE_CHECKING:
+    from veil.net.driver import SessionDriver
+
+#: Linux's ioctl for the bytes a TCP socket holds not yet sent (SIOCOUTQNSD): what a
+#: connection still has to push, kernel side, before a new piece would leave on it.
+_SIOCOUTQNSD = 0x894B
+_INT = struct.Struct("i")
+
+
+def kernel_unsent(sock: socket.socket | None) -> int:
+    """Bytes the kernel holds unsent for ``sock`` (0 where that cannot be asked)."""
+    if sock is None or not sys.platform.startswith("linux"):
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    value: int = _INT.unpack(raw)[0]
+    return value
+
+
+class StripeGroup:
+    """The sessions of one pool group at this end, by member number."""
+
+    def __init__(self, token: bytes | None = None,
+                 on_empty: Callable[[StripeGroup], None] | None = None) -> None:
+        self.token = token if token is not None else os.urandom(GROUP_TOKEN_SIZE)
+        self.members: dict[int, SessionDriver] = {}
+        self._on_empty = on_empty
+
+    def add(self, driver: SessionDriver) -> bool:
+        """Add ``driver`` (whose session has its member number); False when the group is
+        full (the session then carries its own streams only)."""
+        member = driver.session.member
+        assert member is not None
+        old = self.members.get(member)
+        if old is None and len(self.members) >= MAX_POOL_MEMBERS:
+            return False
+        if old is not None and old is not driver:
+            # The number again: the client reconnected that slot before this end saw the old
+            # connection go. The old one is gone for the client; so are its chunks.
+            self.remove(old)
+        self.members[member] = driver
+        driver.group = self
+        return True
+
+    def remove(self, driver: SessionDriver) -> None:
+        """``driver`` left (its session ended): chunks in flight on it are lost, so every
+        striped stream of the group is reset (veil.protocol.stripe: nothing is resent)."""
+        member = driver.session.member
+        if member is None or self.members.get(member) is not driver:
+            return
+        del self.members[member]
+        driver.group = None
+        for other in list(self.members.values()):
+            other.reset_striped()
+        if not self.members and self._on_empty is not None:
+            self._on_empty(self)
+
+    def route(self, event: ChunkReceived, now: float) -> None:
+        """A CHUNK one member carried for another's stream."""
+        home = self.members.get(event.member)
+        if home is None:
+            return  # its session is gone, and its streams with it
+        home.receive_chunk(event, now)
+
+    def carrier(self, home: SessionDriver) -> SessionDriver:
+        """The session a piece of ``home``'s striped stream goes on now: the one with the
+        least unsent (in its transport and its socket), ``home`` on a tie; never one whose
+        transport is over its high-water mark, or gone."""
+        best, best_queued = home, home.queued()
+        for driver in self.members.values():
+            if driver is home or driver.writing_paused or driver.session.closed:
+                continue
+            queued = driver.queued()
+            if queued < best_queued:
+                best, best_queued = driver, queued
+        return best
+
+    def live(self) -> int:
+        """Members that can carry a piece now."""
+        return sum(1 for d in self.members.values()
+                   if d.transport is not None and not d.session.closed)
+
+
+class PoolRegistry:
+    """The server's groups, by (user, pool id). One group per pool and process: a server with
+    several worker processes may see a pool's sessions land in different ones, and each then
+    groups those it has (the client stripes only within one group token)."""
+
+    def __init__(self) -> None:
+        self._groups: dict[tuple[str, bytes], StripeGroup] = {}
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def join(self, user: str, pool_id: bytes, driver: SessionDriver) -> bytes | None:
+        """Group ``driver`` (its session has the member number from JOIN); the group's token,
+        None when it is full."""
+        key = (user, pool_id)
+        group = self._groups.get(key)
+        if group is None:
+            group = StripeGroup(on_empty=lambda g: self._forget(key, g))
+            self._groups[key] = group
+        if not group.add(driver):
+            return None
+        return group.token
+
+    def _forget(self, key: tuple[str, bytes], group: StripeGroup) -> None:
+        if self._groups.get(key) is group:
+            del self._groups[key]
+
+
+def socket_of(transport: object) -> socket.socket | None:
+    """The socket under a transport, if it has one (a CDN's carrier has none of ours)."""
+    get = getattr(transport, "get_extra_info", None)
+    if get is None:
+        return None
+    with contextlib.suppress(Exception):
+        sock = get("socket")
+        if sock is not None and hasattr(sock, "fileno"):
+            return sock  # type: ignore[no-any-return]
+    return None
+
