@@ -269,6 +269,8 @@ PEERS: tuple[Peer, ...] = (
     _veil("veil-noshape", "veil, shaping off", both=("--no-shaping",), extra=True),
     _veil("veil-pool4", "veil, 4 connections", client=("--connections", "4"),
           extra=True),
+    _veil("veil-stripe", "veil, 4 connections, bulk streams striped over them",
+          client=("--connections", "4", "--stripe"), extra=True),
 )
 
 BY_NAME: dict[str, Peer] = {p.name: p for p in PEERS}
