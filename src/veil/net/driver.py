@@ -263,6 +263,8 @@ class SessionDriver(asyncio.Protocol):
                 transport.resume_reading()
         for handler in list(self.handlers.values()):
             handler.resume_source()
+        if self.group is not None:
+            self.group.drained()
         self.flush()
 
     @property
@@ -524,6 +526,9 @@ class TcpRelay(asyncio.BufferedProtocol):
         self._early_eof = False
         self._eof_sent = False
         self._answered = False  # the peer has sent data on this stream
+        # Its reads go out striped (veil.net.stripe): the home's congestion alone does not
+        # stop it, only every member's at once (StripeGroup.waiting).
+        self._striping = False
         #: Set by an inbound that can still tell its application why the stream failed (the
         #: HTTP proxy's 502) while no byte has come back: the bytes to write before closing
         #: when the peer resets the stream first, by reset code; None (or it gives None): a cut.
@@ -554,6 +559,10 @@ class TcpRelay(asyncio.BufferedProtocol):
             else:
                 writable = self.session.send_frame(
                     self.stream_id, self.driver.read_buffer[: HEADER_SIZE + nbytes])
+                if self._striping:  # the pool shrank to its home: the home's pauses rule
+                    self._striping = False
+                    if self.driver.writing_paused:
+                        self._pause_reading()
         except LocalProtocolError:
             self._abort()
             return
@@ -567,15 +576,24 @@ class TcpRelay(asyncio.BufferedProtocol):
         assert member is not None  # in a group
         view = home.read_buffer[HEADER_SIZE : HEADER_SIZE + nbytes]
         writable = True
+        self._striping = True
         for start in range(0, nbytes, MAX_CHUNK_DATA):
             piece = view[start : start + MAX_CHUNK_DATA]
             carrier = group.carrier(home)
             if carrier is home:
                 writable = self.session.send_data(self.stream_id, bytes(piece))
-                continue
-            offset, writable = self.session.stripe_take(self.stream_id, len(piece))
-            carrier.session.send_chunk(member, self.stream_id, offset, bytes(piece))
-            carrier.flush()
+            else:
+                offset, writable = self.session.stripe_take(self.stream_id, len(piece))
+                carrier.session.send_chunk(member, self.stream_id, offset, bytes(piece))
+                carried = carrier.session.member
+                assert carried is not None
+                group.carried[carried] = group.carried.get(carried, 0) + len(piece)
+            carrier.flush()  # now: the next piece's choice sees this one queued
+        if group.congested():
+            # Every connection of the pool is over its high-water mark: read no more until
+            # one drains (StripeGroup.drained).
+            group.waiting.add(self)
+            self._pause_reading()
         return writable
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -758,13 +776,15 @@ class TcpRelay(asyncio.BufferedProtocol):
 
     def on_writable(self) -> None:
         self._blocked = False
-        if not self.driver.writing_paused:
+        if not self.driver.writing_paused or self._striping:
             self._resume_reading()
 
     def on_datagram(self, address: Address, payload: bytes) -> None:
         pass  # TCP streams carry no datagrams; the session rejects them before they get here
 
     def pause_source(self) -> None:
+        if self._striping:
+            return  # other connections of the pool may carry it: the next read decides
         self._pause_reading()
 
     def resume_source(self) -> None:

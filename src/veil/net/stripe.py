@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
 import struct
@@ -24,12 +25,29 @@ from veil.protocol.frames import GROUP_TOKEN_SIZE
 from veil.protocol.stripe import MAX_POOL_MEMBERS
 
 if TYPE_CHECKING:
-    from veil.net.driver import SessionDriver
+    from veil.net.driver import SessionDriver, TcpRelay
+
+log = logging.getLogger("veil.net")
 
 #: Linux's ioctl for the bytes a TCP socket holds not yet sent (SIOCOUTQNSD): what a
 #: connection still has to push, kernel side, before a new piece would leave on it.
 _SIOCOUTQNSD = 0x894B
 _INT = struct.Struct("i")
+#: Unsent bytes a group member's socket takes before its writes wait in the transport
+#: (TCP_NOTSENT_LOWAT, Linux). A piece written to a socket is committed to that connection and
+#: waits out its loss recovery, holding up the whole stream behind it at the receiver; kept in
+#: the transport instead, the choice of connection stays open until the socket can send. The
+#: kernel otherwise takes up to its send buffer (megabytes, autotuned) of unsent bytes per
+#: connection. 256 KiB is ~35 ms at 60 Mbit/s: time enough for a loaded event loop to refill
+#: it. The option is the socket's own: nothing of it shows on the wire.
+MEMBER_NOTSENT_LOWAT = 256 * 1024
+#: How much less another member must have queued than the stream's home for a piece to go
+#: there (bytes; the transport's default high-water mark). Streams stay on their own
+#: connections while those keep up, so several bulk streams over a pool behave as streams on
+#: separate connections (one connection's loss stalls only its own streams); a piece moves
+#: when its home is backed up (loss recovery, or one stream outrunning one connection) and
+#: another connection has room.
+SWITCH_MARGIN = 64 * 1024
 
 
 def kernel_unsent(sock: socket.socket | None) -> int:
@@ -52,6 +70,12 @@ class StripeGroup:
         self.token = token if token is not None else os.urandom(GROUP_TOKEN_SIZE)
         self.members: dict[int, SessionDriver] = {}
         self._on_empty = on_empty
+        #: Pieces each member carried for another's stream, and bytes: a look at whether
+        #: striping spreads (logged when a member leaves).
+        self.carried: dict[int, int] = {}
+        #: Striped relays that stopped reading because every member was congested; resumed
+        #: when one drains.
+        self.waiting: set[TcpRelay] = set()
 
     def add(self, driver: SessionDriver) -> bool:
         """Add ``driver`` (whose session has its member number); False when the group is
@@ -67,6 +91,11 @@ class StripeGroup:
             self.remove(old)
         self.members[member] = driver
         driver.group = self
+        sock = socket_of(driver.transport)
+        if sock is not None and hasattr(socket, "TCP_NOTSENT_LOWAT"):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT,
+                                MEMBER_NOTSENT_LOWAT)
         return True
 
     def remove(self, driver: SessionDriver) -> None:
@@ -77,6 +106,9 @@ class StripeGroup:
             return
         del self.members[member]
         driver.group = None
+        if self.carried:
+            log.debug("pool group: member %d left; bytes carried for other members' streams: %s",
+                      member, dict(sorted(self.carried.items())))
         for other in list(self.members.values()):
             other.reset_striped()
         if not self.members and self._on_empty is not None:
@@ -93,14 +125,25 @@ class StripeGroup:
         """The session a piece of ``home``'s striped stream goes on now: the one with the
         least unsent (in its transport and its socket), ``home`` on a tie; never one whose
         transport is over its high-water mark, or gone."""
-        best, best_queued = home, home.queued()
+        best, best_queued = home, (1 << 62 if home.writing_paused else home.queued())
+        threshold = best_queued - SWITCH_MARGIN
         for driver in self.members.values():
             if driver is home or driver.writing_paused or driver.session.closed:
                 continue
             queued = driver.queued()
-            if queued < best_queued:
+            if queued <= threshold and queued < best_queued:
                 best, best_queued = driver, queued
         return best
+
+    def congested(self) -> bool:
+        """Every member is over its transport's high-water mark (or gone)."""
+        return all(d.writing_paused or d.session.closed for d in self.members.values())
+
+    def drained(self) -> None:
+        """A member went below its low-water mark: the relays waiting may read again."""
+        waiting, self.waiting = self.waiting, set()
+        for relay in waiting:
+            relay.resume_source()
 
     def live(self) -> int:
         """Members that can carry a piece now."""
