@@ -271,6 +271,8 @@ PEERS: tuple[Peer, ...] = (
           extra=True),
     _veil("veil-stripe", "veil, 4 connections, bulk streams striped over them",
           client=("--connections", "4", "--stripe"), extra=True),
+    _veil("veil-stripe6", "veil, 6 connections (HTTP/1.1's per-host limit), striped",
+          client=("--connections", "6", "--stripe"), extra=True),
 )
 
 BY_NAME: dict[str, Peer] = {p.name: p for p in PEERS}

@@ -1,0 +1,89 @@
+"""Which session of a pool carries a striped stream's next piece (veil.net.stripe), and what
+a group does when one of its sessions goes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import cast
+
+from veil.net.driver import SessionDriver
+from veil.net.stripe import SWITCH_MARGIN, PoolRegistry, StripeGroup
+
+
+@dataclass
+class FakeSession:
+    member: int
+    closed: bool = False
+
+
+@dataclass
+class FakeDriver:
+    """What StripeGroup asks of a driver."""
+
+    member: int
+    unsent: int = 0
+    writing_paused: bool = False
+    transport: object = None
+    group: StripeGroup | None = None
+    resets: int = 0
+    session: FakeSession = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.session = FakeSession(self.member)
+
+    def queued(self) -> int:
+        return self.unsent
+
+    def reset_striped(self) -> None:
+        self.resets += 1
+
+
+def _group(*drivers: FakeDriver) -> StripeGroup:
+    group = StripeGroup()
+    for driver in drivers:
+        assert group.add(cast(SessionDriver, driver))
+    return group
+
+
+def test_a_piece_stays_home_while_home_keeps_up() -> None:
+    home, other = FakeDriver(0, unsent=100_000), FakeDriver(1, unsent=100_000 - SWITCH_MARGIN + 1)
+    group = _group(home, other)
+    assert group.carrier(cast(SessionDriver, home)) is home
+
+
+def test_a_piece_moves_to_the_least_queued_session_once_home_is_behind() -> None:
+    home = FakeDriver(0, unsent=300_000)
+    a, b = FakeDriver(1, unsent=100_000), FakeDriver(2, unsent=50_000)
+    group = _group(home, a, b)
+    assert group.carrier(cast(SessionDriver, home)) is b
+    # A congested session (over its high-water mark: in loss recovery) is never picked.
+    b.writing_paused = True
+    assert group.carrier(cast(SessionDriver, home)) is a
+
+
+def test_a_congested_home_sends_on_any_other_and_all_congested_stops_the_reads() -> None:
+    home, other = FakeDriver(0, writing_paused=True), FakeDriver(1, unsent=10**6)
+    group = _group(home, other)
+    assert group.carrier(cast(SessionDriver, home)) is other
+    assert not group.congested()
+    other.writing_paused = True
+    assert group.carrier(cast(SessionDriver, home)) is home
+    assert group.congested()
+
+
+def test_a_member_leaving_resets_the_others_striped_streams() -> None:
+    registry = PoolRegistry()
+    drivers = [FakeDriver(m) for m in range(3)]
+    tokens = {registry.join("alice", b"p" * 16, cast(SessionDriver, d)) for d in drivers}
+    assert len(tokens) == 1 and None not in tokens
+    # Another user's pool with the same id is another group.
+    assert registry.join("bob", b"p" * 16, cast(SessionDriver, FakeDriver(0))) not in tokens
+    group = drivers[0].group
+    assert group is not None
+    group.remove(cast(SessionDriver, drivers[1]))
+    assert [d.resets for d in drivers] == [1, 0, 1]
+    assert drivers[1].group is None
+    # The last one out forgets the group.
+    group.remove(cast(SessionDriver, drivers[0]))
+    group.remove(cast(SessionDriver, drivers[2]))
+    assert len(registry) == 1
