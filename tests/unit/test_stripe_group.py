@@ -8,6 +8,7 @@ from typing import cast
 
 from veil.net.driver import SessionDriver
 from veil.net.stripe import SWITCH_MARGIN, PoolRegistry, StripeGroup
+from veil.protocol.events import ChunkReceived
 
 
 @dataclass
@@ -26,6 +27,7 @@ class FakeDriver:
     transport: object = None
     group: StripeGroup | None = None
     resets: int = 0
+    chunks: list[ChunkReceived] = field(default_factory=list)
     session: FakeSession = field(init=False)
 
     def __post_init__(self) -> None:
@@ -36,6 +38,9 @@ class FakeDriver:
 
     def reset_striped(self) -> None:
         self.resets += 1
+
+    def receive_chunk(self, event: ChunkReceived, now: float) -> None:
+        self.chunks.append(event)
 
 
 def _group(*drivers: FakeDriver) -> StripeGroup:
@@ -87,3 +92,16 @@ def test_a_member_leaving_resets_the_others_striped_streams() -> None:
     group.remove(cast(SessionDriver, drivers[0]))
     group.remove(cast(SessionDriver, drivers[2]))
     assert len(registry) == 1
+
+
+def test_a_chunk_for_a_member_whose_join_answer_is_late_still_reaches_it() -> None:
+    # The server grouped session 1 and striped its stream over session 0 while the answer to
+    # session 1's JOIN was still on its way (session 1 in loss recovery): the client finds
+    # session 1 among the sessions that sent JOIN.
+    carrier, late = FakeDriver(0), FakeDriver(1)
+    group = StripeGroup(find={1: cast(SessionDriver, late)}.get)
+    group.add(cast(SessionDriver, carrier))
+    chunk = ChunkReceived(1, 3, 600_000, False, b"x")
+    group.route(chunk, 0.0)
+    assert late.chunks == [chunk]
+    group.route(ChunkReceived(7, 3, 0, False, b"x"), 0.0)  # a member gone: dropped

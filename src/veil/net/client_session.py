@@ -260,6 +260,9 @@ class ClientTunnel(Dialer):
         self.pool_id = os.urandom(POOL_ID_SIZE)
         self._members = itertools.count()
         self.stripe_groups: dict[bytes, StripeGroup] = {}
+        # Every session that sent JOIN, by member number, until it ends: a CHUNK may name
+        # one whose answer has not arrived yet (StripeGroup's find).
+        self._joined: dict[int, SessionDriver] = {}
         self._drivers: list[SessionDriver] = []
         # Resolved (and replaced) whenever a session is added or forgotten: wakes wait_ready,
         # which otherwise has nothing to do but wait (no polling).
@@ -413,12 +416,19 @@ class ClientTunnel(Dialer):
         def grouped(event: JoinAnswered) -> None:
             group = self.stripe_groups.get(event.token)
             if group is None:
-                group = StripeGroup(event.token, on_empty=self._group_empty)
+                group = StripeGroup(event.token, on_empty=self._group_empty,
+                                    find=self._joined.get)
                 self.stripe_groups[event.token] = group
             group.add(driver)
 
+        def ended(_closed: object) -> None:
+            if self._joined.get(member) is driver:
+                del self._joined[member]
+
         driver.on_join_answered = grouped
         driver.session.send_join(self.pool_id, member)
+        self._joined[member] = driver
+        driver.closed.add_done_callback(ended)
         driver.flush()
 
     def _group_empty(self, group: StripeGroup) -> None:

@@ -11,7 +11,6 @@ when one of its sessions goes, since chunks in flight on it are lost with it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import socket
@@ -50,9 +49,15 @@ MEMBER_NOTSENT_LOWAT = 256 * 1024
 SWITCH_MARGIN = 64 * 1024
 
 
+try:
+    import fcntl  # not on Windows: there the transport's buffer alone is counted
+except ImportError:
+    fcntl = None  # type: ignore[assignment]
+
+
 def kernel_unsent(sock: socket.socket | None) -> int:
     """Bytes the kernel holds unsent for ``sock`` (0 where that cannot be asked)."""
-    if sock is None or not sys.platform.startswith("linux"):
+    if sock is None or fcntl is None or not sys.platform.startswith("linux"):
         return 0
     try:
         raw = fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, b"\0\0\0\0")
@@ -66,10 +71,15 @@ class StripeGroup:
     """The sessions of one pool group at this end, by member number."""
 
     def __init__(self, token: bytes | None = None,
-                 on_empty: Callable[[StripeGroup], None] | None = None) -> None:
+                 on_empty: Callable[[StripeGroup], None] | None = None,
+                 find: Callable[[int], SessionDriver | None] | None = None) -> None:
+        """``find``: a member's driver by number, for members not in the group yet: the
+        client's session whose JOIN answer is still on its way (the server grouped it, and may
+        stripe its streams over the others, before that answer arrives here)."""
         self.token = token if token is not None else os.urandom(GROUP_TOKEN_SIZE)
         self.members: dict[int, SessionDriver] = {}
         self._on_empty = on_empty
+        self._find = find
         #: Pieces each member carried for another's stream, and bytes: a look at whether
         #: striping spreads (logged when a member leaves).
         self.carried: dict[int, int] = {}
@@ -117,6 +127,8 @@ class StripeGroup:
     def route(self, event: ChunkReceived, now: float) -> None:
         """A CHUNK one member carried for another's stream."""
         home = self.members.get(event.member)
+        if home is None and self._find is not None:
+            home = self._find(event.member)
         if home is None:
             return  # its session is gone, and its streams with it
         home.receive_chunk(event, now)
