@@ -175,6 +175,9 @@ class SessionDriver(asyncio.Protocol):
         #: server's answer. None: ignored (the session stays out of any group).
         self.on_join: Callable[[JoinRequested], None] | None = None
         self.on_join_answered: Callable[[JoinAnswered], None] | None = None
+        #: This session's streams whose reads go out striped (veil.net.stripe): while any
+        #: is, the session carries other members' pieces only with room to spare.
+        self.striping: set[int] = set()
         self._socket: object = None  # the transport's socket, asked once (queued)
 
     @property
@@ -317,6 +320,7 @@ class SessionDriver(asyncio.Protocol):
     def detach(self, stream_id: int) -> None:
         self.handlers.pop(stream_id, None)
         self._dormant.pop(stream_id, None)
+        self.striping.discard(stream_id)
 
     def hold_close(self, relay: TcpRelay, last_active: float) -> None:
         """``relay``'s destination closed it after a silence: hold that close (its bytes and
@@ -561,6 +565,7 @@ class TcpRelay(asyncio.BufferedProtocol):
                     self.stream_id, self.driver.read_buffer[: HEADER_SIZE + nbytes])
                 if self._striping:  # the pool shrank to its home: the home's pauses rule
                     self._striping = False
+                    self.driver.striping.discard(self.stream_id)
                     if self.driver.writing_paused:
                         self._pause_reading()
         except LocalProtocolError:
@@ -576,7 +581,9 @@ class TcpRelay(asyncio.BufferedProtocol):
         assert member is not None  # in a group
         view = home.read_buffer[HEADER_SIZE : HEADER_SIZE + nbytes]
         writable = True
-        self._striping = True
+        if not self._striping:
+            self._striping = True
+            home.striping.add(self.stream_id)
         for start in range(0, nbytes, MAX_CHUNK_DATA):
             piece = view[start : start + MAX_CHUNK_DATA]
             carrier = group.carrier(home)
@@ -589,9 +596,10 @@ class TcpRelay(asyncio.BufferedProtocol):
                 assert carried is not None
                 group.carried[carried] = group.carried.get(carried, 0) + len(piece)
             carrier.flush()  # now: the next piece's choice sees this one queued
-        if group.congested():
-            # Every connection of the pool is over its high-water mark: read no more until
-            # one drains (StripeGroup.drained).
+        if carrier is home and home.writing_paused:
+            # The home is over its high-water mark and no other member could take the piece:
+            # read no more until the home drains (its resume_source) or another member does
+            # (StripeGroup.drained).
             group.waiting.add(self)
             self._pause_reading()
         return writable

@@ -41,11 +41,9 @@ _INT = struct.Struct("i")
 #: it. The option is the socket's own: nothing of it shows on the wire.
 MEMBER_NOTSENT_LOWAT = 256 * 1024
 #: How much less another member must have queued than the stream's home for a piece to go
-#: there (bytes; the transport's default high-water mark). Streams stay on their own
-#: connections while those keep up, so several bulk streams over a pool behave as streams on
-#: separate connections (one connection's loss stalls only its own streams); a piece moves
-#: when its home is backed up (loss recovery, or one stream outrunning one connection) and
-#: another connection has room.
+#: there (bytes; the transport's default high-water mark): a piece moves when its home is
+#: backed up (loss recovery, or one stream outrunning one connection), not back and forth
+#: between connections that keep up alike.
 SWITCH_MARGIN = 64 * 1024
 
 
@@ -135,21 +133,24 @@ class StripeGroup:
 
     def carrier(self, home: SessionDriver) -> SessionDriver:
         """The session a piece of ``home``'s striped stream goes on now: the one with the
-        least unsent (in its transport and its socket), ``home`` on a tie; never one whose
-        transport is over its high-water mark, or gone."""
+        least unsent (in its transport and its socket) if that is SWITCH_MARGIN less than
+        the home's, else the home; never one whose transport is over its high-water mark,
+        or gone. A member with bulk streams of its own striping (``striping``) takes another's
+        piece only while its socket has room (under MEMBER_NOTSENT_LOWAT unsent): several
+        bulk streams over a pool then stay on their own connections as on separate ones,
+        and one connection's loss stalls only its own streams; capacity left idle (a
+        connection without bulk of its own, or one whose streams slowed) is shared."""
         best, best_queued = home, (1 << 62 if home.writing_paused else home.queued())
         threshold = best_queued - SWITCH_MARGIN
         for driver in self.members.values():
             if driver is home or driver.writing_paused or driver.session.closed:
                 continue
             queued = driver.queued()
+            if driver.striping and queued >= MEMBER_NOTSENT_LOWAT:
+                continue
             if queued <= threshold and queued < best_queued:
                 best, best_queued = driver, queued
         return best
-
-    def congested(self) -> bool:
-        """Every member is over its transport's high-water mark (or gone)."""
-        return all(d.writing_paused or d.session.closed for d in self.members.values())
 
     def drained(self) -> None:
         """A member went below its low-water mark: the relays waiting may read again."""
