@@ -17,7 +17,7 @@ class FakeSession:
     closed: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class FakeDriver:
     """What StripeGroup asks of a driver."""
 
@@ -116,3 +116,14 @@ def test_a_chunk_for_a_member_whose_join_answer_is_late_still_reaches_it() -> No
     group.route(chunk, 0.0)
     assert late.chunks == [chunk]
     group.route(ChunkReceived(7, 3, 0, False, b"x"), 0.0)  # a member gone: dropped
+
+
+def test_the_pieces_of_one_read_spread_as_they_fill_the_queues() -> None:
+    # One read of 4 pieces, home backed up: each piece goes where the least is queued,
+    # counting the pieces placed before it; the queues are asked once.
+    piece = 64 * 1024
+    home = FakeDriver(0, unsent=3 * piece)
+    a, b = FakeDriver(1, unsent=0), FakeDriver(2, unsent=piece // 2)
+    group = _group(home, a, b)
+    chosen = group.carriers(cast(SessionDriver, home), [piece] * 4)
+    assert chosen == [a, b, a, b]

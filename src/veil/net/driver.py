@@ -584,19 +584,22 @@ class TcpRelay(asyncio.BufferedProtocol):
         if not self._striping:
             self._striping = True
             home.striping.add(self.stream_id)
-        for start in range(0, nbytes, MAX_CHUNK_DATA):
+        starts = range(0, nbytes, MAX_CHUNK_DATA)
+        carriers = group.carriers(home, [min(MAX_CHUNK_DATA, nbytes - at) for at in starts])
+        for start, carrier in zip(starts, carriers, strict=True):
             piece = view[start : start + MAX_CHUNK_DATA]
-            carrier = group.carrier(home)
             if carrier is home:
                 writable = self.session.send_data(self.stream_id, bytes(piece))
-            else:
-                offset, writable = self.session.stripe_take(self.stream_id, len(piece))
-                carrier.session.send_chunk(member, self.stream_id, offset, bytes(piece))
-                carried = carrier.session.member
-                assert carried is not None
-                group.carried[carried] = group.carried.get(carried, 0) + len(piece)
-            carrier.flush()  # now: the next piece's choice sees this one queued
-        if carrier is home and home.writing_paused:
+                continue
+            offset, writable = self.session.stripe_take(self.stream_id, len(piece))
+            carrier.session.send_chunk(member, self.stream_id, offset, bytes(piece))
+            carried = carrier.session.member
+            assert carried is not None
+            group.carried[carried] = group.carried.get(carried, 0) + len(piece)
+        for carrier in set(carriers):
+            if carrier is not home:
+                carrier.flush()  # the home's: by the caller (_after_send)
+        if carriers[-1] is home and home.writing_paused:
             # The home is over its high-water mark and no other member could take the piece:
             # read no more until the home drains (its resume_source) or another member does
             # (StripeGroup.drained).

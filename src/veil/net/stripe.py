@@ -131,6 +131,32 @@ class StripeGroup:
             return  # its session is gone, and its streams with it
         home.receive_chunk(event, now)
 
+    def carriers(self, home: SessionDriver, sizes: list[int]) -> list[SessionDriver]:
+        """The session for each of a read's pieces (of ``sizes`` bytes), chosen in turn as
+        :meth:`carrier` would with each piece queued where it went: the members' queues are
+        asked once per read, not per piece, and each session is written once."""
+        home_queued = 1 << 62 if home.writing_paused else home.queued()
+        others: dict[SessionDriver, int] = {}
+        for driver in self.members.values():
+            if driver is home or driver.writing_paused or driver.session.closed:
+                continue
+            others[driver] = driver.queued()
+        chosen: list[SessionDriver] = []
+        for size in sizes:
+            best, best_queued = home, home_queued
+            threshold = home_queued - SWITCH_MARGIN
+            for driver, queued in others.items():
+                if driver.striping and queued >= MEMBER_NOTSENT_LOWAT:
+                    continue
+                if queued <= threshold and queued < best_queued:
+                    best, best_queued = driver, queued
+            chosen.append(best)
+            if best is home:
+                home_queued += size
+            else:
+                others[best] += size
+        return chosen
+
     def carrier(self, home: SessionDriver) -> SessionDriver:
         """The session a piece of ``home``'s striped stream goes on now: the one with the
         least unsent (in its transport and its socket) if that is SWITCH_MARGIN less than
