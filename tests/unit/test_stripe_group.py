@@ -75,16 +75,18 @@ def test_a_congested_home_sends_on_any_other_not_congested() -> None:
     assert group.carrier(cast(SessionDriver, home)) is home
 
 
-def test_a_session_busy_with_its_own_bulk_stream_takes_pieces_only_with_room() -> None:
-    # Two bulk streams, each on its own connection: a piece of one goes to the other's
-    # connection only while that one's socket has room, so a loss on either stalls only
-    # its own stream (as with separate connections).
+def test_a_session_busy_with_its_own_bulk_stream_takes_no_other_pieces() -> None:
+    # Two bulk streams, each on its own connection: neither's pieces go to the other's
+    # connection, so a loss on either stalls only its own stream (as with separate
+    # connections); a third connection without bulk of its own is shared.
     home = FakeDriver(0, writing_paused=True, striping={1})
-    other = FakeDriver(1, unsent=MEMBER_NOTSENT_LOWAT, striping={3})
-    group = _group(home, other)
+    busy = FakeDriver(1, unsent=0, striping={3})
+    group = _group(home, busy)
     assert group.carrier(cast(SessionDriver, home)) is home
-    other.unsent = MEMBER_NOTSENT_LOWAT - 1
-    assert group.carrier(cast(SessionDriver, home)) is other
+    assert group.carriers(cast(SessionDriver, home), [1, 1]) == [home, home]
+    idle = FakeDriver(2, unsent=MEMBER_NOTSENT_LOWAT)
+    group.add(cast(SessionDriver, idle))
+    assert group.carrier(cast(SessionDriver, home)) is idle
 
 
 def test_a_member_leaving_resets_the_others_striped_streams() -> None:
