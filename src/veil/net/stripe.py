@@ -167,28 +167,13 @@ class StripeGroup:
         while its socket had room measured 129-144 against 167-172 Mbit/s for 4 streams
         down at 150 ms / 1%, parity without); connections without bulk of their own are
         shared by the streams that have more than their home can carry."""
-        best, best_queued = home, (1 << 62 if home.writing_paused else home.queued())
-        threshold = best_queued - SWITCH_MARGIN
-        for driver in self.members.values():
-            if driver is home or driver.writing_paused or driver.session.closed:
-                continue
-            queued = driver.queued()
-            if driver.striping:
-                continue
-            if queued <= threshold and queued < best_queued:
-                best, best_queued = driver, queued
-        return best
+        return self.carriers(home, [0])[0]
 
     def drained(self) -> None:
         """A member went below its low-water mark: the relays waiting may read again."""
         waiting, self.waiting = self.waiting, set()
         for relay in waiting:
             relay.resume_source()
-
-    def live(self) -> int:
-        """Members that can carry a piece now."""
-        return sum(1 for d in self.members.values()
-                   if d.transport is not None and not d.session.closed)
 
 
 class PoolRegistry:
