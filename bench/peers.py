@@ -273,6 +273,10 @@ PEERS: tuple[Peer, ...] = (
     # The many-users phase's question (issue #20): does a server use every core? CPU s/GB of
     # the server counts the parent and its workers (netns.cpu_seconds: the process tree).
     _veil("veil-w2", "veil, 2 workers", server=("--workers", "2"), extra=True),
+    _veil("veil-stripe", "veil, 4 connections, bulk streams striped over them",
+          client=("--connections", "4", "--stripe"), extra=True),
+    _veil("veil-stripe6", "veil, 6 connections (HTTP/1.1's per-host limit), striped",
+          client=("--connections", "6", "--stripe"), extra=True),
 )
 
 BY_NAME: dict[str, Peer] = {p.name: p for p in PEERS}

@@ -565,6 +565,9 @@ class ClientOptions:
     #: ``--connections``: TLS connections kept to the server, 1 to :data:`MAX_CONNECTIONS`
     #: (a Trojan link opens one per stream and ignores this).
     connections: int = 1
+    #: ``--stripe``: a bulk stream's bytes spread over all ``connections`` (to a server that
+    #: can: veil.protocol.stripe), not only the one it opened on.
+    stripe: bool = False
     #: ``--tls``: ``browser`` (Chrome's ClientHello) or ``openssl`` (Python's ssl).
     tls_stack: str = "browser"
     #: ``--no-shaping`` turns this off.
@@ -637,7 +640,8 @@ class ClientOptions:
                   tun_exclude: tuple[str, ...] = (),
                   keepalive: str | None = None, http_auth: str | None = None,
                   allow_lan: bool = False, rules: tuple[str, ...] = (),
-                  system_proxy: bool = False, tun_site: bool = False) -> ClientOptions:
+                  system_proxy: bool = False, tun_site: bool = False,
+                  stripe: bool = False) -> ClientOptions:
         """The options ``veil connect`` flags describe, as typed (``default_socks`` is where
         the SOCKS5 proxy listens when no inbound is named; ``--system-proxy`` adds the HTTP
         proxy on :data:`DEFAULT_SYSTEM_PROXY_HTTP` when ``--http`` does not say)."""
@@ -658,7 +662,7 @@ class ClientOptions:
                    allow_lan=allow_lan, connections=connections, tls_stack=tls_stack,
                    shaping=shaping, tun=tun, tun_exclude=tun_exclude, tun_site=tun_site,
                    keepalive=parse_keepalive(keepalive) if keepalive else DEFAULT_KEEPALIVE,
-                   rules=rules, system_proxy=system_proxy)
+                   rules=rules, system_proxy=system_proxy, stripe=stripe)
 
 
 def parse_webhook_url(url: str) -> str:

@@ -369,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     connect.add_argument("--connections", type=int, metavar="N",
                          help="TLS connections to keep to the server, 1 to "
                               f"{MAX_CONNECTIONS} (default 1)")
+    connect.add_argument("--stripe", action="store_true",
+                         help="spread each download or upload over all --connections (after "
+                              "its first 512 KiB): faster on a lossy long link, where one "
+                              "connection gets what its congestion control allows")
     # The old name of --connections: --pool is serve's address range. Hidden, and warned of.
     connect.add_argument("--pool", dest="deprecated_pool", type=int, help=argparse.SUPPRESS)
     connect.add_argument("--no-shaping", dest="shaping", action="store_false",
@@ -1052,7 +1056,8 @@ def _connect_options(args: argparse.Namespace, key: AccessKey | TrojanLink) -> C
                                       tun_exclude=tuple(args.exclude),
                                       keepalive=args.keepalive, http_auth=args.http_auth,
                                       allow_lan=args.allow_lan, rules=tuple(args.rules),
-                                      system_proxy=args.system_proxy, tun_site=args.site)
+                                      system_proxy=args.system_proxy, tun_site=args.site,
+                                      stripe=args.stripe)
     return options
 
 

@@ -57,13 +57,13 @@ async def run_client(options: ClientOptions, stop: asyncio.Event, *,
     if follower is not None:
         tunnel = FollowingTunnel(follower, lambda key: ClientTunnel(
             key, pool_size=options.connections, tls_stack=options.tls_stack,
-            session_config=options.session_config()))
+            session_config=options.session_config(), stripe=options.stripe))
     elif isinstance(options.key, TrojanLink):
         tunnel = TrojanDialer(options.key)  # a connection per stream: --connections does not apply
     else:
         tunnel = ClientTunnel(options.key, pool_size=options.connections,
                               tls_stack=options.tls_stack,
-                              session_config=options.session_config())
+                              session_config=options.session_config(), stripe=options.stripe)
     dialer: Dialer = tunnel
     routing: RoutingDialer | None = None
     if rules is not None:

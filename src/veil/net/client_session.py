@@ -33,7 +33,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import itertools
 import logging
+import os
 import random
 import ssl
 import time
@@ -43,17 +45,20 @@ from veil.errors import AuthError, RemoteProtocolError, TransportError, VeilErro
 from veil.net.dialer import DatagramHandler, Dialer, IPAddress, UdpFlow
 from veil.net.driver import DatagramStreamHandler, SessionDriver, TcpRelay, reset_reason
 from veil.net.noise_channel import KEY_REFUSED, NoiseClientChannel
+from veil.net.stripe import StripeGroup
 from veil.protocol.accesskey import AccessKey, pin_of_der
 from veil.protocol.address import Address
 from veil.protocol.auth import Credential, build_auth
 from veil.protocol.borrow import HelloSeal
 from veil.protocol.endpoint import CDN_VARIANTS, Endpoint
-from veil.protocol.events import SessionClosed
+from veil.protocol.events import JoinAnswered, SessionClosed
 from veil.protocol.failover import FailoverConfig, Failure, Switched, WayChooser
 from veil.protocol.frames import (
     COVER_H2_GREETING,
     FEATURE_RESOLVE,
+    FEATURE_STRIPE,
     HEADER_SIZE,
+    POOL_ID_SIZE,
     SERVER_FIRST_PADDING,
     CloseCode,
     FrameType,
@@ -250,10 +255,11 @@ class ClientTunnel(Dialer):
                  session_config: SessionConfig | None = None,
                  failover: FailoverConfig | None = None,
                  handshake_timeout: float | None = None,
-                 pinned: Mapping[str, str] | None = None) -> None:
+                 pinned: Mapping[str, str] | None = None, stripe: bool = False) -> None:
         """``pinned``: each way's host name -> the IP address to dial for it, whatever DNS says
         (a full-device tunnel's kill switch lets exactly those through); a way whose host it
-        lacks is not used. None: resolve names when dialling."""
+        lacks is not used. None: resolve names when dialling. ``stripe``: spread bulk
+        streams over the pool's sessions (veil.protocol.stripe), with a server that can."""
         if tls_stack not in TLS_STACKS:
             raise ValueError(f"tls_stack must be one of {TLS_STACKS}, not {tls_stack!r}")
         self.key = key
@@ -278,6 +284,15 @@ class ClientTunnel(Dialer):
         self.pool_size = pool_size
         self._reset_sayer = ResetSayer()
         self.session_config = session_config
+        self.stripe = stripe and pool_size > 1
+        # This client's pool (veil.protocol.stripe): its id, the next member number, and
+        # the groups the server formed, by token.
+        self.pool_id = os.urandom(POOL_ID_SIZE)
+        self._members = itertools.count()
+        self.stripe_groups: dict[bytes, StripeGroup] = {}
+        # Every session that sent JOIN, by member number, until it ends: a CHUNK may name
+        # one whose answer has not arrived yet (StripeGroup's find).
+        self._joined: dict[int, SessionDriver] = {}
         self._drivers: list[SessionDriver] = []
         # Resolved (and replaced) whenever a session is added or forgotten: wakes wait_ready,
         # which otherwise has nothing to do but wait (no polling).
@@ -419,6 +434,36 @@ class ClientTunnel(Dialer):
         session.send_padding(random.randint(low, high))
         sealed.write(session.data_to_send())
         return driver
+
+    def _join_pool(self, driver: _ClientDriver) -> None:
+        """Say which pool ``driver``'s session belongs to, if this client stripes and its
+        server can group sessions; it joins the group the server names in its answer."""
+        if (not self.stripe or not driver.session.peer_features & FEATURE_STRIPE
+                or self.ways[driver.way].through_cdn or driver.session.closed):
+            return
+        member = next(self._members) % 256
+
+        def grouped(event: JoinAnswered) -> None:
+            group = self.stripe_groups.get(event.token)
+            if group is None:
+                group = StripeGroup(event.token, on_empty=self._group_empty,
+                                    find=self._joined.get)
+                self.stripe_groups[event.token] = group
+            group.add(driver)
+
+        def ended(_closed: object) -> None:
+            if self._joined.get(member) is driver:
+                del self._joined[member]
+
+        driver.on_join_answered = grouped
+        driver.session.send_join(self.pool_id, member)
+        self._joined[member] = driver
+        driver.closed.add_done_callback(ended)
+        driver.flush()
+
+    def _group_empty(self, group: StripeGroup) -> None:
+        if self.stripe_groups.get(group.token) is group:
+            del self.stripe_groups[group.token]
 
     def _dial_host(self, address: Address) -> str:
         """Where to connect for a way at ``address``: its pinned IP, else its host."""
@@ -597,6 +642,7 @@ class ClientTunnel(Dialer):
                 backoff = BACKOFF_INITIAL_S
                 self._succeeded(way)
                 self._report_blocks(driver)
+                self._join_pool(driver)
                 self._demand_met()
                 while (not driver.closed.done() and driver.way == self.chooser.current
                        and not self._outgrown_by_demand(driver)):

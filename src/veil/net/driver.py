@@ -13,15 +13,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from veil.errors import LocalProtocolError
 from veil.net.loop_timer import LoopTimer
+from veil.net.stripe import kernel_unsent, socket_of
 from veil.protocol.address import Address
 from veil.protocol.events import (
+    ChunkReceived,
     DatagramReceived,
     DataReceived,
     Event,
+    JoinAnswered,
+    JoinRequested,
     PacketReceived,
     ReportReceived,
     SessionClosed,
@@ -30,10 +34,20 @@ from veil.protocol.events import (
     StreamReset,
     StreamWritable,
 )
-from veil.protocol.frames import HEADER_SIZE, MAX_DATA_PAYLOAD, CloseCode, ResetCode
+from veil.protocol.frames import (
+    HEADER_SIZE,
+    MAX_CHUNK_DATA,
+    MAX_DATA_PAYLOAD,
+    CloseCode,
+    ResetCode,
+)
 from veil.protocol.idleclose import MAX_CLOSE_BYTES, CloseShape, idle_close_shape
 from veil.protocol.session import IDLE_CLOSE_REASON, Session, StreamState
+from veil.protocol.stripe import STRIPE_AFTER_BYTES
 from veil.transport.carrier import CarrierTransport
+
+if TYPE_CHECKING:
+    from veil.net.stripe import StripeGroup
 
 log = logging.getLogger("veil.net")
 
@@ -155,6 +169,16 @@ class SessionDriver(asyncio.Protocol):
         # Streams whose destination closed while idle, their close held until the peer next
         # speaks (TcpRelay.hold_idle_close); woken by the peer's next bytes.
         self._dormant: dict[int, TcpRelay] = {}
+        #: The pool group this session is in (veil.net.stripe), None outside one.
+        self.group: StripeGroup | None = None
+        #: Server: called with the client's JOIN (veil.protocol.stripe); client: with the
+        #: server's answer. None: ignored (the session stays out of any group).
+        self.on_join: Callable[[JoinRequested], None] | None = None
+        self.on_join_answered: Callable[[JoinAnswered], None] | None = None
+        #: This session's streams whose reads go out striped (veil.net.stripe): while any
+        #: is, the session carries other members' pieces only with room to spare.
+        self.striping: set[int] = set()
+        self._socket: object = None  # the transport's socket, asked once (queued)
 
     @property
     def read_buffer(self) -> memoryview:
@@ -242,11 +266,45 @@ class SessionDriver(asyncio.Protocol):
                 transport.resume_reading()
         for handler in list(self.handlers.values()):
             handler.resume_source()
+        if self.group is not None:
+            self.group.drained()
         self.flush()
 
     @property
     def writing_paused(self) -> bool:
         return self._writing_paused
+
+    # ------------------------------------------------------------------ striping
+    def queued(self) -> int:
+        """Bytes written but not yet sent: the transport's buffer and the socket's unsent
+        bytes (what a new piece waits behind on this connection; veil.net.stripe)."""
+        transport = self._transport
+        if transport is None:
+            return 1 << 62
+        if self._socket is None:
+            self._socket = socket_of(transport) or False
+        sock = self._socket
+        return transport.get_write_buffer_size() + (
+            kernel_unsent(sock) if sock is not False else 0)  # type: ignore[arg-type]
+
+    def receive_chunk(self, event: ChunkReceived, now: float) -> None:
+        """A piece of one of this session's streams, carried by another of the pool."""
+        if self._done:
+            return
+        self._dispatch(self.session.receive_chunk(event.stream_id, event.offset, event.data,
+                                                  event.fin, now))
+        self.flush()
+
+    def reset_striped(self) -> None:
+        """A session of the group went, maybe with pieces of these streams: reset them."""
+        if self._done:
+            return
+        for stream_id in self.session.striped_streams():
+            handler = self.handlers.pop(stream_id, None)
+            self.session.reset(stream_id, ResetCode.CANCELLED)
+            if handler is not None:
+                handler.on_reset(ResetCode.CANCELLED)
+        self.flush()
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -262,6 +320,7 @@ class SessionDriver(asyncio.Protocol):
     def detach(self, stream_id: int) -> None:
         self.handlers.pop(stream_id, None)
         self._dormant.pop(stream_id, None)
+        self.striping.discard(stream_id)
 
     def hold_close(self, relay: TcpRelay, last_active: float) -> None:
         """``relay``'s destination closed it after a silence: hold that close (its bytes and
@@ -328,6 +387,15 @@ class SessionDriver(asyncio.Protocol):
             elif isinstance(event, StreamReset):
                 if (handler := handlers.pop(event.stream_id, None)) is not None:
                     handler.on_reset(event.code)
+            elif isinstance(event, ChunkReceived):
+                if self.group is not None:
+                    self.group.route(event, self._loop.time())
+            elif isinstance(event, JoinRequested):
+                if self.on_join is not None:
+                    self.on_join(event)
+            elif isinstance(event, JoinAnswered):
+                if self.on_join_answered is not None:
+                    self.on_join_answered(event)
             elif isinstance(event, StreamOpened):
                 if self._on_stream_opened is None:
                     self.session.reset(event.stream_id, ResetCode.REFUSED_DESTINATION)
@@ -363,6 +431,8 @@ class SessionDriver(asyncio.Protocol):
             return
         self._done = True
         self._timer.cancel()
+        if self.group is not None:
+            self.group.remove(self)
         handlers, self.handlers = self.handlers, {}
         crossed_since = self._idle_close_crossed_since()
         for handler in handlers.values():
@@ -469,6 +539,9 @@ class TcpRelay(asyncio.BufferedProtocol):
         self._early_eof = False
         self._eof_sent = False
         self._answered = False  # the peer has sent data on this stream
+        # Its reads go out striped (veil.net.stripe): the home's congestion alone does not
+        # stop it, only every member's at once (StripeGroup.waiting).
+        self._striping = False
         #: Set by an inbound that can still tell its application why the stream failed (the
         #: HTTP proxy's 502) while no byte has come back: the bytes to write before closing
         #: when the peer resets the stream first, by reset code; None (or it gives None): a cut.
@@ -494,13 +567,57 @@ class TcpRelay(asyncio.BufferedProtocol):
         if self._hold_idle_close and self._holding(nbytes):
             return
         self.last_sent = self._loop.time()
+        group = self.driver.group
         try:
-            writable = self.session.send_frame(
-                self.stream_id, self.driver.read_buffer[: HEADER_SIZE + nbytes])
+            if (group is not None and len(group.members) > 1
+                    and self.session.stream_sent(self.stream_id) >= STRIPE_AFTER_BYTES):
+                writable = self._send_striped(group, nbytes)
+            else:
+                writable = self.session.send_frame(
+                    self.stream_id, self.driver.read_buffer[: HEADER_SIZE + nbytes])
+                if self._striping:  # the pool shrank to its home: the home's pauses rule
+                    self._striping = False
+                    self.driver.striping.discard(self.stream_id)
+                    if self.driver.writing_paused:
+                        self._pause_reading()
         except LocalProtocolError:
             self._abort()
             return
         self._after_send(writable)
+
+    def _send_striped(self, group: StripeGroup, nbytes: int) -> bool:
+        """Send a read of a bulk stream in pieces, each on the session of the pool that has
+        least queued (veil.protocol.stripe); what send_frame returns."""
+        home = self.driver
+        member = home.session.member
+        assert member is not None  # in a group
+        view = home.read_buffer[HEADER_SIZE : HEADER_SIZE + nbytes]
+        writable = True
+        if not self._striping:
+            self._striping = True
+            home.striping.add(self.stream_id)
+        starts = range(0, nbytes, MAX_CHUNK_DATA)
+        carriers = group.carriers(home, [min(MAX_CHUNK_DATA, nbytes - at) for at in starts])
+        for start, carrier in zip(starts, carriers, strict=True):
+            piece = view[start : start + MAX_CHUNK_DATA]
+            if carrier is home:
+                writable = self.session.send_data(self.stream_id, bytes(piece))
+                continue
+            offset, writable = self.session.stripe_take(self.stream_id, len(piece))
+            carrier.session.send_chunk(member, self.stream_id, offset, bytes(piece))
+            carried = carrier.session.member
+            assert carried is not None
+            group.carried[carried] = group.carried.get(carried, 0) + len(piece)
+        for carrier in set(carriers):
+            if carrier is not home:
+                carrier.flush()  # the home's: by the caller (_after_send)
+        if carriers[-1] is home and home.writing_paused:
+            # The home is over its high-water mark and no other member could take the piece:
+            # read no more until the home drains (its resume_source) or another member does
+            # (StripeGroup.drained).
+            group.waiting.add(self)
+            self._pause_reading()
+        return writable
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -681,13 +798,15 @@ class TcpRelay(asyncio.BufferedProtocol):
 
     def on_writable(self) -> None:
         self._blocked = False
-        if not self.driver.writing_paused:
+        if not self.driver.writing_paused or self._striping:
             self._resume_reading()
 
     def on_datagram(self, address: Address, payload: bytes) -> None:
         pass  # TCP streams carry no datagrams; the session rejects them before they get here
 
     def pause_source(self) -> None:
+        if self._striping:
+            return  # other connections of the pool may carry it: the next read decides
         self._pause_reading()
 
     def resume_source(self) -> None:

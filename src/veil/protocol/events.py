@@ -91,5 +91,35 @@ class SessionClosed:
     remote: bool
 
 
+@dataclass(frozen=True, slots=True)
+class JoinRequested:
+    """Server: the client says this session is ``member`` of its pool ``pool_id``
+    (veil.protocol.stripe); answer with :meth:`Session.answer_join` to group it."""
+
+    pool_id: bytes
+    member: int
+
+
+@dataclass(frozen=True, slots=True)
+class JoinAnswered:
+    """Client: the server grouped this session; members with the same ``token`` are in one
+    group, and a stream may be striped over them."""
+
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkReceived:
+    """A piece of a stream whose home is another session of the pool (``member``): hand it
+    to that session's :meth:`Session.receive_chunk`."""
+
+    member: int
+    stream_id: int
+    offset: int
+    fin: bool
+    data: bytes
+
+
 Event = (StreamOpened | DataReceived | StreamEnded | StreamReset | StreamWritable
-         | DatagramReceived | PacketReceived | PongReceived | ReportReceived | SessionClosed)
+         | DatagramReceived | PacketReceived | PongReceived | ReportReceived | SessionClosed
+         | JoinRequested | JoinAnswered | ChunkReceived)

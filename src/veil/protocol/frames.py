@@ -31,6 +31,12 @@ class FrameType(enum.IntEnum):
     PING = 7
     PONG = 8
     CLOSE = 9
+    #: Client: this session is member ``m`` of pool ``P`` (veil.protocol.stripe); server: the
+    #: answer, naming the group the member joined. Sent only to a server that announced
+    #: FEATURE_STRIPE.
+    JOIN = 10
+    #: A piece of a striped stream's bytes at an offset, on any session of its pool.
+    CHUNK = 11
 
 
 class StreamKind(enum.IntEnum):
@@ -103,6 +109,11 @@ FEATURE_RESOLVE = 0x01
 #: quiet streams as idle (Session.reusable) and leaves such streams' applications their
 #: connections until they next write (net.driver.TcpRelay.orphan).
 FEATURE_HOLDS_IDLE_CLOSES = 0x02
+#: The server groups the sessions of one client's pool (JOIN) and reassembles a stream whose
+#: bytes arrive as CHUNKs on any of them (veil.protocol.stripe). A client sends JOIN and
+#: CHUNK only to a server that announced it: an older one closes a session on a frame type it
+#: does not know.
+FEATURE_STRIPE = 0x04
 # A session the server accepted starts with a PADDING frame on stream 0 whose length is in
 # this range (random, so that the first record has no fixed size). The client tells an
 # accepted session from a cover site's answer by it: "HTTP/1.1 ..." starts with no 0x00, and
@@ -113,6 +124,18 @@ SERVER_FIRST_PADDING = (64, 512)
 # (server/gate.py, GREETING_GRACE_S). A client skips exactly these bytes before the PADDING.
 COVER_H2_GREETING = bytes.fromhex(
     "000012040000000000000300000080000400010000000500ffffff0000040800000000007fff0000")
+
+# A CHUNK's payload: the home member (1 byte), flags (1), the offset (u48), then data. The
+# data cap is a quarter of a DATA frame's: a CHUNK is buffered whole before it is parsed
+# (unlike DATA), and smaller pieces spread one read over several connections.
+CHUNK_PREFIX_SIZE = 8
+MAX_CHUNK_DATA = 64 * 1024
+CHUNK_FIN = 0x01
+# JOIN: the client's pool id (16 random bytes) and its member number; the server's answer:
+# the member number and a group token (8 bytes) shared by the members it grouped together.
+POOL_ID_SIZE = 16
+GROUP_TOKEN_SIZE = 8
+MAX_JOIN_PAYLOAD = POOL_ID_SIZE + 1
 
 MAX_PAYLOAD = {
     FrameType.PADDING: MAX_PADDING_PAYLOAD,
@@ -125,12 +148,15 @@ MAX_PAYLOAD = {
     FrameType.PING: 8,
     FrameType.PONG: 8,
     FrameType.CLOSE: MAX_CONTROL_PAYLOAD,
+    FrameType.JOIN: MAX_JOIN_PAYLOAD,
+    FrameType.CHUNK: CHUNK_PREFIX_SIZE + MAX_CHUNK_DATA,
 }
 # Frames whose payload must have exactly the maximum length.
 EXACT_LENGTH = frozenset({FrameType.FIN, FrameType.RESET, FrameType.WINDOW, FrameType.PING,
                           FrameType.PONG})
 # Frames that concern the whole session and must carry stream id 0.
-SESSION_FRAMES = frozenset({FrameType.PADDING, FrameType.PING, FrameType.PONG, FrameType.CLOSE})
+SESSION_FRAMES = frozenset({FrameType.PADDING, FrameType.PING, FrameType.PONG, FrameType.CLOSE,
+                            FrameType.JOIN})
 
 
 def pack_header(frame_type: int, stream_id: int, length: int) -> bytes:

@@ -23,9 +23,12 @@ from dataclasses import dataclass, field
 from veil.errors import LocalProtocolError, RemoteProtocolError
 from veil.protocol.address import ATYP_DOMAIN, Address, NeedMoreData
 from veil.protocol.events import (
+    ChunkReceived,
     DatagramReceived,
     DataReceived,
     Event,
+    JoinAnswered,
+    JoinRequested,
     PacketReceived,
     PongReceived,
     ReportReceived,
@@ -36,13 +39,17 @@ from veil.protocol.events import (
     StreamWritable,
 )
 from veil.protocol.frames import (
+    CHUNK_PREFIX_SIZE,
     EXACT_LENGTH,
     FEATURE_HOLDS_IDLE_CLOSES,
     FEATURES_TAG,
+    GROUP_TOKEN_SIZE,
     HEADER,
     HEADER_SIZE,
+    MAX_CHUNK_DATA,
     MAX_DATA_PAYLOAD,
     MAX_PAYLOAD,
+    POOL_ID_SIZE,
     REPORT_TAG,
     SESSION_FRAMES,
     CloseCode,
@@ -56,6 +63,12 @@ from veil.protocol.frames import (
     unpack_u32,
 )
 from veil.protocol.shaping import DEFAULT_SHAPING, ShapingPolicy
+from veil.protocol.stripe import (
+    STRIPED_STREAM_WINDOW,
+    Reassembly,
+    pack_chunk_prefix,
+    unpack_chunk_prefix,
+)
 
 # Windows. A stream moves at most one window per round trip: 4 MiB is ~170 Mbit/s at 200 ms
 # (a censored country to a server abroad) and smooths scheduling stalls on a busy LAN host.
@@ -196,6 +209,10 @@ class _Stream:
     pending: bytearray = field(default_factory=bytearray)
     fin_pending: bool = False
     shaped_writes: int = 0  # writes of this stream's data still to be padded when small
+    sent: int = 0  # bytes sent (the offset of the next one; veil.protocol.stripe)
+    received: int = 0  # bytes received as plain DATA
+    striped: bool = False  # our bytes go as CHUNKs (any session of the pool) from now on
+    reassembly: Reassembly | None = None  # the peer's bytes come as CHUNKs
 
 
 class Session:
@@ -257,6 +274,10 @@ class Session:
         #: FEATURE_* bits the server announced (client side; 0 until it does, and for ever
         #: with a server older than features).
         self.peer_features = 0
+        #: This session's member number in its client's pool (veil.protocol.stripe): set by
+        #: the client's JOIN (sent or received); None outside a pool.
+        self.member: int | None = None
+        self._join_answered = False
 
     # ------------------------------------------------------------------ state
     @property
@@ -366,12 +387,13 @@ class Session:
         """
         size = len(frame_buffer) - HEADER_SIZE
         stream = self._sendable(stream_id)
-        if stream.pending or size > MAX_DATA_PAYLOAD or size > min(stream.send_window,
-                                                                   self._send_window):
+        if (stream.pending or stream.striped or size > MAX_DATA_PAYLOAD
+                or size > min(stream.send_window, self._send_window)):
             return self.send_data(stream_id, frame_buffer[HEADER_SIZE:])
         HEADER.pack_into(frame_buffer, 0, (FrameType.DATA << 24) | size, stream_id)
         stream.send_window -= size
         self._send_window -= size
+        stream.sent += size
         self._out.append(frame_buffer)
         self._note_stream_write(stream)
         return self._still_open(stream)
@@ -393,6 +415,121 @@ class Session:
         stream.pending += data[allowed:]
         self._blocked[stream_id] = stream
         return False
+
+    # ------------------------------------------------------------------ striping
+    def send_join(self, pool_id: bytes, member: int) -> None:
+        """Client: say this session is ``member`` of pool ``pool_id`` (only to a server
+        that announced FEATURE_STRIPE; veil.protocol.stripe)."""
+        self._check_open()
+        if not self.client or self.member is not None:
+            raise LocalProtocolError("JOIN is the client's, once per session")
+        if len(pool_id) != POOL_ID_SIZE or not 0 <= member <= 0xFF:
+            raise LocalProtocolError("bad pool id or member")
+        self.member = member
+        self._out.append(frame(FrameType.JOIN, 0, pool_id + bytes((member,))))
+
+    def answer_join(self, token: bytes) -> None:
+        """Server: the client's JOIN is grouped; ``token`` names the group."""
+        self._check_open()
+        if self.client or self.member is None or len(token) != GROUP_TOKEN_SIZE:
+            raise LocalProtocolError("nothing to answer")
+        self._out.append(frame(FrameType.JOIN, 0, bytes((self.member,)) + token))
+
+    def stream_sent(self, stream_id: int) -> int:
+        """Bytes sent on a stream so far (0 for a stream that is gone)."""
+        stream = self._streams.get(stream_id)
+        return 0 if stream is None else stream.sent
+
+    def striped_streams(self) -> list[int]:
+        """The streams whose bytes travel (either way) as CHUNKs over the pool."""
+        return [sid for sid, st in self._streams.items()
+                if st.striped or st.reassembly is not None]
+
+    def stripe_take(self, stream_id: int, size: int) -> tuple[int, bool]:
+        """Spend ``size`` bytes of the stream's credit on a CHUNK that another session of
+        the pool carries (:meth:`send_chunk` there); return its offset and what
+        :meth:`send_data` returns. From now on this stream's bytes and its end go as CHUNKs."""
+        stream = self._sendable(stream_id)
+        if self.member is None or stream.pending or size > min(stream.send_window,
+                                                                self._send_window):
+            raise LocalProtocolError("no credit to stripe", code="stream_closed")
+        stream.striped = True
+        stream.send_window -= size
+        self._send_window -= size
+        offset = stream.sent
+        stream.sent += size
+        self._note_stream_write(stream)
+        return offset, self._still_open(stream)
+
+    def send_chunk(self, member: int, stream_id: int, offset: int,
+                   data: bytes | memoryview, fin: bool = False) -> None:
+        """Carry a piece of member ``member``'s stream (its credit already spent there)."""
+        self._check_open()
+        view = memoryview(data)
+        size = len(view)
+        start = 0
+        while True:
+            piece = view[start : start + MAX_CHUNK_DATA]
+            last = start + len(piece) >= size
+            payload = pack_chunk_prefix(member, offset + start, fin and last)
+            self._out.append(pack_header(FrameType.CHUNK, stream_id,
+                                         CHUNK_PREFIX_SIZE + len(piece)))
+            self._out.append(payload + piece)
+            start += len(piece)
+            if last:
+                return
+
+    def receive_chunk(self, stream_id: int, offset: int, data: bytes, fin: bool,
+                      now: float) -> list[Event]:
+        """A piece of one of this session's streams that another session of the pool
+        carried (its ChunkReceived). A violation closes this session, as in receive_data."""
+        events: list[Event] = []
+        if self._closed:
+            return events
+        self._last_received = self._clock = now
+        try:
+            self._on_chunk(stream_id, offset, data, fin, events)
+        except RemoteProtocolError as exc:
+            code = (CloseCode.FLOW_CONTROL_ERROR if exc.code == "flow_control"
+                    else CloseCode.PROTOCOL_ERROR)
+            self.close(code, str(exc))
+            events.append(SessionClosed(code, str(exc), False))
+        return events
+
+    def _on_chunk(self, stream_id: int, offset: int, data: bytes, fin: bool,
+                  events: list[Event]) -> None:
+        length = len(data)
+        if length > self._recv_credit:
+            raise RemoteProtocolError("session flow-control window exceeded", code="flow_control")
+        self._recv_credit -= length
+        stream = self._known(stream_id)
+        if stream is None:
+            self.consume(0, length)  # stale stream: nobody will consume it
+            return
+        if stream.state not in _MAY_RECEIVE:
+            raise RemoteProtocolError(f"CHUNK after FIN on stream {stream_id}")
+        if length > stream.recv_credit:
+            raise RemoteProtocolError("stream flow-control window exceeded", code="flow_control")
+        stream.recv_credit -= length
+        if stream.reassembly is None:
+            stream.reassembly = Reassembly(stream.received)
+            # A striped stream waits behind the slowest connection: give it the window that
+            # covers that (STRIPED_STREAM_WINDOW), on top of what it has.
+            extra = STRIPED_STREAM_WINDOW - INITIAL_STREAM_WINDOW
+            stream.recv_credit += extra
+            self._grant(stream_id, extra)
+        self._reassemble(stream, offset, data, fin, events)
+
+    def _reassemble(self, stream: _Stream, offset: int, data: bytes, fin: bool,
+                    events: list[Event]) -> None:
+        reassembly = stream.reassembly
+        assert reassembly is not None
+        for piece in reassembly.add(offset, data, fin):
+            events.append(DataReceived(stream.stream_id, piece))
+        if reassembly.finished:
+            stream.reassembly = None
+            stream.received = reassembly.next
+            self._on_fin(stream.stream_id, events, striped_end=True)
 
     def send_eof(self, stream_id: int) -> None:
         """Half-close: we send no more data on this stream (after any pending data)."""
@@ -672,7 +809,12 @@ class Session:
                 if stream is not None:
                     # One copy out of the caller's buffer (none when a bytes input is taken
                     # whole: bytes() of a bytes object is that object).
-                    events.append(DataReceived(stream.stream_id, bytes(data[pos : pos + take])))
+                    piece = bytes(data[pos : pos + take])
+                    if stream.reassembly is None:
+                        events.append(DataReceived(stream.stream_id, piece))
+                    else:  # bytes before the stream's first CHUNK, which came first
+                        self._reassemble(stream, stream.received, piece, False, events)
+                    stream.received += take
                 else:
                     self.consume(0, take)  # stale stream: nobody will consume it
                 pos += take
@@ -765,6 +907,10 @@ class Session:
             if self._ping_sent_at is not None and payload == self._ping_payload:
                 events.append(PongReceived(now - self._ping_sent_at))
                 self._ping_sent_at = None
+        elif ftype == FrameType.CHUNK:
+            self._on_chunk_frame(stream_id, payload, events)
+        elif ftype == FrameType.JOIN:
+            self._on_join(payload, events)
         elif ftype == FrameType.CLOSE:
             code = _close_code(payload[0]) if payload else CloseCode.NORMAL
             reason = payload[1:].decode("utf-8", "replace")
@@ -778,6 +924,29 @@ class Session:
             # PADDING that is a client's block report; any other PADDING: nothing to do.
             self._reports_left -= 1
             events.append(ReportReceived(payload))
+
+    def _on_chunk_frame(self, stream_id: int, payload: bytes, events: list[Event]) -> None:
+        if self.member is None or (self.client and not self._join_answered):
+            raise RemoteProtocolError("CHUNK outside a pool")
+        member, offset, fin = unpack_chunk_prefix(payload)
+        data = payload[CHUNK_PREFIX_SIZE:]
+        if member == self.member:
+            self._on_chunk(stream_id, offset, data, fin, events)
+        else:
+            events.append(ChunkReceived(member, stream_id, offset, fin, data))
+
+    def _on_join(self, payload: bytes, events: list[Event]) -> None:
+        if self.client:
+            if (self.member is None or self._join_answered
+                    or len(payload) != 1 + GROUP_TOKEN_SIZE or payload[0] != self.member):
+                raise RemoteProtocolError("unexpected JOIN")
+            self._join_answered = True
+            events.append(JoinAnswered(payload[1:]))
+            return
+        if self.member is not None or len(payload) != POOL_ID_SIZE + 1:
+            raise RemoteProtocolError("unexpected JOIN")
+        self.member = payload[POOL_ID_SIZE]
+        events.append(JoinRequested(payload[:POOL_ID_SIZE], self.member))
 
     def _known(self, stream_id: int) -> _Stream | None:
         """The stream, None for a stream that existed and is gone; error for one that never did."""
@@ -849,10 +1018,12 @@ class Session:
                                            shaped_writes=self.config.shaping.stream_writes)
         events.append(StreamOpened(stream_id, kind, destination))
 
-    def _on_fin(self, stream_id: int, events: list[Event]) -> None:
+    def _on_fin(self, stream_id: int, events: list[Event], striped_end: bool = False) -> None:
         stream = self._known(stream_id)
         if stream is None:
             return
+        if stream.reassembly is not None and not striped_end:
+            raise RemoteProtocolError(f"FIN on striped stream {stream_id}")
         try:
             stream.state = _AFTER_RECV_FIN[stream.state]
         except KeyError:
@@ -917,6 +1088,12 @@ class Session:
         size = len(data)
         stream.send_window -= size
         self._send_window -= size
+        offset = stream.sent
+        stream.sent += size
+        if stream.striped:
+            assert self.member is not None  # striped only in a pool
+            self.send_chunk(self.member, stream.stream_id, offset, bytes(data))
+            return
         out = self._out
         stream_id = stream.stream_id
         if size <= MAX_DATA_PAYLOAD:
@@ -931,7 +1108,11 @@ class Session:
 
     def _emit_fin(self, stream: _Stream) -> None:
         stream.state = _AFTER_SEND_FIN[stream.state]
-        self._out.append(frame(FrameType.FIN, stream.stream_id))
+        if stream.striped:
+            assert self.member is not None  # striped only in a pool
+            self.send_chunk(self.member, stream.stream_id, stream.sent, b"", fin=True)
+        else:
+            self._out.append(frame(FrameType.FIN, stream.stream_id))
         if stream.state is StreamState.CLOSED:
             del self._streams[stream.stream_id]
 

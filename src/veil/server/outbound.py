@@ -19,6 +19,7 @@ from veil.protocol.events import StreamOpened
 from veil.protocol.frames import (
     FEATURE_HOLDS_IDLE_CLOSES,
     FEATURE_RESOLVE,
+    FEATURE_STRIPE,
     ResetCode,
     StreamKind,
 )
@@ -271,7 +272,8 @@ HOLD_IDLE_CLOSES = True
 
 def session_features() -> int:
     """The FEATURE_* bits a session of this server announces (Session.announce_features)."""
-    return FEATURE_RESOLVE | (FEATURE_HOLDS_IDLE_CLOSES if HOLD_IDLE_CLOSES else 0)
+    return (FEATURE_RESOLVE | FEATURE_STRIPE
+            | (FEATURE_HOLDS_IDLE_CLOSES if HOLD_IDLE_CLOSES else 0))
 
 
 class _CountedTcpRelay(TcpRelay):

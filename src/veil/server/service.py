@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -24,10 +25,11 @@ from veil.manage.state import ServerState, load_state, record_start, server_ssl_
 from veil.manage.users import TUN_POOLS_SETTING, UserManager
 from veil.net.driver import SessionDriver
 from veil.net.noise_channel import NoiseServerChannel, SealedTransport
+from veil.net.stripe import PoolRegistry
 from veil.protocol.address import Address
 from veil.protocol.auth import AUTH_SIZE
 from veil.protocol.endpoint import tls_endpoint
-from veil.protocol.events import StreamOpened
+from veil.protocol.events import JoinRequested, StreamOpened
 from veil.protocol.frames import (
     SERVER_FIRST_PADDING,
     CloseCode,
@@ -183,6 +185,8 @@ class VeilServer:
                          handshake_timeout=options.handshake_timeout,
                          borrow=self._borrowed(state, options))
         self.sessions: dict[SessionDriver, LiveConnection] = {}
+        # Each client pool's sessions, grouped for striping (veil.net.stripe).
+        self.pools = PoolRegistry()
         self._flood_closes = 0  # sessions closed for a flood of frames that do nothing
         # Blocks the clients report, per way in (veil.server.blocks), and --on-block's runs.
         self.blocks = BlockTracker(self._way_labels())
@@ -406,10 +410,19 @@ class VeilServer:
         low, high = SERVER_FIRST_PADDING
         session.announce_features(session_features(),
                                   low + int.from_bytes(os.urandom(2), "big") % (high - low))
+        driver.on_join = functools.partial(self._join, driver, user.name)
         transport.set_protocol(driver)
         driver.connection_made(transport)
         if rest:
             driver.data_received(rest)
+
+    def _join(self, driver: SessionDriver, user: str, event: JoinRequested) -> None:
+        """The client's JOIN: group this session with the user's others of that pool
+        (veil.protocol.stripe), in this process; a full group leaves it out, unanswered."""
+        token = self.pools.join(user, event.pool_id, driver)
+        if token is not None:
+            driver.session.answer_join(token)
+            driver.flush()
 
     def _open(self, driver: SessionDriver, event: StreamOpened) -> None:
         self.live.note_stream_opened()
