@@ -247,6 +247,36 @@ def wait_listen(proc: Proc, port: int, timeout: float = LISTEN_TIMEOUT_S,
 
 # -- namespaces --------------------------------------------------------------
 
+def start_wireguard_devices(start: Callable[[str, str, list[str]], Proc],
+                            devices: dict[str, str], work: Path,
+                            timeout: float = LISTEN_TIMEOUT_S) -> dict[str, tuple[Path, str]]:
+    """A wireguard-go device per ``devices`` entry (where -> interface name; ``start(name,
+    where, argv)`` runs a program there) with a fresh key pair each: returns, per where, the
+    private key's file and the public key. Interface names are global (the UAPI sockets in
+    /var/run/wireguard): callers make them unique."""
+    wg, wireguard_go = shutil.which("wg"), shutil.which("wireguard-go")
+    if wg is None or wireguard_go is None:
+        raise BenchError("wireguard-go or wg is not installed (bench/setup.sh)")
+    keys: dict[str, tuple[Path, str]] = {}
+    for where, name in devices.items():
+        private = run([wg, "genkey"]).strip()
+        public = subprocess.run([wg, "pubkey"], input=private + "\n", capture_output=True,
+                                text=True, check=True).stdout.strip()
+        path = work / f"{name}.key"
+        path.write_text(private + "\n")
+        path.chmod(0o600)
+        keys[where] = (path, public)
+        proc = start(f"wireguard-go-{name}", where, [
+            "env", "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1", "LOG_LEVEL=error",
+            wireguard_go, "-f", name])
+        deadline = time.monotonic() + timeout
+        while not Path(f"/var/run/wireguard/{name}.sock").exists():
+            if time.monotonic() > deadline or not proc.alive():
+                raise proc.fail("did not create its device")
+            time.sleep(0.05)
+    return keys
+
+
 class Topology:
     """The namespaces of one phase of the bench; a context manager that always cleans up."""
 

@@ -179,23 +179,7 @@ def setup_wireguard(topo: SiteTopology, work: Path) -> None:
         raise BenchError("wireguard-go or wg is not installed (bench/setup.sh)")
     tag = os.getpid() % 10000  # interface names are global (/var/run/wireguard sockets)
     names = {"hub": f"wsh{tag}", "gwA": f"wsa{tag}", "gwB": f"wsb{tag}"}
-    keys: dict[str, tuple[Path, str]] = {}
-    for role, name in names.items():
-        private = run([wg, "genkey"]).strip()
-        public = subprocess.run([wg, "pubkey"], input=private + "\n", capture_output=True,
-                                text=True, check=True).stdout.strip()
-        path = work / f"{name}.key"
-        path.write_text(private + "\n")
-        path.chmod(0o600)
-        keys[role] = (path, public)
-        proc = topo.start(f"wireguard-go-{role}", role, [
-            "env", "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1", "LOG_LEVEL=error",
-            wireguard_go, "-f", name])
-        deadline = time.monotonic() + UP_TIMEOUT_S
-        while not Path(f"/var/run/wireguard/{name}.sock").exists():
-            if time.monotonic() > deadline or not proc.alive():
-                raise proc.fail("did not create its device")
-            time.sleep(0.05)
+    keys = netns.start_wireguard_devices(topo.start, names, work, UP_TIMEOUT_S)
     hub = names["hub"]
     run(ns_exec(topo.ns["hub"], [
         wg, "set", hub, "listen-port", str(WG_PORT), "private-key", str(keys["hub"][0]),

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -91,23 +90,7 @@ def setup_wireguard(topo: Topology, work: Path) -> str:
     # Interface names are global (the UAPI sockets in /var/run/wireguard): make them unique.
     tag = os.getpid() % 100000
     names = {topo.server: f"wbs{tag}", topo.client: f"wbc{tag}"}
-    keys: dict[str, tuple[Path, str]] = {}
-    for ns, name in names.items():
-        private = run([wg, "genkey"]).strip()
-        public = subprocess.run([wg, "pubkey"], input=private + "\n", capture_output=True,
-                                text=True, check=True).stdout.strip()
-        path = work / f"{name}.key"
-        path.write_text(private + "\n")
-        path.chmod(0o600)
-        keys[ns] = (path, public)
-        proc = topo.start(f"wireguard-go-{name}", ns, [
-            "env", "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1", "LOG_LEVEL=error",
-            wireguard_go, "-f", name])
-        deadline = time.monotonic() + UP_TIMEOUT_S
-        while not Path(f"/var/run/wireguard/{name}.sock").exists():
-            if time.monotonic() > deadline or not proc.alive():
-                raise proc.fail("did not create its device")
-            time.sleep(0.05)
+    keys = netns.start_wireguard_devices(topo.start, names, work, UP_TIMEOUT_S)
     s, c = names[topo.server], names[topo.client]
     run(ns_exec(topo.server, [wg, "set", s, "listen-port", str(WG_PORT), "private-key",
                               str(keys[topo.server][0]), "peer", keys[topo.client][1],

@@ -57,7 +57,27 @@ def create_replay_table() -> int:
     return fd
 
 
-class SharedReplayFilter:
+class _SharedTable:
+    """A table in a shared file every worker maps (``_map``), changed under one lock on the
+    file: lockf is released by the kernel when a holder dies, so a killed worker never leaves
+    the others waiting."""
+
+    _fd: int
+    _map: mmap.mmap
+
+    def close(self) -> None:
+        self._map.close()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+
+class SharedReplayFilter(_SharedTable):
     """:class:`veil.protocol.auth.ReplayFilter`'s interface over the shared table at ``fd``.
 
     The bound per key (``max_entries_per_key``) is counted by each worker for its own
@@ -77,15 +97,7 @@ class SharedReplayFilter:
 
     def close(self) -> None:
         self._slots.release()
-        self._map.close()
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fcntl.lockf(self._fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        super().close()
 
     def check_and_add(self, key_id: bytes, nonce: bytes, timestamp: float,
                       now: float) -> str | None:
@@ -156,7 +168,7 @@ def _hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") or 1
 
 
-class SharedUsers:
+class SharedUsers(_SharedTable):
     """Each user's sessions and client addresses (devices) over all the workers, so that
     ``--max-sessions-per-user`` and ``--max-devices-per-user`` hold for the whole server.
 
@@ -193,15 +205,7 @@ class SharedUsers:
 
     def close(self) -> None:
         self._words.release()
-        self._map.close()
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fcntl.lockf(self._fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        super().close()
 
     def _zero_column(self) -> None:
         """This worker's counts to 0: a new worker in a dead one's place holds nothing."""
