@@ -247,6 +247,18 @@ def wait_listen(proc: Proc, port: int, timeout: float = LISTEN_TIMEOUT_S,
 
 # -- namespaces --------------------------------------------------------------
 
+def wait_log(proc: Proc, text: str, timeout: float = LISTEN_TIMEOUT_S) -> None:
+    """Wait until ``proc``'s log says ``text``; fail with its log's tail if it exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in proc.log_path.read_text(errors="replace"):
+            return
+        if not proc.alive():
+            raise proc.fail(f"exited before {text!r}")
+        time.sleep(0.05)
+    raise proc.fail(f"no {text!r} after {timeout:.0f} s")
+
+
 def start_wireguard_devices(start: Callable[[str, str, list[str]], Proc],
                             devices: dict[str, str], work: Path,
                             timeout: float = LISTEN_TIMEOUT_S) -> dict[str, tuple[Path, str]]:

@@ -141,14 +141,7 @@ class SiteTopology:
 
 
 def wait_log(proc: Proc, text: str, timeout: float = UP_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in proc.log_path.read_text(errors="replace"):
-            return
-        if not proc.alive():
-            raise proc.fail(f"exited before {text!r}")
-        time.sleep(0.05)
-    raise proc.fail(f"no {text!r} after {timeout:.0f} s")
+    netns.wait_log(proc, text, timeout)
 
 
 def veil_cli(topo: SiteTopology, state: Path, *args: str) -> str:

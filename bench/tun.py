@@ -53,14 +53,7 @@ Setup = Callable[[Topology, Path], str]  # brings a tunnel up; returns the serve
 
 
 def wait_log(proc: Proc, text: str, timeout: float = UP_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in proc.log_path.read_text(errors="replace"):
-            return
-        if not proc.alive():
-            raise proc.fail(f"exited before {text!r}")
-        time.sleep(0.05)
-    raise proc.fail(f"no {text!r} after {timeout:.0f} s")
+    netns.wait_log(proc, text, timeout)
 
 
 def setup_veil(topo: Topology, work: Path) -> str:
