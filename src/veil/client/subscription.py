@@ -396,7 +396,7 @@ class RuleDataFollower:
         self.cache = cache
         self.timeout = timeout
         self.listeners: list[RuleDataListener] = []
-        self.updates = 0  # sets taken from the server (tests)
+        self.updates = 0  # sets taken from the server and swapped in (tests)
         self._current: RuleData | None = None
 
     @property
@@ -437,10 +437,10 @@ class RuleDataFollower:
         except OSError as exc:
             log.warning("rule data: cannot cache it in %s: %s", self.cache.directory, exc)
         self._current = data
-        self.updates += 1
         log.warning("rule data: now %s (domains of %s, networks of %s)", data.origin, *offered)
         for listener in self.listeners:
             await listener(data)
+        self.updates += 1  # counted once in force: the listeners swapped it in
         return True
 
     async def _fetch_file(self, url: SubscriptionUrl, name: str, listed: dict[str, Any], *,
