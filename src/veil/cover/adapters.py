@@ -380,6 +380,10 @@ class H2CoverProtocol(_CoverAdapter[H2CoverConnection]):
             self._paused = True
             transport.pause_reading()
         action = conn.close_action
+        if action is H2CloseAction.DROP:
+            timer.cancel()
+            transport.abort()  # the output that waits is dropped, not awaited
+            return
         if action is H2CloseAction.QUIET:
             timer.cancel()
             _close_tls(transport, close_notify=False)  # FIN after the writes above

@@ -314,6 +314,10 @@ class H2CloseAction(enum.Enum):
 
     NONE = "none"
     QUIET = "quiet"    # close: FIN without close_notify (a later client byte draws RST)
+    #: close at once, what waits unsent dropped: a flood (nginx closes the socket with the
+    #: client's unread bytes in it, which draws RST; waiting to send first would wait for a
+    #: client that reads nothing)
+    DROP = "drop"
     LINGER = "linger"  # FIN without close_notify, then read and drop until quiet, then close
 
 
@@ -434,7 +438,7 @@ class H2CoverConnection:
         except _Flood:
             self._writes.clear()
             self._queue.clear()
-            self._close(H2CloseAction.QUIET)
+            self._close(H2CloseAction.DROP)
             return
         except _ConnectionError as exc:
             self._fail(exc.code, now)
